@@ -1,0 +1,1234 @@
+//! Reading `flows/*.toml` into a [`Flows`] set, reporting every problem as `file:line:col: message`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use chrono::{NaiveTime, TimeDelta};
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::*;
+use crate::machine::normalize;
+
+/// One located problem in a flow set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.col,
+            self.message
+        )
+    }
+}
+
+/// Every problem found in one run, in file order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problems(pub Vec<Problem>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
+
+/// Loads every `*.toml` directly inside `dir` (sorted by name) as one set.
+pub fn load_dir(dir: &Path) -> Result<Flows, Problems> {
+    let whole_dir = |message: String| {
+        Problems(vec![Problem {
+            file: dir.to_path_buf(),
+            line: 1,
+            col: 1,
+            message,
+        }])
+    };
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| whole_dir(format!("cannot read flow directory: {e}")))?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        return Err(whole_dir("no *.toml flow files here".into()));
+    }
+    let mut sources = Vec::new();
+    for path in paths {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => sources.push((path, text)),
+            Err(e) => {
+                return Err(Problems(vec![Problem {
+                    file: path,
+                    line: 1,
+                    col: 1,
+                    message: format!("cannot read: {e}"),
+                }]))
+            }
+        }
+    }
+    load_sources(sources)
+}
+
+/// Loads a set from (file name, TOML text) pairs; names are only used in messages.
+pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> {
+    let mut cx = Cx {
+        sources,
+        problems: Vec::new(),
+    };
+    let mut files = Vec::new();
+    for i in 0..cx.sources.len() {
+        match toml::from_str::<RawFile>(&cx.sources[i].1) {
+            Ok(raw) => files.push((i, raw)),
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                let msg = e.message().trim().replace('\n', " ");
+                cx.err(i, span, msg);
+            }
+        }
+    }
+    let flows = cx.build(files);
+    if cx.problems.is_empty() {
+        Ok(flows)
+    } else {
+        Err(Problems(cx.problems))
+    }
+}
+
+type S<T> = Spanned<T>;
+type Text = Option<S<String>>;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    bot: Option<S<RawBot>>,
+    keywords: Option<S<RawKeywords>>,
+    verify: Option<S<RawVerify>>,
+    form: Option<S<RawForm>>,
+    #[serde(default)]
+    sequence: Vec<S<RawSequence>>,
+    replies: Option<S<RawReplies>>,
+    ivr: Option<S<RawIvr>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBot {
+    name: Text,
+    timezone: Text,
+    quiet_hours: Option<S<RawQuiet>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuiet {
+    from: S<String>,
+    to: S<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeywords {
+    opt_in: Option<Vec<S<String>>>,
+    opt_out: Option<Vec<S<String>>>,
+    help: Option<Vec<S<String>>>,
+    edit: Option<Vec<S<String>>>,
+    keep: Option<Vec<S<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVerify {
+    code_length: Option<S<i64>>,
+    ttl: Text,
+    valid_codes: Option<S<i64>>,
+    max_attempts: Option<S<i64>>,
+    max_sends: Option<S<i64>>,
+    send_window: Text,
+    after_otp_api: Text,
+    send: Text,
+    wrong: Text,
+    expired: Text,
+    locked: Text,
+    rate_limited: Text,
+    verified: Text,
+    voice: Text,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForm {
+    #[serde(default)]
+    field: Vec<S<RawField>>,
+    #[serde(default)]
+    extra_fields: Vec<S<String>>,
+    current: Text,
+    saved: Text,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawField {
+    key: S<String>,
+    ask: S<String>,
+    expect: Option<S<toml::Value>>,
+    retry: Text,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSequence {
+    name: S<String>,
+    weight: Option<S<i64>>,
+    #[serde(default)]
+    steps: Vec<S<RawStep>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    after: Text,
+    say: Text,
+    ask: Text,
+    save: Text,
+    expect: Option<S<toml::Value>>,
+    timeout: Text,
+    retry: Text,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReplies {
+    help: Text,
+    opted_out: Text,
+    unknown: Text,
+    not_joined: Text,
+    already_joined: Text,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIvr {
+    start: Text,
+    retries: Option<S<i64>>,
+    reprompt: Text,
+    goodbye: Text,
+    read_code: Text,
+    #[serde(default)]
+    menu: BTreeMap<String, S<RawMenu>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMenu {
+    say: S<String>,
+    #[serde(default)]
+    press: BTreeMap<String, S<String>>,
+}
+
+/// Carrier conventions; operator lists add to these, never remove them.
+const OPT_OUT: &[&str] = &[
+    "STOP",
+    "STOPALL",
+    "UNSUBSCRIBE",
+    "CANCEL",
+    "END",
+    "QUIT",
+    "OPTOUT",
+    "REVOKE",
+];
+const OPT_IN: &[&str] = &["START", "UNSTOP", "JOIN"];
+const HELP: &[&str] = &["HELP", "INFO"];
+const EDIT: &[&str] = &["EDIT"];
+const KEEP: &[&str] = &["KEEP"];
+
+/// Twilio's limit for one message body.
+const MAX_TEXT: usize = 1600;
+
+struct Cx {
+    sources: Vec<(PathBuf, String)>,
+    problems: Vec<Problem>,
+}
+
+impl Cx {
+    fn err(&mut self, file: usize, span: Range<usize>, message: impl Into<String>) {
+        let (path, text) = &self.sources[file];
+        let (line, col) = line_col(text, span.start);
+        self.problems.push(Problem {
+            file: path.clone(),
+            line,
+            col,
+            message: message.into(),
+        });
+    }
+
+    fn place(&self, file: usize, span: &Range<usize>) -> String {
+        let (path, text) = &self.sources[file];
+        let (line, col) = line_col(text, span.start);
+        format!("{}:{line}:{col}", path.display())
+    }
+
+    /// A section that may appear in only one file of the set.
+    fn single<T>(&mut self, name: &str, found: Vec<(usize, S<T>)>) -> Option<(usize, T)> {
+        let mut found = found.into_iter();
+        let (file, first) = found.next()?;
+        let first_at = self.place(file, &first.span());
+        for (other, dup) in found {
+            self.err(
+                other,
+                dup.span(),
+                format!("{name} is already defined at {first_at}"),
+            );
+        }
+        Some((file, first.into_inner()))
+    }
+
+    fn build(&mut self, files: Vec<(usize, RawFile)>) -> Flows {
+        let mut bots = Vec::new();
+        let mut keywords = Vec::new();
+        let mut verifies = Vec::new();
+        let mut forms = Vec::new();
+        let mut sequences = Vec::new();
+        let mut replies = Vec::new();
+        let mut ivrs = Vec::new();
+        for (i, f) in files {
+            bots.extend(f.bot.map(|x| (i, x)));
+            keywords.extend(f.keywords.map(|x| (i, x)));
+            verifies.extend(f.verify.map(|x| (i, x)));
+            forms.extend(f.form.map(|x| (i, x)));
+            sequences.extend(f.sequence.into_iter().map(|x| (i, x)));
+            replies.extend(f.replies.map(|x| (i, x)));
+            ivrs.extend(f.ivr.map(|x| (i, x)));
+        }
+        let bot = self.single("[bot]", bots);
+        let keywords = self.single("[keywords]", keywords);
+        let verify = self.single("[verify]", verifies);
+        let replies = self.single("[replies]", replies);
+        let ivr = self.single("[ivr]", ivrs);
+
+        let bot = self.bot(bot);
+        let keywords = self.keywords(keywords);
+        let form = self.form(forms, &keywords);
+        let fields: Vec<String> = form.all_keys().map(str::to_string).collect();
+        let verify = self.verify(verify, &fields);
+        let sequences = self.sequences(sequences, &fields, &keywords);
+        let replies = self.replies(replies, &fields);
+        let ivr = self.ivr(ivr, &fields);
+        Flows {
+            bot,
+            keywords,
+            verify,
+            form,
+            sequences,
+            replies,
+            ivr,
+        }
+    }
+
+    fn bot(&mut self, raw: Option<(usize, RawBot)>) -> Bot {
+        let mut bot = Bot {
+            name: "smsflow".into(),
+            timezone: chrono_tz::UTC,
+            quiet_hours: None,
+        };
+        let Some((f, raw)) = raw else { return bot };
+        if let Some(name) = raw.name {
+            if name.get_ref().trim().is_empty() {
+                self.err(f, name.span(), "empty text: bot.name");
+            }
+            bot.name = name.into_inner().trim().to_string();
+        }
+        if let Some(tz) = raw.timezone {
+            match tz.get_ref().trim().parse::<Tz>() {
+                Ok(t) => bot.timezone = t,
+                Err(_) => self.err(
+                    f,
+                    tz.span(),
+                    format!(
+                        "unknown timezone {:?} (use an IANA name such as America/New_York)",
+                        tz.get_ref()
+                    ),
+                ),
+            }
+        }
+        if let Some(q) = raw.quiet_hours {
+            let q = q.into_inner();
+            let from = self.clock_time(f, &q.from);
+            let to = self.clock_time(f, &q.to);
+            if let (Some(from), Some(to)) = (from, to) {
+                if from == to {
+                    self.err(
+                        f,
+                        q.from.span(),
+                        "malformed quiet_hours: `from` and `to` are the same time",
+                    );
+                } else {
+                    bot.quiet_hours = Some(QuietHours { from, to });
+                }
+            }
+        }
+        bot
+    }
+
+    fn clock_time(&mut self, f: usize, raw: &S<String>) -> Option<NaiveTime> {
+        let parsed = NaiveTime::parse_from_str(raw.get_ref().trim(), "%H:%M");
+        if parsed.is_err() {
+            self.err(
+                f,
+                raw.span(),
+                format!(
+                    "malformed quiet_hours time {:?} (expected HH:MM, e.g. 21:00)",
+                    raw.get_ref()
+                ),
+            );
+        }
+        parsed.ok()
+    }
+
+    fn keywords(&mut self, raw: Option<(usize, RawKeywords)>) -> Keywords {
+        let (f, raw) = match raw {
+            Some((f, r)) => (f, Some(r)),
+            None => (0, None),
+        };
+        let mut seen: HashMap<String, &'static str> = HashMap::new();
+        let mut list = |cx: &mut Cx,
+                        name: &'static str,
+                        defaults: &[&str],
+                        extra: Option<Vec<S<String>>>| {
+            let mut out: Vec<String> = Vec::new();
+            let extra = extra.unwrap_or_default();
+            let items = defaults
+                .iter()
+                .map(|d| (None, d.to_string()))
+                .chain(extra.into_iter().map(|s| (Some(s.span()), s.into_inner())));
+            for (span, word) in items {
+                let norm = normalize(&word);
+                let span = span.unwrap_or(0..0);
+                if norm.is_empty() {
+                    cx.err(f, span, format!("empty keyword in keywords.{name}"));
+                    continue;
+                }
+                match seen.get(&norm) {
+                    Some(other) if *other != name => {
+                        cx.err(
+                            f,
+                            span,
+                            format!(
+                                "keyword {norm:?} is both in keywords.{other} and keywords.{name}"
+                            ),
+                        );
+                    }
+                    Some(_) => {}
+                    None => {
+                        seen.insert(norm.clone(), name);
+                        out.push(norm);
+                    }
+                }
+            }
+            out
+        };
+        let (oo, hp, oi, ed, kp) = match raw {
+            Some(r) => (r.opt_out, r.help, r.opt_in, r.edit, r.keep),
+            None => (None, None, None, None, None),
+        };
+        let opt_out = list(self, "opt_out", OPT_OUT, oo);
+        let help = list(self, "help", HELP, hp);
+        let opt_in = list(self, "opt_in", OPT_IN, oi);
+        let edit = list(self, "edit", EDIT, ed);
+        let keep = list(self, "keep", KEEP, kp);
+        Keywords {
+            opt_in,
+            opt_out,
+            help,
+            edit,
+            keep,
+        }
+    }
+
+    /// A message text: present texts are checked, absent ones take `default`.
+    fn text(
+        &mut self,
+        f: usize,
+        raw: Text,
+        what: &str,
+        default: &str,
+        allowed: Allowed<'_>,
+    ) -> Template {
+        match raw {
+            None => fixed(default),
+            Some(s) => self.checked_text(f, &s, what, allowed),
+        }
+    }
+
+    fn checked_text(
+        &mut self,
+        f: usize,
+        s: &S<String>,
+        what: &str,
+        allowed: Allowed<'_>,
+    ) -> Template {
+        let src = s.get_ref();
+        if src.trim().is_empty() {
+            self.err(f, s.span(), format!("empty text: {what}"));
+        }
+        if src.chars().count() > MAX_TEXT {
+            self.err(
+                f,
+                s.span(),
+                format!("{what} is longer than {MAX_TEXT} characters"),
+            );
+        }
+        match Template::parse(src) {
+            Ok(t) => {
+                for msg in t.unknown_placeholders(allowed) {
+                    self.err(f, s.span(), format!("{what}: {msg}"));
+                }
+                t
+            }
+            Err(e) => {
+                self.err(f, s.span(), format!("{what}: {e}"));
+                fixed("")
+            }
+        }
+    }
+
+    fn duration(&mut self, f: usize, raw: &S<String>, what: &str) -> Option<TimeDelta> {
+        let parsed = humantime::parse_duration(raw.get_ref().trim())
+            .map_err(|e| e.to_string())
+            .and_then(|d| TimeDelta::from_std(d).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.err(
+                    f,
+                    raw.span(),
+                    format!(
+                        "bad duration {:?} for {what}: {e} (write e.g. 30s, 10m, 2h, 1d)",
+                        raw.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn number(
+        &mut self,
+        f: usize,
+        raw: Option<S<i64>>,
+        what: &str,
+        range: Range<i64>,
+        default: i64,
+    ) -> i64 {
+        let Some(raw) = raw else { return default };
+        let v = *raw.get_ref();
+        if !range.contains(&v) {
+            self.err(
+                f,
+                raw.span(),
+                format!(
+                    "{what} is {v}, must be from {} to {}",
+                    range.start,
+                    range.end - 1
+                ),
+            );
+            return default;
+        }
+        v
+    }
+
+    fn verify(&mut self, raw: Option<(usize, RawVerify)>, fields: &[String]) -> Verify {
+        let (f, r) = match raw {
+            Some((f, r)) => (f, r),
+            None => (0, RawVerify::empty()),
+        };
+        let plain = Allowed {
+            code: false,
+            current: false,
+            fields,
+        };
+        let with_code = Allowed {
+            code: true,
+            ..plain
+        };
+        let ttl = r
+            .ttl
+            .as_ref()
+            .and_then(|d| self.duration(f, d, "verify.ttl"))
+            .unwrap_or(TimeDelta::minutes(10));
+        let send_window = r
+            .send_window
+            .as_ref()
+            .and_then(|d| self.duration(f, d, "verify.send_window"))
+            .unwrap_or(TimeDelta::hours(1));
+        let after_otp_api = match r.after_otp_api {
+            None => AfterOtpApi::Stay,
+            Some(s) => match s.get_ref().trim() {
+                "stay" => AfterOtpApi::Stay,
+                "form" => AfterOtpApi::Form,
+                other => {
+                    self.err(
+                        f,
+                        s.span(),
+                        format!("verify.after_otp_api is {other:?}, expected \"stay\" or \"form\""),
+                    );
+                    AfterOtpApi::Stay
+                }
+            },
+        };
+        Verify {
+            code_length: self.number(f, r.code_length, "verify.code_length", 4..11, 6) as u8,
+            ttl,
+            valid_codes: self.number(f, r.valid_codes, "verify.valid_codes", 1..11, 2) as u8,
+            max_attempts: self.number(f, r.max_attempts, "verify.max_attempts", 1..101, 5) as u8,
+            max_sends: self.number(f, r.max_sends, "verify.max_sends", 1..1001, 5) as u32,
+            send_window,
+            after_otp_api,
+            send: self.text(
+                f,
+                r.send,
+                "verify.send",
+                "{bot.name}: your code is {code}. Reply with it to confirm.",
+                with_code,
+            ),
+            wrong: self.text(
+                f,
+                r.wrong,
+                "verify.wrong",
+                "That code didn't match. Reply with the latest code, or JOIN for a new one.",
+                plain,
+            ),
+            expired: self.text(
+                f,
+                r.expired,
+                "verify.expired",
+                "That code has expired. Reply JOIN for a new one.",
+                plain,
+            ),
+            locked: self.text(
+                f,
+                r.locked,
+                "verify.locked",
+                "Too many wrong tries. Reply JOIN for a new code.",
+                plain,
+            ),
+            rate_limited: self.text(
+                f,
+                r.rate_limited,
+                "verify.rate_limited",
+                "Too many codes requested. Please try again later.",
+                plain,
+            ),
+            verified: self.text(f, r.verified, "verify.verified", "You're verified!", plain),
+            voice: self.text(
+                f,
+                r.voice,
+                "verify.voice",
+                "Your {bot.name} code is {code}.",
+                with_code,
+            ),
+        }
+    }
+
+    fn form(&mut self, raw: Vec<(usize, S<RawForm>)>, keywords: &Keywords) -> Form {
+        let mut raw_fields = Vec::new();
+        let mut extras = Vec::new();
+        let mut currents = Vec::new();
+        let mut saveds = Vec::new();
+        for (f, form) in raw {
+            let span = form.span();
+            let form = form.into_inner();
+            raw_fields.extend(form.field.into_iter().map(|x| (f, x)));
+            extras.extend(form.extra_fields.into_iter().map(|x| (f, x)));
+            currents.extend(form.current.map(|c| (f, S::new(span.clone(), c))));
+            saveds.extend(form.saved.map(|c| (f, S::new(span.clone(), c))));
+        }
+        let current = self.single("form.current", currents);
+        let saved = self.single("form.saved", saveds);
+
+        let mut keys: Vec<String> = Vec::new();
+        let mut seen: BTreeMap<String, String> = BTreeMap::new();
+        let mut declare = |cx: &mut Cx, f: usize, key: &S<String>| {
+            let k = key.get_ref().trim().to_string();
+            if !valid_key(&k) {
+                cx.err(
+                    f,
+                    key.span(),
+                    format!("field key {k:?} must be lower-case letters, digits and _ (e.g. first_name)"),
+                );
+            }
+            if let Some(first) = seen.get(&k) {
+                cx.err(
+                    f,
+                    key.span(),
+                    format!("duplicate field name {k:?} (first declared at {first})"),
+                );
+                false
+            } else {
+                seen.insert(k.clone(), cx.place(f, &key.span()));
+                keys.push(k);
+                true
+            }
+        };
+        let mut declared_fields = Vec::new();
+        for (f, field) in raw_fields {
+            let field = field.into_inner();
+            if declare(self, f, &field.key) {
+                declared_fields.push((f, field));
+            }
+        }
+        let mut extra_fields = Vec::new();
+        for (f, key) in extras {
+            if declare(self, f, &key) {
+                extra_fields.push(key.into_inner().trim().to_string());
+            }
+        }
+        let plain = Allowed {
+            code: false,
+            current: false,
+            fields: &keys,
+        };
+        let mut fields = Vec::new();
+        for (f, raw) in declared_fields {
+            let key = raw.key.get_ref().trim().to_string();
+            let ask = self.checked_text(f, &raw.ask, &format!("form field {key:?} ask"), plain);
+            let expect = self.expect(f, raw.expect, keywords);
+            let retry = self.text(
+                f,
+                raw.retry,
+                &format!("form field {key:?} retry"),
+                "Sorry, I didn't understand that.",
+                plain,
+            );
+            fields.push(Field {
+                key,
+                ask,
+                expect,
+                retry,
+            });
+        }
+        let with_current = Allowed {
+            current: true,
+            ..plain
+        };
+        let current = match current {
+            Some((f, s)) => self.checked_text(f, &s, "form.current", with_current),
+            None => fixed("(now: {current}; reply KEEP to keep it)"),
+        };
+        let saved = match saved {
+            Some((f, s)) => self.checked_text(f, &s, "form.saved", plain),
+            None => fixed("Your profile is updated."),
+        };
+        Form {
+            fields,
+            extra_fields,
+            current,
+            saved,
+        }
+    }
+
+    fn expect(&mut self, f: usize, raw: Option<S<toml::Value>>, keywords: &Keywords) -> Expect {
+        let Some(raw) = raw else { return Expect::Any };
+        let span = raw.span();
+        let bad = |cx: &mut Cx, msg: &str| {
+            cx.err(
+                f,
+                span.clone(),
+                format!("{msg} (expect is \"any\", {{ choices = {{ A = \"label\", … }} }}, {{ range = [1, 5] }} or {{ pattern = \"regex\" }})"),
+            );
+            Expect::Any
+        };
+        match raw.into_inner() {
+            toml::Value::String(s) if s.trim() == "any" => Expect::Any,
+            toml::Value::Table(t) if t.len() == 1 => {
+                let Some((kind, value)) = t.into_iter().next() else {
+                    return bad(self, "empty expect");
+                };
+                match (kind.as_str(), value) {
+                    ("choices", toml::Value::Table(choices)) => {
+                        self.choices(f, &span, choices, keywords)
+                    }
+                    ("range", toml::Value::Array(a)) => match a.as_slice() {
+                        [toml::Value::Integer(lo), toml::Value::Integer(hi)] if lo <= hi => {
+                            Expect::Range(*lo, *hi)
+                        }
+                        _ => bad(self, "range must be two whole numbers, low first"),
+                    },
+                    ("pattern", toml::Value::String(p)) => {
+                        match regex::Regex::new(&format!("^(?:{p})$")) {
+                            Ok(re) => Expect::Pattern(re),
+                            Err(e) => bad(self, &format!("bad pattern: {e}")),
+                        }
+                    }
+                    (other, _) => bad(self, &format!("unknown or malformed expect `{other}`")),
+                }
+            }
+            _ => bad(self, "malformed expect"),
+        }
+    }
+
+    fn choices(
+        &mut self,
+        f: usize,
+        span: &Range<usize>,
+        choices: toml::Table,
+        keywords: &Keywords,
+    ) -> Expect {
+        if choices.is_empty() {
+            self.err(f, span.clone(), "choices is empty");
+        }
+        let mut out = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (key, label) in choices {
+            let norm = normalize(&key);
+            let label = match label {
+                toml::Value::String(s) if !s.trim().is_empty() => s.trim().to_string(),
+                _ => {
+                    self.err(
+                        f,
+                        span.clone(),
+                        format!("choice {key:?} needs a non-empty text label"),
+                    );
+                    continue;
+                }
+            };
+            if norm.is_empty() {
+                self.err(
+                    f,
+                    span.clone(),
+                    format!("choice key {key:?} has no letters or digits"),
+                );
+            }
+            if let Some(list) = keywords.list_of(&norm) {
+                self.err(
+                    f,
+                    span.clone(),
+                    format!(
+                        "choice key {key:?} collides with the keyword {norm} in keywords.{list}"
+                    ),
+                );
+            }
+            if !seen.insert(norm) {
+                self.err(
+                    f,
+                    span.clone(),
+                    format!("choice key {key:?} is given twice"),
+                );
+            }
+            out.push((key, label));
+        }
+        Expect::Choices(out)
+    }
+
+    fn sequences(
+        &mut self,
+        raw: Vec<(usize, S<RawSequence>)>,
+        fields: &[String],
+        keywords: &Keywords,
+    ) -> Vec<Sequence> {
+        let plain = Allowed {
+            code: false,
+            current: false,
+            fields,
+        };
+        let mut out = Vec::new();
+        let mut names: BTreeMap<String, String> = BTreeMap::new();
+        let mut first = None;
+        for (f, seq) in raw {
+            let seq_span = seq.span();
+            first.get_or_insert((f, seq_span.clone()));
+            let seq = seq.into_inner();
+            let name = seq.name.get_ref().trim().to_string();
+            if name.is_empty() {
+                self.err(f, seq.name.span(), "empty sequence name");
+            }
+            if let Some(at) = names.get(&name) {
+                self.err(
+                    f,
+                    seq.name.span(),
+                    format!("duplicate sequence name {name:?} (first declared at {at})"),
+                );
+            } else {
+                names.insert(name.clone(), self.place(f, &seq.name.span()));
+            }
+            let weight = self.number(f, seq.weight, "sequence weight", 0..1_000_001, 1) as u32;
+            if seq.steps.is_empty() {
+                self.err(f, seq_span, format!("sequence {name:?} has no steps"));
+            }
+            let mut steps = Vec::new();
+            for (i, step) in seq.steps.into_iter().enumerate() {
+                let span = step.span();
+                let step = step.into_inner();
+                let what = format!("sequence {name:?} step {}", i + 1);
+                let after = match &step.after {
+                    Some(d) => self
+                        .duration(f, d, &format!("{what} after"))
+                        .unwrap_or_default(),
+                    None => TimeDelta::zero(),
+                };
+                let action = match (step.say, step.ask) {
+                    (Some(say), None) => {
+                        for (extra, name) in [
+                            (step.save.is_some(), "save"),
+                            (step.expect.is_some(), "expect"),
+                            (step.timeout.is_some(), "timeout"),
+                            (step.retry.is_some(), "retry"),
+                        ] {
+                            if extra {
+                                self.err(
+                                    f,
+                                    span.clone(),
+                                    format!("{what}: `{name}` only belongs on an `ask` step"),
+                                );
+                            }
+                        }
+                        StepAction::Say(self.checked_text(f, &say, &format!("{what} say"), plain))
+                    }
+                    (None, Some(ask)) => {
+                        let text = self.checked_text(f, &ask, &format!("{what} ask"), plain);
+                        let save = step.save.map(|s| {
+                            let key = s.get_ref().trim().to_string();
+                            if !fields.contains(&key) {
+                                self.err(
+                                    f,
+                                    s.span(),
+                                    format!("{what}: save into undeclared field {key:?} (declare it in [[form.field]] or form.extra_fields)"),
+                                );
+                            }
+                            key
+                        });
+                        let expect = self.expect(f, step.expect, keywords);
+                        let timeout = step
+                            .timeout
+                            .as_ref()
+                            .and_then(|d| self.duration(f, d, &format!("{what} timeout")));
+                        let retry = self.text(
+                            f,
+                            step.retry,
+                            &format!("{what} retry"),
+                            "Sorry, I didn't understand that.",
+                            plain,
+                        );
+                        StepAction::Ask(Question {
+                            text,
+                            save,
+                            expect,
+                            retry,
+                            timeout,
+                        })
+                    }
+                    (Some(_), Some(_)) => {
+                        self.err(
+                            f,
+                            span,
+                            format!("{what} has both `say` and `ask`; a step does one"),
+                        );
+                        continue;
+                    }
+                    (None, None) => {
+                        self.err(f, span, format!("{what} needs `say` or `ask`"));
+                        continue;
+                    }
+                };
+                steps.push(Step { after, action });
+            }
+            out.push(Sequence {
+                name,
+                weight,
+                steps,
+            });
+        }
+        let total: u64 = out.iter().map(|s| u64::from(s.weight)).sum();
+        if let (Some((f, span)), 0) = (first, total) {
+            self.err(
+                f,
+                span,
+                "zero total weight: every sequence has weight 0, so none can ever be chosen",
+            );
+        }
+        out
+    }
+
+    fn replies(&mut self, raw: Option<(usize, RawReplies)>, fields: &[String]) -> Replies {
+        let (f, r) = match raw {
+            Some((f, r)) => (f, r),
+            None => (
+                0,
+                RawReplies {
+                    help: None,
+                    opted_out: None,
+                    unknown: None,
+                    not_joined: None,
+                    already_joined: None,
+                },
+            ),
+        };
+        let plain = Allowed {
+            code: false,
+            current: false,
+            fields,
+        };
+        Replies {
+            help: self.text(
+                f,
+                r.help,
+                "replies.help",
+                "{bot.name}: reply JOIN to subscribe, STOP to opt out.",
+                plain,
+            ),
+            opted_out: self.text(
+                f,
+                r.opted_out,
+                "replies.opted_out",
+                "You're unsubscribed and will get no more messages. Reply JOIN to rejoin.",
+                plain,
+            ),
+            unknown: self.text(
+                f,
+                r.unknown,
+                "replies.unknown",
+                "Sorry, I didn't get that. Reply HELP for help.",
+                plain,
+            ),
+            not_joined: self.text(
+                f,
+                r.not_joined,
+                "replies.not_joined",
+                "{bot.name}: reply JOIN to subscribe.",
+                plain,
+            ),
+            already_joined: self.text(
+                f,
+                r.already_joined,
+                "replies.already_joined",
+                "You're already subscribed. Reply HELP for help.",
+                plain,
+            ),
+        }
+    }
+
+    fn ivr(&mut self, raw: Option<(usize, RawIvr)>, fields: &[String]) -> Ivr {
+        let plain = Allowed {
+            code: false,
+            current: false,
+            fields,
+        };
+        let Some((f, r)) = raw else {
+            return Ivr {
+                start: "main".into(),
+                retries: 2,
+                reprompt: fixed("Sorry, I didn't get that."),
+                goodbye: fixed("Goodbye."),
+                read_code: fixed("Your {bot.name} code is {code}."),
+                menus: BTreeMap::new(),
+            };
+        };
+        let retries = self.number(f, r.retries, "ivr.retries", 0..11, 2) as u8;
+        let reprompt = self.text(
+            f,
+            r.reprompt,
+            "ivr.reprompt",
+            "Sorry, I didn't get that.",
+            plain,
+        );
+        let goodbye = self.text(f, r.goodbye, "ivr.goodbye", "Goodbye.", plain);
+        let read_code = self.text(
+            f,
+            r.read_code,
+            "ivr.read_code",
+            "Your {bot.name} code is {code}.",
+            Allowed {
+                code: true,
+                ..plain
+            },
+        );
+        let start_span = r.start.as_ref().map(|s| s.span());
+        let start = r
+            .start
+            .map(|s| s.into_inner().trim().to_string())
+            .unwrap_or_else(|| "main".into());
+        let mut menus = BTreeMap::new();
+        let mut edges: Vec<(String, String, Range<usize>)> = Vec::new();
+        for (name, menu) in &r.menu {
+            let say = self.checked_text(
+                f,
+                &menu.get_ref().say,
+                &format!("ivr.menu.{name}.say"),
+                plain,
+            );
+            let mut press = BTreeMap::new();
+            for (digit, target) in &menu.get_ref().press {
+                if !(digit.len() == 1
+                    && digit
+                        .chars()
+                        .all(|c| c.is_ascii_digit() || c == '*' || c == '#'))
+                {
+                    self.err(
+                        f,
+                        target.span(),
+                        format!(
+                            "ivr.menu.{name}: press key {digit:?} must be one key: 0-9, * or #"
+                        ),
+                    );
+                }
+                match IvrAction::parse(target.get_ref()) {
+                    Ok(IvrAction::Menu(to)) => {
+                        edges.push((name.clone(), to.clone(), target.span()));
+                        press.insert(digit.clone(), IvrAction::Menu(to));
+                    }
+                    Ok(IvrAction::Say(text)) if text.is_empty() => {
+                        self.err(
+                            f,
+                            target.span(),
+                            format!("ivr.menu.{name}: `say:` needs a text"),
+                        );
+                    }
+                    Ok(action) => {
+                        press.insert(digit.clone(), action);
+                    }
+                    Err(e) => self.err(
+                        f,
+                        target.span(),
+                        format!("ivr.menu.{name}: press target: {e}"),
+                    ),
+                }
+            }
+            if press.is_empty() {
+                self.err(
+                    f,
+                    menu.span(),
+                    format!("ivr.menu.{name} has no `press` choices"),
+                );
+            }
+            menus.insert(name.clone(), Menu { say, press });
+        }
+        for (from, to, span) in &edges {
+            if !menus.contains_key(to) {
+                self.err(
+                    f,
+                    span.clone(),
+                    format!("ivr.menu.{from}: press target menu:{to} does not exist"),
+                );
+            }
+        }
+        if !menus.is_empty() {
+            if !menus.contains_key(&start) {
+                self.err(
+                    f,
+                    start_span.unwrap_or(0..0),
+                    format!("ivr.start names menu {start:?}, which does not exist"),
+                );
+            } else {
+                let mut reached = BTreeSet::from([start.clone()]);
+                let mut todo = vec![start.clone()];
+                while let Some(m) = todo.pop() {
+                    for (from, to, _) in &edges {
+                        if *from == m && menus.contains_key(to) && reached.insert(to.clone()) {
+                            todo.push(to.clone());
+                        }
+                    }
+                }
+                for (name, menu) in &r.menu {
+                    if !reached.contains(name) {
+                        self.err(
+                            f,
+                            menu.span(),
+                            format!(
+                                "ivr.menu.{name} can never be reached from ivr.start ({start:?})"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        Ivr {
+            start,
+            retries,
+            reprompt,
+            goodbye,
+            read_code,
+            menus,
+        }
+    }
+}
+
+impl RawVerify {
+    fn empty() -> RawVerify {
+        RawVerify {
+            code_length: None,
+            ttl: None,
+            valid_codes: None,
+            max_attempts: None,
+            max_sends: None,
+            send_window: None,
+            after_otp_api: None,
+            send: None,
+            wrong: None,
+            expired: None,
+            locked: None,
+            rate_limited: None,
+            verified: None,
+            voice: None,
+        }
+    }
+}
+
+impl Keywords {
+    /// Which list a normalized word belongs to, if any.
+    pub fn list_of(&self, word: &str) -> Option<&'static str> {
+        let has = |l: &[String]| l.iter().any(|k| k == word);
+        if has(&self.opt_out) {
+            Some("opt_out")
+        } else if has(&self.help) {
+            Some("help")
+        } else if has(&self.opt_in) {
+            Some("opt_in")
+        } else if has(&self.edit) {
+            Some("edit")
+        } else if has(&self.keep) {
+            Some("keep")
+        } else {
+            None
+        }
+    }
+}
+
+fn valid_key(k: &str) -> bool {
+    !k.is_empty()
+        && k.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && k.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+}
+
+/// A built-in text; the tests load an empty set, which parses every one of them.
+fn fixed(text: &str) -> Template {
+    Template::parse(text).unwrap_or_else(|_| Template::literal(text))
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}

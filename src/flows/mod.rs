@@ -1,0 +1,265 @@
+//! The validated flow set: what `flows/*.toml` declare, checked once, then trusted by the engine.
+
+mod load;
+mod template;
+
+use std::collections::BTreeMap;
+
+use chrono::{NaiveTime, TimeDelta};
+use chrono_tz::Tz;
+use regex::Regex;
+
+pub use load::{load_dir, load_sources, Problem, Problems};
+pub use template::{Allowed, Template};
+
+/// A complete, valid set of flows. Built only by [`load_dir`] / [`load_sources`].
+#[derive(Clone, Debug)]
+pub struct Flows {
+    pub bot: Bot,
+    pub keywords: Keywords,
+    pub verify: Verify,
+    pub form: Form,
+    pub sequences: Vec<Sequence>,
+    pub replies: Replies,
+    pub ivr: Ivr,
+}
+
+#[derive(Clone, Debug)]
+pub struct Bot {
+    pub name: String,
+    pub timezone: Tz,
+    pub quiet_hours: Option<QuietHours>,
+}
+
+/// Local hours in which follow-ups wait; `from` may be later than `to` (over midnight).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuietHours {
+    pub from: NaiveTime,
+    pub to: NaiveTime,
+}
+
+/// Keyword lists, already normalized (upper case, no punctuation).
+#[derive(Clone, Debug)]
+pub struct Keywords {
+    pub opt_in: Vec<String>,
+    pub opt_out: Vec<String>,
+    pub help: Vec<String>,
+    pub edit: Vec<String>,
+    pub keep: Vec<String>,
+}
+
+/// What a validated phone does after `validate_otp` succeeds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterOtpApi {
+    /// Stay `verified` and send nothing.
+    Stay,
+    /// Continue into the form and sequences by SMS, as after a texted code.
+    Form,
+}
+
+#[derive(Clone, Debug)]
+pub struct Verify {
+    pub code_length: u8,
+    pub ttl: TimeDelta,
+    pub valid_codes: u8,
+    pub max_attempts: u8,
+    pub max_sends: u32,
+    pub send_window: TimeDelta,
+    pub after_otp_api: AfterOtpApi,
+    pub send: Template,
+    pub wrong: Template,
+    pub expired: Template,
+    pub locked: Template,
+    pub rate_limited: Template,
+    pub verified: Template,
+    pub voice: Template,
+}
+
+#[derive(Clone, Debug)]
+pub struct Form {
+    pub fields: Vec<Field>,
+    /// Fields that no form question asks but a sequence question may `save` into.
+    pub extra_fields: Vec<String>,
+    /// Appended to a question when EDIT re-asks it; `{current}` is the saved answer.
+    pub current: Template,
+    /// Sent when an EDIT pass is complete.
+    pub saved: Template,
+}
+
+impl Form {
+    /// Every field key a subscriber may hold, form fields first.
+    pub fn all_keys(&self) -> impl Iterator<Item = &str> {
+        self.fields
+            .iter()
+            .map(|f| f.key.as_str())
+            .chain(self.extra_fields.iter().map(String::as_str))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Field {
+    pub key: String,
+    pub ask: Template,
+    pub expect: Expect,
+    pub retry: Template,
+}
+
+/// What answer a question accepts.
+#[derive(Clone, Debug)]
+pub enum Expect {
+    Any,
+    /// (reply key as typed, e.g. `A`; stored label, e.g. `under_30`), in declared order.
+    Choices(Vec<(String, String)>),
+    Range(i64, i64),
+    Pattern(Regex),
+}
+
+impl Expect {
+    /// The value to store for `answer`, or `None` when the answer does not fit.
+    pub fn accept(&self, answer: &str) -> Option<String> {
+        let answer = answer.trim();
+        if answer.is_empty() {
+            return None;
+        }
+        match self {
+            Expect::Any => Some(answer.to_string()),
+            Expect::Choices(choices) => {
+                let said = crate::machine::normalize(answer);
+                choices
+                    .iter()
+                    .find(|(key, label)| {
+                        said == crate::machine::normalize(key)
+                            || said == crate::machine::normalize(label)
+                    })
+                    .map(|(_, label)| label.clone())
+            }
+            Expect::Range(lo, hi) => {
+                let n: i64 = answer.trim_end_matches(['.', '!']).parse().ok()?;
+                (*lo..=*hi).contains(&n).then(|| n.to_string())
+            }
+            Expect::Pattern(re) => re.is_match(answer).then(|| answer.to_string()),
+        }
+    }
+
+    /// Category labels when this is a choice question.
+    pub fn categories(&self) -> Option<Vec<&str>> {
+        match self {
+            Expect::Choices(c) => Some(c.iter().map(|(_, l)| l.as_str()).collect()),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Sequence {
+    pub name: String,
+    pub weight: u32,
+    pub steps: Vec<Step>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Step {
+    /// Delay after the previous step (or after enrolment, for the first step).
+    pub after: TimeDelta,
+    pub action: StepAction,
+}
+
+#[derive(Clone, Debug)]
+pub enum StepAction {
+    Say(Template),
+    Ask(Question),
+}
+
+#[derive(Clone, Debug)]
+pub struct Question {
+    pub text: Template,
+    pub save: Option<String>,
+    pub expect: Expect,
+    pub retry: Template,
+    /// Move on unanswered after this long; `None` waits for an answer.
+    pub timeout: Option<TimeDelta>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Replies {
+    pub help: Template,
+    pub opted_out: Template,
+    pub unknown: Template,
+    pub not_joined: Template,
+    pub already_joined: Template,
+}
+
+#[derive(Clone, Debug)]
+pub struct Ivr {
+    pub start: String,
+    pub retries: u8,
+    pub reprompt: Template,
+    pub goodbye: Template,
+    /// Spoken by `read_code`; `{code}` is read digit by digit.
+    pub read_code: Template,
+    pub menus: BTreeMap<String, Menu>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Menu {
+    pub say: Template,
+    /// Digit → action.
+    pub press: BTreeMap<String, IvrAction>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IvrAction {
+    ReadCode,
+    OptIn,
+    OptOut,
+    Menu(String),
+    Say(String),
+    Hangup,
+}
+
+impl IvrAction {
+    pub fn parse(s: &str) -> Result<IvrAction, String> {
+        let s = s.trim();
+        Ok(match s {
+            "read_code" => IvrAction::ReadCode,
+            "opt_in" => IvrAction::OptIn,
+            "opt_out" => IvrAction::OptOut,
+            "hangup" => IvrAction::Hangup,
+            _ => {
+                if let Some(name) = s.strip_prefix("menu:") {
+                    IvrAction::Menu(name.trim().to_string())
+                } else if let Some(text) = s.strip_prefix("say:") {
+                    IvrAction::Say(text.trim().to_string())
+                } else {
+                    return Err(format!(
+                        "unknown action {s:?} (expected read_code, opt_in, opt_out, hangup, menu:NAME or say:TEXT)"
+                    ));
+                }
+            }
+        })
+    }
+}
+
+impl Flows {
+    pub fn sequence(&self, name: &str) -> Option<&Sequence> {
+        self.sequences.iter().find(|s| s.name == name)
+    }
+
+    /// Total weight of all sequences; the loader guarantees it is non-zero when any exist.
+    pub fn total_weight(&self) -> u64 {
+        self.sequences.iter().map(|s| u64::from(s.weight)).sum()
+    }
+
+    /// A one-line summary, as `smsflow check` prints on success.
+    pub fn summary(&self) -> String {
+        let steps: usize = self.sequences.iter().map(|s| s.steps.len()).sum();
+        format!(
+            "{}: {} form field(s), {} sequence(s) with {} step(s), {} voice menu(s)",
+            self.bot.name,
+            self.form.fields.len(),
+            self.sequences.len(),
+            steps,
+            self.ivr.menus.len()
+        )
+    }
+}

@@ -1,0 +1,177 @@
+//! `Template`: a message text with `{placeholders}`, parsed once so rendering cannot fail.
+
+use std::fmt;
+
+/// One piece of a parsed template.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Part {
+    Text(String),
+    Slot(String),
+}
+
+/// A text with placeholders such as `{code}`, `{bot.name}`, `{field.first_name}`, `{sequence}`.
+/// `{{` and `}}` stand for literal braces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Template {
+    source: String,
+    parts: Vec<Part>,
+}
+
+/// What a template may refer to where it is used.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Allowed<'a> {
+    pub code: bool,
+    pub current: bool,
+    pub fields: &'a [String],
+}
+
+impl Template {
+    /// Parses `source`; the error says what is wrong with the braces.
+    pub fn parse(source: &str) -> Result<Template, String> {
+        let mut parts = Vec::new();
+        let mut text = String::new();
+        let mut chars = source.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    text.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    text.push('}');
+                }
+                '{' => {
+                    let mut name = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some(c) => name.push(c),
+                            None => return Err(format!("unclosed placeholder `{{{name}`")),
+                        }
+                    }
+                    let name = name.trim().to_string();
+                    if name.is_empty() {
+                        return Err(
+                            "empty placeholder `{}` (write `{{` for a literal brace)".into()
+                        );
+                    }
+                    if !text.is_empty() {
+                        parts.push(Part::Text(std::mem::take(&mut text)));
+                    }
+                    parts.push(Part::Slot(name));
+                }
+                '}' => return Err("stray `}` (write `}}` for a literal brace)".into()),
+                c => text.push(c),
+            }
+        }
+        if !text.is_empty() {
+            parts.push(Part::Text(text));
+        }
+        Ok(Template {
+            source: source.to_string(),
+            parts,
+        })
+    }
+
+    /// A text taken as it is, with no placeholders.
+    pub fn literal(text: &str) -> Template {
+        Template {
+            source: text.to_string(),
+            parts: vec![Part::Text(text.to_string())],
+        }
+    }
+
+    /// Every placeholder this template names that `allowed` does not permit, as messages.
+    pub fn unknown_placeholders(&self, allowed: Allowed<'_>) -> Vec<String> {
+        self.slots()
+            .filter(|name| !slot_allowed(name, allowed))
+            .map(|name| {
+                let hint = match name {
+                    "code" => " ({code} only exists in verification texts)",
+                    "current" => " ({current} only exists in form.current)",
+                    n if n.starts_with("field.") => {
+                        " (declare the field in [[form.field]] or form.extra_fields)"
+                    }
+                    _ => " (known: {bot.name}, {sequence}, {field.KEY}, {code}, {current})",
+                };
+                format!("unknown placeholder {{{name}}}{hint}")
+            })
+            .collect()
+    }
+
+    fn slots(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Slot(s) => Some(s.as_str()),
+            Part::Text(_) => None,
+        })
+    }
+
+    /// Fills the placeholders; one that `lookup` does not know becomes empty.
+    pub fn render(&self, lookup: impl Fn(&str) -> Option<String>) -> String {
+        let mut out = String::with_capacity(self.source.len());
+        for part in &self.parts {
+            match part {
+                Part::Text(t) => out.push_str(t),
+                Part::Slot(s) => out.push_str(&lookup(s).unwrap_or_default()),
+            }
+        }
+        out
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+}
+
+fn slot_allowed(name: &str, allowed: Allowed<'_>) -> bool {
+    match name {
+        "bot.name" | "sequence" => true,
+        "code" => allowed.code,
+        "current" => allowed.current,
+        other => other
+            .strip_prefix("field.")
+            .is_some_and(|key| allowed.fields.iter().any(|f| f == key)),
+    }
+}
+
+impl fmt::Display for Template {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_filled_and_braces_can_be_escaped() {
+        let t = Template::parse("{{hi}} {bot.name}: {code}").unwrap();
+        let out = t.render(|n| match n {
+            "bot.name" => Some("Acme".into()),
+            "code" => Some("123456".into()),
+            _ => None,
+        });
+        assert_eq!(out, "{hi} Acme: 123456");
+    }
+
+    #[test]
+    fn broken_braces_are_errors() {
+        assert!(Template::parse("oops {code").is_err());
+        assert!(Template::parse("oops }").is_err());
+        assert!(Template::parse("oops {}").is_err());
+    }
+
+    #[test]
+    fn placeholders_are_checked_against_what_the_context_allows() {
+        let fields = vec!["first_name".to_string()];
+        let t = Template::parse("{code} {field.first_name} {field.age} {nope}").unwrap();
+        let unknown = t.unknown_placeholders(Allowed {
+            code: false,
+            current: false,
+            fields: &fields,
+        });
+        assert_eq!(unknown.len(), 3, "{unknown:?}");
+    }
+}

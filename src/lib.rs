@@ -1,0 +1,13 @@
+//! smsflow runs SMS conversations for Twilio numbers. Every phone number is a finite state
+//! machine (`machine`), driven by events and declared by operators in TOML flows (`flows`).
+//!
+//! Architecture invariant: `machine` is pure. It takes time and randomness as arguments and
+//! returns effects as data; it never touches the network, the disk, the clock or a global RNG.
+
+pub mod cli;
+pub mod flows;
+pub mod machine;
+pub mod phone;
+pub mod sim;
+pub mod store;
+pub mod transcript;

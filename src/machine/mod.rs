@@ -1,0 +1,879 @@
+//! The per-phone state machine: a pure function from (subscriber, event, flows, now, rng) to a
+//! new subscriber and the effects to carry out. No IO, no clock, no global randomness here.
+
+mod quiet;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use rand::{Rng, RngExt};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+use crate::flows::{AfterOtpApi, Flows, StepAction, Template};
+use crate::phone::Phone;
+
+pub use quiet::quiet_end;
+
+/// Everything smsflow knows about one phone number.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscriber {
+    pub phone: Phone,
+    pub state: State,
+    /// Form answers and saved sequence answers, by field key.
+    pub fields: BTreeMap<String, String>,
+    /// The latest issued codes, oldest first; never more than `verify.valid_codes`.
+    pub codes: Vec<IssuedCode>,
+    /// When codes were sent, within the current rate-limit window.
+    pub code_sends: Vec<DateTime<Utc>>,
+    /// The form question being asked, if any.
+    pub form: Option<FormCursor>,
+    /// The follow-up sequence this number was assigned (kept after it finishes).
+    pub sequence: Option<String>,
+    /// The one pending timer, if any.
+    pub timer: Option<Timer>,
+    /// Bumped by every new timer, so a timer that was replaced is recognised as stale.
+    pub epoch: u64,
+    pub created_at: DateTime<Utc>,
+    pub verified_at: Option<DateTime<Utc>>,
+    pub last_inbound_at: Option<DateTime<Utc>>,
+}
+
+/// Where a number is in its conversation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum State {
+    Unverified,
+    AwaitingCode,
+    Verified,
+    InSequence {
+        name: String,
+        step: usize,
+        /// The step is a question that was asked and is waiting for its answer.
+        waiting: bool,
+    },
+    OptedOut,
+}
+
+impl State {
+    /// The name operators see in the admin API and the export.
+    pub fn name(&self) -> &'static str {
+        match self {
+            State::Unverified => "unverified",
+            State::AwaitingCode => "awaiting_code",
+            State::Verified => "verified",
+            State::InSequence { .. } => "in_sequence",
+            State::OptedOut => "opted_out",
+        }
+    }
+
+    pub const NAMES: [&'static str; 5] = [
+        "unverified",
+        "awaiting_code",
+        "verified",
+        "in_sequence",
+        "opted_out",
+    ];
+}
+
+/// A verification code that was sent. `Debug` hides the digits.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedCode {
+    pub code: String,
+    pub issued_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// Wrong guesses made while this code was valid.
+    pub wrong: u8,
+}
+
+impl fmt::Debug for IssuedCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssuedCode")
+            .field("code", &"******")
+            .field("issued_at", &self.issued_at)
+            .field("expires_at", &self.expires_at)
+            .field("wrong", &self.wrong)
+            .finish()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FormCursor {
+    pub index: usize,
+    /// Re-asking after EDIT: every field is asked, showing its current value.
+    pub editing: bool,
+}
+
+/// A durable timer. The store keys it by (at, phone, kind) and keeps `epoch` to spot stale ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timer {
+    pub at: DateTime<Utc>,
+    pub kind: TimerKind,
+    pub epoch: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TimerKind {
+    /// The next sequence step is due.
+    Step,
+    /// A sequence question went unanswered for its `timeout`.
+    AskTimeout,
+}
+
+/// Something that happened to a number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A text from the number.
+    Inbound(String),
+    /// A timer came due.
+    TimerDue(Timer),
+    /// An app asked for a code through the OTP API.
+    OtpRequested,
+    /// An app submitted a code through the OTP API.
+    OtpSubmitted(String),
+    /// A caller chose "opt in" in the voice menu: send a code by SMS.
+    VoiceOptIn,
+    /// A caller chose "opt out" in the voice menu.
+    VoiceOptOut,
+    /// An operator opted the number out.
+    AdminOptOut,
+    /// The provider reported the number unsubscribed (Twilio error 21610).
+    ProviderUnsubscribed,
+}
+
+/// What the engine must do after a step. Effects are data; the engine carries them out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Answer the inbound message directly (TwiML).
+    Reply(String),
+    /// Send a message through the outbox.
+    Send(String),
+    /// Send a verification code; the engine delivers it (queued, or at once for the OTP API).
+    SendCode(String),
+    Schedule(Timer),
+    Cancel(Timer),
+    Record(Record),
+}
+
+/// A history entry: what happened, without secrets (codes are never recorded).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Record {
+    OptedIn { via: String },
+    CodeSent,
+    CodeRateLimited,
+    CodeRejected { reason: String },
+    Verified { via: String },
+    FieldSaved { key: String, value: String },
+    SequenceAssigned { name: String },
+    StepSent { sequence: String, step: usize },
+    Answered { sequence: String, step: usize },
+    AnswerTimedOut { sequence: String, step: usize },
+    SequenceFinished { name: String },
+    SequenceEnded { name: String, reason: String },
+    Deferred { until: DateTime<Utc> },
+    OptedOut { reason: String },
+}
+
+/// How an event went, for callers that answer someone (the OTP API, the voice menu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    CodeSent,
+    Verified,
+    WrongCode,
+    Expired,
+    /// Too many wrong guesses on every valid code.
+    Locked,
+    /// Too many codes sent; another may be sent from `retry_at`.
+    RateLimited {
+        retry_at: DateTime<Utc>,
+    },
+    OptedOut,
+    /// Nothing to do (a stale timer, a repeated STOP).
+    Ignored,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub subscriber: Subscriber,
+    pub effects: Vec<Effect>,
+    pub outcome: Outcome,
+}
+
+impl Subscriber {
+    pub fn new(phone: Phone, now: DateTime<Utc>) -> Subscriber {
+        Subscriber {
+            phone,
+            state: State::Unverified,
+            fields: BTreeMap::new(),
+            codes: Vec::new(),
+            code_sends: Vec::new(),
+            form: None,
+            sequence: None,
+            timer: None,
+            epoch: 0,
+            created_at: now,
+            verified_at: None,
+            last_inbound_at: None,
+        }
+    }
+
+    /// Opted in and not opted out since.
+    pub fn opted_in(&self) -> bool {
+        matches!(
+            self.state,
+            State::AwaitingCode | State::Verified | State::InSequence { .. }
+        )
+    }
+
+    /// The sequence name and step shown to operators.
+    pub fn sequence_step(&self) -> (Option<&str>, Option<usize>) {
+        match &self.state {
+            State::InSequence { name, step, .. } => (Some(name), Some(*step)),
+            _ => (self.sequence.as_deref(), None),
+        }
+    }
+}
+
+/// Upper-cases, drops punctuation and folds spaces: `" stop. "` → `"STOP"`.
+pub fn normalize(text: &str) -> String {
+    let words: Vec<String> = text
+        .split_whitespace()
+        .map(|w| {
+            w.chars()
+                .filter(|c| c.is_alphanumeric())
+                .collect::<String>()
+        })
+        .filter(|w| !w.is_empty())
+        .collect();
+    words.join(" ").to_uppercase()
+}
+
+/// The heart of smsflow: one event applied to one number.
+pub fn step<R: Rng + ?Sized>(
+    subscriber: Subscriber,
+    event: &Event,
+    flows: &Flows,
+    now: DateTime<Utc>,
+    rng: &mut R,
+) -> Transition {
+    let reply = matches!(event, Event::Inbound(_));
+    let mut m = Run {
+        sub: subscriber,
+        flows,
+        now,
+        rng,
+        effects: Vec::new(),
+        outcome: Outcome::Done,
+        reply,
+        code: None,
+    };
+    m.handle(event);
+    Transition {
+        subscriber: m.sub,
+        effects: m.effects,
+        outcome: m.outcome,
+    }
+}
+
+struct Run<'a, R: ?Sized> {
+    sub: Subscriber,
+    flows: &'a Flows,
+    now: DateTime<Utc>,
+    rng: &'a mut R,
+    effects: Vec<Effect>,
+    outcome: Outcome,
+    /// Messages answer the inbound text (TwiML) rather than go through the outbox.
+    reply: bool,
+    /// The code just issued, for `{code}`.
+    code: Option<String>,
+}
+
+impl<R: Rng + ?Sized> Run<'_, R> {
+    fn handle(&mut self, event: &Event) {
+        match event {
+            Event::Inbound(text) => self.inbound(text),
+            Event::TimerDue(t) => self.timer_due(*t),
+            Event::OtpRequested => {
+                if self.sub.state == State::OptedOut {
+                    self.outcome = Outcome::OptedOut;
+                } else {
+                    self.issue_code("otp_api");
+                }
+            }
+            Event::OtpSubmitted(code) => {
+                if self.sub.state == State::OptedOut {
+                    self.outcome = Outcome::OptedOut;
+                } else {
+                    self.check_code(code, false);
+                }
+            }
+            Event::VoiceOptIn => match self.sub.state {
+                State::Unverified | State::AwaitingCode | State::OptedOut => {
+                    self.issue_code("voice")
+                }
+                _ => self.outcome = Outcome::Ignored,
+            },
+            Event::VoiceOptOut => self.opt_out("voice menu", true),
+            Event::AdminOptOut => self.opt_out("admin", false),
+            Event::ProviderUnsubscribed => {
+                self.opt_out("provider reported unsubscribed (21610)", false)
+            }
+        }
+    }
+
+    // ---- messages ----------------------------------------------------------
+
+    fn render(&self, t: &Template) -> String {
+        self.render_with(t, None)
+    }
+
+    fn render_with(&self, t: &Template, current: Option<&str>) -> String {
+        let sub = &self.sub;
+        t.render(|name| match name {
+            "bot.name" => Some(self.flows.bot.name.clone()),
+            "sequence" => sub.sequence.clone(),
+            "code" => self.code.clone(),
+            "current" => current.map(str::to_string),
+            other => other
+                .strip_prefix("field.")
+                .and_then(|k| sub.fields.get(k).cloned()),
+        })
+    }
+
+    fn say(&mut self, text: String) {
+        let text = text.trim().to_string();
+        if text.is_empty() {
+            return;
+        }
+        self.effects.push(if self.reply {
+            Effect::Reply(text)
+        } else {
+            Effect::Send(text)
+        });
+    }
+
+    fn say_t(&mut self, t: &Template) {
+        let text = self.render(t);
+        self.say(text);
+    }
+
+    fn record(&mut self, r: Record) {
+        self.effects.push(Effect::Record(r));
+    }
+
+    // ---- inbound texts -----------------------------------------------------
+
+    fn inbound(&mut self, text: &str) {
+        self.sub.last_inbound_at = Some(self.now);
+        let word = normalize(text);
+        let kw = &self.flows.keywords;
+        let is = |list: &[String]| list.contains(&word);
+        // Global keywords first, whatever the state.
+        if is(&kw.opt_out) {
+            if self.sub.state == State::OptedOut {
+                self.outcome = Outcome::Ignored;
+            } else {
+                self.opt_out("keyword", true);
+            }
+            return;
+        }
+        if is(&kw.help) {
+            self.say_t(&self.flows.replies.help);
+            return;
+        }
+        let opt_in = is(&kw.opt_in);
+        let edit = is(&kw.edit);
+        match self.sub.state.clone() {
+            State::OptedOut => {
+                if opt_in {
+                    self.issue_code("sms");
+                } else {
+                    self.outcome = Outcome::Ignored;
+                }
+            }
+            State::Unverified => {
+                if opt_in {
+                    self.issue_code("sms");
+                } else {
+                    self.say_t(&self.flows.replies.not_joined);
+                }
+            }
+            State::AwaitingCode => {
+                if opt_in {
+                    self.issue_code("sms");
+                } else {
+                    self.check_code(text, true);
+                }
+            }
+            State::Verified | State::InSequence { .. } => {
+                if opt_in {
+                    self.say_t(&self.flows.replies.already_joined);
+                } else if edit && !self.flows.form.fields.is_empty() {
+                    self.ask_field(FormCursor {
+                        index: 0,
+                        editing: true,
+                    });
+                } else if self.sub.form.is_some() {
+                    self.answer_form(text);
+                } else if let State::InSequence {
+                    name,
+                    step,
+                    waiting: true,
+                } = &self.sub.state
+                {
+                    let (name, step) = (name.clone(), *step);
+                    self.answer_question(&name, step, text);
+                } else {
+                    self.say_t(&self.flows.replies.unknown);
+                }
+            }
+        }
+    }
+
+    fn opt_out(&mut self, reason: &str, confirm: bool) {
+        if self.sub.state == State::OptedOut {
+            self.outcome = Outcome::Ignored;
+            return;
+        }
+        self.clear_timer();
+        self.sub.state = State::OptedOut;
+        self.sub.form = None;
+        self.sub.codes.clear();
+        self.record(Record::OptedOut {
+            reason: reason.to_string(),
+        });
+        if confirm {
+            self.say_t(&self.flows.replies.opted_out);
+        }
+        self.outcome = Outcome::OptedOut;
+    }
+
+    // ---- verification ------------------------------------------------------
+
+    fn issue_code(&mut self, via: &str) {
+        let v = &self.flows.verify;
+        let window_start = self.now - v.send_window;
+        self.sub.code_sends.retain(|t| *t > window_start);
+        if self.sub.code_sends.len() >= v.max_sends as usize {
+            let oldest = self
+                .sub
+                .code_sends
+                .iter()
+                .min()
+                .copied()
+                .unwrap_or(self.now);
+            self.outcome = Outcome::RateLimited {
+                retry_at: oldest + v.send_window,
+            };
+            self.record(Record::CodeRateLimited);
+            self.say_t(&self.flows.verify.rate_limited);
+            return;
+        }
+        let code: String = (0..v.code_length)
+            .map(|_| char::from(b'0' + self.rng.random_range(0..10u8)))
+            .collect();
+        self.sub.codes.push(IssuedCode {
+            code: code.clone(),
+            issued_at: self.now,
+            expires_at: self.now + v.ttl,
+            wrong: 0,
+        });
+        let keep = usize::from(v.valid_codes);
+        if self.sub.codes.len() > keep {
+            let drop = self.sub.codes.len() - keep;
+            self.sub.codes.drain(..drop);
+        }
+        self.sub.code_sends.push(self.now);
+        if matches!(self.sub.state, State::Unverified | State::OptedOut) {
+            self.record(Record::OptedIn {
+                via: via.to_string(),
+            });
+        }
+        if matches!(
+            self.sub.state,
+            State::Unverified | State::OptedOut | State::AwaitingCode
+        ) {
+            self.sub.state = State::AwaitingCode;
+        }
+        self.code = Some(code);
+        let text = self.render(&self.flows.verify.send);
+        self.effects.push(Effect::SendCode(text));
+        self.record(Record::CodeSent);
+        self.outcome = Outcome::CodeSent;
+    }
+
+    /// Checks a guess against the latest unexpired codes; `by_sms` answers the guess by text.
+    fn check_code(&mut self, guess: &str, by_sms: bool) {
+        let v = &self.flows.verify;
+        let guess: String = guess
+            .chars()
+            .filter(|c| !c.is_whitespace() && *c != '-')
+            .collect();
+        let (now, max) = (self.now, v.max_attempts);
+        let keep = usize::from(v.valid_codes);
+        let skip = self.sub.codes.len().saturating_sub(keep);
+        let codes = &mut self.sub.codes[skip..];
+        let matches = |c: &IssuedCode| bool::from(c.code.as_bytes().ct_eq(guess.as_bytes()));
+        let usable = |c: &IssuedCode| c.expires_at > now && c.wrong < max;
+
+        if codes.iter().any(|c| usable(c) && matches(c)) {
+            self.verified(if by_sms { "sms" } else { "otp_api" });
+            return;
+        }
+        let digits = !guess.is_empty() && guess.chars().all(|c| c.is_ascii_digit());
+        let (outcome, reason) = if codes.iter().any(|c| c.expires_at <= now && matches(c)) {
+            (Outcome::Expired, "expired")
+        } else if !codes.iter().any(usable) {
+            if codes.iter().any(|c| c.expires_at > now) {
+                (Outcome::Locked, "locked")
+            } else {
+                (Outcome::Expired, "expired")
+            }
+        } else if digits {
+            for c in codes.iter_mut().filter(|c| usable(c)) {
+                c.wrong += 1;
+            }
+            if codes.iter().any(usable) {
+                (Outcome::WrongCode, "wrong")
+            } else {
+                (Outcome::Locked, "locked")
+            }
+        } else {
+            (Outcome::WrongCode, "not a code")
+        };
+        self.outcome = outcome;
+        self.record(Record::CodeRejected {
+            reason: reason.to_string(),
+        });
+        if by_sms {
+            let t = match outcome {
+                Outcome::Expired => &v.expired,
+                Outcome::Locked => &v.locked,
+                _ => &v.wrong,
+            };
+            self.say_t(t);
+        }
+    }
+
+    fn verified(&mut self, via: &str) {
+        self.outcome = Outcome::Verified;
+        self.sub.codes.clear();
+        self.record(Record::Verified {
+            via: via.to_string(),
+        });
+        if !matches!(self.sub.state, State::Unverified | State::AwaitingCode) {
+            return; // already verified (e.g. an app re-checking a known number)
+        }
+        self.sub.state = State::Verified;
+        self.sub.verified_at = Some(self.now);
+        if via == "otp_api" && self.flows.verify.after_otp_api == AfterOtpApi::Stay {
+            return;
+        }
+        self.say_t(&self.flows.verify.verified);
+        self.continue_form(0);
+    }
+
+    // ---- the form ----------------------------------------------------------
+
+    /// Asks the first unanswered field from `from` on, or, with none left, enrols in a sequence.
+    fn continue_form(&mut self, from: usize) {
+        let next = self
+            .flows
+            .form
+            .fields
+            .iter()
+            .enumerate()
+            .skip(from)
+            .find(|(_, f)| !self.sub.fields.contains_key(&f.key));
+        match next {
+            Some((index, _)) => self.ask_field(FormCursor {
+                index,
+                editing: false,
+            }),
+            None => {
+                self.sub.form = None;
+                self.enrol();
+            }
+        }
+    }
+
+    fn ask_field(&mut self, cursor: FormCursor) {
+        self.sub.form = Some(cursor);
+        let text = self.field_question(cursor);
+        self.say(text);
+    }
+
+    fn field_question(&self, cursor: FormCursor) -> String {
+        let Some(field) = self.flows.form.fields.get(cursor.index) else {
+            return String::new();
+        };
+        let mut text = self.render(&field.ask);
+        if cursor.editing {
+            if let Some(current) = self.sub.fields.get(&field.key) {
+                text.push(' ');
+                text.push_str(&self.render_with(&self.flows.form.current, Some(current)));
+            }
+        }
+        text
+    }
+
+    fn answer_form(&mut self, text: &str) {
+        let Some(cursor) = self.sub.form else { return };
+        let Some(field) = self.flows.form.fields.get(cursor.index) else {
+            // The form shrank under a reload: treat it as finished.
+            self.finish_form(cursor);
+            return;
+        };
+        let keep = cursor.editing
+            && self.sub.fields.contains_key(&field.key)
+            && self.flows.keywords.keep.contains(&normalize(text));
+        if !keep {
+            match field.expect.accept(text) {
+                Some(value) => {
+                    self.sub.fields.insert(field.key.clone(), value.clone());
+                    self.record(Record::FieldSaved {
+                        key: field.key.clone(),
+                        value,
+                    });
+                }
+                None => {
+                    let retry = format!(
+                        "{}\n{}",
+                        self.render(&field.retry),
+                        self.field_question(cursor)
+                    );
+                    self.say(retry);
+                    return;
+                }
+            }
+        }
+        if cursor.editing {
+            if cursor.index + 1 < self.flows.form.fields.len() {
+                self.ask_field(FormCursor {
+                    index: cursor.index + 1,
+                    editing: true,
+                });
+            } else {
+                self.finish_form(cursor);
+            }
+        } else {
+            self.continue_form(cursor.index + 1);
+        }
+    }
+
+    fn finish_form(&mut self, cursor: FormCursor) {
+        self.sub.form = None;
+        if cursor.editing {
+            self.say_t(&self.flows.form.saved);
+        } else {
+            self.enrol();
+        }
+    }
+
+    // ---- sequences ---------------------------------------------------------
+
+    /// Picks a sequence at random by weight, records it, and starts it.
+    fn enrol(&mut self) {
+        let total = self.flows.total_weight();
+        if total == 0 {
+            return; // no sequences: the number stays verified
+        }
+        let mut pick = self.rng.random_range(0..total);
+        let Some(seq) = self.flows.sequences.iter().find(|s| {
+            let w = u64::from(s.weight);
+            if pick < w {
+                true
+            } else {
+                pick -= w;
+                false
+            }
+        }) else {
+            return;
+        };
+        let name = seq.name.clone();
+        self.sub.sequence = Some(name.clone());
+        self.record(Record::SequenceAssigned { name: name.clone() });
+        self.sub.state = State::InSequence {
+            name: name.clone(),
+            step: 0,
+            waiting: false,
+        };
+        self.schedule_step(&name, 0);
+    }
+
+    /// Runs step `k` and every following step already due; schedules the first one that is not.
+    fn schedule_step(&mut self, name: &str, mut k: usize) {
+        let flows = self.flows;
+        loop {
+            let Some(seq) = flows.sequence(name) else {
+                self.end_sequence(name, "sequence no longer exists");
+                return;
+            };
+            let Some(step) = seq.steps.get(k) else {
+                self.clear_timer();
+                self.sub.state = State::Verified;
+                self.record(Record::SequenceFinished {
+                    name: name.to_string(),
+                });
+                return;
+            };
+            self.sub.state = State::InSequence {
+                name: name.to_string(),
+                step: k,
+                waiting: false,
+            };
+            if step.after > chrono::TimeDelta::zero() {
+                let due = self.now + step.after;
+                let due = quiet_end(&flows.bot, due).unwrap_or(due);
+                self.set_timer(due, TimerKind::Step);
+                return;
+            }
+            if !self.run_step(name, k) {
+                return;
+            }
+            k += 1;
+        }
+    }
+
+    /// Sends step `k`; true when the sequence may go straight on to the next step.
+    fn run_step(&mut self, name: &str, k: usize) -> bool {
+        let flows = self.flows;
+        let Some(step) = flows.sequence(name).and_then(|s| s.steps.get(k)) else {
+            return true;
+        };
+        self.record(Record::StepSent {
+            sequence: name.to_string(),
+            step: k,
+        });
+        match &step.action {
+            StepAction::Say(t) => {
+                self.say_t(t);
+                true
+            }
+            StepAction::Ask(q) => {
+                self.say_t(&q.text);
+                self.sub.state = State::InSequence {
+                    name: name.to_string(),
+                    step: k,
+                    waiting: true,
+                };
+                match q.timeout {
+                    Some(t) => self.set_timer(self.now + t, TimerKind::AskTimeout),
+                    None => self.clear_timer(),
+                }
+                false
+            }
+        }
+    }
+
+    fn answer_question(&mut self, name: &str, k: usize, text: &str) {
+        let flows = self.flows;
+        let question = flows
+            .sequence(name)
+            .and_then(|s| s.steps.get(k))
+            .and_then(|s| match &s.action {
+                StepAction::Ask(q) => Some(q),
+                StepAction::Say(_) => None,
+            });
+        let Some(q) = question else {
+            self.end_sequence(name, "question no longer exists");
+            return;
+        };
+        let Some(value) = q.expect.accept(text) else {
+            let retry = format!("{}\n{}", self.render(&q.retry), self.render(&q.text));
+            self.say(retry);
+            return;
+        };
+        if let Some(key) = &q.save {
+            self.sub.fields.insert(key.clone(), value.clone());
+            self.record(Record::FieldSaved {
+                key: key.clone(),
+                value,
+            });
+        }
+        self.record(Record::Answered {
+            sequence: name.to_string(),
+            step: k,
+        });
+        self.clear_timer();
+        self.schedule_step(name, k + 1);
+    }
+
+    fn end_sequence(&mut self, name: &str, reason: &str) {
+        self.clear_timer();
+        self.sub.state = State::Verified;
+        self.record(Record::SequenceEnded {
+            name: name.to_string(),
+            reason: reason.to_string(),
+        });
+    }
+
+    // ---- timers ------------------------------------------------------------
+
+    fn set_timer(&mut self, at: DateTime<Utc>, kind: TimerKind) {
+        self.clear_timer();
+        self.sub.epoch += 1;
+        let timer = Timer {
+            at,
+            kind,
+            epoch: self.sub.epoch,
+        };
+        self.sub.timer = Some(timer);
+        self.effects.push(Effect::Schedule(timer));
+    }
+
+    fn clear_timer(&mut self) {
+        if let Some(old) = self.sub.timer.take() {
+            self.effects.push(Effect::Cancel(old));
+        }
+    }
+
+    fn timer_due(&mut self, t: Timer) {
+        if self.sub.timer != Some(t) {
+            self.outcome = Outcome::Ignored; // replaced or cancelled since it was set
+            return;
+        }
+        self.sub.timer = None;
+        let State::InSequence {
+            name,
+            step,
+            waiting,
+        } = self.sub.state.clone()
+        else {
+            self.outcome = Outcome::Ignored;
+            return;
+        };
+        let flows = self.flows;
+        if flows
+            .sequence(&name)
+            .and_then(|s| s.steps.get(step))
+            .is_none()
+        {
+            self.end_sequence(&name, "step no longer exists");
+            return;
+        }
+        match t.kind {
+            TimerKind::Step if !waiting => {
+                // Flows may have changed since the timer was set: check quiet hours again.
+                if let Some(later) = quiet_end(&flows.bot, self.now) {
+                    self.record(Record::Deferred { until: later });
+                    self.set_timer(later, TimerKind::Step);
+                    return;
+                }
+                if self.run_step(&name, step) {
+                    self.schedule_step(&name, step + 1);
+                }
+            }
+            TimerKind::AskTimeout if waiting => {
+                self.record(Record::AnswerTimedOut {
+                    sequence: name.clone(),
+                    step,
+                });
+                self.schedule_step(&name, step + 1);
+            }
+            _ => self.outcome = Outcome::Ignored,
+        }
+    }
+}

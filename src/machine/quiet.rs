@@ -1,0 +1,89 @@
+//! Quiet hours: when a follow-up falls inside them, it waits until they end in the bot's timezone.
+
+use chrono::{DateTime, Days, LocalResult, NaiveDateTime, TimeDelta, TimeZone, Utc};
+
+use crate::flows::Bot;
+
+/// When `at` falls in the bot's quiet hours, the moment they end; otherwise `None`.
+pub fn quiet_end(bot: &Bot, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let q = bot.quiet_hours?;
+    let local = at.with_timezone(&bot.timezone);
+    let t = local.time();
+    let (inside, end_date) = if q.from < q.to {
+        (t >= q.from && t < q.to, local.date_naive())
+    } else if t >= q.from {
+        (true, local.date_naive().checked_add_days(Days::new(1))?)
+    } else {
+        (t < q.to, local.date_naive())
+    };
+    if !inside {
+        return None;
+    }
+    let end = first_instant_at_or_after(bot, end_date.and_time(q.to))?;
+    // Never move a message earlier; a DST fold could otherwise map `to` before `at`.
+    Some(end.max(at + TimeDelta::seconds(1)))
+}
+
+/// The UTC instant of a local wall time; a time skipped by a DST jump moves to just after it.
+fn first_instant_at_or_after(bot: &Bot, mut naive: NaiveDateTime) -> Option<DateTime<Utc>> {
+    for _ in 0..4 {
+        match bot.timezone.from_local_datetime(&naive) {
+            LocalResult::Single(t) => return Some(t.with_timezone(&Utc)),
+            LocalResult::Ambiguous(early, _) => return Some(early.with_timezone(&Utc)),
+            LocalResult::None => naive += TimeDelta::minutes(30),
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flows::QuietHours;
+    use chrono::NaiveTime;
+
+    fn bot(tz: chrono_tz::Tz, from: &str, to: &str) -> Bot {
+        let t = |s| NaiveTime::parse_from_str(s, "%H:%M").unwrap();
+        Bot {
+            name: "t".into(),
+            timezone: tz,
+            quiet_hours: Some(QuietHours {
+                from: t(from),
+                to: t(to),
+            }),
+        }
+    }
+
+    fn utc(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_late_evening_message_waits_until_the_morning_in_the_bots_timezone() {
+        let b = bot(chrono_tz::America::New_York, "21:00", "08:00");
+        // 23:30 in New York (EST, UTC-5) on 2026-01-10.
+        let end = quiet_end(&b, utc("2026-01-11T04:30:00Z")).unwrap();
+        assert_eq!(end, utc("2026-01-11T13:00:00Z"));
+        // 02:00 local: same morning.
+        assert_eq!(
+            quiet_end(&b, utc("2026-01-11T07:00:00Z")).unwrap(),
+            utc("2026-01-11T13:00:00Z")
+        );
+    }
+
+    #[test]
+    fn daytime_is_not_quiet() {
+        let b = bot(chrono_tz::America::New_York, "21:00", "08:00");
+        assert_eq!(quiet_end(&b, utc("2026-01-11T15:00:00Z")), None);
+    }
+
+    #[test]
+    fn quiet_hours_within_one_day_work_too() {
+        let b = bot(chrono_tz::UTC, "12:00", "13:00");
+        assert_eq!(
+            quiet_end(&b, utc("2026-01-11T12:30:00Z")).unwrap(),
+            utc("2026-01-11T13:00:00Z")
+        );
+        assert_eq!(quiet_end(&b, utc("2026-01-11T13:00:00Z")), None);
+    }
+}

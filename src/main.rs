@@ -1,0 +1,13 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use smsflow::cli::{self, Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { dir } => cli::check(&dir),
+        Command::Test { dir } => cli::test(&dir),
+        Command::Simulate { flows, phone, seed } => cli::simulate(&flows, &phone, seed),
+    }
+}

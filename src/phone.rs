@@ -1,0 +1,183 @@
+//! `Phone`: an E.164 phone number, parsed once at the edge and trusted after.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A phone number in E.164 form (`+14155550100`). Once a `Phone` exists it is valid.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(into = "String")]
+pub struct Phone(String);
+
+/// Stored numbers were validated when first seen; already-E.164 text is taken without a full
+/// re-parse (which is slow), anything else goes through [`Phone::parse`].
+impl<'de> Deserialize<'de> for Phone {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Phone, D::Error> {
+        let s = String::deserialize(d)?;
+        if is_e164(&s) {
+            return Ok(Phone(s));
+        }
+        Phone::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+fn is_e164(s: &str) -> bool {
+    s.strip_prefix('+').is_some_and(|d| {
+        (8..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()) && !d.starts_with('0')
+    })
+}
+
+/// Why a string is not a phone number.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PhoneError {
+    #[error("phone number is empty")]
+    Empty,
+    #[error("{0:?} is not a phone number: {1}")]
+    Unparsable(String, String),
+    #[error("{0:?} has an extension; a text message needs a plain number")]
+    Extension(String),
+    #[error("{0:?} has {1} digits; an E.164 number has 8 to 15")]
+    Length(String, usize),
+    #[error("unknown default region {0:?} (expected a two-letter code such as US)")]
+    Region(String),
+}
+
+/// Region used to read numbers written without a `+` country code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region(phonenumber::country::Id);
+
+impl Region {
+    pub fn parse(code: &str) -> Result<Region, PhoneError> {
+        code.trim()
+            .to_ascii_uppercase()
+            .parse::<phonenumber::country::Id>()
+            .map(Region)
+            .map_err(|_| PhoneError::Region(code.to_string()))
+    }
+}
+
+impl Default for Region {
+    fn default() -> Self {
+        Region(phonenumber::country::Id::US)
+    }
+}
+
+impl Phone {
+    /// Parses a number written any common way; numbers without `+` are read in `region`.
+    pub fn parse_in(input: &str, region: Region) -> Result<Phone, PhoneError> {
+        let trimmed = input.trim();
+        if trimmed.is_empty() {
+            return Err(PhoneError::Empty);
+        }
+        let number = phonenumber::parse(Some(region.0), trimmed)
+            .map_err(|e| PhoneError::Unparsable(trimmed.to_string(), e.to_string()))?;
+        if number.extension().is_some() {
+            return Err(PhoneError::Extension(trimmed.to_string()));
+        }
+        let e164 = number.format().mode(phonenumber::Mode::E164).to_string();
+        let digits = e164.chars().filter(char::is_ascii_digit).count();
+        if !(8..=15).contains(&digits) {
+            return Err(PhoneError::Length(trimmed.to_string(), digits));
+        }
+        Ok(Phone(e164))
+    }
+
+    /// Parses with the default region (US).
+    pub fn parse(input: &str) -> Result<Phone, PhoneError> {
+        Phone::parse_in(input, Region::default())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The number with its middle hidden, for logs: `+1415***0100`.
+    pub fn masked(&self) -> String {
+        let s = &self.0;
+        if s.len() <= 8 {
+            return format!("{}***", &s[..s.len().min(3)]);
+        }
+        format!("{}***{}", &s[..5], &s[s.len() - 4..])
+    }
+}
+
+impl TryFrom<String> for Phone {
+    type Error = PhoneError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Phone::parse(&value)
+    }
+}
+
+impl From<Phone> for String {
+    fn from(p: Phone) -> String {
+        p.0
+    }
+}
+
+impl fmt::Display for Phone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Debug prints the masked form so a stray `{:?}` never leaks a number into a log.
+impl fmt::Debug for Phone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Phone({})", self.masked())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_us_number_written_loosely_normalizes_to_e164() {
+        assert_eq!(
+            Phone::parse("+1 (415) 555-0100").unwrap().as_str(),
+            "+14155550100"
+        );
+        assert_eq!(
+            Phone::parse("(415) 555-0100").unwrap().as_str(),
+            "+14155550100"
+        );
+    }
+
+    #[test]
+    fn the_default_region_decides_how_a_national_number_is_read() {
+        let gb = Region::parse("gb").unwrap();
+        assert_eq!(
+            Phone::parse_in("020 7946 0018", gb).unwrap().as_str(),
+            "+442079460018"
+        );
+    }
+
+    #[test]
+    fn garbage_is_an_error_that_says_why() {
+        let err = Phone::parse("hello").unwrap_err().to_string();
+        assert!(err.contains("not a phone number"), "{err}");
+        assert_eq!(Phone::parse("  ").unwrap_err(), PhoneError::Empty);
+        assert!(Phone::parse("+1").is_err());
+        assert!(Region::parse("XX").is_err());
+    }
+
+    #[test]
+    fn the_original_services_example_number_is_accepted() {
+        assert_eq!(
+            Phone::parse("+912873645289").unwrap().as_str(),
+            "+912873645289"
+        );
+    }
+
+    #[test]
+    fn masking_hides_the_middle_digits() {
+        assert_eq!(
+            Phone::parse("+14155550100").unwrap().masked(),
+            "+1415***0100"
+        );
+        assert_eq!(
+            format!("{:?}", Phone::parse("+14155550100").unwrap()),
+            "Phone(+1415***0100)"
+        );
+    }
+}

@@ -1,0 +1,104 @@
+//! A sandbox: the real state machine over in-memory subscribers with a virtual clock and a
+//! seeded RNG. `smsflow test` and `smsflow simulate` drive it.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::flows::Flows;
+use crate::machine::{self, Effect, Event, Outcome, Subscriber};
+use crate::phone::Phone;
+
+/// A message the bot sent, and how it went out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sent {
+    pub phone: Phone,
+    pub text: String,
+    /// `reply` (TwiML answer), `send` (outbox) or `code` (a verification code).
+    pub channel: &'static str,
+}
+
+pub struct Sandbox {
+    pub flows: Flows,
+    pub now: DateTime<Utc>,
+    rng: StdRng,
+    subscribers: BTreeMap<Phone, Subscriber>,
+}
+
+/// The default start of the virtual clock: a Monday, 15:00 UTC (10:00 in New York).
+pub fn default_start() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_767_625_200, 0).unwrap_or_default()
+}
+
+impl Sandbox {
+    pub fn new(flows: Flows, now: DateTime<Utc>, seed: u64) -> Sandbox {
+        Sandbox {
+            flows,
+            now,
+            rng: StdRng::seed_from_u64(seed),
+            subscribers: BTreeMap::new(),
+        }
+    }
+
+    pub fn reseed(&mut self, seed: u64) {
+        self.rng = StdRng::seed_from_u64(seed);
+    }
+
+    pub fn subscriber(&self, phone: &Phone) -> Option<&Subscriber> {
+        self.subscribers.get(phone)
+    }
+
+    /// A text from `phone`; returns what the bot sent.
+    pub fn text(&mut self, phone: &Phone, text: &str) -> Vec<Sent> {
+        self.event(phone, Event::Inbound(text.to_string())).1
+    }
+
+    pub fn event(&mut self, phone: &Phone, event: Event) -> (Outcome, Vec<Sent>) {
+        let sub = self
+            .subscribers
+            .remove(phone)
+            .unwrap_or_else(|| Subscriber::new(phone.clone(), self.now));
+        let t = machine::step(sub, &event, &self.flows, self.now, &mut self.rng);
+        self.subscribers.insert(phone.clone(), t.subscriber);
+        let sent = t
+            .effects
+            .into_iter()
+            .filter_map(|e| {
+                let (text, channel) = match e {
+                    Effect::Reply(t) => (t, "reply"),
+                    Effect::Send(t) => (t, "send"),
+                    Effect::SendCode(t) => (t, "code"),
+                    _ => return None,
+                };
+                Some(Sent {
+                    phone: phone.clone(),
+                    text,
+                    channel,
+                })
+            })
+            .collect();
+        (t.outcome, sent)
+    }
+
+    /// Moves the clock forward by `by`, firing every timer that comes due, in time order.
+    pub fn advance(&mut self, by: TimeDelta) -> Vec<Sent> {
+        let target = self.now + by;
+        let mut sent = Vec::new();
+        // Bounded: a flow cannot fire more timers than this within one jump.
+        for _ in 0..1_000_000 {
+            let next = self
+                .subscribers
+                .values()
+                .filter_map(|s| s.timer.map(|t| (t, s.phone.clone())))
+                .filter(|(t, _)| t.at <= target)
+                .min_by_key(|(t, _)| t.at);
+            let Some((timer, phone)) = next else { break };
+            self.now = self.now.max(timer.at);
+            sent.extend(self.event(&phone, Event::TimerDue(timer)).1);
+        }
+        self.now = target;
+        sent
+    }
+}

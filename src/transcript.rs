@@ -1,0 +1,287 @@
+//! Conversation transcripts (`flows/tests/*.txt`) run against the engine with a virtual clock.
+//!
+//! ```text
+//! # a comment
+//! ! seed 3                      seed the RNG (forces which sequence is drawn)
+//! ! at 2026-01-05T15:00:00Z     set the virtual clock
+//! ! phone +15550001111          who is texting from now on
+//! > JOIN                        the user texts
+//! < Your code is {$code}.       the bot answers; {$name} captures, {*} matches anything
+//! > {$code}                     captured values can be sent back
+//! ~ 1d                          advance the clock, firing due timers
+//! ? state in_sequence           assert the state, `? sequence NAME`, `? field KEY = VALUE`
+//! ```
+//! Every message the bot sends must be matched by a `<` line, in order, before the next
+//! `>` or `~`: a transcript that expects nothing asserts that nothing was sent.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, TimeDelta, Utc};
+
+use crate::flows::Flows;
+use crate::phone::Phone;
+use crate::sim::{default_start, Sandbox, Sent};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub file: PathBuf,
+    pub line: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}: {}", self.file.display(), self.line, self.message)
+    }
+}
+
+/// The result of running a directory of transcripts.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub passed: Vec<PathBuf>,
+    pub failures: Vec<Failure>,
+}
+
+/// Runs every `*.txt` in `dir` (sorted by name).
+pub fn run_dir(flows: &Flows, dir: &Path) -> Result<Report, String> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: cannot read transcripts: {e}", dir.display()))?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+        .collect();
+    paths.sort();
+    let mut report = Report::default();
+    for path in paths {
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        match run(flows, &path, &text) {
+            Ok(()) => report.passed.push(path),
+            Err(f) => report.failures.push(f),
+        }
+    }
+    Ok(report)
+}
+
+/// Runs one transcript; the first mismatch is the failure.
+pub fn run(flows: &Flows, file: &Path, text: &str) -> Result<(), Failure> {
+    let mut t = Runner {
+        sandbox: Sandbox::new(flows.clone(), default_start(), 0),
+        phone: Phone::parse("+15550001111").map_err(|e| fail(file, 0, e.to_string()))?,
+        pending: VecDeque::new(),
+        vars: BTreeMap::new(),
+        pending_from: 0,
+    };
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        let raw = raw.trim_end();
+        let trimmed = raw.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let (tag, rest) = trimmed.split_at(1);
+        let rest = rest.strip_prefix(' ').unwrap_or(rest);
+        if tag == ">" || tag == "~" {
+            // What the previous command sent must all have been expected.
+            t.drained().map_err(|(at, m)| fail(file, at, m))?;
+        }
+        t.line(line, tag, rest).map_err(|m| fail(file, line, m))?;
+    }
+    t.drained().map_err(|(line, m)| fail(file, line, m))
+}
+
+fn fail(file: &Path, line: usize, message: String) -> Failure {
+    Failure {
+        file: file.to_path_buf(),
+        line,
+        message,
+    }
+}
+
+struct Runner {
+    sandbox: Sandbox,
+    phone: Phone,
+    pending: VecDeque<Sent>,
+    /// Line of the command whose messages are pending, for "unexpected message" errors.
+    pending_from: usize,
+    vars: BTreeMap<String, String>,
+}
+
+impl Runner {
+    fn line(&mut self, line: usize, tag: &str, rest: &str) -> Result<(), String> {
+        match tag {
+            ">" | "~" => {
+                self.pending_from = line;
+                let sent = if tag == ">" {
+                    let text = self.substitute(rest)?;
+                    self.sandbox.text(&self.phone, &text)
+                } else {
+                    self.sandbox.advance(parse_delay(rest)?)
+                };
+                self.pending = sent.into();
+                Ok(())
+            }
+            "<" => {
+                let Some(sent) = self.pending.pop_front() else {
+                    return Err(format!("expected the bot to send {rest:?}, but it sent nothing more"));
+                };
+                let actual = sent.text.replace('\n', "\\n");
+                if !self.matches(rest, &actual)? {
+                    return Err(format!("expected: {rest}\n  actual: {actual}"));
+                }
+                Ok(())
+            }
+            "!" => self.directive(rest),
+            "?" => self.assertion(rest),
+            other => Err(format!(
+                "unknown line type {other:?} (use > text, < reply, ~ 1d, ! seed|at|phone, ? state|sequence|field, # comment)"
+            )),
+        }
+    }
+
+    /// Ok when every message sent so far was expected.
+    fn drained(&mut self) -> Result<(), (usize, String)> {
+        match self.pending.pop_front() {
+            None => Ok(()),
+            Some(s) => Err((
+                self.pending_from,
+                format!(
+                    "unexpected message from the bot: {}",
+                    s.text.replace('\n', "\\n")
+                ),
+            )),
+        }
+    }
+
+    fn directive(&mut self, rest: &str) -> Result<(), String> {
+        let (name, value) = rest.split_once(' ').unwrap_or((rest, ""));
+        let value = value.trim();
+        match name {
+            "seed" => {
+                let seed = value
+                    .parse()
+                    .map_err(|_| format!("`! seed` needs a whole number, got {value:?}"))?;
+                self.sandbox.reseed(seed);
+            }
+            "at" => {
+                let at: DateTime<Utc> = value
+                    .parse()
+                    .map_err(|e| format!("`! at` needs a time like 2026-01-05T15:00:00Z: {e}"))?;
+                self.sandbox.now = at;
+            }
+            "phone" => self.phone = Phone::parse(value).map_err(|e| e.to_string())?,
+            other => return Err(format!("unknown directive `! {other}` (seed, at, phone)")),
+        }
+        Ok(())
+    }
+
+    fn assertion(&mut self, rest: &str) -> Result<(), String> {
+        let sub = self.sandbox.subscriber(&self.phone);
+        let (what, value) = rest.split_once(' ').unwrap_or((rest, ""));
+        let value = value.trim();
+        let actual = match what {
+            "state" => sub.map_or("unverified", |s| s.state.name()).to_string(),
+            "sequence" => sub.and_then(|s| s.sequence.clone()).unwrap_or_default(),
+            "field" => {
+                let (key, expected) = value
+                    .split_once('=')
+                    .ok_or("`? field` is written `? field KEY = VALUE`")?;
+                let (key, expected) = (key.trim(), expected.trim());
+                let actual = sub
+                    .and_then(|s| s.fields.get(key).cloned())
+                    .unwrap_or_default();
+                return if actual == expected {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "expected field {key} = {expected:?}, actual {actual:?}"
+                    ))
+                };
+            }
+            other => {
+                return Err(format!(
+                    "unknown assertion `? {other}` (state, sequence, field)"
+                ))
+            }
+        };
+        if actual == value {
+            Ok(())
+        } else {
+            Err(format!("expected {what} {value:?}, actual {actual:?}"))
+        }
+    }
+
+    fn substitute(&self, text: &str) -> Result<String, String> {
+        let mut out = String::new();
+        let mut rest = text;
+        while let Some(start) = rest.find("{$") {
+            out.push_str(&rest[..start]);
+            let end = rest[start..].find('}').ok_or("unclosed {$name}")? + start;
+            let name = &rest[start + 2..end];
+            let value = self
+                .vars
+                .get(name)
+                .ok_or(format!("{{${name}}} was never captured"))?;
+            out.push_str(value);
+            rest = &rest[end + 1..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+
+    /// Matches `actual` against an expected line with `{$name}` captures and `{*}` wildcards.
+    fn matches(&mut self, expected: &str, actual: &str) -> Result<bool, String> {
+        let mut pattern = String::from("^");
+        let mut names = Vec::new();
+        let mut rest = expected;
+        while let Some(start) = rest.find('{') {
+            let end = match rest[start..].find('}') {
+                Some(e) => e + start,
+                None => break,
+            };
+            let inner = &rest[start + 1..end];
+            let slot = if inner == "*" {
+                Some(".*?".to_string())
+            } else if let Some(name) = inner.strip_prefix('$') {
+                Some(match self.vars.get(name) {
+                    Some(v) => regex::escape(v),
+                    None => {
+                        names.push(name.to_string());
+                        format!("(?P<{name}>.+?)")
+                    }
+                })
+            } else {
+                None
+            };
+            match slot {
+                Some(s) => {
+                    pattern.push_str(&regex::escape(&rest[..start]));
+                    pattern.push_str(&s);
+                }
+                None => pattern.push_str(&regex::escape(&rest[..=end])),
+            }
+            rest = &rest[end + 1..];
+        }
+        pattern.push_str(&regex::escape(rest));
+        pattern.push('$');
+        let re = regex::Regex::new(&pattern)
+            .map_err(|e| format!("bad capture in expected line: {e}"))?;
+        let Some(caps) = re.captures(actual) else {
+            return Ok(false);
+        };
+        for name in names {
+            if let Some(m) = caps.name(&name) {
+                self.vars.insert(name, m.as_str().to_string());
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// `~ 1d`, `~ 90m`, `~ 1h 30m`.
+pub fn parse_delay(text: &str) -> Result<TimeDelta, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("bad duration {text:?}: {e} (write e.g. 30s, 10m, 1d)"))
+        .and_then(|d| TimeDelta::from_std(d).map_err(|e| e.to_string()))
+}

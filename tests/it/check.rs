@@ -1,0 +1,148 @@
+//! `smsflow check`: every problem in a broken flow set is reported with file, line and column.
+
+use std::path::Path;
+use std::process::Command;
+
+fn smsflow() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_smsflow"))
+}
+
+const BROKEN: &str = r#"[bot]
+name = "Broken"
+timezone = "Mars/Olympus_Mons"
+quiet_hours = { from = "25:00", to = "08:00" }
+
+[verify]
+code_length = 3
+ttl = "ten minutes"
+send = "Your code: {code}, {field.nickname}"
+wrong = ""
+
+[[form.field]]
+key = "age_group"
+ask = "Age group? A, B or STOP"
+expect = { choices = { A = "young", B = "old", STOP = "never" } }
+
+[[form.field]]
+key = "age_group"
+ask = "Again?"
+
+[[sequence]]
+name = "tips"
+weight = 0
+steps = [
+  { after = "1d", say = "Hello {field.first_name}" },
+  { after = "2d", ask = "Rate us 1-5", save = "rating", expect = { range = [1, 5] } },
+]
+
+[[sequence]]
+name = "tips"
+weight = 0
+steps = [{ after = "1x", say = "Hi" }]
+
+[ivr.menu.main]
+say = "Press 1"
+press = { "1" = "menu:nowhere" }
+"#;
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+#[test]
+fn check_reports_every_mistake_with_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a_syntax.toml", "[bot\nname = 1\n");
+    write(
+        dir.path(),
+        "b_unknown.toml",
+        "[replies]\nhelp = \"Help!\"\nhepl = \"typo\"\n",
+    );
+    write(dir.path(), "c_broken.toml", BROKEN);
+
+    let out = smsflow().arg("check").arg(dir.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "check must exit 1 on problems");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+
+    let located: Vec<&str> = stderr
+        .lines()
+        .filter(|l| {
+            let mut parts = l.splitn(4, ':');
+            let (file, line, col) = (parts.next(), parts.next(), parts.next());
+            file.is_some_and(|f| f.ends_with(".toml"))
+                && line.is_some_and(|n| n.parse::<usize>().is_ok_and(|n| n > 0))
+                && col.is_some_and(|n| n.parse::<usize>().is_ok_and(|n| n > 0))
+        })
+        .collect();
+    assert!(
+        located.len() >= 8,
+        "expected at least 8 located errors, got {}:\n{stderr}",
+        located.len()
+    );
+
+    let expect = [
+        ("a_syntax.toml:1:", ""),
+        ("b_unknown.toml:3:1", "hepl"),
+        ("c_broken.toml:3:", "unknown timezone"),
+        ("c_broken.toml:4:", "malformed quiet_hours"),
+        ("c_broken.toml:7:", "code_length"),
+        ("c_broken.toml:8:", "bad duration"),
+        ("c_broken.toml:9:", "unknown placeholder {field.nickname}"),
+        ("c_broken.toml:10:", "empty text"),
+        ("c_broken.toml:15:", "collides with the keyword STOP"),
+        ("c_broken.toml:18:", "duplicate field name"),
+        (
+            "c_broken.toml:25:",
+            "unknown placeholder {field.first_name}",
+        ),
+        ("c_broken.toml:26:", "save into undeclared field \"rating\""),
+        ("c_broken.toml:30:", "duplicate sequence name"),
+        ("c_broken.toml:32:", "bad duration \"1x\""),
+        ("zero total weight", ""),
+        ("c_broken.toml:36:", "menu:nowhere does not exist"),
+    ];
+    for (place, message) in expect {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains(place) && l.contains(message)),
+            "no error at {place} mentioning {message:?} in:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn the_shipped_flows_pass_check_with_a_one_line_summary() {
+    let out = smsflow().args(["check", "flows"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1);
+    assert!(stdout.contains("3 sequence(s)"), "{stdout}");
+}
+
+#[test]
+fn a_missing_flow_directory_is_reported_not_a_panic() {
+    let out = smsflow()
+        .args(["check", "/nonexistent/flows"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read flow directory"));
+}
+
+#[test]
+fn a_section_defined_in_two_files_names_the_first_place() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.toml", "[bot]\nname = \"One\"\n");
+    write(dir.path(), "b.toml", "\n[bot]\nname = \"Two\"\n");
+    let problems = smsflow::flows::load_dir(dir.path()).unwrap_err();
+    assert_eq!(problems.0.len(), 1, "{problems}");
+    let p = &problems.0[0];
+    assert!(p.file.ends_with("b.toml"));
+    assert_eq!(p.line, 2);
+    assert!(p.message.contains("a.toml:1:1"), "{}", p.message);
+}

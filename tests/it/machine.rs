@@ -1,0 +1,304 @@
+//! The pure state machine: table-driven rules and property tests over random event sequences.
+
+use chrono::{DateTime, TimeDelta, Utc};
+use proptest::prelude::*;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use smsflow::flows::Flows;
+use smsflow::machine::{step, Effect, Event, IssuedCode, Outcome, State, Subscriber};
+use smsflow::phone::Phone;
+use smsflow::store::codec;
+
+fn flows() -> Flows {
+    smsflow::flows::load_dir("flows".as_ref()).expect("shipped flows load")
+}
+
+fn t0() -> DateTime<Utc> {
+    "2026-01-05T15:00:00Z".parse().unwrap()
+}
+
+fn subscriber(state: State) -> Subscriber {
+    let mut s = Subscriber::new(Phone::parse("+15550001111").unwrap(), t0());
+    s.state = state;
+    s
+}
+
+fn messages(effects: &[Effect]) -> Vec<String> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Reply(t) | Effect::Send(t) | Effect::SendCode(t) => Some(t.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn seq_state() -> State {
+    State::InSequence {
+        name: "daily".into(),
+        step: 1,
+        waiting: false,
+    }
+}
+
+/// One row: a number in `state` texts `text`; it ends in `after` and the first message starts with `reply`.
+fn check(state: State, text: &str, after: &str, reply: &str) {
+    let f = flows();
+    let t = step(
+        subscriber(state.clone()),
+        &Event::Inbound(text.into()),
+        &f,
+        t0(),
+        &mut StdRng::seed_from_u64(1),
+    );
+    assert_eq!(t.subscriber.state.name(), after, "{state:?} + {text:?}");
+    let msgs = messages(&t.effects);
+    match msgs.first() {
+        Some(m) => assert!(
+            m.starts_with(reply),
+            "{state:?} + {text:?}: got {m:?}, want {reply:?}"
+        ),
+        None => assert!(
+            reply.is_empty(),
+            "{state:?} + {text:?}: nothing sent, want {reply:?}"
+        ),
+    }
+}
+
+#[test]
+fn keywords_work_in_every_state_as_the_rules_say() {
+    let unsubscribed = "You're unsubscribed";
+    let help = "Acme Contest: reply JOIN to enter, PROFILE";
+    let code = "Acme Contest: your code is";
+    let rows: Vec<(State, &str, &str, &str)> = vec![
+        (State::Unverified, "STOP", "opted_out", unsubscribed),
+        (State::AwaitingCode, " stop. ", "opted_out", unsubscribed),
+        (State::Verified, "Unsubscribe!", "opted_out", unsubscribed),
+        (seq_state(), "quit", "opted_out", unsubscribed),
+        (State::OptedOut, "STOP", "opted_out", ""),
+        (State::Unverified, "help", "unverified", help),
+        (State::AwaitingCode, "INFO", "awaiting_code", help),
+        (seq_state(), "Help?", "in_sequence", help),
+        (State::OptedOut, "HELP", "opted_out", help),
+        (State::Unverified, "join", "awaiting_code", code),
+        (State::OptedOut, "Start", "awaiting_code", code),
+        (State::OptedOut, "unstop", "awaiting_code", code),
+        (State::OptedOut, "subscribe", "awaiting_code", code),
+        (State::AwaitingCode, "JOIN", "awaiting_code", code),
+        (
+            State::Verified,
+            "JOIN",
+            "verified",
+            "You're already entered",
+        ),
+        (State::OptedOut, "hello", "opted_out", ""),
+        (
+            State::Unverified,
+            "hello",
+            "unverified",
+            "Acme Contest: reply JOIN to enter the contest.",
+        ),
+        (
+            State::Unverified,
+            "stop now please",
+            "unverified",
+            "Acme Contest: reply JOIN",
+        ),
+        (
+            seq_state(),
+            "what?",
+            "in_sequence",
+            "Sorry, I didn't get that.",
+        ),
+    ];
+    for (state, text, after, reply) in rows {
+        check(state, text, after, reply);
+    }
+}
+
+#[test]
+fn a_stale_timer_does_nothing() {
+    let f = flows();
+    let mut sub = subscriber(seq_state());
+    let t = smsflow::machine::Timer {
+        at: t0(),
+        kind: smsflow::machine::TimerKind::Step,
+        epoch: 3,
+    };
+    sub.timer = Some(smsflow::machine::Timer { epoch: 4, ..t });
+    let out = step(
+        sub.clone(),
+        &Event::TimerDue(t),
+        &f,
+        t0(),
+        &mut StdRng::seed_from_u64(0),
+    );
+    assert_eq!(out.outcome, Outcome::Ignored);
+    assert!(out.effects.is_empty());
+    assert_eq!(out.subscriber, sub);
+}
+
+#[test]
+fn sequence_draws_follow_the_weights() {
+    let f = flows();
+    let mut counts = std::collections::BTreeMap::<String, u32>::new();
+    let mut rng = StdRng::seed_from_u64(42);
+    for _ in 0..600 {
+        let mut sub = subscriber(State::Verified);
+        for field in &f.form.fields {
+            sub.fields.insert(field.key.clone(), "x".into());
+        }
+        sub.state = State::AwaitingCode;
+        sub.codes.push(IssuedCode {
+            code: "123456".into(),
+            issued_at: t0(),
+            expires_at: t0() + TimeDelta::minutes(10),
+            wrong: 0,
+        });
+        let out = step(sub, &Event::Inbound("123456".into()), &f, t0(), &mut rng);
+        *counts.entry(out.subscriber.sequence.unwrap()).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(
+        counts.values().all(|&n| (150..=250).contains(&n)),
+        "equal weights, got {counts:?}"
+    );
+}
+
+#[test]
+fn an_admin_or_provider_opt_out_is_silent_and_cancels_the_timer() {
+    let f = flows();
+    for event in [Event::AdminOptOut, Event::ProviderUnsubscribed] {
+        let mut sub = subscriber(seq_state());
+        let timer = smsflow::machine::Timer {
+            at: t0() + TimeDelta::days(1),
+            kind: smsflow::machine::TimerKind::Step,
+            epoch: 1,
+        };
+        sub.timer = Some(timer);
+        let out = step(sub, &event, &f, t0(), &mut StdRng::seed_from_u64(0));
+        assert_eq!(out.subscriber.state, State::OptedOut);
+        assert!(messages(&out.effects).is_empty());
+        assert!(out.effects.contains(&Effect::Cancel(timer)));
+    }
+}
+
+// ---- properties -------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+enum Act {
+    Text(&'static str),
+    LatestCode,
+    SecondCode,
+    ThirdCode,
+    RandomCode(u32),
+    FireTimer,
+    Jump(i64),
+    OtpRequest,
+    OtpLatest,
+    OtpRandom(u32),
+    Admin,
+    Provider,
+}
+
+fn act() -> impl Strategy<Value = Act> {
+    prop_oneof![
+        4 => prop::sample::select(vec![
+            "JOIN", "join!", "STOP", "stop.", "HELP", "info", "EDIT", "KEEP", "Ann", "A", "b", "4", "9",
+            "hello", "START", "cancel", "", "PROFILE",
+        ]).prop_map(Act::Text),
+        3 => Just(Act::LatestCode),
+        1 => Just(Act::SecondCode),
+        1 => Just(Act::ThirdCode),
+        2 => (0u32..1_000_000).prop_map(Act::RandomCode),
+        3 => Just(Act::FireTimer),
+        2 => (0i64..200_000).prop_map(Act::Jump),
+        1 => Just(Act::OtpRequest),
+        1 => Just(Act::OtpLatest),
+        1 => (0u32..1_000_000).prop_map(Act::OtpRandom),
+        1 => Just(Act::Admin),
+        1 => Just(Act::Provider),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_rules_hold_over_random_event_sequences(acts in prop::collection::vec(act(), 1..60), seed in 0u64..1000) {
+        let f = flows();
+        let v = &f.verify;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut now = t0();
+        let mut sub = subscriber(State::Unverified);
+        // Every code ever issued, in order, as the test sees them.
+        let mut issued: Vec<(String, DateTime<Utc>)> = Vec::new();
+
+        for a in acts {
+            let nth = |n: usize| issued.iter().rev().nth(n).map(|(c, _)| c.clone()).unwrap_or_default();
+            let event = match &a {
+                Act::Text(t) => Event::Inbound(t.to_string()),
+                Act::LatestCode => Event::Inbound(nth(0)),
+                Act::SecondCode => Event::Inbound(nth(1)),
+                Act::ThirdCode => Event::Inbound(nth(2)),
+                Act::RandomCode(n) => Event::Inbound(format!("{n:06}")),
+                Act::FireTimer => match sub.timer {
+                    Some(t) => { now = now.max(t.at); Event::TimerDue(t) }
+                    None => continue,
+                },
+                Act::Jump(secs) => { now += TimeDelta::seconds(*secs); continue; }
+                Act::OtpRequest => Event::OtpRequested,
+                Act::OtpLatest => Event::OtpSubmitted(nth(0)),
+                Act::OtpRandom(n) => Event::OtpSubmitted(format!("{n:06}")),
+                Act::Admin => Event::AdminOptOut,
+                Act::Provider => Event::ProviderUnsubscribed,
+            };
+            let before = sub.clone();
+            let t = step(sub, &event, &f, now, &mut rng);
+            let msgs = messages(&t.effects);
+
+            // An opted-out number is sent nothing but help replies (and a code if it opts back in).
+            if before.state == State::OptedOut {
+                let opting_in = matches!(&event, Event::Inbound(x) if f.keywords.opt_in.contains(&smsflow::machine::normalize(x)));
+                for m in &msgs {
+                    let help = *m == f.replies.help.render(|n| (n == "bot.name").then(|| f.bot.name.clone()));
+                    prop_assert!(help || opting_in, "opted-out number was sent {m:?} after {event:?}");
+                }
+            }
+            // Becoming opted out sends at most the one confirmation.
+            if before.state != State::OptedOut && t.subscriber.state == State::OptedOut {
+                prop_assert!(msgs.len() <= 1, "{msgs:?}");
+            }
+            // Track newly issued codes.
+            if let Some(last) = t.subscriber.codes.last() {
+                if before.codes.last().map(|c| c.issued_at != last.issued_at || c.code != last.code).unwrap_or(true) {
+                    issued.push((last.code.clone(), last.issued_at));
+                }
+            }
+            // A code is accepted only if it is one of the valid_codes latest and unexpired.
+            if t.outcome == Outcome::Verified {
+                let guess = match &event {
+                    Event::Inbound(g) | Event::OtpSubmitted(g) => g.clone(),
+                    _ => String::new(),
+                };
+                let latest: Vec<_> = issued.iter().rev().take(v.valid_codes as usize).collect();
+                let ok = latest.iter().any(|(c, at)| *c == guess && *at + v.ttl > now);
+                prop_assert!(ok, "accepted {guess:?} which is not among the latest unexpired codes");
+            }
+            // Wrong guesses never exceed max_attempts.
+            for c in &t.subscriber.codes {
+                prop_assert!(c.wrong <= v.max_attempts, "{} wrong guesses", c.wrong);
+            }
+            // Every scheduled timer lies in the future.
+            for e in &t.effects {
+                if let Effect::Schedule(timer) = e {
+                    prop_assert!(timer.at > now, "timer at {} is not after now {}", timer.at, now);
+                }
+            }
+            // The subscriber round-trips through its stored form.
+            let stored = codec::encode_subscriber(&t.subscriber);
+            prop_assert_eq!(&codec::decode_subscriber(&stored).unwrap(), &t.subscriber);
+            sub = t.subscriber;
+        }
+    }
+}
