@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::flows::{self, Flows};
+use crate::flows;
 use crate::machine::{Event, Outcome};
 use crate::phone::Phone;
 use crate::sim::{default_start, Sandbox, Sent};
@@ -25,6 +25,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the daemon: Twilio webhooks, timers and the outbox.
+    Serve(ServeArgs),
     /// Check a flow directory and report every problem as file:line:col: message.
     Check {
         /// The flow directory.
@@ -50,10 +52,49 @@ pub enum Command {
     },
 }
 
+/// Flags of `serve`; each beats the environment, which beats `smsflow.toml`.
+#[derive(clap::Args, Debug, Default)]
+pub struct ServeArgs {
+    /// Config file (default: ./smsflow.toml when it exists).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [env SMSFLOW_LISTEN; default 127.0.0.1:8080].
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Public base URL Twilio calls, e.g. your tunnel [env SMSFLOW_PUBLIC_URL].
+    #[arg(long)]
+    pub public_url: Option<String>,
+    /// Data directory [env SMSFLOW_DATA; default ./data].
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Flow directory [env SMSFLOW_FLOWS; default ./flows].
+    #[arg(long)]
+    pub flows: Option<PathBuf>,
+    /// Region for numbers written without +country [env SMSFLOW_REGION; default US].
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Messages per second per sender [env SMSFLOW_SEND_RATE; default 1].
+    #[arg(long)]
+    pub send_rate: Option<f64>,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "pretty")]
+    pub log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
 /// Exit code for "the input (flows, transcripts) has problems".
 pub const EXIT_PROBLEMS: u8 = 1;
 /// Exit code for "could not even start" (bad arguments, unreadable files).
 pub const EXIT_USAGE: u8 = 2;
+/// Exit code for a daemon that could not start or failed while running (port in use,
+/// data dir held by another process, disk errors).
+pub const EXIT_RUNTIME: u8 = 3;
 
 pub fn check(dir: &Path) -> ExitCode {
     match flows::load_dir(dir) {
@@ -239,7 +280,106 @@ fn outcome_name(o: Outcome) -> String {
     }
 }
 
-/// Loads flows or prints every problem; used by commands that need a valid set.
-pub fn load_or_report(dir: &Path) -> Option<Flows> {
-    flows::load_dir(dir).map_err(|p| eprintln!("{p}")).ok()
+/// Resolves the configuration layers for `serve`.
+pub fn serve_config(args: &ServeArgs) -> anyhow::Result<crate::config::Config> {
+    use crate::config::Layer;
+    let file = match &args.config {
+        Some(path) => Layer::from_file(path, true)?,
+        None => Layer::from_file(Path::new("smsflow.toml"), false)?,
+    };
+    let env = Layer::from_env(|k| std::env::var(k).ok());
+    let flags = Layer {
+        listen: args.listen.clone(),
+        public_url: args.public_url.clone(),
+        data: args.data.clone(),
+        flows: args.flows.clone(),
+        region: args.region.clone(),
+        send_rate: args.send_rate,
+        ..Layer::default()
+    };
+    flags.over(env.over(file)).resolve()
+}
+
+/// Logs go to stderr, filtered by SMSFLOW_LOG or RUST_LOG (default `info`).
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("SMSFLOW_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    let _ = match format {
+        LogFormat::Pretty => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+pub fn serve(args: &ServeArgs) -> ExitCode {
+    init_logging(args.log_format);
+    let config = match serve_config(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("smsflow: configuration: {e:#}");
+            return ExitCode::from(EXIT_PROBLEMS);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("smsflow: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    runtime.block_on(async {
+        let app = match crate::app::Application::build(config, crate::app::Options::default()).await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("smsflow: {e:#}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        };
+        print!("{}", app.banner());
+        match app.run_until_stopped(shutdown_signal()).await {
+            Ok(()) => {
+                eprintln!("smsflow: stopped cleanly");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("smsflow: {e:#}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        }
+    })
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
 }

@@ -4,10 +4,17 @@
 //! Architecture invariant: `machine` is pure. It takes time and randomness as arguments and
 //! returns effects as data; it never touches the network, the disk, the clock or a global RNG.
 
+pub mod app;
 pub mod cli;
+pub mod config;
+pub mod engine;
 pub mod flows;
+pub mod http;
 pub mod machine;
+pub mod outbox;
 pub mod phone;
+pub mod provider;
+pub mod scheduler;
 pub mod sim;
 pub mod store;
 pub mod transcript;

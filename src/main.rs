@@ -6,6 +6,7 @@ use smsflow::cli::{self, Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve(args) => cli::serve(&args),
         Command::Check { dir } => cli::check(&dir),
         Command::Test { dir } => cli::test(&dir),
         Command::Simulate { flows, phone, seed } => cli::simulate(&flows, &phone, seed),

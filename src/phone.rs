@@ -14,10 +14,7 @@ pub struct Phone(String);
 impl<'de> Deserialize<'de> for Phone {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Phone, D::Error> {
         let s = String::deserialize(d)?;
-        if is_e164(&s) {
-            return Ok(Phone(s));
-        }
-        Phone::parse(&s).map_err(serde::de::Error::custom)
+        Phone::from_stored(s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -80,6 +77,15 @@ impl Phone {
             return Err(PhoneError::Length(trimmed.to_string(), digits));
         }
         Ok(Phone(e164))
+    }
+
+    /// A number read back from the store: E.164 text is taken as is.
+    pub fn from_stored(s: String) -> Result<Phone, PhoneError> {
+        if is_e164(&s) {
+            Ok(Phone(s))
+        } else {
+            Phone::parse(&s)
+        }
     }
 
     /// Parses with the default region (US).

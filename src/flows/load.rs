@@ -410,42 +410,40 @@ impl Cx {
             None => (0, None),
         };
         let mut seen: HashMap<String, &'static str> = HashMap::new();
-        let mut list = |cx: &mut Cx,
-                        name: &'static str,
-                        defaults: &[&str],
-                        extra: Option<Vec<S<String>>>| {
-            let mut out: Vec<String> = Vec::new();
-            let extra = extra.unwrap_or_default();
-            let items = defaults
-                .iter()
-                .map(|d| (None, d.to_string()))
-                .chain(extra.into_iter().map(|s| (Some(s.span()), s.into_inner())));
-            for (span, word) in items {
-                let norm = normalize(&word);
-                let span = span.unwrap_or(0..0);
-                if norm.is_empty() {
-                    cx.err(f, span, format!("empty keyword in keywords.{name}"));
-                    continue;
-                }
-                match seen.get(&norm) {
-                    Some(other) if *other != name => {
-                        cx.err(
-                            f,
-                            span,
-                            format!(
+        let mut list =
+            |cx: &mut Cx, name: &'static str, defaults: &[&str], extra: Option<Vec<S<String>>>| {
+                let mut out: Vec<String> = Vec::new();
+                let extra = extra.unwrap_or_default();
+                let items = defaults
+                    .iter()
+                    .map(|d| (None, d.to_string()))
+                    .chain(extra.into_iter().map(|s| (Some(s.span()), s.into_inner())));
+                for (span, word) in items {
+                    let norm = normalize(&word);
+                    let span = span.unwrap_or(0..0);
+                    if norm.is_empty() {
+                        cx.err(f, span, format!("empty keyword in keywords.{name}"));
+                        continue;
+                    }
+                    match seen.get(&norm) {
+                        Some(other) if *other != name => {
+                            cx.err(
+                                f,
+                                span,
+                                format!(
                                 "keyword {norm:?} is both in keywords.{other} and keywords.{name}"
                             ),
-                        );
-                    }
-                    Some(_) => {}
-                    None => {
-                        seen.insert(norm.clone(), name);
-                        out.push(norm);
+                            );
+                        }
+                        Some(_) => {}
+                        None => {
+                            seen.insert(norm.clone(), name);
+                            out.push(norm);
+                        }
                     }
                 }
-            }
-            out
-        };
+                out
+            };
         let (oo, hp, oi, ed, kp) = match raw {
             Some(r) => (r.opt_out, r.help, r.opt_in, r.edit, r.keep),
             None => (None, None, None, None, None),

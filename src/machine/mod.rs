@@ -236,6 +236,12 @@ impl Subscriber {
     }
 }
 
+fn ceil_millis(t: DateTime<Utc>) -> DateTime<Utc> {
+    let ms = t.timestamp_millis();
+    let exact = i64::from(t.timestamp_subsec_nanos().is_multiple_of(1_000_000));
+    DateTime::from_timestamp_millis(ms + 1 - exact).unwrap_or(t)
+}
+
 /// Upper-cases, drops punctuation and folds spaces: `" stop. "` → `"STOP"`.
 pub fn normalize(text: &str) -> String {
     let words: Vec<String> = text
@@ -813,6 +819,9 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     // ---- timers ------------------------------------------------------------
 
     fn set_timer(&mut self, at: DateTime<Utc>, kind: TimerKind) {
+        // Timers are stored with millisecond keys: round up so the stored key and the
+        // subscriber's copy are the same value and still lie after `now`.
+        let at = ceil_millis(at);
         self.clear_timer();
         self.sub.epoch += 1;
         let timer = Timer {

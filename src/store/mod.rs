@@ -1,3 +1,440 @@
-//! Durable state: record encoding now; the sled store lives here too.
+//! Durable state in sled: subscribers, timers, outbox, delivery records, inbound dedup and
+//! history. Every event is one multi-tree transaction; [`Store::durable`] makes it reach disk
+//! through one group-commit flusher shared by all callers.
 
 pub mod codec;
+mod flusher;
+
+use std::path::Path;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use crate::machine::{Record, Subscriber, Timer, TimerKind};
+use crate::phone::Phone;
+use flusher::Flusher;
+
+/// Version bytes of the other stored values (see [`codec`]).
+const OUT_VERSION: u8 = 1;
+const DELIVERY_VERSION: u8 = 1;
+const HISTORY_VERSION: u8 = 1;
+const REPLY_VERSION: u8 = 1;
+/// The layout of trees and keys; checked at open.
+const SCHEMA: u64 = 1;
+
+/// A message waiting in the outbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutMessage {
+    pub phone: Phone,
+    pub body: String,
+    /// A verification code: never written to logs.
+    pub secret: bool,
+    pub attempts: u32,
+    pub next_try: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+}
+
+/// What became of a message that left the outbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub phone: Phone,
+    /// `sent`, then whatever Twilio reports (`delivered`, `undelivered`, …), or `failed`.
+    pub status: String,
+    pub provider_sid: Option<String>,
+    pub error_code: Option<u32>,
+    pub error: Option<String>,
+    pub attempts: u32,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A history entry as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub at: DateTime<Utc>,
+    pub record: Record,
+}
+
+/// A due timer read back from the `timers` tree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DueTimer {
+    pub phone: Phone,
+    pub timer: Timer,
+    key: Vec<u8>,
+}
+
+/// Everything one event changes, applied atomically by [`Store::commit`].
+#[derive(Debug, Default)]
+pub struct Commit {
+    pub subscriber: Option<Subscriber>,
+    pub schedule: Vec<Timer>,
+    pub cancel: Vec<Timer>,
+    /// A timer that fired and is consumed by this event.
+    pub fired: Option<DueTimer>,
+    pub outgoing: Vec<(String, bool)>,
+    /// The inbound message id and the reply it got, so a retry gets the same answer.
+    pub inbound: Option<(String, String)>,
+    pub history: Vec<HistoryEntry>,
+}
+
+pub struct Store {
+    db: sled::Db,
+    subscribers: sled::Tree,
+    timers: sled::Tree,
+    outbox: sled::Tree,
+    inbound: sled::Tree,
+    history: sled::Tree,
+    deliveries: sled::Tree,
+    sids: sled::Tree,
+    flusher: Flusher,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Abort(String);
+
+impl Store {
+    /// Opens (or creates) the store in `dir`. Only one process may hold a data dir.
+    pub fn open(dir: &Path) -> anyhow::Result<Store> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating data dir {}", dir.display()))?;
+        let db = sled::Config::new().path(dir).open().map_err(|e| match e {
+            sled::Error::Io(io)
+                if io.kind() == std::io::ErrorKind::WouldBlock || io.raw_os_error() == Some(11) =>
+            {
+                anyhow::anyhow!(
+                    "data dir {} is in use by another smsflow process (only one may open it)",
+                    dir.display()
+                )
+            }
+            other => anyhow::anyhow!("opening data dir {}: {other}", dir.display()),
+        })?;
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .with_context(|| format!("opening tree {name}"))
+        };
+        let meta = tree("meta")?;
+        match meta.get("schema")? {
+            None => {
+                meta.insert("schema", &SCHEMA.to_be_bytes())?;
+            }
+            Some(v) if v.as_ref() == SCHEMA.to_be_bytes() => {}
+            Some(v) => anyhow::bail!(
+                "data dir {} has schema {:?}, this smsflow understands {SCHEMA}",
+                dir.display(),
+                v.as_ref()
+            ),
+        }
+        Ok(Store {
+            subscribers: tree("subscribers")?,
+            timers: tree("timers")?,
+            outbox: tree("outbox")?,
+            inbound: tree("inbound")?,
+            history: tree("history")?,
+            deliveries: tree("deliveries")?,
+            sids: tree("sids")?,
+            flusher: Flusher::start(db.clone()),
+            db,
+        })
+    }
+
+    /// Waits until everything committed before this call is on disk.
+    pub async fn durable(&self) -> anyhow::Result<()> {
+        self.flusher.flush().await
+    }
+
+    /// Flushes synchronously (shutdown).
+    pub fn flush_now(&self) -> anyhow::Result<()> {
+        self.db.flush().context("flushing the store")?;
+        Ok(())
+    }
+
+    pub fn subscriber(&self, phone: &Phone) -> anyhow::Result<Option<Subscriber>> {
+        match self.subscribers.get(phone.as_str())? {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(
+                codec::decode_subscriber(&bytes)
+                    .with_context(|| format!("reading subscriber {}", phone.masked()))?,
+            )),
+        }
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.subscribers.len()
+    }
+
+    /// All subscribers in phone order, starting after `after`; undecodable records are errors.
+    pub fn subscribers_after(
+        &self,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = anyhow::Result<Subscriber>> + '_ {
+        let start = match after {
+            Some(a) => std::ops::Bound::Excluded(a.as_bytes().to_vec()),
+            None => std::ops::Bound::Unbounded,
+        };
+        self.subscribers
+            .range((start, std::ops::Bound::Unbounded))
+            .map(|kv| {
+                let (_, v) = kv?;
+                Ok(codec::decode_subscriber(&v)?)
+            })
+    }
+
+    /// The stored reply to an inbound message already processed.
+    pub fn inbound_reply(&self, message_sid: &str) -> anyhow::Result<Option<String>> {
+        match self.inbound.get(message_sid)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(codec::decode(REPLY_VERSION, &v)?)),
+        }
+    }
+
+    /// Applies one event's changes in a single transaction over every tree it touches.
+    pub fn commit(&self, c: &Commit, now: DateTime<Utc>) -> anyhow::Result<()> {
+        // Everything is encoded up front: sled may run the closure more than once.
+        let sub = c
+            .subscriber
+            .as_ref()
+            .map(|s| (s.phone.as_str().to_string(), codec::encode_subscriber(s)));
+        let phone = c.subscriber.as_ref().map(|s| s.phone.clone());
+        let timer_keys = |ts: &[Timer]| -> Vec<(Vec<u8>, [u8; 8])> {
+            phone
+                .as_ref()
+                .map(|p| {
+                    ts.iter()
+                        .map(|t| (timer_key(t, p), t.epoch.to_be_bytes()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let schedule = timer_keys(&c.schedule);
+        let cancel = timer_keys(&c.cancel);
+        let outgoing: Vec<Vec<u8>> = match &phone {
+            Some(p) => c
+                .outgoing
+                .iter()
+                .map(|(body, secret)| {
+                    codec::encode(
+                        OUT_VERSION,
+                        &OutMessage {
+                            phone: p.clone(),
+                            body: body.clone(),
+                            secret: *secret,
+                            attempts: 0,
+                            next_try: now,
+                            created_at: now,
+                            last_error: None,
+                        },
+                    )
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let inbound = c
+            .inbound
+            .as_ref()
+            .map(|(sid, reply)| (sid.clone(), codec::encode(REPLY_VERSION, reply)));
+        let history: Vec<Vec<u8>> = c
+            .history
+            .iter()
+            .map(|h| codec::encode(HISTORY_VERSION, h))
+            .collect();
+        let fired = c.fired.as_ref().map(|f| f.key.clone());
+
+        let trees = (
+            &self.subscribers,
+            &self.timers,
+            &self.outbox,
+            &self.inbound,
+            &self.history,
+        );
+        trees
+            .transaction(|(subs, timers, outbox, inbound_t, hist)| {
+                if let Some(key) = &fired {
+                    timers.remove(key.as_slice())?;
+                }
+                for (key, _) in &cancel {
+                    timers.remove(key.as_slice())?;
+                }
+                for (key, epoch) in &schedule {
+                    timers.insert(key.as_slice(), &epoch[..])?;
+                }
+                for msg in &outgoing {
+                    let id = outbox.generate_id()?;
+                    outbox.insert(&id.to_be_bytes()[..], msg.as_slice())?;
+                }
+                if let Some((sid, reply)) = &inbound {
+                    inbound_t.insert(sid.as_bytes(), reply.as_slice())?;
+                }
+                if let (Some(p), false) = (&phone, history.is_empty()) {
+                    for h in &history {
+                        let id = hist.generate_id()?;
+                        hist.insert(history_key(p, id), h.as_slice())?;
+                    }
+                }
+                if let Some((key, value)) = &sub {
+                    subs.insert(key.as_bytes(), value.as_slice())?;
+                }
+                Ok::<(), ConflictableTransactionError<Abort>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(a) => anyhow::anyhow!("commit aborted: {a}"),
+                TransactionError::Storage(s) => anyhow::anyhow!("commit failed: {s}"),
+            })
+    }
+
+    // ---- timers ------------------------------------------------------------
+
+    /// The earliest pending timer's due time.
+    pub fn next_timer_at(&self) -> anyhow::Result<Option<DateTime<Utc>>> {
+        Ok(self.timers.first()?.and_then(|(k, _)| key_time(&k)))
+    }
+
+    /// Timers due at or before `now`, earliest first, at most `limit`.
+    pub fn due_timers(&self, now: DateTime<Utc>, limit: usize) -> anyhow::Result<Vec<DueTimer>> {
+        let end = millis(now).saturating_add(1).to_be_bytes();
+        let mut out = Vec::new();
+        for kv in self.timers.range(..end.to_vec()).take(limit) {
+            let (k, v) = kv?;
+            match parse_timer(&k, &v) {
+                Some(t) => out.push(t),
+                None => {
+                    tracing::error!("dropping malformed timer key {:?}", k.as_ref());
+                    self.timers.remove(&k)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn timer_count(&self) -> usize {
+        self.timers.len()
+    }
+
+    // ---- outbox ------------------------------------------------------------
+
+    /// Outbox entries in the order they were queued.
+    pub fn outbox(&self) -> impl Iterator<Item = anyhow::Result<(u64, OutMessage)>> + '_ {
+        self.outbox.iter().map(|kv| {
+            let (k, v) = kv?;
+            let id = u64::from_be_bytes(k.as_ref().try_into().context("outbox key")?);
+            Ok((id, codec::decode(OUT_VERSION, &v)?))
+        })
+    }
+
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Stores a retry's new state.
+    pub fn outbox_update(&self, id: u64, msg: &OutMessage) -> anyhow::Result<()> {
+        self.outbox
+            .insert(id.to_be_bytes(), codec::encode(OUT_VERSION, msg))?;
+        Ok(())
+    }
+
+    /// Moves a message out of the outbox with its final record, atomically.
+    pub fn outbox_finish(&self, id: u64, delivery: &Delivery) -> anyhow::Result<()> {
+        let key = id.to_be_bytes();
+        let value = codec::encode(DELIVERY_VERSION, delivery);
+        let sid = delivery.provider_sid.clone();
+        (&self.outbox, &self.deliveries, &self.sids)
+            .transaction(|(outbox, deliveries, sids)| {
+                outbox.remove(&key[..])?;
+                deliveries.insert(&key[..], value.as_slice())?;
+                if let Some(sid) = &sid {
+                    sids.insert(sid.as_bytes(), &key[..])?;
+                }
+                Ok::<(), ConflictableTransactionError<Abort>>(())
+            })
+            .map_err(|e| anyhow::anyhow!("finishing outbox message {id}: {e:?}"))
+    }
+
+    /// The delivery record for a provider message id.
+    pub fn delivery_by_sid(&self, sid: &str) -> anyhow::Result<Option<(u64, Delivery)>> {
+        let Some(id) = self.sids.get(sid)? else {
+            return Ok(None);
+        };
+        let Some(v) = self.deliveries.get(&id)? else {
+            return Ok(None);
+        };
+        let id = u64::from_be_bytes(id.as_ref().try_into().context("delivery id")?);
+        Ok(Some((id, codec::decode(DELIVERY_VERSION, &v)?)))
+    }
+
+    pub fn update_delivery(&self, id: u64, d: &Delivery) -> anyhow::Result<()> {
+        self.deliveries
+            .insert(id.to_be_bytes(), codec::encode(DELIVERY_VERSION, d))?;
+        Ok(())
+    }
+
+    /// Every delivery record, oldest first.
+    pub fn deliveries(&self) -> impl Iterator<Item = anyhow::Result<(u64, Delivery)>> + '_ {
+        self.deliveries.iter().map(|kv| {
+            let (k, v) = kv?;
+            let id = u64::from_be_bytes(k.as_ref().try_into().context("delivery key")?);
+            Ok((id, codec::decode(DELIVERY_VERSION, &v)?))
+        })
+    }
+
+    // ---- history -----------------------------------------------------------
+
+    /// The last `n` history entries of a number, oldest first.
+    pub fn history(&self, phone: &Phone, n: usize) -> anyhow::Result<Vec<HistoryEntry>> {
+        let mut prefix = phone.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for kv in self.history.scan_prefix(&prefix).rev().take(n) {
+            let (_, v) = kv?;
+            out.push(codec::decode(HISTORY_VERSION, &v)?);
+        }
+        out.reverse();
+        Ok(out)
+    }
+}
+
+fn millis(t: DateTime<Utc>) -> u64 {
+    u64::try_from(t.timestamp_millis()).unwrap_or(0)
+}
+
+/// Big-endian due time first, so a range scan yields timers in due order.
+fn timer_key(t: &Timer, phone: &Phone) -> Vec<u8> {
+    let mut k = millis(t.at).to_be_bytes().to_vec();
+    k.extend_from_slice(phone.as_str().as_bytes());
+    k.push(match t.kind {
+        TimerKind::Step => b's',
+        TimerKind::AskTimeout => b't',
+    });
+    k
+}
+
+fn key_time(k: &[u8]) -> Option<DateTime<Utc>> {
+    let ms = u64::from_be_bytes(k.get(..8)?.try_into().ok()?);
+    DateTime::from_timestamp_millis(i64::try_from(ms).ok()?)
+}
+
+fn parse_timer(k: &[u8], v: &[u8]) -> Option<DueTimer> {
+    let at = key_time(k)?;
+    let (kind, phone) = k[8..].split_last()?;
+    let kind = match kind {
+        b's' => TimerKind::Step,
+        b't' => TimerKind::AskTimeout,
+        _ => return None,
+    };
+    let phone = Phone::from_stored(String::from_utf8(phone.to_vec()).ok()?).ok()?;
+    let epoch = u64::from_be_bytes(v.try_into().ok()?);
+    Some(DueTimer {
+        phone,
+        timer: Timer { at, kind, epoch },
+        key: k.to_vec(),
+    })
+}
+
+fn history_key(phone: &Phone, id: u64) -> Vec<u8> {
+    let mut k = phone.as_str().as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}

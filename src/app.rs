@@ -1,0 +1,170 @@
+//! `Application`: binds the socket, opens the store, loads flows, and runs the server with
+//! its workers (scheduler, outbox) until told to stop.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::http::{self, AppState};
+use crate::outbox::Outbox;
+use crate::provider::{Console, Provider, Twilio};
+use crate::store::Store;
+use crate::{flows, scheduler};
+
+/// Knobs that are not configuration: tests use them to run fast and quietly.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// First retry delay of the outbox; doubles per attempt.
+    pub retry_base: Duration,
+    /// The console provider prints nothing.
+    pub quiet_console: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            retry_base: Duration::from_secs(1),
+            quiet_console: false,
+        }
+    }
+}
+
+pub struct Application {
+    listener: TcpListener,
+    port: u16,
+    engine: Arc<Engine>,
+    provider: Arc<Provider>,
+    config: Config,
+    options: Options,
+}
+
+impl Application {
+    /// Loads flows (every problem listed on failure), opens the store, binds the socket.
+    pub async fn build(config: Config, options: Options) -> anyhow::Result<Application> {
+        let flows = flows::load_dir(&config.flows_dir).map_err(|p| {
+            anyhow::anyhow!(
+                "the flows in {} have {} problem(s):\n{p}",
+                config.flows_dir.display(),
+                p.0.len()
+            )
+        })?;
+        // The first E.164 parse loads metadata (~100 ms): do it now, not on a webhook.
+        let _ = crate::phone::Phone::parse("+14155550100");
+        let store = Store::open(&config.data_dir)?;
+        let provider = match &config.twilio {
+            Some(t) => Provider::Twilio(Twilio::new(t.clone(), config.public_url.as_deref())?),
+            None => Provider::Console(Console::new(options.quiet_console)),
+        };
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listening on {}", config.listen))?;
+        let port = listener.local_addr()?.port();
+        Ok(Application {
+            listener,
+            port,
+            engine: Arc::new(Engine::new(store, flows)),
+            provider: Arc::new(provider),
+            config,
+            options,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn engine(&self) -> Arc<Engine> {
+        self.engine.clone()
+    }
+
+    /// What an operator needs to see at start-up, including the URLs to paste into Twilio.
+    pub fn banner(&self) -> String {
+        let c = &self.config;
+        let flows = self.engine.flows();
+        let local = format!("http://{}:{}", c.listen.ip(), self.port);
+        let mut b = format!(
+            "smsflow {} listening on {local}\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        b += &match self.provider.name() {
+            "console" => {
+                "  provider:    console (no Twilio credentials: messages are printed here)\n"
+                    .to_string()
+            }
+            name => format!("  provider:    {name}, {} msg/s\n", c.send_rate),
+        };
+        b += &format!(
+            "  flows:       {} — {}\n",
+            c.flows_dir.display(),
+            flows.summary()
+        );
+        b += &format!(
+            "  data:        {} — {} subscriber(s)\n",
+            c.data_dir.display(),
+            self.engine.store.subscriber_count()
+        );
+        b += &format!(
+            "  signatures:  {}\n",
+            if c.auth_token.is_some() {
+                "checked on every /twilio route"
+            } else {
+                "NOT checked (set TWILIO_AUTH_TOKEN)"
+            }
+        );
+        match &c.public_url {
+            Some(base) => {
+                b += "  Twilio console, Phone Numbers > your number:\n";
+                b += &format!("    A message comes in (HTTP POST): {base}/twilio/sms\n");
+                b += &format!("    A call comes in (HTTP POST):    {base}/twilio/voice\n");
+                b += &format!("    Delivery status callback:       {base}/twilio/status\n");
+            }
+            None => {
+                b += "  No public URL: Twilio cannot reach this machine yet. Start a tunnel:\n";
+                b += &format!(
+                    "    ngrok http {}    or    cloudflared tunnel --url {local}\n",
+                    self.port
+                );
+                b += "  then restart with SMSFLOW_PUBLIC_URL=https://<tunnel host> and paste\n";
+                b += "  https://<tunnel host>/twilio/sms into your number's \"A message comes in\" webhook.\n";
+            }
+        }
+        b
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, finishes in-flight requests,
+    /// stops the workers and flushes the store.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let state = Arc::new(AppState {
+            engine: self.engine.clone(),
+            public_url: self.config.public_url.clone(),
+            auth_token: self.config.auth_token.clone(),
+            region: self.config.region,
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let scheduler = tokio::spawn(scheduler::run(self.engine.clone(), stop_rx.clone()));
+        let outbox = Outbox::new(
+            self.engine.clone(),
+            self.provider.clone(),
+            self.config.send_rate,
+            self.options.retry_base,
+        );
+        let outbox = tokio::spawn(outbox.run(stop_rx));
+        let served = axum::serve(self.listener, http::router(state))
+            .with_graceful_shutdown(shutdown)
+            .await;
+        let _ = stop_tx.send(true);
+        let _ = scheduler.await;
+        let _ = outbox.await;
+        self.engine.store.flush_now()?;
+        served.context("serving HTTP")
+    }
+}

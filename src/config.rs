@@ -1,0 +1,278 @@
+//! Configuration: defaults, then an optional `smsflow.toml`, then environment, then flags.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use crate::phone::Region;
+
+/// A secret value: never printed, never logged.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Who the Twilio provider sends as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sender {
+    From(String),
+    MessagingService(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct TwilioConfig {
+    pub account_sid: String,
+    pub auth_token: Secret,
+    pub sender: Sender,
+    pub api_base: String,
+}
+
+/// The resolved configuration the daemon runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// The public base URL Twilio calls (a tunnel or proxy), without trailing slash.
+    pub public_url: Option<String>,
+    pub data_dir: PathBuf,
+    pub flows_dir: PathBuf,
+    pub region: Region,
+    /// Messages per second per sender (1 suits a US long code).
+    pub send_rate: f64,
+    /// Full credentials: the Twilio provider. `None`: the console provider.
+    pub twilio: Option<TwilioConfig>,
+    /// Checks `X-Twilio-Signature` on every Twilio route when set.
+    pub auth_token: Option<Secret>,
+    /// Bearer token for the OTP API.
+    pub api_token: Option<Secret>,
+    /// Bearer token for the admin API.
+    pub admin_token: Option<Secret>,
+}
+
+/// Values as read from one layer; `None` means "not set here".
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    pub listen: Option<String>,
+    pub public_url: Option<String>,
+    pub data: Option<PathBuf>,
+    pub flows: Option<PathBuf>,
+    pub region: Option<String>,
+    pub send_rate: Option<f64>,
+    pub api_token: Option<Secret>,
+    pub admin_token: Option<Secret>,
+    #[serde(default)]
+    pub twilio: TwilioLayer,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TwilioLayer {
+    pub account_sid: Option<String>,
+    pub auth_token: Option<Secret>,
+    pub from: Option<String>,
+    pub messaging_service_sid: Option<String>,
+    pub api_base: Option<String>,
+}
+
+impl Layer {
+    /// Reads a config file; a missing optional file is an empty layer.
+    pub fn from_file(path: &Path, required: bool) -> anyhow::Result<Layer> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                return Ok(Layer::default())
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        toml::from_str(&text).map_err(|e| {
+            let (line, col) = e.span().map_or((1, 1), |s| {
+                let before = &text[..s.start.min(text.len())];
+                (
+                    before.matches('\n').count() + 1,
+                    before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
+                )
+            });
+            anyhow::anyhow!("{}:{line}:{col}: {}", path.display(), e.message().trim())
+        })
+    }
+
+    /// The environment layer: `SMSFLOW_*` and `TWILIO_*`.
+    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Layer {
+        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        Layer {
+            listen: get("SMSFLOW_LISTEN"),
+            public_url: get("SMSFLOW_PUBLIC_URL"),
+            data: get("SMSFLOW_DATA").map(PathBuf::from),
+            flows: get("SMSFLOW_FLOWS").map(PathBuf::from),
+            region: get("SMSFLOW_REGION"),
+            send_rate: get("SMSFLOW_SEND_RATE").and_then(|v| v.parse().ok()),
+            api_token: get("SMSFLOW_API_TOKEN").map(Secret),
+            admin_token: get("SMSFLOW_ADMIN_TOKEN").map(Secret),
+            twilio: TwilioLayer {
+                account_sid: get("TWILIO_ACCOUNT_SID"),
+                auth_token: get("TWILIO_AUTH_TOKEN").map(Secret),
+                from: get("TWILIO_FROM"),
+                messaging_service_sid: get("TWILIO_MESSAGING_SERVICE_SID"),
+                api_base: get("TWILIO_API_BASE"),
+            },
+        }
+    }
+
+    /// `self` with every unset value taken from `lower`.
+    pub fn over(self, lower: Layer) -> Layer {
+        Layer {
+            listen: self.listen.or(lower.listen),
+            public_url: self.public_url.or(lower.public_url),
+            data: self.data.or(lower.data),
+            flows: self.flows.or(lower.flows),
+            region: self.region.or(lower.region),
+            send_rate: self.send_rate.or(lower.send_rate),
+            api_token: self.api_token.or(lower.api_token),
+            admin_token: self.admin_token.or(lower.admin_token),
+            twilio: TwilioLayer {
+                account_sid: self.twilio.account_sid.or(lower.twilio.account_sid),
+                auth_token: self.twilio.auth_token.or(lower.twilio.auth_token),
+                from: self.twilio.from.or(lower.twilio.from),
+                messaging_service_sid: self
+                    .twilio
+                    .messaging_service_sid
+                    .or(lower.twilio.messaging_service_sid),
+                api_base: self.twilio.api_base.or(lower.twilio.api_base),
+            },
+        }
+    }
+
+    /// Applies defaults and checks values.
+    pub fn resolve(self) -> anyhow::Result<Config> {
+        let listen = self.listen.as_deref().unwrap_or("127.0.0.1:8080");
+        let listen: SocketAddr = listen
+            .parse()
+            .with_context(|| format!("listen address {listen:?} is not IP:PORT"))?;
+        let public_url = match self.public_url {
+            None => None,
+            Some(u) => {
+                let parsed = url::Url::parse(u.trim())
+                    .with_context(|| format!("public_url {u:?} is not a URL"))?;
+                anyhow::ensure!(
+                    matches!(parsed.scheme(), "http" | "https"),
+                    "public_url {u:?} must start with https:// (or http://)"
+                );
+                Some(u.trim().trim_end_matches('/').to_string())
+            }
+        };
+        let region = Region::parse(self.region.as_deref().unwrap_or("US"))?;
+        let send_rate = self.send_rate.unwrap_or(1.0);
+        anyhow::ensure!(
+            send_rate.is_finite() && send_rate > 0.0,
+            "send_rate must be a positive number of messages per second"
+        );
+        let t = self.twilio;
+        let api_base = t
+            .api_base
+            .unwrap_or_else(|| "https://api.twilio.com".into())
+            .trim_end_matches('/')
+            .to_string();
+        let sender = match (t.from, t.messaging_service_sid) {
+            (_, Some(ms)) => Some(Sender::MessagingService(ms)),
+            (Some(from), None) => Some(Sender::From(from)),
+            (None, None) => None,
+        };
+        let twilio = match (t.account_sid, t.auth_token.clone(), sender) {
+            (Some(account_sid), Some(auth_token), Some(sender)) => Some(TwilioConfig {
+                account_sid,
+                auth_token,
+                sender,
+                api_base,
+            }),
+            (None, _, None) => None,
+            (sid, token, sender) => anyhow::bail!(
+                "incomplete Twilio credentials: set TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN and TWILIO_FROM \
+                 (or TWILIO_MESSAGING_SERVICE_SID); missing: {}",
+                [
+                    sid.is_none().then_some("TWILIO_ACCOUNT_SID"),
+                    token.is_none().then_some("TWILIO_AUTH_TOKEN"),
+                    sender.is_none().then_some("TWILIO_FROM"),
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(", ")
+            ),
+        };
+        Ok(Config {
+            listen,
+            public_url,
+            data_dir: self.data.unwrap_or_else(|| PathBuf::from("data")),
+            flows_dir: self.flows.unwrap_or_else(|| PathBuf::from("flows")),
+            region,
+            send_rate,
+            twilio,
+            auth_token: t.auth_token,
+            api_token: self.api_token,
+            admin_token: self.admin_token,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_env_which_beats_the_file_which_beats_defaults() {
+        let file: Layer = toml::from_str(
+            "listen = \"127.0.0.1:1\"\ndata = \"file-data\"\nflows = \"file-flows\"",
+        )
+        .unwrap();
+        let env = Layer::from_env(|k| match k {
+            "SMSFLOW_DATA" => Some("env-data".into()),
+            "SMSFLOW_LISTEN" => Some("127.0.0.1:2".into()),
+            _ => None,
+        });
+        let flags = Layer {
+            listen: Some("127.0.0.1:3".into()),
+            ..Layer::default()
+        };
+        let c = flags.over(env.over(file)).resolve().unwrap();
+        assert_eq!(c.listen.port(), 3);
+        assert_eq!(c.data_dir, PathBuf::from("env-data"));
+        assert_eq!(c.flows_dir, PathBuf::from("file-flows"));
+        assert!(
+            c.twilio.is_none(),
+            "no credentials means the console provider"
+        );
+    }
+
+    #[test]
+    fn partial_twilio_credentials_are_an_error_naming_what_is_missing() {
+        let env = Layer::from_env(|k| (k == "TWILIO_ACCOUNT_SID").then(|| "AC1".to_string()));
+        let err = env.resolve().unwrap_err().to_string();
+        assert!(
+            err.contains("TWILIO_AUTH_TOKEN") && err.contains("TWILIO_FROM"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?}"), "Secret(***)");
+    }
+}

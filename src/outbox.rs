@@ -1,0 +1,191 @@
+//! The outbox worker: delivers queued messages through the provider, in order per number,
+//! at most `send_rate` per second, retrying temporary failures with backoff and jitter.
+//! Nothing is dropped silently: every message ends as a delivery record.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use rand::RngExt;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::engine::{Engine, Input};
+use crate::machine::{Event, State};
+use crate::provider::{Provider, SendError};
+use crate::store::{Delivery, OutMessage};
+
+/// After this many temporary failures a message is recorded as failed.
+const MAX_ATTEMPTS: u32 = 30;
+const MAX_BACKOFF: Duration = Duration::from_secs(600);
+/// Twilio: "Attempt to send to unsubscribed recipient".
+pub const UNSUBSCRIBED: u32 = 21610;
+
+pub struct Outbox {
+    engine: Arc<Engine>,
+    provider: Arc<Provider>,
+    interval: Duration,
+    retry_base: Duration,
+    next_slot: Instant,
+}
+
+/// What one unit of work did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Worked {
+    /// One message was sent, retried, suppressed or failed.
+    One,
+    /// Nothing is ready; the earliest retry is due then.
+    Idle(Option<DateTime<Utc>>),
+}
+
+impl Outbox {
+    pub fn new(
+        engine: Arc<Engine>,
+        provider: Arc<Provider>,
+        send_rate: f64,
+        retry_base: Duration,
+    ) -> Outbox {
+        Outbox {
+            engine,
+            provider,
+            interval: Duration::from_secs_f64(1.0 / send_rate),
+            retry_base,
+            next_slot: Instant::now(),
+        }
+    }
+
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let wait = match self.try_deliver_one().await {
+                Ok(Worked::One) => continue,
+                Ok(Worked::Idle(None)) => Duration::from_secs(3600),
+                Ok(Worked::Idle(Some(at))) => (at - Utc::now()).to_std().unwrap_or(Duration::ZERO),
+                Err(e) => {
+                    tracing::error!("outbox: {e:#}");
+                    Duration::from_secs(1)
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.engine.outbox_changed.notified() => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// Picks the oldest ready message whose number has no earlier message waiting, and
+    /// delivers it (or schedules its retry).
+    pub async fn try_deliver_one(&mut self) -> anyhow::Result<Worked> {
+        let now = Utc::now();
+        let mut blocked = HashSet::new();
+        let mut earliest: Option<DateTime<Utc>> = None;
+        let mut ready = None;
+        for entry in self.engine.store.outbox() {
+            let (id, msg) = entry?;
+            if blocked.contains(&msg.phone) {
+                continue;
+            }
+            if msg.next_try > now {
+                earliest = Some(earliest.map_or(msg.next_try, |e| e.min(msg.next_try)));
+                blocked.insert(msg.phone.clone());
+                continue;
+            }
+            ready = Some((id, msg));
+            break;
+        }
+        let Some((id, msg)) = ready else {
+            return Ok(Worked::Idle(earliest));
+        };
+        self.deliver(id, msg).await?;
+        Ok(Worked::One)
+    }
+
+    async fn deliver(&mut self, id: u64, mut msg: OutMessage) -> anyhow::Result<()> {
+        let store = &self.engine.store;
+        // The opt-out check is repeated at send time: a STOP may have arrived since queueing.
+        let opted_out = store
+            .subscriber(&msg.phone)?
+            .is_some_and(|s| s.state == State::OptedOut);
+        if opted_out {
+            tracing::info!(phone = %msg.phone.masked(), "outbox: not sending to an opted-out number");
+            return store.outbox_finish(id, &delivery(&msg, "suppressed", None, None, None));
+        }
+        // Per-sender rate limit.
+        tokio::time::sleep_until(self.next_slot).await;
+        self.next_slot = Instant::now().max(self.next_slot) + self.interval;
+
+        msg.attempts += 1;
+        match self.provider.send(&msg.phone, &msg.body, msg.secret).await {
+            Ok(accepted) => {
+                tracing::info!(phone = %msg.phone.masked(), sid = %accepted.sid, "outbox: sent");
+                store.outbox_finish(id, &delivery(&msg, "sent", Some(accepted.sid), None, None))
+            }
+            Err(SendError::Temporary {
+                message,
+                retry_after,
+            }) if msg.attempts < MAX_ATTEMPTS => {
+                let wait = self
+                    .backoff(msg.attempts)
+                    .max(retry_after.unwrap_or_default());
+                tracing::warn!(
+                    phone = %msg.phone.masked(), attempt = msg.attempts, retry_in = ?wait,
+                    "outbox: temporary failure: {message}"
+                );
+                msg.next_try =
+                    Utc::now() + TimeDelta::from_std(wait).unwrap_or(TimeDelta::seconds(1));
+                msg.last_error = Some(message);
+                store.outbox_update(id, &msg)
+            }
+            Err(SendError::Temporary { message, .. }) => {
+                tracing::error!(phone = %msg.phone.masked(), "outbox: giving up after {} attempts: {message}", msg.attempts);
+                store.outbox_finish(id, &delivery(&msg, "failed", None, None, Some(message)))
+            }
+            Err(SendError::Permanent { code, message }) => {
+                tracing::warn!(phone = %msg.phone.masked(), ?code, "outbox: refused: {message}");
+                store.outbox_finish(id, &delivery(&msg, "failed", None, code, Some(message)))?;
+                if code == Some(UNSUBSCRIBED) {
+                    self.engine
+                        .apply(Input {
+                            phone: &msg.phone,
+                            event: Event::ProviderUnsubscribed,
+                            inbound_sid: None,
+                            fired: None,
+                        })
+                        .await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Exponential backoff with jitter: base·2^(n-1), capped, times a random 50–100 %.
+    fn backoff(&self, attempts: u32) -> Duration {
+        let exp = self
+            .retry_base
+            .saturating_mul(1u32 << attempts.saturating_sub(1).min(20));
+        let capped = exp.min(MAX_BACKOFF);
+        capped.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+}
+
+fn delivery(
+    msg: &OutMessage,
+    status: &str,
+    sid: Option<String>,
+    code: Option<u32>,
+    error: Option<String>,
+) -> Delivery {
+    Delivery {
+        phone: msg.phone.clone(),
+        status: status.to_string(),
+        provider_sid: sid,
+        error_code: code,
+        error,
+        attempts: msg.attempts,
+        updated_at: Utc::now(),
+    }
+}

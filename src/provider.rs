@@ -1,0 +1,228 @@
+//! Message providers: Twilio's REST API, and a console printer for running without an account.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{Sender, TwilioConfig};
+use crate::phone::Phone;
+
+/// Where messages go.
+pub enum Provider {
+    Twilio(Twilio),
+    Console(Console),
+}
+
+/// A provider accepted the message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    pub sid: String,
+}
+
+/// Why a send failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// Worth retrying: 429, 5xx, network trouble.
+    #[error("temporary failure: {message}")]
+    Temporary {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// Retrying will not help (a 4xx with Twilio's error code).
+    #[error("refused: {message} (error {code:?})")]
+    Permanent { code: Option<u32>, message: String },
+}
+
+impl Provider {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Provider::Twilio(_) => "twilio",
+            Provider::Console(_) => "console",
+        }
+    }
+
+    /// Sends one SMS. `secret` marks a verification code, which the console masks.
+    pub async fn send(&self, to: &Phone, body: &str, secret: bool) -> Result<Accepted, SendError> {
+        match self {
+            Provider::Twilio(t) => t.send(to, body).await,
+            Provider::Console(c) => Ok(c.print(to, body, secret)),
+        }
+    }
+
+    /// Places a voice call that speaks `twiml`.
+    pub async fn call(&self, to: &Phone, twiml: &str) -> Result<Accepted, SendError> {
+        match self {
+            Provider::Twilio(t) => t.call(to, twiml).await,
+            Provider::Console(c) => Ok(c.print(to, &format!("[voice call] {twiml}"), true)),
+        }
+    }
+}
+
+/// Prints messages instead of sending them: the default with no Twilio credentials.
+pub struct Console {
+    counter: std::sync::atomic::AtomicU64,
+    quiet: bool,
+}
+
+impl Console {
+    pub fn new(quiet: bool) -> Console {
+        Console {
+            counter: Default::default(),
+            quiet,
+        }
+    }
+
+    fn print(&self, to: &Phone, body: &str, _secret: bool) -> Accepted {
+        let n = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !self.quiet {
+            // The console stands in for a phone: it shows the text, including codes, so a
+            // developer can complete a verification by hand. It is not a log.
+            println!("[console sms to {}] {}", to.masked(), body);
+        }
+        Accepted {
+            sid: format!("CONSOLE{n:010}"),
+        }
+    }
+}
+
+/// Twilio's REST API (`Messages.json`, `Calls.json`), with Basic auth.
+pub struct Twilio {
+    http: reqwest::Client,
+    config: TwilioConfig,
+    status_callback: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct TwilioOk {
+    sid: String,
+}
+
+#[derive(Deserialize)]
+struct TwilioError {
+    code: Option<u32>,
+    message: Option<String>,
+}
+
+impl Twilio {
+    /// `public_url`, when known, makes Twilio post delivery reports to `/twilio/status`.
+    pub fn new(config: TwilioConfig, public_url: Option<&str>) -> anyhow::Result<Twilio> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .connect_timeout(Duration::from_secs(5))
+            .build()?;
+        Ok(Twilio {
+            http,
+            config,
+            status_callback: public_url.map(|u| format!("{u}/twilio/status")),
+        })
+    }
+
+    fn url(&self, resource: &str) -> String {
+        format!(
+            "{}/2010-04-01/Accounts/{}/{resource}.json",
+            self.config.api_base, self.config.account_sid
+        )
+    }
+
+    fn sender_param(&self) -> (&'static str, String) {
+        match &self.config.sender {
+            Sender::From(f) => ("From", f.clone()),
+            Sender::MessagingService(m) => ("MessagingServiceSid", m.clone()),
+        }
+    }
+
+    async fn send(&self, to: &Phone, body: &str) -> Result<Accepted, SendError> {
+        let mut form = vec![
+            ("To", to.as_str().to_string()),
+            self.sender_param(),
+            ("Body", body.to_string()),
+        ];
+        if let Some(cb) = &self.status_callback {
+            form.push(("StatusCallback", cb.clone()));
+        }
+        self.post("Messages", &form).await
+    }
+
+    async fn call(&self, to: &Phone, twiml: &str) -> Result<Accepted, SendError> {
+        let from = match &self.config.sender {
+            Sender::From(f) => f.clone(),
+            Sender::MessagingService(_) => {
+                return Err(SendError::Permanent {
+                    code: None,
+                    message:
+                        "voice calls need TWILIO_FROM (a messaging service cannot place calls)"
+                            .into(),
+                })
+            }
+        };
+        let form = vec![
+            ("To", to.as_str().to_string()),
+            ("From", from),
+            ("Twiml", twiml.to_string()),
+        ];
+        self.post("Calls", &form).await
+    }
+
+    async fn post(&self, resource: &str, form: &[(&str, String)]) -> Result<Accepted, SendError> {
+        let response = self
+            .http
+            .post(self.url(resource))
+            .basic_auth(
+                &self.config.account_sid,
+                Some(self.config.auth_token.expose()),
+            )
+            .form(form)
+            .send()
+            .await
+            .map_err(|e| SendError::Temporary {
+                message: format!("cannot reach Twilio: {}", without_url(&e)),
+                retry_after: None,
+            })?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let text = response.text().await.unwrap_or_default();
+        if status.is_success() {
+            return serde_json::from_str::<TwilioOk>(&text)
+                .map(|ok| Accepted { sid: ok.sid })
+                .map_err(|e| SendError::Temporary {
+                    message: format!("Twilio answered {status} with an unreadable body: {e}"),
+                    retry_after: None,
+                });
+        }
+        let err: Option<TwilioError> = serde_json::from_str(&text).ok();
+        let code = err.as_ref().and_then(|e| e.code);
+        let message = err
+            .and_then(|e| e.message)
+            .unwrap_or_else(|| format!("HTTP {status}"));
+        if status.as_u16() == 429 || status.is_server_error() {
+            Err(SendError::Temporary {
+                message: format!("Twilio answered {status}: {message}"),
+                retry_after,
+            })
+        } else {
+            Err(SendError::Permanent {
+                code,
+                message: format!("Twilio answered {status}: {message}"),
+            })
+        }
+    }
+}
+
+/// reqwest errors print the URL, which holds the account SID; keep only the kind.
+fn without_url(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    kind.to_string()
+}
