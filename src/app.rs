@@ -164,7 +164,7 @@ impl Application {
         let _ = stop_tx.send(true);
         let _ = scheduler.await;
         let _ = outbox.await;
-        self.engine.store.flush_now()?;
+        self.engine.store.flush()?;
         served.context("serving HTTP")
     }
 }

@@ -27,6 +27,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: Twilio webhooks, timers and the outbox.
     Serve(ServeArgs),
+    /// Benchmark durable webhooks against a trivial route of the same server.
+    Bench(crate::bench::BenchArgs),
     /// Check a flow directory and report every problem as file:line:col: message.
     Check {
         /// The flow directory.
@@ -382,4 +384,27 @@ pub async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutting down: finishing in-flight requests");
+}
+
+pub fn bench(args: crate::bench::BenchArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("smsflow: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    match runtime.block_on(crate::bench::run(args)) {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("smsflow bench: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
 }

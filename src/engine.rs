@@ -1,33 +1,42 @@
 //! The driver: for one event, load → `machine::step` → one atomic commit → durable → effects.
 //! Every path that changes a subscriber (webhooks, timers, OTP, admin) goes through here.
+//!
+//! One writer thread owns all changes. It takes every event waiting at that moment, steps
+//! each (a later event for the same number sees the earlier one's result) and commits the
+//! whole batch in one sled transaction. A flusher thread then makes it durable with one
+//! `flush` for everything committed so far, and only then are the callers answered: group
+//! commit, pipelined (the writer prepares the next batch while the disk syncs the last).
+//! sled takes a global lock for every transaction, so many threads committing at once mostly
+//! wait on each other; one writer batching them does not.
 
-use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{mpsc, Arc};
 
 use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
-use tokio::sync::{Mutex, MutexGuard, Notify};
+use tokio::sync::{oneshot, Notify};
 
 use crate::flows::Flows;
 use crate::machine::{self, Effect, Event, Outcome, Subscriber, Transition};
 use crate::phone::Phone;
-use crate::store::{Commit, DueTimer, HistoryEntry, Store};
+use crate::store::{Commit, DueTimer, HistoryEntry, Prepared, Store};
 
-/// Events for one number are serialized by one of these locks (chosen by hash).
-const STRIPES: usize = 256;
+/// The most events one transaction carries.
+const MAX_BATCH: usize = 512;
 
 pub struct Engine {
-    pub store: Store,
-    flows: ArcSwap<Flows>,
-    locks: Vec<Mutex<()>>,
+    pub store: Arc<Store>,
+    flows: Arc<ArcSwap<Flows>>,
     /// Woken when a timer is scheduled (the scheduler may need to wake earlier).
-    pub timers_changed: Notify,
+    pub timers_changed: Arc<Notify>,
     /// Woken when a message is queued.
-    pub outbox_changed: Notify,
+    pub outbox_changed: Arc<Notify>,
+    writer: Option<mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// What an event did.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Applied {
     pub outcome: Outcome,
     /// Direct replies (TwiML `<Message>`s), in order.
@@ -36,7 +45,6 @@ pub struct Applied {
     pub twiml: Option<String>,
     /// The same inbound message was already processed; `twiml` is the original answer.
     pub duplicate: bool,
-    pub subscriber: Option<Subscriber>,
 }
 
 /// An event and what else must happen in its commit.
@@ -49,14 +57,43 @@ pub struct Input<'a> {
     pub fired: Option<DueTimer>,
 }
 
+enum Job {
+    Apply {
+        phone: Phone,
+        event: Event,
+        inbound_sid: Option<String>,
+        fired: Option<DueTimer>,
+        done: oneshot::Sender<anyhow::Result<Applied>>,
+    },
+    /// Just make everything so far durable.
+    Flush(oneshot::Sender<anyhow::Result<Applied>>),
+}
+
 impl Engine {
     pub fn new(store: Store, flows: Flows) -> Engine {
+        let store = Arc::new(store);
+        let flows = Arc::new(ArcSwap::from_pointee(flows));
+        let timers_changed = Arc::new(Notify::new());
+        let outbox_changed = Arc::new(Notify::new());
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            store: store.clone(),
+            flows: flows.clone(),
+            timers_changed: timers_changed.clone(),
+            outbox_changed: outbox_changed.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("smsflow-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| tracing::error!("cannot start the writer thread: {e}"))
+            .ok();
         Engine {
             store,
-            flows: ArcSwap::from_pointee(flows),
-            locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-            timers_changed: Notify::new(),
-            outbox_changed: Notify::new(),
+            flows,
+            timers_changed,
+            outbox_changed,
+            writer: Some(tx),
+            thread,
         }
     }
 
@@ -71,112 +108,283 @@ impl Engine {
         self.timers_changed.notify_one();
     }
 
-    pub async fn lock(&self, phone: &Phone) -> MutexGuard<'_, ()> {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        phone.hash(&mut h);
-        self.locks[(h.finish() % STRIPES as u64) as usize]
-            .lock()
-            .await
-    }
-
     /// Applies one event and returns once its changes are on disk.
     pub async fn apply(&self, input: Input<'_>) -> anyhow::Result<Applied> {
-        let guard = self.lock(input.phone).await;
-        if let Some(sid) = input.inbound_sid {
-            if let Some(twiml) = self.store.inbound_reply(sid)? {
-                drop(guard);
-                return Ok(Applied {
-                    outcome: Outcome::Ignored,
-                    replies: Vec::new(),
-                    twiml: Some(twiml),
-                    duplicate: true,
-                    subscriber: None,
-                });
-            }
-        }
-        let now = Utc::now();
-        let (transition, _) = self.step(input.phone, &input.event, now)?;
-        let applied = self.commit(transition, input.inbound_sid, input.fired, now)?;
-        drop(guard);
-        self.store.durable().await?;
-        Ok(applied)
+        let (done, answer) = oneshot::channel();
+        self.send(Job::Apply {
+            phone: input.phone.clone(),
+            event: input.event,
+            inbound_sid: input.inbound_sid.map(str::to_string),
+            fired: input.fired,
+            done,
+        })?;
+        answer
+            .await
+            .map_err(|_| anyhow::anyhow!("the writer thread stopped"))?
     }
 
-    /// Runs the machine for `phone` without committing (the caller holds the lock).
-    pub fn step(
-        &self,
-        phone: &Phone,
-        event: &Event,
-        now: DateTime<Utc>,
-    ) -> anyhow::Result<(Transition, Arc<Flows>)> {
-        let sub = self
-            .store
-            .subscriber(phone)?
-            .unwrap_or_else(|| Subscriber::new(phone.clone(), now));
-        let flows = self.flows();
-        let t = machine::step(sub, event, &flows, now, &mut rand::rng());
-        Ok((t, flows))
+    /// Waits until everything written so far (by any path) is on disk.
+    pub async fn durable(&self) -> anyhow::Result<()> {
+        let (done, answer) = oneshot::channel();
+        self.send(Job::Flush(done))?;
+        answer
+            .await
+            .map_err(|_| anyhow::anyhow!("the writer thread stopped"))?
+            .map(|_| ())
     }
 
-    /// Turns a transition's effects into one store commit (not yet durable).
-    pub fn commit(
-        &self,
-        t: Transition,
-        inbound_sid: Option<&str>,
-        fired: Option<DueTimer>,
-        now: DateTime<Utc>,
-    ) -> anyhow::Result<Applied> {
-        let mut c = Commit {
-            fired,
-            ..Commit::default()
-        };
-        let mut replies = Vec::new();
-        for e in t.effects {
-            match e {
-                Effect::Reply(text) => replies.push(text),
-                Effect::Send(text) => c.outgoing.push((text, false)),
-                Effect::SendCode(text) => c.outgoing.push((text, true)),
-                Effect::Schedule(timer) => c.schedule.push(timer),
-                Effect::Cancel(timer) => c.cancel.push(timer),
-                Effect::Record(record) => c.history.push(HistoryEntry { at: now, record }),
-            }
-        }
-        let twiml = inbound_sid.map(|_| crate::http::twiml::messages(&replies));
-        c.inbound = inbound_sid
-            .zip(twiml.clone())
-            .map(|(s, x)| (s.to_string(), x));
-        c.subscriber = Some(t.subscriber);
-        self.store.commit(&c, now)?;
-        if !c.schedule.is_empty() {
-            self.timers_changed.notify_one();
-        }
-        if !c.outgoing.is_empty() {
-            self.outbox_changed.notify_one();
-        }
-        Ok(Applied {
-            outcome: t.outcome,
-            replies,
-            twiml,
-            duplicate: false,
-            subscriber: c.subscriber,
-        })
+    fn send(&self, job: Job) -> anyhow::Result<()> {
+        self.writer
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the engine is stopped"))?
+            .send(job)
+            .map_err(|_| anyhow::anyhow!("the writer thread stopped"))
     }
 
     /// Fires every timer due now (at most `limit`); returns how many fired.
     pub async fn fire_due_timers(&self, limit: usize) -> anyhow::Result<usize> {
         let due = self.store.due_timers(Utc::now(), limit)?;
         let n = due.len();
+        let mut waiting = Vec::with_capacity(n);
+        // Hand them all to the writer at once so they share one commit.
         for d in due {
-            let phone = d.phone.clone();
-            let event = Event::TimerDue(d.timer);
-            self.apply(Input {
-                phone: &phone,
-                event,
+            let (done, answer) = oneshot::channel();
+            self.send(Job::Apply {
+                phone: d.phone.clone(),
+                event: Event::TimerDue(d.timer),
                 inbound_sid: None,
                 fired: Some(d),
-            })
-            .await?;
+                done,
+            })?;
+            waiting.push(answer);
+        }
+        for answer in waiting {
+            answer
+                .await
+                .map_err(|_| anyhow::anyhow!("the writer thread stopped"))??;
         }
         Ok(n)
     }
+}
+
+/// Stopping joins the writer, so the database is closed when the engine is gone and a
+/// restart in the same process can open the data dir at once.
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.writer.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Writer {
+    store: Arc<Store>,
+    flows: Arc<ArcSwap<Flows>>,
+    timers_changed: Arc<Notify>,
+    outbox_changed: Arc<Notify>,
+}
+
+type Done = oneshot::Sender<anyhow::Result<Applied>>;
+
+/// A committed batch waiting to become durable before its callers hear back.
+struct Committed {
+    answers: Vec<(Done, Applied)>,
+    flush_only: Vec<Done>,
+    timers: bool,
+    outbox: bool,
+}
+
+impl Writer {
+    fn run(self, rx: mpsc::Receiver<Job>) {
+        let (to_flusher, flusher_rx) = mpsc::channel::<Committed>();
+        let store = self.store.clone();
+        let (timers, outbox) = (self.timers_changed.clone(), self.outbox_changed.clone());
+        let flusher = std::thread::Builder::new()
+            .name("smsflow-flusher".into())
+            .spawn(move || flush_loop(&store, &timers, &outbox, flusher_rx));
+        while let Ok(first) = rx.recv() {
+            let mut jobs = vec![first];
+            jobs.extend(rx.try_iter().take(MAX_BATCH - 1));
+            if let Some(committed) = self.batch(jobs) {
+                if let Err(mpsc::SendError(c)) = to_flusher.send(committed) {
+                    // No flusher thread: make it durable here.
+                    finish(
+                        &self.store,
+                        &self.timers_changed,
+                        &self.outbox_changed,
+                        vec![c],
+                    );
+                }
+            }
+        }
+        drop(to_flusher);
+        if let Ok(handle) = flusher {
+            let _ = handle.join();
+        }
+    }
+
+    /// Steps and commits a batch; answers failures at once and returns what awaits a flush.
+    fn batch(&self, jobs: Vec<Job>) -> Option<Committed> {
+        let now = Utc::now();
+        let flows = self.flows.load_full();
+        let mut rng = rand::rng();
+        // Within a batch, later events see earlier ones' results.
+        let mut latest: HashMap<Phone, Subscriber> = HashMap::new();
+        let mut replied: HashMap<String, String> = HashMap::new();
+        let mut prepared = Vec::new();
+        let mut committed = Committed {
+            answers: Vec::new(),
+            flush_only: Vec::new(),
+            timers: false,
+            outbox: false,
+        };
+        for job in jobs {
+            let (phone, event, sid, fired, done) = match job {
+                Job::Flush(done) => {
+                    committed.flush_only.push(done);
+                    continue;
+                }
+                Job::Apply {
+                    phone,
+                    event,
+                    inbound_sid,
+                    fired,
+                    done,
+                } => (phone, event, inbound_sid, fired, done),
+            };
+            if let Some(sid) = &sid {
+                let earlier = match replied.get(sid) {
+                    Some(twiml) => Ok(Some(twiml.clone())),
+                    None => self.store.inbound_reply(sid),
+                };
+                match earlier {
+                    Ok(Some(twiml)) => {
+                        committed.answers.push((done, duplicate(twiml)));
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        let _ = done.send(Err(e));
+                        continue;
+                    }
+                }
+            }
+            let sub = match latest.remove(&phone) {
+                Some(s) => s,
+                None => match self.store.subscriber(&phone) {
+                    Ok(s) => s.unwrap_or_else(|| Subscriber::new(phone.clone(), now)),
+                    Err(e) => {
+                        let _ = done.send(Err(e));
+                        continue;
+                    }
+                },
+            };
+            let t = machine::step(sub, &event, &flows, now, &mut rng);
+            let (mut commit, applied) = to_commit(t, sid.as_deref(), fired, now);
+            committed.timers |= !commit.schedule.is_empty();
+            committed.outbox |= !commit.outgoing.is_empty();
+            prepared.push(Prepared::new(&commit, now));
+            if let (Some(sid), Some(twiml)) = (&sid, &applied.twiml) {
+                replied.insert(sid.clone(), twiml.clone());
+            }
+            if let Some(s) = commit.subscriber.take() {
+                latest.insert(phone, s);
+            }
+            committed.answers.push((done, applied));
+        }
+        if !prepared.is_empty() {
+            if let Err(e) = self.store.commit_prepared(&prepared) {
+                let msg = format!("{e:#}");
+                for (done, _) in committed.answers {
+                    let _ = done.send(Err(anyhow::anyhow!("committing the event: {msg}")));
+                }
+                committed.answers = Vec::new();
+                if committed.flush_only.is_empty() {
+                    return None;
+                }
+            }
+        }
+        Some(committed)
+    }
+}
+
+fn flush_loop(store: &Store, timers: &Notify, outbox: &Notify, rx: mpsc::Receiver<Committed>) {
+    while let Ok(first) = rx.recv() {
+        let mut all = vec![first];
+        all.extend(rx.try_iter());
+        finish(store, timers, outbox, all);
+    }
+}
+
+/// One flush for every batch committed so far, then the answers and the wake-ups.
+fn finish(store: &Store, timers: &Notify, outbox: &Notify, batches: Vec<Committed>) {
+    let flushed = store.flush().map_err(|e| format!("{e:#}"));
+    for b in batches {
+        if flushed.is_ok() {
+            if b.timers {
+                timers.notify_one();
+            }
+            if b.outbox {
+                outbox.notify_one();
+            }
+        }
+        for (done, applied) in b.answers {
+            let _ = done.send(match &flushed {
+                Ok(()) => Ok(applied),
+                Err(e) => Err(anyhow::anyhow!("making the event durable: {e}")),
+            });
+        }
+        for done in b.flush_only {
+            let _ = done.send(match &flushed {
+                Ok(()) => Ok(duplicate(String::new())),
+                Err(e) => Err(anyhow::anyhow!("flushing: {e}")),
+            });
+        }
+    }
+}
+
+fn duplicate(twiml: String) -> Applied {
+    Applied {
+        outcome: Outcome::Ignored,
+        replies: Vec::new(),
+        twiml: Some(twiml),
+        duplicate: true,
+    }
+}
+
+/// Turns a transition's effects into the store commit and the caller's answer.
+fn to_commit(
+    t: Transition,
+    inbound_sid: Option<&str>,
+    fired: Option<DueTimer>,
+    now: DateTime<Utc>,
+) -> (Commit, Applied) {
+    let mut c = Commit {
+        fired,
+        ..Commit::default()
+    };
+    let mut replies = Vec::new();
+    for e in t.effects {
+        match e {
+            Effect::Reply(text) => replies.push(text),
+            Effect::Send(text) => c.outgoing.push((text, false)),
+            Effect::SendCode(text) => c.outgoing.push((text, true)),
+            Effect::Schedule(timer) => c.schedule.push(timer),
+            Effect::Cancel(timer) => c.cancel.push(timer),
+            Effect::Record(record) => c.history.push(HistoryEntry { at: now, record }),
+        }
+    }
+    let twiml = inbound_sid.map(|_| crate::http::twiml::messages(&replies));
+    c.inbound = inbound_sid
+        .zip(twiml.clone())
+        .map(|(s, x)| (s.to_string(), x));
+    c.subscriber = Some(t.subscriber);
+    let applied = Applied {
+        outcome: t.outcome,
+        replies,
+        twiml,
+        duplicate: false,
+    };
+    (c, applied)
 }

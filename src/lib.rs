@@ -5,6 +5,7 @@
 //! returns effects as data; it never touches the network, the disk, the clock or a global RNG.
 
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod engine;

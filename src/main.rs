@@ -7,6 +7,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => cli::serve(&args),
+        Command::Bench(args) => cli::bench(args),
         Command::Check { dir } => cli::check(&dir),
         Command::Test { dir } => cli::test(&dir),
         Command::Simulate { flows, phone, seed } => cli::simulate(&flows, &phone, seed),

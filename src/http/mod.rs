@@ -259,7 +259,7 @@ async fn status(
             })
             .await?;
     } else {
-        state.engine.store.durable().await?;
+        state.engine.durable().await?;
     }
     tracing::info!(status = new_status, ?code, "delivery report");
     Ok(StatusCode::NO_CONTENT.into_response())

@@ -1,9 +1,8 @@
 //! Durable state in sled: subscribers, timers, outbox, delivery records, inbound dedup and
-//! history. Every event is one multi-tree transaction; [`Store::durable`] makes it reach disk
-//! through one group-commit flusher shared by all callers.
+//! history. Every event's changes go into one multi-tree transaction ([`Store::commit_many`]);
+//! the engine's writer thread makes them durable with one flush per batch (group commit).
 
 pub mod codec;
-mod flusher;
 
 use std::path::Path;
 
@@ -15,7 +14,6 @@ use sled::Transactional;
 
 use crate::machine::{Record, Subscriber, Timer, TimerKind};
 use crate::phone::Phone;
-use flusher::Flusher;
 
 /// Version bytes of the other stored values (see [`codec`]).
 const OUT_VERSION: u8 = 1;
@@ -89,7 +87,6 @@ pub struct Store {
     history: sled::Tree,
     deliveries: sled::Tree,
     sids: sled::Tree,
-    flusher: Flusher,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,18 +133,12 @@ impl Store {
             history: tree("history")?,
             deliveries: tree("deliveries")?,
             sids: tree("sids")?,
-            flusher: Flusher::start(db.clone()),
             db,
         })
     }
 
-    /// Waits until everything committed before this call is on disk.
-    pub async fn durable(&self) -> anyhow::Result<()> {
-        self.flusher.flush().await
-    }
-
-    /// Flushes synchronously (shutdown).
-    pub fn flush_now(&self) -> anyhow::Result<()> {
+    /// Writes everything committed so far to disk (fsync).
+    pub fn flush(&self) -> anyhow::Result<()> {
         self.db.flush().context("flushing the store")?;
         Ok(())
     }
@@ -191,58 +182,21 @@ impl Store {
         }
     }
 
-    /// Applies one event's changes in a single transaction over every tree it touches.
+    /// Applies one event's changes atomically.
     pub fn commit(&self, c: &Commit, now: DateTime<Utc>) -> anyhow::Result<()> {
-        // Everything is encoded up front: sled may run the closure more than once.
-        let sub = c
-            .subscriber
-            .as_ref()
-            .map(|s| (s.phone.as_str().to_string(), codec::encode_subscriber(s)));
-        let phone = c.subscriber.as_ref().map(|s| s.phone.clone());
-        let timer_keys = |ts: &[Timer]| -> Vec<(Vec<u8>, [u8; 8])> {
-            phone
-                .as_ref()
-                .map(|p| {
-                    ts.iter()
-                        .map(|t| (timer_key(t, p), t.epoch.to_be_bytes()))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let schedule = timer_keys(&c.schedule);
-        let cancel = timer_keys(&c.cancel);
-        let outgoing: Vec<Vec<u8>> = match &phone {
-            Some(p) => c
-                .outgoing
-                .iter()
-                .map(|(body, secret)| {
-                    codec::encode(
-                        OUT_VERSION,
-                        &OutMessage {
-                            phone: p.clone(),
-                            body: body.clone(),
-                            secret: *secret,
-                            attempts: 0,
-                            next_try: now,
-                            created_at: now,
-                            last_error: None,
-                        },
-                    )
-                })
-                .collect(),
-            None => Vec::new(),
-        };
-        let inbound = c
-            .inbound
-            .as_ref()
-            .map(|(sid, reply)| (sid.clone(), codec::encode(REPLY_VERSION, reply)));
-        let history: Vec<Vec<u8>> = c
-            .history
-            .iter()
-            .map(|h| codec::encode(HISTORY_VERSION, h))
-            .collect();
-        let fired = c.fired.as_ref().map(|f| f.key.clone());
+        self.commit_many(std::slice::from_ref(c), now)
+    }
 
+    /// Applies several events' changes in a single transaction over every tree they touch:
+    /// all of them or none.
+    pub fn commit_many(&self, commits: &[Commit], now: DateTime<Utc>) -> anyhow::Result<()> {
+        let encoded: Vec<Prepared> = commits.iter().map(|c| Prepared::new(c, now)).collect();
+        self.commit_prepared(&encoded)
+    }
+
+    /// Like [`Store::commit_many`] for commits already turned into bytes.
+    pub fn commit_prepared(&self, encoded: &[Prepared]) -> anyhow::Result<()> {
+        // Everything is encoded up front: sled may run the closure more than once.
         let trees = (
             &self.subscribers,
             &self.timers,
@@ -251,31 +205,30 @@ impl Store {
             &self.history,
         );
         trees
-            .transaction(|(subs, timers, outbox, inbound_t, hist)| {
-                if let Some(key) = &fired {
-                    timers.remove(key.as_slice())?;
-                }
-                for (key, _) in &cancel {
-                    timers.remove(key.as_slice())?;
-                }
-                for (key, epoch) in &schedule {
-                    timers.insert(key.as_slice(), &epoch[..])?;
-                }
-                for msg in &outgoing {
-                    let id = outbox.generate_id()?;
-                    outbox.insert(&id.to_be_bytes()[..], msg.as_slice())?;
-                }
-                if let Some((sid, reply)) = &inbound {
-                    inbound_t.insert(sid.as_bytes(), reply.as_slice())?;
-                }
-                if let (Some(p), false) = (&phone, history.is_empty()) {
-                    for h in &history {
-                        let id = hist.generate_id()?;
-                        hist.insert(history_key(p, id), h.as_slice())?;
+            .transaction(|(subs, timers, outbox, inbound, hist)| {
+                for e in encoded {
+                    for key in &e.remove_timers {
+                        timers.remove(key.as_slice())?;
                     }
-                }
-                if let Some((key, value)) = &sub {
-                    subs.insert(key.as_bytes(), value.as_slice())?;
+                    for (key, epoch) in &e.add_timers {
+                        timers.insert(key.as_slice(), &epoch[..])?;
+                    }
+                    for msg in &e.outgoing {
+                        let id = outbox.generate_id()?;
+                        outbox.insert(&id.to_be_bytes()[..], msg.as_slice())?;
+                    }
+                    if let Some((sid, reply)) = &e.inbound {
+                        inbound.insert(sid.as_bytes(), reply.as_slice())?;
+                    }
+                    if let Some(phone) = &e.phone {
+                        for h in &e.history {
+                            let id = hist.generate_id()?;
+                            hist.insert(history_key(phone, id), h.as_slice())?;
+                        }
+                    }
+                    if let (Some(phone), Some(value)) = (&e.phone, &e.subscriber) {
+                        subs.insert(phone.as_str().as_bytes(), value.as_slice())?;
+                    }
                 }
                 Ok::<(), ConflictableTransactionError<Abort>>(())
             })
@@ -392,6 +345,71 @@ impl Store {
         }
         out.reverse();
         Ok(out)
+    }
+}
+
+/// A [`Commit`] turned into keys and bytes, ready for [`Store::commit_prepared`].
+pub struct Prepared {
+    phone: Option<Phone>,
+    subscriber: Option<Vec<u8>>,
+    remove_timers: Vec<Vec<u8>>,
+    add_timers: Vec<(Vec<u8>, [u8; 8])>,
+    outgoing: Vec<Vec<u8>>,
+    inbound: Option<(String, Vec<u8>)>,
+    history: Vec<Vec<u8>>,
+}
+
+impl Prepared {
+    pub fn new(c: &Commit, now: DateTime<Utc>) -> Prepared {
+        let phone = c.subscriber.as_ref().map(|s| s.phone.clone());
+        let keys = |ts: &[Timer]| -> Vec<(Vec<u8>, [u8; 8])> {
+            match &phone {
+                Some(p) => ts
+                    .iter()
+                    .map(|t| (timer_key(t, p), t.epoch.to_be_bytes()))
+                    .collect(),
+                None => Vec::new(),
+            }
+        };
+        let mut remove_timers: Vec<Vec<u8>> = keys(&c.cancel).into_iter().map(|(k, _)| k).collect();
+        remove_timers.extend(c.fired.as_ref().map(|f| f.key.clone()));
+        let outgoing = match &phone {
+            Some(p) => c
+                .outgoing
+                .iter()
+                .map(|(body, secret)| {
+                    codec::encode(
+                        OUT_VERSION,
+                        &OutMessage {
+                            phone: p.clone(),
+                            body: body.clone(),
+                            secret: *secret,
+                            attempts: 0,
+                            next_try: now,
+                            created_at: now,
+                            last_error: None,
+                        },
+                    )
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        Prepared {
+            subscriber: c.subscriber.as_ref().map(codec::encode_subscriber),
+            remove_timers,
+            add_timers: keys(&c.schedule),
+            outgoing,
+            inbound: c
+                .inbound
+                .as_ref()
+                .map(|(sid, reply)| (sid.clone(), codec::encode(REPLY_VERSION, reply))),
+            history: c
+                .history
+                .iter()
+                .map(|h| codec::encode(HISTORY_VERSION, h))
+                .collect(),
+            phone,
+        }
     }
 }
 

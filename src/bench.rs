@@ -1,0 +1,211 @@
+//! `smsflow bench`: durable inbound webhooks against a trivial route of the same server, in one
+//! run, so the ratio means something on a noisy machine.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::app::{Application, Options};
+use crate::config::Layer;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Requests per route.
+    #[arg(long, default_value_t = 20_000)]
+    pub requests: usize,
+    /// The flow directory the daemon loads.
+    #[arg(long, default_value = "flows")]
+    pub flows: std::path::PathBuf,
+    /// The text each (distinct) number sends.
+    #[arg(long, default_value = "HELP")]
+    pub body: String,
+}
+
+/// Latency figures of one run.
+#[derive(Debug, Clone)]
+pub struct Figures {
+    pub requests: usize,
+    pub errors: usize,
+    pub per_second: f64,
+    pub p50: Duration,
+    pub p99: Duration,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
+    let data = std::env::temp_dir().join(format!("smsflow-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let config = Layer {
+        listen: Some("127.0.0.1:0".into()),
+        data: Some(data.clone()),
+        flows: Some(args.flows.clone()),
+        ..Layer::default()
+    }
+    .resolve()?;
+    let app = Application::build(
+        config,
+        Options {
+            quiet_console: true,
+            ..Options::default()
+        },
+    )
+    .await?;
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stop_rx.await;
+    }));
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.connections)
+        .build()?;
+
+    // Warm up both routes (connections, caches).
+    drive(
+        &client,
+        &base,
+        args.connections,
+        2_000.min(args.requests),
+        Route::Trivial,
+        &args.body,
+        9,
+    )
+    .await;
+    drive(
+        &client,
+        &base,
+        args.connections,
+        2_000.min(args.requests),
+        Route::Webhook,
+        &args.body,
+        8,
+    )
+    .await;
+    let trivial = drive(
+        &client,
+        &base,
+        args.connections,
+        args.requests,
+        Route::Trivial,
+        &args.body,
+        0,
+    )
+    .await;
+    let webhook = drive(
+        &client,
+        &base,
+        args.connections,
+        args.requests,
+        Route::Webhook,
+        &args.body,
+        1,
+    )
+    .await;
+
+    let _ = stop_tx.send(());
+    server.await??;
+    let _ = std::fs::remove_dir_all(&data);
+
+    let line = |name: &str, f: &Figures| {
+        format!(
+            "{name:<28} {:>9.0} req/s   p50 {:>7.2} ms   p99 {:>7.2} ms   ({} requests, {} errors)\n",
+            f.per_second,
+            f.p50.as_secs_f64() * 1e3,
+            f.p99.as_secs_f64() * 1e3,
+            f.requests,
+            f.errors
+        )
+    };
+    let mut out = format!(
+        "smsflow bench: {} connections, loopback, same process\n",
+        args.connections
+    );
+    out += &line("GET /healthz (trivial)", &trivial);
+    out += &line("POST /twilio/sms (durable)", &webhook);
+    out += &format!(
+        "ratio durable/trivial: {:.2} (target >= 0.50), webhook p99 {:.2} ms (target <= 20 ms)\n",
+        webhook.per_second / trivial.per_second,
+        webhook.p99.as_secs_f64() * 1e3
+    );
+    Ok(out)
+}
+
+#[derive(Clone, Copy)]
+enum Route {
+    Trivial,
+    Webhook,
+}
+
+async fn drive(
+    client: &reqwest::Client,
+    base: &str,
+    connections: usize,
+    requests: usize,
+    route: Route,
+    body: &str,
+    run: u64,
+) -> Figures {
+    let next = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (client, base, body) = (client.clone(), base.to_string(), body.to_string());
+        let (next, errors) = (next.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= requests {
+                    return latencies;
+                }
+                let t = Instant::now();
+                let result = match route {
+                    Route::Trivial => client.get(format!("{base}/healthz")).send().await,
+                    Route::Webhook => {
+                        // A distinct number and message id per request.
+                        let from = format!("+1555{:07}", (run * 1_000_000 + i as u64) % 10_000_000);
+                        let sid = format!("SMbench{run}x{i}");
+                        client
+                            .post(format!("{base}/twilio/sms"))
+                            .form(&[
+                                ("From", from.as_str()),
+                                ("Body", body.as_str()),
+                                ("MessageSid", sid.as_str()),
+                            ])
+                            .send()
+                            .await
+                    }
+                };
+                match result {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.bytes().await;
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                latencies.push(t.elapsed());
+            }
+        }));
+    }
+    let mut all = Vec::with_capacity(requests);
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    let elapsed = started.elapsed();
+    all.sort();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    Figures {
+        requests: all.len(),
+        errors: errors.load(Ordering::Relaxed),
+        per_second: all.len() as f64 / elapsed.as_secs_f64(),
+        p50: pct(0.50),
+        p99: pct(0.99),
+    }
+}

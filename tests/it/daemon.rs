@@ -1,0 +1,368 @@
+//! The daemon through its socket: webhooks, signatures, dedup, timers, restarts, outages.
+
+use std::time::Duration;
+
+use crate::helpers::*;
+
+const ANN: &str = "+15550001111";
+const BOB: &str = "+15550002222";
+
+/// JOIN, read the code from the fake API, reply it, answer the form: enrolled.
+async fn enrol(app: &TestApp, phone: &str, delivered_before: usize) {
+    let (status, twiml) = app.sms(phone, "JOIN").await;
+    assert_eq!(status, 200);
+    assert!(twiml.ends_with("<Response/>"), "{twiml}");
+    let code = code_in(&app.twilio.last_to(phone, delivered_before + 1).await);
+    assert_eq!(code.len(), 6);
+    let (_, twiml) = app.sms(phone, &code).await;
+    assert!(
+        twiml.contains("<Message>Verified!</Message><Message>Name?</Message>"),
+        "{twiml}"
+    );
+    let (_, twiml) = app.sms(phone, "Ann").await;
+    assert!(twiml.contains("<Message>Welcome Ann</Message>"), "{twiml}");
+}
+
+#[tokio::test]
+async fn join_verify_form_and_sequence_steps_arrive_through_the_twilio_api() {
+    let app = TestApp::spawn(FLOWS).await;
+    enrol(&app, ANN, 0).await;
+    assert_eq!(app.state_of(ANN).as_deref(), Some("in_sequence"));
+
+    let all = app.twilio.wait_delivered(4).await;
+    let bodies: Vec<&str> = all.iter().map(|r| r.body.as_str()).collect();
+    assert!(bodies[0].starts_with("Code: "));
+    assert_eq!(&bodies[1..], ["Step one", "Step two", "Step three"]);
+    for r in &all {
+        assert!(r.authorized, "Basic auth with the account SID and token");
+        assert_eq!(r.to, ANN);
+        assert_eq!(r.from, FROM);
+        assert_eq!(
+            r.status_callback.as_deref(),
+            Some("https://smsflow.test/twilio/status")
+        );
+    }
+    quiet_for(Duration::from_millis(1500)).await;
+    assert_eq!(app.twilio.delivered().len(), 4, "no step is sent twice");
+    assert_eq!(
+        app.state_of(ANN).as_deref(),
+        Some("verified"),
+        "a finished sequence leaves the number verified"
+    );
+}
+
+#[tokio::test]
+async fn stop_mid_sequence_means_nothing_more_arrives() {
+    let app = TestApp::spawn(FLOWS).await;
+    enrol(&app, ANN, 0).await;
+    app.twilio.wait_delivered(2).await; // the code and "Step one"
+    let (status, twiml) = app.sms(ANN, "Stop.").await;
+    assert_eq!(status, 200);
+    assert!(twiml.contains("unsubscribed"), "{twiml}");
+    assert_eq!(app.state_of(ANN).as_deref(), Some("opted_out"));
+    quiet_for(Duration::from_millis(2500)).await;
+    let bodies: Vec<String> = app.twilio.delivered().into_iter().map(|r| r.body).collect();
+    assert_eq!(bodies.len(), 2, "nothing after STOP: {bodies:?}");
+    let (_, twiml) = app.sms(ANN, "STOP").await;
+    assert!(
+        twiml.ends_with("<Response/>"),
+        "STOP is confirmed once: {twiml}"
+    );
+}
+
+#[tokio::test]
+async fn a_repeated_message_sid_is_processed_once_and_answered_identically() {
+    let app = TestApp::spawn(FLOWS).await;
+    let (s1, first) = app.sms_with_sid(ANN, "HELP", "SMdup0001").await;
+    let (s2, second) = app.sms_with_sid(ANN, "HELP", "SMdup0001").await;
+    assert_eq!((s1, s2), (200, 200));
+    assert_eq!(first, second);
+    assert!(first.contains("<Message>"), "{first}");
+
+    app.sms_with_sid(BOB, "JOIN", "SMdup0002").await;
+    app.sms_with_sid(BOB, "JOIN", "SMdup0002").await;
+    app.twilio.wait_delivered(1).await;
+    quiet_for(Duration::from_millis(300)).await;
+    assert_eq!(app.twilio.delivered().len(), 1, "one JOIN, one code");
+}
+
+#[tokio::test]
+async fn a_forged_or_missing_signature_is_refused_and_changes_nothing() {
+    let app = TestApp::spawn(FLOWS).await;
+    let form = [("From", ANN), ("Body", "JOIN"), ("MessageSid", "SMforged")];
+    let forged = app
+        .http
+        .post(format!("{}/twilio/sms", app.base))
+        .header("X-Twilio-Signature", "bm90IGEgcmVhbCBzaWduYXR1cmU=")
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status().as_u16(), 403);
+    assert!(forged
+        .text()
+        .await
+        .unwrap()
+        .contains("invalid X-Twilio-Signature"));
+    let missing = app
+        .http
+        .post(format!("{}/twilio/sms", app.base))
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status().as_u16(), 403);
+    assert!(missing
+        .text()
+        .await
+        .unwrap()
+        .contains("missing X-Twilio-Signature"));
+    // Signed for another URL:
+    let owned: Vec<(String, String)> = form
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let other = smsflow::http::signature::sign(AUTH_TOKEN, "https://evil.test/twilio/sms", &owned);
+    let wrong_url = app
+        .http
+        .post(format!("{}/twilio/sms", app.base))
+        .header("X-Twilio-Signature", other)
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_url.status().as_u16(), 403);
+
+    assert_eq!(app.state_of(ANN), None, "no subscriber was created");
+    quiet_for(Duration::from_millis(200)).await;
+    assert_eq!(app.twilio.attempts(), 0);
+    // The same message, properly signed, now works (the forged one did not consume its id).
+    let (status, _) = app.sms_with_sid(ANN, "JOIN", "SMforged").await;
+    assert_eq!(status, 200);
+    assert_eq!(app.state_of(ANN).as_deref(), Some("awaiting_code"));
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_status_and_changes_nothing() {
+    let app = TestApp::spawn(FLOWS).await;
+    let url = format!("{}/twilio/sms", app.base);
+
+    let json = app
+        .http
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(r#"{"From":"+15550001111"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json.status().as_u16(), 400);
+    assert!(json.text().await.unwrap().contains("expected a form body"));
+
+    for (missing, params) in [
+        ("From", vec![("Body", "JOIN"), ("MessageSid", "SM1")]),
+        ("Body", vec![("From", ANN), ("MessageSid", "SM2")]),
+        ("MessageSid", vec![("From", ANN), ("Body", "JOIN")]),
+    ] {
+        let r = app.post_form("/twilio/sms", &params).await;
+        assert_eq!(r.status().as_u16(), 400, "missing {missing}");
+        let body = r.text().await.unwrap();
+        assert!(
+            body.contains(&format!("missing form field {missing}")),
+            "{body}"
+        );
+    }
+
+    let r = app
+        .post_form(
+            "/twilio/sms",
+            &[
+                ("From", "not-a-phone"),
+                ("Body", "JOIN"),
+                ("MessageSid", "SM3"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.text().await.unwrap().contains("From:"));
+
+    let huge = "x".repeat(70 * 1024);
+    let r = app
+        .post_form(
+            "/twilio/sms",
+            &[
+                ("From", ANN),
+                ("Body", huge.as_str()),
+                ("MessageSid", "SM4"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 413);
+
+    let r = app
+        .http
+        .get(format!("{}/no/such/route", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let r = app
+        .http
+        .get(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+
+    assert_eq!(app.state_of(ANN), None, "bad input created no subscriber");
+    quiet_for(Duration::from_millis(200)).await;
+    assert_eq!(app.twilio.attempts(), 0, "bad input sent nothing");
+}
+
+#[tokio::test]
+async fn after_a_restart_mid_sequence_the_remaining_steps_arrive_exactly_once() {
+    let app = TestApp::spawn(FLOWS).await;
+    enrol(&app, ANN, 0).await;
+    let got = app.twilio.wait_delivered(2).await;
+    assert_eq!(got[1].body, "Step one");
+    // Down for longer than the next delay: "Step two" is overdue at start-up.
+    let app = app.restart(Duration::from_millis(1500)).await;
+    let all = app.twilio.wait_delivered(4).await;
+    let bodies: Vec<&str> = all.iter().map(|r| r.body.as_str()).collect();
+    assert_eq!(&bodies[1..], ["Step one", "Step two", "Step three"]);
+    quiet_for(Duration::from_millis(1500)).await;
+    assert_eq!(app.twilio.delivered().len(), 4, "each step exactly once");
+    assert_eq!(app.state_of(ANN).as_deref(), Some("verified"));
+}
+
+const BURST: &str = r#"
+[bot]
+name = "Burst"
+[verify]
+send = "Code: {code}"
+[[sequence]]
+name = "burst"
+steps = [
+  { after = "1s", say = "one" },
+  { after = "0s", say = "two" },
+  { after = "0s", say = "three" },
+]
+"#;
+
+#[tokio::test]
+async fn after_an_outage_every_queued_message_is_delivered_once_in_order_per_number() {
+    let app = TestApp::spawn(BURST).await;
+    let phones = [ANN, BOB, "+15550003333"];
+    for (i, p) in phones.iter().enumerate() {
+        app.sms(p, "JOIN").await;
+        let code = code_in(&app.twilio.last_to(p, i + 1).await);
+        let (_, twiml) = app.sms(p, &code).await;
+        assert!(twiml.contains("verified"), "{twiml}");
+    }
+    // The sequences fire in about a second: make Twilio fail for a while first.
+    app.twilio
+        .fail_next(&[503, 503, 503, 503, 429, 429, 429, 429]);
+    let all = app.twilio.wait_delivered(3 + 9).await;
+    quiet_for(Duration::from_millis(500)).await;
+    let all_now = app.twilio.delivered();
+    assert_eq!(all_now.len(), all.len(), "nothing delivered twice");
+    assert!(
+        app.twilio.attempts() >= 12 + 8,
+        "the failures were really answered"
+    );
+    for p in phones {
+        let bodies: Vec<&str> = all_now
+            .iter()
+            .filter(|r| r.to == p && !r.body.starts_with("Code"))
+            .map(|r| r.body.as_str())
+            .collect();
+        assert_eq!(bodies, ["one", "two", "three"], "in order for {p}");
+    }
+}
+
+#[tokio::test]
+async fn twilio_reporting_21610_opts_the_number_out() {
+    let app = TestApp::spawn(FLOWS).await;
+    enrol(&app, ANN, 0).await;
+    // Twilio refuses the next send: the number has unsubscribed at the carrier.
+    app.twilio.unsubscribe(ANN);
+    for _ in 0..100 {
+        if app.state_of(ANN).as_deref() == Some("opted_out") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.state_of(ANN).as_deref(), Some("opted_out"));
+
+    // A delivery report with 21610 does the same for another number.
+    enrol(&app, BOB, 1).await;
+    let r = app
+        .post_form(
+            "/twilio/status",
+            &[
+                ("MessageSid", "SMunknown"),
+                ("MessageStatus", "undelivered"),
+                ("ErrorCode", "21610"),
+                ("To", BOB),
+            ],
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 204);
+    assert_eq!(app.state_of(BOB).as_deref(), Some("opted_out"));
+}
+
+/// The request we send matches Twilio's own OpenAPI description of `Messages.json`
+/// (tests/fixtures/twilio_messages_api.json, a copy of ../shared/twilio/messages_api.json).
+#[tokio::test]
+async fn what_we_send_to_twilio_matches_its_openapi_spec() {
+    let spec: serde_json::Value =
+        serde_json::from_str(include_str!("../fixtures/twilio_messages_api.json")).unwrap();
+    let post = &spec["paths"]["/2010-04-01/Accounts/{AccountSid}/Messages.json"]["post"];
+    let schema = &post["requestBody"]["content"]["application/x-www-form-urlencoded"]["schema"];
+    let known: Vec<&str> = schema["properties"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let required: Vec<&str> = schema["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    let created = &post["responses"]["201"]["content"]["application/json"]["schema"];
+    let created_ref = created["$ref"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap();
+    let response_props = &spec["components"]["schemas"][created_ref]["properties"];
+    assert!(
+        response_props.get("sid").is_some(),
+        "we read `sid` from the 201 answer"
+    );
+
+    let app = TestApp::spawn(FLOWS).await;
+    app.sms(ANN, "JOIN").await;
+    let sent = app.twilio.wait_delivered(1).await;
+    let params = &sent[0].params;
+    for p in params {
+        assert!(
+            known.contains(&p.as_str()),
+            "{p} is not a Messages.json parameter"
+        );
+    }
+    for r in required {
+        assert!(params.iter().any(|p| p == r), "required {r} missing");
+    }
+    assert!(
+        params
+            .iter()
+            .any(|p| p == "From" || p == "MessagingServiceSid"),
+        "a sender"
+    );
+    assert!(params.iter().any(|p| p == "Body"));
+    let e164 = regex::Regex::new(r"^\+[1-9]\d{7,14}$").unwrap();
+    assert!(e164.is_match(&sent[0].to) && e164.is_match(&sent[0].from));
+}

@@ -1,0 +1,364 @@
+//! Test harness: the daemon on port 0 with a temp data dir, and a fake Twilio REST API on
+//! loopback that records what it receives and can be told to fail.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::post;
+use axum::{Form, Router};
+use smsflow::app::{Application, Options};
+use smsflow::config::{Config, Secret, Sender, TwilioConfig};
+use smsflow::phone::Region;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+pub const ACCOUNT_SID: &str = "AC00000000000000000000000000000001";
+pub const AUTH_TOKEN: &str = "test-auth-token";
+pub const FROM: &str = "+15005550006";
+pub const PUBLIC_URL: &str = "https://smsflow.test";
+
+/// A message the fake Twilio API accepted (or refused), as it arrived.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub to: String,
+    pub from: String,
+    pub body: String,
+    pub status_callback: Option<String>,
+    pub authorized: bool,
+    /// The HTTP status the fake answered.
+    pub answered: u16,
+    /// Every form parameter name sent.
+    pub params: Vec<String>,
+}
+
+#[derive(Default)]
+struct FakeState {
+    received: Vec<Received>,
+    /// Statuses to answer next, in order; empty means 201.
+    script: VecDeque<u16>,
+    /// Numbers Twilio treats as unsubscribed (answered 400 / 21610).
+    unsubscribed: Vec<String>,
+    next_sid: u64,
+}
+
+#[derive(Clone)]
+pub struct FakeTwilio {
+    pub url: String,
+    state: Arc<Mutex<FakeState>>,
+}
+
+impl FakeTwilio {
+    pub async fn start() -> FakeTwilio {
+        let state = Arc::new(Mutex::new(FakeState::default()));
+        let app = Router::new()
+            .route(
+                "/2010-04-01/Accounts/{sid}/Messages.json",
+                post(fake_messages),
+            )
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        FakeTwilio { url, state }
+    }
+
+    /// Messages answered with success, in arrival order.
+    pub fn delivered(&self) -> Vec<Received> {
+        let s = self.state.lock().unwrap();
+        s.received
+            .iter()
+            .filter(|r| r.answered < 300)
+            .cloned()
+            .collect()
+    }
+
+    pub fn attempts(&self) -> usize {
+        self.state.lock().unwrap().received.len()
+    }
+
+    pub fn fail_next(&self, statuses: &[u16]) {
+        self.state.lock().unwrap().script.extend(statuses);
+    }
+
+    pub fn unsubscribe(&self, phone: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .unsubscribed
+            .push(phone.to_string());
+    }
+
+    /// Waits (up to 15 s) until at least `n` messages were delivered, and returns them all.
+    pub async fn wait_delivered(&self, n: usize) -> Vec<Received> {
+        for _ in 0..300 {
+            let d = self.delivered();
+            if d.len() >= n {
+                return d;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "expected {n} delivered messages, got {:#?}",
+            self.delivered()
+        );
+    }
+
+    /// The latest delivered message to `to`.
+    pub async fn last_to(&self, to: &str, n_total: usize) -> String {
+        let d = self.wait_delivered(n_total).await;
+        d.iter()
+            .rev()
+            .find(|r| r.to == to)
+            .map(|r| r.body.clone())
+            .unwrap_or_default()
+    }
+}
+
+async fn fake_messages(
+    State(state): State<Arc<Mutex<FakeState>>>,
+    Path(sid): Path<String>,
+    headers: HeaderMap,
+    Form(form): Form<Vec<(String, String)>>,
+) -> impl IntoResponse {
+    use base64::Engine as _;
+    let get = |k: &str| form.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
+    let expected_auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{ACCOUNT_SID}:{AUTH_TOKEN}"))
+    );
+    let authorized = sid == ACCOUNT_SID
+        && headers.get("authorization").and_then(|v| v.to_str().ok())
+            == Some(expected_auth.as_str());
+    let mut s = state.lock().unwrap();
+    let to = get("To").unwrap_or_default();
+    let (status, body) = if !authorized {
+        (
+            401,
+            serde_json::json!({"code": 20003, "message": "Authenticate", "status": 401}),
+        )
+    } else if s.unsubscribed.contains(&to) {
+        (
+            400,
+            serde_json::json!({"code": 21610, "message": "Attempt to send to unsubscribed recipient", "status": 400}),
+        )
+    } else if let Some(code) = s.script.pop_front() {
+        (
+            code,
+            serde_json::json!({"code": 20500, "message": "scripted failure", "status": code}),
+        )
+    } else {
+        s.next_sid += 1;
+        (
+            201,
+            serde_json::json!({"sid": format!("SM{:032}", s.next_sid), "status": "queued"}),
+        )
+    };
+    s.received.push(Received {
+        to,
+        from: get("From").unwrap_or_default(),
+        body: get("Body").unwrap_or_default(),
+        status_callback: get("StatusCallback"),
+        authorized,
+        answered: status,
+        params: form.iter().map(|(k, _)| k.clone()).collect(),
+    });
+    (StatusCode::from_u16(status).unwrap(), axum::Json(body))
+}
+
+/// Flows for black-box tests: second-scale delays, one sequence.
+pub const FLOWS: &str = r#"
+[bot]
+name = "Test Bot"
+
+[verify]
+send = "Code: {code}"
+verified = "Verified!"
+
+[[form.field]]
+key = "first_name"
+ask = "Name?"
+
+[[sequence]]
+name = "fast"
+steps = [
+  { after = "0s", say = "Welcome {field.first_name}" },
+  { after = "1s", say = "Step one" },
+  { after = "1s", say = "Step two" },
+  { after = "1s", say = "Step three" },
+]
+"#;
+
+pub struct TestApp {
+    pub base: String,
+    pub twilio: FakeTwilio,
+    pub data: Arc<TempDir>,
+    pub flows: Arc<TempDir>,
+    pub http: reqwest::Client,
+    pub engine: Arc<smsflow::engine::Engine>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    options: Options,
+}
+
+impl TestApp {
+    pub async fn spawn(flows: &str) -> TestApp {
+        let flows_dir = tempfile::tempdir().unwrap();
+        std::fs::write(flows_dir.path().join("flows.toml"), flows).unwrap();
+        let options = Options {
+            retry_base: Duration::from_millis(10),
+            quiet_console: true,
+        };
+        Self::start(
+            FakeTwilio::start().await,
+            Arc::new(tempfile::tempdir().unwrap()),
+            Arc::new(flows_dir),
+            options,
+        )
+        .await
+    }
+
+    async fn start(
+        twilio: FakeTwilio,
+        data: Arc<TempDir>,
+        flows: Arc<TempDir>,
+        options: Options,
+    ) -> TestApp {
+        let config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            public_url: Some(PUBLIC_URL.into()),
+            data_dir: data.path().to_path_buf(),
+            flows_dir: PathBuf::from(flows.path()),
+            region: Region::default(),
+            send_rate: 200.0,
+            twilio: Some(TwilioConfig {
+                account_sid: ACCOUNT_SID.into(),
+                auth_token: Secret::new(AUTH_TOKEN),
+                sender: Sender::From(FROM.into()),
+                api_base: twilio.url.clone(),
+            }),
+            auth_token: Some(Secret::new(AUTH_TOKEN)),
+            api_token: None,
+            admin_token: None,
+        };
+        let app = Application::build(config, options.clone())
+            .await
+            .expect("app builds");
+        let port = app.port();
+        let engine = app.engine();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until_stopped(async {
+            let _ = rx.await;
+        }));
+        TestApp {
+            base: format!("http://127.0.0.1:{port}"),
+            twilio,
+            data,
+            flows,
+            http: reqwest::Client::new(),
+            engine,
+            stop: Some(tx),
+            task: Some(task),
+            options,
+        }
+    }
+
+    /// Stops the daemon gracefully and waits until it is gone.
+    pub async fn stop(mut self) -> (FakeTwilio, Arc<TempDir>, Arc<TempDir>, Options) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("server task")
+                .expect("server stopped cleanly");
+        }
+        let TestApp {
+            twilio,
+            data,
+            flows,
+            options,
+            engine,
+            ..
+        } = self;
+        drop(engine);
+        (twilio, data, flows, options)
+    }
+
+    /// Stops and starts again on the same data dir and fake Twilio.
+    pub async fn restart(self, pause: Duration) -> TestApp {
+        let (twilio, data, flows, options) = self.stop().await;
+        tokio::time::sleep(pause).await;
+        Self::start(twilio, data, flows, options).await
+    }
+
+    /// POSTs a signed Twilio form to `path`.
+    pub async fn post_form(&self, path: &str, params: &[(&str, &str)]) -> reqwest::Response {
+        let owned: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let sig =
+            smsflow::http::signature::sign(AUTH_TOKEN, &format!("{PUBLIC_URL}{path}"), &owned);
+        self.http
+            .post(format!("{}{path}", self.base))
+            .header("X-Twilio-Signature", sig)
+            .form(&owned)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// An inbound SMS with a fresh MessageSid; returns (status, body).
+    pub async fn sms(&self, from: &str, body: &str) -> (u16, String) {
+        let sid = format!("SM{}", uuid_like());
+        self.sms_with_sid(from, body, &sid).await
+    }
+
+    pub async fn sms_with_sid(&self, from: &str, body: &str, sid: &str) -> (u16, String) {
+        let r = self
+            .post_form(
+                "/twilio/sms",
+                &[
+                    ("From", from),
+                    ("To", FROM),
+                    ("Body", body),
+                    ("MessageSid", sid),
+                ],
+            )
+            .await;
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    pub fn state_of(&self, phone: &str) -> Option<String> {
+        let phone = smsflow::phone::Phone::parse(phone).unwrap();
+        self.engine
+            .store
+            .subscriber(&phone)
+            .unwrap()
+            .map(|s| s.state.name().to_string())
+    }
+}
+
+pub fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{:032x}",
+        N.fetch_add(1, Ordering::Relaxed) + std::process::id() as u64 * 1_000_000
+    )
+}
+
+/// The digits of a code in a text such as "Code: 123456".
+pub fn code_in(text: &str) -> String {
+    text.chars().filter(|c| c.is_ascii_digit()).collect()
+}
+
+/// Sleeps a while to show that nothing more happens.
+pub async fn quiet_for(d: Duration) {
+    tokio::time::sleep(d).await;
+}
