@@ -117,6 +117,15 @@ impl Application {
                 "NOT checked (set TWILIO_AUTH_TOKEN)"
             }
         );
+        b += &format!(
+            "  OTP API:     {}\n",
+            match (&c.api_token, c.listen.ip().is_loopback()) {
+                (Some(_), _) => "on, bearer token required",
+                (None, true) =>
+                    "on without a token (loopback only; set SMSFLOW_API_TOKEN before exposing it)",
+                (None, false) => "OFF: listening beyond loopback needs SMSFLOW_API_TOKEN",
+            }
+        );
         match &c.public_url {
             Some(base) => {
                 b += "  Twilio console, Phone Numbers > your number:\n";
@@ -148,6 +157,9 @@ impl Application {
             public_url: self.config.public_url.clone(),
             auth_token: self.config.auth_token.clone(),
             region: self.config.region,
+            provider: self.provider.clone(),
+            api_token: self.config.api_token.clone(),
+            loopback: self.config.listen.ip().is_loopback(),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let scheduler = tokio::spawn(scheduler::run(self.engine.clone(), stop_rx.clone()));

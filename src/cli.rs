@@ -169,6 +169,7 @@ pub fn simulate(dir: &Path, phone: &str, seed: u64) -> ExitCode {
     let mut repl = Repl {
         sandbox: Sandbox::new(flows, default_start(), seed),
         phone,
+        call: None,
     };
     let _ = writeln!(
         out,
@@ -192,12 +193,22 @@ pub fn simulate(dir: &Path, phone: &str, seed: u64) -> ExitCode {
 pub struct Repl {
     pub sandbox: Sandbox,
     pub phone: Phone,
+    /// In a voice call: the menu being asked and its re-prompt count.
+    pub call: Option<(String, u8)>,
 }
 
 impl Repl {
     pub fn command(&mut self, line: &str) -> Option<String> {
         if line.is_empty() {
             return Some(String::new());
+        }
+        if self.call.is_some()
+            && line.len() == 1
+            && line
+                .chars()
+                .all(|c| c.is_ascii_digit() || c == '*' || c == '#')
+        {
+            return Some(self.press(Some(line)));
         }
         let Some(cmd) = line.strip_prefix('/') else {
             let sent = self.sandbox.text(&self.phone, line);
@@ -223,6 +234,16 @@ impl Repl {
                 }
                 Err(e) => format!("{e}\n"),
             },
+            "call" => {
+                let turn = crate::ivr::call_starts(&self.sandbox.flows);
+                let heard = self.voice(turn);
+                format!("[call from {}]\n{heard}", self.phone)
+            }
+            "silence" if self.call.is_some() => self.press(None),
+            "hangup" if self.call.is_some() => {
+                self.call = None;
+                "[you hung up]\n".to_string()
+            }
             "otp" => {
                 let (outcome, sent) = self.sandbox.event(&self.phone, Event::OtpRequested);
                 format!("[otp api: {}]\n{}", outcome_name(outcome), show(&sent))
@@ -235,6 +256,61 @@ impl Repl {
             }
             _ => format!("unknown command /{name}\n{HELP}"),
         })
+    }
+
+    /// A key (or silence) in the current call.
+    fn press(&mut self, key: Option<&str>) -> String {
+        let Some((menu, attempt)) = self.call.clone() else {
+            return "[not in a call: /call first]\n".to_string();
+        };
+        let turn = crate::ivr::key_pressed(&self.sandbox.flows, &menu, attempt, key);
+        self.voice(turn)
+    }
+
+    /// Prints a voice turn, running its action against the sandbox.
+    fn voice(&mut self, turn: crate::ivr::Turn) -> String {
+        use crate::flows::IvrAction;
+        use crate::ivr::{Speech, Turn};
+        let (speech, texts, next) = match turn {
+            Turn::Ask { say, menu, attempt } => (say, String::new(), Some((menu, attempt))),
+            Turn::End(say) => (say, String::new(), None),
+            Turn::Act(action) => {
+                let event = match action {
+                    IvrAction::ReadCode => Event::OtpRequested,
+                    IvrAction::OptIn => Event::VoiceOptIn,
+                    _ => Event::VoiceOptOut,
+                };
+                let (outcome, sent) = self.sandbox.event(&self.phone, event);
+                let code = sent.iter().find_map(|s| s.code.clone());
+                // read_code speaks the code; everything else arrives by text.
+                let texted: Vec<Sent> = if action == IvrAction::ReadCode {
+                    sent.into_iter().filter(|s| s.code.is_none()).collect()
+                } else {
+                    sent
+                };
+                let speech = crate::ivr::after_action(
+                    &self.sandbox.flows,
+                    &action,
+                    outcome,
+                    code.as_deref(),
+                );
+                (speech, show(&texted), None)
+            }
+        };
+        self.call = next.clone();
+        let mut out: String = speech
+            .iter()
+            .map(|s| match s {
+                Speech::Say(t) => format!("[voice] {t}\n"),
+                Speech::Pause(n) => format!("[pause {n}s]\n"),
+            })
+            .collect();
+        out.push_str(&texts);
+        out.push_str(match next {
+            Some(_) => "[press a key, /silence or /hangup]\n",
+            None => "[call ended]\n",
+        });
+        out
     }
 
     fn state(&self) -> String {
@@ -264,6 +340,7 @@ const HELP: &str = "Type a text message to send it. Commands:
   /wait 1d        advance the virtual clock and show what fired
   /state          show the subscriber
   /phone +1...    text from another number
+  /call           phone the voice menu; then type a key (1, 2, …), /silence or /hangup
   /otp            request a code through the OTP API
   /validate CODE  submit a code through the OTP API
   /quit

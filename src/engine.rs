@@ -41,6 +41,8 @@ pub struct Applied {
     pub outcome: Outcome,
     /// Direct replies (TwiML `<Message>`s), in order.
     pub replies: Vec<String>,
+    /// Codes the caller delivers itself (`Input::inline_codes`): (message text, digits).
+    pub codes: Vec<(String, String)>,
     /// The stored answer to an inbound webhook, when the event was one.
     pub twiml: Option<String>,
     /// The same inbound message was already processed; `twiml` is the original answer.
@@ -55,6 +57,9 @@ pub struct Input<'a> {
     pub inbound_sid: Option<&'a str>,
     /// The stored timer this event consumes.
     pub fired: Option<DueTimer>,
+    /// Return issued codes to the caller instead of queueing them (the OTP API sends at
+    /// once so its caller learns of a failure; the voice menu reads them aloud).
+    pub inline_codes: bool,
 }
 
 enum Job {
@@ -63,6 +68,7 @@ enum Job {
         event: Event,
         inbound_sid: Option<String>,
         fired: Option<DueTimer>,
+        inline_codes: bool,
         done: oneshot::Sender<anyhow::Result<Applied>>,
     },
     /// Just make everything so far durable.
@@ -116,6 +122,7 @@ impl Engine {
             event: input.event,
             inbound_sid: input.inbound_sid.map(str::to_string),
             fired: input.fired,
+            inline_codes: input.inline_codes,
             done,
         })?;
         answer
@@ -154,6 +161,7 @@ impl Engine {
                 event: Event::TimerDue(d.timer),
                 inbound_sid: None,
                 fired: Some(d),
+                inline_codes: false,
                 done,
             })?;
             waiting.push(answer);
@@ -240,7 +248,7 @@ impl Writer {
             outbox: false,
         };
         for job in jobs {
-            let (phone, event, sid, fired, done) = match job {
+            let (phone, event, sid, fired, inline, done) = match job {
                 Job::Flush(done) => {
                     committed.flush_only.push(done);
                     continue;
@@ -250,8 +258,9 @@ impl Writer {
                     event,
                     inbound_sid,
                     fired,
+                    inline_codes,
                     done,
-                } => (phone, event, inbound_sid, fired, done),
+                } => (phone, event, inbound_sid, fired, inline_codes, done),
             };
             if let Some(sid) = &sid {
                 let earlier = match replied.get(sid) {
@@ -281,7 +290,7 @@ impl Writer {
                 },
             };
             let t = machine::step(sub, &event, &flows, now, &mut rng);
-            let (mut commit, applied) = to_commit(t, sid.as_deref(), fired, now);
+            let (mut commit, applied) = to_commit(t, sid.as_deref(), fired, inline, now);
             committed.timers |= !commit.schedule.is_empty();
             committed.outbox |= !commit.outgoing.is_empty();
             prepared.push(Prepared::new(&commit, now));
@@ -348,6 +357,7 @@ fn duplicate(twiml: String) -> Applied {
     Applied {
         outcome: Outcome::Ignored,
         replies: Vec::new(),
+        codes: Vec::new(),
         twiml: Some(twiml),
         duplicate: true,
     }
@@ -358,6 +368,7 @@ fn to_commit(
     t: Transition,
     inbound_sid: Option<&str>,
     fired: Option<DueTimer>,
+    inline_codes: bool,
     now: DateTime<Utc>,
 ) -> (Commit, Applied) {
     let mut c = Commit {
@@ -365,11 +376,13 @@ fn to_commit(
         ..Commit::default()
     };
     let mut replies = Vec::new();
+    let mut codes = Vec::new();
     for e in t.effects {
         match e {
             Effect::Reply(text) => replies.push(text),
             Effect::Send(text) => c.outgoing.push((text, false)),
-            Effect::SendCode(text) => c.outgoing.push((text, true)),
+            Effect::SendCode { text, code } if inline_codes => codes.push((text, code.0)),
+            Effect::SendCode { text, .. } => c.outgoing.push((text, true)),
             Effect::Schedule(timer) => c.schedule.push(timer),
             Effect::Cancel(timer) => c.cancel.push(timer),
             Effect::Record(record) => c.history.push(HistoryEntry { at: now, record }),
@@ -383,6 +396,7 @@ fn to_commit(
     let applied = Applied {
         outcome: t.outcome,
         replies,
+        codes,
         twiml,
         duplicate: false,
     };

@@ -11,6 +11,7 @@ pub mod config;
 pub mod engine;
 pub mod flows;
 pub mod http;
+pub mod ivr;
 pub mod machine;
 pub mod outbox;
 pub mod phone;

@@ -154,6 +154,7 @@ impl Outbox {
                             event: Event::ProviderUnsubscribed,
                             inbound_sid: None,
                             fired: None,
+                            inline_codes: false,
                         })
                         .await?;
                 }

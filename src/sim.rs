@@ -18,6 +18,8 @@ pub struct Sent {
     pub text: String,
     /// `reply` (TwiML answer), `send` (outbox) or `code` (a verification code).
     pub channel: &'static str,
+    /// The bare digits, for a code.
+    pub code: Option<String>,
 }
 
 pub struct Sandbox {
@@ -66,16 +68,17 @@ impl Sandbox {
             .effects
             .into_iter()
             .filter_map(|e| {
-                let (text, channel) = match e {
-                    Effect::Reply(t) => (t, "reply"),
-                    Effect::Send(t) => (t, "send"),
-                    Effect::SendCode(t) => (t, "code"),
+                let (text, channel, code) = match e {
+                    Effect::Reply(t) => (t, "reply", None),
+                    Effect::Send(t) => (t, "send", None),
+                    Effect::SendCode { text, code } => (text, "code", Some(code.0)),
                     _ => return None,
                 };
                 Some(Sent {
                     phone: phone.clone(),
                     text,
                     channel,
+                    code,
                 })
             })
             .collect();

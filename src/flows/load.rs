@@ -233,6 +233,7 @@ struct RawIvr {
     reprompt: Text,
     goodbye: Text,
     read_code: Text,
+    texted: Text,
     #[serde(default)]
     menu: BTreeMap<String, S<RawMenu>>,
 }
@@ -1037,6 +1038,7 @@ impl Cx {
                 reprompt: fixed("Sorry, I didn't get that."),
                 goodbye: fixed("Goodbye."),
                 read_code: fixed("Your {bot.name} code is {code}."),
+                texted: fixed("We've sent you a text message with a code."),
                 menus: BTreeMap::new(),
             };
         };
@@ -1058,6 +1060,13 @@ impl Cx {
                 code: true,
                 ..plain
             },
+        );
+        let texted = self.text(
+            f,
+            r.texted,
+            "ivr.texted",
+            "We've sent you a text message with a code.",
+            plain,
         );
         let start_span = r.start.as_ref().map(|s| s.span());
         let start = r
@@ -1164,6 +1173,7 @@ impl Cx {
             reprompt,
             goodbye,
             read_code,
+            texted,
             menus,
         }
     }

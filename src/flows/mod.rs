@@ -197,6 +197,8 @@ pub struct Ivr {
     pub goodbye: Template,
     /// Spoken by `read_code`; `{code}` is read digit by digit.
     pub read_code: Template,
+    /// Spoken after `opt_in` texted the caller a code.
+    pub texted: Template,
     pub menus: BTreeMap<String, Menu>,
 }
 
@@ -241,6 +243,11 @@ impl IvrAction {
 }
 
 impl Flows {
+    /// Renders a text that may only refer to `{bot.name}` (voice prompts, API texts).
+    pub fn render_plain(&self, t: &Template) -> String {
+        t.render(|n| (n == "bot.name").then(|| self.bot.name.clone()))
+    }
+
     pub fn sequence(&self, name: &str) -> Option<&Sequence> {
         self.sequences.iter().find(|s| s.name == name)
     }

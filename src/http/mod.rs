@@ -1,8 +1,10 @@
 //! The HTTP surface (axum): Twilio webhooks, health. Handlers only move bytes: they parse,
 //! check, call the engine, and render its answer.
 
+pub mod otp;
 pub mod signature;
 pub mod twiml;
+pub mod voice;
 
 use std::sync::Arc;
 
@@ -28,12 +30,22 @@ pub struct AppState {
     /// When set, every `/twilio/*` request must carry a valid signature.
     pub auth_token: Option<Secret>,
     pub region: Region,
+    /// Delivers OTP codes at once (the API must know whether the send worked).
+    pub provider: Arc<crate::provider::Provider>,
+    /// Bearer token for the OTP API.
+    pub api_token: Option<Secret>,
+    /// Listening on loopback only: the OTP API may run without a token.
+    pub loopback: bool,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/twilio/sms", post(sms))
         .route("/twilio/status", post(status))
+        .route("/twilio/voice", post(voice::call))
+        .route("/twilio/voice/gather", post(voice::gather))
+        .route("/authenticate/get_otp", post(otp::get_otp))
+        .route("/authenticate/validate_otp", post(otp::validate_otp))
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -203,6 +215,7 @@ async fn sms(
             event: Event::Inbound(text.to_string()),
             inbound_sid: Some(sid),
             fired: None,
+            inline_codes: false,
         })
         .await?;
     if applied.duplicate {
@@ -256,6 +269,7 @@ async fn status(
                 event: Event::ProviderUnsubscribed,
                 inbound_sid: None,
                 fired: None,
+                inline_codes: false,
             })
             .await?;
     } else {

@@ -2,6 +2,8 @@
 
 use quick_xml::escape::escape;
 
+use crate::ivr::{Speech, Turn};
+
 const HEADER: &str = r#"<?xml version="1.0" encoding="UTF-8"?>"#;
 
 /// `<Response>` with one `<Message>` per text, or an empty `<Response/>`.
@@ -15,6 +17,62 @@ pub fn messages(texts: &[String]) -> String {
         out.push_str(&escape(t.as_str()));
         out.push_str("</Message>");
     }
+    out.push_str("</Response>");
+    out
+}
+
+fn speech(out: &mut String, items: &[Speech]) {
+    for s in items {
+        match s {
+            Speech::Say(text) => {
+                out.push_str("<Say>");
+                out.push_str(&escape(text.as_str()));
+                out.push_str("</Say>");
+            }
+            Speech::Pause(secs) => out.push_str(&format!(r#"<Pause length="{secs}"/>"#)),
+        }
+    }
+}
+
+/// A voice turn: speak inside a one-key `<Gather>` (silence falls through to a redirect
+/// that re-prompts), or speak and hang up.
+pub fn voice(turn: &Turn) -> String {
+    let mut out = format!("{HEADER}<Response>");
+    match turn {
+        Turn::Ask { say, menu, attempt } => {
+            let query: String = form_urlencoded::Serializer::new(String::new())
+                .append_pair("menu", menu)
+                .append_pair("attempt", &attempt.to_string())
+                .finish();
+            let action = escape(format!("/twilio/voice/gather?{query}")).into_owned();
+            out.push_str(&format!(
+                r#"<Gather input="dtmf" numDigits="1" timeout="5" action="{action}" method="POST">"#
+            ));
+            speech(&mut out, say);
+            out.push_str("</Gather>");
+            out.push_str(&format!(r#"<Redirect method="POST">{action}</Redirect>"#));
+        }
+        Turn::End(say) => {
+            speech(&mut out, say);
+            out.push_str("<Hangup/>");
+        }
+        Turn::Act(_) => out.push_str("<Hangup/>"),
+    }
+    out.push_str("</Response>");
+    out
+}
+
+/// Inline TwiML for an outgoing call that reads `text` twice.
+pub fn read_twice(text: &str) -> String {
+    let mut out = String::from("<Response>");
+    speech(
+        &mut out,
+        &[
+            Speech::Say(text.to_string()),
+            Speech::Pause(1),
+            Speech::Say(text.to_string()),
+        ],
+    );
     out.push_str("</Response>");
     out
 }

@@ -76,6 +76,16 @@ impl State {
     ];
 }
 
+/// The digits of a code on their way out. `Debug` hides them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Code(pub String);
+
+impl fmt::Debug for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Code(******)")
+    }
+}
+
 /// A verification code that was sent. `Debug` hides the digits.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IssuedCode {
@@ -131,6 +141,8 @@ pub enum Event {
     OtpRequested,
     /// An app submitted a code through the OTP API.
     OtpSubmitted(String),
+    /// The code just issued could not be delivered: it must not stay valid.
+    CodeUndeliverable,
     /// A caller chose "opt in" in the voice menu: send a code by SMS.
     VoiceOptIn,
     /// A caller chose "opt out" in the voice menu.
@@ -148,8 +160,12 @@ pub enum Effect {
     Reply(String),
     /// Send a message through the outbox.
     Send(String),
-    /// Send a verification code; the engine delivers it (queued, or at once for the OTP API).
-    SendCode(String),
+    /// Send a verification code; the engine delivers it (queued, or at once for the OTP API
+    /// and the voice menu, which need the bare `code` too).
+    SendCode {
+        text: String,
+        code: Code,
+    },
     Schedule(Timer),
     Cancel(Timer),
     Record(Record),
@@ -161,6 +177,7 @@ pub enum Effect {
 pub enum Record {
     OptedIn { via: String },
     CodeSent,
+    CodeWithdrawn,
     CodeRateLimited,
     CodeRejected { reason: String },
     Verified { via: String },
@@ -314,6 +331,13 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 } else {
                     self.check_code(code, false);
                 }
+            }
+            Event::CodeUndeliverable => {
+                // Withdraw the newest code and give back its place in the rate limit.
+                self.sub.codes.pop();
+                self.sub.code_sends.pop();
+                self.record(Record::CodeWithdrawn);
+                self.outcome = Outcome::Done;
             }
             Event::VoiceOptIn => match self.sub.state {
                 State::Unverified | State::AwaitingCode | State::OptedOut => {
@@ -505,7 +529,10 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         }
         self.code = Some(code);
         let text = self.render(&self.flows.verify.send);
-        self.effects.push(Effect::SendCode(text));
+        self.effects.push(Effect::SendCode {
+            text,
+            code: Code(self.code.clone().unwrap_or_default()),
+        });
         self.record(Record::CodeSent);
         self.outcome = Outcome::CodeSent;
     }
@@ -531,6 +558,8 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         let digits = !guess.is_empty() && guess.chars().all(|c| c.is_ascii_digit());
         let (outcome, reason) = if codes.iter().any(|c| c.expires_at <= now && matches(c)) {
             (Outcome::Expired, "expired")
+        } else if codes.is_empty() {
+            (Outcome::WrongCode, "no code issued")
         } else if !codes.iter().any(usable) {
             if codes.iter().any(|c| c.expires_at > now) {
                 (Outcome::Locked, "locked")

@@ -39,6 +39,8 @@ pub struct Received {
 #[derive(Default)]
 struct FakeState {
     received: Vec<Received>,
+    /// Inline TwiML of every call placed.
+    calls: Vec<String>,
     /// Statuses to answer next, in order; empty means 201.
     script: VecDeque<u16>,
     /// Numbers Twilio treats as unsubscribed (answered 400 / 21610).
@@ -60,11 +62,21 @@ impl FakeTwilio {
                 "/2010-04-01/Accounts/{sid}/Messages.json",
                 post(fake_messages),
             )
+            .route("/2010-04-01/Accounts/{sid}/Calls.json", post(fake_calls))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         FakeTwilio { url, state }
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    /// Every message request, whatever the fake answered.
+    pub fn all_requests(&self) -> Vec<Received> {
+        self.state.lock().unwrap().received.clone()
     }
 
     /// Messages answered with success, in arrival order.
@@ -170,6 +182,22 @@ async fn fake_messages(
     (StatusCode::from_u16(status).unwrap(), axum::Json(body))
 }
 
+async fn fake_calls(
+    State(state): State<Arc<Mutex<FakeState>>>,
+    Form(form): Form<Vec<(String, String)>>,
+) -> impl IntoResponse {
+    let twiml = form
+        .iter()
+        .find(|(k, _)| k == "Twiml")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    state.lock().unwrap().calls.push(twiml);
+    (
+        StatusCode::CREATED,
+        axum::Json(serde_json::json!({"sid": "CA0001", "status": "queued"})),
+    )
+}
+
 /// Flows for black-box tests: second-scale delays, one sequence.
 pub const FLOWS: &str = r#"
 [bot]
@@ -191,6 +219,20 @@ steps = [
   { after = "1s", say = "Step two" },
   { after = "1s", say = "Step three" },
 ]
+
+[ivr]
+retries = 2
+reprompt = "Sorry?"
+goodbye = "Bye."
+read_code = "Your code is {code}."
+
+[ivr.menu.main]
+say = "Press 1 for your code, 2 to join, 3 to stop, 4 for info."
+press = { "1" = "read_code", "2" = "opt_in", "3" = "opt_out", "4" = "menu:info" }
+
+[ivr.menu.info]
+say = "Info. Press 9 to go back."
+press = { "9" = "menu:main" }
 "#;
 
 pub struct TestApp {
@@ -207,6 +249,11 @@ pub struct TestApp {
 
 impl TestApp {
     pub async fn spawn(flows: &str) -> TestApp {
+        Self::spawn_with(flows, |_| {}).await
+    }
+
+    /// Like [`TestApp::spawn`], with the configuration adjusted first.
+    pub async fn spawn_with(flows: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
         let flows_dir = tempfile::tempdir().unwrap();
         std::fs::write(flows_dir.path().join("flows.toml"), flows).unwrap();
         let options = Options {
@@ -218,6 +265,7 @@ impl TestApp {
             Arc::new(tempfile::tempdir().unwrap()),
             Arc::new(flows_dir),
             options,
+            tweak,
         )
         .await
     }
@@ -227,8 +275,9 @@ impl TestApp {
         data: Arc<TempDir>,
         flows: Arc<TempDir>,
         options: Options,
+        tweak: impl FnOnce(&mut Config),
     ) -> TestApp {
-        let config = Config {
+        let mut config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             public_url: Some(PUBLIC_URL.into()),
             data_dir: data.path().to_path_buf(),
@@ -245,6 +294,7 @@ impl TestApp {
             api_token: None,
             admin_token: None,
         };
+        tweak(&mut config);
         let app = Application::build(config, options.clone())
             .await
             .expect("app builds");
@@ -293,7 +343,7 @@ impl TestApp {
     pub async fn restart(self, pause: Duration) -> TestApp {
         let (twilio, data, flows, options) = self.stop().await;
         tokio::time::sleep(pause).await;
-        Self::start(twilio, data, flows, options).await
+        Self::start(twilio, data, flows, options, |_| {}).await
     }
 
     /// POSTs a signed Twilio form to `path`.
@@ -334,6 +384,31 @@ impl TestApp {
         (r.status().as_u16(), r.text().await.unwrap())
     }
 
+    /// POSTs JSON to the OTP API; returns (status, Retry-After, parsed body, raw body).
+    pub async fn otp(
+        &self,
+        route: &str,
+        body: serde_json::Value,
+        token: Option<&str>,
+    ) -> (u16, Option<String>, serde_json::Value, String) {
+        let mut req = self
+            .http
+            .post(format!("{}/authenticate/{route}", self.base))
+            .json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let retry = r
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_string());
+        let text = r.text().await.unwrap();
+        let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+        (status, retry, json, text)
+    }
+
     pub fn state_of(&self, phone: &str) -> Option<String> {
         let phone = smsflow::phone::Phone::parse(phone).unwrap();
         self.engine
@@ -356,6 +431,78 @@ pub fn uuid_like() -> String {
 /// The digits of a code in a text such as "Code: 123456".
 pub fn code_in(text: &str) -> String {
     text.chars().filter(|c| c.is_ascii_digit()).collect()
+}
+
+/// A parsed XML element, for checking TwiML structure.
+#[derive(Debug, Clone, Default)]
+pub struct Node {
+    pub name: String,
+    pub attrs: std::collections::BTreeMap<String, String>,
+    pub text: String,
+    pub children: Vec<Node>,
+}
+
+impl Node {
+    pub fn child(&self, name: &str) -> Option<&Node> {
+        self.children.iter().find(|c| c.name == name)
+    }
+    pub fn names(&self) -> Vec<&str> {
+        self.children.iter().map(|c| c.name.as_str()).collect()
+    }
+}
+
+/// Parses XML into a tree; fails the test on malformed XML.
+pub fn parse_xml(xml: &str) -> Node {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let mut stack: Vec<Node> = vec![Node::default()];
+    let open = |e: &quick_xml::events::BytesStart| Node {
+        name: String::from_utf8(e.name().as_ref().to_vec()).unwrap(),
+        attrs: e
+            .attributes()
+            .map(|a| {
+                let a = a.unwrap();
+                (
+                    String::from_utf8(a.key.as_ref().to_vec()).unwrap(),
+                    a.normalized_value(quick_xml::XmlVersion::default())
+                        .unwrap()
+                        .into_owned(),
+                )
+            })
+            .collect(),
+        ..Node::default()
+    };
+    loop {
+        match reader.read_event().expect("well-formed XML") {
+            Event::Start(e) => stack.push(open(&e)),
+            Event::Empty(e) => stack.last_mut().unwrap().children.push(open(&e)),
+            Event::Text(t) => stack
+                .last_mut()
+                .unwrap()
+                .text
+                .push_str(&t.decode().unwrap()),
+            Event::GeneralRef(r) => {
+                let resolved = match r.decode().unwrap().as_ref() {
+                    "amp" => "&",
+                    "lt" => "<",
+                    "gt" => ">",
+                    "quot" => "\"",
+                    "apos" => "'",
+                    other => panic!("unknown entity {other}"),
+                };
+                stack.last_mut().unwrap().text.push_str(resolved);
+            }
+            Event::End(_) => {
+                let done = stack.pop().unwrap();
+                stack.last_mut().unwrap().children.push(done);
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    let mut root = stack.pop().unwrap();
+    assert!(stack.is_empty(), "unclosed elements");
+    root.children.pop().expect("a root element")
 }
 
 /// Sleeps a while to show that nothing more happens.

@@ -27,7 +27,9 @@ fn messages(effects: &[Effect]) -> Vec<String> {
     effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Reply(t) | Effect::Send(t) | Effect::SendCode(t) => Some(t.clone()),
+            Effect::Reply(t) | Effect::Send(t) | Effect::SendCode { text: t, .. } => {
+                Some(t.clone())
+            }
             _ => None,
         })
         .collect()

@@ -60,3 +60,46 @@ fn a_message_nobody_expected_fails_the_transcript() {
     assert_eq!(err.line, 1);
     assert!(err.message.contains("unexpected message"), "{err}");
 }
+
+#[test]
+fn simulate_drives_the_voice_menu_and_texts() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .args(["simulate", "--seed", "0"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"/call\n7\n4\n9\n1\n/state\nJOIN\n/wait 1d\n/quit\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.contains("[voice] Welcome to Acme Contest. Press 1"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("[voice] Sorry, I didn't get that."),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("[voice] The contest runs until the end of the month."),
+        "{stdout}"
+    );
+    let spoken = stdout
+        .lines()
+        .find(|l| l.starts_with("[voice] Your Acme Contest code is"))
+        .expect(&stdout);
+    assert_eq!(spoken.chars().filter(char::is_ascii_digit).count(), 6);
+    assert!(stdout.contains("[call ended]"));
+    assert!(stdout.contains("+15550001111: awaiting_code"), "{stdout}");
+    assert!(stdout.contains("< Acme Contest: your code is"), "{stdout}");
+    assert!(
+        stdout.contains("[clock is now 2026-01-06 15:00:00 UTC]"),
+        "{stdout}"
+    );
+}

@@ -1,0 +1,297 @@
+//! The OTP JSON API: `POST /authenticate/get_otp` and `POST /authenticate/validate_otp`,
+//! with the original service's contract.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+use super::AppState;
+use crate::engine::{Applied, Input};
+use crate::machine::{Event, Outcome};
+use crate::phone::Phone;
+
+/// Success is exactly this body.
+const SUCCESS: &str = r#"{"message":"success","exit_code":0}"#;
+
+/// Failures, each with its documented exit code and HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum OtpError {
+    /// 1 / 403: invalid, expired or superseded OTP; or the phone opted out.
+    #[error("{0}")]
+    Rejected(String),
+    /// 2 / 400: bad JSON, wrong Content-Type, missing or invalid phone, OTP of the wrong shape.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 3 / 429: too many codes requested, or too many wrong guesses.
+    #[error("{message}")]
+    TooMany { message: String, retry_after: u64 },
+    /// 4 / 401: missing or wrong bearer token.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 5 / 500: the message provider could not be reached or refused the send.
+    #[error("{0}")]
+    Provider(String),
+    /// 6 / 500: smsflow itself failed (the log has the details).
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+#[derive(Serialize)]
+struct FailureBody<'a> {
+    error: &'a str,
+    exit_code: u8,
+    message: &'static str,
+    status_code: u16,
+}
+
+impl OtpError {
+    fn codes(&self) -> (u8, StatusCode) {
+        match self {
+            OtpError::Rejected(_) => (1, StatusCode::FORBIDDEN),
+            OtpError::BadRequest(_) => (2, StatusCode::BAD_REQUEST),
+            OtpError::TooMany { .. } => (3, StatusCode::TOO_MANY_REQUESTS),
+            OtpError::Unauthorized(_) => (4, StatusCode::UNAUTHORIZED),
+            OtpError::Provider(_) => (5, StatusCode::INTERNAL_SERVER_ERROR),
+            OtpError::Unexpected(_) => (6, StatusCode::INTERNAL_SERVER_ERROR),
+        }
+    }
+}
+
+impl IntoResponse for OtpError {
+    fn into_response(self) -> Response {
+        let (exit_code, status) = self.codes();
+        let error = match &self {
+            OtpError::Unexpected(_) => "internal error; see the smsflow log".to_string(),
+            other => other.to_string(),
+        };
+        let body = serde_json::to_string(&FailureBody {
+            error: &error,
+            exit_code,
+            message: "failed",
+            status_code: status.as_u16(),
+        })
+        .unwrap_or_default();
+        let mut r = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+        if let OtpError::TooMany { retry_after, .. } = &self {
+            if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        if let OtpError::Unexpected(e) = self {
+            r.extensions_mut()
+                .insert(super::Failure(Arc::new(format!("{e:#}"))));
+        }
+        r
+    }
+}
+
+fn success() -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        SUCCESS,
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct GetOtp {
+    phone: Option<serde_json::Value>,
+    channel: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ValidateOtp {
+    phone: Option<serde_json::Value>,
+    otp: Option<serde_json::Value>,
+}
+
+pub async fn get_otp(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, OtpError> {
+    authorize(&state, &headers)?;
+    let req: GetOtp = json(&headers, &body)?;
+    let phone = phone(&state, req.phone)?;
+    let voice = match req.channel.as_deref().map(str::trim) {
+        None | Some("sms") => false,
+        Some("voice") => true,
+        Some(other) => {
+            return Err(OtpError::BadRequest(format!(
+                "channel {other:?} is not \"sms\" or \"voice\""
+            )))
+        }
+    };
+    let applied = apply(&state, &phone, Event::OtpRequested).await?;
+    match applied.outcome {
+        Outcome::CodeSent => {}
+        Outcome::OptedOut => return Err(opted_out()),
+        Outcome::RateLimited { retry_at } => {
+            return Err(OtpError::TooMany {
+                message: "too many codes requested for this phone; try again later".into(),
+                retry_after: seconds_until(retry_at),
+            })
+        }
+        other => {
+            return Err(OtpError::Unexpected(anyhow::anyhow!(
+                "get_otp ended as {other:?}"
+            )))
+        }
+    }
+    let Some((text, code)) = applied.codes.into_iter().next() else {
+        return Err(OtpError::Unexpected(anyhow::anyhow!("no code was issued")));
+    };
+    let sent = if voice {
+        let flows = state.engine.flows();
+        let spoken = flows.verify.voice.render(|n| match n {
+            "bot.name" => Some(flows.bot.name.clone()),
+            "code" => Some(crate::ivr::spell(&code)),
+            _ => None,
+        });
+        state
+            .provider
+            .call(&phone, &super::twiml::read_twice(&spoken))
+            .await
+    } else {
+        state.provider.send(&phone, &text, true).await
+    };
+    match sent {
+        Ok(accepted) => {
+            tracing::info!(phone = %phone.masked(), sid = %accepted.sid, voice, "otp sent");
+            Ok(success())
+        }
+        Err(e) => {
+            // The code never reached anyone: withdraw it so it cannot be used.
+            apply(&state, &phone, Event::CodeUndeliverable).await?;
+            tracing::warn!(phone = %phone.masked(), "otp not sent: {e}");
+            Err(OtpError::Provider(format!(
+                "the message provider ({}) did not send the code: {e}",
+                state.provider.name()
+            )))
+        }
+    }
+}
+
+pub async fn validate_otp(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, OtpError> {
+    authorize(&state, &headers)?;
+    let req: ValidateOtp = json(&headers, &body)?;
+    let phone = phone(&state, req.phone)?;
+    let length = usize::from(state.engine.flows().verify.code_length);
+    let otp = match req.otp {
+        Some(serde_json::Value::String(s))
+            if s.len() == length && s.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            s
+        }
+        Some(serde_json::Value::String(_)) => {
+            return Err(OtpError::BadRequest(format!("otp must be {length} digits")));
+        }
+        Some(_) => {
+            return Err(OtpError::BadRequest(format!(
+                "otp must be a JSON string of {length} digits (a number loses leading zeros)"
+            )))
+        }
+        None => return Err(OtpError::BadRequest("missing field otp".into())),
+    };
+    let applied = apply(&state, &phone, Event::OtpSubmitted(otp)).await?;
+    match applied.outcome {
+        Outcome::Verified => Ok(success()),
+        Outcome::WrongCode => Err(OtpError::Rejected(
+            "invalid OTP (wrong, or superseded by a newer code)".into(),
+        )),
+        Outcome::Expired => Err(OtpError::Rejected("expired OTP; request a new one".into())),
+        Outcome::OptedOut => Err(opted_out()),
+        Outcome::Locked => {
+            let flows = state.engine.flows();
+            Err(OtpError::TooMany {
+                message: "too many wrong guesses on this code; request a new one".into(),
+                retry_after: flows.verify.ttl.num_seconds().max(1) as u64,
+            })
+        }
+        other => Err(OtpError::Unexpected(anyhow::anyhow!(
+            "validate_otp ended as {other:?}"
+        ))),
+    }
+}
+
+fn opted_out() -> OtpError {
+    OtpError::Rejected("this phone opted out (it must text START or JOIN to opt back in)".into())
+}
+
+fn seconds_until(t: chrono::DateTime<Utc>) -> u64 {
+    (t - Utc::now()).num_seconds().max(1) as u64
+}
+
+async fn apply(state: &AppState, phone: &Phone, event: Event) -> Result<Applied, OtpError> {
+    Ok(state
+        .engine
+        .apply(Input {
+            phone,
+            event,
+            inbound_sid: None,
+            fired: None,
+            inline_codes: true,
+        })
+        .await?)
+}
+
+/// An open OTP endpoint is an SMS-pumping target: off the loopback, a token is required.
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), OtpError> {
+    let Some(token) = &state.api_token else {
+        return if state.loopback {
+            Ok(())
+        } else {
+            Err(OtpError::Unauthorized(
+                "the OTP API is off: set SMSFLOW_API_TOKEN (required when listening beyond loopback)".into(),
+            ))
+        };
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| OtpError::Unauthorized("missing Authorization: Bearer token".into()))?;
+    if bool::from(given.trim().as_bytes().ct_eq(token.expose().as_bytes())) {
+        Ok(())
+    } else {
+        Err(OtpError::Unauthorized("wrong bearer token".into()))
+    }
+}
+
+fn json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, OtpError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !content_type
+        .to_ascii_lowercase()
+        .starts_with("application/json")
+    {
+        return Err(OtpError::BadRequest(format!(
+            "expected Content-Type: application/json, got {content_type:?}"
+        )));
+    }
+    serde_json::from_slice(body).map_err(|e| OtpError::BadRequest(format!("invalid JSON: {e}")))
+}
+
+fn phone(state: &AppState, value: Option<serde_json::Value>) -> Result<Phone, OtpError> {
+    match value {
+        Some(serde_json::Value::String(s)) => Phone::parse_in(&s, state.region)
+            .map_err(|e| OtpError::BadRequest(format!("phone: {e}"))),
+        Some(_) => Err(OtpError::BadRequest(
+            "phone must be a JSON string such as \"+14155550100\"".into(),
+        )),
+        None => Err(OtpError::BadRequest("missing field phone".into())),
+    }
+}

@@ -1,0 +1,80 @@
+//! `POST /twilio/voice` and `/twilio/voice/gather`: the voice menu over TwiML.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{OriginalUri, Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use serde::Deserialize;
+
+use super::{twiml, xml, AppState, TwilioForm, WebhookError};
+use crate::engine::Input;
+use crate::flows::IvrAction;
+use crate::ivr::{self, Turn};
+use crate::machine::Event;
+use crate::phone::Phone;
+
+/// A call comes in: the start menu.
+pub async fn call(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+    body: Bytes,
+) -> Result<Response, WebhookError> {
+    let form = TwilioForm::parse(&state, &headers, &uri, &body)?;
+    caller(&state, &form)?;
+    let flows = state.engine.flows();
+    Ok(xml(twiml::voice(&ivr::call_starts(&flows))))
+}
+
+#[derive(Deserialize)]
+pub struct Where {
+    menu: Option<String>,
+    attempt: Option<u8>,
+}
+
+/// The caller pressed a key (or stayed silent) in a menu.
+pub async fn gather(
+    State(state): State<Arc<AppState>>,
+    Query(at): Query<Where>,
+    headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+    body: Bytes,
+) -> Result<Response, WebhookError> {
+    let form = TwilioForm::parse(&state, &headers, &uri, &body)?;
+    let phone = caller(&state, &form)?;
+    let flows = state.engine.flows();
+    let menu = at.menu.unwrap_or_else(|| flows.ivr.start.clone());
+    let digits = form.get("Digits").filter(|d| !d.trim().is_empty());
+    let turn = match ivr::key_pressed(&flows, &menu, at.attempt.unwrap_or(0), digits) {
+        Turn::Act(action) => {
+            let event = match action {
+                IvrAction::ReadCode => Event::OtpRequested,
+                IvrAction::OptIn => Event::VoiceOptIn,
+                _ => Event::VoiceOptOut,
+            };
+            let applied = state
+                .engine
+                .apply(Input {
+                    phone: &phone,
+                    event,
+                    inbound_sid: None,
+                    fired: None,
+                    // read_code speaks the code instead of texting it
+                    inline_codes: action == IvrAction::ReadCode,
+                })
+                .await?;
+            tracing::info!(phone = %phone.masked(), ?action, outcome = ?applied.outcome, "voice menu action");
+            let code = applied.codes.first().map(|(_, c)| c.as_str());
+            Turn::End(ivr::after_action(&flows, &action, applied.outcome, code))
+        }
+        other => other,
+    };
+    Ok(xml(twiml::voice(&turn)))
+}
+
+fn caller(state: &AppState, form: &TwilioForm) -> Result<Phone, WebhookError> {
+    let from = form.require("From")?;
+    Phone::parse_in(from, state.region).map_err(|e| WebhookError::BadRequest(format!("From: {e}")))
+}

@@ -1,0 +1,113 @@
+//! The voice menu as pure logic: which prompt to speak, which key leads where. The HTTP layer
+//! renders it as TwiML; `smsflow simulate` prints it.
+
+use crate::flows::{Flows, IvrAction};
+use crate::machine::Outcome;
+
+/// Something said on the call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Speech {
+    Say(String),
+    Pause(u8),
+}
+
+/// What the call does next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Turn {
+    /// Speak, then wait for one key in `menu` (`attempt` counts re-prompts).
+    Ask {
+        say: Vec<Speech>,
+        menu: String,
+        attempt: u8,
+    },
+    /// Run an action that needs the engine; [`after_action`] says what to speak.
+    Act(IvrAction),
+    /// Speak, then hang up.
+    End(Vec<Speech>),
+}
+
+/// A call comes in: the start menu.
+pub fn call_starts(flows: &Flows) -> Turn {
+    match flows.ivr.menus.get(&flows.ivr.start) {
+        Some(menu) => Turn::Ask {
+            say: vec![Speech::Say(flows.render_plain(&menu.say))],
+            menu: flows.ivr.start.clone(),
+            attempt: 0,
+        },
+        None => Turn::End(vec![Speech::Say(flows.render_plain(&flows.ivr.goodbye))]),
+    }
+}
+
+/// The caller pressed `digits` (or nothing) in `menu`.
+pub fn key_pressed(flows: &Flows, menu: &str, attempt: u8, digits: Option<&str>) -> Turn {
+    let ivr = &flows.ivr;
+    let Some(current) = ivr.menus.get(menu) else {
+        // A menu that vanished in a reload: start over.
+        return call_starts(flows);
+    };
+    let goodbye = || Speech::Say(flows.render_plain(&ivr.goodbye));
+    match digits.map(str::trim).and_then(|d| current.press.get(d)) {
+        Some(IvrAction::Menu(next)) => match ivr.menus.get(next) {
+            Some(m) => Turn::Ask {
+                say: vec![Speech::Say(flows.render_plain(&m.say))],
+                menu: next.clone(),
+                attempt: 0,
+            },
+            None => Turn::End(vec![goodbye()]),
+        },
+        Some(IvrAction::Say(text)) => Turn::End(vec![Speech::Say(text.clone()), goodbye()]),
+        Some(IvrAction::Hangup) => Turn::End(vec![goodbye()]),
+        Some(action) => Turn::Act(action.clone()),
+        None if attempt >= ivr.retries => Turn::End(vec![goodbye()]),
+        None => Turn::Ask {
+            say: vec![
+                Speech::Say(flows.render_plain(&ivr.reprompt)),
+                Speech::Say(flows.render_plain(&current.say)),
+            ],
+            menu: menu.to_string(),
+            attempt: attempt + 1,
+        },
+    }
+}
+
+/// What to speak after an action ran with `outcome` (`code`: the code it issued).
+pub fn after_action(
+    flows: &Flows,
+    action: &IvrAction,
+    outcome: Outcome,
+    code: Option<&str>,
+) -> Vec<Speech> {
+    let plain = |t| Speech::Say(flows.render_plain(t));
+    let mut out = match (action, outcome, code) {
+        (IvrAction::ReadCode, Outcome::CodeSent, Some(code)) => {
+            let spoken = flows.ivr.read_code.render(|n| match n {
+                "bot.name" => Some(flows.bot.name.clone()),
+                "code" => Some(spell(code)),
+                _ => None,
+            });
+            vec![
+                Speech::Say(spoken.clone()),
+                Speech::Pause(1),
+                Speech::Say(spoken),
+            ]
+        }
+        (_, Outcome::RateLimited { .. }, _) => vec![plain(&flows.verify.rate_limited)],
+        (_, Outcome::OptedOut, _) if *action != IvrAction::OptOut => {
+            vec![plain(&flows.replies.opted_out)]
+        }
+        (IvrAction::OptIn, Outcome::CodeSent, _) => vec![plain(&flows.ivr.texted)],
+        (IvrAction::OptIn, _, _) => vec![plain(&flows.replies.already_joined)],
+        (IvrAction::OptOut, _, _) => vec![plain(&flows.replies.opted_out)],
+        _ => Vec::new(),
+    };
+    out.push(plain(&flows.ivr.goodbye));
+    out
+}
+
+/// `"042"` → `"0, 4, 2"`: text-to-speech reads each digit, with a pause between.
+pub fn spell(code: &str) -> String {
+    code.chars()
+        .map(String::from)
+        .collect::<Vec<_>>()
+        .join(", ")
+}

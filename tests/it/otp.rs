@@ -1,0 +1,369 @@
+//! The OTP JSON API through the socket: every exit code of the contract.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+const PHONE: &str = "+15550004444";
+
+/// A failure body has exactly the contract's fields, with the HTTP status repeated.
+fn assert_failure(
+    got: &(u16, Option<String>, serde_json::Value, String),
+    status: u16,
+    exit: u64,
+    says: &str,
+) {
+    let (code, _, body, raw) = got;
+    assert_eq!(*code, status, "{raw}");
+    let obj = body
+        .as_object()
+        .unwrap_or_else(|| panic!("not a JSON object: {raw}"));
+    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["error", "exit_code", "message", "status_code"],
+        "{raw}"
+    );
+    assert_eq!(body["message"], "failed");
+    assert_eq!(body["exit_code"], exit, "{raw}");
+    assert_eq!(body["status_code"], status as u64);
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains(says),
+        "error {error:?} should mention {says:?}"
+    );
+}
+
+fn assert_success(got: &(u16, Option<String>, serde_json::Value, String)) {
+    assert_eq!(got.0, 200, "{}", got.3);
+    assert_eq!(got.3, r#"{"message":"success","exit_code":0}"#);
+}
+
+/// Requests a code and returns it as the fake Twilio API received it.
+async fn code(app: &TestApp, n_total: usize) -> String {
+    assert_success(&app.otp("get_otp", json!({ "phone": PHONE }), None).await);
+    code_in(&app.twilio.last_to(PHONE, n_total).await)
+}
+
+#[tokio::test]
+async fn the_right_code_validates_and_the_phone_becomes_verified() {
+    let app = TestApp::spawn(FLOWS).await;
+    let c = code(&app, 1).await;
+    assert_eq!(app.state_of(PHONE).as_deref(), Some("awaiting_code"));
+    assert_success(
+        &app.otp("validate_otp", json!({ "phone": PHONE, "otp": c }), None)
+            .await,
+    );
+    assert_eq!(app.state_of(PHONE).as_deref(), Some("verified"));
+    // The default flow setting: stay verified, no texts follow.
+    quiet_for(Duration::from_millis(300)).await;
+    assert_eq!(app.twilio.delivered().len(), 1);
+}
+
+#[tokio::test]
+async fn a_wrong_or_superseded_code_is_exit_1() {
+    let app = TestApp::spawn(FLOWS).await;
+    let first = code(&app, 1).await;
+    let second = code(&app, 2).await;
+    let third = code(&app, 3).await;
+    let wrong = if third == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+    let got = app
+        .otp(
+            "validate_otp",
+            json!({ "phone": PHONE, "otp": wrong }),
+            None,
+        )
+        .await;
+    assert_failure(&got, 403, 1, "invalid OTP");
+    if first != second && first != third {
+        let got = app
+            .otp(
+                "validate_otp",
+                json!({ "phone": PHONE, "otp": first }),
+                None,
+            )
+            .await;
+        assert_failure(&got, 403, 1, "superseded");
+    }
+    assert_success(
+        &app.otp(
+            "validate_otp",
+            json!({ "phone": PHONE, "otp": second }),
+            None,
+        )
+        .await,
+    );
+}
+
+#[tokio::test]
+async fn an_expired_code_is_exit_1() {
+    let flows = FLOWS.replace("[verify]", "[verify]\nttl = \"1s\"");
+    let app = TestApp::spawn(&flows).await;
+    let c = code(&app, 1).await;
+    quiet_for(Duration::from_millis(1100)).await;
+    let got = app
+        .otp("validate_otp", json!({ "phone": PHONE, "otp": c }), None)
+        .await;
+    assert_failure(&got, 403, 1, "expired");
+}
+
+#[tokio::test]
+async fn too_many_wrong_guesses_is_exit_3_with_retry_after() {
+    let app = TestApp::spawn(FLOWS).await;
+    let c = code(&app, 1).await;
+    let wrong = if c == "000000" { "111111" } else { "000000" };
+    for _ in 0..4 {
+        let got = app
+            .otp(
+                "validate_otp",
+                json!({ "phone": PHONE, "otp": wrong }),
+                None,
+            )
+            .await;
+        assert_failure(&got, 403, 1, "invalid");
+    }
+    let got = app
+        .otp(
+            "validate_otp",
+            json!({ "phone": PHONE, "otp": wrong }),
+            None,
+        )
+        .await;
+    assert_failure(&got, 429, 3, "too many wrong guesses");
+    assert!(
+        got.1.is_some_and(|s| s.parse::<u64>().unwrap() > 0),
+        "Retry-After"
+    );
+    let got = app
+        .otp("validate_otp", json!({ "phone": PHONE, "otp": c }), None)
+        .await;
+    assert_failure(&got, 429, 3, "too many wrong guesses");
+}
+
+#[tokio::test]
+async fn too_many_codes_requested_is_exit_3_with_retry_after() {
+    let app = TestApp::spawn(FLOWS).await;
+    for _ in 0..5 {
+        assert_success(&app.otp("get_otp", json!({ "phone": PHONE }), None).await);
+    }
+    let got = app.otp("get_otp", json!({ "phone": PHONE }), None).await;
+    assert_failure(&got, 429, 3, "too many codes");
+    let retry: u64 = got.1.expect("Retry-After").parse().unwrap();
+    assert!((1..=3600).contains(&retry));
+}
+
+#[tokio::test]
+async fn malformed_requests_are_exit_2() {
+    let app = TestApp::spawn(FLOWS).await;
+    let raw = |body: &'static str, content_type: &'static str| {
+        let req = app
+            .http
+            .post(format!("{}/authenticate/get_otp", app.base))
+            .header("content-type", content_type)
+            .body(body);
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            let text = r.text().await.unwrap();
+            (status, None, serde_json::from_str(&text).unwrap(), text)
+        }
+    };
+    assert_failure(
+        &raw("{not json", "application/json").await,
+        400,
+        2,
+        "invalid JSON",
+    );
+    assert_failure(
+        &raw(r#"{"phone":"+15550004444"}"#, "text/plain").await,
+        400,
+        2,
+        "Content-Type",
+    );
+    assert_failure(
+        &app.otp("get_otp", json!({}), None).await,
+        400,
+        2,
+        "missing field phone",
+    );
+    assert_failure(
+        &app.otp("get_otp", json!({ "phone": "hello" }), None).await,
+        400,
+        2,
+        "phone",
+    );
+    assert_failure(
+        &app.otp("get_otp", json!({ "phone": 15550004444u64 }), None)
+            .await,
+        400,
+        2,
+        "phone",
+    );
+    assert_failure(
+        &app.otp("get_otp", json!({ "phone": PHONE, "channel": "fax" }), None)
+            .await,
+        400,
+        2,
+        "channel",
+    );
+    assert_failure(
+        &app.otp(
+            "validate_otp",
+            json!({ "phone": PHONE, "otp": "12ab56" }),
+            None,
+        )
+        .await,
+        400,
+        2,
+        "6 digits",
+    );
+    assert_failure(
+        &app.otp(
+            "validate_otp",
+            json!({ "phone": PHONE, "otp": "123" }),
+            None,
+        )
+        .await,
+        400,
+        2,
+        "6 digits",
+    );
+    assert_failure(
+        &app.otp(
+            "validate_otp",
+            json!({ "phone": PHONE, "otp": 123456 }),
+            None,
+        )
+        .await,
+        400,
+        2,
+        "string",
+    );
+    assert_failure(
+        &app.otp("validate_otp", json!({ "phone": PHONE }), None)
+            .await,
+        400,
+        2,
+        "missing field otp",
+    );
+    assert_eq!(app.state_of(PHONE), None, "nothing changed");
+    assert_eq!(app.twilio.attempts(), 0);
+}
+
+#[tokio::test]
+async fn a_missing_or_wrong_token_is_exit_4() {
+    let app = TestApp::spawn_with(FLOWS, |c| {
+        c.api_token = Some(smsflow::config::Secret::new("s3cret"))
+    })
+    .await;
+    let got = app.otp("get_otp", json!({ "phone": PHONE }), None).await;
+    assert_failure(&got, 401, 4, "missing Authorization");
+    let got = app
+        .otp("get_otp", json!({ "phone": PHONE }), Some("guess"))
+        .await;
+    assert_failure(&got, 401, 4, "wrong bearer token");
+    assert_eq!(app.twilio.attempts(), 0);
+    assert_success(
+        &app.otp("get_otp", json!({ "phone": PHONE }), Some("s3cret"))
+            .await,
+    );
+}
+
+#[tokio::test]
+async fn without_a_token_the_api_is_off_beyond_loopback() {
+    let app = TestApp::spawn_with(FLOWS, |c| c.listen = "0.0.0.0:0".parse().unwrap()).await;
+    let got = app.otp("get_otp", json!({ "phone": PHONE }), None).await;
+    assert_failure(&got, 401, 4, "SMSFLOW_API_TOKEN");
+    assert_eq!(app.twilio.attempts(), 0);
+}
+
+#[tokio::test]
+async fn a_provider_failure_is_exit_5_and_the_unsent_code_is_not_usable() {
+    let app = TestApp::spawn(FLOWS).await;
+    app.twilio.fail_next(&[500]);
+    let got = app.otp("get_otp", json!({ "phone": PHONE }), None).await;
+    assert_failure(&got, 500, 5, "twilio");
+    let reason = got.2["error"].as_str().unwrap().to_string();
+    assert!(
+        reason.contains("500"),
+        "names the provider's answer: {reason}"
+    );
+    // The fake saw the code it refused to send; it must not validate.
+    let refused = app.twilio.all_requests();
+    assert_eq!(refused.len(), 1);
+    let c = code_in(&refused[0].body);
+    let got = app
+        .otp("validate_otp", json!({ "phone": PHONE, "otp": c }), None)
+        .await;
+    assert_failure(&got, 403, 1, "invalid");
+}
+
+#[tokio::test]
+async fn an_opted_out_phone_is_exit_1_saying_so() {
+    let app = TestApp::spawn(FLOWS).await;
+    app.sms(PHONE, "STOP").await;
+    let got = app.otp("get_otp", json!({ "phone": PHONE }), None).await;
+    assert_failure(&got, 403, 1, "opted out");
+    quiet_for(Duration::from_millis(200)).await;
+    assert_eq!(
+        app.twilio.attempts(),
+        0,
+        "nothing sent to an opted-out phone"
+    );
+}
+
+#[tokio::test]
+async fn the_voice_channel_places_a_call_that_reads_the_code() {
+    let app = TestApp::spawn(FLOWS).await;
+    let got = app
+        .otp(
+            "get_otp",
+            json!({ "phone": PHONE, "channel": "voice" }),
+            None,
+        )
+        .await;
+    assert_success(&got);
+    let calls = app.twilio.calls();
+    assert_eq!(calls.len(), 1);
+    let twiml = parse_xml(&calls[0]);
+    assert_eq!(twiml.name, "Response");
+    assert_eq!(twiml.names(), ["Say", "Pause", "Say"]);
+    let spoken = &twiml.children[0].text;
+    let digits = code_in(spoken);
+    assert_eq!(digits.len(), 6, "{spoken}");
+    assert!(
+        spoken.contains(", "),
+        "digits are read one by one: {spoken}"
+    );
+    assert_success(
+        &app.otp(
+            "validate_otp",
+            json!({ "phone": PHONE, "otp": digits }),
+            None,
+        )
+        .await,
+    );
+}
+
+#[tokio::test]
+async fn with_after_otp_api_form_the_phone_continues_into_the_form_by_sms() {
+    let flows = FLOWS.replace("[verify]", "[verify]\nafter_otp_api = \"form\"");
+    let app = TestApp::spawn(&flows).await;
+    let c = code(&app, 1).await;
+    assert_success(
+        &app.otp("validate_otp", json!({ "phone": PHONE, "otp": c }), None)
+            .await,
+    );
+    let sent = app.twilio.wait_delivered(3).await;
+    assert_eq!(sent[1].body, "Verified!");
+    assert_eq!(sent[2].body, "Name?");
+    let (_, twiml) = app.sms(PHONE, "Zed").await;
+    assert!(twiml.contains("Welcome Zed"), "{twiml}");
+}

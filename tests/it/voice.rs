@@ -1,0 +1,135 @@
+//! The voice menu through the socket: TwiML structure, routing, re-prompts, codes read aloud.
+
+use crate::helpers::*;
+
+const CALLER: &str = "+15550005555";
+
+async fn voice(app: &TestApp, path: &str, digits: Option<&str>) -> Node {
+    let mut params = vec![("From", CALLER), ("CallSid", "CA123")];
+    if let Some(d) = digits {
+        params.push(("Digits", d));
+    }
+    let r = app.post_form(path, &params).await;
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/xml"));
+    parse_xml(&r.text().await.unwrap())
+}
+
+/// The menu a response asks, via its Gather action.
+fn gather_action(twiml: &Node) -> String {
+    let gather = twiml.child("Gather").expect("a Gather");
+    assert_eq!(gather.attrs["numDigits"], "1");
+    assert_eq!(gather.attrs["method"], "POST");
+    let redirect = twiml
+        .child("Redirect")
+        .expect("silence falls through to a re-prompt");
+    assert_eq!(redirect.text, gather.attrs["action"]);
+    gather.attrs["action"].clone()
+}
+
+#[tokio::test]
+async fn a_call_gets_the_start_menu_inside_a_one_key_gather() {
+    let app = TestApp::spawn(FLOWS).await;
+    let twiml = voice(&app, "/twilio/voice", None).await;
+    assert_eq!(twiml.name, "Response");
+    assert_eq!(twiml.names(), ["Gather", "Redirect"]);
+    assert_eq!(
+        gather_action(&twiml),
+        "/twilio/voice/gather?menu=main&attempt=0"
+    );
+    let say = &twiml.child("Gather").unwrap().children[0];
+    assert_eq!(say.name, "Say");
+    assert!(say.text.starts_with("Press 1 for your code"));
+}
+
+#[tokio::test]
+async fn digits_route_between_menus() {
+    let app = TestApp::spawn(FLOWS).await;
+    let info = voice(&app, "/twilio/voice/gather?menu=main&attempt=0", Some("4")).await;
+    assert_eq!(
+        gather_action(&info),
+        "/twilio/voice/gather?menu=info&attempt=0"
+    );
+    assert_eq!(
+        info.child("Gather").unwrap().children[0].text,
+        "Info. Press 9 to go back."
+    );
+    let back = voice(&app, "/twilio/voice/gather?menu=info&attempt=0", Some("9")).await;
+    assert_eq!(
+        gather_action(&back),
+        "/twilio/voice/gather?menu=main&attempt=0"
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_key_or_silence_reprompts_then_says_goodbye_and_hangs_up() {
+    let app = TestApp::spawn(FLOWS).await;
+    let first = voice(&app, "/twilio/voice/gather?menu=main&attempt=0", Some("7")).await;
+    assert_eq!(
+        gather_action(&first),
+        "/twilio/voice/gather?menu=main&attempt=1"
+    );
+    let says: Vec<&str> = first
+        .child("Gather")
+        .unwrap()
+        .children
+        .iter()
+        .map(|s| s.text.as_str())
+        .collect();
+    assert_eq!(says[0], "Sorry?");
+    assert!(says[1].starts_with("Press 1"));
+    let second = voice(&app, "/twilio/voice/gather?menu=main&attempt=1", None).await;
+    assert_eq!(
+        gather_action(&second),
+        "/twilio/voice/gather?menu=main&attempt=2"
+    );
+    let last = voice(&app, "/twilio/voice/gather?menu=main&attempt=2", None).await;
+    assert_eq!(last.names(), ["Say", "Hangup"], "after 2 retries: goodbye");
+    assert_eq!(last.children[0].text, "Bye.");
+}
+
+#[tokio::test]
+async fn a_code_read_aloud_verifies_by_sms() {
+    let app = TestApp::spawn(FLOWS).await;
+    let twiml = voice(&app, "/twilio/voice/gather?menu=main&attempt=0", Some("1")).await;
+    assert_eq!(twiml.names(), ["Say", "Pause", "Say", "Say", "Hangup"]);
+    let spoken = &twiml.children[0].text;
+    assert_eq!(spoken, &twiml.children[2].text, "read twice");
+    assert!(spoken.starts_with("Your code is "), "{spoken}");
+    let code = code_in(spoken);
+    assert_eq!(code.len(), 6);
+    assert_eq!(app.twilio.attempts(), 0, "the code was spoken, not texted");
+    let (_, reply) = app.sms(CALLER, &code).await;
+    assert!(reply.contains("Verified!"), "{reply}");
+    assert_eq!(app.state_of(CALLER).as_deref(), Some("verified"));
+}
+
+#[tokio::test]
+async fn opt_in_by_voice_texts_a_code_and_opt_out_unsubscribes() {
+    let app = TestApp::spawn(FLOWS).await;
+    let twiml = voice(&app, "/twilio/voice/gather?menu=main&attempt=0", Some("2")).await;
+    assert_eq!(twiml.names(), ["Say", "Say", "Hangup"]);
+    assert!(twiml.children[0].text.contains("text message"));
+    let texted = app.twilio.wait_delivered(1).await;
+    assert!(texted[0].body.starts_with("Code: "));
+    let twiml = voice(&app, "/twilio/voice/gather?menu=main&attempt=0", Some("3")).await;
+    assert!(twiml.children[0].text.contains("unsubscribed"));
+    assert_eq!(app.state_of(CALLER).as_deref(), Some("opted_out"));
+}
+
+#[tokio::test]
+async fn voice_routes_need_a_valid_signature() {
+    let app = TestApp::spawn(FLOWS).await;
+    let r = app
+        .http
+        .post(format!("{}/twilio/voice", app.base))
+        .header("X-Twilio-Signature", "AAAA")
+        .form(&[("From", CALLER)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+}
