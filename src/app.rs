@@ -11,9 +11,12 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::http::{self, AppState};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+use crate::http::{self, AppState, Health};
 use crate::outbox::Outbox;
 use crate::provider::{Console, Provider, Twilio};
+use crate::reload::Reloader;
 use crate::store::Store;
 use crate::{flows, scheduler};
 
@@ -152,6 +155,11 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        let reloader = Arc::new(Reloader::new(
+            self.engine.clone(),
+            self.config.flows_dir.clone(),
+        ));
+        let health = Arc::new(Health::default());
         let state = Arc::new(AppState {
             engine: self.engine.clone(),
             public_url: self.config.public_url.clone(),
@@ -159,24 +167,50 @@ impl Application {
             region: self.config.region,
             provider: self.provider.clone(),
             api_token: self.config.api_token.clone(),
+            admin_token: self.config.admin_token.clone(),
             loopback: self.config.listen.ip().is_loopback(),
+            reloader: reloader.clone(),
+            health: health.clone(),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
-        let scheduler = tokio::spawn(scheduler::run(self.engine.clone(), stop_rx.clone()));
+        let scheduler = tokio::spawn(flagged(
+            health.clone(),
+            |h| &h.scheduler,
+            scheduler::run(self.engine.clone(), stop_rx.clone()),
+        ));
         let outbox = Outbox::new(
             self.engine.clone(),
             self.provider.clone(),
             self.config.send_rate,
             self.options.retry_base,
         );
-        let outbox = tokio::spawn(outbox.run(stop_rx));
+        let outbox = tokio::spawn(flagged(
+            health.clone(),
+            |h| &h.outbox,
+            outbox.run(stop_rx.clone()),
+        ));
+        let watcher = tokio::spawn(reloader.clone().watch(stop_rx.clone()));
+        let hup = tokio::spawn(reloader.clone().on_sighup(stop_rx));
         let served = axum::serve(self.listener, http::router(state))
             .with_graceful_shutdown(shutdown)
             .await;
         let _ = stop_tx.send(true);
         let _ = scheduler.await;
         let _ = outbox.await;
+        let _ = watcher.await;
+        let _ = hup.await;
         self.engine.store.flush()?;
         served.context("serving HTTP")
     }
+}
+
+/// Runs a worker with its health flag up while it runs.
+async fn flagged(
+    health: Arc<Health>,
+    flag: fn(&Health) -> &AtomicBool,
+    task: impl Future<Output = ()>,
+) {
+    flag(&health).store(true, Relaxed);
+    task.await;
+    flag(&health).store(false, Relaxed);
 }

@@ -22,6 +22,10 @@ pub struct BenchArgs {
     /// The text each (distinct) number sends.
     #[arg(long, default_value = "HELP")]
     pub body: String,
+    /// Instead: fill a store with this many subscribers and measure `smsflow export`'s peak
+    /// memory at a tenth of it and at all of it.
+    #[arg(long)]
+    pub export_subscribers: Option<u64>,
 }
 
 /// Latency figures of one run.
@@ -35,6 +39,9 @@ pub struct Figures {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
+    if let Some(n) = args.export_subscribers {
+        return tokio::task::spawn_blocking(move || export(n, &args.flows)).await?;
+    }
     let data = std::env::temp_dir().join(format!("smsflow-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
     let config = Layer {
@@ -208,4 +215,89 @@ async fn drive(
         p50: pct(0.50),
         p99: pct(0.99),
     }
+}
+
+/// Fills a store, then runs `smsflow export` as a child process at n/10 and at n subscribers.
+fn export(n: u64, flows_dir: &std::path::Path) -> anyhow::Result<String> {
+    use crate::machine::{State, Subscriber};
+    use crate::phone::Phone;
+    use crate::store::{Commit, Store};
+    let dir = std::env::temp_dir().join(format!("smsflow-export-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let exe = std::env::current_exe()?;
+    let mut out = format!(
+        "smsflow bench: export of {n} subscribers (child process, --one-hot, to /dev/null)\n"
+    );
+    let mut filled = 0u64;
+    let mut peaks = Vec::new();
+    for target in [n / 10, n] {
+        let started = Instant::now();
+        {
+            let store = Store::open_with_cache(&dir, 64 << 20)?;
+            let now = chrono::Utc::now();
+            while filled < target {
+                let batch: Vec<Commit> = (filled..target.min(filled + 1000))
+                    .map(|i| {
+                        let phone = Phone::from_stored(format!("+1{:010}", 2_000_000_000 + i))?;
+                        let mut s = Subscriber::new(phone, now);
+                        s.state = if i % 7 == 0 {
+                            State::OptedOut
+                        } else {
+                            State::Verified
+                        };
+                        s.verified_at = Some(now);
+                        s.fields.insert("first_name".into(), format!("Name{i}"));
+                        let pick = (i % 3) as usize;
+                        s.fields.insert(
+                            "age_group".into(),
+                            ["under_30", "30_50", "over_50"][pick].into(),
+                        );
+                        s.fields
+                            .insert("channel".into(), ["friend", "social", "other"][pick].into());
+                        Ok(Commit {
+                            subscriber: Some(s),
+                            ..Commit::default()
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                filled += batch.len() as u64;
+                store.commit_many(&batch, now)?;
+            }
+            store.flush()?;
+        }
+        let fill = started.elapsed();
+        let started = Instant::now();
+        let child = std::process::Command::new(&exe)
+            .arg("export")
+            .arg("--data")
+            .arg(&dir)
+            .arg("--flows")
+            .arg(flows_dir)
+            .args(["--out", "/dev/null", "--one-hot"])
+            .output()?;
+        anyhow::ensure!(
+            child.status.success(),
+            "export failed: {}",
+            String::from_utf8_lossy(&child.stderr)
+        );
+        let report = String::from_utf8_lossy(&child.stderr).trim().to_string();
+        let peak: f64 = report
+            .rsplit("peak memory ")
+            .next()
+            .and_then(|s| s.trim_end_matches(" MiB").parse().ok())
+            .unwrap_or(f64::NAN);
+        peaks.push(peak);
+        let secs = started.elapsed().as_secs_f64();
+        out += &format!(
+            "{target:>9} subscribers: filled in {:.1} s, exported in {secs:.1} s ({:.0} rows/s): {report}\n",
+            fill.as_secs_f64(),
+            target as f64 / secs
+        );
+    }
+    out += &format!(
+        "peak memory ratio (all / tenth): {:.2}\n",
+        peaks[1] / peaks[0]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(out)
 }

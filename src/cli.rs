@@ -27,8 +27,23 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: Twilio webhooks, timers and the outbox.
     Serve(ServeArgs),
-    /// Benchmark durable webhooks against a trivial route of the same server.
+    /// Benchmark durable webhooks against a trivial route of the same server, or the export.
     Bench(crate::bench::BenchArgs),
+    /// Write the dataset as CSV: one row per phone, every form field.
+    Export {
+        /// Data directory [env SMSFLOW_DATA; default ./data].
+        #[arg(long, env = "SMSFLOW_DATA", default_value = "data")]
+        data: PathBuf,
+        /// Flow directory, for the field columns [env SMSFLOW_FLOWS; default ./flows].
+        #[arg(long, env = "SMSFLOW_FLOWS", default_value = "flows")]
+        flows: PathBuf,
+        /// Output file (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Add an indicator column (0/1) per category of every choice field.
+        #[arg(long)]
+        one_hot: bool,
+    },
     /// Check a flow directory and report every problem as file:line:col: message.
     Check {
         /// The flow directory.
@@ -481,6 +496,60 @@ pub fn bench(args: crate::bench::BenchArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("smsflow bench: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+pub fn export(data: &Path, flows_dir: &Path, out: Option<&Path>, one_hot: bool) -> ExitCode {
+    let flows = match flows::load_dir(flows_dir) {
+        Ok(f) => f,
+        Err(p) => {
+            eprintln!("{p}");
+            return ExitCode::from(EXIT_PROBLEMS);
+        }
+    };
+    if !data.exists() {
+        eprintln!(
+            "smsflow export: no data dir at {} (set --data or SMSFLOW_DATA)",
+            data.display()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    // A small page cache: the export reads every record once, memory must stay flat.
+    let store = match crate::store::Store::open_with_cache(data, 32 << 20) {
+        Ok(s) => s,
+        Err(e) => {
+            if e.downcast_ref::<crate::store::DataDirInUse>().is_some() {
+                eprintln!(
+                    "smsflow export: {e}.\nThe running daemon holds it: download the dataset from it instead:\n  \
+                     curl -H \"Authorization: Bearer $SMSFLOW_ADMIN_TOKEN\" http://127.0.0.1:8080/admin/export.csv{}",
+                    if one_hot { "?one_hot=1" } else { "" }
+                );
+            } else {
+                eprintln!("smsflow export: {e:#}");
+            }
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let written = match out {
+        Some(path) => std::fs::File::create(path)
+            .map_err(anyhow::Error::from)
+            .and_then(|f| {
+                crate::export::write_csv(&store, &flows, one_hot, std::io::BufWriter::new(f))
+            }),
+        None => crate::export::write_csv(&store, &flows, one_hot, std::io::stdout().lock()),
+    };
+    match written {
+        Ok(rows) => {
+            let peak = crate::export::peak_rss_kib().map_or("unknown".to_string(), |k| {
+                format!("{:.1} MiB", k as f64 / 1024.0)
+            });
+            eprintln!("exported {rows} subscriber(s); peak memory {peak}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("smsflow export: {e:#}");
             ExitCode::from(EXIT_RUNTIME)
         }
     }

@@ -33,6 +33,7 @@ pub struct Engine {
     pub outbox_changed: Arc<Notify>,
     writer: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    counts: Arc<StateCounts>,
 }
 
 /// What an event did.
@@ -73,6 +74,8 @@ enum Job {
     },
     /// Just make everything so far durable.
     Flush(oneshot::Sender<anyhow::Result<Applied>>),
+    /// Erase a number and everything about it (a privacy request).
+    Erase(Phone, oneshot::Sender<anyhow::Result<bool>>),
 }
 
 impl Engine {
@@ -82,8 +85,18 @@ impl Engine {
         let timers_changed = Arc::new(Notify::new());
         let outbox_changed = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel();
+        let counts = Arc::new(StateCounts::default());
+        match store.count_states() {
+            Ok(c) => {
+                for (i, n) in c.iter().enumerate() {
+                    counts.0[i].store(*n as i64, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            Err(e) => tracing::error!("counting subscribers failed: {e:#}"),
+        }
         let writer = Writer {
             store: store.clone(),
+            counts: counts.clone(),
             flows: flows.clone(),
             timers_changed: timers_changed.clone(),
             outbox_changed: outbox_changed.clone(),
@@ -100,6 +113,7 @@ impl Engine {
             outbox_changed,
             writer: Some(tx),
             thread,
+            counts,
         }
     }
 
@@ -148,6 +162,20 @@ impl Engine {
             .map_err(|_| anyhow::anyhow!("the writer thread stopped"))
     }
 
+    /// Erases a number (durably); false when it was unknown.
+    pub async fn erase(&self, phone: &Phone) -> anyhow::Result<bool> {
+        let (done, answer) = oneshot::channel();
+        self.send(Job::Erase(phone.clone(), done))?;
+        answer
+            .await
+            .map_err(|_| anyhow::anyhow!("the writer thread stopped"))?
+    }
+
+    /// Subscribers per state, in [`crate::machine::State::NAMES`] order.
+    pub fn state_counts(&self) -> [i64; 5] {
+        self.counts.get()
+    }
+
     /// Fires every timer due now (at most `limit`); returns how many fired.
     pub async fn fire_due_timers(&self, limit: usize) -> anyhow::Result<usize> {
         let due = self.store.due_timers(Utc::now(), limit)?;
@@ -188,6 +216,7 @@ impl Drop for Engine {
 
 struct Writer {
     store: Arc<Store>,
+    counts: Arc<StateCounts>,
     flows: Arc<ArcSwap<Flows>>,
     timers_changed: Arc<Notify>,
     outbox_changed: Arc<Notify>,
@@ -239,8 +268,9 @@ impl Writer {
         let mut rng = rand::rng();
         // Within a batch, later events see earlier ones' results.
         let mut latest: HashMap<Phone, Subscriber> = HashMap::new();
-        let mut replied: HashMap<String, String> = HashMap::new();
+        let mut replied: HashMap<(Phone, String), String> = HashMap::new();
         let mut prepared = Vec::new();
+        let mut transitions = Vec::new();
         let mut committed = Committed {
             answers: Vec::new(),
             flush_only: Vec::new(),
@@ -253,6 +283,24 @@ impl Writer {
                     committed.flush_only.push(done);
                     continue;
                 }
+                Job::Erase(phone, done) => {
+                    // Erasing is rare: settle the batch so far first, then erase on its own.
+                    if !prepared.is_empty() {
+                        if let Err(e) = self.store.commit_prepared(&std::mem::take(&mut prepared)) {
+                            tracing::error!("commit before erase failed: {e:#}");
+                        }
+                    }
+                    latest.remove(&phone);
+                    let result = self.store.erase(&phone).and_then(|gone| {
+                        self.store.flush()?;
+                        if let Some(s) = &gone {
+                            self.counts.moved(Some(&s.state), None);
+                        }
+                        Ok(gone.is_some())
+                    });
+                    let _ = done.send(result);
+                    continue;
+                }
                 Job::Apply {
                     phone,
                     event,
@@ -263,9 +311,9 @@ impl Writer {
                 } => (phone, event, inbound_sid, fired, inline_codes, done),
             };
             if let Some(sid) = &sid {
-                let earlier = match replied.get(sid) {
+                let earlier = match replied.get(&(phone.clone(), sid.clone())) {
                     Some(twiml) => Ok(Some(twiml.clone())),
-                    None => self.store.inbound_reply(sid),
+                    None => self.store.inbound_reply(&phone, sid),
                 };
                 match earlier {
                     Ok(Some(twiml)) => {
@@ -279,23 +327,30 @@ impl Writer {
                     }
                 }
             }
+            let mut is_new = false;
             let sub = match latest.remove(&phone) {
                 Some(s) => s,
                 None => match self.store.subscriber(&phone) {
-                    Ok(s) => s.unwrap_or_else(|| Subscriber::new(phone.clone(), now)),
+                    Ok(Some(s)) => s,
+                    Ok(None) => {
+                        is_new = true;
+                        Subscriber::new(phone.clone(), now)
+                    }
                     Err(e) => {
                         let _ = done.send(Err(e));
                         continue;
                     }
                 },
             };
+            let before = (!is_new).then(|| sub.state.clone());
             let t = machine::step(sub, &event, &flows, now, &mut rng);
+            transitions.push((before, t.subscriber.state.clone()));
             let (mut commit, applied) = to_commit(t, sid.as_deref(), fired, inline, now);
             committed.timers |= !commit.schedule.is_empty();
             committed.outbox |= !commit.outgoing.is_empty();
             prepared.push(Prepared::new(&commit, now));
             if let (Some(sid), Some(twiml)) = (&sid, &applied.twiml) {
-                replied.insert(sid.clone(), twiml.clone());
+                replied.insert((phone.clone(), sid.clone()), twiml.clone());
             }
             if let Some(s) = commit.subscriber.take() {
                 latest.insert(phone, s);
@@ -304,6 +359,7 @@ impl Writer {
         }
         if !prepared.is_empty() {
             if let Err(e) = self.store.commit_prepared(&prepared) {
+                transitions.clear();
                 let msg = format!("{e:#}");
                 for (done, _) in committed.answers {
                     let _ = done.send(Err(anyhow::anyhow!("committing the event: {msg}")));
@@ -314,7 +370,37 @@ impl Writer {
                 }
             }
         }
+        for (before, after) in &transitions {
+            self.counts.moved(before.as_ref(), Some(after));
+        }
         Some(committed)
+    }
+}
+
+/// Live subscriber counts per state, kept by the writer (counted once at start).
+#[derive(Default)]
+pub struct StateCounts([std::sync::atomic::AtomicI64; 5]);
+
+impl StateCounts {
+    fn index(s: &crate::machine::State) -> usize {
+        crate::machine::State::NAMES
+            .iter()
+            .position(|n| *n == s.name())
+            .unwrap_or(0)
+    }
+
+    fn moved(&self, from: Option<&crate::machine::State>, to: Option<&crate::machine::State>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(f) = from {
+            self.0[Self::index(f)].fetch_sub(1, Relaxed);
+        }
+        if let Some(t) = to {
+            self.0[Self::index(t)].fetch_add(1, Relaxed);
+        }
+    }
+
+    fn get(&self) -> [i64; 5] {
+        std::array::from_fn(|i| self.0[i].load(std::sync::atomic::Ordering::Relaxed))
     }
 }
 

@@ -112,6 +112,7 @@ impl Outbox {
             .is_some_and(|s| s.state == State::OptedOut);
         if opted_out {
             tracing::info!(phone = %msg.phone.masked(), "outbox: not sending to an opted-out number");
+            crate::metrics::outbound("suppressed");
             return store.outbox_finish(id, &delivery(&msg, "suppressed", None, None, None));
         }
         // Per-sender rate limit.
@@ -122,6 +123,7 @@ impl Outbox {
         match self.provider.send(&msg.phone, &msg.body, msg.secret).await {
             Ok(accepted) => {
                 tracing::info!(phone = %msg.phone.masked(), sid = %accepted.sid, "outbox: sent");
+                crate::metrics::outbound("sent");
                 store.outbox_finish(id, &delivery(&msg, "sent", Some(accepted.sid), None, None))
             }
             Err(SendError::Temporary {
@@ -135,6 +137,7 @@ impl Outbox {
                     phone = %msg.phone.masked(), attempt = msg.attempts, retry_in = ?wait,
                     "outbox: temporary failure: {message}"
                 );
+                crate::metrics::outbound("retried");
                 msg.next_try =
                     Utc::now() + TimeDelta::from_std(wait).unwrap_or(TimeDelta::seconds(1));
                 msg.last_error = Some(message);
@@ -142,10 +145,12 @@ impl Outbox {
             }
             Err(SendError::Temporary { message, .. }) => {
                 tracing::error!(phone = %msg.phone.masked(), "outbox: giving up after {} attempts: {message}", msg.attempts);
+                crate::metrics::outbound("failed");
                 store.outbox_finish(id, &delivery(&msg, "failed", None, None, Some(message)))
             }
             Err(SendError::Permanent { code, message }) => {
                 tracing::warn!(phone = %msg.phone.masked(), ?code, "outbox: refused: {message}");
+                crate::metrics::outbound("failed");
                 store.outbox_finish(id, &delivery(&msg, "failed", None, code, Some(message)))?;
                 if code == Some(UNSUBSCRIBED) {
                     self.engine

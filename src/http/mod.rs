@@ -1,6 +1,7 @@
 //! The HTTP surface (axum): Twilio webhooks, health. Handlers only move bytes: they parse,
 //! check, call the engine, and render its answer.
 
+pub mod admin;
 pub mod otp;
 pub mod signature;
 pub mod twiml;
@@ -34,8 +35,50 @@ pub struct AppState {
     pub provider: Arc<crate::provider::Provider>,
     /// Bearer token for the OTP API.
     pub api_token: Option<Secret>,
-    /// Listening on loopback only: the OTP API may run without a token.
+    /// Bearer token for the admin API.
+    pub admin_token: Option<Secret>,
+    /// Listening on loopback only: the OTP and admin APIs may run without a token.
     pub loopback: bool,
+    pub reloader: Arc<crate::reload::Reloader>,
+    pub health: Arc<Health>,
+}
+
+/// Whether the workers are running, for `/readyz`.
+#[derive(Default)]
+pub struct Health {
+    pub scheduler: std::sync::atomic::AtomicBool,
+    pub outbox: std::sync::atomic::AtomicBool,
+}
+
+/// Checks `Authorization: Bearer` against `token` in constant time. Without a token the API
+/// runs only on loopback: an open API on a public address is an invitation to abuse.
+pub fn bearer(
+    token: Option<&Secret>,
+    loopback: bool,
+    headers: &HeaderMap,
+    env: &str,
+    what: &str,
+) -> Result<(), String> {
+    use subtle::ConstantTimeEq;
+    let Some(token) = token else {
+        return if loopback {
+            Ok(())
+        } else {
+            Err(format!(
+                "the {what} is off: set {env} (required when listening beyond loopback)"
+            ))
+        };
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| "missing Authorization: Bearer token".to_string())?;
+    if bool::from(given.trim().as_bytes().ct_eq(token.expose().as_bytes())) {
+        Ok(())
+    } else {
+        Err("wrong bearer token".to_string())
+    }
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -46,9 +89,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/twilio/voice/gather", post(voice::gather))
         .route("/authenticate/get_otp", post(otp::get_otp))
         .route("/authenticate/validate_otp", post(otp::validate_otp))
+        .route("/admin/subscribers", get(admin::list))
+        .route(
+            "/admin/subscribers/{phone}",
+            get(admin::show).delete(admin::erase),
+        )
+        .route("/admin/subscribers/{phone}/opt-out", post(admin::opt_out))
+        .route("/admin/reload", post(admin::reload))
+        .route("/admin/export.csv", get(admin::export))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(time_webhooks))
         .layer(axum::middleware::map_response(log_failures))
         .with_state(state)
 }
@@ -95,6 +149,54 @@ async fn log_failures(response: Response) -> Response {
         tracing::error!("request failed: {chain}");
     }
     response
+}
+
+/// Records the latency of every Twilio webhook.
+async fn time_webhooks(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let route = match req.uri().path() {
+        "/twilio/sms" => Some("sms"),
+        "/twilio/status" => Some("status"),
+        "/twilio/voice" | "/twilio/voice/gather" => Some("voice"),
+        _ => None,
+    };
+    let started = std::time::Instant::now();
+    let response = next.run(req).await;
+    if let Some(route) = route {
+        crate::metrics::webhook_seconds(route, started.elapsed().as_secs_f64());
+    }
+    response
+}
+
+/// Ready when the store answers, flows are loaded and the workers run.
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    let store = tokio::time::timeout(std::time::Duration::from_secs(2), state.engine.durable())
+        .await
+        .is_ok_and(|r| r.is_ok());
+    let scheduler = state.health.scheduler.load(Relaxed);
+    let outbox = state.health.outbox.load(Relaxed);
+    let ready = store && scheduler && outbox;
+    let body = serde_json::json!({
+        "ready": ready,
+        "store": store,
+        "flows": state.engine.flows().summary(),
+        "scheduler": scheduler,
+        "outbox": outbox,
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(&state.engine),
+    )
+        .into_response()
 }
 
 async fn not_found(method: Method, uri: Uri) -> (StatusCode, String) {
@@ -183,6 +285,22 @@ fn public_url(state: &AppState, headers: &HeaderMap, uri: &Uri) -> String {
     format!("{proto}://{host}{path}")
 }
 
+/// A short label for metrics and logs.
+fn outcome_label(o: crate::machine::Outcome) -> &'static str {
+    use crate::machine::Outcome::*;
+    match o {
+        Done => "handled",
+        CodeSent => "code_sent",
+        Verified => "verified",
+        WrongCode => "wrong_code",
+        Expired => "expired_code",
+        Locked => "locked",
+        RateLimited { .. } => "rate_limited",
+        OptedOut => "opted_out",
+        Ignored => "ignored",
+    }
+}
+
 fn xml(body: String) -> Response {
     ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], body).into_response()
 }
@@ -218,11 +336,13 @@ async fn sms(
             inline_codes: false,
         })
         .await?;
-    if applied.duplicate {
-        tracing::info!(phone = %phone.masked(), "inbound: duplicate MessageSid, answered as before");
+    let outcome = if applied.duplicate {
+        "duplicate"
     } else {
-        tracing::info!(phone = %phone.masked(), outcome = ?applied.outcome, "inbound sms");
-    }
+        outcome_label(applied.outcome)
+    };
+    crate::metrics::inbound(outcome);
+    tracing::info!(phone = %phone.masked(), outcome, "inbound sms");
     Ok(xml(applied.twiml.unwrap_or_else(|| twiml::messages(&[]))))
 }
 

@@ -9,7 +9,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq;
 
 use super::AppState;
 use crate::engine::{Applied, Input};
@@ -248,25 +247,14 @@ async fn apply(state: &AppState, phone: &Phone, event: Event) -> Result<Applied,
 
 /// An open OTP endpoint is an SMS-pumping target: off the loopback, a token is required.
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), OtpError> {
-    let Some(token) = &state.api_token else {
-        return if state.loopback {
-            Ok(())
-        } else {
-            Err(OtpError::Unauthorized(
-                "the OTP API is off: set SMSFLOW_API_TOKEN (required when listening beyond loopback)".into(),
-            ))
-        };
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| OtpError::Unauthorized("missing Authorization: Bearer token".into()))?;
-    if bool::from(given.trim().as_bytes().ct_eq(token.expose().as_bytes())) {
-        Ok(())
-    } else {
-        Err(OtpError::Unauthorized("wrong bearer token".into()))
-    }
+    super::bearer(
+        state.api_token.as_ref(),
+        state.loopback,
+        headers,
+        "SMSFLOW_API_TOKEN",
+        "OTP API",
+    )
+    .map_err(OtpError::Unauthorized)
 }
 
 fn json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, OtpError> {

@@ -172,8 +172,9 @@ pub enum Effect {
 }
 
 /// A history entry: what happened, without secrets (codes are never recorded).
+/// Externally tagged (bincode cannot read internally tagged enums).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Record {
     OptedIn { via: String },
     CodeSent,

@@ -107,3 +107,28 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod history_tests {
+    use super::*;
+    use crate::machine::Record;
+    use crate::store::HistoryEntry;
+
+    #[test]
+    fn every_kind_of_history_entry_round_trips_through_bincode() {
+        let at = "2026-01-05T15:00:00Z".parse().unwrap();
+        for record in [
+            Record::CodeSent,
+            Record::OptedIn { via: "sms".into() },
+            Record::FieldSaved {
+                key: "k".into(),
+                value: "v".into(),
+            },
+            Record::Deferred { until: at },
+        ] {
+            let h = HistoryEntry { at, record };
+            let bytes = encode(1, &h);
+            assert_eq!(decode::<HistoryEntry>(1, &bytes).unwrap(), h);
+        }
+    }
+}

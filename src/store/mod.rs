@@ -93,22 +93,32 @@ pub struct Store {
 #[error("{0}")]
 struct Abort(String);
 
+/// Another process (usually the running daemon) holds the data dir.
+#[derive(Debug, thiserror::Error)]
+#[error("data dir {} is in use by another smsflow process (only one may open it)", .0.display())]
+pub struct DataDirInUse(pub std::path::PathBuf);
+
 impl Store {
     /// Opens (or creates) the store in `dir`. Only one process may hold a data dir.
     pub fn open(dir: &Path) -> anyhow::Result<Store> {
+        Store::open_with_cache(dir, 512 << 20)
+    }
+
+    /// Opens with sled's page cache bounded to `cache_bytes` (reads beyond it are evicted).
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> anyhow::Result<Store> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating data dir {}", dir.display()))?;
-        let db = sled::Config::new().path(dir).open().map_err(|e| match e {
-            sled::Error::Io(io)
-                if io.kind() == std::io::ErrorKind::WouldBlock || io.raw_os_error() == Some(11) =>
-            {
-                anyhow::anyhow!(
-                    "data dir {} is in use by another smsflow process (only one may open it)",
-                    dir.display()
-                )
-            }
-            other => anyhow::anyhow!("opening data dir {}: {other}", dir.display()),
-        })?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .open()
+            .map_err(|e| match e {
+                // sled reports a held lock as an IO error with this text.
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                    anyhow::Error::new(DataDirInUse(dir.to_path_buf()))
+                }
+                other => anyhow::anyhow!("opening data dir {}: {other}", dir.display()),
+            })?;
         let tree = |name: &str| {
             db.open_tree(name)
                 .with_context(|| format!("opening tree {name}"))
@@ -174,9 +184,13 @@ impl Store {
             })
     }
 
-    /// The stored reply to an inbound message already processed.
-    pub fn inbound_reply(&self, message_sid: &str) -> anyhow::Result<Option<String>> {
-        match self.inbound.get(message_sid)? {
+    /// The stored reply to an inbound message from `phone` already processed.
+    pub fn inbound_reply(
+        &self,
+        phone: &Phone,
+        message_sid: &str,
+    ) -> anyhow::Result<Option<String>> {
+        match self.inbound.get(prefixed(phone, message_sid.as_bytes()))? {
             None => Ok(None),
             Some(v) => Ok(Some(codec::decode(REPLY_VERSION, &v)?)),
         }
@@ -217,8 +231,8 @@ impl Store {
                         let id = outbox.generate_id()?;
                         outbox.insert(&id.to_be_bytes()[..], msg.as_slice())?;
                     }
-                    if let Some((sid, reply)) = &e.inbound {
-                        inbound.insert(sid.as_bytes(), reply.as_slice())?;
+                    if let Some((key, reply)) = &e.inbound {
+                        inbound.insert(key.as_slice(), reply.as_slice())?;
                     }
                     if let Some(phone) = &e.phone {
                         for h in &e.history {
@@ -332,6 +346,82 @@ impl Store {
         })
     }
 
+    // ---- operators -----------------------------------------------------------
+
+    /// Subscribers per state, in [`crate::machine::State::NAMES`] order (a full scan).
+    pub fn count_states(&self) -> anyhow::Result<[u64; 5]> {
+        let mut counts = [0u64; 5];
+        for s in self.subscribers_after(None) {
+            counts[state_index(&s?.state)] += 1;
+        }
+        Ok(counts)
+    }
+
+    /// Erases a number: its record, timer, queued messages, dedup records, history and
+    /// delivery records. Returns the erased subscriber, or `None` if it was unknown.
+    /// Only the engine's writer calls this, so nothing re-creates the number meanwhile.
+    pub fn erase(&self, phone: &Phone) -> anyhow::Result<Option<Subscriber>> {
+        let Some(sub) = self.subscriber(phone)? else {
+            return Ok(None);
+        };
+        let mut prefix = phone.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let keys = |t: &sled::Tree| -> anyhow::Result<Vec<sled::IVec>> {
+            t.scan_prefix(&prefix).keys().map(|k| Ok(k?)).collect()
+        };
+        let history = keys(&self.history)?;
+        let inbound = keys(&self.inbound)?;
+        let timer = sub.timer.map(|t| timer_key(&t, phone));
+        let mut outbox = Vec::new();
+        for m in self.outbox() {
+            let (id, msg) = m?;
+            if msg.phone == *phone {
+                outbox.push(id.to_be_bytes());
+            }
+        }
+        let mut deliveries = Vec::new();
+        for d in self.deliveries() {
+            let (id, d) = d?;
+            if d.phone == *phone {
+                deliveries.push((id.to_be_bytes(), d.provider_sid));
+            }
+        }
+        let trees = (
+            &self.subscribers,
+            &self.timers,
+            &self.outbox,
+            &self.inbound,
+            &self.history,
+            &self.deliveries,
+            &self.sids,
+        );
+        trees
+            .transaction(|(subs, timers, out, inb, hist, dels, sids)| {
+                subs.remove(phone.as_str().as_bytes())?;
+                if let Some(k) = &timer {
+                    timers.remove(k.as_slice())?;
+                }
+                for k in &outbox {
+                    out.remove(&k[..])?;
+                }
+                for k in &inbound {
+                    inb.remove(k)?;
+                }
+                for k in &history {
+                    hist.remove(k)?;
+                }
+                for (k, sid) in &deliveries {
+                    dels.remove(&k[..])?;
+                    if let Some(sid) = sid {
+                        sids.remove(sid.as_bytes())?;
+                    }
+                }
+                Ok::<(), ConflictableTransactionError<Abort>>(())
+            })
+            .map_err(|e| anyhow::anyhow!("erasing {}: {e:?}", phone.masked()))?;
+        Ok(Some(sub))
+    }
+
     // ---- history -----------------------------------------------------------
 
     /// The last `n` history entries of a number, oldest first.
@@ -355,7 +445,7 @@ pub struct Prepared {
     remove_timers: Vec<Vec<u8>>,
     add_timers: Vec<(Vec<u8>, [u8; 8])>,
     outgoing: Vec<Vec<u8>>,
-    inbound: Option<(String, Vec<u8>)>,
+    inbound: Option<(Vec<u8>, Vec<u8>)>,
     history: Vec<Vec<u8>>,
 }
 
@@ -399,10 +489,13 @@ impl Prepared {
             remove_timers,
             add_timers: keys(&c.schedule),
             outgoing,
-            inbound: c
-                .inbound
-                .as_ref()
-                .map(|(sid, reply)| (sid.clone(), codec::encode(REPLY_VERSION, reply))),
+            inbound: match (&phone, &c.inbound) {
+                (Some(p), Some((sid, reply))) => Some((
+                    prefixed(p, sid.as_bytes()),
+                    codec::encode(REPLY_VERSION, reply),
+                )),
+                _ => None,
+            },
             history: c
                 .history
                 .iter()
@@ -451,8 +544,20 @@ fn parse_timer(k: &[u8], v: &[u8]) -> Option<DueTimer> {
 }
 
 fn history_key(phone: &Phone, id: u64) -> Vec<u8> {
+    prefixed(phone, &id.to_be_bytes())
+}
+
+/// `phone ++ 0 ++ rest`: everything of one number under one prefix, so it can be erased.
+fn prefixed(phone: &Phone, rest: &[u8]) -> Vec<u8> {
     let mut k = phone.as_str().as_bytes().to_vec();
     k.push(0);
-    k.extend_from_slice(&id.to_be_bytes());
+    k.extend_from_slice(rest);
     k
+}
+
+fn state_index(s: &crate::machine::State) -> usize {
+    crate::machine::State::NAMES
+        .iter()
+        .position(|n| *n == s.name())
+        .unwrap_or(0)
 }

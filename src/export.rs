@@ -1,0 +1,121 @@
+//! The dataset: one CSV row per phone with its state and every form field; choice fields hold
+//! their category label, and with one-hot an indicator column per category. Streamed.
+
+use std::io::Write;
+
+use crate::flows::{Expect, Flows, StepAction};
+use crate::machine::Subscriber;
+use crate::store::Store;
+
+/// The fixed columns, before the fields.
+pub const COLUMNS: [&str; 8] = [
+    "phone",
+    "state",
+    "opted_in",
+    "verified_at",
+    "sequence",
+    "step",
+    "created_at",
+    "last_inbound_at",
+];
+
+/// What the columns are for one flow set.
+pub struct Layout {
+    fields: Vec<String>,
+    /// (field, category) pairs for the one-hot columns.
+    one_hot: Vec<(String, String)>,
+}
+
+impl Layout {
+    pub fn new(flows: &Flows, one_hot: bool) -> Layout {
+        let fields: Vec<String> = flows.form.all_keys().map(str::to_string).collect();
+        let mut categories: Vec<(String, String)> = Vec::new();
+        if one_hot {
+            let mut add = |key: &str, expect: &Expect| {
+                for label in expect.categories().unwrap_or_default() {
+                    let pair = (key.to_string(), label.to_string());
+                    if !categories.contains(&pair) {
+                        categories.push(pair);
+                    }
+                }
+            };
+            for f in &flows.form.fields {
+                add(&f.key, &f.expect);
+            }
+            for s in flows.sequences.iter().flat_map(|s| &s.steps) {
+                if let StepAction::Ask(q) = &s.action {
+                    if let Some(key) = &q.save {
+                        add(key, &q.expect);
+                    }
+                }
+            }
+        }
+        Layout {
+            fields,
+            one_hot: categories,
+        }
+    }
+
+    pub fn header(&self) -> Vec<String> {
+        COLUMNS
+            .iter()
+            .map(|c| c.to_string())
+            .chain(self.fields.iter().cloned())
+            .chain(self.one_hot.iter().map(|(k, c)| format!("{k}={c}")))
+            .collect()
+    }
+
+    pub fn row(&self, s: &Subscriber) -> Vec<String> {
+        let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+            t.map(|t| t.to_rfc3339()).unwrap_or_default()
+        };
+        let (sequence, step) = s.sequence_step();
+        let mut row = vec![
+            s.phone.to_string(),
+            s.state.name().to_string(),
+            s.opted_in().to_string(),
+            time(s.verified_at),
+            sequence.unwrap_or_default().to_string(),
+            step.map(|n| (n + 1).to_string()).unwrap_or_default(),
+            s.created_at.to_rfc3339(),
+            time(s.last_inbound_at),
+        ];
+        row.extend(
+            self.fields
+                .iter()
+                .map(|f| s.fields.get(f).cloned().unwrap_or_default()),
+        );
+        row.extend(
+            self.one_hot
+                .iter()
+                .map(|(k, c)| if s.fields.get(k) == Some(c) { "1" } else { "0" }.to_string()),
+        );
+        row
+    }
+}
+
+/// Writes the whole dataset to `out`, one subscriber at a time; returns the row count.
+pub fn write_csv<W: Write>(
+    store: &Store,
+    flows: &Flows,
+    one_hot: bool,
+    out: W,
+) -> anyhow::Result<u64> {
+    let layout = Layout::new(flows, one_hot);
+    let mut w = csv::Writer::from_writer(out);
+    w.write_record(layout.header())?;
+    let mut rows = 0;
+    for s in store.subscribers_after(None) {
+        w.write_record(layout.row(&s?))?;
+        rows += 1;
+    }
+    w.flush()?;
+    Ok(rows)
+}
+
+/// Peak resident memory of this process in KiB (Linux), for reports.
+pub fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}

@@ -1,0 +1,363 @@
+//! The admin API under `/admin`: JSON, bearer token. See subscribers, opt one out, erase one,
+//! reload flows, download the dataset.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use crate::engine::Input;
+use crate::machine::{Event, State as MachineState, Subscriber};
+use crate::phone::Phone;
+use crate::store::HistoryEntry;
+
+/// Errors are JSON: `{"error": "…"}` with a fitting status.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AdminError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let message = match &self {
+            AdminError::Unexpected(_) => "internal error; see the smsflow log".to_string(),
+            other => other.to_string(),
+        };
+        let mut r = (status, Json(serde_json::json!({ "error": message }))).into_response();
+        if let AdminError::Unexpected(e) = self {
+            r.extensions_mut()
+                .insert(super::Failure(Arc::new(format!("{e:#}"))));
+        }
+        r
+    }
+}
+
+/// A subscriber as operators see it.
+#[derive(Serialize)]
+pub struct View {
+    phone: String,
+    state: &'static str,
+    opted_in: bool,
+    sequence: Option<String>,
+    /// 1-based step within the sequence, while in one.
+    step: Option<usize>,
+    waiting_for_answer: bool,
+    fields: std::collections::BTreeMap<String, String>,
+    created_at: String,
+    verified_at: Option<String>,
+    last_inbound_at: Option<String>,
+    next_timer: Option<TimerView>,
+}
+
+#[derive(Serialize)]
+struct TimerView {
+    at: String,
+    kind: &'static str,
+}
+
+impl View {
+    fn of(s: &Subscriber) -> View {
+        let (sequence, step) = s.sequence_step();
+        View {
+            phone: s.phone.to_string(),
+            state: s.state.name(),
+            opted_in: s.opted_in(),
+            sequence: sequence.map(str::to_string),
+            step: step.map(|n| n + 1),
+            waiting_for_answer: matches!(s.state, MachineState::InSequence { waiting: true, .. }),
+            fields: s.fields.clone(),
+            created_at: s.created_at.to_rfc3339(),
+            verified_at: s.verified_at.map(|t| t.to_rfc3339()),
+            last_inbound_at: s.last_inbound_at.map(|t| t.to_rfc3339()),
+            next_timer: s.timer.map(|t| TimerView {
+                at: t.at.to_rfc3339(),
+                kind: match t.kind {
+                    crate::machine::TimerKind::Step => "step",
+                    crate::machine::TimerKind::AskTimeout => "answer_timeout",
+                },
+            }),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Detail {
+    #[serde(flatten)]
+    view: View,
+    history: Vec<serde_json::Value>,
+}
+
+/// `{"at": …, "event": "code_sent", …fields}` from a stored entry.
+fn event_json(h: &HistoryEntry) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    out.insert("at".into(), h.at.to_rfc3339().into());
+    match serde_json::to_value(&h.record) {
+        Ok(serde_json::Value::String(name)) => {
+            out.insert("event".into(), name.into());
+        }
+        Ok(serde_json::Value::Object(tagged)) => {
+            for (name, fields) in tagged {
+                out.insert("event".into(), name.into());
+                if let serde_json::Value::Object(fields) = fields {
+                    out.extend(fields);
+                }
+            }
+        }
+        _ => {}
+    }
+    serde_json::Value::Object(out)
+}
+
+pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), AdminError> {
+    super::bearer(
+        state.admin_token.as_ref(),
+        state.loopback,
+        headers,
+        "SMSFLOW_ADMIN_TOKEN",
+        "admin API",
+    )
+    .map_err(AdminError::Unauthorized)
+}
+
+fn phone(state: &AppState, raw: &str) -> Result<Phone, AdminError> {
+    Phone::parse_in(raw, state.region)
+        .map_err(|e| AdminError::BadRequest(format!("phone in path: {e}")))
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    state: Option<String>,
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+/// `GET /admin/subscribers?state=&limit=&after=`: paged by phone.
+pub async fn list(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, AdminError> {
+    authorize(&app, &headers)?;
+    if let Some(s) = &q.state {
+        if !MachineState::NAMES.contains(&s.as_str()) {
+            return Err(AdminError::BadRequest(format!(
+                "unknown state {s:?} (one of {})",
+                MachineState::NAMES.join(", ")
+            )));
+        }
+    }
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(AdminError::BadRequest(
+            "limit must be from 1 to 1000".into(),
+        ));
+    }
+    let after = match &q.after {
+        Some(a) => Some(phone(&app, a)?.to_string()),
+        None => None,
+    };
+    let mut page = Vec::new();
+    let mut more = false;
+    for s in app.engine.store.subscribers_after(after.as_deref()) {
+        let s = s?;
+        if q.state
+            .as_deref()
+            .is_some_and(|want| want != s.state.name())
+        {
+            continue;
+        }
+        if page.len() == limit {
+            more = true;
+            break;
+        }
+        page.push(View::of(&s));
+    }
+    let next = if more {
+        page.last().map(|v| v.phone.clone())
+    } else {
+        None
+    };
+    Ok(Json(serde_json::json!({ "subscribers": page, "next": next })).into_response())
+}
+
+/// `GET /admin/subscribers/{phone}`: the record and its last 50 events.
+pub async fn show(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Result<Response, AdminError> {
+    authorize(&app, &headers)?;
+    let phone = phone(&app, &raw)?;
+    detail(&app, &phone)
+}
+
+fn detail(app: &AppState, phone: &Phone) -> Result<Response, AdminError> {
+    let Some(s) = app.engine.store.subscriber(phone)? else {
+        return Err(AdminError::NotFound(format!("no subscriber {phone}")));
+    };
+    let history = app
+        .engine
+        .store
+        .history(phone, 50)?
+        .iter()
+        .map(event_json)
+        .collect();
+    Ok(Json(Detail {
+        view: View::of(&s),
+        history,
+    })
+    .into_response())
+}
+
+/// `POST /admin/subscribers/{phone}/opt-out`: no message is sent, now or later.
+pub async fn opt_out(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Result<Response, AdminError> {
+    authorize(&app, &headers)?;
+    let phone = phone(&app, &raw)?;
+    if app.engine.store.subscriber(&phone)?.is_none() {
+        return Err(AdminError::NotFound(format!("no subscriber {phone}")));
+    }
+    app.engine
+        .apply(Input {
+            phone: &phone,
+            event: Event::AdminOptOut,
+            inbound_sid: None,
+            fired: None,
+            inline_codes: false,
+        })
+        .await?;
+    tracing::info!(phone = %phone.masked(), "admin: opted out");
+    detail(&app, &phone)
+}
+
+/// `DELETE /admin/subscribers/{phone}`: erase the number and its history.
+pub async fn erase(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Result<Response, AdminError> {
+    authorize(&app, &headers)?;
+    let phone = phone(&app, &raw)?;
+    if app.engine.erase(&phone).await? {
+        tracing::info!(phone = %phone.masked(), "admin: erased");
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(AdminError::NotFound(format!("no subscriber {phone}")))
+    }
+}
+
+/// `POST /admin/reload`: load the flow directory again and say how it went.
+pub async fn reload(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, AdminError> {
+    authorize(&app, &headers)?;
+    Ok(match app.reloader.reload("admin API") {
+        Ok(summary) => {
+            Json(serde_json::json!({ "reloaded": true, "flows": summary })).into_response()
+        }
+        Err(p) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(serde_json::json!({
+                "reloaded": false,
+                "error": "the flows have problems; the previous flows stay live",
+                "problems": p.0.iter().map(|x| x.to_string()).collect::<Vec<_>>(),
+            })),
+        )
+            .into_response(),
+    })
+}
+
+#[derive(Deserialize)]
+pub struct ExportQuery {
+    one_hot: Option<String>,
+}
+
+/// `GET /admin/export.csv[?one_hot=1]`: the dataset, streamed as it is read.
+pub async fn export(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<ExportQuery>,
+) -> Result<Response, AdminError> {
+    authorize(&app, &headers)?;
+    let one_hot = matches!(q.one_hot.as_deref(), Some("1" | "true" | "yes" | ""));
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(8);
+    let engine = app.engine.clone();
+    tokio::task::spawn_blocking(move || {
+        let flows = engine.flows();
+        let mut sink = ChunkWriter {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(CHUNK),
+        };
+        if let Err(e) = crate::export::write_csv(&engine.store, &flows, one_hot, &mut sink) {
+            tracing::error!("export failed: {e:#}");
+            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+        // Let go of the engine before the response can end, so a shutdown right after a
+        // download finds the store free.
+        drop((sink, flows, engine));
+        drop(tx);
+    });
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"smsflow-export.csv\"",
+            ),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+const CHUNK: usize = 64 * 1024;
+
+/// Hands the CSV to the response in chunks; a closed connection stops the export.
+struct ChunkWriter {
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Vec<u8>>>,
+    buf: Vec<u8>,
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))
+    }
+}

@@ -1,0 +1,88 @@
+//! Prometheus metrics: counters and the webhook latency histogram through the `metrics`
+//! facade; per-daemon gauges (subscribers by state, timers, outbox) computed at scrape time.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::engine::Engine;
+use crate::machine::State;
+
+pub const INBOUND: &str = "smsflow_inbound_messages_total";
+pub const OUTBOUND: &str = "smsflow_outbound_messages_total";
+pub const RELOADS: &str = "smsflow_flow_reloads_total";
+pub const WEBHOOK_SECONDS: &str = "smsflow_webhook_duration_seconds";
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder once; later calls (tests start many daemons in one
+/// process) share it.
+pub fn handle() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(WEBHOOK_SECONDS.to_string()),
+                    &[
+                        0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    ],
+                )
+                .ok()?;
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            Some(handle)
+        })
+        .as_ref()
+}
+
+/// The whole exposition: recorded metrics plus this daemon's gauges.
+pub fn render(engine: &Engine) -> String {
+    let mut out = match handle() {
+        Some(h) => {
+            h.run_upkeep();
+            h.render()
+        }
+        None => String::new(),
+    };
+    out.push_str(
+        "# HELP smsflow_subscribers Subscribers by state.\n# TYPE smsflow_subscribers gauge\n",
+    );
+    for (name, n) in State::NAMES.iter().zip(engine.state_counts()) {
+        out.push_str(&format!(
+            "smsflow_subscribers{{state=\"{name}\"}} {}\n",
+            n.max(0)
+        ));
+    }
+    out.push_str("# HELP smsflow_pending_timers Timers waiting to fire.\n# TYPE smsflow_pending_timers gauge\n");
+    out.push_str(&format!(
+        "smsflow_pending_timers {}\n",
+        engine.store.timer_count()
+    ));
+    out.push_str("# HELP smsflow_outbox_depth Messages waiting in the outbox.\n# TYPE smsflow_outbox_depth gauge\n");
+    out.push_str(&format!(
+        "smsflow_outbox_depth {}\n",
+        engine.store.outbox_len()
+    ));
+    out
+}
+
+pub fn inbound(outcome: &str) {
+    let _ = handle();
+    metrics::counter!(INBOUND, "outcome" => outcome.to_string()).increment(1);
+}
+
+pub fn outbound(status: &'static str) {
+    let _ = handle();
+    metrics::counter!(OUTBOUND, "status" => status).increment(1);
+}
+
+pub fn reload(ok: bool) {
+    let _ = handle();
+    metrics::counter!(RELOADS, "result" => if ok { "ok" } else { "failed" }).increment(1);
+}
+
+pub fn webhook_seconds(route: &'static str, secs: f64) {
+    let _ = handle();
+    metrics::histogram!(WEBHOOK_SECONDS, "route" => route).record(secs);
+}

@@ -1,0 +1,460 @@
+//! The operator surface through the socket: admin API, export, hot reload, metrics.
+
+use std::time::Duration;
+
+use crate::helpers::*;
+
+const A: &str = "+15550000001";
+const B: &str = "+15550000002";
+const C: &str = "+15550000003";
+
+const CHOICES: &str = r#"
+[bot]
+name = "Survey"
+[verify]
+send = "Code: {code}"
+verified = "Verified!"
+[replies]
+help = "Help v1"
+[[form.field]]
+key = "first_name"
+ask = "Name?"
+[[form.field]]
+key = "color"
+ask = "Color? R, G or B"
+expect = { choices = { R = "red", G = "green", B = "blue" } }
+[[sequence]]
+name = "later"
+steps = [{ after = "1h", say = "Hello again" }]
+"#;
+
+async fn get(app: &TestApp, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+    let mut req = app.http.get(format!("{}{path}", app.base));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+async fn send(app: &TestApp, method: reqwest::Method, path: &str) -> (u16, serde_json::Value) {
+    let r = app
+        .http
+        .request(method, format!("{}{path}", app.base))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+async fn text(app: &TestApp, path: &str) -> String {
+    app.http
+        .get(format!("{}{path}", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+fn phones(list: &serde_json::Value) -> Vec<String> {
+    list["subscribers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["phone"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A verified number that answered the form: name and color.
+async fn enrol(app: &TestApp, phone: &str, name: &str, color: &str, delivered_before: usize) {
+    app.sms(phone, "JOIN").await;
+    let code = code_in(&app.twilio.last_to(phone, delivered_before + 1).await);
+    app.sms(phone, &code).await;
+    app.sms(phone, name).await;
+    let (_, twiml) = app.sms(phone, color).await;
+    assert!(twiml.ends_with("<Response/>"), "form done: {twiml}");
+}
+
+#[tokio::test]
+async fn subscribers_can_be_listed_filtered_and_paged() {
+    let app = TestApp::spawn(FLOWS).await;
+    app.sms(A, "hello").await;
+    app.sms(B, "JOIN").await;
+    app.sms(C, "STOP").await;
+
+    let (status, all) = get(&app, "/admin/subscribers", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(phones(&all), [A, B, C]);
+    assert_eq!(all["next"], serde_json::Value::Null);
+
+    let (_, out) = get(&app, "/admin/subscribers?state=opted_out", None).await;
+    assert_eq!(phones(&out), [C]);
+    let (_, waiting) = get(&app, "/admin/subscribers?state=awaiting_code", None).await;
+    assert_eq!(phones(&waiting), [B]);
+
+    let (_, page1) = get(&app, "/admin/subscribers?limit=2", None).await;
+    assert_eq!(phones(&page1), [A, B]);
+    let next = page1["next"].as_str().unwrap().to_string();
+    let (_, page2) = get(
+        &app,
+        &format!(
+            "/admin/subscribers?limit=2&after={}",
+            next.replace('+', "%2B")
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(phones(&page2), [C]);
+    assert_eq!(page2["next"], serde_json::Value::Null);
+
+    let (status, err) = get(&app, "/admin/subscribers?state=sleeping", None).await;
+    assert_eq!(status, 400);
+    assert!(err["error"].as_str().unwrap().contains("unknown state"));
+}
+
+#[tokio::test]
+async fn one_subscriber_shows_its_state_timer_and_history() {
+    let app = TestApp::spawn(FLOWS).await;
+    app.sms(A, "JOIN").await;
+    let (status, s) = get(&app, "/admin/subscribers/%2B15550000001", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(s["state"], "awaiting_code");
+    let events: Vec<&str> = s["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(events, ["opted_in", "code_sent"]);
+    assert!(
+        !s.to_string().contains("\"code\":"),
+        "codes are never shown"
+    );
+
+    let (status, err) = get(&app, "/admin/subscribers/not-a-phone", None).await;
+    assert_eq!(status, 400);
+    assert!(err["error"].as_str().unwrap().contains("phone"));
+    let (status, _) = get(&app, "/admin/subscribers/%2B15550009999", None).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn an_admin_opt_out_stops_every_further_message() {
+    let app = TestApp::spawn(FLOWS).await;
+    app.sms(A, "JOIN").await;
+    let code = code_in(&app.twilio.last_to(A, 1).await);
+    app.sms(A, &code).await;
+    app.sms(A, "Ann").await;
+    assert_eq!(app.state_of(A).as_deref(), Some("in_sequence"));
+    let (status, s) = send(
+        &app,
+        reqwest::Method::POST,
+        "/admin/subscribers/%2B15550000001/opt-out",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(s["state"], "opted_out");
+    assert_eq!(s["next_timer"], serde_json::Value::Null);
+    quiet_for(Duration::from_millis(3500)).await;
+    assert_eq!(
+        app.twilio.delivered().len(),
+        1,
+        "only the code was ever sent"
+    );
+}
+
+#[tokio::test]
+async fn erasing_a_number_removes_it_from_the_list_and_the_export() {
+    let app = TestApp::spawn(CHOICES).await;
+    enrol(&app, A, "Ann", "r", 0).await;
+    enrol(&app, B, "Bob", "blue", 1).await;
+    let (status, _) = send(
+        &app,
+        reqwest::Method::DELETE,
+        "/admin/subscribers/%2B15550000001",
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (_, all) = get(&app, "/admin/subscribers", None).await;
+    assert_eq!(phones(&all), [B]);
+    let (status, _) = get(&app, "/admin/subscribers/%2B15550000001", None).await;
+    assert_eq!(status, 404);
+    let (status, _) = send(
+        &app,
+        reqwest::Method::DELETE,
+        "/admin/subscribers/%2B15550000001",
+    )
+    .await;
+    assert_eq!(status, 404);
+    let csv = text(&app, "/admin/export.csv").await;
+    assert!(!csv.contains(A) && !csv.contains("Ann"), "{csv}");
+    assert!(csv.contains(B));
+    let metrics = text(&app, "/metrics").await;
+    assert!(
+        metrics.contains("smsflow_subscribers{state=\"in_sequence\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn the_export_has_a_row_per_phone_with_category_columns() {
+    let app = TestApp::spawn(CHOICES).await;
+    enrol(&app, A, "Ann", "r", 0).await;
+    enrol(&app, B, "Bob", "blue", 1).await;
+    app.sms(C, "STOP").await;
+
+    let csv = text(&app, "/admin/export.csv").await;
+    let mut reader = csv::Reader::from_reader(csv.as_bytes());
+    let header: Vec<String> = reader
+        .headers()
+        .unwrap()
+        .iter()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "phone",
+            "state",
+            "opted_in",
+            "verified_at",
+            "sequence",
+            "step",
+            "created_at",
+            "last_inbound_at",
+            "first_name",
+            "color"
+        ]
+    );
+    let rows: Vec<Vec<String>> = reader
+        .records()
+        .map(|r| r.unwrap().iter().map(str::to_string).collect())
+        .collect();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(&rows[0][..3], [A, "in_sequence", "true"]);
+    assert_eq!(&rows[0][4..6], ["later", "1"]);
+    assert_eq!(&rows[0][8..], ["Ann", "red"]);
+    assert_eq!(&rows[1][8..], ["Bob", "blue"]);
+    assert_eq!(&rows[2][..3], [C, "opted_out", "false"]);
+    assert!(
+        !rows[0][3].is_empty() && rows[2][3].is_empty(),
+        "verified_at"
+    );
+
+    let one_hot = text(&app, "/admin/export.csv?one_hot=1").await;
+    let first = one_hot.lines().next().unwrap();
+    assert!(
+        first.ends_with("color=red,color=green,color=blue"),
+        "{first}"
+    );
+    assert!(one_hot.lines().nth(1).unwrap().ends_with("Ann,red,1,0,0"));
+    assert!(one_hot.lines().nth(2).unwrap().ends_with("Bob,blue,0,0,1"));
+
+    // The command line refuses politely while the daemon holds the data dir...
+    let data = app.data.path().to_path_buf();
+    let flows = app.flows.path().to_path_buf();
+    let held = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .arg("export")
+        .arg("--data")
+        .arg(&data)
+        .arg("--flows")
+        .arg(&flows)
+        .output()
+        .unwrap();
+    assert!(!held.status.success());
+    let said = String::from_utf8_lossy(&held.stderr);
+    assert!(
+        said.contains("in use") && said.contains("/admin/export.csv"),
+        "{said}"
+    );
+
+    // ...and exports the same dataset, with --one-hot, once it is stopped.
+    let _kept = app.stop().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .arg("export")
+        .arg("--data")
+        .arg(&data)
+        .arg("--flows")
+        .arg(&flows)
+        .arg("--one-hot")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), one_hot);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exported 3 subscriber(s); peak memory"));
+}
+
+#[tokio::test]
+async fn admin_routes_need_the_token_when_one_is_set() {
+    let app = TestApp::spawn_with(FLOWS, |c| {
+        c.admin_token = Some(smsflow::config::Secret::new("adm1n"))
+    })
+    .await;
+    let (status, err) = get(&app, "/admin/subscribers", None).await;
+    assert_eq!(status, 401);
+    assert!(err["error"].as_str().unwrap().contains("Bearer"));
+    let (status, _) = get(&app, "/admin/subscribers", Some("nope")).await;
+    assert_eq!(status, 401);
+    let (status, _) = get(&app, "/admin/subscribers", Some("adm1n")).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn admin_routes_are_off_beyond_loopback_without_a_token() {
+    let app = TestApp::spawn_with(FLOWS, |c| c.listen = "0.0.0.0:0".parse().unwrap()).await;
+    let (status, err) = get(&app, "/admin/subscribers", None).await;
+    assert_eq!(status, 401);
+    assert!(err["error"]
+        .as_str()
+        .unwrap()
+        .contains("SMSFLOW_ADMIN_TOKEN"));
+}
+
+/// Waits up to 10 s for `check` to hold.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..200 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn reloads(metrics: &str, result: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("smsflow_flow_reloads_total")
+                && l.contains(&format!("result=\"{result}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_broken_flow_file_leaves_the_old_flows_and_a_valid_edit_goes_live() {
+    let app = TestApp::spawn(CHOICES).await;
+    let file = app.flows.path().join("flows.toml");
+    let failed_before = reloads(&text(&app, "/metrics").await, "failed");
+
+    std::fs::write(&file, CHOICES.replace("[replies]", "[replies\nbroken")).unwrap();
+    eventually("a failed reload", async || {
+        reloads(&text(&app, "/metrics").await, "failed") > failed_before
+    })
+    .await;
+    let (_, twiml) = app.sms(A, "HELP").await;
+    assert!(twiml.contains("Help v1"), "old flows still answer: {twiml}");
+
+    std::fs::write(&file, CHOICES.replace("Help v1", "Help v2")).unwrap();
+    eventually("the new help text", async || {
+        app.sms(A, "HELP").await.1.contains("Help v2")
+    })
+    .await;
+
+    // The admin endpoint reports the result either way.
+    let r = app
+        .http
+        .post(format!("{}/admin/reload", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    std::fs::write(
+        app.flows.path().join("zz.toml"),
+        "[bot]\nname = \"Again\"\n",
+    )
+    .unwrap();
+    let r = app
+        .http
+        .post(format!("{}/admin/reload", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 422);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("zz.toml:1:1: [bot] is already defined"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_removed_sequence_ends_cleanly_for_numbers_in_it() {
+    let app = TestApp::spawn(CHOICES).await;
+    enrol(&app, A, "Ann", "g", 0).await;
+    assert_eq!(app.state_of(A).as_deref(), Some("in_sequence"));
+    let renamed = CHOICES.replace(
+        "name = \"later\"\nsteps = [{ after = \"1h\"",
+        "name = \"other\"\nsteps = [{ after = \"1s\"",
+    );
+    std::fs::write(app.flows.path().join("flows.toml"), renamed).unwrap();
+    let r = app
+        .http
+        .post(format!("{}/admin/reload", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // The next thing that touches the number finds its sequence gone: it stays verified.
+    app.sms(A, "hello").await;
+    let (_, s) = get(&app, "/admin/subscribers/%2B15550000001", None).await;
+    assert!(matches!(
+        s["state"].as_str(),
+        Some("in_sequence") | Some("verified")
+    ));
+}
+
+#[tokio::test]
+async fn metrics_parse_as_prometheus_text_and_readyz_reports_the_workers() {
+    let app = TestApp::spawn(FLOWS).await;
+    app.sms(A, "JOIN").await;
+    app.twilio.wait_delivered(1).await;
+    let r = app
+        .http
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let body = r.text().await.unwrap();
+    let sample = regex::Regex::new(r#"^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="[^"]*",?)*\})? -?[0-9.eE+-]+|NaN|\+Inf$"#).unwrap();
+    for line in body.lines().filter(|l| !l.is_empty()) {
+        if line.starts_with('#') {
+            assert!(
+                line.starts_with("# HELP ") || line.starts_with("# TYPE "),
+                "{line}"
+            );
+        } else {
+            assert!(sample.is_match(line), "not a Prometheus sample: {line}");
+        }
+    }
+    for name in [
+        "smsflow_inbound_messages_total",
+        "smsflow_outbound_messages_total",
+        "smsflow_subscribers{state=\"awaiting_code\"} 1",
+        "smsflow_pending_timers",
+        "smsflow_outbox_depth",
+        "smsflow_webhook_duration_seconds_bucket",
+    ] {
+        assert!(body.contains(name), "missing {name}:\n{body}");
+    }
+    let (status, ready) = get(&app, "/readyz", None).await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["ready"], true);
+}
