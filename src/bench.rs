@@ -282,9 +282,10 @@ fn export(n: u64, flows_dir: &std::path::Path) -> anyhow::Result<String> {
         );
         let report = String::from_utf8_lossy(&child.stderr).trim().to_string();
         let peak: f64 = report
-            .rsplit("peak memory ")
-            .next()
-            .and_then(|s| s.trim_end_matches(" MiB").parse().ok())
+            .split("peak memory ")
+            .nth(1)
+            .and_then(|s| s.split(" MiB").next())
+            .and_then(|s| s.parse().ok())
             .unwrap_or(f64::NAN);
         peaks.push(peak);
         let secs = started.elapsed().as_secs_f64();

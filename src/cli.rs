@@ -517,7 +517,7 @@ pub fn export(data: &Path, flows_dir: &Path, out: Option<&Path>, one_hot: bool) 
         return ExitCode::from(EXIT_USAGE);
     }
     // A small page cache: the export reads every record once, memory must stay flat.
-    let store = match crate::store::Store::open_with_cache(data, 32 << 20) {
+    let store = match crate::store::Store::open_with_cache(data, 8 << 20) {
         Ok(s) => s,
         Err(e) => {
             if e.downcast_ref::<crate::store::DataDirInUse>().is_some() {
@@ -532,6 +532,7 @@ pub fn export(data: &Path, flows_dir: &Path, out: Option<&Path>, one_hot: bool) 
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
+    let opened_kib = crate::export::peak_rss_kib();
     let written = match out {
         Some(path) => std::fs::File::create(path)
             .map_err(anyhow::Error::from)
@@ -545,7 +546,10 @@ pub fn export(data: &Path, flows_dir: &Path, out: Option<&Path>, one_hot: bool) 
             let peak = crate::export::peak_rss_kib().map_or("unknown".to_string(), |k| {
                 format!("{:.1} MiB", k as f64 / 1024.0)
             });
-            eprintln!("exported {rows} subscriber(s); peak memory {peak}");
+            let at_open = opened_kib.map_or("unknown".to_string(), |k| {
+                format!("{:.1} MiB", k as f64 / 1024.0)
+            });
+            eprintln!("exported {rows} subscriber(s); peak memory {peak} (after opening the store: {at_open})");
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -43,6 +43,10 @@ steps = [{ after = "1x", say = "Hi" }]
 [ivr.menu.main]
 say = "Press 1"
 press = { "1" = "menu:nowhere" }
+
+[ivr.menu.orphan]
+say = ""
+press = { "1" = "hangup" }
 "#;
 
 fn write(dir: &Path, name: &str, text: &str) {
@@ -100,6 +104,8 @@ fn check_reports_every_mistake_with_file_line_and_column() {
         ("c_broken.toml:32:", "bad duration \"1x\""),
         ("zero total weight", ""),
         ("c_broken.toml:36:", "menu:nowhere does not exist"),
+        ("c_broken.toml:38:", "ivr.menu.orphan can never be reached"),
+        ("c_broken.toml:39:", "empty text: ivr.menu.orphan.say"),
     ];
     for (place, message) in expect {
         assert!(

@@ -366,3 +366,59 @@ async fn what_we_send_to_twilio_matches_its_openapi_spec() {
     let e164 = regex::Regex::new(r"^\+[1-9]\d{7,14}$").unwrap();
     assert!(e164.is_match(&sent[0].to) && e164.is_match(&sent[0].from));
 }
+
+/// `smsflow serve` as a user runs it: banner, then SIGTERM stops it cleanly with exit 0.
+#[tokio::test]
+async fn serve_prints_its_banner_and_stops_cleanly_on_sigterm() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let data = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--flows", "flows"])
+        .arg("--data")
+        .arg(data.path())
+        .env_remove("TWILIO_ACCOUNT_SID")
+        .env_remove("TWILIO_AUTH_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next_line().await.unwrap().unwrap();
+    assert!(
+        first.starts_with("smsflow ") && first.contains("listening on http://127.0.0.1:"),
+        "{first}"
+    );
+    let mut banner = vec![first.clone()];
+    while let Ok(Some(l)) = tokio::time::timeout(Duration::from_millis(500), lines.next_line())
+        .await
+        .unwrap_or(Ok(None))
+    {
+        banner.push(l);
+        if banner.len() > 12 {
+            break;
+        }
+    }
+    let banner = banner.join("\n");
+    assert!(banner.contains("provider:    console"), "{banner}");
+    assert!(banner.contains("ngrok http"), "{banner}");
+    let base = first.rsplit(' ').next().unwrap().to_string();
+    let r = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr)
+        .await
+        .unwrap();
+    assert!(stderr.contains("stopped cleanly"), "{stderr}");
+}
