@@ -422,15 +422,9 @@ pub fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_PROBLEMS);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("smsflow: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async {
         let app = match crate::app::Application::build(config, crate::app::Options::default()).await
@@ -479,15 +473,9 @@ pub async fn shutdown_signal() {
 }
 
 pub fn bench(args: crate::bench::BenchArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("smsflow: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(crate::bench::run(args)) {
         Ok(report) => {
@@ -557,4 +545,14 @@ pub fn export(data: &Path, flows_dir: &Path, out: Option<&Path>, one_hot: bool) 
             ExitCode::from(EXIT_RUNTIME)
         }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("smsflow: cannot start the runtime: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        })
 }

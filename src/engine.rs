@@ -144,6 +144,18 @@ impl Engine {
             .map_err(|_| anyhow::anyhow!("the writer thread stopped"))?
     }
 
+    /// Applies an event that is not a webhook, timer or inline-code request.
+    pub async fn event(&self, phone: &Phone, event: Event) -> anyhow::Result<Applied> {
+        self.apply(Input {
+            phone,
+            event,
+            inbound_sid: None,
+            fired: None,
+            inline_codes: false,
+        })
+        .await
+    }
+
     /// Waits until everything written so far (by any path) is on disk.
     pub async fn durable(&self) -> anyhow::Result<()> {
         let (done, answer) = oneshot::channel();

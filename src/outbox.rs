@@ -11,7 +11,7 @@ use rand::RngExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::engine::{Engine, Input};
+use crate::engine::Engine;
 use crate::machine::{Event, State};
 use crate::provider::{Provider, SendError};
 use crate::store::{Delivery, OutMessage};
@@ -154,13 +154,7 @@ impl Outbox {
                 store.outbox_finish(id, &delivery(&msg, "failed", None, code, Some(message)))?;
                 if code == Some(UNSUBSCRIBED) {
                     self.engine
-                        .apply(Input {
-                            phone: &msg.phone,
-                            event: Event::ProviderUnsubscribed,
-                            inbound_sid: None,
-                            fired: None,
-                            inline_codes: false,
-                        })
+                        .event(&msg.phone, Event::ProviderUnsubscribed)
                         .await?;
                 }
                 Ok(())

@@ -11,7 +11,6 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use crate::engine::Input;
 use crate::machine::{Event, State as MachineState, Subscriber};
 use crate::phone::Phone;
 use crate::store::HistoryEntry;
@@ -238,15 +237,7 @@ pub async fn opt_out(
     if app.engine.store.subscriber(&phone)?.is_none() {
         return Err(AdminError::NotFound(format!("no subscriber {phone}")));
     }
-    app.engine
-        .apply(Input {
-            phone: &phone,
-            event: Event::AdminOptOut,
-            inbound_sid: None,
-            fired: None,
-            inline_codes: false,
-        })
-        .await?;
+    app.engine.event(&phone, Event::AdminOptOut).await?;
     tracing::info!(phone = %phone.masked(), "admin: opted out");
     detail(&app, &phone)
 }

@@ -206,6 +206,19 @@ async fn not_found(method: Method, uri: Uri) -> (StatusCode, String) {
     )
 }
 
+/// Checks the request's Content-Type starts with `expected`; the error names what came.
+fn content_type_is(headers: &HeaderMap, expected: &str) -> Result<(), String> {
+    let given = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if given.to_ascii_lowercase().starts_with(expected) {
+        Ok(())
+    } else {
+        Err(format!("expected Content-Type: {expected}, got {given:?}"))
+    }
+}
+
 /// A parsed, signature-checked Twilio form.
 struct TwilioForm(Vec<(String, String)>);
 
@@ -216,19 +229,8 @@ impl TwilioForm {
         uri: &Uri,
         body: &[u8],
     ) -> Result<TwilioForm, WebhookError> {
-        let content_type = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if !content_type
-            .to_ascii_lowercase()
-            .starts_with("application/x-www-form-urlencoded")
-        {
-            return Err(WebhookError::BadRequest(format!(
-                "expected a form body (Content-Type: application/x-www-form-urlencoded), got {:?}",
-                content_type
-            )));
-        }
+        content_type_is(headers, "application/x-www-form-urlencoded")
+            .map_err(|e| WebhookError::BadRequest(format!("expected a form body: {e}")))?;
         if std::str::from_utf8(body).is_err() {
             return Err(WebhookError::BadRequest(
                 "the form body is not UTF-8".into(),
@@ -384,13 +386,7 @@ async fn status(
         };
         state
             .engine
-            .apply(Input {
-                phone: &phone,
-                event: Event::ProviderUnsubscribed,
-                inbound_sid: None,
-                fired: None,
-                inline_codes: false,
-            })
+            .event(&phone, Event::ProviderUnsubscribed)
             .await?;
     } else {
         state.engine.durable().await?;

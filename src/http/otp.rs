@@ -258,18 +258,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), OtpError> {
 }
 
 fn json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, OtpError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !content_type
-        .to_ascii_lowercase()
-        .starts_with("application/json")
-    {
-        return Err(OtpError::BadRequest(format!(
-            "expected Content-Type: application/json, got {content_type:?}"
-        )));
-    }
+    super::content_type_is(headers, "application/json").map_err(OtpError::BadRequest)?;
     serde_json::from_slice(body).map_err(|e| OtpError::BadRequest(format!("invalid JSON: {e}")))
 }
 
