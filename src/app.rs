@@ -190,6 +190,7 @@ impl Application {
             outbox.run(stop_rx.clone()),
         ));
         let watcher = tokio::spawn(reloader.clone().watch(stop_rx.clone()));
+        let upkeep = tokio::spawn(crate::metrics::upkeep(stop_rx.clone()));
         let hup = tokio::spawn(reloader.clone().on_sighup(stop_rx));
         let served = axum::serve(self.listener, http::router(state))
             .with_graceful_shutdown(shutdown)
@@ -198,6 +199,7 @@ impl Application {
         let _ = scheduler.await;
         let _ = outbox.await;
         let _ = watcher.await;
+        let _ = upkeep.await;
         let _ = hup.await;
         self.engine.store.flush()?;
         served.context("serving HTTP")

@@ -67,6 +67,21 @@ pub fn render(engine: &Engine) -> String {
     out
 }
 
+/// Folds recorded histogram samples into their buckets every few seconds, so memory stays
+/// bounded even when nobody scrapes `/metrics`.
+pub async fn upkeep(mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {
+                if let Some(h) = handle() {
+                    h.run_upkeep();
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 pub fn inbound(outcome: &str) {
     let _ = handle();
     metrics::counter!(INBOUND, "outcome" => outcome.to_string()).increment(1);
