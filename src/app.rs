@@ -120,15 +120,24 @@ impl Application {
                 "NOT checked (set TWILIO_AUTH_TOKEN)"
             }
         );
-        b += &format!(
-            "  OTP API:     {}\n",
-            match (&c.api_token, c.listen.ip().is_loopback()) {
-                (Some(_), _) => "on, bearer token required",
-                (None, true) =>
-                    "on without a token (loopback only; set SMSFLOW_API_TOKEN before exposing it)",
-                (None, false) => "OFF: listening beyond loopback needs SMSFLOW_API_TOKEN",
-            }
-        );
+        let local_only = c.listen.ip().is_loopback() && c.public_url.is_none();
+        for (name, token, env) in [
+            ("OTP API", &c.api_token, "SMSFLOW_API_TOKEN"),
+            ("admin API", &c.admin_token, "SMSFLOW_ADMIN_TOKEN"),
+        ] {
+            b += &format!(
+                "  {:<12} {}\n",
+                format!("{name}:"),
+                match (token, local_only) {
+                    (Some(_), _) => "on, bearer token required".to_string(),
+                    (None, true) => format!(
+                        "on without a token for local requests only (set {env} before exposing it)"
+                    ),
+                    (None, false) =>
+                        format!("OFF until {env} is set (smsflow is reachable from outside)"),
+                }
+            );
+        }
         match &c.public_url {
             Some(base) => {
                 b += "  Twilio console, Phone Numbers > your number:\n";
@@ -168,7 +177,7 @@ impl Application {
             provider: self.provider.clone(),
             api_token: self.config.api_token.clone(),
             admin_token: self.config.admin_token.clone(),
-            loopback: self.config.listen.ip().is_loopback(),
+            loopback: self.config.listen.ip().is_loopback() && self.config.public_url.is_none(),
             reloader: reloader.clone(),
             health: health.clone(),
         });

@@ -252,11 +252,9 @@ impl Writer {
         let flusher = std::thread::Builder::new()
             .name("smsflow-flusher".into())
             .spawn(move || flush_loop(&store, &timers, &outbox, flusher_rx));
-        while let Ok(first) = rx.recv() {
-            let mut jobs = vec![first];
-            jobs.extend(rx.try_iter().take(MAX_BATCH - 1));
-            if let Some(committed) = self.batch(jobs) {
-                if let Err(mpsc::SendError(c)) = to_flusher.send(committed) {
+        let hand_over = |committed: Option<Committed>| {
+            if let Some(c) = committed {
+                if let Err(mpsc::SendError(c)) = to_flusher.send(c) {
                     // No flusher thread: make it durable here.
                     finish(
                         &self.store,
@@ -266,6 +264,20 @@ impl Writer {
                     );
                 }
             }
+        };
+        while let Ok(first) = rx.recv() {
+            let mut segment = Vec::new();
+            for job in std::iter::once(first).chain(rx.try_iter().take(MAX_BATCH - 1)) {
+                match job {
+                    // Erases are rare: commit what came before, then erase on its own, in order.
+                    Job::Erase(phone, done) => {
+                        hand_over(self.batch(std::mem::take(&mut segment)));
+                        let _ = done.send(self.erase(&phone));
+                    }
+                    other => segment.push(other),
+                }
+            }
+            hand_over(self.batch(segment));
         }
         drop(to_flusher);
         if let Ok(handle) = flusher {
@@ -273,8 +285,20 @@ impl Writer {
         }
     }
 
+    fn erase(&self, phone: &Phone) -> anyhow::Result<bool> {
+        let gone = self.store.erase(phone)?;
+        self.store.flush()?;
+        if let Some(s) = &gone {
+            self.counts.moved(Some(&s.state), None);
+        }
+        Ok(gone.is_some())
+    }
+
     /// Steps and commits a batch; answers failures at once and returns what awaits a flush.
     fn batch(&self, jobs: Vec<Job>) -> Option<Committed> {
+        if jobs.is_empty() {
+            return None;
+        }
         let now = Utc::now();
         let flows = self.flows.load_full();
         let mut rng = rand::rng();
@@ -295,22 +319,9 @@ impl Writer {
                     committed.flush_only.push(done);
                     continue;
                 }
-                Job::Erase(phone, done) => {
-                    // Erasing is rare: settle the batch so far first, then erase on its own.
-                    if !prepared.is_empty() {
-                        if let Err(e) = self.store.commit_prepared(&std::mem::take(&mut prepared)) {
-                            tracing::error!("commit before erase failed: {e:#}");
-                        }
-                    }
-                    latest.remove(&phone);
-                    let result = self.store.erase(&phone).and_then(|gone| {
-                        self.store.flush()?;
-                        if let Some(s) = &gone {
-                            self.counts.moved(Some(&s.state), None);
-                        }
-                        Ok(gone.is_some())
-                    });
-                    let _ = done.send(result);
+                Job::Erase(_, done) => {
+                    // `run` takes erases out of batches; never reached.
+                    let _ = done.send(Err(anyhow::anyhow!("erase inside a batch")));
                     continue;
                 }
                 Job::Apply {
@@ -355,7 +366,27 @@ impl Writer {
                 },
             };
             let before = (!is_new).then(|| sub.state.clone());
-            let t = machine::step(sub, &event, &flows, now, &mut rng);
+            // A bug in a rule must cost one request, not the writer thread.
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                machine::step(sub, &event, &flows, now, &mut rng)
+            }));
+            let t = match stepped {
+                Ok(t) => t,
+                Err(_) => {
+                    tracing::error!(phone = %phone.masked(), "the state machine panicked; event not applied");
+                    let _ = done.send(Err(anyhow::anyhow!(
+                        "the state machine failed on this event"
+                    )));
+                    continue;
+                }
+            };
+            if is_new && !event.creates_subscriber() {
+                // Nothing to remember about a number we never met (e.g. validate_otp).
+                committed
+                    .answers
+                    .push((done, to_commit(t, None, None, inline, now).1));
+                continue;
+            }
             transitions.push((before, t.subscriber.state.clone()));
             let (mut commit, applied) = to_commit(t, sid.as_deref(), fired, inline, now);
             committed.timers |= !commit.schedule.is_empty();

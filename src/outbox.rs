@@ -106,18 +106,19 @@ impl Outbox {
 
     async fn deliver(&mut self, id: u64, mut msg: OutMessage) -> anyhow::Result<()> {
         let store = &self.engine.store;
-        // The opt-out check is repeated at send time: a STOP may have arrived since queueing.
-        let opted_out = store
-            .subscriber(&msg.phone)?
-            .is_some_and(|s| s.state == State::OptedOut);
-        if opted_out {
-            tracing::info!(phone = %msg.phone.masked(), "outbox: not sending to an opted-out number");
-            crate::metrics::outbound("suppressed");
-            return store.outbox_finish(id, &delivery(&msg, "suppressed", None, None, None));
-        }
         // Per-sender rate limit.
         tokio::time::sleep_until(self.next_slot).await;
         self.next_slot = Instant::now().max(self.next_slot) + self.interval;
+        // The opt-out check is repeated at send time (after the wait): a STOP may have
+        // arrived since queueing, or the number may have been erased.
+        let sendable = store
+            .subscriber(&msg.phone)?
+            .is_some_and(|s| s.state != State::OptedOut);
+        if !sendable {
+            tracing::info!(phone = %msg.phone.masked(), "outbox: not sending to an opted-out or erased number");
+            crate::metrics::outbound("suppressed");
+            return store.outbox_finish(id, &delivery(&msg, "suppressed", None, None, None));
+        }
 
         msg.attempts += 1;
         match self.provider.send(&msg.phone, &msg.body, msg.secret).await {
@@ -135,7 +136,7 @@ impl Outbox {
                     .max(retry_after.unwrap_or_default());
                 tracing::warn!(
                     phone = %msg.phone.masked(), attempt = msg.attempts, retry_in = ?wait,
-                    "outbox: temporary failure: {message}"
+                    "outbox: temporary failure: {}", redact(&message)
                 );
                 crate::metrics::outbound("retried");
                 msg.next_try =
@@ -144,12 +145,12 @@ impl Outbox {
                 store.outbox_update(id, &msg)
             }
             Err(SendError::Temporary { message, .. }) => {
-                tracing::error!(phone = %msg.phone.masked(), "outbox: giving up after {} attempts: {message}", msg.attempts);
+                tracing::error!(phone = %msg.phone.masked(), "outbox: giving up after {} attempts: {}", msg.attempts, redact(&message));
                 crate::metrics::outbound("failed");
                 store.outbox_finish(id, &delivery(&msg, "failed", None, None, Some(message)))
             }
             Err(SendError::Permanent { code, message }) => {
-                tracing::warn!(phone = %msg.phone.masked(), ?code, "outbox: refused: {message}");
+                tracing::warn!(phone = %msg.phone.masked(), ?code, "outbox: refused: {}", redact(&message));
                 crate::metrics::outbound("failed");
                 store.outbox_finish(id, &delivery(&msg, "failed", None, code, Some(message)))?;
                 if code == Some(UNSUBSCRIBED) {
@@ -187,5 +188,42 @@ fn delivery(
         error,
         attempts: msg.attempts,
         updated_at: Utc::now(),
+    }
+}
+
+/// Provider error texts may quote the number (Twilio's 21211 does): hide digit runs.
+pub fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut digits = String::new();
+    let flush = |digits: &mut String, out: &mut String| {
+        if digits.trim_start_matches('+').len() >= 7 {
+            out.push_str("[number]");
+        } else {
+            out.push_str(digits);
+        }
+        digits.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_digit() || (c == '+' && digits.is_empty()) {
+            digits.push(c);
+        } else {
+            flush(&mut digits, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut digits, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn phone_numbers_in_provider_errors_are_hidden() {
+        assert_eq!(
+            redact("The 'To' number +15550001111 is not valid (HTTP 400, code 21211)"),
+            "The 'To' number [number] is not valid (HTTP 400, code 21211)"
+        );
     }
 }

@@ -189,12 +189,16 @@ impl Twilio {
             .map(Duration::from_secs);
         let text = response.text().await.unwrap_or_default();
         if status.is_success() {
-            return serde_json::from_str::<TwilioOk>(&text)
-                .map(|ok| Accepted { sid: ok.sid })
-                .map_err(|e| SendError::Temporary {
-                    message: format!("Twilio answered {status} with an unreadable body: {e}"),
-                    retry_after: None,
-                });
+            // Accepted is accepted: resending would text the number twice.
+            return Ok(match serde_json::from_str::<TwilioOk>(&text) {
+                Ok(ok) => Accepted { sid: ok.sid },
+                Err(e) => {
+                    tracing::warn!("Twilio answered {status} with an unreadable body ({e}); counting it as sent");
+                    Accepted {
+                        sid: "unknown".into(),
+                    }
+                }
+            });
         }
         let err: Option<TwilioError> = serde_json::from_str(&text).ok();
         let code = err.as_ref().and_then(|e| e.code);

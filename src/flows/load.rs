@@ -262,6 +262,9 @@ const HELP: &[&str] = &["HELP", "INFO"];
 const EDIT: &[&str] = &["EDIT"];
 const KEEP: &[&str] = &["KEEP"];
 
+/// The longest duration a flow may use (it keeps time arithmetic far from overflow).
+const MAX_DAYS: i64 = 366;
+
 /// Twilio's limit for one message body.
 const MAX_TEXT: usize = 1600;
 
@@ -510,10 +513,34 @@ impl Cx {
         }
     }
 
+    /// A duration from "0s" up to a year; `positive` ones must be longer than zero.
     fn duration(&mut self, f: usize, raw: &S<String>, what: &str) -> Option<TimeDelta> {
+        self.bounded_duration(f, raw, what, false)
+    }
+
+    fn positive_duration(&mut self, f: usize, raw: &S<String>, what: &str) -> Option<TimeDelta> {
+        self.bounded_duration(f, raw, what, true)
+    }
+
+    fn bounded_duration(
+        &mut self,
+        f: usize,
+        raw: &S<String>,
+        what: &str,
+        positive: bool,
+    ) -> Option<TimeDelta> {
         let parsed = humantime::parse_duration(raw.get_ref().trim())
             .map_err(|e| e.to_string())
-            .and_then(|d| TimeDelta::from_std(d).map_err(|e| e.to_string()));
+            .and_then(|d| TimeDelta::from_std(d).map_err(|e| e.to_string()))
+            .and_then(|d| {
+                if d > TimeDelta::days(MAX_DAYS) {
+                    Err(format!("longer than {MAX_DAYS} days"))
+                } else if positive && d <= TimeDelta::zero() {
+                    Err("must be longer than zero".to_string())
+                } else {
+                    Ok(d)
+                }
+            });
         match parsed {
             Ok(d) => Some(d),
             Err(e) => {
@@ -572,12 +599,12 @@ impl Cx {
         let ttl = r
             .ttl
             .as_ref()
-            .and_then(|d| self.duration(f, d, "verify.ttl"))
+            .and_then(|d| self.positive_duration(f, d, "verify.ttl"))
             .unwrap_or(TimeDelta::minutes(10));
         let send_window = r
             .send_window
             .as_ref()
-            .and_then(|d| self.duration(f, d, "verify.send_window"))
+            .and_then(|d| self.positive_duration(f, d, "verify.send_window"))
             .unwrap_or(TimeDelta::hours(1));
         let after_otp_api = match r.after_otp_api {
             None => AfterOtpApi::Stay,
@@ -919,7 +946,7 @@ impl Cx {
                         let timeout = step
                             .timeout
                             .as_ref()
-                            .and_then(|d| self.duration(f, d, &format!("{what} timeout")));
+                            .and_then(|d| self.positive_duration(f, d, &format!("{what} timeout")));
                         let retry = self.text(
                             f,
                             step.retry,

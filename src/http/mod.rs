@@ -37,7 +37,8 @@ pub struct AppState {
     pub api_token: Option<Secret>,
     /// Bearer token for the admin API.
     pub admin_token: Option<Secret>,
-    /// Listening on loopback only: the OTP and admin APIs may run without a token.
+    /// Listening on loopback only with no public URL: the OTP and admin APIs may run without
+    /// a token for requests that did not come through a proxy.
     pub loopback: bool,
     pub reloader: Arc<crate::reload::Reloader>,
     pub health: Arc<Health>,
@@ -61,11 +62,12 @@ pub fn bearer(
 ) -> Result<(), String> {
     use subtle::ConstantTimeEq;
     let Some(token) = token else {
-        return if loopback {
+        return if loopback && !proxied(headers) {
             Ok(())
         } else {
             Err(format!(
-                "the {what} is off: set {env} (required when listening beyond loopback)"
+                "the {what} is off: set {env} (required when smsflow is reachable beyond loopback: \
+                 a non-loopback listen address, a public_url, or a request through a proxy or tunnel)"
             ))
         };
     };
@@ -149,6 +151,20 @@ async fn log_failures(response: Response) -> Response {
         tracing::error!("request failed: {chain}");
     }
     response
+}
+
+/// A request that came through a proxy or tunnel (ngrok, cloudflared and reverse proxies
+/// add these headers): it may be from anywhere, whatever address smsflow listens on.
+fn proxied(headers: &HeaderMap) -> bool {
+    [
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "forwarded",
+        "x-real-ip",
+        "cf-connecting-ip",
+    ]
+    .iter()
+    .any(|h| headers.contains_key(*h))
 }
 
 /// Records the latency of every Twilio webhook.
@@ -287,6 +303,17 @@ fn public_url(state: &AppState, headers: &HeaderMap, uri: &Uri) -> String {
     format!("{proto}://{host}{path}")
 }
 
+/// Twilio's message statuses in the order they happen; final ones rank highest.
+fn status_rank(status: &str) -> u8 {
+    match status {
+        "accepted" | "scheduled" | "queued" => 1,
+        "sending" => 2,
+        "sent" => 3,
+        "delivered" | "undelivered" | "failed" | "read" | "canceled" => 4,
+        _ => 0,
+    }
+}
+
 /// A short label for metrics and logs.
 fn outcome_label(o: crate::machine::Outcome) -> &'static str {
     use crate::machine::Outcome::*;
@@ -372,10 +399,13 @@ async fn status(
     let store = &state.engine.store;
     let mut phone = None;
     if let Some((id, mut d)) = store.delivery_by_sid(sid)? {
-        d.status = new_status.to_string();
-        d.error_code = code.or(d.error_code);
-        d.updated_at = chrono::Utc::now();
-        store.update_delivery(id, &d)?;
+        // Reports can arrive out of order: never move a message's status backwards.
+        if status_rank(new_status) >= status_rank(&d.status) {
+            d.status = new_status.to_string();
+            d.error_code = code.or(d.error_code);
+            d.updated_at = chrono::Utc::now();
+            store.update_delivery(id, &d)?;
+        }
         phone = Some(d.phone);
     }
     if code == Some(UNSUBSCRIBED) {

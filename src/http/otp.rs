@@ -168,8 +168,8 @@ pub async fn get_otp(
         }
         Err(e) => {
             // The code never reached anyone: withdraw it so it cannot be used.
-            apply(&state, &phone, Event::CodeUndeliverable).await?;
-            tracing::warn!(phone = %phone.masked(), "otp not sent: {e}");
+            apply(&state, &phone, Event::CodeUndeliverable(code)).await?;
+            tracing::warn!(phone = %phone.masked(), "otp not sent: {}", crate::outbox::redact(&e.to_string()));
             Err(OtpError::Provider(format!(
                 "the message provider ({}) did not send the code: {e}",
                 state.provider.name()

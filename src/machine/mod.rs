@@ -141,8 +141,8 @@ pub enum Event {
     OtpRequested,
     /// An app submitted a code through the OTP API.
     OtpSubmitted(String),
-    /// The code just issued could not be delivered: it must not stay valid.
-    CodeUndeliverable,
+    /// This code (just issued) could not be delivered: it must not stay valid.
+    CodeUndeliverable(String),
     /// A caller chose "opt in" in the voice menu: send a code by SMS.
     VoiceOptIn,
     /// A caller chose "opt out" in the voice menu.
@@ -151,6 +151,20 @@ pub enum Event {
     AdminOptOut,
     /// The provider reported the number unsubscribed (Twilio error 21610).
     ProviderUnsubscribed,
+}
+
+impl Event {
+    /// Whether this event makes an unknown number worth remembering.
+    pub fn creates_subscriber(&self) -> bool {
+        matches!(
+            self,
+            Event::Inbound(_)
+                | Event::OtpRequested
+                | Event::VoiceOptIn
+                | Event::VoiceOptOut
+                | Event::ProviderUnsubscribed
+        )
+    }
 }
 
 /// What the engine must do after a step. Effects are data; the engine carries them out.
@@ -333,11 +347,20 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                     self.check_code(code, false);
                 }
             }
-            Event::CodeUndeliverable => {
-                // Withdraw the newest code and give back its place in the rate limit.
-                self.sub.codes.pop();
-                self.sub.code_sends.pop();
-                self.record(Record::CodeWithdrawn);
+            Event::CodeUndeliverable(code) => {
+                // Withdraw exactly that code and give back its place in the rate limit.
+                if let Some(i) = self.sub.codes.iter().position(|c| c.code == *code) {
+                    let gone = self.sub.codes.remove(i);
+                    if let Some(j) = self
+                        .sub
+                        .code_sends
+                        .iter()
+                        .position(|t| *t == gone.issued_at)
+                    {
+                        self.sub.code_sends.remove(j);
+                    }
+                    self.record(Record::CodeWithdrawn);
+                }
                 self.outcome = Outcome::Done;
             }
             Event::VoiceOptIn => match self.sub.state {
@@ -346,7 +369,8 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 }
                 _ => self.outcome = Outcome::Ignored,
             },
-            Event::VoiceOptOut => self.opt_out("voice menu", true),
+            // The call itself speaks the confirmation; a text would be suppressed anyway.
+            Event::VoiceOptOut => self.opt_out("voice menu", false),
             Event::AdminOptOut => self.opt_out("admin", false),
             Event::ProviderUnsubscribed => {
                 self.opt_out("provider reported unsubscribed (21610)", false)
@@ -485,7 +509,10 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 
     fn issue_code(&mut self, via: &str) {
         let v = &self.flows.verify;
-        let window_start = self.now - v.send_window;
+        let window_start = self
+            .now
+            .checked_sub_signed(v.send_window)
+            .unwrap_or(self.now);
         self.sub.code_sends.retain(|t| *t > window_start);
         if self.sub.code_sends.len() >= v.max_sends as usize {
             let oldest = self
@@ -496,7 +523,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 .copied()
                 .unwrap_or(self.now);
             self.outcome = Outcome::RateLimited {
-                retry_at: oldest + v.send_window,
+                retry_at: oldest.checked_add_signed(v.send_window).unwrap_or(self.now),
             };
             self.record(Record::CodeRateLimited);
             self.say_t(&self.flows.verify.rate_limited);
@@ -508,7 +535,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         self.sub.codes.push(IssuedCode {
             code: code.clone(),
             issued_at: self.now,
-            expires_at: self.now + v.ttl,
+            expires_at: self.now.checked_add_signed(v.ttl).unwrap_or(self.now),
             wrong: 0,
         });
         let keep = usize::from(v.valid_codes);
@@ -760,10 +787,16 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 step: k,
                 waiting: false,
             };
-            if step.after > chrono::TimeDelta::zero() {
-                let due = self.now + step.after;
-                let due = quiet_end(&flows.bot, due).unwrap_or(due);
-                self.set_timer(due, TimerKind::Step);
+            let due = self.now.checked_add_signed(step.after).unwrap_or(self.now);
+            // A reply to the user's own text is never held back; anything else is a
+            // follow-up, and waits out quiet hours even when it is due at once.
+            let quiet = if self.reply && step.after <= chrono::TimeDelta::zero() {
+                None
+            } else {
+                quiet_end(&flows.bot, due)
+            };
+            if step.after > chrono::TimeDelta::zero() || quiet.is_some() {
+                self.set_timer(quiet.unwrap_or(due), TimerKind::Step);
                 return;
             }
             if !self.run_step(name, k) {
@@ -796,7 +829,10 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                     waiting: true,
                 };
                 match q.timeout {
-                    Some(t) => self.set_timer(self.now + t, TimerKind::AskTimeout),
+                    Some(t) => {
+                        let at = self.now.checked_add_signed(t).unwrap_or(self.now);
+                        self.set_timer(at, TimerKind::AskTimeout)
+                    }
                     None => self.clear_timer(),
                 }
                 false

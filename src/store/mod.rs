@@ -268,7 +268,7 @@ impl Store {
             match parse_timer(&k, &v) {
                 Some(t) => out.push(t),
                 None => {
-                    tracing::error!("dropping malformed timer key {:?}", k.as_ref());
+                    tracing::error!("dropping a malformed timer key ({} bytes)", k.len());
                     self.timers.remove(&k)?;
                 }
             }
@@ -296,10 +296,18 @@ impl Store {
     }
 
     /// Stores a retry's new state.
+    /// Stores a retry's new state, unless the message was erased meanwhile.
     pub fn outbox_update(&self, id: u64, msg: &OutMessage) -> anyhow::Result<()> {
+        let key = id.to_be_bytes();
+        let value = codec::encode(OUT_VERSION, msg);
         self.outbox
-            .insert(id.to_be_bytes(), codec::encode(OUT_VERSION, msg))?;
-        Ok(())
+            .transaction(|t| {
+                if t.get(&key[..])?.is_some() {
+                    t.insert(&key[..], value.as_slice())?;
+                }
+                Ok::<(), ConflictableTransactionError<Abort>>(())
+            })
+            .map_err(|e| anyhow::anyhow!("updating outbox message {id}: {e:?}"))
     }
 
     /// Moves a message out of the outbox with its final record, atomically.
@@ -309,7 +317,10 @@ impl Store {
         let sid = delivery.provider_sid.clone();
         (&self.outbox, &self.deliveries, &self.sids)
             .transaction(|(outbox, deliveries, sids)| {
-                outbox.remove(&key[..])?;
+                // Erased while it was being sent: leave no record of the number behind.
+                if outbox.remove(&key[..])?.is_none() {
+                    return Ok(());
+                }
                 deliveries.insert(&key[..], value.as_slice())?;
                 if let Some(sid) = &sid {
                     sids.insert(sid.as_bytes(), &key[..])?;

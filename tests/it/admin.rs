@@ -28,9 +28,10 @@ name = "later"
 steps = [{ after = "1h", say = "Hello again" }]
 "#;
 
+/// GET with `token`, or the daemon's admin token when `None`.
 async fn get(app: &TestApp, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
     let mut req = app.http.get(format!("{}{path}", app.base));
-    if let Some(t) = token {
+    if let Some(t) = token.or(app.admin_token.as_deref()) {
         req = req.bearer_auth(t);
     }
     let r = req.send().await.unwrap();
@@ -39,19 +40,13 @@ async fn get(app: &TestApp, path: &str, token: Option<&str>) -> (u16, serde_json
 }
 
 async fn send(app: &TestApp, method: reqwest::Method, path: &str) -> (u16, serde_json::Value) {
-    let r = app
-        .http
-        .request(method, format!("{}{path}", app.base))
-        .send()
-        .await
-        .unwrap();
+    let r = app.admin(method, path).send().await.unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(serde_json::Value::Null))
 }
 
 async fn text(app: &TestApp, path: &str) -> String {
-    app.http
-        .get(format!("{}{path}", app.base))
+    app.admin(reqwest::Method::GET, path)
         .send()
         .await
         .unwrap()
@@ -298,8 +293,14 @@ async fn admin_routes_need_the_token_when_one_is_set() {
         c.admin_token = Some(smsflow::config::Secret::new("adm1n"))
     })
     .await;
-    let (status, err) = get(&app, "/admin/subscribers", None).await;
-    assert_eq!(status, 401);
+    let r = app
+        .http
+        .get(format!("{}/admin/subscribers", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let err: serde_json::Value = r.json().await.unwrap();
     assert!(err["error"].as_str().unwrap().contains("Bearer"));
     let (status, _) = get(&app, "/admin/subscribers", Some("nope")).await;
     assert_eq!(status, 401);
@@ -309,9 +310,19 @@ async fn admin_routes_need_the_token_when_one_is_set() {
 
 #[tokio::test]
 async fn admin_routes_are_off_beyond_loopback_without_a_token() {
-    let app = TestApp::spawn_with(FLOWS, |c| c.listen = "0.0.0.0:0".parse().unwrap()).await;
-    let (status, err) = get(&app, "/admin/subscribers", None).await;
-    assert_eq!(status, 401);
+    let app = TestApp::spawn_with(FLOWS, |c| {
+        c.listen = "0.0.0.0:0".parse().unwrap();
+        c.admin_token = None;
+    })
+    .await;
+    let r = app
+        .http
+        .get(format!("{}/admin/subscribers", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let err: serde_json::Value = r.json().await.unwrap();
     assert!(err["error"]
         .as_str()
         .unwrap()
@@ -363,8 +374,7 @@ async fn a_broken_flow_file_leaves_the_old_flows_and_a_valid_edit_goes_live() {
 
     // The admin endpoint reports the result either way.
     let r = app
-        .http
-        .post(format!("{}/admin/reload", app.base))
+        .admin(reqwest::Method::POST, "/admin/reload")
         .send()
         .await
         .unwrap();
@@ -375,8 +385,7 @@ async fn a_broken_flow_file_leaves_the_old_flows_and_a_valid_edit_goes_live() {
     )
     .unwrap();
     let r = app
-        .http
-        .post(format!("{}/admin/reload", app.base))
+        .admin(reqwest::Method::POST, "/admin/reload")
         .send()
         .await
         .unwrap();
@@ -393,28 +402,33 @@ async fn a_broken_flow_file_leaves_the_old_flows_and_a_valid_edit_goes_live() {
 
 #[tokio::test]
 async fn a_removed_sequence_ends_cleanly_for_numbers_in_it() {
-    let app = TestApp::spawn(CHOICES).await;
+    let soon = CHOICES.replace("after = \"1h\"", "after = \"2s\"");
+    let app = TestApp::spawn(&soon).await;
     enrol(&app, A, "Ann", "g", 0).await;
     assert_eq!(app.state_of(A).as_deref(), Some("in_sequence"));
-    let renamed = CHOICES.replace(
-        "name = \"later\"\nsteps = [{ after = \"1h\"",
-        "name = \"other\"\nsteps = [{ after = \"1s\"",
-    );
+    let renamed = soon.replace("name = \"later\"", "name = \"other\"");
     std::fs::write(app.flows.path().join("flows.toml"), renamed).unwrap();
     let r = app
-        .http
-        .post(format!("{}/admin/reload", app.base))
+        .admin(reqwest::Method::POST, "/admin/reload")
         .send()
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    // The next thing that touches the number finds its sequence gone: it stays verified.
-    app.sms(A, "hello").await;
+    // When its timer fires, the number's sequence is gone: it ends; the number stays verified.
+    eventually("the sequence to end", async || {
+        app.state_of(A).as_deref() == Some("verified")
+    })
+    .await;
     let (_, s) = get(&app, "/admin/subscribers/%2B15550000001", None).await;
-    assert!(matches!(
-        s["state"].as_str(),
-        Some("in_sequence") | Some("verified")
-    ));
+    let last = s["history"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["event"], "sequence_ended", "{s}");
+    assert_eq!(last["name"], "later");
+    quiet_for(Duration::from_millis(300)).await;
+    assert_eq!(
+        app.twilio.delivered().len(),
+        1,
+        "only the code; no step of a removed sequence"
+    );
 }
 
 #[tokio::test]

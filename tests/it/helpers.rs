@@ -21,6 +21,8 @@ pub const ACCOUNT_SID: &str = "AC00000000000000000000000000000001";
 pub const AUTH_TOKEN: &str = "test-auth-token";
 pub const FROM: &str = "+15005550006";
 pub const PUBLIC_URL: &str = "https://smsflow.test";
+pub const API_TOKEN: &str = "test-api-token";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
 
 /// A message the fake Twilio API accepted (or refused), as it arrived.
 #[derive(Clone, Debug)]
@@ -241,6 +243,9 @@ pub struct TestApp {
     pub data: Arc<TempDir>,
     pub flows: Arc<TempDir>,
     pub http: reqwest::Client,
+    /// The tokens the daemon was started with (sent by the helpers unless told otherwise).
+    pub api_token: Option<String>,
+    pub admin_token: Option<String>,
     pub engine: Arc<smsflow::engine::Engine>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -291,10 +296,12 @@ impl TestApp {
                 api_base: twilio.url.clone(),
             }),
             auth_token: Some(Secret::new(AUTH_TOKEN)),
-            api_token: None,
-            admin_token: None,
+            api_token: Some(Secret::new(API_TOKEN)),
+            admin_token: Some(Secret::new(ADMIN_TOKEN)),
         };
         tweak(&mut config);
+        let api_token = config.api_token.as_ref().map(|t| t.expose().to_string());
+        let admin_token = config.admin_token.as_ref().map(|t| t.expose().to_string());
         let app = Application::build(config, options.clone())
             .await
             .expect("app builds");
@@ -305,6 +312,8 @@ impl TestApp {
             let _ = rx.await;
         }));
         TestApp {
+            api_token,
+            admin_token,
             base: format!("http://127.0.0.1:{port}"),
             twilio,
             data,
@@ -395,7 +404,7 @@ impl TestApp {
             .http
             .post(format!("{}/authenticate/{route}", self.base))
             .json(&body);
-        if let Some(t) = token {
+        if let Some(t) = token.or(self.api_token.as_deref()) {
             req = req.bearer_auth(t);
         }
         let r = req.send().await.unwrap();
@@ -407,6 +416,15 @@ impl TestApp {
         let text = r.text().await.unwrap();
         let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
         (status, retry, json, text)
+    }
+
+    /// A request to the admin API with the daemon's admin token.
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, format!("{}{path}", self.base));
+        match &self.admin_token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
     }
 
     pub fn state_of(&self, phone: &str) -> Option<String> {

@@ -304,3 +304,41 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn an_undeliverable_code_is_withdrawn_and_no_other() {
+    let f = flows();
+    let mut rng = StdRng::seed_from_u64(3);
+    let sub = subscriber(State::Unverified);
+    let first = step(sub, &Event::OtpRequested, &f, t0(), &mut rng).subscriber;
+    let later = t0() + TimeDelta::seconds(1);
+    let both = step(first, &Event::OtpRequested, &f, later, &mut rng).subscriber;
+    let (c1, c2) = (both.codes[0].code.clone(), both.codes[1].code.clone());
+    let out = step(
+        both,
+        &Event::CodeUndeliverable(c1.clone()),
+        &f,
+        later,
+        &mut rng,
+    );
+    let left: Vec<&str> = out
+        .subscriber
+        .codes
+        .iter()
+        .map(|c| c.code.as_str())
+        .collect();
+    assert_eq!(left, [c2.as_str()]);
+    assert_eq!(
+        out.subscriber.code_sends,
+        [later],
+        "the withdrawn send no longer counts"
+    );
+    let tried = step(
+        out.subscriber,
+        &Event::OtpSubmitted(c1),
+        &f,
+        later,
+        &mut rng,
+    );
+    assert_ne!(tried.outcome, Outcome::Verified);
+}

@@ -166,6 +166,7 @@ async fn malformed_requests_are_exit_2() {
         let req = app
             .http
             .post(format!("{}/authenticate/get_otp", app.base))
+            .bearer_auth(API_TOKEN)
             .header("content-type", content_type)
             .body(body);
         async move {
@@ -257,13 +258,38 @@ async fn malformed_requests_are_exit_2() {
     assert_eq!(app.twilio.attempts(), 0);
 }
 
+/// A request with no Authorization header at all.
+async fn anonymous(
+    app: &TestApp,
+    route: &str,
+    body: serde_json::Value,
+    headers: &[(&str, &str)],
+) -> (u16, Option<String>, serde_json::Value, String) {
+    let mut req = app
+        .http
+        .post(format!("{}/authenticate/{route}", app.base))
+        .json(&body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        None,
+        serde_json::from_str(&text).unwrap_or_default(),
+        text,
+    )
+}
+
 #[tokio::test]
 async fn a_missing_or_wrong_token_is_exit_4() {
     let app = TestApp::spawn_with(FLOWS, |c| {
         c.api_token = Some(smsflow::config::Secret::new("s3cret"))
     })
     .await;
-    let got = app.otp("get_otp", json!({ "phone": PHONE }), None).await;
+    let got = anonymous(&app, "get_otp", json!({ "phone": PHONE }), &[]).await;
     assert_failure(&got, 401, 4, "missing Authorization");
     let got = app
         .otp("get_otp", json!({ "phone": PHONE }), Some("guess"))
@@ -278,10 +304,33 @@ async fn a_missing_or_wrong_token_is_exit_4() {
 
 #[tokio::test]
 async fn without_a_token_the_api_is_off_beyond_loopback() {
-    let app = TestApp::spawn_with(FLOWS, |c| c.listen = "0.0.0.0:0".parse().unwrap()).await;
-    let got = app.otp("get_otp", json!({ "phone": PHONE }), None).await;
+    let app = TestApp::spawn_with(FLOWS, |c| {
+        c.listen = "0.0.0.0:0".parse().unwrap();
+        c.api_token = None;
+    })
+    .await;
+    let got = anonymous(&app, "get_otp", json!({ "phone": PHONE }), &[]).await;
     assert_failure(&got, 401, 4, "SMSFLOW_API_TOKEN");
     assert_eq!(app.twilio.attempts(), 0);
+}
+
+#[tokio::test]
+async fn without_a_token_the_api_refuses_requests_through_a_tunnel_or_a_public_url() {
+    // Loopback with no public URL: local requests work, tunnelled ones do not.
+    let local = TestApp::spawn_with(FLOWS, |c| {
+        c.public_url = None;
+        c.auth_token = None;
+        c.api_token = None;
+    })
+    .await;
+    assert_success(&anonymous(&local, "get_otp", json!({ "phone": PHONE }), &[]).await);
+    let via_tunnel = [("X-Forwarded-For", "203.0.113.9")];
+    let tunnelled = anonymous(&local, "get_otp", json!({ "phone": PHONE }), &via_tunnel).await;
+    assert_failure(&tunnelled, 401, 4, "SMSFLOW_API_TOKEN");
+    // A public URL means smsflow is exposed: no token, no API.
+    let public = TestApp::spawn_with(FLOWS, |c| c.api_token = None).await;
+    let got = anonymous(&public, "get_otp", json!({ "phone": PHONE }), &[]).await;
+    assert_failure(&got, 401, 4, "SMSFLOW_API_TOKEN");
 }
 
 #[tokio::test]
@@ -366,4 +415,18 @@ async fn with_after_otp_api_form_the_phone_continues_into_the_form_by_sms() {
     assert_eq!(sent[2].body, "Name?");
     let (_, twiml) = app.sms(PHONE, "Zed").await;
     assert!(twiml.contains("Welcome Zed"), "{twiml}");
+}
+
+#[tokio::test]
+async fn validating_for_a_number_never_seen_stores_nothing() {
+    let app = TestApp::spawn(FLOWS).await;
+    let got = app
+        .otp(
+            "validate_otp",
+            json!({ "phone": PHONE, "otp": "123456" }),
+            None,
+        )
+        .await;
+    assert_failure(&got, 403, 1, "invalid");
+    assert_eq!(app.state_of(PHONE), None);
 }
