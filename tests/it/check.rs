@@ -152,3 +152,15 @@ fn a_section_defined_in_two_files_names_the_first_place() {
     assert_eq!(p.line, 2);
     assert!(p.message.contains("a.toml:1:1"), "{}", p.message);
 }
+
+#[test]
+fn the_flow_sample_in_the_readme_passes_check() {
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let start = readme.find("```toml\n").expect("a toml sample") + "```toml\n".len();
+    let end = start + readme[start..].find("```").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "sample.toml", &readme[start..end]);
+    if let Err(p) = smsflow::flows::load_dir(dir.path()) {
+        panic!("README sample fails check:\n{p}");
+    }
+}
