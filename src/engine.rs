@@ -19,6 +19,7 @@ use tokio::sync::{oneshot, Notify};
 use crate::flows::Flows;
 use crate::machine::{self, Effect, Event, Outcome, Subscriber, Transition};
 use crate::phone::Phone;
+use crate::store::codec::{Replied, KEPT_REPLIES};
 use crate::store::{Commit, DueTimer, HistoryEntry, Prepared, Store};
 
 /// The most events one transaction carries.
@@ -303,8 +304,7 @@ impl Writer {
         let flows = self.flows.load_full();
         let mut rng = rand::rng();
         // Within a batch, later events see earlier ones' results.
-        let mut latest: HashMap<Phone, Subscriber> = HashMap::new();
-        let mut replied: HashMap<(Phone, String), String> = HashMap::new();
+        let mut latest: HashMap<Phone, (Subscriber, Vec<Replied>)> = HashMap::new();
         let mut prepared = Vec::new();
         let mut transitions = Vec::new();
         let mut committed = Committed {
@@ -333,31 +333,14 @@ impl Writer {
                     done,
                 } => (phone, event, inbound_sid, fired, inline_codes, done),
             };
-            if let Some(sid) = &sid {
-                let earlier = match replied.get(&(phone.clone(), sid.clone())) {
-                    Some(twiml) => Ok(Some(twiml.clone())),
-                    None => self.store.inbound_reply(&phone, sid),
-                };
-                match earlier {
-                    Ok(Some(twiml)) => {
-                        committed.answers.push((done, duplicate(twiml)));
-                        continue;
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        let _ = done.send(Err(e));
-                        continue;
-                    }
-                }
-            }
             let mut is_new = false;
-            let sub = match latest.remove(&phone) {
-                Some(s) => s,
-                None => match self.store.subscriber(&phone) {
-                    Ok(Some(s)) => s,
+            let (sub, mut replies) = match latest.remove(&phone) {
+                Some(r) => r,
+                None => match self.store.record(&phone) {
+                    Ok(Some(r)) => r,
                     Ok(None) => {
                         is_new = true;
-                        Subscriber::new(phone.clone(), now)
+                        (Subscriber::new(phone.clone(), now), Vec::new())
                     }
                     Err(e) => {
                         let _ = done.send(Err(e));
@@ -365,6 +348,19 @@ impl Writer {
                     }
                 },
             };
+            // The same inbound message again: the same answer, nothing changes.
+            if let Some(earlier) = sid
+                .as_ref()
+                .and_then(|s| replies.iter().find(|r| r.sid == *s))
+            {
+                committed
+                    .answers
+                    .push((done, duplicate(earlier.twiml.clone())));
+                if !is_new {
+                    latest.insert(phone, (sub, replies));
+                }
+                continue;
+            }
             let before = (!is_new).then(|| sub.state.clone());
             // A bug in a rule must cost one request, not the writer thread.
             let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -389,14 +385,20 @@ impl Writer {
             }
             transitions.push((before, t.subscriber.state.clone()));
             let (mut commit, applied) = to_commit(t, sid.as_deref(), fired, inline, now);
+            if let (Some(sid), Some(twiml)) = (sid, &applied.twiml) {
+                replies.push(Replied {
+                    sid,
+                    twiml: twiml.clone(),
+                });
+                let extra = replies.len().saturating_sub(KEPT_REPLIES);
+                replies.drain(..extra);
+            }
+            commit.replies = replies;
             committed.timers |= !commit.schedule.is_empty();
             committed.outbox |= !commit.outgoing.is_empty();
             prepared.push(Prepared::new(&commit, now));
-            if let (Some(sid), Some(twiml)) = (&sid, &applied.twiml) {
-                replied.insert((phone.clone(), sid.clone()), twiml.clone());
-            }
             if let Some(s) = commit.subscriber.take() {
-                latest.insert(phone, s);
+                latest.insert(phone, (s, commit.replies));
             }
             committed.answers.push((done, applied));
         }
@@ -518,9 +520,6 @@ fn to_commit(
         }
     }
     let twiml = inbound_sid.map(|_| crate::http::twiml::messages(&replies));
-    c.inbound = inbound_sid
-        .zip(twiml.clone())
-        .map(|(s, x)| (s.to_string(), x));
     c.subscriber = Some(t.subscriber);
     let applied = Applied {
         outcome: t.outcome,

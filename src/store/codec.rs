@@ -6,7 +6,19 @@ use crate::machine::Subscriber;
 
 /// The version written today. Bump it (and add a migration arm) whenever a stored type changes:
 /// bincode is not self-describing, so an old record must never be read as a new one.
-pub const SUBSCRIBER_VERSION: u8 = 1;
+/// v1: the subscriber alone. v2: the subscriber and its last few webhook replies.
+pub const SUBSCRIBER_VERSION: u8 = 2;
+
+/// How many recent webhook replies a record keeps for exactly-once retries. Twilio retries a
+/// webhook within seconds, long before a number sends this many new messages.
+pub const KEPT_REPLIES: usize = 4;
+
+/// The answer given to one inbound message, kept so a retried webhook gets it again.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Replied {
+    pub sid: String,
+    pub twiml: String,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -19,17 +31,28 @@ pub enum CodecError {
 }
 
 pub fn encode_subscriber(s: &Subscriber) -> Vec<u8> {
-    encode(SUBSCRIBER_VERSION, s)
+    encode_record(s, &[])
 }
 
-pub fn decode_subscriber(bytes: &[u8]) -> Result<Subscriber, CodecError> {
+/// A subscriber with its recent replies, as stored.
+pub fn encode_record(s: &Subscriber, replies: &[Replied]) -> Vec<u8> {
+    encode(SUBSCRIBER_VERSION, &(s, replies))
+}
+
+/// Reads any known version; older ones migrate (v1 had no replies).
+pub fn decode_record(bytes: &[u8]) -> Result<(Subscriber, Vec<Replied>), CodecError> {
     match split(bytes)? {
-        (1, body) => Ok(bincode::deserialize(body)?),
+        (1, body) => Ok((bincode::deserialize(body)?, Vec::new())),
+        (2, body) => Ok(bincode::deserialize(body)?),
         (v, _) => Err(CodecError::UnknownVersion(v)),
     }
 }
 
-/// Versioned bincode for any other stored value (outbox entries, dedup records, history).
+pub fn decode_subscriber(bytes: &[u8]) -> Result<Subscriber, CodecError> {
+    decode_record(bytes).map(|(s, _)| s)
+}
+
+/// Versioned bincode for any other stored value (outbox entries, deliveries, history).
 pub fn encode<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
     let mut out = vec![version];
     // Serializing plain data into a Vec cannot fail: no maps with non-string keys, no IO.
@@ -88,6 +111,28 @@ mod tests {
         let bytes = encode_subscriber(&s);
         assert_eq!(bytes[0], SUBSCRIBER_VERSION);
         assert_eq!(decode_subscriber(&bytes).unwrap(), s);
+    }
+
+    #[test]
+    fn a_version_1_record_migrates_on_read() {
+        let now = "2026-01-05T15:00:00Z".parse().unwrap();
+        let s = Subscriber::new(Phone::parse("+14155550100").unwrap(), now);
+        let v1 = encode(1, &s);
+        assert_eq!(decode_record(&v1).unwrap(), (s, Vec::new()));
+    }
+
+    #[test]
+    fn replies_round_trip_with_the_subscriber() {
+        let now = "2026-01-05T15:00:00Z".parse().unwrap();
+        let s = Subscriber::new(Phone::parse("+14155550100").unwrap(), now);
+        let replies = vec![Replied {
+            sid: "SM1".into(),
+            twiml: "<Response/>".into(),
+        }];
+        assert_eq!(
+            decode_record(&encode_record(&s, &replies)).unwrap(),
+            (s, replies)
+        );
     }
 
     #[test]

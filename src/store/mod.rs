@@ -1,5 +1,5 @@
-//! Durable state in sled: subscribers, timers, outbox, delivery records, inbound dedup and
-//! history. Every event's changes go into one multi-tree transaction ([`Store::commit_many`]);
+//! Durable state in sled: subscribers (each with its last few webhook replies, for
+//! exactly-once retries), timers, outbox, delivery records and history. Every event's changes go into one multi-tree transaction ([`Store::commit_many`]);
 //! the engine's writer thread makes them durable with one flush per batch (group commit).
 
 pub mod codec;
@@ -19,7 +19,6 @@ use crate::phone::Phone;
 const OUT_VERSION: u8 = 1;
 const DELIVERY_VERSION: u8 = 1;
 const HISTORY_VERSION: u8 = 1;
-const REPLY_VERSION: u8 = 1;
 /// The layout of trees and keys; checked at open.
 const SCHEMA: u64 = 1;
 
@@ -73,8 +72,8 @@ pub struct Commit {
     /// A timer that fired and is consumed by this event.
     pub fired: Option<DueTimer>,
     pub outgoing: Vec<(String, bool)>,
-    /// The inbound message id and the reply it got, so a retry gets the same answer.
-    pub inbound: Option<(String, String)>,
+    /// The number's recent webhook replies, stored with it (see [`codec::Replied`]).
+    pub replies: Vec<codec::Replied>,
     pub history: Vec<HistoryEntry>,
 }
 
@@ -83,7 +82,6 @@ pub struct Store {
     subscribers: sled::Tree,
     timers: sled::Tree,
     outbox: sled::Tree,
-    inbound: sled::Tree,
     history: sled::Tree,
     deliveries: sled::Tree,
     sids: sled::Tree,
@@ -139,7 +137,6 @@ impl Store {
             subscribers: tree("subscribers")?,
             timers: tree("timers")?,
             outbox: tree("outbox")?,
-            inbound: tree("inbound")?,
             history: tree("history")?,
             deliveries: tree("deliveries")?,
             sids: tree("sids")?,
@@ -184,15 +181,18 @@ impl Store {
             })
     }
 
-    /// The stored reply to an inbound message from `phone` already processed.
-    pub fn inbound_reply(
+    /// A subscriber with its recent webhook replies.
+    pub fn record(
         &self,
         phone: &Phone,
-        message_sid: &str,
-    ) -> anyhow::Result<Option<String>> {
-        match self.inbound.get(prefixed(phone, message_sid.as_bytes()))? {
+    ) -> anyhow::Result<Option<(Subscriber, Vec<codec::Replied>)>> {
+        match self.subscribers.get(phone.as_str())? {
             None => Ok(None),
-            Some(v) => Ok(Some(codec::decode(REPLY_VERSION, &v)?)),
+            Some(bytes) => {
+                Ok(Some(codec::decode_record(&bytes).with_context(|| {
+                    format!("reading subscriber {}", phone.masked())
+                })?))
+            }
         }
     }
 
@@ -211,15 +211,9 @@ impl Store {
     /// Like [`Store::commit_many`] for commits already turned into bytes.
     pub fn commit_prepared(&self, encoded: &[Prepared]) -> anyhow::Result<()> {
         // Everything is encoded up front: sled may run the closure more than once.
-        let trees = (
-            &self.subscribers,
-            &self.timers,
-            &self.outbox,
-            &self.inbound,
-            &self.history,
-        );
+        let trees = (&self.subscribers, &self.timers, &self.outbox, &self.history);
         trees
-            .transaction(|(subs, timers, outbox, inbound, hist)| {
+            .transaction(|(subs, timers, outbox, hist)| {
                 for e in encoded {
                     for key in &e.remove_timers {
                         timers.remove(key.as_slice())?;
@@ -230,9 +224,6 @@ impl Store {
                     for msg in &e.outgoing {
                         let id = outbox.generate_id()?;
                         outbox.insert(&id.to_be_bytes()[..], msg.as_slice())?;
-                    }
-                    if let Some((key, reply)) = &e.inbound {
-                        inbound.insert(key.as_slice(), reply.as_slice())?;
                     }
                     if let Some(phone) = &e.phone {
                         for h in &e.history {
@@ -368,7 +359,7 @@ impl Store {
         Ok(counts)
     }
 
-    /// Erases a number: its record, timer, queued messages, dedup records, history and
+    /// Erases a number: its record (with its kept replies), timer, queued messages, history and
     /// delivery records. Returns the erased subscriber, or `None` if it was unknown.
     /// Only the engine's writer calls this, so nothing re-creates the number meanwhile.
     pub fn erase(&self, phone: &Phone) -> anyhow::Result<Option<Subscriber>> {
@@ -381,7 +372,6 @@ impl Store {
             t.scan_prefix(&prefix).keys().map(|k| Ok(k?)).collect()
         };
         let history = keys(&self.history)?;
-        let inbound = keys(&self.inbound)?;
         let timer = sub.timer.map(|t| timer_key(&t, phone));
         let mut outbox = Vec::new();
         for m in self.outbox() {
@@ -401,22 +391,18 @@ impl Store {
             &self.subscribers,
             &self.timers,
             &self.outbox,
-            &self.inbound,
             &self.history,
             &self.deliveries,
             &self.sids,
         );
         trees
-            .transaction(|(subs, timers, out, inb, hist, dels, sids)| {
+            .transaction(|(subs, timers, out, hist, dels, sids)| {
                 subs.remove(phone.as_str().as_bytes())?;
                 if let Some(k) = &timer {
                     timers.remove(k.as_slice())?;
                 }
                 for k in &outbox {
                     out.remove(&k[..])?;
-                }
-                for k in &inbound {
-                    inb.remove(k)?;
                 }
                 for k in &history {
                     hist.remove(k)?;
@@ -456,7 +442,6 @@ pub struct Prepared {
     remove_timers: Vec<Vec<u8>>,
     add_timers: Vec<(Vec<u8>, [u8; 8])>,
     outgoing: Vec<Vec<u8>>,
-    inbound: Option<(Vec<u8>, Vec<u8>)>,
     history: Vec<Vec<u8>>,
 }
 
@@ -496,17 +481,13 @@ impl Prepared {
             None => Vec::new(),
         };
         Prepared {
-            subscriber: c.subscriber.as_ref().map(codec::encode_subscriber),
+            subscriber: c
+                .subscriber
+                .as_ref()
+                .map(|s| codec::encode_record(s, &c.replies)),
             remove_timers,
             add_timers: keys(&c.schedule),
             outgoing,
-            inbound: match (&phone, &c.inbound) {
-                (Some(p), Some((sid, reply))) => Some((
-                    prefixed(p, sid.as_bytes()),
-                    codec::encode(REPLY_VERSION, reply),
-                )),
-                _ => None,
-            },
             history: c
                 .history
                 .iter()
