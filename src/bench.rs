@@ -22,6 +22,9 @@ pub struct BenchArgs {
     /// The text each (distinct) number sends.
     #[arg(long, default_value = "HELP")]
     pub body: String,
+    /// Rounds of (trivial, durable); the median ratio is reported.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Instead: fill a store with this many subscribers and measure `smsflow export`'s peak
     /// memory at a tenth of it and at all of it.
     #[arg(long)]
@@ -89,26 +92,33 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
         8,
     )
     .await;
-    let trivial = drive(
-        &client,
-        &base,
-        args.connections,
-        args.requests,
-        Route::Trivial,
-        &args.body,
-        0,
-    )
-    .await;
-    let webhook = drive(
-        &client,
-        &base,
-        args.connections,
-        args.requests,
-        Route::Webhook,
-        &args.body,
-        1,
-    )
-    .await;
+    // Alternate the routes over several rounds: the machine's speed drifts, and a ratio
+    // taken from neighbouring runs is what survives that noise.
+    let mut rounds = Vec::new();
+    for round in 0..args.rounds.max(1) {
+        let trivial = drive(
+            &client,
+            &base,
+            args.connections,
+            args.requests,
+            Route::Trivial,
+            &args.body,
+            0,
+        )
+        .await;
+        let run = 1 + round as u64;
+        let webhook = drive(
+            &client,
+            &base,
+            args.connections,
+            args.requests,
+            Route::Webhook,
+            &args.body,
+            run,
+        )
+        .await;
+        rounds.push((trivial, webhook));
+    }
 
     let _ = stop_tx.send(());
     server.await??;
@@ -116,7 +126,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
 
     let line = |name: &str, f: &Figures| {
         format!(
-            "{name:<28} {:>9.0} req/s   p50 {:>7.2} ms   p99 {:>7.2} ms   ({} requests, {} errors)\n",
+            "  {name:<28} {:>9.0} req/s   p50 {:>7.2} ms   p99 {:>7.2} ms   ({} requests, {} errors)\n",
             f.per_second,
             f.p50.as_secs_f64() * 1e3,
             f.p99.as_secs_f64() * 1e3,
@@ -125,15 +135,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
         )
     };
     let mut out = format!(
-        "smsflow bench: {} connections, loopback, same process\n",
-        args.connections
+        "smsflow bench: {} connections, loopback, same process, {} round(s)\n",
+        args.connections,
+        rounds.len()
     );
-    out += &line("GET /healthz (trivial)", &trivial);
-    out += &line("POST /twilio/sms (durable)", &webhook);
+    let mut ratios = Vec::new();
+    let mut worst_p99 = Duration::ZERO;
+    for (n, (trivial, webhook)) in rounds.iter().enumerate() {
+        let ratio = webhook.per_second / trivial.per_second;
+        out += &format!("round {}: ratio {ratio:.2}\n", n + 1);
+        out += &line("GET /healthz (trivial)", trivial);
+        out += &line("POST /twilio/sms (durable)", webhook);
+        ratios.push(ratio);
+        worst_p99 = worst_p99.max(webhook.p99);
+    }
+    ratios.sort_by(f64::total_cmp);
     out += &format!(
-        "ratio durable/trivial: {:.2} (target >= 0.50), webhook p99 {:.2} ms (target <= 20 ms)\n",
-        webhook.per_second / trivial.per_second,
-        webhook.p99.as_secs_f64() * 1e3
+        "median ratio durable/trivial: {:.2} (target >= 0.50); worst webhook p99 {:.2} ms (target <= 20 ms)\n",
+        ratios[ratios.len() / 2],
+        worst_p99.as_secs_f64() * 1e3
     );
     Ok(out)
 }
