@@ -110,7 +110,7 @@ impl Application {
         b += &format!(
             "  data:        {} — {} subscriber(s)\n",
             c.data_dir.display(),
-            self.engine.store.subscriber_count()
+            self.engine.state_counts().iter().sum::<i64>()
         );
         b += &format!(
             "  signatures:  {}\n",

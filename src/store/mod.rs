@@ -151,17 +151,7 @@ impl Store {
     }
 
     pub fn subscriber(&self, phone: &Phone) -> anyhow::Result<Option<Subscriber>> {
-        match self.subscribers.get(phone.as_str())? {
-            None => Ok(None),
-            Some(bytes) => Ok(Some(
-                codec::decode_subscriber(&bytes)
-                    .with_context(|| format!("reading subscriber {}", phone.masked()))?,
-            )),
-        }
-    }
-
-    pub fn subscriber_count(&self) -> usize {
-        self.subscribers.len()
+        Ok(self.record(phone)?.map(|(s, _)| s))
     }
 
     /// All subscribers in phone order, starting after `after`; undecodable records are errors.
@@ -194,11 +184,6 @@ impl Store {
                 })?))
             }
         }
-    }
-
-    /// Applies one event's changes atomically.
-    pub fn commit(&self, c: &Commit, now: DateTime<Utc>) -> anyhow::Result<()> {
-        self.commit_many(std::slice::from_ref(c), now)
     }
 
     /// Applies several events' changes in a single transaction over every tree they touch:
