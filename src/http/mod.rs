@@ -10,7 +10,7 @@ pub mod voice;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, OriginalUri, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, OriginalUri, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -116,6 +116,9 @@ pub enum WebhookError {
     BadRequest(String),
     #[error("{0}")]
     Forbidden(String),
+    /// The body could not be read (too large: 413).
+    #[error("{0}")]
+    Body(axum::extract::rejection::BytesRejection),
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
@@ -131,6 +134,7 @@ impl IntoResponse for WebhookError {
                 (StatusCode::BAD_REQUEST, format!("{m}\n")).into_response()
             }
             WebhookError::Forbidden(m) => (StatusCode::FORBIDDEN, format!("{m}\n")).into_response(),
+            WebhookError::Body(rejection) => rejection.into_response(),
             WebhookError::Unexpected(e) => {
                 let mut r = (
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -235,8 +239,27 @@ fn content_type_is(headers: &HeaderMap, expected: &str) -> Result<(), String> {
     }
 }
 
-/// A parsed, signature-checked Twilio form.
-struct TwilioForm(Vec<(String, String)>);
+/// A parsed, signature-checked Twilio form: the extractor every `/twilio/*` route takes.
+pub struct TwilioForm {
+    params: Vec<(String, String)>,
+    region: Region,
+}
+
+impl FromRequest<Arc<AppState>> for TwilioForm {
+    type Rejection = WebhookError;
+
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        let headers = req.headers().clone();
+        let uri = req
+            .extensions()
+            .get::<OriginalUri>()
+            .map_or_else(|| req.uri().clone(), |o| o.0.clone());
+        let body = Bytes::from_request(req, state)
+            .await
+            .map_err(WebhookError::Body)?;
+        TwilioForm::parse(state, &headers, &uri, &body)
+    }
+}
 
 impl TwilioForm {
     fn parse(
@@ -267,11 +290,20 @@ impl TwilioForm {
                 )));
             }
         }
-        Ok(TwilioForm(params))
+        Ok(TwilioForm {
+            params,
+            region: state.region,
+        })
+    }
+
+    /// The phone number in field `name` (From, To), or a 400 naming the field.
+    fn phone(&self, name: &str) -> Result<Phone, WebhookError> {
+        Phone::parse_in(self.require(name)?, self.region)
+            .map_err(|e| WebhookError::BadRequest(format!("{name}: {e}")))
     }
 
     fn get(&self, name: &str) -> Option<&str> {
-        self.0
+        self.params
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
@@ -337,12 +369,9 @@ fn xml(body: String) -> Response {
 /// An inbound SMS: answered with TwiML only after its state change is on disk.
 async fn sms(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    OriginalUri(uri): OriginalUri,
-    body: Bytes,
+    form: TwilioForm,
 ) -> Result<Response, WebhookError> {
-    let form = TwilioForm::parse(&state, &headers, &uri, &body)?;
-    let from = form.require("From")?;
+    let phone = form.phone("From")?;
     let text = form.require("Body")?;
     let sid = form
         .get("MessageSid")
@@ -353,8 +382,6 @@ async fn sms(
             "form field MessageSid is empty".into(),
         ));
     }
-    let phone = Phone::parse_in(from, state.region)
-        .map_err(|e| WebhookError::BadRequest(format!("From: {e}")))?;
     let applied = state
         .engine
         .apply(Input {
@@ -378,11 +405,8 @@ async fn sms(
 /// A delivery report for a message we sent.
 async fn status(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    OriginalUri(uri): OriginalUri,
-    body: Bytes,
+    form: TwilioForm,
 ) -> Result<Response, WebhookError> {
-    let form = TwilioForm::parse(&state, &headers, &uri, &body)?;
     let sid = form.require("MessageSid")?;
     let new_status = form.require("MessageStatus")?;
     let code =
@@ -411,8 +435,7 @@ async fn status(
     if code == Some(UNSUBSCRIBED) {
         let phone = match phone {
             Some(p) => p,
-            None => Phone::parse_in(form.require("To")?, state.region)
-                .map_err(|e| WebhookError::BadRequest(format!("To: {e}")))?,
+            None => form.phone("To")?,
         };
         state
             .engine

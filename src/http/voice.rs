@@ -2,9 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::{OriginalUri, Query, State};
-use axum::http::HeaderMap;
+use axum::extract::{Query, State};
 use axum::response::Response;
 use serde::Deserialize;
 
@@ -13,17 +11,13 @@ use crate::engine::Input;
 use crate::flows::IvrAction;
 use crate::ivr::{self, Turn};
 use crate::machine::Event;
-use crate::phone::Phone;
 
 /// A call comes in: the start menu.
 pub async fn call(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    OriginalUri(uri): OriginalUri,
-    body: Bytes,
+    form: TwilioForm,
 ) -> Result<Response, WebhookError> {
-    let form = TwilioForm::parse(&state, &headers, &uri, &body)?;
-    caller(&state, &form)?;
+    form.phone("From")?;
     let flows = state.engine.flows();
     Ok(xml(twiml::voice(&ivr::call_starts(&flows))))
 }
@@ -38,12 +32,9 @@ pub struct Where {
 pub async fn gather(
     State(state): State<Arc<AppState>>,
     Query(at): Query<Where>,
-    headers: HeaderMap,
-    OriginalUri(uri): OriginalUri,
-    body: Bytes,
+    form: TwilioForm,
 ) -> Result<Response, WebhookError> {
-    let form = TwilioForm::parse(&state, &headers, &uri, &body)?;
-    let phone = caller(&state, &form)?;
+    let phone = form.phone("From")?;
     let flows = state.engine.flows();
     let menu = at.menu.unwrap_or_else(|| flows.ivr.start.clone());
     let digits = form.get("Digits").filter(|d| !d.trim().is_empty());
@@ -72,9 +63,4 @@ pub async fn gather(
         other => other,
     };
     Ok(xml(twiml::voice(&turn)))
-}
-
-fn caller(state: &AppState, form: &TwilioForm) -> Result<Phone, WebhookError> {
-    let from = form.require("From")?;
-    Phone::parse_in(from, state.region).map_err(|e| WebhookError::BadRequest(format!("From: {e}")))
 }
