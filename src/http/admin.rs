@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::{header, request::Parts, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -125,15 +125,26 @@ fn event_json(h: &HistoryEntry) -> serde_json::Value {
     serde_json::Value::Object(out)
 }
 
-pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), AdminError> {
-    super::bearer(
-        state.admin_token.as_ref(),
-        state.loopback,
-        headers,
-        "SMSFLOW_ADMIN_TOKEN",
-        "admin API",
-    )
-    .map_err(AdminError::Unauthorized)
+/// An authorized operator: every admin handler takes one, so none can forget the check.
+pub struct Operator;
+
+impl FromRequestParts<Arc<AppState>> for Operator {
+    type Rejection = AdminError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        super::bearer(
+            state.admin_token.as_ref(),
+            state.loopback,
+            &parts.headers,
+            "SMSFLOW_ADMIN_TOKEN",
+            "admin API",
+        )
+        .map(|()| Operator)
+        .map_err(AdminError::Unauthorized)
+    }
 }
 
 fn phone(state: &AppState, raw: &str) -> Result<Phone, AdminError> {
@@ -151,10 +162,9 @@ pub struct ListQuery {
 /// `GET /admin/subscribers?state=&limit=&after=`: paged by phone.
 pub async fn list(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _operator: Operator,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, AdminError> {
-    authorize(&app, &headers)?;
     if let Some(s) = &q.state {
         if !MachineState::NAMES.contains(&s.as_str()) {
             return Err(AdminError::BadRequest(format!(
@@ -200,10 +210,9 @@ pub async fn list(
 /// `GET /admin/subscribers/{phone}`: the record and its last 50 events.
 pub async fn show(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _operator: Operator,
     Path(raw): Path<String>,
 ) -> Result<Response, AdminError> {
-    authorize(&app, &headers)?;
     let phone = phone(&app, &raw)?;
     detail(&app, &phone)
 }
@@ -229,10 +238,9 @@ fn detail(app: &AppState, phone: &Phone) -> Result<Response, AdminError> {
 /// `POST /admin/subscribers/{phone}/opt-out`: no message is sent, now or later.
 pub async fn opt_out(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _operator: Operator,
     Path(raw): Path<String>,
 ) -> Result<Response, AdminError> {
-    authorize(&app, &headers)?;
     let phone = phone(&app, &raw)?;
     if app.engine.store.subscriber(&phone)?.is_none() {
         return Err(AdminError::NotFound(format!("no subscriber {phone}")));
@@ -245,10 +253,9 @@ pub async fn opt_out(
 /// `DELETE /admin/subscribers/{phone}`: erase the number and its history.
 pub async fn erase(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _operator: Operator,
     Path(raw): Path<String>,
 ) -> Result<Response, AdminError> {
-    authorize(&app, &headers)?;
     let phone = phone(&app, &raw)?;
     if app.engine.erase(&phone).await? {
         tracing::info!(phone = %phone.masked(), "admin: erased");
@@ -261,9 +268,8 @@ pub async fn erase(
 /// `POST /admin/reload`: load the flow directory again and say how it went.
 pub async fn reload(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _operator: Operator,
 ) -> Result<Response, AdminError> {
-    authorize(&app, &headers)?;
     Ok(match app.reloader.reload("admin API") {
         Ok(summary) => {
             Json(serde_json::json!({ "reloaded": true, "flows": summary })).into_response()
@@ -288,10 +294,9 @@ pub struct ExportQuery {
 /// `GET /admin/export.csv[?one_hot=1]`: the dataset, streamed as it is read.
 pub async fn export(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _operator: Operator,
     Query(q): Query<ExportQuery>,
 ) -> Result<Response, AdminError> {
-    authorize(&app, &headers)?;
     let one_hot = matches!(q.one_hot.as_deref(), Some("1" | "true" | "yes" | ""));
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(8);
     let engine = app.engine.clone();
