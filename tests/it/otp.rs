@@ -42,6 +42,15 @@ fn assert_success(got: &(u16, Option<String>, serde_json::Value, String)) {
     assert_eq!(got.3, r#"{"message":"success","exit_code":0}"#);
 }
 
+/// Submits `otp` for the test phone through validate_otp.
+async fn validate(
+    app: &TestApp,
+    otp: impl serde::Serialize,
+) -> (u16, Option<String>, serde_json::Value, String) {
+    app.otp("validate_otp", json!({ "phone": PHONE, "otp": otp }), None)
+        .await
+}
+
 /// Requests a code and returns it as the fake Twilio API received it.
 async fn code(app: &TestApp, n_total: usize) -> String {
     assert_success(&app.otp("get_otp", json!({ "phone": PHONE }), None).await);
@@ -53,10 +62,7 @@ async fn the_right_code_validates_and_the_phone_becomes_verified() {
     let app = TestApp::spawn(FLOWS).await;
     let c = code(&app, 1).await;
     assert_eq!(app.state_of(PHONE).as_deref(), Some("awaiting_code"));
-    assert_success(
-        &app.otp("validate_otp", json!({ "phone": PHONE, "otp": c }), None)
-            .await,
-    );
+    assert_success(&validate(&app, &c).await);
     assert_eq!(app.state_of(PHONE).as_deref(), Some("verified"));
     // The default flow setting: stay verified, no texts follow.
     quiet_for(Duration::from_millis(300)).await;
@@ -74,32 +80,13 @@ async fn a_wrong_or_superseded_code_is_exit_1() {
     } else {
         "000000"
     };
-    let got = app
-        .otp(
-            "validate_otp",
-            json!({ "phone": PHONE, "otp": wrong }),
-            None,
-        )
-        .await;
+    let got = validate(&app, &wrong).await;
     assert_failure(&got, 403, 1, "invalid OTP");
     if first != second && first != third {
-        let got = app
-            .otp(
-                "validate_otp",
-                json!({ "phone": PHONE, "otp": first }),
-                None,
-            )
-            .await;
+        let got = validate(&app, &first).await;
         assert_failure(&got, 403, 1, "superseded");
     }
-    assert_success(
-        &app.otp(
-            "validate_otp",
-            json!({ "phone": PHONE, "otp": second }),
-            None,
-        )
-        .await,
-    );
+    assert_success(&validate(&app, &second).await);
 }
 
 #[tokio::test]
@@ -108,9 +95,7 @@ async fn an_expired_code_is_exit_1() {
     let app = TestApp::spawn(&flows).await;
     let c = code(&app, 1).await;
     quiet_for(Duration::from_millis(1100)).await;
-    let got = app
-        .otp("validate_otp", json!({ "phone": PHONE, "otp": c }), None)
-        .await;
+    let got = validate(&app, &c).await;
     assert_failure(&got, 403, 1, "expired");
 }
 
@@ -120,30 +105,16 @@ async fn too_many_wrong_guesses_is_exit_3_with_retry_after() {
     let c = code(&app, 1).await;
     let wrong = if c == "000000" { "111111" } else { "000000" };
     for _ in 0..4 {
-        let got = app
-            .otp(
-                "validate_otp",
-                json!({ "phone": PHONE, "otp": wrong }),
-                None,
-            )
-            .await;
+        let got = validate(&app, &wrong).await;
         assert_failure(&got, 403, 1, "invalid");
     }
-    let got = app
-        .otp(
-            "validate_otp",
-            json!({ "phone": PHONE, "otp": wrong }),
-            None,
-        )
-        .await;
+    let got = validate(&app, &wrong).await;
     assert_failure(&got, 429, 3, "too many wrong guesses");
     assert!(
         got.1.is_some_and(|s| s.parse::<u64>().unwrap() > 0),
         "Retry-After"
     );
-    let got = app
-        .otp("validate_otp", json!({ "phone": PHONE, "otp": c }), None)
-        .await;
+    let got = validate(&app, &c).await;
     assert_failure(&got, 429, 3, "too many wrong guesses");
 }
 
@@ -214,39 +185,9 @@ async fn malformed_requests_are_exit_2() {
         2,
         "channel",
     );
-    assert_failure(
-        &app.otp(
-            "validate_otp",
-            json!({ "phone": PHONE, "otp": "12ab56" }),
-            None,
-        )
-        .await,
-        400,
-        2,
-        "6 digits",
-    );
-    assert_failure(
-        &app.otp(
-            "validate_otp",
-            json!({ "phone": PHONE, "otp": "123" }),
-            None,
-        )
-        .await,
-        400,
-        2,
-        "6 digits",
-    );
-    assert_failure(
-        &app.otp(
-            "validate_otp",
-            json!({ "phone": PHONE, "otp": 123456 }),
-            None,
-        )
-        .await,
-        400,
-        2,
-        "string",
-    );
+    assert_failure(&validate(&app, "12ab56").await, 400, 2, "6 digits");
+    assert_failure(&validate(&app, "123").await, 400, 2, "6 digits");
+    assert_failure(&validate(&app, &123456).await, 400, 2, "string");
     assert_failure(
         &app.otp("validate_otp", json!({ "phone": PHONE }), None)
             .await,
@@ -348,9 +289,7 @@ async fn a_provider_failure_is_exit_5_and_the_unsent_code_is_not_usable() {
     let refused = app.twilio.all_requests();
     assert_eq!(refused.len(), 1);
     let c = code_in(&refused[0].body);
-    let got = app
-        .otp("validate_otp", json!({ "phone": PHONE, "otp": c }), None)
-        .await;
+    let got = validate(&app, &c).await;
     assert_failure(&got, 403, 1, "invalid");
 }
 
@@ -391,14 +330,7 @@ async fn the_voice_channel_places_a_call_that_reads_the_code() {
         spoken.contains(", "),
         "digits are read one by one: {spoken}"
     );
-    assert_success(
-        &app.otp(
-            "validate_otp",
-            json!({ "phone": PHONE, "otp": digits }),
-            None,
-        )
-        .await,
-    );
+    assert_success(&validate(&app, &digits).await);
 }
 
 #[tokio::test]
@@ -406,10 +338,7 @@ async fn with_after_otp_api_form_the_phone_continues_into_the_form_by_sms() {
     let flows = FLOWS.replace("[verify]", "[verify]\nafter_otp_api = \"form\"");
     let app = TestApp::spawn(&flows).await;
     let c = code(&app, 1).await;
-    assert_success(
-        &app.otp("validate_otp", json!({ "phone": PHONE, "otp": c }), None)
-            .await,
-    );
+    assert_success(&validate(&app, &c).await);
     let sent = app.twilio.wait_delivered(3).await;
     assert_eq!(sent[1].body, "Verified!");
     assert_eq!(sent[2].body, "Name?");
@@ -420,13 +349,7 @@ async fn with_after_otp_api_form_the_phone_continues_into_the_form_by_sms() {
 #[tokio::test]
 async fn validating_for_a_number_never_seen_stores_nothing() {
     let app = TestApp::spawn(FLOWS).await;
-    let got = app
-        .otp(
-            "validate_otp",
-            json!({ "phone": PHONE, "otp": "123456" }),
-            None,
-        )
-        .await;
+    let got = validate(&app, "123456").await;
     assert_failure(&got, 403, 1, "invalid");
     assert_eq!(app.state_of(PHONE), None);
 }
