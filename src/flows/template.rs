@@ -118,10 +118,6 @@ impl Template {
         }
         out
     }
-
-    pub fn source(&self) -> &str {
-        &self.source
-    }
 }
 
 fn slot_allowed(name: &str, allowed: Allowed<'_>) -> bool {
