@@ -301,13 +301,16 @@ fn export(n: u64, flows_dir: &std::path::Path) -> anyhow::Result<String> {
             String::from_utf8_lossy(&child.stderr)
         );
         let report = String::from_utf8_lossy(&child.stderr).trim().to_string();
-        let peak: f64 = report
-            .split("peak memory ")
-            .nth(1)
-            .and_then(|s| s.split(" MiB").next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(f64::NAN);
-        peaks.push(peak);
+        let mib = |label: &str| -> f64 {
+            report
+                .split(label)
+                .nth(1)
+                .and_then(|s| s.split(" MiB").next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        let (peak, opened) = (mib("peak memory "), mib("after opening the store: "));
+        peaks.push((peak, peak - opened));
         let secs = started.elapsed().as_secs_f64();
         out += &format!(
             "{target:>9} subscribers: filled in {:.1} s, exported in {secs:.1} s ({:.0} rows/s): {report}\n",
@@ -316,8 +319,12 @@ fn export(n: u64, flows_dir: &std::path::Path) -> anyhow::Result<String> {
         );
     }
     out += &format!(
-        "peak memory ratio (all / tenth): {:.2}\n",
-        peaks[1] / peaks[0]
+        "peak memory ratio (all / tenth): {:.2}\n\
+         the export's own share (peak minus after opening the store): {:.1} MiB then {:.1} MiB, ratio {:.2}\n",
+        peaks[1].0 / peaks[0].0,
+        peaks[0].1,
+        peaks[1].1,
+        peaks[1].1 / peaks[0].1
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(out)

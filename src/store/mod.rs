@@ -159,16 +159,35 @@ impl Store {
         &self,
         after: Option<&str>,
     ) -> impl Iterator<Item = anyhow::Result<Subscriber>> + '_ {
-        let start = match after {
-            Some(a) => std::ops::Bound::Excluded(a.as_bytes().to_vec()),
-            None => std::ops::Bound::Unbounded,
-        };
-        self.subscribers
-            .range((start, std::ops::Bound::Unbounded))
-            .map(|kv| {
-                let (_, v) = kv?;
-                Ok(codec::decode_subscriber(&v)?)
-            })
+        // A walk by `get_gt`, not one `sled::Iter`: an iterator reads each leaf page once, and
+        // sled only counts a page against its cache after 64 reads land in the page's cache
+        // shard, so a long scan kept ~16k pages resident (98 MiB at a million numbers).
+        // Looking up each key counts every read, and the cache stays within its capacity.
+        let mut last: Option<Vec<u8>> = after.map(|a| a.as_bytes().to_vec());
+        let mut done = false;
+        std::iter::from_fn(move || {
+            if done {
+                return None;
+            }
+            let next = match &last {
+                Some(key) => self.subscribers.get_gt(key),
+                None => self.subscribers.first(),
+            };
+            match next {
+                Ok(Some((k, v))) => {
+                    last = Some(k.to_vec());
+                    Some(codec::decode_subscriber(&v).map_err(anyhow::Error::from))
+                }
+                Ok(None) => {
+                    done = true;
+                    None
+                }
+                Err(e) => {
+                    done = true;
+                    Some(Err(e.into()))
+                }
+            }
+        })
     }
 
     /// A subscriber with its recent webhook replies.
