@@ -82,9 +82,9 @@ pub async fn upkeep(mut stop: tokio::sync::watch::Receiver<bool>) {
     }
 }
 
-pub fn inbound(outcome: &str) {
+pub fn inbound(outcome: &'static str) {
     let _ = handle();
-    metrics::counter!(INBOUND, "outcome" => outcome.to_string()).increment(1);
+    metrics::counter!(INBOUND, "outcome" => outcome).increment(1);
 }
 
 pub fn outbound(status: &'static str) {

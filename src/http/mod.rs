@@ -249,12 +249,15 @@ impl FromRequest<Arc<AppState>> for TwilioForm {
     type Rejection = WebhookError;
 
     async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
-        let headers = req.headers().clone();
-        let uri = req
-            .extensions()
+        // The headers move out (no copy); the rest of the request, with the body limit in its
+        // extensions, goes to the body extractor.
+        let (mut parts, body) = req.into_parts();
+        let headers = std::mem::take(&mut parts.headers);
+        let uri = parts
+            .extensions
             .get::<OriginalUri>()
-            .map_or_else(|| req.uri().clone(), |o| o.0.clone());
-        let body = Bytes::from_request(req, state)
+            .map_or_else(|| parts.uri.clone(), |o| o.0.clone());
+        let body = Bytes::from_request(Request::from_parts(parts, body), state)
             .await
             .map_err(WebhookError::Body)?;
         TwilioForm::parse(state, &headers, &uri, &body)
