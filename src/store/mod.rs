@@ -5,6 +5,7 @@
 pub mod codec;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -85,6 +86,10 @@ pub struct Store {
     history: sled::Tree,
     deliveries: sled::Tree,
     sids: sled::Tree,
+    /// Entries in `timers` and `outbox`, counted once at open and then kept by every change
+    /// (sled's `len` walks the whole tree, too slow for each `/metrics` scrape).
+    timer_n: AtomicI64,
+    outbox_n: AtomicI64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,10 +138,13 @@ impl Store {
                 v.as_ref()
             ),
         }
+        let (timers, outbox) = (tree("timers")?, tree("outbox")?);
         Ok(Store {
             subscribers: tree("subscribers")?,
-            timers: tree("timers")?,
-            outbox: tree("outbox")?,
+            timer_n: AtomicI64::new(timers.len() as i64),
+            outbox_n: AtomicI64::new(outbox.len() as i64),
+            timers,
+            outbox,
             history: tree("history")?,
             deliveries: tree("deliveries")?,
             sids: tree("sids")?,
@@ -216,18 +224,26 @@ impl Store {
     pub fn commit_prepared(&self, encoded: &[Prepared]) -> anyhow::Result<()> {
         // Everything is encoded up front: sled may run the closure more than once.
         let trees = (&self.subscribers, &self.timers, &self.outbox, &self.history);
-        trees
+        let (timer_delta, outbox_delta) = trees
             .transaction(|(subs, timers, outbox, hist)| {
+                // Counted per run: sled may run this closure again, and only the run that
+                // commits returns.
+                let (mut timer_delta, mut outbox_delta) = (0i64, 0i64);
                 for e in encoded {
                     for key in &e.remove_timers {
-                        timers.remove(key.as_slice())?;
+                        timer_delta -= i64::from(timers.remove(key.as_slice())?.is_some());
                     }
                     for (key, epoch) in &e.add_timers {
-                        timers.insert(key.as_slice(), &epoch[..])?;
+                        timer_delta +=
+                            i64::from(timers.insert(key.as_slice(), &epoch[..])?.is_none());
                     }
                     for msg in &e.outgoing {
                         let id = outbox.generate_id()?;
-                        outbox.insert(&id.to_be_bytes()[..], msg.as_slice())?;
+                        outbox_delta += i64::from(
+                            outbox
+                                .insert(&id.to_be_bytes()[..], msg.as_slice())?
+                                .is_none(),
+                        );
                     }
                     if let Some(phone) = &e.phone {
                         for h in &e.history {
@@ -239,12 +255,15 @@ impl Store {
                         subs.insert(phone.as_str().as_bytes(), value.as_slice())?;
                     }
                 }
-                Ok::<(), ConflictableTransactionError<Abort>>(())
+                Ok::<_, ConflictableTransactionError<Abort>>((timer_delta, outbox_delta))
             })
             .map_err(|e| match e {
                 TransactionError::Abort(a) => anyhow::anyhow!("commit aborted: {a}"),
                 TransactionError::Storage(s) => anyhow::anyhow!("commit failed: {s}"),
-            })
+            })?;
+        self.timer_n.fetch_add(timer_delta, Relaxed);
+        self.outbox_n.fetch_add(outbox_delta, Relaxed);
+        Ok(())
     }
 
     // ---- timers ------------------------------------------------------------
@@ -264,15 +283,18 @@ impl Store {
                 Some(t) => out.push(t),
                 None => {
                     tracing::error!("dropping a malformed timer key ({} bytes)", k.len());
-                    self.timers.remove(&k)?;
+                    if self.timers.remove(&k)?.is_some() {
+                        self.timer_n.fetch_sub(1, Relaxed);
+                    }
                 }
             }
         }
         Ok(out)
     }
 
+    /// Pending timers (kept as they change, not counted per call).
     pub fn timer_count(&self) -> usize {
-        self.timers.len()
+        self.timer_n.load(Relaxed).max(0) as usize
     }
 
     // ---- outbox ------------------------------------------------------------
@@ -286,8 +308,9 @@ impl Store {
         })
     }
 
+    /// Messages waiting in the outbox (kept as they change, not counted per call).
     pub fn outbox_len(&self) -> usize {
-        self.outbox.len()
+        self.outbox_n.load(Relaxed).max(0) as usize
     }
 
     /// Stores a retry's new state.
@@ -310,19 +333,23 @@ impl Store {
         let key = id.to_be_bytes();
         let value = codec::encode(DELIVERY_VERSION, delivery);
         let sid = delivery.provider_sid.clone();
-        (&self.outbox, &self.deliveries, &self.sids)
+        let removed = (&self.outbox, &self.deliveries, &self.sids)
             .transaction(|(outbox, deliveries, sids)| {
                 // Erased while it was being sent: leave no record of the number behind.
                 if outbox.remove(&key[..])?.is_none() {
-                    return Ok(());
+                    return Ok(false);
                 }
                 deliveries.insert(&key[..], value.as_slice())?;
                 if let Some(sid) = &sid {
                     sids.insert(sid.as_bytes(), &key[..])?;
                 }
-                Ok::<(), ConflictableTransactionError<Abort>>(())
+                Ok::<_, ConflictableTransactionError<Abort>>(true)
             })
-            .map_err(|e| anyhow::anyhow!("finishing outbox message {id}: {e:?}"))
+            .map_err(|e| anyhow::anyhow!("finishing outbox message {id}: {e:?}"))?;
+        if removed {
+            self.outbox_n.fetch_sub(1, Relaxed);
+        }
+        Ok(())
     }
 
     /// The delivery record for a provider message id.
@@ -399,14 +426,16 @@ impl Store {
             &self.deliveries,
             &self.sids,
         );
-        trees
+        let (timer_gone, outbox_gone) = trees
             .transaction(|(subs, timers, out, hist, dels, sids)| {
                 subs.remove(phone.as_str().as_bytes())?;
+                let mut timer_gone = 0i64;
                 if let Some(k) = &timer {
-                    timers.remove(k.as_slice())?;
+                    timer_gone += i64::from(timers.remove(k.as_slice())?.is_some());
                 }
+                let mut outbox_gone = 0i64;
                 for k in &outbox {
-                    out.remove(&k[..])?;
+                    outbox_gone += i64::from(out.remove(&k[..])?.is_some());
                 }
                 for k in &history {
                     hist.remove(k)?;
@@ -417,9 +446,11 @@ impl Store {
                         sids.remove(sid.as_bytes())?;
                     }
                 }
-                Ok::<(), ConflictableTransactionError<Abort>>(())
+                Ok::<_, ConflictableTransactionError<Abort>>((timer_gone, outbox_gone))
             })
             .map_err(|e| anyhow::anyhow!("erasing {}: {e:?}", phone.masked()))?;
+        self.timer_n.fetch_sub(timer_gone, Relaxed);
+        self.outbox_n.fetch_sub(outbox_gone, Relaxed);
         Ok(Some(sub))
     }
 

@@ -1,5 +1,5 @@
 //! One test binary: flow checking, the state machine, transcripts, and the daemon over its
-//! socket (webhooks, OTP API, voice menu).
+//! socket (webhooks, OTP API, voice menu), and the store's bookkeeping.
 
 mod admin;
 mod check;
@@ -7,5 +7,6 @@ mod daemon;
 mod helpers;
 mod machine;
 mod otp;
+mod store;
 mod transcripts;
 mod voice;
