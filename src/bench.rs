@@ -39,6 +39,18 @@ pub struct Figures {
     pub per_second: f64,
     pub p50: Duration,
     pub p99: Duration,
+    /// The whole process's CPU time (server and client) per request, when the OS tells it.
+    pub cpu_per_request: Option<Duration>,
+}
+
+/// CPU time this process has used so far (Linux: /proc/self/stat, in clock ticks of 10 ms).
+fn cpu_used() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
@@ -126,10 +138,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
 
     let line = |name: &str, f: &Figures| {
         format!(
-            "  {name:<28} {:>9.0} req/s   p50 {:>7.2} ms   p99 {:>7.2} ms   ({} requests, {} errors)\n",
+            "  {name:<28} {:>9.0} req/s   p50 {:>7.2} ms   p99 {:>7.2} ms   cpu {:>4} us/req   ({} requests, {} errors)\n",
             f.per_second,
             f.p50.as_secs_f64() * 1e3,
             f.p99.as_secs_f64() * 1e3,
+            f.cpu_per_request
+                .map_or("?".to_string(), |c| c.as_micros().to_string()),
             f.requests,
             f.errors
         )
@@ -193,7 +207,7 @@ async fn drive(
             })
             .collect(),
     });
-    let started = Instant::now();
+    let (started, cpu_at_start) = (Instant::now(), cpu_used());
     let mut tasks = Vec::new();
     for _ in 0..connections {
         let (client, base, bodies) = (client.clone(), base.to_string(), bodies.clone());
@@ -237,6 +251,9 @@ async fn drive(
         all.extend(t.await.unwrap_or_default());
     }
     let elapsed = started.elapsed();
+    let cpu = cpu_at_start
+        .zip(cpu_used())
+        .map(|(a, b)| b.saturating_sub(a));
     all.sort();
     let pct = |p: f64| {
         all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
@@ -249,6 +266,7 @@ async fn drive(
         per_second: all.len() as f64 / elapsed.as_secs_f64(),
         p50: pct(0.50),
         p99: pct(0.99),
+        cpu_per_request: cpu.map(|c| c / all.len().max(1) as u32),
     }
 }
 
