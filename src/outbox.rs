@@ -101,6 +101,10 @@ impl Outbox {
             return Ok(Worked::Idle(earliest));
         };
         self.deliver(id, msg).await?;
+        // Make the outcome durable before the next send, so a crash cannot make a restart
+        // send this message again (except in the instant between the provider's answer and
+        // this flush). The flush is shared with whatever the writer commits meanwhile.
+        self.engine.durable().await?;
         Ok(Worked::One)
     }
 
