@@ -1,6 +1,8 @@
 //! Durable state in sled: subscribers (each with its last few webhook replies, for
-//! exactly-once retries), timers, outbox, delivery records and history. Every event's changes go into one multi-tree transaction ([`Store::commit_many`]);
-//! the engine's writer thread makes them durable with one flush per batch (group commit).
+//! exactly-once retries), timers, outbox, delivery records, history, and an index of each
+//! number's messages (so erasing a number reads only its own). Every event's changes go into
+//! one multi-tree transaction ([`Store::commit_many`]); the engine's writer thread makes them
+//! durable with one flush per batch (group commit).
 
 pub mod codec;
 
@@ -86,6 +88,9 @@ pub struct Store {
     history: sled::Tree,
     deliveries: sled::Tree,
     sids: sled::Tree,
+    /// `phone ++ 0 ++ tag ++ id`: the outbox (`o`) and delivery (`d`) ids of each number, so
+    /// erasing a number does not scan every message ever sent.
+    by_phone: sled::Tree,
     /// Entries in `timers` and `outbox`, counted once at open and then kept by every change
     /// (sled's `len` walks the whole tree, too slow for each `/metrics` scrape).
     timer_n: AtomicI64,
@@ -139,7 +144,7 @@ impl Store {
             ),
         }
         let (timers, outbox) = (tree("timers")?, tree("outbox")?);
-        Ok(Store {
+        let store = Store {
             subscribers: tree("subscribers")?,
             timer_n: AtomicI64::new(timers.len() as i64),
             outbox_n: AtomicI64::new(outbox.len() as i64),
@@ -148,8 +153,30 @@ impl Store {
             history: tree("history")?,
             deliveries: tree("deliveries")?,
             sids: tree("sids")?,
+            by_phone: tree("by_phone")?,
             db,
-        })
+        };
+        // Data dirs from before the index: build it once.
+        if meta.get(PHONE_INDEX_BUILT)?.is_none() {
+            store.build_phone_index()?;
+            meta.insert(PHONE_INDEX_BUILT, &[1u8][..])?;
+            store.flush()?;
+        }
+        Ok(store)
+    }
+
+    fn build_phone_index(&self) -> anyhow::Result<()> {
+        for m in self.outbox() {
+            let (id, msg) = m?;
+            self.by_phone
+                .insert(phone_index_key(&msg.phone, OUTBOX_TAG, id), &[][..])?;
+        }
+        for d in self.deliveries() {
+            let (id, d) = d?;
+            self.by_phone
+                .insert(phone_index_key(&d.phone, DELIVERY_TAG, id), &[][..])?;
+        }
+        Ok(())
     }
 
     /// Writes everything committed so far to disk (fsync).
@@ -223,9 +250,15 @@ impl Store {
     /// Like [`Store::commit_many`] for commits already turned into bytes.
     pub fn commit_prepared(&self, encoded: &[Prepared]) -> anyhow::Result<()> {
         // Everything is encoded up front: sled may run the closure more than once.
-        let trees = (&self.subscribers, &self.timers, &self.outbox, &self.history);
+        let trees = (
+            &self.subscribers,
+            &self.timers,
+            &self.outbox,
+            &self.history,
+            &self.by_phone,
+        );
         let (timer_delta, outbox_delta) = trees
-            .transaction(|(subs, timers, outbox, hist)| {
+            .transaction(|(subs, timers, outbox, hist, by_phone)| {
                 // Counted per run: sled may run this closure again, and only the run that
                 // commits returns.
                 let (mut timer_delta, mut outbox_delta) = (0i64, 0i64);
@@ -239,6 +272,9 @@ impl Store {
                     }
                     for msg in &e.outgoing {
                         let id = outbox.generate_id()?;
+                        if let Some(phone) = &e.phone {
+                            by_phone.insert(phone_index_key(phone, OUTBOX_TAG, id), &[][..])?;
+                        }
                         outbox_delta += i64::from(
                             outbox
                                 .insert(&id.to_be_bytes()[..], msg.as_slice())?
@@ -333,12 +369,18 @@ impl Store {
         let key = id.to_be_bytes();
         let value = codec::encode(DELIVERY_VERSION, delivery);
         let sid = delivery.provider_sid.clone();
-        let removed = (&self.outbox, &self.deliveries, &self.sids)
-            .transaction(|(outbox, deliveries, sids)| {
+        let (queued, sent) = (
+            phone_index_key(&delivery.phone, OUTBOX_TAG, id),
+            phone_index_key(&delivery.phone, DELIVERY_TAG, id),
+        );
+        let removed = (&self.outbox, &self.deliveries, &self.sids, &self.by_phone)
+            .transaction(|(outbox, deliveries, sids, by_phone)| {
                 // Erased while it was being sent: leave no record of the number behind.
                 if outbox.remove(&key[..])?.is_none() {
                     return Ok(false);
                 }
+                by_phone.remove(queued.as_slice())?;
+                by_phone.insert(sent.as_slice(), &[][..])?;
                 deliveries.insert(&key[..], value.as_slice())?;
                 if let Some(sid) = &sid {
                     sids.insert(sid.as_bytes(), &key[..])?;
@@ -404,18 +446,19 @@ impl Store {
         };
         let history = keys(&self.history)?;
         let timer = sub.timer.map(|t| timer_key(&t, phone));
-        let mut outbox = Vec::new();
-        for m in self.outbox() {
-            let (id, msg) = m?;
-            if msg.phone == *phone {
-                outbox.push(id.to_be_bytes());
-            }
-        }
-        let mut deliveries = Vec::new();
-        for d in self.deliveries() {
-            let (id, d) = d?;
-            if d.phone == *phone {
-                deliveries.push((id.to_be_bytes(), d.provider_sid));
+        // Its messages' ids, queued or sent. One queued now may be sent before the transaction
+        // below; the transaction removes both forms of every id, so it is gone either way.
+        let mut ids: Vec<u64> = Vec::new();
+        for k in self.by_phone.scan_prefix(&prefix).keys() {
+            let k = k?;
+            let id = k
+                .len()
+                .checked_sub(8)
+                .and_then(|at| k[at..].try_into().ok())
+                .map(u64::from_be_bytes)
+                .context("phone index key")?;
+            if !ids.contains(&id) {
+                ids.push(id);
             }
         }
         let trees = (
@@ -425,26 +468,32 @@ impl Store {
             &self.history,
             &self.deliveries,
             &self.sids,
+            &self.by_phone,
         );
         let (timer_gone, outbox_gone) = trees
-            .transaction(|(subs, timers, out, hist, dels, sids)| {
+            .transaction(|(subs, timers, out, hist, dels, sids, by_phone)| {
                 subs.remove(phone.as_str().as_bytes())?;
                 let mut timer_gone = 0i64;
                 if let Some(k) = &timer {
                     timer_gone += i64::from(timers.remove(k.as_slice())?.is_some());
                 }
-                let mut outbox_gone = 0i64;
-                for k in &outbox {
-                    outbox_gone += i64::from(out.remove(&k[..])?.is_some());
-                }
                 for k in &history {
                     hist.remove(k)?;
                 }
-                for (k, sid) in &deliveries {
-                    dels.remove(&k[..])?;
-                    if let Some(sid) = sid {
-                        sids.remove(sid.as_bytes())?;
+                let mut outbox_gone = 0i64;
+                for id in &ids {
+                    let key = id.to_be_bytes();
+                    outbox_gone += i64::from(out.remove(&key[..])?.is_some());
+                    if let Some(d) = dels.remove(&key[..])? {
+                        let sid = codec::decode::<Delivery>(DELIVERY_VERSION, &d)
+                            .ok()
+                            .and_then(|d| d.provider_sid);
+                        if let Some(sid) = sid {
+                            sids.remove(sid.as_bytes())?;
+                        }
                     }
+                    by_phone.remove(phone_index_key(phone, OUTBOX_TAG, *id))?;
+                    by_phone.remove(phone_index_key(phone, DELIVERY_TAG, *id))?;
                 }
                 Ok::<_, ConflictableTransactionError<Abort>>((timer_gone, outbox_gone))
             })
@@ -568,6 +617,18 @@ fn parse_timer(k: &[u8], v: &[u8]) -> Option<DueTimer> {
         timer: Timer { at, kind, epoch },
         key: k.to_vec(),
     })
+}
+
+/// Tags of the phone index: a queued message, a sent (or failed) one.
+const OUTBOX_TAG: u8 = b'o';
+const DELIVERY_TAG: u8 = b'd';
+/// The meta key saying the phone index covers every message.
+const PHONE_INDEX_BUILT: &str = "by_phone_built";
+
+fn phone_index_key(phone: &Phone, tag: u8, id: u64) -> Vec<u8> {
+    let mut rest = vec![tag];
+    rest.extend_from_slice(&id.to_be_bytes());
+    prefixed(phone, &rest)
 }
 
 fn history_key(phone: &Phone, id: u64) -> Vec<u8> {

@@ -5,6 +5,22 @@ use smsflow::machine::{Subscriber, Timer, TimerKind};
 use smsflow::phone::Phone;
 use smsflow::store::{Commit, Delivery, Store};
 
+/// Opens a data dir that a store in this process just closed. sled lets go of its file lock
+/// only when its deferred cleanup runs, which can lag a moment behind the drop.
+fn reopen<T, E: std::fmt::Display>(mut open: impl FnMut() -> Result<T, E>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match open() {
+            Ok(opened) => return opened,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("reopen: {e}; retrying");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => panic!("reopening: {e}"),
+        }
+    }
+}
+
 fn timer(at: chrono::DateTime<Utc>) -> Timer {
     Timer {
         at,
@@ -60,8 +76,97 @@ fn timer_and_outbox_counts_follow_every_change_and_survive_a_reopen() {
         assert_eq!(store.outbox_len(), 1);
         store.flush().expect("flush");
     }
-    let store = Store::open(dir.path()).expect("reopen");
+    let store = reopen(|| Store::open(dir.path()));
     assert_eq!((store.timer_count(), store.outbox_len()), (1, 1));
     store.erase(&phone).expect("erase");
     assert_eq!((store.timer_count(), store.outbox_len()), (0, 0));
+}
+
+fn sent(phone: &Phone, sid: &str) -> Delivery {
+    Delivery {
+        phone: phone.clone(),
+        status: "sent".into(),
+        provider_sid: Some(sid.into()),
+        error_code: None,
+        error: None,
+        attempts: 1,
+        updated_at: Utc::now(),
+    }
+}
+
+/// Queues `n` messages for each number and marks the first of each sent.
+fn two_numbers_with_messages(store: &Store, a: &Phone, b: &Phone) {
+    let now = Utc::now();
+    for (p, sid) in [(a, "SMa"), (b, "SMb")] {
+        let commit = Commit {
+            subscriber: Some(Subscriber::new(p.clone(), now)),
+            outgoing: vec![("first".into(), false), ("second".into(), false)],
+            ..Commit::default()
+        };
+        store.commit_many(&[commit], now).expect("commit");
+        let (id, _) = store
+            .outbox()
+            .map(|m| m.expect("readable"))
+            .find(|(_, m)| m.phone == *p)
+            .expect("queued");
+        store.outbox_finish(id, &sent(p, sid)).expect("finish");
+    }
+}
+
+fn messages_of(store: &Store, p: &Phone) -> (usize, usize) {
+    let queued = store
+        .outbox()
+        .filter(|m| m.as_ref().is_ok_and(|(_, m)| m.phone == *p))
+        .count();
+    let sent = store
+        .deliveries()
+        .filter(|d| d.as_ref().is_ok_and(|(_, d)| d.phone == *p))
+        .count();
+    (queued, sent)
+}
+
+#[test]
+fn erasing_a_number_removes_its_queued_and_sent_messages_and_no_one_elses() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("open");
+    let (a, b) = (
+        Phone::parse("+14155550101").expect("a"),
+        Phone::parse("+14155550102").expect("b"),
+    );
+    two_numbers_with_messages(&store, &a, &b);
+    assert_eq!(messages_of(&store, &a), (1, 1));
+
+    store.erase(&a).expect("erase");
+    assert_eq!(messages_of(&store, &a), (0, 0));
+    assert!(store.delivery_by_sid("SMa").expect("lookup").is_none());
+    assert_eq!(messages_of(&store, &b), (1, 1));
+    assert!(store.delivery_by_sid("SMb").expect("lookup").is_some());
+    assert_eq!(store.outbox_len(), 1);
+}
+
+#[test]
+fn a_data_dir_from_before_the_phone_index_gets_it_built_at_open() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (a, b) = (
+        Phone::parse("+14155550101").expect("a"),
+        Phone::parse("+14155550102").expect("b"),
+    );
+    {
+        let store = Store::open(dir.path()).expect("open");
+        two_numbers_with_messages(&store, &a, &b);
+        store.flush().expect("flush");
+    }
+    {
+        // What an older smsflow left: no index and no mark that it was built.
+        let db = reopen(|| sled::open(dir.path()));
+        db.drop_tree("by_phone").expect("drop index");
+        db.open_tree("meta")
+            .and_then(|m| m.remove("by_phone_built"))
+            .expect("unmark");
+        db.flush().expect("flush");
+    }
+    let store = reopen(|| Store::open(dir.path()));
+    store.erase(&a).expect("erase");
+    assert_eq!(messages_of(&store, &a), (0, 0));
+    assert_eq!(messages_of(&store, &b), (1, 1));
 }
