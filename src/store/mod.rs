@@ -457,10 +457,10 @@ impl Store {
                 .and_then(|at| k[at..].try_into().ok())
                 .map(u64::from_be_bytes)
                 .context("phone index key")?;
-            if !ids.contains(&id) {
-                ids.push(id);
-            }
+            ids.push(id);
         }
+        ids.sort_unstable();
+        ids.dedup();
         let trees = (
             &self.subscribers,
             &self.timers,
