@@ -23,7 +23,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "HELP")]
     pub body: String,
     /// Rounds of (trivial, durable); the median ratio is reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub rounds: usize,
     /// Instead: fill a store with this many subscribers and measure `smsflow export`'s peak
     /// memory at a tenth of it and at all of it.
