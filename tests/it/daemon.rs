@@ -422,3 +422,23 @@ async fn serve_prints_its_banner_and_stops_cleanly_on_sigterm() {
         .unwrap();
     assert!(stderr.contains("stopped cleanly"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_benchmark_runs_both_routes_without_errors_and_reports_the_ratio() {
+    let report = smsflow::bench::run(smsflow::bench::BenchArgs {
+        connections: 4,
+        requests: 40,
+        flows: "flows".into(),
+        body: "HELP".into(),
+        rounds: 1,
+        export_subscribers: None,
+    })
+    .await
+    .expect("bench runs");
+    assert!(report.contains("median ratio durable/trivial:"), "{report}");
+    assert_eq!(
+        report.matches("(40 requests, 0 errors)").count(),
+        2,
+        "{report}"
+    );
+}
