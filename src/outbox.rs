@@ -127,9 +127,9 @@ impl Outbox {
         msg.attempts += 1;
         match self.provider.send(&msg.phone, &msg.body, msg.secret).await {
             Ok(accepted) => {
-                tracing::info!(phone = %msg.phone.masked(), sid = %accepted.sid, "outbox: sent");
+                tracing::info!(phone = %msg.phone.masked(), sid = ?accepted.sid, "outbox: sent");
                 crate::metrics::outbound("sent");
-                store.outbox_finish(id, &delivery(&msg, "sent", Some(accepted.sid), None, None))
+                store.outbox_finish(id, &delivery(&msg, "sent", accepted.sid, None, None))
             }
             Err(SendError::Temporary {
                 message,

@@ -16,7 +16,9 @@ pub enum Provider {
 /// A provider accepted the message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Accepted {
-    pub sid: String,
+    /// The provider's id for it; `None` when the provider accepted it but its answer could
+    /// not be read (delivery reports for it then find no record).
+    pub sid: Option<String>,
 }
 
 /// Why a send failed.
@@ -82,7 +84,7 @@ impl Console {
             println!("[console sms to {}] {}", to.masked(), body);
         }
         Accepted {
-            sid: format!("CONSOLE{n:010}"),
+            sid: Some(format!("CONSOLE{n:010}")),
         }
     }
 }
@@ -191,12 +193,10 @@ impl Twilio {
         if status.is_success() {
             // Accepted is accepted: resending would text the number twice.
             return Ok(match serde_json::from_str::<TwilioOk>(&text) {
-                Ok(ok) => Accepted { sid: ok.sid },
+                Ok(ok) => Accepted { sid: Some(ok.sid) },
                 Err(e) => {
-                    tracing::warn!("Twilio answered {status} with an unreadable body ({e}); counting it as sent");
-                    Accepted {
-                        sid: "unknown".into(),
-                    }
+                    tracing::warn!("Twilio answered {status} with an unreadable body ({e}); counting it as sent, without a message id");
+                    Accepted { sid: None }
                 }
             });
         }

@@ -163,7 +163,7 @@ pub async fn get_otp(
     };
     match sent {
         Ok(accepted) => {
-            tracing::info!(phone = %phone.masked(), sid = %accepted.sid, voice, "otp sent");
+            tracing::info!(phone = %phone.masked(), sid = ?accepted.sid, voice, "otp sent");
             Ok(success())
         }
         Err(e) => {

@@ -442,3 +442,37 @@ async fn the_benchmark_runs_both_routes_without_errors_and_reports_the_ratio() {
         "{report}"
     );
 }
+
+/// A Twilio that accepts every message with a body that is not JSON.
+async fn twilio_answering_garbage() -> String {
+    let app = axum::Router::new()
+        .fallback(|| async { (axum::http::StatusCode::CREATED, "<html>proxy page</html>") });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    base
+}
+
+#[tokio::test]
+async fn a_send_twilio_accepts_with_an_unreadable_answer_counts_as_sent_without_an_id() {
+    use smsflow::config::{Secret, Sender, TwilioConfig};
+    use smsflow::provider::{Provider, Twilio};
+    let twilio = Twilio::new(
+        TwilioConfig {
+            account_sid: "AC123".into(),
+            auth_token: Secret::new("token"),
+            sender: Sender::From("+15005550006".into()),
+            api_base: twilio_answering_garbage().await,
+        },
+        None,
+    )
+    .expect("client");
+    let to = smsflow::phone::Phone::parse("+14155550101").expect("phone");
+    let accepted = Provider::Twilio(twilio)
+        .send(&to, "hello", false)
+        .await
+        .expect("accepted");
+    assert_eq!(accepted.sid, None);
+}
