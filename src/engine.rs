@@ -399,6 +399,32 @@ impl Writer {
         }
         Some(committed)
     }
+
+    /// One flush for the committed batch, then the answers and the wake-ups.
+    fn finish(&self, batch: Option<Committed>) {
+        let Some(b) = batch else { return };
+        let flushed = self.store.flush().map_err(|e| format!("{e:#}"));
+        if flushed.is_ok() {
+            if b.timers {
+                self.timers_changed.notify_one();
+            }
+            if b.outbox {
+                self.outbox_changed.notify_one();
+            }
+        }
+        for (done, applied) in b.answers {
+            let _ = done.send(match &flushed {
+                Ok(()) => Ok(applied),
+                Err(e) => Err(anyhow::anyhow!("making the event durable: {e}")),
+            });
+        }
+        for done in b.flush_only {
+            let _ = done.send(match &flushed {
+                Ok(()) => Ok(duplicate(String::new())),
+                Err(e) => Err(anyhow::anyhow!("flushing: {e}")),
+            });
+        }
+    }
 }
 
 /// Live subscriber counts per state, kept by the writer (counted once at start).
@@ -425,34 +451,6 @@ impl StateCounts {
 
     fn get(&self) -> [i64; 5] {
         std::array::from_fn(|i| self.0[i].load(std::sync::atomic::Ordering::Relaxed))
-    }
-}
-
-impl Writer {
-    /// One flush for the committed batch, then the answers and the wake-ups.
-    fn finish(&self, batch: Option<Committed>) {
-        let Some(b) = batch else { return };
-        let flushed = self.store.flush().map_err(|e| format!("{e:#}"));
-        if flushed.is_ok() {
-            if b.timers {
-                self.timers_changed.notify_one();
-            }
-            if b.outbox {
-                self.outbox_changed.notify_one();
-            }
-        }
-        for (done, applied) in b.answers {
-            let _ = done.send(match &flushed {
-                Ok(()) => Ok(applied),
-                Err(e) => Err(anyhow::anyhow!("making the event durable: {e}")),
-            });
-        }
-        for done in b.flush_only {
-            let _ = done.send(match &flushed {
-                Ok(()) => Ok(duplicate(String::new())),
-                Err(e) => Err(anyhow::anyhow!("flushing: {e}")),
-            });
-        }
     }
 }
 
