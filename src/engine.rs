@@ -36,7 +36,6 @@ pub struct Engine {
     pub outbox_changed: Arc<Notify>,
     writer: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
-    counts: Arc<StateCounts>,
 }
 
 /// What an event did.
@@ -88,18 +87,8 @@ impl Engine {
         let timers_changed = Arc::new(Notify::new());
         let outbox_changed = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel();
-        let counts = Arc::new(StateCounts::default());
-        match store.count_states() {
-            Ok(c) => {
-                for (i, n) in c.iter().enumerate() {
-                    counts.0[i].store(*n as i64, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
-            Err(e) => tracing::error!("counting subscribers failed: {e:#}"),
-        }
         let writer = Writer {
             store: store.clone(),
-            counts: counts.clone(),
             flows: flows.clone(),
             timers_changed: timers_changed.clone(),
             outbox_changed: outbox_changed.clone(),
@@ -116,7 +105,6 @@ impl Engine {
             outbox_changed,
             writer: Some(tx),
             thread,
-            counts,
         }
     }
 
@@ -188,7 +176,7 @@ impl Engine {
 
     /// Subscribers per state, in [`crate::machine::State::NAMES`] order.
     pub fn state_counts(&self) -> [i64; 5] {
-        self.counts.get()
+        self.store.state_counts()
     }
 
     /// Fires every timer due now (at most `limit`); returns how many fired.
@@ -231,7 +219,6 @@ impl Drop for Engine {
 
 struct Writer {
     store: Arc<Store>,
-    counts: Arc<StateCounts>,
     flows: Arc<ArcSwap<Flows>>,
     timers_changed: Arc<Notify>,
     outbox_changed: Arc<Notify>,
@@ -268,9 +255,6 @@ impl Writer {
     fn erase(&self, phone: &Phone) -> anyhow::Result<bool> {
         let gone = self.store.erase(phone)?;
         self.store.flush()?;
-        if let Some(s) = &gone {
-            self.counts.moved(Some(&s.state), None);
-        }
         Ok(gone.is_some())
     }
 
@@ -285,7 +269,6 @@ impl Writer {
         // Within a batch, later events see earlier ones' results.
         let mut latest: HashMap<Phone, (Subscriber, Vec<Replied>)> = HashMap::new();
         let mut prepared = Vec::new();
-        let mut transitions = Vec::new();
         let mut committed = Committed {
             answers: Vec::new(),
             flush_only: Vec::new(),
@@ -340,7 +323,6 @@ impl Writer {
                 }
                 continue;
             }
-            let before = (!is_new).then(|| sub.state.clone());
             // A bug in a rule must cost one request, not the writer thread.
             let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 machine::step(sub, &event, &flows, now, &mut rng)
@@ -362,7 +344,6 @@ impl Writer {
                     .push((done, to_commit(t, None, None, inline, now).1));
                 continue;
             }
-            transitions.push((before, t.subscriber.state.clone()));
             let (mut commit, applied) = to_commit(t, sid.as_deref(), fired, inline, now);
             if let (Some(sid), Some(twiml)) = (sid, &applied.twiml) {
                 replies.push(Replied {
@@ -383,7 +364,6 @@ impl Writer {
         }
         if !prepared.is_empty() {
             if let Err(e) = self.store.commit_prepared(&prepared) {
-                transitions.clear();
                 let msg = format!("{e:#}");
                 for (done, _) in committed.answers {
                     let _ = done.send(Err(anyhow::anyhow!("committing the event: {msg}")));
@@ -393,9 +373,6 @@ impl Writer {
                     return None;
                 }
             }
-        }
-        for (before, after) in &transitions {
-            self.counts.moved(before.as_ref(), Some(after));
         }
         Some(committed)
     }
@@ -424,33 +401,6 @@ impl Writer {
                 Err(e) => Err(anyhow::anyhow!("flushing: {e}")),
             });
         }
-    }
-}
-
-/// Live subscriber counts per state, kept by the writer (counted once at start).
-#[derive(Default)]
-pub struct StateCounts([std::sync::atomic::AtomicI64; 5]);
-
-impl StateCounts {
-    fn index(s: &crate::machine::State) -> usize {
-        crate::machine::State::NAMES
-            .iter()
-            .position(|n| *n == s.name())
-            .unwrap_or(0)
-    }
-
-    fn moved(&self, from: Option<&crate::machine::State>, to: Option<&crate::machine::State>) {
-        use std::sync::atomic::Ordering::Relaxed;
-        if let Some(f) = from {
-            self.0[Self::index(f)].fetch_sub(1, Relaxed);
-        }
-        if let Some(t) = to {
-            self.0[Self::index(t)].fetch_add(1, Relaxed);
-        }
-    }
-
-    fn get(&self) -> [i64; 5] {
-        std::array::from_fn(|i| self.0[i].load(std::sync::atomic::Ordering::Relaxed))
     }
 }
 

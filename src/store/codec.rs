@@ -2,7 +2,7 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::machine::Subscriber;
+use crate::machine::{State, Subscriber};
 
 /// The version written today. Bump it (and add a migration arm) whenever a stored type changes:
 /// bincode is not self-describing, so an old record must never be read as a new one.
@@ -48,6 +48,15 @@ pub fn decode_record(bytes: &[u8]) -> Result<(Subscriber, Vec<Replied>), CodecEr
     }
 }
 
+/// The state of a stored record, read without decoding the rest (every version so far starts
+/// with the subscriber, whose first fields are its phone and its state).
+pub fn state_of_record(bytes: &[u8]) -> Result<State, CodecError> {
+    match split(bytes)? {
+        (1 | 2, body) => Ok(bincode::deserialize::<(String, State)>(body)?.1),
+        (v, _) => Err(CodecError::UnknownVersion(v)),
+    }
+}
+
 pub fn decode_subscriber(bytes: &[u8]) -> Result<Subscriber, CodecError> {
     decode_record(bytes).map(|(s, _)| s)
 }
@@ -80,7 +89,7 @@ fn split(bytes: &[u8]) -> Result<(u8, &[u8]), CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::machine::{FormCursor, IssuedCode, State, Timer, TimerKind};
+    use crate::machine::{FormCursor, IssuedCode, Timer, TimerKind};
     use crate::phone::Phone;
 
     #[test]
@@ -111,6 +120,39 @@ mod tests {
         let bytes = encode_subscriber(&s);
         assert_eq!(bytes[0], SUBSCRIBER_VERSION);
         assert_eq!(decode_subscriber(&bytes).unwrap(), s);
+    }
+
+    #[test]
+    fn the_state_read_alone_is_the_state_of_the_whole_record_in_every_version() {
+        let now = "2026-01-05T15:00:00Z".parse().unwrap();
+        let mut s = Subscriber::new(Phone::parse("+14155550100").unwrap(), now);
+        s.fields.insert("first_name".into(), "Ann".into());
+        for state in [
+            State::Unverified,
+            State::AwaitingCode,
+            State::Verified,
+            State::InSequence {
+                name: "gentle".into(),
+                step: 2,
+                waiting: true,
+            },
+            State::OptedOut,
+        ] {
+            s.state = state.clone();
+            let replies = [Replied {
+                sid: "SM1".into(),
+                twiml: "<Response/>".into(),
+            }];
+            assert_eq!(
+                state_of_record(&encode_record(&s, &replies)).unwrap(),
+                state
+            );
+            assert_eq!(state_of_record(&encode(1, &s)).unwrap(), state);
+        }
+        assert!(matches!(
+            state_of_record(&[9, 0]),
+            Err(CodecError::UnknownVersion(9))
+        ));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-use crate::machine::{Record, Subscriber, Timer, TimerKind};
+use crate::machine::{Record, State, Subscriber, Timer, TimerKind};
 use crate::phone::Phone;
 
 /// Version bytes of the other stored values (see [`codec`]).
@@ -95,6 +95,11 @@ pub struct Store {
     /// (sled's `len` walks the whole tree, too slow for each `/metrics` scrape).
     timer_n: AtomicI64,
     outbox_n: AtomicI64,
+    /// Subscribers per state, in [`State::NAMES`] order. Kept on disk (meta key
+    /// `state_counts`) by the same transactions that change subscribers, so a restart reads
+    /// them instead of scanning every record.
+    state_n: [AtomicI64; 5],
+    meta: sled::Tree,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +149,7 @@ impl Store {
             ),
         }
         let (timers, outbox) = (tree("timers")?, tree("outbox")?);
+        let stored_counts = meta.get(STATE_COUNTS)?.and_then(|v| decode_counts(&v));
         let store = Store {
             subscribers: tree("subscribers")?,
             timer_n: AtomicI64::new(timers.len() as i64),
@@ -154,15 +160,39 @@ impl Store {
             deliveries: tree("deliveries")?,
             sids: tree("sids")?,
             by_phone: tree("by_phone")?,
+            state_n: std::array::from_fn(|i| AtomicI64::new(stored_counts.map_or(0, |c| c[i]))),
+            meta,
             db,
         };
+        let meta = &store.meta;
         // Data dirs from before the index: build it once.
         if meta.get(PHONE_INDEX_BUILT)?.is_none() {
             store.build_phone_index()?;
             meta.insert(PHONE_INDEX_BUILT, &[1u8][..])?;
             store.flush()?;
         }
+        // Data dirs from before the kept counts: count once.
+        if stored_counts.is_none() {
+            let counts = store.count_states()?.map(|n| n as i64);
+            for (kept, n) in store.state_n.iter().zip(counts) {
+                kept.store(n, Relaxed);
+            }
+            meta.insert(STATE_COUNTS, &encode_counts(&counts)[..])?;
+            store.flush()?;
+        }
         Ok(store)
+    }
+
+    /// Subscribers per state, in [`State::NAMES`] order.
+    pub fn state_counts(&self) -> [i64; 5] {
+        std::array::from_fn(|i| self.state_n[i].load(Relaxed))
+    }
+
+    /// Adds a committed transaction's changes to the live counts.
+    fn counted(&self, delta: &[i64; 5]) {
+        for (kept, d) in self.state_n.iter().zip(delta) {
+            kept.fetch_add(*d, Relaxed);
+        }
     }
 
     fn build_phone_index(&self) -> anyhow::Result<()> {
@@ -256,12 +286,14 @@ impl Store {
             &self.outbox,
             &self.history,
             &self.by_phone,
+            &self.meta,
         );
-        let (timer_delta, outbox_delta) = trees
-            .transaction(|(subs, timers, outbox, hist, by_phone)| {
+        let (timer_delta, outbox_delta, state_delta) = trees
+            .transaction(|(subs, timers, outbox, hist, by_phone, meta)| {
                 // Counted per run: sled may run this closure again, and only the run that
                 // commits returns.
                 let (mut timer_delta, mut outbox_delta) = (0i64, 0i64);
+                let mut state_delta = [0i64; 5];
                 for e in encoded {
                     for key in &e.remove_timers {
                         timer_delta -= i64::from(timers.remove(key.as_slice())?.is_some());
@@ -287,11 +319,20 @@ impl Store {
                             hist.insert(history_key(phone, id), h.as_slice())?;
                         }
                     }
-                    if let (Some(phone), Some(value)) = (&e.phone, &e.subscriber) {
-                        subs.insert(phone.as_str().as_bytes(), value.as_slice())?;
+                    if let (Some(phone), Some((value, state))) = (&e.phone, &e.subscriber) {
+                        let old = subs.insert(phone.as_str().as_bytes(), value.as_slice())?;
+                        state_delta[*state] += 1;
+                        if let Some(was) = old.and_then(|o| codec::state_of_record(&o).ok()) {
+                            state_delta[state_index(&was)] -= 1;
+                        }
                     }
                 }
-                Ok::<_, ConflictableTransactionError<Abort>>((timer_delta, outbox_delta))
+                keep_counts(meta, &state_delta)?;
+                Ok::<_, ConflictableTransactionError<Abort>>((
+                    timer_delta,
+                    outbox_delta,
+                    state_delta,
+                ))
             })
             .map_err(|e| match e {
                 TransactionError::Abort(a) => anyhow::anyhow!("commit aborted: {a}"),
@@ -299,6 +340,7 @@ impl Store {
             })?;
         self.timer_n.fetch_add(timer_delta, Relaxed);
         self.outbox_n.fetch_add(outbox_delta, Relaxed);
+        self.counted(&state_delta);
         Ok(())
     }
 
@@ -423,7 +465,8 @@ impl Store {
 
     // ---- operators -----------------------------------------------------------
 
-    /// Subscribers per state, in [`crate::machine::State::NAMES`] order (a full scan).
+    /// Subscribers per state, in [`State::NAMES`] order, counted by reading every record
+    /// ([`Store::state_counts`] is the kept figure).
     pub fn count_states(&self) -> anyhow::Result<[u64; 5]> {
         let mut counts = [0u64; 5];
         for s in self.subscribers_after(None) {
@@ -469,10 +512,16 @@ impl Store {
             &self.deliveries,
             &self.sids,
             &self.by_phone,
+            &self.meta,
         );
-        let (timer_gone, outbox_gone) = trees
-            .transaction(|(subs, timers, out, hist, dels, sids, by_phone)| {
-                subs.remove(phone.as_str().as_bytes())?;
+        let (timer_gone, outbox_gone, state_delta) = trees
+            .transaction(|(subs, timers, out, hist, dels, sids, by_phone, meta)| {
+                let mut state_delta = [0i64; 5];
+                let old = subs.remove(phone.as_str().as_bytes())?;
+                if let Some(was) = old.and_then(|o| codec::state_of_record(&o).ok()) {
+                    state_delta[state_index(&was)] -= 1;
+                }
+                keep_counts(meta, &state_delta)?;
                 let mut timer_gone = 0i64;
                 if let Some(k) = &timer {
                     timer_gone += i64::from(timers.remove(k.as_slice())?.is_some());
@@ -495,11 +544,12 @@ impl Store {
                     by_phone.remove(phone_index_key(phone, OUTBOX_TAG, *id))?;
                     by_phone.remove(phone_index_key(phone, DELIVERY_TAG, *id))?;
                 }
-                Ok::<_, ConflictableTransactionError<Abort>>((timer_gone, outbox_gone))
+                Ok::<_, ConflictableTransactionError<Abort>>((timer_gone, outbox_gone, state_delta))
             })
             .map_err(|e| anyhow::anyhow!("erasing {}: {e:?}", phone.masked()))?;
         self.timer_n.fetch_sub(timer_gone, Relaxed);
         self.outbox_n.fetch_sub(outbox_gone, Relaxed);
+        self.counted(&state_delta);
         Ok(Some(sub))
     }
 
@@ -522,7 +572,8 @@ impl Store {
 /// A [`Commit`] turned into keys and bytes, ready for [`Store::commit_prepared`].
 pub struct Prepared {
     phone: Option<Phone>,
-    subscriber: Option<Vec<u8>>,
+    /// The record and its state's index (for the kept counts).
+    subscriber: Option<(Vec<u8>, usize)>,
     remove_timers: Vec<Vec<u8>>,
     add_timers: Vec<(Vec<u8>, [u8; 8])>,
     outgoing: Vec<Vec<u8>>,
@@ -568,7 +619,7 @@ impl Prepared {
             subscriber: c
                 .subscriber
                 .as_ref()
-                .map(|s| codec::encode_record(s, &c.replies)),
+                .map(|s| (codec::encode_record(s, &c.replies), state_index(&s.state))),
             remove_timers,
             add_timers: keys(&c.schedule),
             outgoing,
@@ -622,6 +673,43 @@ fn parse_timer(k: &[u8], v: &[u8]) -> Option<DueTimer> {
 /// Tags of the phone index: a queued message, a sent (or failed) one.
 const OUTBOX_TAG: u8 = b'o';
 const DELIVERY_TAG: u8 = b'd';
+/// The meta key holding the subscriber counts per state (5 big-endian i64).
+const STATE_COUNTS: &str = "state_counts";
+
+fn encode_counts(c: &[i64; 5]) -> Vec<u8> {
+    c.iter().flat_map(|n| n.to_be_bytes()).collect()
+}
+
+fn decode_counts(bytes: &[u8]) -> Option<[i64; 5]> {
+    if bytes.len() != 40 {
+        return None;
+    }
+    let mut out = [0i64; 5];
+    for (n, chunk) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+        *n = i64::from_be_bytes(chunk.try_into().ok()?);
+    }
+    Some(out)
+}
+
+/// Adds a transaction's count changes to the stored counts, inside that transaction.
+fn keep_counts(
+    meta: &sled::transaction::TransactionalTree,
+    delta: &[i64; 5],
+) -> Result<(), ConflictableTransactionError<Abort>> {
+    if delta.iter().all(|d| *d == 0) {
+        return Ok(());
+    }
+    let mut counts = meta
+        .get(STATE_COUNTS)?
+        .and_then(|v| decode_counts(&v))
+        .unwrap_or_default();
+    for (n, d) in counts.iter_mut().zip(delta) {
+        *n += d;
+    }
+    meta.insert(STATE_COUNTS, encode_counts(&counts))?;
+    Ok(())
+}
+
 /// The meta key saying the phone index covers every message.
 const PHONE_INDEX_BUILT: &str = "by_phone_built";
 
@@ -643,8 +731,8 @@ fn prefixed(phone: &Phone, rest: &[u8]) -> Vec<u8> {
     k
 }
 
-fn state_index(s: &crate::machine::State) -> usize {
-    crate::machine::State::NAMES
+fn state_index(s: &State) -> usize {
+    State::NAMES
         .iter()
         .position(|n| *n == s.name())
         .unwrap_or(0)

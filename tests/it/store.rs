@@ -1,7 +1,7 @@
 //! The store's own bookkeeping, below the daemon.
 
 use chrono::{Duration, Utc};
-use smsflow::machine::{Subscriber, Timer, TimerKind};
+use smsflow::machine::{State, Subscriber, Timer, TimerKind};
 use smsflow::phone::Phone;
 use smsflow::store::{Commit, Delivery, Store};
 
@@ -169,4 +169,90 @@ fn a_data_dir_from_before_the_phone_index_gets_it_built_at_open() {
     store.erase(&a).expect("erase");
     assert_eq!(messages_of(&store, &a), (0, 0));
     assert_eq!(messages_of(&store, &b), (1, 1));
+}
+
+fn in_state(phone: &str, state: State) -> Commit {
+    let mut s = Subscriber::new(Phone::parse(phone).expect("phone"), Utc::now());
+    s.state = state;
+    Commit {
+        subscriber: Some(s),
+        ..Commit::default()
+    }
+}
+
+/// The kept counts next to a count made by reading every record.
+fn counts_of(store: &Store) -> ([i64; 5], [i64; 5]) {
+    let scanned = store.count_states().expect("scan").map(|n| n as i64);
+    (store.state_counts(), scanned)
+}
+
+#[test]
+fn subscriber_counts_per_state_follow_every_change_and_survive_a_reopen() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let now = Utc::now();
+    {
+        let store = Store::open(dir.path()).expect("open");
+        store
+            .commit_many(
+                &[
+                    in_state("+14155550101", State::Unverified),
+                    in_state("+14155550102", State::Verified),
+                    in_state("+14155550103", State::OptedOut),
+                ],
+                now,
+            )
+            .expect("commit");
+        assert_eq!(counts_of(&store), ([1, 0, 1, 0, 1], [1, 0, 1, 0, 1]));
+
+        // A number moving on is counted once, in its new state, even twice in one batch.
+        let moved = |step| {
+            in_state(
+                "+14155550102",
+                State::InSequence {
+                    name: "gentle".into(),
+                    step,
+                    waiting: false,
+                },
+            )
+        };
+        store
+            .commit_many(&[moved(0), moved(1)], now)
+            .expect("commit");
+        store
+            .erase(&Phone::parse("+14155550103").expect("phone"))
+            .expect("erase");
+        assert_eq!(counts_of(&store), ([1, 0, 0, 1, 0], [1, 0, 0, 1, 0]));
+        store.flush().expect("flush");
+    }
+    let store = reopen(|| Store::open(dir.path()));
+    assert_eq!(store.state_counts(), [1, 0, 0, 1, 0]);
+}
+
+#[test]
+fn a_data_dir_from_before_the_kept_counts_is_counted_once_at_open() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let store = Store::open(dir.path()).expect("open");
+        store
+            .commit_many(
+                &[
+                    in_state("+14155550101", State::Verified),
+                    in_state("+14155550102", State::Verified),
+                    in_state("+14155550103", State::AwaitingCode),
+                ],
+                Utc::now(),
+            )
+            .expect("commit");
+        store.flush().expect("flush");
+    }
+    {
+        // What an older smsflow left: no counts in meta.
+        let db = reopen(|| sled::open(dir.path()));
+        db.open_tree("meta")
+            .and_then(|m| m.remove("state_counts"))
+            .expect("remove counts");
+        db.flush().expect("flush");
+    }
+    let store = reopen(|| Store::open(dir.path()));
+    assert_eq!(counts_of(&store), ([0, 1, 2, 0, 0], [0, 1, 2, 0, 0]));
 }
