@@ -31,7 +31,7 @@ pub enum SendError {
         retry_after: Option<Duration>,
     },
     /// Retrying will not help (a 4xx with Twilio's error code).
-    #[error("refused: {message} (error {code:?})")]
+    #[error("refused: {message}{}", code.map(|c| format!(" (Twilio error {c})")).unwrap_or_default())]
     Permanent { code: Option<u32>, message: String },
 }
 

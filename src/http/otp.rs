@@ -14,6 +14,7 @@ use super::AppState;
 use crate::engine::{Applied, Input};
 use crate::machine::{Event, Outcome};
 use crate::phone::Phone;
+use crate::provider::SendError;
 
 /// Success is exactly this body.
 const SUCCESS: &str = r#"{"message":"success","exit_code":0}"#;
@@ -164,12 +165,24 @@ pub async fn get_otp(
     match sent {
         Ok(accepted) => {
             tracing::info!(phone = %phone.masked(), sid = ?accepted.sid, voice, "otp sent");
+            crate::metrics::outbound("sent");
             Ok(success())
         }
         Err(e) => {
             // The code never reached anyone: withdraw it so it cannot be used.
             apply(&state, &phone, Event::CodeUndeliverable(code)).await?;
             tracing::warn!(phone = %phone.masked(), "otp not sent: {}", crate::outbox::redact(&e.to_string()));
+            crate::metrics::outbound("failed");
+            // Twilio says the number unsubscribed (it texted STOP to the carrier): the same
+            // opt-out as when the outbox or a delivery report hears it.
+            if let SendError::Permanent {
+                code: Some(crate::outbox::UNSUBSCRIBED),
+                ..
+            } = e
+            {
+                apply(&state, &phone, Event::ProviderUnsubscribed).await?;
+                return Err(opted_out());
+            }
             Err(OtpError::Provider(format!(
                 "the message provider ({}) did not send the code: {e}",
                 state.provider.name()

@@ -526,7 +526,12 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 retry_at: oldest.checked_add_signed(v.send_window).unwrap_or(self.now),
             };
             self.record(Record::CodeRateLimited);
-            self.say_t(&self.flows.verify.rate_limited);
+            // A texter is told in the reply to their own text. An API caller or a voice
+            // caller hears it from the outcome: texting the number for each refused request
+            // would let anyone who can call the API make smsflow text any number, unlimited.
+            if self.reply {
+                self.say_t(&self.flows.verify.rate_limited);
+            }
             return;
         }
         let code: String = (0..v.code_length)

@@ -128,6 +128,15 @@ async fn too_many_codes_requested_is_exit_3_with_retry_after() {
     assert_failure(&got, 429, 3, "too many codes");
     let retry: u64 = got.1.expect("Retry-After").parse().unwrap();
     assert!((1..=3600).contains(&retry));
+
+    // Refused requests text nobody: the API caller has its answer, and a text per refusal
+    // would let anyone make smsflow message any number without limit.
+    for _ in 0..3 {
+        let again = app.otp("get_otp", json!({ "phone": PHONE }), None).await;
+        assert_failure(&again, 429, 3, "too many codes");
+    }
+    quiet_for(Duration::from_millis(1500)).await;
+    assert_eq!(app.twilio.all_requests().len(), 5);
 }
 
 #[tokio::test]
@@ -352,4 +361,17 @@ async fn validating_for_a_number_never_seen_stores_nothing() {
     let got = validate(&app, "123456").await;
     assert_failure(&got, 403, 1, "invalid");
     assert_eq!(app.state_of(PHONE), None);
+}
+
+#[tokio::test]
+async fn a_code_twilio_refuses_with_21610_opts_the_number_out() {
+    let app = TestApp::spawn(FLOWS).await;
+    // The number texted STOP to the carrier: Twilio refuses to message it.
+    app.twilio.unsubscribe(PHONE);
+    let got = app.otp("get_otp", json!({ "phone": PHONE }), None).await;
+    assert_failure(&got, 403, 1, "opted out");
+    assert_eq!(app.state_of(PHONE).as_deref(), Some("opted_out"));
+    // And the code that never went out is not accepted.
+    let again = app.otp("get_otp", json!({ "phone": PHONE }), None).await;
+    assert_failure(&again, 403, 1, "opted out");
 }
