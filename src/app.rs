@@ -50,12 +50,14 @@ pub struct Application {
 impl Application {
     /// Loads flows (every problem listed on failure), opens the store, binds the socket.
     pub async fn build(config: Config, options: Options) -> anyhow::Result<Application> {
+        // The problems stay a typed error, so `serve` can exit with the flows' exit code.
         let flows = flows::load_dir(&config.flows_dir).map_err(|p| {
-            anyhow::anyhow!(
-                "the flows in {} have {} problem(s):\n{p}",
+            let context = format!(
+                "the flows in {} have {} problem(s)",
                 config.flows_dir.display(),
                 p.0.len()
-            )
+            );
+            anyhow::Error::new(p).context(context)
         })?;
         // The first E.164 parse loads metadata (~100 ms): do it now, not on a webhook.
         let _ = crate::phone::Phone::parse("+14155550100");

@@ -430,10 +430,17 @@ pub fn serve(args: &ServeArgs) -> ExitCode {
         let app = match crate::app::Application::build(config, crate::app::Options::default()).await
         {
             Ok(a) => a,
-            Err(e) => {
-                eprintln!("smsflow: {e:#}");
-                return ExitCode::from(EXIT_RUNTIME);
-            }
+            // Flows that fail `check` are the operator's input, like `check` itself: exit 1.
+            Err(e) => match e.downcast_ref::<flows::Problems>() {
+                Some(problems) => {
+                    eprintln!("smsflow: {e}:\n{problems}");
+                    return ExitCode::from(EXIT_PROBLEMS);
+                }
+                None => {
+                    eprintln!("smsflow: {e:#}");
+                    return ExitCode::from(EXIT_RUNTIME);
+                }
+            },
         };
         print!("{}", app.banner());
         match app.run_until_stopped(shutdown_signal()).await {
@@ -511,7 +518,8 @@ pub fn export(data: &Path, flows_dir: &Path, out: Option<&Path>, one_hot: bool) 
             if e.downcast_ref::<crate::store::DataDirInUse>().is_some() {
                 eprintln!(
                     "smsflow export: {e}.\nThe running daemon holds it: download the dataset from it instead:\n  \
-                     curl -H \"Authorization: Bearer $SMSFLOW_ADMIN_TOKEN\" http://127.0.0.1:8080/admin/export.csv{}",
+                     curl -H \"Authorization: Bearer $SMSFLOW_ADMIN_TOKEN\" '{}/admin/export.csv{}'",
+                    daemon_url(),
                     if one_hot { "?one_hot=1" } else { "" }
                 );
             } else {
@@ -544,6 +552,24 @@ pub fn export(data: &Path, flows_dir: &Path, out: Option<&Path>, one_hot: bool) 
             eprintln!("smsflow export: {e:#}");
             ExitCode::from(EXIT_RUNTIME)
         }
+    }
+}
+
+/// Where a daemon started here answers locally, as `smsflow.toml` and the environment say.
+fn daemon_url() -> String {
+    use crate::config::Layer;
+    let listen = Layer::from_file(Path::new("smsflow.toml"), false)
+        .map(|file| Layer::from_env(|k| std::env::var(k).ok()).over(file))
+        .and_then(Layer::resolve)
+        .map(|c| c.listen);
+    match listen {
+        Ok(mut addr) => {
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{addr}")
+        }
+        Err(_) => "http://<the daemon's listen address>".to_string(),
     }
 }
 

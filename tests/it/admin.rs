@@ -258,13 +258,16 @@ async fn the_export_has_a_row_per_phone_with_category_columns() {
         .arg(&data)
         .arg("--flows")
         .arg(&flows)
+        // Where this daemon listens, as an operator's environment would say.
+        .env("SMSFLOW_LISTEN", app.base.trim_start_matches("http://"))
         .output()
         .unwrap();
     assert!(!held.status.success());
     let said = String::from_utf8_lossy(&held.stderr);
+    assert!(said.contains("in use"), "{said}");
     assert!(
-        said.contains("in use") && said.contains("/admin/export.csv"),
-        "{said}"
+        said.contains(&format!("'{}/admin/export.csv'", app.base)),
+        "names this daemon's endpoint: {said}"
     );
 
     // ...and exports the same dataset, with --one-hot, once it is stopped.

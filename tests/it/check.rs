@@ -164,3 +164,24 @@ fn the_flow_sample_in_the_readme_passes_check() {
         panic!("README sample fails check:\n{p}");
     }
 }
+
+#[test]
+fn serve_with_broken_flows_lists_every_problem_and_exits_1_like_check() {
+    let (flows, data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    write(flows.path(), "c_broken.toml", BROKEN);
+    let out = smsflow()
+        .arg("serve")
+        .env("SMSFLOW_FLOWS", flows.path())
+        .env("SMSFLOW_DATA", data.path())
+        .env("SMSFLOW_LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("problem(s)"), "{stderr}");
+    assert!(stderr.contains("c_broken.toml:3:"), "{stderr}");
+    assert!(
+        stderr.contains("c_broken.toml:32:20: bad duration"),
+        "{stderr}"
+    );
+}
