@@ -26,6 +26,14 @@ pub enum Turn {
     End(Vec<Speech>),
 }
 
+/// A call from a withheld number (Twilio sends `anonymous`, `restricted`, …): every action
+/// works by number, so say why and hang up.
+pub fn hidden_caller(flows: &Flows) -> Turn {
+    Turn::End(vec![Speech::Say(
+        flows.render_plain(&flows.ivr.hidden_caller),
+    )])
+}
+
 /// A call comes in: the start menu.
 pub fn call_starts(flows: &Flows) -> Turn {
     match flows.ivr.menus.get(&flows.ivr.start) {

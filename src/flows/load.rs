@@ -12,6 +12,10 @@ use toml::Spanned;
 use super::*;
 use crate::machine::normalize;
 
+/// `ivr.hidden_caller` when a flow set does not say it.
+const HIDDEN_CALLER: &str =
+    "Sorry, this line needs your caller ID. Please call again without hiding your number.";
+
 /// One located problem in a flow set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
@@ -234,6 +238,7 @@ struct RawIvr {
     goodbye: Text,
     read_code: Text,
     texted: Text,
+    hidden_caller: Text,
     #[serde(default)]
     menu: BTreeMap<String, S<RawMenu>>,
 }
@@ -1066,6 +1071,7 @@ impl Cx {
                 goodbye: fixed("Goodbye."),
                 read_code: fixed("Your {bot.name} code is {code}."),
                 texted: fixed("We've sent you a text message with a code."),
+                hidden_caller: fixed(HIDDEN_CALLER),
                 menus: BTreeMap::new(),
             };
         };
@@ -1093,6 +1099,13 @@ impl Cx {
             r.texted,
             "ivr.texted",
             "We've sent you a text message with a code.",
+            plain,
+        );
+        let hidden_caller = self.text(
+            f,
+            r.hidden_caller,
+            "ivr.hidden_caller",
+            HIDDEN_CALLER,
             plain,
         );
         let start_span = r.start.as_ref().map(|s| s.span());
@@ -1201,6 +1214,7 @@ impl Cx {
             goodbye,
             read_code,
             texted,
+            hidden_caller,
             menus,
         }
     }

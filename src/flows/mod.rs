@@ -199,6 +199,8 @@ pub struct Ivr {
     pub read_code: Template,
     /// Spoken after `opt_in` texted the caller a code.
     pub texted: Template,
+    /// Spoken to a caller whose number is withheld (nothing can be done for them by number).
+    pub hidden_caller: Template,
     pub menus: BTreeMap<String, Menu>,
 }
 

@@ -17,9 +17,18 @@ pub async fn call(
     State(state): State<Arc<AppState>>,
     form: TwilioForm,
 ) -> Result<Response, WebhookError> {
-    form.phone("From")?;
     let flows = state.engine.flows();
+    if hidden(&form) {
+        return Ok(xml(twiml::voice(&ivr::hidden_caller(&flows))));
+    }
+    form.phone("From")?;
     Ok(xml(twiml::voice(&ivr::call_starts(&flows))))
+}
+
+/// A call whose `From` is there but is no phone number: the caller withheld it. (A missing
+/// `From` is a malformed webhook, answered 400 like any other.)
+fn hidden(form: &TwilioForm) -> bool {
+    form.get("From").is_some() && form.phone("From").is_err()
 }
 
 #[derive(Deserialize)]
@@ -34,8 +43,11 @@ pub async fn gather(
     Query(at): Query<Where>,
     form: TwilioForm,
 ) -> Result<Response, WebhookError> {
-    let phone = form.phone("From")?;
     let flows = state.engine.flows();
+    if hidden(&form) {
+        return Ok(xml(twiml::voice(&ivr::hidden_caller(&flows))));
+    }
+    let phone = form.phone("From")?;
     let menu = at.menu.unwrap_or_else(|| flows.ivr.start.clone());
     let digits = form.get("Digits").filter(|d| !d.trim().is_empty());
     let turn = match ivr::key_pressed(&flows, &menu, at.attempt.unwrap_or(0), digits) {

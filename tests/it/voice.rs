@@ -133,3 +133,26 @@ async fn voice_routes_need_a_valid_signature() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 403);
 }
+
+#[tokio::test]
+async fn a_caller_who_hides_their_number_is_told_why_and_the_call_ends_without_state() {
+    let app = TestApp::spawn(FLOWS).await;
+    for path in ["/twilio/voice", "/twilio/voice/gather?menu=main&attempt=0"] {
+        let r = app
+            .post_form(
+                path,
+                &[("From", "anonymous"), ("CallSid", "CA9"), ("Digits", "1")],
+            )
+            .await;
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+        let twiml = parse_xml(&r.text().await.unwrap());
+        assert_eq!(twiml.names(), ["Say", "Hangup"], "{path}");
+        assert!(twiml.children[0].text.contains("caller ID"), "{path}");
+    }
+    assert!(app.twilio.all_requests().is_empty());
+    assert_eq!(app.engine.state_counts().iter().sum::<i64>(), 0);
+
+    // A webhook with no From at all is still malformed.
+    let r = app.post_form("/twilio/voice", &[("CallSid", "CA9")]).await;
+    assert_eq!(r.status().as_u16(), 400);
+}
