@@ -151,6 +151,8 @@ pub enum Event {
     AdminOptOut,
     /// The provider reported the number unsubscribed (Twilio error 21610).
     ProviderUnsubscribed,
+    /// The flows were reloaded: the sequence or step this number is in may be gone.
+    FlowsChanged,
 }
 
 impl Event {
@@ -164,6 +166,27 @@ impl Event {
                 | Event::VoiceOptOut
                 | Event::ProviderUnsubscribed
         )
+    }
+}
+
+/// Why a number in a sequence has lost its place in `flows` (after a reload): its sequence,
+/// its step, or (while an answer is awaited) its question is gone. `None` when it has not.
+pub fn lost_place(state: &State, flows: &Flows) -> Option<&'static str> {
+    let State::InSequence {
+        name,
+        step,
+        waiting,
+    } = state
+    else {
+        return None;
+    };
+    match flows.sequence(name).map(|s| s.steps.get(*step)) {
+        None => Some("sequence no longer exists"),
+        Some(None) => Some("step no longer exists"),
+        Some(Some(s)) if *waiting && !matches!(s.action, StepAction::Ask(_)) => {
+            Some("question no longer exists")
+        }
+        Some(Some(_)) => None,
     }
 }
 
@@ -375,7 +398,24 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             Event::ProviderUnsubscribed => {
                 self.opt_out("provider reported unsubscribed (21610)", false)
             }
+            Event::FlowsChanged => {
+                if !self.end_if_gone() {
+                    self.outcome = Outcome::Ignored;
+                }
+            }
         }
+    }
+
+    /// Ends the number's sequence if the live flows no longer have its place in it; says
+    /// whether it did.
+    fn end_if_gone(&mut self) -> bool {
+        let Some(reason) = lost_place(&self.sub.state, self.flows) else {
+            return false;
+        };
+        if let State::InSequence { name, .. } = self.sub.state.clone() {
+            self.end_sequence(&name, reason);
+        }
+        true
     }
 
     // ---- messages ----------------------------------------------------------
@@ -855,7 +895,10 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 StepAction::Say(_) => None,
             });
         let Some(q) = question else {
-            self.end_sequence(name, "question no longer exists");
+            // The flows changed under a number mid-question: end the sequence, and answer
+            // the text as a verified number's (never with silence).
+            self.end_if_gone();
+            self.say_t(&self.flows.replies.unknown);
             return;
         };
         let Some(value) = q.expect.accept(text) else {
@@ -925,15 +968,10 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             self.outcome = Outcome::Ignored;
             return;
         };
-        let flows = self.flows;
-        if flows
-            .sequence(&name)
-            .and_then(|s| s.steps.get(step))
-            .is_none()
-        {
-            self.end_sequence(&name, "step no longer exists");
+        if self.end_if_gone() {
             return;
         }
+        let flows = self.flows;
         match t.kind {
             TimerKind::Step if !waiting => {
                 // Flows may have changed since the timer was set: check quiet hours again.

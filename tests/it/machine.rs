@@ -342,3 +342,54 @@ fn an_undeliverable_code_is_withdrawn_and_no_other() {
     );
     assert_ne!(tried.outcome, Outcome::Verified);
 }
+
+#[test]
+fn a_number_whose_sequence_a_reload_removed_ends_it_and_its_answer_is_not_met_with_silence() {
+    let mut f = flows();
+    let asking = State::InSequence {
+        name: "quiz".into(),
+        step: 1,
+        waiting: true,
+    };
+    f.sequences.retain(|s| s.name != "quiz");
+    let mut rng = StdRng::seed_from_u64(1);
+
+    // The reload's event ends it at once...
+    let t = step(
+        subscriber(asking.clone()),
+        &Event::FlowsChanged,
+        &f,
+        t0(),
+        &mut rng,
+    );
+    assert_eq!(t.subscriber.state, State::Verified);
+    assert_eq!(t.outcome, Outcome::Done);
+    assert!(messages(&t.effects).is_empty(), "ending is silent");
+
+    // ...and an answer that arrives first ends it too, and gets a reply.
+    let t = step(
+        subscriber(asking),
+        &Event::Inbound("B".into()),
+        &f,
+        t0(),
+        &mut rng,
+    );
+    assert_eq!(t.subscriber.state, State::Verified);
+    assert_eq!(
+        messages(&t.effects),
+        ["Sorry, I didn't get that. Reply HELP for help."]
+    );
+
+    // A number whose place still exists is left alone.
+    let t = step(
+        subscriber(seq_state()),
+        &Event::FlowsChanged,
+        &f,
+        t0(),
+        &mut rng,
+    );
+    assert_eq!(
+        (t.subscriber.state, t.outcome),
+        (seq_state(), Outcome::Ignored)
+    );
+}
