@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::{header, request::Parts, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -148,8 +149,18 @@ impl FromRequestParts<Arc<AppState>> for Operator {
 }
 
 fn phone(state: &AppState, raw: &str) -> Result<Phone, AdminError> {
-    Phone::parse_in(raw, state.region)
-        .map_err(|e| AdminError::BadRequest(format!("phone in path: {e}")))
+    phone_named(state, raw, "phone in path")
+}
+
+/// Parses a phone number; `what` names where it came from in the error.
+fn phone_named(state: &AppState, raw: &str, what: &str) -> Result<Phone, AdminError> {
+    Phone::parse_in(raw, state.region).map_err(|e| AdminError::BadRequest(format!("{what}: {e}")))
+}
+
+/// A query string that does not parse is a JSON 400 like every other admin error.
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, AdminError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| AdminError::BadRequest(format!("query string: {}", e.body_text())))
 }
 
 #[derive(Deserialize)]
@@ -163,8 +174,9 @@ pub struct ListQuery {
 pub async fn list(
     State(app): State<Arc<AppState>>,
     _operator: Operator,
-    Query(q): Query<ListQuery>,
+    q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, AdminError> {
+    let q = query(q)?;
     if let Some(s) = &q.state {
         if !MachineState::NAMES.contains(&s.as_str()) {
             return Err(AdminError::BadRequest(format!(
@@ -180,7 +192,7 @@ pub async fn list(
         ));
     }
     let after = match &q.after {
-        Some(a) => Some(phone(&app, a)?.to_string()),
+        Some(a) => Some(phone_named(&app, a, "after")?.to_string()),
         None => None,
     };
     let mut page = Vec::new();
@@ -295,8 +307,9 @@ pub struct ExportQuery {
 pub async fn export(
     State(app): State<Arc<AppState>>,
     _operator: Operator,
-    Query(q): Query<ExportQuery>,
+    q: Result<Query<ExportQuery>, QueryRejection>,
 ) -> Result<Response, AdminError> {
+    let q = query(q)?;
     let one_hot = matches!(q.one_hot.as_deref(), Some("1" | "true" | "yes" | ""));
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(8);
     let engine = app.engine.clone();

@@ -109,6 +109,17 @@ async fn subscribers_can_be_listed_filtered_and_paged() {
     let (status, err) = get(&app, "/admin/subscribers?state=sleeping", None).await;
     assert_eq!(status, 400);
     assert!(err["error"].as_str().unwrap().contains("unknown state"));
+
+    // Every bad query is a JSON error naming what is wrong.
+    let (status, err) = get(&app, "/admin/subscribers?limit=-1", None).await;
+    assert_eq!(status, 400);
+    assert!(err["error"].as_str().unwrap().contains("limit"), "{err}");
+    let (status, err) = get(&app, "/admin/subscribers?after=abc", None).await;
+    assert_eq!(status, 400);
+    assert!(
+        err["error"].as_str().unwrap().starts_with("after:"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
