@@ -103,3 +103,15 @@ fn simulate_drives_the_voice_menu_and_texts() {
         "{stdout}"
     );
 }
+
+#[test]
+fn the_transcript_sample_in_the_readme_passes() {
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let section = &readme[readme.find("## Transcripts").expect("the section")..];
+    let start = section.find("```text\n").expect("a sample") + "```text\n".len();
+    let end = start + section[start..].find("```").unwrap();
+    let flows = smsflow::flows::load_dir("flows".as_ref()).unwrap();
+    if let Err(e) = smsflow::transcript::run(&flows, "README.md".as_ref(), &section[start..end]) {
+        panic!("the README's transcript fails: {e:?}");
+    }
+}
