@@ -83,7 +83,7 @@ impl Layout {
         row.extend(
             self.fields
                 .iter()
-                .map(|f| s.fields.get(f).cloned().unwrap_or_default()),
+                .map(|f| s.fields.get(f).map(|v| inert(v)).unwrap_or_default()),
         );
         row.extend(
             self.one_hot
@@ -91,6 +91,18 @@ impl Layout {
                 .map(|(k, c)| if s.fields.get(k) == Some(c) { "1" } else { "0" }.to_string()),
         );
         row
+    }
+}
+
+/// A value a texter typed, made safe to open in a spreadsheet: one that a spreadsheet would
+/// run as a formula (it starts with `=`, `+`, `-`, `@`, a tab or a carriage return, and is
+/// not a number) gets a leading `'` (OWASP's advice against CSV injection).
+fn inert(value: &str) -> String {
+    let risky = value.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    if risky && value.trim().parse::<f64>().is_err() {
+        format!("'{value}")
+    } else {
+        value.to_string()
     }
 }
 
@@ -118,4 +130,23 @@ pub fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::inert;
+
+    #[test]
+    fn a_typed_value_a_spreadsheet_would_run_is_made_inert_and_numbers_are_not() {
+        assert_eq!(
+            inert("=HYPERLINK(\"http://x\",\"a\")"),
+            "'=HYPERLINK(\"http://x\",\"a\")"
+        );
+        assert_eq!(inert("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(inert("+1+cmd|' /C calc'!A0"), "'+1+cmd|' /C calc'!A0");
+        assert_eq!(inert("-5"), "-5");
+        assert_eq!(inert("+3.5"), "+3.5");
+        assert_eq!(inert("Ann"), "Ann");
+        assert_eq!(inert(""), "");
+    }
 }
