@@ -101,12 +101,26 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
     };
     let mut files = Vec::new();
     for i in 0..cx.sources.len() {
-        match toml::from_str::<RawFile>(&cx.sources[i].1) {
-            Ok(raw) => files.push((i, raw)),
-            Err(e) => {
-                let span = e.span().unwrap_or(0..0);
-                let msg = e.message().trim().replace('\n', " ");
-                cx.err(i, span, msg);
+        // serde stops at the first unknown key; blank each one out (same length, so every
+        // span still points into the original text) and read again, so one typo does not
+        // hide the rest of the file's problems.
+        let mut text = cx.sources[i].1.clone();
+        for _ in 0..MAX_UNKNOWN_KEYS {
+            match toml::from_str::<RawFile>(&text) {
+                Ok(raw) => {
+                    files.push((i, raw));
+                    break;
+                }
+                Err(e) => {
+                    let span = e.span().unwrap_or(0..0);
+                    let msg = e.message().trim().replace('\n', " ");
+                    let unknown = msg.starts_with("unknown field");
+                    cx.err(i, span.clone(), msg);
+                    match unknown.then(|| without_key(&text, &span)).flatten() {
+                        Some(rest) => text = rest,
+                        None => break,
+                    }
+                }
             }
         }
     }
@@ -116,6 +130,52 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
     } else {
         Err(Problems(cx.problems))
     }
+}
+
+/// Unknown keys reported per file before giving up on reading the rest of it.
+const MAX_UNKNOWN_KEYS: usize = 50;
+
+/// `text` with the key at `key` and its value (and a comma that separated it) replaced by
+/// spaces, newlines kept; `None` when the key is not found or the result is not TOML.
+fn without_key(text: &str, key: &Range<usize>) -> Option<String> {
+    fn find(table: &toml::de::DeTable, key: &Range<usize>) -> Option<Range<usize>> {
+        table.iter().find_map(|(k, v)| {
+            if k.span() == *key {
+                return Some(k.span().start..v.span().end);
+            }
+            find_in(v.get_ref(), key)
+        })
+    }
+    fn find_in(value: &toml::de::DeValue, key: &Range<usize>) -> Option<Range<usize>> {
+        match value {
+            toml::de::DeValue::Table(t) => find(t, key),
+            toml::de::DeValue::Array(a) => a.iter().find_map(|v| find_in(v.get_ref(), key)),
+            _ => None,
+        }
+    }
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut cut = find(doc.get_ref(), key)?;
+    // The comma after it (inline tables, arrays), else the one before it.
+    let after = text[cut.end..].len() - text[cut.end..].trim_start().len();
+    if text[cut.end + after..].starts_with(',') {
+        cut.end += after + 1;
+    } else {
+        let before = text[..cut.start].trim_end();
+        if before.ends_with(',') {
+            cut.start = before.len() - 1;
+        }
+    }
+    // Byte for byte, so the length (and every later span) stays the same.
+    let blanked: String = text[cut.clone()]
+        .bytes()
+        .map(|b| if b == b'\n' { '\n' } else { ' ' })
+        .collect();
+    let mut out = String::with_capacity(text.len());
+    out.push_str(&text[..cut.start]);
+    out.push_str(&blanked);
+    out.push_str(&text[cut.end..]);
+    toml::de::DeTable::parse(&out).ok()?;
+    Some(out)
 }
 
 type S<T> = Spanned<T>;

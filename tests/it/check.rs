@@ -185,3 +185,29 @@ fn serve_with_broken_flows_lists_every_problem_and_exits_1_like_check() {
         "{stderr}"
     );
 }
+
+#[test]
+fn unknown_keys_do_not_hide_the_other_problems_of_their_file() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "typos.toml",
+        "[bot]\nname = \"Typos\"\ncolour = \"red\"\n\n[verify]\nttl = \"0s\"\n\n\
+         [[sequence]]\nname = \"s\"\nsteps = [\n  { sya = \"x\", after = \"1d\", say = \"Hi\" },\n]\n",
+    );
+    let problems = smsflow::flows::load_dir(dir.path())
+        .unwrap_err()
+        .to_string();
+    for (place, says) in [
+        ("typos.toml:3:1:", "unknown field `colour`"),
+        ("typos.toml:11:5:", "unknown field `sya`"),
+        ("typos.toml:6:7:", "bad duration \"0s\""),
+    ] {
+        assert!(
+            problems
+                .lines()
+                .any(|l| l.contains(place) && l.contains(says)),
+            "no {says:?} at {place} in:\n{problems}"
+        );
+    }
+}
