@@ -105,7 +105,7 @@ struct Detail {
     history: Vec<serde_json::Value>,
 }
 
-/// `{"at": …, "event": "code_sent", …fields}` from a stored entry.
+/// `{"at": …, "event": "code_sent", …fields}` from a stored entry (`step` 1-based).
 fn event_json(h: &HistoryEntry) -> serde_json::Value {
     let mut out = serde_json::Map::new();
     out.insert("at".into(), h.at.to_rfc3339().into());
@@ -118,6 +118,12 @@ fn event_json(h: &HistoryEntry) -> serde_json::Value {
                 out.insert("event".into(), name.into());
                 if let serde_json::Value::Object(fields) = fields {
                     out.extend(fields);
+                }
+                // Steps are stored 0-based and shown 1-based, as in the subscriber's view.
+                if let Some(step) = out.get_mut("step") {
+                    if let Some(n) = step.as_u64() {
+                        *step = (n + 1).into();
+                    }
                 }
             }
         }

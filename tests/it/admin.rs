@@ -487,3 +487,24 @@ async fn metrics_parse_as_prometheus_text_and_readyz_reports_the_workers() {
     assert_eq!(status, 200, "{ready}");
     assert_eq!(ready["ready"], true);
 }
+
+#[tokio::test]
+async fn history_shows_steps_1_based_like_the_subscriber_view() {
+    let app = TestApp::spawn(&CHOICES.replace("after = \"1h\"", "after = \"0s\"")).await;
+    app.sms(A, "JOIN").await;
+    let code = code_in(&app.twilio.last_to(A, 1).await);
+    app.sms(A, &code).await;
+    app.sms(A, "Ann").await;
+    let (_, twiml) = app.sms(A, "g").await;
+    assert!(twiml.contains("Hello again"), "{twiml}");
+    let (_, s) = get(&app, "/admin/subscribers/%2B15550000001", None).await;
+    let sent: Vec<&serde_json::Value> = s["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "step_sent")
+        .collect();
+    assert_eq!(sent.len(), 1, "{s}");
+    assert_eq!(sent[0]["sequence"], "later");
+    assert_eq!(sent[0]["step"], 1, "the first step is step 1");
+}
