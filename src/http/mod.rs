@@ -74,7 +74,12 @@ pub fn bearer(
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        // The scheme is case-insensitive (RFC 7235).
+        .and_then(|v| {
+            v.get(..7)
+                .filter(|s| s.eq_ignore_ascii_case("bearer "))
+                .map(|_| &v[7..])
+        })
         .ok_or_else(|| "missing Authorization: Bearer token".to_string())?;
     if bool::from(given.trim().as_bytes().ct_eq(token.expose().as_bytes())) {
         Ok(())
@@ -106,6 +111,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(time_webhooks))
         .layer(axum::middleware::map_response(log_failures))
+        .layer(axum::middleware::map_response(explain_refusals))
         .with_state(state)
 }
 
@@ -155,6 +161,29 @@ async fn log_failures(response: Response) -> Response {
         tracing::error!("request failed: {chain}");
     }
     response
+}
+
+/// axum answers an oversize body and a wrong method with terse or empty bodies: say what
+/// is wrong, on every route.
+async fn explain_refusals(response: Response) -> Response {
+    let says = match response.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            format!("request body is over the {} KiB limit\n", MAX_BODY / 1024)
+        }
+        // (axum adds the Allow header after this layer runs.)
+        StatusCode::METHOD_NOT_ALLOWED => {
+            "method not allowed on this route; its Allow header lists the ones it takes\n"
+                .to_string()
+        }
+        _ => return response,
+    };
+    let (mut parts, _) = response.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    Response::from_parts(parts, axum::body::Body::from(says))
 }
 
 /// A request that came through a proxy or tunnel (ngrok, cloudflared and reverse proxies

@@ -197,6 +197,18 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
         )
         .await;
     assert_eq!(r.status().as_u16(), 413);
+    assert!(r.text().await.unwrap().contains("over the 64 KiB limit"));
+
+    // A wrong method says so, and which one to use.
+    let r = app
+        .http
+        .get(format!("{}/twilio/sms", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    assert_eq!(r.headers()["allow"], "POST");
+    assert!(r.text().await.unwrap().contains("method not allowed"));
 
     let r = app
         .http

@@ -250,6 +250,9 @@ async fn a_missing_or_wrong_token_is_exit_4() {
         &app.otp("get_otp", json!({ "phone": PHONE }), Some("s3cret"))
             .await,
     );
+    // The scheme is case-insensitive.
+    let lower = [("authorization", "bearer s3cret")];
+    assert_success(&anonymous(&app, "get_otp", json!({ "phone": PHONE }), &lower).await);
 }
 
 #[tokio::test]
