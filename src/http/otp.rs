@@ -120,7 +120,11 @@ pub async fn get_otp(
     authorize(&state, &headers)?;
     let req: GetOtp = json(&headers, &body)?;
     let phone = phone(&state, req.phone)?;
-    let voice = match req.channel.as_deref().map(str::trim) {
+    let channel = req
+        .channel
+        .as_deref()
+        .map(|c| c.trim().to_ascii_lowercase());
+    let voice = match channel.as_deref() {
         None | Some("sms") => false,
         Some("voice") => true,
         Some(other) => {
@@ -201,10 +205,11 @@ pub async fn validate_otp(
     let phone = phone(&state, req.phone)?;
     let length = usize::from(state.engine.flows().verify.code_length);
     let otp = match req.otp {
+        // Spaces around it are a copy-paste accident, not a different code.
         Some(serde_json::Value::String(s))
-            if s.len() == length && s.bytes().all(|b| b.is_ascii_digit()) =>
+            if s.trim().len() == length && s.trim().bytes().all(|b| b.is_ascii_digit()) =>
         {
-            s
+            s.trim().to_string()
         }
         Some(serde_json::Value::String(_)) => {
             return Err(OtpError::BadRequest(format!("otp must be {length} digits")));

@@ -615,7 +615,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         let v = &self.flows.verify;
         let guess: String = guess
             .chars()
-            .filter(|c| !c.is_whitespace() && *c != '-')
+            .filter(|c| !c.is_whitespace() && !c.is_ascii_punctuation())
             .collect();
         let (now, max) = (self.now, v.max_attempts);
         let keep = usize::from(v.valid_codes);

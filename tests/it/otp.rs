@@ -378,3 +378,12 @@ async fn a_code_twilio_refuses_with_21610_opts_the_number_out() {
     let again = app.otp("get_otp", json!({ "phone": PHONE }), None).await;
     assert_failure(&again, 403, 1, "opted out");
 }
+
+#[tokio::test]
+async fn spaces_around_a_code_and_the_channel_in_capitals_are_accepted() {
+    let app = TestApp::spawn(FLOWS).await;
+    let sms = json!({ "phone": PHONE, "channel": "SMS" });
+    assert_success(&app.otp("get_otp", sms, None).await);
+    let code = code_in(&app.twilio.last_to(PHONE, 1).await);
+    assert_success(&validate(&app, format!(" {code} ")).await);
+}
