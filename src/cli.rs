@@ -4,6 +4,7 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::flows;
@@ -31,10 +32,10 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Write the dataset as CSV: one row per phone, every form field.
     Export {
-        /// Data directory [env SMSFLOW_DATA; default ./data].
+        /// Data directory.
         #[arg(long, env = "SMSFLOW_DATA", default_value = "data")]
         data: PathBuf,
-        /// Flow directory, for the field columns [env SMSFLOW_FLOWS; default ./flows].
+        /// Flow directory, for the field columns.
         #[arg(long, env = "SMSFLOW_FLOWS", default_value = "flows")]
         flows: PathBuf,
         /// Output file (default: standard output).
@@ -531,7 +532,7 @@ pub fn export(data: &Path, flows_dir: &Path, out: Option<&Path>, one_hot: bool) 
     let opened_kib = crate::export::peak_rss_kib();
     let written = match out {
         Some(path) => std::fs::File::create(path)
-            .map_err(anyhow::Error::from)
+            .with_context(|| format!("creating {}", path.display()))
             .and_then(|f| {
                 crate::export::write_csv(&store, &flows, one_hot, std::io::BufWriter::new(f))
             }),

@@ -204,7 +204,8 @@ impl Layer {
             (None, _, None) => None,
             (sid, token, sender) => anyhow::bail!(
                 "incomplete Twilio credentials: set TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN and TWILIO_FROM \
-                 (or TWILIO_MESSAGING_SERVICE_SID); missing: {}",
+                 (or TWILIO_MESSAGING_SERVICE_SID), or in smsflow.toml's [twilio] table account_sid, \
+                 auth_token and from (or messaging_service_sid); missing: {}",
                 [
                     sid.is_none().then_some("TWILIO_ACCOUNT_SID"),
                     token.is_none().then_some("TWILIO_AUTH_TOKEN"),

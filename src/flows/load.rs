@@ -66,6 +66,11 @@ pub fn load_dir(dir: &Path) -> Result<Flows, Problems> {
             message,
         }])
     };
+    if dir.is_file() {
+        return Err(whole_dir(
+            "this is a file; give the directory that holds the flow files".into(),
+        ));
+    }
     let entries = std::fs::read_dir(dir)
         .map_err(|e| whole_dir(format!("cannot read flow directory: {e}")))?;
     let mut paths: Vec<PathBuf> = entries

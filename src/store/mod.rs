@@ -119,6 +119,11 @@ impl Store {
 
     /// Opens with sled's page cache bounded to `cache_bytes` (reads beyond it are evicted).
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> anyhow::Result<Store> {
+        anyhow::ensure!(
+            !dir.is_file(),
+            "data dir {} is a file; give a directory (it is created if missing)",
+            dir.display()
+        );
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating data dir {}", dir.display()))?;
         let db = sled::Config::new()
