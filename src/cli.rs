@@ -371,7 +371,16 @@ fn show(sent: &[Sent]) -> String {
 fn outcome_name(o: Outcome) -> String {
     match o {
         Outcome::RateLimited { retry_at } => format!("rate limited until {retry_at}"),
-        other => format!("{other:?}").to_lowercase(),
+        // CodeSent → code_sent, as in the metrics' outcome labels.
+        other => format!("{other:?}")
+            .chars()
+            .enumerate()
+            .flat_map(|(i, c)| {
+                let sep = (i > 0 && c.is_ascii_uppercase()).then_some('_');
+                sep.into_iter()
+                    .chain(std::iter::once(c.to_ascii_lowercase()))
+            })
+            .collect(),
     }
 }
 

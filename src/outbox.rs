@@ -125,7 +125,7 @@ impl Outbox {
         }
 
         msg.attempts += 1;
-        match self.provider.send(&msg.phone, &msg.body, msg.secret).await {
+        match self.provider.send(&msg.phone, &msg.body).await {
             Ok(accepted) => {
                 tracing::info!(phone = %msg.phone.masked(), sid = ?accepted.sid, "outbox: sent");
                 crate::metrics::outbound("sent");

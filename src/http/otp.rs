@@ -164,7 +164,7 @@ pub async fn get_otp(
             .call(&phone, &super::twiml::read_twice(&spoken))
             .await
     } else {
-        state.provider.send(&phone, &text, true).await
+        state.provider.send(&phone, &text).await
     };
     match sent {
         Ok(accepted) => {

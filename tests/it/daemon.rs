@@ -483,7 +483,7 @@ async fn a_send_twilio_accepts_with_an_unreadable_answer_counts_as_sent_without_
     .expect("client");
     let to = smsflow::phone::Phone::parse("+14155550101").expect("phone");
     let accepted = Provider::Twilio(twilio)
-        .send(&to, "hello", false)
+        .send(&to, "hello")
         .await
         .expect("accepted");
     assert_eq!(accepted.sid, None);
