@@ -25,10 +25,29 @@ pub async fn call(
     Ok(xml(twiml::voice(&ivr::call_starts(&flows))))
 }
 
-/// A call whose `From` is there but is no phone number: the caller withheld it. (A missing
+/// Stand-ins Twilio and carriers put in `From` for a withheld number: words, and keypad
+/// spellings of ANONYMOUS, UNAVAILABLE, RESTRICTED and BLOCKED that look like real numbers.
+const WITHHELD: [&str; 10] = [
+    "anonymous",
+    "restricted",
+    "unavailable",
+    "unknown",
+    "private",
+    "blocked",
+    "266696687",
+    "86282452253",
+    "7378742833",
+    "2562533",
+];
+
+/// A call whose `From` is a withheld-number stand-in or no phone number at all. (A missing
 /// `From` is a malformed webhook, answered 400 like any other.)
 fn hidden(form: &TwilioForm) -> bool {
-    form.get("From").is_some() && form.phone("From").is_err()
+    let Some(from) = form.get("From") else {
+        return false;
+    };
+    let bare = from.trim().trim_start_matches('+').to_ascii_lowercase();
+    WITHHELD.contains(&bare.as_str()) || form.phone("From").is_err()
 }
 
 #[derive(Deserialize)]
