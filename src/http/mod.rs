@@ -111,7 +111,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(time_webhooks))
         .layer(axum::middleware::map_response(log_failures))
-        .layer(axum::middleware::map_response(explain_refusals))
+        .layer(axum::middleware::from_fn(explain_refusals))
         .with_state(state)
 }
 
@@ -164,9 +164,17 @@ async fn log_failures(response: Response) -> Response {
 }
 
 /// axum answers an oversize body and a wrong method with terse or empty bodies: say what
-/// is wrong, on every route.
-async fn explain_refusals(response: Response) -> Response {
-    let says = match response.status() {
+/// is wrong, on every route, in the shape of its API (the OTP API's failure object, the admin
+/// API's `{"error"}`, plain text for Twilio).
+async fn explain_refusals(req: Request, next: axum::middleware::Next) -> Response {
+    let path = req.uri().path();
+    let (otp, admin) = (
+        path.starts_with("/authenticate/"),
+        path.starts_with("/admin"),
+    );
+    let response = next.run(req).await;
+    let status = response.status();
+    let says = match status {
         StatusCode::PAYLOAD_TOO_LARGE => {
             format!("request body is over the {} KiB limit\n", MAX_BODY / 1024)
         }
@@ -177,13 +185,30 @@ async fn explain_refusals(response: Response) -> Response {
         }
         _ => return response,
     };
+    let says = says.trim_end();
     let (mut parts, _) = response.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
+    let (content_type, body) = if otp {
+        let failure = serde_json::json!({
+            "message": "failed",
+            "exit_code": 2,
+            "status_code": status.as_u16(),
+            "error": says,
+        });
+        ("application/json", failure.to_string())
+    } else if admin {
+        (
+            "application/json",
+            serde_json::json!({ "error": says }).to_string(),
+        )
+    } else {
+        ("text/plain; charset=utf-8", format!("{says}\n"))
+    };
     parts.headers.insert(
         header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+        header::HeaderValue::from_static(content_type),
     );
-    Response::from_parts(parts, axum::body::Body::from(says))
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 /// A request that came through a proxy or tunnel (ngrok, cloudflared and reverse proxies

@@ -387,3 +387,33 @@ async fn spaces_around_a_code_and_the_channel_in_capitals_are_accepted() {
     let code = code_in(&app.twilio.last_to(PHONE, 1).await);
     assert_success(&validate(&app, format!(" {code} ")).await);
 }
+
+#[tokio::test]
+async fn an_oversize_body_or_wrong_method_is_answered_in_the_apis_json_shape() {
+    let app = TestApp::spawn(FLOWS).await;
+    let huge = json!({ "phone": PHONE, "pad": "x".repeat(70 * 1024) });
+    let got = anonymous(&app, "get_otp", huge, &[]).await;
+    assert_failure(&got, 413, 2, "64 KiB");
+
+    let r = app
+        .http
+        .get(format!("{}/authenticate/get_otp", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["exit_code"], 2);
+
+    let r = app
+        .admin(reqwest::Method::PUT, "/admin/reload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("not allowed"),
+        "{body}"
+    );
+}
