@@ -613,9 +613,12 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     /// Checks a guess against the latest unexpired codes; `by_sms` answers the guess by text.
     fn check_code(&mut self, guess: &str, by_sms: bool) {
         let v = &self.flows.verify;
+        // As people type codes: "123 456", "123-456", "123456." are the code; "3:30" or
+        // "10.5" stay what they are (not a guess that could cost an attempt).
         let guess: String = guess
+            .trim_matches(|c: char| c.is_whitespace() || c.is_ascii_punctuation())
             .chars()
-            .filter(|c| !c.is_whitespace() && !c.is_ascii_punctuation())
+            .filter(|c| !c.is_whitespace() && *c != '-')
             .collect();
         let (now, max) = (self.now, v.max_attempts);
         let keep = usize::from(v.valid_codes);

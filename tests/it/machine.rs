@@ -395,8 +395,8 @@ fn a_number_whose_sequence_a_reload_removed_ends_it_and_its_answer_is_not_met_wi
 }
 
 #[test]
-fn a_code_typed_with_spaces_dashes_or_punctuation_still_verifies() {
-    for typed in ["123456.", "123-456", "123 456", "(123) 456!", " 123456 "] {
+fn a_code_typed_with_spaces_dashes_or_punctuation_around_it_verifies_and_a_time_is_not_a_guess() {
+    for typed in ["123456.", "123-456", "123 456", "(123456)!", " 123456 "] {
         let mut s = subscriber(State::AwaitingCode);
         s.codes.push(IssuedCode {
             code: "123456".into(),
@@ -412,5 +412,23 @@ fn a_code_typed_with_spaces_dashes_or_punctuation_still_verifies() {
             &mut StdRng::seed_from_u64(1),
         );
         assert_eq!(t.subscriber.state, State::Verified, "{typed:?}");
+    }
+    // A time or a decimal is not a guess: it costs no attempt.
+    for typed in ["3:30", "10.5", "1/2"] {
+        let mut s = subscriber(State::AwaitingCode);
+        s.codes.push(IssuedCode {
+            code: "123456".into(),
+            issued_at: t0(),
+            expires_at: t0() + TimeDelta::minutes(10),
+            wrong: 0,
+        });
+        let t = step(
+            s,
+            &Event::Inbound(typed.into()),
+            &flows(),
+            t0(),
+            &mut StdRng::seed_from_u64(1),
+        );
+        assert_eq!(t.subscriber.codes[0].wrong, 0, "{typed:?}");
     }
 }
