@@ -22,8 +22,10 @@ use crate::phone::Phone;
 const OUT_VERSION: u8 = 1;
 const DELIVERY_VERSION: u8 = 1;
 const HISTORY_VERSION: u8 = 1;
-/// The layout of trees and keys; checked at open.
-const SCHEMA: u64 = 1;
+/// The layout of trees and keys; checked at open. 2: subscriber records may be v3 and the
+/// counts per state are kept in `meta`. A data dir of schema 1 is upgraded at open; an older
+/// smsflow refuses a schema-2 dir (it could neither read v3 records nor keep the counts).
+const SCHEMA: u64 = 2;
 
 /// A message waiting in the outbox.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,19 +144,29 @@ impl Store {
                 .with_context(|| format!("opening tree {name}"))
         };
         let meta = tree("meta")?;
-        match meta.get("schema")? {
-            None => {
-                meta.insert("schema", &SCHEMA.to_be_bytes())?;
-            }
-            Some(v) if v.as_ref() == SCHEMA.to_be_bytes() => {}
-            Some(v) => anyhow::bail!(
-                "data dir {} has schema {:?}, this smsflow understands {SCHEMA}",
-                dir.display(),
-                v.as_ref()
+        let schema = match meta.get("schema")? {
+            None => None,
+            Some(v) => Some(
+                <[u8; 8]>::try_from(v.as_ref())
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| {
+                        anyhow::anyhow!("data dir {}: unreadable schema", dir.display())
+                    })?,
             ),
-        }
+        };
+        anyhow::ensure!(
+            schema.is_none_or(|s| s <= SCHEMA),
+            "data dir {} has schema {}, this smsflow understands up to {SCHEMA} (upgrade smsflow)",
+            dir.display(),
+            schema.unwrap_or_default()
+        );
         let (timers, outbox) = (tree("timers")?, tree("outbox")?);
-        let stored_counts = meta.get(STATE_COUNTS)?.and_then(|v| decode_counts(&v));
+        // Schema 1 had no kept counts (or an older smsflow may have changed subscribers
+        // without keeping them): count again.
+        let stored_counts = match schema {
+            Some(1) => None,
+            _ => meta.get(STATE_COUNTS)?.and_then(|v| decode_counts(&v)),
+        };
         let store = Store {
             subscribers: tree("subscribers")?,
             timer_n: AtomicI64::new(timers.len() as i64),
@@ -178,11 +190,17 @@ impl Store {
         }
         // Data dirs from before the kept counts: count once.
         if stored_counts.is_none() {
-            let counts = store.count_states()?.map(|n| n as i64);
+            let counts = store
+                .count_states()
+                .context("counting subscribers per state (once, to keep the counts from now on)")?
+                .map(|n| n as i64);
             for (kept, n) in store.state_n.iter().zip(counts) {
                 kept.store(n, Relaxed);
             }
             meta.insert(STATE_COUNTS, &encode_counts(&counts)[..])?;
+        }
+        if schema != Some(SCHEMA) {
+            meta.insert("schema", &SCHEMA.to_be_bytes())?;
             store.flush()?;
         }
         Ok(store)
@@ -472,10 +490,24 @@ impl Store {
 
     /// Subscribers per state, in [`State::NAMES`] order, counted by reading every record
     /// ([`Store::state_counts`] is the kept figure).
+    /// A record whose state cannot be read is logged and left out, not fatal: this runs at
+    /// open, and one bad record must not keep the daemon from starting.
     pub fn count_states(&self) -> anyhow::Result<[u64; 5]> {
         let mut counts = [0u64; 5];
-        for s in self.subscribers_after(None) {
-            counts[state_index(&s?.state)] += 1;
+        // A walk by `get_gt`, for the reason given in `subscribers_after`.
+        let mut next = self.subscribers.first()?;
+        while let Some((key, value)) = next {
+            match codec::state_of_record(&value) {
+                Ok(state) => counts[state_index(&state)] += 1,
+                Err(e) => {
+                    let who = std::str::from_utf8(&key)
+                        .ok()
+                        .and_then(|k| Phone::from_stored(k.to_string()).ok())
+                        .map_or_else(|| "an unreadable key".to_string(), |p| p.masked());
+                    tracing::warn!("not counting the record of {who}: {e}");
+                }
+            }
+            next = self.subscribers.get_gt(&key)?;
         }
         Ok(counts)
     }

@@ -256,3 +256,61 @@ fn a_data_dir_from_before_the_kept_counts_is_counted_once_at_open() {
     let store = reopen(|| Store::open(dir.path()));
     assert_eq!(counts_of(&store), ([0, 1, 2, 0, 0], [0, 1, 2, 0, 0]));
 }
+
+#[test]
+fn a_schema_1_data_dir_is_recounted_at_open_and_an_unreadable_record_does_not_stop_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let store = Store::open(dir.path()).expect("open");
+        store
+            .commit_many(
+                &[
+                    in_state("+14155550101", State::Verified),
+                    in_state("+14155550102", State::OptedOut),
+                ],
+                Utc::now(),
+            )
+            .expect("commit");
+        store.flush().expect("flush");
+    }
+    {
+        // What an older smsflow leaves after running on this dir: schema 1, counts it did
+        // not keep (here: wrong), and a record from a newer version it cannot know.
+        let db = reopen(|| sled::open(dir.path()));
+        let meta = db.open_tree("meta").expect("meta");
+        meta.insert("schema", &1u64.to_be_bytes()).expect("schema");
+        meta.insert("state_counts", &[0u8; 40][..]).expect("counts");
+        db.open_tree("subscribers")
+            .and_then(|t| t.insert("+14155550103", &[99u8, 1, 2][..]))
+            .expect("odd record");
+        db.flush().expect("flush");
+    }
+    {
+        let store = reopen(|| Store::open(dir.path()));
+        assert_eq!(store.state_counts(), [0, 0, 1, 0, 1]);
+    }
+    {
+        // Upgraded: schema 2 now, which an older smsflow refuses.
+        let db = reopen(|| sled::open(dir.path()));
+        let schema = db
+            .open_tree("meta")
+            .and_then(|m| m.get("schema"))
+            .expect("read");
+        assert_eq!(schema.as_deref(), Some(&2u64.to_be_bytes()[..]));
+        db.open_tree("meta")
+            .and_then(|m| m.insert("schema", &3u64.to_be_bytes()))
+            .expect("future schema");
+        db.flush().expect("flush");
+    }
+    let refused = loop {
+        match Store::open(dir.path()) {
+            Err(e) if e.to_string().contains("schema 3") => break e.to_string(),
+            // sled lets go of its lock a moment after the drop (see `reopen`).
+            Err(e) if e.to_string().contains("in use") => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+        }
+    };
+    assert!(refused.contains("upgrade smsflow"), "{refused}");
+}
