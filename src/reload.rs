@@ -33,15 +33,23 @@ fn places_removed(old: &Flows, new: &Flows) -> bool {
 pub struct Reloader {
     engine: Arc<Engine>,
     dir: PathBuf,
+    /// One reload at a time (the watcher, SIGHUP and the admin API may fire together), so
+    /// each compares the new flows with the ones it actually replaces.
+    serial: std::sync::Mutex<()>,
 }
 
 impl Reloader {
     pub fn new(engine: Arc<Engine>, dir: PathBuf) -> Reloader {
-        Reloader { engine, dir }
+        Reloader {
+            engine,
+            dir,
+            serial: std::sync::Mutex::new(()),
+        }
     }
 
     /// Loads the flow directory; on success the new set is live. Returns its summary.
     pub fn reload(&self, why: &str) -> Result<String, Problems> {
+        let _one_at_a_time = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         match flows::load_dir(&self.dir) {
             Ok(f) => {
                 let summary = f.summary();
@@ -81,9 +89,11 @@ impl Reloader {
                 let flows = scan.flows();
                 let mut lost = Vec::new();
                 for s in scan.store.subscribers_after(None) {
-                    let s = s?;
-                    if lost_place(&s.state, &flows).is_some() {
-                        lost.push(s.phone);
+                    match s {
+                        Ok(s) if lost_place(&s.state, &flows).is_some() => lost.push(s.phone),
+                        Ok(_) => {}
+                        // One unreadable record must not keep the others in a removed place.
+                        Err(e) => tracing::warn!("after a reload, skipping a record: {e:#}"),
                     }
                 }
                 Ok(lost)
@@ -94,13 +104,25 @@ impl Reloader {
                 Ok(Err(e)) => return tracing::error!("after a reload, reading subscribers: {e:#}"),
                 Err(e) => return tracing::error!("after a reload, the scan stopped: {e}"),
             };
-            // The machine checks again against the flows live when each event runs.
+            // The machine checks again against the flows live when each event runs. Up to
+            // 64 at a time, so the writer commits them in shared batches.
             let mut ended = 0usize;
-            for phone in &lost {
-                match engine.event(phone, Event::FlowsChanged).await {
-                    Ok(a) if a.outcome != Outcome::Ignored => ended += 1,
-                    Ok(_) => {}
-                    Err(e) => tracing::error!(phone = %phone.masked(), "ending a removed sequence: {e:#}"),
+            for chunk in lost.chunks(64) {
+                let mut events = tokio::task::JoinSet::new();
+                for phone in chunk {
+                    let (engine, phone) = (engine.clone(), phone.clone());
+                    events.spawn(async move {
+                        let done = engine.event(&phone, Event::FlowsChanged).await;
+                        (phone, done)
+                    });
+                }
+                while let Some(joined) = events.join_next().await {
+                    match joined {
+                        Ok((_, Ok(a))) if a.outcome != Outcome::Ignored => ended += 1,
+                        Ok((_, Ok(_))) => {}
+                        Ok((phone, Err(e))) => tracing::error!(phone = %phone.masked(), "ending a removed sequence: {e:#}"),
+                        Err(e) => tracing::error!("ending a removed sequence: {e}"),
+                    }
                 }
             }
             if ended > 0 {

@@ -374,7 +374,8 @@ async fn a_code_twilio_refuses_with_21610_opts_the_number_out() {
     let got = app.otp("get_otp", json!({ "phone": PHONE }), None).await;
     assert_failure(&got, 403, 1, "opted out");
     assert_eq!(app.state_of(PHONE).as_deref(), Some("opted_out"));
-    // And the code that never went out is not accepted.
+    // And asking again is refused: the number is opted out now. (That an unsent code is
+    // withdrawn is shown by a_provider_failure_is_exit_5_and_the_unsent_code_is_not_usable.)
     let again = app.otp("get_otp", json!({ "phone": PHONE }), None).await;
     assert_failure(&again, 403, 1, "opted out");
 }
