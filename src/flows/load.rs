@@ -110,7 +110,14 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
         // span still points into the original text) and read again, so one typo does not
         // hide the rest of the file's problems.
         let mut text = cx.sources[i].1.clone();
-        for _ in 0..MAX_UNKNOWN_KEYS {
+        for round in 0..=MAX_UNKNOWN_KEYS {
+            if round == MAX_UNKNOWN_KEYS {
+                let msg = format!(
+                    "stopped after {MAX_UNKNOWN_KEYS} unknown keys; fix them and check again"
+                );
+                cx.err(i, 0..0, msg);
+                break;
+            }
             match toml::from_str::<RawFile>(&text) {
                 Ok(raw) => {
                     files.push((i, raw));
