@@ -170,6 +170,20 @@ impl Application {
             self.engine.clone(),
             self.config.flows_dir.clone(),
         ));
+        // Flows edited while the daemon was stopped may have removed places numbers hold
+        // (the first start of this version cannot know, so it looks once).
+        let flows = self.engine.flows();
+        match self.engine.store.flows_places() {
+            Ok(before) => {
+                if before.is_none_or(|b| flows.removed_places_of(&b)) {
+                    crate::reload::end_lost_places(&self.engine);
+                }
+            }
+            Err(e) => tracing::error!("reading the flows' places: {e:#}"),
+        }
+        if let Err(e) = self.engine.store.set_flows_places(&flows.places()) {
+            tracing::error!("recording the flows' places: {e:#}");
+        }
         let health = Arc::new(Health::default());
         let state = Arc::new(AppState {
             engine: self.engine.clone(),

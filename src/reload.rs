@@ -10,25 +10,9 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 
 use crate::engine::Engine;
-use crate::flows::{self, Flows, Problems};
+use crate::flows::{self, Problems};
 use crate::machine::{lost_place, Event, Outcome};
 use crate::phone::Phone;
-
-/// Whether `new` lacks a place a number could hold in `old`: a sequence, a step, or a
-/// question (a step that was a question and is not one now).
-fn places_removed(old: &Flows, new: &Flows) -> bool {
-    let asks = |s: &flows::Step| matches!(s.action, flows::StepAction::Ask(_));
-    old.sequences.iter().any(|s| match new.sequence(&s.name) {
-        None => true,
-        Some(n) => {
-            n.steps.len() < s.steps.len()
-                || s.steps
-                    .iter()
-                    .zip(&n.steps)
-                    .any(|(a, b)| asks(a) && !asks(b))
-        }
-    })
-}
 
 pub struct Reloader {
     engine: Arc<Engine>,
@@ -53,13 +37,16 @@ impl Reloader {
         match flows::load_dir(&self.dir) {
             Ok(f) => {
                 let summary = f.summary();
-                let old = self.engine.flows();
-                let shrunk = places_removed(&old, &f);
+                let shrunk = f.removed_places_of(&self.engine.flows().places());
+                let places = f.places();
                 self.engine.set_flows(f);
                 crate::metrics::reload(true);
                 tracing::info!(trigger = why, "flows reloaded: {summary}");
+                if let Err(e) = self.engine.store.set_flows_places(&places) {
+                    tracing::error!("recording the flows' places: {e:#}");
+                }
                 if shrunk {
-                    self.end_lost_places();
+                    end_lost_places(&self.engine);
                 }
                 Ok(summary)
             }
@@ -73,62 +60,6 @@ impl Reloader {
                 Err(p)
             }
         }
-    }
-
-    /// Ends, in the background, the sequence of every number whose place the new flows no
-    /// longer have, so the admin API, the export and the metrics show them `verified` at once
-    /// rather than when their next timer or text arrives.
-    fn end_lost_places(&self) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let engine = self.engine.clone();
-        runtime.spawn(async move {
-            let scan = engine.clone();
-            let lost = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Phone>> {
-                let flows = scan.flows();
-                let mut lost = Vec::new();
-                for s in scan.store.subscribers_after(None) {
-                    match s {
-                        Ok(s) if lost_place(&s.state, &flows).is_some() => lost.push(s.phone),
-                        Ok(_) => {}
-                        // One unreadable record must not keep the others in a removed place.
-                        Err(e) => tracing::warn!("after a reload, skipping a record: {e:#}"),
-                    }
-                }
-                Ok(lost)
-            })
-            .await;
-            let lost = match lost {
-                Ok(Ok(l)) => l,
-                Ok(Err(e)) => return tracing::error!("after a reload, reading subscribers: {e:#}"),
-                Err(e) => return tracing::error!("after a reload, the scan stopped: {e}"),
-            };
-            // The machine checks again against the flows live when each event runs. Up to
-            // 64 at a time, so the writer commits them in shared batches.
-            let mut ended = 0usize;
-            for chunk in lost.chunks(64) {
-                let mut events = tokio::task::JoinSet::new();
-                for phone in chunk {
-                    let (engine, phone) = (engine.clone(), phone.clone());
-                    events.spawn(async move {
-                        let done = engine.event(&phone, Event::FlowsChanged).await;
-                        (phone, done)
-                    });
-                }
-                while let Some(joined) = events.join_next().await {
-                    match joined {
-                        Ok((_, Ok(a))) if a.outcome != Outcome::Ignored => ended += 1,
-                        Ok((_, Ok(_))) => {}
-                        Ok((phone, Err(e))) => tracing::error!(phone = %phone.masked(), "ending a removed sequence: {e:#}"),
-                        Err(e) => tracing::error!("ending a removed sequence: {e}"),
-                    }
-                }
-            }
-            if ended > 0 {
-                tracing::info!("the reload removed the place of {ended} number(s) in a sequence; their sequence ended");
-            }
-        });
     }
 
     /// Watches the flow directory until `stop`; edits settle for a moment before a reload.
@@ -205,4 +136,61 @@ impl Reloader {
         #[cfg(not(unix))]
         let _ = stop.changed().await;
     }
+}
+
+/// Ends, in the background, the sequence of every number whose place the live flows no
+/// longer have (after a reload, or a start with flows edited while stopped), so the admin
+/// API, the export and the metrics show them `verified` at once rather than when their next
+/// timer or text arrives.
+pub fn end_lost_places(engine: &Arc<Engine>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let engine = engine.clone();
+    runtime.spawn(async move {
+        let scan = engine.clone();
+        let lost = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Phone>> {
+            let flows = scan.flows();
+            let mut lost = Vec::new();
+            for s in scan.store.subscribers_after(None) {
+                match s {
+                    Ok(s) if lost_place(&s.state, &flows).is_some() => lost.push(s.phone),
+                    Ok(_) => {}
+                    // One unreadable record must not keep the others in a removed place.
+                    Err(e) => tracing::warn!("after a flow change, skipping a record: {e:#}"),
+                }
+            }
+            Ok(lost)
+        })
+        .await;
+        let lost = match lost {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => return tracing::error!("after a flow change, reading subscribers: {e:#}"),
+            Err(e) => return tracing::error!("after a flow change, the scan stopped: {e}"),
+        };
+        // The machine checks again against the flows live when each event runs. Up to
+        // 64 at a time, so the writer commits them in shared batches.
+        let mut ended = 0usize;
+        for chunk in lost.chunks(64) {
+            let mut events = tokio::task::JoinSet::new();
+            for phone in chunk {
+                let (engine, phone) = (engine.clone(), phone.clone());
+                events.spawn(async move {
+                    let done = engine.event(&phone, Event::FlowsChanged).await;
+                    (phone, done)
+                });
+            }
+            while let Some(joined) = events.join_next().await {
+                match joined {
+                    Ok((_, Ok(a))) if a.outcome != Outcome::Ignored => ended += 1,
+                    Ok((_, Ok(_))) => {}
+                    Ok((phone, Err(e))) => tracing::error!(phone = %phone.masked(), "ending a removed sequence: {e:#}"),
+                    Err(e) => tracing::error!("ending a removed sequence: {e}"),
+                }
+            }
+        }
+        if ended > 0 {
+            tracing::info!("the flows no longer have the place of {ended} number(s) in a sequence; their sequence ended");
+        }
+    });
 }

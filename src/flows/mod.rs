@@ -260,6 +260,41 @@ impl Flows {
     }
 
     /// A one-line summary, as `smsflow check` prints on success.
+    /// The places a number can hold in a sequence: each sequence's name with one letter per
+    /// step (`a` a question, `s` a message). Kept in the store, so a start can tell whether
+    /// flows edited while the daemon was stopped removed any.
+    pub fn places(&self) -> Vec<(String, String)> {
+        self.sequences
+            .iter()
+            .map(|s| {
+                let kinds = s
+                    .steps
+                    .iter()
+                    .map(|st| match st.action {
+                        StepAction::Ask(_) => 'a',
+                        StepAction::Say(_) => 's',
+                    })
+                    .collect();
+                (s.name.clone(), kinds)
+            })
+            .collect()
+    }
+
+    /// Whether these flows lack a place `old` (from [`Flows::places`]) had: a sequence, a
+    /// step, or a question (a step that was a question and is not one now).
+    pub fn removed_places_of(&self, old: &[(String, String)]) -> bool {
+        old.iter().any(|(name, kinds)| match self.sequence(name) {
+            None => true,
+            Some(now) => {
+                now.steps.len() < kinds.len()
+                    || kinds
+                        .chars()
+                        .zip(&now.steps)
+                        .any(|(was, step)| was == 'a' && !matches!(step.action, StepAction::Ask(_)))
+            }
+        })
+    }
+
     pub fn summary(&self) -> String {
         let steps: usize = self.sequences.iter().map(|s| s.steps.len()).sum();
         format!(

@@ -206,6 +206,20 @@ impl Store {
         Ok(store)
     }
 
+    /// The flows' places ([`crate::flows::Flows::places`]) as last recorded, if ever.
+    pub fn flows_places(&self) -> anyhow::Result<Option<Vec<(String, String)>>> {
+        Ok(self
+            .meta
+            .get(FLOWS_PLACES)?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    pub fn set_flows_places(&self, places: &[(String, String)]) -> anyhow::Result<()> {
+        self.meta
+            .insert(FLOWS_PLACES, serde_json::to_vec(places)?)?;
+        Ok(())
+    }
+
     /// Subscribers per state, in [`State::NAMES`] order.
     pub fn state_counts(&self) -> [i64; 5] {
         std::array::from_fn(|i| self.state_n[i].load(Relaxed))
@@ -710,6 +724,9 @@ fn parse_timer(k: &[u8], v: &[u8]) -> Option<DueTimer> {
 /// Tags of the phone index: a queued message, a sent (or failed) one.
 const OUTBOX_TAG: u8 = b'o';
 const DELIVERY_TAG: u8 = b'd';
+/// The meta key holding the flows' places as JSON, to find places removed while stopped.
+const FLOWS_PLACES: &str = "flows_places";
+
 /// The meta key holding the subscriber counts per state (5 big-endian i64).
 const STATE_COUNTS: &str = "state_counts";
 

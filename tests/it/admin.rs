@@ -508,3 +508,22 @@ async fn history_shows_steps_1_based_like_the_subscriber_view() {
     assert_eq!(sent[0]["sequence"], "later");
     assert_eq!(sent[0]["step"], 1, "the first step is step 1");
 }
+
+#[tokio::test]
+async fn a_sequence_removed_while_the_daemon_was_stopped_ends_at_the_next_start() {
+    let app = TestApp::spawn(CHOICES).await;
+    enrol(&app, A, "Ann", "g", 0).await;
+    let flows = app.flows.path().join("flows.toml");
+    let (twilio, data, flows_dir, options) = app.stop().await;
+    let renamed = CHOICES.replace("name = \"later\"", "name = \"other\"");
+    std::fs::write(&flows, renamed).unwrap();
+    let app = TestApp::start(twilio, data, flows_dir, options, |_| {}).await;
+    eventually("the sequence to end", async || {
+        app.state_of(A).as_deref() == Some("verified")
+    })
+    .await;
+    let (_, s) = get(&app, "/admin/subscribers/%2B15550000001", None).await;
+    let last = s["history"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["event"], "sequence_ended", "{s}");
+    assert_eq!(last["reason"], "sequence no longer exists");
+}

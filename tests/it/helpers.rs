@@ -275,7 +275,8 @@ impl TestApp {
         .await
     }
 
-    async fn start(
+    /// Starts a daemon on what a stopped one left (see [`TestApp::stop`]).
+    pub async fn start(
         twilio: FakeTwilio,
         data: Arc<TempDir>,
         flows: Arc<TempDir>,
