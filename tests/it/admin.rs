@@ -433,11 +433,8 @@ async fn a_removed_sequence_ends_cleanly_for_numbers_in_it() {
         app.state_of(A).as_deref() == Some("verified")
     })
     .await;
-    let (_, s) = get(&app, "/admin/subscribers/%2B15550000001", None).await;
-    let last = s["history"].as_array().unwrap().last().unwrap().clone();
-    assert_eq!(last["event"], "sequence_ended", "{s}");
+    let last = ended_sequence_of_a(&app).await;
     assert_eq!(last["name"], "later");
-    assert_eq!(last["reason"], "sequence no longer exists");
     quiet_for(Duration::from_millis(300)).await;
     assert_eq!(
         app.twilio.delivered().len(),
@@ -522,8 +519,14 @@ async fn a_sequence_removed_while_the_daemon_was_stopped_ends_at_the_next_start(
         app.state_of(A).as_deref() == Some("verified")
     })
     .await;
-    let (_, s) = get(&app, "/admin/subscribers/%2B15550000001", None).await;
+    ended_sequence_of_a(&app).await;
+}
+
+/// A's last history entry, which must be its sequence ending because it is gone.
+async fn ended_sequence_of_a(app: &TestApp) -> serde_json::Value {
+    let (_, s) = get(app, "/admin/subscribers/%2B15550000001", None).await;
     let last = s["history"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["event"], "sequence_ended", "{s}");
     assert_eq!(last["reason"], "sequence no longer exists");
+    last
 }

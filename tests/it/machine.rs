@@ -394,41 +394,33 @@ fn a_number_whose_sequence_a_reload_removed_ends_it_and_its_answer_is_not_met_wi
     );
 }
 
+/// A number awaiting the code 123456 texts `typed`.
+fn typed_while_awaiting_123456(typed: &str) -> smsflow::machine::Transition {
+    let mut s = subscriber(State::AwaitingCode);
+    s.codes.push(IssuedCode {
+        code: "123456".into(),
+        issued_at: t0(),
+        expires_at: t0() + TimeDelta::minutes(10),
+        wrong: 0,
+    });
+    step(
+        s,
+        &Event::Inbound(typed.into()),
+        &flows(),
+        t0(),
+        &mut StdRng::seed_from_u64(1),
+    )
+}
+
 #[test]
 fn a_code_typed_with_spaces_dashes_or_punctuation_around_it_verifies_and_a_time_is_not_a_guess() {
     for typed in ["123456.", "123-456", "123 456", "(123456)!", " 123456 "] {
-        let mut s = subscriber(State::AwaitingCode);
-        s.codes.push(IssuedCode {
-            code: "123456".into(),
-            issued_at: t0(),
-            expires_at: t0() + TimeDelta::minutes(10),
-            wrong: 0,
-        });
-        let t = step(
-            s,
-            &Event::Inbound(typed.into()),
-            &flows(),
-            t0(),
-            &mut StdRng::seed_from_u64(1),
-        );
+        let t = typed_while_awaiting_123456(typed);
         assert_eq!(t.subscriber.state, State::Verified, "{typed:?}");
     }
     // A time or a decimal is not a guess: it costs no attempt.
     for typed in ["3:30", "10.5", "1/2"] {
-        let mut s = subscriber(State::AwaitingCode);
-        s.codes.push(IssuedCode {
-            code: "123456".into(),
-            issued_at: t0(),
-            expires_at: t0() + TimeDelta::minutes(10),
-            wrong: 0,
-        });
-        let t = step(
-            s,
-            &Event::Inbound(typed.into()),
-            &flows(),
-            t0(),
-            &mut StdRng::seed_from_u64(1),
-        );
+        let t = typed_while_awaiting_123456(typed);
         assert_eq!(t.subscriber.codes[0].wrong, 0, "{typed:?}");
     }
 }
