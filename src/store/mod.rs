@@ -93,14 +93,10 @@ pub struct Store {
     /// `phone ++ 0 ++ tag ++ id`: the outbox (`o`) and delivery (`d`) ids of each number, so
     /// erasing a number does not scan every message ever sent.
     by_phone: sled::Tree,
-    /// Entries in `timers` and `outbox`, counted once at open and then kept by every change
-    /// (sled's `len` walks the whole tree, too slow for each `/metrics` scrape).
-    timer_n: AtomicI64,
-    outbox_n: AtomicI64,
-    /// Subscribers per state, in [`State::NAMES`] order. Kept on disk (meta key
-    /// `state_counts`) by the same transactions that change subscribers, so a restart reads
-    /// them instead of scanning every record.
-    state_n: [AtomicI64; 5],
+    /// Subscribers per state (in [`State::NAMES`] order), then pending timers, then queued
+    /// messages. Kept on disk (meta key `counts`) by the same transactions that change them,
+    /// so neither a start nor a `/metrics` scrape walks a tree (sled's `len` does).
+    counts: [AtomicI64; COUNTS],
     meta: sled::Tree,
 }
 
@@ -165,19 +161,17 @@ impl Store {
         // without keeping them): count again.
         let stored_counts = match schema {
             Some(1) => None,
-            _ => meta.get(STATE_COUNTS)?.and_then(|v| decode_counts(&v)),
+            _ => meta.get(COUNTS_KEY)?.and_then(|v| decode_counts(&v)),
         };
         let store = Store {
             subscribers: tree("subscribers")?,
-            timer_n: AtomicI64::new(timers.len() as i64),
-            outbox_n: AtomicI64::new(outbox.len() as i64),
             timers,
             outbox,
             history: tree("history")?,
             deliveries: tree("deliveries")?,
             sids: tree("sids")?,
             by_phone: tree("by_phone")?,
-            state_n: std::array::from_fn(|i| AtomicI64::new(stored_counts.map_or(0, |c| c[i]))),
+            counts: std::array::from_fn(|i| AtomicI64::new(stored_counts.map_or(0, |c| c[i]))),
             meta,
             db,
         };
@@ -190,14 +184,19 @@ impl Store {
         }
         // Data dirs from before the kept counts: count once.
         if stored_counts.is_none() {
-            let counts = store
+            let states = store
                 .count_states()
-                .context("counting subscribers per state (once, to keep the counts from now on)")?
-                .map(|n| n as i64);
-            for (kept, n) in store.state_n.iter().zip(counts) {
+                .context("counting subscribers per state (once, to keep the counts from now on)")?;
+            let mut counts = [0i64; COUNTS];
+            for (n, s) in counts.iter_mut().zip(states) {
+                *n = s as i64;
+            }
+            counts[TIMERS] = store.timers.len() as i64;
+            counts[OUTBOX] = store.outbox.len() as i64;
+            for (kept, n) in store.counts.iter().zip(counts) {
                 kept.store(n, Relaxed);
             }
-            meta.insert(STATE_COUNTS, &encode_counts(&counts)[..])?;
+            meta.insert(COUNTS_KEY, encode_counts(&counts))?;
         }
         if schema != Some(SCHEMA) {
             meta.insert("schema", &SCHEMA.to_be_bytes())?;
@@ -222,12 +221,12 @@ impl Store {
 
     /// Subscribers per state, in [`State::NAMES`] order.
     pub fn state_counts(&self) -> [i64; 5] {
-        std::array::from_fn(|i| self.state_n[i].load(Relaxed))
+        std::array::from_fn(|i| self.counts[i].load(Relaxed))
     }
 
     /// Adds a committed transaction's changes to the live counts.
-    fn counted(&self, delta: &[i64; 5]) {
-        for (kept, d) in self.state_n.iter().zip(delta) {
+    fn counted(&self, delta: &Counts) {
+        for (kept, d) in self.counts.iter().zip(delta) {
             kept.fetch_add(*d, Relaxed);
         }
     }
@@ -325,18 +324,17 @@ impl Store {
             &self.by_phone,
             &self.meta,
         );
-        let (timer_delta, outbox_delta, state_delta) = trees
+        let delta = trees
             .transaction(|(subs, timers, outbox, hist, by_phone, meta)| {
                 // Counted per run: sled may run this closure again, and only the run that
                 // commits returns.
-                let (mut timer_delta, mut outbox_delta) = (0i64, 0i64);
-                let mut state_delta = [0i64; 5];
+                let mut delta: Counts = [0; COUNTS];
                 for e in encoded {
                     for key in &e.remove_timers {
-                        timer_delta -= i64::from(timers.remove(key.as_slice())?.is_some());
+                        delta[TIMERS] -= i64::from(timers.remove(key.as_slice())?.is_some());
                     }
                     for (key, epoch) in &e.add_timers {
-                        timer_delta +=
+                        delta[TIMERS] +=
                             i64::from(timers.insert(key.as_slice(), &epoch[..])?.is_none());
                     }
                     for msg in &e.outgoing {
@@ -344,7 +342,7 @@ impl Store {
                         if let Some(phone) = &e.phone {
                             by_phone.insert(phone_index_key(phone, OUTBOX_TAG, id), &[][..])?;
                         }
-                        outbox_delta += i64::from(
+                        delta[OUTBOX] += i64::from(
                             outbox
                                 .insert(&id.to_be_bytes()[..], msg.as_slice())?
                                 .is_none(),
@@ -358,26 +356,20 @@ impl Store {
                     }
                     if let (Some(phone), Some((value, state))) = (&e.phone, &e.subscriber) {
                         let old = subs.insert(phone.as_str().as_bytes(), value.as_slice())?;
-                        state_delta[*state] += 1;
+                        delta[*state] += 1;
                         if let Some(was) = old.and_then(|o| codec::state_of_record(&o).ok()) {
-                            state_delta[state_index(&was)] -= 1;
+                            delta[state_index(&was)] -= 1;
                         }
                     }
                 }
-                keep_counts(meta, &state_delta)?;
-                Ok::<_, ConflictableTransactionError<Abort>>((
-                    timer_delta,
-                    outbox_delta,
-                    state_delta,
-                ))
+                keep_counts(meta, &delta)?;
+                Ok::<_, ConflictableTransactionError<Abort>>(delta)
             })
             .map_err(|e| match e {
                 TransactionError::Abort(a) => anyhow::anyhow!("commit aborted: {a}"),
                 TransactionError::Storage(s) => anyhow::anyhow!("commit failed: {s}"),
             })?;
-        self.timer_n.fetch_add(timer_delta, Relaxed);
-        self.outbox_n.fetch_add(outbox_delta, Relaxed);
-        self.counted(&state_delta);
+        self.counted(&delta);
         Ok(())
     }
 
@@ -398,9 +390,15 @@ impl Store {
                 Some(t) => out.push(t),
                 None => {
                     tracing::error!("dropping a malformed timer key ({} bytes)", k.len());
-                    if self.timers.remove(&k)?.is_some() {
-                        self.timer_n.fetch_sub(1, Relaxed);
-                    }
+                    let delta = (&self.timers, &self.meta)
+                        .transaction(|(timers, meta)| {
+                            let mut delta: Counts = [0; COUNTS];
+                            delta[TIMERS] -= i64::from(timers.remove(&k)?.is_some());
+                            keep_counts(meta, &delta)?;
+                            Ok::<_, ConflictableTransactionError<Abort>>(delta)
+                        })
+                        .map_err(|e| anyhow::anyhow!("dropping a malformed timer: {e:?}"))?;
+                    self.counted(&delta);
                 }
             }
         }
@@ -409,7 +407,7 @@ impl Store {
 
     /// Pending timers (kept as they change, not counted per call).
     pub fn timer_count(&self) -> usize {
-        self.timer_n.load(Relaxed).max(0) as usize
+        self.counts[TIMERS].load(Relaxed).max(0) as usize
     }
 
     // ---- outbox ------------------------------------------------------------
@@ -425,7 +423,7 @@ impl Store {
 
     /// Messages waiting in the outbox (kept as they change, not counted per call).
     pub fn outbox_len(&self) -> usize {
-        self.outbox_n.load(Relaxed).max(0) as usize
+        self.counts[OUTBOX].load(Relaxed).max(0) as usize
     }
 
     /// Stores a retry's new state.
@@ -452,12 +450,22 @@ impl Store {
             phone_index_key(&delivery.phone, OUTBOX_TAG, id),
             phone_index_key(&delivery.phone, DELIVERY_TAG, id),
         );
-        let removed = (&self.outbox, &self.deliveries, &self.sids, &self.by_phone)
-            .transaction(|(outbox, deliveries, sids, by_phone)| {
+        let trees = (
+            &self.outbox,
+            &self.deliveries,
+            &self.sids,
+            &self.by_phone,
+            &self.meta,
+        );
+        let removed = trees
+            .transaction(|(outbox, deliveries, sids, by_phone, meta)| {
                 // Erased while it was being sent: leave no record of the number behind.
                 if outbox.remove(&key[..])?.is_none() {
                     return Ok(false);
                 }
+                let mut delta: Counts = [0; COUNTS];
+                delta[OUTBOX] = -1;
+                keep_counts(meta, &delta)?;
                 by_phone.remove(queued.as_slice())?;
                 by_phone.insert(sent.as_slice(), &[][..])?;
                 deliveries.insert(&key[..], value.as_slice())?;
@@ -468,7 +476,9 @@ impl Store {
             })
             .map_err(|e| anyhow::anyhow!("finishing outbox message {id}: {e:?}"))?;
         if removed {
-            self.outbox_n.fetch_sub(1, Relaxed);
+            let mut delta: Counts = [0; COUNTS];
+            delta[OUTBOX] = -1;
+            self.counted(&delta);
         }
         Ok(())
     }
@@ -565,25 +575,22 @@ impl Store {
             &self.by_phone,
             &self.meta,
         );
-        let (timer_gone, outbox_gone, state_delta) = trees
+        let delta = trees
             .transaction(|(subs, timers, out, hist, dels, sids, by_phone, meta)| {
-                let mut state_delta = [0i64; 5];
+                let mut delta: Counts = [0; COUNTS];
                 let old = subs.remove(phone.as_str().as_bytes())?;
                 if let Some(was) = old.and_then(|o| codec::state_of_record(&o).ok()) {
-                    state_delta[state_index(&was)] -= 1;
+                    delta[state_index(&was)] -= 1;
                 }
-                keep_counts(meta, &state_delta)?;
-                let mut timer_gone = 0i64;
                 if let Some(k) = &timer {
-                    timer_gone += i64::from(timers.remove(k.as_slice())?.is_some());
+                    delta[TIMERS] -= i64::from(timers.remove(k.as_slice())?.is_some());
                 }
                 for k in &history {
                     hist.remove(k)?;
                 }
-                let mut outbox_gone = 0i64;
                 for id in &ids {
                     let key = id.to_be_bytes();
-                    outbox_gone += i64::from(out.remove(&key[..])?.is_some());
+                    delta[OUTBOX] -= i64::from(out.remove(&key[..])?.is_some());
                     if let Some(d) = dels.remove(&key[..])? {
                         let sid = codec::decode::<Delivery>(DELIVERY_VERSION, &d)
                             .ok()
@@ -595,12 +602,11 @@ impl Store {
                     by_phone.remove(phone_index_key(phone, OUTBOX_TAG, *id))?;
                     by_phone.remove(phone_index_key(phone, DELIVERY_TAG, *id))?;
                 }
-                Ok::<_, ConflictableTransactionError<Abort>>((timer_gone, outbox_gone, state_delta))
+                keep_counts(meta, &delta)?;
+                Ok::<_, ConflictableTransactionError<Abort>>(delta)
             })
             .map_err(|e| anyhow::anyhow!("erasing {}: {e:?}", phone.masked()))?;
-        self.timer_n.fetch_sub(timer_gone, Relaxed);
-        self.outbox_n.fetch_sub(outbox_gone, Relaxed);
-        self.counted(&state_delta);
+        self.counted(&delta);
         Ok(Some(sub))
     }
 
@@ -727,18 +733,23 @@ const DELIVERY_TAG: u8 = b'd';
 /// The meta key holding the flows' places as JSON, to find places removed while stopped.
 const FLOWS_PLACES: &str = "flows_places";
 
-/// The meta key holding the subscriber counts per state (5 big-endian i64).
-const STATE_COUNTS: &str = "state_counts";
+/// The meta key holding [`Counts`] (big-endian i64s).
+const COUNTS_KEY: &str = "counts";
+/// Subscribers per state (5), then timers, then queued messages.
+const COUNTS: usize = 7;
+const TIMERS: usize = 5;
+const OUTBOX: usize = 6;
+type Counts = [i64; COUNTS];
 
-fn encode_counts(c: &[i64; 5]) -> Vec<u8> {
+fn encode_counts(c: &Counts) -> Vec<u8> {
     c.iter().flat_map(|n| n.to_be_bytes()).collect()
 }
 
-fn decode_counts(bytes: &[u8]) -> Option<[i64; 5]> {
-    if bytes.len() != 40 {
+fn decode_counts(bytes: &[u8]) -> Option<Counts> {
+    if bytes.len() != 8 * COUNTS {
         return None;
     }
-    let mut out = [0i64; 5];
+    let mut out = [0i64; COUNTS];
     for (n, chunk) in out.iter_mut().zip(bytes.chunks_exact(8)) {
         *n = i64::from_be_bytes(chunk.try_into().ok()?);
     }
@@ -748,19 +759,19 @@ fn decode_counts(bytes: &[u8]) -> Option<[i64; 5]> {
 /// Adds a transaction's count changes to the stored counts, inside that transaction.
 fn keep_counts(
     meta: &sled::transaction::TransactionalTree,
-    delta: &[i64; 5],
+    delta: &Counts,
 ) -> Result<(), ConflictableTransactionError<Abort>> {
     if delta.iter().all(|d| *d == 0) {
         return Ok(());
     }
     let mut counts = meta
-        .get(STATE_COUNTS)?
+        .get(COUNTS_KEY)?
         .and_then(|v| decode_counts(&v))
         .unwrap_or_default();
     for (n, d) in counts.iter_mut().zip(delta) {
         *n += d;
     }
-    meta.insert(STATE_COUNTS, encode_counts(&counts))?;
+    meta.insert(COUNTS_KEY, encode_counts(&counts))?;
     Ok(())
 }
 

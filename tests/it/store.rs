@@ -238,7 +238,11 @@ fn a_data_dir_from_before_the_kept_counts_is_counted_once_at_open() {
                 &[
                     in_state("+14155550101", State::Verified),
                     in_state("+14155550102", State::Verified),
-                    in_state("+14155550103", State::AwaitingCode),
+                    Commit {
+                        schedule: vec![timer(Utc::now() + Duration::hours(1))],
+                        outgoing: vec![("queued".into(), false)],
+                        ..in_state("+14155550103", State::AwaitingCode)
+                    },
                 ],
                 Utc::now(),
             )
@@ -249,12 +253,13 @@ fn a_data_dir_from_before_the_kept_counts_is_counted_once_at_open() {
         // What an older smsflow left: no counts in meta.
         let db = reopen(|| sled::open(dir.path()));
         db.open_tree("meta")
-            .and_then(|m| m.remove("state_counts"))
+            .and_then(|m| m.remove("counts"))
             .expect("remove counts");
         db.flush().expect("flush");
     }
     let store = reopen(|| Store::open(dir.path()));
     assert_eq!(counts_of(&store), ([0, 1, 2, 0, 0], [0, 1, 2, 0, 0]));
+    assert_eq!((store.timer_count(), store.outbox_len()), (1, 1));
 }
 
 #[test]
@@ -279,7 +284,7 @@ fn a_schema_1_data_dir_is_recounted_at_open_and_an_unreadable_record_does_not_st
         let db = reopen(|| sled::open(dir.path()));
         let meta = db.open_tree("meta").expect("meta");
         meta.insert("schema", &1u64.to_be_bytes()).expect("schema");
-        meta.insert("state_counts", &[0u8; 40][..]).expect("counts");
+        meta.insert("counts", &[0u8; 56][..]).expect("counts");
         db.open_tree("subscribers")
             .and_then(|t| t.insert("+14155550103", &[99u8, 1, 2][..]))
             .expect("odd record");
