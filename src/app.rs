@@ -166,21 +166,25 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
         let reloader = Arc::new(Reloader::new(
             self.engine.clone(),
             self.config.flows_dir.clone(),
+            stop_rx.clone(),
         ));
         // Flows edited while the daemon was stopped may have removed places numbers hold
         // (the first start of this version cannot know, so it looks once).
         let flows = self.engine.flows();
-        match self.engine.store.flows_places() {
-            Ok(before) => {
-                if before.is_none_or(|b| flows.removed_places_of(&b)) {
-                    crate::reload::end_lost_places(&self.engine);
-                }
+        let sweep = match self.engine.store.flows_places() {
+            Ok(before) if before.as_ref().is_none_or(|b| flows.removed_places_of(b)) => {
+                crate::reload::end_lost_places(&self.engine, stop_rx.clone())
             }
-            Err(e) => tracing::error!("reading the flows' places: {e:#}"),
-        }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::error!("reading the flows' places: {e:#}");
+                None
+            }
+        };
         if let Err(e) = self.engine.store.set_flows_places(&flows.places()) {
             tracing::error!("recording the flows' places: {e:#}");
         }
@@ -197,7 +201,6 @@ impl Application {
             reloader: reloader.clone(),
             health: health.clone(),
         });
-        let (stop_tx, stop_rx) = watch::channel(false);
         let scheduler = tokio::spawn(flagged(
             health.clone(),
             |h| &h.scheduler,
@@ -226,6 +229,9 @@ impl Application {
         let _ = watcher.await;
         let _ = upkeep.await;
         let _ = hup.await;
+        if let Some(sweep) = sweep {
+            let _ = sweep.await;
+        }
         self.engine.store.flush()?;
         served.context("serving HTTP")
     }

@@ -20,14 +20,17 @@ pub struct Reloader {
     /// One reload at a time (the watcher, SIGHUP and the admin API may fire together), so
     /// each compares the new flows with the ones it actually replaces.
     serial: std::sync::Mutex<()>,
+    /// The daemon is stopping: a pass after a reload gives up.
+    stop: watch::Receiver<bool>,
 }
 
 impl Reloader {
-    pub fn new(engine: Arc<Engine>, dir: PathBuf) -> Reloader {
+    pub fn new(engine: Arc<Engine>, dir: PathBuf, stop: watch::Receiver<bool>) -> Reloader {
         Reloader {
             engine,
             dir,
             serial: std::sync::Mutex::new(()),
+            stop,
         }
     }
 
@@ -46,7 +49,7 @@ impl Reloader {
                     tracing::error!("recording the flows' places: {e:#}");
                 }
                 if shrunk {
-                    end_lost_places(&self.engine);
+                    end_lost_places(&self.engine, self.stop.clone());
                 }
                 Ok(summary)
             }
@@ -141,18 +144,23 @@ impl Reloader {
 /// Ends, in the background, the sequence of every number whose place the live flows no
 /// longer have (after a reload, or a start with flows edited while stopped), so the admin
 /// API, the export and the metrics show them `verified` at once rather than when their next
-/// timer or text arrives.
-pub fn end_lost_places(engine: &Arc<Engine>) {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
+/// timer or text arrives. It gives up when `stop` turns true, so a stopping daemon does not
+/// wait for it.
+pub fn end_lost_places(
+    engine: &Arc<Engine>,
+    stop: watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
     let engine = engine.clone();
-    runtime.spawn(async move {
-        let scan = engine.clone();
+    Some(runtime.spawn(async move {
+        let (scan, stopping) = (engine.clone(), stop.clone());
         let lost = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Phone>> {
             let flows = scan.flows();
             let mut lost = Vec::new();
-            for s in scan.store.subscribers_after(None) {
+            for (n, s) in scan.store.subscribers_after(None).enumerate() {
+                if n % 1024 == 0 && *stopping.borrow() {
+                    return Ok(Vec::new());
+                }
                 match s {
                     Ok(s) if lost_place(&s.state, &flows).is_some() => lost.push(s.phone),
                     Ok(_) => {}
@@ -172,6 +180,9 @@ pub fn end_lost_places(engine: &Arc<Engine>) {
         // 64 at a time, so the writer commits them in shared batches.
         let mut ended = 0usize;
         for chunk in lost.chunks(64) {
+            if *stop.borrow() {
+                return;
+            }
             let mut events = tokio::task::JoinSet::new();
             for phone in chunk {
                 let (engine, phone) = (engine.clone(), phone.clone());
@@ -192,5 +203,5 @@ pub fn end_lost_places(engine: &Arc<Engine>) {
         if ended > 0 {
             tracing::info!("the flows no longer have the place of {ended} number(s) in a sequence; their sequence ended");
         }
-    });
+    }))
 }
