@@ -125,11 +125,20 @@ impl Expect {
             Expect::Any => Some(answer.to_string()),
             Expect::Choices(choices) => {
                 let said = crate::machine::normalize(answer);
+                // The option copied as the question shows it ("B) social media", "A. under
+                // 30"): a key marked off by ) . or : counts as that key.
+                let marked = answer
+                    .split_once(char::is_whitespace)
+                    .map_or(answer, |(first, _)| first)
+                    .strip_suffix([')', '.', ':'])
+                    .map(crate::machine::normalize);
                 choices
                     .iter()
                     .find(|(key, label)| {
-                        said == crate::machine::normalize(key)
+                        let key = crate::machine::normalize(key);
+                        said == key
                             || said == crate::machine::normalize(label)
+                            || marked.as_ref() == Some(&key)
                     })
                     .map(|(_, label)| label.clone())
             }

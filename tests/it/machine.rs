@@ -424,3 +424,25 @@ fn a_code_typed_with_spaces_dashes_or_punctuation_around_it_verifies_and_a_time_
         assert_eq!(t.subscriber.codes[0].wrong, 0, "{typed:?}");
     }
 }
+
+#[test]
+fn a_choice_copied_as_the_question_shows_it_is_that_choice_and_a_vague_one_is_asked_again() {
+    let f = flows();
+    let channel = f
+        .form
+        .fields
+        .iter()
+        .find(|q| q.key == "channel")
+        .expect("the shipped form asks for the channel");
+    for (typed, saved) in [
+        ("B) social media", Some("social")),
+        ("a. a friend", Some("friend")),
+        ("C: other", Some("other")),
+        ("B", Some("social")),
+        ("social", Some("social")),
+        ("B or C", None),
+        ("social media", None),
+    ] {
+        assert_eq!(channel.expect.accept(typed).as_deref(), saved, "{typed:?}");
+    }
+}
