@@ -25,6 +25,9 @@ pub enum AdminError {
     Unauthorized(String),
     #[error("{0}")]
     NotFound(String),
+    /// A request refused before it reached the API (413, 405), with that status.
+    #[error("{1}")]
+    Refused(StatusCode, String),
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
@@ -35,6 +38,7 @@ impl IntoResponse for AdminError {
             AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AdminError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::Refused(status, _) => *status,
             AdminError::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let message = match &self {

@@ -185,30 +185,14 @@ async fn explain_refusals(req: Request, next: axum::middleware::Next) -> Respons
         }
         _ => return response,
     };
-    let says = says.trim_end();
-    let (mut parts, _) = response.into_parts();
-    parts.headers.remove(header::CONTENT_LENGTH);
-    let (content_type, body) = if otp {
-        let failure = serde_json::json!({
-            "message": "failed",
-            "exit_code": 2,
-            "status_code": status.as_u16(),
-            "error": says,
-        });
-        ("application/json", failure.to_string())
+    let says = says.trim_end().to_string();
+    if otp {
+        otp::OtpError::Refused(status, says).into_response()
     } else if admin {
-        (
-            "application/json",
-            serde_json::json!({ "error": says }).to_string(),
-        )
+        admin::AdminError::Refused(status, says).into_response()
     } else {
-        ("text/plain; charset=utf-8", format!("{says}\n"))
-    };
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(content_type),
-    );
-    Response::from_parts(parts, axum::body::Body::from(body))
+        (status, format!("{says}\n")).into_response()
+    }
 }
 
 /// A request that came through a proxy or tunnel (ngrok, cloudflared and reverse proxies

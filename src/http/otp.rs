@@ -28,6 +28,9 @@ pub enum OtpError {
     /// 2 / 400: bad JSON, wrong Content-Type, missing or invalid phone, OTP of the wrong shape.
     #[error("{0}")]
     BadRequest(String),
+    /// 2 / the given status: a request refused before it reached the API (413, 405).
+    #[error("{1}")]
+    Refused(StatusCode, String),
     /// 3 / 429: too many codes requested, or too many wrong guesses.
     #[error("{message}")]
     TooMany { message: String, retry_after: u64 },
@@ -55,6 +58,7 @@ impl OtpError {
         match self {
             OtpError::Rejected(_) => (1, StatusCode::FORBIDDEN),
             OtpError::BadRequest(_) => (2, StatusCode::BAD_REQUEST),
+            OtpError::Refused(status, _) => (2, *status),
             OtpError::TooMany { .. } => (3, StatusCode::TOO_MANY_REQUESTS),
             OtpError::Unauthorized(_) => (4, StatusCode::UNAUTHORIZED),
             OtpError::Provider(_) => (5, StatusCode::INTERNAL_SERVER_ERROR),
