@@ -457,13 +457,13 @@ impl Store {
             &self.by_phone,
             &self.meta,
         );
-        let removed = trees
+        let delta = trees
             .transaction(|(outbox, deliveries, sids, by_phone, meta)| {
+                let mut delta: Counts = [0; COUNTS];
                 // Erased while it was being sent: leave no record of the number behind.
                 if outbox.remove(&key[..])?.is_none() {
-                    return Ok(false);
+                    return Ok(delta);
                 }
-                let mut delta: Counts = [0; COUNTS];
                 delta[OUTBOX] = -1;
                 keep_counts(meta, &delta)?;
                 by_phone.remove(queued.as_slice())?;
@@ -472,14 +472,10 @@ impl Store {
                 if let Some(sid) = &sid {
                     sids.insert(sid.as_bytes(), &key[..])?;
                 }
-                Ok::<_, ConflictableTransactionError<Abort>>(true)
+                Ok::<_, ConflictableTransactionError<Abort>>(delta)
             })
             .map_err(|e| anyhow::anyhow!("finishing outbox message {id}: {e:?}"))?;
-        if removed {
-            let mut delta: Counts = [0; COUNTS];
-            delta[OUTBOX] = -1;
-            self.counted(&delta);
-        }
+        self.counted(&delta);
         Ok(())
     }
 
