@@ -319,3 +319,145 @@ fn a_schema_1_data_dir_is_recounted_at_open_and_an_unreadable_record_does_not_st
     };
     assert!(refused.contains("upgrade smsflow"), "{refused}");
 }
+
+/// A timer as (hours from the base time, is a step).
+type TimerAt = (i64, bool);
+
+/// One number's commit: (number, state, timers scheduled, timers cancelled, messages queued).
+type NumberCommit = (usize, usize, Vec<TimerAt>, Vec<TimerAt>, usize);
+
+/// One change a store sees, over a few numbers so that changes collide.
+#[derive(Clone, Debug)]
+enum Change {
+    /// Commits in one transaction.
+    Commit(Vec<NumberCommit>),
+    Erase(usize),
+    /// The outbox worker finishes the oldest queued message (twice: a retry racing it).
+    Finish {
+        twice: bool,
+    },
+    /// The earliest timer fires for its number.
+    Fire,
+}
+
+const NUMBERS: [&str; 3] = ["+14155550101", "+14155550102", "+14155550103"];
+
+fn any_change() -> impl proptest::strategy::Strategy<Value = Change> {
+    use proptest::prelude::*;
+    let timers = || proptest::collection::vec((0i64..4, any::<bool>()), 0..3);
+    prop_oneof![
+        4 => proptest::collection::vec((0..NUMBERS.len(), 0..5usize, timers(), timers(), 0..3usize), 1..4)
+            .prop_map(Change::Commit),
+        1 => (0..NUMBERS.len()).prop_map(Change::Erase),
+        2 => any::<bool>().prop_map(|twice| Change::Finish { twice }),
+        1 => Just(Change::Fire),
+    ]
+}
+
+fn state_numbered(n: usize) -> State {
+    match n {
+        0 => State::Unverified,
+        1 => State::AwaitingCode,
+        2 => State::Verified,
+        3 => State::InSequence {
+            name: "gentle".into(),
+            step: 1,
+            waiting: false,
+        },
+        _ => State::OptedOut,
+    }
+}
+
+/// The kept counts (subscribers per state, timers, queued messages) next to the same counts
+/// made by reading every tree.
+fn kept_and_scanned(store: &Store, far: chrono::DateTime<Utc>) -> (Vec<i64>, Vec<i64>) {
+    let mut kept = store.state_counts().to_vec();
+    kept.extend([store.timer_count() as i64, store.outbox_len() as i64]);
+    let mut scanned: Vec<i64> = store
+        .count_states()
+        .expect("scan")
+        .iter()
+        .map(|n| *n as i64)
+        .collect();
+    scanned.extend([
+        store.due_timers(far, usize::MAX).expect("timers").len() as i64,
+        store.outbox().count() as i64,
+    ]);
+    (kept, scanned)
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..Default::default() })]
+
+    /// The counts `/metrics` and the banner read are kept inside the transactions that change
+    /// the trees; whatever the mix of commits, erases, sends and fired timers, they equal a
+    /// full recount, before and after a reopen.
+    #[test]
+    fn kept_counts_equal_a_full_recount_after_any_mix_of_changes(
+        changes in proptest::collection::vec(any_change(), 1..14)
+    ) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let base: chrono::DateTime<Utc> = "2026-03-01T12:00:00Z".parse().expect("time");
+        let far = base + Duration::days(30);
+        let phone = |i: usize| Phone::parse(NUMBERS[i]).expect("phone");
+        let timer_at = |(hours, step): (i64, bool)| Timer {
+            at: base + Duration::hours(hours),
+            kind: if step { TimerKind::Step } else { TimerKind::AskTimeout },
+            epoch: 1,
+        };
+        {
+            let store = Store::open(dir.path()).expect("open");
+            for change in &changes {
+                match change {
+                    Change::Commit(batch) => {
+                        let commits: Vec<Commit> = batch
+                            .iter()
+                            .map(|(n, state, schedule, cancel, queued)| {
+                                let mut s = Subscriber::new(phone(*n), base);
+                                s.state = state_numbered(*state);
+                                s.timer = schedule.last().map(|t| timer_at(*t));
+                                Commit {
+                                    subscriber: Some(s),
+                                    schedule: schedule.iter().map(|t| timer_at(*t)).collect(),
+                                    cancel: cancel.iter().map(|t| timer_at(*t)).collect(),
+                                    outgoing: (0..*queued).map(|i| (format!("m{i}"), false)).collect(),
+                                    ..Commit::default()
+                                }
+                            })
+                            .collect();
+                        store.commit_many(&commits, base).expect("commit");
+                    }
+                    Change::Erase(n) => {
+                        store.erase(&phone(*n)).expect("erase");
+                    }
+                    Change::Finish { twice } => {
+                        if let Some(Ok((id, msg))) = store.outbox().next() {
+                            let done = sent(&msg.phone, &format!("SM{id}"));
+                            store.outbox_finish(id, &done).expect("finish");
+                            if *twice {
+                                store.outbox_finish(id, &done).expect("finish again");
+                            }
+                        }
+                    }
+                    Change::Fire => {
+                        if let Some(due) = store.due_timers(far, 1).expect("due").pop() {
+                            let s = Subscriber::new(due.phone.clone(), base);
+                            let commit = Commit {
+                                subscriber: Some(s),
+                                fired: Some(due),
+                                ..Commit::default()
+                            };
+                            store.commit_many(&[commit], base).expect("fire");
+                        }
+                    }
+                }
+                let (kept, scanned) = kept_and_scanned(&store, far);
+                proptest::prop_assert_eq!(kept, scanned, "after {:?}", change);
+            }
+            store.flush().expect("flush");
+        }
+        let store = reopen(|| Store::open(dir.path()));
+        let (kept, scanned) = kept_and_scanned(&store, far);
+        proptest::prop_assert_eq!(kept, scanned, "after a reopen");
+    }
+}
