@@ -23,9 +23,11 @@ const OUT_VERSION: u8 = 1;
 const DELIVERY_VERSION: u8 = 1;
 const HISTORY_VERSION: u8 = 1;
 /// The layout of trees and keys; checked at open. 2: subscriber records may be v3 and the
-/// counts per state are kept in `meta`. A data dir of schema 1 is upgraded at open; an older
-/// smsflow refuses a schema-2 dir (it could neither read v3 records nor keep the counts).
-const SCHEMA: u64 = 2;
+/// counts per state are kept in `meta`. 3: subscriber records may be v4 (times as numbers).
+/// An older data dir is upgraded at open (schema 1 is counted once; older records are read
+/// as they are and rewritten in today's form when they next change). An older smsflow
+/// refuses a newer dir by its schema instead of failing on each record it cannot read.
+const SCHEMA: u64 = 3;
 
 /// A message waiting in the outbox.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
