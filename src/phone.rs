@@ -113,13 +113,22 @@ impl Phone {
         &self.0
     }
 
-    /// The number with its middle hidden, for logs: `+1415***0100`.
+    /// The number with its middle hidden, for logs: `+1415***0100`. Long numbers keep their
+    /// first four and last four digits; shorter ones (many countries use 8 to 10 digits)
+    /// show less, so that at least half their digits stay hidden.
     pub fn masked(&self) -> String {
-        let s = &self.0;
-        if s.len() <= 8 {
-            return format!("{}***", &s[..s.len().min(3)]);
+        let digits = self.0.strip_prefix('+').unwrap_or(&self.0);
+        let d = digits.len();
+        let (hidden, tail) = if d >= 11 {
+            (d - 8, 4)
+        } else {
+            ((d / 2).max(3), 2)
+        };
+        let head = d.saturating_sub(hidden + tail);
+        match (digits.get(..head), digits.get(d.saturating_sub(tail)..)) {
+            (Some(h), Some(t)) if head > 0 => format!("+{h}***{t}"),
+            _ => "+***".to_string(),
         }
-        format!("{}***{}", &s[..5], &s[s.len() - 4..])
     }
 }
 
@@ -207,5 +216,20 @@ mod tests {
             format!("{:?}", Phone::parse("+14155550100").unwrap()),
             "Phone(+1415***0100)"
         );
+        assert_eq!(
+            Phone::parse("+912873645289").unwrap().masked(),
+            "+9128***5289"
+        );
+    }
+
+    #[test]
+    fn masking_a_short_number_hides_at_least_half_of_its_digits() {
+        for (number, masked) in [
+            ("+29022222", "+29***22"),
+            ("+298123456", "+298***56"),
+            ("+3361234567", "+336***67"),
+        ] {
+            assert_eq!(Phone::parse(number).unwrap().masked(), masked, "{number}");
+        }
     }
 }
