@@ -391,7 +391,7 @@ pub fn serve_config(args: &ServeArgs) -> anyhow::Result<crate::config::Config> {
         Some(path) => Layer::from_file(path, true)?,
         None => Layer::from_file(Path::new("smsflow.toml"), false)?,
     };
-    let env = Layer::from_env(|k| std::env::var(k).ok());
+    let env = Layer::from_env(|k| std::env::var(k).ok())?;
     let flags = Layer {
         listen: args.listen.clone(),
         public_url: args.public_url.clone(),
@@ -569,7 +569,7 @@ pub fn export(data: &Path, flows_dir: &Path, out: Option<&Path>, one_hot: bool) 
 fn daemon_url() -> String {
     use crate::config::Layer;
     let listen = Layer::from_file(Path::new("smsflow.toml"), false)
-        .map(|file| Layer::from_env(|k| std::env::var(k).ok()).over(file))
+        .and_then(|file| Ok(Layer::from_env(|k| std::env::var(k).ok())?.over(file)))
         .and_then(Layer::resolve)
         .map(|c| c.listen);
     match listen {

@@ -114,15 +114,23 @@ impl Layer {
     }
 
     /// The environment layer: `SMSFLOW_*` and `TWILIO_*`.
-    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Layer {
+    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> anyhow::Result<Layer> {
         let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
-        Layer {
+        let send_rate = match get("SMSFLOW_SEND_RATE") {
+            None => None,
+            Some(v) => Some(v.trim().parse::<f64>().map_err(|_| {
+                anyhow::anyhow!(
+                    "SMSFLOW_SEND_RATE {v:?} is not a number (messages per second, such as 1 or 0.5)"
+                )
+            })?),
+        };
+        Ok(Layer {
             listen: get("SMSFLOW_LISTEN"),
             public_url: get("SMSFLOW_PUBLIC_URL"),
             data: get("SMSFLOW_DATA").map(PathBuf::from),
             flows: get("SMSFLOW_FLOWS").map(PathBuf::from),
             region: get("SMSFLOW_REGION"),
-            send_rate: get("SMSFLOW_SEND_RATE").and_then(|v| v.parse().ok()),
+            send_rate,
             api_token: get("SMSFLOW_API_TOKEN").map(Secret),
             admin_token: get("SMSFLOW_ADMIN_TOKEN").map(Secret),
             twilio: TwilioLayer {
@@ -132,7 +140,7 @@ impl Layer {
                 messaging_service_sid: get("TWILIO_MESSAGING_SERVICE_SID"),
                 api_base: get("TWILIO_API_BASE"),
             },
-        }
+        })
     }
 
     /// `self` with every unset value taken from `lower`.
@@ -246,7 +254,8 @@ mod tests {
             "SMSFLOW_DATA" => Some("env-data".into()),
             "SMSFLOW_LISTEN" => Some("127.0.0.1:2".into()),
             _ => None,
-        });
+        })
+        .unwrap();
         let flags = Layer {
             listen: Some("127.0.0.1:3".into()),
             ..Layer::default()
@@ -263,7 +272,8 @@ mod tests {
 
     #[test]
     fn partial_twilio_credentials_are_an_error_naming_what_is_missing() {
-        let env = Layer::from_env(|k| (k == "TWILIO_ACCOUNT_SID").then(|| "AC1".to_string()));
+        let env =
+            Layer::from_env(|k| (k == "TWILIO_ACCOUNT_SID").then(|| "AC1".to_string())).unwrap();
         let err = env.resolve().unwrap_err().to_string();
         assert!(
             err.contains("TWILIO_AUTH_TOKEN") && err.contains("TWILIO_FROM"),
@@ -275,5 +285,18 @@ mod tests {
     fn secrets_never_print() {
         let s = Secret::new("hunter2");
         assert_eq!(format!("{s:?}"), "Secret(***)");
+    }
+
+    #[test]
+    fn a_send_rate_in_the_environment_that_is_not_a_number_is_an_error_naming_it() {
+        let err = Layer::from_env(|k| (k == "SMSFLOW_SEND_RATE").then(|| "0,5".to_string()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("SMSFLOW_SEND_RATE") && err.contains("0,5"),
+            "{err}"
+        );
+        let ok = Layer::from_env(|k| (k == "SMSFLOW_SEND_RATE").then(|| " 0.5 ".to_string()));
+        assert_eq!(ok.unwrap().resolve().unwrap().send_rate, 0.5);
     }
 }
