@@ -211,12 +211,9 @@ impl Application {
             self.provider.clone(),
             self.config.send_rate,
             self.options.retry_base,
+            stop_rx.clone(),
         );
-        let outbox = tokio::spawn(flagged(
-            health.clone(),
-            |h| &h.outbox,
-            outbox.run(stop_rx.clone()),
-        ));
+        let outbox = tokio::spawn(flagged(health.clone(), |h| &h.outbox, outbox.run()));
         let watcher = tokio::spawn(reloader.clone().watch(stop_rx.clone()));
         let upkeep = tokio::spawn(crate::metrics::upkeep(stop_rx.clone()));
         let hup = tokio::spawn(reloader.clone().on_sighup(stop_rx));
@@ -237,13 +234,37 @@ impl Application {
     }
 }
 
-/// Runs a worker with its health flag up while it runs.
+/// Runs a worker with its health flag up while it runs. The flag goes down however the
+/// worker ends, a panic included, so `/readyz` never reports a dead worker as running.
 async fn flagged(
     health: Arc<Health>,
     flag: fn(&Health) -> &AtomicBool,
     task: impl Future<Output = ()>,
 ) {
-    flag(&health).store(true, Relaxed);
+    struct Lowered<'a>(&'a AtomicBool);
+    impl Drop for Lowered<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Relaxed);
+        }
+    }
+    let up = flag(&health);
+    up.store(true, Relaxed);
+    let _lowered = Lowered(up);
     task.await;
-    flag(&health).store(false, Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_worker_that_panics_is_no_longer_reported_running() {
+        let health = Arc::new(Health::default());
+        let worker = tokio::spawn(flagged(health.clone(), |h| &h.outbox, async {
+            tokio::task::yield_now().await;
+            panic!("a bug in a worker");
+        }));
+        assert!(worker.await.is_err(), "the worker panicked");
+        assert!(!health.outbox.load(Relaxed));
+    }
 }

@@ -255,7 +255,7 @@ impl Writer {
     fn erase(&self, phone: &Phone) -> anyhow::Result<bool> {
         let gone = self.store.erase(phone)?;
         self.store.flush()?;
-        Ok(gone.is_some())
+        Ok(gone)
     }
 
     /// Steps and commits a batch; answers failures at once and returns what awaits a flush.
@@ -268,6 +268,9 @@ impl Writer {
         let mut rng = rand::rng();
         // Within a batch, later events see earlier ones' results.
         let mut latest: HashMap<Phone, (Subscriber, Vec<Replied>)> = HashMap::new();
+        // Numbers whose state machine failed in this batch: their state within the batch is
+        // lost, so their later events here are refused rather than stepped from a stale one.
+        let mut failed: Vec<Phone> = Vec::new();
         let mut prepared = Vec::new();
         let mut committed = Committed {
             answers: Vec::new(),
@@ -295,6 +298,12 @@ impl Writer {
                     done,
                 } => (phone, event, inbound_sid, fired, inline_codes, done),
             };
+            if failed.contains(&phone) {
+                let _ = done.send(Err(anyhow::anyhow!(
+                    "an earlier event for this number failed in the same batch; try again"
+                )));
+                continue;
+            }
             let mut is_new = false;
             let (sub, mut replies) = match latest.remove(&phone) {
                 Some(r) => r,
@@ -305,6 +314,18 @@ impl Writer {
                         (Subscriber::new(phone.clone(), now), Vec::new())
                     }
                     Err(e) => {
+                        // A due timer of a record that cannot be read would fire again every
+                        // second: it is dropped (logged), and the record waits for an operator.
+                        if let Some(timer) = fired {
+                            tracing::error!(phone = %phone.masked(), "dropping a due timer: {e:#}");
+                            prepared.push(Prepared::new(
+                                &Commit {
+                                    fired: Some(timer),
+                                    ..Commit::default()
+                                },
+                                now,
+                            ));
+                        }
                         let _ = done.send(Err(e));
                         continue;
                     }
@@ -331,6 +352,7 @@ impl Writer {
                 Ok(t) => t,
                 Err(_) => {
                     tracing::error!(phone = %phone.masked(), "the state machine panicked; event not applied");
+                    failed.push(phone);
                     let _ = done.send(Err(anyhow::anyhow!(
                         "the state machine failed on this event"
                     )));

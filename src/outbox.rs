@@ -19,6 +19,8 @@ use crate::store::{Delivery, OutMessage};
 /// After this many temporary failures a message is recorded as failed.
 const MAX_ATTEMPTS: u32 = 30;
 const MAX_BACKOFF: Duration = Duration::from_secs(600);
+/// The longest wait a provider's `Retry-After` is obeyed for; asking longer is read as this.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// Twilio: "Attempt to send to unsubscribed recipient".
 pub const UNSUBSCRIBED: u32 = 21610;
 
@@ -28,6 +30,9 @@ pub struct Outbox {
     interval: Duration,
     retry_base: Duration,
     next_slot: Instant,
+    /// Queued entries that cannot be read, already logged (each is logged once, then skipped).
+    unreadable: HashSet<String>,
+    stop: watch::Receiver<bool>,
 }
 
 /// What one unit of work did.
@@ -45,6 +50,7 @@ impl Outbox {
         provider: Arc<Provider>,
         send_rate: f64,
         retry_base: Duration,
+        stop: watch::Receiver<bool>,
     ) -> Outbox {
         Outbox {
             engine,
@@ -52,10 +58,13 @@ impl Outbox {
             interval: Duration::from_secs_f64(1.0 / send_rate),
             retry_base,
             next_slot: Instant::now(),
+            unreadable: HashSet::new(),
+            stop,
         }
     }
 
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    pub async fn run(mut self) {
+        let mut stop = self.stop.clone();
         loop {
             if *stop.borrow() {
                 return;
@@ -85,7 +94,19 @@ impl Outbox {
         let mut earliest: Option<DateTime<Utc>> = None;
         let mut ready = None;
         for entry in self.engine.store.outbox() {
-            let (id, msg) = entry?;
+            // One unreadable entry (corrupt, or from a newer smsflow) must not stop the others.
+            let (id, msg) = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    if self.unreadable.insert(e.clone()) {
+                        tracing::error!(
+                            "outbox: skipping a queued message that cannot be read: {e}"
+                        );
+                    }
+                    continue;
+                }
+            };
             if blocked.contains(&msg.phone) {
                 continue;
             }
@@ -110,14 +131,25 @@ impl Outbox {
 
     async fn deliver(&mut self, id: u64, mut msg: OutMessage) -> anyhow::Result<()> {
         let store = &self.engine.store;
-        // Per-sender rate limit.
-        tokio::time::sleep_until(self.next_slot).await;
+        // Per-sender rate limit; a shutdown does not wait for the slot.
+        tokio::select! {
+            _ = tokio::time::sleep_until(self.next_slot) => {}
+            _ = self.stop.wait_for(|stopped| *stopped) => return Ok(()),
+        }
         self.next_slot = Instant::now().max(self.next_slot) + self.interval;
         // The opt-out check is repeated at send time (after the wait): a STOP may have
         // arrived since queueing, or the number may have been erased.
-        let sendable = store
-            .subscriber(&msg.phone)?
-            .is_some_and(|s| s.state != State::OptedOut);
+        let sendable = match store.subscriber(&msg.phone) {
+            Ok(s) => s.is_some_and(|s| s.state != State::OptedOut),
+            Err(e) => {
+                // Whether it opted out cannot be known: do not text it, and do not let this
+                // message hold up everyone queued after it.
+                let e = format!("the number's record cannot be read: {e:#}");
+                tracing::error!(phone = %msg.phone.masked(), "outbox: not sending: {e}");
+                crate::metrics::outbound("failed");
+                return store.outbox_finish(id, &delivery(&msg, "failed", None, None, Some(e)));
+            }
+        };
         if !sendable {
             tracing::info!(phone = %msg.phone.masked(), "outbox: not sending to an opted-out or erased number");
             crate::metrics::outbound("suppressed");
@@ -135,9 +167,7 @@ impl Outbox {
                 message,
                 retry_after,
             }) if msg.attempts < MAX_ATTEMPTS => {
-                let wait = self
-                    .backoff(msg.attempts)
-                    .max(retry_after.unwrap_or_default());
+                let wait = retry_wait(self.backoff(msg.attempts), retry_after);
                 tracing::warn!(
                     phone = %msg.phone.masked(), attempt = msg.attempts, retry_in = ?wait,
                     "outbox: temporary failure: {}", redact(&message)
@@ -175,6 +205,12 @@ impl Outbox {
         let capped = exp.min(MAX_BACKOFF);
         capped.mul_f64(rand::rng().random_range(0.5..=1.0))
     }
+}
+
+/// How long to wait before the next try: the backoff, or longer if the provider asked for
+/// it (up to [`MAX_RETRY_AFTER`]: a provider's number is not trusted to be sane).
+fn retry_wait(backoff: Duration, retry_after: Option<Duration>) -> Duration {
+    backoff.max(retry_after.unwrap_or_default().min(MAX_RETRY_AFTER))
 }
 
 fn delivery(
@@ -221,7 +257,25 @@ pub fn redact(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::{redact, retry_wait, MAX_RETRY_AFTER};
+    use std::time::Duration;
+
+    #[test]
+    fn a_providers_retry_after_is_obeyed_up_to_an_hour_and_never_shortens_the_backoff() {
+        let backoff = Duration::from_secs(20);
+        assert_eq!(retry_wait(backoff, None), backoff);
+        assert_eq!(retry_wait(backoff, Some(Duration::from_secs(5))), backoff);
+        assert_eq!(
+            retry_wait(backoff, Some(Duration::from_secs(90))),
+            Duration::from_secs(90)
+        );
+        // A nonsense value (it once overflowed the date arithmetic) is read as the cap.
+        let absurd = Some(Duration::from_secs(10_000_000_000_000));
+        assert_eq!(retry_wait(backoff, absurd), MAX_RETRY_AFTER);
+        assert!(chrono::Utc::now()
+            .checked_add_signed(chrono::TimeDelta::from_std(MAX_RETRY_AFTER).unwrap())
+            .is_some());
+    }
 
     #[test]
     fn phone_numbers_in_provider_errors_are_hidden() {

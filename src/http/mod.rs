@@ -461,18 +461,15 @@ async fn status(
                 WebhookError::BadRequest(format!("ErrorCode {c:?} is not a number"))
             })?),
         };
-    let store = &state.engine.store;
-    let mut phone = None;
-    if let Some((id, mut d)) = store.delivery_by_sid(sid)? {
+    let now = chrono::Utc::now();
+    let phone = state.engine.store.update_delivery_by_sid(sid, |d| {
         // Reports can arrive out of order: never move a message's status backwards.
         if status_rank(new_status) >= status_rank(&d.status) {
             d.status = new_status.to_string();
             d.error_code = code.or(d.error_code);
-            d.updated_at = chrono::Utc::now();
-            store.update_delivery(id, &d)?;
+            d.updated_at = now;
         }
-        phone = Some(d.phone);
-    }
+    })?;
     if code == Some(UNSUBSCRIBED) {
         let phone = match phone {
             Some(p) => p,

@@ -493,10 +493,37 @@ impl Store {
         Ok(Some((id, codec::decode(DELIVERY_VERSION, &v)?)))
     }
 
-    pub fn update_delivery(&self, id: u64, d: &Delivery) -> anyhow::Result<()> {
-        self.deliveries
-            .insert(id.to_be_bytes(), codec::encode(DELIVERY_VERSION, d))?;
-        Ok(())
+    /// Applies a delivery report to the message the provider id names, in one transaction:
+    /// an erase or another report landing meanwhile is neither undone nor overwritten.
+    /// Returns the message's number, or `None` when no message has that id (never sent by
+    /// this daemon, or erased).
+    pub fn update_delivery_by_sid(
+        &self,
+        sid: &str,
+        change: impl Fn(&mut Delivery),
+    ) -> anyhow::Result<Option<Phone>> {
+        (&self.sids, &self.deliveries)
+            .transaction(|(sids, deliveries)| {
+                let Some(id) = sids.get(sid)? else {
+                    return Ok(None);
+                };
+                let Some(v) = deliveries.get(&id)? else {
+                    return Ok(None);
+                };
+                let mut d = codec::decode::<Delivery>(DELIVERY_VERSION, &v).map_err(|e| {
+                    ConflictableTransactionError::Abort(Abort(format!("delivery record: {e}")))
+                })?;
+                let before = d.clone();
+                change(&mut d);
+                if d != before {
+                    deliveries.insert(&id, codec::encode(DELIVERY_VERSION, &d))?;
+                }
+                Ok(Some(d.phone))
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(a) => anyhow::anyhow!("updating a delivery: {a}"),
+                TransactionError::Storage(s) => anyhow::anyhow!("updating a delivery: {s}"),
+            })
     }
 
     /// Every delivery record, oldest first.
@@ -537,9 +564,9 @@ impl Store {
     /// Erases a number: its record (with its kept replies), timer, queued messages, history and
     /// delivery records. Returns the erased subscriber, or `None` if it was unknown.
     /// Only the engine's writer calls this, so nothing re-creates the number meanwhile.
-    pub fn erase(&self, phone: &Phone) -> anyhow::Result<Option<Subscriber>> {
-        let Some(sub) = self.subscriber(phone)? else {
-            return Ok(None);
+    pub fn erase(&self, phone: &Phone) -> anyhow::Result<bool> {
+        let Some(raw) = self.subscribers.get(phone.as_str().as_bytes())? else {
+            return Ok(false);
         };
         let mut prefix = phone.as_str().as_bytes().to_vec();
         prefix.push(0);
@@ -547,7 +574,27 @@ impl Store {
             t.scan_prefix(&prefix).keys().map(|k| Ok(k?)).collect()
         };
         let history = keys(&self.history)?;
-        let timer = sub.timer.map(|t| timer_key(&t, phone));
+        // Its pending timer, which the record names. A record that cannot be read (corrupt, or
+        // written by a newer smsflow) is erased all the same; its timers are found by a scan.
+        let timers: Vec<Vec<u8>> = match codec::decode_subscriber(&raw) {
+            Ok(sub) => sub
+                .timer
+                .map(|t| timer_key(&t, phone))
+                .into_iter()
+                .collect(),
+            Err(e) => {
+                tracing::warn!(phone = %phone.masked(), "erasing an unreadable record ({e}); its timers are found by a scan");
+                let mine =
+                    |k: &sled::IVec| k.len() > 9 && &k[8..k.len() - 1] == phone.as_str().as_bytes();
+                self.timers
+                    .iter()
+                    .keys()
+                    .filter_map(Result::ok)
+                    .filter(mine)
+                    .map(|k| k.to_vec())
+                    .collect()
+            }
+        };
         // Its messages' ids, queued or sent. One queued now may be sent before the transaction
         // below; the transaction removes both forms of every id, so it is gone either way.
         let mut ids: Vec<u64> = Vec::new();
@@ -574,38 +621,40 @@ impl Store {
             &self.meta,
         );
         let delta = trees
-            .transaction(|(subs, timers, out, hist, dels, sids, by_phone, meta)| {
-                let mut delta: Counts = [0; COUNTS];
-                let old = subs.remove(phone.as_str().as_bytes())?;
-                if let Some(was) = old.and_then(|o| codec::state_of_record(&o).ok()) {
-                    delta[state_index(&was)] -= 1;
-                }
-                if let Some(k) = &timer {
-                    delta[TIMERS] -= i64::from(timers.remove(k.as_slice())?.is_some());
-                }
-                for k in &history {
-                    hist.remove(k)?;
-                }
-                for id in &ids {
-                    let key = id.to_be_bytes();
-                    delta[OUTBOX] -= i64::from(out.remove(&key[..])?.is_some());
-                    if let Some(d) = dels.remove(&key[..])? {
-                        let sid = codec::decode::<Delivery>(DELIVERY_VERSION, &d)
-                            .ok()
-                            .and_then(|d| d.provider_sid);
-                        if let Some(sid) = sid {
-                            sids.remove(sid.as_bytes())?;
-                        }
+            .transaction(
+                |(subs, timer_tree, out, hist, dels, sids, by_phone, meta)| {
+                    let mut delta: Counts = [0; COUNTS];
+                    let old = subs.remove(phone.as_str().as_bytes())?;
+                    if let Some(was) = old.and_then(|o| codec::state_of_record(&o).ok()) {
+                        delta[state_index(&was)] -= 1;
                     }
-                    by_phone.remove(phone_index_key(phone, OUTBOX_TAG, *id))?;
-                    by_phone.remove(phone_index_key(phone, DELIVERY_TAG, *id))?;
-                }
-                keep_counts(meta, &delta)?;
-                Ok::<_, ConflictableTransactionError<Abort>>(delta)
-            })
+                    for k in &timers {
+                        delta[TIMERS] -= i64::from(timer_tree.remove(k.as_slice())?.is_some());
+                    }
+                    for k in &history {
+                        hist.remove(k)?;
+                    }
+                    for id in &ids {
+                        let key = id.to_be_bytes();
+                        delta[OUTBOX] -= i64::from(out.remove(&key[..])?.is_some());
+                        if let Some(d) = dels.remove(&key[..])? {
+                            let sid = codec::decode::<Delivery>(DELIVERY_VERSION, &d)
+                                .ok()
+                                .and_then(|d| d.provider_sid);
+                            if let Some(sid) = sid {
+                                sids.remove(sid.as_bytes())?;
+                            }
+                        }
+                        by_phone.remove(phone_index_key(phone, OUTBOX_TAG, *id))?;
+                        by_phone.remove(phone_index_key(phone, DELIVERY_TAG, *id))?;
+                    }
+                    keep_counts(meta, &delta)?;
+                    Ok::<_, ConflictableTransactionError<Abort>>(delta)
+                },
+            )
             .map_err(|e| anyhow::anyhow!("erasing {}: {e:?}", phone.masked()))?;
         self.counted(&delta);
-        Ok(Some(sub))
+        Ok(true)
     }
 
     // ---- history -----------------------------------------------------------

@@ -1,5 +1,6 @@
 //! The daemon through its socket: webhooks, signatures, dedup, timers, restarts, outages.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::helpers::*;
@@ -487,4 +488,111 @@ async fn a_send_twilio_accepts_with_an_unreadable_answer_counts_as_sent_without_
         .await
         .expect("accepted");
     assert_eq!(accepted.sid, None);
+}
+
+/// A data dir with one number's record and one queued message that cannot be read (disk
+/// damage, or a newer smsflow): everyone else is still served, the damaged number's timer
+/// does not fire again and again, and an operator can still erase the number.
+#[tokio::test]
+async fn a_damaged_record_holds_up_no_one_else_and_can_still_be_erased() {
+    use smsflow::machine::{State, Subscriber, Timer, TimerKind};
+    use smsflow::phone::Phone;
+    use smsflow::store::{Commit, Store};
+
+    let damaged = "+14155550111";
+    let data = Arc::new(tempfile::tempdir().unwrap());
+    let flows = tempfile::tempdir().unwrap();
+    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
+    {
+        let store = Store::open(data.path()).unwrap();
+        let now = chrono::Utc::now();
+        let due = Timer {
+            at: now - chrono::Duration::minutes(1),
+            kind: TimerKind::Step,
+            epoch: 1,
+        };
+        let mut sub = Subscriber::new(Phone::parse(damaged).unwrap(), now);
+        sub.state = State::Verified;
+        sub.timer = Some(due);
+        let commit = Commit {
+            subscriber: Some(sub),
+            schedule: vec![due],
+            outgoing: vec![("for the damaged number".into(), false)],
+            ..Commit::default()
+        };
+        store.commit_many(&[commit], now).unwrap();
+        store.flush().unwrap();
+    }
+    {
+        let db = sled::open(data.path()).unwrap();
+        db.open_tree("subscribers")
+            .and_then(|t| t.insert(damaged, &[4u8, 0xff, 0xff, 0xff][..]))
+            .unwrap();
+        // Sorts before every real id, so the outbox meets it first.
+        db.open_tree("outbox")
+            .and_then(|t| t.insert([0u8], &b"garbage"[..]))
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let options = smsflow::app::Options {
+        retry_base: Duration::from_millis(10),
+        quiet_console: true,
+    };
+    let twilio = FakeTwilio::start().await;
+    let app = TestApp::start(twilio, data, Arc::new(flows), options, |_| {}).await;
+
+    // Another number is served as usual.
+    let (status, _) = app.sms("+14155550122", "JOIN").await;
+    assert_eq!(status, 200);
+    let delivered = app.twilio.wait_delivered(1).await;
+    assert_eq!(delivered[0].to, "+14155550122");
+
+    // The damaged number's due timer was taken out instead of firing every second.
+    for _ in 0..100 {
+        if app.engine.store.timer_count() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.engine.store.timer_count(), 0);
+    // Its queued message was not sent: whether it opted out cannot be known.
+    assert!(app.twilio.delivered().iter().all(|r| r.to != damaged));
+
+    let erased = app
+        .admin(
+            reqwest::Method::DELETE,
+            &format!("/admin/subscribers/{damaged}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(erased.status().is_success(), "{}", erased.status());
+    let looked_up = app
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/subscribers/{damaged}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(looked_up.status(), 404);
+    app.stop().await;
+}
+
+/// At one message per 20 s, a second code waits for its slot; stopping does not wait with it.
+#[tokio::test]
+async fn a_shutdown_does_not_wait_for_the_next_send_slot() {
+    let app = TestApp::spawn_with(FLOWS, |c| c.send_rate = 0.05).await;
+    assert_eq!(app.sms("+14155550131", "JOIN").await.0, 200);
+    app.twilio.wait_delivered(1).await;
+    assert_eq!(app.sms("+14155550132", "JOIN").await.0, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let (twilio, ..) = app.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stopping took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(twilio.delivered().len(), 1, "the waiting code was not sent");
 }

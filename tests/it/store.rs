@@ -461,3 +461,36 @@ proptest::proptest! {
         proptest::prop_assert_eq!(kept, scanned, "after a reopen");
     }
 }
+
+#[test]
+fn a_delivery_report_changes_only_a_message_still_on_record() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("open");
+    let (a, b) = (
+        Phone::parse("+14155550101").expect("a"),
+        Phone::parse("+14155550102").expect("b"),
+    );
+    two_numbers_with_messages(&store, &a, &b);
+    let delivered = |d: &mut Delivery| d.status = "delivered".into();
+
+    let found = store
+        .update_delivery_by_sid("SMb", delivered)
+        .expect("update");
+    assert_eq!(found, Some(b.clone()));
+    let (_, d) = store.delivery_by_sid("SMb").expect("lookup").expect("kept");
+    assert_eq!(d.status, "delivered");
+
+    // A report that lands after an erase must not write the number's record back.
+    store.erase(&a).expect("erase");
+    let found = store
+        .update_delivery_by_sid("SMa", delivered)
+        .expect("update");
+    assert_eq!(found, None);
+    assert_eq!(messages_of(&store, &a), (0, 0));
+    assert_eq!(
+        store
+            .update_delivery_by_sid("SMnever", delivered)
+            .expect("update"),
+        None
+    );
+}
