@@ -115,6 +115,19 @@ impl Application {
             self.engine.state_counts().iter().sum::<i64>()
         );
         b += &format!(
+            "  retention:   {}\n",
+            c.retention.map_or(
+                "everything is kept (set SMSFLOW_RETENTION to delete old history)".to_string(),
+                |d| {
+                    let age = match d.as_secs() {
+                        s if s % 86_400 == 0 => format!("{} days", s / 86_400),
+                        _ => humantime::format_duration(d).to_string(),
+                    };
+                    format!("history and delivery records older than {age} are deleted daily")
+                }
+            )
+        );
+        b += &format!(
             "  signatures:  {}\n",
             if c.auth_token.is_some() {
                 "checked on every /twilio route"
@@ -216,6 +229,10 @@ impl Application {
         let outbox = tokio::spawn(flagged(health.clone(), |h| &h.outbox, outbox.run()));
         let watcher = tokio::spawn(reloader.clone().watch(stop_rx.clone()));
         let upkeep = tokio::spawn(crate::metrics::upkeep(stop_rx.clone()));
+        let pruner = self
+            .config
+            .retention
+            .map(|keep| tokio::spawn(prune_daily(self.engine.clone(), keep, stop_rx.clone())));
         let hup = tokio::spawn(reloader.clone().on_sighup(stop_rx));
         let served = axum::serve(self.listener, http::router(state))
             .with_graceful_shutdown(shutdown)
@@ -229,8 +246,42 @@ impl Application {
         if let Some(sweep) = sweep {
             let _ = sweep.await;
         }
+        if let Some(pruner) = pruner {
+            let _ = pruner.await;
+        }
         self.engine.store.flush()?;
         served.context("serving HTTP")
+    }
+}
+
+/// With a retention set: deletes history entries and delivery records older than it, at the
+/// start and then once a day, on a blocking thread, stopping early on shutdown.
+async fn prune_daily(engine: Arc<Engine>, keep: Duration, mut stop: watch::Receiver<bool>) {
+    loop {
+        let before = chrono::TimeDelta::from_std(keep)
+            .ok()
+            .and_then(|d| chrono::Utc::now().checked_sub_signed(d));
+        if let Some(before) = before {
+            let store = engine.store.clone();
+            let stopping = stop.clone();
+            let pruned =
+                tokio::task::spawn_blocking(move || store.prune(before, || *stopping.borrow()))
+                    .await;
+            match pruned {
+                Ok(Ok((0, 0))) => {}
+                Ok(Ok((history, deliveries))) => tracing::info!(
+                    history,
+                    deliveries,
+                    "deleted history entries and delivery records older than the retention"
+                ),
+                Ok(Err(e)) => tracing::error!("applying the retention: {e:#}"),
+                Err(e) => tracing::error!("applying the retention: {e}"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(86_400)) => {}
+            _ = stop.changed() => return,
+        }
     }
 }
 

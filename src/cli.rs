@@ -94,6 +94,10 @@ pub struct ServeArgs {
     /// Messages per second per sender [env SMSFLOW_SEND_RATE; default 1].
     #[arg(long)]
     pub send_rate: Option<f64>,
+    /// Delete history entries and delivery records older than this, such as 180d
+    /// [env SMSFLOW_RETENTION; default: keep everything].
+    #[arg(long)]
+    pub retention: Option<String>,
     /// Log format.
     #[arg(long, value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
@@ -399,6 +403,7 @@ pub fn serve_config(args: &ServeArgs) -> anyhow::Result<crate::config::Config> {
         flows: args.flows.clone(),
         region: args.region.clone(),
         send_rate: args.send_rate,
+        retention: args.retention.clone(),
         ..Layer::default()
     };
     flags.over(env.over(file)).resolve()

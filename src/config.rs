@@ -63,6 +63,9 @@ pub struct Config {
     pub api_token: Option<Secret>,
     /// Bearer token for the admin API.
     pub admin_token: Option<Secret>,
+    /// History entries and delivery records older than this are deleted (daily). `None`:
+    /// everything is kept.
+    pub retention: Option<std::time::Duration>,
 }
 
 /// Values as read from one layer; `None` means "not set here".
@@ -77,6 +80,8 @@ pub struct Layer {
     pub send_rate: Option<f64>,
     pub api_token: Option<Secret>,
     pub admin_token: Option<Secret>,
+    /// A duration such as `180d` (humantime).
+    pub retention: Option<String>,
     #[serde(default)]
     pub twilio: TwilioLayer,
 }
@@ -133,6 +138,7 @@ impl Layer {
             send_rate,
             api_token: get("SMSFLOW_API_TOKEN").map(Secret),
             admin_token: get("SMSFLOW_ADMIN_TOKEN").map(Secret),
+            retention: get("SMSFLOW_RETENTION"),
             twilio: TwilioLayer {
                 account_sid: get("TWILIO_ACCOUNT_SID"),
                 auth_token: get("TWILIO_AUTH_TOKEN").map(Secret),
@@ -154,6 +160,7 @@ impl Layer {
             send_rate: self.send_rate.or(lower.send_rate),
             api_token: self.api_token.or(lower.api_token),
             admin_token: self.admin_token.or(lower.admin_token),
+            retention: self.retention.or(lower.retention),
             twilio: TwilioLayer {
                 account_sid: self.twilio.account_sid.or(lower.twilio.account_sid),
                 auth_token: self.twilio.auth_token.or(lower.twilio.auth_token),
@@ -191,6 +198,19 @@ impl Layer {
             send_rate.is_finite() && send_rate > 0.0,
             "send_rate must be a positive number of messages per second"
         );
+        let retention = match self.retention.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(r) => {
+                let d = humantime::parse_duration(r).map_err(|e| {
+                    anyhow::anyhow!("retention {r:?} is not a duration such as 180d ({e})")
+                })?;
+                anyhow::ensure!(
+                    d >= std::time::Duration::from_secs(3600),
+                    "retention {r:?} is shorter than an hour; history is deleted after it"
+                );
+                Some(d)
+            }
+        };
         let t = self.twilio;
         let api_base = t
             .api_base
@@ -236,6 +256,7 @@ impl Layer {
             auth_token: t.auth_token,
             api_token: self.api_token,
             admin_token: self.admin_token,
+            retention,
         })
     }
 }
@@ -298,5 +319,30 @@ mod tests {
         );
         let ok = Layer::from_env(|k| (k == "SMSFLOW_SEND_RATE").then(|| " 0.5 ".to_string()));
         assert_eq!(ok.unwrap().resolve().unwrap().send_rate, 0.5);
+    }
+
+    #[test]
+    fn retention_is_a_duration_of_an_hour_or_more() {
+        let with = |r: &str| {
+            Layer {
+                retention: Some(r.into()),
+                ..Layer::default()
+            }
+            .resolve()
+        };
+        assert_eq!(
+            with("180d").unwrap().retention,
+            Some(std::time::Duration::from_secs(180 * 86_400))
+        );
+        assert_eq!(Layer::default().resolve().unwrap().retention, None);
+        let err = with("half a year").unwrap_err().to_string();
+        assert!(
+            err.contains("retention") && err.contains("half a year"),
+            "{err}"
+        );
+        assert!(with("10m")
+            .unwrap_err()
+            .to_string()
+            .contains("shorter than an hour"));
     }
 }

@@ -657,6 +657,98 @@ impl Store {
         Ok(true)
     }
 
+    // ---- retention -----------------------------------------------------------
+
+    /// Deletes history entries and delivery records from before `before`, a few hundred at
+    /// a time, until done or until `stop` says so. Subscribers and queued messages are never
+    /// touched. Returns how many history entries and delivery records went.
+    pub fn prune(
+        &self,
+        before: DateTime<Utc>,
+        stop: impl Fn() -> bool,
+    ) -> anyhow::Result<(u64, u64)> {
+        const CHUNK: usize = 256;
+        let mut history = 0u64;
+        let mut old: Vec<sled::IVec> = Vec::new();
+        let mut drop_history = |keys: &mut Vec<sled::IVec>| -> anyhow::Result<()> {
+            let mut batch = sled::Batch::default();
+            for k in keys.drain(..) {
+                batch.remove(k);
+                history += 1;
+            }
+            self.history.apply_batch(batch)?;
+            Ok(())
+        };
+        for kv in self.history.iter() {
+            let (k, v) = kv?;
+            // An entry that cannot be read is left for an operator, not guessed at.
+            if codec::decode::<HistoryEntry>(HISTORY_VERSION, &v).is_ok_and(|h| h.at < before) {
+                old.push(k);
+            }
+            if old.len() >= CHUNK {
+                drop_history(&mut old)?;
+                if stop() {
+                    return Ok((history, 0));
+                }
+            }
+        }
+        drop_history(&mut old)?;
+
+        let mut deliveries = 0u64;
+        let mut ids: Vec<u64> = Vec::new();
+        for kv in self.deliveries.iter() {
+            let (k, v) = kv?;
+            let is_old = codec::decode::<Delivery>(DELIVERY_VERSION, &v)
+                .is_ok_and(|d| d.updated_at < before);
+            if let (true, Ok(id)) = (is_old, <[u8; 8]>::try_from(k.as_ref())) {
+                ids.push(u64::from_be_bytes(id));
+            }
+            if ids.len() >= CHUNK {
+                deliveries += self.drop_deliveries(&std::mem::take(&mut ids), before)?;
+                if stop() {
+                    return Ok((history, deliveries));
+                }
+            }
+        }
+        deliveries += self.drop_deliveries(&ids, before)?;
+        Ok((history, deliveries))
+    }
+
+    /// Removes these delivery records (with their provider-id and per-number index entries)
+    /// if they are still there and still older than `before`, in one transaction.
+    fn drop_deliveries(&self, ids: &[u64], before: DateTime<Utc>) -> anyhow::Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        (&self.deliveries, &self.sids, &self.by_phone)
+            .transaction(|(deliveries, sids, by_phone)| {
+                let mut gone = 0u64;
+                for id in ids {
+                    let key = id.to_be_bytes();
+                    let Some(v) = deliveries.get(&key[..])? else {
+                        continue;
+                    };
+                    let Ok(d) = codec::decode::<Delivery>(DELIVERY_VERSION, &v) else {
+                        continue;
+                    };
+                    if d.updated_at >= before {
+                        continue;
+                    }
+                    deliveries.remove(&key[..])?;
+                    if let Some(sid) = &d.provider_sid {
+                        // Only if the id still names this record.
+                        if sids.get(sid.as_bytes())?.as_deref() == Some(&key[..]) {
+                            sids.remove(sid.as_bytes())?;
+                        }
+                    }
+                    by_phone.remove(phone_index_key(&d.phone, DELIVERY_TAG, *id))?;
+                    gone += 1;
+                }
+                Ok::<_, ConflictableTransactionError<Abort>>(gone)
+            })
+            .map_err(|e| anyhow::anyhow!("deleting old delivery records: {e:?}"))
+    }
+
     // ---- history -----------------------------------------------------------
 
     /// The last `n` history entries of a number, oldest first.

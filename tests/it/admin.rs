@@ -530,3 +530,61 @@ async fn ended_sequence_of_a(app: &TestApp) -> serde_json::Value {
     assert_eq!(last["reason"], "sequence no longer exists");
     last
 }
+
+/// With `retention = 30d`, a start deletes history older than that; the subscriber stays.
+#[tokio::test]
+async fn a_daemon_with_a_retention_deletes_old_history_at_start() {
+    use smsflow::machine::{Record, Subscriber};
+    use smsflow::phone::Phone;
+    use smsflow::store::{Commit, HistoryEntry, Store};
+
+    let data = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let flows = tempfile::tempdir().unwrap();
+    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
+    {
+        let store = Store::open(data.path()).unwrap();
+        let now = chrono::Utc::now();
+        let long_ago = now - chrono::Duration::days(90);
+        let entry = |at, via: &str| HistoryEntry {
+            at,
+            record: Record::OptedIn { via: via.into() },
+        };
+        let commit = Commit {
+            subscriber: Some(Subscriber::new(Phone::parse(A).unwrap(), long_ago)),
+            history: vec![entry(long_ago, "long ago"), entry(now, "today")],
+            ..Commit::default()
+        };
+        store.commit_many(&[commit], now).unwrap();
+        store.flush().unwrap();
+    }
+    let options = smsflow::app::Options {
+        retry_base: Duration::from_millis(10),
+        quiet_console: true,
+    };
+    let app = TestApp::start(
+        FakeTwilio::start().await,
+        data,
+        std::sync::Arc::new(flows),
+        options,
+        |c| c.retention = Some(Duration::from_secs(30 * 86_400)),
+    )
+    .await;
+    let mut vias = Vec::new();
+    for _ in 0..100 {
+        let (status, s) = get(&app, "/admin/subscribers/%2B15550000001", None).await;
+        assert_eq!(status, 200);
+        vias = s["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h.to_string())
+            .collect();
+        if vias.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(vias.len(), 1, "{vias:?}");
+    assert!(vias[0].contains("today"), "{vias:?}");
+    app.stop().await;
+}

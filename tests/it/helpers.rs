@@ -299,6 +299,7 @@ impl TestApp {
             auth_token: Some(Secret::new(AUTH_TOKEN)),
             api_token: Some(Secret::new(API_TOKEN)),
             admin_token: Some(Secret::new(ADMIN_TOKEN)),
+            retention: None,
         };
         tweak(&mut config);
         let api_token = config.api_token.as_ref().map(|t| t.expose().to_string());

@@ -494,3 +494,56 @@ fn a_delivery_report_changes_only_a_message_still_on_record() {
         None
     );
 }
+
+#[test]
+fn the_retention_deletes_old_history_and_delivery_records_and_nothing_else() {
+    use smsflow::machine::Record;
+    use smsflow::store::HistoryEntry;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("open");
+    let now = Utc::now();
+    let long_ago = now - Duration::days(400);
+    let phone = Phone::parse("+14155550101").expect("phone");
+    let entry = |at, name: &str| HistoryEntry {
+        at,
+        record: Record::SequenceAssigned { name: name.into() },
+    };
+    let commit = Commit {
+        subscriber: Some(Subscriber::new(phone.clone(), long_ago)),
+        history: vec![entry(long_ago, "old"), entry(now, "new")],
+        outgoing: vec![("first".into(), false), ("second".into(), false)],
+        ..Commit::default()
+    };
+    store.commit_many(&[commit], long_ago).expect("commit");
+    let queued: Vec<u64> = store.outbox().map(|m| m.expect("readable").0).collect();
+    let mut old = sent(&phone, "SMold");
+    old.updated_at = long_ago;
+    store.outbox_finish(queued[0], &old).expect("finish old");
+    store
+        .outbox_finish(queued[1], &sent(&phone, "SMnew"))
+        .expect("finish new");
+
+    let (history, deliveries) = store
+        .prune(now - Duration::days(180), || false)
+        .expect("prune");
+    assert_eq!((history, deliveries), (1, 1));
+    let kept: Vec<Record> = store
+        .history(&phone, 50)
+        .expect("history")
+        .into_iter()
+        .map(|h| h.record)
+        .collect();
+    assert_eq!(kept, vec![Record::SequenceAssigned { name: "new".into() }]);
+    assert!(store.delivery_by_sid("SMold").expect("lookup").is_none());
+    assert!(store.delivery_by_sid("SMnew").expect("lookup").is_some());
+    assert_eq!(messages_of(&store, &phone), (0, 1));
+    assert!(store.subscriber(&phone).expect("read").is_some());
+    // Nothing more is old enough the second time.
+    assert_eq!(
+        store
+            .prune(now - Duration::days(180), || false)
+            .expect("prune"),
+        (0, 0)
+    );
+}
