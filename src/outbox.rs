@@ -141,6 +141,13 @@ impl Outbox {
         // arrived since queueing, or the number may have been erased.
         let sendable = match store.subscriber(&msg.phone) {
             Ok(s) => s.is_some_and(|s| s.state != State::OptedOut),
+            // A storage error: try again later. A record that cannot be read: see below.
+            Err(e)
+                if e.downcast_ref::<crate::store::codec::CodecError>()
+                    .is_none() =>
+            {
+                return Err(e)
+            }
             Err(e) => {
                 // Whether it opted out cannot be known: do not text it, and do not let this
                 // message hold up everyone queued after it.

@@ -555,8 +555,17 @@ async fn a_damaged_record_holds_up_no_one_else_and_can_still_be_erased() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(app.engine.store.timer_count(), 0);
-    // Its queued message was not sent: whether it opted out cannot be known.
+    // Its queued message was not sent (whether it opted out cannot be known): it is
+    // recorded as failed, and the outbox is empty but for the entry that cannot be read.
     assert!(app.twilio.delivered().iter().all(|r| r.to != damaged));
+    let failed = app
+        .engine
+        .store
+        .deliveries()
+        .filter_map(Result::ok)
+        .any(|(_, d)| d.phone.as_str() == damaged && d.status == "failed");
+    assert!(failed, "a failed delivery record for the damaged number");
+    assert_eq!(app.engine.store.outbox().filter(Result::is_ok).count(), 0);
 
     let erased = app
         .admin(

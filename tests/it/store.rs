@@ -512,7 +512,11 @@ fn the_retention_deletes_old_history_and_delivery_records_and_nothing_else() {
     let commit = Commit {
         subscriber: Some(Subscriber::new(phone.clone(), long_ago)),
         history: vec![entry(long_ago, "old"), entry(now, "new")],
-        outgoing: vec![("first".into(), false), ("second".into(), false)],
+        outgoing: vec![
+            ("first".into(), false),
+            ("second".into(), false),
+            ("still queued".into(), false),
+        ],
         ..Commit::default()
     };
     store.commit_many(&[commit], long_ago).expect("commit");
@@ -537,7 +541,8 @@ fn the_retention_deletes_old_history_and_delivery_records_and_nothing_else() {
     assert_eq!(kept, vec![Record::SequenceAssigned { name: "new".into() }]);
     assert!(store.delivery_by_sid("SMold").expect("lookup").is_none());
     assert!(store.delivery_by_sid("SMnew").expect("lookup").is_some());
-    assert_eq!(messages_of(&store, &phone), (0, 1));
+    // The old message still queued stays: only what is finished is deleted.
+    assert_eq!(messages_of(&store, &phone), (1, 1));
     assert!(store.subscriber(&phone).expect("read").is_some());
     // Nothing more is old enough the second time.
     assert_eq!(
@@ -546,4 +551,48 @@ fn the_retention_deletes_old_history_and_delivery_records_and_nothing_else() {
             .expect("prune"),
         (0, 0)
     );
+}
+
+#[test]
+fn erasing_a_record_that_cannot_be_read_removes_its_timer_and_no_one_elses_and_recounts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let now = Utc::now();
+    let due = timer(now + Duration::hours(1));
+    // The second number's digits extend the first's: their timer keys share a prefix.
+    let short = Phone::parse("+14155550101").expect("phone");
+    let long = Phone::from_stored("+141555501012".into()).expect("phone");
+    {
+        let store = Store::open(dir.path()).expect("open");
+        let commits: Vec<Commit> = [&short, &long]
+            .iter()
+            .map(|p| {
+                let mut s = Subscriber::new((*p).clone(), now);
+                s.state = State::Verified;
+                s.timer = Some(due);
+                Commit {
+                    subscriber: Some(s),
+                    schedule: vec![due],
+                    ..Commit::default()
+                }
+            })
+            .collect();
+        store.commit_many(&commits, now).expect("commit");
+        store.flush().expect("flush");
+    }
+    {
+        let db = reopen(|| sled::open(dir.path()));
+        db.open_tree("subscribers")
+            .and_then(|t| t.insert(short.as_str(), &[4u8, 0xff, 0xff][..]))
+            .expect("damage");
+        db.flush().expect("flush");
+    }
+    let store = reopen(|| Store::open(dir.path()));
+    assert!(store.erase(&short).expect("erase"));
+    let left = store
+        .due_timers(now + Duration::days(1), usize::MAX)
+        .expect("timers");
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].phone, long);
+    assert_eq!(store.timer_count(), 1);
+    assert_eq!(counts_of(&store), ([0, 0, 1, 0, 0], [0, 0, 1, 0, 0]));
 }
