@@ -567,24 +567,14 @@ async fn a_damaged_record_holds_up_no_one_else_and_can_still_be_erased() {
     assert!(failed, "a failed delivery record for the damaged number");
     assert_eq!(app.engine.store.outbox().filter(Result::is_ok).count(), 0);
 
-    let erased = app
-        .admin(
-            reqwest::Method::DELETE,
-            &format!("/admin/subscribers/{damaged}"),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert!(erased.status().is_success(), "{}", erased.status());
-    let looked_up = app
-        .admin(
-            reqwest::Method::GET,
-            &format!("/admin/subscribers/{damaged}"),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(looked_up.status(), 404);
+    let path = format!("/admin/subscribers/{damaged}");
+    let status = |method| async {
+        let r = app.admin(method, &path).send().await.unwrap();
+        r.status()
+    };
+    let erased = status(reqwest::Method::DELETE).await;
+    assert!(erased.is_success(), "{erased}");
+    assert_eq!(status(reqwest::Method::GET).await, 404);
     app.stop().await;
 }
 

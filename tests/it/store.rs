@@ -113,6 +113,18 @@ fn two_numbers_with_messages(store: &Store, a: &Phone, b: &Phone) {
     }
 }
 
+/// A new store holding [`two_numbers_with_messages`] (the dir lives as long as the first value).
+fn two_numbers_in_a_new_store() -> (tempfile::TempDir, Store, Phone, Phone) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("open");
+    let (a, b) = (
+        Phone::parse("+14155550101").expect("a"),
+        Phone::parse("+14155550102").expect("b"),
+    );
+    two_numbers_with_messages(&store, &a, &b);
+    (dir, store, a, b)
+}
+
 fn messages_of(store: &Store, p: &Phone) -> (usize, usize) {
     let queued = store
         .outbox()
@@ -127,13 +139,7 @@ fn messages_of(store: &Store, p: &Phone) -> (usize, usize) {
 
 #[test]
 fn erasing_a_number_removes_its_queued_and_sent_messages_and_no_one_elses() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let store = Store::open(dir.path()).expect("open");
-    let (a, b) = (
-        Phone::parse("+14155550101").expect("a"),
-        Phone::parse("+14155550102").expect("b"),
-    );
-    two_numbers_with_messages(&store, &a, &b);
+    let (_dir, store, a, b) = two_numbers_in_a_new_store();
     assert_eq!(messages_of(&store, &a), (1, 1));
 
     store.erase(&a).expect("erase");
@@ -464,13 +470,7 @@ proptest::proptest! {
 
 #[test]
 fn a_delivery_report_changes_only_a_message_still_on_record() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let store = Store::open(dir.path()).expect("open");
-    let (a, b) = (
-        Phone::parse("+14155550101").expect("a"),
-        Phone::parse("+14155550102").expect("b"),
-    );
-    two_numbers_with_messages(&store, &a, &b);
+    let (_dir, store, a, b) = two_numbers_in_a_new_store();
     let delivered = |d: &mut Delivery| d.status = "delivered".into();
 
     let found = store
