@@ -32,6 +32,9 @@ pub struct Outbox {
     next_slot: Instant,
     /// Queued entries that cannot be read, already logged (each is logged once, then skipped).
     unreadable: HashSet<String>,
+    /// What the last look found when nothing was ready, so that a wake-up for a newly queued
+    /// message reads only the new ones instead of the whole backlog (a long outage).
+    waiting: Option<Waiting>,
     stop: watch::Receiver<bool>,
 }
 
@@ -59,6 +62,7 @@ impl Outbox {
             retry_base,
             next_slot: Instant::now(),
             unreadable: HashSet::new(),
+            waiting: None,
             stop,
         }
     }
@@ -90,10 +94,23 @@ impl Outbox {
     /// delivers it (or schedules its retry).
     pub async fn try_deliver_one(&mut self) -> anyhow::Result<Worked> {
         let now = Utc::now();
-        let mut blocked = HashSet::new();
-        let mut earliest: Option<DateTime<Utc>> = None;
+        let erasures = self.engine.store.erasures();
+        // Messages the last look passed over stay unready until the earliest retry among
+        // them, unless a number was erased meanwhile (only this worker changes them
+        // otherwise): then only what was queued since needs reading.
+        let Waiting {
+            upto,
+            until: mut earliest,
+            mut blocked,
+            ..
+        } = self
+            .waiting
+            .take()
+            .filter(|w| w.erasures == erasures && w.until.is_none_or(|t| t > now))
+            .unwrap_or_default();
+        let mut seen = upto;
         let mut ready = None;
-        for entry in self.engine.store.outbox() {
+        for entry in self.engine.store.outbox_after(upto) {
             // One unreadable entry (corrupt, or from a newer smsflow) must not stop the others.
             let (id, msg) = match entry {
                 Ok(e) => e,
@@ -107,6 +124,7 @@ impl Outbox {
                     continue;
                 }
             };
+            seen = Some(id);
             if blocked.contains(&msg.phone) {
                 continue;
             }
@@ -119,6 +137,12 @@ impl Outbox {
             break;
         }
         let Some((id, msg)) = ready else {
+            self.waiting = Some(Waiting {
+                upto: seen,
+                until: earliest,
+                blocked,
+                erasures,
+            });
             return Ok(Worked::Idle(earliest));
         };
         self.deliver(id, msg).await?;
@@ -212,6 +236,17 @@ impl Outbox {
         let capped = exp.min(MAX_BACKOFF);
         capped.mul_f64(rand::rng().random_range(0.5..=1.0))
     }
+}
+
+/// Messages up to `upto` were all waiting (or behind a waiting one of their number, in
+/// `blocked`) when last read; the first of them can be tried at `until`.
+#[derive(Default)]
+struct Waiting {
+    upto: Option<u64>,
+    until: Option<DateTime<Utc>>,
+    blocked: HashSet<crate::phone::Phone>,
+    /// [`crate::store::Store::erasures`] then.
+    erasures: u64,
 }
 
 /// How long to wait before the next try: the backoff, or longer if the provider asked for

@@ -7,7 +7,7 @@
 pub mod codec;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -100,6 +100,9 @@ pub struct Store {
     /// so neither a start nor a `/metrics` scrape walks a tree (sled's `len` does).
     counts: [AtomicI64; COUNTS],
     meta: sled::Tree,
+    /// Numbers erased since the store was opened (the outbox's memory of what waits is
+    /// void after one).
+    erasures: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +179,7 @@ impl Store {
             counts: std::array::from_fn(|i| AtomicI64::new(stored_counts.map_or(0, |c| c[i]))),
             meta,
             db,
+            erasures: AtomicU64::new(0),
         };
         let meta = &store.meta;
         // Data dirs from before the index: build it once.
@@ -239,6 +243,11 @@ impl Store {
             .map_err(|e| anyhow::anyhow!("keeping the recounted states: {e:?}"))?;
         self.counted(&delta);
         Ok(())
+    }
+
+    /// How many numbers were erased since the store was opened.
+    pub fn erasures(&self) -> u64 {
+        self.erasures.load(Relaxed)
     }
 
     fn counted(&self, delta: &Counts) {
@@ -430,11 +439,25 @@ impl Store {
 
     /// Outbox entries in the order they were queued.
     pub fn outbox(&self) -> impl Iterator<Item = anyhow::Result<(u64, OutMessage)>> + '_ {
-        self.outbox.iter().map(|kv| {
-            let (k, v) = kv?;
-            let id = u64::from_be_bytes(k.as_ref().try_into().context("outbox key")?);
-            Ok((id, codec::decode(OUT_VERSION, &v)?))
-        })
+        self.outbox_after(None)
+    }
+
+    /// Outbox entries queued after the one with id `after` (all of them for `None`), in order.
+    pub fn outbox_after(
+        &self,
+        after: Option<u64>,
+    ) -> impl Iterator<Item = anyhow::Result<(u64, OutMessage)>> + '_ {
+        let from = match after {
+            Some(id) => std::ops::Bound::Excluded(id.to_be_bytes().to_vec()),
+            None => std::ops::Bound::Unbounded,
+        };
+        self.outbox
+            .range((from, std::ops::Bound::Unbounded))
+            .map(|kv| {
+                let (k, v) = kv?;
+                let id = u64::from_be_bytes(k.as_ref().try_into().context("outbox key")?);
+                Ok((id, codec::decode(OUT_VERSION, &v)?))
+            })
     }
 
     /// Messages waiting in the outbox (kept as they change, not counted per call).
@@ -670,6 +693,7 @@ impl Store {
             )
             .map_err(|e| anyhow::anyhow!("erasing {}: {e:?}", phone.masked()))?;
         self.counted(&delta.0);
+        self.erasures.fetch_add(1, Relaxed);
         if delta.1 {
             // Which state it was counted in cannot be read: count the states again (rare; only
             // the writer changes subscribers, so nothing moves meanwhile).

@@ -595,3 +595,50 @@ async fn a_shutdown_does_not_wait_for_the_next_send_slot() {
     );
     assert_eq!(twilio.delivered().len(), 1, "the waiting code was not sent");
 }
+
+/// While one number's message waits for a long retry, others are sent at once; and once that
+/// number is erased and joins again, its new code does not wait for the erased one's retry.
+#[tokio::test]
+async fn a_message_waiting_for_its_retry_holds_up_only_its_own_number_and_not_after_an_erase() {
+    let flows = tempfile::tempdir().unwrap();
+    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
+    let options = smsflow::app::Options {
+        retry_base: Duration::from_secs(20),
+        quiet_console: true,
+    };
+    let twilio = FakeTwilio::start().await;
+    twilio.fail_next(&[503]);
+    let data = Arc::new(tempfile::tempdir().unwrap());
+    let app = TestApp::start(twilio, data, Arc::new(flows), options, |_| {}).await;
+    let sent_to = |to: &str| {
+        let to = to.to_string();
+        let twilio = app.twilio.clone();
+        async move {
+            for _ in 0..40 {
+                if twilio.delivered().iter().any(|r| r.to == to) {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
+        }
+    };
+    app.sms(ANN, "JOIN").await;
+    // Ann's code met the 503 and waits 10-20 s for its retry; Bob's goes out at once.
+    app.sms(BOB, "JOIN").await;
+    assert!(sent_to(BOB).await, "Bob's code within 2 s");
+    assert!(!app.twilio.delivered().iter().any(|r| r.to == ANN));
+    // Let the outbox settle into waiting for Ann's retry before she is erased.
+    quiet_for(Duration::from_millis(300)).await;
+
+    let path = format!("/admin/subscribers/{}", ANN.replace('+', "%2B"));
+    let erased = app
+        .admin(reqwest::Method::DELETE, &path)
+        .send()
+        .await
+        .unwrap();
+    assert!(erased.status().is_success(), "{}", erased.status());
+    app.sms(ANN, "JOIN").await;
+    assert!(sent_to(ANN).await, "Ann's new code within 2 s");
+    app.stop().await;
+}

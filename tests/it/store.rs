@@ -596,3 +596,20 @@ fn erasing_a_record_that_cannot_be_read_removes_its_timer_and_no_one_elses_and_r
     assert_eq!(store.timer_count(), 1);
     assert_eq!(counts_of(&store), ([0, 0, 1, 0, 0], [0, 0, 1, 0, 0]));
 }
+
+#[test]
+fn the_outbox_can_be_read_from_after_a_given_message() {
+    let (_dir, store, _, _) = two_numbers_in_a_new_store();
+    let ids: Vec<u64> = store.outbox().map(|m| m.expect("readable").0).collect();
+    assert_eq!(ids.len(), 2);
+    let after = |id| -> Vec<u64> {
+        store
+            .outbox_after(id)
+            .map(|m| m.expect("readable").0)
+            .collect()
+    };
+    assert_eq!(after(None), ids);
+    assert_eq!(after(Some(ids[0])), &ids[1..]);
+    assert_eq!(after(Some(ids[1])), Vec::<u64>::new());
+    assert_eq!(after(ids[0].checked_sub(1)), ids);
+}
