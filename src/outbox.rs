@@ -2,7 +2,7 @@
 //! at most `send_rate` per second, retrying temporary failures with backoff and jitter.
 //! Nothing is dropped silently: every message ends as a delivery record.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use crate::engine::Engine;
 use crate::machine::{Event, State};
+use crate::phone::Phone;
 use crate::provider::{Provider, SendError};
 use crate::store::{Delivery, OutMessage};
 
@@ -95,22 +96,61 @@ impl Outbox {
     pub async fn try_deliver_one(&mut self) -> anyhow::Result<Worked> {
         let now = Utc::now();
         let erasures = self.engine.store.erasures();
-        // Messages the last look passed over stay unready until the earliest retry among
-        // them, unless a number was erased meanwhile (only this worker changes them
-        // otherwise): then only what was queued since needs reading.
-        let Waiting {
-            upto,
-            until: mut earliest,
-            mut blocked,
-            ..
-        } = self
+        // What earlier looks learnt holds until a number is erased (only this worker sends,
+        // retries or finishes messages otherwise).
+        let mut w = self
             .waiting
             .take()
-            .filter(|w| w.erasures == erasures && w.until.is_none_or(|t| t > now))
-            .unwrap_or_default();
-        let mut seen = upto;
-        let mut ready = None;
-        for entry in self.engine.store.outbox_after(upto) {
+            .filter(|w| w.erasures == erasures)
+            .unwrap_or_else(|| Waiting {
+                erasures,
+                ..Waiting::default()
+            });
+        let (id, msg) = loop {
+            // The oldest number whose first message can be tried now; failing that, whatever
+            // was queued since the last look.
+            if let Some(id) = w.due(now) {
+                match self.engine.store.outbox_get(id) {
+                    Ok(Some(msg)) => break (id, msg),
+                    // Gone or unreadable since: its number's next message takes its place.
+                    _ => {
+                        self.advance(&mut w, id)?;
+                        continue;
+                    }
+                }
+            }
+            match self.read_new(&mut w, now) {
+                Some(found) => break found,
+                None => {
+                    let earliest = w.earliest();
+                    self.waiting = Some(w);
+                    return Ok(Worked::Idle(earliest));
+                }
+            }
+        };
+        let phone = msg.phone.clone();
+        self.deliver(id, msg).await?;
+        // Where its number stands now: retried (the same first message, later), or done
+        // (its next message, if one was read already, comes first now).
+        match self.engine.store.outbox_get(id) {
+            Ok(Some(m)) => w.set_head(id, phone, m.next_try),
+            _ => {
+                w.set_head(id, phone, now);
+                self.advance(&mut w, id)?;
+            }
+        }
+        self.waiting = Some(w);
+        // Make the outcome durable before the next send, so a crash cannot make a restart
+        // send this message again (except in the instant between the provider's answer and
+        // this flush). The flush is shared with whatever the writer commits meanwhile.
+        self.engine.durable().await?;
+        Ok(Worked::One)
+    }
+
+    /// Reads the messages queued after the last one read, up to the first that can be sent
+    /// now; each number met for the first time that must wait gets its first message noted.
+    fn read_new(&mut self, w: &mut Waiting, now: DateTime<Utc>) -> Option<(u64, OutMessage)> {
+        for entry in self.engine.store.outbox_after(w.upto) {
             // One unreadable entry (corrupt, or from a newer smsflow) must not stop the others.
             let (id, msg) = match entry {
                 Ok(e) => e,
@@ -124,33 +164,31 @@ impl Outbox {
                     continue;
                 }
             };
-            seen = Some(id);
-            if blocked.contains(&msg.phone) {
+            w.upto = Some(id);
+            if w.head_of.contains_key(&msg.phone) {
                 continue;
             }
             if msg.next_try > now {
-                earliest = Some(earliest.map_or(msg.next_try, |e| e.min(msg.next_try)));
-                blocked.insert(msg.phone.clone());
+                w.set_head(id, msg.phone, msg.next_try);
                 continue;
             }
-            ready = Some((id, msg));
-            break;
+            return Some((id, msg));
         }
-        let Some((id, msg)) = ready else {
-            self.waiting = Some(Waiting {
-                upto: seen,
-                until: earliest,
-                blocked,
-                erasures,
-            });
-            return Ok(Worked::Idle(earliest));
+        None
+    }
+
+    /// The first message `id` of its number is gone: its number's next message, if it was
+    /// read already, becomes the first.
+    fn advance(&self, w: &mut Waiting, id: u64) -> anyhow::Result<()> {
+        let Some(phone) = w.drop_head(id) else {
+            return Ok(());
         };
-        self.deliver(id, msg).await?;
-        // Make the outcome durable before the next send, so a crash cannot make a restart
-        // send this message again (except in the instant between the provider's answer and
-        // this flush). The flush is shared with whatever the writer commits meanwhile.
-        self.engine.durable().await?;
-        Ok(Worked::One)
+        if let Some((next, m)) = self.engine.store.next_queued_of(&phone, id)? {
+            if w.upto.is_some_and(|upto| next <= upto) {
+                w.set_head(next, phone, m.next_try);
+            }
+        }
+        Ok(())
     }
 
     async fn deliver(&mut self, id: u64, mut msg: OutMessage) -> anyhow::Result<()> {
@@ -238,15 +276,44 @@ impl Outbox {
     }
 }
 
-/// Messages up to `upto` were all waiting (or behind a waiting one of their number, in
-/// `blocked`) when last read; the first of them can be tried at `until`.
+/// What the outbox knows of the messages it has read (ids up to `upto`): each waiting
+/// number's first message and when it can be tried. A number's later messages wait behind
+/// its first, so they need no reading until it is gone: a wake-up for a new message reads
+/// only the new ones, and a retry coming due costs a look at the first messages only.
 #[derive(Default)]
 struct Waiting {
     upto: Option<u64>,
-    until: Option<DateTime<Utc>>,
-    blocked: HashSet<crate::phone::Phone>,
-    /// [`crate::store::Store::erasures`] then.
+    /// First message id → (number, next try), in queue order.
+    heads: BTreeMap<u64, (Phone, DateTime<Utc>)>,
+    /// Number → the id of its first message.
+    head_of: HashMap<Phone, u64>,
+    /// [`crate::store::Store::erasures`] when this was learnt.
     erasures: u64,
+}
+
+impl Waiting {
+    fn set_head(&mut self, id: u64, phone: Phone, at: DateTime<Utc>) {
+        self.head_of.insert(phone.clone(), id);
+        self.heads.insert(id, (phone, at));
+    }
+
+    fn drop_head(&mut self, id: u64) -> Option<Phone> {
+        let (phone, _) = self.heads.remove(&id)?;
+        self.head_of.remove(&phone);
+        Some(phone)
+    }
+
+    /// The oldest first message that can be tried at `now`.
+    fn due(&self, now: DateTime<Utc>) -> Option<u64> {
+        self.heads
+            .iter()
+            .find(|(_, (_, at))| *at <= now)
+            .map(|(id, _)| *id)
+    }
+
+    fn earliest(&self) -> Option<DateTime<Utc>> {
+        self.heads.values().map(|(_, at)| *at).min()
+    }
 }
 
 /// How long to wait before the next try: the backoff, or longer if the provider asked for

@@ -460,6 +460,47 @@ impl Store {
             })
     }
 
+    /// One queued message, if it is still queued.
+    pub fn outbox_get(&self, id: u64) -> anyhow::Result<Option<OutMessage>> {
+        match self.outbox.get(id.to_be_bytes())? {
+            None => Ok(None),
+            Some(v) => Ok(Some(codec::decode(OUT_VERSION, &v)?)),
+        }
+    }
+
+    /// The oldest message queued for `phone` after the one with id `after`, found through
+    /// the per-number index (not a walk of the outbox). Entries that cannot be read are
+    /// passed over.
+    pub fn next_queued_of(
+        &self,
+        phone: &Phone,
+        after: u64,
+    ) -> anyhow::Result<Option<(u64, OutMessage)>> {
+        let Some(from) = after.checked_add(1) else {
+            return Ok(None);
+        };
+        let end = phone_index_key(phone, OUTBOX_TAG, u64::MAX);
+        for k in self
+            .by_phone
+            .range(phone_index_key(phone, OUTBOX_TAG, from)..=end)
+            .keys()
+        {
+            let k = k?;
+            let Some(id) = k
+                .len()
+                .checked_sub(8)
+                .and_then(|at| k[at..].try_into().ok())
+                .map(u64::from_be_bytes)
+            else {
+                continue;
+            };
+            if let Ok(Some(msg)) = self.outbox_get(id) {
+                return Ok(Some((id, msg)));
+            }
+        }
+        Ok(None)
+    }
+
     /// Messages waiting in the outbox (kept as they change, not counted per call).
     pub fn outbox_len(&self) -> usize {
         self.counts[OUTBOX].load(Relaxed).max(0) as usize

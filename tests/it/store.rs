@@ -599,7 +599,7 @@ fn erasing_a_record_that_cannot_be_read_removes_its_timer_and_no_one_elses_and_r
 
 #[test]
 fn the_outbox_can_be_read_from_after_a_given_message() {
-    let (_dir, store, _, _) = two_numbers_in_a_new_store();
+    let (_dir, store, a, _) = two_numbers_in_a_new_store();
     let ids: Vec<u64> = store.outbox().map(|m| m.expect("readable").0).collect();
     assert_eq!(ids.len(), 2);
     let after = |id| -> Vec<u64> {
@@ -612,4 +612,20 @@ fn the_outbox_can_be_read_from_after_a_given_message() {
     assert_eq!(after(Some(ids[0])), &ids[1..]);
     assert_eq!(after(Some(ids[1])), Vec::<u64>::new());
     assert_eq!(after(ids[0].checked_sub(1)), ids);
+
+    // A number's next queued message, found through the per-number index.
+    let of_a: Vec<u64> = store
+        .outbox()
+        .map(|m| m.expect("readable"))
+        .filter(|(_, m)| m.phone == a)
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(of_a.len(), 1);
+    let next = store.next_queued_of(&a, 0).expect("index");
+    assert_eq!(
+        next.map(|(id, m)| (id, m.phone)),
+        Some((of_a[0], a.clone()))
+    );
+    assert!(store.next_queued_of(&a, of_a[0]).expect("index").is_none());
+    assert!(store.next_queued_of(&a, u64::MAX).expect("index").is_none());
 }
