@@ -110,10 +110,10 @@ impl Outbox {
             // The oldest number whose first message can be tried now; failing that, whatever
             // was queued since the last look.
             if let Some(id) = w.due(now) {
-                match self.engine.store.outbox_get(id) {
-                    Ok(Some(msg)) => break (id, msg),
+                match still_queued(&self.engine.store, id)? {
+                    Some(msg) => break (id, msg),
                     // Gone or unreadable since: its number's next message takes its place.
-                    _ => {
+                    None => {
                         self.advance(&mut w, id)?;
                         continue;
                     }
@@ -130,20 +130,21 @@ impl Outbox {
         };
         let phone = msg.phone.clone();
         self.deliver(id, msg).await?;
+        // Make the outcome durable before the next send, so a crash cannot make a restart
+        // send this message again (except in the instant between the provider's answer and
+        // this flush). The flush is shared with whatever the writer commits meanwhile.
+        self.engine.durable().await?;
         // Where its number stands now: retried (the same first message, later), or done
-        // (its next message, if one was read already, comes first now).
-        match self.engine.store.outbox_get(id) {
-            Ok(Some(m)) => w.set_head(id, phone, m.next_try),
-            _ => {
+        // (its next message, if one was read already, comes first now). A storage error
+        // returns before `w` is kept, so the next look reads everything again.
+        match still_queued(&self.engine.store, id)? {
+            Some(m) => w.set_head(id, phone, m.next_try),
+            None => {
                 w.set_head(id, phone, now);
                 self.advance(&mut w, id)?;
             }
         }
         self.waiting = Some(w);
-        // Make the outcome durable before the next send, so a crash cannot make a restart
-        // send this message again (except in the instant between the provider's answer and
-        // this flush). The flush is shared with whatever the writer commits meanwhile.
-        self.engine.durable().await?;
         Ok(Worked::One)
     }
 
@@ -273,6 +274,24 @@ impl Outbox {
             .saturating_mul(1u32 << attempts.saturating_sub(1).min(20));
         let capped = exp.min(MAX_BACKOFF);
         capped.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+}
+
+/// A queued message as it is now: `None` when it is gone, or cannot be read (logged). A
+/// storage error is an error: the caller must not take the message for gone.
+fn still_queued(store: &crate::store::Store, id: u64) -> anyhow::Result<Option<OutMessage>> {
+    match store.outbox_get(id) {
+        Ok(m) => Ok(m),
+        Err(e)
+            if e.downcast_ref::<crate::store::codec::CodecError>()
+                .is_some() =>
+        {
+            tracing::error!(
+                "outbox: passing over queued message {id}, which cannot be read: {e:#}"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }
 

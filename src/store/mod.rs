@@ -494,8 +494,12 @@ impl Store {
             else {
                 continue;
             };
-            if let Ok(Some(msg)) = self.outbox_get(id) {
-                return Ok(Some((id, msg)));
+            match self.outbox_get(id) {
+                Ok(Some(msg)) => return Ok(Some((id, msg))),
+                Ok(None) => {}
+                // Unreadable: passed over, as the outbox does. A storage error is an error.
+                Err(e) if e.downcast_ref::<codec::CodecError>().is_some() => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(None)
