@@ -317,8 +317,8 @@ impl Writer {
                         // A due timer of a record that cannot be read would fire again every
                         // second: it is dropped (logged), and the record waits for an operator.
                         // (A storage error is not that: the timer stays and fires again.)
-                        let unreadable = e.downcast_ref::<crate::store::codec::CodecError>();
-                        if let (Some(timer), Some(_)) = (fired, unreadable) {
+                        let unreadable = crate::store::codec::is_unreadable(&e);
+                        if let (Some(timer), true) = (fired, unreadable) {
                             tracing::error!(phone = %phone.masked(), "dropping a due timer: {e:#}");
                             prepared.push(Prepared::new(
                                 &Commit {

@@ -15,6 +15,7 @@ use crate::engine::Engine;
 use crate::machine::{Event, State};
 use crate::phone::Phone;
 use crate::provider::{Provider, SendError};
+use crate::store::codec;
 use crate::store::{Delivery, OutMessage};
 
 /// After this many temporary failures a message is recorded as failed.
@@ -109,12 +110,12 @@ impl Outbox {
         let (id, msg) = loop {
             // The oldest number whose first message can be tried now; failing that, whatever
             // was queued since the last look.
-            if let Some(id) = w.due(now) {
+            if let Some((id, phone)) = w.due(now) {
                 match still_queued(&self.engine.store, id)? {
                     Some(msg) => break (id, msg),
                     // Gone or unreadable since: its number's next message takes its place.
                     None => {
-                        self.advance(&mut w, id)?;
+                        self.advance(&mut w, id, phone)?;
                         continue;
                     }
                 }
@@ -139,10 +140,7 @@ impl Outbox {
         // returns before `w` is kept, so the next look reads everything again.
         match still_queued(&self.engine.store, id)? {
             Some(m) => w.set_head(id, phone, m.next_try),
-            None => {
-                w.set_head(id, phone, now);
-                self.advance(&mut w, id)?;
-            }
+            None => self.advance(&mut w, id, phone)?,
         }
         self.waiting = Some(w);
         Ok(Worked::One)
@@ -178,12 +176,11 @@ impl Outbox {
         None
     }
 
-    /// The first message `id` of its number is gone: its number's next message, if it was
-    /// read already, becomes the first.
-    fn advance(&self, w: &mut Waiting, id: u64) -> anyhow::Result<()> {
-        let Some(phone) = w.drop_head(id) else {
-            return Ok(());
-        };
+    /// Message `id`, the first of `phone`'s, is gone: its next message, if it was read
+    /// already, becomes the first.
+    fn advance(&self, w: &mut Waiting, id: u64, phone: Phone) -> anyhow::Result<()> {
+        w.heads.remove(&id);
+        w.head_of.remove(&phone);
         if let Some((next, m)) = self.engine.store.next_queued_of(&phone, id)? {
             if w.upto.is_some_and(|upto| next <= upto) {
                 w.set_head(next, phone, m.next_try);
@@ -205,12 +202,7 @@ impl Outbox {
         let sendable = match store.subscriber(&msg.phone) {
             Ok(s) => s.is_some_and(|s| s.state != State::OptedOut),
             // A storage error: try again later. A record that cannot be read: see below.
-            Err(e)
-                if e.downcast_ref::<crate::store::codec::CodecError>()
-                    .is_none() =>
-            {
-                return Err(e)
-            }
+            Err(e) if !codec::is_unreadable(&e) => return Err(e),
             Err(e) => {
                 // Whether it opted out cannot be known: do not text it, and do not let this
                 // message hold up everyone queued after it.
@@ -282,10 +274,7 @@ impl Outbox {
 fn still_queued(store: &crate::store::Store, id: u64) -> anyhow::Result<Option<OutMessage>> {
     match store.outbox_get(id) {
         Ok(m) => Ok(m),
-        Err(e)
-            if e.downcast_ref::<crate::store::codec::CodecError>()
-                .is_some() =>
-        {
+        Err(e) if codec::is_unreadable(&e) => {
             tracing::error!(
                 "outbox: passing over queued message {id}, which cannot be read: {e:#}"
             );
@@ -316,18 +305,12 @@ impl Waiting {
         self.heads.insert(id, (phone, at));
     }
 
-    fn drop_head(&mut self, id: u64) -> Option<Phone> {
-        let (phone, _) = self.heads.remove(&id)?;
-        self.head_of.remove(&phone);
-        Some(phone)
-    }
-
-    /// The oldest first message that can be tried at `now`.
-    fn due(&self, now: DateTime<Utc>) -> Option<u64> {
+    /// The oldest first message that can be tried at `now`, and its number.
+    fn due(&self, now: DateTime<Utc>) -> Option<(u64, Phone)> {
         self.heads
             .iter()
             .find(|(_, (_, at))| *at <= now)
-            .map(|(id, _)| *id)
+            .map(|(id, (phone, _))| (*id, phone.clone()))
     }
 
     fn earliest(&self) -> Option<DateTime<Utc>> {

@@ -48,6 +48,12 @@ pub enum CodecError {
     Phone(String),
 }
 
+/// Whether an error is a stored value that cannot be read (as opposed to the storage failing,
+/// which a later try may get past).
+pub fn is_unreadable(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<CodecError>().is_some()
+}
+
 pub fn encode_subscriber(s: &Subscriber) -> Vec<u8> {
     encode_record(s, &[])
 }

@@ -498,7 +498,7 @@ impl Store {
                 Ok(Some(msg)) => return Ok(Some((id, msg))),
                 Ok(None) => {}
                 // Unreadable: passed over, as the outbox does. A storage error is an error.
-                Err(e) if e.downcast_ref::<codec::CodecError>().is_some() => {}
+                Err(e) if codec::is_unreadable(&e) => {}
                 Err(e) => return Err(e),
             }
         }
