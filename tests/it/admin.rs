@@ -307,12 +307,7 @@ async fn admin_routes_need_the_token_when_one_is_set() {
         c.admin_token = Some(smsflow::config::Secret::new("adm1n"))
     })
     .await;
-    let r = app
-        .http
-        .get(format!("{}/admin/subscribers", app.base))
-        .send()
-        .await
-        .unwrap();
+    let r = app.get("/admin/subscribers").await;
     assert_eq!(r.status().as_u16(), 401);
     let err: serde_json::Value = r.json().await.unwrap();
     assert!(err["error"].as_str().unwrap().contains("Bearer"));
@@ -329,12 +324,7 @@ async fn admin_routes_are_off_beyond_loopback_without_a_token() {
         c.admin_token = None;
     })
     .await;
-    let r = app
-        .http
-        .get(format!("{}/admin/subscribers", app.base))
-        .send()
-        .await
-        .unwrap();
+    let r = app.get("/admin/subscribers").await;
     assert_eq!(r.status().as_u16(), 401);
     let err: serde_json::Value = r.json().await.unwrap();
     assert!(err["error"]
@@ -448,12 +438,7 @@ async fn metrics_parse_as_prometheus_text_and_readyz_reports_the_workers() {
     let app = TestApp::spawn(FLOWS).await;
     app.sms(A, "JOIN").await;
     app.twilio.wait_delivered(1).await;
-    let r = app
-        .http
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap();
+    let r = app.get("/metrics").await;
     assert!(r.headers()["content-type"]
         .to_str()
         .unwrap()

@@ -201,29 +201,14 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
     assert!(r.text().await.unwrap().contains("over the 64 KiB limit"));
 
     // A wrong method says so, and which one to use.
-    let r = app
-        .http
-        .get(format!("{}/twilio/sms", app.base))
-        .send()
-        .await
-        .unwrap();
+    let r = app.get("/twilio/sms").await;
     assert_eq!(r.status().as_u16(), 405);
     assert_eq!(r.headers()["allow"], "POST");
     assert!(r.text().await.unwrap().contains("method not allowed"));
 
-    let r = app
-        .http
-        .get(format!("{}/no/such/route", app.base))
-        .send()
-        .await
-        .unwrap();
+    let r = app.get("/no/such/route").await;
     assert_eq!(r.status().as_u16(), 404);
-    let r = app
-        .http
-        .get(format!("{}/healthz", app.base))
-        .send()
-        .await
-        .unwrap();
+    let r = app.get("/healthz").await;
     assert_eq!(r.status().as_u16(), 200);
 
     assert_eq!(app.state_of(ANN), None, "bad input created no subscriber");

@@ -420,6 +420,15 @@ impl TestApp {
         (status, retry, json, text)
     }
 
+    /// A plain `GET` of `path`, with no token.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// A request to the admin API with the daemon's admin token.
     pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let req = self.http.request(method, format!("{}{path}", self.base));

@@ -396,12 +396,7 @@ async fn an_oversize_body_or_wrong_method_is_answered_in_the_apis_json_shape() {
     let got = anonymous(&app, "get_otp", huge, &[]).await;
     assert_failure(&got, 413, 2, "64 KiB");
 
-    let r = app
-        .http
-        .get(format!("{}/authenticate/get_otp", app.base))
-        .send()
-        .await
-        .unwrap();
+    let r = app.get("/authenticate/get_otp").await;
     assert_eq!(r.status().as_u16(), 405);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["exit_code"], 2);
