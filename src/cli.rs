@@ -553,14 +553,24 @@ pub fn export(data: &Path, flows_dir: &Path, out: Option<&Path>, one_hot: bool) 
         None => crate::export::write_csv(&store, &flows, one_hot, std::io::stdout().lock()),
     };
     match written {
-        Ok(rows) => {
+        Ok(done) => {
             let peak = crate::export::peak_rss_kib().map_or("unknown".to_string(), |k| {
                 format!("{:.1} MiB", k as f64 / 1024.0)
             });
             let at_open = opened_kib.map_or("unknown".to_string(), |k| {
                 format!("{:.1} MiB", k as f64 / 1024.0)
             });
-            eprintln!("exported {rows} subscriber(s); peak memory {peak} (after opening the store: {at_open})");
+            eprintln!(
+                "exported {} subscriber(s); peak memory {peak} (after opening the store: {at_open})",
+                done.rows
+            );
+            if done.unreadable > 0 {
+                eprintln!(
+                    "left out {} record(s) that cannot be read (damaged, or from a newer smsflow); \
+                     GET /admin/subscribers lists them by number, and DELETE erases one",
+                    done.unreadable
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

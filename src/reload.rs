@@ -13,6 +13,7 @@ use crate::engine::Engine;
 use crate::flows::{self, Problems};
 use crate::machine::{lost_place, Event, Outcome};
 use crate::phone::Phone;
+use crate::store::Listed;
 
 pub struct Reloader {
     engine: Arc<Engine>,
@@ -161,11 +162,16 @@ pub fn end_lost_places(
                 if n % 1024 == 0 && *stopping.borrow() {
                     return Ok(Vec::new());
                 }
-                match s {
-                    Ok(s) if lost_place(&s.state, &flows).is_some() => lost.push(s.phone),
-                    Ok(_) => {}
+                match s? {
+                    Listed::Readable(s) if lost_place(&s.state, &flows).is_some() => {
+                        lost.push(s.phone)
+                    }
+                    Listed::Readable(_) => {}
                     // One unreadable record must not keep the others in a removed place.
-                    Err(e) => tracing::warn!("after a flow change, skipping a record: {e:#}"),
+                    Listed::Unreadable { key, error } => tracing::warn!(
+                        "after a flow change, skipping the record of {}: {error}",
+                        Listed::masked_key(&key)
+                    ),
                 }
             }
             Ok(lost)

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::AppState;
 use crate::machine::{Event, State as MachineState, Subscriber};
 use crate::phone::Phone;
-use crate::store::HistoryEntry;
+use crate::store::{HistoryEntry, Listed};
 
 /// Errors are JSON: `{"error": "…"}` with a fitting status.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +69,18 @@ pub struct View {
     verified_at: Option<String>,
     last_inbound_at: Option<String>,
     next_timer: Option<TimerView>,
+}
+
+/// One entry of the subscriber list.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Row {
+    Readable(View),
+    /// A record that cannot be read (damaged, or from a newer smsflow): its number and why.
+    Unreadable {
+        phone: String,
+        unreadable: String,
+    },
 }
 
 #[derive(Serialize)]
@@ -207,22 +219,36 @@ pub async fn list(
     };
     let mut page = Vec::new();
     let mut more = false;
-    for s in app.engine.store.subscribers_after(after.as_deref()) {
-        let s = s?;
-        if q.state
-            .as_deref()
-            .is_some_and(|want| want != s.state.name())
-        {
-            continue;
-        }
+    for listed in app.engine.store.subscribers_after(after.as_deref()) {
+        let row = match listed? {
+            Listed::Readable(s) => {
+                if q.state
+                    .as_deref()
+                    .is_some_and(|want| want != s.state.name())
+                {
+                    continue;
+                }
+                Row::Readable(View::of(&s))
+            }
+            // Its state is unknown, so a filtered list leaves it out; the full list shows it,
+            // so that the operator can find and erase it.
+            Listed::Unreadable { .. } if q.state.is_some() => continue,
+            Listed::Unreadable { key, error } => Row::Unreadable {
+                phone: key,
+                unreadable: error.to_string(),
+            },
+        };
         if page.len() == limit {
             more = true;
             break;
         }
-        page.push(View::of(&s));
+        page.push(row);
     }
     let next = if more {
-        page.last().map(|v| v.phone.clone())
+        page.last().map(|r| match r {
+            Row::Readable(v) => v.phone.clone(),
+            Row::Unreadable { phone, .. } => phone.clone(),
+        })
     } else {
         None
     };
@@ -329,9 +355,16 @@ pub async fn export(
             tx: tx.clone(),
             buf: Vec::with_capacity(CHUNK),
         };
-        if let Err(e) = crate::export::write_csv(&engine.store, &flows, one_hot, &mut sink) {
-            tracing::error!("export failed: {e:#}");
-            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        match crate::export::write_csv(&engine.store, &flows, one_hot, &mut sink) {
+            Ok(done) if done.unreadable > 0 => tracing::warn!(
+                "export: left out {} record(s) that cannot be read; GET /admin/subscribers lists them",
+                done.unreadable
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!("export failed: {e:#}");
+                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+            }
         }
         // Let go of the engine before the response can end, so a shutdown right after a
         // download finds the store free.

@@ -55,6 +55,26 @@ pub struct Delivery {
     pub updated_at: DateTime<Utc>,
 }
 
+/// A subscriber record met in a walk over all of them.
+#[derive(Debug)]
+pub enum Listed {
+    Readable(Subscriber),
+    /// Damaged, or written by a newer smsflow. Its key is the number (in full: operators erase
+    /// such a record by it); log it with [`Listed::masked_key`].
+    Unreadable {
+        key: String,
+        error: codec::CodecError,
+    },
+}
+
+impl Listed {
+    /// The number of an unreadable record, masked for logs.
+    pub fn masked_key(key: &str) -> String {
+        Phone::from_stored(key.to_string())
+            .map_or_else(|_| "an unreadable key".to_string(), |p| p.masked())
+    }
+}
+
 /// A history entry as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEntry {
@@ -280,11 +300,13 @@ impl Store {
         Ok(self.record(phone)?.map(|(s, _)| s))
     }
 
-    /// All subscribers in phone order, starting after `after`; undecodable records are errors.
+    /// All subscribers in phone order, starting after `after`. A storage error ends the walk
+    /// (`Err`); a record that cannot be read is [`Listed::Unreadable`], and the walk goes on, so
+    /// one damaged record neither hides the others nor goes unnoticed.
     pub fn subscribers_after(
         &self,
         after: Option<&str>,
-    ) -> impl Iterator<Item = anyhow::Result<Subscriber>> + '_ {
+    ) -> impl Iterator<Item = anyhow::Result<Listed>> + '_ {
         // A walk by `get_gt`, not one `sled::Iter`: an iterator reads each leaf page once, and
         // sled only counts a page against its cache after 64 reads land in the page's cache
         // shard, so a long scan kept ~16k pages resident (98 MiB at a million numbers).
@@ -302,7 +324,13 @@ impl Store {
             match next {
                 Ok(Some((k, v))) => {
                     last = Some(k.to_vec());
-                    Some(codec::decode_subscriber(&v).map_err(anyhow::Error::from))
+                    Some(Ok(match codec::decode_subscriber(&v) {
+                        Ok(s) => Listed::Readable(s),
+                        Err(error) => Listed::Unreadable {
+                            key: String::from_utf8_lossy(&k).into_owned(),
+                            error,
+                        },
+                    }))
                 }
                 Ok(None) => {
                     done = true;
@@ -631,10 +659,7 @@ impl Store {
             match codec::state_of_record(&value) {
                 Ok(state) => counts[state_index(&state)] += 1,
                 Err(e) => {
-                    let who = std::str::from_utf8(&key)
-                        .ok()
-                        .and_then(|k| Phone::from_stored(k.to_string()).ok())
-                        .map_or_else(|| "an unreadable key".to_string(), |p| p.masked());
+                    let who = Listed::masked_key(&String::from_utf8_lossy(&key));
                     tracing::warn!("not counting the record of {who}: {e}");
                 }
             }

@@ -552,6 +552,40 @@ async fn a_damaged_record_holds_up_no_one_else_and_can_still_be_erased() {
     assert!(failed, "a failed delivery record for the damaged number");
     assert_eq!(app.engine.store.outbox().filter(Result::is_ok).count(), 0);
 
+    // The operator finds it by number in the list (and only there: its state is unknown),
+    // and the dataset still has everyone else.
+    let list = |path: &'static str| async {
+        let r = app.admin(reqwest::Method::GET, path).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<serde_json::Value>().await.unwrap()["subscribers"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let all = list("/admin/subscribers").await;
+    let phones: Vec<&str> = all.iter().map(|s| s["phone"].as_str().unwrap()).collect();
+    assert_eq!(phones, [damaged, "+14155550122"]);
+    assert!(
+        !all[0]["unreadable"].as_str().unwrap().is_empty(),
+        "{}",
+        all[0]
+    );
+    assert!(all[0].get("state").is_none(), "{}", all[0]);
+    assert_eq!(all[1]["state"], "awaiting_code");
+    let filtered = list("/admin/subscribers?state=verified").await;
+    assert!(filtered.is_empty(), "{filtered:?}");
+    let csv = app
+        .admin(reqwest::Method::GET, "/admin/export.csv")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1, "{csv}");
+    assert!(rows[0].starts_with("+14155550122,"), "{csv}");
+
     let path = format!("/admin/subscribers/{damaged}");
     let status = |method| async {
         let r = app.admin(method, &path).send().await.unwrap();
@@ -560,6 +594,12 @@ async fn a_damaged_record_holds_up_no_one_else_and_can_still_be_erased() {
     let erased = status(reqwest::Method::DELETE).await;
     assert!(erased.is_success(), "{erased}");
     assert_eq!(status(reqwest::Method::GET).await, 404);
+    let phones: Vec<String> = list("/admin/subscribers")
+        .await
+        .iter()
+        .map(|s| s["phone"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(phones, ["+14155550122"]);
     app.stop().await;
 }
 
