@@ -362,7 +362,17 @@ impl Writer {
                 }
             };
             if is_new && !event.creates_subscriber() {
-                // Nothing to remember about a number we never met (e.g. validate_otp).
+                // Nothing to remember about a number we never met (e.g. validate_otp). A timer
+                // that outlived its number is consumed all the same, or it would fire for ever.
+                if let Some(timer) = fired {
+                    prepared.push(Prepared::new(
+                        &Commit {
+                            fired: Some(timer),
+                            ..Commit::default()
+                        },
+                        now,
+                    ));
+                }
                 committed
                     .answers
                     .push((done, to_commit(t, None, None, inline, now).1));

@@ -120,7 +120,7 @@ impl Outbox {
                     }
                 }
             }
-            match self.read_new(&mut w, now) {
+            match self.read_new(&mut w, now)? {
                 Some(found) => break found,
                 None => {
                     let earliest = w.earliest();
@@ -148,11 +148,19 @@ impl Outbox {
 
     /// Reads the messages queued after the last one read, up to the first that can be sent
     /// now; each number met for the first time that must wait gets its first message noted.
-    fn read_new(&mut self, w: &mut Waiting, now: DateTime<Utc>) -> Option<(u64, OutMessage)> {
+    fn read_new(
+        &mut self,
+        w: &mut Waiting,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<Option<(u64, OutMessage)>> {
         for entry in self.engine.store.outbox_after(w.upto) {
-            // One unreadable entry (corrupt, or from a newer smsflow) must not stop the others.
             let (id, msg) = match entry {
                 Ok(e) => e,
+                // A storage error is the caller's (it waits, then reads everything again):
+                // sled's walk does not move past a page it failed to read, so going on here
+                // would meet the same error for ever.
+                Err(e) if !codec::is_unreadable(&e) => return Err(e),
+                // One unreadable entry (corrupt, or from a newer smsflow) must not stop the others.
                 Err(e) => {
                     let e = format!("{e:#}");
                     if self.unreadable.insert(e.clone()) {
@@ -171,9 +179,9 @@ impl Outbox {
                 w.set_head(id, msg.phone, msg.next_try);
                 continue;
             }
-            return Some((id, msg));
+            return Ok(Some((id, msg)));
         }
-        None
+        Ok(None)
     }
 
     /// Message `id`, the first of `phone`'s, is gone: its next message, if it was read
@@ -209,13 +217,17 @@ impl Outbox {
                 let e = format!("the number's record cannot be read: {e:#}");
                 tracing::error!(phone = %msg.phone.masked(), "outbox: not sending: {e}");
                 crate::metrics::outbound("failed");
-                return store.outbox_finish(id, &delivery(&msg, "failed", None, None, Some(e)));
+                return store
+                    .outbox_finish(id, &delivery(&msg, "failed", None, None, Some(e)))
+                    .map(drop);
             }
         };
         if !sendable {
             tracing::info!(phone = %msg.phone.masked(), "outbox: not sending to an opted-out or erased number");
             crate::metrics::outbound("suppressed");
-            return store.outbox_finish(id, &delivery(&msg, "suppressed", None, None, None));
+            return store
+                .outbox_finish(id, &delivery(&msg, "suppressed", None, None, None))
+                .map(drop);
         }
 
         msg.attempts += 1;
@@ -223,7 +235,9 @@ impl Outbox {
             Ok(accepted) => {
                 tracing::info!(phone = %msg.phone.masked(), sid = ?accepted.sid, "outbox: sent");
                 crate::metrics::outbound("sent");
-                store.outbox_finish(id, &delivery(&msg, "sent", accepted.sid, None, None))
+                store
+                    .outbox_finish(id, &delivery(&msg, "sent", accepted.sid, None, None))
+                    .map(drop)
             }
             Err(SendError::Temporary {
                 message,
@@ -243,13 +257,18 @@ impl Outbox {
             Err(SendError::Temporary { message, .. }) => {
                 tracing::error!(phone = %msg.phone.masked(), "outbox: giving up after {} attempts: {}", msg.attempts, redact(&message));
                 crate::metrics::outbound("failed");
-                store.outbox_finish(id, &delivery(&msg, "failed", None, None, Some(message)))
+                store
+                    .outbox_finish(id, &delivery(&msg, "failed", None, None, Some(message)))
+                    .map(drop)
             }
             Err(SendError::Permanent { code, message }) => {
                 tracing::warn!(phone = %msg.phone.masked(), ?code, "outbox: refused: {}", redact(&message));
                 crate::metrics::outbound("failed");
-                store.outbox_finish(id, &delivery(&msg, "failed", None, code, Some(message)))?;
-                if code == Some(UNSUBSCRIBED) {
+                let still_known = store
+                    .outbox_finish(id, &delivery(&msg, "failed", None, code, Some(message)))?;
+                // Erased while the send was in flight: the number is gone, and must not come
+                // back as an opted-out record.
+                if still_known && code == Some(UNSUBSCRIBED) {
                     self.engine
                         .event(&msg.phone, Event::ProviderUnsubscribed)
                         .await?;

@@ -46,6 +46,8 @@ pub enum CodecError {
     Time(i64),
     #[error("corrupt record: {0}")]
     Phone(String),
+    #[error("corrupt key in the {0} tree")]
+    Key(&'static str),
 }
 
 /// Whether an error is a stored value that cannot be read (as opposed to the storage failing,

@@ -250,26 +250,12 @@ impl Store {
         std::array::from_fn(|i| self.counts[i].load(Relaxed))
     }
 
-    /// Adds a committed transaction's changes to the live counts.
-    /// Sets the kept counts per state to a full count of the records.
-    fn recount_states(&self) -> anyhow::Result<()> {
-        let states = self.count_states()?;
-        let mut delta: Counts = [0; COUNTS];
-        for (i, n) in states.iter().enumerate() {
-            delta[i] = *n as i64 - self.counts[i].load(Relaxed);
-        }
-        self.meta
-            .transaction(|meta| keep_counts(meta, &delta))
-            .map_err(|e| anyhow::anyhow!("keeping the recounted states: {e:?}"))?;
-        self.counted(&delta);
-        Ok(())
-    }
-
     /// How many numbers were erased since the store was opened.
     pub fn erasures(&self) -> u64 {
         self.erasures.load(Relaxed)
     }
 
+    /// Adds a committed transaction's changes to the live counts.
     fn counted(&self, delta: &Counts) {
         for (kept, d) in self.counts.iter().zip(delta) {
             kept.fetch_add(*d, Relaxed);
@@ -483,7 +469,11 @@ impl Store {
             .range((from, std::ops::Bound::Unbounded))
             .map(|kv| {
                 let (k, v) = kv?;
-                let id = u64::from_be_bytes(k.as_ref().try_into().context("outbox key")?);
+                let id = u64::from_be_bytes(
+                    k.as_ref()
+                        .try_into()
+                        .map_err(|_| codec::CodecError::Key("outbox"))?,
+                );
                 Ok((id, codec::decode(OUT_VERSION, &v)?))
             })
     }
@@ -538,7 +528,6 @@ impl Store {
         self.counts[OUTBOX].load(Relaxed).max(0) as usize
     }
 
-    /// Stores a retry's new state.
     /// Stores a retry's new state, unless the message was erased meanwhile.
     pub fn outbox_update(&self, id: u64, msg: &OutMessage) -> anyhow::Result<()> {
         let key = id.to_be_bytes();
@@ -553,8 +542,9 @@ impl Store {
             .map_err(|e| anyhow::anyhow!("updating outbox message {id}: {e:?}"))
     }
 
-    /// Moves a message out of the outbox with its final record, atomically.
-    pub fn outbox_finish(&self, id: u64, delivery: &Delivery) -> anyhow::Result<()> {
+    /// Moves a message out of the outbox with its final record, atomically. False (and no
+    /// record) when the message is gone: its number was erased while it was being sent.
+    pub fn outbox_finish(&self, id: u64, delivery: &Delivery) -> anyhow::Result<bool> {
         let key = id.to_be_bytes();
         let value = codec::encode(DELIVERY_VERSION, delivery);
         let sid = delivery.provider_sid.clone();
@@ -588,7 +578,7 @@ impl Store {
             })
             .map_err(|e| anyhow::anyhow!("finishing outbox message {id}: {e:?}"))?;
         self.counted(&delta);
-        Ok(())
+        Ok(delta[OUTBOX] != 0)
     }
 
     /// The delivery record for a provider message id.
@@ -640,7 +630,11 @@ impl Store {
     pub fn deliveries(&self) -> impl Iterator<Item = anyhow::Result<(u64, Delivery)>> + '_ {
         self.deliveries.iter().map(|kv| {
             let (k, v) = kv?;
-            let id = u64::from_be_bytes(k.as_ref().try_into().context("delivery key")?);
+            let id = u64::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| codec::CodecError::Key("deliveries"))?,
+            );
             Ok((id, codec::decode(DELIVERY_VERSION, &v)?))
         })
     }
@@ -669,7 +663,7 @@ impl Store {
     }
 
     /// Erases a number: its record (with its kept replies), timer, queued messages, history and
-    /// delivery records. Returns the erased subscriber, or `None` if it was unknown.
+    /// delivery records. Returns false if it was unknown.
     /// Only the engine's writer calls this, so nothing re-creates the number meanwhile.
     pub fn erase(&self, phone: &Phone) -> anyhow::Result<bool> {
         let Some(raw) = self.subscribers.get(phone.as_str().as_bytes())? else {
@@ -693,15 +687,26 @@ impl Store {
                 tracing::warn!(phone = %phone.masked(), "erasing an unreadable record ({e}); its timers are found by a scan");
                 let mine =
                     |k: &sled::IVec| k.len() > 9 && &k[8..k.len() - 1] == phone.as_str().as_bytes();
-                self.timers
-                    .iter()
-                    .keys()
-                    .filter_map(Result::ok)
-                    .filter(mine)
-                    .map(|k| k.to_vec())
-                    .collect()
+                let mut found = Vec::new();
+                for k in self.timers.iter().keys() {
+                    // A storage error ends the erase (the caller is told): skipping it could
+                    // leave a timer behind.
+                    let k = k?;
+                    if mine(&k) {
+                        found.push(k.to_vec());
+                    }
+                }
+                found
             }
         };
+        // When even its state cannot be read, the states are counted again, before the
+        // transaction (only the writer changes subscribers, so nothing moves meanwhile), and
+        // the kept counts are set inside it: a crash cannot keep the erase and lose the count.
+        let recounted = match codec::state_of_record(&raw) {
+            Ok(_) => None,
+            Err(_) => Some(self.count_states()?),
+        };
+        let kept = self.state_counts();
         // Its messages' ids, queued or sent. One queued now may be sent before the transaction
         // below; the transaction removes both forms of every id, so it is gone either way.
         let mut ids: Vec<u64> = Vec::new();
@@ -732,10 +737,17 @@ impl Store {
                 |(subs, timer_tree, out, hist, dels, sids, by_phone, meta)| {
                     let mut delta: Counts = [0; COUNTS];
                     let old = subs.remove(phone.as_str().as_bytes())?;
-                    let was = old.and_then(|o| codec::state_of_record(&o).ok());
-                    let state_unknown = was.is_none();
-                    if let Some(was) = was {
-                        delta[state_index(&was)] -= 1;
+                    match (
+                        old.and_then(|o| codec::state_of_record(&o).ok()),
+                        &recounted,
+                    ) {
+                        (Some(was), _) => delta[state_index(&was)] -= 1,
+                        (None, Some(states)) => {
+                            for (i, n) in states.iter().enumerate() {
+                                delta[i] = *n as i64 - kept[i];
+                            }
+                        }
+                        (None, None) => {}
                     }
                     for k in &timers {
                         delta[TIMERS] -= i64::from(timer_tree.remove(k.as_slice())?.is_some());
@@ -758,17 +770,12 @@ impl Store {
                         by_phone.remove(phone_index_key(phone, DELIVERY_TAG, *id))?;
                     }
                     keep_counts(meta, &delta)?;
-                    Ok::<_, ConflictableTransactionError<Abort>>((delta, state_unknown))
+                    Ok::<_, ConflictableTransactionError<Abort>>(delta)
                 },
             )
             .map_err(|e| anyhow::anyhow!("erasing {}: {e:?}", phone.masked()))?;
-        self.counted(&delta.0);
+        self.counted(&delta);
         self.erasures.fetch_add(1, Relaxed);
-        if delta.1 {
-            // Which state it was counted in cannot be read: count the states again (rare; only
-            // the writer changes subscribers, so nothing moves meanwhile).
-            self.recount_states()?;
-        }
         Ok(true)
     }
 

@@ -603,6 +603,102 @@ async fn a_damaged_record_holds_up_no_one_else_and_can_still_be_erased() {
     app.stop().await;
 }
 
+#[tokio::test]
+async fn a_due_timer_whose_number_has_no_record_is_consumed_instead_of_firing_for_ever() {
+    use smsflow::machine::{State, Subscriber, Timer, TimerKind};
+    use smsflow::phone::Phone;
+    use smsflow::store::{Commit, Store};
+
+    let gone = "+14155550141";
+    let data = Arc::new(tempfile::tempdir().unwrap());
+    let flows = tempfile::tempdir().unwrap();
+    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
+    {
+        let store = Store::open(data.path()).unwrap();
+        let now = chrono::Utc::now();
+        let due = Timer {
+            at: now - chrono::Duration::minutes(1),
+            kind: TimerKind::Step,
+            epoch: 1,
+        };
+        let mut sub = Subscriber::new(Phone::parse(gone).unwrap(), now);
+        sub.state = State::Verified;
+        sub.timer = Some(due);
+        let commit = Commit {
+            subscriber: Some(sub),
+            schedule: vec![due],
+            ..Commit::default()
+        };
+        store.commit_many(&[commit], now).unwrap();
+        store.flush().unwrap();
+    }
+    {
+        // The record goes, its timer stays (as a storage fault could leave it).
+        let db = sled::open(data.path()).unwrap();
+        db.open_tree("subscribers")
+            .and_then(|t| t.remove(gone))
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let twilio = FakeTwilio::start().await;
+    let app = TestApp::start(
+        twilio,
+        data,
+        Arc::new(flows),
+        smsflow::app::Options::default(),
+        |_| {},
+    )
+    .await;
+    for _ in 0..100 {
+        if app.engine.store.timer_count() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.engine.store.timer_count(), 0);
+    // Consuming it did not bring the number back.
+    assert_eq!(app.state_of(gone), None);
+    app.stop().await;
+}
+
+/// Twilio refuses a message as unsubscribed (21610) after its number was erased: the number
+/// stays erased instead of coming back as an opted-out record.
+#[tokio::test]
+async fn a_number_erased_while_its_message_is_in_flight_stays_erased_when_twilio_refuses_it() {
+    let app = TestApp::spawn(FLOWS).await;
+    let (erased, other) = ("+14155550151", "+14155550152");
+    app.twilio.unsubscribe(erased);
+    app.twilio.hold();
+    assert_eq!(app.sms(erased, "JOIN").await.0, 200);
+    for _ in 0..200 {
+        if app.twilio.held() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(app.twilio.held(), 1, "the code's send is in flight");
+    let r = app
+        .admin(reqwest::Method::DELETE, "/admin/subscribers/%2B14155550151")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    app.twilio.release();
+    // The outbox sends one message at a time: once a later one arrives, the refusal of the
+    // first has been dealt with.
+    assert_eq!(app.sms(other, "JOIN").await.0, 200);
+    let delivered = app.twilio.wait_delivered(1).await;
+    assert_eq!(delivered[0].to, other);
+    assert_eq!(app.state_of(erased), None);
+    let r = app
+        .admin(reqwest::Method::GET, "/admin/subscribers/%2B14155550151")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    app.stop().await;
+}
+
 /// At one message per 20 s, a second code waits for its slot; stopping does not wait with it.
 #[tokio::test]
 async fn a_shutdown_does_not_wait_for_the_next_send_slot() {

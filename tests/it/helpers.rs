@@ -48,6 +48,10 @@ struct FakeState {
     /// Numbers Twilio treats as unsubscribed (answered 400 / 21610).
     unsubscribed: Vec<String>,
     next_sid: u64,
+    /// While set, message requests wait for a permit before they are answered.
+    gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// Message requests that reached the gate.
+    held: usize,
 }
 
 #[derive(Clone)]
@@ -99,6 +103,23 @@ impl FakeTwilio {
         self.state.lock().unwrap().script.extend(statuses);
     }
 
+    /// Message requests from now on wait, unanswered, until [`FakeTwilio::release`].
+    pub fn hold(&self) {
+        self.state.lock().unwrap().gate = Some(Arc::new(tokio::sync::Semaphore::new(0)));
+    }
+
+    /// How many message requests reached the hold.
+    pub fn held(&self) -> usize {
+        self.state.lock().unwrap().held
+    }
+
+    /// Answers the held requests, and stops holding.
+    pub fn release(&self) {
+        if let Some(gate) = self.state.lock().unwrap().gate.take() {
+            gate.add_permits(tokio::sync::Semaphore::MAX_PERMITS >> 1);
+        }
+    }
+
     pub fn unsubscribe(&self, phone: &str) {
         self.state
             .lock()
@@ -148,6 +169,14 @@ async fn fake_messages(
     let authorized = sid == ACCOUNT_SID
         && headers.get("authorization").and_then(|v| v.to_str().ok())
             == Some(expected_auth.as_str());
+    let gate = {
+        let mut s = state.lock().unwrap();
+        s.held += usize::from(s.gate.is_some());
+        s.gate.clone()
+    };
+    if let Some(gate) = gate {
+        let _permit = gate.acquire().await;
+    }
     let mut s = state.lock().unwrap();
     let to = get("To").unwrap_or_default();
     let (status, body) = if !authorized {
