@@ -187,20 +187,23 @@ impl Application {
         ));
         // Flows edited while the daemon was stopped may have removed places numbers hold
         // (the first start of this version cannot know, so it looks once).
+        // The places are recorded now only when nothing was removed; otherwise the sweep
+        // records them when it is done, so a stop or crash before that makes the next start
+        // sweep again.
         let flows = self.engine.flows();
         let sweep = match self.engine.store.flows_places() {
             Ok(before) if before.as_ref().is_none_or(|b| flows.removed_places_of(b)) => {
                 crate::reload::end_lost_places(&self.engine, stop_rx.clone())
             }
-            Ok(_) => None,
+            Ok(_) => {
+                crate::reload::remember_places(&self.engine, &flows, false);
+                None
+            }
             Err(e) => {
                 tracing::error!("reading the flows' places: {e:#}");
                 None
             }
         };
-        if let Err(e) = self.engine.store.set_flows_places(&flows.places()) {
-            tracing::error!("recording the flows' places: {e:#}");
-        }
         let health = Arc::new(Health::default());
         let state = Arc::new(AppState {
             engine: self.engine.clone(),

@@ -10,7 +10,7 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 
 use crate::engine::Engine;
-use crate::flows::{self, Problems};
+use crate::flows::{self, Flows, Problems};
 use crate::machine::{lost_place, Event, Outcome};
 use crate::phone::Phone;
 use crate::store::Listed;
@@ -42,13 +42,10 @@ impl Reloader {
             Ok(f) => {
                 let summary = f.summary();
                 let shrunk = f.removed_places_of(&self.engine.flows().places());
-                let places = f.places();
                 self.engine.set_flows(f);
                 crate::metrics::reload(true);
                 tracing::info!(trigger = why, "flows reloaded: {summary}");
-                if let Err(e) = self.engine.store.set_flows_places(&places) {
-                    tracing::error!("recording the flows' places: {e:#}");
-                }
+                remember_places(&self.engine, &self.engine.flows(), false);
                 if shrunk {
                     end_lost_places(&self.engine, self.stop.clone());
                 }
@@ -142,11 +139,37 @@ impl Reloader {
     }
 }
 
+/// Records the flows' places (sequences and their steps), which the next start compares
+/// with the flows it loads to tell whether an edit made while stopped removed any. Unless
+/// `narrow` (the sweep for exactly these flows finished), what was recorded before is kept
+/// too: a place stays on record until a finished sweep shows no number holds it, so a sweep
+/// cut short by a stop or a crash is done again at the next start.
+pub fn remember_places(engine: &Engine, flows: &Flows, narrow: bool) {
+    let mut places = flows.places();
+    if !narrow {
+        match engine.store.flows_places() {
+            Ok(before) => {
+                for p in before.unwrap_or_default() {
+                    if !places.contains(&p) {
+                        places.push(p);
+                    }
+                }
+            }
+            // Keep what is on record: at worst the next start sweeps once more.
+            Err(e) => return tracing::error!("reading the flows' places: {e:#}"),
+        }
+    }
+    if let Err(e) = engine.store.set_flows_places(&places) {
+        tracing::error!("recording the flows' places: {e:#}");
+    }
+}
+
 /// Ends, in the background, the sequence of every number whose place the live flows no
 /// longer have (after a reload, or a start with flows edited while stopped), so the admin
 /// API, the export and the metrics show them `verified` at once rather than when their next
 /// timer or text arrives. It gives up when `stop` turns true, so a stopping daemon does not
-/// wait for it.
+/// wait for it. Only when it finished, with those flows still live, are the places on record
+/// narrowed to theirs.
 pub fn end_lost_places(
     engine: &Arc<Engine>,
     stop: watch::Receiver<bool>,
@@ -154,13 +177,13 @@ pub fn end_lost_places(
     let runtime = tokio::runtime::Handle::try_current().ok()?;
     let engine = engine.clone();
     Some(runtime.spawn(async move {
-        let (scan, stopping) = (engine.clone(), stop.clone());
-        let lost = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Phone>> {
-            let flows = scan.flows();
+        let swept = engine.flows();
+        let (scan, flows, stopping) = (engine.clone(), swept.clone(), stop.clone());
+        let lost = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Vec<Phone>>> {
             let mut lost = Vec::new();
             for (n, s) in scan.store.subscribers_after(None).enumerate() {
                 if n % 1024 == 0 && *stopping.borrow() {
-                    return Ok(Vec::new());
+                    return Ok(None);
                 }
                 match s? {
                     Listed::Readable(s) if lost_place(&s.state, &flows).is_some() => {
@@ -174,17 +197,18 @@ pub fn end_lost_places(
                     ),
                 }
             }
-            Ok(lost)
+            Ok(Some(lost))
         })
         .await;
         let lost = match lost {
-            Ok(Ok(l)) => l,
+            Ok(Ok(Some(l))) => l,
+            Ok(Ok(None)) => return,
             Ok(Err(e)) => return tracing::error!("after a flow change, reading subscribers: {e:#}"),
             Err(e) => return tracing::error!("after a flow change, the scan stopped: {e}"),
         };
         // The machine checks again against the flows live when each event runs. Up to
         // 64 at a time, so the writer commits them in shared batches.
-        let mut ended = 0usize;
+        let (mut ended, mut failed) = (0usize, 0usize);
         for chunk in lost.chunks(64) {
             if *stop.borrow() {
                 return;
@@ -201,13 +225,22 @@ pub fn end_lost_places(
                 match joined {
                     Ok((_, Ok(a))) if a.outcome != Outcome::Ignored => ended += 1,
                     Ok((_, Ok(_))) => {}
-                    Ok((phone, Err(e))) => tracing::error!(phone = %phone.masked(), "ending a removed sequence: {e:#}"),
-                    Err(e) => tracing::error!("ending a removed sequence: {e}"),
+                    Ok((phone, Err(e))) => {
+                        failed += 1;
+                        tracing::error!(phone = %phone.masked(), "ending a removed sequence: {e:#}");
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        tracing::error!("ending a removed sequence: {e}");
+                    }
                 }
             }
         }
         if ended > 0 {
             tracing::info!("the flows no longer have the place of {ended} number(s) in a sequence; their sequence ended");
+        }
+        if failed == 0 && Arc::ptr_eq(&engine.flows(), &swept) {
+            remember_places(&engine, &swept, true);
         }
     }))
 }

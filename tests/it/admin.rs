@@ -505,6 +505,47 @@ async fn a_sequence_removed_while_the_daemon_was_stopped_ends_at_the_next_start(
     })
     .await;
     ended_sequence_of_a(&app).await;
+    // The sweep done, the record holds the live places only: the next start does not sweep.
+    eventually("the places to be recorded", async || {
+        app.engine.store.flows_places().unwrap() == Some(app.engine.flows().places())
+    })
+    .await;
+}
+
+/// The record of the flows' places, which a start compares with the flows it loads, only
+/// narrows when a sweep for the live flows is done; until then it keeps the old places, so a
+/// sweep cut short by a stop or a crash is done again at the next start.
+#[tokio::test]
+async fn the_places_on_record_narrow_only_when_a_sweep_for_the_live_flows_is_done() {
+    use smsflow::reload::remember_places;
+    let load = |text: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("flows.toml"), text).unwrap();
+        smsflow::flows::load_dir(dir.path()).unwrap()
+    };
+    let (before, after) = (
+        load(CHOICES),
+        load(&CHOICES.replace("name = \"later\"", "name = \"other\"")),
+    );
+    let (old, new) = (before.places(), after.places());
+    assert_ne!(old, new);
+    let data = tempfile::tempdir().unwrap();
+    let store = smsflow::store::Store::open(data.path()).unwrap();
+    let engine = smsflow::engine::Engine::new(store, before);
+    remember_places(&engine, &engine.flows(), false);
+    assert_eq!(engine.store.flows_places().unwrap(), Some(old.clone()));
+
+    engine.set_flows(after);
+    remember_places(&engine, &engine.flows(), false);
+    let kept = engine.store.flows_places().unwrap().unwrap();
+    assert!(old.iter().chain(&new).all(|p| kept.contains(p)), "{kept:?}");
+    assert!(
+        engine.flows().removed_places_of(&kept),
+        "a start now would sweep"
+    );
+
+    remember_places(&engine, &engine.flows(), true);
+    assert_eq!(engine.store.flows_places().unwrap(), Some(new));
 }
 
 /// A's last history entry, which must be its sequence ending because it is gone.
