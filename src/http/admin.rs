@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::{header, request::Parts, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -170,8 +170,11 @@ impl FromRequestParts<Arc<AppState>> for Operator {
     }
 }
 
-fn phone(state: &AppState, raw: &str) -> Result<Phone, AdminError> {
-    phone_named(state, raw, "phone in path")
+/// The phone in the path; a path that does not decode (`%FF`) is a JSON 400 too.
+fn phone(state: &AppState, raw: Result<Path<String>, PathRejection>) -> Result<Phone, AdminError> {
+    let Path(raw) =
+        raw.map_err(|e| AdminError::BadRequest(format!("phone in path: {}", e.body_text())))?;
+    phone_named(state, &raw, "phone in path")
 }
 
 /// Parses a phone number; `what` names where it came from in the error.
@@ -259,9 +262,9 @@ pub async fn list(
 pub async fn show(
     State(app): State<Arc<AppState>>,
     _operator: Operator,
-    Path(raw): Path<String>,
+    raw: Result<Path<String>, PathRejection>,
 ) -> Result<Response, AdminError> {
-    let phone = phone(&app, &raw)?;
+    let phone = phone(&app, raw)?;
     detail(&app, &phone)
 }
 
@@ -287,9 +290,9 @@ fn detail(app: &AppState, phone: &Phone) -> Result<Response, AdminError> {
 pub async fn opt_out(
     State(app): State<Arc<AppState>>,
     _operator: Operator,
-    Path(raw): Path<String>,
+    raw: Result<Path<String>, PathRejection>,
 ) -> Result<Response, AdminError> {
-    let phone = phone(&app, &raw)?;
+    let phone = phone(&app, raw)?;
     if app.engine.store.subscriber(&phone)?.is_none() {
         return Err(AdminError::NotFound(format!("no subscriber {phone}")));
     }
@@ -302,9 +305,9 @@ pub async fn opt_out(
 pub async fn erase(
     State(app): State<Arc<AppState>>,
     _operator: Operator,
-    Path(raw): Path<String>,
+    raw: Result<Path<String>, PathRejection>,
 ) -> Result<Response, AdminError> {
-    let phone = phone(&app, &raw)?;
+    let phone = phone(&app, raw)?;
     if app.engine.erase(&phone).await? {
         tracing::info!(phone = %phone.masked(), "admin: erased");
         Ok(StatusCode::NO_CONTENT.into_response())

@@ -257,11 +257,16 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-async fn not_found(method: Method, uri: Uri) -> (StatusCode, String) {
-    (
-        StatusCode::NOT_FOUND,
-        format!("no route for {method} {}\n", uri.path()),
-    )
+/// An unknown route, answered in the shape of the API its path is under.
+async fn not_found(method: Method, uri: Uri) -> Response {
+    let says = format!("no route for {method} {}", uri.path());
+    if uri.path().starts_with("/authenticate/") {
+        otp::OtpError::Refused(StatusCode::NOT_FOUND, says).into_response()
+    } else if uri.path().starts_with("/admin") {
+        admin::AdminError::Refused(StatusCode::NOT_FOUND, says).into_response()
+    } else {
+        (StatusCode::NOT_FOUND, format!("{says}\n")).into_response()
+    }
 }
 
 /// Checks the request's Content-Type starts with `expected`; the error names what came.

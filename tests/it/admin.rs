@@ -144,6 +144,16 @@ async fn one_subscriber_shows_its_state_timer_and_history() {
     let (status, err) = get(&app, "/admin/subscribers/not-a-phone", None).await;
     assert_eq!(status, 400);
     assert!(err["error"].as_str().unwrap().contains("phone"));
+    // A path that does not even decode, and a route that does not exist: JSON all the same.
+    let (status, err) = get(&app, "/admin/subscribers/%FF", None).await;
+    assert_eq!(status, 400);
+    assert!(
+        err["error"].as_str().unwrap().contains("phone in path"),
+        "{err}"
+    );
+    let (status, err) = get(&app, "/admin/no-such-thing", None).await;
+    assert_eq!(status, 404);
+    assert!(err["error"].as_str().unwrap().contains("no route"), "{err}");
     let (status, _) = get(&app, "/admin/subscribers/%2B15550009999", None).await;
     assert_eq!(status, 404);
 }

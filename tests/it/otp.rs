@@ -390,7 +390,7 @@ async fn spaces_around_a_code_and_the_channel_in_capitals_are_accepted() {
 }
 
 #[tokio::test]
-async fn an_oversize_body_or_wrong_method_is_answered_in_the_apis_json_shape() {
+async fn an_oversize_body_wrong_method_or_unknown_route_is_answered_in_the_apis_json_shape() {
     let app = TestApp::spawn(FLOWS).await;
     let huge = json!({ "phone": PHONE, "pad": "x".repeat(70 * 1024) });
     let got = anonymous(&app, "get_otp", huge, &[]).await;
@@ -400,6 +400,8 @@ async fn an_oversize_body_or_wrong_method_is_answered_in_the_apis_json_shape() {
     assert_eq!(r.status().as_u16(), 405);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["exit_code"], 2);
+    let got = anonymous(&app, "send_otp", json!({ "phone": PHONE }), &[]).await;
+    assert_failure(&got, 404, 2, "no route");
 
     let r = app
         .admin(reqwest::Method::PUT, "/admin/reload")
