@@ -34,9 +34,20 @@ fn speech(out: &mut String, items: &[Speech]) {
     }
 }
 
+/// Which webhook a voice turn answers. The menu's next URL is relative to it (Twilio resolves
+/// it against the URL it called), so a `public_url` with a path, behind a proxy that strips
+/// it, keeps the path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Asked {
+    /// `/twilio/voice`
+    OnCall,
+    /// `/twilio/voice/gather`
+    InMenu,
+}
+
 /// A voice turn: speak inside a one-key `<Gather>` (silence falls through to a redirect
 /// that re-prompts), or speak and hang up.
-pub fn voice(turn: &Turn) -> String {
+pub fn voice(turn: &Turn, asked: Asked) -> String {
     let mut out = format!("{HEADER}<Response>");
     match turn {
         Turn::Ask { say, menu, attempt } => {
@@ -44,7 +55,11 @@ pub fn voice(turn: &Turn) -> String {
                 .append_pair("menu", menu)
                 .append_pair("attempt", &attempt.to_string())
                 .finish();
-            let action = escape(format!("/twilio/voice/gather?{query}")).into_owned();
+            let next = match asked {
+                Asked::OnCall => "voice/gather",
+                Asked::InMenu => "gather",
+            };
+            let action = escape(format!("{next}?{query}")).into_owned();
             out.push_str(&format!(
                 r#"<Gather input="dtmf" numDigits="1" timeout="5" action="{action}" method="POST">"#
             ));

@@ -2,11 +2,13 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::response::Response;
 use serde::Deserialize;
 
-use super::{twiml, xml, AppState, TwilioForm, WebhookError};
+use super::twiml::{self, Asked};
+use super::{xml, AppState, TwilioForm, WebhookError};
 use crate::engine::Input;
 use crate::flows::IvrAction;
 use crate::ivr::{self, Turn};
@@ -19,10 +21,13 @@ pub async fn call(
 ) -> Result<Response, WebhookError> {
     let flows = state.engine.flows();
     if hidden(&form) {
-        return Ok(xml(twiml::voice(&ivr::hidden_caller(&flows))));
+        return Ok(xml(twiml::voice(
+            &ivr::hidden_caller(&flows),
+            Asked::OnCall,
+        )));
     }
     form.phone("From")?;
-    Ok(xml(twiml::voice(&ivr::call_starts(&flows))))
+    Ok(xml(twiml::voice(&ivr::call_starts(&flows), Asked::OnCall)))
 }
 
 /// Stand-ins Twilio and carriers put in `From` for a withheld number: words, and keypad
@@ -59,12 +64,18 @@ pub struct Where {
 /// The caller pressed a key (or stayed silent) in a menu.
 pub async fn gather(
     State(state): State<Arc<AppState>>,
-    Query(at): Query<Where>,
+    at: Result<Query<Where>, QueryRejection>,
     form: TwilioForm,
 ) -> Result<Response, WebhookError> {
+    // Read only now that the form (and so the signature) has passed: an unsigned request
+    // is refused as unsigned, whatever its query string.
+    let Query(at) = at.map_err(|e| WebhookError::BadRequest(e.body_text()))?;
     let flows = state.engine.flows();
     if hidden(&form) {
-        return Ok(xml(twiml::voice(&ivr::hidden_caller(&flows))));
+        return Ok(xml(twiml::voice(
+            &ivr::hidden_caller(&flows),
+            Asked::InMenu,
+        )));
     }
     let phone = form.phone("From")?;
     let menu = at.menu.unwrap_or_else(|| flows.ivr.start.clone());
@@ -93,5 +104,5 @@ pub async fn gather(
         }
         other => other,
     };
-    Ok(xml(twiml::voice(&turn)))
+    Ok(xml(twiml::voice(&turn, Asked::InMenu)))
 }

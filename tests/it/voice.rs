@@ -15,7 +15,49 @@ async fn voice(app: &TestApp, path: &str, digits: Option<&str>) -> Node {
         .to_str()
         .unwrap()
         .starts_with("text/xml"));
-    parse_xml(&r.text().await.unwrap())
+    let mut twiml = parse_xml(&r.text().await.unwrap());
+    // Twilio resolves the menu's relative URLs against the URL it called: so do the tests.
+    for node in &mut twiml.children {
+        match node.name.as_str() {
+            "Gather" => {
+                let action = node.attrs.get_mut("action").unwrap();
+                *action = next_url(path, action);
+            }
+            "Redirect" => node.text = next_url(path, &node.text),
+            _ => {}
+        }
+    }
+    twiml
+}
+
+/// `relative` as Twilio would request it after calling `called` (both paths with queries).
+fn next_url(called: &str, relative: &str) -> String {
+    assert!(
+        !relative.starts_with('/'),
+        "relative, to keep a proxy's path prefix: {relative}"
+    );
+    let base = reqwest::Url::parse("https://example.com")
+        .unwrap()
+        .join(called)
+        .unwrap();
+    let next = base.join(relative).unwrap();
+    format!("{}?{}", next.path(), next.query().unwrap_or_default())
+}
+
+#[test]
+fn the_menus_next_url_keeps_a_path_prefix_a_proxy_strips() {
+    for (called, next) in [
+        ("/smsflow/twilio/voice", "voice/gather?menu=main&attempt=0"),
+        (
+            "/smsflow/twilio/voice/gather?menu=info&attempt=0",
+            "gather?menu=main&attempt=0",
+        ),
+    ] {
+        assert_eq!(
+            next_url(called, next),
+            "/smsflow/twilio/voice/gather?menu=main&attempt=0"
+        );
+    }
 }
 
 /// The menu a response asks, via its Gather action.
