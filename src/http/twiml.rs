@@ -6,6 +6,21 @@ use crate::ivr::{Speech, Turn};
 
 const HEADER: &str = r#"<?xml version="1.0" encoding="UTF-8"?>"#;
 
+/// Text as XML character data: escaped by quick-xml, and without the characters XML 1.0 does
+/// not allow at all (C0 controls other than tab, LF and CR; U+FFFE, U+FFFF), which no escape
+/// can carry and which would make Twilio reject the whole answer. A form field may hold one
+/// (GSM 03.38 has a form feed) and a reply may quote it.
+fn text(t: &str) -> std::borrow::Cow<'_, str> {
+    let allowed = |c: char| matches!(c, '\t' | '\n' | '\r' | ' '..='\u{fffd}' | '\u{10000}'..);
+    if t.chars().all(allowed) {
+        escape(t)
+    } else {
+        escape(t.chars().filter(|c| allowed(*c)).collect::<String>())
+            .into_owned()
+            .into()
+    }
+}
+
 /// `<Response>` with one `<Message>` per text, or an empty `<Response/>`.
 pub fn messages(texts: &[String]) -> String {
     if texts.is_empty() {
@@ -14,7 +29,7 @@ pub fn messages(texts: &[String]) -> String {
     let mut out = format!("{HEADER}<Response>");
     for t in texts {
         out.push_str("<Message>");
-        out.push_str(&escape(t.as_str()));
+        out.push_str(&text(t));
         out.push_str("</Message>");
     }
     out.push_str("</Response>");
@@ -24,9 +39,9 @@ pub fn messages(texts: &[String]) -> String {
 fn speech(out: &mut String, items: &[Speech]) {
     for s in items {
         match s {
-            Speech::Say(text) => {
+            Speech::Say(words) => {
                 out.push_str("<Say>");
-                out.push_str(&escape(text.as_str()));
+                out.push_str(&text(words));
                 out.push_str("</Say>");
             }
             Speech::Pause(secs) => out.push_str(&format!(r#"<Pause length="{secs}"/>"#)),
@@ -103,6 +118,17 @@ mod tests {
             x.contains("<Message>Tom &amp; Jerry &lt;3 &quot;quotes&quot;</Message>"),
             "{x}"
         );
+    }
+
+    #[test]
+    fn characters_xml_cannot_carry_are_left_out_and_the_rest_kept() {
+        let x = messages(&["Ann\u{c}e\u{0} <\u{fffe}\u{ffff}é\t😀".to_string()]);
+        assert!(x.contains("<Message>Anne &lt;é\t😀</Message>"), "{x}");
+        let spoken = voice(
+            &Turn::End(vec![Speech::Say("a\u{1b}b".into())]),
+            Asked::InMenu,
+        );
+        assert!(spoken.contains("<Say>ab</Say>"), "{spoken}");
     }
 
     #[test]
