@@ -32,12 +32,13 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Write the dataset as CSV: one row per phone, every form field.
     Export {
-        /// Data directory.
-        #[arg(long, env = "SMSFLOW_DATA", default_value = "data")]
-        data: PathBuf,
-        /// Flow directory, for the field columns.
-        #[arg(long, env = "SMSFLOW_FLOWS", default_value = "flows")]
-        flows: PathBuf,
+        /// Data directory [default: SMSFLOW_DATA, else `data` in smsflow.toml, else ./data].
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Flow directory, for the field columns [default: SMSFLOW_FLOWS, else `flows` in
+        /// smsflow.toml, else ./flows].
+        #[arg(long)]
+        flows: Option<PathBuf>,
         /// Output file (default: standard output).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -511,7 +512,38 @@ pub fn bench(args: crate::bench::BenchArgs) -> ExitCode {
     }
 }
 
-pub fn export(data: &Path, flows_dir: &Path, out: Option<&Path>, one_hot: bool) -> ExitCode {
+/// Where `export` finds the data and flow dirs: the flags, then the environment, then
+/// `smsflow.toml`, then the defaults, as for `serve`.
+fn export_dirs(
+    data: Option<PathBuf>,
+    flows: Option<PathBuf>,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    use crate::config::Layer;
+    let file = Layer::from_file(Path::new("smsflow.toml"), false)?;
+    let env = Layer::from_env(|k| std::env::var(k).ok())?;
+    let flags = Layer {
+        data,
+        flows,
+        ..Layer::default()
+    };
+    let config = flags.over(env.over(file)).resolve()?;
+    Ok((config.data_dir, config.flows_dir))
+}
+
+pub fn export(
+    data: Option<PathBuf>,
+    flows: Option<PathBuf>,
+    out: Option<&Path>,
+    one_hot: bool,
+) -> ExitCode {
+    let (data, flows_dir) = match export_dirs(data, flows) {
+        Ok(dirs) => dirs,
+        Err(e) => {
+            eprintln!("smsflow export: {e:#}");
+            return ExitCode::from(EXIT_PROBLEMS);
+        }
+    };
+    let (data, flows_dir) = (data.as_path(), flows_dir.as_path());
     let flows = match flows::load_dir(flows_dir) {
         Ok(f) => f,
         Err(p) => {
@@ -521,7 +553,7 @@ pub fn export(data: &Path, flows_dir: &Path, out: Option<&Path>, one_hot: bool) 
     };
     if !data.exists() {
         eprintln!(
-            "smsflow export: no data dir at {} (set --data or SMSFLOW_DATA)",
+            "smsflow export: no data dir at {} (set --data, SMSFLOW_DATA or `data` in smsflow.toml)",
             data.display()
         );
         return ExitCode::from(EXIT_USAGE);

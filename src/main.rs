@@ -21,7 +21,7 @@ fn main() -> ExitCode {
             flows,
             out,
             one_hot,
-        } => cli::export(&data, &flows, out.as_deref(), one_hot),
+        } => cli::export(data, flows, out.as_deref(), one_hot),
         Command::Check { dir } => cli::check(&dir),
         Command::Test { dir } => cli::test(&dir),
         Command::Simulate { flows, phone, seed } => cli::simulate(&flows, &phone, seed),

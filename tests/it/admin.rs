@@ -291,14 +291,20 @@ async fn the_export_has_a_row_per_phone_with_category_columns() {
         "names this daemon's endpoint: {said}"
     );
 
-    // ...and exports the same dataset, with --one-hot, once it is stopped.
+    // ...and exports the same dataset, with --one-hot, once it is stopped (finding the
+    // directories where the operator's smsflow.toml says, as `serve` does).
     let _kept = app.stop().await;
+    let here = tempfile::tempdir().unwrap();
+    std::fs::write(
+        here.path().join("smsflow.toml"),
+        format!("data = {:?}\nflows = {:?}\n", data, flows),
+    )
+    .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .current_dir(here.path())
+        .env_remove("SMSFLOW_DATA")
+        .env_remove("SMSFLOW_FLOWS")
         .arg("export")
-        .arg("--data")
-        .arg(&data)
-        .arg("--flows")
-        .arg(&flows)
         .arg("--one-hot")
         .output()
         .unwrap();
