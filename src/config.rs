@@ -106,16 +106,18 @@ impl Layer {
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        toml::from_str(&text).map_err(|e| {
-            let (line, col) = e.span().map_or((1, 1), |s| {
-                let before = &text[..s.start.min(text.len())];
-                (
-                    before.matches('\n').count() + 1,
-                    before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
-                )
-            });
-            anyhow::anyhow!("{}:{line}:{col}: {}", path.display(), e.message().trim())
-        })
+        toml::from_str::<Layer>(&text)
+            .map(Layer::tidy)
+            .map_err(|e| {
+                let (line, col) = e.span().map_or((1, 1), |s| {
+                    let before = &text[..s.start.min(text.len())];
+                    (
+                        before.matches('\n').count() + 1,
+                        before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
+                    )
+                });
+                anyhow::anyhow!("{}:{line}:{col}: {}", path.display(), e.message().trim())
+            })
     }
 
     /// The environment layer: `SMSFLOW_*` and `TWILIO_*`.
@@ -129,7 +131,7 @@ impl Layer {
                 )
             })?),
         };
-        Ok(Layer {
+        Ok(Layer::tidy(Layer {
             listen: get("SMSFLOW_LISTEN"),
             public_url: get("SMSFLOW_PUBLIC_URL"),
             data: get("SMSFLOW_DATA").map(PathBuf::from),
@@ -146,7 +148,21 @@ impl Layer {
                 messaging_service_sid: get("TWILIO_MESSAGING_SERVICE_SID"),
                 api_base: get("TWILIO_API_BASE"),
             },
-        })
+        }))
+    }
+
+    /// Secrets as they are meant: without the whitespace an env file or an editor leaves
+    /// around them (a request's token is read trimmed too), and a blank one is no secret, so
+    /// `api_token = ""` leaves the API local-only instead of locking it.
+    fn tidy(mut self) -> Layer {
+        let tidy = |s: Option<Secret>| {
+            s.map(|s| Secret(s.0.trim().to_string()))
+                .filter(|s| !s.0.is_empty())
+        };
+        self.api_token = tidy(self.api_token);
+        self.admin_token = tidy(self.admin_token);
+        self.twilio.auth_token = tidy(self.twilio.auth_token);
+        self
     }
 
     /// `self` with every unset value taken from `lower`.
@@ -289,6 +305,26 @@ mod tests {
             c.twilio.is_none(),
             "no credentials means the console provider"
         );
+    }
+
+    #[test]
+    fn blank_tokens_are_unset_and_tokens_lose_surrounding_whitespace_wherever_they_come_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("smsflow.toml");
+        std::fs::write(
+            &path,
+            "api_token = \"\"\nadmin_token = \" s3cret \"\n[twilio]\nauth_token = \"  \"\n",
+        )
+        .unwrap();
+        let file = Layer::from_file(&path, true).unwrap();
+        assert!(file.api_token.is_none() && file.twilio.auth_token.is_none());
+        assert_eq!(
+            file.admin_token.as_ref().map(Secret::expose),
+            Some("s3cret")
+        );
+        let env =
+            Layer::from_env(|k| (k == "SMSFLOW_API_TOKEN").then(|| "t0k\n".to_string())).unwrap();
+        assert_eq!(env.api_token.as_ref().map(Secret::expose), Some("t0k"));
     }
 
     #[test]

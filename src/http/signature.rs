@@ -36,6 +36,20 @@ pub fn verify(token: &str, url: &str, params: &[(String, String)], signature: &s
         .any(|u| mac(token, u, params).is_some_and(|m| m.verify_slice(&given).is_ok()))
 }
 
+/// Whether a bearer token a request gave is the configured one, in constant time and without
+/// telling its length: both are MACed with the configured token as the key, and the MACs,
+/// always 20 bytes, are compared.
+pub fn same_token(given: &str, token: &str) -> bool {
+    let Some(mut expected) = mac(token, "", &[]) else {
+        return false;
+    };
+    expected.update(token.as_bytes());
+    mac(token, "", &[]).is_some_and(|mut m| {
+        m.update(given.as_bytes());
+        m.verify_slice(&expected.finalize().into_bytes()).is_ok()
+    })
+}
+
 fn url_variants(url: &str) -> Vec<String> {
     let mut out = vec![url.to_string()];
     let Ok(parsed) = url::Url::parse(url) else {
@@ -133,5 +147,13 @@ mod tests {
             &params,
             "m+ydFfHlycJ9mNu+dGTFBE8Juxk="
         ));
+    }
+
+    #[test]
+    fn a_bearer_token_matches_only_itself() {
+        assert!(same_token("s3cret", "s3cret"));
+        for wrong in ["", "s3cre", "s3cret!", "S3CRET", "x3cret"] {
+            assert!(!same_token(wrong, "s3cret"), "{wrong:?}");
+        }
     }
 }
