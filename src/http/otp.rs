@@ -156,6 +156,21 @@ pub async fn get_otp(
     let Some((text, code)) = applied.codes.into_iter().next() else {
         return Err(OtpError::Unexpected(anyhow::anyhow!("no code was issued")));
     };
+    // The send, and the withdrawal of a code it could not deliver, run to the end even if
+    // the client goes away meanwhile (axum drops a handler whose connection closed).
+    tokio::spawn(deliver(state, phone, voice, text, code))
+        .await
+        .map_err(|e| OtpError::Unexpected(anyhow::anyhow!("sending the code stopped: {e}")))?
+}
+
+/// Sends an issued code by text or call; a code that could not be sent is withdrawn.
+async fn deliver(
+    state: Arc<AppState>,
+    phone: Phone,
+    voice: bool,
+    text: String,
+    code: String,
+) -> Result<Response, OtpError> {
     let sent = if voice {
         let flows = state.engine.flows();
         let spoken = flows.verify.voice.render(|n| match n {

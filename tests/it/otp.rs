@@ -305,6 +305,45 @@ async fn a_provider_failure_is_exit_5_and_the_unsent_code_is_not_usable() {
     assert_failure(&got, 403, 1, "invalid");
 }
 
+/// The client gives up while the provider is still answering (and then refuses): the code
+/// is withdrawn all the same.
+#[tokio::test]
+async fn a_code_whose_send_fails_after_the_client_left_is_not_usable() {
+    let app = TestApp::spawn(FLOWS).await;
+    app.twilio.hold();
+    app.twilio.fail_next(&[500]);
+    let mut req = app
+        .http
+        .post(format!("{}/authenticate/get_otp", app.base))
+        .json(&json!({ "phone": PHONE }))
+        .timeout(Duration::from_millis(300));
+    if let Some(t) = &app.api_token {
+        req = req.bearer_auth(t);
+    }
+    let gave_up = req.send().await;
+    assert!(gave_up.is_err(), "the client timed out: {gave_up:?}");
+    assert_eq!(app.twilio.held(), 1);
+    app.twilio.release();
+    // The refusal comes, then the withdrawal (an event of its own).
+    let phone = smsflow::phone::Phone::parse(PHONE).unwrap();
+    let issued = || {
+        app.engine
+            .store
+            .subscriber(&phone)
+            .unwrap()
+            .map_or(0, |s| s.codes.len())
+    };
+    for _ in 0..100 {
+        if app.twilio.attempts() == 1 && issued() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(issued(), 0, "the unsent code was withdrawn");
+    let c = code_in(&app.twilio.all_requests()[0].body);
+    assert_failure(&validate(&app, &c).await, 403, 1, "invalid");
+}
+
 #[tokio::test]
 async fn an_opted_out_phone_is_exit_1_saying_so() {
     let app = TestApp::spawn(FLOWS).await;
