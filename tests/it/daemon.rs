@@ -475,39 +475,46 @@ async fn a_send_twilio_accepts_with_an_unreadable_answer_counts_as_sent_without_
     assert_eq!(accepted.sid, None);
 }
 
+/// A data dir holding one verified number whose step timer is a minute overdue (and, if
+/// given, a queued message to it), and a flow dir with the test flows.
+fn dirs_with_a_due_timer(
+    phone: &str,
+    queued: Option<&str>,
+) -> (Arc<tempfile::TempDir>, tempfile::TempDir) {
+    use smsflow::machine::{State, Subscriber, Timer, TimerKind};
+    use smsflow::store::{Commit, Store};
+
+    let data = Arc::new(tempfile::tempdir().unwrap());
+    let flows = tempfile::tempdir().unwrap();
+    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
+    let store = Store::open(data.path()).unwrap();
+    let now = chrono::Utc::now();
+    let due = Timer {
+        at: now - chrono::Duration::minutes(1),
+        kind: TimerKind::Step,
+        epoch: 1,
+    };
+    let mut sub = Subscriber::new(smsflow::phone::Phone::parse(phone).unwrap(), now);
+    sub.state = State::Verified;
+    sub.timer = Some(due);
+    let commit = Commit {
+        subscriber: Some(sub),
+        schedule: vec![due],
+        outgoing: queued.map(|q| (q.to_string(), false)).into_iter().collect(),
+        ..Commit::default()
+    };
+    store.commit_many(&[commit], now).unwrap();
+    store.flush().unwrap();
+    (data, flows)
+}
+
 /// A data dir with one number's record and one queued message that cannot be read (disk
 /// damage, or a newer smsflow): everyone else is still served, the damaged number's timer
 /// does not fire again and again, and an operator can still erase the number.
 #[tokio::test]
 async fn a_damaged_record_holds_up_no_one_else_and_can_still_be_erased() {
-    use smsflow::machine::{State, Subscriber, Timer, TimerKind};
-    use smsflow::phone::Phone;
-    use smsflow::store::{Commit, Store};
-
     let damaged = "+14155550111";
-    let data = Arc::new(tempfile::tempdir().unwrap());
-    let flows = tempfile::tempdir().unwrap();
-    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
-    {
-        let store = Store::open(data.path()).unwrap();
-        let now = chrono::Utc::now();
-        let due = Timer {
-            at: now - chrono::Duration::minutes(1),
-            kind: TimerKind::Step,
-            epoch: 1,
-        };
-        let mut sub = Subscriber::new(Phone::parse(damaged).unwrap(), now);
-        sub.state = State::Verified;
-        sub.timer = Some(due);
-        let commit = Commit {
-            subscriber: Some(sub),
-            schedule: vec![due],
-            outgoing: vec![("for the damaged number".into(), false)],
-            ..Commit::default()
-        };
-        store.commit_many(&[commit], now).unwrap();
-        store.flush().unwrap();
-    }
+    let (data, flows) = dirs_with_a_due_timer(damaged, Some("for the damaged number"));
     {
         let db = sled::open(data.path()).unwrap();
         db.open_tree("subscribers")
@@ -605,33 +612,8 @@ async fn a_damaged_record_holds_up_no_one_else_and_can_still_be_erased() {
 
 #[tokio::test]
 async fn a_due_timer_whose_number_has_no_record_is_consumed_instead_of_firing_for_ever() {
-    use smsflow::machine::{State, Subscriber, Timer, TimerKind};
-    use smsflow::phone::Phone;
-    use smsflow::store::{Commit, Store};
-
     let gone = "+14155550141";
-    let data = Arc::new(tempfile::tempdir().unwrap());
-    let flows = tempfile::tempdir().unwrap();
-    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
-    {
-        let store = Store::open(data.path()).unwrap();
-        let now = chrono::Utc::now();
-        let due = Timer {
-            at: now - chrono::Duration::minutes(1),
-            kind: TimerKind::Step,
-            epoch: 1,
-        };
-        let mut sub = Subscriber::new(Phone::parse(gone).unwrap(), now);
-        sub.state = State::Verified;
-        sub.timer = Some(due);
-        let commit = Commit {
-            subscriber: Some(sub),
-            schedule: vec![due],
-            ..Commit::default()
-        };
-        store.commit_many(&[commit], now).unwrap();
-        store.flush().unwrap();
-    }
+    let (data, flows) = dirs_with_a_due_timer(gone, None);
     {
         // The record goes, its timer stays (as a storage fault could leave it).
         let db = sled::open(data.path()).unwrap();
