@@ -82,7 +82,10 @@ impl Phone {
         if is_e164(trimmed) && has_country_code(&trimmed[1..]) {
             return Ok(Phone(trimmed.to_string()));
         }
-        let number = phonenumber::parse(Some(region.0), trimmed)
+        // A number with its country code is read by that code alone: given a region too, the
+        // parser strips that region's national prefix ("+44 1632…" lost its 1 under US).
+        let region = (!trimmed.starts_with('+')).then_some(region.0);
+        let number = phonenumber::parse(region, trimmed)
             .map_err(|e| PhoneError::Unparsable(trimmed.to_string(), e.to_string()))?;
         if number.extension().is_some() {
             return Err(PhoneError::Extension(trimmed.to_string()));
@@ -172,6 +175,21 @@ mod tests {
             Phone::parse("(415) 555-0100").unwrap().as_str(),
             "+14155550100"
         );
+    }
+
+    #[test]
+    fn a_formatted_number_with_its_country_code_keeps_every_digit_whatever_the_region() {
+        for region in ["US", "GB", "CN"] {
+            let region = Region::parse(region).unwrap();
+            for (written, e164) in [
+                ("+44 1632 960983", "+441632960983"),
+                ("+86 138 0013 8000", "+8613800138000"),
+                ("+1 (415) 555-0100", "+14155550100"),
+                ("+1 800-555-0199", "+18005550199"),
+            ] {
+                assert_eq!(Phone::parse_in(written, region).unwrap().as_str(), e164);
+            }
+        }
     }
 
     #[test]
