@@ -311,6 +311,15 @@ pub fn normalize(text: &str) -> String {
     words.join(" ").to_uppercase()
 }
 
+/// A text as a code guess, as people type codes: "123 456", "123-456", "123456." are the
+/// code; "3:30" or "10.5" stay what they are (not a guess that could cost an attempt).
+fn code_guess(text: &str) -> String {
+    text.trim_matches(|c: char| c.is_whitespace() || c.is_ascii_punctuation())
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '-')
+        .collect()
+}
+
 /// The heart of smsflow: one event applied to one number.
 pub fn step<R: Rng + ?Sized>(
     subscriber: Subscriber,
@@ -505,6 +514,17 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             State::Verified | State::InSequence { .. } => {
                 if opt_in {
                     self.say_t(&self.flows.replies.already_joined);
+                } else if self.is_live_code(text) {
+                    // An app asked for a code for a number already verified, and it was texted
+                    // back: it is confirmed, not taken (and recorded) as an answer.
+                    self.check_code(text, true);
+                } else if let (true, Some(onboarding)) =
+                    (edit, self.sub.form.filter(|c| !c.editing))
+                {
+                    // The first pass through the form is not done: an editing pass now would
+                    // end without the sequence that pass leads to. Its question again; EDIT
+                    // works once it is answered.
+                    self.ask_field(onboarding);
                 } else if edit && !self.flows.form.fields.is_empty() {
                     self.ask_field(FormCursor {
                         index: 0,
@@ -610,16 +630,26 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         self.outcome = Outcome::CodeSent;
     }
 
+    /// Whether `text` is one of the latest codes, still usable.
+    fn is_live_code(&self, text: &str) -> bool {
+        let v = &self.flows.verify;
+        let guess = code_guess(text);
+        let skip = self
+            .sub
+            .codes
+            .len()
+            .saturating_sub(usize::from(v.valid_codes));
+        self.sub.codes[skip..].iter().any(|c| {
+            c.expires_at > self.now
+                && c.wrong < v.max_attempts
+                && bool::from(c.code.as_bytes().ct_eq(guess.as_bytes()))
+        })
+    }
+
     /// Checks a guess against the latest unexpired codes; `by_sms` answers the guess by text.
     fn check_code(&mut self, guess: &str, by_sms: bool) {
         let v = &self.flows.verify;
-        // As people type codes: "123 456", "123-456", "123456." are the code; "3:30" or
-        // "10.5" stay what they are (not a guess that could cost an attempt).
-        let guess: String = guess
-            .trim_matches(|c: char| c.is_whitespace() || c.is_ascii_punctuation())
-            .chars()
-            .filter(|c| !c.is_whitespace() && *c != '-')
-            .collect();
+        let guess = code_guess(guess);
         let (now, max) = (self.now, v.max_attempts);
         let keep = usize::from(v.valid_codes);
         let skip = self.sub.codes.len().saturating_sub(keep);
@@ -675,7 +705,12 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             via: via.to_string(),
         });
         if !matches!(self.sub.state, State::Unverified | State::AwaitingCode) {
-            return; // already verified (e.g. an app re-checking a known number)
+            // Already verified (an app re-checking a known number): a code texted back is
+            // confirmed, and nothing else changes.
+            if via == "sms" {
+                self.say_t(&self.flows.verify.verified);
+            }
+            return;
         }
         self.sub.state = State::Verified;
         self.sub.verified_at = Some(self.now);

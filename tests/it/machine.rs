@@ -425,6 +425,53 @@ fn a_code_typed_with_spaces_dashes_or_punctuation_around_it_verifies_and_a_time_
     }
 }
 
+/// An app asked for a code for a number already verified and mid-form (the first question
+/// takes any text), and the code is texted back: it is confirmed, not saved as the answer.
+#[test]
+fn a_code_texted_back_by_a_verified_number_is_confirmed_not_taken_as_an_answer() {
+    let mut s = subscriber(State::Verified);
+    s.form = Some(smsflow::machine::FormCursor {
+        index: 0,
+        editing: false,
+    });
+    s.codes.push(IssuedCode {
+        code: "123456".into(),
+        issued_at: t0(),
+        expires_at: t0() + TimeDelta::minutes(10),
+        wrong: 0,
+    });
+    let f = flows();
+    let t = step(
+        s.clone(),
+        &Event::Inbound("123456".into()),
+        &f,
+        t0(),
+        &mut StdRng::seed_from_u64(1),
+    );
+    assert_eq!(t.outcome, Outcome::Verified);
+    assert!(t.subscriber.codes.is_empty(), "the code is used up");
+    assert!(t.subscriber.fields.is_empty(), "{:?}", t.subscriber.fields);
+    assert_eq!(t.subscriber.form, s.form, "the question stays open");
+    assert!(
+        !format!("{:?}", t.effects).contains("123456"),
+        "the code is nowhere in the effects (history included): {:?}",
+        t.effects
+    );
+    assert_eq!(
+        messages(&t.effects),
+        ["You're in! A few quick questions first."]
+    );
+    // Other digits are an answer as before.
+    let t = step(
+        s,
+        &Event::Inbound("Ann".into()),
+        &f,
+        t0(),
+        &mut StdRng::seed_from_u64(1),
+    );
+    assert_eq!(t.subscriber.fields["first_name"], "Ann");
+}
+
 #[test]
 fn a_choice_copied_as_the_question_shows_it_is_that_choice_and_a_vague_one_is_asked_again() {
     let f = flows();
