@@ -513,21 +513,28 @@ pub fn bench(args: crate::bench::BenchArgs) -> ExitCode {
 }
 
 /// Where `export` finds the data and flow dirs: the flags, then the environment, then
-/// `smsflow.toml`, then the defaults, as for `serve`.
+/// `smsflow.toml`, then the defaults, as for `serve` (but settings the export does not use,
+/// such as Twilio's, are not looked at: one of them unfinished must not stop it).
 fn export_dirs(
     data: Option<PathBuf>,
     flows: Option<PathBuf>,
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
-    use crate::config::Layer;
+    use crate::config::{Layer, DEFAULT_DATA, DEFAULT_FLOWS};
     let file = Layer::from_file(Path::new("smsflow.toml"), false)?;
-    let env = Layer::from_env(|k| std::env::var(k).ok())?;
-    let flags = Layer {
-        data,
-        flows,
-        ..Layer::default()
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
     };
-    let config = flags.over(env.over(file)).resolve()?;
-    Ok((config.data_dir, config.flows_dir))
+    Ok((
+        data.or_else(|| env("SMSFLOW_DATA"))
+            .or(file.data)
+            .unwrap_or_else(|| DEFAULT_DATA.into()),
+        flows
+            .or_else(|| env("SMSFLOW_FLOWS"))
+            .or(file.flows)
+            .unwrap_or_else(|| DEFAULT_FLOWS.into()),
+    ))
 }
 
 pub fn export(

@@ -41,8 +41,14 @@ pub struct TwilioConfig {
     pub account_sid: String,
     pub auth_token: Secret,
     pub sender: Sender,
+    /// `from`, for voice calls (a messaging service sends texts but cannot place a call),
+    /// kept even when texts go through a messaging service.
+    pub caller_id: Option<String>,
     pub api_base: String,
 }
+
+pub const DEFAULT_DATA: &str = "data";
+pub const DEFAULT_FLOWS: &str = "flows";
 
 /// The resolved configuration the daemon runs with.
 #[derive(Clone, Debug)]
@@ -233,6 +239,7 @@ impl Layer {
             .unwrap_or_else(|| "https://api.twilio.com".into())
             .trim_end_matches('/')
             .to_string();
+        let caller_id = t.from.clone();
         let sender = match (t.from, t.messaging_service_sid) {
             (_, Some(ms)) => Some(Sender::MessagingService(ms)),
             (Some(from), None) => Some(Sender::From(from)),
@@ -243,6 +250,7 @@ impl Layer {
                 account_sid,
                 auth_token,
                 sender,
+                caller_id,
                 api_base,
             }),
             (None, _, None) => None,
@@ -264,8 +272,8 @@ impl Layer {
         Ok(Config {
             listen,
             public_url,
-            data_dir: self.data.unwrap_or_else(|| PathBuf::from("data")),
-            flows_dir: self.flows.unwrap_or_else(|| PathBuf::from("flows")),
+            data_dir: self.data.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA)),
+            flows_dir: self.flows.unwrap_or_else(|| PathBuf::from(DEFAULT_FLOWS)),
             region,
             send_rate,
             twilio,
@@ -325,6 +333,21 @@ mod tests {
         let env =
             Layer::from_env(|k| (k == "SMSFLOW_API_TOKEN").then(|| "t0k\n".to_string())).unwrap();
         assert_eq!(env.api_token.as_ref().map(Secret::expose), Some("t0k"));
+    }
+
+    #[test]
+    fn with_a_messaging_service_for_texts_the_from_number_still_places_calls() {
+        let env = Layer::from_env(|k| match k {
+            "TWILIO_ACCOUNT_SID" => Some("AC1".into()),
+            "TWILIO_AUTH_TOKEN" => Some("t".into()),
+            "TWILIO_FROM" => Some("+15005550006".into()),
+            "TWILIO_MESSAGING_SERVICE_SID" => Some("MG1".into()),
+            _ => None,
+        })
+        .unwrap();
+        let twilio = env.resolve().unwrap().twilio.unwrap();
+        assert!(matches!(&twilio.sender, Sender::MessagingService(m) if m == "MG1"));
+        assert_eq!(twilio.caller_id.as_deref(), Some("+15005550006"));
     }
 
     #[test]

@@ -150,16 +150,12 @@ impl Twilio {
     }
 
     async fn call(&self, to: &Phone, twiml: &str) -> Result<Accepted, SendError> {
-        let from = match &self.config.sender {
-            Sender::From(f) => f.clone(),
-            Sender::MessagingService(_) => {
-                return Err(SendError::Permanent {
-                    code: None,
-                    message:
-                        "voice calls need TWILIO_FROM (a messaging service cannot place calls)"
-                            .into(),
-                })
-            }
+        let Some(from) = self.config.caller_id.clone() else {
+            return Err(SendError::Permanent {
+                code: None,
+                message: "voice calls need TWILIO_FROM (a messaging service cannot place calls)"
+                    .into(),
+            });
         };
         let form = vec![
             ("To", to.as_str().to_string()),

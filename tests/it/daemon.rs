@@ -462,6 +462,7 @@ async fn a_send_twilio_accepts_with_an_unreadable_answer_counts_as_sent_without_
             account_sid: "AC123".into(),
             auth_token: Secret::new("token"),
             sender: Sender::From("+15005550006".into()),
+            caller_id: Some("+15005550006".into()),
             api_base: twilio_answering_garbage().await,
         },
         None,

@@ -323,6 +323,7 @@ impl TestApp {
                 account_sid: ACCOUNT_SID.into(),
                 auth_token: Secret::new(AUTH_TOKEN),
                 sender: Sender::From(FROM.into()),
+                caller_id: Some(FROM.into()),
                 api_base: twilio.url.clone(),
             }),
             auth_token: Some(Secret::new(AUTH_TOKEN)),
