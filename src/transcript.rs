@@ -54,8 +54,16 @@ pub fn run_dir(flows: &Flows, dir: &Path) -> Result<Report, String> {
     paths.sort();
     let mut report = Report::default();
     for path in paths {
-        let text =
-            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        // One file that cannot be read (not UTF-8, say) fails itself, not the whole run.
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                report
+                    .failures
+                    .push(fail(&path, 0, format!("cannot read the transcript: {e}")));
+                continue;
+            }
+        };
         match run(flows, &path, &text) {
             Ok(()) => report.passed.push(path),
             Err(f) => report.failures.push(f),
@@ -76,11 +84,14 @@ pub fn run(flows: &Flows, file: &Path, text: &str) -> Result<(), Failure> {
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;
         let raw = raw.trim_end();
-        let trimmed = raw.trim_start();
+        // A file saved with a byte-order mark starts with one; it is not part of the line.
+        let trimmed = raw.trim_start_matches('\u{feff}').trim_start();
         if trimmed.is_empty() || trimmed.starts_with('#') {
             continue;
         }
-        let (tag, rest) = trimmed.split_at(1);
+        // The first character is the tag (a line may start with any character).
+        let first = trimmed.chars().next().map_or(0, char::len_utf8);
+        let (tag, rest) = trimmed.split_at(first);
         let rest = rest.strip_prefix(' ').unwrap_or(rest);
         if tag == ">" || tag == "~" {
             // What the previous command sent must all have been expected.
@@ -281,7 +292,14 @@ impl Runner {
 
 /// `~ 1d`, `~ 90m`, `~ 1h 30m`.
 pub fn parse_delay(text: &str) -> Result<TimeDelta, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|e| format!("bad duration {text:?}: {e} (write e.g. 30s, 10m, 1d)"))
-        .and_then(|d| TimeDelta::from_std(d).map_err(|e| e.to_string()))
+    /// A century: far enough for any flow, and the virtual clock cannot overflow.
+    const MAX: std::time::Duration = std::time::Duration::from_secs(100 * 366 * 86_400);
+    let d = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("bad duration {text:?}: {e} (write e.g. 30s, 10m, 1d)"))?;
+    if d > MAX {
+        return Err(format!(
+            "duration {text:?} is over a century, the longest clock jump"
+        ));
+    }
+    TimeDelta::from_std(d).map_err(|e| e.to_string())
 }

@@ -54,6 +54,39 @@ fn a_wrong_expectation_fails_with_file_line_expected_and_actual() {
 }
 
 #[test]
+fn odd_transcript_text_fails_at_its_line_instead_of_crashing() {
+    let flows = smsflow::flows::load_dir("flows".as_ref()).unwrap();
+    let run = |text: &str| smsflow::transcript::run(&flows, "t.txt".as_ref(), text);
+    // A byte-order mark (as some editors save) is not part of the first line.
+    run("\u{feff}# saved on Windows\n> HELP\n< Acme Contest: {*}\n").unwrap();
+    let err = run("> HELP\né what\n").unwrap_err();
+    assert_eq!(err.line, 2, "{err}");
+    let err = run("~ 300000y\n").unwrap_err();
+    assert!(err.message.contains("century"), "{err}");
+}
+
+#[test]
+fn a_transcript_that_cannot_be_read_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("tests")).unwrap();
+    std::fs::write(dir.path().join("tests/a.txt"), [0xff, 0xfe, b'>', b'\n']).unwrap();
+    std::fs::write(
+        dir.path().join("tests/b.txt"),
+        "> HELP\n< Acme Contest: {*}\n",
+    )
+    .unwrap();
+    let flows = smsflow::flows::load_dir("flows".as_ref()).unwrap();
+    let report = smsflow::transcript::run_dir(&flows, &dir.path().join("tests")).unwrap();
+    assert_eq!(report.passed.len(), 1);
+    assert_eq!(report.failures.len(), 1);
+    assert!(
+        report.failures[0].message.contains("cannot read"),
+        "{}",
+        report.failures[0]
+    );
+}
+
+#[test]
 fn a_message_nobody_expected_fails_the_transcript() {
     let flows = smsflow::flows::load_dir("flows".as_ref()).unwrap();
     let err = smsflow::transcript::run(&flows, "t.txt".as_ref(), "> JOIN\n> HELP\n").unwrap_err();
