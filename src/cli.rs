@@ -314,6 +314,7 @@ impl Repl {
                     &action,
                     outcome,
                     code.as_deref(),
+                    self.sandbox.subscriber(&self.phone),
                 );
                 (speech, show(&texted), None)
             }

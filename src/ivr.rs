@@ -1,8 +1,8 @@
 //! The voice menu as pure logic: which prompt to speak, which key leads where. The HTTP layer
 //! renders it as TwiML; `smsflow simulate` prints it.
 
-use crate::flows::{Flows, IvrAction};
-use crate::machine::Outcome;
+use crate::flows::{Flows, IvrAction, Template};
+use crate::machine::{Outcome, Subscriber};
 
 /// Something said on the call.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,7 +63,12 @@ pub fn key_pressed(flows: &Flows, menu: &str, attempt: u8, digits: Option<&str>)
             },
             None => Turn::End(vec![goodbye()]),
         },
-        Some(IvrAction::Say(text)) => Turn::End(vec![Speech::Say(text.clone()), goodbye()]),
+        Some(IvrAction::Say(text)) => {
+            // `check` parsed it as a template; a text it could not parse is said as written.
+            let said =
+                Template::parse(text).map_or_else(|_| text.clone(), |t| flows.render_plain(&t));
+            Turn::End(vec![Speech::Say(said), goodbye()])
+        }
         Some(IvrAction::Hangup) => Turn::End(vec![goodbye()]),
         Some(action) => Turn::Act(action.clone()),
         None if attempt >= ivr.retries => Turn::End(vec![goodbye()]),
@@ -78,14 +83,26 @@ pub fn key_pressed(flows: &Flows, menu: &str, attempt: u8, digits: Option<&str>)
     }
 }
 
-/// What to speak after an action ran with `outcome` (`code`: the code it issued).
+/// What to speak after an action ran with `outcome` (`code`: the code it issued; `caller`:
+/// the caller's record, for the texts shared with SMS, which may name its fields).
 pub fn after_action(
     flows: &Flows,
     action: &IvrAction,
     outcome: Outcome,
     code: Option<&str>,
+    caller: Option<&Subscriber>,
 ) -> Vec<Speech> {
-    let plain = |t| Speech::Say(flows.render_plain(t));
+    let plain = |t: &Template| {
+        Speech::Say(t.render(|n| {
+            match n {
+                "bot.name" => Some(flows.bot.name.clone()),
+                "sequence" => caller.and_then(|s| s.sequence.clone()),
+                other => other
+                    .strip_prefix("field.")
+                    .and_then(|k| caller.and_then(|s| s.fields.get(k).cloned())),
+            }
+        }))
+    };
     let mut out = match (action, outcome, code) {
         (IvrAction::ReadCode, Outcome::CodeSent, Some(code)) => {
             let spoken = flows.ivr.read_code.render(|n| match n {

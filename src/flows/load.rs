@@ -668,6 +668,7 @@ impl Cx {
             code: false,
             current: false,
             fields,
+            spoken: false,
         };
         let with_code = Allowed {
             code: true,
@@ -747,7 +748,10 @@ impl Cx {
                 r.voice,
                 "verify.voice",
                 "Your {bot.name} code is {code}.",
-                with_code,
+                Allowed {
+                    spoken: true,
+                    ..with_code
+                },
             ),
         }
     }
@@ -809,6 +813,7 @@ impl Cx {
             code: false,
             current: false,
             fields: &keys,
+            spoken: false,
         };
         let mut fields = Vec::new();
         for (f, raw) in declared_fields {
@@ -930,6 +935,19 @@ impl Cx {
                     ),
                 );
             }
+            // A label is accepted as an answer too, but keywords are matched first: a label
+            // that is one could never be given (and "info" would get the HELP text).
+            let label_norm = normalize(&label);
+            if let Some(list) = keywords.list_of(&label_norm) {
+                self.err(
+                    f,
+                    span.clone(),
+                    format!(
+                        "choice {key:?} has the label {label:?}, which is the keyword \
+                         {label_norm} in keywords.{list}, so no one could answer with it"
+                    ),
+                );
+            }
             if !seen.insert(norm) {
                 self.err(
                     f,
@@ -952,6 +970,7 @@ impl Cx {
             code: false,
             current: false,
             fields,
+            spoken: false,
         };
         let mut out = Vec::new();
         let mut names: BTreeMap<String, String> = BTreeMap::new();
@@ -1089,6 +1108,7 @@ impl Cx {
             code: false,
             current: false,
             fields,
+            spoken: false,
         };
         Replies {
             help: self.text(
@@ -1134,6 +1154,7 @@ impl Cx {
             code: false,
             current: false,
             fields,
+            spoken: true,
         };
         let Some((f, r)) = raw else {
             return Ivr {
@@ -1220,6 +1241,17 @@ impl Cx {
                             target.span(),
                             format!("ivr.menu.{name}: `say:` needs a text"),
                         );
+                    }
+                    // Spoken as a template, like every other voice text.
+                    Ok(IvrAction::Say(text)) => {
+                        let problems = match Template::parse(&text) {
+                            Ok(t) => t.unknown_placeholders(plain),
+                            Err(e) => vec![e],
+                        };
+                        for p in &problems {
+                            self.err(f, target.span(), format!("ivr.menu.{name}: `say:` {p}"));
+                        }
+                        press.insert(digit.clone(), IvrAction::Say(text));
                     }
                     Ok(action) => {
                         press.insert(digit.clone(), action);

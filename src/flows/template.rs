@@ -23,6 +23,8 @@ pub struct Allowed<'a> {
     pub code: bool,
     pub current: bool,
     pub fields: &'a [String],
+    /// Spoken by the voice menu, which has no number's fields or sequence at hand.
+    pub spoken: bool,
 }
 
 impl Template {
@@ -88,6 +90,10 @@ impl Template {
             .filter(|name| !slot_allowed(name, allowed))
             .map(|name| {
                 let hint = match name {
+                    "sequence" => " (a voice text knows {bot.name}, and {code} where one is read)",
+                    n if n.starts_with("field.") && allowed.spoken => {
+                        " (a voice text knows {bot.name}, and {code} where one is read)"
+                    }
                     "code" => " ({code} only exists in verification texts)",
                     "current" => " ({current} only exists in form.current)",
                     n if n.starts_with("field.") => {
@@ -122,12 +128,16 @@ impl Template {
 
 fn slot_allowed(name: &str, allowed: Allowed<'_>) -> bool {
     match name {
-        "bot.name" | "sequence" => true,
+        "bot.name" => true,
+        "sequence" => !allowed.spoken,
         "code" => allowed.code,
         "current" => allowed.current,
-        other => other
-            .strip_prefix("field.")
-            .is_some_and(|key| allowed.fields.iter().any(|f| f == key)),
+        other => {
+            !allowed.spoken
+                && other
+                    .strip_prefix("field.")
+                    .is_some_and(|key| allowed.fields.iter().any(|f| f == key))
+        }
     }
 }
 
@@ -163,11 +173,21 @@ mod tests {
     fn placeholders_are_checked_against_what_the_context_allows() {
         let fields = vec!["first_name".to_string()];
         let t = Template::parse("{code} {field.first_name} {field.age} {nope}").unwrap();
-        let unknown = t.unknown_placeholders(Allowed {
+        let sms = Allowed {
             code: false,
             current: false,
             fields: &fields,
-        });
+            spoken: false,
+        };
+        let unknown = t.unknown_placeholders(sms);
         assert_eq!(unknown.len(), 3, "{unknown:?}");
+        // Spoken, neither fields nor the sequence are at hand.
+        let t = Template::parse("{bot.name} {field.first_name} {sequence}").unwrap();
+        assert!(t.unknown_placeholders(sms).is_empty());
+        let unknown = t.unknown_placeholders(Allowed {
+            spoken: true,
+            ..sms
+        });
+        assert_eq!(unknown.len(), 2, "{unknown:?}");
     }
 }

@@ -100,7 +100,15 @@ pub async fn gather(
                 .await?;
             tracing::info!(phone = %phone.masked(), ?action, outcome = ?applied.outcome, "voice menu action");
             let code = applied.codes.first().map(|(_, c)| c.as_str());
-            Turn::End(ivr::after_action(&flows, &action, applied.outcome, code))
+            // For the texts shared with SMS, which may name the caller's fields.
+            let caller = state.engine.store.subscriber(&phone).ok().flatten();
+            Turn::End(ivr::after_action(
+                &flows,
+                &action,
+                applied.outcome,
+                code,
+                caller.as_ref(),
+            ))
         }
         other => other,
     };

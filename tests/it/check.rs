@@ -21,7 +21,7 @@ wrong = ""
 [[form.field]]
 key = "age_group"
 ask = "Age group? A, B or STOP"
-expect = { choices = { A = "young", B = "old", STOP = "never" } }
+expect = { choices = { A = "young", B = "info", STOP = "never" } }
 
 [[form.field]]
 key = "age_group"
@@ -94,6 +94,7 @@ fn check_reports_every_mistake_with_file_line_and_column() {
         ("c_broken.toml:9:", "unknown placeholder {field.nickname}"),
         ("c_broken.toml:10:", "empty text"),
         ("c_broken.toml:15:", "collides with the keyword STOP"),
+        ("c_broken.toml:15:", "which is the keyword INFO"),
         ("c_broken.toml:18:", "duplicate field name"),
         (
             "c_broken.toml:25:",
@@ -209,5 +210,56 @@ fn unknown_keys_do_not_hide_the_other_problems_of_their_file() {
                 .any(|l| l.contains(place) && l.contains(says)),
             "no {says:?} at {place} in:\n{problems}"
         );
+    }
+}
+
+/// Voice texts are spoken without the caller's record at hand: `check` refuses the
+/// placeholders they could not fill, and a `say:` key's text is a template like the rest.
+#[test]
+fn voice_texts_may_name_the_bot_but_not_a_numbers_fields_or_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let flow = r#"[bot]
+name = "Vox"
+
+[[form.field]]
+key = "first_name"
+ask = "Name?"
+
+[ivr.menu.main]
+say = "Hi {field.first_name}, press 1 or 2"
+press = { "1" = "say:Thanks for calling {bot.name}", "2" = "say:You are in {sequence}" }
+"#;
+    write(dir.path(), "v.toml", flow);
+    let problems = smsflow::flows::load_dir(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        problems.contains("v.toml:9:") && problems.contains("{field.first_name}"),
+        "{problems}"
+    );
+    assert!(
+        problems.contains("v.toml:10:") && problems.contains("{sequence}"),
+        "{problems}"
+    );
+    assert_eq!(
+        problems.matches("a voice text knows").count(),
+        2,
+        "{problems}"
+    );
+
+    write(
+        dir.path(),
+        "v.toml",
+        &flow
+            .replace("Hi {field.first_name}, p", "P")
+            .replace("You are in {sequence}", "Bye"),
+    );
+    let flows = smsflow::flows::load_dir(dir.path()).unwrap();
+    match smsflow::ivr::key_pressed(&flows, "main", 0, Some("1")) {
+        smsflow::ivr::Turn::End(said) => assert_eq!(
+            said[0],
+            smsflow::ivr::Speech::Say("Thanks for calling Vox".into())
+        ),
+        other => panic!("{other:?}"),
     }
 }
