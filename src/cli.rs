@@ -1,4 +1,4 @@
-//! The command line: `serve`, `check`, `test`, `simulate`.
+//! The command line: `serve`, `bench`, `export`, `check`, `test`, `simulate`.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -416,7 +416,13 @@ pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("SMSFLOW_LOG")
         .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
+        .and_then(|f| match EnvFilter::try_new(&f) {
+            Ok(filter) => Some(filter),
+            Err(e) => {
+                eprintln!("smsflow: ignoring SMSFLOW_LOG={f:?}, which is not a log filter: {e}");
+                None
+            }
+        })
         .or_else(|| EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
