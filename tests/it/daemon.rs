@@ -404,8 +404,9 @@ async fn serve_prints_its_banner_and_stops_cleanly_on_sigterm() {
     assert_eq!(r.status().as_u16(), 200);
 
     let pid = child.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
+    // The shell's own `kill` (every POSIX sh has one; a `kill` program may not be installed).
+    let killed = std::process::Command::new("sh")
+        .args(["-c", &format!("kill -TERM {pid}")])
         .status()
         .unwrap();
     assert!(killed.success());
