@@ -297,7 +297,7 @@ impl Repl {
             Turn::End(say) => (say, String::new(), None),
             Turn::Act(action) => {
                 let event = match action {
-                    IvrAction::ReadCode => Event::OtpRequested,
+                    IvrAction::ReadCode => Event::VoiceCodeRequested,
                     IvrAction::OptIn => Event::VoiceOptIn,
                     _ => Event::VoiceOptOut,
                 };

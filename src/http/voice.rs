@@ -83,7 +83,7 @@ pub async fn gather(
     let turn = match ivr::key_pressed(&flows, &menu, at.attempt.unwrap_or(0), digits) {
         Turn::Act(action) => {
             let event = match action {
-                IvrAction::ReadCode => Event::OtpRequested,
+                IvrAction::ReadCode => Event::VoiceCodeRequested,
                 IvrAction::OptIn => Event::VoiceOptIn,
                 _ => Event::VoiceOptOut,
             };

@@ -143,6 +143,8 @@ pub enum Event {
     OtpSubmitted(String),
     /// This code (just issued) could not be delivered: it must not stay valid.
     CodeUndeliverable(String),
+    /// A caller chose "read me a code" in the voice menu (the caller hears it).
+    VoiceCodeRequested,
     /// A caller chose "opt in" in the voice menu: send a code by SMS.
     VoiceOptIn,
     /// A caller chose "opt out" in the voice menu.
@@ -162,6 +164,7 @@ impl Event {
             self,
             Event::Inbound(_)
                 | Event::OtpRequested
+                | Event::VoiceCodeRequested
                 | Event::VoiceOptIn
                 | Event::VoiceOptOut
                 | Event::ProviderUnsubscribed
@@ -365,11 +368,13 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         match event {
             Event::Inbound(text) => self.inbound(text),
             Event::TimerDue(t) => self.timer_due(*t),
-            Event::OtpRequested => {
+            Event::OtpRequested | Event::VoiceCodeRequested => {
                 if self.sub.state == State::OptedOut {
                     self.outcome = Outcome::OptedOut;
-                } else {
+                } else if *event == Event::OtpRequested {
                     self.issue_code("otp_api");
+                } else {
+                    self.issue_code("voice");
                 }
             }
             Event::OtpSubmitted(code) => {
