@@ -29,9 +29,12 @@ fn has_country_code(digits: &str) -> bool {
     })
 }
 
+/// How many digits an E.164 number has, country code included (Niue's have 7).
+const DIGITS: std::ops::RangeInclusive<usize> = 7..=15;
+
 fn is_e164(s: &str) -> bool {
     s.strip_prefix('+').is_some_and(|d| {
-        (8..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()) && !d.starts_with('0')
+        DIGITS.contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()) && !d.starts_with('0')
     })
 }
 
@@ -44,7 +47,7 @@ pub enum PhoneError {
     Unparsable(String, String),
     #[error("{0:?} has an extension; a text message needs a plain number")]
     Extension(String),
-    #[error("{0:?} has {1} digits; an E.164 number has 8 to 15")]
+    #[error("{0:?} has {1} digits; an E.164 number has 7 to 15")]
     Length(String, usize),
     #[error("unknown default region {0:?} (expected a two-letter code such as US)")]
     Region(String),
@@ -92,7 +95,7 @@ impl Phone {
         }
         let e164 = number.format().mode(phonenumber::Mode::E164).to_string();
         let digits = e164.chars().filter(char::is_ascii_digit).count();
-        if !(8..=15).contains(&digits) {
+        if !DIGITS.contains(&digits) {
             return Err(PhoneError::Length(trimmed.to_string(), digits));
         }
         Ok(Phone(e164))
@@ -208,6 +211,14 @@ mod tests {
         assert_eq!(Phone::parse("  ").unwrap_err(), PhoneError::Empty);
         assert!(Phone::parse("+1").is_err());
         assert!(Region::parse("XX").is_err());
+    }
+
+    #[test]
+    fn the_shortest_real_numbers_are_accepted_and_shorter_ones_are_not() {
+        assert_eq!(Phone::parse("+683 4001").unwrap().as_str(), "+6834001");
+        assert_eq!(Phone::parse("+6834001").unwrap().as_str(), "+6834001");
+        let err = Phone::parse("+68340").unwrap_err().to_string();
+        assert!(err.contains("7 to 15"), "{err}");
     }
 
     #[test]
