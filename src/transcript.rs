@@ -141,6 +141,13 @@ impl Runner {
                 if !self.matches(rest, &actual)? {
                     return Err(format!("expected: {rest}\n  actual: {actual}"));
                 }
+                // `<` is a message to the number the transcript is texting as (`! phone`).
+                if sent.phone != self.phone {
+                    return Err(format!(
+                        "the message {actual:?} went to {}, not {} (switch with `! phone` to expect it)",
+                        sent.phone, self.phone
+                    ));
+                }
                 Ok(())
             }
             "!" => self.directive(rest),

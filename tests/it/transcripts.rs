@@ -66,6 +66,20 @@ fn odd_transcript_text_fails_at_its_line_instead_of_crashing() {
 }
 
 #[test]
+fn an_expected_message_must_go_to_the_number_the_transcript_texts_as() {
+    let flows = smsflow::flows::load_dir("flows".as_ref()).unwrap();
+    let run = |text: &str| smsflow::transcript::run(&flows, "t.txt".as_ref(), text);
+    let join = "! phone +15550002222\n> HELP\n";
+    run(&format!("{join}< Acme Contest: {{*}}\n")).unwrap();
+    let err = run(&format!(
+        "{join}! phone +15550001111\n< Acme Contest: {{*}}\n"
+    ))
+    .unwrap_err();
+    assert_eq!(err.line, 4, "{err}");
+    assert!(err.message.contains("went to +15550002222"), "{err}");
+}
+
+#[test]
 fn a_transcript_that_cannot_be_read_fails_alone() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("tests")).unwrap();
