@@ -1283,11 +1283,19 @@ impl Cx {
         }
         if !menus.is_empty() {
             if !menus.contains_key(&start) {
-                self.err(
-                    f,
-                    start_span.unwrap_or(0..0),
-                    format!("ivr.start names menu {start:?}, which does not exist"),
-                );
+                let (span, says) = match start_span {
+                    Some(span) => (
+                        span,
+                        format!("ivr.start names menu {start:?}, which does not exist"),
+                    ),
+                    // No start given: point at the first menu and say what is missing.
+                    None => (
+                        r.menu.values().next().map_or(0..0, |m| m.span()),
+                        "ivr has no menu \"main\" to start with: name one main, or set ivr.start"
+                            .to_string(),
+                    ),
+                };
+                self.err(f, span, says);
             } else {
                 let mut reached = BTreeSet::from([start.clone()]);
                 let mut todo = vec![start.clone()];

@@ -263,3 +263,18 @@ press = { "1" = "say:Thanks for calling {bot.name}", "2" = "say:You are in {sequ
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn voice_menus_without_main_or_a_start_say_so_where_the_menus_are() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "v.toml",
+        "[bot]\nname = \"Vox\"\n\n[ivr.menu.welcome]\nsay = \"Press 1\"\npress = { \"1\" = \"hangup\" }\n",
+    );
+    let problems = smsflow::flows::load_dir(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(problems.contains("v.toml:4:"), "{problems}");
+    assert!(problems.contains("set ivr.start"), "{problems}");
+}
