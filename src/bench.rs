@@ -23,12 +23,20 @@ pub struct BenchArgs {
     #[arg(long, default_value = "HELP")]
     pub body: String,
     /// Rounds of (trivial, durable); the median ratio is reported.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = rounds_in_range)]
     pub rounds: usize,
     /// Instead: fill a store with this many subscribers and measure `smsflow export`'s peak
     /// memory at a tenth of it and at all of it.
     #[arg(long)]
     pub export_subscribers: Option<u64>,
+}
+
+/// Each round's webhooks come from their own area code: a hundred rounds at most.
+fn rounds_in_range(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=100).contains(&n) => Ok(n),
+        _ => Err(format!("{text:?} is not a number from 1 to 100")),
+    }
 }
 
 fn requests_in_range(text: &str) -> Result<usize, String> {
@@ -210,7 +218,7 @@ async fn drive(
             .map(|i| {
                 // A distinct number and message id per request.
                 // Its own area code per run (the warm-up is run 0), a distinct line per request.
-                let from = format!("+1{}{:07}", 200 + run % 800, i % 10_000_000);
+                let from = format!("+1{}{:07}", 200 + run, i % 10_000_000);
                 let sid = format!("SMbench{run}x{i}");
                 form_urlencoded::Serializer::new(String::new())
                     .append_pair("From", &from)

@@ -520,17 +520,19 @@ pub fn bench(args: crate::bench::BenchArgs) -> ExitCode {
 }
 
 /// Where `export` finds the data and flow dirs: the flags, then the environment, then
-/// `smsflow.toml`, then the defaults, as for `serve` (but settings the export does not use,
-/// such as Twilio's, are not looked at: one of them unfinished must not stop it).
+/// `./smsflow.toml`, then the defaults (settings the export does not use, such as Twilio's,
+/// are not looked at: one of them unfinished must not stop it).
 fn export_dirs(
     data: Option<PathBuf>,
     flows: Option<PathBuf>,
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
     use crate::config::{Layer, DEFAULT_DATA, DEFAULT_FLOWS};
     let file = Layer::from_file(Path::new("smsflow.toml"), false)?;
+    // As `serve` reads them: a blank value is no value.
     let env = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
+        std::env::var(k)
+            .ok()
+            .filter(|v| !v.trim().is_empty())
             .map(PathBuf::from)
     };
     Ok((

@@ -148,8 +148,11 @@ pub fn remember_places(engine: &Engine, flows: &Flows, narrow: bool) {
     let mut places = flows.places();
     if !narrow {
         match engine.store.flows_places() {
-            Ok(before) => {
-                for p in before.unwrap_or_default() {
+            // Nothing on record means "sweep at the next start": that stays so until a sweep
+            // is done (a first start's sweep may still be running).
+            Ok(None) => return,
+            Ok(Some(before)) => {
+                for p in before {
                     if !places.contains(&p) {
                         places.push(p);
                     }

@@ -1290,7 +1290,11 @@ impl Cx {
                     ),
                     // No start given: point at the first menu and say what is missing.
                     None => (
-                        r.menu.values().next().map_or(0..0, |m| m.span()),
+                        r.menu
+                            .values()
+                            .map(|m| m.span())
+                            .min_by_key(|s| s.start)
+                            .unwrap_or(0..0),
                         "ivr has no menu \"main\" to start with: name one main, or set ivr.start"
                             .to_string(),
                     ),

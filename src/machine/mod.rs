@@ -521,8 +521,12 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                     self.say_t(&self.flows.replies.already_joined);
                 } else if self.is_live_code(text) {
                     // An app asked for a code for a number already verified, and it was texted
-                    // back: it is confirmed, not taken (and recorded) as an answer.
-                    self.check_code(text, true);
+                    // back: not an answer (it would be recorded), and still the app's to
+                    // validate. An open form question is asked again.
+                    match self.sub.form {
+                        Some(cursor) => self.ask_field(cursor),
+                        None => self.outcome = Outcome::Ignored,
+                    }
                 } else if let (true, Some(onboarding)) =
                     (edit, self.sub.form.filter(|c| !c.editing))
                 {
@@ -710,12 +714,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             via: via.to_string(),
         });
         if !matches!(self.sub.state, State::Unverified | State::AwaitingCode) {
-            // Already verified (an app re-checking a known number): a code texted back is
-            // confirmed, and nothing else changes.
-            if via == "sms" {
-                self.say_t(&self.flows.verify.verified);
-            }
-            return;
+            return; // already verified (e.g. an app re-checking a known number)
         }
         self.sub.state = State::Verified;
         self.sub.verified_at = Some(self.now);

@@ -550,7 +550,10 @@ async fn the_places_on_record_narrow_only_when_a_sweep_for_the_live_flows_is_don
     let data = tempfile::tempdir().unwrap();
     let store = smsflow::store::Store::open(data.path()).unwrap();
     let engine = smsflow::engine::Engine::new(store, before);
+    // Nothing on record (a first start: its sweep may be running) stays so until a sweep ends.
     remember_places(&engine, &engine.flows(), false);
+    assert_eq!(engine.store.flows_places().unwrap(), None);
+    remember_places(&engine, &engine.flows(), true);
     assert_eq!(engine.store.flows_places().unwrap(), Some(old.clone()));
 
     engine.set_flows(after);

@@ -426,9 +426,10 @@ fn a_code_typed_with_spaces_dashes_or_punctuation_around_it_verifies_and_a_time_
 }
 
 /// An app asked for a code for a number already verified and mid-form (the first question
-/// takes any text), and the code is texted back: it is confirmed, not saved as the answer.
+/// takes any text), and the code is texted back: it is not saved as the answer, the question
+/// is asked again, and the code stays the app's to validate.
 #[test]
-fn a_code_texted_back_by_a_verified_number_is_confirmed_not_taken_as_an_answer() {
+fn a_code_texted_back_by_a_verified_number_is_not_taken_as_an_answer_and_stays_the_apps() {
     let mut s = subscriber(State::Verified);
     s.form = Some(smsflow::machine::FormCursor {
         index: 0,
@@ -448,8 +449,6 @@ fn a_code_texted_back_by_a_verified_number_is_confirmed_not_taken_as_an_answer()
         t0(),
         &mut StdRng::seed_from_u64(1),
     );
-    assert_eq!(t.outcome, Outcome::Verified);
-    assert!(t.subscriber.codes.is_empty(), "the code is used up");
     assert!(t.subscriber.fields.is_empty(), "{:?}", t.subscriber.fields);
     assert_eq!(t.subscriber.form, s.form, "the question stays open");
     assert!(
@@ -457,11 +456,20 @@ fn a_code_texted_back_by_a_verified_number_is_confirmed_not_taken_as_an_answer()
         "the code is nowhere in the effects (history included): {:?}",
         t.effects
     );
-    assert_eq!(
-        messages(&t.effects),
-        ["You're in! A few quick questions first."]
+    assert_eq!(messages(&t.effects), ["What's your first name?"]);
+    let validated = step(
+        t.subscriber,
+        &Event::OtpSubmitted("123456".into()),
+        &f,
+        t0(),
+        &mut StdRng::seed_from_u64(1),
     );
-    // Other digits are an answer as before.
+    assert_eq!(
+        validated.outcome,
+        Outcome::Verified,
+        "the app can still validate it"
+    );
+    // Other text is an answer as before.
     let t = step(
         s,
         &Event::Inbound("Ann".into()),

@@ -44,22 +44,6 @@ fn next_url(called: &str, relative: &str) -> String {
     format!("{}?{}", next.path(), next.query().unwrap_or_default())
 }
 
-#[test]
-fn the_menus_next_url_keeps_a_path_prefix_a_proxy_strips() {
-    for (called, next) in [
-        ("/smsflow/twilio/voice", "voice/gather?menu=main&attempt=0"),
-        (
-            "/smsflow/twilio/voice/gather?menu=info&attempt=0",
-            "gather?menu=main&attempt=0",
-        ),
-    ] {
-        assert_eq!(
-            next_url(called, next),
-            "/smsflow/twilio/voice/gather?menu=main&attempt=0"
-        );
-    }
-}
-
 /// The menu a response asks, via its Gather action.
 fn gather_action(twiml: &Node) -> String {
     let gather = twiml.child("Gather").expect("a Gather");
