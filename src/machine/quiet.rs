@@ -19,17 +19,30 @@ pub fn quiet_end(bot: &Bot, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
     if !inside {
         return None;
     }
-    let end = first_instant_at_or_after(bot, end_date.and_time(q.to))?;
-    // Never move a message earlier; a DST fold could otherwise map `to` before `at`.
+    let end = first_instant_at_or_after(bot, end_date.and_time(q.to), at)?;
+    // Never move a message earlier.
     Some(end.max(at + TimeDelta::seconds(1)))
 }
 
-/// The UTC instant of a local wall time; a time skipped by a DST jump moves to just after it.
-fn first_instant_at_or_after(bot: &Bot, mut naive: NaiveDateTime) -> Option<DateTime<Utc>> {
+/// The UTC instant of a local wall time, after `after`: a time skipped by a DST jump moves to
+/// just after it, and of a time a DST fold repeats, the first copy still ahead is taken (in
+/// the repeated hour itself, the second: the first is already past).
+fn first_instant_at_or_after(
+    bot: &Bot,
+    mut naive: NaiveDateTime,
+    after: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
     for _ in 0..4 {
         match bot.timezone.from_local_datetime(&naive) {
             LocalResult::Single(t) => return Some(t.with_timezone(&Utc)),
-            LocalResult::Ambiguous(early, _) => return Some(early.with_timezone(&Utc)),
+            LocalResult::Ambiguous(early, late) => {
+                let early = early.with_timezone(&Utc);
+                return Some(if early > after {
+                    early
+                } else {
+                    late.with_timezone(&Utc)
+                });
+            }
             LocalResult::None => naive += TimeDelta::minutes(30),
         }
     }
@@ -68,6 +81,23 @@ mod tests {
         assert_eq!(
             quiet_end(&b, utc("2026-01-11T07:00:00Z")).unwrap(),
             utc("2026-01-11T13:00:00Z")
+        );
+    }
+
+    #[test]
+    fn quiet_hours_ending_in_the_hour_a_fold_repeats_end_once_not_every_second() {
+        // New York falls back at 02:00 EDT on 2026-11-01: 01:00-02:00 comes twice.
+        let b = bot(chrono_tz::America::New_York, "21:00", "01:30");
+        // 01:15 in the first copy (EDT, UTC-4): quiet until 01:30 EDT.
+        assert_eq!(
+            quiet_end(&b, utc("2026-11-01T05:15:00Z")),
+            Some(utc("2026-11-01T05:30:00Z"))
+        );
+        // 01:15 in the second copy (EST, UTC-5): quiet until 01:30 EST, a quarter hour on,
+        // not one second on (which deferred the message again every second).
+        assert_eq!(
+            quiet_end(&b, utc("2026-11-01T06:15:00Z")),
+            Some(utc("2026-11-01T06:30:00Z"))
         );
     }
 
