@@ -583,14 +583,7 @@ async fn a_damaged_record_holds_up_no_one_else_and_can_still_be_erased() {
     assert_eq!(all[1]["state"], "awaiting_code");
     let filtered = list("/admin/subscribers?state=verified").await;
     assert!(filtered.is_empty(), "{filtered:?}");
-    let csv = app
-        .admin(reqwest::Method::GET, "/admin/export.csv")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let csv = app.admin_text("/admin/export.csv").await;
     let rows: Vec<&str> = csv.lines().skip(1).collect();
     assert_eq!(rows.len(), 1, "{csv}");
     assert!(rows[0].starts_with("+14155550122,"), "{csv}");
@@ -661,12 +654,10 @@ async fn a_number_erased_while_its_message_is_in_flight_stays_erased_when_twilio
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert_eq!(app.twilio.held(), 1, "the code's send is in flight");
-    let r = app
-        .admin(reqwest::Method::DELETE, "/admin/subscribers/%2B14155550151")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    let erasing = app
+        .admin_status(reqwest::Method::DELETE, "/admin/subscribers/%2B14155550151")
+        .await;
+    assert_eq!(erasing, 204);
     app.twilio.release();
     // The outbox sends one message at a time: once a later one arrives, the refusal of the
     // first has been dealt with.
@@ -674,12 +665,10 @@ async fn a_number_erased_while_its_message_is_in_flight_stays_erased_when_twilio
     let delivered = app.twilio.wait_delivered(1).await;
     assert_eq!(delivered[0].to, other);
     assert_eq!(app.state_of(erased), None);
-    let r = app
-        .admin(reqwest::Method::GET, "/admin/subscribers/%2B14155550151")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
+    let gone = app
+        .admin_status(reqwest::Method::GET, "/admin/subscribers/%2B14155550151")
+        .await;
+    assert_eq!(gone, 404);
     app.stop().await;
 }
 

@@ -468,6 +468,17 @@ impl TestApp {
         }
     }
 
+    /// An admin request's status.
+    pub async fn admin_status(&self, method: reqwest::Method, path: &str) -> reqwest::StatusCode {
+        self.admin(method, path).send().await.unwrap().status()
+    }
+
+    /// An admin GET's body: JSON, or the text for the CSV export.
+    pub async fn admin_text(&self, path: &str) -> String {
+        let r = self.admin(reqwest::Method::GET, path).send().await.unwrap();
+        r.text().await.unwrap()
+    }
+
     pub fn state_of(&self, phone: &str) -> Option<String> {
         let phone = smsflow::phone::Phone::parse(phone).unwrap();
         self.engine

@@ -132,14 +132,8 @@ async fn a_code_read_aloud_verifies_by_sms() {
     assert!(reply.contains("Verified!"), "{reply}");
     assert_eq!(app.state_of(CALLER).as_deref(), Some("verified"));
     // The history says the number came in through the voice menu.
-    let detail: serde_json::Value = app
-        .admin(reqwest::Method::GET, "/admin/subscribers/%2B15550005555")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let detail: serde_json::Value =
+        serde_json::from_str(&app.admin_text("/admin/subscribers/%2B15550005555").await).unwrap();
     let first = &detail["history"][0];
     assert_eq!(
         (first["event"].as_str(), first["via"].as_str()),
