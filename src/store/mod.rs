@@ -467,15 +467,7 @@ impl Store {
         };
         self.outbox
             .range((from, std::ops::Bound::Unbounded))
-            .map(|kv| {
-                let (k, v) = kv?;
-                let id = u64::from_be_bytes(
-                    k.as_ref()
-                        .try_into()
-                        .map_err(|_| codec::CodecError::Key("outbox"))?,
-                );
-                Ok((id, codec::decode(OUT_VERSION, &v)?))
-            })
+            .map(|kv| by_id(kv, "outbox", OUT_VERSION))
     }
 
     /// One queued message, if it is still queued.
@@ -628,15 +620,9 @@ impl Store {
 
     /// Every delivery record, oldest first.
     pub fn deliveries(&self) -> impl Iterator<Item = anyhow::Result<(u64, Delivery)>> + '_ {
-        self.deliveries.iter().map(|kv| {
-            let (k, v) = kv?;
-            let id = u64::from_be_bytes(
-                k.as_ref()
-                    .try_into()
-                    .map_err(|_| codec::CodecError::Key("deliveries"))?,
-            );
-            Ok((id, codec::decode(DELIVERY_VERSION, &v)?))
-        })
+        self.deliveries
+            .iter()
+            .map(|kv| by_id(kv, "deliveries", DELIVERY_VERSION))
     }
 
     // ---- operators -----------------------------------------------------------
@@ -1026,6 +1012,21 @@ fn decode_counts(bytes: &[u8]) -> Option<Counts> {
 }
 
 /// Adds a transaction's count changes to the stored counts, inside that transaction.
+/// An entry of a tree keyed by big-endian id (`tree` names it in errors), decoded.
+fn by_id<T: serde::de::DeserializeOwned>(
+    kv: sled::Result<(sled::IVec, sled::IVec)>,
+    tree: &'static str,
+    version: u8,
+) -> anyhow::Result<(u64, T)> {
+    let (k, v) = kv?;
+    let id = u64::from_be_bytes(
+        k.as_ref()
+            .try_into()
+            .map_err(|_| codec::CodecError::Key(tree))?,
+    );
+    Ok((id, codec::decode(version, &v)?))
+}
+
 fn keep_counts(
     meta: &sled::transaction::TransactionalTree,
     delta: &Counts,
