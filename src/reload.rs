@@ -63,6 +63,21 @@ impl Reloader {
         }
     }
 
+    /// [`Reloader::reload`] on a blocking thread: it reads the flow directory, and waits for
+    /// a reload already under way, neither of which belongs on the runtime's few workers.
+    pub async fn reload_blocking(self: &Arc<Self>, why: &'static str) -> Result<String, Problems> {
+        let me = self.clone();
+        match tokio::task::spawn_blocking(move || me.reload(why)).await {
+            Ok(done) => done,
+            Err(e) => Err(Problems(vec![flows::Problem {
+                file: self.dir.clone(),
+                line: 0,
+                col: 0,
+                message: format!("the reload stopped: {e}"),
+            }])),
+        }
+    }
+
     /// Watches the flow directory until `stop`; edits settle for a moment before a reload.
     pub async fn watch(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let (tx, mut rx) = mpsc::unbounded_channel::<()>();
@@ -107,7 +122,7 @@ impl Reloader {
                             _ = tokio::time::sleep(Duration::from_millis(250)) => break,
                         }
                     }
-                    let _ = self.reload("file change");
+                    let _ = self.reload_blocking("file change").await;
                 }
                 _ = stop.changed() => return,
             }
@@ -128,7 +143,7 @@ impl Reloader {
                         if got.is_none() {
                             return;
                         }
-                        let _ = self.reload("SIGHUP");
+                        let _ = self.reload_blocking("SIGHUP").await;
                     }
                     _ = stop.changed() => return,
                 }

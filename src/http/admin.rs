@@ -321,7 +321,7 @@ pub async fn reload(
     State(app): State<Arc<AppState>>,
     _operator: Operator,
 ) -> Result<Response, AdminError> {
-    Ok(match app.reloader.reload("admin API") {
+    Ok(match app.reloader.reload_blocking("admin API").await {
         Ok(summary) => {
             Json(serde_json::json!({ "reloaded": true, "flows": summary })).into_response()
         }
