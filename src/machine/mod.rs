@@ -130,8 +130,8 @@ pub enum TimerKind {
     AskTimeout,
 }
 
-/// Something that happened to a number.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Something that happened to a number. `Debug` hides the codes it may carry.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Event {
     /// A text from the number.
     Inbound(String),
@@ -155,6 +155,28 @@ pub enum Event {
     ProviderUnsubscribed,
     /// The flows were reloaded: the sequence or step this number is in may be gone.
     FlowsChanged,
+}
+
+impl fmt::Debug for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A text may be a code, and so are the other two: only their length shows.
+        let hidden = |f: &mut fmt::Formatter<'_>, name: &str, t: &str| {
+            write!(f, "{name}(<{} characters>)", t.chars().count())
+        };
+        match self {
+            Event::Inbound(t) => hidden(f, "Inbound", t),
+            Event::OtpSubmitted(c) => hidden(f, "OtpSubmitted", c),
+            Event::CodeUndeliverable(c) => hidden(f, "CodeUndeliverable", c),
+            Event::TimerDue(t) => f.debug_tuple("TimerDue").field(t).finish(),
+            Event::OtpRequested => f.write_str("OtpRequested"),
+            Event::VoiceCodeRequested => f.write_str("VoiceCodeRequested"),
+            Event::VoiceOptIn => f.write_str("VoiceOptIn"),
+            Event::VoiceOptOut => f.write_str("VoiceOptOut"),
+            Event::AdminOptOut => f.write_str("AdminOptOut"),
+            Event::ProviderUnsubscribed => f.write_str("ProviderUnsubscribed"),
+            Event::FlowsChanged => f.write_str("FlowsChanged"),
+        }
+    }
 }
 
 impl Event {
@@ -194,7 +216,8 @@ pub fn lost_place(state: &State, flows: &Flows) -> Option<&'static str> {
 }
 
 /// What the engine must do after a step. Effects are data; the engine carries them out.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// `Debug` hides the text of a code's message (its code is a [`Code`], hidden too).
+#[derive(Clone, PartialEq, Eq)]
 pub enum Effect {
     /// Answer the inbound message directly (TwiML).
     Reply(String),
@@ -209,6 +232,23 @@ pub enum Effect {
     Schedule(Timer),
     Cancel(Timer),
     Record(Record),
+}
+
+impl fmt::Debug for Effect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Effect::Reply(t) => f.debug_tuple("Reply").field(t).finish(),
+            Effect::Send(t) => f.debug_tuple("Send").field(t).finish(),
+            Effect::SendCode { code, .. } => f
+                .debug_struct("SendCode")
+                .field("text", &"<hidden: it holds the code>")
+                .field("code", code)
+                .finish(),
+            Effect::Schedule(t) => f.debug_tuple("Schedule").field(t).finish(),
+            Effect::Cancel(t) => f.debug_tuple("Cancel").field(t).finish(),
+            Effect::Record(r) => f.debug_tuple("Record").field(r).finish(),
+        }
+    }
 }
 
 /// A history entry: what happened, without secrets (codes are never recorded).

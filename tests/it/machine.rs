@@ -501,3 +501,33 @@ fn a_choice_copied_as_the_question_shows_it_is_that_choice_and_a_vague_one_is_as
         assert_eq!(channel.expect.accept(typed).as_deref(), saved, "{typed:?}");
     }
 }
+
+/// Nothing that could be a code shows in the `Debug` form of events and effects, should
+/// anything ever log them.
+#[test]
+fn the_debug_form_of_events_and_effects_never_shows_a_code() {
+    for e in [
+        Event::Inbound("123456".into()),
+        Event::OtpSubmitted("123456".into()),
+        Event::CodeUndeliverable("123456".into()),
+    ] {
+        let shown = format!("{e:?}");
+        assert!(
+            !shown.contains("123456") && shown.contains("6 characters"),
+            "{shown}"
+        );
+    }
+    let t = step(
+        subscriber(State::Unverified),
+        &Event::Inbound("JOIN".into()),
+        &flows(),
+        t0(),
+        &mut StdRng::seed_from_u64(1),
+    );
+    let code = &t.subscriber.codes[0].code;
+    let shown = format!("{:?}", t.effects);
+    assert!(
+        shown.contains("SendCode") && !shown.contains(code.as_str()),
+        "{shown}"
+    );
+}
