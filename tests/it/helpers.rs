@@ -334,9 +334,21 @@ impl TestApp {
         tweak(&mut config);
         let api_token = config.api_token.as_ref().map(|t| t.expose().to_string());
         let admin_token = config.admin_token.as_ref().map(|t| t.expose().to_string());
-        let app = Application::build(config, options.clone())
-            .await
-            .expect("app builds");
+        // A data dir a store of this process just let go of may still be locked a moment
+        // (see [`reopen`]).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let app = loop {
+            match Application::build(config.clone(), options.clone()).await {
+                Ok(app) => break app,
+                Err(e)
+                    if e.downcast_ref::<smsflow::store::DataDirInUse>().is_some()
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("app builds: {e:#}"),
+            }
+        };
         let port = app.port();
         let engine = app.engine();
         let (tx, rx) = oneshot::channel::<()>();
@@ -486,6 +498,22 @@ impl TestApp {
             .subscriber(&phone)
             .unwrap()
             .map(|s| s.state.name().to_string())
+    }
+}
+
+/// Opens a data dir that a store in this process just closed. sled lets go of its file lock
+/// only when its deferred cleanup runs, which can lag a moment behind the drop.
+pub fn reopen<T, E: std::fmt::Display>(mut open: impl FnMut() -> Result<T, E>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match open() {
+            Ok(opened) => return opened,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("reopen: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("reopening: {e}"),
+        }
     }
 }
 

@@ -5,21 +5,7 @@ use smsflow::machine::{State, Subscriber, Timer, TimerKind};
 use smsflow::phone::Phone;
 use smsflow::store::{Commit, Delivery, Store};
 
-/// Opens a data dir that a store in this process just closed. sled lets go of its file lock
-/// only when its deferred cleanup runs, which can lag a moment behind the drop.
-fn reopen<T, E: std::fmt::Display>(mut open: impl FnMut() -> Result<T, E>) -> T {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        match open() {
-            Ok(opened) => return opened,
-            Err(e) if std::time::Instant::now() < deadline => {
-                eprintln!("reopen: {e}; retrying");
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            Err(e) => panic!("reopening: {e}"),
-        }
-    }
-}
+use crate::helpers::reopen;
 
 fn timer(at: chrono::DateTime<Utc>) -> Timer {
     Timer {
