@@ -64,10 +64,7 @@ pub fn key_pressed(flows: &Flows, menu: &str, attempt: u8, digits: Option<&str>)
             None => Turn::End(vec![goodbye()]),
         },
         Some(IvrAction::Say(text)) => {
-            // `check` parsed it as a template; a text it could not parse is said as written.
-            let said =
-                Template::parse(text).map_or_else(|_| text.clone(), |t| flows.render_plain(&t));
-            Turn::End(vec![Speech::Say(said), goodbye()])
+            Turn::End(vec![Speech::Say(flows.render_plain(text)), goodbye()])
         }
         Some(IvrAction::Hangup) => Turn::End(vec![goodbye()]),
         Some(action) => Turn::Act(action.clone()),

@@ -1235,20 +1235,9 @@ impl Cx {
                         edges.push((name.clone(), to.clone(), target.span()));
                         press.insert(digit.clone(), IvrAction::Menu(to));
                     }
-                    Ok(IvrAction::Say(text)) if text.is_empty() => {
-                        self.err(
-                            f,
-                            target.span(),
-                            format!("ivr.menu.{name}: `say:` needs a text"),
-                        );
-                    }
                     // Spoken as a template, like every other voice text.
                     Ok(IvrAction::Say(text)) => {
-                        let problems = match Template::parse(&text) {
-                            Ok(t) => t.unknown_placeholders(plain),
-                            Err(e) => vec![e],
-                        };
-                        for p in &problems {
+                        for p in text.unknown_placeholders(plain) {
                             self.err(f, target.span(), format!("ivr.menu.{name}: `say:` {p}"));
                         }
                         press.insert(digit.clone(), IvrAction::Say(text));

@@ -226,7 +226,8 @@ pub enum IvrAction {
     OptIn,
     OptOut,
     Menu(String),
-    Say(String),
+    /// Speak this, then hang up (a template, parsed once when the flows load).
+    Say(Template),
     Hangup,
 }
 
@@ -242,7 +243,11 @@ impl IvrAction {
                 if let Some(name) = s.strip_prefix("menu:") {
                     IvrAction::Menu(name.trim().to_string())
                 } else if let Some(text) = s.strip_prefix("say:") {
-                    IvrAction::Say(text.trim().to_string())
+                    let text = text.trim();
+                    if text.is_empty() {
+                        return Err("`say:` needs a text".into());
+                    }
+                    IvrAction::Say(Template::parse(text).map_err(|e| format!("`say:` {e}"))?)
                 } else {
                     return Err(format!(
                         "unknown action {s:?} (expected read_code, opt_in, opt_out, hangup, menu:NAME or say:TEXT)"
