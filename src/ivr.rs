@@ -2,7 +2,7 @@
 //! renders it as TwiML; `smsflow simulate` prints it.
 
 use crate::flows::{Flows, IvrAction, Template};
-use crate::machine::{Outcome, Subscriber};
+use crate::machine::{placeholder, Outcome, Subscriber};
 
 /// Something said on the call.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,17 +89,7 @@ pub fn after_action(
     code: Option<&str>,
     caller: Option<&Subscriber>,
 ) -> Vec<Speech> {
-    let plain = |t: &Template| {
-        Speech::Say(t.render(|n| {
-            match n {
-                "bot.name" => Some(flows.bot.name.clone()),
-                "sequence" => caller.and_then(|s| s.sequence.clone()),
-                other => other
-                    .strip_prefix("field.")
-                    .and_then(|k| caller.and_then(|s| s.fields.get(k).cloned())),
-            }
-        }))
-    };
+    let plain = |t: &Template| Speech::Say(t.render(|n| placeholder(flows, caller, n)));
     let mut out = match (action, outcome, code) {
         (IvrAction::ReadCode, Outcome::CodeSent, Some(code)) => {
             let spoken = flows.ivr.read_code.render(|n| match n {

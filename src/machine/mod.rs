@@ -354,6 +354,18 @@ pub fn normalize(text: &str) -> String {
     words.join(" ").to_uppercase()
 }
 
+/// What a placeholder of a number's texts stands for: `{bot.name}`, and with the number's
+/// record, `{sequence}` and `{field.KEY}` (`{code}` and `{current}` belong to the moment).
+pub fn placeholder(flows: &Flows, sub: Option<&Subscriber>, name: &str) -> Option<String> {
+    match name {
+        "bot.name" => Some(flows.bot.name.clone()),
+        "sequence" => sub.and_then(|s| s.sequence.clone()),
+        other => other
+            .strip_prefix("field.")
+            .and_then(|k| sub.and_then(|s| s.fields.get(k).cloned())),
+    }
+}
+
 /// A text as a code guess, as people type codes: "123 456", "123-456", "123456." are the
 /// code; "3:30" or "10.5" stay what they are (not a guess that could cost an attempt).
 fn code_guess(text: &str) -> String {
@@ -479,15 +491,10 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     }
 
     fn render_with(&self, t: &Template, current: Option<&str>) -> String {
-        let sub = &self.sub;
         t.render(|name| match name {
-            "bot.name" => Some(self.flows.bot.name.clone()),
-            "sequence" => sub.sequence.clone(),
             "code" => self.code.clone(),
             "current" => current.map(str::to_string),
-            other => other
-                .strip_prefix("field.")
-                .and_then(|k| sub.fields.get(k).cloned()),
+            other => placeholder(self.flows, Some(&self.sub), other),
         })
     }
 
