@@ -96,6 +96,18 @@ pub struct IssuedCode {
     pub wrong: u8,
 }
 
+impl IssuedCode {
+    /// Still good for a guess at `now`: not expired, and not out of guesses.
+    fn usable(&self, now: DateTime<Utc>, max_wrong: u8) -> bool {
+        self.expires_at > now && self.wrong < max_wrong
+    }
+
+    /// Whether `guess` (see [`code_guess`]) is this code, compared in constant time.
+    fn is(&self, guess: &str) -> bool {
+        bool::from(self.code.as_bytes().ct_eq(guess.as_bytes()))
+    }
+}
+
 impl fmt::Debug for IssuedCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IssuedCode")
@@ -420,15 +432,8 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         match event {
             Event::Inbound(text) => self.inbound(text),
             Event::TimerDue(t) => self.timer_due(*t),
-            Event::OtpRequested | Event::VoiceCodeRequested => {
-                if self.sub.state == State::OptedOut {
-                    self.outcome = Outcome::OptedOut;
-                } else if *event == Event::OtpRequested {
-                    self.issue_code("otp_api");
-                } else {
-                    self.issue_code("voice");
-                }
-            }
+            Event::OtpRequested => self.code_requested("otp_api"),
+            Event::VoiceCodeRequested => self.code_requested("voice"),
             Event::OtpSubmitted(code) => {
                 if self.sub.state == State::OptedOut {
                     self.outcome = Outcome::OptedOut;
@@ -623,6 +628,15 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 
     // ---- verification ------------------------------------------------------
 
+    /// An app or a caller asked for a code: one is issued, unless the number opted out.
+    fn code_requested(&mut self, via: &str) {
+        if self.sub.state == State::OptedOut {
+            self.outcome = Outcome::OptedOut;
+        } else {
+            self.issue_code(via);
+        }
+    }
+
     fn issue_code(&mut self, via: &str) {
         let v = &self.flows.verify;
         let window_start = self
@@ -688,18 +702,19 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 
     /// Whether `text` is one of the latest codes, still usable.
     fn is_live_code(&self, text: &str) -> bool {
-        let v = &self.flows.verify;
         let guess = code_guess(text);
-        let skip = self
-            .sub
+        let max = self.flows.verify.max_attempts;
+        self.sub.codes[self.first_counted()..]
+            .iter()
+            .any(|c| c.usable(self.now, max) && c.is(&guess))
+    }
+
+    /// Where the codes still counted start: only the latest `valid_codes` are.
+    fn first_counted(&self) -> usize {
+        self.sub
             .codes
             .len()
-            .saturating_sub(usize::from(v.valid_codes));
-        self.sub.codes[skip..].iter().any(|c| {
-            c.expires_at > self.now
-                && c.wrong < v.max_attempts
-                && bool::from(c.code.as_bytes().ct_eq(guess.as_bytes()))
-        })
+            .saturating_sub(usize::from(self.flows.verify.valid_codes))
     }
 
     /// Checks a guess against the latest unexpired codes; `by_sms` answers the guess by text.
@@ -707,11 +722,10 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         let v = &self.flows.verify;
         let guess = code_guess(guess);
         let (now, max) = (self.now, v.max_attempts);
-        let keep = usize::from(v.valid_codes);
-        let skip = self.sub.codes.len().saturating_sub(keep);
+        let skip = self.first_counted();
         let codes = &mut self.sub.codes[skip..];
-        let matches = |c: &IssuedCode| bool::from(c.code.as_bytes().ct_eq(guess.as_bytes()));
-        let usable = |c: &IssuedCode| c.expires_at > now && c.wrong < max;
+        let matches = |c: &IssuedCode| c.is(&guess);
+        let usable = |c: &IssuedCode| c.usable(now, max);
 
         if codes.iter().any(|c| usable(c) && matches(c)) {
             self.verified(if by_sms { "sms" } else { "otp_api" });
