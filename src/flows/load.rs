@@ -819,7 +819,7 @@ impl Cx {
         for (f, raw) in declared_fields {
             let key = raw.key.get_ref().trim().to_string();
             let ask = self.checked_text(f, &raw.ask, &format!("form field {key:?} ask"), plain);
-            let expect = self.expect(f, raw.expect, keywords);
+            let expect = self.expect(f, raw.expect, keywords, Asker::Form);
             let retry = self.text(
                 f,
                 raw.retry,
@@ -854,7 +854,13 @@ impl Cx {
         }
     }
 
-    fn expect(&mut self, f: usize, raw: Option<S<toml::Value>>, keywords: &Keywords) -> Expect {
+    fn expect(
+        &mut self,
+        f: usize,
+        raw: Option<S<toml::Value>>,
+        keywords: &Keywords,
+        asker: Asker,
+    ) -> Expect {
         let Some(raw) = raw else { return Expect::Any };
         let span = raw.span();
         let bad = |cx: &mut Cx, msg: &str| {
@@ -873,7 +879,7 @@ impl Cx {
                 };
                 match (kind.as_str(), value) {
                     ("choices", toml::Value::Table(choices)) => {
-                        self.choices(f, &span, choices, keywords)
+                        self.choices(f, &span, choices, keywords, asker)
                     }
                     ("range", toml::Value::Array(a)) => match a.as_slice() {
                         [toml::Value::Integer(lo), toml::Value::Integer(hi)] if lo <= hi => {
@@ -900,7 +906,14 @@ impl Cx {
         span: &Range<usize>,
         choices: toml::Table,
         keywords: &Keywords,
+        asker: Asker,
     ) -> Expect {
+        // KEEP is a keyword only while a form answer is edited; a sequence question may use it.
+        let keyword = |word: &str| {
+            keywords
+                .list_of(word)
+                .filter(|list| *list != "keep" || asker == Asker::Form)
+        };
         if choices.is_empty() {
             self.err(f, span.clone(), "choices is empty");
         }
@@ -926,7 +939,7 @@ impl Cx {
                     format!("choice key {key:?} has no letters or digits"),
                 );
             }
-            if let Some(list) = keywords.list_of(&norm) {
+            if let Some(list) = keyword(&norm) {
                 self.err(
                     f,
                     span.clone(),
@@ -938,7 +951,7 @@ impl Cx {
             // A label is accepted as an answer too, but keywords are matched first: a label
             // that is one could never be given (and "info" would get the HELP text).
             let label_norm = normalize(&label);
-            if let Some(list) = keywords.list_of(&label_norm) {
+            if let Some(list) = keyword(&label_norm) {
                 self.err(
                     f,
                     span.clone(),
@@ -1038,7 +1051,7 @@ impl Cx {
                             }
                             key
                         });
-                        let expect = self.expect(f, step.expect, keywords);
+                        let expect = self.expect(f, step.expect, keywords, Asker::Sequence);
                         let timeout = step
                             .timeout
                             .as_ref()
@@ -1364,6 +1377,13 @@ impl Keywords {
             None
         }
     }
+}
+
+/// Who asks a question: the form (where KEEP keeps an answer while editing) or a sequence.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Asker {
+    Form,
+    Sequence,
 }
 
 fn valid_key(k: &str) -> bool {

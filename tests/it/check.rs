@@ -278,3 +278,42 @@ fn voice_menus_without_main_or_a_start_say_so_where_the_menus_are() {
     assert!(problems.contains("v.toml:4:"), "{problems}");
     assert!(problems.contains("set ivr.start"), "{problems}");
 }
+
+#[test]
+fn keep_is_refused_as_a_form_choice_but_allowed_in_a_sequence_question() {
+    let dir = tempfile::tempdir().unwrap();
+    let flow = |form_choice: &str| {
+        format!(
+            r#"[bot]
+name = "Keeper"
+
+[form]
+extra_fields = ["tips"]
+
+[[form.field]]
+key = "plan"
+ask = "Plan? A or {form_choice}"
+expect = {{ choices = {{ A = "basic", {form_choice} = "more" }} }}
+
+[[sequence]]
+name = "tips"
+steps = [
+  {{ after = "1d", ask = "Still want tips? KEEP or DROP", save = "tips", expect = {{ choices = {{ KEEP = "yes", DROP = "no" }} }} }},
+]
+"#
+        )
+    };
+    write(dir.path(), "k.toml", &flow("KEEP"));
+    let problems = smsflow::flows::load_dir(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        problems.contains("k.toml:10:") && problems.contains("keywords.keep"),
+        "{problems}"
+    );
+    assert_eq!(problems.matches("keywords.keep").count(), 1, "{problems}");
+
+    write(dir.path(), "k.toml", &flow("B"));
+    let flows = smsflow::flows::load_dir(dir.path()).unwrap();
+    assert_eq!(flows.sequences.len(), 1);
+}
