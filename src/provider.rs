@@ -185,8 +185,7 @@ impl Twilio {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(|v| retry_after(v, std::time::SystemTime::now()));
         let text = response.text().await.unwrap_or_default();
         if status.is_success() {
             // Accepted is accepted: resending would text the number twice.
@@ -227,4 +226,46 @@ fn without_url(e: &reqwest::Error) -> String {
         "request failed"
     };
     kind.to_string()
+}
+
+/// A `Retry-After` value: seconds, or an HTTP date (RFC 9110 allows both; a date already
+/// past means at once). Anything else is no answer, and the backoff applies.
+fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_after;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_as_an_http_date() {
+        let now = httpdate::parse_http_date("Sun, 22 Nov 2026 10:00:00 GMT").unwrap();
+        let cases: [(&str, Option<Duration>); 7] = [
+            ("120", Some(Duration::from_secs(120))),
+            (" 7 ", Some(Duration::from_secs(7))),
+            (
+                "Sun, 22 Nov 2026 10:01:30 GMT",
+                Some(Duration::from_secs(90)),
+            ),
+            // The obsolete forms HTTP still allows.
+            (
+                "Sunday, 22-Nov-26 10:00:05 GMT",
+                Some(Duration::from_secs(5)),
+            ),
+            ("Sun Nov 22 10:00:10 2026", Some(Duration::from_secs(10))),
+            ("Sun, 22 Nov 2026 09:00:00 GMT", Some(Duration::ZERO)),
+            ("soon", None),
+        ];
+        for (value, expected) in cases {
+            assert_eq!(retry_after(value, now), expected, "{value:?}");
+        }
+        assert_eq!(retry_after("-1", SystemTime::UNIX_EPOCH), None);
+    }
 }
