@@ -23,22 +23,62 @@ pub struct Reloader {
     serial: std::sync::Mutex<()>,
     /// The daemon is stopping: a pass after a reload gives up.
     stop: watch::Receiver<bool>,
+    /// The flow files as the last load read them: the watcher reloads only when they differ
+    /// (it hears every change in the directory, editors' swap files included).
+    last_read: std::sync::Mutex<Option<Sources>>,
 }
 
+type Sources = Vec<(PathBuf, String)>;
+
 impl Reloader {
-    pub fn new(engine: Arc<Engine>, dir: PathBuf, stop: watch::Receiver<bool>) -> Reloader {
+    /// `loaded` are the flow files the live flows came from.
+    pub fn new(
+        engine: Arc<Engine>,
+        dir: PathBuf,
+        loaded: Sources,
+        stop: watch::Receiver<bool>,
+    ) -> Reloader {
         Reloader {
             engine,
-            dir,
             serial: std::sync::Mutex::new(()),
             stop,
+            last_read: std::sync::Mutex::new(Some(loaded)),
+            dir,
         }
     }
 
     /// Loads the flow directory; on success the new set is live. Returns its summary.
     pub fn reload(&self, why: &str) -> Result<String, Problems> {
         let _one_at_a_time = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-        match flows::load_dir(&self.dir) {
+        let read = self.read().map(|(sources, _)| sources);
+        self.apply(why, read.and_then(flows::load_sources))
+    }
+
+    /// [`Reloader::reload`] only if the flow files differ from the ones read last; `None`
+    /// when they do not.
+    pub fn reload_if_changed(&self, why: &str) -> Option<Result<String, Problems>> {
+        let _one_at_a_time = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let read = self.read();
+        if read.as_ref().is_ok_and(|(_, unchanged)| *unchanged) {
+            return None;
+        }
+        let read = read.map(|(sources, _)| sources);
+        Some(self.apply(why, read.and_then(flows::load_sources)))
+    }
+
+    /// Reads the flow files, remembers them, and says whether they are the ones read last.
+    /// (Called with `serial` held.)
+    fn read(&self) -> Result<(Sources, bool), Problems> {
+        let read = flows::read_dir(&self.dir);
+        let mut last = self.last_read.lock().unwrap_or_else(|e| e.into_inner());
+        let unchanged = matches!((&read, last.as_ref()), (Ok(now), Some(was)) if now == was);
+        *last = read.as_ref().ok().cloned();
+        read.map(|sources| (sources, unchanged))
+    }
+
+    /// Makes a loaded set live, or reports why it is not; logs and counts either way.
+    fn apply(&self, why: &str, loaded: Result<Flows, Problems>) -> Result<String, Problems> {
+        match loaded {
             Ok(f) => {
                 let summary = f.summary();
                 let shrunk = f.removed_places_of(&self.engine.flows().places());
@@ -81,13 +121,12 @@ impl Reloader {
     /// Watches the flow directory until `stop`; edits settle for a moment before a reload.
     pub async fn watch(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+        // Any change in the directory may change what it holds: a Kubernetes ConfigMap swaps
+        // a `..data` symlink, which no `.toml` event announces. What was read last decides
+        // whether anything changed.
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             if let Ok(e) = event {
-                let relevant = e
-                    .paths
-                    .iter()
-                    .any(|p| p.extension().is_some_and(|x| x == "toml"));
-                if relevant && !matches!(e.kind, notify::EventKind::Access(_)) {
+                if !matches!(e.kind, notify::EventKind::Access(_)) {
                     let _ = tx.send(());
                 }
             }
@@ -122,7 +161,8 @@ impl Reloader {
                             _ = tokio::time::sleep(Duration::from_millis(250)) => break,
                         }
                     }
-                    let _ = self.reload_blocking("file change").await;
+                    let me = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || me.reload_if_changed("file change")).await;
                 }
                 _ = stop.changed() => return,
             }

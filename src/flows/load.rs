@@ -58,6 +58,11 @@ impl std::error::Error for Problems {}
 
 /// Loads every `*.toml` directly inside `dir` (sorted by name) as one set.
 pub fn load_dir(dir: &Path) -> Result<Flows, Problems> {
+    load_sources(read_dir(dir)?)
+}
+
+/// The `*.toml` files of a flow directory (symlinks followed), in name order, with their text.
+pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Problems> {
     let whole_dir = |message: String| {
         Problems(vec![Problem {
             file: dir.to_path_buf(),
@@ -95,7 +100,7 @@ pub fn load_dir(dir: &Path) -> Result<Flows, Problems> {
             }
         }
     }
-    load_sources(sources)
+    Ok(sources)
 }
 
 /// Loads a set from (file name, TOML text) pairs; names are only used in messages.
