@@ -110,6 +110,7 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
         problems: Vec::new(),
     };
     let mut files = Vec::new();
+    let mut unread = Vec::new();
     for i in 0..cx.sources.len() {
         // serde stops at the first unknown key; blank each one out (same length, so every
         // span still points into the original text) and read again, so one typo does not
@@ -121,6 +122,7 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
                     "stopped after {MAX_UNKNOWN_KEYS} unknown keys; fix them and check again"
                 );
                 cx.err(i, 0..0, msg);
+                unread.push(i);
                 break;
             }
             match toml::from_str::<RawFile>(&text) {
@@ -135,19 +137,62 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
                     cx.err(i, span.clone(), msg);
                     match unknown.then(|| without_key(&text, &span)).flatten() {
                         Some(rest) => text = rest,
-                        None => break,
+                        None => {
+                            unread.push(i);
+                            break;
+                        }
                     }
                 }
             }
         }
     }
+    let reported = cx.problems.len();
     let flows = cx.build(files);
+    if !unread.is_empty() {
+        // A file that did not parse may declare the fields, sequences or menus others name:
+        // what is missing may be there. Those problems wait until it parses.
+        let mut later = cx.problems.split_off(reported);
+        let before = later.len();
+        later.retain(|p| !may_follow_from_an_unread_file(&p.message));
+        let held = before - later.len();
+        cx.problems.append(&mut later);
+        if held > 0 {
+            let names: Vec<String> = unread
+                .iter()
+                .map(|&i| cx.sources[i].0.display().to_string())
+                .collect();
+            let message = format!(
+                "{held} more problem(s) about names a file that did not parse may define \
+                 (fields, sequences, menus) are not shown; check again once {} parses",
+                names.join(", ")
+            );
+            cx.err(unread[0], 0..0, message);
+        }
+    }
     if cx.problems.is_empty() {
         Ok(flows)
     } else {
         Err(Problems(cx.problems))
     }
 }
+
+/// A problem that a name declared in another file would clear (see [`load_sources`]).
+fn may_follow_from_an_unread_file(message: &str) -> bool {
+    [
+        UNDECLARED_FIELD,
+        "unknown placeholder {field.",
+        ZERO_WEIGHT,
+        MISSING_MENU,
+        UNREACHABLE_MENU,
+    ]
+    .iter()
+    .any(|m| message.contains(m))
+}
+
+const UNDECLARED_FIELD: &str = "save into undeclared field";
+const ZERO_WEIGHT: &str = "zero total weight";
+const MISSING_MENU: &str = "does not exist";
+const UNREACHABLE_MENU: &str = "can never be reached";
 
 /// Unknown keys reported per file before giving up on reading the rest of it.
 const MAX_UNKNOWN_KEYS: usize = 50;
@@ -1051,7 +1096,7 @@ impl Cx {
                                 self.err(
                                     f,
                                     s.span(),
-                                    format!("{what}: save into undeclared field {key:?} (declare it in [[form.field]] or form.extra_fields)"),
+                                    format!("{what}: {UNDECLARED_FIELD} {key:?} (declare it in [[form.field]] or form.extra_fields)"),
                                 );
                             }
                             key
@@ -1102,7 +1147,7 @@ impl Cx {
             self.err(
                 f,
                 span,
-                "zero total weight: every sequence has weight 0, so none can ever be chosen",
+                format!("{ZERO_WEIGHT}: every sequence has weight 0, so none can ever be chosen"),
             );
         }
         out
@@ -1284,7 +1329,7 @@ impl Cx {
                 self.err(
                     f,
                     span.clone(),
-                    format!("ivr.menu.{from}: press target menu:{to} does not exist"),
+                    format!("ivr.menu.{from}: press target menu:{to} {MISSING_MENU}"),
                 );
             }
         }
@@ -1293,7 +1338,7 @@ impl Cx {
                 let (span, says) = match start_span {
                     Some(span) => (
                         span,
-                        format!("ivr.start names menu {start:?}, which does not exist"),
+                        format!("ivr.start names menu {start:?}, which {MISSING_MENU}"),
                     ),
                     // No start given: point at the first menu and say what is missing.
                     None => (
@@ -1323,7 +1368,7 @@ impl Cx {
                             f,
                             menu.span(),
                             format!(
-                                "ivr.menu.{name} can never be reached from ivr.start ({start:?})"
+                                "ivr.menu.{name} {UNREACHABLE_MENU} from ivr.start ({start:?})"
                             ),
                         );
                     }
