@@ -2,7 +2,7 @@
 //! at most `send_rate` per second, retrying temporary failures with backoff and jitter.
 //! Nothing is dropped silently: every message ends as a delivery record.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -187,8 +187,7 @@ impl Outbox {
     /// Message `id`, the first of `phone`'s, is gone: its next message, if it was read
     /// already, becomes the first.
     fn advance(&self, w: &mut Waiting, id: u64, phone: Phone) -> anyhow::Result<()> {
-        w.heads.remove(&id);
-        w.head_of.remove(&phone);
+        w.remove_head(id);
         if let Some((next, m)) = self.engine.store.next_queued_of(&phone, id)? {
             if w.upto.is_some_and(|upto| next <= upto) {
                 w.set_head(next, phone, m.next_try);
@@ -307,33 +306,65 @@ fn still_queued(store: &crate::store::Store, id: u64) -> anyhow::Result<Option<O
 /// number's first message and when it can be tried. A number's later messages wait behind
 /// its first, so they need no reading until it is gone: a wake-up for a new message reads
 /// only the new ones, and a retry coming due costs a look at the first messages only.
+/// Finding the next one to try is O(log n) in waiting numbers, so draining a backlog of n
+/// (after an outage) is O(n log n), not O(n²).
 #[derive(Default)]
 struct Waiting {
     upto: Option<u64>,
-    /// First message id → (number, next try), in queue order.
-    heads: BTreeMap<u64, (Phone, DateTime<Utc>)>,
+    /// First message id → (number, next try).
+    heads: HashMap<u64, (Phone, DateTime<Utc>)>,
     /// Number → the id of its first message.
     head_of: HashMap<Phone, u64>,
+    /// First messages whose time had come at the last look, in queue order.
+    ready: BTreeSet<u64>,
+    /// The other first messages, by next try.
+    later: BTreeSet<(DateTime<Utc>, u64)>,
     /// [`crate::store::Store::erasures`] when this was learnt.
     erasures: u64,
 }
 
 impl Waiting {
     fn set_head(&mut self, id: u64, phone: Phone, at: DateTime<Utc>) {
+        self.remove_head(id);
         self.head_of.insert(phone.clone(), id);
         self.heads.insert(id, (phone, at));
+        self.later.insert((at, id));
+    }
+
+    fn remove_head(&mut self, id: u64) {
+        if let Some((phone, at)) = self.heads.remove(&id) {
+            self.head_of.remove(&phone);
+            self.ready.remove(&id);
+            self.later.remove(&(at, id));
+        }
     }
 
     /// The oldest first message that can be tried at `now`, and its number.
-    fn due(&self, now: DateTime<Utc>) -> Option<(u64, Phone)> {
-        self.heads
-            .iter()
-            .find(|(_, (_, at))| *at <= now)
-            .map(|(id, (phone, _))| (*id, phone.clone()))
+    fn due(&mut self, now: DateTime<Utc>) -> Option<(u64, Phone)> {
+        while let Some(&(at, id)) = self.later.first() {
+            if at > now {
+                break;
+            }
+            self.later.pop_first();
+            self.ready.insert(id);
+        }
+        while let Some(&id) = self.ready.first() {
+            match self.heads.get(&id) {
+                Some((phone, _)) => return Some((id, phone.clone())),
+                None => {
+                    self.ready.pop_first();
+                }
+            }
+        }
+        None
     }
 
+    /// When the next first message can be tried.
     fn earliest(&self) -> Option<DateTime<Utc>> {
-        self.heads.values().map(|(_, at)| *at).min()
+        let ready = self.ready.first().and_then(|id| self.heads.get(id));
+        ready
+            .map(|(_, at)| *at)
+            .or_else(|| self.later.first().map(|(at, _)| *at))
     }
 }
 
@@ -387,7 +418,7 @@ pub fn redact(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{redact, retry_wait, MAX_RETRY_AFTER};
+    use super::{redact, retry_wait, Waiting, MAX_RETRY_AFTER};
     use std::time::Duration;
 
     #[test]
@@ -413,5 +444,33 @@ mod tests {
             redact("The 'To' number +15550001111 is not valid (HTTP 400, code 21211)"),
             "The 'To' number [number] is not valid (HTTP 400, code 21211)"
         );
+    }
+
+    #[test]
+    fn the_oldest_number_whose_time_has_come_goes_first_and_retries_wait_their_turn() {
+        use crate::phone::Phone;
+        use chrono::{TimeDelta, TimeZone, Utc};
+        let t0 = Utc.with_ymd_and_hms(2026, 11, 22, 12, 0, 0).unwrap();
+        let secs = |n: i64| t0 + TimeDelta::seconds(n);
+        let phone = |n: u32| Phone::parse(&format!("+1415555{n:04}")).unwrap();
+        let mut w = Waiting::default();
+        w.set_head(5, phone(5), secs(30));
+        w.set_head(3, phone(3), secs(10));
+        w.set_head(9, phone(9), secs(0));
+        assert_eq!(w.earliest(), Some(secs(0)));
+        assert_eq!(w.due(t0), Some((9, phone(9))));
+        // Once several are due, queue order decides, not the time they came due.
+        assert_eq!(w.due(secs(40)), Some((3, phone(3))));
+        // A retry moves a message back to its new time.
+        w.set_head(3, phone(3), secs(100));
+        assert_eq!(w.due(secs(40)), Some((5, phone(5))));
+        w.remove_head(5);
+        w.remove_head(9);
+        assert_eq!(w.due(secs(40)), None);
+        assert_eq!(w.earliest(), Some(secs(100)));
+        assert_eq!(w.due(secs(100)), Some((3, phone(3))));
+        w.remove_head(3);
+        assert_eq!((w.due(secs(1000)), w.earliest()), (None, None));
+        assert!(w.head_of.is_empty() && w.heads.is_empty());
     }
 }
