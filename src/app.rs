@@ -53,9 +53,7 @@ impl Application {
     /// Loads flows (every problem listed on failure), opens the store, binds the socket.
     pub async fn build(config: Config, options: Options) -> anyhow::Result<Application> {
         // The problems stay a typed error, so `serve` can exit with the flows' exit code.
-        let loaded = flows::read_dir(&config.flows_dir)
-            .and_then(|files| Ok((flows::load_sources(files.clone())?, files)));
-        let (flows, flow_files) = loaded.map_err(|p| {
+        let (flows, flow_files) = flows::load_dir_with_files(&config.flows_dir).map_err(|p| {
             let context = format!(
                 "the flows in {} have {} problem(s)",
                 config.flows_dir.display(),

@@ -37,6 +37,7 @@ pub struct Engine {
     pub outbox_changed: Arc<Notify>,
     writer: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    flow_swaps: std::sync::atomic::AtomicU64,
 }
 
 /// What an event did.
@@ -106,7 +107,13 @@ impl Engine {
             outbox_changed,
             writer: Some(tx),
             thread,
+            flow_swaps: Default::default(),
         }
+    }
+
+    /// How many times this engine's flows were swapped since it started (reloads).
+    pub fn flow_swaps(&self) -> u64 {
+        self.flow_swaps.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn flows(&self) -> Arc<Flows> {
@@ -115,6 +122,9 @@ impl Engine {
 
     /// Swaps in a new flow set; readers see either the old or the new one, never a mix.
     pub fn set_flows(&self, flows: Flows) {
+        // Counted first: whoever sees the new set sees it counted.
+        self.flow_swaps
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.flows.store(Arc::new(flows));
         // Timers may now mean something else; let the scheduler look again.
         self.timers_changed.notify_one();

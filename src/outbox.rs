@@ -339,7 +339,8 @@ impl Waiting {
         }
     }
 
-    /// The oldest first message that can be tried at `now`, and its number.
+    /// The oldest first message that can be tried at `now`, and its number. (One found
+    /// ready stays so: a clock stepped back does not make it wait again.)
     fn due(&mut self, now: DateTime<Utc>) -> Option<(u64, Phone)> {
         while let Some(&(at, id)) = self.later.first() {
             if at > now {
@@ -472,5 +473,6 @@ mod tests {
         w.remove_head(3);
         assert_eq!((w.due(secs(1000)), w.earliest()), (None, None));
         assert!(w.head_of.is_empty() && w.heads.is_empty());
+        assert!(w.ready.is_empty() && w.later.is_empty());
     }
 }

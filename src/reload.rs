@@ -30,6 +30,12 @@ pub struct Reloader {
 
 type Sources = Vec<(PathBuf, String)>;
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Load {
+    Always,
+    IfChanged,
+}
+
 impl Reloader {
     /// `loaded` are the flow files the live flows came from.
     pub fn new(
@@ -49,31 +55,24 @@ impl Reloader {
 
     /// Loads the flow directory; on success the new set is live. Returns its summary.
     pub fn reload(&self, why: &str) -> Result<String, Problems> {
-        let _one_at_a_time = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-        let read = self.read().map(|(sources, _)| sources);
-        self.apply(why, read.and_then(flows::load_sources))
+        self.load(why, Load::Always)
+            .unwrap_or_else(|| Ok(self.engine.flows().summary()))
     }
 
-    /// [`Reloader::reload`] only if the flow files differ from the ones read last; `None`
-    /// when they do not.
-    pub fn reload_if_changed(&self, why: &str) -> Option<Result<String, Problems>> {
+    /// Reads the flow files and, unless they are the ones read last and `when` allows that,
+    /// loads them; `None` when nothing was loaded.
+    fn load(&self, why: &str, when: Load) -> Option<Result<String, Problems>> {
         let _one_at_a_time = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-        let read = self.read();
-        if read.as_ref().is_ok_and(|(_, unchanged)| *unchanged) {
-            return None;
-        }
-        let read = read.map(|(sources, _)| sources);
-        Some(self.apply(why, read.and_then(flows::load_sources)))
-    }
-
-    /// Reads the flow files, remembers them, and says whether they are the ones read last.
-    /// (Called with `serial` held.)
-    fn read(&self) -> Result<(Sources, bool), Problems> {
         let read = flows::read_dir(&self.dir);
-        let mut last = self.last_read.lock().unwrap_or_else(|e| e.into_inner());
-        let unchanged = matches!((&read, last.as_ref()), (Ok(now), Some(was)) if now == was);
-        *last = read.as_ref().ok().cloned();
-        read.map(|sources| (sources, unchanged))
+        {
+            let mut last = self.last_read.lock().unwrap_or_else(|e| e.into_inner());
+            let unchanged = matches!((&read, last.as_ref()), (Ok(now), Some(was)) if now == was);
+            if unchanged && when == Load::IfChanged {
+                return None;
+            }
+            *last = read.as_ref().ok().cloned();
+        }
+        Some(self.apply(why, read.and_then(flows::load_sources)))
     }
 
     /// Makes a loaded set live, or reports why it is not; logs and counts either way.
@@ -106,15 +105,25 @@ impl Reloader {
     /// [`Reloader::reload`] on a blocking thread: it reads the flow directory, and waits for
     /// a reload already under way, neither of which belongs on the runtime's few workers.
     pub async fn reload_blocking(self: &Arc<Self>, why: &'static str) -> Result<String, Problems> {
+        self.load_blocking(why, Load::Always)
+            .await
+            .unwrap_or_else(|| Ok(self.engine.flows().summary()))
+    }
+
+    async fn load_blocking(
+        self: &Arc<Self>,
+        why: &'static str,
+        when: Load,
+    ) -> Option<Result<String, Problems>> {
         let me = self.clone();
-        match tokio::task::spawn_blocking(move || me.reload(why)).await {
+        match tokio::task::spawn_blocking(move || me.load(why, when)).await {
             Ok(done) => done,
-            Err(e) => Err(Problems(vec![flows::Problem {
+            Err(e) => Some(Err(Problems(vec![flows::Problem {
                 file: self.dir.clone(),
                 line: 0,
                 col: 0,
                 message: format!("the reload stopped: {e}"),
-            }])),
+            }]))),
         }
     }
 
@@ -148,21 +157,25 @@ impl Reloader {
             );
             return;
         }
+        // What changed between the start's read and the watch is seen now.
+        let _ = self.load_blocking("file change", Load::IfChanged).await;
         loop {
             tokio::select! {
                 got = rx.recv() => {
                     if got.is_none() {
                         return;
                     }
-                    // An editor's save is several events: wait until they stop.
+                    // An editor's save is several events: wait until they stop for a moment,
+                    // but not for ever (a file written all the time may share the directory).
+                    let latest = tokio::time::Instant::now() + Duration::from_secs(2);
                     loop {
+                        let quiet = (tokio::time::Instant::now() + Duration::from_millis(250)).min(latest);
                         tokio::select! {
                             more = rx.recv() => if more.is_none() { return },
-                            _ = tokio::time::sleep(Duration::from_millis(250)) => break,
+                            _ = tokio::time::sleep_until(quiet) => break,
                         }
                     }
-                    let me = self.clone();
-                    let _ = tokio::task::spawn_blocking(move || me.reload_if_changed("file change")).await;
+                    let _ = self.load_blocking("file change", Load::IfChanged).await;
                 }
                 _ = stop.changed() => return,
             }

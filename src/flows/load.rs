@@ -58,7 +58,14 @@ impl std::error::Error for Problems {}
 
 /// Loads every `*.toml` directly inside `dir` (sorted by name) as one set.
 pub fn load_dir(dir: &Path) -> Result<Flows, Problems> {
-    load_sources(read_dir(dir)?)
+    load_dir_with_files(dir).map(|(flows, _)| flows)
+}
+
+/// [`load_dir`], with the files the flows came from (hot reload compares later reads with
+/// them).
+pub fn load_dir_with_files(dir: &Path) -> Result<(Flows, Vec<(PathBuf, String)>), Problems> {
+    let files = read_dir(dir)?;
+    Ok((load_sources(files.clone())?, files))
 }
 
 /// The `*.toml` files of a flow directory (symlinks followed), in name order, with their text.
@@ -108,6 +115,7 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
     let mut cx = Cx {
         sources,
         problems: Vec::new(),
+        clearable: Vec::new(),
     };
     let mut files = Vec::new();
     let mut unread = Vec::new();
@@ -146,28 +154,27 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
             }
         }
     }
-    let reported = cx.problems.len();
     let flows = cx.build(files);
-    if !unread.is_empty() {
-        // A file that did not parse may declare the fields, sequences or menus others name:
-        // what is missing may be there. Those problems wait until it parses.
-        let mut later = cx.problems.split_off(reported);
-        let before = later.len();
-        later.retain(|p| !may_follow_from_an_unread_file(&p.message));
-        let held = before - later.len();
-        cx.problems.append(&mut later);
-        if held > 0 {
-            let names: Vec<String> = unread
-                .iter()
-                .map(|&i| cx.sources[i].0.display().to_string())
-                .collect();
-            let message = format!(
-                "{held} more problem(s) about names a file that did not parse may define \
-                 (fields, sequences, menus) are not shown; check again once {} parses",
-                names.join(", ")
-            );
-            cx.err(unread[0], 0..0, message);
-        }
+    if !unread.is_empty() && !cx.clearable.is_empty() {
+        // A file that did not parse may declare what others name: those problems wait
+        // until it parses, and one line says how many wait.
+        let held = std::mem::take(&mut cx.clearable);
+        let mut index = 0;
+        cx.problems.retain(|_| {
+            index += 1;
+            !held.contains(&(index - 1))
+        });
+        let names: Vec<String> = unread
+            .iter()
+            .map(|&i| cx.sources[i].0.display().to_string())
+            .collect();
+        let message = format!(
+            "{} more problem(s) that a file that did not parse may clear (a field it declares, \
+             a sequence's weight) are not shown; check again once {} parses",
+            held.len(),
+            names.join(", ")
+        );
+        cx.err(unread[0], 0..0, message);
     }
     if cx.problems.is_empty() {
         Ok(flows)
@@ -175,24 +182,6 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
         Err(Problems(cx.problems))
     }
 }
-
-/// A problem that a name declared in another file would clear (see [`load_sources`]).
-fn may_follow_from_an_unread_file(message: &str) -> bool {
-    [
-        UNDECLARED_FIELD,
-        "unknown placeholder {field.",
-        ZERO_WEIGHT,
-        MISSING_MENU,
-        UNREACHABLE_MENU,
-    ]
-    .iter()
-    .any(|m| message.contains(m))
-}
-
-const UNDECLARED_FIELD: &str = "save into undeclared field";
-const ZERO_WEIGHT: &str = "zero total weight";
-const MISSING_MENU: &str = "does not exist";
-const UNREACHABLE_MENU: &str = "can never be reached";
 
 /// Unknown keys reported per file before giving up on reading the rest of it.
 const MAX_UNKNOWN_KEYS: usize = 50;
@@ -398,6 +387,9 @@ const MAX_TEXT: usize = 1600;
 struct Cx {
     sources: Vec<(PathBuf, String)>,
     problems: Vec<Problem>,
+    /// Which of `problems` a declaration in another file would clear (an undeclared field,
+    /// zero total weight): while a file does not parse, they may be its absence speaking.
+    clearable: Vec<usize>,
 }
 
 impl Cx {
@@ -410,6 +402,17 @@ impl Cx {
             col,
             message: message.into(),
         });
+    }
+
+    /// [`Cx::err`] for a problem that a declaration in another file would clear.
+    fn err_unless_declared_elsewhere(
+        &mut self,
+        file: usize,
+        span: Range<usize>,
+        message: impl Into<String>,
+    ) {
+        self.clearable.push(self.problems.len());
+        self.err(file, span, message);
     }
 
     fn place(&self, file: usize, span: &Range<usize>) -> String {
@@ -628,8 +631,13 @@ impl Cx {
         }
         match Template::parse(src) {
             Ok(t) => {
-                for msg in t.unknown_placeholders(allowed) {
-                    self.err(f, s.span(), format!("{what}: {msg}"));
+                for (msg, undeclared) in t.unknown(allowed) {
+                    let msg = format!("{what}: {msg}");
+                    if undeclared {
+                        self.err_unless_declared_elsewhere(f, s.span(), msg);
+                    } else {
+                        self.err(f, s.span(), msg);
+                    }
                 }
                 t
             }
@@ -1093,10 +1101,10 @@ impl Cx {
                         let save = step.save.map(|s| {
                             let key = s.get_ref().trim().to_string();
                             if !fields.contains(&key) {
-                                self.err(
+                                self.err_unless_declared_elsewhere(
                                     f,
                                     s.span(),
-                                    format!("{what}: {UNDECLARED_FIELD} {key:?} (declare it in [[form.field]] or form.extra_fields)"),
+                                    format!("{what}: save into undeclared field {key:?} (declare it in [[form.field]] or form.extra_fields)"),
                                 );
                             }
                             key
@@ -1144,10 +1152,10 @@ impl Cx {
         }
         let total: u64 = out.iter().map(|s| u64::from(s.weight)).sum();
         if let (Some((f, span)), 0) = (first, total) {
-            self.err(
+            self.err_unless_declared_elsewhere(
                 f,
                 span,
-                format!("{ZERO_WEIGHT}: every sequence has weight 0, so none can ever be chosen"),
+                "zero total weight: every sequence has weight 0, so none can ever be chosen",
             );
         }
         out
@@ -1329,7 +1337,7 @@ impl Cx {
                 self.err(
                     f,
                     span.clone(),
-                    format!("ivr.menu.{from}: press target menu:{to} {MISSING_MENU}"),
+                    format!("ivr.menu.{from}: press target menu:{to} does not exist"),
                 );
             }
         }
@@ -1338,7 +1346,7 @@ impl Cx {
                 let (span, says) = match start_span {
                     Some(span) => (
                         span,
-                        format!("ivr.start names menu {start:?}, which {MISSING_MENU}"),
+                        format!("ivr.start names menu {start:?}, which does not exist"),
                     ),
                     // No start given: point at the first menu and say what is missing.
                     None => (
@@ -1368,7 +1376,7 @@ impl Cx {
                             f,
                             menu.span(),
                             format!(
-                                "ivr.menu.{name} {UNREACHABLE_MENU} from ivr.start ({start:?})"
+                                "ivr.menu.{name} can never be reached from ivr.start ({start:?})"
                             ),
                         );
                     }

@@ -9,7 +9,7 @@ use chrono::{NaiveTime, TimeDelta};
 use chrono_tz::Tz;
 use regex::Regex;
 
-pub use load::{load_dir, load_sources, read_dir, Problem, Problems};
+pub use load::{load_dir, load_dir_with_files, load_sources, read_dir, Problem, Problems};
 pub use template::{Allowed, Template};
 
 /// A complete, valid set of flows. Built only by [`load_dir`] / [`load_sources`].

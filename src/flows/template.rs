@@ -86,9 +86,16 @@ impl Template {
 
     /// Every placeholder this template names that `allowed` does not permit, as messages.
     pub fn unknown_placeholders(&self, allowed: Allowed<'_>) -> Vec<String> {
+        self.unknown(allowed).into_iter().map(|(m, _)| m).collect()
+    }
+
+    /// [`Template::unknown_placeholders`], each with whether declaring a field would allow
+    /// it (`{field.KEY}` in a text that may name fields).
+    pub fn unknown(&self, allowed: Allowed<'_>) -> Vec<(String, bool)> {
         self.slots()
             .filter(|name| !slot_allowed(name, allowed))
             .map(|name| {
+                let undeclared = !allowed.spoken && name.starts_with("field.");
                 let hint = match name {
                     "sequence" => " (a voice text knows {bot.name}, and {code} where one is read)",
                     n if n.starts_with("field.") && allowed.spoken => {
@@ -101,7 +108,7 @@ impl Template {
                     }
                     _ => " (known: {bot.name}, {sequence}, {field.KEY}, {code}, {current})",
                 };
-                format!("unknown placeholder {{{name}}}{hint}")
+                (format!("unknown placeholder {{{name}}}{hint}"), undeclared)
             })
             .collect()
     }
