@@ -26,6 +26,18 @@ pub struct Reloader {
     /// The flow files as the last load read them: the watcher reloads only when they differ
     /// (it hears every change in the directory, editors' swap files included).
     last_read: std::sync::Mutex<Option<Sources>>,
+    /// How the last reload went, for `/readyz`.
+    last_reload: std::sync::Mutex<Option<LastReload>>,
+}
+
+/// The outcome of the last reload (by any trigger).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LastReload {
+    pub ok: bool,
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub trigger: String,
+    /// How many problems kept the new flows out (0 when `ok`).
+    pub problems: usize,
 }
 
 type Sources = Vec<(PathBuf, String)>;
@@ -49,6 +61,7 @@ impl Reloader {
             serial: std::sync::Mutex::new(()),
             stop,
             last_read: std::sync::Mutex::new(Some(loaded)),
+            last_reload: std::sync::Mutex::new(None),
             dir,
         }
     }
@@ -75,8 +88,22 @@ impl Reloader {
         Some(self.apply(why, read.and_then(flows::load_sources)))
     }
 
+    /// How the last reload since the start went; `None` before the first.
+    pub fn last_reload(&self) -> Option<LastReload> {
+        self.last_reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Makes a loaded set live, or reports why it is not; logs and counts either way.
     fn apply(&self, why: &str, loaded: Result<Flows, Problems>) -> Result<String, Problems> {
+        *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(LastReload {
+            ok: loaded.is_ok(),
+            at: chrono::Utc::now(),
+            trigger: why.to_string(),
+            problems: loaded.as_ref().err().map_or(0, |p| p.0.len()),
+        });
         match loaded {
             Ok(f) => {
                 let summary = f.summary();
@@ -130,6 +157,7 @@ impl Reloader {
     /// Watches the flow directory until `stop`; edits settle for a moment before a reload.
     pub async fn watch(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+        let start = tx.clone();
         // Any change in the directory may change what it holds: a Kubernetes ConfigMap swaps
         // a `..data` symlink, which no `.toml` event announces. What was read last decides
         // whether anything changed.
@@ -157,8 +185,9 @@ impl Reloader {
             );
             return;
         }
-        // What changed between the start's read and the watch is seen now.
-        let _ = self.load_blocking("file change", Load::IfChanged).await;
+        // What changed between the start's read and the watch is looked at like any change
+        // (an editor may be writing it this moment: it settles first).
+        let _ = start.send(());
         loop {
             tokio::select! {
                 got = rx.recv() => {

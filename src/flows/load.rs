@@ -120,6 +120,16 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
     let mut files = Vec::new();
     let mut unread = Vec::new();
     for i in 0..cx.sources.len() {
+        // An empty file is a mistake or a file caught mid-write (an editor truncates, then
+        // writes): taken as a flow set, it would end every number's sequence.
+        if cx.sources[i].1.trim().is_empty() {
+            cx.err(
+                i,
+                0..0,
+                "empty flow file (if it is being written, this passes once it is saved)",
+            );
+            continue;
+        }
         // serde stops at the first unknown key; blank each one out (same length, so every
         // span still points into the original text) and read again, so one typo does not
         // hide the rest of the file's problems.

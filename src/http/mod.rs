@@ -239,6 +239,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         "flows": state.engine.flows().summary(),
         "scheduler": scheduler,
         "outbox": outbox,
+        "last_reload": state.reloader.last_reload(),
     });
     let status = if ready {
         StatusCode::OK

@@ -381,10 +381,14 @@ async fn a_broken_flow_file_leaves_the_old_flows_and_a_valid_edit_goes_live() {
     let failed_before = reloads(&text(&app, "/metrics").await, "failed");
 
     std::fs::write(&file, CHOICES.replace("[replies]", "[replies\nbroken")).unwrap();
+    // This daemon's own last reload (the metric is shared by every daemon in this process).
     eventually("a failed reload", async || {
-        reloads(&text(&app, "/metrics").await, "failed") > failed_before
+        let ready: serde_json::Value = serde_json::from_str(&text(&app, "/readyz").await).unwrap();
+        ready["last_reload"]["ok"] == false && ready["last_reload"]["problems"].as_u64() > Some(0)
     })
     .await;
+    assert!(reloads(&text(&app, "/metrics").await, "failed") > failed_before);
+    assert_eq!(app.engine.flow_swaps(), 0);
     let (_, twiml) = app.sms(A, "HELP").await;
     assert!(twiml.contains("Help v1"), "old flows still answer: {twiml}");
 
@@ -525,6 +529,7 @@ async fn metrics_parse_as_prometheus_text_and_readyz_reports_the_workers() {
     let (status, ready) = get(&app, "/readyz", None).await;
     assert_eq!(status, 200, "{ready}");
     assert_eq!(ready["ready"], true);
+    assert!(ready["last_reload"].is_null(), "no reload yet: {ready}");
 }
 
 #[tokio::test]

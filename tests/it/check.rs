@@ -341,3 +341,14 @@ steps = [
     let flows = smsflow::flows::load_dir(dir.path()).unwrap();
     assert_eq!(flows.sequences.len(), 1);
 }
+
+#[test]
+fn an_empty_flow_file_is_a_problem_not_an_empty_flow_set() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.toml", "[bot]\nname = \"Bot\"\n");
+    write(dir.path(), "b.toml", " \n");
+    let out = smsflow().arg("check").arg(dir.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("b.toml:1:1: empty flow file"), "{stderr}");
+}
