@@ -53,6 +53,11 @@ fn write(dir: &Path, name: &str, text: &str) {
     std::fs::write(dir.join(name), text).unwrap();
 }
 
+/// The problems `dir`'s flows have, as `check` prints them (the flows must have some).
+fn problems_in(dir: &Path) -> String {
+    smsflow::flows::load_dir(dir).unwrap_err().to_string()
+}
+
 #[test]
 fn check_reports_every_mistake_with_file_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
@@ -220,9 +225,7 @@ fn unknown_keys_do_not_hide_the_other_problems_of_their_file() {
         "[bot]\nname = \"Typos\"\ncolour = \"red\"\n\n[verify]\nttl = \"0s\"\n\n\
          [[sequence]]\nname = \"s\"\nsteps = [\n  { sya = \"x\", after = \"1d\", say = \"Hi\" },\n]\n",
     );
-    let problems = smsflow::flows::load_dir(dir.path())
-        .unwrap_err()
-        .to_string();
+    let problems = problems_in(dir.path());
     for (place, says) in [
         ("typos.toml:3:1:", "unknown field `colour`"),
         ("typos.toml:11:5:", "unknown field `sya`"),
@@ -254,9 +257,7 @@ say = "Hi {field.first_name}, press 1 or 2"
 press = { "1" = "say:Thanks for calling {bot.name}", "2" = "say:You are in {sequence}" }
 "#;
     write(dir.path(), "v.toml", flow);
-    let problems = smsflow::flows::load_dir(dir.path())
-        .unwrap_err()
-        .to_string();
+    let problems = problems_in(dir.path());
     assert!(
         problems.contains("v.toml:9:") && problems.contains("{field.first_name}"),
         "{problems}"
@@ -296,9 +297,7 @@ fn voice_menus_without_main_or_a_start_say_so_where_the_menus_are() {
         "v.toml",
         "[bot]\nname = \"Vox\"\n\n[ivr.menu.welcome]\nsay = \"Press 1\"\npress = { \"1\" = \"hangup\" }\n",
     );
-    let problems = smsflow::flows::load_dir(dir.path())
-        .unwrap_err()
-        .to_string();
+    let problems = problems_in(dir.path());
     assert!(problems.contains("v.toml:4:"), "{problems}");
     assert!(problems.contains("set ivr.start"), "{problems}");
 }
@@ -328,9 +327,7 @@ steps = [
         )
     };
     write(dir.path(), "k.toml", &flow("KEEP"));
-    let problems = smsflow::flows::load_dir(dir.path())
-        .unwrap_err()
-        .to_string();
+    let problems = problems_in(dir.path());
     assert!(
         problems.contains("k.toml:10:") && problems.contains("keywords.keep"),
         "{problems}"
