@@ -98,12 +98,19 @@ impl Reloader {
 
     /// Makes a loaded set live, or reports why it is not; logs and counts either way.
     fn apply(&self, why: &str, loaded: Result<Flows, Problems>) -> Result<String, Problems> {
+        let problems = loaded.as_ref().err().map_or(0, |p| p.0.len());
+        let done = self.swap(why, loaded);
+        // Recorded once the outcome holds (a new set is live by now).
         *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(LastReload {
-            ok: loaded.is_ok(),
+            ok: done.is_ok(),
             at: chrono::Utc::now(),
             trigger: why.to_string(),
-            problems: loaded.as_ref().err().map_or(0, |p| p.0.len()),
+            problems,
         });
+        done
+    }
+
+    fn swap(&self, why: &str, loaded: Result<Flows, Problems>) -> Result<String, Problems> {
         match loaded {
             Ok(f) => {
                 let summary = f.summary();
@@ -188,6 +195,7 @@ impl Reloader {
         // What changed between the start's read and the watch is looked at like any change
         // (an editor may be writing it this moment: it settles first).
         let _ = start.send(());
+        drop(start);
         loop {
             tokio::select! {
                 got = rx.recv() => {
