@@ -56,6 +56,41 @@ pub struct Figures {
     pub p99: Duration,
     /// The whole process's CPU time (server and client) per request, when the OS tells it.
     pub cpu_per_request: Option<Duration>,
+    /// The host's CPU time meanwhile, when the OS tells it.
+    pub host: Option<HostTime>,
+}
+
+/// Shares of the host's CPU time over a run: idle (no thread of anyone's wanted a core) and
+/// stolen (a virtual machine's cores given to other guests), in percent. Much of either
+/// means the run measured the host as much as smsflow.
+#[derive(Debug, Clone, Copy)]
+pub struct HostTime {
+    pub idle: f64,
+    pub steal: f64,
+}
+
+/// The host's CPU time so far, in clock ticks (Linux: the `cpu` line of /proc/stat):
+/// (total, idle + iowait, steal).
+fn host_ticks() -> Option<(u64, u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let n: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest times are inside user).
+    let total = n.iter().take(8).sum();
+    Some((total, n.get(3)? + n.get(4)?, *n.get(7)?))
+}
+
+fn host_between(a: Option<(u64, u64, u64)>, b: Option<(u64, u64, u64)>) -> Option<HostTime> {
+    let ((t0, i0, s0), (t1, i1, s1)) = (a?, b?);
+    let total = t1.checked_sub(t0).filter(|t| *t > 0)? as f64;
+    Some(HostTime {
+        idle: 100.0 * i1.saturating_sub(i0) as f64 / total,
+        steal: 100.0 * s1.saturating_sub(s0) as f64 / total,
+    })
 }
 
 /// CPU time this process has used so far (Linux: /proc/self/stat, in clock ticks of 10 ms).
@@ -153,12 +188,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
 
     let line = |name: &str, f: &Figures| {
         format!(
-            "  {name:<28} {:>9.0} req/s   p50 {:>7.2} ms   p99 {:>7.2} ms   cpu {:>4} us/req   ({} requests, {} errors)\n",
+            "  {name:<28} {:>9.0} req/s   p50 {:>7.2} ms   p99 {:>7.2} ms   cpu {:>4} us/req   host idle {} steal {}   ({} requests, {} errors)\n",
             f.per_second,
             f.p50.as_secs_f64() * 1e3,
             f.p99.as_secs_f64() * 1e3,
             f.cpu_per_request
                 .map_or("?".to_string(), |c| c.as_micros().to_string()),
+            f.host.map_or("?".to_string(), |h| format!("{:.0}%", h.idle)),
+            f.host.map_or("?".to_string(), |h| format!("{:.0}%", h.steal)),
             f.requests,
             f.errors
         )
@@ -184,6 +221,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
         ratios[ratios.len() / 2],
         worst_p99.as_secs_f64() * 1e3
     );
+    let stolen = rounds
+        .iter()
+        .flat_map(|(t, w)| [t.host, w.host])
+        .flatten()
+        .map(|h| h.steal)
+        .fold(0.0, f64::max);
+    if stolen >= 5.0 {
+        out += &format!(
+            "NOTE: the hypervisor took up to {stolen:.0}% of this machine's CPU time during a run; \
+             the figures measure that as much as smsflow (run again when the host is quiet)\n"
+        );
+    }
     let failed: usize = rounds.iter().map(|(t, w)| t.errors + w.errors).sum();
     if failed > 0 {
         out += &format!(
@@ -229,7 +278,7 @@ async fn drive(
             })
             .collect(),
     });
-    let (started, cpu_at_start) = (Instant::now(), cpu_used());
+    let (started, cpu_at_start, host_at_start) = (Instant::now(), cpu_used(), host_ticks());
     let mut tasks = Vec::new();
     for _ in 0..connections {
         let (client, base, bodies) = (client.clone(), base.to_string(), bodies.clone());
@@ -293,6 +342,7 @@ async fn drive(
         p50: pct(0.50),
         p99: pct(0.99),
         cpu_per_request: cpu.map(|c| c / all.len().max(1) as u32),
+        host: host_between(host_at_start, host_ticks()),
     }
 }
 
