@@ -60,36 +60,62 @@ pub struct Figures {
     pub host: Option<HostTime>,
 }
 
-/// Shares of the host's CPU time over a run: idle (no thread of anyone's wanted a core) and
-/// stolen (a virtual machine's cores given to other guests), in percent. Much of either
-/// means the run measured the host as much as smsflow.
-#[derive(Debug, Clone, Copy)]
+/// The host's CPU time over a run, in clock ticks (all cores): how much there was, how much
+/// was idle (no thread of anyone's wanted a core) and how much was stolen (a virtual
+/// machine's cores given to other guests). Much of either means the run measured the host
+/// as much as smsflow.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct HostTime {
-    pub idle: f64,
-    pub steal: f64,
+    pub total: u64,
+    pub idle: u64,
+    pub steal: u64,
 }
 
-/// The host's CPU time so far, in clock ticks (Linux: the `cpu` line of /proc/stat):
-/// (total, idle + iowait, steal).
-fn host_ticks() -> Option<(u64, u64, u64)> {
+impl HostTime {
+    fn share(&self, part: u64) -> f64 {
+        100.0 * part as f64 / self.total.max(1) as f64
+    }
+
+    /// The idle and stolen shares, in percent ("?" for a run within one clock tick).
+    fn shares(host: Option<HostTime>) -> String {
+        match host.filter(|h| h.total > 0) {
+            Some(h) => format!(
+                "host idle {:.0}% steal {:.0}%",
+                h.share(h.idle),
+                h.share(h.steal)
+            ),
+            None => "host idle ? steal ?".to_string(),
+        }
+    }
+}
+
+/// The host's CPU time so far (Linux: the `cpu` line of /proc/stat).
+fn host_ticks() -> Option<HostTime> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    parse_cpu_line(stat.lines().find(|l| l.starts_with("cpu "))?)
+}
+
+/// `cpu  user nice system idle iowait irq softirq steal guest guest_nice`: the total is the
+/// first eight (guest time is already inside user and nice), idle counts iowait too.
+fn parse_cpu_line(line: &str) -> Option<HostTime> {
     let n: Vec<u64> = line
         .split_whitespace()
         .skip(1)
         .map(|f| f.parse().ok())
         .collect::<Option<_>>()?;
-    // user nice system idle iowait irq softirq steal (guest times are inside user).
-    let total = n.iter().take(8).sum();
-    Some((total, n.get(3)? + n.get(4)?, *n.get(7)?))
+    Some(HostTime {
+        total: n.get(..8)?.iter().sum(),
+        idle: n.get(3)? + n.get(4)?,
+        steal: *n.get(7)?,
+    })
 }
 
-fn host_between(a: Option<(u64, u64, u64)>, b: Option<(u64, u64, u64)>) -> Option<HostTime> {
-    let ((t0, i0, s0), (t1, i1, s1)) = (a?, b?);
-    let total = t1.checked_sub(t0).filter(|t| *t > 0)? as f64;
+fn host_between(a: Option<HostTime>, b: Option<HostTime>) -> Option<HostTime> {
+    let (a, b) = (a?, b?);
     Some(HostTime {
-        idle: 100.0 * i1.saturating_sub(i0) as f64 / total,
-        steal: 100.0 * s1.saturating_sub(s0) as f64 / total,
+        total: b.total.checked_sub(a.total)?,
+        idle: b.idle.saturating_sub(a.idle),
+        steal: b.steal.saturating_sub(a.steal),
     })
 }
 
@@ -188,14 +214,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
 
     let line = |name: &str, f: &Figures| {
         format!(
-            "  {name:<28} {:>9.0} req/s   p50 {:>7.2} ms   p99 {:>7.2} ms   cpu {:>4} us/req   host idle {} steal {}   ({} requests, {} errors)\n",
+            "  {name:<28} {:>9.0} req/s   p50 {:>7.2} ms   p99 {:>7.2} ms   cpu {:>4} us/req   {}   ({} requests, {} errors)\n",
             f.per_second,
             f.p50.as_secs_f64() * 1e3,
             f.p99.as_secs_f64() * 1e3,
             f.cpu_per_request
                 .map_or("?".to_string(), |c| c.as_micros().to_string()),
-            f.host.map_or("?".to_string(), |h| format!("{:.0}%", h.idle)),
-            f.host.map_or("?".to_string(), |h| format!("{:.0}%", h.steal)),
+            HostTime::shares(f.host),
             f.requests,
             f.errors
         )
@@ -221,16 +246,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
         ratios[ratios.len() / 2],
         worst_p99.as_secs_f64() * 1e3
     );
-    let stolen = rounds
+    // Over all the runs together: one tick of a short run is no share worth a note.
+    let host = rounds
         .iter()
         .flat_map(|(t, w)| [t.host, w.host])
         .flatten()
-        .map(|h| h.steal)
-        .fold(0.0, f64::max);
-    if stolen >= 5.0 {
+        .fold(HostTime::default(), |sum, h| HostTime {
+            total: sum.total + h.total,
+            idle: sum.idle + h.idle,
+            steal: sum.steal + h.steal,
+        });
+    if host.total >= 100 && host.share(host.steal) >= 5.0 {
         out += &format!(
-            "NOTE: the hypervisor took up to {stolen:.0}% of this machine's CPU time during a run; \
-             the figures measure that as much as smsflow (run again when the host is quiet)\n"
+            "NOTE: the hypervisor took {:.0}% of this machine's CPU time during the runs; \
+             the figures measure that as much as smsflow (run again when the host is quiet)\n",
+            host.share(host.steal)
         );
     }
     let failed: usize = rounds.iter().map(|(t, w)| t.errors + w.errors).sum();
@@ -437,4 +467,30 @@ fn export(n: u64, flows_dir: &std::path::Path) -> anyhow::Result<String> {
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{host_between, parse_cpu_line, HostTime};
+
+    #[test]
+    fn host_time_is_read_from_the_cpu_line_without_counting_guest_time_twice() {
+        let before = parse_cpu_line("cpu  100 5 50 800 20 3 2 10 40 1").unwrap();
+        assert_eq!(
+            before,
+            HostTime {
+                total: 990,
+                idle: 820,
+                steal: 10
+            }
+        );
+        let after = parse_cpu_line("cpu  160 5 50 880 20 3 2 70 99 1").unwrap();
+        let run = host_between(Some(before), Some(after)).unwrap();
+        assert_eq!((run.total, run.idle, run.steal), (200, 80, 60));
+        assert_eq!(HostTime::shares(Some(run)), "host idle 40% steal 30%");
+        assert_eq!(HostTime::shares(None), "host idle ? steal ?");
+        // An older kernel's shorter line, or a counter that went back, is no figure.
+        assert_eq!(parse_cpu_line("cpu  1 2 3 4"), None);
+        assert_eq!(host_between(Some(after), Some(before)), None);
+    }
 }

@@ -23,9 +23,10 @@ pub struct Reloader {
     serial: std::sync::Mutex<()>,
     /// The daemon is stopping: a pass after a reload gives up.
     stop: watch::Receiver<bool>,
-    /// The flow files as the last load read them: the watcher reloads only when they differ
-    /// (it hears every change in the directory, editors' swap files included).
-    last_read: std::sync::Mutex<Option<Sources>>,
+    /// The flow files as the last look read them, and those the live flows came from: the
+    /// watcher loads only when what it reads differs from both (it hears every change in
+    /// the directory, editors' swap files included).
+    files: std::sync::Mutex<Files>,
     /// How the last reload went, for `/readyz`.
     last_reload: std::sync::Mutex<Option<LastReload>>,
 }
@@ -41,6 +42,11 @@ pub struct LastReload {
 }
 
 type Sources = Vec<(PathBuf, String)>;
+
+struct Files {
+    last_read: Option<Sources>,
+    live: Sources,
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Load {
@@ -60,7 +66,10 @@ impl Reloader {
             engine,
             serial: std::sync::Mutex::new(()),
             stop,
-            last_read: std::sync::Mutex::new(Some(loaded)),
+            files: std::sync::Mutex::new(Files {
+                last_read: Some(loaded.clone()),
+                live: loaded,
+            }),
             last_reload: std::sync::Mutex::new(None),
             dir,
         }
@@ -72,20 +81,43 @@ impl Reloader {
             .unwrap_or_else(|| Ok(self.engine.flows().summary()))
     }
 
-    /// Reads the flow files and, unless they are the ones read last and `when` allows that,
-    /// loads them; `None` when nothing was loaded.
+    /// Reads the flow files and loads them, unless `when` allows skipping files that are the
+    /// ones read last or the live flows' own; `None` when nothing was loaded.
     fn load(&self, why: &str, when: Load) -> Option<Result<String, Problems>> {
         let _one_at_a_time = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         let read = flows::read_dir(&self.dir);
+        let lock = || self.files.lock().unwrap_or_else(|e| e.into_inner());
         {
-            let mut last = self.last_read.lock().unwrap_or_else(|e| e.into_inner());
-            let unchanged = matches!((&read, last.as_ref()), (Ok(now), Some(was)) if now == was);
-            if unchanged && when == Load::IfChanged {
+            let mut files = lock();
+            let (seen, live) = match &read {
+                Ok(now) => (files.last_read.as_ref() == Some(now), files.live == *now),
+                Err(_) => (false, false),
+            };
+            files.last_read = read.as_ref().ok().cloned();
+            if when == Load::IfChanged && (seen || live) {
+                if live && !seen {
+                    // Back to what is live (an edit undone, a file caught mid-write saved).
+                    tracing::info!(trigger = why, "the flow files are the live flows' again");
+                    self.record(why, true, 0);
+                }
                 return None;
             }
-            *last = read.as_ref().ok().cloned();
         }
-        Some(self.apply(why, read.and_then(flows::load_sources)))
+        let sources = read.as_ref().ok().cloned();
+        let done = self.apply(why, read.and_then(flows::load_sources));
+        if let (Ok(_), Some(sources)) = (&done, sources) {
+            lock().live = sources;
+        }
+        Some(done)
+    }
+
+    fn record(&self, why: &str, ok: bool, problems: usize) {
+        *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(LastReload {
+            ok,
+            at: chrono::Utc::now(),
+            trigger: why.to_string(),
+            problems,
+        });
     }
 
     /// How the last reload since the start went; `None` before the first.
@@ -101,12 +133,7 @@ impl Reloader {
         let problems = loaded.as_ref().err().map_or(0, |p| p.0.len());
         let done = self.swap(why, loaded);
         // Recorded once the outcome holds (a new set is live by now).
-        *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(LastReload {
-            ok: done.is_ok(),
-            at: chrono::Utc::now(),
-            trigger: why.to_string(),
-            problems,
-        });
+        self.record(why, done.is_ok(), problems);
         done
     }
 
@@ -152,12 +179,15 @@ impl Reloader {
         let me = self.clone();
         match tokio::task::spawn_blocking(move || me.load(why, when)).await {
             Ok(done) => done,
-            Err(e) => Some(Err(Problems(vec![flows::Problem {
-                file: self.dir.clone(),
-                line: 0,
-                col: 0,
-                message: format!("the reload stopped: {e}"),
-            }]))),
+            Err(e) => {
+                self.record(why, false, 1);
+                Some(Err(Problems(vec![flows::Problem {
+                    file: self.dir.clone(),
+                    line: 0,
+                    col: 0,
+                    message: format!("the reload stopped: {e}"),
+                }])))
+            }
         }
     }
 
@@ -210,6 +240,7 @@ impl Reloader {
                         tokio::select! {
                             more = rx.recv() => if more.is_none() { return },
                             _ = tokio::time::sleep_until(quiet) => break,
+                            _ = stop.changed() => return,
                         }
                     }
                     let _ = self.load_blocking("file change", Load::IfChanged).await;

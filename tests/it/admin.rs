@@ -362,6 +362,12 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
+/// This daemon's last flow reload, as `/readyz` reports it.
+async fn last_reload(app: &TestApp) -> serde_json::Value {
+    let ready: serde_json::Value = serde_json::from_str(&text(app, "/readyz").await).unwrap();
+    ready["last_reload"].clone()
+}
+
 fn reloads(metrics: &str, result: &str) -> u64 {
     metrics
         .lines()
@@ -383,14 +389,22 @@ async fn a_broken_flow_file_leaves_the_old_flows_and_a_valid_edit_goes_live() {
     std::fs::write(&file, CHOICES.replace("[replies]", "[replies\nbroken")).unwrap();
     // This daemon's own last reload (the metric is shared by every daemon in this process).
     eventually("a failed reload", async || {
-        let ready: serde_json::Value = serde_json::from_str(&text(&app, "/readyz").await).unwrap();
-        ready["last_reload"]["ok"] == false && ready["last_reload"]["problems"].as_u64() > Some(0)
+        let last = last_reload(&app).await;
+        last["ok"] == false && last["problems"].as_u64() > Some(0)
     })
     .await;
     assert!(reloads(&text(&app, "/metrics").await, "failed") > failed_before);
     assert_eq!(app.engine.flow_swaps(), 0);
     let (_, twiml) = app.sms(A, "HELP").await;
     assert!(twiml.contains("Help v1"), "old flows still answer: {twiml}");
+
+    // The edit undone: the files are the live flows' again, which is fine, and no reload.
+    std::fs::write(&file, CHOICES).unwrap();
+    eventually("the files to be the live flows' again", async || {
+        last_reload(&app).await["ok"] == true
+    })
+    .await;
+    assert_eq!(app.engine.flow_swaps(), 0);
 
     std::fs::write(&file, CHOICES.replace("Help v1", "Help v2")).unwrap();
     eventually("the new help text", async || {
