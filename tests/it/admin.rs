@@ -480,6 +480,39 @@ async fn a_kubernetes_style_symlink_swap_goes_live_and_changes_to_nothing_reload
 }
 
 #[tokio::test]
+async fn a_flow_directory_replaced_by_a_new_one_is_watched_in_its_place() {
+    let app = TestApp::spawn(CHOICES).await;
+    let dir = app.flows.path().to_path_buf();
+    let old = dir.with_extension("old");
+    // A deploy that moves a new directory into place.
+    let new = dir.with_extension("new");
+    std::fs::create_dir(&new).unwrap();
+    std::fs::write(
+        new.join("flows.toml"),
+        CHOICES.replace("Help v1", "Help v2"),
+    )
+    .unwrap();
+    std::fs::rename(&dir, &old).unwrap();
+    std::fs::rename(&new, &dir).unwrap();
+    eventually("the new directory's help text", async || {
+        app.sms(A, "HELP").await.1.contains("Help v2")
+    })
+    .await;
+    // And edits in it are seen, like in the first.
+    std::fs::write(
+        dir.join("flows.toml"),
+        CHOICES.replace("Help v1", "Help v3"),
+    )
+    .unwrap();
+    eventually("an edit in the new directory", async || {
+        app.sms(A, "HELP").await.1.contains("Help v3")
+    })
+    .await;
+    assert_eq!(app.engine.flow_swaps(), 2);
+    std::fs::remove_dir_all(&old).unwrap();
+}
+
+#[tokio::test]
 async fn a_removed_sequence_ends_cleanly_for_numbers_in_it() {
     let app = TestApp::spawn(CHOICES).await;
     enrol(&app, A, "Ann", "g", 0).await;
