@@ -207,74 +207,66 @@ impl Outbox {
         // The opt-out check is repeated at send time (after the wait): a STOP may have
         // arrived since queueing, or the number may have been erased.
         let sendable = match store.subscriber(&msg.phone) {
-            Ok(s) => s.is_some_and(|s| s.state != State::OptedOut),
+            Ok(s) => Ok(s.is_some_and(|s| s.state != State::OptedOut)),
             // A storage error: try again later. A record that cannot be read: see below.
             Err(e) if !codec::is_unreadable(&e) => return Err(e),
+            Err(e) => Err(format!("the number's record cannot be read: {e:#}")),
+        };
+        // How the message ends: its delivery's status, provider id, error code and error.
+        let (status, sid, code, error) = match sendable {
             Err(e) => {
                 // Whether it opted out cannot be known: do not text it, and do not let this
                 // message hold up everyone queued after it.
-                let e = format!("the number's record cannot be read: {e:#}");
                 tracing::error!(phone = %msg.phone.masked(), "outbox: not sending: {e}");
-                crate::metrics::outbound("failed");
-                return store
-                    .outbox_finish(id, &delivery(&msg, "failed", None, None, Some(e)))
-                    .map(drop);
+                ("failed", None, None, Some(e))
+            }
+            Ok(false) => {
+                tracing::info!(phone = %msg.phone.masked(), "outbox: not sending to an opted-out or erased number");
+                ("suppressed", None, None, None)
+            }
+            Ok(true) => {
+                msg.attempts += 1;
+                match self.provider.send(&msg.phone, &msg.body).await {
+                    Ok(accepted) => {
+                        tracing::info!(phone = %msg.phone.masked(), sid = ?accepted.sid, "outbox: sent");
+                        ("sent", accepted.sid, None, None)
+                    }
+                    Err(SendError::Temporary {
+                        message,
+                        retry_after,
+                    }) if msg.attempts < MAX_ATTEMPTS => {
+                        let wait = retry_wait(self.backoff(msg.attempts), retry_after);
+                        tracing::warn!(
+                            phone = %msg.phone.masked(), attempt = msg.attempts, retry_in = ?wait,
+                            "outbox: temporary failure: {}", redact(&message)
+                        );
+                        crate::metrics::outbound("retried");
+                        msg.next_try =
+                            Utc::now() + TimeDelta::from_std(wait).unwrap_or(TimeDelta::seconds(1));
+                        msg.last_error = Some(message);
+                        return store.outbox_update(id, &msg);
+                    }
+                    Err(SendError::Temporary { message, .. }) => {
+                        tracing::error!(phone = %msg.phone.masked(), "outbox: giving up after {} attempts: {}", msg.attempts, redact(&message));
+                        ("failed", None, None, Some(message))
+                    }
+                    Err(SendError::Permanent { code, message }) => {
+                        tracing::warn!(phone = %msg.phone.masked(), ?code, "outbox: refused: {}", redact(&message));
+                        ("failed", None, code, Some(message))
+                    }
+                }
             }
         };
-        if !sendable {
-            tracing::info!(phone = %msg.phone.masked(), "outbox: not sending to an opted-out or erased number");
-            crate::metrics::outbound("suppressed");
-            return store
-                .outbox_finish(id, &delivery(&msg, "suppressed", None, None, None))
-                .map(drop);
+        crate::metrics::outbound(status);
+        let still_known = store.outbox_finish(id, &delivery(&msg, status, sid, code, error))?;
+        // Erased while the send was in flight: the number is gone, and must not come back as
+        // an opted-out record.
+        if still_known && code == Some(UNSUBSCRIBED) {
+            self.engine
+                .event(&msg.phone, Event::ProviderUnsubscribed)
+                .await?;
         }
-
-        msg.attempts += 1;
-        match self.provider.send(&msg.phone, &msg.body).await {
-            Ok(accepted) => {
-                tracing::info!(phone = %msg.phone.masked(), sid = ?accepted.sid, "outbox: sent");
-                crate::metrics::outbound("sent");
-                store
-                    .outbox_finish(id, &delivery(&msg, "sent", accepted.sid, None, None))
-                    .map(drop)
-            }
-            Err(SendError::Temporary {
-                message,
-                retry_after,
-            }) if msg.attempts < MAX_ATTEMPTS => {
-                let wait = retry_wait(self.backoff(msg.attempts), retry_after);
-                tracing::warn!(
-                    phone = %msg.phone.masked(), attempt = msg.attempts, retry_in = ?wait,
-                    "outbox: temporary failure: {}", redact(&message)
-                );
-                crate::metrics::outbound("retried");
-                msg.next_try =
-                    Utc::now() + TimeDelta::from_std(wait).unwrap_or(TimeDelta::seconds(1));
-                msg.last_error = Some(message);
-                store.outbox_update(id, &msg)
-            }
-            Err(SendError::Temporary { message, .. }) => {
-                tracing::error!(phone = %msg.phone.masked(), "outbox: giving up after {} attempts: {}", msg.attempts, redact(&message));
-                crate::metrics::outbound("failed");
-                store
-                    .outbox_finish(id, &delivery(&msg, "failed", None, None, Some(message)))
-                    .map(drop)
-            }
-            Err(SendError::Permanent { code, message }) => {
-                tracing::warn!(phone = %msg.phone.masked(), ?code, "outbox: refused: {}", redact(&message));
-                crate::metrics::outbound("failed");
-                let still_known = store
-                    .outbox_finish(id, &delivery(&msg, "failed", None, code, Some(message)))?;
-                // Erased while the send was in flight: the number is gone, and must not come
-                // back as an opted-out record.
-                if still_known && code == Some(UNSUBSCRIBED) {
-                    self.engine
-                        .event(&msg.phone, Event::ProviderUnsubscribed)
-                        .await?;
-                }
-                Ok(())
-            }
-        }
+        Ok(())
     }
 
     /// Exponential backoff with jitter: base·2^(n-1), capped, times a random 50–100 %.
@@ -349,15 +341,9 @@ impl Waiting {
             self.later.pop_first();
             self.ready.insert(id);
         }
-        while let Some(&id) = self.ready.first() {
-            match self.heads.get(&id) {
-                Some((phone, _)) => return Some((id, phone.clone())),
-                None => {
-                    self.ready.pop_first();
-                }
-            }
-        }
-        None
+        // (`ready` and `later` hold exactly the ids of `heads`: see set_head, remove_head.)
+        let id = *self.ready.first()?;
+        self.heads.get(&id).map(|(phone, _)| (id, phone.clone()))
     }
 
     /// When the next first message can be tried.
