@@ -702,11 +702,15 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 
     /// Whether `text` is one of the latest codes, still usable.
     fn is_live_code(&self, text: &str) -> bool {
-        let guess = code_guess(text);
+        self.has_live_code(&code_guess(text))
+    }
+
+    /// [`Run::is_live_code`] for a guess already read by [`code_guess`].
+    fn has_live_code(&self, guess: &str) -> bool {
         let max = self.flows.verify.max_attempts;
         self.sub.codes[self.first_counted()..]
             .iter()
-            .any(|c| c.usable(self.now, max) && c.is(&guess))
+            .any(|c| c.usable(self.now, max) && c.is(guess))
     }
 
     /// Where the codes still counted start: only the latest `valid_codes` are.
@@ -719,18 +723,18 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 
     /// Checks a guess against the latest unexpired codes; `by_sms` answers the guess by text.
     fn check_code(&mut self, guess: &str, by_sms: bool) {
-        let v = &self.flows.verify;
         let guess = code_guess(guess);
+        if self.has_live_code(&guess) {
+            self.verified(if by_sms { "sms" } else { "otp_api" });
+            return;
+        }
+        let v = &self.flows.verify;
         let (now, max) = (self.now, v.max_attempts);
         let skip = self.first_counted();
         let codes = &mut self.sub.codes[skip..];
         let matches = |c: &IssuedCode| c.is(&guess);
         let usable = |c: &IssuedCode| c.usable(now, max);
 
-        if codes.iter().any(|c| usable(c) && matches(c)) {
-            self.verified(if by_sms { "sms" } else { "otp_api" });
-            return;
-        }
         let digits = !guess.is_empty() && guess.chars().all(|c| c.is_ascii_digit());
         let (outcome, reason) = if codes.iter().any(|c| c.expires_at <= now && matches(c)) {
             (Outcome::Expired, "expired")
