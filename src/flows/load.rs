@@ -165,15 +165,13 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
         }
     }
     let flows = cx.build(files);
-    if !unread.is_empty() && !cx.clearable.is_empty() {
+    let held = cx.clearable.iter().filter(|c| **c).count();
+    if !unread.is_empty() && held > 0 {
         // A file that did not parse may declare what others name: those problems wait
         // until it parses, and one line says how many wait.
-        let held = std::mem::take(&mut cx.clearable);
-        let mut index = 0;
-        cx.problems.retain(|_| {
-            index += 1;
-            !held.contains(&(index - 1))
-        });
+        let mut clearable = std::mem::take(&mut cx.clearable).into_iter();
+        cx.problems
+            .retain(|_| !clearable.next().unwrap_or_default());
         let names: Vec<String> = unread
             .iter()
             .map(|&i| cx.sources[i].0.display().to_string())
@@ -181,7 +179,7 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
         let message = format!(
             "{} more problem(s) that a file that did not parse may clear (a field it declares, \
              a sequence's weight) are not shown; check again once {} parses",
-            held.len(),
+            held,
             names.join(", ")
         );
         cx.err(unread[0], 0..0, message);
@@ -397,9 +395,10 @@ const MAX_TEXT: usize = 1600;
 struct Cx {
     sources: Vec<(PathBuf, String)>,
     problems: Vec<Problem>,
-    /// Which of `problems` a declaration in another file would clear (an undeclared field,
-    /// zero total weight): while a file does not parse, they may be its absence speaking.
-    clearable: Vec<usize>,
+    /// For each of `problems`, whether a declaration in another file would clear it (an
+    /// undeclared field, zero total weight): while a file does not parse, such a problem may
+    /// be its absence speaking.
+    clearable: Vec<bool>,
 }
 
 impl Cx {
@@ -412,6 +411,7 @@ impl Cx {
             col,
             message: message.into(),
         });
+        self.clearable.push(false);
     }
 
     /// [`Cx::err`] for a problem that a declaration in another file would clear.
@@ -421,8 +421,10 @@ impl Cx {
         span: Range<usize>,
         message: impl Into<String>,
     ) {
-        self.clearable.push(self.problems.len());
         self.err(file, span, message);
+        if let Some(last) = self.clearable.last_mut() {
+            *last = true;
+        }
     }
 
     fn place(&self, file: usize, span: &Range<usize>) -> String {
