@@ -331,13 +331,7 @@ impl Writer {
                         let unreadable = crate::store::codec::is_unreadable(&e);
                         if let (Some(timer), true) = (fired, unreadable) {
                             tracing::error!(phone = %phone.masked(), "dropping a due timer: {e:#}");
-                            prepared.push(Prepared::new(
-                                &Commit {
-                                    fired: Some(timer),
-                                    ..Commit::default()
-                                },
-                                now,
-                            ));
+                            prepared.push(consume_only(timer, now));
                         }
                         let _ = done.send(Err(e));
                         continue;
@@ -376,13 +370,7 @@ impl Writer {
                 // Nothing to remember about a number we never met (e.g. validate_otp). A timer
                 // that outlived its number is consumed all the same, or it would fire for ever.
                 if let Some(timer) = fired {
-                    prepared.push(Prepared::new(
-                        &Commit {
-                            fired: Some(timer),
-                            ..Commit::default()
-                        },
-                        now,
-                    ));
+                    prepared.push(consume_only(timer, now));
                 }
                 committed
                     .answers
@@ -447,6 +435,17 @@ impl Writer {
             });
         }
     }
+}
+
+/// A commit that only consumes a due timer (its number has no record, or none readable).
+fn consume_only(timer: DueTimer, now: DateTime<Utc>) -> Prepared {
+    Prepared::new(
+        &Commit {
+            fired: Some(timer),
+            ..Commit::default()
+        },
+        now,
+    )
 }
 
 fn duplicate(twiml: String) -> Applied {

@@ -1011,7 +1011,6 @@ fn decode_counts(bytes: &[u8]) -> Option<Counts> {
     Some(out)
 }
 
-/// Adds a transaction's count changes to the stored counts, inside that transaction.
 /// An entry of a tree keyed by big-endian id (`tree` names it in errors), decoded.
 fn by_id<T: serde::de::DeserializeOwned>(
     kv: sled::Result<(sled::IVec, sled::IVec)>,
@@ -1027,6 +1026,7 @@ fn by_id<T: serde::de::DeserializeOwned>(
     Ok((id, codec::decode(version, &v)?))
 }
 
+/// Adds a transaction's count changes to the stored counts, inside that transaction.
 fn keep_counts(
     meta: &sled::transaction::TransactionalTree,
     delta: &Counts,
