@@ -296,11 +296,7 @@ impl Repl {
             Turn::Ask { say, menu, attempt } => (say, String::new(), Some((menu, attempt))),
             Turn::End(say) => (say, String::new(), None),
             Turn::Act(action) => {
-                let event = match action {
-                    IvrAction::ReadCode => Event::VoiceCodeRequested,
-                    IvrAction::OptIn => Event::VoiceOptIn,
-                    _ => Event::VoiceOptOut,
-                };
+                let event = crate::ivr::action_event(&action);
                 let (outcome, sent) = self.sandbox.event(&self.phone, event);
                 let code = sent.iter().find_map(|s| s.code.clone());
                 // read_code speaks the code; everything else arrives by text.

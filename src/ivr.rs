@@ -2,7 +2,7 @@
 //! renders it as TwiML; `smsflow simulate` prints it.
 
 use crate::flows::{Flows, IvrAction, Template};
-use crate::machine::{placeholder, Outcome, Subscriber};
+use crate::machine::{placeholder, Event, Outcome, Subscriber};
 
 /// Something said on the call.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,6 +77,16 @@ pub fn key_pressed(flows: &Flows, menu: &str, attempt: u8, digits: Option<&str>)
             menu: menu.to_string(),
             attempt: attempt + 1,
         },
+    }
+}
+
+/// The event a key's action runs against the caller's number ([`Turn::Act`] carries only
+/// these three).
+pub fn action_event(action: &IvrAction) -> Event {
+    match action {
+        IvrAction::ReadCode => Event::VoiceCodeRequested,
+        IvrAction::OptIn => Event::VoiceOptIn,
+        _ => Event::VoiceOptOut,
     }
 }
 

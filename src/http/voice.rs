@@ -12,7 +12,6 @@ use super::{xml, AppState, TwilioForm, WebhookError};
 use crate::engine::Input;
 use crate::flows::IvrAction;
 use crate::ivr::{self, Turn};
-use crate::machine::Event;
 
 /// A call comes in: the start menu.
 pub async fn call(
@@ -82,11 +81,7 @@ pub async fn gather(
     let digits = form.get("Digits").filter(|d| !d.trim().is_empty());
     let turn = match ivr::key_pressed(&flows, &menu, at.attempt.unwrap_or(0), digits) {
         Turn::Act(action) => {
-            let event = match action {
-                IvrAction::ReadCode => Event::VoiceCodeRequested,
-                IvrAction::OptIn => Event::VoiceOptIn,
-                _ => Event::VoiceOptOut,
-            };
+            let event = crate::ivr::action_event(&action);
             let applied = state
                 .engine
                 .apply(Input {
