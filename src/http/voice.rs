@@ -96,7 +96,14 @@ pub async fn gather(
             tracing::info!(phone = %phone.masked(), ?action, outcome = ?applied.outcome, "voice menu action");
             let code = applied.codes.first().map(|(_, c)| c.as_str());
             // For the texts shared with SMS, which may name the caller's fields.
-            let caller = state.engine.store.subscriber(&phone).ok().flatten();
+            let caller = state
+                .engine
+                .store
+                .subscriber(&phone)
+                .unwrap_or_else(|e| {
+                    tracing::warn!(phone = %phone.masked(), "voice menu: speaking without the caller's fields: {e:#}");
+                    None
+                });
             Turn::End(ivr::after_action(
                 &flows,
                 &action,
