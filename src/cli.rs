@@ -522,24 +522,16 @@ fn export_dirs(
     data: Option<PathBuf>,
     flows: Option<PathBuf>,
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
-    use crate::config::{Layer, DEFAULT_DATA, DEFAULT_FLOWS};
+    use crate::config::Layer;
     let file = Layer::from_file(Path::new("smsflow.toml"), false)?;
-    // As `serve` reads them: a blank value is no value.
-    let env = |k: &str| {
-        std::env::var(k)
-            .ok()
-            .filter(|v| !v.trim().is_empty())
-            .map(PathBuf::from)
+    let flags = Layer {
+        data,
+        flows,
+        ..Layer::default()
     };
-    Ok((
-        data.or_else(|| env("SMSFLOW_DATA"))
-            .or(file.data)
-            .unwrap_or_else(|| DEFAULT_DATA.into()),
-        flows
-            .or_else(|| env("SMSFLOW_FLOWS"))
-            .or(file.flows)
-            .unwrap_or_else(|| DEFAULT_FLOWS.into()),
-    ))
+    // As `serve` reads them (a blank variable is no value), and layered the same way.
+    let env = Layer::dirs_from_env(|k| std::env::var(k).ok());
+    Ok(flags.over(env).over(file).dirs())
 }
 
 pub fn export(

@@ -47,8 +47,8 @@ pub struct TwilioConfig {
     pub api_base: String,
 }
 
-pub const DEFAULT_DATA: &str = "data";
-pub const DEFAULT_FLOWS: &str = "flows";
+const DEFAULT_DATA: &str = "data";
+const DEFAULT_FLOWS: &str = "flows";
 
 /// The resolved configuration the daemon runs with.
 #[derive(Clone, Debug)]
@@ -128,6 +128,7 @@ impl Layer {
 
     /// The environment layer: `SMSFLOW_*` and `TWILIO_*`.
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> anyhow::Result<Layer> {
+        let dirs = Layer::dirs_from_env(&get);
         let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
         let send_rate = match get("SMSFLOW_SEND_RATE") {
             None => None,
@@ -140,8 +141,8 @@ impl Layer {
         Ok(Layer::tidy(Layer {
             listen: get("SMSFLOW_LISTEN"),
             public_url: get("SMSFLOW_PUBLIC_URL"),
-            data: get("SMSFLOW_DATA").map(PathBuf::from),
-            flows: get("SMSFLOW_FLOWS").map(PathBuf::from),
+            data: dirs.data,
+            flows: dirs.flows,
             region: get("SMSFLOW_REGION"),
             send_rate,
             api_token: get("SMSFLOW_API_TOKEN").map(Secret),
@@ -155,6 +156,29 @@ impl Layer {
                 api_base: get("TWILIO_API_BASE"),
             },
         }))
+    }
+
+    /// Only the directories from the environment (`SMSFLOW_DATA`, `SMSFLOW_FLOWS`; blank is
+    /// unset): for commands that use nothing else, so no other setting can stop them.
+    pub fn dirs_from_env(get: impl Fn(&str) -> Option<String>) -> Layer {
+        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty()).map(PathBuf::from);
+        Layer {
+            data: get("SMSFLOW_DATA"),
+            flows: get("SMSFLOW_FLOWS"),
+            ..Layer::default()
+        }
+    }
+
+    /// The data and flow directories, defaults applied.
+    pub fn dirs(&self) -> (PathBuf, PathBuf) {
+        (
+            self.data
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA)),
+            self.flows
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_FLOWS)),
+        )
     }
 
     /// Secrets as they are meant: without the whitespace an env file or an editor leaves
@@ -198,6 +222,7 @@ impl Layer {
 
     /// Applies defaults and checks values.
     pub fn resolve(self) -> anyhow::Result<Config> {
+        let (data_dir, flows_dir) = self.dirs();
         let listen = self.listen.as_deref().unwrap_or("127.0.0.1:8080");
         let listen: SocketAddr = listen
             .parse()
@@ -272,8 +297,8 @@ impl Layer {
         Ok(Config {
             listen,
             public_url,
-            data_dir: self.data.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA)),
-            flows_dir: self.flows.unwrap_or_else(|| PathBuf::from(DEFAULT_FLOWS)),
+            data_dir,
+            flows_dir,
             region,
             send_rate,
             twilio,
