@@ -685,14 +685,20 @@ impl Store {
                 found
             }
         };
-        // When even its state cannot be read, the states are counted again, before the
-        // transaction (only the writer changes subscribers, so nothing moves meanwhile), and
-        // the kept counts are set inside it: a crash cannot keep the erase and lose the count.
-        let recounted = match codec::state_of_record(&raw) {
-            Ok(_) => None,
-            Err(_) => Some(self.count_states()?),
-        };
-        let kept = self.state_counts();
+        // What the erase does to the kept counts: one fewer in its state. When even its state
+        // cannot be read, the states are counted again, before the transaction (only the
+        // writer changes subscribers, so nothing moves meanwhile), and the kept counts are set
+        // inside it: a crash cannot keep the erase and lose the count.
+        let mut erased: Counts = [0; COUNTS];
+        match codec::state_of_record(&raw) {
+            Ok(was) => erased[state_index(&was)] = -1,
+            Err(_) => {
+                let (states, kept) = (self.count_states()?, self.state_counts());
+                for (i, n) in states.iter().enumerate() {
+                    erased[i] = *n as i64 - kept[i];
+                }
+            }
+        }
         // Its messages' ids, queued or sent. One queued now may be sent before the transaction
         // below; the transaction removes both forms of every id, so it is gone either way.
         let mut ids: Vec<u64> = Vec::new();
@@ -721,20 +727,10 @@ impl Store {
         let delta = trees
             .transaction(
                 |(subs, timer_tree, out, hist, dels, sids, by_phone, meta)| {
-                    let mut delta: Counts = [0; COUNTS];
-                    let old = subs.remove(phone.as_str().as_bytes())?;
-                    match (
-                        old.and_then(|o| codec::state_of_record(&o).ok()),
-                        &recounted,
-                    ) {
-                        (Some(was), _) => delta[state_index(&was)] -= 1,
-                        (None, Some(states)) => {
-                            for (i, n) in states.iter().enumerate() {
-                                delta[i] = *n as i64 - kept[i];
-                            }
-                        }
-                        (None, None) => {}
-                    }
+                    let mut delta: Counts = match subs.remove(phone.as_str().as_bytes())? {
+                        Some(_) => erased,
+                        None => [0; COUNTS],
+                    };
                     for k in &timers {
                         delta[TIMERS] -= i64::from(timer_tree.remove(k.as_slice())?.is_some());
                     }
