@@ -97,8 +97,8 @@ impl Template {
             .map(|name| {
                 let undeclared = !allowed.spoken && name.starts_with("field.");
                 let hint = match name {
-                    "sequence" => " (a voice text knows {bot.name}, and {code} where one is read)",
-                    n if n.starts_with("field.") && allowed.spoken => {
+                    // (`{sequence}` is refused only in a voice text.)
+                    n if allowed.spoken && (n == "sequence" || n.starts_with("field.")) => {
                         " (a voice text knows {bot.name}, and {code} where one is read)"
                     }
                     "code" => " ({code} only exists in verification texts)",
