@@ -77,8 +77,13 @@ impl Reloader {
 
     /// Loads the flow directory; on success the new set is live. Returns its summary.
     pub fn reload(&self, why: &str) -> Result<String, Problems> {
-        self.load(why, Load::Always)
-            .unwrap_or_else(|| Ok(self.engine.flows().summary()))
+        self.or_live(self.load(why, Load::Always))
+    }
+
+    /// A load's result; one that loaded nothing (`Load::Always` always loads) answers with
+    /// the live flows.
+    fn or_live(&self, done: Option<Result<String, Problems>>) -> Result<String, Problems> {
+        done.unwrap_or_else(|| Ok(self.engine.flows().summary()))
     }
 
     /// Reads the flow files and loads them, unless `when` allows skipping files that are the
@@ -166,9 +171,7 @@ impl Reloader {
     /// [`Reloader::reload`] on a blocking thread: it reads the flow directory, and waits for
     /// a reload already under way, neither of which belongs on the runtime's few workers.
     pub async fn reload_blocking(self: &Arc<Self>, why: &'static str) -> Result<String, Problems> {
-        self.load_blocking(why, Load::Always)
-            .await
-            .unwrap_or_else(|| Ok(self.engine.flows().summary()))
+        self.or_live(self.load_blocking(why, Load::Always).await)
     }
 
     async fn load_blocking(
