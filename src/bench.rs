@@ -14,7 +14,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     pub connections: usize,
     /// Requests per route (at most 10,000,000: each webhook comes from its own number).
-    #[arg(long, default_value_t = 20_000, value_parser = requests_in_range)]
+    #[arg(long, default_value_t = 20_000,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000_000))]
     pub requests: usize,
     /// The flow directory the daemon loads.
     #[arg(long, default_value = "flows")]
@@ -23,27 +24,14 @@ pub struct BenchArgs {
     #[arg(long, default_value = "HELP")]
     pub body: String,
     /// Rounds of (trivial, durable); the median ratio is reported.
-    #[arg(long, default_value_t = 5, value_parser = rounds_in_range)]
+    /// (Each round's webhooks come from their own area code: a hundred rounds at most.)
+    #[arg(long, default_value_t = 5,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100))]
     pub rounds: usize,
     /// Instead: fill a store with this many subscribers and measure `smsflow export`'s peak
     /// memory at a tenth of it and at all of it.
     #[arg(long)]
     pub export_subscribers: Option<u64>,
-}
-
-/// Each round's webhooks come from their own area code: a hundred rounds at most.
-fn rounds_in_range(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(n) if (1..=100).contains(&n) => Ok(n),
-        _ => Err(format!("{text:?} is not a number from 1 to 100")),
-    }
-}
-
-fn requests_in_range(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(n) if (1..=10_000_000).contains(&n) => Ok(n),
-        _ => Err(format!("{text:?} is not a number from 1 to 10000000")),
-    }
 }
 
 /// Latency figures of one run.
