@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::app::{Application, Options};
 use crate::config::Layer;
+use crate::engine::WorkSnapshot;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -139,6 +140,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
     )
     .await?;
     let base = format!("http://127.0.0.1:{}", app.port());
+    let engine = app.engine();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async {
         let _ = stop_rx.await;
@@ -183,6 +185,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
         )
         .await;
         let run = 1 + round as u64;
+        let before = engine.writer_work();
         let webhook = drive(
             &client,
             &base,
@@ -193,10 +196,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
             run,
         )
         .await;
-        rounds.push((trivial, webhook));
+        let work = engine.writer_work().since(&before);
+        rounds.push((trivial, webhook, work));
     }
 
     let _ = stop_tx.send(());
+    drop(engine);
     server.await??;
     let _ = std::fs::remove_dir_all(&data);
 
@@ -220,11 +225,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
     );
     let mut ratios = Vec::new();
     let mut worst_p99 = Duration::ZERO;
-    for (n, (trivial, webhook)) in rounds.iter().enumerate() {
+    for (n, (trivial, webhook, work)) in rounds.iter().enumerate() {
         let ratio = webhook.per_second / trivial.per_second;
         out += &format!("round {}: ratio {ratio:.2}\n", n + 1);
         out += &line("GET /healthz (trivial)", trivial);
         out += &line("POST /twilio/sms (durable)", webhook);
+        out += &writer_line(work, webhook);
         ratios.push(ratio);
         worst_p99 = worst_p99.max(webhook.p99);
     }
@@ -237,7 +243,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
     // Over all the runs together: one tick of a short run is no share worth a note.
     let host = rounds
         .iter()
-        .flat_map(|(t, w)| [t.host, w.host])
+        .flat_map(|(t, w, _)| [t.host, w.host])
         .flatten()
         .fold(HostTime::default(), |sum, h| HostTime {
             total: sum.total + h.total,
@@ -251,13 +257,34 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
             host.share(host.steal)
         );
     }
-    let failed: usize = rounds.iter().map(|(t, w)| t.errors + w.errors).sum();
+    let failed: usize = rounds.iter().map(|(t, w, _)| t.errors + w.errors).sum();
     if failed > 0 {
         out += &format!(
             "WARNING: {failed} request(s) failed; they are left out of the figures, which do not stand\n"
         );
     }
     Ok(out)
+}
+
+/// Where the durable route's time went in the writer, the one thread every change passes
+/// through: events per commit, each commit's time stepping and committing and then waiting
+/// for the disk, the share of the run it was busy, and the rate it could carry at that
+/// batch size. A writer busy nearly all the run is what bounds the durable route.
+fn writer_line(work: &WorkSnapshot, run: &Figures) -> String {
+    if work.commits == 0 {
+        return "    writer: no commits\n".to_string();
+    }
+    let per_commit = |d: Duration| d.as_secs_f64() * 1e6 / work.commits as f64;
+    let busy = work.commit + work.flush;
+    let wall = run.requests as f64 / run.per_second.max(f64::MIN_POSITIVE);
+    format!(
+        "    writer: {:.1} events per commit; per commit {:.0} us stepping and committing + {:.0} us flushing; busy {:.0}% of the run; at most {:.0} events/s at this batch size\n",
+        work.events as f64 / work.commits as f64,
+        per_commit(work.commit),
+        per_commit(work.flush),
+        100.0 * busy.as_secs_f64() / wall,
+        work.events as f64 / busy.as_secs_f64().max(f64::MIN_POSITIVE),
+    )
 }
 
 #[derive(Clone, Copy)]
@@ -459,7 +486,50 @@ fn export(n: u64, flows_dir: &std::path::Path) -> anyhow::Result<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{host_between, parse_cpu_line, HostTime};
+    use std::time::Duration;
+
+    use super::{host_between, parse_cpu_line, writer_line, Figures, HostTime};
+    use crate::engine::WorkSnapshot;
+
+    #[test]
+    fn the_writer_line_gives_per_commit_times_its_busy_share_and_the_rate_it_could_carry() {
+        let earlier = WorkSnapshot {
+            commits: 5,
+            events: 7,
+            commit: Duration::from_millis(1),
+            flush: Duration::from_millis(1),
+        };
+        let now = WorkSnapshot {
+            commits: 15,
+            events: 167,
+            commit: Duration::from_millis(3),
+            flush: Duration::from_millis(4),
+        };
+        let work = now.since(&earlier);
+        assert_eq!(
+            (work.commits, work.events),
+            (10, 160),
+            "only what happened in between"
+        );
+        // 160 requests in 10 ms; the writer was busy 2 + 3 = 5 ms of it.
+        let run = Figures {
+            requests: 160,
+            errors: 0,
+            per_second: 16_000.0,
+            p50: Duration::ZERO,
+            p99: Duration::ZERO,
+            cpu_per_request: None,
+            host: None,
+        };
+        assert_eq!(
+            writer_line(&work, &run),
+            "    writer: 16.0 events per commit; per commit 200 us stepping and committing + 300 us flushing; busy 50% of the run; at most 32000 events/s at this batch size\n"
+        );
+        assert_eq!(
+            writer_line(&WorkSnapshot::default(), &run),
+            "    writer: no commits\n"
+        );
+    }
 
     #[test]
     fn host_time_is_read_from_the_cpu_line_without_counting_guest_time_twice() {

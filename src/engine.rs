@@ -13,7 +13,9 @@
 //! it for writing, so the two never overlap; the extra hand-off only costs.)
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
@@ -37,7 +39,63 @@ pub struct Engine {
     pub outbox_changed: Arc<Notify>,
     writer: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
-    flow_swaps: std::sync::atomic::AtomicU64,
+    flow_swaps: AtomicU64,
+    work: Arc<WriterWork>,
+}
+
+/// What the writer thread has done since this engine started: how many commits, how many
+/// events they carried, and the time spent stepping and committing, and making them durable.
+/// Kept per engine (the `/metrics` counters and the benchmark read it), not per process.
+#[derive(Default)]
+pub struct WriterWork {
+    commits: AtomicU64,
+    events: AtomicU64,
+    commit_nanos: AtomicU64,
+    flush_nanos: AtomicU64,
+}
+
+/// A reading of [`WriterWork`]; the difference of two readings covers what happened between.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct WorkSnapshot {
+    /// Commits made durable (a batch, or an erase).
+    pub commits: u64,
+    /// Events they carried.
+    pub events: u64,
+    /// Reading, stepping and committing (one sled transaction per batch).
+    pub commit: Duration,
+    /// Waiting for `flush` (the disk).
+    pub flush: Duration,
+}
+
+impl WriterWork {
+    fn record(&self, events: usize, commit: Duration, flush: Duration) {
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.commits.fetch_add(1, Relaxed);
+        self.events.fetch_add(events as u64, Relaxed);
+        self.commit_nanos.fetch_add(nanos(commit), Relaxed);
+        self.flush_nanos.fetch_add(nanos(flush), Relaxed);
+    }
+
+    pub fn snapshot(&self) -> WorkSnapshot {
+        WorkSnapshot {
+            commits: self.commits.load(Relaxed),
+            events: self.events.load(Relaxed),
+            commit: Duration::from_nanos(self.commit_nanos.load(Relaxed)),
+            flush: Duration::from_nanos(self.flush_nanos.load(Relaxed)),
+        }
+    }
+}
+
+impl WorkSnapshot {
+    /// What happened between `earlier` and this reading.
+    pub fn since(&self, earlier: &WorkSnapshot) -> WorkSnapshot {
+        WorkSnapshot {
+            commits: self.commits.saturating_sub(earlier.commits),
+            events: self.events.saturating_sub(earlier.events),
+            commit: self.commit.saturating_sub(earlier.commit),
+            flush: self.flush.saturating_sub(earlier.flush),
+        }
+    }
 }
 
 /// What an event did.
@@ -89,7 +147,9 @@ impl Engine {
         let timers_changed = Arc::new(Notify::new());
         let outbox_changed = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel();
+        let work = Arc::new(WriterWork::default());
         let writer = Writer {
+            work: work.clone(),
             store: store.clone(),
             flows: flows.clone(),
             timers_changed: timers_changed.clone(),
@@ -108,7 +168,13 @@ impl Engine {
             writer: Some(tx),
             thread,
             flow_swaps: Default::default(),
+            work,
         }
+    }
+
+    /// What the writer has done so far (commits, events, time committing and flushing).
+    pub fn writer_work(&self) -> WorkSnapshot {
+        self.work.snapshot()
     }
 
     /// How many times this engine's flows were swapped since it started (reloads).
@@ -229,6 +295,7 @@ impl Drop for Engine {
 }
 
 struct Writer {
+    work: Arc<WriterWork>,
     store: Arc<Store>,
     flows: Arc<ArcSwap<Flows>>,
     timers_changed: Arc<Notify>,
@@ -253,19 +320,36 @@ impl Writer {
                 match job {
                     // Erases are rare: commit what came before, then erase on its own, in order.
                     Job::Erase(phone, done) => {
-                        self.finish(self.batch(std::mem::take(&mut segment)));
+                        self.commit_and_finish(std::mem::take(&mut segment));
                         let _ = done.send(self.erase(&phone));
                     }
                     other => segment.push(other),
                 }
             }
-            self.finish(self.batch(segment));
+            self.commit_and_finish(segment);
+        }
+    }
+
+    /// A batch's whole way: stepped and committed, then durable and answered; timed.
+    fn commit_and_finish(&self, jobs: Vec<Job>) {
+        let events = jobs
+            .iter()
+            .filter(|j| matches!(j, Job::Apply { .. }))
+            .count();
+        let started = Instant::now();
+        let committed = self.batch(jobs);
+        let commit = started.elapsed();
+        if let Some(flush) = self.finish(committed) {
+            self.work.record(events, commit, flush);
         }
     }
 
     fn erase(&self, phone: &Phone) -> anyhow::Result<bool> {
+        let started = Instant::now();
         let gone = self.store.erase(phone)?;
+        let flushing = Instant::now();
         self.store.flush()?;
+        self.work.record(1, flushing - started, flushing.elapsed());
         Ok(gone)
     }
 
@@ -410,10 +494,13 @@ impl Writer {
         Some(committed)
     }
 
-    /// One flush for the committed batch, then the answers and the wake-ups.
-    fn finish(&self, batch: Option<Committed>) {
-        let Some(b) = batch else { return };
+    /// One flush for the committed batch, then the answers and the wake-ups. Returns how
+    /// long the flush took, when there was one and it succeeded.
+    fn finish(&self, batch: Option<Committed>) -> Option<Duration> {
+        let b = batch?;
+        let flushing = Instant::now();
         let flushed = self.store.flush().map_err(|e| format!("{e:#}"));
+        let took = flushing.elapsed();
         if flushed.is_ok() {
             if b.timers {
                 self.timers_changed.notify_one();
@@ -434,6 +521,7 @@ impl Writer {
                 Err(e) => Err(anyhow::anyhow!("flushing: {e}")),
             });
         }
+        flushed.ok().map(|()| took)
     }
 }
 

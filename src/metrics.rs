@@ -1,5 +1,6 @@
 //! Prometheus metrics: counters and the webhook latency histogram through the `metrics`
-//! facade; per-daemon gauges (subscribers by state, timers, outbox) computed at scrape time.
+//! facade; per-daemon gauges (subscribers by state, timers, outbox) and the writer's
+//! counters (commits, events, time committing and flushing) computed at scrape time.
 
 use std::sync::OnceLock;
 
@@ -64,6 +65,33 @@ pub fn render(engine: &Engine) -> String {
         "smsflow_outbox_depth {}\n",
         engine.store.outbox_len()
     ));
+    let work = engine.writer_work();
+    for (name, help, value) in [
+        (
+            "smsflow_store_commits_total",
+            "Commits the writer made durable (a batch of events, or an erase).",
+            work.commits.to_string(),
+        ),
+        (
+            "smsflow_store_committed_events_total",
+            "Events those commits carried.",
+            work.events.to_string(),
+        ),
+        (
+            "smsflow_store_commit_seconds_total",
+            "Time the writer spent reading, stepping and committing them.",
+            work.commit.as_secs_f64().to_string(),
+        ),
+        (
+            "smsflow_store_flush_seconds_total",
+            "Time the writer spent waiting for them to reach the disk.",
+            work.flush.as_secs_f64().to_string(),
+        ),
+    ] {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+        ));
+    }
     out
 }
 

@@ -573,6 +573,28 @@ async fn metrics_parse_as_prometheus_text_and_readyz_reports_the_workers() {
     ] {
         assert!(body.contains(name), "missing {name}:\n{body}");
     }
+    // The writer's counters are this daemon's own: the JOIN and the delivery's bookkeeping
+    // went through it, so it has made commits carrying at least that event, and spent time.
+    let value = |name: &str| -> f64 {
+        let line = body
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("missing {name}:\n{body}"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let commits = value("smsflow_store_commits_total");
+    assert!(commits >= 1.0, "{body}");
+    assert!(
+        value("smsflow_store_committed_events_total") >= 1.0,
+        "{body}"
+    );
+    assert!(value("smsflow_store_commit_seconds_total") > 0.0, "{body}");
+    assert!(value("smsflow_store_flush_seconds_total") > 0.0, "{body}");
+    assert_eq!(
+        app.engine.writer_work().commits as f64,
+        value("smsflow_store_commits_total"),
+        "the daemon's own writer, not a process-wide count"
+    );
     let (status, ready) = get(&app, "/readyz", None).await;
     assert_eq!(status, 200, "{ready}");
     assert_eq!(ready["ready"], true);

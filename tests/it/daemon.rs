@@ -442,6 +442,16 @@ async fn the_benchmark_runs_both_routes_without_errors_and_reports_the_ratio() {
     );
     // (A run this short may fall inside one clock tick, which shows as "?".)
     assert_eq!(report.matches(" host idle ").count(), 2, "{report}");
+    // The 40 webhooks went through the writer: its line counts them in some commits.
+    let writer = report
+        .lines()
+        .find(|l| l.trim_start().starts_with("writer:"))
+        .unwrap_or_else(|| panic!("no writer line: {report}"));
+    assert!(
+        writer.contains(" events per commit; per commit "),
+        "{writer}"
+    );
+    assert!(!writer.contains("no commits"), "{writer}");
 }
 
 /// A Twilio that accepts every message with a body that is not JSON.
