@@ -15,6 +15,19 @@ use crate::machine::{lost_place, Event, Outcome};
 use crate::phone::Phone;
 use crate::store::Listed;
 
+/// The watcher's first look again after the flow files could not be read, and the longest
+/// wait between looks (each failure doubles it).
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Sleeps until `at`, or for ever when there is none.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 pub struct Reloader {
     engine: Arc<Engine>,
     dir: PathBuf,
@@ -125,6 +138,15 @@ impl Reloader {
         });
     }
 
+    /// The last look at the flow files could not read them.
+    fn last_read_failed(&self) -> bool {
+        self.files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_read
+            .is_none()
+    }
+
     /// How the last reload since the start went; `None` before the first.
     pub fn last_reload(&self) -> Option<LastReload> {
         self.last_reload
@@ -229,8 +251,13 @@ impl Reloader {
         // (an editor may be writing it this moment: it settles first).
         let _ = start.send(());
         drop(start);
+        // A look that could not read the files (a link whose target is not there yet, a file
+        // being replaced, a permission being fixed) is tried again, backing off, since the
+        // fix may come with no event in this directory (a link's target lives elsewhere).
+        let mut backoff = RETRY_FIRST;
+        let mut retry_at: Option<tokio::time::Instant> = None;
         loop {
-            tokio::select! {
+            let why = tokio::select! {
                 got = rx.recv() => {
                     if got.is_none() {
                         return;
@@ -246,9 +273,23 @@ impl Reloader {
                             _ = stop.changed() => return,
                         }
                     }
-                    let _ = self.load_blocking("file change", Load::IfChanged).await;
+                    "file change"
                 }
+                _ = sleep_until_some(retry_at) => "retry after a read error",
                 _ = stop.changed() => return,
+            };
+            let _ = self.load_blocking(why, Load::IfChanged).await;
+            if self.last_read_failed() {
+                tracing::warn!(
+                    "could not read the flow files in {}; looking again in {}",
+                    self.dir.display(),
+                    humantime::format_duration(backoff)
+                );
+                retry_at = Some(tokio::time::Instant::now() + backoff);
+                backoff = (backoff * 2).min(RETRY_MAX);
+            } else {
+                retry_at = None;
+                backoff = RETRY_FIRST;
             }
         }
     }

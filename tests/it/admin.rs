@@ -480,6 +480,35 @@ async fn a_kubernetes_style_symlink_swap_goes_live_and_changes_to_nothing_reload
 }
 
 #[tokio::test]
+async fn flow_files_that_could_not_be_read_are_looked_at_again_until_they_can() {
+    use std::os::unix::fs::symlink;
+    let app = TestApp::spawn(CHOICES).await;
+    let dir = app.flows.path();
+    // The flow file becomes a link to a file elsewhere that is not there yet (a deploy that
+    // links before it copies): reading fails, and the old flows stay.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let target = elsewhere.path().join("flows.toml");
+    symlink(&target, dir.join("flows.link")).unwrap();
+    std::fs::rename(dir.join("flows.link"), dir.join("flows.toml")).unwrap();
+    eventually("the failed read to be reported", async || {
+        last_reload(&app).await["ok"] == false
+    })
+    .await;
+    assert!(app.sms(A, "HELP").await.1.contains("Help v1"));
+    // The file arrives where the link points. Nothing in the flow directory changes, so no
+    // event announces it: only looking again finds it.
+    std::fs::write(&target, CHOICES.replace("Help v1", "Help v2")).unwrap();
+    eventually("the new help text", async || {
+        app.sms(A, "HELP").await.1.contains("Help v2")
+    })
+    .await;
+    let last = last_reload(&app).await;
+    assert_eq!(last["ok"], true, "{last}");
+    assert_eq!(last["trigger"], "retry after a read error", "{last}");
+    assert_eq!(app.engine.flow_swaps(), 1);
+}
+
+#[tokio::test]
 async fn a_flow_directory_replaced_by_a_new_one_is_watched_in_its_place() {
     let app = TestApp::spawn(CHOICES).await;
     let dir = app.flows.path().to_path_buf();
