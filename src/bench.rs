@@ -43,6 +43,8 @@ pub struct Figures {
     pub per_second: f64,
     pub p50: Duration,
     pub p99: Duration,
+    /// How long the run took.
+    pub elapsed: Duration,
     /// The whole process's CPU time (server and client) per request, when the OS tells it.
     pub cpu_per_request: Option<Duration>,
     /// The host's CPU time meanwhile, when the OS tells it.
@@ -276,13 +278,12 @@ fn writer_line(work: &WorkSnapshot, run: &Figures) -> String {
     }
     let per_commit = |d: Duration| d.as_secs_f64() * 1e6 / work.commits as f64;
     let busy = work.commit + work.flush;
-    let wall = run.requests as f64 / run.per_second.max(f64::MIN_POSITIVE);
     format!(
         "    writer: {:.1} events per commit; per commit {:.0} us stepping and committing + {:.0} us flushing; busy {:.0}% of the run; at most {:.0} events/s at this batch size\n",
         work.events as f64 / work.commits as f64,
         per_commit(work.commit),
         per_commit(work.flush),
-        100.0 * busy.as_secs_f64() / wall,
+        100.0 * busy.as_secs_f64() / run.elapsed.as_secs_f64().max(f64::MIN_POSITIVE),
         work.events as f64 / busy.as_secs_f64().max(f64::MIN_POSITIVE),
     )
 }
@@ -386,6 +387,7 @@ async fn drive(
         per_second: all.len() as f64 / elapsed.as_secs_f64(),
         p50: pct(0.50),
         p99: pct(0.99),
+        elapsed,
         cpu_per_request: cpu.map(|c| c / all.len().max(1) as u32),
         host: host_between(host_at_start, host_ticks()),
     }
@@ -518,6 +520,7 @@ mod tests {
             per_second: 16_000.0,
             p50: Duration::ZERO,
             p99: Duration::ZERO,
+            elapsed: Duration::from_millis(10),
             cpu_per_request: None,
             host: None,
         };

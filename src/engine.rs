@@ -57,9 +57,10 @@ pub struct WriterWork {
 /// A reading of [`WriterWork`]; the difference of two readings covers what happened between.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct WorkSnapshot {
-    /// Commits made durable (a batch, or an erase).
+    /// Commits made durable: batches that carried events, and erases (a batch of bare
+    /// flushes, or one whose transaction failed, is none).
     pub commits: u64,
-    /// Events they carried.
+    /// Events they carried (an erase carries none; a duplicate webhook is no event).
     pub events: u64,
     /// Reading, stepping and committing (one sled transaction per batch).
     pub commit: Duration,
@@ -306,6 +307,8 @@ type Done = oneshot::Sender<anyhow::Result<Applied>>;
 
 /// A committed batch waiting to become durable before its callers hear back.
 struct Committed {
+    /// Events the batch's transaction carried (0: it carried none, or it failed).
+    events: usize,
     answers: Vec<(Done, Applied)>,
     flush_only: Vec<Done>,
     timers: bool,
@@ -330,18 +333,11 @@ impl Writer {
         }
     }
 
-    /// A batch's whole way: stepped and committed, then durable and answered; timed.
+    /// A batch's whole way: stepped and committed, then durable and answered.
     fn commit_and_finish(&self, jobs: Vec<Job>) {
-        let events = jobs
-            .iter()
-            .filter(|j| matches!(j, Job::Apply { .. }))
-            .count();
         let started = Instant::now();
         let committed = self.batch(jobs);
-        let commit = started.elapsed();
-        if let Some(flush) = self.finish(committed) {
-            self.work.record(events, commit, flush);
-        }
+        self.finish(committed, started.elapsed());
     }
 
     fn erase(&self, phone: &Phone) -> anyhow::Result<bool> {
@@ -349,7 +345,8 @@ impl Writer {
         let gone = self.store.erase(phone)?;
         let flushing = Instant::now();
         self.store.flush()?;
-        self.work.record(1, flushing - started, flushing.elapsed());
+        // A commit that carries no event.
+        self.work.record(0, flushing - started, flushing.elapsed());
         Ok(gone)
     }
 
@@ -368,6 +365,7 @@ impl Writer {
         let mut failed: Vec<Phone> = Vec::new();
         let mut prepared = Vec::new();
         let mut committed = Committed {
+            events: 0,
             answers: Vec::new(),
             flush_only: Vec::new(),
             timers: false,
@@ -489,18 +487,22 @@ impl Writer {
                 if committed.flush_only.is_empty() {
                     return None;
                 }
+            } else {
+                committed.events = prepared.len();
             }
         }
         Some(committed)
     }
 
-    /// One flush for the committed batch, then the answers and the wake-ups. Returns how
-    /// long the flush took, when there was one and it succeeded.
-    fn finish(&self, batch: Option<Committed>) -> Option<Duration> {
-        let b = batch?;
+    /// One flush for the committed batch, then the answers and the wake-ups. A commit that
+    /// carried events (`commit` long) is counted once durable, before anyone hears back.
+    fn finish(&self, batch: Option<Committed>, commit: Duration) {
+        let Some(b) = batch else { return };
         let flushing = Instant::now();
         let flushed = self.store.flush().map_err(|e| format!("{e:#}"));
-        let took = flushing.elapsed();
+        if flushed.is_ok() && b.events > 0 {
+            self.work.record(b.events, commit, flushing.elapsed());
+        }
         if flushed.is_ok() {
             if b.timers {
                 self.timers_changed.notify_one();
@@ -521,7 +523,6 @@ impl Writer {
                 Err(e) => Err(anyhow::anyhow!("flushing: {e}")),
             });
         }
-        flushed.ok().map(|()| took)
     }
 }
 

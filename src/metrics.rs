@@ -69,12 +69,12 @@ pub fn render(engine: &Engine) -> String {
     for (name, help, value) in [
         (
             "smsflow_store_commits_total",
-            "Commits the writer made durable (a batch of events, or an erase).",
+            "Commits the writer made durable (a batch that carried events, or an erase).",
             work.commits.to_string(),
         ),
         (
             "smsflow_store_committed_events_total",
-            "Events those commits carried.",
+            "Events those commits carried (an erase carries none).",
             work.events.to_string(),
         ),
         (

@@ -273,6 +273,8 @@ impl Reloader {
                             _ = stop.changed() => return,
                         }
                     }
+                    // A change starts the backoff afresh.
+                    backoff = RETRY_FIRST;
                     "file change"
                 }
                 _ = sleep_until_some(retry_at) => "retry after a read error",

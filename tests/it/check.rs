@@ -349,3 +349,24 @@ fn an_empty_flow_file_is_a_problem_not_an_empty_flow_set() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("b.toml:1:1: empty flow file"), "{stderr}");
 }
+
+#[cfg(unix)]
+#[test]
+fn a_flow_file_link_to_nothing_cannot_be_read_but_an_editors_hidden_lock_link_is_ignored() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.toml", "[bot]\nname = \"Bot\"\n");
+    // Emacs's lock: a dangling link named like a hidden flow file.
+    symlink("user@host.1234:1700000000", dir.path().join(".#a.toml")).unwrap();
+    smsflow::flows::load_dir(dir.path()).expect("the lock link is no flow file");
+    // A link to a flow file that is not there: not skipped, or the set would load without it.
+    symlink(
+        dir.path().join("elsewhere.toml.missing"),
+        dir.path().join("b.toml"),
+    )
+    .unwrap();
+    let out = smsflow().arg("check").arg(dir.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("b.toml:1:1: cannot read: "), "{stderr}");
+}
