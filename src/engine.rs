@@ -500,10 +500,10 @@ impl Writer {
         let Some(b) = batch else { return };
         let flushing = Instant::now();
         let flushed = self.store.flush().map_err(|e| format!("{e:#}"));
-        if flushed.is_ok() && b.events > 0 {
-            self.work.record(b.events, commit, flushing.elapsed());
-        }
         if flushed.is_ok() {
+            if b.events > 0 {
+                self.work.record(b.events, commit, flushing.elapsed());
+            }
             if b.timers {
                 self.timers_changed.notify_one();
             }
