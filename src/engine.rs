@@ -13,7 +13,7 @@
 //! it for writing, so the two never overlap; the extra hand-off only costs.)
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering, Ordering::Relaxed};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -180,7 +180,7 @@ impl Engine {
 
     /// How many times this engine's flows were swapped since it started (reloads).
     pub fn flow_swaps(&self) -> u64 {
-        self.flow_swaps.load(std::sync::atomic::Ordering::SeqCst)
+        self.flow_swaps.load(Ordering::SeqCst)
     }
 
     pub fn flows(&self) -> Arc<Flows> {
@@ -190,8 +190,7 @@ impl Engine {
     /// Swaps in a new flow set; readers see either the old or the new one, never a mix.
     pub fn set_flows(&self, flows: Flows) {
         // Counted first: whoever sees the new set sees it counted.
-        self.flow_swaps
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.flow_swaps.fetch_add(1, Ordering::SeqCst);
         self.flows.store(Arc::new(flows));
         // Timers may now mean something else; let the scheduler look again.
         self.timers_changed.notify_one();

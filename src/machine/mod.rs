@@ -571,7 +571,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             State::Verified | State::InSequence { .. } => {
                 if opt_in {
                     self.say_t(&self.flows.replies.already_joined);
-                } else if self.is_live_code(text) {
+                } else if self.has_live_code(&code_guess(text)) {
                     // An app asked for a code for a number already verified, and it was texted
                     // back: not an answer (it would be recorded), and still the app's to
                     // validate. An open form question is asked again.
@@ -700,12 +700,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         self.outcome = Outcome::CodeSent;
     }
 
-    /// Whether `text` is one of the latest codes, still usable.
-    fn is_live_code(&self, text: &str) -> bool {
-        self.has_live_code(&code_guess(text))
-    }
-
-    /// [`Run::is_live_code`] for a guess already read by [`code_guess`].
+    /// Whether a guess (read by [`code_guess`]) is one of the latest codes, still usable.
     fn has_live_code(&self, guess: &str) -> bool {
         let max = self.flows.verify.max_attempts;
         self.sub.codes[self.first_counted()..]
