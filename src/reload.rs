@@ -61,6 +61,14 @@ struct Files {
     live: Sources,
 }
 
+/// What a look at the flow files did.
+struct Look {
+    /// The load's outcome; `None` when nothing was loaded (the files had not changed).
+    done: Option<Result<String, Problems>>,
+    /// The files could not be read (worth looking again: see [`Reloader::watch`]).
+    unreadable: bool,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Load {
     Always,
@@ -88,20 +96,9 @@ impl Reloader {
         }
     }
 
-    /// Loads the flow directory; on success the new set is live. Returns its summary.
-    pub fn reload(&self, why: &str) -> Result<String, Problems> {
-        self.or_live(self.load(why, Load::Always))
-    }
-
-    /// A load's result; one that loaded nothing (`Load::Always` always loads) answers with
-    /// the live flows.
-    fn or_live(&self, done: Option<Result<String, Problems>>) -> Result<String, Problems> {
-        done.unwrap_or_else(|| Ok(self.engine.flows().summary()))
-    }
-
     /// Reads the flow files and loads them, unless `when` allows skipping files that are the
-    /// ones read last or the live flows' own; `None` when nothing was loaded.
-    fn load(&self, why: &str, when: Load) -> Option<Result<String, Problems>> {
+    /// ones read last or the live flows' own.
+    fn load(&self, why: &str, when: Load) -> Look {
         let _one_at_a_time = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         let read = flows::read_dir(&self.dir);
         let lock = || self.files.lock().unwrap_or_else(|e| e.into_inner());
@@ -118,15 +115,22 @@ impl Reloader {
                     tracing::info!(trigger = why, "the flow files are the live flows' again");
                     self.record(why, true, 0);
                 }
-                return None;
+                return Look {
+                    done: None,
+                    unreadable: false,
+                };
             }
         }
+        let unreadable = read.is_err();
         let sources = read.as_ref().ok().cloned();
         let done = self.apply(why, read.and_then(flows::load_sources));
         if let (Ok(_), Some(sources)) = (&done, sources) {
             lock().live = sources;
         }
-        Some(done)
+        Look {
+            done: Some(done),
+            unreadable,
+        }
     }
 
     fn record(&self, why: &str, ok: bool, problems: usize) {
@@ -136,15 +140,6 @@ impl Reloader {
             trigger: why.to_string(),
             problems,
         });
-    }
-
-    /// The last look at the flow files could not read them.
-    fn last_read_failed(&self) -> bool {
-        self.files
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .last_read
-            .is_none()
     }
 
     /// How the last reload since the start went; `None` before the first.
@@ -190,28 +185,30 @@ impl Reloader {
         }
     }
 
-    /// [`Reloader::reload`] on a blocking thread: it reads the flow directory, and waits for
-    /// a reload already under way, neither of which belongs on the runtime's few workers.
+    /// Loads the flow directory; on success the new set is live. Returns its summary. On a
+    /// blocking thread: it reads the flow directory, and waits for a reload already under
+    /// way, neither of which belongs on the runtime's few workers.
     pub async fn reload_blocking(self: &Arc<Self>, why: &'static str) -> Result<String, Problems> {
-        self.or_live(self.load_blocking(why, Load::Always).await)
+        // `Load::Always` always loads; the live flows' summary stands in all the same.
+        (self.load_blocking(why, Load::Always).await.done)
+            .unwrap_or_else(|| Ok(self.engine.flows().summary()))
     }
 
-    async fn load_blocking(
-        self: &Arc<Self>,
-        why: &'static str,
-        when: Load,
-    ) -> Option<Result<String, Problems>> {
+    async fn load_blocking(self: &Arc<Self>, why: &'static str, when: Load) -> Look {
         let me = self.clone();
         match tokio::task::spawn_blocking(move || me.load(why, when)).await {
-            Ok(done) => done,
+            Ok(look) => look,
             Err(e) => {
                 self.record(why, false, 1);
-                Some(Err(Problems(vec![flows::Problem {
-                    file: self.dir.clone(),
-                    line: 0,
-                    col: 0,
-                    message: format!("the reload stopped: {e}"),
-                }])))
+                Look {
+                    done: Some(Err(Problems(vec![flows::Problem {
+                        file: self.dir.clone(),
+                        line: 0,
+                        col: 0,
+                        message: format!("the reload stopped: {e}"),
+                    }]))),
+                    unreadable: false,
+                }
             }
         }
     }
@@ -280,8 +277,7 @@ impl Reloader {
                 _ = sleep_until_some(retry_at) => "retry after a read error",
                 _ = stop.changed() => return,
             };
-            let _ = self.load_blocking(why, Load::IfChanged).await;
-            if self.last_read_failed() {
+            if self.load_blocking(why, Load::IfChanged).await.unreadable {
                 tracing::warn!(
                     "could not read the flow files in {}; looking again in {}",
                     self.dir.display(),
