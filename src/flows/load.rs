@@ -85,30 +85,20 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Problems> {
     }
     let entries = std::fs::read_dir(dir)
         .map_err(|e| whole_dir(format!("cannot read flow directory: {e}")))?;
-    let mut paths: Vec<PathBuf> = Vec::new();
-    for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
-        if path.extension().is_none_or(|x| x != "toml") {
-            continue;
-        }
-        if path.is_file() {
-            paths.push(path);
-            continue;
-        }
-        // A link to a flow file that is not there (yet) is a file that cannot be read, not
-        // no file: skipping it would load the set without it. (A hidden one is no flow file:
-        // Emacs keeps its lock as a dangling `.#name.toml` link.)
-        let hidden = path
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-        if let (false, true, Err(e)) = (hidden, path.is_symlink(), std::fs::metadata(&path)) {
-            return Err(Problems(vec![Problem {
-                file: path,
-                line: 1,
-                col: 1,
-                message: format!("cannot read: {e}"),
-            }]));
-        }
-    }
+    // A link to a flow file that is not there (yet) is read like any file, and fails as one
+    // that cannot be read: skipping it would load the set without it. (A hidden one is no
+    // flow file: Emacs keeps its lock as a dangling `.#name.toml` link.)
+    let dangling = |p: &Path| {
+        p.is_symlink()
+            && !p.exists()
+            && !p
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && (p.is_file() || dangling(p)))
+        .collect();
     paths.sort();
     if paths.is_empty() {
         return Err(whole_dir("no *.toml flow files here".into()));
