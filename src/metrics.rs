@@ -46,8 +46,14 @@ pub fn render(engine: &Engine) -> String {
         }
         None => String::new(),
     };
-    out.push_str(
-        "# HELP smsflow_subscribers Subscribers by state.\n# TYPE smsflow_subscribers gauge\n",
+    let head = |out: &mut String, name: &str, kind: &str, help: &str| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+    };
+    head(
+        &mut out,
+        "smsflow_subscribers",
+        "gauge",
+        "Subscribers by state.",
     );
     for (name, n) in State::NAMES.iter().zip(engine.state_counts()) {
         out.push_str(&format!(
@@ -55,42 +61,47 @@ pub fn render(engine: &Engine) -> String {
             n.max(0)
         ));
     }
-    out.push_str("# HELP smsflow_pending_timers Timers waiting to fire.\n# TYPE smsflow_pending_timers gauge\n");
-    out.push_str(&format!(
-        "smsflow_pending_timers {}\n",
-        engine.store.timer_count()
-    ));
-    out.push_str("# HELP smsflow_outbox_depth Messages waiting in the outbox.\n# TYPE smsflow_outbox_depth gauge\n");
-    out.push_str(&format!(
-        "smsflow_outbox_depth {}\n",
-        engine.store.outbox_len()
-    ));
     let work = engine.writer_work();
-    for (name, help, value) in [
+    for (name, kind, help, value) in [
+        (
+            "smsflow_pending_timers",
+            "gauge",
+            "Timers waiting to fire.",
+            engine.store.timer_count().to_string(),
+        ),
+        (
+            "smsflow_outbox_depth",
+            "gauge",
+            "Messages waiting in the outbox.",
+            engine.store.outbox_len().to_string(),
+        ),
         (
             "smsflow_store_commits_total",
+            "counter",
             "Commits the writer made durable (a batch that carried events, or an erase).",
             work.commits.to_string(),
         ),
         (
             "smsflow_store_committed_events_total",
+            "counter",
             "Events those commits carried (an erase carries none).",
             work.events.to_string(),
         ),
         (
             "smsflow_store_commit_seconds_total",
+            "counter",
             "Time the writer spent reading, stepping and committing them.",
             work.commit.as_secs_f64().to_string(),
         ),
         (
             "smsflow_store_flush_seconds_total",
+            "counter",
             "Time the writer spent waiting for them to reach the disk.",
             work.flush.as_secs_f64().to_string(),
         ),
     ] {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
-        ));
+        head(&mut out, name, kind, help);
+        out.push_str(&format!("{name} {value}\n"));
     }
     out
 }
