@@ -103,9 +103,8 @@ pub fn after_action(
     let mut out = match (action, outcome, code) {
         (IvrAction::ReadCode, Outcome::CodeSent, Some(code)) => {
             let spoken = flows.ivr.read_code.render(|n| match n {
-                "bot.name" => Some(flows.bot.name.clone()),
                 "code" => Some(spell(code)),
-                _ => None,
+                other => placeholder(flows, None, other),
             });
             vec![
                 Speech::Say(spoken.clone()),

@@ -261,7 +261,7 @@ impl IvrAction {
 impl Flows {
     /// Renders a text that may only refer to `{bot.name}` (voice prompts, API texts).
     pub fn render_plain(&self, t: &Template) -> String {
-        t.render(|n| (n == "bot.name").then(|| self.bot.name.clone()))
+        t.render(|n| crate::machine::placeholder(self, None, n))
     }
 
     pub fn sequence(&self, name: &str) -> Option<&Sequence> {
