@@ -432,15 +432,9 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         match event {
             Event::Inbound(text) => self.inbound(text),
             Event::TimerDue(t) => self.timer_due(*t),
-            Event::OtpRequested => self.code_requested("otp_api"),
-            Event::VoiceCodeRequested => self.code_requested("voice"),
-            Event::OtpSubmitted(code) => {
-                if self.sub.state == State::OptedOut {
-                    self.outcome = Outcome::OptedOut;
-                } else {
-                    self.check_code(code, false);
-                }
-            }
+            Event::OtpRequested => self.unless_opted_out(|r| r.issue_code("otp_api")),
+            Event::VoiceCodeRequested => self.unless_opted_out(|r| r.issue_code("voice")),
+            Event::OtpSubmitted(code) => self.unless_opted_out(|r| r.check_code(code, false)),
             Event::CodeUndeliverable(code) => {
                 // Withdraw exactly that code and give back its place in the rate limit.
                 if let Some(i) = self.sub.codes.iter().position(|c| c.code == *code) {
@@ -628,12 +622,13 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 
     // ---- verification ------------------------------------------------------
 
-    /// An app or a caller asked for a code: one is issued, unless the number opted out.
-    fn code_requested(&mut self, via: &str) {
+    /// What an app or a caller asks of a number (a code, a code's check) is done unless the
+    /// number opted out.
+    fn unless_opted_out(&mut self, act: impl FnOnce(&mut Self)) {
         if self.sub.state == State::OptedOut {
             self.outcome = Outcome::OptedOut;
         } else {
-            self.issue_code(via);
+            act(self);
         }
     }
 
