@@ -102,6 +102,11 @@ pub struct TwilioLayer {
     pub api_base: Option<String>,
 }
 
+/// An environment value, a blank one counting as unset.
+fn non_blank(v: Option<String>) -> Option<String> {
+    v.filter(|v| !v.trim().is_empty())
+}
+
 impl Layer {
     /// Reads a config file; a missing optional file is an empty layer.
     pub fn from_file(path: &Path, required: bool) -> anyhow::Result<Layer> {
@@ -126,10 +131,10 @@ impl Layer {
             })
     }
 
-    /// The environment layer: `SMSFLOW_*` and `TWILIO_*`.
+    /// The environment layer: `SMSFLOW_*` and `TWILIO_*` (blank is unset).
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> anyhow::Result<Layer> {
         let dirs = Layer::dirs_from_env(&get);
-        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        let get = |k: &str| non_blank(get(k));
         let send_rate = match get("SMSFLOW_SEND_RATE") {
             None => None,
             Some(v) => Some(v.trim().parse::<f64>().map_err(|_| {
@@ -161,7 +166,7 @@ impl Layer {
     /// Only the directories from the environment (`SMSFLOW_DATA`, `SMSFLOW_FLOWS`; blank is
     /// unset): for commands that use nothing else, so no other setting can stop them.
     pub fn dirs_from_env(get: impl Fn(&str) -> Option<String>) -> Layer {
-        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty()).map(PathBuf::from);
+        let get = |k: &str| non_blank(get(k)).map(PathBuf::from);
         Layer {
             data: get("SMSFLOW_DATA"),
             flows: get("SMSFLOW_FLOWS"),
