@@ -45,15 +45,13 @@ pub struct Application {
     provider: Arc<Provider>,
     config: Config,
     options: Options,
-    /// The flow files the live flows were loaded from (hot reload compares with them).
-    flow_files: Vec<(std::path::PathBuf, String)>,
 }
 
 impl Application {
     /// Loads flows (every problem listed on failure), opens the store, binds the socket.
     pub async fn build(config: Config, options: Options) -> anyhow::Result<Application> {
         // The problems stay a typed error, so `serve` can exit with the flows' exit code.
-        let (flows, flow_files) = flows::load_dir_with_files(&config.flows_dir).map_err(|p| {
+        let flows = flows::load_dir(&config.flows_dir).map_err(|p| {
             let context = format!(
                 "the flows in {} have {} problem(s)",
                 config.flows_dir.display(),
@@ -73,7 +71,6 @@ impl Application {
             .with_context(|| format!("listening on {}", config.listen))?;
         let port = listener.local_addr()?.port();
         Ok(Application {
-            flow_files,
             listener,
             port,
             engine: Arc::new(Engine::new(store, flows)),
@@ -186,7 +183,6 @@ impl Application {
         let reloader = Arc::new(Reloader::new(
             self.engine.clone(),
             self.config.flows_dir.clone(),
-            self.flow_files,
             stop_rx.clone(),
         ));
         // Flows edited while the daemon was stopped may have removed places numbers hold

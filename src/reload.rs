@@ -36,10 +36,10 @@ pub struct Reloader {
     serial: std::sync::Mutex<()>,
     /// The daemon is stopping: a pass after a reload gives up.
     stop: watch::Receiver<bool>,
-    /// The flow files as the last look read them, and those the live flows came from: the
-    /// watcher loads only when what it reads differs from both (it hears every change in
-    /// the directory, editors' swap files included).
-    files: std::sync::Mutex<Files>,
+    /// The flow files as the last look read them (`None`: they could not be read). The
+    /// watcher loads only when what it reads differs from them and from the live flows' own
+    /// files (it hears every change in the directory, editors' swap files included).
+    last_read: std::sync::Mutex<Option<Sources>>,
     /// How the last reload went, for `/readyz`.
     last_reload: std::sync::Mutex<Option<LastReload>>,
 }
@@ -56,11 +56,6 @@ pub struct LastReload {
 
 type Sources = Vec<(PathBuf, String)>;
 
-struct Files {
-    last_read: Option<Sources>,
-    live: Sources,
-}
-
 /// What a look at the flow files did.
 struct Look {
     /// The load's outcome; `None` when nothing was loaded (the files had not changed).
@@ -76,21 +71,13 @@ enum Load {
 }
 
 impl Reloader {
-    /// `loaded` are the flow files the live flows came from.
-    pub fn new(
-        engine: Arc<Engine>,
-        dir: PathBuf,
-        loaded: Sources,
-        stop: watch::Receiver<bool>,
-    ) -> Reloader {
+    pub fn new(engine: Arc<Engine>, dir: PathBuf, stop: watch::Receiver<bool>) -> Reloader {
+        let live = engine.flows().sources().to_vec();
         Reloader {
             engine,
             serial: std::sync::Mutex::new(()),
             stop,
-            files: std::sync::Mutex::new(Files {
-                last_read: Some(loaded.clone()),
-                live: loaded,
-            }),
+            last_read: std::sync::Mutex::new(Some(live)),
             last_reload: std::sync::Mutex::new(None),
             dir,
         }
@@ -101,14 +88,16 @@ impl Reloader {
     fn load(&self, why: &str, when: Load) -> Look {
         let _one_at_a_time = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         let read = flows::read_dir(&self.dir);
-        let lock = || self.files.lock().unwrap_or_else(|e| e.into_inner());
         {
-            let mut files = lock();
+            let mut last_read = self.last_read.lock().unwrap_or_else(|e| e.into_inner());
             let (seen, live) = match &read {
-                Ok(now) => (files.last_read.as_ref() == Some(now), files.live == *now),
+                Ok(now) => (
+                    last_read.as_ref() == Some(now),
+                    self.engine.flows().sources() == now.as_slice(),
+                ),
                 Err(_) => (false, false),
             };
-            files.last_read = read.as_ref().ok().cloned();
+            *last_read = read.as_ref().ok().cloned();
             if when == Load::IfChanged && (seen || live) {
                 if live && !seen {
                     // Back to what is live (an edit undone, a file caught mid-write saved).
@@ -122,11 +111,7 @@ impl Reloader {
             }
         }
         let unreadable = read.is_err();
-        let sources = read.as_ref().ok().cloned();
         let done = self.apply(why, read.and_then(flows::load_sources));
-        if let (Ok(_), Some(sources)) = (&done, sources) {
-            lock().live = sources;
-        }
         Look {
             done: Some(done),
             unreadable,

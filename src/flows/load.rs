@@ -58,14 +58,7 @@ impl std::error::Error for Problems {}
 
 /// Loads every `*.toml` directly inside `dir` (sorted by name) as one set.
 pub fn load_dir(dir: &Path) -> Result<Flows, Problems> {
-    load_dir_with_files(dir).map(|(flows, _)| flows)
-}
-
-/// [`load_dir`], with the files the flows came from (hot reload compares later reads with
-/// them).
-pub fn load_dir_with_files(dir: &Path) -> Result<(Flows, Vec<(PathBuf, String)>), Problems> {
-    let files = read_dir(dir)?;
-    Ok((load_sources(files.clone())?, files))
+    load_sources(read_dir(dir)?)
 }
 
 /// The `*.toml` files of a flow directory (symlinks followed), in name order, with their text.
@@ -195,7 +188,10 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
         cx.err(unread[0], 0..0, message);
     }
     if cx.problems.is_empty() {
-        Ok(flows)
+        Ok(Flows {
+            sources: cx.sources,
+            ..flows
+        })
     } else {
         Err(Problems(cx.problems))
     }
@@ -497,6 +493,7 @@ impl Cx {
             sequences,
             replies,
             ivr,
+            sources: Vec::new(),
         }
     }
 

@@ -9,7 +9,7 @@ use chrono::{NaiveTime, TimeDelta};
 use chrono_tz::Tz;
 use regex::Regex;
 
-pub use load::{load_dir, load_dir_with_files, load_sources, read_dir, Problem, Problems};
+pub use load::{load_dir, load_sources, read_dir, Problem, Problems};
 pub use template::{Allowed, Template};
 
 /// A complete, valid set of flows. Built only by [`load_dir`] / [`load_sources`].
@@ -22,6 +22,9 @@ pub struct Flows {
     pub sequences: Vec<Sequence>,
     pub replies: Replies,
     pub ivr: Ivr,
+    /// The files the set was loaded from, (path, text) in name order: hot reload compares
+    /// what it reads later with them.
+    sources: Vec<(std::path::PathBuf, String)>,
 }
 
 #[derive(Clone, Debug)]
@@ -259,6 +262,11 @@ impl IvrAction {
 }
 
 impl Flows {
+    /// The files the set was loaded from, (path, text) in name order.
+    pub fn sources(&self) -> &[(std::path::PathBuf, String)] {
+        &self.sources
+    }
+
     /// Renders a text that may only refer to `{bot.name}` (voice prompts, API texts).
     pub fn render_plain(&self, t: &Template) -> String {
         t.render(|n| crate::machine::placeholder(self, None, n))
