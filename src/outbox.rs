@@ -206,25 +206,22 @@ impl Outbox {
         self.next_slot = Instant::now().max(self.next_slot) + self.interval;
         // The opt-out check is repeated at send time (after the wait): a STOP may have
         // arrived since queueing, or the number may have been erased.
-        let sendable = match store.subscriber(&msg.phone) {
-            Ok(s) => Ok(s.is_some_and(|s| s.state != State::OptedOut)),
-            // A storage error: try again later. A record that cannot be read: see below.
-            Err(e) if !codec::is_unreadable(&e) => return Err(e),
-            Err(e) => Err(format!("the number's record cannot be read: {e:#}")),
-        };
         // How the message ends: its delivery's status, provider id, error code and error.
-        let (status, sid, code, error) = match sendable {
+        let (status, sid, code, error) = match store.subscriber(&msg.phone) {
+            // A storage error: try again later.
+            Err(e) if !codec::is_unreadable(&e) => return Err(e),
             Err(e) => {
-                // Whether it opted out cannot be known: do not text it, and do not let this
-                // message hold up everyone queued after it.
+                // A record that cannot be read: whether it opted out cannot be known. Do not
+                // text it, and do not let this message hold up everyone queued after it.
+                let e = format!("the number's record cannot be read: {e:#}");
                 tracing::error!(phone = %msg.phone.masked(), "outbox: not sending: {e}");
                 ("failed", None, None, Some(e))
             }
-            Ok(false) => {
+            Ok(s) if !s.as_ref().is_some_and(|s| s.state != State::OptedOut) => {
                 tracing::info!(phone = %msg.phone.masked(), "outbox: not sending to an opted-out or erased number");
                 ("suppressed", None, None, None)
             }
-            Ok(true) => {
+            Ok(_) => {
                 msg.attempts += 1;
                 match self.provider.send(&msg.phone, &msg.body).await {
                     Ok(accepted) => {
