@@ -201,18 +201,22 @@ impl Reloader {
     /// Watches the flow directory until `stop`; edits settle for a moment before a reload.
     pub async fn watch(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-        let start = tx.clone();
+        // What changed between the start's read and the watch is looked at like any change
+        // (an editor may be writing it this moment: it settles first).
+        let _ = tx.send(());
         // Any change in the directory may change what it holds: a Kubernetes ConfigMap swaps
         // a `..data` symlink, which no `.toml` event announces. What was read last decides
         // whether anything changed.
-        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let watching = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             if let Ok(e) = event {
                 if !matches!(e.kind, notify::EventKind::Access(_)) {
                     let _ = tx.send(());
                 }
             }
-        });
-        let mut watcher = match watcher {
+        })
+        .and_then(|mut w| w.watch(&self.dir, RecursiveMode::NonRecursive).map(|()| w));
+        // Dropping the watcher stops the watch: it lives as long as this loop.
+        let _watcher = match watching {
             Ok(w) => w,
             Err(e) => {
                 tracing::error!(
@@ -222,17 +226,6 @@ impl Reloader {
                 return;
             }
         };
-        if let Err(e) = watcher.watch(&self.dir, RecursiveMode::NonRecursive) {
-            tracing::error!(
-                "cannot watch {}: {e}; use SIGHUP or POST /admin/reload",
-                self.dir.display()
-            );
-            return;
-        }
-        // What changed between the start's read and the watch is looked at like any change
-        // (an editor may be writing it this moment: it settles first).
-        let _ = start.send(());
-        drop(start);
         // A look that could not read the files (a link whose target is not there yet, a file
         // being replaced, a permission being fixed) is tried again, backing off, since the
         // fix may come with no event in this directory (a link's target lives elsewhere).

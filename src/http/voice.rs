@@ -81,7 +81,7 @@ pub async fn gather(
     let digits = form.get("Digits").filter(|d| !d.trim().is_empty());
     let turn = match ivr::key_pressed(&flows, &menu, at.attempt.unwrap_or(0), digits) {
         Turn::Act(action) => {
-            let event = crate::ivr::action_event(&action);
+            let event = ivr::action_event(&action);
             let applied = state
                 .engine
                 .apply(Input {
