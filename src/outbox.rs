@@ -225,7 +225,7 @@ impl Outbox {
                 msg.attempts += 1;
                 match self.provider.send(&msg.phone, &msg.body).await {
                     Ok(accepted) => {
-                        tracing::info!(phone = %msg.phone.masked(), sid = ?accepted.sid, "outbox: sent");
+                        tracing::info!(phone = %msg.phone.masked(), sid = accepted.sid.as_deref().unwrap_or("none"), "outbox: sent");
                         ("sent", accepted.sid, None, None)
                     }
                     Err(SendError::Temporary {

@@ -63,13 +63,24 @@ impl Provider {
 
 /// Prints messages instead of sending them: the default with no Twilio credentials.
 pub struct Console {
+    /// This process's start (ms since the epoch), so that message ids stay unique across
+    /// restarts: a delivery report names its message by id.
+    started: u64,
     counter: std::sync::atomic::AtomicU64,
     quiet: bool,
 }
 
 impl Console {
     pub fn new(quiet: bool) -> Console {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Console::started_at(quiet, started)
+    }
+
+    fn started_at(quiet: bool, started: u64) -> Console {
         Console {
+            started,
             counter: Default::default(),
             quiet,
         }
@@ -86,7 +97,7 @@ impl Console {
             println!("[console {what} to {}] {}", to.masked(), body);
         }
         Accepted {
-            sid: Some(format!("CONSOLE{n:010}")),
+            sid: Some(format!("CONSOLE{:013}x{n:06}", self.started)),
         }
     }
 }
@@ -241,8 +252,23 @@ fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
-    use super::retry_after;
+    use super::{retry_after, Console};
     use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn console_message_ids_differ_within_a_run_and_from_an_earlier_run() {
+        let to = crate::phone::Phone::from_stored("+15550001111".into()).unwrap();
+        let sid = |c: &Console| c.print("sms", &to, "hi").sid.unwrap();
+        let (before, after) = (
+            Console::started_at(true, 1_795_000_000_000),
+            Console::started_at(true, 1_795_000_000_001),
+        );
+        let ids = [sid(&before), sid(&before), sid(&after), sid(&after)];
+        for (i, a) in ids.iter().enumerate() {
+            assert!(a.starts_with("CONSOLE"), "{a}");
+            assert!(ids[i + 1..].iter().all(|b| a != b), "{a} twice in {ids:?}");
+        }
+    }
 
     #[test]
     fn retry_after_is_read_as_seconds_or_as_an_http_date() {
