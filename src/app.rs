@@ -1,7 +1,7 @@
 //! `Application`: binds the socket, opens the store, loads flows, and runs the server with
 //! its workers (scheduler, outbox) until told to stop.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +27,8 @@ pub struct Options {
     pub retry_base: Duration,
     /// The console provider prints nothing.
     pub quiet_console: bool,
+    /// How long a stop waits for open HTTP requests before it goes on without them.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Options {
@@ -34,6 +36,7 @@ impl Default for Options {
         Options {
             retry_base: Duration::from_secs(1),
             quiet_console: false,
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -179,6 +182,19 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        self.run_until_stopped_or_hurried(shutdown, std::future::pending())
+            .await
+    }
+
+    /// Like [`Application::run_until_stopped`]; once `shutdown` has resolved, open HTTP
+    /// requests get [`Options::shutdown_grace`], or until `hurry` resolves (it is first
+    /// polled then: a second Ctrl-C), before the stop goes on without them. A client that
+    /// opened a connection and sends nothing would otherwise hold the stop for ever.
+    pub async fn run_until_stopped_or_hurried(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        hurry: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let reloader = Arc::new(Reloader::new(
             self.engine.clone(),
@@ -237,9 +253,35 @@ impl Application {
             .retention
             .map(|keep| tokio::spawn(prune_daily(self.engine.clone(), keep, stop_rx.clone())));
         let hup = tokio::spawn(reloader.clone().on_sighup(stop_rx));
-        let served = axum::serve(self.listener, http::router(state))
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let (asked_tx, asked_rx) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async move {
+            shutdown.await;
+            let _ = asked_tx.send(());
+        };
+        let grace = self.options.shutdown_grace;
+        let served = tokio::select! {
+            served = axum::serve(self.listener, http::router(state))
+                .with_graceful_shutdown(shutdown)
+                .into_future() => served,
+            cut = async move {
+                if asked_rx.await.is_err() {
+                    // No stop was asked for: serving ends on its own.
+                    std::future::pending::<()>().await;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(grace) => {
+                        format!("after {}", humantime::format_duration(grace))
+                    }
+                    () = hurry => "on a second signal".to_string(),
+                }
+            } => {
+                tracing::warn!(
+                    "stopped waiting for open HTTP requests {cut}; those still open get no answer \
+                     (a webhook among them changed nothing, or its change is on disk)"
+                );
+                Ok(())
+            }
+        };
         let _ = stop_tx.send(true);
         let _ = scheduler.await;
         let _ = outbox.await;

@@ -462,7 +462,10 @@ pub fn serve(args: &ServeArgs) -> ExitCode {
             },
         };
         print!("{}", app.banner());
-        match app.run_until_stopped(shutdown_signal()).await {
+        match app
+            .run_until_stopped_or_hurried(shutdown_signal(), signal())
+            .await
+        {
             Ok(()) => {
                 eprintln!("smsflow: stopped cleanly");
                 ExitCode::SUCCESS
@@ -475,8 +478,14 @@ pub fn serve(args: &ServeArgs) -> ExitCode {
     })
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM, and says so.
 pub async fn shutdown_signal() {
+    signal().await;
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+/// Resolves on the next SIGINT (Ctrl-C) or SIGTERM.
+async fn signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -495,7 +504,6 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    tracing::info!("shutting down: finishing in-flight requests");
 }
 
 pub fn bench(args: crate::bench::BenchArgs) -> ExitCode {

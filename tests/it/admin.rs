@@ -781,6 +781,7 @@ async fn a_daemon_with_a_retention_deletes_old_history_at_start() {
     let options = smsflow::app::Options {
         retry_base: Duration::from_millis(10),
         quiet_console: true,
+        ..smsflow::app::Options::default()
     };
     let app = TestApp::start(
         FakeTwilio::start().await,

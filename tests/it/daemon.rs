@@ -365,15 +365,85 @@ async fn what_we_send_to_twilio_matches_its_openapi_spec() {
     assert!(e164.is_match(&sent[0].to) && e164.is_match(&sent[0].from));
 }
 
-/// `smsflow serve` as a user runs it: banner, then SIGTERM stops it cleanly with exit 0.
+/// A stop lets a request under way finish, but a client that opened a connection and never
+/// finished its request does not hold the stop past the grace period.
 #[tokio::test]
-async fn serve_prints_its_banner_and_stops_cleanly_on_sigterm() {
+async fn a_stop_answers_requests_under_way_and_does_not_wait_for_ever_on_a_stalled_client() {
+    use tokio::io::AsyncWriteExt;
+    let options = smsflow::app::Options {
+        retry_base: Duration::from_millis(10),
+        quiet_console: true,
+        shutdown_grace: Duration::from_secs(2),
+    };
+    let flows = tempfile::tempdir().unwrap();
+    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
+    let app = TestApp::start(
+        FakeTwilio::start().await,
+        Arc::new(tempfile::tempdir().unwrap()),
+        Arc::new(flows),
+        options,
+        |_| {},
+    )
+    .await;
+    // Half a request, then nothing.
+    let mut stalled = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stalled
+        .write_all(b"POST /twilio/sms HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // A code request waits on Twilio's answer while the stop begins.
+    app.twilio.hold();
+    let (http, url, token) = (
+        app.http.clone(),
+        format!("{}/authenticate/get_otp", app.base),
+        app.api_token.clone().unwrap(),
+    );
+    let under_way = tokio::spawn(async move {
+        let r = http
+            .post(url)
+            .bearer_auth(token)
+            .json(&serde_json::json!({ "phone": ANN }))
+            .send()
+            .await
+            .unwrap();
+        r.status().as_u16()
+    });
+    for _ in 0..200 {
+        if app.twilio.held() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(app.twilio.held(), 1, "the code's send is under way");
+    let twilio = app.twilio.clone();
+    let stopping = tokio::spawn(app.stop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    twilio.release();
+    assert_eq!(under_way.await.unwrap(), 200, "answered during the stop");
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("the stop ends after the grace period")
+        .unwrap();
+    drop(stalled);
+}
+
+/// `smsflow serve` started as a user starts it: the child, its base URL (from its first line),
+/// and the rest of its stdout and its stderr, line by line.
+async fn serve_child(
+    data: &std::path::Path,
+) -> (
+    tokio::process::Child,
+    String,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+) {
     use tokio::io::{AsyncBufReadExt, BufReader};
-    let data = tempfile::tempdir().unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
         .args(["serve", "--listen", "127.0.0.1:0", "--flows", "flows"])
         .arg("--data")
-        .arg(data.path())
+        .arg(data)
         .env_remove("TWILIO_ACCOUNT_SID")
         .env_remove("TWILIO_AUTH_TOKEN")
         .stdout(std::process::Stdio::piped())
@@ -381,12 +451,56 @@ async fn serve_prints_its_banner_and_stops_cleanly_on_sigterm() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
     let first = lines.next_line().await.unwrap().unwrap();
     assert!(
         first.starts_with("smsflow ") && first.contains("listening on http://127.0.0.1:"),
         "{first}"
     );
-    let mut banner = vec![first.clone()];
+    let base = first.rsplit(' ').next().unwrap().to_string();
+    (child, base, lines, stderr)
+}
+
+/// Sends SIGTERM through the shell's own `kill` (every POSIX sh has one; a `kill` program
+/// may not be installed).
+fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().unwrap();
+    let killed = std::process::Command::new("sh")
+        .args(["-c", &format!("kill -TERM {pid}")])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+}
+
+/// Waits (at most `within`) for the child to exit 0 and to say it stopped cleanly; returns
+/// the rest of its stderr.
+async fn exits_cleanly(
+    mut child: tokio::process::Child,
+    mut stderr: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+    within: Duration,
+) -> Vec<String> {
+    let status = tokio::time::timeout(within, child.wait())
+        .await
+        .expect("exits in time")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let mut rest = Vec::new();
+    while let Some(line) = stderr.next_line().await.unwrap() {
+        rest.push(line);
+    }
+    assert!(
+        rest.iter().any(|l| l.contains("stopped cleanly")),
+        "{rest:?}"
+    );
+    rest
+}
+
+/// `smsflow serve` as a user runs it: banner, then SIGTERM stops it cleanly with exit 0.
+#[tokio::test]
+async fn serve_prints_its_banner_and_stops_cleanly_on_sigterm() {
+    let data = tempfile::tempdir().unwrap();
+    let (child, base, mut lines, stderr) = serve_child(data.path()).await;
+    let mut banner = Vec::new();
     while let Ok(Some(l)) = tokio::time::timeout(Duration::from_millis(500), lines.next_line())
         .await
         .unwrap_or(Ok(None))
@@ -399,27 +513,48 @@ async fn serve_prints_its_banner_and_stops_cleanly_on_sigterm() {
     let banner = banner.join("\n");
     assert!(banner.contains("provider:    console"), "{banner}");
     assert!(banner.contains("ngrok http"), "{banner}");
-    let base = first.rsplit(' ').next().unwrap().to_string();
     let r = reqwest::get(format!("{base}/healthz")).await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
+    sigterm(&child);
+    exits_cleanly(child, stderr, Duration::from_secs(10)).await;
+}
 
-    let pid = child.id().unwrap().to_string();
-    // The shell's own `kill` (every POSIX sh has one; a `kill` program may not be installed).
-    let killed = std::process::Command::new("sh")
-        .args(["-c", &format!("kill -TERM {pid}")])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
-    let mut stderr = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr)
+/// A client holds a half-sent request open; a second SIGTERM (or Ctrl-C) ends the wait for
+/// it at once instead of after the grace period, and the stop is still clean.
+#[tokio::test]
+async fn a_second_sigterm_stops_serve_at_once_even_with_a_stalled_client() {
+    use tokio::io::AsyncWriteExt;
+    let data = tempfile::tempdir().unwrap();
+    let (child, base, _lines, mut stderr) = serve_child(data.path()).await;
+    let mut stalled = tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
         .await
         .unwrap();
-    assert!(stderr.contains("stopped cleanly"), "{stderr}");
+    stalled
+        .write_all(b"POST /twilio/sms HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // The daemon has the connection before it is asked to stop.
+    let r = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    sigterm(&child);
+    // The second signal once the first has been heard (two at once may arrive as one).
+    let mut said = Vec::new();
+    while let Some(line) = stderr.next_line().await.unwrap() {
+        let heard = line.contains("shutting down");
+        said.push(line);
+        if heard {
+            break;
+        }
+    }
+    assert!(
+        said.last().is_some_and(|l| l.contains("shutting down")),
+        "{said:?}"
+    );
+    sigterm(&child);
+    // The grace period is 10 s: this ends well before it.
+    let rest = exits_cleanly(child, stderr, Duration::from_secs(5)).await;
+    assert!(rest.iter().any(|l| l.contains("second signal")), "{rest:?}");
+    drop(stalled);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -543,6 +678,7 @@ async fn a_damaged_record_holds_up_no_one_else_and_can_still_be_erased() {
     let options = smsflow::app::Options {
         retry_base: Duration::from_millis(10),
         quiet_console: true,
+        ..smsflow::app::Options::default()
     };
     let twilio = FakeTwilio::start().await;
     let app = TestApp::start(twilio, data, Arc::new(flows), options, |_| {}).await;
@@ -723,6 +859,7 @@ async fn a_message_waiting_for_its_retry_holds_up_only_its_own_number_and_not_af
     let options = smsflow::app::Options {
         retry_base: Duration::from_secs(20),
         quiet_console: true,
+        ..smsflow::app::Options::default()
     };
     let twilio = FakeTwilio::start().await;
     twilio.fail_next(&[503]);

@@ -293,6 +293,7 @@ impl TestApp {
         let options = Options {
             retry_base: Duration::from_millis(10),
             quiet_console: true,
+            ..Options::default()
         };
         Self::start(
             FakeTwilio::start().await,
