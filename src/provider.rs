@@ -218,6 +218,17 @@ impl Twilio {
                 message: format!("Twilio answered {status}: {message}"),
                 retry_after,
             })
+        } else if status.as_u16() == 401 || code.is_some_and(|c| ACCOUNT_CODES.contains(&c)) {
+            // No fault of the message: it waits, with the others, for the account to be
+            // fixed (and the daemon restarted with the new credentials).
+            tracing::error!(
+                "Twilio refused the account ({status}, {message}): check TWILIO_ACCOUNT_SID, \
+                 TWILIO_AUTH_TOKEN and the account's status; messages stay queued and are retried"
+            );
+            Err(SendError::Temporary {
+                message: format!("Twilio refused the account ({status}): {message}"),
+                retry_after,
+            })
         } else {
             Err(SendError::Permanent {
                 code,
@@ -226,6 +237,11 @@ impl Twilio {
         }
     }
 }
+
+/// Twilio's codes for an account that cannot send at all (wrong or revoked credentials, a
+/// suspended or closed account): a fault of the account, not of a message, so the outbox
+/// keeps retrying (for hours, backing off) instead of failing every queued message.
+const ACCOUNT_CODES: [u32; 3] = [20003, 20403, 10001];
 
 /// reqwest errors print the URL, which holds the account SID; keep only the kind.
 fn without_url(e: &reqwest::Error) -> String {

@@ -798,6 +798,41 @@ async fn a_due_timer_whose_number_has_no_record_is_consumed_instead_of_firing_fo
     app.stop().await;
 }
 
+/// Twilio refuses the account itself (a revoked auth token): the code waits in the outbox,
+/// retried, instead of ending as failed, and goes out once the daemon is restarted with the
+/// right token.
+#[tokio::test]
+async fn a_message_refused_for_the_accounts_credentials_waits_and_goes_out_after_the_fix() {
+    let app = TestApp::spawn_with(FLOWS, |c| {
+        if let Some(t) = c.twilio.as_mut() {
+            t.auth_token = smsflow::config::Secret::new("a-revoked-token");
+        }
+    })
+    .await;
+    assert_eq!(app.sms(ANN, "JOIN").await.0, 200);
+    for _ in 0..200 {
+        if app.twilio.attempts() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let tried = app.twilio.all_requests();
+    assert!(tried.len() >= 3, "retried: {tried:#?}");
+    assert!(tried.iter().all(|r| r.answered == 401 && !r.authorized));
+    assert_eq!(app.engine.store.outbox_len(), 1, "the code still waits");
+    // Restarted with the right token (the helpers' default).
+    let app = app.restart(Duration::ZERO).await;
+    let delivered = app.twilio.wait_delivered(1).await;
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].to, ANN);
+    assert!(
+        delivered[0].body.starts_with("Code: "),
+        "{}",
+        delivered[0].body
+    );
+    app.stop().await;
+}
+
 /// Twilio refuses a message as unsubscribed (21610) after its number was erased: the number
 /// stays erased instead of coming back as an opted-out record.
 #[tokio::test]
