@@ -187,7 +187,7 @@ async fn deliver(
     };
     match sent {
         Ok(accepted) => {
-            tracing::info!(phone = %phone.masked(), sid = ?accepted.sid, voice, "otp sent");
+            tracing::info!(phone = %phone.masked(), sid = accepted.sid.as_deref().unwrap_or("none"), voice, "otp sent");
             crate::metrics::outbound("sent");
             Ok(success())
         }
