@@ -1,7 +1,7 @@
 //! `Application`: binds the socket, opens the store, loads flows, and runs the server with
 //! its workers (scheduler, outbox) until told to stop.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +29,9 @@ pub struct Options {
     pub quiet_console: bool,
     /// How long a stop waits for open HTTP requests before it goes on without them.
     pub shutdown_grace: Duration,
+    /// A connection that has not sent a whole request head in this long is closed (a client
+    /// that connects and sends nothing, or a byte a minute, holds no socket for ever).
+    pub header_read_timeout: Duration,
 }
 
 impl Default for Options {
@@ -37,6 +40,7 @@ impl Default for Options {
             retry_base: Duration::from_secs(1),
             quiet_console: false,
             shutdown_grace: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -253,35 +257,14 @@ impl Application {
             .retention
             .map(|keep| tokio::spawn(prune_daily(self.engine.clone(), keep, stop_rx.clone())));
         let hup = tokio::spawn(reloader.clone().on_sighup(stop_rx));
-        let (asked_tx, asked_rx) = tokio::sync::oneshot::channel::<()>();
-        let shutdown = async move {
-            shutdown.await;
-            let _ = asked_tx.send(());
-        };
-        let grace = self.options.shutdown_grace;
-        let served = tokio::select! {
-            served = axum::serve(self.listener, http::router(state))
-                .with_graceful_shutdown(shutdown)
-                .into_future() => served,
-            cut = async move {
-                if asked_rx.await.is_err() {
-                    // No stop was asked for: serving ends on its own.
-                    std::future::pending::<()>().await;
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(grace) => {
-                        format!("after {}", humantime::format_duration(grace))
-                    }
-                    () = hurry => "on a second signal".to_string(),
-                }
-            } => {
-                tracing::warn!(
-                    "stopped waiting for open HTTP requests {cut}; those still open get no answer \
-                     (a webhook among them changed nothing, or its change is on disk)"
-                );
-                Ok(())
-            }
-        };
+        let served = serve(
+            self.listener,
+            http::router(state),
+            shutdown,
+            &self.options,
+            hurry,
+        )
+        .await;
         let _ = stop_tx.send(true);
         let _ = scheduler.await;
         let _ = outbox.await;
@@ -297,6 +280,73 @@ impl Application {
         self.engine.store.flush()?;
         served.context("serving HTTP")
     }
+}
+
+/// Serves HTTP/1.1 until `shutdown`; then stops accepting and lets the requests under way
+/// finish, for up to [`Options::shutdown_grace`] or until `hurry` resolves (it is first polled
+/// then). By hand rather than `axum::serve`, which gives hyper no timer: without one, hyper
+/// has no header read timeout.
+async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown: impl Future<Output = ()>,
+    options: &Options,
+    hurry: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout);
+    let open = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // A connection that went away while queued is no trouble of ours; running
+                    // out of file descriptors is, and retrying at once would spin.
+                    if !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused
+                            | std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::ConnectionReset
+                    ) {
+                        tracing::error!("accepting a connection: {e}; trying again in 1 s");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let connection = open.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            // A client's broken connection is its own affair.
+            if let Err(e) = connection.await {
+                tracing::debug!("HTTP connection: {e}");
+            }
+        });
+    }
+    drop(listener);
+    let grace = options.shutdown_grace;
+    tokio::select! {
+        () = open.shutdown() => {}
+        cut = async {
+            tokio::select! {
+                () = tokio::time::sleep(grace) => {
+                    format!("after {}", humantime::format_duration(grace))
+                }
+                () = hurry => "on a second signal".to_string(),
+            }
+        } => tracing::warn!(
+            "stopped waiting for open HTTP requests {cut}; those still open get no answer \
+             (a webhook among them changed nothing, or its change is on disk)"
+        ),
+    }
+    Ok(())
 }
 
 /// With a retention set: deletes history entries and delivery records older than it, at the

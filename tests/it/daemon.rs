@@ -374,6 +374,7 @@ async fn a_stop_answers_requests_under_way_and_does_not_wait_for_ever_on_a_stall
         retry_base: Duration::from_millis(10),
         quiet_console: true,
         shutdown_grace: Duration::from_secs(2),
+        ..smsflow::app::Options::default()
     };
     let flows = tempfile::tempdir().unwrap();
     std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
@@ -427,6 +428,48 @@ async fn a_stop_answers_requests_under_way_and_does_not_wait_for_ever_on_a_stall
         .expect("the stop ends after the grace period")
         .unwrap();
     drop(stalled);
+}
+
+/// A client that connects and never finishes its request head is cut off after the header
+/// read timeout, and the daemon serves others meanwhile.
+#[tokio::test]
+async fn a_connection_that_never_finishes_its_request_head_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let options = smsflow::app::Options {
+        retry_base: Duration::from_millis(10),
+        quiet_console: true,
+        header_read_timeout: Duration::from_millis(300),
+        ..smsflow::app::Options::default()
+    };
+    let flows = tempfile::tempdir().unwrap();
+    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
+    let app = TestApp::start(
+        FakeTwilio::start().await,
+        Arc::new(tempfile::tempdir().unwrap()),
+        Arc::new(flows),
+        options,
+        |_| {},
+    )
+    .await;
+    let mut stalled = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stalled
+        .write_all(b"POST /twilio/sms HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert_eq!(app.get("/healthz").await.status().as_u16(), 200);
+    let mut rest = Vec::new();
+    // Closed (a reset counts), whether with a last word (hyper may answer 408) or none.
+    let _ = tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut rest))
+        .await
+        .expect("the daemon closes the connection");
+    assert!(
+        rest.is_empty() || String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
+    app.stop().await;
 }
 
 /// `smsflow serve` started as a user starts it: the child, its base URL (from its first line),
