@@ -303,7 +303,10 @@ async fn serve(
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    stream
+                }
                 Err(e) => {
                     // A connection that went away while queued is no trouble of ours; running
                     // out of file descriptors is, and retrying at once would spin.
