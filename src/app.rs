@@ -257,7 +257,7 @@ impl Application {
             .retention
             .map(|keep| tokio::spawn(prune_daily(self.engine.clone(), keep, stop_rx.clone())));
         let hup = tokio::spawn(reloader.clone().on_sighup(stop_rx));
-        let served = serve(
+        serve(
             self.listener,
             http::router(state),
             shutdown,
@@ -277,8 +277,11 @@ impl Application {
         if let Some(pruner) = pruner {
             let _ = pruner.await;
         }
-        self.engine.store.flush()?;
-        served.context("serving HTTP")
+        self.engine
+            .store
+            .flush()
+            .context("flushing the store at the stop")?;
+        Ok(())
     }
 }
 
@@ -292,7 +295,7 @@ async fn serve(
     shutdown: impl Future<Output = ()>,
     options: &Options,
     hurry: impl Future<Output = ()>,
-) -> std::io::Result<()> {
+) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -349,7 +352,6 @@ async fn serve(
              (a webhook among them changed nothing, or its change is on disk)"
         ),
     }
-    Ok(())
 }
 
 /// With a retention set: deletes history entries and delivery records older than it, at the
