@@ -277,11 +277,7 @@ impl Application {
         if let Some(pruner) = pruner {
             let _ = pruner.await;
         }
-        self.engine
-            .store
-            .flush()
-            .context("flushing the store at the stop")?;
-        Ok(())
+        self.engine.store.flush()
     }
 }
 

@@ -220,8 +220,8 @@ impl Twilio {
             })
         } else if status.as_u16() == 401 || code.is_some_and(|c| ACCOUNT_CODES.contains(&c)) {
             // No fault of the message: it waits, with the others, for the account to be
-            // fixed (and the daemon restarted with the new credentials).
-            // Status and code only: Twilio's text may quote the number.
+            // fixed (and the daemon restarted with the new credentials). The log gives the
+            // status and code only: Twilio's text may quote the number.
             tracing::error!(
                 "Twilio refused the account ({status}, error {}): check TWILIO_ACCOUNT_SID, \
                  TWILIO_AUTH_TOKEN and the account's status; messages stay queued and are retried",
