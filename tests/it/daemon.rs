@@ -365,35 +365,45 @@ async fn what_we_send_to_twilio_matches_its_openapi_spec() {
     assert!(e164.is_match(&sent[0].to) && e164.is_match(&sent[0].from));
 }
 
-/// A stop lets a request under way finish, but a client that opened a connection and never
-/// finished its request does not hold the stop past the grace period.
-#[tokio::test]
-async fn a_stop_answers_requests_under_way_and_does_not_wait_for_ever_on_a_stalled_client() {
-    use tokio::io::AsyncWriteExt;
-    let options = smsflow::app::Options {
-        retry_base: Duration::from_millis(10),
-        quiet_console: true,
-        shutdown_grace: Duration::from_secs(2),
-        ..smsflow::app::Options::default()
-    };
+/// A daemon on [`FLOWS`] with these options.
+async fn spawn_with_options(options: smsflow::app::Options) -> TestApp {
     let flows = tempfile::tempdir().unwrap();
     std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
-    let app = TestApp::start(
+    TestApp::start(
         FakeTwilio::start().await,
         Arc::new(tempfile::tempdir().unwrap()),
         Arc::new(flows),
         options,
         |_| {},
     )
-    .await;
-    // Half a request, then nothing.
-    let mut stalled = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+    .await
+}
+
+/// A connection to `base` that sends half a request head, then nothing.
+async fn half_a_request(base: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stalled = tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
         .await
         .unwrap();
     stalled
         .write_all(b"POST /twilio/sms HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
+    stalled
+}
+
+/// A stop lets a request under way finish, but a client that opened a connection and never
+/// finished its request does not hold the stop past the grace period.
+#[tokio::test]
+async fn a_stop_answers_requests_under_way_and_does_not_wait_for_ever_on_a_stalled_client() {
+    let app = spawn_with_options(smsflow::app::Options {
+        retry_base: Duration::from_millis(10),
+        quiet_console: true,
+        shutdown_grace: Duration::from_secs(2),
+        ..smsflow::app::Options::default()
+    })
+    .await;
+    let stalled = half_a_request(&app.base).await;
     // A code request waits on Twilio's answer while the stop begins.
     app.twilio.hold();
     let (http, url, token) = (
@@ -434,30 +444,15 @@ async fn a_stop_answers_requests_under_way_and_does_not_wait_for_ever_on_a_stall
 /// read timeout, and the daemon serves others meanwhile.
 #[tokio::test]
 async fn a_connection_that_never_finishes_its_request_head_is_closed() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let options = smsflow::app::Options {
+    use tokio::io::AsyncReadExt;
+    let app = spawn_with_options(smsflow::app::Options {
         retry_base: Duration::from_millis(10),
         quiet_console: true,
         header_read_timeout: Duration::from_millis(300),
         ..smsflow::app::Options::default()
-    };
-    let flows = tempfile::tempdir().unwrap();
-    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
-    let app = TestApp::start(
-        FakeTwilio::start().await,
-        Arc::new(tempfile::tempdir().unwrap()),
-        Arc::new(flows),
-        options,
-        |_| {},
-    )
+    })
     .await;
-    let mut stalled = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    stalled
-        .write_all(b"POST /twilio/sms HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
+    let mut stalled = half_a_request(&app.base).await;
     assert_eq!(app.get("/healthz").await.status().as_u16(), 200);
     let mut rest = Vec::new();
     // Closed (a reset counts), whether with a last word (hyper may answer 408) or none.
@@ -566,16 +561,9 @@ async fn serve_prints_its_banner_and_stops_cleanly_on_sigterm() {
 /// it at once instead of after the grace period, and the stop is still clean.
 #[tokio::test]
 async fn a_second_sigterm_stops_serve_at_once_even_with_a_stalled_client() {
-    use tokio::io::AsyncWriteExt;
     let data = tempfile::tempdir().unwrap();
     let (child, base, _lines, mut stderr) = serve_child(data.path()).await;
-    let mut stalled = tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    stalled
-        .write_all(b"POST /twilio/sms HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
+    let stalled = half_a_request(&base).await;
     // The daemon has the connection before it is asked to stop.
     let r = reqwest::get(format!("{base}/healthz")).await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
