@@ -23,7 +23,9 @@ pub struct Subscriber {
     pub state: State,
     /// Form answers and saved sequence answers, by field key.
     pub fields: BTreeMap<String, String>,
-    /// The latest issued codes, oldest first; never more than `verify.valid_codes`.
+    /// The latest issued codes, oldest first. Only the last `verify.valid_codes` count; one
+    /// more is kept, so that withdrawing a newest code that could not be sent brings back
+    /// the one it displaced.
     pub codes: Vec<IssuedCode>,
     /// When codes were sent, within the current rate-limit window.
     pub code_sends: Vec<DateTime<Utc>>,
@@ -668,7 +670,8 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             expires_at: self.now.checked_add_signed(v.ttl).unwrap_or(self.now),
             wrong: 0,
         });
-        let keep = usize::from(v.valid_codes);
+        // The counted ones, and the one before them (see `Subscriber::codes`).
+        let keep = usize::from(v.valid_codes) + 1;
         if self.sub.codes.len() > keep {
             let drop = self.sub.codes.len() - keep;
             self.sub.codes.drain(..drop);
