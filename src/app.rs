@@ -29,8 +29,9 @@ pub struct Options {
     pub quiet_console: bool,
     /// How long a stop waits for open HTTP requests before it goes on without them.
     pub shutdown_grace: Duration,
-    /// A connection that has not sent a whole request head in this long is closed (a client
-    /// that connects and sends nothing, or a byte a minute, holds no socket for ever).
+    /// A connection that has not sent a whole request head this long after it opened, or
+    /// after its last answer, is closed (a client that connects and sends nothing, or a byte
+    /// a minute, holds no socket for ever; an idle kept-alive connection goes too).
     pub header_read_timeout: Duration,
 }
 
