@@ -96,10 +96,12 @@ impl Layout {
 
 /// A value a texter typed, made safe to open in a spreadsheet: one that a spreadsheet would
 /// run as a formula (it starts with `=`, `+`, `-`, `@`, a tab or a carriage return, and is
-/// not a number) gets a leading `'` (OWASP's advice against CSV injection).
+/// not a plain number) gets a leading `'` (OWASP's advice against CSV injection). `-inf` or
+/// `+NaN` parse as numbers in Rust but not in a spreadsheet, so they get it too.
 fn inert(value: &str) -> String {
     let risky = value.starts_with(['=', '+', '-', '@', '\t', '\r']);
-    if risky && value.trim().parse::<f64>().is_err() {
+    let number = value.trim().parse::<f64>().is_ok_and(f64::is_finite);
+    if risky && !number {
         format!("'{value}")
     } else {
         value.to_string()
@@ -170,6 +172,10 @@ mod tests {
         assert_eq!(inert("+1+cmd|' /C calc'!A0"), "'+1+cmd|' /C calc'!A0");
         assert_eq!(inert("-5"), "-5");
         assert_eq!(inert("+3.5"), "+3.5");
+        assert_eq!(inert("-1e3"), "-1e3");
+        assert_eq!(inert("-inf"), "'-inf");
+        assert_eq!(inert("+NaN"), "'+NaN");
+        assert_eq!(inert("-Infinity"), "'-Infinity");
         assert_eq!(inert("Ann"), "Ann");
         assert_eq!(inert(""), "");
     }

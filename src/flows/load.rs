@@ -859,6 +859,17 @@ impl Cx {
                     key.span(),
                     format!("field key {k:?} must be lower-case letters, digits and _ (e.g. first_name)"),
                 );
+            } else if crate::export::COLUMNS.contains(&k.as_str()) {
+                // Two columns of one name in the dataset: a spreadsheet or a script would
+                // take one for the other.
+                cx.err(
+                    f,
+                    key.span(),
+                    format!(
+                        "field key {k:?} is already a column of the dataset export ({}); name it otherwise (e.g. home_{k})",
+                        crate::export::COLUMNS.join(", ")
+                    ),
+                );
             }
             if let Some(first) = seen.get(&k) {
                 cx.err(

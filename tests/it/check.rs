@@ -339,6 +339,33 @@ steps = [
     assert_eq!(flows.sequences.len(), 1);
 }
 
+/// A form field named like a fixed column of the export ("state" for a US state, say) would
+/// give the dataset two columns of one name: `check` refuses it and says which names are taken.
+#[test]
+fn a_field_named_like_an_export_column_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let flow = |key: &str| {
+        format!(
+            r#"[bot]
+name = "Census"
+
+[[form.field]]
+key = "{key}"
+ask = "Which state do you live in?"
+"#
+        )
+    };
+    write(dir.path(), "c.toml", &flow("state"));
+    let problems = problems_in(dir.path());
+    assert!(
+        problems.contains("c.toml:5:") && problems.contains("already a column of the dataset"),
+        "{problems}"
+    );
+    write(dir.path(), "c.toml", &flow("home_state"));
+    let flows = smsflow::flows::load_dir(dir.path()).unwrap();
+    assert_eq!(flows.form.fields.len(), 1);
+}
+
 #[test]
 fn an_empty_flow_file_is_a_problem_not_an_empty_flow_set() {
     let dir = tempfile::tempdir().unwrap();
