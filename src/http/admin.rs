@@ -269,15 +269,29 @@ pub async fn show(
 }
 
 fn detail(app: &AppState, phone: &Phone) -> Result<Response, AdminError> {
-    let Some(s) = app.engine.store.subscriber(phone)? else {
-        return Err(AdminError::NotFound(format!("no subscriber {phone}")));
+    let s = match app.engine.store.subscriber(phone) {
+        Ok(Some(s)) => s,
+        Ok(None) => return Err(AdminError::NotFound(format!("no subscriber {phone}"))),
+        // Shown as the list shows it, so that it can be found and erased.
+        Err(e) if crate::store::codec::is_unreadable(&e) => {
+            return Ok(Json(Row::Unreadable {
+                phone: phone.to_string(),
+                unreadable: format!("{e:#}"),
+            })
+            .into_response())
+        }
+        Err(e) => return Err(e.into()),
     };
+    // A damaged entry is shown as one, and hides neither the record nor the other entries.
     let history = app
         .engine
         .store
         .history(phone, 50)?
         .iter()
-        .map(event_json)
+        .map(|h| match h {
+            Ok(h) => event_json(h),
+            Err(e) => serde_json::json!({ "unreadable": e.to_string() }),
+        })
         .collect();
     Ok(Json(Detail {
         view: View::of(&s),

@@ -863,14 +863,19 @@ impl Store {
 
     // ---- history -----------------------------------------------------------
 
-    /// The last `n` history entries of a number, oldest first.
-    pub fn history(&self, phone: &Phone, n: usize) -> anyhow::Result<Vec<HistoryEntry>> {
+    /// The last `n` history entries of a number, oldest first; an entry that cannot be read
+    /// is its error, in its place. A storage error is an error.
+    pub fn history(
+        &self,
+        phone: &Phone,
+        n: usize,
+    ) -> anyhow::Result<Vec<Result<HistoryEntry, codec::CodecError>>> {
         let mut prefix = phone.as_str().as_bytes().to_vec();
         prefix.push(0);
         let mut out = Vec::new();
         for kv in self.history.scan_prefix(&prefix).rev().take(n) {
             let (_, v) = kv?;
-            out.push(codec::decode(HISTORY_VERSION, &v)?);
+            out.push(codec::decode(HISTORY_VERSION, &v));
         }
         out.reverse();
         Ok(out)

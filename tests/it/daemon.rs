@@ -704,6 +704,12 @@ async fn a_damaged_record_holds_up_no_one_else_and_can_still_be_erased() {
         db.open_tree("outbox")
             .and_then(|t| t.insert([0u8], &b"garbage"[..]))
             .unwrap();
+        // A damaged history entry of a number that texts later (id 0: its oldest).
+        let mut key = b"+14155550122\0".to_vec();
+        key.extend_from_slice(&[0u8; 8]);
+        db.open_tree("history")
+            .and_then(|t| t.insert(key, &b"garbage"[..]))
+            .unwrap();
         db.flush().unwrap();
     }
     let options = smsflow::app::Options {
@@ -779,7 +785,31 @@ async fn a_damaged_record_holds_up_no_one_else_and_can_still_be_erased() {
     assert_eq!(rows.len(), 1, "{csv}");
     assert!(rows[0].starts_with("+14155550122,"), "{csv}");
 
+    // The other number's damaged history entry is shown as one, beside the rest, and an
+    // opt-out through the admin API answers with the record.
+    let other = "/admin/subscribers/%2B14155550122";
+    let r = app.admin(reqwest::Method::GET, other).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let detail: serde_json::Value = r.json().await.unwrap();
+    let history = detail["history"].as_array().unwrap();
+    assert!(history[0]["unreadable"].is_string(), "{detail}");
+    assert_eq!(history[1]["event"], "opted_in", "{detail}");
+    let r = app
+        .admin(reqwest::Method::POST, &format!("{other}/opt-out"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let detail: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(detail["state"], "opted_out", "{detail}");
+
+    // The damaged record's own page says what the list says.
     let path = format!("/admin/subscribers/{damaged}");
+    let r = app.admin(reqwest::Method::GET, &path).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let detail: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(detail["phone"], damaged, "{detail}");
+    assert!(detail["unreadable"].is_string(), "{detail}");
     let status = |method| async {
         let r = app.admin(method, &path).send().await.unwrap();
         r.status()

@@ -522,7 +522,7 @@ fn the_retention_deletes_old_history_and_delivery_records_and_nothing_else() {
         .history(&phone, 50)
         .expect("history")
         .into_iter()
-        .map(|h| h.record)
+        .map(|h| h.expect("readable").record)
         .collect();
     assert_eq!(kept, vec![Record::SequenceAssigned { name: "new".into() }]);
     assert!(store.delivery_by_sid("SMold").expect("lookup").is_none());
