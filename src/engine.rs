@@ -440,6 +440,12 @@ impl Writer {
                 Ok(t) => t,
                 Err(_) => {
                     tracing::error!(phone = %phone.masked(), "the state machine panicked; event not applied");
+                    // A due timer would panic again every second: it is dropped, as for a
+                    // record that cannot be read.
+                    if let Some(timer) = fired {
+                        tracing::error!(phone = %phone.masked(), "dropping the due timer it panicked on");
+                        prepared.push(consume_only(timer, now));
+                    }
                     failed.push(phone);
                     let _ = done.send(Err(anyhow::anyhow!(
                         "the state machine failed on this event"
