@@ -630,6 +630,29 @@ impl Cx {
         }
     }
 
+    /// A text that carries the code: without `{code}` it would send (or read) no code, and
+    /// no one could ever verify.
+    fn code_text(
+        &mut self,
+        f: usize,
+        raw: Text,
+        what: &str,
+        default: &str,
+        allowed: Allowed<'_>,
+    ) -> Template {
+        let text = self.text(f, raw.clone(), what, default, allowed);
+        if let Some(s) = &raw {
+            if !text.slots().any(|n| n == "code") {
+                self.err(
+                    f,
+                    s.span(),
+                    format!("{what} must contain {{code}}: without it no one can ever verify"),
+                );
+            }
+        }
+        text
+    }
+
     fn checked_text(
         &mut self,
         f: usize,
@@ -784,7 +807,7 @@ impl Cx {
             max_sends: self.number(f, r.max_sends, "verify.max_sends", 1..1001, 5) as u32,
             send_window,
             after_otp_api,
-            send: self.text(
+            send: self.code_text(
                 f,
                 r.send,
                 "verify.send",
@@ -820,7 +843,7 @@ impl Cx {
                 plain,
             ),
             verified: self.text(f, r.verified, "verify.verified", "You're verified!", plain),
-            voice: self.text(
+            voice: self.code_text(
                 f,
                 r.voice,
                 "verify.voice",
@@ -1278,7 +1301,7 @@ impl Cx {
             plain,
         );
         let goodbye = self.text(f, r.goodbye, "ivr.goodbye", "Goodbye.", plain);
-        let read_code = self.text(
+        let read_code = self.code_text(
             f,
             r.read_code,
             "ivr.read_code",
@@ -1370,6 +1393,13 @@ impl Cx {
                     format!("ivr.menu.{from}: press target menu:{to} does not exist"),
                 );
             }
+        }
+        if let (true, Some(span)) = (menus.is_empty(), start_span.clone()) {
+            self.err(
+                f,
+                span,
+                format!("ivr.start names menu {start:?}, but there is no [ivr.menu.*] at all"),
+            );
         }
         if !menus.is_empty() {
             if !menus.contains_key(&start) {

@@ -101,7 +101,9 @@ impl Template {
                     n if allowed.spoken && (n == "sequence" || n.starts_with("field.")) => {
                         " (a voice text knows {bot.name}, and {code} where one is read)"
                     }
-                    "code" => " ({code} only exists in verification texts)",
+                    "code" => {
+                        " ({code} only exists in verify.send, verify.voice and ivr.read_code)"
+                    }
                     "current" => " ({current} only exists in form.current)",
                     n if n.starts_with("field.") => {
                         " (declare the field in [[form.field]] or form.extra_fields)"
@@ -113,7 +115,7 @@ impl Template {
             .collect()
     }
 
-    fn slots(&self) -> impl Iterator<Item = &str> {
+    pub fn slots(&self) -> impl Iterator<Item = &str> {
         self.parts.iter().filter_map(|p| match p {
             Part::Slot(s) => Some(s.as_str()),
             Part::Text(_) => None,

@@ -76,7 +76,7 @@ pub fn voice(turn: &Turn, asked: Asked) -> String {
             };
             let action = escape(format!("{next}?{query}")).into_owned();
             out.push_str(&format!(
-                r#"<Gather input="dtmf" numDigits="1" timeout="5" action="{action}" method="POST">"#
+                r#"<Gather input="dtmf" numDigits="1" finishOnKey="" timeout="5" action="{action}" method="POST">"#
             ));
             speech(&mut out, say);
             out.push_str("</Gather>");

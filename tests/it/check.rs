@@ -366,6 +366,45 @@ ask = "Which state do you live in?"
     assert_eq!(flows.form.fields.len(), 1);
 }
 
+/// A code text that names no `{code}` would text (or read) no code, and no one could ever
+/// verify; a start menu named where there are no menus would only ever say goodbye. And a
+/// `{code}` where none exists is told where one does.
+#[test]
+fn a_code_text_without_its_code_and_a_start_menu_without_menus_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "v.toml",
+        r#"[bot]
+name = "Verifier"
+
+[verify]
+send = "Welcome! Reply with the code we sent."
+voice = "Hello from {bot.name}."
+expired = "Code {code} expired."
+
+[ivr]
+start = "welcome"
+read_code = "Hello."
+"#,
+    );
+    let problems = problems_in(dir.path());
+    for (place, what) in [
+        ("v.toml:5:", "verify.send must contain {code}"),
+        ("v.toml:6:", "verify.voice must contain {code}"),
+        ("v.toml:11:", "ivr.read_code must contain {code}"),
+        ("v.toml:10:", "there is no [ivr.menu.*] at all"),
+        ("v.toml:7:", "verify.send, verify.voice and ivr.read_code"),
+    ] {
+        assert!(
+            problems
+                .lines()
+                .any(|l| l.contains(place) && l.contains(what)),
+            "{place} {what}:\n{problems}"
+        );
+    }
+}
+
 #[test]
 fn an_empty_flow_file_is_a_problem_not_an_empty_flow_set() {
     let dir = tempfile::tempdir().unwrap();

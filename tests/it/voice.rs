@@ -48,6 +48,8 @@ fn next_url(called: &str, relative: &str) -> String {
 fn gather_action(twiml: &Node) -> String {
     let gather = twiml.child("Gather").expect("a Gather");
     assert_eq!(gather.attrs["numDigits"], "1");
+    // `#` is a key of the menu, not Twilio's default end-of-input key.
+    assert_eq!(gather.attrs["finishOnKey"], "");
     assert_eq!(gather.attrs["method"], "POST");
     let redirect = twiml
         .child("Redirect")
