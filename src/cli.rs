@@ -197,8 +197,13 @@ pub fn simulate(dir: &Path, phone: &str, seed: u64) -> ExitCode {
         "smsflow simulator: {} — texting as {} at {}. Type a message, or /help.",
         repl.sandbox.flows.bot.name, repl.phone, repl.sandbox.now
     );
-    for line in stdin.lock().lines() {
+    for line in stdin.lock().split(b'\n') {
         let Ok(line) = line else { break };
+        // A line that is not text (a terminal in another encoding) is refused, not the end.
+        let Ok(line) = String::from_utf8(line) else {
+            let _ = writeln!(out, "[that line is not UTF-8 text; nothing was sent]");
+            continue;
+        };
         match repl.command(line.trim()) {
             Some(text) => {
                 let _ = write!(out, "{text}");
