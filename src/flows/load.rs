@@ -153,7 +153,7 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
                 }
                 Err(e) => {
                     let span = e.span().unwrap_or(0..0);
-                    let msg = e.message().trim().replace('\n', " ");
+                    let msg = plain_words(&e.message().trim().replace('\n', " "));
                     let unknown = msg.starts_with("unknown field");
                     cx.err(i, span.clone(), msg);
                     match unknown.then(|| without_key(&text, &span)).flatten() {
@@ -194,6 +194,25 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
         })
     } else {
         Err(Problems(cx.problems))
+    }
+}
+
+/// serde's words for TOML's shapes, with what to write instead: its "sequence" is a list,
+/// which reads oddly beside a flow's own `[[sequence]]`.
+fn plain_words(msg: &str) -> String {
+    if msg.contains("expected a sequence") {
+        let kind = if msg.contains("invalid type: map") {
+            "a table given where a list of them is expected: write [[…]] (two brackets), as in [[form.field]] or [[sequence]]"
+        } else {
+            "a list is expected here, such as [\"STOP2\"] or [\"A\", \"B\"]"
+        };
+        return format!("{msg} ({kind})");
+    }
+    match msg.strip_prefix("invalid type: string ") {
+        Some(rest) if rest.contains("expected i64") || rest.contains("expected u") => {
+            format!("{msg} (a number is written without quotes, as in weight = 2)")
+        }
+        _ => msg.to_string(),
     }
 }
 

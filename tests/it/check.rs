@@ -405,6 +405,39 @@ read_code = "Hello."
     }
 }
 
+/// TOML shape mistakes are told in the flow's words, with what to write instead.
+#[test]
+fn a_shape_mistake_says_what_to_write_instead() {
+    let cases = [
+        (
+            "[bot]\nname = \"X\"\n\n[form.field]\nkey = \"a\"\nask = \"A?\"\n",
+            "a.toml:4:1:",
+            "write [[…]] (two brackets)",
+        ),
+        (
+            "[bot]\nname = \"X\"\n[keywords]\nopt_out = \"STOP2\"\n",
+            "a.toml:4:11:",
+            "such as [\"STOP2\"]",
+        ),
+        (
+            "[bot]\nname = \"X\"\n[[sequence]]\nname = \"s\"\nweight = \"2\"\nsteps = [ { after = \"0s\", say = \"hi\" } ]\n",
+            "a.toml:5:10:",
+            "a number is written without quotes",
+        ),
+    ];
+    for (text, place, hint) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.toml", text);
+        let problems = problems_in(dir.path());
+        assert!(
+            problems
+                .lines()
+                .any(|l| l.contains(place) && l.contains(hint)),
+            "{place} {hint}:\n{problems}"
+        );
+    }
+}
+
 #[test]
 fn an_empty_flow_file_is_a_problem_not_an_empty_flow_set() {
     let dir = tempfile::tempdir().unwrap();
