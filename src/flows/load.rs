@@ -1017,6 +1017,10 @@ impl Cx {
                         }
                         _ => bad(self, "range must be two whole numbers, low first"),
                     },
+                    // An answer is never empty: an empty pattern could never be met.
+                    ("pattern", toml::Value::String(p)) if p.is_empty() => {
+                        bad(self, "empty pattern: no answer could ever match it")
+                    }
                     ("pattern", toml::Value::String(p)) => {
                         match regex::Regex::new(&format!("^(?:{p})$")) {
                             Ok(re) => Expect::Pattern(re),

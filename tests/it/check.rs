@@ -405,7 +405,8 @@ read_code = "Hello."
     }
 }
 
-/// TOML shape mistakes are told in the flow's words, with what to write instead.
+/// TOML shape mistakes are told in the flow's words, with what to write instead; an empty
+/// pattern, which no answer could meet, is refused.
 #[test]
 fn a_shape_mistake_says_what_to_write_instead() {
     let cases = [
@@ -423,6 +424,11 @@ fn a_shape_mistake_says_what_to_write_instead() {
             "[bot]\nname = \"X\"\n[[sequence]]\nname = \"s\"\nweight = \"2\"\nsteps = [ { after = \"0s\", say = \"hi\" } ]\n",
             "a.toml:5:10:",
             "a number is written without quotes",
+        ),
+        (
+            "[bot]\nname = \"X\"\n[[form.field]]\nkey = \"zip\"\nask = \"Zip?\"\nexpect = { pattern = \"\" }\n",
+            "a.toml:6:",
+            "empty pattern: no answer could ever match it",
         ),
     ];
     for (text, place, hint) in cases {
