@@ -100,7 +100,11 @@ impl Application {
     pub fn banner(&self) -> String {
         let c = &self.config;
         let flows = self.engine.flows();
-        let local = format!("http://{}:{}", c.listen.ip(), self.port);
+        // (`SocketAddr` writes an IPv6 address in brackets, as a URL needs it.)
+        let local = format!(
+            "http://{}",
+            std::net::SocketAddr::new(c.listen.ip(), self.port)
+        );
         let mut b = format!(
             "smsflow {} listening on {local}\n",
             env!("CARGO_PKG_VERSION")

@@ -417,6 +417,8 @@ pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("SMSFLOW_LOG")
         .ok()
+        // Blank is unset, as for every other variable.
+        .filter(|f| !f.trim().is_empty())
         .and_then(|f| match EnvFilter::try_new(&f) {
             Ok(filter) => Some(filter),
             Err(e) => {

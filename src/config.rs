@@ -10,9 +10,47 @@ use serde::Deserialize;
 use crate::phone::Region;
 
 /// A secret value: never printed, never logged.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
+
+/// Only a string is a secret; anything else is refused without being shown (serde's own
+/// message would quote the value).
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Secret, D::Error> {
+        struct Text;
+        fn refused<E: serde::de::Error>() -> E {
+            E::custom("must be a quoted string (the value is not shown: it is a secret)")
+        }
+        impl<'de> serde::de::Visitor<'de> for Text {
+            type Value = Secret;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a quoted string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Secret, E> {
+                Err(refused())
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Secret, E> {
+                Err(refused())
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Secret, E> {
+                Err(refused())
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Secret, E> {
+                Err(refused())
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Secret, A::Error> {
+                Err(refused())
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<Secret, A::Error> {
+                Err(refused())
+            }
+        }
+        d.deserialize_any(Text)
+    }
+}
 
 impl Secret {
     pub fn new(s: impl Into<String>) -> Secret {
@@ -232,23 +270,17 @@ impl Layer {
         let listen: SocketAddr = listen
             .parse()
             .with_context(|| format!("listen address {listen:?} is not IP:PORT"))?;
-        let public_url = match self.public_url {
-            None => None,
-            Some(u) => {
-                let parsed = url::Url::parse(u.trim())
-                    .with_context(|| format!("public_url {u:?} is not a URL"))?;
-                anyhow::ensure!(
-                    matches!(parsed.scheme(), "http" | "https"),
-                    "public_url {u:?} must start with https:// (or http://)"
-                );
-                Some(u.trim().trim_end_matches('/').to_string())
-            }
-        };
+        let public_url = self
+            .public_url
+            .map(|u| base_url(&u, "public_url"))
+            .transpose()?;
         let region = Region::parse(self.region.as_deref().unwrap_or("US"))?;
         let send_rate = self.send_rate.unwrap_or(1.0);
         anyhow::ensure!(
-            send_rate.is_finite() && send_rate > 0.0,
-            "send_rate must be a positive number of messages per second"
+            send_rate.is_finite() && send_rate >= MIN_SEND_RATE,
+            "send_rate must be a number of messages per second, at least {MIN_SEND_RATE} \
+             (one every {} s)",
+            1.0 / MIN_SEND_RATE
         );
         let retention = match self.retention.as_deref().map(str::trim) {
             None | Some("") => None,
@@ -264,11 +296,10 @@ impl Layer {
             }
         };
         let t = self.twilio;
-        let api_base = t
-            .api_base
-            .unwrap_or_else(|| "https://api.twilio.com".into())
-            .trim_end_matches('/')
-            .to_string();
+        let api_base = base_url(
+            t.api_base.as_deref().unwrap_or("https://api.twilio.com"),
+            "TWILIO_API_BASE (api_base)",
+        )?;
         let caller_id = t.from.clone();
         let sender = match (t.from, t.messaging_service_sid) {
             (_, Some(ms)) => Some(Sender::MessagingService(ms)),
@@ -313,6 +344,25 @@ impl Layer {
             retention,
         })
     }
+}
+
+/// The lowest `send_rate`: one message every 1,000 seconds.
+const MIN_SEND_RATE: f64 = 0.001;
+
+/// A base URL as given for `what` (`public_url`, `api_base`): http(s), with a host, no query
+/// or fragment; written back the way the URL crate reads it, without a trailing `/`.
+fn base_url(given: &str, what: &str) -> anyhow::Result<String> {
+    let parsed =
+        url::Url::parse(given.trim()).with_context(|| format!("{what} {given:?} is not a URL"))?;
+    anyhow::ensure!(
+        matches!(parsed.scheme(), "http" | "https") && parsed.host_str().is_some(),
+        "{what} {given:?} must start with https:// (or http://) and a host name"
+    );
+    anyhow::ensure!(
+        parsed.query().is_none() && parsed.fragment().is_none() && parsed.username().is_empty(),
+        "{what} {given:?} must be a plain base URL: no ?query, #fragment or user@"
+    );
+    Ok(parsed.as_str().trim_end_matches('/').to_string())
 }
 
 #[cfg(test)]
@@ -408,6 +458,87 @@ mod tests {
         );
         let ok = Layer::from_env(|k| (k == "SMSFLOW_SEND_RATE").then(|| " 0.5 ".to_string()));
         assert_eq!(ok.unwrap().resolve().unwrap().send_rate, 0.5);
+    }
+
+    #[test]
+    fn urls_are_kept_as_read_and_a_query_a_fragment_or_no_url_is_refused() {
+        let public = |u: &str| {
+            Layer {
+                public_url: Some(u.into()),
+                ..Layer::default()
+            }
+            .resolve()
+            .map(|c| c.public_url.unwrap())
+        };
+        assert_eq!(
+            public("https:abc.ngrok.app").unwrap(),
+            "https://abc.ngrok.app"
+        );
+        assert_eq!(
+            public(" https://abc.ngrok.app/sms/ ").unwrap(),
+            "https://abc.ngrok.app/sms"
+        );
+        for bad in [
+            "https://abc.ngrok.app/?x=1",
+            "https://abc.ngrok.app/#",
+            "ngrok.app",
+        ] {
+            let err = public(bad).unwrap_err().to_string();
+            assert!(err.contains("public_url"), "{bad}: {err}");
+        }
+        let base = |u: &str| {
+            Layer {
+                twilio: TwilioLayer {
+                    account_sid: Some("AC1".into()),
+                    auth_token: Some(Secret::new("t")),
+                    from: Some("+15550001111".into()),
+                    api_base: Some(u.into()),
+                    ..TwilioLayer::default()
+                },
+                ..Layer::default()
+            }
+            .resolve()
+            .map(|c| c.twilio.unwrap().api_base)
+        };
+        assert_eq!(base("http://127.0.0.1:9/").unwrap(), "http://127.0.0.1:9");
+        let err = base("not a url").unwrap_err().to_string();
+        assert!(err.contains("TWILIO_API_BASE"), "{err}");
+    }
+
+    #[test]
+    fn a_secret_that_is_not_a_string_is_refused_without_being_shown() {
+        for text in [
+            "api_token = 98765432101234",
+            "[twilio]\nauth_token = 0xdeadbeef",
+            "admin_token = true",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("smsflow.toml");
+            std::fs::write(&path, text).unwrap();
+            let err = Layer::from_file(&path, true).expect_err(text).to_string();
+            assert!(err.contains("must be a quoted string"), "{err}");
+            for shown in ["98765432101234", "3735928559", "deadbeef", "true"] {
+                assert!(!err.contains(shown), "{err}");
+            }
+        }
+        let ok: Layer = toml::from_str("api_token = \"s3cret\"").unwrap();
+        assert_eq!(ok.api_token.unwrap().expose(), "s3cret");
+    }
+
+    #[test]
+    fn a_send_rate_too_small_to_wait_for_is_refused() {
+        let with = |r: f64| {
+            Layer {
+                send_rate: Some(r),
+                ..Layer::default()
+            }
+            .resolve()
+        };
+        assert!(with(0.001).is_ok());
+        for bad in [1e-20, 0.0, -1.0, f64::NAN] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains("send_rate"), "{err}");
+        }
     }
 
     #[test]

@@ -484,6 +484,10 @@ async fn serve_child(
         .arg(data)
         .env_remove("TWILIO_ACCOUNT_SID")
         .env_remove("TWILIO_AUTH_TOKEN")
+        // Blank is unset, like every variable: the default `info` logs (the stop's tests
+        // read them).
+        .env("SMSFLOW_LOG", "")
+        .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
