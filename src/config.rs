@@ -349,20 +349,24 @@ impl Layer {
 /// The lowest `send_rate`: one message every 1,000 seconds.
 const MIN_SEND_RATE: f64 = 0.001;
 
-/// A base URL as given for `what` (`public_url`, `api_base`): http(s), with a host, no query
-/// or fragment; written back the way the URL crate reads it, without a trailing `/`.
+/// A base URL as given for `what` (`public_url`, `api_base`): `https://` (or `http://`) and a
+/// host, no query or fragment. It is kept as written, less a trailing `/`: Twilio signs the
+/// URL exactly as it was typed into its console, so it is not rewritten.
 fn base_url(given: &str, what: &str) -> anyhow::Result<String> {
+    let given = given.trim();
     let parsed =
-        url::Url::parse(given.trim()).with_context(|| format!("{what} {given:?} is not a URL"))?;
+        url::Url::parse(given).with_context(|| format!("{what} {given:?} is not a URL"))?;
+    let lower = given.to_ascii_lowercase();
     anyhow::ensure!(
-        matches!(parsed.scheme(), "http" | "https") && parsed.host_str().is_some(),
+        (lower.starts_with("https://") || lower.starts_with("http://"))
+            && parsed.host_str().is_some_and(|h| !h.is_empty()),
         "{what} {given:?} must start with https:// (or http://) and a host name"
     );
     anyhow::ensure!(
         parsed.query().is_none() && parsed.fragment().is_none() && parsed.username().is_empty(),
         "{what} {given:?} must be a plain base URL: no ?query, #fragment or user@"
     );
-    Ok(parsed.as_str().trim_end_matches('/').to_string())
+    Ok(given.trim_end_matches('/').to_string())
 }
 
 #[cfg(test)]
@@ -461,7 +465,7 @@ mod tests {
     }
 
     #[test]
-    fn urls_are_kept_as_read_and_a_query_a_fragment_or_no_url_is_refused() {
+    fn urls_are_kept_as_written_and_a_query_a_fragment_or_a_mistyped_scheme_is_refused() {
         let public = |u: &str| {
             Layer {
                 public_url: Some(u.into()),
@@ -471,14 +475,15 @@ mod tests {
             .map(|c| c.public_url.unwrap())
         };
         assert_eq!(
-            public("https:abc.ngrok.app").unwrap(),
-            "https://abc.ngrok.app"
+            public("https://ABC.ngrok.app").unwrap(),
+            "https://ABC.ngrok.app"
         );
         assert_eq!(
             public(" https://abc.ngrok.app/sms/ ").unwrap(),
             "https://abc.ngrok.app/sms"
         );
         for bad in [
+            "https:abc.ngrok.app",
             "https://abc.ngrok.app/?x=1",
             "https://abc.ngrok.app/#",
             "ngrok.app",
