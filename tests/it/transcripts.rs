@@ -108,9 +108,8 @@ fn a_message_nobody_expected_fails_the_transcript() {
     assert!(err.message.contains("unexpected message"), "{err}");
 }
 
-/// A line that is not UTF-8 is refused with a word, and the simulator goes on.
-#[test]
-fn simulate_refuses_a_line_that_is_not_text_and_goes_on() {
+/// `smsflow simulate --seed 0` fed `input`: its output, once it ended with exit 0.
+fn simulate(input: &[u8]) -> String {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_smsflow"))
         .args(["simulate", "--seed", "0"])
@@ -118,15 +117,16 @@ fn simulate_refuses_a_line_that_is_not_text_and_goes_on() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"caf\xe9\nJOIN\n/state\n")
-        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
-    let stdout = String::from_utf8(out.stdout).unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A line that is not UTF-8 is refused with a word, and the simulator goes on.
+#[test]
+fn simulate_refuses_a_line_that_is_not_text_and_goes_on() {
+    let stdout = simulate(b"caf\xe9\nJOIN\n/state\n");
     assert!(stdout.contains("not UTF-8"), "{stdout}");
     assert!(stdout.contains("< Acme Contest: your code is"), "{stdout}");
     assert!(stdout.contains("+15550001111: awaiting_code"), "{stdout}");
@@ -134,21 +134,7 @@ fn simulate_refuses_a_line_that_is_not_text_and_goes_on() {
 
 #[test]
 fn simulate_drives_the_voice_menu_and_texts() {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_smsflow"))
-        .args(["simulate", "--seed", "0"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"/call\n7\n4\n9\n1\n/state\nJOIN\n/wait 1d\n/quit\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stdout = simulate(b"/call\n7\n4\n9\n1\n/state\nJOIN\n/wait 1d\n/quit\n");
     assert!(
         stdout.contains("[voice] Welcome to Acme Contest. Press 1"),
         "{stdout}"
