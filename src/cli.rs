@@ -228,13 +228,18 @@ impl Repl {
         if line.is_empty() {
             return Some(String::new());
         }
-        if self.call.is_some()
-            && line.len() == 1
-            && line
-                .chars()
-                .all(|c| c.is_ascii_digit() || c == '*' || c == '#')
-        {
-            return Some(self.press(Some(line)));
+        let keys = line
+            .chars()
+            .all(|c| c.is_ascii_digit() || c == '*' || c == '#');
+        if self.call.is_some() && keys {
+            // The menu takes one key at a time; several typed at once are no text message
+            // (a code guess by SMS would use up an attempt).
+            return Some(if line.len() == 1 {
+                self.press(Some(line))
+            } else {
+                "[in a call: press one key at a time (0-9, * or #), or /silence, /hangup]\n"
+                    .to_string()
+            });
         }
         let Some(cmd) = line.strip_prefix('/') else {
             let sent = self.sandbox.text(&self.phone, line);

@@ -123,6 +123,16 @@ fn simulate(input: &[u8]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// In a call, several keys typed at once are refused with a hint, not texted (a code guess
+/// by SMS would use up an attempt).
+#[test]
+fn simulate_in_a_call_takes_one_key_at_a_time() {
+    let stdout = simulate(b"JOIN\n/call\n12\n/hangup\n/state\n");
+    assert!(stdout.contains("press one key at a time"), "{stdout}");
+    assert!(!stdout.contains("didn't match"), "{stdout}");
+    assert!(stdout.contains("+15550001111: awaiting_code"), "{stdout}");
+}
+
 /// A line that is not UTF-8 is refused with a word, and the simulator goes on.
 #[test]
 fn simulate_refuses_a_line_that_is_not_text_and_goes_on() {
