@@ -342,6 +342,10 @@ impl Writer {
     fn erase(&self, phone: &Phone) -> anyhow::Result<bool> {
         let started = Instant::now();
         let gone = self.store.erase(phone)?;
+        if !gone {
+            // Nothing was there: nothing to make durable, and no commit to count.
+            return Ok(false);
+        }
         let flushing = Instant::now();
         self.store.flush()?;
         // A commit that carries no event.

@@ -199,6 +199,8 @@ async fn erasing_a_number_removes_it_from_the_list_and_the_export() {
     assert_eq!(phones(&all), [B]);
     let (status, _) = get(&app, "/admin/subscribers/%2B15550000001", None).await;
     assert_eq!(status, 404);
+    // Erasing it again finds nothing: 404, and no commit is made or counted.
+    let commits = app.engine.writer_work().commits;
     let (status, _) = send(
         &app,
         reqwest::Method::DELETE,
@@ -206,6 +208,7 @@ async fn erasing_a_number_removes_it_from_the_list_and_the_export() {
     )
     .await;
     assert_eq!(status, 404);
+    assert_eq!(app.engine.writer_work().commits, commits);
     let csv = text(&app, "/admin/export.csv").await;
     assert!(!csv.contains(A) && !csv.contains("Ann"), "{csv}");
     assert!(csv.contains(B));
