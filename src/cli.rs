@@ -474,8 +474,18 @@ pub fn serve(args: &ServeArgs) -> ExitCode {
             },
         };
         print!("{}", app.banner());
+        // Listening from here on: a second signal that lands while the first is being
+        // handled is counted, not lost.
+        let signals = count_signals();
+        let shutdown = {
+            let signals = signals.clone();
+            async move {
+                signals_reach(signals, 1).await;
+                tracing::info!("shutting down: finishing in-flight requests");
+            }
+        };
         match app
-            .run_until_stopped_or_hurried(shutdown_signal(), signal())
+            .run_until_stopped_or_hurried(shutdown, signals_reach(signals, 2))
             .await
         {
             Ok(()) => {
@@ -490,31 +500,46 @@ pub fn serve(args: &ServeArgs) -> ExitCode {
     })
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM, and says so.
-pub async fn shutdown_signal() {
-    signal().await;
-    tracing::info!("shutting down: finishing in-flight requests");
+/// Counts SIGINT (Ctrl-C) and SIGTERM from now on: the first asks for a stop, a second for
+/// a quick one.
+fn count_signals() -> tokio::sync::watch::Receiver<u32> {
+    let (count, counted) = tokio::sync::watch::channel(0u32);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        // One that cannot be listened for is never heard (the other still is).
+        let (mut int, mut term) = (
+            signal(SignalKind::interrupt()).ok(),
+            signal(SignalKind::terminate()).ok(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let heard = async |s: &mut Option<tokio::signal::unix::Signal>| match s {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                };
+                tokio::select! {
+                    Some(()) = heard(&mut int) => {}
+                    Some(()) = heard(&mut term) => {}
+                    else => return,
+                }
+                count.send_modify(|n| *n += 1);
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            count.send_modify(|n| *n += 1);
+        }
+    });
+    counted
 }
 
-/// Resolves on the next SIGINT (Ctrl-C) or SIGTERM.
-async fn signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+/// Resolves once `n` signals have been counted (never, if counting stopped).
+async fn signals_reach(mut counted: tokio::sync::watch::Receiver<u32>, n: u32) {
+    if counted.wait_for(|k| *k >= n).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
