@@ -31,7 +31,10 @@ pub struct Options {
     pub shutdown_grace: Duration,
     /// A connection that has not sent a whole request head this long after it opened, or
     /// after its last answer, is closed (a client that connects and sends nothing, or a byte
-    /// a minute, holds no socket for ever; an idle kept-alive connection goes too).
+    /// a minute, holds no socket for ever). hyper counts an idle kept-alive connection's wait
+    /// too, so the default outlasts the idle limits of the proxies in front (Cloudflare's
+    /// 900 s, Google's load balancer's 610 s, ngrok's and cloudflared's 90 s): they close
+    /// first, and never send a request into a connection smsflow is closing.
     pub header_read_timeout: Duration,
 }
 
@@ -41,7 +44,7 @@ impl Default for Options {
             retry_base: Duration::from_secs(1),
             quiet_console: false,
             shutdown_grace: Duration::from_secs(10),
-            header_read_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(960),
         }
     }
 }
@@ -303,6 +306,8 @@ async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout);
     let open = hyper_util::server::graceful::GracefulShutdown::new();
+    // Held here so that what is still open after the grace period can be cut off.
+    let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -330,12 +335,14 @@ async fn serve(
         };
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         let connection = open.watch(builder.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
+        connections.spawn(async move {
             // A client's broken connection is its own affair.
             if let Err(e) = connection.await {
                 tracing::debug!("HTTP connection: {e}");
             }
         });
+        // Forget the ones that ended.
+        while connections.try_join_next().is_some() {}
     }
     drop(listener);
     let grace = options.shutdown_grace;
@@ -348,10 +355,13 @@ async fn serve(
                 }
                 () = hurry => "on a second signal".to_string(),
             }
-        } => tracing::warn!(
-            "stopped waiting for open HTTP requests {cut}; those still open get no answer \
-             (a webhook among them changed nothing, or its change is on disk)"
-        ),
+        } => {
+            tracing::warn!(
+                "stopped waiting for open HTTP requests {cut}; those still open get no answer \
+                 (a webhook among them changed nothing, or its change is on disk)"
+            );
+            connections.abort_all();
+        }
     }
 }
 
