@@ -296,10 +296,13 @@ impl Layer {
             }
         };
         let t = self.twilio;
-        let api_base = base_url(
-            t.api_base.as_deref().unwrap_or("https://api.twilio.com"),
-            "TWILIO_API_BASE (api_base)",
-        )?;
+        // Checked only where it is used: with the console provider it is never read.
+        let api_base = || {
+            base_url(
+                t.api_base.as_deref().unwrap_or("https://api.twilio.com"),
+                "TWILIO_API_BASE (api_base)",
+            )
+        };
         let caller_id = t.from.clone();
         let sender = match (t.from, t.messaging_service_sid) {
             (_, Some(ms)) => Some(Sender::MessagingService(ms)),
@@ -312,7 +315,7 @@ impl Layer {
                 auth_token,
                 sender,
                 caller_id,
-                api_base,
+                api_base: api_base()?,
             }),
             (None, _, None) => None,
             (sid, token, sender) => anyhow::bail!(
@@ -508,6 +511,15 @@ mod tests {
         assert_eq!(base("http://127.0.0.1:9/").unwrap(), "http://127.0.0.1:9");
         let err = base("not a url").unwrap_err().to_string();
         assert!(err.contains("TWILIO_API_BASE"), "{err}");
+        // Without credentials it is never used, so it is not checked.
+        let console = Layer {
+            twilio: TwilioLayer {
+                api_base: Some("api.twilio.com".into()),
+                ..TwilioLayer::default()
+            },
+            ..Layer::default()
+        };
+        assert!(console.resolve().unwrap().twilio.is_none());
     }
 
     #[test]

@@ -439,7 +439,8 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             Event::OtpSubmitted(code) => self.unless_opted_out(|r| r.check_code(code, false)),
             Event::CodeUndeliverable(code) => {
                 // Withdraw exactly that code and give back its place in the rate limit.
-                if let Some(i) = self.sub.codes.iter().position(|c| c.code == *code) {
+                // The newest of that value: the one just issued.
+                if let Some(i) = self.sub.codes.iter().rposition(|c| c.code == *code) {
                     let gone = self.sub.codes.remove(i);
                     if let Some(j) = self
                         .sub
