@@ -649,29 +649,6 @@ impl Cx {
         }
     }
 
-    /// A text that carries the code: without `{code}` it would send (or read) no code, and
-    /// no one could ever verify.
-    fn code_text(
-        &mut self,
-        f: usize,
-        raw: Text,
-        what: &str,
-        default: &str,
-        allowed: Allowed<'_>,
-    ) -> Template {
-        let text = self.text(f, raw.clone(), what, default, allowed);
-        if let Some(s) = &raw {
-            if !text.slots().any(|n| n == "code") {
-                self.err(
-                    f,
-                    s.span(),
-                    format!("{what} must contain {{code}}: without it no one can ever verify"),
-                );
-            }
-        }
-        text
-    }
-
     fn checked_text(
         &mut self,
         f: usize,
@@ -699,6 +676,15 @@ impl Cx {
                     } else {
                         self.err(f, s.span(), msg);
                     }
+                }
+                // The texts that may name the code are the ones that carry it: without it
+                // they would send (or read) no code, and no one could ever verify.
+                if allowed.code && !t.slots().any(|n| n == "code") {
+                    self.err(
+                        f,
+                        s.span(),
+                        format!("{what} must contain {{code}}: without it no one can ever verify"),
+                    );
                 }
                 t
             }
@@ -826,7 +812,7 @@ impl Cx {
             max_sends: self.number(f, r.max_sends, "verify.max_sends", 1..1001, 5) as u32,
             send_window,
             after_otp_api,
-            send: self.code_text(
+            send: self.text(
                 f,
                 r.send,
                 "verify.send",
@@ -862,7 +848,7 @@ impl Cx {
                 plain,
             ),
             verified: self.text(f, r.verified, "verify.verified", "You're verified!", plain),
-            voice: self.code_text(
+            voice: self.text(
                 f,
                 r.voice,
                 "verify.voice",
@@ -1324,7 +1310,7 @@ impl Cx {
             plain,
         );
         let goodbye = self.text(f, r.goodbye, "ivr.goodbye", "Goodbye.", plain);
-        let read_code = self.code_text(
+        let read_code = self.text(
             f,
             r.read_code,
             "ivr.read_code",
