@@ -17,38 +17,11 @@ pub struct Secret(String);
 /// message would quote the value).
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Secret, D::Error> {
-        struct Text;
-        fn refused<E: serde::de::Error>() -> E {
-            E::custom("must be a quoted string (the value is not shown: it is a secret)")
-        }
-        impl<'de> serde::de::Visitor<'de> for Text {
-            type Value = Secret;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a quoted string")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
-                Ok(Secret(v.to_string()))
-            }
-            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Secret, E> {
-                Err(refused())
-            }
-            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Secret, E> {
-                Err(refused())
-            }
-            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Secret, E> {
-                Err(refused())
-            }
-            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Secret, E> {
-                Err(refused())
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Secret, A::Error> {
-                Err(refused())
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<Secret, A::Error> {
-                Err(refused())
-            }
-        }
-        d.deserialize_any(Text)
+        String::deserialize(d).map(Secret).map_err(|_| {
+            serde::de::Error::custom(
+                "must be a quoted string (the value is not shown: it is a secret)",
+            )
+        })
     }
 }
 
