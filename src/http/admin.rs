@@ -378,6 +378,8 @@ pub async fn export(
                 done.unreadable
             ),
             Ok(_) => {}
+            // A download cut short by its client is no failure of the daemon's.
+            Err(_) if tx.is_closed() => tracing::info!("export: the client went away; stopped"),
             Err(e) => {
                 tracing::error!("export failed: {e:#}");
                 let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
