@@ -401,7 +401,7 @@ fn outcome_label(o: crate::machine::Outcome) -> &'static str {
         Verified => "verified",
         WrongCode => "wrong_code",
         Expired => "expired_code",
-        Locked => "locked",
+        Locked { .. } => "locked",
         RateLimited { .. } => "rate_limited",
         OptedOut => "opted_out",
         Ignored => "ignored",

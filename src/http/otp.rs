@@ -248,13 +248,11 @@ pub async fn validate_otp(
         )),
         Outcome::Expired => Err(OtpError::Rejected("expired OTP; request a new one".into())),
         Outcome::OptedOut => Err(opted_out()),
-        Outcome::Locked => {
-            let flows = state.engine.flows();
-            Err(OtpError::TooMany {
-                message: "too many wrong guesses on this code; request a new one".into(),
-                retry_after: flows.verify.ttl.num_seconds().max(1) as u64,
-            })
-        }
+        // Guessing again cannot help; the wait is until a new code may be requested.
+        Outcome::Locked { new_code_at } => Err(OtpError::TooMany {
+            message: "too many wrong guesses on this code; request a new one".into(),
+            retry_after: seconds_until(new_code_at),
+        }),
         other => Err(OtpError::Unexpected(anyhow::anyhow!(
             "validate_otp ended as {other:?}"
         ))),

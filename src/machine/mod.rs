@@ -295,8 +295,11 @@ pub enum Outcome {
     Verified,
     WrongCode,
     Expired,
-    /// Too many wrong guesses on every valid code.
-    Locked,
+    /// Too many wrong guesses on every valid code; a new code may be requested from
+    /// `new_code_at` (the send limit's window).
+    Locked {
+        new_code_at: DateTime<Utc>,
+    },
     /// Too many codes sent; another may be sent from `retry_at`.
     RateLimited {
         retry_at: DateTime<Utc>,
@@ -635,24 +638,31 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         }
     }
 
-    fn issue_code(&mut self, via: &str) {
+    /// Where the send limit's window starts: sends before it no longer count.
+    fn send_window_start(&self) -> DateTime<Utc> {
+        self.now
+            .checked_sub_signed(self.flows.verify.send_window)
+            .unwrap_or(self.now)
+    }
+
+    /// Until when the send limit refuses another code; `None` when it allows one now.
+    fn codes_refused_until(&self) -> Option<DateTime<Utc>> {
         let v = &self.flows.verify;
-        let window_start = self
-            .now
-            .checked_sub_signed(v.send_window)
-            .unwrap_or(self.now);
-        self.sub.code_sends.retain(|t| *t > window_start);
-        if self.sub.code_sends.len() >= v.max_sends as usize {
-            let oldest = self
-                .sub
-                .code_sends
-                .iter()
-                .min()
-                .copied()
-                .unwrap_or(self.now);
-            self.outcome = Outcome::RateLimited {
-                retry_at: oldest.checked_add_signed(v.send_window).unwrap_or(self.now),
-            };
+        let start = self.send_window_start();
+        let counted = self.sub.code_sends.iter().filter(|t| **t > start);
+        if counted.clone().count() < v.max_sends as usize {
+            return None;
+        }
+        let oldest = counted.min().copied().unwrap_or(self.now);
+        Some(oldest.checked_add_signed(v.send_window).unwrap_or(self.now))
+    }
+
+    fn issue_code(&mut self, via: &str) {
+        let refused_until = self.codes_refused_until();
+        let start = self.send_window_start();
+        self.sub.code_sends.retain(|t| *t > start);
+        if let Some(retry_at) = refused_until {
+            self.outcome = Outcome::RateLimited { retry_at };
             self.record(Record::CodeRateLimited);
             // A texter is told in the reply to their own text. An API caller or a voice
             // caller hears it from the outcome: texting the number for each refused request
@@ -662,6 +672,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             }
             return;
         }
+        let v = &self.flows.verify;
         let code: String = (0..v.code_length)
             .map(|_| char::from(b'0' + self.rng.random_range(0..10u8)))
             .collect();
@@ -736,7 +747,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             (Outcome::WrongCode, "no code issued")
         } else if !codes.iter().any(usable) {
             if codes.iter().any(|c| c.expires_at > now) {
-                (Outcome::Locked, "locked")
+                (Outcome::Locked { new_code_at: now }, "locked")
             } else {
                 (Outcome::Expired, "expired")
             }
@@ -747,19 +758,24 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             if codes.iter().any(usable) {
                 (Outcome::WrongCode, "wrong")
             } else {
-                (Outcome::Locked, "locked")
+                (Outcome::Locked { new_code_at: now }, "locked")
             }
         } else {
             (Outcome::WrongCode, "not a code")
         };
-        self.outcome = outcome;
+        self.outcome = match outcome {
+            Outcome::Locked { .. } => Outcome::Locked {
+                new_code_at: self.codes_refused_until().unwrap_or(self.now),
+            },
+            other => other,
+        };
         self.record(Record::CodeRejected {
             reason: reason.to_string(),
         });
         if by_sms {
             let t = match outcome {
                 Outcome::Expired => &v.expired,
-                Outcome::Locked => &v.locked,
+                Outcome::Locked { .. } => &v.locked,
                 _ => &v.wrong,
             };
             self.say_t(t);

@@ -377,6 +377,53 @@ fn withdrawing_an_unsent_newest_code_brings_back_the_code_it_displaced() {
     );
 }
 
+/// Guesses `wrong` until the number's codes lock; returns when a new code may be asked for.
+fn guess_until_locked(mut sub: Subscriber, f: &Flows, at: DateTime<Utc>) -> DateTime<Utc> {
+    let mut rng = StdRng::seed_from_u64(9);
+    for _ in 0..=f.verify.max_attempts {
+        let out = step(sub, &Event::OtpSubmitted("999999".into()), f, at, &mut rng);
+        if let Outcome::Locked { new_code_at } = out.outcome {
+            return new_code_at;
+        }
+        assert_eq!(out.outcome, Outcome::WrongCode);
+        sub = out.subscriber;
+    }
+    panic!("never locked");
+}
+
+#[test]
+fn a_locked_code_says_a_new_one_may_be_asked_for_at_once_or_when_the_send_limit_allows() {
+    let mut f = flows();
+    // Guessed wrong on purpose: no code may be 999999.
+    f.verify.code_length = 5;
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut sub = subscriber(State::Unverified);
+    let sent_at = |i: u32| t0() + TimeDelta::minutes(i64::from(i));
+    for i in 0..f.verify.max_sends {
+        if i == 1 {
+            // One code sent, well under the limit: a new one may be asked for now.
+            let now = sent_at(1);
+            assert_eq!(guess_until_locked(sub.clone(), &f, now), now);
+        }
+        let out = step(sub, &Event::OtpRequested, &f, sent_at(i), &mut rng);
+        assert_eq!(out.outcome, Outcome::CodeSent);
+        sub = out.subscriber;
+    }
+    // At the limit: not before the first of those sends leaves the window.
+    let now = sent_at(f.verify.max_sends);
+    assert_eq!(
+        guess_until_locked(sub.clone(), &f, now),
+        t0() + f.verify.send_window
+    );
+    let refused = step(sub, &Event::OtpRequested, &f, now, &mut rng);
+    assert_eq!(
+        refused.outcome,
+        Outcome::RateLimited {
+            retry_at: t0() + f.verify.send_window
+        }
+    );
+}
+
 #[test]
 fn an_undeliverable_code_is_withdrawn_and_no_other() {
     let f = flows();
