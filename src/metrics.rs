@@ -1,6 +1,6 @@
 //! Prometheus metrics: counters and the webhook latency histogram through the `metrics`
-//! facade; per-daemon gauges (subscribers by state, timers, outbox) and the writer's
-//! counters (commits, events, time committing and flushing) computed at scrape time.
+//! facade; per-daemon gauges (subscribers by state, timers, outbox), flow reloads and the
+//! writer's counters (commits, events, time committing and flushing) computed at scrape time.
 
 use std::sync::OnceLock;
 
@@ -37,8 +37,9 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
-/// The whole exposition: recorded metrics plus this daemon's gauges.
-pub fn render(engine: &Engine) -> String {
+/// The whole exposition: recorded metrics plus this daemon's own figures; `reloads` is
+/// (made live, refused).
+pub fn render(engine: &Engine, reloads: (u64, u64)) -> String {
     let mut out = match handle() {
         Some(h) => {
             h.run_upkeep();
@@ -60,6 +61,15 @@ pub fn render(engine: &Engine) -> String {
             "smsflow_subscribers{{state=\"{name}\"}} {}\n",
             n.max(0)
         ));
+    }
+    head(
+        &mut out,
+        RELOADS,
+        "counter",
+        "Flow reloads by result: ok (made live) or failed (refused; the previous flows stay).",
+    );
+    for (result, n) in [("ok", reloads.0), ("failed", reloads.1)] {
+        out.push_str(&format!("{RELOADS}{{result=\"{result}\"}} {n}\n"));
     }
     let work = engine.writer_work();
     for (name, kind, help, value) in [
@@ -129,11 +139,6 @@ pub fn inbound(outcome: &'static str) {
 pub fn outbound(status: &'static str) {
     let _ = handle();
     metrics::counter!(OUTBOUND, "status" => status).increment(1);
-}
-
-pub fn reload(ok: bool) {
-    let _ = handle();
-    metrics::counter!(RELOADS, "result" => if ok { "ok" } else { "failed" }).increment(1);
 }
 
 pub fn webhook_seconds(route: &'static str, secs: f64) {

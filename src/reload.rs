@@ -3,6 +3,7 @@
 //! one is logged with every problem and the live set stays.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +43,10 @@ pub struct Reloader {
     last_read: std::sync::Mutex<Option<Sources>>,
     /// How the last reload went, for `/readyz`.
     last_reload: std::sync::Mutex<Option<LastReload>>,
+    /// Reloads that made a new set live, and reloads refused, for `/metrics`: this daemon's
+    /// own (a process-wide counter would mix in every other daemon a test process runs).
+    swapped: AtomicU64,
+    refused: AtomicU64,
 }
 
 /// The outcome of the last reload (by any trigger).
@@ -79,8 +84,18 @@ impl Reloader {
             stop,
             last_read: std::sync::Mutex::new(Some(live)),
             last_reload: std::sync::Mutex::new(None),
+            swapped: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             dir,
         }
+    }
+
+    /// Reloads so far: (made live, refused).
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.swapped.load(Ordering::SeqCst),
+            self.refused.load(Ordering::SeqCst),
+        )
     }
 
     /// Reads the flow files and loads them, unless `when` allows skipping files that are the
@@ -150,7 +165,7 @@ impl Reloader {
                 let summary = f.summary();
                 let shrunk = f.removed_places_of(&self.engine.flows().places());
                 self.engine.set_flows(f);
-                crate::metrics::reload(true);
+                self.swapped.fetch_add(1, Ordering::SeqCst);
                 tracing::info!(trigger = why, "flows reloaded: {summary}");
                 remember_places(&self.engine, &self.engine.flows(), false);
                 if shrunk {
@@ -159,7 +174,7 @@ impl Reloader {
                 Ok(summary)
             }
             Err(p) => {
-                crate::metrics::reload(false);
+                self.refused.fetch_add(1, Ordering::SeqCst);
                 tracing::error!(
                     trigger = why,
                     "flow reload failed; the previous flows stay live. {} problem(s):\n{p}",
@@ -184,6 +199,7 @@ impl Reloader {
         match tokio::task::spawn_blocking(move || me.load(why, when)).await {
             Ok(look) => look,
             Err(e) => {
+                self.refused.fetch_add(1, Ordering::SeqCst);
                 self.record(why, false, 1);
                 Look {
                     done: Some(Err(Problems(vec![flows::Problem {

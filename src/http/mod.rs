@@ -252,7 +252,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::metrics::render(&state.engine),
+        crate::metrics::render(&state.engine, state.reloader.counts()),
     )
         .into_response()
 }
