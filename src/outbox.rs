@@ -205,9 +205,17 @@ impl Outbox {
         }
         self.next_slot = Instant::now().max(self.next_slot) + self.interval;
         // The opt-out check is repeated at send time (after the wait): a STOP may have
-        // arrived since queueing, or the number may have been erased.
+        // arrived since queueing (even if a START followed it: consent withdrawn covers what
+        // was queued before), or the number may have been erased.
         // How the message ends: its delivery's status, provider id, error code and error.
-        let (status, sid, code, error) = match store.subscriber(&msg.phone) {
+        let record = match store.subscriber(&msg.phone) {
+            Ok(Some(s)) if s.state != State::OptedOut => store
+                .opted_out_since(&msg.phone, id)
+                .map(|since| (!since).then_some(s)),
+            Ok(_) => Ok(None),
+            Err(e) => Err(e),
+        };
+        let (status, sid, code, error) = match record {
             // A storage error: try again later.
             Err(e) if !codec::is_unreadable(&e) => return Err(e),
             Err(e) => {
@@ -217,8 +225,8 @@ impl Outbox {
                 tracing::error!(phone = %msg.phone.masked(), "outbox: not sending: {e}");
                 ("failed", None, None, Some(e))
             }
-            Ok(s) if !s.as_ref().is_some_and(|s| s.state != State::OptedOut) => {
-                tracing::info!(phone = %msg.phone.masked(), "outbox: not sending to an opted-out or erased number");
+            Ok(None) => {
+                tracing::info!(phone = %msg.phone.masked(), "outbox: not sending to a number that opted out (since this was queued) or was erased");
                 ("suppressed", None, None, None)
             }
             Ok(_) => {

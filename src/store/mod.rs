@@ -515,6 +515,33 @@ impl Store {
         Ok(None)
     }
 
+    /// Whether `phone` opted out after outbox message `id` was queued, even if it opted back
+    /// in since: consent withdrawn covers what was queued before it. One counter gives ids to
+    /// the whole database (sled's `generate_id`), so history written later has larger ids.
+    /// An entry that cannot be read is passed over.
+    pub fn opted_out_since(&self, phone: &Phone, id: u64) -> anyhow::Result<bool> {
+        let Some(from) = id.checked_add(1) else {
+            return Ok(false);
+        };
+        for entry in self
+            .history
+            .range(history_key(phone, from)..=history_key(phone, u64::MAX))
+            .values()
+        {
+            let entry: Result<HistoryEntry, _> = codec::decode(HISTORY_VERSION, &entry?);
+            if matches!(
+                entry,
+                Ok(HistoryEntry {
+                    record: Record::OptedOut { .. },
+                    ..
+                })
+            ) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Messages waiting in the outbox (kept as they change, not counted per call).
     pub fn outbox_len(&self) -> usize {
         self.counts[OUTBOX].load(Relaxed).max(0) as usize

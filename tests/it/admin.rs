@@ -355,16 +355,6 @@ async fn admin_routes_are_off_beyond_loopback_without_a_token() {
 }
 
 /// Waits up to 10 s for `check` to hold.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    for _ in 0..200 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 /// This daemon's last flow reload, as `/readyz` reports it.
 async fn last_reload(app: &TestApp) -> serde_json::Value {
     let ready: serde_json::Value = serde_json::from_str(&text(app, "/readyz").await).unwrap();

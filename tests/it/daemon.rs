@@ -278,6 +278,36 @@ async fn after_an_outage_every_queued_message_is_delivered_once_in_order_per_num
 }
 
 #[tokio::test]
+async fn messages_queued_before_a_stop_are_not_sent_after_the_number_opts_back_in() {
+    let app = TestApp::spawn(FLOWS).await;
+    app.twilio.hold();
+    app.sms(ANN, "JOIN").await;
+    // The first code is in flight (held at Twilio): nothing can call it back any more.
+    eventually("the first code to reach Twilio", async || {
+        app.twilio.held() == 1
+    })
+    .await;
+    app.sms(ANN, "JOIN").await;
+    app.sms(ANN, "STOP").await;
+    let (_, twiml) = app.sms(ANN, "START").await;
+    assert_eq!(
+        app.state_of(ANN).as_deref(),
+        Some("awaiting_code"),
+        "{twiml}"
+    );
+    app.twilio.release();
+    eventually("the outbox to empty", async || {
+        app.engine.store.outbox_len() == 0
+    })
+    .await;
+    // The code queued before STOP was not sent; the one queued after START was.
+    let delivered = app.twilio.delivered();
+    assert_eq!(delivered.len(), 2, "{delivered:#?}");
+    let (_, twiml) = app.sms(ANN, &code_in(&delivered[1].body)).await;
+    assert!(twiml.contains("Verified!"), "{twiml}");
+}
+
+#[tokio::test]
 async fn twilio_reporting_21610_opts_the_number_out() {
     let app = TestApp::spawn(FLOWS).await;
     enrol(&app, ANN, 0).await;

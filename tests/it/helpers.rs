@@ -605,6 +605,17 @@ pub fn parse_xml(xml: &str) -> Node {
 }
 
 /// Sleeps a while to show that nothing more happens.
+/// Waits (up to 10 s) until `check` holds.
+pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..200 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
 pub async fn quiet_for(d: Duration) {
     tokio::time::sleep(d).await;
 }
