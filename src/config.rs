@@ -332,6 +332,11 @@ fn base_url(given: &str, what: &str) -> anyhow::Result<String> {
     let given = given.trim();
     let parsed =
         url::Url::parse(given).with_context(|| format!("{what} {given:?} is not a URL"))?;
+    // Before anything echoes the URL: a password in it must not reach the log or a banner.
+    anyhow::ensure!(
+        parsed.username().is_empty() && parsed.password().is_none(),
+        "{what} must not carry a user name or password (user:password@); give the plain URL"
+    );
     let lower = given.to_ascii_lowercase();
     anyhow::ensure!(
         (lower.starts_with("https://") || lower.starts_with("http://"))
@@ -339,8 +344,8 @@ fn base_url(given: &str, what: &str) -> anyhow::Result<String> {
         "{what} {given:?} must start with https:// (or http://) and a host name"
     );
     anyhow::ensure!(
-        parsed.query().is_none() && parsed.fragment().is_none() && parsed.username().is_empty(),
-        "{what} {given:?} must be a plain base URL: no ?query, #fragment or user@"
+        parsed.query().is_none() && parsed.fragment().is_none(),
+        "{what} {given:?} must be a plain base URL: no ?query or #fragment"
     );
     Ok(given.trim_end_matches('/').to_string())
 }
@@ -441,7 +446,8 @@ mod tests {
     }
 
     #[test]
-    fn urls_are_kept_as_written_and_a_query_a_fragment_or_a_mistyped_scheme_is_refused() {
+    fn urls_are_kept_as_written_and_a_query_a_fragment_credentials_or_a_mistyped_scheme_are_refused(
+    ) {
         let public = |u: &str| {
             Layer {
                 public_url: Some(u.into()),
@@ -466,6 +472,15 @@ mod tests {
         ] {
             let err = public(bad).unwrap_err().to_string();
             assert!(err.contains("public_url"), "{bad}: {err}");
+        }
+        // Credentials are refused without being repeated.
+        for bad in [
+            "https://:s3cret@abc.ngrok.app",
+            "https://me:s3cret@abc.ngrok.app",
+        ] {
+            let err = format!("{:#}", public(bad).unwrap_err());
+            assert!(err.contains("password"), "{bad}: {err}");
+            assert!(!err.contains("s3cret"), "{bad}: {err}");
         }
         let base = |u: &str| {
             Layer {
