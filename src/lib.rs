@@ -23,3 +23,24 @@ pub mod scheduler;
 pub mod sim;
 pub mod store;
 pub mod transcript;
+
+/// Caller input as an error message or a log line may repeat it: at most 40 characters, then
+/// `…`. A request body may be 64 KiB, and a refusal should name the mistake, not echo it whole.
+pub fn clip(input: &str) -> std::borrow::Cow<'_, str> {
+    const MAX: usize = 40;
+    match input.char_indices().nth(MAX) {
+        None => input.into(),
+        Some((end, _)) => format!("{}…", &input[..end]).into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn clip_keeps_short_input_and_cuts_long_input_on_a_character_boundary() {
+        assert_eq!(super::clip("+1 555"), "+1 555");
+        let long = "é".repeat(100);
+        let clipped = super::clip(&long);
+        assert_eq!(clipped, format!("{}…", "é".repeat(40)));
+    }
+}

@@ -88,15 +88,19 @@ impl Phone {
         // A number with its country code is read by that code alone: given a region too, the
         // parser strips that region's national prefix ("+44 1632…" lost its 1 under US).
         let region = (!trimmed.starts_with('+')).then_some(region.0);
-        let number = phonenumber::parse(region, trimmed)
-            .map_err(|e| PhoneError::Unparsable(trimmed.to_string(), e.to_string()))?;
+        let number = phonenumber::parse(region, trimmed).map_err(|e| {
+            PhoneError::Unparsable(crate::clip(trimmed).into_owned(), e.to_string())
+        })?;
         if number.extension().is_some() {
-            return Err(PhoneError::Extension(trimmed.to_string()));
+            return Err(PhoneError::Extension(crate::clip(trimmed).into_owned()));
         }
         let e164 = number.format().mode(phonenumber::Mode::E164).to_string();
         let digits = e164.chars().filter(char::is_ascii_digit).count();
         if !DIGITS.contains(&digits) {
-            return Err(PhoneError::Length(trimmed.to_string(), digits));
+            return Err(PhoneError::Length(
+                crate::clip(trimmed).into_owned(),
+                digits,
+            ));
         }
         Ok(Phone(e164))
     }

@@ -205,7 +205,8 @@ pub async fn list(
     if let Some(s) = &q.state {
         if !MachineState::NAMES.contains(&s.as_str()) {
             return Err(AdminError::BadRequest(format!(
-                "unknown state {s:?} (one of {})",
+                "unknown state {:?} (one of {})",
+                crate::clip(s),
                 MachineState::NAMES.join(", ")
             )));
         }

@@ -259,7 +259,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 /// An unknown route, answered in the shape of the API its path is under.
 async fn not_found(method: Method, uri: Uri) -> Response {
-    let says = format!("no route for {method} {}", uri.path());
+    let says = format!("no route for {method} {}", crate::clip(uri.path()));
     if uri.path().starts_with("/authenticate/") {
         otp::OtpError::Refused(StatusCode::NOT_FOUND, says).into_response()
     } else if uri.path().starts_with("/admin") {
@@ -278,7 +278,10 @@ fn content_type_is(headers: &HeaderMap, expected: &str) -> Result<(), String> {
     if given.to_ascii_lowercase().starts_with(expected) {
         Ok(())
     } else {
-        Err(format!("expected Content-Type: {expected}, got {given:?}"))
+        Err(format!(
+            "expected Content-Type: {expected}, got {:?}",
+            crate::clip(given)
+        ))
     }
 }
 
@@ -455,22 +458,21 @@ async fn status(
 ) -> Result<Response, WebhookError> {
     let sid = form.require("MessageSid")?;
     let new_status = form.require("MessageStatus")?;
-    let code =
-        match form
-            .get("ErrorCode")
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-        {
-            None => None,
-            Some(c) => Some(c.parse::<u32>().map_err(|_| {
-                WebhookError::BadRequest(format!("ErrorCode {c:?} is not a number"))
-            })?),
-        };
+    let code = match form
+        .get("ErrorCode")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+    {
+        None => None,
+        Some(c) => Some(c.parse::<u32>().map_err(|_| {
+            WebhookError::BadRequest(format!("ErrorCode {:?} is not a number", crate::clip(c)))
+        })?),
+    };
     let now = chrono::Utc::now();
     let phone = state.engine.store.update_delivery_by_sid(sid, |d| {
         // Reports can arrive out of order: never move a message's status backwards.
         if status_rank(new_status) >= status_rank(&d.status) {
-            d.status = new_status.to_string();
+            d.status = crate::clip(new_status).into_owned();
             d.error_code = code.or(d.error_code);
             d.updated_at = now;
         }
@@ -487,6 +489,6 @@ async fn status(
     } else {
         state.engine.durable().await?;
     }
-    tracing::info!(status = new_status, ?code, "delivery report");
+    tracing::info!(status = %crate::clip(new_status), ?code, "delivery report");
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -133,7 +133,8 @@ pub async fn get_otp(
         Some("voice") => true,
         Some(other) => {
             return Err(OtpError::BadRequest(format!(
-                "channel {other:?} is not \"sms\" or \"voice\""
+                "channel {:?} is not \"sms\" or \"voice\"",
+                crate::clip(other)
             )))
         }
     };

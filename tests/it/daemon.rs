@@ -185,6 +185,21 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
         .await;
     assert_eq!(r.status().as_u16(), 400);
     assert!(r.text().await.unwrap().contains("From:"));
+    // A long one is named, not echoed whole.
+    let long = "1".repeat(30_000);
+    let r = app
+        .post_form(
+            "/twilio/sms",
+            &[("From", &long), ("Body", "JOIN"), ("MessageSid", "SM5")],
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 400);
+    let said = r.text().await.unwrap();
+    assert!(said.contains("From:") && said.len() < 300, "{said}");
+    let r = app.get(&format!("/{}", "a".repeat(5_000))).await;
+    assert_eq!(r.status().as_u16(), 404);
+    let said = r.text().await.unwrap();
+    assert!(said.contains("no route") && said.len() < 300, "{said}");
 
     let huge = "x".repeat(70 * 1024);
     let r = app
