@@ -14,7 +14,7 @@ pub struct Phone(String);
 impl<'de> Deserialize<'de> for Phone {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Phone, D::Error> {
         let s = String::deserialize(d)?;
-        Phone::from_stored(s).map_err(serde::de::Error::custom)
+        Phone::from_stored(s).map_err(|e| serde::de::Error::custom(e.without_number()))
     }
 }
 
@@ -51,6 +51,20 @@ pub enum PhoneError {
     Length(String, usize),
     #[error("unknown default region {0:?} (expected a two-letter code such as US)")]
     Region(String),
+}
+
+impl PhoneError {
+    /// What is wrong, without the number itself: for numbers read back from storage, whose
+    /// errors end up in logs, where a number is only ever shown masked.
+    pub fn without_number(&self) -> String {
+        match self {
+            PhoneError::Empty => "stored phone number is empty".into(),
+            PhoneError::Unparsable(_, why) => format!("stored phone number is not valid: {why}"),
+            PhoneError::Extension(_) => "stored phone number has an extension".into(),
+            PhoneError::Length(_, n) => format!("stored phone number has {n} digits"),
+            PhoneError::Region(_) => "stored phone number has an unknown region".into(),
+        }
+    }
 }
 
 /// Region used to read numbers written without a `+` country code.

@@ -147,7 +147,7 @@ fn from_v4(v: V4Owned) -> Result<Subscriber, CodecError> {
         inbound,
     ) = v;
     Ok(Subscriber {
-        phone: Phone::from_stored(phone).map_err(|e| CodecError::Phone(e.to_string()))?,
+        phone: Phone::from_stored(phone).map_err(|e| CodecError::Phone(e.without_number()))?,
         state,
         fields,
         codes: codes
@@ -378,6 +378,25 @@ mod tests {
         let err = decode_record(&bytes).unwrap_err();
         assert!(matches!(err, CodecError::Time(_)), "{err}");
         assert!(err.to_string().contains("out of range"), "{err}");
+    }
+
+    #[test]
+    fn a_stored_number_that_is_not_valid_is_a_corrupt_record_that_does_not_show_the_number() {
+        let now = "2026-01-05T15:00:00Z".parse().unwrap();
+        let s = Subscriber::new(Phone::parse("+14155550100").unwrap(), now);
+        let mut v = to_v4(&s);
+        v.0 = "415 555 0100 ext. 7";
+        let mut bytes = vec![4];
+        compact()
+            .serialize_into(&mut bytes, &(v, Vec::<Replied>::new()))
+            .unwrap();
+        let err = decode_record(&bytes).unwrap_err().to_string();
+        assert!(err.contains("extension"), "{err}");
+        assert!(!err.contains("555"), "{err}");
+        // The same for a number inside another stored value (read through serde).
+        let bad: Result<Phone, _> = serde_json::from_str("\"415 555 0100 ext. 7\"");
+        let err = bad.unwrap_err().to_string();
+        assert!(err.contains("extension") && !err.contains("555"), "{err}");
     }
 
     #[test]
