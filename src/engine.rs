@@ -99,8 +99,8 @@ impl WorkSnapshot {
     }
 }
 
-/// What an event did.
-#[derive(Clone, Debug)]
+/// What an event did. (No `Debug`: it may hold codes.)
+#[derive(Clone)]
 pub struct Applied {
     pub outcome: Outcome,
     /// Direct replies (TwiML `<Message>`s), in order.

@@ -29,8 +29,8 @@ const HISTORY_VERSION: u8 = 1;
 /// refuses a newer dir by its schema instead of failing on each record it cannot read.
 const SCHEMA: u64 = 3;
 
-/// A message waiting in the outbox.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A message waiting in the outbox. `Debug` hides the body of one that carries a code.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutMessage {
     pub phone: Phone,
     pub body: String,
@@ -40,6 +40,25 @@ pub struct OutMessage {
     pub next_try: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub last_error: Option<String>,
+}
+
+impl std::fmt::Debug for OutMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let body: &dyn std::fmt::Debug = if self.secret {
+            &"<a verification code's text>"
+        } else {
+            &self.body
+        };
+        f.debug_struct("OutMessage")
+            .field("phone", &self.phone)
+            .field("body", body)
+            .field("secret", &self.secret)
+            .field("attempts", &self.attempts)
+            .field("next_try", &self.next_try)
+            .field("created_at", &self.created_at)
+            .field("last_error", &self.last_error)
+            .finish()
+    }
 }
 
 /// What became of a message that left the outbox.
@@ -90,8 +109,9 @@ pub struct DueTimer {
     key: Vec<u8>,
 }
 
-/// Everything one event changes, applied atomically by [`Store::commit`].
-#[derive(Debug, Default)]
+/// Everything one event changes, applied atomically by [`Store::commit`]. (No `Debug`:
+/// its outgoing texts may hold codes.)
+#[derive(Default)]
 pub struct Commit {
     pub subscriber: Option<Subscriber>,
     pub schedule: Vec<Timer>,

@@ -615,3 +615,24 @@ fn the_outbox_can_be_read_from_after_a_given_message() {
     assert!(store.next_queued_of(&a, of_a[0]).expect("index").is_none());
     assert!(store.next_queued_of(&a, u64::MAX).expect("index").is_none());
 }
+
+#[test]
+fn the_debug_form_of_a_queued_code_hides_its_text_and_the_number() {
+    let now = Utc::now();
+    let msg = |body: &str, secret: bool| smsflow::store::OutMessage {
+        phone: Phone::parse("+14155550100").unwrap(),
+        body: body.into(),
+        secret,
+        attempts: 0,
+        next_try: now,
+        created_at: now,
+        last_error: None,
+    };
+    let code = format!("{:?}", msg("Your code is 493817", true));
+    assert!(
+        !code.contains("493817") && !code.contains("5550100"),
+        "{code}"
+    );
+    let step = format!("{:?}", msg("Step one", false));
+    assert!(step.contains("Step one"), "{step}");
+}
