@@ -132,7 +132,7 @@ impl Layer {
             .map(Layer::tidy)
             .map_err(|e| {
                 let (line, col) = e.span().map_or((1, 1), |s| {
-                    let before = &text[..s.start.min(text.len())];
+                    let before = text.get(..s.start).unwrap_or(&text);
                     (
                         before.matches('\n').count() + 1,
                         before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
