@@ -74,17 +74,61 @@ async fn stop_mid_sequence_means_nothing_more_arrives() {
 #[tokio::test]
 async fn a_repeated_message_sid_is_processed_once_and_answered_identically() {
     let app = TestApp::spawn(FLOWS).await;
-    let (s1, first) = app.sms_with_sid(ANN, "HELP", "SMdup0001").await;
-    let (s2, second) = app.sms_with_sid(ANN, "HELP", "SMdup0001").await;
+    let phone = smsflow::phone::Phone::parse(ANN).unwrap();
+    let history = || -> Vec<smsflow::machine::Record> {
+        let entries = app.engine.store.history(&phone, 100).unwrap();
+        entries.into_iter().map(|e| e.unwrap().record).collect()
+    };
+    let (s1, first) = app.sms_with_sid(ANN, "JOIN", "SMdup0001").await;
+    let (s2, second) = app.sms_with_sid(ANN, "JOIN", "SMdup0001").await;
     assert_eq!((s1, s2), (200, 200));
     assert_eq!(first, second);
-    assert!(first.contains("<Message>"), "{first}");
+    let sub = app.engine.store.subscriber(&phone).unwrap().unwrap();
+    assert_eq!(sub.code_sends.len(), 1, "one JOIN, one code");
 
-    app.sms_with_sid(BOB, "JOIN", "SMdup0002").await;
-    app.sms_with_sid(BOB, "JOIN", "SMdup0002").await;
-    app.twilio.wait_delivered(1).await;
-    quiet_for(Duration::from_millis(300)).await;
-    assert_eq!(app.twilio.delivered().len(), 1, "one JOIN, one code");
+    // Answers that depend on the state: a second run would answer differently.
+    let code = code_in(&app.twilio.last_to(ANN, 1).await);
+    let (_, first) = app.sms_with_sid(ANN, &code, "SMdup0002").await;
+    let (_, second) = app.sms_with_sid(ANN, &code, "SMdup0002").await;
+    assert!(
+        first.contains("Verified!</Message><Message>Name?"),
+        "{first}"
+    );
+    assert_eq!(first, second);
+    let (_, first) = app.sms_with_sid(ANN, "Ann", "SMdup0003").await;
+    let (_, second) = app.sms_with_sid(ANN, "Ann", "SMdup0003").await;
+    assert!(first.contains("Welcome Ann"), "{first}");
+    assert_eq!(first, second);
+
+    let records = history();
+    let count = |f: fn(&smsflow::machine::Record) -> bool| records.iter().filter(|r| f(r)).count();
+    assert_eq!(
+        count(|r| matches!(r, smsflow::machine::Record::CodeSent)),
+        1,
+        "{records:?}"
+    );
+    assert_eq!(
+        count(|r| matches!(r, smsflow::machine::Record::Verified { .. })),
+        1,
+        "{records:?}"
+    );
+    assert_eq!(
+        count(|r| matches!(r, smsflow::machine::Record::FieldSaved { .. })),
+        1,
+        "{records:?}"
+    );
+    eventually("the outbox to empty", async || {
+        app.engine.store.outbox_len() == 0
+    })
+    .await;
+    assert_eq!(
+        app.twilio
+            .delivered()
+            .iter()
+            .filter(|r| r.body.contains(&code))
+            .count(),
+        1
+    );
 }
 
 #[tokio::test]
