@@ -143,14 +143,19 @@ impl FakeTwilio {
         );
     }
 
-    /// The latest delivered message to `to`.
+    /// The latest delivered message to `to`, once at least `n_total` were delivered and one
+    /// of them went to `to` (waits up to 15 s).
     pub async fn last_to(&self, to: &str, n_total: usize) -> String {
-        let d = self.wait_delivered(n_total).await;
-        d.iter()
-            .rev()
-            .find(|r| r.to == to)
-            .map(|r| r.body.clone())
-            .unwrap_or_default()
+        for _ in 0..300 {
+            let d = self.delivered();
+            if d.len() >= n_total {
+                if let Some(r) = d.iter().rev().find(|r| r.to == to) {
+                    return r.body.clone();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no message to {to} among {:#?}", self.delivered());
     }
 }
 
