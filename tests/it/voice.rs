@@ -158,17 +158,51 @@ async fn opt_in_by_voice_texts_a_code_and_opt_out_unsubscribes() {
 }
 
 #[tokio::test]
-async fn voice_routes_need_a_valid_signature() {
+async fn every_twilio_route_refuses_a_forged_signature_and_changes_nothing() {
     let app = TestApp::spawn(FLOWS).await;
-    let r = app
-        .http
-        .post(format!("{}/twilio/voice", app.base))
-        .header("X-Twilio-Signature", "AAAA")
-        .form(&[("From", CALLER)])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 403);
+    app.sms(CALLER, "JOIN").await;
+    app.twilio.wait_delivered(1).await;
+    let before = app.state_of(CALLER);
+    assert_eq!(before.as_deref(), Some("awaiting_code"));
+    let forged = |path: &'static str, form: Vec<(&'static str, &'static str)>| {
+        app.http
+            .post(format!("{}{path}", app.base))
+            .header("X-Twilio-Signature", "bm90IGEgcmVhbCBzaWduYXR1cmU=")
+            .form(&form)
+            .send()
+    };
+    for (path, form) in [
+        ("/twilio/voice", vec![("From", CALLER), ("CallSid", "CA1")]),
+        // 3 unsubscribes, 2 would text a code.
+        (
+            "/twilio/voice/gather?menu=main&attempt=0",
+            vec![("From", CALLER), ("CallSid", "CA1"), ("Digits", "3")],
+        ),
+        (
+            "/twilio/voice/gather?menu=main&attempt=0",
+            vec![("From", CALLER), ("CallSid", "CA1"), ("Digits", "2")],
+        ),
+        // A delivery report that would opt the number out.
+        (
+            "/twilio/status",
+            vec![
+                ("MessageSid", "SMforged"),
+                ("MessageStatus", "undelivered"),
+                ("ErrorCode", "21610"),
+                ("To", CALLER),
+            ],
+        ),
+    ] {
+        let r = forged(path, form).await.unwrap();
+        assert_eq!(r.status().as_u16(), 403, "{path}");
+        assert!(
+            r.text().await.unwrap().contains("X-Twilio-Signature"),
+            "{path}"
+        );
+    }
+    assert_eq!(app.state_of(CALLER), before, "nothing changed");
+    assert_eq!(app.twilio.attempts(), 1, "nothing sent");
+    assert!(app.twilio.calls().is_empty(), "nobody called");
 }
 
 #[tokio::test]
