@@ -281,14 +281,101 @@ async fn after_a_restart_mid_sequence_the_remaining_steps_arrive_exactly_once() 
     enrol(&app, ANN, 0).await;
     let got = app.twilio.wait_delivered(2).await;
     assert_eq!(got[1].body, "Step one");
+    let (twilio, data, flows, options) = app.stop().await;
+    assert_eq!(twilio.delivered().len(), 2, "stopped mid-sequence");
     // Down for longer than the next delay: "Step two" is overdue at start-up.
-    let app = app.restart(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let app = TestApp::start(twilio, data, flows, options, |_| {}).await;
     let all = app.twilio.wait_delivered(4).await;
     let bodies: Vec<&str> = all.iter().map(|r| r.body.as_str()).collect();
     assert_eq!(&bodies[1..], ["Step one", "Step two", "Step three"]);
     quiet_for(Duration::from_millis(1500)).await;
     assert_eq!(app.twilio.delivered().len(), 4, "each step exactly once");
     assert_eq!(app.state_of(ANN).as_deref(), Some("verified"));
+}
+
+/// `smsflow serve` on Twilio (the fake) with the test flows, as an operator runs it.
+async fn serve_on_twilio(
+    twilio: &FakeTwilio,
+    data: &std::path::Path,
+    flows: &std::path::Path,
+) -> (tokio::process::Child, String) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--send-rate", "50"])
+        .arg("--data")
+        .arg(data)
+        .arg("--flows")
+        .arg(flows)
+        .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+        .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+        .env("TWILIO_FROM", FROM)
+        .env("TWILIO_API_BASE", &twilio.url)
+        .env("SMSFLOW_PUBLIC_URL", PUBLIC_URL)
+        .env("SMSFLOW_API_TOKEN", API_TOKEN)
+        .env("SMSFLOW_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env_remove("TWILIO_MESSAGING_SERVICE_SID")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next_line().await.unwrap().unwrap();
+    let base = first.rsplit(' ').next().unwrap().to_string();
+    assert!(base.starts_with("http://127.0.0.1:"), "{first}");
+    (child, base)
+}
+
+/// A signed inbound SMS to a daemon at `base`; returns its TwiML.
+async fn signed_sms(base: &str, from: &str, body: &str) -> String {
+    let form: Vec<(String, String)> = [
+        ("From", from),
+        ("To", FROM),
+        ("Body", body),
+        ("MessageSid", &format!("SM{}", uuid_like())),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let sig =
+        smsflow::http::signature::sign(AUTH_TOKEN, &format!("{PUBLIC_URL}/twilio/sms"), &form);
+    let r = reqwest::Client::new()
+        .post(format!("{base}/twilio/sms"))
+        .header("X-Twilio-Signature", sig)
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    r.text().await.unwrap()
+}
+
+#[tokio::test]
+async fn after_a_crash_mid_sequence_the_remaining_steps_arrive_exactly_once() {
+    let twilio = FakeTwilio::start().await;
+    let (data, flows) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
+    let (mut child, base) = serve_on_twilio(&twilio, data.path(), flows.path()).await;
+    signed_sms(&base, ANN, "JOIN").await;
+    let code = code_in(&twilio.last_to(ANN, 1).await);
+    assert!(signed_sms(&base, ANN, &code).await.contains("Verified!"));
+    assert!(signed_sms(&base, ANN, "Ann").await.contains("Welcome Ann"));
+    let got = twilio.wait_delivered(2).await;
+    assert_eq!(got[1].body, "Step one");
+    // Killed outright (no flush, no goodbye) after Step one went out and before Step two is
+    // due, a second after it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    assert_eq!(twilio.delivered().len(), 2, "stopped mid-sequence");
+
+    let (_child, _base) = serve_on_twilio(&twilio, data.path(), flows.path()).await;
+    let all = twilio.wait_delivered(4).await;
+    let bodies: Vec<&str> = all.iter().map(|r| r.body.as_str()).collect();
+    assert_eq!(&bodies[1..], ["Step one", "Step two", "Step three"]);
+    quiet_for(Duration::from_millis(1500)).await;
+    assert_eq!(twilio.delivered().len(), 4, "each step exactly once");
 }
 
 const BURST: &str = r#"
