@@ -425,9 +425,6 @@ mod tests {
         // A nonsense value (it once overflowed the date arithmetic) is read as the cap.
         let absurd = Some(Duration::from_secs(10_000_000_000_000));
         assert_eq!(retry_wait(backoff, absurd), MAX_RETRY_AFTER);
-        assert!(chrono::Utc::now()
-            .checked_add_signed(chrono::TimeDelta::from_std(MAX_RETRY_AFTER).unwrap())
-            .is_some());
     }
 
     #[test]

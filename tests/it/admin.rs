@@ -175,6 +175,10 @@ async fn an_admin_opt_out_stops_every_further_message() {
     assert_eq!(status, 200);
     assert_eq!(s["state"], "opted_out");
     assert_eq!(s["next_timer"], serde_json::Value::Null);
+    // Nothing is left that could send: no timer, an empty outbox (and the wait below, past
+    // every step's time, is only a backstop).
+    assert_eq!(app.engine.store.timer_count(), 0);
+    assert_eq!(app.engine.store.outbox_len(), 0);
     quiet_for(Duration::from_millis(3500)).await;
     assert_eq!(
         app.twilio.delivered().len(),
@@ -272,6 +276,8 @@ async fn the_export_has_a_row_per_phone_with_category_columns() {
     );
     assert!(one_hot.lines().nth(1).unwrap().ends_with("Ann,red,1,0,0"));
     assert!(one_hot.lines().nth(2).unwrap().ends_with("Bob,blue,0,0,1"));
+    // No answer, no category: every indicator is 0.
+    assert!(one_hot.lines().nth(3).unwrap().ends_with(",0,0,0"));
 
     // The command line refuses politely while the daemon holds the data dir...
     let data = app.data.path().to_path_buf();

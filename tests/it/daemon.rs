@@ -61,6 +61,8 @@ async fn stop_mid_sequence_means_nothing_more_arrives() {
     assert_eq!(status, 200);
     assert!(twiml.contains("unsubscribed"), "{twiml}");
     assert_eq!(app.state_of(ANN).as_deref(), Some("opted_out"));
+    // Nothing is left that could send (the wait below, past every step's time, is a backstop).
+    assert_eq!(app.engine.store.timer_count(), 0);
     quiet_for(Duration::from_millis(2500)).await;
     let bodies: Vec<String> = app.twilio.delivered().into_iter().map(|r| r.body).collect();
     assert_eq!(bodies.len(), 2, "nothing after STOP: {bodies:?}");
