@@ -357,7 +357,18 @@ async fn signed_sms(base: &str, from: &str, body: &str) -> String {
 async fn after_a_crash_mid_sequence_the_remaining_steps_arrive_exactly_once() {
     let twilio = FakeTwilio::start().await;
     let (data, flows) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
+    // Steps two and three 2 s apart: room to kill it between one and two on a loaded machine.
+    let wide = FLOWS
+        .replace(
+            r#"{ after = "1s", say = "Step two" }"#,
+            r#"{ after = "2s", say = "Step two" }"#,
+        )
+        .replace(
+            r#"{ after = "1s", say = "Step three" }"#,
+            r#"{ after = "2s", say = "Step three" }"#,
+        );
+    assert_eq!(wide.matches(r#"after = "2s""#).count(), 2);
+    std::fs::write(flows.path().join("flows.toml"), wide).unwrap();
     let (mut child, base) = serve_on_twilio(&twilio, data.path(), flows.path()).await;
     signed_sms(&base, ANN, "JOIN").await;
     let code = code_in(&twilio.last_to(ANN, 1).await);
@@ -366,7 +377,7 @@ async fn after_a_crash_mid_sequence_the_remaining_steps_arrive_exactly_once() {
     let got = twilio.wait_delivered(2).await;
     assert_eq!(got[1].body, "Step one");
     // Killed outright (no flush, no goodbye) after Step one went out and before Step two is
-    // due, a second after it.
+    // due, two seconds after it.
     tokio::time::sleep(Duration::from_millis(300)).await;
     child.start_kill().unwrap();
     child.wait().await.unwrap();
