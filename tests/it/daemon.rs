@@ -621,9 +621,16 @@ async fn a_stop_answers_requests_under_way_and_does_not_wait_for_ever_on_a_stall
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert_eq!(app.twilio.held(), 1, "the code's send is under way");
-    let twilio = app.twilio.clone();
+    let (twilio, addr) = (
+        app.twilio.clone(),
+        app.base.trim_start_matches("http://").to_string(),
+    );
     let stopping = tokio::spawn(app.stop());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The stop has begun once the daemon takes no new connection.
+    eventually("the listener to close", async || {
+        tokio::net::TcpStream::connect(&addr).await.is_err()
+    })
+    .await;
     twilio.release();
     assert_eq!(under_way.await.unwrap(), 200, "answered during the stop");
     tokio::time::timeout(Duration::from_secs(10), stopping)
