@@ -538,7 +538,8 @@ impl Store {
     /// Whether `phone` opted out after outbox message `id` was queued, even if it opted back
     /// in since: consent withdrawn covers what was queued before it. One counter gives ids to
     /// the whole database (sled's `generate_id`), so history written later has larger ids.
-    /// An entry that cannot be read is passed over.
+    /// (`prune` keeps the history of a number with queued messages.) An entry that cannot be
+    /// read counts as an opt-out.
     pub fn opted_out_since(&self, phone: &Phone, id: u64) -> anyhow::Result<bool> {
         let Some(from) = id.checked_add(1) else {
             return Ok(false);
@@ -548,15 +549,14 @@ impl Store {
             .range(history_key(phone, from)..=history_key(phone, u64::MAX))
             .values()
         {
-            let entry: Result<HistoryEntry, _> = codec::decode(HISTORY_VERSION, &entry?);
-            if matches!(
-                entry,
+            // One that cannot be read might have been the opt-out: nothing is sent on a guess.
+            match codec::decode(HISTORY_VERSION, &entry?) {
                 Ok(HistoryEntry {
                     record: Record::OptedOut { .. },
                     ..
                 })
-            ) {
-                return Ok(true);
+                | Err(_) => return Ok(true),
+                Ok(_) => {}
             }
         }
         Ok(false)
@@ -830,6 +830,9 @@ impl Store {
             self.history.apply_batch(batch)?;
             Ok(())
         };
+        // A number with messages still queued keeps its history until they are gone: the
+        // send-time check reads it (`opted_out_since`). One look per number.
+        let mut queued: Option<(Vec<u8>, bool)> = None;
         for (scanned, kv) in self.history.iter().enumerate() {
             if scanned % 1024 == 1023 && stop() {
                 drop_history(&mut old)?;
@@ -837,7 +840,22 @@ impl Store {
             }
             let (k, v) = kv?;
             // An entry that cannot be read is left for an operator, not guessed at.
-            if codec::decode::<HistoryEntry>(HISTORY_VERSION, &v).is_ok_and(|h| h.at < before) {
+            if !codec::decode::<HistoryEntry>(HISTORY_VERSION, &v).is_ok_and(|h| h.at < before) {
+                continue;
+            }
+            // The number's part of the key: `phone ++ 0`.
+            let number = &k[..k.len().saturating_sub(8)];
+            let waiting = match &queued {
+                Some((n, waiting)) if n.as_slice() == number => *waiting,
+                _ => {
+                    let mut prefix = number.to_vec();
+                    prefix.push(OUTBOX_TAG);
+                    let waiting = self.by_phone.scan_prefix(&prefix).next().is_some();
+                    queued = Some((number.to_vec(), waiting));
+                    waiting
+                }
+            };
+            if !waiting {
                 old.push(k);
             }
             if old.len() >= CHUNK {

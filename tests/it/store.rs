@@ -482,7 +482,7 @@ fn a_delivery_report_changes_only_a_message_still_on_record() {
 }
 
 #[test]
-fn the_retention_deletes_old_history_and_delivery_records_and_nothing_else() {
+fn the_retention_deletes_old_records_but_keeps_queued_messages_and_the_history_they_need() {
     use smsflow::machine::Record;
     use smsflow::store::HistoryEntry;
 
@@ -514,10 +514,24 @@ fn the_retention_deletes_old_history_and_delivery_records_and_nothing_else() {
         .outbox_finish(queued[1], &sent(&phone, "SMnew"))
         .expect("finish new");
 
+    // While a message of the number is still queued its history stays: the send-time check
+    // reads it (an opt-out after the message was queued stops it).
     let (history, deliveries) = store
         .prune(now - Duration::days(180), || false)
         .expect("prune");
-    assert_eq!((history, deliveries), (1, 1));
+    assert_eq!((history, deliveries), (0, 1));
+    assert_eq!(store.history(&phone, 50).expect("history").len(), 2);
+    assert!(store.delivery_by_sid("SMold").expect("lookup").is_none());
+    // The old message still queued stays: only what is finished is deleted.
+    assert_eq!(messages_of(&store, &phone), (1, 1));
+    // Once it has gone, the old entry goes too.
+    store
+        .outbox_finish(queued[2], &sent(&phone, "SMlast"))
+        .expect("finish the last");
+    let (history, deliveries) = store
+        .prune(now - Duration::days(180), || false)
+        .expect("prune");
+    assert_eq!((history, deliveries), (1, 0));
     let kept: Vec<Record> = store
         .history(&phone, 50)
         .expect("history")
@@ -525,10 +539,8 @@ fn the_retention_deletes_old_history_and_delivery_records_and_nothing_else() {
         .map(|h| h.expect("readable").record)
         .collect();
     assert_eq!(kept, vec![Record::SequenceAssigned { name: "new".into() }]);
-    assert!(store.delivery_by_sid("SMold").expect("lookup").is_none());
     assert!(store.delivery_by_sid("SMnew").expect("lookup").is_some());
-    // The old message still queued stays: only what is finished is deleted.
-    assert_eq!(messages_of(&store, &phone), (1, 1));
+    assert_eq!(messages_of(&store, &phone), (0, 2));
     assert!(store.subscriber(&phone).expect("read").is_some());
     // Nothing more is old enough the second time.
     assert_eq!(
@@ -635,4 +647,51 @@ fn the_debug_form_of_a_queued_code_hides_its_text_and_the_number() {
     );
     let step = format!("{:?}", msg("Step one", false));
     assert!(step.contains("Step one"), "{step}");
+}
+
+#[test]
+fn a_message_counts_as_opted_out_only_for_an_opt_out_written_after_it_was_queued() {
+    use smsflow::machine::Record;
+    use smsflow::store::HistoryEntry;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("open");
+    let now = Utc::now();
+    let phone = Phone::parse("+14155550101").expect("phone");
+    let commit = |outgoing: Vec<(String, bool)>, history: Vec<Record>| Commit {
+        subscriber: Some(Subscriber::new(phone.clone(), now)),
+        outgoing,
+        history: history
+            .into_iter()
+            .map(|record| HistoryEntry { at: now, record })
+            .collect(),
+        ..Commit::default()
+    };
+    let opted_out = || Record::OptedOut {
+        reason: "STOP".into(),
+    };
+    // An opt-out before the message, then the message, then an opt-out, then a message.
+    store
+        .commit_many(&[commit(vec![], vec![opted_out()])], now)
+        .expect("commit");
+    store
+        .commit_many(&[commit(vec![("before".into(), false)], vec![])], now)
+        .expect("commit");
+    store
+        .commit_many(&[commit(vec![], vec![opted_out()])], now)
+        .expect("commit");
+    store
+        .commit_many(&[commit(vec![("after".into(), false)], vec![])], now)
+        .expect("commit");
+    let ids: Vec<(u64, String)> = store
+        .outbox()
+        .map(|m| m.expect("readable"))
+        .map(|(id, m)| (id, m.body))
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(store.opted_out_since(&phone, ids[0].0).expect("read"));
+    assert!(!store.opted_out_since(&phone, ids[1].0).expect("read"));
+    // Another number's opt-out is not this one's.
+    let other = Phone::parse("+14155550102").expect("other");
+    assert!(!store.opted_out_since(&other, 0).expect("read"));
 }
