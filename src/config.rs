@@ -132,7 +132,12 @@ impl Layer {
             .map(Layer::tidy)
             .map_err(|e| {
                 let (line, col) = e.span().map_or((1, 1), |s| {
-                    let before = text.get(..s.start).unwrap_or(&text);
+                    // The character the span starts in (a span inside one can no longer panic).
+                    let start = (0..=s.start.min(text.len()))
+                        .rev()
+                        .find(|&i| text.is_char_boundary(i))
+                        .unwrap_or(0);
+                    let before = &text[..start];
                     (
                         before.matches('\n').count() + 1,
                         before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
@@ -330,8 +335,13 @@ const MIN_SEND_RATE: f64 = 0.001;
 /// URL exactly as it was typed into its console, so it is not rewritten.
 fn base_url(given: &str, what: &str) -> anyhow::Result<String> {
     let given = given.trim();
-    let parsed =
-        url::Url::parse(given).with_context(|| format!("{what} {given:?} is not a URL"))?;
+    // Not repeated when it may carry a password (`user:password@host`).
+    let shown = if given.contains('@') {
+        "(not repeated: it may hold a password)".to_string()
+    } else {
+        format!("{given:?}")
+    };
+    let parsed = url::Url::parse(given).with_context(|| format!("{what} {shown} is not a URL"))?;
     // Before anything echoes the URL: a password in it must not reach the log or a banner.
     anyhow::ensure!(
         parsed.username().is_empty() && parsed.password().is_none(),
@@ -477,6 +487,8 @@ mod tests {
         for bad in [
             "https://:s3cret@abc.ngrok.app",
             "https://me:s3cret@abc.ngrok.app",
+            // Not even a URL (a bad port): still not repeated.
+            "https://me:s3cret@abc.ngrok.app:99999",
         ] {
             let err = format!("{:#}", public(bad).unwrap_err());
             assert!(err.contains("password"), "{bad}: {err}");
