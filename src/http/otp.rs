@@ -264,8 +264,11 @@ fn opted_out() -> OtpError {
     OtpError::Rejected("this phone opted out (it must text START or JOIN to opt back in)".into())
 }
 
+/// Whole seconds until `t`, rounded up (a client that waits exactly this long is not early),
+/// at least 1.
 fn seconds_until(t: chrono::DateTime<Utc>) -> u64 {
-    (t - Utc::now()).num_seconds().max(1) as u64
+    let ms = (t - Utc::now()).num_milliseconds();
+    (ms.saturating_add(999) / 1000).max(1) as u64
 }
 
 async fn apply(state: &AppState, phone: &Phone, event: Event) -> Result<Applied, OtpError> {
