@@ -196,8 +196,21 @@ impl Reloader {
 
     async fn load_blocking(self: &Arc<Self>, why: &'static str, when: Load) -> Look {
         let me = self.clone();
+        let swaps = self.engine.flow_swaps();
         match tokio::task::spawn_blocking(move || me.load(why, when)).await {
             Ok(look) => look,
+            // It stopped after the new set went live (and was counted): live it stays.
+            Err(e) if self.engine.flow_swaps() != swaps => {
+                tracing::error!(
+                    trigger = why,
+                    "the reload stopped after the new flows went live: {e}"
+                );
+                self.record(why, true, 0);
+                Look {
+                    done: Some(Ok(self.engine.flows().summary())),
+                    unreadable: false,
+                }
+            }
             Err(e) => {
                 self.refused.fetch_add(1, Ordering::SeqCst);
                 self.record(why, false, 1);
