@@ -377,8 +377,16 @@ async fn after_a_crash_mid_sequence_the_remaining_steps_arrive_exactly_once() {
     let got = twilio.wait_delivered(2).await;
     assert_eq!(got[1].body, "Step one");
     // Killed outright (no flush, no goodbye) after Step one went out and before Step two is
-    // due, two seconds after it.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // due, two seconds after it; and after Step one's send is on record (a crash before that
+    // sends it again: delivery is at least once). Its outbox entry is gone once recorded, and
+    // a webhook's answer waits for a flush of everything before it.
+    let metrics = format!("{base}/metrics");
+    eventually("Step one's send to be recorded", async || {
+        let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
+        text.lines().any(|l| l == "smsflow_outbox_depth 0")
+    })
+    .await;
+    signed_sms(&base, BOB, "HELP").await;
     child.start_kill().unwrap();
     child.wait().await.unwrap();
     assert_eq!(twilio.delivered().len(), 2, "stopped mid-sequence");
@@ -1179,6 +1187,7 @@ async fn a_message_waiting_for_its_retry_holds_up_only_its_own_number_and_not_af
             false
         }
     };
+    let started = std::time::Instant::now();
     app.sms(ANN, "JOIN").await;
     // Ann's code met the 503 and waits 10-20 s for its retry; Bob's goes out at once.
     app.sms(BOB, "JOIN").await;
@@ -1198,5 +1207,8 @@ async fn a_message_waiting_for_its_retry_holds_up_only_its_own_number_and_not_af
     app.sms(ANN, "JOIN").await;
     // Not held up by her erased message's retry.
     assert!(sent_to(ANN, 40).await, "Ann's new code within 2 s");
+    // All of it before her old message's retry was due: had the new code waited behind it,
+    // it would not have gone out yet.
+    assert!(started.elapsed() < Duration::from_secs(10));
     app.stop().await;
 }

@@ -609,7 +609,6 @@ pub fn parse_xml(xml: &str) -> Node {
     root.children.pop().expect("a root element")
 }
 
-/// Sleeps a while to show that nothing more happens.
 /// Waits (up to 10 s) until `check` holds.
 pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     for _ in 0..200 {
@@ -621,6 +620,7 @@ pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
+/// Sleeps a while to show that nothing more happens.
 pub async fn quiet_for(d: Duration) {
     tokio::time::sleep(d).await;
 }

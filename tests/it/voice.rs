@@ -201,6 +201,17 @@ async fn every_twilio_route_refuses_a_forged_signature_and_changes_nothing() {
         );
     }
     assert_eq!(app.state_of(CALLER), before, "nothing changed");
+    let phone = smsflow::phone::Phone::parse(CALLER).unwrap();
+    let history = app.engine.store.history(&phone, 100).unwrap();
+    assert_eq!(
+        history.len(),
+        2,
+        "only the JOIN's opt-in and code: {history:?}"
+    );
+    eventually("the outbox to empty", async || {
+        app.engine.store.outbox_len() == 0
+    })
+    .await;
     assert_eq!(app.twilio.attempts(), 1, "nothing sent");
     assert!(app.twilio.calls().is_empty(), "nobody called");
 }
