@@ -615,7 +615,7 @@ pub fn export(
                 eprintln!(
                     "smsflow export: {e}.\nThe running daemon holds it: download the dataset from it instead:\n  \
                      curl -H \"Authorization: Bearer $SMSFLOW_ADMIN_TOKEN\" '{}/admin/export.csv{}'",
-                    daemon_url(),
+                    daemon_url(data),
                     if one_hot { "?one_hot=1" } else { "" }
                 );
             } else {
@@ -661,9 +661,16 @@ pub fn export(
     }
 }
 
-/// Where a daemon started here answers locally, as `smsflow.toml` and the environment say.
-fn daemon_url() -> String {
+/// Where the daemon holding `data` answers locally: as it noted in the data dir at its start,
+/// or else as `smsflow.toml` and the environment say.
+fn daemon_url(data: &Path) -> String {
     use crate::config::Layer;
+    if let Ok(noted) = std::fs::read_to_string(data.join(crate::app::DAEMON_URL_FILE)) {
+        let noted = noted.trim();
+        if noted.starts_with("http://") && !noted.contains(char::is_whitespace) {
+            return noted.to_string();
+        }
+    }
     let listen = Layer::from_file(Path::new("smsflow.toml"), false)
         .and_then(|file| Ok(Layer::from_env(|k| std::env::var(k).ok())?.over(file)))
         .and_then(Layer::resolve)
