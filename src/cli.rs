@@ -285,6 +285,7 @@ impl Repl {
                     .event(&self.phone, Event::OtpSubmitted(arg.to_string()));
                 format!("[otp api: {}]\n{}", outcome_name(outcome), show(&sent))
             }
+            "hangup" | "silence" => "[no call in progress: /call first]\n".to_string(),
             _ => format!("unknown command /{name}\n{HELP}"),
         })
     }

@@ -247,7 +247,9 @@ impl Layer {
         let listen = self.listen.as_deref().unwrap_or("127.0.0.1:8080");
         let listen: SocketAddr = listen
             .parse()
-            .with_context(|| format!("listen address {listen:?} is not IP:PORT"))?;
+            .with_context(|| {
+                format!("listen address {listen:?} is not IP:PORT (an IP address, not a name: 127.0.0.1:8080)")
+            })?;
         let public_url = self
             .public_url
             .map(|u| base_url(&u, "public_url"))

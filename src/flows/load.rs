@@ -1064,7 +1064,7 @@ impl Cx {
                     f,
                     span.clone(),
                     format!(
-                        "choice key {key:?} collides with the keyword {norm} in keywords.{list}"
+                        "choice key {key:?} collides with the keyword {norm} (keywords.{list}, built in or added)"
                     ),
                 );
             }

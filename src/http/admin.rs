@@ -191,7 +191,8 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, AdminError> {
 #[derive(Deserialize)]
 pub struct ListQuery {
     state: Option<String>,
-    limit: Option<usize>,
+    /// Text, so a bad value gets this API's own message (not a parser's).
+    limit: Option<String>,
     after: Option<String>,
 }
 
@@ -211,12 +212,15 @@ pub async fn list(
             )));
         }
     }
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(AdminError::BadRequest(
-            "limit must be from 1 to 1000".into(),
-        ));
-    }
+    let limit = match q.limit.as_deref().map(|l| l.trim().parse::<usize>()) {
+        None => 100,
+        Some(Ok(n)) if (1..=1000).contains(&n) => n,
+        Some(_) => {
+            return Err(AdminError::BadRequest(
+                "limit must be a whole number from 1 to 1000".into(),
+            ))
+        }
+    };
     let after = match &q.after {
         Some(a) => Some(phone_named(&app, a, "after")?.to_string()),
         None => None,

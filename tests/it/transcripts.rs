@@ -127,8 +127,10 @@ fn simulate(input: &[u8]) -> String {
 /// by SMS would use up an attempt).
 #[test]
 fn simulate_in_a_call_takes_one_key_at_a_time() {
-    let stdout = simulate(b"JOIN\n/call\n12\n/hangup\n/state\n");
+    let stdout = simulate(b"JOIN\n/call\n12\n/hangup\n/hangup\n/state\n");
     assert!(stdout.contains("press one key at a time"), "{stdout}");
+    // A hang-up with no call says so (not "unknown command").
+    assert!(stdout.contains("[no call in progress"), "{stdout}");
     assert!(!stdout.contains("didn't match"), "{stdout}");
     assert!(stdout.contains("+15550001111: awaiting_code"), "{stdout}");
 }
