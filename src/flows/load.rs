@@ -169,6 +169,17 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
     }
     let flows = cx.build(files);
     let held = cx.clearable.iter().filter(|c| **c).count();
+    // In reading order: file by file (their names are sorted), line by line.
+    let mut both: Vec<(Problem, bool)> = std::mem::take(&mut cx.problems)
+        .into_iter()
+        .zip(
+            std::mem::take(&mut cx.clearable)
+                .into_iter()
+                .chain(std::iter::repeat(false)),
+        )
+        .collect();
+    both.sort_by(|(a, _), (b, _)| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
+    (cx.problems, cx.clearable) = both.into_iter().unzip();
     if !unread.is_empty() && held > 0 {
         // A file that did not parse may declare what others name: those problems wait
         // until it parses, and one line says how many wait.

@@ -475,3 +475,30 @@ fn a_flow_file_link_to_nothing_cannot_be_read_but_an_editors_hidden_lock_link_is
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("b.toml:1:1: cannot read: "), "{stderr}");
 }
+
+#[test]
+fn problems_are_listed_in_reading_order_whatever_check_found_first() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "flows.toml",
+        r#"
+[[sequence]]
+name = "s"
+steps = [ { after = "1s", say = "hi {field.zzz}" } ]
+
+[verify]
+ttl = "ten minutes please"
+
+[[form.field]]
+key = "age"
+ask = "Age? {field.nope}"
+"#,
+    );
+    let found = problems_in(dir.path());
+    let lines: Vec<usize> = found
+        .lines()
+        .filter_map(|l| l.split(':').nth(1)?.parse().ok())
+        .collect();
+    assert_eq!(lines, [4, 7, 11], "{found}");
+}
