@@ -315,8 +315,12 @@ pub async fn opt_out(
     if app.engine.store.subscriber(&phone)?.is_none() {
         return Err(AdminError::NotFound(format!("no subscriber {phone}")));
     }
-    app.engine.event(&phone, Event::AdminOptOut).await?;
-    tracing::info!(phone = %phone.masked(), "admin: opted out");
+    let applied = app.engine.event(&phone, Event::AdminOptOut).await?;
+    if applied.outcome == crate::machine::Outcome::Ignored {
+        tracing::info!(phone = %phone.masked(), "admin: opt-out of a number already opted out (nothing changed)");
+    } else {
+        tracing::info!(phone = %phone.masked(), "admin: opted out");
+    }
     detail(&app, &phone)
 }
 
