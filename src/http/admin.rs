@@ -188,7 +188,9 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, AdminError> {
         .map_err(|e| AdminError::BadRequest(format!("query string: {}", e.body_text())))
 }
 
+/// Unknown parameters are refused: `?stat=verified` must not quietly list everyone.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ListQuery {
     state: Option<String>,
     /// Text, so a bad value gets this API's own message (not a parser's).
@@ -361,6 +363,7 @@ pub async fn reload(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ExportQuery {
     one_hot: Option<String>,
 }

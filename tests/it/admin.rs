@@ -119,6 +119,10 @@ async fn subscribers_can_be_listed_filtered_and_paged() {
             "{bad}"
         );
     }
+    // A misspelt parameter is refused, not ignored (it would list everyone).
+    let (status, err) = get(&app, "/admin/subscribers?stat=verified", None).await;
+    assert_eq!(status, 400);
+    assert!(err["error"].as_str().unwrap().contains("stat"), "{err}");
     let (status, err) = get(&app, "/admin/subscribers?after=abc", None).await;
     assert_eq!(status, 400);
     assert!(
