@@ -75,14 +75,15 @@ impl Application {
         })?;
         // The first E.164 parse loads metadata (~100 ms): do it now, not on a webhook.
         let _ = crate::phone::Phone::parse("+14155550100");
-        let store = Store::open(&config.data_dir)?;
         let provider = match &config.twilio {
             Some(t) => Provider::Twilio(Twilio::new(t.clone(), config.public_url.as_deref())?),
             None => Provider::Console(Console::new(options.quiet_console)),
         };
+        // The socket first: a start that cannot listen leaves no new data dir behind.
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
+        let store = Store::open(&config.data_dir)?;
         let port = listener.local_addr()?.port();
         // Where this daemon answers on this machine, for `export`'s hint when it finds the data
         // dir held (a flag or env the export does not share may have set the address).

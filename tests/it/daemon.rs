@@ -745,6 +745,27 @@ async fn exits_cleanly(
     rest
 }
 
+/// A port already taken: `serve` exits 3 naming the address, and leaves no data dir behind.
+#[test]
+fn serve_on_a_port_in_use_exits_3_and_creates_no_data_dir() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("fresh");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .args(["serve", "--listen", &addr, "--flows", "flows"])
+        .arg("--data")
+        .arg(&data)
+        .env_remove("TWILIO_ACCOUNT_SID")
+        .env_remove("TWILIO_AUTH_TOKEN")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(said.contains(&addr), "{said}");
+    assert!(!data.exists(), "no data dir left behind");
+}
+
 /// `smsflow serve` as a user runs it: banner, then SIGTERM stops it cleanly with exit 0.
 #[tokio::test]
 async fn serve_prints_its_banner_and_stops_cleanly_on_sigterm() {
