@@ -302,53 +302,59 @@ async fn serve_on_twilio(
     data: &std::path::Path,
     flows: &std::path::Path,
 ) -> (tokio::process::Child, String) {
+    let (child, base, _) = spawn_serve(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--send-rate", "50"])
+            .arg("--data")
+            .arg(data)
+            .arg("--flows")
+            .arg(flows)
+            .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+            .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+            .env("TWILIO_FROM", FROM)
+            .env("TWILIO_API_BASE", &twilio.url)
+            .env("SMSFLOW_PUBLIC_URL", PUBLIC_URL)
+            .env("SMSFLOW_API_TOKEN", API_TOKEN)
+            .env("SMSFLOW_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env_remove("TWILIO_MESSAGING_SERVICE_SID")
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true),
+    )
+    .await;
+    (child, base)
+}
+
+/// Starts `serve` as `cmd` says; returns the child, its base URL (from the banner's first
+/// line) and the rest of its stdout, line by line.
+async fn spawn_serve(
+    cmd: &mut tokio::process::Command,
+) -> (
+    tokio::process::Child,
+    String,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) {
     use tokio::io::{AsyncBufReadExt, BufReader};
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--send-rate", "50"])
-        .arg("--data")
-        .arg(data)
-        .arg("--flows")
-        .arg(flows)
-        .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
-        .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
-        .env("TWILIO_FROM", FROM)
-        .env("TWILIO_API_BASE", &twilio.url)
-        .env("SMSFLOW_PUBLIC_URL", PUBLIC_URL)
-        .env("SMSFLOW_API_TOKEN", API_TOKEN)
-        .env("SMSFLOW_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env_remove("TWILIO_MESSAGING_SERVICE_SID")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = lines.next_line().await.unwrap().unwrap();
+    assert!(
+        first.starts_with("smsflow ") && first.contains("listening on http://127.0.0.1:"),
+        "{first}"
+    );
     let base = first.rsplit(' ').next().unwrap().to_string();
-    assert!(base.starts_with("http://127.0.0.1:"), "{first}");
-    (child, base)
+    (child, base, lines)
 }
 
 /// A signed inbound SMS to a daemon at `base`; returns its TwiML.
 async fn signed_sms(base: &str, from: &str, body: &str) -> String {
-    let form: Vec<(String, String)> = [
+    let sid = format!("SM{}", uuid_like());
+    let form = [
         ("From", from),
         ("To", FROM),
         ("Body", body),
-        ("MessageSid", &format!("SM{}", uuid_like())),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    let sig =
-        smsflow::http::signature::sign(AUTH_TOKEN, &format!("{PUBLIC_URL}/twilio/sms"), &form);
-    let r = reqwest::Client::new()
-        .post(format!("{base}/twilio/sms"))
-        .header("X-Twilio-Signature", sig)
-        .form(&form)
-        .send()
-        .await
-        .unwrap();
+        ("MessageSid", &sid),
+    ];
+    let r = post_signed(&reqwest::Client::new(), base, "/twilio/sms", &form).await;
     assert_eq!(r.status().as_u16(), 200);
     r.text().await.unwrap()
 }
@@ -686,28 +692,21 @@ async fn serve_child(
     tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
 ) {
     use tokio::io::{AsyncBufReadExt, BufReader};
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--flows", "flows"])
-        .arg("--data")
-        .arg(data)
-        .env_remove("TWILIO_ACCOUNT_SID")
-        .env_remove("TWILIO_AUTH_TOKEN")
-        // Blank is unset, like every variable: the default `info` logs (the stop's tests
-        // read them).
-        .env("SMSFLOW_LOG", "")
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut child, base, lines) = spawn_serve(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--flows", "flows"])
+            .arg("--data")
+            .arg(data)
+            .env_remove("TWILIO_ACCOUNT_SID")
+            .env_remove("TWILIO_AUTH_TOKEN")
+            // Blank is unset, like every variable: the default `info` logs (the stop's tests
+            // read them).
+            .env("SMSFLOW_LOG", "")
+            .env_remove("RUST_LOG")
+            .stderr(std::process::Stdio::piped()),
+    )
+    .await;
     let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    let first = lines.next_line().await.unwrap().unwrap();
-    assert!(
-        first.starts_with("smsflow ") && first.contains("listening on http://127.0.0.1:"),
-        "{first}"
-    );
-    let base = first.rsplit(' ').next().unwrap().to_string();
     (child, base, lines, stderr)
 }
 

@@ -407,19 +407,7 @@ impl TestApp {
 
     /// POSTs a signed Twilio form to `path`.
     pub async fn post_form(&self, path: &str, params: &[(&str, &str)]) -> reqwest::Response {
-        let owned: Vec<(String, String)> = params
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let sig =
-            smsflow::http::signature::sign(AUTH_TOKEN, &format!("{PUBLIC_URL}{path}"), &owned);
-        self.http
-            .post(format!("{}{path}", self.base))
-            .header("X-Twilio-Signature", sig)
-            .form(&owned)
-            .send()
-            .await
-            .unwrap()
+        post_signed(&self.http, &self.base, path, params).await
     }
 
     /// An inbound SMS with a fresh MessageSid; returns (status, body).
@@ -607,6 +595,26 @@ pub fn parse_xml(xml: &str) -> Node {
     let mut root = stack.pop().unwrap();
     assert!(stack.is_empty(), "unclosed elements");
     root.children.pop().expect("a root element")
+}
+
+/// POSTs a Twilio form to the daemon at `base`, signed as Twilio signs it for `PUBLIC_URL`.
+pub async fn post_signed(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    params: &[(&str, &str)],
+) -> reqwest::Response {
+    let owned: Vec<(String, String)> = params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let sig = smsflow::http::signature::sign(AUTH_TOKEN, &format!("{PUBLIC_URL}{path}"), &owned);
+    http.post(format!("{base}{path}"))
+        .header("X-Twilio-Signature", sig)
+        .form(&owned)
+        .send()
+        .await
+        .unwrap()
 }
 
 /// Waits (up to 10 s) until `check` holds.
