@@ -61,6 +61,15 @@ pub struct Application {
 /// The file in the data dir naming the local URL of the daemon that holds it.
 pub const DAEMON_URL_FILE: &str = "daemon-url";
 
+/// Where a daemon listening on `addr` answers on this machine (a wildcard address is
+/// reached through loopback).
+pub fn local_url(mut addr: std::net::SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("http://{addr}")
+}
+
 impl Application {
     /// Loads flows (every problem listed on failure), opens the store, binds the socket.
     pub async fn build(config: Config, options: Options) -> anyhow::Result<Application> {
@@ -87,14 +96,8 @@ impl Application {
         let port = listener.local_addr()?.port();
         // Where this daemon answers on this machine, for `export`'s hint when it finds the data
         // dir held (a flag or env the export does not share may have set the address).
-        let mut here = std::net::SocketAddr::new(config.listen.ip(), port);
-        if here.ip().is_unspecified() {
-            here.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
-        if let Err(e) = std::fs::write(
-            config.data_dir.join(DAEMON_URL_FILE),
-            format!("http://{here}\n"),
-        ) {
+        let here = local_url(std::net::SocketAddr::new(config.listen.ip(), port));
+        if let Err(e) = std::fs::write(config.data_dir.join(DAEMON_URL_FILE), format!("{here}\n")) {
             tracing::warn!("cannot note the daemon's address in the data dir: {e}");
         }
         Ok(Application {

@@ -676,15 +676,10 @@ fn daemon_url(data: &Path) -> String {
         .and_then(|file| Ok(Layer::from_env(|k| std::env::var(k).ok())?.over(file)))
         .and_then(Layer::resolve)
         .map(|c| c.listen);
-    match listen {
-        Ok(mut addr) => {
-            if addr.ip().is_unspecified() {
-                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-            }
-            format!("http://{addr}")
-        }
-        Err(_) => "http://<the daemon's listen address>".to_string(),
-    }
+    listen.map_or_else(
+        |_| "http://<the daemon's listen address>".to_string(),
+        crate::app::local_url,
+    )
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
