@@ -572,20 +572,6 @@ async fn what_we_send_to_twilio_matches_its_openapi_spec() {
     assert!(e164.is_match(&sent[0].to) && e164.is_match(&sent[0].from));
 }
 
-/// A daemon on [`FLOWS`] with these options.
-async fn spawn_with_options(options: smsflow::app::Options) -> TestApp {
-    let flows = tempfile::tempdir().unwrap();
-    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
-    TestApp::start(
-        FakeTwilio::start().await,
-        Arc::new(tempfile::tempdir().unwrap()),
-        Arc::new(flows),
-        options,
-        |_| {},
-    )
-    .await
-}
-
 /// A connection to `base` that sends half a request head, then nothing.
 async fn half_a_request(base: &str) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
@@ -603,13 +589,8 @@ async fn half_a_request(base: &str) -> tokio::net::TcpStream {
 /// finished its request does not hold the stop past the grace period.
 #[tokio::test]
 async fn a_stop_answers_requests_under_way_and_does_not_wait_for_ever_on_a_stalled_client() {
-    let app = spawn_with_options(smsflow::app::Options {
-        retry_base: Duration::from_millis(10),
-        quiet_console: true,
-        shutdown_grace: Duration::from_secs(2),
-        ..smsflow::app::Options::default()
-    })
-    .await;
+    let app =
+        TestApp::spawn_with_options(FLOWS, |o| o.shutdown_grace = Duration::from_secs(2)).await;
     let stalled = half_a_request(&app.base).await;
     // A code request waits on Twilio's answer while the stop begins.
     app.twilio.hold();
@@ -659,11 +640,8 @@ async fn a_stop_answers_requests_under_way_and_does_not_wait_for_ever_on_a_stall
 #[tokio::test]
 async fn a_connection_that_never_finishes_its_request_head_is_closed() {
     use tokio::io::AsyncReadExt;
-    let app = spawn_with_options(smsflow::app::Options {
-        retry_base: Duration::from_millis(10),
-        quiet_console: true,
-        header_read_timeout: Duration::from_millis(300),
-        ..smsflow::app::Options::default()
+    let app = TestApp::spawn_with_options(FLOWS, |o| {
+        o.header_read_timeout = Duration::from_millis(300)
     })
     .await;
     let mut stalled = half_a_request(&app.base).await;
@@ -1182,17 +1160,9 @@ async fn a_shutdown_does_not_wait_for_the_next_send_slot() {
 /// number is erased and joins again, its new code does not wait for the erased one's retry.
 #[tokio::test]
 async fn a_message_waiting_for_its_retry_holds_up_only_its_own_number_and_not_after_an_erase() {
-    let flows = tempfile::tempdir().unwrap();
-    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
-    let options = smsflow::app::Options {
-        retry_base: Duration::from_secs(20),
-        quiet_console: true,
-        ..smsflow::app::Options::default()
-    };
-    let twilio = FakeTwilio::start().await;
-    twilio.fail_next(&[503]);
-    let data = Arc::new(tempfile::tempdir().unwrap());
-    let app = TestApp::start(twilio, data, Arc::new(flows), options, |_| {}).await;
+    let app = TestApp::spawn_with_options(FLOWS, |o| o.retry_base = Duration::from_secs(20)).await;
+    // (Nothing is sent before the first JOIN below.)
+    app.twilio.fail_next(&[503]);
     // Whether a message to `to` was delivered within `tries` × 50 ms.
     let sent_to = |to: &str, tries: usize| {
         let to = to.to_string();

@@ -293,13 +293,27 @@ impl TestApp {
 
     /// Like [`TestApp::spawn`], with the configuration adjusted first.
     pub async fn spawn_with(flows: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        Self::spawn_adjusted(flows, tweak, |_| {}).await
+    }
+
+    /// Like [`TestApp::spawn`], with the daemon's options adjusted first.
+    pub async fn spawn_with_options(flows: &str, adjust: impl FnOnce(&mut Options)) -> TestApp {
+        Self::spawn_adjusted(flows, |_| {}, adjust).await
+    }
+
+    async fn spawn_adjusted(
+        flows: &str,
+        tweak: impl FnOnce(&mut Config),
+        adjust: impl FnOnce(&mut Options),
+    ) -> TestApp {
         let flows_dir = tempfile::tempdir().unwrap();
         std::fs::write(flows_dir.path().join("flows.toml"), flows).unwrap();
-        let options = Options {
+        let mut options = Options {
             retry_base: Duration::from_millis(10),
             quiet_console: true,
             ..Options::default()
         };
+        adjust(&mut options);
         Self::start(
             FakeTwilio::start().await,
             Arc::new(tempfile::tempdir().unwrap()),
