@@ -50,27 +50,39 @@ pub fn render(engine: &Engine, reloads: (u64, u64)) -> String {
     let head = |out: &mut String, name: &str, kind: &str, help: &str| {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
     };
-    head(
+    // A family with one label, a sample per value.
+    let labelled = |out: &mut String,
+                    name: &str,
+                    kind: &str,
+                    help: &str,
+                    label: &str,
+                    rows: &[(&str, u64)]| {
+        head(out, name, kind, help);
+        for (value, n) in rows {
+            out.push_str(&format!("{name}{{{label}=\"{value}\"}} {n}\n"));
+        }
+    };
+    let states: Vec<(&str, u64)> = State::NAMES
+        .iter()
+        .zip(engine.state_counts())
+        .map(|(name, n)| (*name, n.max(0) as u64))
+        .collect();
+    labelled(
         &mut out,
         "smsflow_subscribers",
         "gauge",
         "Subscribers by state.",
+        "state",
+        &states,
     );
-    for (name, n) in State::NAMES.iter().zip(engine.state_counts()) {
-        out.push_str(&format!(
-            "smsflow_subscribers{{state=\"{name}\"}} {}\n",
-            n.max(0)
-        ));
-    }
-    head(
+    labelled(
         &mut out,
         RELOADS,
         "counter",
         "Flow reloads by result: ok (made live) or failed (refused; the previous flows stay).",
+        "result",
+        &[("ok", reloads.0), ("failed", reloads.1)],
     );
-    for (result, n) in [("ok", reloads.0), ("failed", reloads.1)] {
-        out.push_str(&format!("{RELOADS}{{result=\"{result}\"}} {n}\n"));
-    }
     let work = engine.writer_work();
     for (name, kind, help, value) in [
         (
