@@ -330,6 +330,7 @@ struct RawVerify {
     locked: Text,
     rate_limited: Text,
     verified: Text,
+    welcome_back: Text,
     voice: Text,
 }
 
@@ -859,6 +860,9 @@ impl Cx {
                 plain,
             ),
             verified: self.text(f, r.verified, "verify.verified", "You're verified!", plain),
+            welcome_back: r
+                .welcome_back
+                .map(|s| self.checked_text(f, &s, "verify.welcome_back", plain)),
             voice: self.text(
                 f,
                 r.voice,
@@ -1492,6 +1496,7 @@ impl RawVerify {
             locked: None,
             rate_limited: None,
             verified: None,
+            welcome_back: None,
             voice: None,
         }
     }

@@ -796,7 +796,17 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         if via == "otp_api" && self.flows.verify.after_otp_api == AfterOtpApi::Stay {
             return;
         }
-        self.say_t(&self.flows.verify.verified);
+        let v = &self.flows.verify;
+        let asks = self
+            .flows
+            .form
+            .fields
+            .iter()
+            .any(|f| !self.sub.fields.contains_key(&f.key));
+        match (&v.welcome_back, asks) {
+            (Some(back), false) => self.say_t(back),
+            _ => self.say_t(&v.verified),
+        }
         self.continue_form(0);
     }
 

@@ -382,6 +382,7 @@ name = "Verifier"
 send = "Welcome! Reply with the code we sent."
 voice = "Hello from {bot.name}."
 expired = "Code {code} expired."
+welcome_back = "Welcome back, your code was {code}."
 
 [ivr]
 start = "welcome"
@@ -392,9 +393,13 @@ read_code = "Hello."
     for (place, what) in [
         ("v.toml:5:", "verify.send must contain {code}"),
         ("v.toml:6:", "verify.voice must contain {code}"),
-        ("v.toml:11:", "ivr.read_code must contain {code}"),
-        ("v.toml:10:", "there is no [ivr.menu.*] at all"),
+        ("v.toml:12:", "ivr.read_code must contain {code}"),
+        ("v.toml:11:", "there is no [ivr.menu.*] at all"),
         ("v.toml:7:", "verify.send, verify.voice and ivr.read_code"),
+        (
+            "v.toml:8:",
+            "verify.welcome_back: unknown placeholder {code}",
+        ),
     ] {
         assert!(
             problems

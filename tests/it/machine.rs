@@ -514,7 +514,8 @@ fn a_number_whose_sequence_a_reload_removed_ends_it_and_its_answer_is_not_met_wi
 }
 
 /// A number awaiting the code 123456 texts `typed`.
-fn typed_while_awaiting_123456(typed: &str) -> smsflow::machine::Transition {
+/// A number awaiting its code 123456, sent at `t0`.
+fn awaiting_123456() -> Subscriber {
     let mut s = subscriber(State::AwaitingCode);
     s.codes.push(IssuedCode {
         code: "123456".into(),
@@ -522,8 +523,12 @@ fn typed_while_awaiting_123456(typed: &str) -> smsflow::machine::Transition {
         expires_at: t0() + TimeDelta::minutes(10),
         wrong: 0,
     });
+    s
+}
+
+fn typed_while_awaiting_123456(typed: &str) -> smsflow::machine::Transition {
     step(
-        s,
+        awaiting_123456(),
         &Event::Inbound(typed.into()),
         &flows(),
         t0(),
@@ -648,5 +653,50 @@ fn the_debug_form_of_events_and_effects_never_shows_a_code() {
     assert!(
         shown.contains("SendCode") && !shown.contains(code.as_str()),
         "{shown}"
+    );
+}
+
+/// A number that verifies again with every form answer kept is asked nothing, so it gets
+/// `verify.welcome_back` (when the flow has one) instead of a `verified` text promising
+/// questions; a number with questions ahead still gets `verified`.
+#[test]
+fn a_number_verifying_again_with_every_answer_kept_is_welcomed_back_not_promised_questions() {
+    let f = flows();
+    let verify = |fields: &[(&str, &str)], f: &Flows| {
+        let mut s = awaiting_123456();
+        for (k, v) in fields {
+            s.fields.insert(k.to_string(), v.to_string());
+        }
+        let t = step(
+            s,
+            &Event::Inbound("123456".into()),
+            f,
+            t0(),
+            &mut StdRng::seed_from_u64(1),
+        );
+        messages(&t.effects)
+    };
+    let all = [
+        ("first_name", "Ann"),
+        ("age_group", "30_50"),
+        ("channel", "friend"),
+    ];
+    let known = verify(&all, &f);
+    assert_eq!(
+        known.first().map(String::as_str),
+        Some("Welcome back! Your answers are kept.")
+    );
+    assert!(known.iter().all(|m| !m.contains("questions")), "{known:?}");
+    let new = verify(&[], &f);
+    assert_eq!(
+        new.first().map(String::as_str),
+        Some("You're in! A few quick questions first.")
+    );
+    // Without a welcome_back text, the verified text is sent.
+    let mut without = flows();
+    without.verify.welcome_back = None;
+    assert_eq!(
+        verify(&all, &without).first().map(String::as_str),
+        Some("You're in! A few quick questions first.")
     );
 }
