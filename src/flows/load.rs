@@ -1270,7 +1270,7 @@ impl Cx {
                 f,
                 r.opted_out,
                 "replies.opted_out",
-                "You're unsubscribed and will get no more messages. Reply JOIN to rejoin.",
+                "You're unsubscribed and will get no more messages. Reply START to rejoin.",
                 plain,
             ),
             unknown: self.text(
