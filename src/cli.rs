@@ -280,9 +280,12 @@ impl Repl {
                 format!("[otp api: {}]\n{}", outcome_name(outcome), show(&sent))
             }
             "validate" => {
-                let (outcome, sent) = self
-                    .sandbox
-                    .event(&self.phone, Event::OtpSubmitted(arg.to_string()));
+                let length = self.sandbox.flows.verify.code_length;
+                // Refused as the daemon refuses it (400), before the state machine sees it.
+                let Some(code) = self.sandbox.flows.verify.api_code(arg).map(str::to_string) else {
+                    return Some(format!("[otp api: 400, otp must be {length} digits]\n"));
+                };
+                let (outcome, sent) = self.sandbox.event(&self.phone, Event::OtpSubmitted(code));
                 format!("[otp api: {}]\n{}", outcome_name(outcome), show(&sent))
             }
             "hangup" | "silence" => "[no call in progress: /call first]\n".to_string(),

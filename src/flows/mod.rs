@@ -81,6 +81,17 @@ pub struct Verify {
     pub voice: Template,
 }
 
+impl Verify {
+    /// A code as the OTP API takes it: exactly `code_length` digits, spaces around it
+    /// ignored (a copy-paste accident, not a different code). `None`: not a code at all,
+    /// which is refused without counting as a wrong guess.
+    pub fn api_code<'s>(&self, text: &'s str) -> Option<&'s str> {
+        let t = text.trim();
+        (t.len() == usize::from(self.code_length) && t.bytes().all(|b| b.is_ascii_digit()))
+            .then_some(t)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Form {
     pub fields: Vec<Field>,

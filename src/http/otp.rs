@@ -223,12 +223,10 @@ pub async fn validate_otp(
     authorize(&state, &headers)?;
     let req: ValidateOtp = json(&headers, &body)?;
     let phone = phone(&state, req.phone)?;
-    let length = usize::from(state.engine.flows().verify.code_length);
+    let flows = state.engine.flows();
+    let length = flows.verify.code_length;
     let otp = match req.otp {
-        // Spaces around it are a copy-paste accident, not a different code.
-        Some(serde_json::Value::String(s))
-            if s.trim().len() == length && s.trim().bytes().all(|b| b.is_ascii_digit()) =>
-        {
+        Some(serde_json::Value::String(s)) if flows.verify.api_code(&s).is_some() => {
             s.trim().to_string()
         }
         Some(serde_json::Value::String(_)) => {

@@ -184,3 +184,20 @@ fn the_transcript_sample_in_the_readme_passes() {
         panic!("the README's transcript fails: {e:?}");
     }
 }
+
+/// `/validate` takes a code as the daemon's validate_otp does: a text that is not
+/// `code_length` digits is refused (the daemon's 400) and costs no attempt, so the
+/// simulator cannot verify with `123-456` or lock a code with `12345`s the daemon refuses.
+#[test]
+fn simulate_validate_refuses_what_the_otp_api_refuses_and_counts_no_attempt() {
+    let stdout = simulate(b"/otp\n/validate 12345\n/validate 123-456\n/validate abc\n/state\n");
+    assert_eq!(
+        stdout
+            .matches("[otp api: 400, otp must be 6 digits]")
+            .count(),
+        3,
+        "{stdout}"
+    );
+    assert!(!stdout.contains("wrong_code"), "{stdout}");
+    assert!(stdout.contains("+15550001111: awaiting_code"), "{stdout}");
+}
