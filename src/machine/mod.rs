@@ -995,6 +995,11 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             }
             StepAction::Ask(q) => {
                 self.say_t(&q.text);
+                // The question is now the last thing asked: an unfinished edit pass ends
+                // (what it saved stays), or the reply would go to the old edit prompt.
+                if self.sub.form.is_some_and(|c| c.editing) {
+                    self.sub.form = None;
+                }
                 self.sub.state = State::InSequence {
                     name: name.to_string(),
                     step: k,

@@ -700,3 +700,38 @@ fn a_number_verifying_again_with_every_answer_kept_is_welcomed_back_not_promised
         Some("You're in! A few quick questions first.")
     );
 }
+
+/// A number that sent PROFILE and left the edit unanswered, then got a sequence question:
+/// its reply answers the question (the latest thing it was asked), not the old edit prompt.
+#[test]
+fn a_sequence_question_sent_during_an_unfinished_edit_gets_the_answer() {
+    let f = flows();
+    let mut sub = subscriber(State::InSequence {
+        name: "gentle".into(),
+        step: 2,
+        waiting: false,
+    });
+    sub.fields.insert("first_name".into(), "Ann".into());
+    sub.form = Some(smsflow::machine::FormCursor {
+        index: 0,
+        editing: true,
+    });
+    let timer = smsflow::machine::Timer {
+        at: t0(),
+        kind: smsflow::machine::TimerKind::Step,
+        epoch: 1,
+    };
+    sub.timer = Some(timer);
+    let rng = &mut StdRng::seed_from_u64(0);
+    let asked = step(sub, &Event::TimerDue(timer), &f, t0(), rng);
+    assert_eq!(messages(&asked.effects), ["How useful were the tips, 1-5?"]);
+    let answered = step(asked.subscriber, &Event::Inbound("5".into()), &f, t0(), rng);
+    let s = &answered.subscriber;
+    assert_eq!(s.fields.get("rating").map(String::as_str), Some("5"));
+    assert_eq!(s.fields.get("first_name").map(String::as_str), Some("Ann"));
+    assert_eq!(s.form, None, "the edit pass is over");
+    assert_eq!(
+        messages(&answered.effects),
+        ["Thanks for taking part! Good luck in the contest."]
+    );
+}
