@@ -909,27 +909,41 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 
     // ---- sequences ---------------------------------------------------------
 
-    /// Picks a sequence at random by weight, records it, and starts it.
+    /// Starts the number's sequence: the one it was assigned before (a number that rejoins
+    /// keeps its draw, so the dataset's assignment stands), or one picked at random by
+    /// weight and recorded. A sequence since removed, or weighted 0, is drawn again.
     fn enrol(&mut self) {
         let total = self.flows.total_weight();
         if total == 0 {
             return; // no sequences: the number stays verified
         }
-        let mut pick = self.rng.random_range(0..total);
-        let Some(seq) = self.flows.sequences.iter().find(|s| {
-            let w = u64::from(s.weight);
-            if pick < w {
-                true
-            } else {
-                pick -= w;
-                false
+        let kept = self
+            .sub
+            .sequence
+            .as_deref()
+            .and_then(|n| self.flows.sequence(n))
+            .filter(|s| s.weight > 0);
+        let name = match kept {
+            Some(seq) => seq.name.clone(),
+            None => {
+                let mut pick = self.rng.random_range(0..total);
+                let Some(seq) = self.flows.sequences.iter().find(|s| {
+                    let w = u64::from(s.weight);
+                    if pick < w {
+                        true
+                    } else {
+                        pick -= w;
+                        false
+                    }
+                }) else {
+                    return;
+                };
+                let name = seq.name.clone();
+                self.sub.sequence = Some(name.clone());
+                self.record(Record::SequenceAssigned { name: name.clone() });
+                name
             }
-        }) else {
-            return;
         };
-        let name = seq.name.clone();
-        self.sub.sequence = Some(name.clone());
-        self.record(Record::SequenceAssigned { name: name.clone() });
         self.sub.state = State::InSequence {
             name: name.clone(),
             step: 0,

@@ -735,3 +735,46 @@ fn a_sequence_question_sent_during_an_unfinished_edit_gets_the_answer() {
         ["Thanks for taking part! Good luck in the contest."]
     );
 }
+
+/// A number that rejoins keeps the sequence it was drawn before (the dataset's assignment
+/// stands) and starts it again; one whose sequence was since removed is drawn anew.
+#[test]
+fn a_number_that_rejoins_keeps_its_sequence_draw_unless_that_sequence_is_gone() {
+    let f = flows();
+    let rejoin = |assigned: &str, seed: u64| {
+        let mut s = awaiting_123456();
+        s.sequence = Some(assigned.to_string());
+        for (k, v) in [
+            ("first_name", "Ann"),
+            ("age_group", "30_50"),
+            ("channel", "friend"),
+        ] {
+            s.fields.insert(k.into(), v.into());
+        }
+        step(
+            s,
+            &Event::Inbound("123456".into()),
+            &f,
+            t0(),
+            &mut StdRng::seed_from_u64(seed),
+        )
+    };
+    for seed in 0..20 {
+        let t = rejoin("quiz", seed);
+        assert_eq!(
+            t.subscriber.sequence.as_deref(),
+            Some("quiz"),
+            "seed {seed}"
+        );
+        assert!(
+            matches!(&t.subscriber.state, State::InSequence { name, step: 1, .. } if name == "quiz"),
+            "seed {seed}: {:?}",
+            t.subscriber.state
+        );
+    }
+    let drawn: std::collections::BTreeSet<String> = (0..20)
+        .filter_map(|seed| rejoin("retired", seed).subscriber.sequence)
+        .collect();
+    assert!(!drawn.contains("retired"));
+    assert!(drawn.len() > 1, "drawn at random: {drawn:?}");
+}
