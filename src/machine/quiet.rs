@@ -24,15 +24,16 @@ pub fn quiet_end(bot: &Bot, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
     Some(end.max(at + TimeDelta::seconds(1)))
 }
 
-/// The UTC instant of a local wall time, after `after`: a time skipped by a DST jump moves to
-/// just after it, and of a time a DST fold repeats, the first copy still ahead is taken (in
-/// the repeated hour itself, the second: the first is already past).
+/// The UTC instant of a local wall time, after `after`: a time skipped by a clock jump moves
+/// to just after it (in half hours, up to two days: Samoa skipped a whole day in 2011), and of
+/// a time a DST fold repeats, the first copy still ahead is taken (in the repeated hour
+/// itself, the second: the first is already past).
 fn first_instant_at_or_after(
     bot: &Bot,
     mut naive: NaiveDateTime,
     after: DateTime<Utc>,
 ) -> Option<DateTime<Utc>> {
-    for _ in 0..4 {
+    for _ in 0..=96 {
         match bot.timezone.from_local_datetime(&naive) {
             LocalResult::Single(t) => return Some(t.with_timezone(&Utc)),
             LocalResult::Ambiguous(early, late) => {
@@ -98,6 +99,19 @@ mod tests {
         assert_eq!(
             quiet_end(&b, utc("2026-11-01T06:15:00Z")),
             Some(utc("2026-11-01T06:30:00Z"))
+        );
+    }
+
+    #[test]
+    fn quiet_hours_ending_in_a_skipped_day_end_when_the_clock_comes_back() {
+        // Samoa skipped 30 December 2011: 29 Dec 23:59:59 (UTC-10) was followed by
+        // 31 Dec 00:00 (UTC+14). Quiet from 21:00 to 08:00 on the 29th ends at the first
+        // local time after the jump, not never (which sent the message at once).
+        let b = bot(chrono_tz::Pacific::Apia, "21:00", "08:00");
+        // 22:00 local on the 29th.
+        assert_eq!(
+            quiet_end(&b, utc("2011-12-30T08:00:00Z")),
+            Some(utc("2011-12-30T10:00:00Z"))
         );
     }
 
