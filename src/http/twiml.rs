@@ -66,9 +66,12 @@ pub fn voice(turn: &Turn, asked: Asked) -> String {
     let mut out = format!("{HEADER}<Response>");
     match turn {
         Turn::Ask { say, menu, attempt } => {
+            // Keys in alphabetical order: Twilio has been seen to sort an action URL's query
+            // before calling it while signing the URL as written, so only a sorted query
+            // is signed as it arrives.
             let query: String = form_urlencoded::Serializer::new(String::new())
-                .append_pair("menu", menu)
                 .append_pair("attempt", &attempt.to_string())
+                .append_pair("menu", menu)
                 .finish();
             let next = match asked {
                 Asked::OnCall => "voice/gather",
@@ -129,6 +132,22 @@ mod tests {
             Asked::InMenu,
         );
         assert!(spoken.contains("<Say>ab</Say>"), "{spoken}");
+    }
+
+    #[test]
+    fn a_menus_next_url_has_its_query_keys_in_alphabetical_order() {
+        let x = voice(
+            &Turn::Ask {
+                say: Vec::new(),
+                menu: "main".into(),
+                attempt: 2,
+            },
+            Asked::OnCall,
+        );
+        assert!(
+            x.contains(r#"action="voice/gather?attempt=2&amp;menu=main""#),
+            "{x}"
+        );
     }
 
     #[test]

@@ -66,7 +66,7 @@ async fn a_call_gets_the_start_menu_inside_a_one_key_gather() {
     assert_eq!(twiml.names(), ["Gather", "Redirect"]);
     assert_eq!(
         gather_action(&twiml),
-        "/twilio/voice/gather?menu=main&attempt=0"
+        "/twilio/voice/gather?attempt=0&menu=main"
     );
     let say = &twiml.child("Gather").unwrap().children[0];
     assert_eq!(say.name, "Say");
@@ -76,29 +76,29 @@ async fn a_call_gets_the_start_menu_inside_a_one_key_gather() {
 #[tokio::test]
 async fn digits_route_between_menus() {
     let app = TestApp::spawn(FLOWS).await;
-    let info = voice(&app, "/twilio/voice/gather?menu=main&attempt=0", Some("4")).await;
+    let info = voice(&app, "/twilio/voice/gather?attempt=0&menu=main", Some("4")).await;
     assert_eq!(
         gather_action(&info),
-        "/twilio/voice/gather?menu=info&attempt=0"
+        "/twilio/voice/gather?attempt=0&menu=info"
     );
     assert_eq!(
         info.child("Gather").unwrap().children[0].text,
         "Info. Press 9 to go back."
     );
-    let back = voice(&app, "/twilio/voice/gather?menu=info&attempt=0", Some("9")).await;
+    let back = voice(&app, "/twilio/voice/gather?attempt=0&menu=info", Some("9")).await;
     assert_eq!(
         gather_action(&back),
-        "/twilio/voice/gather?menu=main&attempt=0"
+        "/twilio/voice/gather?attempt=0&menu=main"
     );
 }
 
 #[tokio::test]
 async fn an_unknown_key_or_silence_reprompts_then_says_goodbye_and_hangs_up() {
     let app = TestApp::spawn(FLOWS).await;
-    let first = voice(&app, "/twilio/voice/gather?menu=main&attempt=0", Some("7")).await;
+    let first = voice(&app, "/twilio/voice/gather?attempt=0&menu=main", Some("7")).await;
     assert_eq!(
         gather_action(&first),
-        "/twilio/voice/gather?menu=main&attempt=1"
+        "/twilio/voice/gather?attempt=1&menu=main"
     );
     let says: Vec<&str> = first
         .child("Gather")
@@ -109,12 +109,12 @@ async fn an_unknown_key_or_silence_reprompts_then_says_goodbye_and_hangs_up() {
         .collect();
     assert_eq!(says[0], "Sorry?");
     assert!(says[1].starts_with("Press 1"));
-    let second = voice(&app, "/twilio/voice/gather?menu=main&attempt=1", None).await;
+    let second = voice(&app, "/twilio/voice/gather?attempt=1&menu=main", None).await;
     assert_eq!(
         gather_action(&second),
-        "/twilio/voice/gather?menu=main&attempt=2"
+        "/twilio/voice/gather?attempt=2&menu=main"
     );
-    let last = voice(&app, "/twilio/voice/gather?menu=main&attempt=2", None).await;
+    let last = voice(&app, "/twilio/voice/gather?attempt=2&menu=main", None).await;
     assert_eq!(last.names(), ["Say", "Hangup"], "after 2 retries: goodbye");
     assert_eq!(last.children[0].text, "Bye.");
 }
@@ -122,7 +122,7 @@ async fn an_unknown_key_or_silence_reprompts_then_says_goodbye_and_hangs_up() {
 #[tokio::test]
 async fn a_code_read_aloud_verifies_by_sms() {
     let app = TestApp::spawn(FLOWS).await;
-    let twiml = voice(&app, "/twilio/voice/gather?menu=main&attempt=0", Some("1")).await;
+    let twiml = voice(&app, "/twilio/voice/gather?attempt=0&menu=main", Some("1")).await;
     assert_eq!(twiml.names(), ["Say", "Pause", "Say", "Say", "Hangup"]);
     let spoken = &twiml.children[0].text;
     assert_eq!(spoken, &twiml.children[2].text, "read twice");
@@ -147,12 +147,12 @@ async fn a_code_read_aloud_verifies_by_sms() {
 #[tokio::test]
 async fn opt_in_by_voice_texts_a_code_and_opt_out_unsubscribes() {
     let app = TestApp::spawn(FLOWS).await;
-    let twiml = voice(&app, "/twilio/voice/gather?menu=main&attempt=0", Some("2")).await;
+    let twiml = voice(&app, "/twilio/voice/gather?attempt=0&menu=main", Some("2")).await;
     assert_eq!(twiml.names(), ["Say", "Say", "Hangup"]);
     assert!(twiml.children[0].text.contains("text message"));
     let texted = app.twilio.wait_delivered(1).await;
     assert!(texted[0].body.starts_with("Code: "));
-    let twiml = voice(&app, "/twilio/voice/gather?menu=main&attempt=0", Some("3")).await;
+    let twiml = voice(&app, "/twilio/voice/gather?attempt=0&menu=main", Some("3")).await;
     assert!(twiml.children[0].text.contains("unsubscribed"));
     assert_eq!(app.state_of(CALLER).as_deref(), Some("opted_out"));
 }
@@ -175,11 +175,11 @@ async fn every_twilio_route_refuses_a_forged_signature_and_changes_nothing() {
         ("/twilio/voice", vec![("From", CALLER), ("CallSid", "CA1")]),
         // 3 unsubscribes, 2 would text a code.
         (
-            "/twilio/voice/gather?menu=main&attempt=0",
+            "/twilio/voice/gather?attempt=0&menu=main",
             vec![("From", CALLER), ("CallSid", "CA1"), ("Digits", "3")],
         ),
         (
-            "/twilio/voice/gather?menu=main&attempt=0",
+            "/twilio/voice/gather?attempt=0&menu=main",
             vec![("From", CALLER), ("CallSid", "CA1"), ("Digits", "2")],
         ),
         // A delivery report that would opt the number out.
@@ -221,7 +221,7 @@ async fn a_caller_who_hides_their_number_is_told_why_and_the_call_ends_without_s
     let app = TestApp::spawn(FLOWS).await;
     // Twilio's stand-ins: a word, or a keypad spelling that parses as a phone number.
     for from in ["anonymous", "Restricted", "+266696687", "+7378742833"] {
-        for path in ["/twilio/voice", "/twilio/voice/gather?menu=main&attempt=0"] {
+        for path in ["/twilio/voice", "/twilio/voice/gather?attempt=0&menu=main"] {
             let r = app
                 .post_form(path, &[("From", from), ("CallSid", "CA9"), ("Digits", "1")])
                 .await;
