@@ -191,6 +191,7 @@ pub fn simulate(dir: &Path, phone: &str, seed: u64) -> ExitCode {
         sandbox: Sandbox::new(flows, default_start(), seed),
         phone,
         call: None,
+        unattested: false,
     };
     let _ = writeln!(
         out,
@@ -221,6 +222,8 @@ pub struct Repl {
     pub phone: Phone,
     /// In a voice call: the menu being asked and its re-prompt count.
     pub call: Option<(String, u8)>,
+    /// The call's caller ID was not attested by its carrier (`/call unattested`).
+    pub unattested: bool,
 }
 
 impl Repl {
@@ -265,7 +268,8 @@ impl Repl {
                 }
                 Err(e) => format!("{e}\n"),
             },
-            "call" => {
+            "call" if matches!(arg, "" | "unattested") => {
+                self.unattested = arg == "unattested";
                 let turn = crate::ivr::call_starts(&self.sandbox.flows);
                 let heard = self.voice(turn);
                 format!("[call from {}]\n{heard}", self.phone)
@@ -289,6 +293,10 @@ impl Repl {
                 format!("[otp api: {}]\n{}", outcome_name(outcome), show(&sent))
             }
             "hangup" | "silence" => "[no call in progress: /call first]\n".to_string(),
+            "call" => {
+                "[/call, or /call unattested for a caller ID its carrier did not vouch for]\n"
+                    .to_string()
+            }
             _ => format!("unknown command /{name}\n{HELP}"),
         })
     }
@@ -304,7 +312,7 @@ impl Repl {
 
     /// Prints a voice turn, running its action against the sandbox.
     fn voice(&mut self, turn: crate::ivr::Turn) -> String {
-        use crate::flows::IvrAction;
+        use crate::flows::{IvrAction, ReadCodeCallers};
         use crate::ivr::{Speech, Turn};
         let (speech, texts, next) = match turn {
             Turn::Ask { say, menu, attempt } => (say, String::new(), Some((menu, attempt))),
@@ -312,9 +320,13 @@ impl Repl {
             Turn::Act(action) => {
                 let event = crate::ivr::action_event(&action);
                 let (outcome, sent) = self.sandbox.event(&self.phone, event);
-                let code = sent.iter().find_map(|s| s.code.clone());
-                // read_code speaks the code; everything else arrives by text.
-                let texted: Vec<Sent> = if action == IvrAction::ReadCode {
+                // read_code speaks the code to a caller it may trust; everything else
+                // arrives by text.
+                let spoken = action == IvrAction::ReadCode
+                    && (self.sandbox.flows.ivr.read_code_callers == ReadCodeCallers::Any
+                        || !self.unattested);
+                let code = sent.iter().find_map(|s| s.code.clone()).filter(|_| spoken);
+                let texted: Vec<Sent> = if spoken {
                     sent.into_iter().filter(|s| s.code.is_none()).collect()
                 } else {
                     sent
@@ -373,6 +385,7 @@ const HELP: &str = "Type a text message to send it. Commands:
   /state          show the subscriber
   /phone +1...    text from another number
   /call           phone the voice menu; then type a key (1, 2, …), /silence or /hangup
+                  (/call unattested: a caller ID its carrier did not vouch for)
   /otp            request a code through the OTP API
   /validate CODE  submit a code through the OTP API
   /quit

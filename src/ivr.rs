@@ -116,7 +116,10 @@ pub fn after_action(
         (_, Outcome::OptedOut, _) if *action != IvrAction::OptOut => {
             vec![plain(&flows.replies.opted_out)]
         }
-        (IvrAction::OptIn, Outcome::CodeSent, _) => vec![plain(&flows.ivr.texted)],
+        // Texted: `opt_in`, and `read_code` to a caller it may not trust with the code.
+        (IvrAction::OptIn | IvrAction::ReadCode, Outcome::CodeSent, _) => {
+            vec![plain(&flows.ivr.texted)]
+        }
         (IvrAction::OptIn, _, _) => vec![plain(&flows.replies.already_joined)],
         (IvrAction::OptOut, _, _) => vec![plain(&flows.replies.opted_out)],
         _ => Vec::new(),

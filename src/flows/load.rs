@@ -395,6 +395,7 @@ struct RawIvr {
     read_code: Text,
     texted: Text,
     hidden_caller: Text,
+    read_code_callers: Text,
     #[serde(default)]
     menu: BTreeMap<String, S<RawMenu>>,
 }
@@ -1313,6 +1314,7 @@ impl Cx {
                 read_code: fixed("Your {bot.name} code is {code}."),
                 texted: fixed("We've sent you a text message with a code."),
                 hidden_caller: fixed(HIDDEN_CALLER),
+                read_code_callers: ReadCodeCallers::Any,
                 menus: BTreeMap::new(),
             };
         };
@@ -1349,6 +1351,23 @@ impl Cx {
             HIDDEN_CALLER,
             plain,
         );
+        let read_code_callers = match r.read_code_callers {
+            None => ReadCodeCallers::Any,
+            Some(s) => match s.get_ref().trim() {
+                "any" => ReadCodeCallers::Any,
+                "attested" => ReadCodeCallers::Attested,
+                other => {
+                    self.err(
+                        f,
+                        s.span(),
+                        format!(
+                            "ivr.read_code_callers is {other:?}, expected \"any\" or \"attested\""
+                        ),
+                    );
+                    ReadCodeCallers::Any
+                }
+            },
+        };
         let start_span = r.start.as_ref().map(|s| s.span());
         let start = r
             .start
@@ -1475,6 +1494,7 @@ impl Cx {
             read_code,
             texted,
             hidden_caller,
+            read_code_callers,
             menus,
         }
     }

@@ -227,7 +227,22 @@ pub struct Ivr {
     pub texted: Template,
     /// Spoken to a caller whose number is withheld (nothing can be done for them by number).
     pub hidden_caller: Template,
+    /// Which callers `read_code` reads a code to; the others are texted it.
+    pub read_code_callers: ReadCodeCallers,
     pub menus: BTreeMap<String, Menu>,
+}
+
+/// Whom `read_code` trusts with a code spoken on the call. Caller ID can be spoofed: whoever
+/// hears a number's code can verify it (by the OTP API, or by SMS if they can send as it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReadCodeCallers {
+    /// Every caller with a number.
+    #[default]
+    Any,
+    /// Only calls whose caller ID the carrier fully attested (STIR/SHAKEN level A, which
+    /// Twilio reports as `StirVerstat=TN-Validation-Passed-A`); other callers are texted the
+    /// code instead, so only the number's owner gets it.
+    Attested,
 }
 
 #[derive(Clone, Debug)]

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::twiml::{self, Asked};
 use super::{xml, AppState, TwilioForm, WebhookError};
 use crate::engine::Input;
-use crate::flows::IvrAction;
+use crate::flows::{IvrAction, ReadCodeCallers};
 use crate::ivr::{self, Turn};
 
 /// A call comes in: the start menu.
@@ -54,6 +54,14 @@ fn hidden(form: &TwilioForm) -> bool {
     WITHHELD.contains(&bare.as_str()) || form.phone("From").is_err()
 }
 
+/// A call whose caller ID the originating carrier fully attested (STIR/SHAKEN level A):
+/// Twilio then sends `StirVerstat=TN-Validation-Passed-A` with the call's webhooks. The
+/// value is covered by the request's signature, like every other parameter.
+fn attested(form: &TwilioForm) -> bool {
+    form.get("StirVerstat")
+        .is_some_and(|v| v.trim() == "TN-Validation-Passed-A")
+}
+
 #[derive(Deserialize)]
 pub struct Where {
     menu: Option<String>,
@@ -82,6 +90,9 @@ pub async fn gather(
     let turn = match ivr::key_pressed(&flows, &menu, at.attempt.unwrap_or(0), digits) {
         Turn::Act(action) => {
             let event = ivr::action_event(&action);
+            // read_code speaks the code instead of texting it, to a caller it may trust
+            let spoken = action == IvrAction::ReadCode
+                && (flows.ivr.read_code_callers == ReadCodeCallers::Any || attested(&form));
             let applied = state
                 .engine
                 .apply(Input {
@@ -89,8 +100,7 @@ pub async fn gather(
                     event,
                     inbound_sid: None,
                     fired: None,
-                    // read_code speaks the code instead of texting it
-                    inline_codes: action == IvrAction::ReadCode,
+                    inline_codes: spoken,
                 })
                 .await?;
             tracing::info!(phone = %phone.masked(), ?action, outcome = ?applied.outcome, "voice menu action");

@@ -387,6 +387,7 @@ welcome_back = "Welcome back, your code was {code}."
 [ivr]
 start = "welcome"
 read_code = "Hello."
+read_code_callers = "verified"
 "#,
     );
     let problems = problems_in(dir.path());
@@ -399,6 +400,10 @@ read_code = "Hello."
         (
             "v.toml:8:",
             "verify.welcome_back: unknown placeholder {code}",
+        ),
+        (
+            "v.toml:13:",
+            r#"ivr.read_code_callers is "verified", expected "any" or "attested""#,
         ),
     ] {
         assert!(

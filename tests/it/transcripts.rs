@@ -201,3 +201,36 @@ fn simulate_validate_refuses_what_the_otp_api_refuses_and_counts_no_attempt() {
     assert!(!stdout.contains("wrong_code"), "{stdout}");
     assert!(stdout.contains("+15550001111: awaiting_code"), "{stdout}");
 }
+
+/// `/call unattested` is a caller ID its carrier did not vouch for: with the shipped flows
+/// (`read_code_callers = "attested"`) pressing 1 texts the code instead of reading it.
+#[test]
+fn simulate_texts_the_code_to_an_unattested_caller_and_reads_it_to_an_attested_one() {
+    let stdout = simulate(b"/call unattested\n1\n/call\n1\n");
+    let (unattested, attested) = stdout
+        .split_once("[call from")
+        .unwrap()
+        .1
+        .split_once("[call from")
+        .unwrap();
+    assert!(
+        unattested.contains("[voice] We've sent you a text message with a code."),
+        "{stdout}"
+    );
+    assert!(
+        unattested.contains("< Acme Contest: your code is"),
+        "{stdout}"
+    );
+    assert!(
+        !unattested.contains("[voice] Your Acme Contest code is"),
+        "{stdout}"
+    );
+    assert!(
+        attested.contains("[voice] Your Acme Contest code is"),
+        "{stdout}"
+    );
+    assert!(
+        !attested.contains("< Acme Contest: your code is"),
+        "{stdout}"
+    );
+}

@@ -144,6 +144,57 @@ async fn a_code_read_aloud_verifies_by_sms() {
     );
 }
 
+/// With `read_code_callers = "attested"`, a code is read aloud only on a call whose caller
+/// ID its carrier fully attested (Twilio's `StirVerstat`); any other caller, who may have
+/// spoofed the number, is texted the code instead, so only the number's owner gets it.
+#[tokio::test]
+async fn read_code_for_attested_callers_only_texts_the_code_to_any_other_caller() {
+    let flows = FLOWS.replace("[ivr]\n", "[ivr]\nread_code_callers = \"attested\"\n");
+    let app = TestApp::spawn(&flows).await;
+    let press_1 = |from: &'static str, verstat: Option<&'static str>| {
+        let mut params = vec![("From", from), ("CallSid", "CA9"), ("Digits", "1")];
+        params.extend(verstat.map(|v| ("StirVerstat", v)));
+        let app = &app;
+        async move {
+            let r = app
+                .post_form("/twilio/voice/gather?attempt=0&menu=main", &params)
+                .await;
+            assert_eq!(r.status().as_u16(), 200);
+            parse_xml(&r.text().await.unwrap())
+        }
+    };
+    // Not attested (no STIR/SHAKEN, or only partly): texted, not spoken.
+    for (n, (from, verstat)) in [
+        ("+15550007001", None),
+        ("+15550007002", Some("TN-Validation-Passed-B")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let twiml = press_1(from, verstat).await;
+        assert_eq!(twiml.names(), ["Say", "Say", "Hangup"], "{verstat:?}");
+        assert!(
+            twiml.children[0].text.contains("text message"),
+            "{verstat:?}"
+        );
+        assert_eq!(code_in(&twiml.children[0].text), "", "no code spoken");
+        let texted = app.twilio.last_to(from, n + 1).await;
+        let code = code_in(&texted);
+        assert_eq!(code.len(), 6, "{texted}");
+        let (_, reply) = app.sms(from, &code).await;
+        assert!(reply.contains("Verified!"), "{reply}");
+    }
+    // Fully attested: read aloud, nothing texted.
+    let twiml = press_1("+15550007003", Some("TN-Validation-Passed-A")).await;
+    assert_eq!(twiml.names(), ["Say", "Pause", "Say", "Say", "Hangup"]);
+    assert_eq!(code_in(&twiml.children[0].text).len(), 6);
+    assert_eq!(
+        app.twilio.attempts(),
+        2,
+        "only the two texted codes were sent"
+    );
+}
+
 #[tokio::test]
 async fn opt_in_by_voice_texts_a_code_and_opt_out_unsubscribes() {
     let app = TestApp::spawn(FLOWS).await;
