@@ -565,6 +565,7 @@ fn to_commit(
     now: DateTime<Utc>,
 ) -> (Commit, Applied) {
     let mut c = Commit {
+        follow_up: fired.is_some(),
         fired,
         ..Commit::default()
     };

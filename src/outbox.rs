@@ -198,6 +198,17 @@ impl Outbox {
 
     async fn deliver(&mut self, id: u64, mut msg: OutMessage) -> anyhow::Result<()> {
         let store = &self.engine.store;
+        // A follow-up due before quiet hours but reached only in them (a backlog behind the
+        // rate limit, an outage's retries) waits until they end, as its timer would have:
+        // no attempt counted, no send slot taken. The number's later messages wait behind it.
+        if msg.follow_up {
+            let now = Utc::now();
+            if let Some(end) = crate::machine::quiet_end(&self.engine.flows().bot, now) {
+                tracing::info!(phone = %msg.phone.masked(), until = %end, "outbox: holding a follow-up until quiet hours end");
+                msg.next_try = end;
+                return store.outbox_update(id, &msg);
+            }
+        }
         // Per-sender rate limit; a shutdown does not wait for the slot.
         tokio::select! {
             _ = tokio::time::sleep_until(self.next_slot) => {}

@@ -19,15 +19,17 @@ use crate::machine::{Record, State, Subscriber, Timer, TimerKind};
 use crate::phone::Phone;
 
 /// Version bytes of the other stored values (see [`codec`]).
-const OUT_VERSION: u8 = 1;
+/// 2: a message says whether it is a follow-up (v1 messages are read as not one).
+const OUT_VERSION: u8 = 2;
 const DELIVERY_VERSION: u8 = 1;
 const HISTORY_VERSION: u8 = 1;
 /// The layout of trees and keys; checked at open. 2: subscriber records may be v3 and the
 /// counts per state are kept in `meta`. 3: subscriber records may be v4 (times as numbers).
+/// 4: outbox messages may be v2 (with `follow_up`).
 /// An older data dir is upgraded at open (schema 1 is counted once; older records are read
 /// as they are and rewritten in today's form when they next change). An older smsflow
 /// refuses a newer dir by its schema instead of failing on each record it cannot read.
-const SCHEMA: u64 = 3;
+const SCHEMA: u64 = 4;
 
 /// A message waiting in the outbox. `Debug` hides the body of one that carries a code.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +42,41 @@ pub struct OutMessage {
     pub next_try: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub last_error: Option<String>,
+    /// Sent because a timer fired (a sequence step, a question's timeout), not as an answer
+    /// to something the number did: it waits out quiet hours however late it is sent.
+    pub follow_up: bool,
+}
+
+/// An outbox message as version 1 stored it.
+#[derive(Deserialize)]
+struct OutMessageV1 {
+    phone: Phone,
+    body: String,
+    secret: bool,
+    attempts: u32,
+    next_try: DateTime<Utc>,
+    created_at: DateTime<Utc>,
+    last_error: Option<String>,
+}
+
+/// Reads an outbox message of any known version.
+fn decode_out(bytes: &[u8]) -> Result<OutMessage, codec::CodecError> {
+    match bytes.first() {
+        Some(1) => {
+            let v1: OutMessageV1 = codec::decode(1, bytes)?;
+            Ok(OutMessage {
+                phone: v1.phone,
+                body: v1.body,
+                secret: v1.secret,
+                attempts: v1.attempts,
+                next_try: v1.next_try,
+                created_at: v1.created_at,
+                last_error: v1.last_error,
+                follow_up: false,
+            })
+        }
+        _ => codec::decode(OUT_VERSION, bytes),
+    }
 }
 
 impl std::fmt::Debug for OutMessage {
@@ -57,6 +94,7 @@ impl std::fmt::Debug for OutMessage {
             .field("next_try", &self.next_try)
             .field("created_at", &self.created_at)
             .field("last_error", &self.last_error)
+            .field("follow_up", &self.follow_up)
             .finish()
     }
 }
@@ -118,7 +156,11 @@ pub struct Commit {
     pub cancel: Vec<Timer>,
     /// A timer that fired and is consumed by this event.
     pub fired: Option<DueTimer>,
+    /// Texts to queue: (body, whether it carries a code).
     pub outgoing: Vec<(String, bool)>,
+    /// The event was a due timer: its texts without a code are follow-ups, which wait out
+    /// quiet hours at send time too (a backlog or an outage can push them into the night).
+    pub follow_up: bool,
     /// The number's recent webhook replies, stored with it (see [`codec::Replied`]).
     pub replies: Vec<codec::Replied>,
     pub history: Vec<HistoryEntry>,
@@ -487,14 +529,14 @@ impl Store {
         };
         self.outbox
             .range((from, std::ops::Bound::Unbounded))
-            .map(|kv| by_id(kv, "outbox", OUT_VERSION))
+            .map(|kv| by_id(kv, "outbox", decode_out))
     }
 
     /// One queued message, if it is still queued.
     pub fn outbox_get(&self, id: u64) -> anyhow::Result<Option<OutMessage>> {
         match self.outbox.get(id.to_be_bytes())? {
             None => Ok(None),
-            Some(v) => Ok(Some(codec::decode(OUT_VERSION, &v)?)),
+            Some(v) => Ok(Some(decode_out(&v)?)),
         }
     }
 
@@ -669,7 +711,7 @@ impl Store {
     pub fn deliveries(&self) -> impl Iterator<Item = anyhow::Result<(u64, Delivery)>> + '_ {
         self.deliveries
             .iter()
-            .map(|kv| by_id(kv, "deliveries", DELIVERY_VERSION))
+            .map(|kv| by_id(kv, "deliveries", |b| codec::decode(DELIVERY_VERSION, b)))
     }
 
     // ---- operators -----------------------------------------------------------
@@ -987,6 +1029,7 @@ impl Prepared {
                             next_try: now,
                             created_at: now,
                             last_error: None,
+                            follow_up: c.follow_up && !*secret,
                         },
                     )
                 })
@@ -1078,10 +1121,10 @@ fn decode_counts(bytes: &[u8]) -> Option<Counts> {
 }
 
 /// An entry of a tree keyed by big-endian id (`tree` names it in errors), decoded.
-fn by_id<T: serde::de::DeserializeOwned>(
+fn by_id<T>(
     kv: sled::Result<(sled::IVec, sled::IVec)>,
     tree: &'static str,
-    version: u8,
+    decode: impl Fn(&[u8]) -> Result<T, codec::CodecError>,
 ) -> anyhow::Result<(u64, T)> {
     let (k, v) = kv?;
     let id = u64::from_be_bytes(
@@ -1089,7 +1132,7 @@ fn by_id<T: serde::de::DeserializeOwned>(
             .try_into()
             .map_err(|_| codec::CodecError::Key(tree))?,
     );
-    Ok((id, codec::decode(version, &v)?))
+    Ok((id, decode(&v)?))
 }
 
 /// Adds a transaction's count changes to the stored counts, inside that transaction.

@@ -1202,3 +1202,84 @@ async fn a_message_waiting_for_its_retry_holds_up_only_its_own_number_and_not_af
     assert!(started.elapsed() < Duration::from_secs(10));
     app.stop().await;
 }
+
+/// A follow-up whose timer fired before quiet hours but which the outbox reaches only in them
+/// (a backlog behind the rate limit, an outage's retries) waits until they end, with no
+/// attempt counted; a code queued after it is sent at once.
+#[tokio::test]
+async fn a_follow_up_reached_in_quiet_hours_waits_for_them_to_end_and_a_code_does_not() {
+    use smsflow::machine::{State, Subscriber};
+    use smsflow::store::{Commit, Store};
+
+    let now = chrono::Utc::now();
+    let hm = |t: chrono::DateTime<chrono::Utc>| t.format("%H:%M").to_string();
+    let (from, to) = (
+        hm(now - chrono::Duration::hours(1)),
+        hm(now + chrono::Duration::hours(2)),
+    );
+    let flows = tempfile::tempdir().unwrap();
+    std::fs::write(
+        flows.path().join("flows.toml"),
+        FLOWS.replace(
+            "name = \"Test Bot\"\n",
+            &format!(
+                "name = \"Test Bot\"\ntimezone = \"UTC\"\nquiet_hours = {{ from = \"{from}\", to = \"{to}\" }}\n"
+            ),
+        ),
+    )
+    .unwrap();
+    let data = Arc::new(tempfile::tempdir().unwrap());
+    let (step, code) = ("+14155550131", "+14155550132");
+    {
+        let store = Store::open(data.path()).unwrap();
+        let queued = |phone: &str, state: State, text: &str, secret: bool| {
+            let mut sub = Subscriber::new(smsflow::phone::Phone::parse(phone).unwrap(), now);
+            sub.state = state;
+            Commit {
+                subscriber: Some(sub),
+                outgoing: vec![(text.to_string(), secret)],
+                follow_up: true,
+                ..Commit::default()
+            }
+        };
+        store
+            .commit_many(
+                &[
+                    queued(step, State::Verified, "Step two", false),
+                    queued(code, State::AwaitingCode, "Code: 123456", true),
+                ],
+                now,
+            )
+            .unwrap();
+        store.flush().unwrap();
+    }
+    let options = smsflow::app::Options {
+        retry_base: Duration::from_millis(10),
+        quiet_console: true,
+        ..smsflow::app::Options::default()
+    };
+    let app = TestApp::start(
+        FakeTwilio::start().await,
+        data,
+        Arc::new(flows),
+        options,
+        |_| {},
+    )
+    .await;
+    // The follow-up is first in the queue: by the time the code is sent, it was looked at.
+    let delivered = app.twilio.wait_delivered(1).await;
+    assert_eq!(delivered[0].to, code);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.twilio.attempts(), 1, "{:#?}", app.twilio.delivered());
+    let (_, data, _, _) = app.stop().await;
+    let store = reopen(|| Store::open(data.path()));
+    let held: Vec<_> = store.outbox().map(|m| m.unwrap().1).collect();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].body, "Step two");
+    assert_eq!(held[0].attempts, 0, "holding is not an attempt");
+    let end = held[0].next_try;
+    assert!(
+        end > now + chrono::Duration::minutes(110) && end <= now + chrono::Duration::hours(2),
+        "held until the end of quiet hours ({to} UTC), not {end}"
+    );
+}

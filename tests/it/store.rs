@@ -287,21 +287,21 @@ fn a_schema_1_data_dir_is_recounted_at_open_and_an_unreadable_record_does_not_st
         assert_eq!(store.state_counts(), [0, 0, 1, 0, 1]);
     }
     {
-        // Upgraded: schema 3 now, which an older smsflow refuses.
+        // Upgraded: schema 4 now, which an older smsflow refuses.
         let db = reopen(|| sled::open(dir.path()));
         let schema = db
             .open_tree("meta")
             .and_then(|m| m.get("schema"))
             .expect("read");
-        assert_eq!(schema.as_deref(), Some(&3u64.to_be_bytes()[..]));
+        assert_eq!(schema.as_deref(), Some(&4u64.to_be_bytes()[..]));
         db.open_tree("meta")
-            .and_then(|m| m.insert("schema", &4u64.to_be_bytes()))
+            .and_then(|m| m.insert("schema", &5u64.to_be_bytes()))
             .expect("future schema");
         db.flush().expect("flush");
     }
     let refused = loop {
         match Store::open(dir.path()) {
-            Err(e) if e.to_string().contains("schema 4") => break e.to_string(),
+            Err(e) if e.to_string().contains("schema 5") => break e.to_string(),
             // sled lets go of its lock a moment after the drop (see `reopen`).
             Err(e) if e.to_string().contains("in use") => {
                 std::thread::sleep(std::time::Duration::from_millis(50))
@@ -639,6 +639,7 @@ fn the_debug_form_of_a_queued_code_hides_its_text_and_the_number() {
         next_try: now,
         created_at: now,
         last_error: None,
+        follow_up: false,
     };
     let code = format!("{:?}", msg("Your code is 493817", true));
     assert!(
@@ -694,4 +695,49 @@ fn a_message_counts_as_opted_out_only_for_an_opt_out_written_after_it_was_queued
     // Another number's opt-out is not this one's.
     let other = Phone::parse("+14155550102").expect("other");
     assert!(!store.opted_out_since(&other, 0).expect("read"));
+}
+
+/// An outbox message written by the smsflow before follow-ups were marked (version 1) is
+/// read as it was, and as not a follow-up: it is sent as it would have been.
+#[test]
+fn a_version_1_outbox_message_is_read_as_it_was_and_not_as_a_follow_up() {
+    #[derive(serde::Serialize)]
+    struct V1 {
+        phone: Phone,
+        body: String,
+        secret: bool,
+        attempts: u32,
+        next_try: chrono::DateTime<Utc>,
+        created_at: chrono::DateTime<Utc>,
+        last_error: Option<String>,
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let now = Utc::now();
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let v1 = V1 {
+            phone: Phone::parse("+14155550100").unwrap(),
+            body: "Step one".into(),
+            secret: false,
+            attempts: 2,
+            next_try: now,
+            created_at: now,
+            last_error: Some("503".into()),
+        };
+        db.open_tree("outbox")
+            .and_then(|t| t.insert(7u64.to_be_bytes(), smsflow::store::codec::encode(1, &v1)))
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = reopen(|| Store::open(dir.path()));
+    let read: Vec<_> = store.outbox().map(|m| m.unwrap()).collect();
+    assert_eq!(read.len(), 1);
+    let (id, m) = &read[0];
+    assert_eq!(*id, 7);
+    assert_eq!(
+        (m.body.as_str(), m.attempts, m.last_error.as_deref()),
+        ("Step one", 2, Some("503"))
+    );
+    assert!(!m.follow_up);
+    assert_eq!(m.phone.as_str(), "+14155550100");
 }
