@@ -365,6 +365,12 @@ pub fn end_lost_places(
     let runtime = tokio::runtime::Handle::try_current().ok()?;
     let engine = engine.clone();
     Some(runtime.spawn(async move {
+        // A batch the writer began stepping with the old flows may still commit a number into
+        // a removed place; it is done once a flush queued now is. (The scan goes on even if
+        // that flush fails: it reads what is committed.)
+        if let Err(e) = engine.durable().await {
+            tracing::warn!("after a flow change, waiting for the writer: {e:#}");
+        }
         let swept = engine.flows();
         let (scan, flows, stopping) = (engine.clone(), swept.clone(), stop.clone());
         let lost = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Vec<Phone>>> {
