@@ -172,7 +172,13 @@ impl Outbox {
                 }
             };
             w.upto = Some(id);
-            if w.head_of.contains_key(&msg.phone) {
+            if let Some(&head) = w.head_of.get(&msg.phone) {
+                // A code behind a first message that waits (a follow-up held for quiet
+                // hours, a retry's backoff) must not wait with it and expire: the first
+                // message is tried now, and a held follow-up then goes (see `deliver`).
+                if msg.secret && msg.next_try <= now {
+                    w.release(head, now);
+                }
                 continue;
             }
             if msg.next_try > now {
@@ -201,7 +207,9 @@ impl Outbox {
         // A follow-up due before quiet hours but reached only in them (a backlog behind the
         // rate limit, an outage's retries) waits until they end, as its timer would have:
         // no attempt counted, no send slot taken. The number's later messages wait behind it.
-        if msg.follow_up {
+        // Unless a code waits behind it: the number's owner is awake and asking, and the
+        // code must not wait for the morning (it would expire).
+        if msg.follow_up && !code_behind(store, &msg.phone, id) {
             let now = Utc::now();
             if let Some(end) = crate::machine::quiet_end(&self.engine.flows().bot, now) {
                 tracing::info!(phone = %msg.phone.masked(), until = %end, "outbox: holding a follow-up until quiet hours end");
@@ -295,6 +303,22 @@ impl Outbox {
     }
 }
 
+/// Whether a code is queued for `phone` after message `id`. (A storage error reads as no:
+/// the follow-up is held, as without a code.)
+fn code_behind(store: &crate::store::Store, phone: &Phone, mut id: u64) -> bool {
+    loop {
+        match store.next_queued_of(phone, id) {
+            Ok(Some((_, m))) if m.secret => return true,
+            Ok(Some((next, _))) => id = next,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::warn!(phone = %phone.masked(), "outbox: looking for a queued code: {e:#}");
+                return false;
+            }
+        }
+    }
+}
+
 /// A queued message as it is now: `None` when it is gone, or cannot be read (logged). A
 /// storage error is an error: the caller must not take the message for gone.
 fn still_queued(store: &crate::store::Store, id: u64) -> anyhow::Result<Option<OutMessage>> {
@@ -337,6 +361,15 @@ impl Waiting {
         self.head_of.insert(phone.clone(), id);
         self.heads.insert(id, (phone, at));
         self.later.insert((at, id));
+    }
+
+    /// First message `id` may be tried from `now` on, if it waits for later.
+    fn release(&mut self, id: u64, now: DateTime<Utc>) {
+        if let Some((phone, at)) = self.heads.get(&id).cloned() {
+            if at > now {
+                self.set_head(id, phone, now);
+            }
+        }
     }
 
     fn remove_head(&mut self, id: u64) {

@@ -1203,54 +1203,49 @@ async fn a_message_waiting_for_its_retry_holds_up_only_its_own_number_and_not_af
     app.stop().await;
 }
 
-/// A follow-up whose timer fired before quiet hours but which the outbox reaches only in them
-/// (a backlog behind the rate limit, an outage's retries) waits until they end, with no
-/// attempt counted; a code queued after it is sent at once.
-#[tokio::test]
-async fn a_follow_up_reached_in_quiet_hours_waits_for_them_to_end_and_a_code_does_not() {
-    use smsflow::machine::{State, Subscriber};
+/// A daemon whose flows (the test flows, plus `ivr` lines) are in quiet hours from an hour
+/// before `now` to two hours after, in UTC, started on a data dir where each (number, state,
+/// text, is a code) was queued by a fired timer.
+async fn quiet_now_with_queued(
+    now: chrono::DateTime<chrono::Utc>,
+    ivr: &str,
+    queued: &[(&str, smsflow::machine::State, &str, bool)],
+) -> TestApp {
+    use smsflow::machine::Subscriber;
     use smsflow::store::{Commit, Store};
 
-    let now = chrono::Utc::now();
     let hm = |t: chrono::DateTime<chrono::Utc>| t.format("%H:%M").to_string();
     let (from, to) = (
         hm(now - chrono::Duration::hours(1)),
         hm(now + chrono::Duration::hours(2)),
     );
-    let flows = tempfile::tempdir().unwrap();
-    std::fs::write(
-        flows.path().join("flows.toml"),
-        FLOWS.replace(
+    let text = FLOWS
+        .replace(
             "name = \"Test Bot\"\n",
             &format!(
                 "name = \"Test Bot\"\ntimezone = \"UTC\"\nquiet_hours = {{ from = \"{from}\", to = \"{to}\" }}\n"
             ),
-        ),
-    )
-    .unwrap();
+        )
+        .replace("[ivr]\n", &format!("[ivr]\n{ivr}"));
+    let flows = tempfile::tempdir().unwrap();
+    std::fs::write(flows.path().join("flows.toml"), text).unwrap();
     let data = Arc::new(tempfile::tempdir().unwrap());
-    let (step, code) = ("+14155550131", "+14155550132");
     {
         let store = Store::open(data.path()).unwrap();
-        let queued = |phone: &str, state: State, text: &str, secret: bool| {
-            let mut sub = Subscriber::new(smsflow::phone::Phone::parse(phone).unwrap(), now);
-            sub.state = state;
-            Commit {
-                subscriber: Some(sub),
-                outgoing: vec![(text.to_string(), secret)],
-                follow_up: true,
-                ..Commit::default()
-            }
-        };
-        store
-            .commit_many(
-                &[
-                    queued(step, State::Verified, "Step two", false),
-                    queued(code, State::AwaitingCode, "Code: 123456", true),
-                ],
-                now,
-            )
-            .unwrap();
+        let commits: Vec<Commit> = queued
+            .iter()
+            .map(|(phone, state, text, secret)| {
+                let mut sub = Subscriber::new(smsflow::phone::Phone::parse(phone).unwrap(), now);
+                sub.state = state.clone();
+                Commit {
+                    subscriber: Some(sub),
+                    outgoing: vec![(text.to_string(), *secret)],
+                    follow_up: true,
+                    ..Commit::default()
+                }
+            })
+            .collect();
+        store.commit_many(&commits, now).unwrap();
         store.flush().unwrap();
     }
     let options = smsflow::app::Options {
@@ -1258,12 +1253,33 @@ async fn a_follow_up_reached_in_quiet_hours_waits_for_them_to_end_and_a_code_doe
         quiet_console: true,
         ..smsflow::app::Options::default()
     };
-    let app = TestApp::start(
+    TestApp::start(
         FakeTwilio::start().await,
         data,
         Arc::new(flows),
         options,
         |_| {},
+    )
+    .await
+}
+
+/// A follow-up whose timer fired before quiet hours but which the outbox reaches only in them
+/// (a backlog behind the rate limit, an outage's retries) waits until they end, with no
+/// attempt counted; a code queued after it is sent at once.
+#[tokio::test]
+async fn a_follow_up_reached_in_quiet_hours_waits_for_them_to_end_and_a_code_does_not() {
+    use smsflow::machine::State;
+    use smsflow::store::Store;
+
+    let now = chrono::Utc::now();
+    let (step, code) = ("+14155550131", "+14155550132");
+    let app = quiet_now_with_queued(
+        now,
+        "",
+        &[
+            (step, State::Verified, "Step two", false),
+            (code, State::AwaitingCode, "Code: 123456", true),
+        ],
     )
     .await;
     // The follow-up is first in the queue: by the time the code is sent, it was looked at.
@@ -1280,6 +1296,56 @@ async fn a_follow_up_reached_in_quiet_hours_waits_for_them_to_end_and_a_code_doe
     let end = held[0].next_try;
     assert!(
         end > now + chrono::Duration::minutes(110) && end <= now + chrono::Duration::hours(2),
-        "held until the end of quiet hours ({to} UTC), not {end}"
+        "held until the end of quiet hours (two hours from the start), not {end}"
     );
+}
+
+/// A code for a number whose follow-up is held for quiet hours does not wait for the morning
+/// (it would expire): the held follow-up goes, then the code, in the order they were queued;
+/// whether the code was queued before the hold or while it lasted.
+#[tokio::test]
+async fn a_code_behind_a_held_follow_up_is_sent_at_once_and_the_follow_up_first() {
+    use smsflow::machine::State;
+    let now = chrono::Utc::now();
+    let (early, late) = ("+14155550141", "+14155550142");
+    let app = quiet_now_with_queued(
+        now,
+        "read_code_callers = \"attested\"\n",
+        &[
+            (early, State::Verified, "Step two", false),
+            (early, State::AwaitingCode, "Code: 123456", true),
+            (late, State::Verified, "Step two", false),
+        ],
+    )
+    .await;
+    let first = app.twilio.wait_delivered(2).await;
+    assert_eq!(
+        first
+            .iter()
+            .map(|m| (m.to.as_str(), m.body.as_str()))
+            .collect::<Vec<_>>(),
+        [(early, "Step two"), (early, "Code: 123456")]
+    );
+    // `late`'s follow-up is held; its owner calls and asks for a code, which (from a caller
+    // ID no carrier vouched for) is texted.
+    eventually("late's follow-up is held", async || {
+        app.engine.store.outbox().any(|m| {
+            m.is_ok_and(|(_, m)| m.phone.as_str() == late && m.next_try > chrono::Utc::now())
+        })
+    })
+    .await;
+    let r = app
+        .post_form(
+            "/twilio/voice/gather?attempt=0&menu=main",
+            &[("From", late), ("CallSid", "CA7"), ("Digits", "1")],
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 200);
+    let all = app.twilio.wait_delivered(4).await;
+    assert_eq!(
+        (all[2].to.as_str(), all[2].body.as_str()),
+        (late, "Step two")
+    );
+    assert_eq!(all[3].to, late);
+    assert!(all[3].body.starts_with("Code: "), "{}", all[3].body);
 }
