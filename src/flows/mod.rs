@@ -75,8 +75,8 @@ pub struct Verify {
     pub locked: Template,
     pub rate_limited: Template,
     pub verified: Template,
-    /// Sent instead of `verified` when the form has nothing left to ask (a number that
-    /// verifies again with every answer kept); `None`: `verified` is sent.
+    /// Sent instead of `verified` to a number verified before (it rejoined) when the form
+    /// has nothing left to ask it; `None`: `verified` is sent.
     pub welcome_back: Option<Template>,
     pub voice: Template,
 }

@@ -259,7 +259,7 @@ pub async fn validate_otp(
 }
 
 fn opted_out() -> OtpError {
-    OtpError::Rejected("this phone opted out (it must text START or JOIN to opt back in)".into())
+    OtpError::Rejected("this phone opted out (it must text START to opt back in)".into())
 }
 
 /// Whole seconds until `t`, rounded up (a client that waits exactly this long is not early),

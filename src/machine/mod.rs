@@ -792,7 +792,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             return; // already verified (e.g. an app re-checking a known number)
         }
         self.sub.state = State::Verified;
-        self.sub.verified_at = Some(self.now);
+        let returning = self.sub.verified_at.replace(self.now).is_some();
         if via == "otp_api" && self.flows.verify.after_otp_api == AfterOtpApi::Stay {
             return;
         }
@@ -803,8 +803,8 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             .fields
             .iter()
             .any(|f| !self.sub.fields.contains_key(&f.key));
-        match (&v.welcome_back, asks) {
-            (Some(back), false) => self.say_t(back),
+        match (&v.welcome_back, returning && !asks) {
+            (Some(back), true) => self.say_t(back),
             _ => self.say_t(&v.verified),
         }
         self.continue_form(0);
