@@ -61,18 +61,21 @@ pub enum Asked {
 }
 
 /// A voice turn: speak inside a one-key `<Gather>` (silence falls through to a redirect
-/// that re-prompts), or speak and hang up.
-pub fn voice(turn: &Turn, asked: Asked) -> String {
+/// that re-prompts), or speak and hang up. `attested`: the call's caller ID was attested
+/// when it came in, which the menu's next URL carries on (Twilio signs that URL).
+pub fn voice(turn: &Turn, asked: Asked, attested: bool) -> String {
     let mut out = format!("{HEADER}<Response>");
     match turn {
         Turn::Ask { say, menu, attempt } => {
             // Keys in alphabetical order: Twilio has been seen to sort an action URL's query
             // before calling it while signing the URL as written, so only a sorted query
             // is signed as it arrives.
-            let query: String = form_urlencoded::Serializer::new(String::new())
-                .append_pair("attempt", &attempt.to_string())
-                .append_pair("menu", menu)
-                .finish();
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            query.append_pair("attempt", &attempt.to_string());
+            if attested {
+                query.append_pair("attested", "1");
+            }
+            let query = query.append_pair("menu", menu).finish();
             let next = match asked {
                 Asked::OnCall => "voice/gather",
                 Asked::InMenu => "gather",
@@ -130,6 +133,7 @@ mod tests {
         let spoken = voice(
             &Turn::End(vec![Speech::Say("a\u{1b}b".into())]),
             Asked::InMenu,
+            false,
         );
         assert!(spoken.contains("<Say>ab</Say>"), "{spoken}");
     }
@@ -143,9 +147,23 @@ mod tests {
                 attempt: 2,
             },
             Asked::OnCall,
+            false,
         );
         assert!(
             x.contains(r#"action="voice/gather?attempt=2&amp;menu=main""#),
+            "{x}"
+        );
+        let x = voice(
+            &Turn::Ask {
+                say: Vec::new(),
+                menu: "main".into(),
+                attempt: 0,
+            },
+            Asked::InMenu,
+            true,
+        );
+        assert!(
+            x.contains(r#"action="gather?attempt=0&amp;attested=1&amp;menu=main""#),
             "{x}"
         );
     }

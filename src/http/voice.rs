@@ -23,10 +23,15 @@ pub async fn call(
         return Ok(xml(twiml::voice(
             &ivr::hidden_caller(&flows),
             Asked::OnCall,
+            false,
         )));
     }
     form.phone("From")?;
-    Ok(xml(twiml::voice(&ivr::call_starts(&flows), Asked::OnCall)))
+    Ok(xml(twiml::voice(
+        &ivr::call_starts(&flows),
+        Asked::OnCall,
+        attested(&form),
+    )))
 }
 
 /// Stand-ins Twilio and carriers put in `From` for a withheld number: words, and keypad
@@ -55,8 +60,9 @@ fn hidden(form: &TwilioForm) -> bool {
 }
 
 /// A call whose caller ID the originating carrier fully attested (STIR/SHAKEN level A):
-/// Twilio then sends `StirVerstat=TN-Validation-Passed-A` with the call's webhooks. The
-/// value is covered by the request's signature, like every other parameter.
+/// Twilio then sends `StirVerstat=TN-Validation-Passed-A` with the incoming call's webhook
+/// (and perhaps with later ones: the menu's URL carries it on in any case). The value is
+/// covered by the request's signature, like every other parameter.
 fn attested(form: &TwilioForm) -> bool {
     form.get("StirVerstat")
         .is_some_and(|v| v.trim() == "TN-Validation-Passed-A")
@@ -66,6 +72,8 @@ fn attested(form: &TwilioForm) -> bool {
 pub struct Where {
     menu: Option<String>,
     attempt: Option<u8>,
+    /// 1: the call's caller ID was attested when it came in (see [`attested`]).
+    attested: Option<u8>,
 }
 
 /// The caller pressed a key (or stayed silent) in a menu.
@@ -82,9 +90,12 @@ pub async fn gather(
         return Ok(xml(twiml::voice(
             &ivr::hidden_caller(&flows),
             Asked::InMenu,
+            false,
         )));
     }
     let phone = form.phone("From")?;
+    // Attested when the call came in (carried in the menu's URL), or says so now.
+    let caller_attested = at.attested == Some(1) || attested(&form);
     let menu = at.menu.unwrap_or_else(|| flows.ivr.start.clone());
     let digits = form.get("Digits").filter(|d| !d.trim().is_empty());
     let turn = match ivr::key_pressed(&flows, &menu, at.attempt.unwrap_or(0), digits) {
@@ -92,7 +103,7 @@ pub async fn gather(
             let event = ivr::action_event(&action);
             // read_code speaks the code instead of texting it, to a caller it may trust
             let spoken = action == IvrAction::ReadCode
-                && (flows.ivr.read_code_callers == ReadCodeCallers::Any || attested(&form));
+                && (flows.ivr.read_code_callers == ReadCodeCallers::Any || caller_attested);
             let applied = state
                 .engine
                 .apply(Input {
@@ -124,5 +135,5 @@ pub async fn gather(
         }
         other => other,
     };
-    Ok(xml(twiml::voice(&turn, Asked::InMenu)))
+    Ok(xml(twiml::voice(&turn, Asked::InMenu, caller_attested)))
 }

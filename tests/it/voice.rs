@@ -188,6 +188,29 @@ async fn read_code_for_attested_callers_only_texts_the_code_to_any_other_caller(
     let twiml = press_1("+15550007003", Some("TN-Validation-Passed-A")).await;
     assert_eq!(twiml.names(), ["Say", "Pause", "Say", "Say", "Hangup"]);
     assert_eq!(code_in(&twiml.children[0].text).len(), 6);
+    // Attested when the call came in: the menu's URL carries it to the key press, in case
+    // Twilio sends `StirVerstat` with the incoming call's webhook only.
+    let caller = "+15550007004";
+    let r = app
+        .post_form(
+            "/twilio/voice",
+            &[
+                ("From", caller),
+                ("CallSid", "CA10"),
+                ("StirVerstat", "TN-Validation-Passed-A"),
+            ],
+        )
+        .await;
+    let action = gather_action(&parse_xml(&r.text().await.unwrap()));
+    assert_eq!(action, "voice/gather?attempt=0&attested=1&menu=main");
+    let r = app
+        .post_form(
+            &format!("/twilio/{action}"),
+            &[("From", caller), ("CallSid", "CA10"), ("Digits", "1")],
+        )
+        .await;
+    let twiml = parse_xml(&r.text().await.unwrap());
+    assert_eq!(twiml.names(), ["Say", "Pause", "Say", "Say", "Hangup"]);
     assert_eq!(
         app.twilio.attempts(),
         2,
