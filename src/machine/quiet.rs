@@ -6,6 +6,14 @@ use crate::flows::Bot;
 
 /// When `at` falls in the bot's quiet hours, the moment they end; otherwise `None`.
 pub fn quiet_end(bot: &Bot, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let end = quiet_stretch_end(bot, at)?;
+    // A clock jump can put that end inside the next quiet stretch (Samoa skipped the day
+    // quiet hours were to end on): wait that one out too.
+    Some(quiet_stretch_end(bot, end).unwrap_or(end))
+}
+
+/// The end of the quiet stretch `at` falls in, if any.
+fn quiet_stretch_end(bot: &Bot, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let q = bot.quiet_hours?;
     let local = at.with_timezone(&bot.timezone);
     let t = local.time();
@@ -105,13 +113,14 @@ mod tests {
     #[test]
     fn quiet_hours_ending_in_a_skipped_day_end_when_the_clock_comes_back() {
         // Samoa skipped 30 December 2011: 29 Dec 23:59:59 (UTC-10) was followed by
-        // 31 Dec 00:00 (UTC+14). Quiet from 21:00 to 08:00 on the 29th ends at the first
-        // local time after the jump, not never (which sent the message at once).
+        // 31 Dec 00:00 (UTC+14). Quiet from 21:00 to 08:00 from the 29th would end on the
+        // skipped day; it ends when the quiet night the jump lands in does, 31 Dec 08:00,
+        // not never (which sent the message at once).
         let b = bot(chrono_tz::Pacific::Apia, "21:00", "08:00");
         // 22:00 local on the 29th.
         assert_eq!(
             quiet_end(&b, utc("2011-12-30T08:00:00Z")),
-            Some(utc("2011-12-30T10:00:00Z"))
+            Some(utc("2011-12-30T18:00:00Z"))
         );
     }
 
