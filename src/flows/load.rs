@@ -647,6 +647,24 @@ impl Cx {
         }
     }
 
+    /// One of a few words: absent is the first option; any other word is a problem naming
+    /// the options (and reads as the first).
+    fn choice<T: Copy>(&mut self, f: usize, raw: Text, what: &str, options: &[(&str, T)]) -> T {
+        let first = options[0].1;
+        let Some(s) = raw else { return first };
+        let word = s.get_ref().trim();
+        if let Some((_, v)) = options.iter().find(|(name, _)| *name == word) {
+            return *v;
+        }
+        let names: Vec<String> = options.iter().map(|(n, _)| format!("{n:?}")).collect();
+        self.err(
+            f,
+            s.span(),
+            format!("{what} is {word:?}, expected {}", names.join(" or ")),
+        );
+        first
+    }
+
     /// A message text: present texts are checked, absent ones take `default`.
     fn text(
         &mut self,
@@ -802,21 +820,12 @@ impl Cx {
             .as_ref()
             .and_then(|d| self.positive_duration(f, d, "verify.send_window"))
             .unwrap_or(TimeDelta::hours(1));
-        let after_otp_api = match r.after_otp_api {
-            None => AfterOtpApi::Stay,
-            Some(s) => match s.get_ref().trim() {
-                "stay" => AfterOtpApi::Stay,
-                "form" => AfterOtpApi::Form,
-                other => {
-                    self.err(
-                        f,
-                        s.span(),
-                        format!("verify.after_otp_api is {other:?}, expected \"stay\" or \"form\""),
-                    );
-                    AfterOtpApi::Stay
-                }
-            },
-        };
+        let after_otp_api = self.choice(
+            f,
+            r.after_otp_api,
+            "verify.after_otp_api",
+            &[("stay", AfterOtpApi::Stay), ("form", AfterOtpApi::Form)],
+        );
         Verify {
             code_length: self.number(f, r.code_length, "verify.code_length", 4..11, 6) as u8,
             ttl,
@@ -1351,23 +1360,15 @@ impl Cx {
             HIDDEN_CALLER,
             plain,
         );
-        let read_code_callers = match r.read_code_callers {
-            None => ReadCodeCallers::Any,
-            Some(s) => match s.get_ref().trim() {
-                "any" => ReadCodeCallers::Any,
-                "attested" => ReadCodeCallers::Attested,
-                other => {
-                    self.err(
-                        f,
-                        s.span(),
-                        format!(
-                            "ivr.read_code_callers is {other:?}, expected \"any\" or \"attested\""
-                        ),
-                    );
-                    ReadCodeCallers::Any
-                }
-            },
-        };
+        let read_code_callers = self.choice(
+            f,
+            r.read_code_callers,
+            "ivr.read_code_callers",
+            &[
+                ("any", ReadCodeCallers::Any),
+                ("attested", ReadCodeCallers::Attested),
+            ],
+        );
         let start_span = r.start.as_ref().map(|s| s.span());
         let start = r
             .start
