@@ -217,23 +217,17 @@ impl Outbox {
                 return store.outbox_update(id, &msg);
             }
         }
-        // Per-sender rate limit; a shutdown does not wait for the slot.
-        tokio::select! {
-            _ = tokio::time::sleep_until(self.next_slot) => {}
-            _ = self.stop.wait_for(|stopped| *stopped) => return Ok(()),
+        // Per-sender rate limit; a shutdown does not wait for the slot. A message that will
+        // not be sent (its number opted out, or is gone) takes no slot from the others.
+        if !matches!(sendable(store, &msg, id), Ok(None)) {
+            tokio::select! {
+                _ = tokio::time::sleep_until(self.next_slot) => {}
+                _ = self.stop.wait_for(|stopped| *stopped) => return Ok(()),
+            }
+            self.next_slot = Instant::now().max(self.next_slot) + self.interval;
         }
-        self.next_slot = Instant::now().max(self.next_slot) + self.interval;
-        // The opt-out check is repeated at send time (after the wait): a STOP may have
-        // arrived since queueing (even if a START followed it: consent withdrawn covers what
-        // was queued before), or the number may have been erased.
         // How the message ends: its delivery's status, provider id, error code and error.
-        let record = match store.subscriber(&msg.phone) {
-            Ok(Some(s)) if s.state != State::OptedOut => store
-                .opted_out_since(&msg.phone, id)
-                .map(|since| (!since).then_some(s)),
-            Ok(_) => Ok(None),
-            Err(e) => Err(e),
-        };
+        let record = sendable(store, &msg, id);
         let (status, sid, code, error) = match record {
             // A storage error: try again later.
             Err(e) if !codec::is_unreadable(&e) => return Err(e),
@@ -300,6 +294,24 @@ impl Outbox {
             .saturating_mul(1u32 << attempts.saturating_sub(1).min(20));
         let capped = exp.min(MAX_BACKOFF);
         capped.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+}
+
+/// The record of the number queued message `id` goes to, when it may still be sent; `None`
+/// when not. Asked again at send time (after the rate limit's wait): a STOP may have arrived
+/// since queueing (even if a START followed it: consent withdrawn covers what was queued
+/// before), or the number may have been erased.
+fn sendable(
+    store: &crate::store::Store,
+    msg: &OutMessage,
+    id: u64,
+) -> anyhow::Result<Option<crate::machine::Subscriber>> {
+    match store.subscriber(&msg.phone) {
+        Ok(Some(s)) if s.state != State::OptedOut => store
+            .opted_out_since(&msg.phone, id)
+            .map(|since| (!since).then_some(s)),
+        Ok(_) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

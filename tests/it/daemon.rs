@@ -1211,9 +1211,6 @@ async fn quiet_now_with_queued(
     ivr: &str,
     queued: &[(&str, smsflow::machine::State, &str, bool)],
 ) -> TestApp {
-    use smsflow::machine::Subscriber;
-    use smsflow::store::{Commit, Store};
-
     let hm = |t: chrono::DateTime<chrono::Utc>| t.format("%H:%M").to_string();
     let (from, to) = (
         hm(now - chrono::Duration::hours(1)),
@@ -1227,8 +1224,22 @@ async fn quiet_now_with_queued(
             ),
         )
         .replace("[ivr]\n", &format!("[ivr]\n{ivr}"));
-    let flows = tempfile::tempdir().unwrap();
-    std::fs::write(flows.path().join("flows.toml"), text).unwrap();
+    start_with_queued(&text, now, queued, |_| {}).await
+}
+
+/// A daemon on `flows`, started on a data dir where each (number, state, text, is a code)
+/// was queued by a fired timer at `now`.
+async fn start_with_queued(
+    flows: &str,
+    now: chrono::DateTime<chrono::Utc>,
+    queued: &[(&str, smsflow::machine::State, &str, bool)],
+    tweak: impl FnOnce(&mut smsflow::config::Config),
+) -> TestApp {
+    use smsflow::machine::Subscriber;
+    use smsflow::store::{Commit, Store};
+
+    let flows_dir = tempfile::tempdir().unwrap();
+    std::fs::write(flows_dir.path().join("flows.toml"), flows).unwrap();
     let data = Arc::new(tempfile::tempdir().unwrap());
     {
         let store = Store::open(data.path()).unwrap();
@@ -1256,9 +1267,9 @@ async fn quiet_now_with_queued(
     TestApp::start(
         FakeTwilio::start().await,
         data,
-        Arc::new(flows),
+        Arc::new(flows_dir),
         options,
-        |_| {},
+        tweak,
     )
     .await
 }
@@ -1348,4 +1359,33 @@ async fn a_code_behind_a_held_follow_up_is_sent_at_once_and_the_follow_up_first(
     );
     assert_eq!(all[3].to, late);
     assert!(all[3].body.starts_with("Code: "), "{}", all[3].body);
+}
+
+/// A queued message that will not be sent (its number opted out) takes no slot of the
+/// per-sender rate limit: the message after it goes one interval after the one before.
+#[tokio::test]
+async fn a_message_to_an_opted_out_number_takes_no_send_slot_from_the_others() {
+    use smsflow::machine::State;
+    let app = start_with_queued(
+        FLOWS,
+        chrono::Utc::now(),
+        &[
+            ("+14155550151", State::Verified, "first", false),
+            ("+14155550152", State::OptedOut, "never sent", false),
+            ("+14155550153", State::Verified, "second", false),
+        ],
+        // One send every 2 s.
+        |c| c.send_rate = 0.5,
+    )
+    .await;
+    app.twilio.wait_delivered(1).await;
+    let first = std::time::Instant::now();
+    let sent = app.twilio.wait_delivered(2).await;
+    let gap = first.elapsed();
+    assert_eq!(
+        sent.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(),
+        ["first", "second"]
+    );
+    // One interval (2 s), not two.
+    assert!(gap < Duration::from_millis(3500), "{gap:?}");
 }
