@@ -312,7 +312,7 @@ impl Repl {
 
     /// Prints a voice turn, running its action against the sandbox.
     fn voice(&mut self, turn: crate::ivr::Turn) -> String {
-        use crate::flows::{IvrAction, ReadCodeCallers};
+        use crate::flows::IvrAction;
         use crate::ivr::{Speech, Turn};
         let (speech, texts, next) = match turn {
             Turn::Ask { say, menu, attempt } => (say, String::new(), Some((menu, attempt))),
@@ -323,8 +323,7 @@ impl Repl {
                 // read_code speaks the code to a caller it may trust; everything else
                 // arrives by text.
                 let spoken = action == IvrAction::ReadCode
-                    && (self.sandbox.flows.ivr.read_code_callers == ReadCodeCallers::Any
-                        || !self.unattested);
+                    && self.sandbox.flows.ivr.reads_code_to(!self.unattested);
                 let code = sent.iter().find_map(|s| s.code.clone()).filter(|_| spoken);
                 let texted: Vec<Sent> = if spoken {
                     sent.into_iter().filter(|s| s.code.is_none()).collect()

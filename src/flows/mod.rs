@@ -245,6 +245,14 @@ pub enum ReadCodeCallers {
     Attested,
 }
 
+impl Ivr {
+    /// Whether `read_code` speaks the code on a call (else it texts it), by whether the
+    /// call's caller ID was attested.
+    pub fn reads_code_to(&self, attested: bool) -> bool {
+        self.read_code_callers == ReadCodeCallers::Any || attested
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Menu {
     pub say: Template,

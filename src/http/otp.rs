@@ -225,13 +225,11 @@ pub async fn validate_otp(
     let phone = phone(&state, req.phone)?;
     let flows = state.engine.flows();
     let length = flows.verify.code_length;
-    let otp = match req.otp {
-        Some(serde_json::Value::String(s)) if flows.verify.api_code(&s).is_some() => {
-            s.trim().to_string()
-        }
-        Some(serde_json::Value::String(_)) => {
-            return Err(OtpError::BadRequest(format!("otp must be {length} digits")));
-        }
+    let otp = match &req.otp {
+        Some(serde_json::Value::String(s)) => match flows.verify.api_code(s) {
+            Some(code) => code.to_string(),
+            None => return Err(OtpError::BadRequest(format!("otp must be {length} digits"))),
+        },
         Some(_) => {
             return Err(OtpError::BadRequest(format!(
                 "otp must be a JSON string of {length} digits (a number loses leading zeros)"

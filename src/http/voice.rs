@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::twiml::{self, Asked};
 use super::{xml, AppState, TwilioForm, WebhookError};
 use crate::engine::Input;
-use crate::flows::{IvrAction, ReadCodeCallers};
+use crate::flows::IvrAction;
 use crate::ivr::{self, Turn};
 
 /// A call comes in: the start menu.
@@ -102,8 +102,7 @@ pub async fn gather(
         Turn::Act(action) => {
             let event = ivr::action_event(&action);
             // read_code speaks the code instead of texting it, to a caller it may trust
-            let spoken = action == IvrAction::ReadCode
-                && (flows.ivr.read_code_callers == ReadCodeCallers::Any || caller_attested);
+            let spoken = action == IvrAction::ReadCode && flows.ivr.reads_code_to(caller_attested);
             let applied = state
                 .engine
                 .apply(Input {

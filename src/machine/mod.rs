@@ -913,8 +913,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     /// keeps its draw, so the dataset's assignment stands), or one picked at random by
     /// weight and recorded. A sequence since removed, or weighted 0, is drawn again.
     fn enrol(&mut self) {
-        let total = self.flows.total_weight();
-        if total == 0 {
+        if self.flows.total_weight() == 0 {
             return; // no sequences: the number stays verified
         }
         let kept = self
@@ -922,27 +921,10 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             .sequence
             .as_deref()
             .and_then(|n| self.flows.sequence(n))
-            .filter(|s| s.weight > 0);
-        let name = match kept {
-            Some(seq) => seq.name.clone(),
-            None => {
-                let mut pick = self.rng.random_range(0..total);
-                let Some(seq) = self.flows.sequences.iter().find(|s| {
-                    let w = u64::from(s.weight);
-                    if pick < w {
-                        true
-                    } else {
-                        pick -= w;
-                        false
-                    }
-                }) else {
-                    return;
-                };
-                let name = seq.name.clone();
-                self.sub.sequence = Some(name.clone());
-                self.record(Record::SequenceAssigned { name: name.clone() });
-                name
-            }
+            .filter(|s| s.weight > 0)
+            .map(|s| s.name.clone());
+        let Some(name) = kept.or_else(|| self.draw()) else {
+            return;
         };
         self.sub.state = State::InSequence {
             name: name.clone(),
@@ -950,6 +932,24 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             waiting: false,
         };
         self.schedule_step(&name, 0);
+    }
+
+    /// Picks a sequence at random by weight, and records the draw.
+    fn draw(&mut self) -> Option<String> {
+        let mut pick = self.rng.random_range(0..self.flows.total_weight());
+        let seq = self.flows.sequences.iter().find(|s| {
+            let w = u64::from(s.weight);
+            if pick < w {
+                true
+            } else {
+                pick -= w;
+                false
+            }
+        })?;
+        let name = seq.name.clone();
+        self.sub.sequence = Some(name.clone());
+        self.record(Record::SequenceAssigned { name: name.clone() });
+        Some(name)
     }
 
     /// Runs step `k` and every following step already due; schedules the first one that is not.
