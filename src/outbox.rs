@@ -209,9 +209,9 @@ impl Outbox {
         // no attempt counted, no send slot taken. The number's later messages wait behind it.
         // Unless a code waits behind it: the number's owner is awake and asking, and the
         // code must not wait for the morning (it would expire).
-        if msg.follow_up && !code_behind(store, &msg.phone, id) {
-            let now = Utc::now();
-            if let Some(end) = crate::machine::quiet_end(&self.engine.flows().bot, now) {
+        if msg.follow_up {
+            let quiet = crate::machine::quiet_end(&self.engine.flows().bot, Utc::now());
+            if let Some(end) = quiet.filter(|_| !code_behind(store, &msg.phone, id)) {
                 tracing::info!(phone = %msg.phone.masked(), until = %end, "outbox: holding a follow-up until quiet hours end");
                 msg.next_try = end;
                 return store.outbox_update(id, &msg);
