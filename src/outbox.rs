@@ -173,10 +173,11 @@ impl Outbox {
             };
             w.upto = Some(id);
             if let Some(&head) = w.head_of.get(&msg.phone) {
-                // A code behind a first message that waits (a follow-up held for quiet
-                // hours, a retry's backoff) must not wait with it and expire: the first
-                // message is tried now, and a held follow-up then goes (see `deliver`).
-                if msg.secret && msg.next_try <= now {
+                // A code behind a follow-up held for quiet hours must not wait with it till
+                // morning and expire: the follow-up goes now, and then the code (see
+                // `deliver`). (A first message waiting for a retry keeps its wait: the
+                // provider's `Retry-After` is obeyed.)
+                if msg.secret && self.held_for_quiet_hours(head, now) {
                     w.release(head, now);
                 }
                 continue;
@@ -188,6 +189,17 @@ impl Outbox {
             return Ok(Some((id, msg)));
         }
         Ok(None)
+    }
+
+    /// Whether queued message `id` is a follow-up `deliver` held until quiet hours end.
+    fn held_for_quiet_hours(&self, id: u64, now: DateTime<Utc>) -> bool {
+        let Some(end) = crate::machine::quiet_end(&self.engine.flows().bot, now) else {
+            return false;
+        };
+        matches!(
+            still_queued(&self.engine.store, id),
+            Ok(Some(m)) if m.follow_up && m.next_try == end
+        )
     }
 
     /// Message `id`, the first of `phone`'s, is gone: its next message, if it was read
@@ -219,15 +231,16 @@ impl Outbox {
         }
         // Per-sender rate limit; a shutdown does not wait for the slot. A message that will
         // not be sent (its number opted out, or is gone) takes no slot from the others.
-        if !matches!(sendable(store, &msg, id), Ok(None)) {
+        let mut record = sendable(store, &msg, id);
+        if !matches!(record, Ok(None)) {
             tokio::select! {
                 _ = tokio::time::sleep_until(self.next_slot) => {}
                 _ = self.stop.wait_for(|stopped| *stopped) => return Ok(()),
             }
             self.next_slot = Instant::now().max(self.next_slot) + self.interval;
+            record = sendable(store, &msg, id);
         }
         // How the message ends: its delivery's status, provider id, error code and error.
-        let record = sendable(store, &msg, id);
         let (status, sid, code, error) = match record {
             // A storage error: try again later.
             Err(e) if !codec::is_unreadable(&e) => return Err(e),

@@ -936,7 +936,11 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 
     /// Picks a sequence at random by weight, and records the draw.
     fn draw(&mut self) -> Option<String> {
-        let mut pick = self.rng.random_range(0..self.flows.total_weight());
+        let total = self.flows.total_weight();
+        if total == 0 {
+            return None;
+        }
+        let mut pick = self.rng.random_range(0..total);
         let seq = self.flows.sequences.iter().find(|s| {
             let w = u64::from(s.weight);
             if pick < w {

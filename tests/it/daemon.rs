@@ -1389,3 +1389,22 @@ async fn a_message_to_an_opted_out_number_takes_no_send_slot_from_the_others() {
     // One interval (2 s), not two.
     assert!(gap < Duration::from_millis(3500), "{gap:?}");
 }
+
+/// A code queued behind its number's message that waits for a retry does not cut that wait
+/// short (the provider's `Retry-After`, the backoff): only a follow-up held for quiet hours
+/// is let go early for a code.
+#[tokio::test]
+async fn a_code_does_not_cut_short_the_retry_wait_of_the_message_before_it() {
+    let app = TestApp::spawn_with_options(FLOWS, |o| o.retry_base = Duration::from_secs(20)).await;
+    app.twilio.fail_next(&[503]);
+    app.sms(ANN, "JOIN").await;
+    eventually("the first code to meet the 503", async || {
+        app.twilio.attempts() == 1
+    })
+    .await;
+    // A second code, queued behind the first, which waits 10-20 s for its retry.
+    app.sms(ANN, "JOIN").await;
+    quiet_for(Duration::from_millis(1000)).await;
+    assert_eq!(app.twilio.attempts(), 1, "{:#?}", app.twilio.all_requests());
+    app.stop().await;
+}
