@@ -192,7 +192,9 @@ impl Application {
                 b += "  Twilio console, Phone Numbers > your number:\n";
                 b += &format!("    A message comes in (HTTP POST): {base}/twilio/sms\n");
                 b += &format!("    A call comes in (HTTP POST):    {base}/twilio/voice\n");
-                b += &format!("    Delivery status callback:       {base}/twilio/status\n");
+                b += &format!(
+                    "  Delivery reports come to {base}/twilio/status by themselves (each message\n  names it as its StatusCallback): nothing to paste for them.\n"
+                );
             }
             None => {
                 b += "  No public URL: Twilio cannot reach this machine yet. Start a tunnel:\n";
