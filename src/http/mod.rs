@@ -138,7 +138,10 @@ impl IntoResponse for WebhookError {
             WebhookError::BadRequest(m) => {
                 (StatusCode::BAD_REQUEST, format!("{m}\n")).into_response()
             }
-            WebhookError::Forbidden(m) => (StatusCode::FORBIDDEN, format!("{m}\n")).into_response(),
+            WebhookError::Forbidden(m) => {
+                warn_refused(&m);
+                (StatusCode::FORBIDDEN, format!("{m}\n")).into_response()
+            }
             WebhookError::Body(rejection) => rejection.into_response(),
             WebhookError::Unexpected(e) => {
                 let mut r = (
@@ -151,6 +154,31 @@ impl IntoResponse for WebhookError {
                 r
             }
         }
+    }
+}
+
+/// A refused signature is what a wrong public URL, a proxy that drops `X-Forwarded-*` or a
+/// rotated auth token looks like: every webhook is refused, and the reason would otherwise
+/// show only in Twilio's debugger. Logged at most once a minute, so forgeries cannot flood
+/// the log.
+fn warn_refused(why: &str) {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+    let first = last == 0 || now >= last.saturating_add(60);
+    if first
+        && LAST
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+    {
+        tracing::warn!("refused a Twilio webhook: {why} (this is logged at most once a minute)");
     }
 }
 

@@ -1408,3 +1408,56 @@ async fn a_code_does_not_cut_short_the_retry_wait_of_the_message_before_it() {
     assert_eq!(app.twilio.attempts(), 1, "{:#?}", app.twilio.all_requests());
     app.stop().await;
 }
+
+/// A webhook whose signature does not match is refused and the log says so, with the URL it
+/// was checked against (a wrong public URL or auth token refuses every webhook, and would
+/// otherwise show only in Twilio's debugger); at most once a minute, so forgeries cannot
+/// flood the log.
+#[tokio::test]
+async fn a_refused_signature_is_logged_once_with_the_url_it_was_checked_against() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let twilio = FakeTwilio::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let (mut child, base, _lines) = spawn_serve(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--flows", "flows"])
+            .arg("--data")
+            .arg(data.path())
+            .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+            .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+            .env("TWILIO_FROM", FROM)
+            .env("TWILIO_API_BASE", &twilio.url)
+            // Not the URL Twilio (here: the test) signs for.
+            .env("SMSFLOW_PUBLIC_URL", "https://wrong.example")
+            .env_remove("TWILIO_MESSAGING_SERVICE_SID")
+            .env("SMSFLOW_LOG", "")
+            .env_remove("RUST_LOG")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true),
+    )
+    .await;
+    let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let http = reqwest::Client::new();
+    for n in 0..3 {
+        let sid = format!("SMrefused{n}");
+        let form = [
+            ("From", ANN),
+            ("Body", "JOIN"),
+            ("MessageSid", sid.as_str()),
+        ];
+        let r = post_signed(&http, &base, "/twilio/sms", &form).await;
+        assert_eq!(r.status().as_u16(), 403);
+    }
+    sigterm(&child);
+    let rest = exits_cleanly(child, stderr, Duration::from_secs(10)).await;
+    let refused: Vec<&String> = rest
+        .iter()
+        .filter(|l| l.contains("refused a Twilio webhook"))
+        .collect();
+    assert_eq!(refused.len(), 1, "{rest:#?}");
+    assert!(
+        refused[0].contains("https://wrong.example/twilio/sms"),
+        "{}",
+        refused[0]
+    );
+}
