@@ -227,33 +227,38 @@ pub async fn list(
         Some(a) => Some(phone_named(&app, a, "after")?.to_string()),
         None => None,
     };
-    let mut page = Vec::new();
-    let mut more = false;
-    for listed in app.engine.store.subscribers_after(after.as_deref()) {
-        let row = match listed? {
-            Listed::Readable(s) => {
-                if q.state
-                    .as_deref()
-                    .is_some_and(|want| want != s.state.name())
-                {
-                    continue;
+    // A filtered page may walk many records (a million, for a state few have): off the
+    // async workers, which serve the webhooks.
+    let (store_app, state) = (app.clone(), q.state.clone());
+    let (page, more) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<Row>, bool)> {
+        let mut page = Vec::new();
+        let mut more = false;
+        for listed in store_app.engine.store.subscribers_after(after.as_deref()) {
+            let row = match listed? {
+                Listed::Readable(s) => {
+                    if state.as_deref().is_some_and(|want| want != s.state.name()) {
+                        continue;
+                    }
+                    Row::Readable(View::of(&s))
                 }
-                Row::Readable(View::of(&s))
+                // Its state is unknown, so a filtered list leaves it out; the full list shows
+                // it, so that the operator can find and erase it.
+                Listed::Unreadable { .. } if state.is_some() => continue,
+                Listed::Unreadable { key, error } => Row::Unreadable {
+                    phone: key,
+                    unreadable: error.to_string(),
+                },
+            };
+            if page.len() == limit {
+                more = true;
+                break;
             }
-            // Its state is unknown, so a filtered list leaves it out; the full list shows it,
-            // so that the operator can find and erase it.
-            Listed::Unreadable { .. } if q.state.is_some() => continue,
-            Listed::Unreadable { key, error } => Row::Unreadable {
-                phone: key,
-                unreadable: error.to_string(),
-            },
-        };
-        if page.len() == limit {
-            more = true;
-            break;
+            page.push(row);
         }
-        page.push(row);
-    }
+        Ok((page, more))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("listing subscribers stopped: {e}"))??;
     let next = if more {
         page.last().map(|r| match r {
             Row::Readable(v) => v.phone.clone(),
