@@ -505,11 +505,24 @@ async fn status(
             d.updated_at = now;
         }
     })?;
-    if code == Some(UNSUBSCRIBED) {
-        let phone = match phone {
-            Some(p) => p,
-            None => form.phone("To")?,
-        };
+    // For a message smsflow has no record of, the number it went to: if smsflow knows it.
+    // A number it does not know (erased since the send, or never met) is not brought back
+    // as an opted-out record.
+    let unsubscribed = match (code == Some(UNSUBSCRIBED), phone) {
+        (false, _) => None,
+        (true, Some(p)) => Some(p),
+        (true, None) => {
+            let to = form.phone("To")?;
+            match state.engine.store.subscriber(&to)? {
+                Some(_) => Some(to),
+                None => {
+                    tracing::info!(phone = %to.masked(), "delivery report 21610 for a number smsflow does not know (erased, or never met): nothing to opt out");
+                    None
+                }
+            }
+        }
+    };
+    if let Some(phone) = unsubscribed {
         state
             .engine
             .event(&phone, Event::ProviderUnsubscribed)

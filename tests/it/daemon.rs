@@ -513,6 +513,31 @@ async fn twilio_reporting_21610_opts_the_number_out() {
         .await;
     assert_eq!(r.status().as_u16(), 204);
     assert_eq!(app.state_of(BOB).as_deref(), Some("opted_out"));
+
+    // One for a number smsflow does not know (erased since, or never met) brings nothing
+    // back: an erased number stays erased.
+    let erased = "+15550003333";
+    enrol(&app, erased, 2).await;
+    let path = format!("/admin/subscribers/{}", erased.replace('+', "%2B"));
+    let gone = app.admin_status(reqwest::Method::DELETE, &path).await;
+    assert!(gone.is_success(), "{gone}");
+    let r = app
+        .post_form(
+            "/twilio/status",
+            &[
+                ("MessageSid", "SMlate"),
+                ("MessageStatus", "undelivered"),
+                ("ErrorCode", "21610"),
+                ("To", erased),
+            ],
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 204);
+    assert_eq!(app.state_of(erased), None);
+    assert_eq!(
+        app.admin_status(reqwest::Method::GET, &path).await.as_u16(),
+        404
+    );
 }
 
 /// The request we send matches Twilio's own OpenAPI description of `Messages.json`
