@@ -24,6 +24,10 @@ use crate::phone::{Phone, Region};
 
 /// Largest request body accepted (Twilio's own webhooks are a few KiB).
 pub const MAX_BODY: usize = 64 * 1024;
+/// How long a request body may go without sending anything: a client that sends its head
+/// and then no body holds its connection no longer. (Twilio itself gives up on a webhook
+/// after 15 s.)
+pub const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct AppState {
     pub engine: Arc<Engine>,
@@ -108,6 +112,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            BODY_IDLE_TIMEOUT,
+        ))
         .layer(axum::middleware::from_fn(time_webhooks))
         .layer(axum::middleware::map_response(log_failures))
         .layer(axum::middleware::from_fn(explain_refusals))

@@ -1486,3 +1486,33 @@ async fn a_refused_signature_is_logged_once_with_the_url_it_was_checked_against(
         refused[0]
     );
 }
+
+/// A client that sends a request's head and then none of its body is answered and let go
+/// once the body has been idle for `BODY_IDLE_TIMEOUT`, instead of holding its connection
+/// (and a file descriptor) for as long as it likes.
+#[tokio::test]
+async fn a_request_whose_body_never_comes_is_refused_after_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn(FLOWS).await;
+    let mut stalled = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stalled
+        .write_all(
+            b"POST /twilio/sms HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        smsflow::http::BODY_IDLE_TIMEOUT + Duration::from_secs(5),
+        stalled.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(read.is_ok(), "still held after {:?}", started.elapsed());
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+    assert!(started.elapsed() >= smsflow::http::BODY_IDLE_TIMEOUT - Duration::from_secs(1));
+    assert_eq!(app.state_of(ANN), None);
+}
