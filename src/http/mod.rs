@@ -169,21 +169,13 @@ impl IntoResponse for WebhookError {
 /// show only in Twilio's debugger. Logged at most once a minute, so forgeries cannot flood
 /// the log.
 fn warn_refused(why: &str) {
-    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    static LAST: AtomicU64 = AtomicU64::new(0);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
-    let first = last == 0 || now >= last.saturating_add(60);
-    if first
-        && LAST
-            .compare_exchange(
-                last,
-                now,
-                std::sync::atomic::Ordering::Relaxed,
-                std::sync::atomic::Ordering::Relaxed,
-            )
-            .is_ok()
+    let last = LAST.load(Relaxed);
+    if now >= last.saturating_add(60) && LAST.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
     {
         tracing::warn!("refused a Twilio webhook: {why} (this is logged at most once a minute)");
     }
@@ -512,24 +504,14 @@ async fn status(
             d.updated_at = now;
         }
     })?;
-    // For a message smsflow has no record of, the number it went to: if smsflow knows it.
-    // A number it does not know (erased since the send, or never met) is not brought back
-    // as an opted-out record.
-    let unsubscribed = match (code == Some(UNSUBSCRIBED), phone) {
-        (false, _) => None,
-        (true, Some(p)) => Some(p),
-        (true, None) => {
-            let to = form.phone("To")?;
-            match state.engine.store.subscriber(&to)? {
-                Some(_) => Some(to),
-                None => {
-                    tracing::info!(phone = %to.masked(), "delivery report 21610 for a number smsflow does not know (erased, or never met): nothing to opt out");
-                    None
-                }
-            }
-        }
-    };
-    if let Some(phone) = unsubscribed {
+    if code == Some(UNSUBSCRIBED) {
+        // For a message smsflow has no record of, the number it went to. (One smsflow does
+        // not know, erased since the send or never met, is not brought back: the event
+        // creates no record.)
+        let phone = match phone {
+            Some(p) => p,
+            None => form.phone("To")?,
+        };
         state
             .engine
             .event(&phone, Event::ProviderUnsubscribed)

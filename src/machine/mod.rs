@@ -194,7 +194,9 @@ impl fmt::Debug for Event {
 }
 
 impl Event {
-    /// Whether this event makes an unknown number worth remembering.
+    /// Whether this event makes an unknown number worth remembering. (Not a provider's
+    /// "unsubscribed" report: it can come late for a number erased since, which must stay
+    /// erased.)
     pub fn creates_subscriber(&self) -> bool {
         matches!(
             self,
@@ -203,7 +205,6 @@ impl Event {
                 | Event::VoiceCodeRequested
                 | Event::VoiceOptIn
                 | Event::VoiceOptOut
-                | Event::ProviderUnsubscribed
         )
     }
 }
