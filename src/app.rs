@@ -36,6 +36,9 @@ pub struct Options {
     /// 900 s, Google's load balancer's 610 s, ngrok's and cloudflared's 90 s): they close
     /// first, and never send a request into a connection smsflow is closing.
     pub header_read_timeout: Duration,
+    /// At most this many connections are open at once; a further one waits in the kernel's
+    /// queue until one closes. Unset: 4,096, or fewer where open files are limited.
+    pub max_connections: Option<usize>,
 }
 
 impl Default for Options {
@@ -45,6 +48,7 @@ impl Default for Options {
             quiet_console: false,
             shutdown_grace: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(960),
+            max_connections: None,
         }
     }
 }
@@ -330,7 +334,33 @@ async fn serve(
     // Held here so that what is still open after the grace period can be cut off.
     let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    // A slot per open connection: idle clients holding connections open run the process out
+    // of file descriptors before the header read timeout closes them, and then the store and
+    // the sends to Twilio have none either.
+    let limit = options.max_connections.unwrap_or_else(connection_limit);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limit));
+    let mut warned: Option<std::time::Instant> = None;
     loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                    warned = Some(std::time::Instant::now());
+                    tracing::warn!(
+                        "{limit} connections are open, the most smsflow serves at once; new \
+                         ones wait until one closes (logged at most once a minute)"
+                    );
+                }
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        // (The semaphore is never closed.)
+                        Err(_) => break,
+                    },
+                    () = &mut shutdown => break,
+                }
+            }
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
@@ -357,6 +387,7 @@ async fn serve(
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         let connection = open.watch(builder.serve_connection(TokioIo::new(stream), service));
         connections.spawn(async move {
+            let _slot = slot;
             // A client's broken connection is its own affair.
             if let Err(e) = connection.await {
                 tracing::debug!("HTTP connection: {e}");
@@ -384,6 +415,17 @@ async fn serve(
             connections.abort_all();
         }
     }
+}
+
+/// How many connections `serve` keeps open at once by default: 4,096, or fewer when the
+/// process may not open that many files. The soft limit on open files is first raised towards
+/// 8,192 where the hard limit allows (many systems start services at 1,024); 128 files are
+/// kept for the store, the flows watcher, the sends to Twilio and the log.
+fn connection_limit() -> usize {
+    const MOST: u64 = 4096;
+    const KEPT: u64 = 128;
+    let files = rlimit::increase_nofile_limit(2 * MOST).unwrap_or(1024);
+    usize::try_from(files.saturating_sub(KEPT).clamp(16, MOST)).unwrap_or(16)
 }
 
 /// With a retention set: deletes history entries and delivery records older than it, at the

@@ -684,6 +684,42 @@ async fn a_connection_that_never_finishes_its_request_head_is_closed() {
     app.stop().await;
 }
 
+/// Clients holding connections open cannot take every file descriptor: past the limit a new
+/// connection waits, and is served as soon as one of the others closes.
+#[tokio::test]
+async fn past_the_connection_limit_a_new_connection_waits_until_another_one_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with_options(FLOWS, |o| o.max_connections = Some(2)).await;
+    let first = half_a_request(&app.base).await;
+    let second = half_a_request(&app.base).await;
+    let mut third = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let early = tokio::time::timeout(Duration::from_millis(300), third.read_to_end(&mut answer));
+    assert!(
+        early.await.is_err() && answer.is_empty(),
+        "served past the limit: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(10), third.read_to_end(&mut answer))
+        .await
+        .expect("served once another connection closed")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    drop(second);
+    app.stop().await;
+}
+
 /// `smsflow serve` started as a user starts it: the child, its base URL (from its first line),
 /// and the rest of its stdout and its stderr, line by line.
 async fn serve_child(
