@@ -251,8 +251,22 @@ async fn time_webhooks(req: axum::extract::Request, next: axum::middleware::Next
     response
 }
 
-/// Ready when the store answers, flows are loaded and the workers run.
-async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+/// Whether a request may see the operator's figures (`/metrics`, the details of `/readyz`):
+/// the admin API's rule. Subscriber counts, message volumes and flow-file problems are not for
+/// whoever finds the tunnel's address.
+fn operator(state: &AppState, headers: &HeaderMap, what: &str) -> Result<(), String> {
+    bearer(
+        state.admin_token.as_ref(),
+        state.loopback,
+        headers,
+        "SMSFLOW_ADMIN_TOKEN",
+        what,
+    )
+}
+
+/// Ready when the store answers, flows are loaded and the workers run. Anyone gets the status
+/// and `ready` (for a load balancer's or orchestrator's probe); the rest is for the operator.
+async fn readyz(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     use std::sync::atomic::Ordering::Relaxed;
     let store = tokio::time::timeout(std::time::Duration::from_secs(2), state.engine.durable())
         .await
@@ -260,6 +274,14 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let scheduler = state.health.scheduler.load(Relaxed);
     let outbox = state.health.outbox.load(Relaxed);
     let ready = store && scheduler && outbox;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    if operator(&state, &headers, "readiness detail").is_err() {
+        return (status, axum::Json(serde_json::json!({ "ready": ready }))).into_response();
+    }
     let body = serde_json::json!({
         "ready": ready,
         "store": store,
@@ -268,15 +290,13 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         "outbox": outbox,
         "last_reload": state.reloader.last_reload(),
     });
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
     (status, axum::Json(body)).into_response()
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(why) = operator(&state, &headers, "metrics endpoint") {
+        return (StatusCode::UNAUTHORIZED, format!("{why}\n")).into_response();
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         crate::metrics::render(&state.engine, state.reloader.counts()),

@@ -357,6 +357,40 @@ async fn admin_routes_need_the_token_when_one_is_set() {
     assert_eq!(status, 200);
 }
 
+/// Subscriber counts, message volumes and flow-file problems are the operator's: beyond
+/// loopback they need the admin token. `/readyz` still tells anyone whether the daemon is
+/// ready (a probe needs no token), and nothing more.
+#[tokio::test]
+async fn metrics_and_readiness_details_need_the_admin_token_beyond_loopback() {
+    let app = TestApp::spawn_with(FLOWS, |c| {
+        c.admin_token = Some(smsflow::config::Secret::new("adm1n"))
+    })
+    .await;
+    let r = app.get("/metrics").await;
+    assert_eq!(r.status().as_u16(), 401);
+    let why = r.text().await.unwrap();
+    assert!(why.contains("Bearer"), "{why}");
+    let r = app.get("/readyz").await;
+    assert_eq!(r.status().as_u16(), 200);
+    let ready: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(ready, serde_json::json!({ "ready": true }));
+    let (status, ready) = get(&app, "/readyz", Some("adm1n")).await;
+    assert_eq!(status, 200);
+    assert!(
+        ready["flows"].is_string() && ready["store"] == true,
+        "{ready}"
+    );
+
+    let open = TestApp::spawn_with(FLOWS, |c| {
+        c.listen = "0.0.0.0:0".parse().unwrap();
+        c.admin_token = None;
+    })
+    .await;
+    let r = open.get("/metrics").await;
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(r.text().await.unwrap().contains("SMSFLOW_ADMIN_TOKEN"));
+}
+
 #[tokio::test]
 async fn admin_routes_are_off_beyond_loopback_without_a_token() {
     let app = TestApp::spawn_with(FLOWS, |c| {
@@ -634,7 +668,11 @@ async fn metrics_parse_as_prometheus_text_and_readyz_reports_the_workers() {
     let app = TestApp::spawn(FLOWS).await;
     app.sms(A, "JOIN").await;
     app.twilio.wait_delivered(1).await;
-    let r = app.get("/metrics").await;
+    let r = app
+        .admin(reqwest::Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap();
     assert!(r.headers()["content-type"]
         .to_str()
         .unwrap()

@@ -388,7 +388,10 @@ async fn after_a_crash_mid_sequence_the_remaining_steps_arrive_exactly_once() {
     // a webhook's answer waits for a flush of everything before it.
     let metrics = format!("{base}/metrics");
     eventually("Step one's send to be recorded", async || {
-        let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
+        let scrape = reqwest::Client::new()
+            .get(&metrics)
+            .bearer_auth(ADMIN_TOKEN);
+        let text = scrape.send().await.unwrap().text().await.unwrap();
         text.lines().any(|l| l == "smsflow_outbox_depth 0")
     })
     .await;
