@@ -1115,6 +1115,40 @@ impl Cx {
             }
             out.push((key, label));
         }
+        // Labels are answers too, read with case and punctuation ignored: a label that reads
+        // as another choice's key or label would be taken for that choice ("2+" is key "2").
+        for (i, (key, label)) in out.iter().enumerate() {
+            let read = normalize(label);
+            if read.is_empty() {
+                continue;
+            }
+            for (other_key, _) in out[..i].iter().chain(&out[i + 1..]) {
+                if read == normalize(other_key) {
+                    self.err(
+                        f,
+                        span.clone(),
+                        format!(
+                            "choice {key:?} has the label {label:?}, which reads as {other_key:?}, \
+                             the key of another choice (answers are read without case and \
+                             punctuation), so that answer could be stored as the wrong choice"
+                        ),
+                    );
+                }
+            }
+            for (other_key, other_label) in &out[..i] {
+                if read == normalize(other_label) {
+                    self.err(
+                        f,
+                        span.clone(),
+                        format!(
+                            "choices {other_key:?} and {key:?} have labels that read the same \
+                             ({other_label:?} and {label:?}) once case and punctuation are \
+                             ignored, so an answer could be stored as the wrong one"
+                        ),
+                    );
+                }
+            }
+        }
         Expect::Choices(out)
     }
 

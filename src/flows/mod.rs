@@ -141,7 +141,19 @@ impl Expect {
         match self {
             Expect::Any => Some(answer.to_string()),
             Expect::Choices(choices) => {
+                // A key or label typed as written (case aside) is that choice: "18+" is the
+                // label "18+", not the key "18", and "👎" is not "👍".
+                let lower = answer.to_lowercase();
+                if let Some((_, label)) = choices.iter().find(|(key, label)| {
+                    key.to_lowercase() == lower || label.to_lowercase() == lower
+                }) {
+                    return Some(label.clone());
+                }
                 let said = crate::machine::normalize(answer);
+                // Nothing left once punctuation is dropped ("???", an emoji): no choice.
+                if said.is_empty() {
+                    return None;
+                }
                 // The option copied as the question shows it ("B) social media", "A. under
                 // 30"): a key marked off by ) . or : counts as that key.
                 let marked = answer

@@ -339,6 +339,43 @@ steps = [
     assert_eq!(flows.sequences.len(), 1);
 }
 
+/// A label is an answer too, read without case and punctuation: one that reads as another
+/// choice's key ("2+" as "2") or label ("<18" and "18+" both read "18") would be stored as the
+/// wrong choice, so `check` refuses it. A label with nothing to read (an emoji) is allowed: it
+/// is matched only as written.
+#[test]
+fn a_choice_label_that_reads_as_another_choice_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let flow = |choices: &str| {
+        format!(
+            "[bot]\nname = \"Labels\"\n\n[[form.field]]\nkey = \"pick\"\nask = \"Pick one\"\nexpect = {{ choices = {{ {choices} }} }}\n"
+        )
+    };
+    for (choices, says) in [
+        (
+            r#""1" = "0", "2" = "1", "3" = "2+""#,
+            r#"choice "2" has the label "1", which reads as "1", the key of another choice"#,
+        ),
+        (
+            r#"A = "<18", B = "18+""#,
+            r#"choices "A" and "B" have labels that read the same ("<18" and "18+")"#,
+        ),
+    ] {
+        write(dir.path(), "l.toml", &flow(choices));
+        let problems = problems_in(dir.path());
+        assert!(
+            problems.contains("l.toml:7:") && problems.contains(says),
+            "{choices}: {problems}"
+        );
+    }
+    write(
+        dir.path(),
+        "l.toml",
+        &flow(r#"Y = "👍", N = "👎", M = "meh""#),
+    );
+    smsflow::flows::load_dir(dir.path()).unwrap();
+}
+
 /// A form field named like a fixed column of the export ("state" for a US state, say) would
 /// give the dataset two columns of one name: `check` refuses it and says which names are taken.
 #[test]

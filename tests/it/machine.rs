@@ -626,6 +626,29 @@ fn a_choice_copied_as_the_question_shows_it_is_that_choice_and_a_vague_one_is_as
     }
 }
 
+/// A label typed as written is that choice, even when it reads like another once its
+/// punctuation is dropped; an answer with nothing to read is no choice at all.
+#[test]
+fn a_label_typed_as_written_is_that_choice_and_an_answer_of_only_symbols_is_none() {
+    let expect = smsflow::flows::Expect::Choices(
+        [("Y", "👍"), ("N", "👎"), ("A", "sub-18"), ("B", "18+")]
+            .map(|(k, l)| (k.to_string(), l.to_string()))
+            .to_vec(),
+    );
+    for (typed, saved) in [
+        ("👎", Some("👎")),
+        ("👍", Some("👍")),
+        ("y", Some("👍")),
+        ("18+", Some("18+")),
+        ("SUB-18", Some("sub-18")),
+        ("Sub-18!", Some("sub-18")),
+        ("???", None),
+        ("🙂", None),
+    ] {
+        assert_eq!(expect.accept(typed).as_deref(), saved, "{typed:?}");
+    }
+}
+
 /// Nothing that could be a code shows in the `Debug` form of events and effects, should
 /// anything ever log them.
 #[test]
