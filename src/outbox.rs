@@ -171,6 +171,11 @@ impl Outbox {
                     continue;
                 }
             };
+            // Committed but not yet flushed: the writer's flush wakes this worker again. (Sent
+            // now, a crash before the flush would queue it again when its event came back.)
+            if !self.engine.store.outbox_durable(id) {
+                break;
+            }
             w.upto = Some(id);
             if let Some(&head) = w.head_of.get(&msg.phone) {
                 // A code behind a follow-up held for quiet hours must not wait with it till

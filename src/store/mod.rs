@@ -7,7 +7,7 @@
 pub mod codec;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -185,6 +185,11 @@ pub struct Store {
     /// Numbers erased since the store was opened (the outbox's memory of what waits is
     /// void after one).
     erasures: AtomicU64,
+    /// One past the largest outbox id committed, and one past the largest known to be on
+    /// disk (committed before a flush that succeeded): a message is sent only once durable,
+    /// or a crash before the flush would bring back the event that queued it, to be sent again.
+    outbox_committed_below: AtomicU64,
+    outbox_durable_below: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -250,6 +255,8 @@ impl Store {
             Some(1) => None,
             _ => meta.get(COUNTS_KEY)?.and_then(|v| decode_counts(&v)),
         };
+        // Everything queued before this start is on disk, and has an id below a new one.
+        let queued_below = db.generate_id()?;
         let store = Store {
             subscribers: tree("subscribers")?,
             timers,
@@ -262,6 +269,8 @@ impl Store {
             meta,
             db,
             erasures: AtomicU64::new(0),
+            outbox_committed_below: AtomicU64::new(queued_below),
+            outbox_durable_below: AtomicU64::new(queued_below),
         };
         let meta = &store.meta;
         // Data dirs from before the index: build it once.
@@ -340,8 +349,16 @@ impl Store {
 
     /// Writes everything committed so far to disk (fsync).
     pub fn flush(&self) -> anyhow::Result<()> {
+        // Read before the flush: what was committed by then is on disk after it.
+        let committed = self.outbox_committed_below.load(SeqCst);
         self.db.flush().context("flushing the store")?;
+        self.outbox_durable_below.fetch_max(committed, SeqCst);
         Ok(())
+    }
+
+    /// Whether queued message `id` is on disk (so sending it cannot be undone by a crash).
+    pub fn outbox_durable(&self, id: u64) -> bool {
+        id < self.outbox_durable_below.load(SeqCst)
     }
 
     pub fn subscriber(&self, phone: &Phone) -> anyhow::Result<Option<Subscriber>> {
@@ -430,6 +447,7 @@ impl Store {
                 // Counted per run: sled may run this closure again, and only the run that
                 // commits returns.
                 let mut delta: Counts = [0; COUNTS];
+                let mut queued_below = None;
                 for e in encoded {
                     for key in &e.remove_timers {
                         delta[TIMERS] -= i64::from(timers.remove(key.as_slice())?.is_some());
@@ -440,6 +458,7 @@ impl Store {
                     }
                     for msg in &e.outgoing {
                         let id = outbox.generate_id()?;
+                        queued_below = Some(id.saturating_add(1));
                         if let Some(phone) = &e.phone {
                             by_phone.insert(phone_index_key(phone, OUTBOX_TAG, id), &[][..])?;
                         }
@@ -464,12 +483,16 @@ impl Store {
                     }
                 }
                 keep_counts(meta, &delta)?;
-                Ok::<_, ConflictableTransactionError<Abort>>(delta)
+                Ok::<_, ConflictableTransactionError<Abort>>((delta, queued_below))
             })
             .map_err(|e| match e {
                 TransactionError::Abort(a) => anyhow::anyhow!("commit aborted: {a}"),
                 TransactionError::Storage(s) => anyhow::anyhow!("commit failed: {s}"),
             })?;
+        let (delta, queued_below) = delta;
+        if let Some(below) = queued_below {
+            self.outbox_committed_below.fetch_max(below, SeqCst);
+        }
         self.counted(&delta);
         Ok(())
     }

@@ -123,6 +123,37 @@ fn messages_of(store: &Store, p: &Phone) -> (usize, usize) {
     (queued, sent)
 }
 
+/// The outbox sends a queued message only once it is on disk: sent before the flush, a crash
+/// would bring back the event that queued it, and the message would go out twice.
+#[test]
+fn a_queued_message_counts_as_durable_only_after_a_flush_and_after_a_reopen() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("open");
+    let (a, now) = (Phone::parse("+14155550101").expect("a"), Utc::now());
+    let commit = Commit {
+        subscriber: Some(Subscriber::new(a.clone(), now)),
+        outgoing: vec![("first".into(), false), ("second".into(), false)],
+        ..Commit::default()
+    };
+    store.commit_many(&[commit], now).expect("commit");
+    let ids: Vec<u64> = store.outbox().map(|m| m.expect("readable").0).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.iter().all(|id| !store.outbox_durable(*id)), "{ids:?}");
+    store.flush().expect("flush");
+    assert!(ids.iter().all(|id| store.outbox_durable(*id)), "{ids:?}");
+    drop(store);
+    let store = Store::open(dir.path()).expect("reopen");
+    assert!(ids.iter().all(|id| store.outbox_durable(*id)), "{ids:?}");
+    let later = Commit {
+        subscriber: Some(Subscriber::new(a.clone(), now)),
+        outgoing: vec![("third".into(), false)],
+        ..Commit::default()
+    };
+    store.commit_many(&[later], now).expect("commit");
+    let (third, _) = store.outbox().last().expect("queued").expect("readable");
+    assert!(!store.outbox_durable(third) && third > ids[1]);
+}
+
 #[test]
 fn erasing_a_number_removes_its_queued_and_sent_messages_and_no_one_elses() {
     let (_dir, store, a, b) = two_numbers_in_a_new_store();
