@@ -294,14 +294,15 @@ impl Outbox {
             }
         };
         crate::metrics::outbound(status);
-        let still_known = store.outbox_finish(id, &delivery(&msg, status, sid, code, error))?;
-        // Erased while the send was in flight: the number is gone, and must not come back as
-        // an opted-out record.
-        if still_known && code == Some(UNSUBSCRIBED) {
+        // The opt-out first: should it fail, the message is still queued, and its next try
+        // (refused again) applies it; recorded first, nothing would. (A number erased while
+        // the send was in flight does not come back: the machine creates no record for it.)
+        if code == Some(UNSUBSCRIBED) {
             self.engine
                 .event(&msg.phone, Event::ProviderUnsubscribed)
                 .await?;
         }
+        store.outbox_finish(id, &delivery(&msg, status, sid, code, error))?;
         Ok(())
     }
 

@@ -193,18 +193,24 @@ async fn deliver(
             Ok(success())
         }
         Err(e) => {
+            // Twilio says the number unsubscribed (it texted STOP to the carrier): the same
+            // opt-out as when the outbox or a delivery report hears it, applied first, so
+            // that nothing failing after it can leave it out.
+            let unsubscribed = matches!(
+                e,
+                SendError::Permanent {
+                    code: Some(crate::outbox::UNSUBSCRIBED),
+                    ..
+                }
+            );
+            if unsubscribed {
+                apply(&state, &phone, Event::ProviderUnsubscribed).await?;
+            }
             // The code never reached anyone: withdraw it so it cannot be used.
             apply(&state, &phone, Event::CodeUndeliverable(code)).await?;
             tracing::warn!(phone = %phone.masked(), "otp not sent: {}", crate::outbox::redact(&e.to_string()));
             crate::metrics::outbound("failed");
-            // Twilio says the number unsubscribed (it texted STOP to the carrier): the same
-            // opt-out as when the outbox or a delivery report hears it.
-            if let SendError::Permanent {
-                code: Some(crate::outbox::UNSUBSCRIBED),
-                ..
-            } = e
-            {
-                apply(&state, &phone, Event::ProviderUnsubscribed).await?;
+            if unsubscribed {
                 return Err(opted_out());
             }
             Err(OtpError::Provider(format!(
