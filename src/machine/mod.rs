@@ -808,20 +808,21 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             (Some(back), true) => self.say_t(back),
             _ => self.say_t(&v.verified),
         }
-        self.continue_form(0);
+        self.continue_form();
     }
 
     // ---- the form ----------------------------------------------------------
 
     /// Asks the first unanswered field from `from` on, or, with none left, enrols in a sequence.
-    fn continue_form(&mut self, from: usize) {
+    /// Asks the first field without an answer, or enrols when there is none. From the top:
+    /// a field a reload added above the one being asked is asked too.
+    fn continue_form(&mut self) {
         let next = self
             .flows
             .form
             .fields
             .iter()
             .enumerate()
-            .skip(from)
             .find(|(_, f)| !self.sub.fields.contains_key(&f.key));
         match next {
             Some((index, _)) => self.ask_field(FormCursor {
@@ -858,8 +859,13 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     fn answer_form(&mut self, text: &str) {
         let Some(cursor) = self.sub.form else { return };
         let Some(field) = self.flows.form.fields.get(cursor.index) else {
-            // The form shrank under a reload: treat it as finished.
-            self.finish_form(cursor);
+            // The form shrank under a reload: the question asked is gone. An edit ends; a
+            // first pass asks what is still unanswered (the reply was to no question now).
+            if cursor.editing {
+                self.finish_form(cursor);
+            } else {
+                self.continue_form();
+            }
             return;
         };
         let keep = cursor.editing
@@ -895,7 +901,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 self.finish_form(cursor);
             }
         } else {
-            self.continue_form(cursor.index + 1);
+            self.continue_form();
         }
     }
 

@@ -649,6 +649,56 @@ fn a_label_typed_as_written_is_that_choice_and_an_answer_of_only_symbols_is_none
     }
 }
 
+/// A reload mid-form: a field added above the one a number was asked is still asked before
+/// the number is enrolled, and a form that lost the asked field asks what is left.
+#[test]
+fn after_a_reload_mid_form_every_field_still_unanswered_is_asked_before_enrolment() {
+    let form = |keys: &[&str]| -> Flows {
+        let dir = tempfile::tempdir().unwrap();
+        let mut toml = "[bot]\nname = \"Form\"\n".to_string();
+        for k in keys {
+            toml += &format!("\n[[form.field]]\nkey = \"{k}\"\nask = \"{k}?\"\n");
+        }
+        toml += "\n[[sequence]]\nname = \"s\"\nsteps = [{ after = \"1d\", say = \"hi\" }]\n";
+        std::fs::write(dir.path().join("f.toml"), toml).unwrap();
+        smsflow::flows::load_dir(dir.path()).unwrap()
+    };
+    let reply = |s: Subscriber, f: &Flows, text: &str| {
+        let t = step(
+            s,
+            &Event::Inbound(text.into()),
+            f,
+            t0(),
+            &mut StdRng::seed_from_u64(1),
+        );
+        let said = messages(&t.effects);
+        (t.subscriber, said)
+    };
+    let asked = |index| {
+        let mut s = subscriber(State::Verified);
+        s.fields.insert("a".into(), "A".into());
+        s.form = Some(smsflow::machine::FormCursor {
+            index,
+            editing: false,
+        });
+        s
+    };
+    // Asked b (the second field); then c is added first.
+    let f = form(&["c", "a", "b"]);
+    let (s, said) = reply(asked(1), &f, "B");
+    assert_eq!(said, ["c?"]);
+    let (s, said) = reply(s, &f, "C");
+    assert_eq!(said, ["b?"]);
+    let (s, _) = reply(s, &f, "B");
+    assert_eq!(s.state.name(), "in_sequence");
+    // Asked c (the third field); then the form became a and d.
+    let (s, said) = reply(asked(2), &form(&["a", "d"]), "C");
+    assert_eq!(
+        (said.as_slice(), s.state.name()),
+        (["d?".to_string()].as_slice(), "verified")
+    );
+}
+
 /// Nothing that could be a code shows in the `Debug` form of events and effects, should
 /// anything ever log them.
 #[test]
