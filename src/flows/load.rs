@@ -607,7 +607,15 @@ impl Cx {
                     let norm = normalize(&word);
                     let span = span.unwrap_or(0..0);
                     if norm.is_empty() {
-                        cx.err(f, span, format!("empty keyword in keywords.{name}"));
+                        let why = if word.trim().is_empty() {
+                            format!("empty keyword in keywords.{name}")
+                        } else {
+                            format!(
+                                "keyword {word:?} in keywords.{name} has no letters or digits; \
+                                 replies are matched without punctuation, so it could never match"
+                            )
+                        };
+                        cx.err(f, span, why);
                         continue;
                     }
                     match seen.get(&norm) {

@@ -868,11 +868,17 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             }
             return;
         };
-        let keep = cursor.editing
-            && self.sub.fields.contains_key(&field.key)
-            && self.flows.keywords.keep.contains(&normalize(text));
+        // KEEP while editing keeps the current answer; with none to keep (a field added since)
+        // it is no answer either, and the question is asked again.
+        let said_keep = cursor.editing && self.flows.keywords.keep.contains(&normalize(text));
+        let keep = said_keep && self.sub.fields.contains_key(&field.key);
         if !keep {
-            match field.expect.accept(text) {
+            let accepted = if said_keep {
+                None
+            } else {
+                field.expect.accept(text)
+            };
+            match accepted {
                 Some(value) => {
                     self.sub.fields.insert(field.key.clone(), value.clone());
                     self.record(Record::FieldSaved {

@@ -376,6 +376,24 @@ fn a_choice_label_that_reads_as_another_choice_is_refused() {
     smsflow::flows::load_dir(dir.path()).unwrap();
 }
 
+/// Replies are matched without punctuation: a keyword of punctuation alone could never match,
+/// and `check` says so rather than calling it empty.
+#[test]
+fn a_keyword_of_punctuation_alone_is_refused_as_one_that_could_never_match() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "k.toml",
+        "[bot]\nname = \"Keys\"\n\n[keywords]\nhelp = [\"?\", \" \"]\n",
+    );
+    let problems = problems_in(dir.path());
+    assert!(
+        problems.contains(r#"keyword "?" in keywords.help has no letters or digits"#)
+            && problems.contains("empty keyword in keywords.help"),
+        "{problems}"
+    );
+}
+
 /// A form field named like a fixed column of the export ("state" for a US state, say) would
 /// give the dataset two columns of one name: `check` refuses it and says which names are taken.
 #[test]

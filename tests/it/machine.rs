@@ -699,6 +699,30 @@ fn after_a_reload_mid_form_every_field_still_unanswered_is_asked_before_enrolmen
     );
 }
 
+/// KEEP while editing keeps an answer; for a field with none (added since the number last
+/// answered) it is not taken as the answer "KEEP": the question is asked again.
+#[test]
+fn keep_for_a_field_with_no_answer_yet_asks_it_again() {
+    let f = flows();
+    // The first name takes any answer: "KEEP" would do as one.
+    assert_eq!(f.form.fields[0].key, "first_name");
+    let mut s = subscriber(State::Verified);
+    s.form = Some(smsflow::machine::FormCursor {
+        index: 0,
+        editing: true,
+    });
+    let t = step(
+        s,
+        &Event::Inbound("keep".into()),
+        &f,
+        t0(),
+        &mut StdRng::seed_from_u64(1),
+    );
+    assert!(t.subscriber.fields.is_empty(), "{:?}", t.subscriber.fields);
+    assert_eq!(t.subscriber.form.map(|c| c.index), Some(0));
+    assert_eq!(messages(&t.effects).len(), 1, "{:?}", t.effects);
+}
+
 /// Nothing that could be a code shows in the `Debug` form of events and effects, should
 /// anything ever log them.
 #[test]
