@@ -48,6 +48,11 @@ impl Sandbox {
         self.rng = StdRng::seed_from_u64(seed);
     }
 
+    /// Whether no number has texted yet.
+    pub fn is_empty(&self) -> bool {
+        self.subscribers.is_empty()
+    }
+
     pub fn subscriber(&self, phone: &Phone) -> Option<&Subscriber> {
         self.subscribers.get(phone)
     }

@@ -97,7 +97,7 @@ pub fn run(flows: &Flows, file: &Path, text: &str) -> Result<(), Failure> {
         let first = trimmed.chars().next().map_or(0, char::len_utf8);
         let (tag, rest) = trimmed.split_at(first);
         let rest = rest.strip_prefix(' ').unwrap_or(rest);
-        if tag == ">" || tag == "~" {
+        if tag == ">" || tag == "~" || (tag == "!" && rest.starts_with("at ")) {
             // What the previous command sent must all have been expected.
             t.drained().map_err(|(at, m)| fail(file, at, m))?;
         }
@@ -154,7 +154,7 @@ impl Runner {
                 }
                 Ok(())
             }
-            "!" => self.directive(rest),
+            "!" => self.directive(line, rest),
             "?" => self.assertion(rest),
             other => Err(format!(
                 "unknown line type {other:?} (use > text, < reply, ~ 1d, ! seed|at|phone, ? state|sequence|field, # comment)"
@@ -176,7 +176,7 @@ impl Runner {
         }
     }
 
-    fn directive(&mut self, rest: &str) -> Result<(), String> {
+    fn directive(&mut self, line: usize, rest: &str) -> Result<(), String> {
         let (name, value) = rest.split_once(' ').unwrap_or((rest, ""));
         let value = value.trim();
         match name {
@@ -190,7 +190,20 @@ impl Runner {
                 let at: DateTime<Utc> = value
                     .parse()
                     .map_err(|e| format!("`! at` needs a time like 2026-01-05T15:00:00Z: {e}"))?;
-                self.sandbox.now = at;
+                if at >= self.sandbox.now {
+                    // As `~`: the timers due on the way fire, in order.
+                    self.pending_from = line;
+                    self.pending = self.sandbox.advance(at - self.sandbox.now).into();
+                } else if self.sandbox.is_empty() {
+                    self.sandbox.now = at;
+                } else {
+                    return Err(format!(
+                        "`! at` cannot turn the clock back ({} is before {}) once a number has \
+                         texted: set the start before the first `>` line",
+                        at.to_rfc3339(),
+                        self.sandbox.now.to_rfc3339()
+                    ));
+                }
             }
             "phone" => self.phone = Phone::parse(value).map_err(|e| e.to_string())?,
             other => return Err(format!("unknown directive `! {other}` (seed, at, phone)")),

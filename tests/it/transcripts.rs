@@ -79,6 +79,31 @@ fn an_expected_message_must_go_to_the_number_the_transcript_texts_as() {
     assert!(err.message.contains("went to +15550002222"), "{err}");
 }
 
+/// `! at` moves the clock as `~` does, firing the timers due on the way; it may set the
+/// start, but not turn the clock back once a number has texted.
+#[test]
+fn setting_the_clock_fires_the_timers_due_on_the_way_and_cannot_turn_it_back() {
+    let flows = smsflow::flows::load_dir("flows".as_ref()).unwrap();
+    let run = |text: &str| smsflow::transcript::run(&flows, "t.txt".as_ref(), text);
+    let joined = "! seed 0\n! at 2026-01-05T10:00:00Z\n> JOIN\n< {*} your code is {$code}. {*}\n> {$code}\n< You're in!{*}\n< What's your first name?\n";
+    // The code expires after 10 minutes: an hour later, the first name is still asked (no
+    // timer), and the reminder sequence has not started.
+    run(&format!(
+        "{joined}! at 2026-01-05T11:00:00Z\n> Ann\n< Your age group?{{*}}\n"
+    ))
+    .unwrap();
+    let err = run(&format!("{joined}! at 2026-01-05T09:00:00Z\n")).unwrap_err();
+    assert_eq!(err.line, 8, "{err}");
+    assert!(err.message.contains("cannot turn the clock back"), "{err}");
+    // Enrolled, then a jump of two days: the first reminder (a day on) is due on the way.
+    let enrolled = format!(
+        "{joined}> Ann\n< {{*}}\n> A\n< {{*}}\n> A\n< Thanks Ann!{{*}}\n! at 2026-01-07T10:00:00Z\n"
+    );
+    let err = run(&enrolled).unwrap_err();
+    assert!(err.message.contains("unexpected message"), "{err}");
+    run(&format!("{enrolled}< Reminder: {{*}}\n")).unwrap();
+}
+
 #[test]
 fn a_transcript_that_cannot_be_read_fails_alone() {
     let dir = tempfile::tempdir().unwrap();
