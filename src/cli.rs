@@ -246,7 +246,7 @@ impl Repl {
         }
         let Some(cmd) = line.strip_prefix('/') else {
             let sent = self.sandbox.text(&self.phone, line);
-            return Some(show(&sent));
+            return Some(show(&sent, &self.phone));
         };
         let (name, arg) = cmd.split_once(' ').unwrap_or((cmd, ""));
         let arg = arg.trim();
@@ -256,7 +256,11 @@ impl Repl {
             "wait" => match transcript::parse_delay(arg) {
                 Ok(d) => {
                     let sent = self.sandbox.advance(d);
-                    format!("[clock is now {}]\n{}", self.sandbox.now, show(&sent))
+                    format!(
+                        "[clock is now {}]\n{}",
+                        self.sandbox.now,
+                        show(&sent, &self.phone)
+                    )
                 }
                 Err(e) => format!("{e}\n"),
             },
@@ -281,7 +285,11 @@ impl Repl {
             }
             "otp" => {
                 let (outcome, sent) = self.sandbox.event(&self.phone, Event::OtpRequested);
-                format!("[otp api: {}]\n{}", outcome_name(outcome), show(&sent))
+                format!(
+                    "[otp api: {}]\n{}",
+                    outcome_name(outcome),
+                    show(&sent, &self.phone)
+                )
             }
             "validate" => {
                 let length = self.sandbox.flows.verify.code_length;
@@ -290,7 +298,11 @@ impl Repl {
                     return Some(format!("[otp api: 400, otp must be {length} digits]\n"));
                 };
                 let (outcome, sent) = self.sandbox.event(&self.phone, Event::OtpSubmitted(code));
-                format!("[otp api: {}]\n{}", outcome_name(outcome), show(&sent))
+                format!(
+                    "[otp api: {}]\n{}",
+                    outcome_name(outcome),
+                    show(&sent, &self.phone)
+                )
             }
             "hangup" | "silence" => "[no call in progress: /call first]\n".to_string(),
             "call" => {
@@ -337,7 +349,7 @@ impl Repl {
                     code.as_deref(),
                     self.sandbox.subscriber(&self.phone),
                 );
-                (speech, show(&texted), None)
+                (speech, show(&texted, &self.phone), None)
             }
         };
         self.call = next.clone();
@@ -390,9 +402,18 @@ const HELP: &str = "Type a text message to send it. Commands:
   /quit
 ";
 
-fn show(sent: &[Sent]) -> String {
+/// The bot's messages; one to a number other than `to` (a timer of another number, after
+/// `/phone` switched) names its number.
+fn show(sent: &[Sent], to: &Phone) -> String {
     sent.iter()
-        .map(|s| format!("< {}\n", s.text.replace('\n', "\n  ")))
+        .map(|s| {
+            let text = s.text.replace('\n', "\n  ");
+            if s.phone == *to {
+                format!("< {text}\n")
+            } else {
+                format!("< [to {}] {text}\n", s.phone)
+            }
+        })
         .collect()
 }
 

@@ -160,6 +160,19 @@ fn simulate_in_a_call_takes_one_key_at_a_time() {
     assert!(stdout.contains("+15550001111: awaiting_code"), "{stdout}");
 }
 
+/// A timed message to a number other than the one being texted as names its number (a reply
+/// would answer as the current one).
+#[test]
+fn simulate_names_the_number_of_a_timed_message_to_another_number() {
+    // Seed 0 draws the code 875780 and the daily reminders.
+    let stdout = simulate(b"JOIN\n875780\nAnn\nA\nA\n/phone +15550002222\n/wait 1d\n");
+    assert!(
+        stdout.contains("< [to +15550001111] Reminder: the contest closes in 2 days."),
+        "{stdout}"
+    );
+    assert!(stdout.contains("< You're in!"), "{stdout}");
+}
+
 /// A line that is not UTF-8 is refused with a word, and the simulator goes on.
 #[test]
 fn simulate_refuses_a_line_that_is_not_text_and_goes_on() {
