@@ -282,8 +282,17 @@ impl Runner {
                 Some(match self.vars.get(name) {
                     Some(v) => regex::escape(v),
                     None => {
-                        names.push(name.to_string());
-                        format!("(?P<{name}>.+?)")
+                        // Used again in the same line: its own group, which must then hold
+                        // the same text (the regex crate has no back-references).
+                        let again = names.iter().filter(|(_, n)| n == name).count();
+                        let group = if again == 0 {
+                            name.to_string()
+                        } else {
+                            format!("{name}__{again}")
+                        };
+                        let slot = format!("(?P<{group}>.+?)");
+                        names.push((group, name.to_string()));
+                        slot
                     }
                 })
             } else {
@@ -305,11 +314,16 @@ impl Runner {
         let Some(caps) = re.captures(actual) else {
             return Ok(false);
         };
-        for name in names {
-            if let Some(m) = caps.name(&name) {
-                self.vars.insert(name, m.as_str().to_string());
+        let mut got: BTreeMap<String, &str> = BTreeMap::new();
+        for (group, name) in names {
+            if let Some(m) = caps.name(&group) {
+                if *got.entry(name).or_insert(m.as_str()) != m.as_str() {
+                    return Ok(false);
+                }
             }
         }
+        self.vars
+            .extend(got.into_iter().map(|(k, v)| (k, v.to_string())));
         Ok(true)
     }
 }

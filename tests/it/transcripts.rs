@@ -133,6 +133,22 @@ fn a_message_nobody_expected_fails_the_transcript() {
     assert!(err.message.contains("unexpected message"), "{err}");
 }
 
+/// A capture used twice in one expected line must match the same text both times.
+#[test]
+fn a_capture_used_twice_in_a_line_matches_the_same_text_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("f.toml"),
+        "[bot]\nname = \"Twice\"\n\n[verify]\nsend = \"Code {code}. Reply {code} to confirm.\"\n",
+    )
+    .unwrap();
+    let flows = smsflow::flows::load_dir(dir.path()).unwrap();
+    let run = |text: &str| smsflow::transcript::run(&flows, "t.txt".as_ref(), text);
+    run("> JOIN\n< Code {$code}. Reply {$code} to confirm.\n> {$code}\n< {*}\n").unwrap();
+    let err = run("> JOIN\n< {$x} {$x}. Reply {*}\n").unwrap_err();
+    assert!(err.message.starts_with("expected:"), "{err}");
+}
+
 /// `smsflow simulate --seed 0` fed `input`: its output, once it ended with exit 0.
 fn simulate(input: &[u8]) -> String {
     use std::io::Write;
