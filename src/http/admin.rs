@@ -319,8 +319,19 @@ pub async fn opt_out(
     raw: Result<Path<String>, PathRejection>,
 ) -> Result<Response, AdminError> {
     let phone = phone(&app, raw)?;
-    if app.engine.store.subscriber(&phone)?.is_none() {
-        return Err(AdminError::NotFound(format!("no subscriber {phone}")));
+    match app.engine.store.subscriber(&phone) {
+        Ok(Some(_)) => {}
+        Ok(None) => return Err(AdminError::NotFound(format!("no subscriber {phone}"))),
+        Err(e) if crate::store::codec::is_unreadable(&e) => {
+            return Err(AdminError::Refused(
+                StatusCode::CONFLICT,
+                format!(
+                    "the record of {phone} cannot be read ({e:#}), so it cannot be opted out; \
+                     it can be erased (DELETE /admin/subscribers/{phone})"
+                ),
+            ))
+        }
+        Err(e) => return Err(e.into()),
     }
     let applied = app.engine.event(&phone, Event::AdminOptOut).await?;
     if applied.outcome == crate::machine::Outcome::Ignored {

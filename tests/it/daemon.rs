@@ -1084,6 +1084,22 @@ async fn a_damaged_record_holds_up_no_one_else_and_can_still_be_erased() {
     let detail: serde_json::Value = r.json().await.unwrap();
     assert_eq!(detail["phone"], damaged, "{detail}");
     assert!(detail["unreadable"].is_string(), "{detail}");
+    // It cannot be opted out (there is no state to change), and the answer says what can be
+    // done instead.
+    let r = app
+        .admin(reqwest::Method::POST, &format!("{path}/opt-out"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let refused: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be read"),
+        "{refused}"
+    );
     let status = |method| async {
         let r = app.admin(method, &path).send().await.unwrap();
         r.status()
