@@ -334,15 +334,33 @@ impl Store {
     }
 
     fn build_phone_index(&self) -> anyhow::Result<()> {
+        // A record that cannot be read stops only itself: it is left out (its number is
+        // unknown) and logged; the outbox skips it too, and erasure cannot find it by number.
+        let unreadable = |e: anyhow::Error| {
+            if codec::is_unreadable(&e) {
+                tracing::error!("indexing messages by number: skipping a record: {e:#}");
+                Ok(())
+            } else {
+                Err(e)
+            }
+        };
         for m in self.outbox() {
-            let (id, msg) = m?;
-            self.by_phone
-                .insert(phone_index_key(&msg.phone, OUTBOX_TAG, id), &[][..])?;
+            match m {
+                Ok((id, msg)) => {
+                    self.by_phone
+                        .insert(phone_index_key(&msg.phone, OUTBOX_TAG, id), &[][..])?;
+                }
+                Err(e) => unreadable(e)?,
+            }
         }
         for d in self.deliveries() {
-            let (id, d) = d?;
-            self.by_phone
-                .insert(phone_index_key(&d.phone, DELIVERY_TAG, id), &[][..])?;
+            match d {
+                Ok((id, d)) => {
+                    self.by_phone
+                        .insert(phone_index_key(&d.phone, DELIVERY_TAG, id), &[][..])?;
+                }
+                Err(e) => unreadable(e)?,
+            }
         }
         Ok(())
     }

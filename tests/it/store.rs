@@ -186,6 +186,10 @@ fn a_data_dir_from_before_the_phone_index_gets_it_built_at_open() {
         db.open_tree("meta")
             .and_then(|m| m.remove("by_phone_built"))
             .expect("unmark");
+        // And one queued message damaged on disk: it stops only itself.
+        db.open_tree("outbox")
+            .and_then(|o| o.insert(u64::MAX.to_be_bytes(), &[2u8, 0xff][..]))
+            .expect("damage");
         db.flush().expect("flush");
     }
     let store = reopen(|| Store::open(dir.path()));
