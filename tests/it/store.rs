@@ -776,3 +776,68 @@ fn a_version_1_outbox_message_is_read_as_it_was_and_not_as_a_follow_up() {
     assert!(!m.follow_up);
     assert_eq!(m.phone.as_str(), "+14155550100");
 }
+
+/// Stored enums are written by variant number: a variant inserted in the middle would make
+/// every stored record after it read as its neighbour, with no error. New variants go at the
+/// end; this pins each one's number.
+#[test]
+fn stored_enum_variants_keep_their_numbers() {
+    use smsflow::machine::Record;
+    fn number<T: serde::Serialize>(value: &T) -> u32 {
+        let bytes = bincode::serialize(value).expect("serialize");
+        u32::from_le_bytes(bytes[..4].try_into().expect("a variant number"))
+    }
+    let s = |x: &str| x.to_string();
+    let records = [
+        Record::OptedIn { via: s("sms") },
+        Record::CodeSent,
+        Record::CodeWithdrawn,
+        Record::CodeRateLimited,
+        Record::CodeRejected { reason: s("wrong") },
+        Record::Verified { via: s("sms") },
+        Record::FieldSaved {
+            key: s("k"),
+            value: s("v"),
+        },
+        Record::SequenceAssigned { name: s("n") },
+        Record::StepSent {
+            sequence: s("n"),
+            step: 0,
+        },
+        Record::Answered {
+            sequence: s("n"),
+            step: 0,
+        },
+        Record::AnswerTimedOut {
+            sequence: s("n"),
+            step: 0,
+        },
+        Record::SequenceFinished { name: s("n") },
+        Record::SequenceEnded {
+            name: s("n"),
+            reason: s("r"),
+        },
+        Record::Deferred { until: Utc::now() },
+        Record::OptedOut { reason: s("stop") },
+    ];
+    for (n, r) in records.iter().enumerate() {
+        assert_eq!(number(r) as usize, n, "{r:?}");
+    }
+    let states = [
+        State::Unverified,
+        State::AwaitingCode,
+        State::Verified,
+        State::InSequence {
+            name: s("n"),
+            step: 0,
+            waiting: false,
+        },
+        State::OptedOut,
+    ];
+    for (n, st) in states.iter().enumerate() {
+        assert_eq!(number(st) as usize, n, "{st:?}");
+    }
+    for (n, k) in [TimerKind::Step, TimerKind::AskTimeout].iter().enumerate() {
+        assert_eq!(number(k) as usize, n, "{k:?}");
+    }
+}
