@@ -121,11 +121,16 @@ impl fmt::Debug for IssuedCode {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FormCursor {
     pub index: usize,
     /// Re-asking after EDIT: every field is asked, showing its current value.
     pub editing: bool,
+    /// The key of the field asked, so that a reload that moves fields does not move the
+    /// question (`None` in records written before it was kept: then `index` alone). The
+    /// record layout stores it (`store::codec`, v5), not this derive, which v1 to v3 read.
+    #[serde(skip)]
+    pub key: Option<String>,
 }
 
 /// A durable timer. The store keys it by (at, phone, kind) and keeps `epoch` to spot stale ones.
@@ -576,22 +581,19 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                     // An app asked for a code for a number already verified, and it was texted
                     // back: not an answer (it would be recorded), and still the app's to
                     // validate. An open form question is asked again.
-                    match self.sub.form {
-                        Some(cursor) => self.ask_field(cursor),
+                    match self.sub.form.clone() {
+                        Some(cursor) => self.ask_again(&cursor),
                         None => self.outcome = Outcome::Ignored,
                     }
                 } else if let (true, Some(onboarding)) =
-                    (edit, self.sub.form.filter(|c| !c.editing))
+                    (edit, self.sub.form.clone().filter(|c| !c.editing))
                 {
                     // The first pass through the form is not done: an editing pass now would
                     // end without the sequence that pass leads to. Its question again; EDIT
                     // works once it is answered.
-                    self.ask_field(onboarding);
+                    self.ask_again(&onboarding);
                 } else if edit && !self.flows.form.fields.is_empty() {
-                    self.ask_field(FormCursor {
-                        index: 0,
-                        editing: true,
-                    });
+                    self.ask_field(0, true);
                 } else if self.sub.form.is_some() {
                     self.answer_form(text);
                 } else if let State::InSequence {
@@ -813,7 +815,6 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 
     // ---- the form ----------------------------------------------------------
 
-    /// Asks the first unanswered field from `from` on, or, with none left, enrols in a sequence.
     /// Asks the first field without an answer, or enrols when there is none. From the top:
     /// a field a reload added above the one being asked is asked too.
     fn continue_form(&mut self) {
@@ -825,10 +826,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             .enumerate()
             .find(|(_, f)| !self.sub.fields.contains_key(&f.key));
         match next {
-            Some((index, _)) => self.ask_field(FormCursor {
-                index,
-                editing: false,
-            }),
+            Some((index, _)) => self.ask_field(index, false),
             None => {
                 self.sub.form = None;
                 self.enrol();
@@ -836,18 +834,51 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         }
     }
 
-    fn ask_field(&mut self, cursor: FormCursor) {
-        self.sub.form = Some(cursor);
-        let text = self.field_question(cursor);
+    /// Asks field `index` (with its current answer when `editing`), and notes it as asked.
+    fn ask_field(&mut self, index: usize, editing: bool) {
+        self.sub.form = Some(FormCursor {
+            index,
+            editing,
+            key: self.flows.form.fields.get(index).map(|f| f.key.clone()),
+        });
+        let text = self.field_question(index, editing);
         self.say(text);
     }
 
-    fn field_question(&self, cursor: FormCursor) -> String {
-        let Some(field) = self.flows.form.fields.get(cursor.index) else {
+    /// Where the asked field is in the live form: found by its key (a reload may have moved
+    /// it), or by its index in a record from before keys were kept. `None`: it is gone.
+    fn place_of(&self, cursor: &FormCursor) -> Option<usize> {
+        let fields = &self.flows.form.fields;
+        match &cursor.key {
+            Some(key) => fields.iter().position(|f| &f.key == key),
+            None => (cursor.index < fields.len()).then_some(cursor.index),
+        }
+    }
+
+    /// Asks the open question again; if a reload removed it, as [`Self::answer_form`] goes on.
+    fn ask_again(&mut self, cursor: &FormCursor) {
+        match self.place_of(cursor) {
+            Some(index) => self.ask_field(index, cursor.editing),
+            None => self.question_gone(cursor.editing),
+        }
+    }
+
+    /// The question asked is gone (a reload removed its field): an edit ends; a first pass
+    /// asks what is still unanswered.
+    fn question_gone(&mut self, editing: bool) {
+        if editing {
+            self.finish_form(true);
+        } else {
+            self.continue_form();
+        }
+    }
+
+    fn field_question(&self, index: usize, editing: bool) -> String {
+        let Some(field) = self.flows.form.fields.get(index) else {
             return String::new();
         };
         let mut text = self.render(&field.ask);
-        if cursor.editing {
+        if editing {
             if let Some(current) = self.sub.fields.get(&field.key) {
                 text.push(' ');
                 text.push_str(&self.render_with(&self.flows.form.current, Some(current)));
@@ -857,17 +888,17 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     }
 
     fn answer_form(&mut self, text: &str) {
-        let Some(cursor) = self.sub.form else { return };
-        let Some(field) = self.flows.form.fields.get(cursor.index) else {
-            // The form shrank under a reload: the question asked is gone. An edit ends; a
-            // first pass asks what is still unanswered (the reply was to no question now).
-            if cursor.editing {
-                self.finish_form(cursor);
-            } else {
-                self.continue_form();
-            }
+        let Some(cursor) = self.sub.form.clone() else {
             return;
         };
+        // Found by key: a field a reload moved keeps its answers coming to it.
+        let Some(index) = self.place_of(&cursor) else {
+            // The reply was to a question no longer in the form.
+            self.question_gone(cursor.editing);
+            return;
+        };
+        let flows = self.flows;
+        let field = &flows.form.fields[index];
         // KEEP while editing keeps the current answer; with none to keep (a field added since)
         // it is no answer either, and the question is asked again.
         let said_keep = cursor.editing && self.flows.keywords.keep.contains(&normalize(text));
@@ -890,7 +921,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                     let retry = format!(
                         "{}\n{}",
                         self.render(&field.retry),
-                        self.field_question(cursor)
+                        self.field_question(index, cursor.editing)
                     );
                     self.say(retry);
                     return;
@@ -898,22 +929,19 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             }
         }
         if cursor.editing {
-            if cursor.index + 1 < self.flows.form.fields.len() {
-                self.ask_field(FormCursor {
-                    index: cursor.index + 1,
-                    editing: true,
-                });
+            if index + 1 < self.flows.form.fields.len() {
+                self.ask_field(index + 1, true);
             } else {
-                self.finish_form(cursor);
+                self.finish_form(true);
             }
         } else {
             self.continue_form();
         }
     }
 
-    fn finish_form(&mut self, cursor: FormCursor) {
+    fn finish_form(&mut self, editing: bool) {
         self.sub.form = None;
-        if cursor.editing {
+        if editing {
             self.say_t(&self.flows.form.saved);
         } else {
             self.enrol();
@@ -1028,7 +1056,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 self.say_t(&q.text);
                 // The question is now the last thing asked: an unfinished edit pass ends
                 // (what it saved stays), or the reply would go to the old edit prompt.
-                if self.sub.form.is_some_and(|c| c.editing) {
+                if self.sub.form.as_ref().is_some_and(|c| c.editing) {
                     self.sub.form = None;
                 }
                 self.sub.state = State::InSequence {

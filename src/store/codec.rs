@@ -16,7 +16,8 @@ use crate::phone::Phone;
 /// every length prefix was 8 bytes).
 /// v4: as v3, with times as whole seconds and nanoseconds since 1970 instead of RFC 3339
 /// text (about 10 bytes a time instead of 31, and no formatting or parsing).
-pub const SUBSCRIBER_VERSION: u8 = 4;
+/// v5: as v4, then the key of the form field asked (v4 and older read as `None`: by index).
+pub const SUBSCRIBER_VERSION: u8 = 5;
 
 /// bincode as v3 and v4 write it. (v1 and v2 use bincode's default fixed-width integers.)
 fn compact() -> impl Options {
@@ -183,8 +184,9 @@ fn from_v4(v: V4Owned) -> Result<Subscriber, CodecError> {
 /// A subscriber with its recent replies, as stored.
 pub fn encode_record(s: &Subscriber, replies: &[Replied]) -> Vec<u8> {
     let mut out = vec![SUBSCRIBER_VERSION];
+    let asked = s.form.as_ref().and_then(|c| c.key.as_deref());
     // As in `encode`: plain data into a Vec cannot fail.
-    if let Err(e) = compact().serialize_into(&mut out, &(to_v4(s), replies)) {
+    if let Err(e) = compact().serialize_into(&mut out, &(to_v4(s), asked, replies)) {
         tracing::error!("serializing a subscriber failed: {e}");
     }
     out
@@ -200,6 +202,15 @@ pub fn decode_record(bytes: &[u8]) -> Result<(Subscriber, Vec<Replied>), CodecEr
             let (v, replies): (V4Owned, Vec<Replied>) = compact().deserialize(body)?;
             Ok((from_v4(v)?, replies))
         }
+        (5, body) => {
+            let (v, asked, replies): (V4Owned, Option<String>, Vec<Replied>) =
+                compact().deserialize(body)?;
+            let mut s = from_v4(v)?;
+            if let Some(cursor) = s.form.as_mut() {
+                cursor.key = asked;
+            }
+            Ok((s, replies))
+        }
         (v, _) => Err(CodecError::UnknownVersion(v)),
     }
 }
@@ -210,7 +221,7 @@ pub fn state_of_record(bytes: &[u8]) -> Result<State, CodecError> {
     match split(bytes)? {
         (1 | 2, body) => Ok(bincode::deserialize::<(String, State)>(body)?.1),
         // Only a prefix is read, so trailing bytes are expected here.
-        (3 | 4, body) => Ok(compact()
+        (3..=5, body) => Ok(compact()
             .allow_trailing_bytes()
             .deserialize::<(String, State)>(body)?
             .1),
@@ -272,6 +283,7 @@ mod tests {
         s.form = Some(FormCursor {
             index: 1,
             editing: true,
+            key: Some("age_group".into()),
         });
         s.timer = Some(Timer {
             at: now,
@@ -308,6 +320,7 @@ mod tests {
                 state_of_record(&encode_record(&s, &replies)).unwrap(),
                 state
             );
+            assert_eq!(state_of_record(&v4(&s, &replies)).unwrap(), state);
             assert_eq!(state_of_record(&v3(&s, &replies)).unwrap(), state);
             assert_eq!(state_of_record(&encode(2, &(&s, &replies))).unwrap(), state);
             assert_eq!(state_of_record(&encode(1, &s)).unwrap(), state);
@@ -332,6 +345,38 @@ mod tests {
         assert_eq!(decode_record(&v2).unwrap(), (s.clone(), replies.clone()));
         // And today's form is the smaller one.
         assert!(encode_record(&s, &replies).len() < v2.len());
+    }
+
+    /// A record as smsflow wrote it before v5: no key of the form field asked.
+    fn v4(s: &Subscriber, replies: &[Replied]) -> Vec<u8> {
+        let mut out = vec![4];
+        compact()
+            .serialize_into(&mut out, &(to_v4(s), replies))
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn a_version_4_record_asking_a_form_field_reads_with_its_place_and_no_key() {
+        let now = "2026-01-05T15:00:00Z".parse().unwrap();
+        let mut s = Subscriber::new(Phone::parse("+14155550100").unwrap(), now);
+        s.state = State::Verified;
+        s.form = Some(FormCursor {
+            index: 2,
+            editing: false,
+            key: Some("channel".into()),
+        });
+        let (read, _) = decode_record(&v4(&s, &[])).unwrap();
+        assert_eq!(
+            read.form,
+            Some(FormCursor {
+                index: 2,
+                editing: false,
+                key: None
+            })
+        );
+        let (read, _) = decode_record(&encode_record(&s, &[])).unwrap();
+        assert_eq!(read, s);
     }
 
     /// A record as smsflow wrote it before v4: the subscriber with RFC 3339 times.

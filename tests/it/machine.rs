@@ -558,6 +558,7 @@ fn a_code_texted_back_by_a_verified_number_is_not_taken_as_an_answer_and_stays_t
     s.form = Some(smsflow::machine::FormCursor {
         index: 0,
         editing: false,
+        key: Some("first_name".into()),
     });
     s.codes.push(IssuedCode {
         code: "123456".into(),
@@ -649,10 +650,12 @@ fn a_label_typed_as_written_is_that_choice_and_an_answer_of_only_symbols_is_none
     }
 }
 
-/// A reload mid-form: a field added above the one a number was asked is still asked before
-/// the number is enrolled, and a form that lost the asked field asks what is left.
+/// A reload mid-form: the answer goes to the field that was asked, wherever it moved; a field
+/// added above it is still asked before the number is enrolled; a reply to a field the reload
+/// removed is dropped and what is left is asked. (A record from before fields were kept by key
+/// goes by place.)
 #[test]
-fn after_a_reload_mid_form_every_field_still_unanswered_is_asked_before_enrolment() {
+fn after_a_reload_mid_form_answers_go_to_the_field_asked_and_every_field_is_asked() {
     let form = |keys: &[&str]| -> Flows {
         let dir = tempfile::tempdir().unwrap();
         let mut toml = "[bot]\nname = \"Form\"\n".to_string();
@@ -674,28 +677,35 @@ fn after_a_reload_mid_form_every_field_still_unanswered_is_asked_before_enrolmen
         let said = messages(&t.effects);
         (t.subscriber, said)
     };
-    let asked = |index| {
+    let asked = |index, key: Option<&str>| {
         let mut s = subscriber(State::Verified);
         s.fields.insert("a".into(), "A".into());
         s.form = Some(smsflow::machine::FormCursor {
             index,
             editing: false,
+            key: key.map(str::to_string),
         });
         s
     };
     // Asked b (the second field); then c is added first.
     let f = form(&["c", "a", "b"]);
-    let (s, said) = reply(asked(1), &f, "B");
+    let (s, said) = reply(asked(1, Some("b")), &f, "B");
+    assert_eq!((s.fields["a"].as_str(), s.fields["b"].as_str()), ("A", "B"));
     assert_eq!(said, ["c?"]);
-    let (s, said) = reply(s, &f, "C");
-    assert_eq!(said, ["b?"]);
-    let (s, _) = reply(s, &f, "B");
+    let (s, _) = reply(s, &f, "C");
     assert_eq!(s.state.name(), "in_sequence");
     // Asked c (the third field); then the form became a and d.
-    let (s, said) = reply(asked(2), &form(&["a", "d"]), "C");
+    let (s, said) = reply(asked(2, Some("c")), &form(&["a", "d"]), "C");
+    assert!(!s.fields.contains_key("c") && !s.fields.contains_key("d"));
     assert_eq!(
         (said.as_slice(), s.state.name()),
         (["d?".to_string()].as_slice(), "verified")
+    );
+    // An older record's place is its index.
+    let (s, said) = reply(asked(1, None), &form(&["a", "b", "c"]), "B");
+    assert_eq!(
+        (s.fields["b"].as_str(), said.as_slice()),
+        ("B", ["c?".to_string()].as_slice())
     );
 }
 
@@ -710,6 +720,7 @@ fn keep_for_a_field_with_no_answer_yet_asks_it_again() {
     s.form = Some(smsflow::machine::FormCursor {
         index: 0,
         editing: true,
+        key: Some("first_name".into()),
     });
     let t = step(
         s,
@@ -810,6 +821,7 @@ fn a_sequence_question_sent_during_an_unfinished_edit_gets_the_answer() {
     sub.form = Some(smsflow::machine::FormCursor {
         index: 0,
         editing: true,
+        key: Some("first_name".into()),
     });
     let timer = smsflow::machine::Timer {
         at: t0(),
