@@ -166,16 +166,18 @@ impl IntoResponse for WebhookError {
 
 /// A refused signature is what a wrong public URL, a proxy that drops `X-Forwarded-*` or a
 /// rotated auth token looks like: every webhook is refused, and the reason would otherwise
-/// show only in Twilio's debugger. Logged at most once a minute, so forgeries cannot flood
-/// the log.
+/// show only in Twilio's debugger. Logged at most once a minute for a missing signature and
+/// once for a wrong one (whose line names the URL checked), so forgeries cannot flood the
+/// log, and a stray unsigned request does not hide what a misconfiguration looks like.
 fn warn_refused(why: &str) {
     use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-    static LAST: AtomicU64 = AtomicU64::new(0);
+    static LAST: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let last = LAST.load(Relaxed);
-    if now >= last.saturating_add(60) && LAST.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
+    let slot = &LAST[usize::from(why.starts_with("missing"))];
+    let last = slot.load(Relaxed);
+    if now >= last.saturating_add(60) && slot.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
     {
         tracing::warn!("refused a Twilio webhook: {why} (this is logged at most once a minute)");
     }

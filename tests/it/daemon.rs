@@ -1518,6 +1518,18 @@ async fn a_refused_signature_is_logged_once_with_the_url_it_was_checked_against(
     .await;
     let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
     let http = reqwest::Client::new();
+    // One without a signature first: its own line does not use up the one that names the URL.
+    let unsigned = http
+        .post(format!("{base}/twilio/sms"))
+        .form(&[
+            ("From", ANN),
+            ("Body", "JOIN"),
+            ("MessageSid", "SMunsigned"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status().as_u16(), 403);
     for n in 0..3 {
         let sid = format!("SMrefused{n}");
         let form = [
@@ -1534,11 +1546,16 @@ async fn a_refused_signature_is_logged_once_with_the_url_it_was_checked_against(
         .iter()
         .filter(|l| l.contains("refused a Twilio webhook"))
         .collect();
-    assert_eq!(refused.len(), 1, "{rest:#?}");
+    assert_eq!(refused.len(), 2, "{rest:#?}");
     assert!(
-        refused[0].contains("https://wrong.example/twilio/sms"),
+        refused[0].contains("missing X-Twilio-Signature"),
         "{}",
         refused[0]
+    );
+    assert!(
+        refused[1].contains("https://wrong.example/twilio/sms"),
+        "{}",
+        refused[1]
     );
 }
 
