@@ -310,6 +310,8 @@ impl Application {
         if let Some(pruner) = pruner {
             let _ = pruner.await;
         }
+        // No longer answering there: a script reading the note must not find a stale address.
+        let _ = std::fs::remove_file(self.config.data_dir.join(DAEMON_URL_FILE));
         self.engine.store.flush()
     }
 }

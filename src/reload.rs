@@ -175,9 +175,10 @@ impl Reloader {
             }
             Err(p) => {
                 self.refused.fetch_add(1, Ordering::SeqCst);
+                // The trigger in the text: a field would be printed after the last problem,
+                // as if it were part of it.
                 tracing::error!(
-                    trigger = why,
-                    "flow reload failed; the previous flows stay live. {} problem(s):\n{p}",
+                    "flow reload ({why}) failed; the previous flows stay live. {} problem(s):\n{p}",
                     p.0.len()
                 );
                 Err(p)

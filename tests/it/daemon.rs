@@ -807,7 +807,8 @@ fn serve_on_a_port_in_use_exits_3_and_creates_no_data_dir() {
     assert!(!data.exists(), "no data dir left behind");
 }
 
-/// `smsflow serve` as a user runs it: banner, then SIGTERM stops it cleanly with exit 0.
+/// `smsflow serve` as a user runs it: banner, then SIGTERM stops it cleanly with exit 0 (and
+/// its note of where it answers goes with it).
 #[tokio::test]
 async fn serve_prints_its_banner_and_stops_cleanly_on_sigterm() {
     let data = tempfile::tempdir().unwrap();
@@ -827,8 +828,12 @@ async fn serve_prints_its_banner_and_stops_cleanly_on_sigterm() {
     assert!(banner.contains("ngrok http"), "{banner}");
     let r = reqwest::get(format!("{base}/healthz")).await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
+    // Where it answers is noted in the data dir while it runs, and no longer once stopped.
+    let noted = std::fs::read_to_string(data.path().join("daemon-url")).unwrap();
+    assert_eq!(noted.trim(), base);
     sigterm(&child);
     exits_cleanly(child, stderr, Duration::from_secs(10)).await;
+    assert!(!data.path().join("daemon-url").exists());
 }
 
 /// A client holds a half-sent request open; a second SIGTERM (or Ctrl-C) ends the wait for
