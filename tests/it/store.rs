@@ -142,7 +142,7 @@ fn a_queued_message_counts_as_durable_only_after_a_flush_and_after_a_reopen() {
     store.flush().expect("flush");
     assert!(ids.iter().all(|id| store.outbox_durable(*id)), "{ids:?}");
     drop(store);
-    let store = Store::open(dir.path()).expect("reopen");
+    let store = reopen(|| Store::open(dir.path()));
     assert!(ids.iter().all(|id| store.outbox_durable(*id)), "{ids:?}");
     let later = Commit {
         subscriber: Some(Subscriber::new(a.clone(), now)),
