@@ -508,6 +508,7 @@ impl Writer {
     fn finish(&self, batch: Option<Committed>, commit: Duration) {
         let Some(b) = batch else { return };
         let flushing = Instant::now();
+        let sendable_before = self.store.outbox_durable_below();
         let flushed = self.store.flush().map_err(|e| format!("{e:#}"));
         if flushed.is_ok() {
             if b.events > 0 {
@@ -516,7 +517,8 @@ impl Writer {
             if b.timers {
                 self.timers_changed.notify_one();
             }
-            if b.outbox {
+            // Also when messages of an earlier batch, whose own flush failed, are on disk now.
+            if b.outbox || self.store.outbox_durable_below() > sendable_before {
                 self.outbox_changed.notify_one();
             }
         }

@@ -380,7 +380,12 @@ impl Store {
 
     /// Whether queued message `id` is on disk (so sending it cannot be undone by a crash).
     pub fn outbox_durable(&self, id: u64) -> bool {
-        id < self.outbox_durable_below.load(SeqCst)
+        id < self.outbox_durable_below()
+    }
+
+    /// One past the largest outbox id known to be on disk.
+    pub fn outbox_durable_below(&self) -> u64 {
+        self.outbox_durable_below.load(SeqCst)
     }
 
     pub fn subscriber(&self, phone: &Phone) -> anyhow::Result<Option<Subscriber>> {
