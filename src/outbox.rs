@@ -43,10 +43,21 @@ pub struct Outbox {
 /// What one unit of work did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Worked {
-    /// One message was sent, retried, suppressed or failed.
+    /// One message was sent, retried, suppressed or failed (or a queued one is now on disk):
+    /// look again at once.
     One,
     /// Nothing is ready; the earliest retry is due then.
     Idle(Option<DateTime<Utc>>),
+}
+
+/// What a look at the newly queued messages found.
+enum Read {
+    /// The first that can be sent now.
+    Found(u64, OutMessage),
+    /// None that can be sent now.
+    Nothing,
+    /// One committed but not yet flushed: nothing after it is read until it is on disk.
+    Unflushed,
 }
 
 impl Outbox {
@@ -121,11 +132,19 @@ impl Outbox {
                 }
             }
             match self.read_new(&mut w, now)? {
-                Some(found) => break found,
-                None => {
+                Read::Found(id, msg) => break (id, msg),
+                Read::Nothing => {
                     let earliest = w.earliest();
                     self.waiting = Some(w);
                     return Ok(Worked::Idle(earliest));
+                }
+                Read::Unflushed => {
+                    // Queued but not on disk yet: wait for a flush (usually the writer's own,
+                    // under way) and look again, rather than for a wake-up that a failed
+                    // flush would never send.
+                    self.waiting = Some(w);
+                    self.engine.durable().await?;
+                    return Ok(Worked::One);
                 }
             }
         };
@@ -148,11 +167,7 @@ impl Outbox {
 
     /// Reads the messages queued after the last one read, up to the first that can be sent
     /// now; each number met for the first time that must wait gets its first message noted.
-    fn read_new(
-        &mut self,
-        w: &mut Waiting,
-        now: DateTime<Utc>,
-    ) -> anyhow::Result<Option<(u64, OutMessage)>> {
+    fn read_new(&mut self, w: &mut Waiting, now: DateTime<Utc>) -> anyhow::Result<Read> {
         for entry in self.engine.store.outbox_after(w.upto) {
             let (id, msg) = match entry {
                 Ok(e) => e,
@@ -174,7 +189,7 @@ impl Outbox {
             // Committed but not yet flushed: the writer's flush wakes this worker again. (Sent
             // now, a crash before the flush would queue it again when its event came back.)
             if !self.engine.store.outbox_durable(id) {
-                break;
+                return Ok(Read::Unflushed);
             }
             w.upto = Some(id);
             if let Some(&head) = w.head_of.get(&msg.phone) {
@@ -191,9 +206,9 @@ impl Outbox {
                 w.set_head(id, msg.phone, msg.next_try);
                 continue;
             }
-            return Ok(Some((id, msg)));
+            return Ok(Read::Found(id, msg));
         }
-        Ok(None)
+        Ok(Read::Nothing)
     }
 
     /// Whether queued message `id` is a follow-up `deliver` held until quiet hours end.

@@ -967,6 +967,32 @@ fn dirs_with_a_due_timer(
     (data, flows)
 }
 
+/// A message committed but not yet flushed is not sent until it is on disk; the outbox asks
+/// for that flush itself instead of waiting for a wake-up that a failed flush never sends.
+/// (Committed here straight into the store: no writer flush follows, and no wake-up.)
+#[tokio::test]
+async fn a_queued_message_not_yet_on_disk_is_flushed_by_the_outbox_and_then_sent() {
+    use smsflow::machine::{State, Subscriber};
+    use smsflow::store::Commit;
+    let app = TestApp::spawn(FLOWS).await;
+    let now = chrono::Utc::now();
+    let mut sub = Subscriber::new(smsflow::phone::Phone::parse(ANN).unwrap(), now);
+    sub.state = State::Verified;
+    let commit = Commit {
+        subscriber: Some(sub),
+        outgoing: vec![("Not on disk yet".to_string(), false)],
+        ..Commit::default()
+    };
+    app.engine.store.commit_many(&[commit], now).unwrap();
+    let (id, _) = app.engine.store.outbox().last().unwrap().unwrap();
+    assert!(!app.engine.store.outbox_durable(id));
+    app.engine.outbox_changed.notify_one();
+    let sent = app.twilio.wait_delivered(1).await;
+    assert_eq!(sent[0].body, "Not on disk yet");
+    assert!(app.engine.store.outbox_durable(id));
+    app.stop().await;
+}
+
 /// A data dir with one number's record and one queued message that cannot be read (disk
 /// damage, or a newer smsflow): everyone else is still served, the damaged number's timer
 /// does not fire again and again, and an operator can still erase the number.
