@@ -310,9 +310,10 @@ impl Outbox {
         };
         crate::metrics::outbound(status);
         // The opt-out first: should it fail, the message is still queued, and its next try
-        // (refused again) applies it; recorded first, nothing would. (A number erased while
-        // the send was in flight does not come back: the machine creates no record for it.)
-        if code == Some(UNSUBSCRIBED) {
+        // (refused again) applies it; recorded first, nothing would. Not for a number erased
+        // while the send was in flight (its message is gone with it), which may have texted
+        // JOIN since: the refusal was of the erased number's message.
+        if code == Some(UNSUBSCRIBED) && store.outbox_get(id)?.is_some() {
             self.engine
                 .event(&msg.phone, Event::ProviderUnsubscribed)
                 .await?;

@@ -194,8 +194,8 @@ async fn deliver(
         }
         Err(e) => {
             // Twilio says the number unsubscribed (it texted STOP to the carrier): the same
-            // opt-out as when the outbox or a delivery report hears it, applied first, so
-            // that nothing failing after it can leave it out.
+            // opt-out as when the outbox or a delivery report hears it, applied even if the
+            // withdrawal fails.
             let unsubscribed = matches!(
                 e,
                 SendError::Permanent {
@@ -203,11 +203,13 @@ async fn deliver(
                     ..
                 }
             );
+            // The code never reached anyone: withdraw it so it cannot be used (and its send
+            // does not count against the limit). First: the opt-out clears the codes.
+            let withdrawn = apply(&state, &phone, Event::CodeUndeliverable(code)).await;
             if unsubscribed {
                 apply(&state, &phone, Event::ProviderUnsubscribed).await?;
             }
-            // The code never reached anyone: withdraw it so it cannot be used.
-            apply(&state, &phone, Event::CodeUndeliverable(code)).await?;
+            withdrawn?;
             tracing::warn!(phone = %phone.masked(), "otp not sent: {}", crate::outbox::redact(&e.to_string()));
             crate::metrics::outbound("failed");
             if unsubscribed {

@@ -389,6 +389,27 @@ async fn metrics_and_readiness_details_need_the_admin_token_beyond_loopback() {
     let r = open.get("/metrics").await;
     assert_eq!(r.status().as_u16(), 401);
     assert!(r.text().await.unwrap().contains("SMSFLOW_ADMIN_TOKEN"));
+
+    // On loopback with no token and no public URL: local requests see everything, and one
+    // through a tunnel (ngrok and cloudflared add X-Forwarded-For) does not.
+    let local = TestApp::spawn_with(FLOWS, |c| {
+        c.public_url = None;
+        c.admin_token = None;
+    })
+    .await;
+    assert_eq!(local.get("/metrics").await.status().as_u16(), 200);
+    let (status, ready) = get(&local, "/readyz", None).await;
+    assert!(status == 200 && ready["flows"].is_string(), "{ready}");
+    let tunnelled = |path: &str| {
+        local
+            .http
+            .get(format!("{}{path}", local.base))
+            .header("X-Forwarded-For", "203.0.113.9")
+            .send()
+    };
+    assert_eq!(tunnelled("/metrics").await.unwrap().status().as_u16(), 401);
+    let ready: serde_json::Value = tunnelled("/readyz").await.unwrap().json().await.unwrap();
+    assert_eq!(ready, serde_json::json!({ "ready": true }));
 }
 
 #[tokio::test]

@@ -416,6 +416,10 @@ async fn a_code_twilio_refuses_with_21610_opts_the_number_out() {
     let got = app.otp("get_otp", json!({ "phone": PHONE }), None).await;
     assert_failure(&got, 403, 1, "opted out");
     assert_eq!(app.state_of(PHONE).as_deref(), Some("opted_out"));
+    // The unsent code does not count against the number's send limit.
+    let phone = smsflow::phone::Phone::parse(PHONE).unwrap();
+    let record = app.engine.store.subscriber(&phone).unwrap().unwrap();
+    assert!(record.code_sends.is_empty(), "{:?}", record.code_sends);
     // And asking again is refused: the number is opted out now. (That an unsent code is
     // withdrawn is shown by a_provider_failure_is_exit_5_and_the_unsent_code_is_not_usable.)
     let again = app.otp("get_otp", json!({ "phone": PHONE }), None).await;
