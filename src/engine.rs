@@ -345,12 +345,23 @@ impl Writer {
         let flushing = Instant::now();
         // Even when nothing was there: an earlier erase whose flush failed is made durable
         // by its retry.
-        self.store.flush()?;
+        self.flush()?;
         if gone {
             // A commit that carries no event.
             self.work.record(0, flushing - started, flushing.elapsed());
         }
         Ok(gone)
+    }
+
+    /// Flushes the store, and wakes the outbox when queued messages became durable by it (those
+    /// of an earlier batch whose own flush failed too).
+    fn flush(&self) -> anyhow::Result<()> {
+        let before = self.store.outbox_durable_below();
+        let flushed = self.store.flush();
+        if self.store.outbox_durable_below() > before {
+            self.outbox_changed.notify_one();
+        }
+        flushed
     }
 
     /// Steps and commits a batch; answers failures at once and returns what awaits a flush.
@@ -508,8 +519,7 @@ impl Writer {
     fn finish(&self, batch: Option<Committed>, commit: Duration) {
         let Some(b) = batch else { return };
         let flushing = Instant::now();
-        let sendable_before = self.store.outbox_durable_below();
-        let flushed = self.store.flush().map_err(|e| format!("{e:#}"));
+        let flushed = self.flush().map_err(|e| format!("{e:#}"));
         if flushed.is_ok() {
             if b.events > 0 {
                 self.work.record(b.events, commit, flushing.elapsed());
@@ -517,10 +527,10 @@ impl Writer {
             if b.timers {
                 self.timers_changed.notify_one();
             }
-            // Also when messages of an earlier batch, whose own flush failed, are on disk now.
-            if b.outbox || self.store.outbox_durable_below() > sendable_before {
-                self.outbox_changed.notify_one();
-            }
+        }
+        // Even when the flush failed: the outbox then asks for one itself until one succeeds.
+        if b.outbox {
+            self.outbox_changed.notify_one();
         }
         for (done, applied) in b.answers {
             let _ = done.send(match &flushed {

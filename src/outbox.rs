@@ -37,6 +37,8 @@ pub struct Outbox {
     /// What the last look found when nothing was ready, so that a wake-up for a newly queued
     /// message reads only the new ones instead of the whole backlog (a long outage).
     waiting: Option<Waiting>,
+    /// A send's outcome is not known to be on disk yet: no other send until it is.
+    owes_flush: bool,
     stop: watch::Receiver<bool>,
 }
 
@@ -76,6 +78,7 @@ impl Outbox {
             next_slot: Instant::now(),
             unreadable: HashSet::new(),
             waiting: None,
+            owes_flush: false,
             stop,
         }
     }
@@ -106,6 +109,10 @@ impl Outbox {
     /// Picks the oldest ready message whose number has no earlier message waiting, and
     /// delivers it (or schedules its retry).
     pub async fn try_deliver_one(&mut self) -> anyhow::Result<Worked> {
+        if self.owes_flush {
+            self.engine.durable().await?;
+            self.owes_flush = false;
+        }
         let now = Utc::now();
         let erasures = self.engine.store.erasures();
         // What earlier looks learnt holds until a number is erased (only this worker sends,
@@ -149,11 +156,14 @@ impl Outbox {
             }
         };
         let phone = msg.phone.clone();
+        self.owes_flush = true;
         self.deliver(id, msg).await?;
         // Make the outcome durable before the next send, so a crash cannot make a restart
         // send this message again (except in the instant between the provider's answer and
-        // this flush). The flush is shared with whatever the writer commits meanwhile.
+        // this flush). The flush is shared with whatever the writer commits meanwhile. Should
+        // it fail, the next look asks again before it sends anything.
         self.engine.durable().await?;
+        self.owes_flush = false;
         // Where its number stands now: retried (the same first message, later), or done
         // (its next message, if one was read already, comes first now). A storage error
         // returns before `w` is kept, so the next look reads everything again.
