@@ -126,8 +126,11 @@ pub fn router(state: Arc<AppState>) -> Router {
 pub enum WebhookError {
     #[error("{0}")]
     BadRequest(String),
+    /// A wrong signature (the message names the URL it was checked against).
     #[error("{0}")]
     Forbidden(String),
+    #[error("missing X-Twilio-Signature header")]
+    Unsigned,
     /// The body could not be read (too large: 413).
     #[error("{0}")]
     Body(axum::extract::rejection::BytesRejection),
@@ -146,7 +149,12 @@ impl IntoResponse for WebhookError {
                 (StatusCode::BAD_REQUEST, format!("{m}\n")).into_response()
             }
             WebhookError::Forbidden(m) => {
-                warn_refused(&m);
+                warn_refused(Refusal::WrongSignature, &m);
+                (StatusCode::FORBIDDEN, format!("{m}\n")).into_response()
+            }
+            WebhookError::Unsigned => {
+                let m = WebhookError::Unsigned.to_string();
+                warn_refused(Refusal::NoSignature, &m);
                 (StatusCode::FORBIDDEN, format!("{m}\n")).into_response()
             }
             WebhookError::Body(rejection) => rejection.into_response(),
@@ -169,18 +177,25 @@ impl IntoResponse for WebhookError {
 /// show only in Twilio's debugger. Logged at most once a minute for a missing signature and
 /// once for a wrong one (whose line names the URL checked), so forgeries cannot flood the
 /// log, and a stray unsigned request does not hide what a misconfiguration looks like.
-fn warn_refused(why: &str) {
+fn warn_refused(kind: Refusal, why: &str) {
     use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
     static LAST: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let slot = &LAST[usize::from(why.starts_with("missing"))];
+    let slot = &LAST[kind as usize];
     let last = slot.load(Relaxed);
     if now >= last.saturating_add(60) && slot.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
     {
         tracing::warn!("refused a Twilio webhook: {why} (this is logged at most once a minute)");
     }
+}
+
+/// Why a webhook's signature was refused: each kind has its own once-a-minute log line.
+#[derive(Clone, Copy)]
+enum Refusal {
+    WrongSignature = 0,
+    NoSignature = 1,
 }
 
 /// Logs every unexpected error once, with its whole cause chain.
@@ -379,9 +394,7 @@ impl TwilioForm {
             let given = headers
                 .get("x-twilio-signature")
                 .and_then(|v| v.to_str().ok())
-                .ok_or_else(|| {
-                    WebhookError::Forbidden("missing X-Twilio-Signature header".into())
-                })?;
+                .ok_or(WebhookError::Unsigned)?;
             if !signature::verify(token.expose(), &url, &params, given) {
                 return Err(WebhookError::Forbidden(format!(
                     "invalid X-Twilio-Signature for {url} (check the auth token and SMSFLOW_PUBLIC_URL)"
