@@ -63,12 +63,15 @@ impl Sandbox {
     }
 
     pub fn event(&mut self, phone: &Phone, event: Event) -> (Outcome, Vec<Sent>) {
-        let sub = self
-            .subscribers
-            .remove(phone)
-            .unwrap_or_else(|| Subscriber::new(phone.clone(), self.now));
+        let known = self.subscribers.remove(phone);
+        // As the engine: an event that creates no record (validate_otp, a provider's
+        // opt-out) leaves a number it never met unknown.
+        let keep = known.is_some() || event.creates_subscriber();
+        let sub = known.unwrap_or_else(|| Subscriber::new(phone.clone(), self.now));
         let t = machine::step(sub, &event, &self.flows, self.now, &mut self.rng);
-        self.subscribers.insert(phone.clone(), t.subscriber);
+        if keep {
+            self.subscribers.insert(phone.clone(), t.subscriber);
+        }
         let sent = t
             .effects
             .into_iter()

@@ -189,6 +189,16 @@ fn simulate_names_the_number_of_a_timed_message_to_another_number() {
     assert!(stdout.contains("< You're in!"), "{stdout}");
 }
 
+/// As in the daemon, a code validated for a number never met leaves it unknown.
+#[test]
+fn simulate_validating_a_code_for_a_number_never_met_leaves_it_unknown() {
+    let stdout = simulate(b"/validate 123456\n/state\n");
+    assert!(
+        stdout.contains("+15550001111: unverified (never seen)"),
+        "{stdout}"
+    );
+}
+
 /// A line that is not UTF-8 is refused with a word, and the simulator goes on.
 #[test]
 fn simulate_refuses_a_line_that_is_not_text_and_goes_on() {
