@@ -196,7 +196,7 @@ impl Outbox {
                     continue;
                 }
             };
-            // Committed but not yet flushed: the writer's flush wakes this worker again. (Sent
+            // Committed but not yet flushed: the caller has it flushed, then looks again. (Sent
             // now, a crash before the flush would queue it again when its event came back.)
             if !self.engine.store.outbox_durable(id) {
                 return Ok(Read::Unflushed);

@@ -148,13 +148,13 @@ impl IntoResponse for WebhookError {
             WebhookError::BadRequest(m) => {
                 (StatusCode::BAD_REQUEST, format!("{m}\n")).into_response()
             }
-            WebhookError::Forbidden(m) => {
-                warn_refused(Refusal::WrongSignature, &m);
-                (StatusCode::FORBIDDEN, format!("{m}\n")).into_response()
-            }
-            WebhookError::Unsigned => {
-                let m = WebhookError::Unsigned.to_string();
-                warn_refused(Refusal::NoSignature, &m);
+            WebhookError::Forbidden(_) | WebhookError::Unsigned => {
+                let kind = match self {
+                    WebhookError::Unsigned => Refusal::NoSignature,
+                    _ => Refusal::WrongSignature,
+                };
+                let m = self.to_string();
+                warn_refused(kind, &m);
                 (StatusCode::FORBIDDEN, format!("{m}\n")).into_response()
             }
             WebhookError::Body(rejection) => rejection.into_response(),

@@ -673,9 +673,9 @@ impl Store {
             .map_err(|e| anyhow::anyhow!("updating outbox message {id}: {e:?}"))
     }
 
-    /// Moves a message out of the outbox with its final record, atomically. False (and no
-    /// record) when the message is gone: its number was erased while it was being sent.
-    pub fn outbox_finish(&self, id: u64, delivery: &Delivery) -> anyhow::Result<bool> {
+    /// Moves a message out of the outbox with its final record, atomically. No record when
+    /// the message is gone: its number was erased while it was being sent.
+    pub fn outbox_finish(&self, id: u64, delivery: &Delivery) -> anyhow::Result<()> {
         let key = id.to_be_bytes();
         let value = codec::encode(DELIVERY_VERSION, delivery);
         let sid = delivery.provider_sid.clone();
@@ -709,7 +709,7 @@ impl Store {
             })
             .map_err(|e| anyhow::anyhow!("finishing outbox message {id}: {e:?}"))?;
         self.counted(&delta);
-        Ok(delta[OUTBOX] != 0)
+        Ok(())
     }
 
     /// The delivery record for a provider message id.
