@@ -3,6 +3,11 @@
 //!
 //! Architecture invariant: `machine` is pure. It takes time and randomness as arguments and
 //! returns effects as data; it never touches the network, the disk, the clock or a global RNG.
+//!
+//! The way in: `main` dispatches to `cli`; `serve` builds an `app::Application`, whose HTTP
+//! routes (`http`), scheduler and outbox hand every event to the `engine`'s writer thread,
+//! which steps `machine` and commits to the `store`. The code map and the full list of
+//! invariants are in README.md, section "Architecture".
 
 pub mod app;
 pub mod bench;
