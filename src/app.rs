@@ -39,6 +39,8 @@ pub struct Options {
     /// At most this many connections are open at once; a further one waits in the kernel's
     /// queue until one closes. Unset: 4,096, or fewer where open files are limited.
     pub max_connections: Option<usize>,
+    /// The wall clock events happen at and timers come due by (tests: a manual one).
+    pub clock: crate::clock::Clock,
 }
 
 impl Default for Options {
@@ -49,6 +51,7 @@ impl Default for Options {
             shutdown_grace: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(960),
             max_connections: None,
+            clock: crate::clock::Clock::system(),
         }
     }
 }
@@ -107,7 +110,7 @@ impl Application {
         Ok(Application {
             listener,
             port,
-            engine: Arc::new(Engine::new(store, flows)),
+            engine: Arc::new(Engine::with_clock(store, flows, options.clock.clone())),
             provider: Arc::new(provider),
             config,
             options,
@@ -436,7 +439,7 @@ async fn prune_daily(engine: Arc<Engine>, keep: Duration, mut stop: watch::Recei
     loop {
         let before = chrono::TimeDelta::from_std(keep)
             .ok()
-            .and_then(|d| chrono::Utc::now().checked_sub_signed(d));
+            .and_then(|d| engine.clock().now().checked_sub_signed(d));
         if let Some(before) = before {
             let store = engine.store.clone();
             let stopping = stop.clone();

@@ -21,6 +21,7 @@ use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
 use tokio::sync::{oneshot, Notify};
 
+use crate::clock::Clock;
 use crate::flows::Flows;
 use crate::machine::{self, Effect, Event, Outcome, Subscriber, Transition};
 use crate::phone::Phone;
@@ -41,6 +42,7 @@ pub struct Engine {
     thread: Option<std::thread::JoinHandle<()>>,
     flow_swaps: AtomicU64,
     work: Arc<WriterWork>,
+    clock: Clock,
 }
 
 /// What the writer thread has done since this engine started: how many commits, how many
@@ -142,7 +144,13 @@ enum Job {
 }
 
 impl Engine {
+    /// An engine on the system clock.
     pub fn new(store: Store, flows: Flows) -> Engine {
+        Engine::with_clock(store, flows, Clock::system())
+    }
+
+    /// An engine whose events happen at `clock`'s time (a test's manual clock).
+    pub fn with_clock(store: Store, flows: Flows, clock: Clock) -> Engine {
         let store = Arc::new(store);
         let flows = Arc::new(ArcSwap::from_pointee(flows));
         let timers_changed = Arc::new(Notify::new());
@@ -155,6 +163,7 @@ impl Engine {
             flows: flows.clone(),
             timers_changed: timers_changed.clone(),
             outbox_changed: outbox_changed.clone(),
+            clock: clock.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("smsflow-writer".into())
@@ -170,7 +179,13 @@ impl Engine {
             thread,
             flow_swaps: Default::default(),
             work,
+            clock,
         }
+    }
+
+    /// The clock events are stepped at, and timers and retries are due by.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     /// What the writer has done so far (commits, events, time committing and flushing).
@@ -258,7 +273,7 @@ impl Engine {
 
     /// Fires every timer due now (at most `limit`); returns how many fired.
     pub async fn fire_due_timers(&self, limit: usize) -> anyhow::Result<usize> {
-        let due = self.store.due_timers(Utc::now(), limit)?;
+        let due = self.store.due_timers(self.clock.now(), limit)?;
         let n = due.len();
         let mut waiting = Vec::with_capacity(n);
         // Hand them all to the writer at once so they share one commit.
@@ -300,6 +315,7 @@ struct Writer {
     flows: Arc<ArcSwap<Flows>>,
     timers_changed: Arc<Notify>,
     outbox_changed: Arc<Notify>,
+    clock: Clock,
 }
 
 type Done = oneshot::Sender<anyhow::Result<Applied>>;
@@ -369,7 +385,7 @@ impl Writer {
         if jobs.is_empty() {
             return None;
         }
-        let now = Utc::now();
+        let now = self.clock.now();
         let flows = self.flows.load_full();
         let mut rng = rand::rng();
         // Within a batch, later events see earlier ones' results.

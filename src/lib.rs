@@ -12,6 +12,7 @@
 pub mod app;
 pub mod bench;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod export;

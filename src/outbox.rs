@@ -92,14 +92,16 @@ impl Outbox {
             let wait = match self.try_deliver_one().await {
                 Ok(Worked::One) => continue,
                 Ok(Worked::Idle(None)) => Duration::from_secs(3600),
-                Ok(Worked::Idle(Some(at))) => (at - Utc::now()).to_std().unwrap_or(Duration::ZERO),
+                Ok(Worked::Idle(Some(at))) => (at - self.engine.clock().now())
+                    .to_std()
+                    .unwrap_or(Duration::ZERO),
                 Err(e) => {
                     tracing::error!("outbox: {e:#}");
                     Duration::from_secs(1)
                 }
             };
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                _ = self.engine.clock().sleep(wait) => {}
                 _ = self.engine.outbox_changed.notified() => {}
                 _ = stop.changed() => return,
             }
@@ -113,7 +115,7 @@ impl Outbox {
             self.engine.durable().await?;
             self.owes_flush = false;
         }
-        let now = Utc::now();
+        let now = self.engine.clock().now();
         let erasures = self.engine.store.erasures();
         // What earlier looks learnt holds until a number is erased (only this worker sends,
         // retries or finishes messages otherwise).
@@ -252,7 +254,8 @@ impl Outbox {
         // Unless a code waits behind it: the number's owner is awake and asking, and the
         // code must not wait for the morning (it would expire).
         if msg.follow_up {
-            let quiet = crate::machine::quiet_end(&self.engine.flows().bot, Utc::now());
+            let quiet =
+                crate::machine::quiet_end(&self.engine.flows().bot, self.engine.clock().now());
             if let Some(end) = quiet.filter(|_| !code_behind(store, &msg.phone, id)) {
                 tracing::info!(phone = %msg.phone.masked(), until = %end, "outbox: holding a follow-up until quiet hours end");
                 msg.next_try = end;
@@ -302,8 +305,8 @@ impl Outbox {
                             "outbox: temporary failure: {}", redact(&message)
                         );
                         crate::metrics::outbound("retried");
-                        msg.next_try =
-                            Utc::now() + TimeDelta::from_std(wait).unwrap_or(TimeDelta::seconds(1));
+                        msg.next_try = self.engine.clock().now()
+                            + TimeDelta::from_std(wait).unwrap_or(TimeDelta::seconds(1));
                         msg.last_error = Some(message);
                         return store.outbox_update(id, &msg);
                     }
@@ -328,7 +331,10 @@ impl Outbox {
                 .event(&msg.phone, Event::ProviderUnsubscribed)
                 .await?;
         }
-        store.outbox_finish(id, &delivery(&msg, status, sid, code, error))?;
+        store.outbox_finish(
+            id,
+            &delivery(&msg, status, sid, code, error, self.engine.clock().now()),
+        )?;
         Ok(())
     }
 
@@ -473,6 +479,7 @@ fn delivery(
     sid: Option<String>,
     code: Option<u32>,
     error: Option<String>,
+    now: DateTime<Utc>,
 ) -> Delivery {
     Delivery {
         phone: msg.phone.clone(),
@@ -481,7 +488,7 @@ fn delivery(
         error_code: code,
         error,
         attempts: msg.attempts,
-        updated_at: Utc::now(),
+        updated_at: now,
     }
 }
 

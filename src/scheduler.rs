@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use tokio::sync::watch;
 
 use crate::engine::Engine;
@@ -30,7 +29,7 @@ pub async fn run(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
             continue;
         }
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = engine.clock().sleep(wait) => {}
             _ = engine.timers_changed.notified() => {}
             _ = stop.changed() => return,
         }
@@ -45,7 +44,7 @@ pub async fn pass(engine: &Engine) -> anyhow::Result<Duration> {
     }
     Ok(match engine.store.next_timer_at()? {
         None => IDLE,
-        Some(at) => (at - Utc::now())
+        Some(at) => (at - engine.clock().now())
             .to_std()
             .unwrap_or(Duration::ZERO)
             .min(IDLE),

@@ -530,7 +530,7 @@ async fn status(
             WebhookError::BadRequest(format!("ErrorCode {:?} is not a number", crate::clip(c)))
         })?),
     };
-    let now = chrono::Utc::now();
+    let now = state.engine.clock().now();
     let phone = state.engine.store.update_delivery_by_sid(sid, |d| {
         // Reports can arrive out of order: never move a message's status backwards.
         if status_rank(new_status) >= status_rank(&d.status) {

@@ -145,7 +145,7 @@ pub async fn get_otp(
         Outcome::RateLimited { retry_at } => {
             return Err(OtpError::TooMany {
                 message: "too many codes requested for this phone; try again later".into(),
-                retry_after: seconds_until(retry_at),
+                retry_after: seconds_until(retry_at, state.engine.clock().now()),
             })
         }
         other => {
@@ -256,7 +256,7 @@ pub async fn validate_otp(
         // Guessing again cannot help; the wait is until a new code may be requested.
         Outcome::Locked { new_code_at } => Err(OtpError::TooMany {
             message: "too many wrong guesses on this code; request a new one".into(),
-            retry_after: seconds_until(new_code_at),
+            retry_after: seconds_until(new_code_at, state.engine.clock().now()),
         }),
         other => Err(OtpError::Unexpected(anyhow::anyhow!(
             "validate_otp ended as {other:?}"
@@ -270,8 +270,8 @@ fn opted_out() -> OtpError {
 
 /// Whole seconds until `t`, rounded up (a client that waits exactly this long is not early),
 /// at least 1.
-fn seconds_until(t: chrono::DateTime<Utc>) -> u64 {
-    let ms = (t - Utc::now()).num_milliseconds();
+fn seconds_until(t: chrono::DateTime<Utc>, now: chrono::DateTime<Utc>) -> u64 {
+    let ms = (t - now).num_milliseconds();
     (ms.saturating_add(999) / 1000).max(1) as u64
 }
 

@@ -279,19 +279,39 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
 
 #[tokio::test]
 async fn after_a_restart_mid_sequence_the_remaining_steps_arrive_exactly_once() {
-    let app = TestApp::spawn(FLOWS).await;
+    // On a manual clock, kept across the restart: each step comes due when the test says.
+    let app = TestApp::spawn_on_manual_clock(FLOWS).await;
     enrol(&app, ANN, 0).await;
+    assert!(app.twilio.wait_delivered(1).await[0]
+        .body
+        .starts_with("Code: "));
+    app.advance(Duration::from_secs(1));
     let got = app.twilio.wait_delivered(2).await;
     assert_eq!(got[1].body, "Step one");
     let (twilio, data, flows, options) = app.stop().await;
     assert_eq!(twilio.delivered().len(), 2, "stopped mid-sequence");
     // Down for longer than the next delay: "Step two" is overdue at start-up.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    options.clock.advance(Duration::from_secs(90)).unwrap();
     let app = TestApp::start(twilio, data, flows, options, |_| {}).await;
+    let all = app.twilio.wait_delivered(3).await;
+    assert_eq!(all[2].body, "Step two");
+    // "Step three" is due a second after "Step two" fired, and the clock has not moved.
+    eventually("Step two's send to be recorded", async || {
+        app.engine.store.outbox_len() == 0
+    })
+    .await;
+    assert_eq!(app.engine.store.timer_count(), 1, "Step three waits");
+    assert_eq!(app.twilio.delivered().len(), 3);
+    app.advance(Duration::from_secs(1));
     let all = app.twilio.wait_delivered(4).await;
     let bodies: Vec<&str> = all.iter().map(|r| r.body.as_str()).collect();
     assert_eq!(&bodies[1..], ["Step one", "Step two", "Step three"]);
-    quiet_for(Duration::from_millis(1500)).await;
+    eventually("Step three's send to be recorded", async || {
+        app.engine.store.outbox_len() == 0
+    })
+    .await;
+    // Nothing is left that could send.
+    assert_eq!(app.engine.store.timer_count(), 0);
     assert_eq!(app.twilio.delivered().len(), 4, "each step exactly once");
     assert_eq!(app.state_of(ANN).as_deref(), Some("verified"));
 }

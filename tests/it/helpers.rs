@@ -296,6 +296,21 @@ impl TestApp {
         Self::spawn_adjusted(flows, tweak, |_| {}).await
     }
 
+    /// Like [`TestApp::spawn`], on a manual clock that only [`TestApp::advance`] moves:
+    /// timers, expiries and retries come due when the test says. It starts at this second's
+    /// start (timers are kept to the millisecond, rounded up: a start between two would put
+    /// "1 s later" a fraction past a one-second advance).
+    pub async fn spawn_on_manual_clock(flows: &str) -> TestApp {
+        use chrono::Timelike;
+        let start = chrono::Utc::now().with_nanosecond(0).unwrap();
+        Self::spawn_with_options(flows, |o| o.clock = smsflow::clock::Clock::manual(start)).await
+    }
+
+    /// Moves the daemon's manual clock forward (see [`TestApp::spawn_on_manual_clock`]).
+    pub fn advance(&self, by: Duration) {
+        self.engine.clock().advance(by).unwrap();
+    }
+
     /// Like [`TestApp::spawn`], with the daemon's options adjusted first.
     pub async fn spawn_with_options(flows: &str, adjust: impl FnOnce(&mut Options)) -> TestApp {
         Self::spawn_adjusted(flows, |_| {}, adjust).await

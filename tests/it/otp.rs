@@ -91,10 +91,10 @@ async fn a_wrong_or_superseded_code_is_exit_1() {
 
 #[tokio::test]
 async fn an_expired_code_is_exit_1() {
-    let flows = FLOWS.replace("[verify]", "[verify]\nttl = \"1s\"");
-    let app = TestApp::spawn(&flows).await;
+    let flows = FLOWS.replace("[verify]", "[verify]\nttl = \"60s\"");
+    let app = TestApp::spawn_on_manual_clock(&flows).await;
     let c = code(&app, 1).await;
-    quiet_for(Duration::from_millis(1100)).await;
+    app.advance(Duration::from_secs(61));
     let got = validate(&app, &c).await;
     assert_failure(&got, 403, 1, "expired");
 }

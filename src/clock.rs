@@ -1,0 +1,118 @@
+//! The daemon's wall clock. The runtime pieces (engine, scheduler, outbox, HTTP routes) read
+//! the time and wait through a [`Clock`], so a test can run the daemon on a manual clock and
+//! move it forward instead of sleeping: a due timer fires, a code expires, a retry comes due
+//! as soon as the clock is advanced past it. The pure core never reads a clock at all; it is
+//! given the time.
+//!
+//! Only wall-clock time goes through here. Pacing that is about real elapsed time (the
+//! per-sender send rate, HTTP timeouts, a stop's grace period) stays on tokio's clock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use tokio::sync::watch;
+
+/// The system clock, or a manual one that moves only when told.
+#[derive(Clone, Default)]
+pub struct Clock {
+    manual: Option<Arc<watch::Sender<DateTime<Utc>>>>,
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.manual {
+            None => f.write_str("Clock::system"),
+            Some(t) => write!(f, "Clock::manual({})", *t.borrow()),
+        }
+    }
+}
+
+impl Clock {
+    /// The system's wall clock.
+    pub fn system() -> Clock {
+        Clock::default()
+    }
+
+    /// A clock that reads `start` until [`Clock::advance`] moves it.
+    pub fn manual(start: DateTime<Utc>) -> Clock {
+        Clock {
+            manual: Some(Arc::new(watch::Sender::new(start))),
+        }
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        match &self.manual {
+            None => Utc::now(),
+            Some(t) => *t.borrow(),
+        }
+    }
+
+    /// Moves a manual clock forward by `by`, waking whoever waits for a time it reaches.
+    /// The system clock cannot be moved: there it is an error.
+    pub fn advance(&self, by: Duration) -> anyhow::Result<()> {
+        let manual = self
+            .manual
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the system clock cannot be advanced"))?;
+        let by = TimeDelta::from_std(by)?;
+        manual.send_modify(|t| *t += by);
+        Ok(())
+    }
+
+    /// Waits until this clock has moved `d` past now: real time on the system clock, on a
+    /// manual one until it is advanced that far.
+    pub async fn sleep(&self, d: Duration) {
+        let Some(manual) = &self.manual else {
+            return tokio::time::sleep(d).await;
+        };
+        let until = TimeDelta::from_std(d)
+            .ok()
+            .and_then(|d| manual.borrow().checked_add_signed(d));
+        let Some(until) = until else {
+            // Beyond any date: never.
+            return std::future::pending().await;
+        };
+        let mut moved = manual.subscribe();
+        // `changed` fails only when the sender is gone, and this clock holds it.
+        while *moved.borrow_and_update() < until && moved.changed().await.is_ok() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use chrono::{TimeZone, Utc};
+
+    use super::Clock;
+
+    #[tokio::test]
+    async fn a_manual_clock_wakes_a_sleeper_only_once_advanced_past_its_time() {
+        let start = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap();
+        let clock = Clock::manual(start);
+        let sleeper = tokio::spawn({
+            let clock = clock.clone();
+            async move { clock.sleep(Duration::from_secs(60)).await }
+        });
+        // The sleeper takes its deadline when it first runs.
+        tokio::task::yield_now().await;
+        clock.advance(Duration::from_secs(59)).unwrap();
+        tokio::task::yield_now().await;
+        assert!(!sleeper.is_finished(), "woke at 59 s of 60");
+        clock.advance(Duration::from_secs(1)).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), sleeper)
+            .await
+            .expect("not woken at 60 s")
+            .unwrap();
+        assert_eq!(clock.now(), start + chrono::TimeDelta::seconds(60));
+    }
+
+    #[test]
+    fn the_system_clock_reads_the_time_and_cannot_be_moved() {
+        let clock = Clock::system();
+        let before = Utc::now();
+        assert!(clock.now() >= before);
+        assert!(clock.advance(Duration::from_secs(1)).is_err());
+    }
+}
