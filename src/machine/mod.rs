@@ -460,6 +460,11 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                         self.sub.code_sends.remove(j);
                     }
                     self.record(Record::CodeWithdrawn);
+                    // Its request is what made the number wait for a code: with no code
+                    // ever given out, it is back where it was, not opted in.
+                    if self.sub.state == State::AwaitingCode && self.sub.codes.is_empty() {
+                        self.sub.state = State::Unverified;
+                    }
                 }
                 self.outcome = Outcome::Done;
             }

@@ -425,6 +425,26 @@ fn a_locked_code_says_a_new_one_may_be_asked_for_at_once_or_when_the_send_limit_
 }
 
 #[test]
+fn a_number_whose_only_code_was_undeliverable_is_unverified_again_and_not_opted_in() {
+    let f = flows();
+    let mut rng = StdRng::seed_from_u64(4);
+    let asked = step(
+        subscriber(State::Unverified),
+        &Event::OtpRequested,
+        &f,
+        t0(),
+        &mut rng,
+    )
+    .subscriber;
+    assert_eq!(asked.state, State::AwaitingCode);
+    let code = asked.codes[0].code.clone();
+    let out = step(asked, &Event::CodeUndeliverable(code), &f, t0(), &mut rng);
+    assert_eq!(out.subscriber.state, State::Unverified);
+    assert!(!out.subscriber.opted_in());
+    assert!(out.subscriber.code_sends.is_empty());
+}
+
+#[test]
 fn an_undeliverable_code_is_withdrawn_and_no_other() {
     let f = flows();
     let mut rng = StdRng::seed_from_u64(3);
@@ -447,6 +467,11 @@ fn an_undeliverable_code_is_withdrawn_and_no_other() {
         .map(|c| c.code.as_str())
         .collect();
     assert_eq!(left, [c2.as_str()]);
+    assert_eq!(
+        out.subscriber.state,
+        State::AwaitingCode,
+        "another code went out: still waiting for it"
+    );
     assert_eq!(
         out.subscriber.code_sends,
         [later],

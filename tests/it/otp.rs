@@ -302,6 +302,14 @@ async fn a_provider_failure_is_exit_5_and_the_unsent_code_is_not_usable() {
     let c = code_in(&refused[0].body);
     let got = validate(&app, &c).await;
     assert_failure(&got, 403, 1, "invalid");
+    // A number never reached is not left waiting for a code, nor counted as opted in.
+    assert_eq!(app.state_of(PHONE).as_deref(), Some("unverified"));
+    // Once a code has gone out, a later failed one leaves the number waiting for that one.
+    assert_success(&app.otp("get_otp", json!({ "phone": PHONE }), None).await);
+    app.twilio.fail_next(&[500]);
+    let got = app.otp("get_otp", json!({ "phone": PHONE }), None).await;
+    assert_failure(&got, 500, 5, "twilio");
+    assert_eq!(app.state_of(PHONE).as_deref(), Some("awaiting_code"));
 }
 
 /// The client gives up while the provider is still answering (and then refuses): the code
