@@ -18,14 +18,12 @@ impl<'de> Deserialize<'de> for Phone {
     }
 }
 
-/// Whether `digits` starts with a country calling code known to the metadata (they are
-/// prefix-free, so at most one of the first 1–3 digits matches).
-fn has_country_code(digits: &str) -> bool {
-    (1..=3).any(|n| {
-        digits
-            .get(..n)
-            .and_then(|p| p.parse::<u16>().ok())
-            .is_some_and(|code| phonenumber::metadata::DATABASE.by_code(&code).is_some())
+/// Whether `s` is a North American number in E.164 (`+1`, then ten digits, the first 2–9),
+/// which the full parser would give back unchanged. (Not so for every E.164-looking text:
+/// `+44 0…` loses its national trunk prefix 0.)
+fn is_nanp_e164(s: &str) -> bool {
+    s.strip_prefix("+1").is_some_and(|d| {
+        d.len() == 10 && d.bytes().all(|b| b.is_ascii_digit()) && !d.starts_with(['0', '1'])
     })
 }
 
@@ -94,9 +92,9 @@ impl Phone {
         if trimmed.is_empty() {
             return Err(PhoneError::Empty);
         }
-        // Twilio always sends E.164. A full parse costs ~100 µs; for text that is already
-        // E.164 checking the country code against the same metadata is enough.
-        if is_e164(trimmed) && has_country_code(&trimmed[1..]) {
+        // A full parse costs ~100 µs; a North American number in E.164, as Twilio sends
+        // it, is already what the parse would give.
+        if is_nanp_e164(trimmed) {
             return Ok(Phone(trimmed.to_string()));
         }
         // A number with its country code is read by that code alone: given a region too, the
@@ -211,6 +209,25 @@ mod tests {
                 assert_eq!(Phone::parse_in(written, region).unwrap().as_str(), e164);
             }
         }
+    }
+
+    #[test]
+    fn e164_text_is_read_as_the_full_parser_reads_it_so_one_number_has_one_form() {
+        // The national trunk prefix after the country code is dropped however it is written.
+        assert_eq!(
+            Phone::parse("+4402079460018").unwrap(),
+            Phone::parse("+44 020 7946 0018").unwrap()
+        );
+        assert_eq!(
+            Phone::parse("+4402079460018").unwrap().as_str(),
+            "+442079460018"
+        );
+        // Italy keeps its leading 0; North American numbers come back as written.
+        for e164 in ["+390612345678", "+14155550100", "+18005550199", "+6834001"] {
+            assert_eq!(Phone::parse(e164).unwrap().as_str(), e164);
+        }
+        assert!(is_nanp_e164("+14155550100"));
+        assert!(!is_nanp_e164("+11155550100") && !is_nanp_e164("+1415555010"));
     }
 
     #[test]
