@@ -202,17 +202,21 @@ impl Layer {
         )
     }
 
-    /// Secrets as they are meant: without the whitespace an env file or an editor leaves
-    /// around them (a request's token is read trimmed too), and a blank one is no secret, so
+    /// Secrets and Twilio's names as they are meant: without the whitespace an env file or an
+    /// editor leaves around them (a stray `\r` would go into the REST URL, the Basic auth or
+    /// `From`; a request's token is read trimmed too), and a blank one is unset, so
     /// `api_token = ""` leaves the API local-only instead of locking it.
     fn tidy(mut self) -> Layer {
-        let tidy = |s: Option<Secret>| {
-            s.map(|s| Secret(s.0.trim().to_string()))
-                .filter(|s| !s.0.is_empty())
-        };
+        let trim = |s: Option<String>| non_blank(s).map(|s| s.trim().to_string());
+        let tidy = |s: Option<Secret>| trim(s.map(|s| s.0)).map(Secret);
         self.api_token = tidy(self.api_token);
         self.admin_token = tidy(self.admin_token);
-        self.twilio.auth_token = tidy(self.twilio.auth_token);
+        let t = &mut self.twilio;
+        t.auth_token = tidy(t.auth_token.take());
+        t.account_sid = trim(t.account_sid.take());
+        t.from = trim(t.from.take());
+        t.messaging_service_sid = trim(t.messaging_service_sid.take());
+        t.api_base = trim(t.api_base.take());
         self
     }
 
@@ -410,6 +414,24 @@ mod tests {
         let env =
             Layer::from_env(|k| (k == "SMSFLOW_API_TOKEN").then(|| "t0k\n".to_string())).unwrap();
         assert_eq!(env.api_token.as_ref().map(Secret::expose), Some("t0k"));
+    }
+
+    #[test]
+    fn twilio_names_lose_the_whitespace_an_env_file_leaves_around_them() {
+        let env = Layer::from_env(|k| match k {
+            "TWILIO_ACCOUNT_SID" => Some(" AC1\r".into()),
+            "TWILIO_AUTH_TOKEN" => Some("t\r".into()),
+            "TWILIO_FROM" => Some("+15005550006\r\n".into()),
+            "TWILIO_MESSAGING_SERVICE_SID" => Some("\tMG1 ".into()),
+            "TWILIO_API_BASE" => Some("http://127.0.0.1:9 ".into()),
+            _ => None,
+        })
+        .unwrap();
+        let twilio = env.resolve().unwrap().twilio.unwrap();
+        assert_eq!(twilio.account_sid, "AC1");
+        assert!(matches!(&twilio.sender, Sender::MessagingService(m) if m == "MG1"));
+        assert_eq!(twilio.caller_id.as_deref(), Some("+15005550006"));
+        assert_eq!(twilio.api_base, "http://127.0.0.1:9");
     }
 
     #[test]
