@@ -391,7 +391,16 @@ pub async fn export(
     q: Result<Query<ExportQuery>, QueryRejection>,
 ) -> Result<Response, AdminError> {
     let q = query(q)?;
-    let one_hot = matches!(q.one_hot.as_deref(), Some("1" | "true" | "yes" | ""));
+    let one_hot = match q.one_hot.as_deref().map(str::trim) {
+        None | Some("0" | "false" | "no") => false,
+        Some("1" | "true" | "yes" | "") => true,
+        Some(other) => {
+            return Err(AdminError::BadRequest(format!(
+                "one_hot must be 1 or 0 (true/false, yes/no), not {:?}",
+                crate::clip(other)
+            )))
+        }
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(8);
     let engine = app.engine.clone();
     tokio::task::spawn_blocking(move || {

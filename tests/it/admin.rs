@@ -290,6 +290,15 @@ async fn the_export_has_a_row_per_phone_with_category_columns() {
     assert!(one_hot.lines().nth(2).unwrap().ends_with("Bob,blue,0,0,1"));
     // No answer, no category: every indicator is 0.
     assert!(one_hot.lines().nth(3).unwrap().ends_with(",0,0,0"));
+    assert_eq!(text(&app, "/admin/export.csv?one_hot=0").await, csv);
+    // A value that is neither is refused, not read as "off".
+    let r = app
+        .admin(reqwest::Method::GET, "/admin/export.csv?one_hot=banana")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.text().await.unwrap().contains("one_hot must be"));
 
     // The command line refuses politely while the daemon holds the data dir...
     let data = app.data.path().to_path_buf();
