@@ -302,7 +302,15 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), OtpError> {
 
 fn json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, OtpError> {
     super::content_type_is(headers, "application/json").map_err(OtpError::BadRequest)?;
-    serde_json::from_slice(body).map_err(|e| OtpError::BadRequest(format!("invalid JSON: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        OtpError::BadRequest(match e.classify() {
+            // Well-formed JSON, but not an object of the request's fields.
+            serde_json::error::Category::Data => {
+                format!("the body must be a JSON object of this request's fields: {e}")
+            }
+            _ => format!("invalid JSON: {e}"),
+        })
+    })
 }
 
 fn phone(state: &AppState, value: Option<serde_json::Value>) -> Result<Phone, OtpError> {

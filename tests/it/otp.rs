@@ -162,6 +162,12 @@ async fn malformed_requests_are_exit_2() {
         "invalid JSON",
     );
     assert_failure(
+        &raw("[]", "application/json").await,
+        400,
+        2,
+        "must be a JSON object",
+    );
+    assert_failure(
         &raw(r#"{"phone":"+15550004444"}"#, "text/plain").await,
         400,
         2,
