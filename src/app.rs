@@ -168,15 +168,15 @@ impl Application {
                 }
             )
         );
+        let local_only = c.listen.ip().is_loopback() && c.public_url.is_none();
         b += &format!(
             "  signatures:  {}\n",
-            if c.auth_token.is_some() {
-                "checked on every /twilio route"
-            } else {
-                "NOT checked (set TWILIO_AUTH_TOKEN)"
+            match (&c.auth_token, local_only) {
+                (Some(_), _) => "checked on every /twilio route",
+                (None, true) => "NOT checked: /twilio routes take local requests only (set TWILIO_AUTH_TOKEN before exposing them)",
+                (None, false) => "NONE: /twilio routes refuse every request until TWILIO_AUTH_TOKEN is set (smsflow is reachable from outside)",
             }
         );
-        let local_only = c.listen.ip().is_loopback() && c.public_url.is_none();
         for (name, token, env) in [
             ("OTP API", &c.api_token, "SMSFLOW_API_TOKEN"),
             ("admin API", &c.admin_token, "SMSFLOW_ADMIN_TOKEN"),

@@ -131,6 +131,13 @@ pub enum WebhookError {
     Forbidden(String),
     #[error("missing X-Twilio-Signature header")]
     Unsigned,
+    /// No auth token to check signatures with, and the request is not from this machine.
+    #[error(
+        "unsigned webhooks are taken only from this machine: set TWILIO_AUTH_TOKEN (required \
+         when smsflow is reachable beyond loopback: a non-loopback listen address, a \
+         public_url, or a request through a proxy or tunnel)"
+    )]
+    NotLocal,
     /// The body could not be read (too large: 413).
     #[error("{0}")]
     Body(axum::extract::rejection::BytesRejection),
@@ -148,9 +155,10 @@ impl IntoResponse for WebhookError {
             WebhookError::BadRequest(m) => {
                 (StatusCode::BAD_REQUEST, format!("{m}\n")).into_response()
             }
-            WebhookError::Forbidden(_) | WebhookError::Unsigned => {
+            WebhookError::Forbidden(_) | WebhookError::Unsigned | WebhookError::NotLocal => {
                 let kind = match self {
                     WebhookError::Unsigned => Refusal::NoSignature,
+                    WebhookError::NotLocal => Refusal::NoToken,
                     _ => Refusal::WrongSignature,
                 };
                 let m = self.to_string();
@@ -179,7 +187,7 @@ impl IntoResponse for WebhookError {
 /// log, and a stray unsigned request does not hide what a misconfiguration looks like.
 fn warn_refused(kind: Refusal, why: &str) {
     use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-    static LAST: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+    static LAST: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -191,11 +199,13 @@ fn warn_refused(kind: Refusal, why: &str) {
     }
 }
 
-/// Why a webhook's signature was refused: each kind has its own once-a-minute log line.
+/// Why a webhook was refused for its signature (or for having none to check): each kind has
+/// its own once-a-minute log line.
 #[derive(Clone, Copy)]
 enum Refusal {
     WrongSignature = 0,
     NoSignature = 1,
+    NoToken = 2,
 }
 
 /// Logs every unexpected error once, with its whole cause chain.
@@ -400,6 +410,11 @@ impl TwilioForm {
                     "invalid X-Twilio-Signature for {url} (check the auth token and SMSFLOW_PUBLIC_URL)"
                 )));
             }
+        } else if !state.loopback || proxied(headers) {
+            // Unsigned webhooks can say anything (any From, a 21610 for any number, a voice
+            // menu key that reads out a fresh code): only from this machine, as the OTP and
+            // admin APIs without their tokens.
+            return Err(WebhookError::NotLocal);
         }
         Ok(TwilioForm {
             params,

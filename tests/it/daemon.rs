@@ -190,6 +190,60 @@ async fn a_forged_or_missing_signature_is_refused_and_changes_nothing() {
 }
 
 #[tokio::test]
+async fn without_an_auth_token_webhooks_are_taken_only_from_this_machine() {
+    // Loopback, no public URL: a local request (curl, a test) is taken unsigned.
+    let local = TestApp::spawn_with(FLOWS, |c| {
+        c.auth_token = None;
+        c.public_url = None;
+    })
+    .await;
+    let form = [("From", ANN), ("Body", "JOIN"), ("MessageSid", "SMlocal")];
+    let post = |app: &TestApp, path: &str, form: &[(&str, &str)], via: Option<&str>| {
+        let mut req = app.http.post(format!("{}{path}", app.base)).form(form);
+        if let Some(ip) = via {
+            req = req.header("X-Forwarded-For", ip);
+        }
+        req.send()
+    };
+    // Through a tunnel, unsigned webhooks could say anything: refused, nothing changes.
+    let tunnelled = post(&local, "/twilio/sms", &form, Some("203.0.113.9"))
+        .await
+        .unwrap();
+    assert_eq!(tunnelled.status().as_u16(), 403);
+    assert!(tunnelled
+        .text()
+        .await
+        .unwrap()
+        .contains("set TWILIO_AUTH_TOKEN"));
+    let report = [
+        ("MessageSid", "SMx"),
+        ("MessageStatus", "failed"),
+        ("ErrorCode", "21610"),
+        ("To", ANN),
+    ];
+    let r = post(&local, "/twilio/status", &report, Some("203.0.113.9"))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    assert_eq!(local.state_of(ANN), None);
+    let r = post(&local, "/twilio/sms", &form, None).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(local.state_of(ANN).as_deref(), Some("awaiting_code"));
+
+    // With a public URL smsflow is reachable from outside: no token, no unsigned webhooks.
+    let public = TestApp::spawn_with(FLOWS, |c| c.auth_token = None).await;
+    let r = post(
+        &public,
+        "/twilio/voice",
+        &[("From", ANN), ("CallSid", "CA1")],
+        None,
+    )
+    .await;
+    assert_eq!(r.unwrap().status().as_u16(), 403);
+    assert_eq!(public.state_of(ANN), None);
+}
+
+#[tokio::test]
 async fn bad_input_gets_a_clear_status_and_changes_nothing() {
     let app = TestApp::spawn(FLOWS).await;
     let url = format!("{}/twilio/sms", app.base);
