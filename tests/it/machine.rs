@@ -43,7 +43,8 @@ fn seq_state() -> State {
     }
 }
 
-/// One row: a number in `state` texts `text`; it ends in `after` and the first message starts with `reply`.
+/// One row: a number in `state` texts `text`; it ends in `after` and the first message starts
+/// with `reply`, or, when `reply` is empty, nothing is sent at all.
 fn check(state: State, text: &str, after: &str, reply: &str) {
     let f = flows();
     let t = step(
@@ -57,7 +58,7 @@ fn check(state: State, text: &str, after: &str, reply: &str) {
     let msgs = messages(&t.effects);
     match msgs.first() {
         Some(m) => assert!(
-            m.starts_with(reply),
+            !reply.is_empty() && m.starts_with(reply),
             "{state:?} + {text:?}: got {m:?}, want {reply:?}"
         ),
         None => assert!(
@@ -140,12 +141,11 @@ fn a_stale_timer_does_nothing() {
     assert_eq!(out.subscriber, sub);
 }
 
-#[test]
-fn sequence_draws_follow_the_weights() {
-    let f = flows();
+/// Which sequence each of `n` numbers is drawn into as it verifies.
+fn draws(f: &Flows, n: usize) -> std::collections::BTreeMap<String, u32> {
     let mut counts = std::collections::BTreeMap::<String, u32>::new();
     let mut rng = StdRng::seed_from_u64(42);
-    for _ in 0..600 {
+    for _ in 0..n {
         let mut sub = subscriber(State::Verified);
         for field in &f.form.fields {
             sub.fields.insert(field.key.clone(), "x".into());
@@ -157,14 +157,36 @@ fn sequence_draws_follow_the_weights() {
             expires_at: t0() + TimeDelta::minutes(10),
             wrong: 0,
         });
-        let out = step(sub, &Event::Inbound("123456".into()), &f, t0(), &mut rng);
+        let out = step(sub, &Event::Inbound("123456".into()), f, t0(), &mut rng);
         *counts.entry(out.subscriber.sequence.unwrap()).or_default() += 1;
     }
+    counts
+}
+
+#[test]
+fn sequence_draws_follow_the_weights() {
+    let counts = draws(&flows(), 600);
     assert_eq!(counts.len(), 3, "{counts:?}");
     assert!(
         counts.values().all(|&n| (150..=250).contains(&n)),
         "equal weights, got {counts:?}"
     );
+    // Weights 3, 1 and 0: three draws to one, and never the one weighted 0.
+    let mut sources = smsflow::flows::read_dir("flows".as_ref()).unwrap();
+    let bot = sources
+        .iter_mut()
+        .find(|(path, _)| path.ends_with("bot.toml"))
+        .unwrap();
+    assert_eq!(bot.1.matches("weight = 1").count(), 3);
+    bot.1 = bot.1.replacen("weight = 1", "weight = 3", 1);
+    let at = bot.1.rfind("weight = 1").unwrap();
+    bot.1
+        .replace_range(at..at + "weight = 1".len(), "weight = 0");
+    let weighted = smsflow::flows::load_sources(sources).unwrap();
+    let counts = draws(&weighted, 600);
+    assert_eq!(counts.get("quiz"), None, "{counts:?}");
+    assert!((400..=500).contains(&counts["gentle"]), "{counts:?}");
+    assert!((100..=200).contains(&counts["daily"]), "{counts:?}");
 }
 
 #[test]
