@@ -301,9 +301,7 @@ impl TestApp {
     /// start (timers are kept to the millisecond, rounded up: a start between two would put
     /// "1 s later" a fraction past a one-second advance).
     pub async fn spawn_on_manual_clock(flows: &str) -> TestApp {
-        use chrono::Timelike;
-        let start = chrono::Utc::now().with_nanosecond(0).unwrap();
-        Self::spawn_with_options(flows, |o| o.clock = smsflow::clock::Clock::manual(start)).await
+        Self::spawn_with_options(flows, |o| o.clock = manual_clock()).await
     }
 
     /// Moves the daemon's manual clock forward (see [`TestApp::spawn_on_manual_clock`]).
@@ -644,6 +642,12 @@ pub async fn post_signed(
         .send()
         .await
         .unwrap()
+}
+
+/// A manual clock for [`TestApp::spawn_on_manual_clock`] or [`Options::clock`].
+pub fn manual_clock() -> smsflow::clock::Clock {
+    use chrono::Timelike;
+    smsflow::clock::Clock::manual(chrono::Utc::now().with_nanosecond(0).unwrap())
 }
 
 /// Waits (up to 10 s) until `check` holds.
