@@ -54,16 +54,19 @@ async fn join_verify_form_and_sequence_steps_arrive_through_the_twilio_api() {
 
 #[tokio::test]
 async fn stop_mid_sequence_means_nothing_more_arrives() {
-    let app = TestApp::spawn(FLOWS).await;
+    let app = TestApp::spawn_on_manual_clock(FLOWS).await;
     enrol(&app, ANN, 0).await;
+    app.advance(Duration::from_secs(1));
     app.twilio.wait_delivered(2).await; // the code and "Step one"
     let (status, twiml) = app.sms(ANN, "Stop.").await;
     assert_eq!(status, 200);
     assert!(twiml.contains("unsubscribed"), "{twiml}");
     assert_eq!(app.state_of(ANN).as_deref(), Some("opted_out"));
-    // Nothing is left that could send (the wait below, past every step's time, is a backstop).
+    // Nothing is left that could send (the clock moved past every step's time, and the
+    // wait after it, is a backstop).
     assert_eq!(app.engine.store.timer_count(), 0);
-    quiet_for(Duration::from_millis(2500)).await;
+    app.advance(Duration::from_secs(60));
+    quiet_for(Duration::from_millis(500)).await;
     let bodies: Vec<String> = app.twilio.delivered().into_iter().map(|r| r.body).collect();
     assert_eq!(bodies.len(), 2, "nothing after STOP: {bodies:?}");
     let (_, twiml) = app.sms(ANN, "STOP").await;
