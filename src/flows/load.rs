@@ -594,7 +594,9 @@ impl Cx {
             Some((f, r)) => (f, Some(r)),
             None => (0, None),
         };
-        let mut seen: HashMap<String, &'static str> = HashMap::new();
+        // Each keyword's list, and where the flow wrote it (a built-in one has no place).
+        let mut seen: HashMap<String, (&'static str, Option<std::ops::Range<usize>>)> =
+            HashMap::new();
         let mut list =
             |cx: &mut Cx, name: &'static str, defaults: &[&str], extra: Option<Vec<S<String>>>| {
                 let mut out: Vec<String> = Vec::new();
@@ -603,9 +605,9 @@ impl Cx {
                     .iter()
                     .map(|d| (None, d.to_string()))
                     .chain(extra.into_iter().map(|s| (Some(s.span()), s.into_inner())));
-                for (span, word) in items {
+                for (written, word) in items {
                     let norm = normalize(&word);
-                    let span = span.unwrap_or(0..0);
+                    let span = written.clone().unwrap_or(0..0);
                     if norm.is_empty() {
                         let why = if word.trim().is_empty() {
                             format!("empty keyword in keywords.{name}")
@@ -619,7 +621,9 @@ impl Cx {
                         continue;
                     }
                     match seen.get(&norm) {
-                        Some(other) if *other != name => {
+                        Some((other, there)) if *other != name => {
+                            // A built-in word clashing with one the flow added: point at that.
+                            let span = written.or_else(|| there.clone()).unwrap_or(0..0);
                             cx.err(
                                 f,
                                 span,
@@ -630,7 +634,7 @@ impl Cx {
                         }
                         Some(_) => {}
                         None => {
-                            seen.insert(norm.clone(), name);
+                            seen.insert(norm.clone(), (name, written));
                             out.push(norm);
                         }
                     }

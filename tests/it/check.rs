@@ -394,6 +394,25 @@ fn a_keyword_of_punctuation_alone_is_refused_as_one_that_could_never_match() {
     );
 }
 
+/// A built-in keyword added to another list is located where the flow added it, whichever
+/// list is read first.
+#[test]
+fn a_keyword_in_two_lists_is_located_where_the_flow_wrote_it() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "k.toml",
+        "[bot]\nname = \"Keys\"\n\n[keywords]\nopt_out = [\"JOIN\"]\nedit = [\"help\"]\n",
+    );
+    let problems = problems_in(dir.path());
+    assert!(
+        problems.contains(
+            r#"k.toml:5:12: keyword "JOIN" is both in keywords.opt_out and keywords.opt_in"#
+        ) && problems.contains(r#"k.toml:6:9: keyword "HELP" is both in keywords.help"#),
+        "{problems}"
+    );
+}
+
 /// A form field named like a fixed column of the export ("state" for a US state, say) would
 /// give the dataset two columns of one name: `check` refuses it and says which names are taken.
 #[test]
