@@ -957,6 +957,9 @@ async fn the_benchmark_runs_both_routes_without_errors_and_reports_the_ratio() {
     .await
     .expect("bench runs");
     assert!(report.contains("median ratio durable/trivial:"), "{report}");
+    // Each target is marked met or missed.
+    let verdicts = report.matches(": met)").count() + report.matches(": MISSED)").count();
+    assert_eq!(verdicts, 2, "{report}");
     assert_eq!(
         report.matches("(40 requests, 0 errors)").count(),
         2,
