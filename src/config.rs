@@ -280,13 +280,12 @@ impl Layer {
             }
         };
         let t = self.twilio;
-        // Checked only where it is used: with the console provider it is never read.
-        let api_base = || {
-            base_url(
-                t.api_base.as_deref().unwrap_or("https://api.twilio.com"),
-                "TWILIO_API_BASE (api_base)",
-            )
-        };
+        // Checked whenever it is given, used or not (the console provider never reads it): a
+        // typo shows at once, not only once credentials are added.
+        let api_base = base_url(
+            t.api_base.as_deref().unwrap_or("https://api.twilio.com"),
+            "TWILIO_API_BASE (api_base)",
+        )?;
         let caller_id = t.from.clone();
         let sender = match (t.from, t.messaging_service_sid) {
             (_, Some(ms)) => Some(Sender::MessagingService(ms)),
@@ -299,7 +298,7 @@ impl Layer {
                 auth_token,
                 sender,
                 caller_id,
-                api_base: api_base()?,
+                api_base,
             }),
             (None, _, None) => None,
             (sid, token, sender) => anyhow::bail!(
@@ -535,15 +534,18 @@ mod tests {
         assert_eq!(base("http://127.0.0.1:9/").unwrap(), "http://127.0.0.1:9");
         let err = base("not a url").unwrap_err().to_string();
         assert!(err.contains("TWILIO_API_BASE"), "{err}");
-        // Without credentials it is never used, so it is not checked.
-        let console = Layer {
+        // Without credentials it is never used, and a mistake in it is refused all the same.
+        let console = |u: &str| Layer {
             twilio: TwilioLayer {
-                api_base: Some("api.twilio.com".into()),
+                api_base: Some(u.into()),
                 ..TwilioLayer::default()
             },
             ..Layer::default()
         };
-        assert!(console.resolve().unwrap().twilio.is_none());
+        let err = console("api.twilio.com").resolve().unwrap_err().to_string();
+        assert!(err.contains("TWILIO_API_BASE"), "{err}");
+        let ok = console("https://api.twilio.com").resolve().unwrap();
+        assert!(ok.twilio.is_none());
     }
 
     #[test]
