@@ -644,6 +644,14 @@ pub fn export(
         );
         return ExitCode::from(EXIT_USAGE);
     }
+    if !data.is_dir() {
+        eprintln!(
+            "smsflow export: {} is not a directory; give the data dir the daemon uses \
+             (--data, SMSFLOW_DATA or `data` in smsflow.toml)",
+            data.display()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
     // A small page cache: the export reads every record once, memory must stay flat.
     let store = match crate::store::Store::open_with_cache(data, 8 << 20) {
         Ok(s) => s,

@@ -348,6 +348,22 @@ async fn the_export_has_a_row_per_phone_with_category_columns() {
     );
     assert_eq!(String::from_utf8(out.stdout).unwrap(), one_hot);
     assert!(String::from_utf8_lossy(&out.stderr).contains("exported 3 subscriber(s); peak memory"));
+
+    // No data dir there, or a file: a usage mistake (exit 2) that says which.
+    let file = here.path().join("smsflow.toml");
+    for (dir, says) in [
+        (here.path().join("nothing"), "no data dir at"),
+        (file, "is not a directory"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .args(["export", "--data"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{stderr}");
+    }
 }
 
 #[tokio::test]
