@@ -315,7 +315,7 @@ impl Outbox {
                         ("failed", None, None, Some(message))
                     }
                     Err(SendError::Permanent { code, message }) => {
-                        tracing::warn!(phone = %msg.phone.masked(), ?code, "outbox: refused: {}", redact(&message));
+                        tracing::warn!(phone = %msg.phone.masked(), code, "outbox: refused: {}", redact(&message));
                         ("failed", None, code, Some(message))
                     }
                 }

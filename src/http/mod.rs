@@ -569,6 +569,6 @@ async fn status(
     } else {
         state.engine.durable().await?;
     }
-    tracing::info!(status = %crate::clip(new_status), ?code, "delivery report");
+    tracing::info!(status = %crate::clip(new_status), code, "delivery report");
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -113,7 +113,7 @@ pub async fn gather(
                     inline_codes: spoken,
                 })
                 .await?;
-            tracing::info!(phone = %phone.masked(), ?action, outcome = ?applied.outcome, "voice menu action");
+            tracing::info!(phone = %phone.masked(), ?action, outcome = super::outcome_label(applied.outcome), "voice menu action");
             let code = applied.codes.first().map(|(_, c)| c.as_str());
             // For the texts shared with SMS, which may name the caller's fields.
             let caller = state
