@@ -20,13 +20,19 @@ const HIDDEN_CALLER: &str =
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
     pub file: PathBuf,
+    /// 1-based; 0 for a problem of the whole file or directory, not of one place in it.
     pub line: usize,
     pub col: usize,
     pub message: String,
 }
 
+/// `file:line:col: message`, or `file: message` for a problem of no one place (line 0: a
+/// whole directory).
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            return write!(f, "{}: {}", self.file.display(), self.message);
+        }
         write!(
             f,
             "{}:{}:{}: {}",
@@ -66,8 +72,8 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Problems> {
     let whole_dir = |message: String| {
         Problems(vec![Problem {
             file: dir.to_path_buf(),
-            line: 1,
-            col: 1,
+            line: 0,
+            col: 0,
             message,
         }])
     };

@@ -167,7 +167,15 @@ fn a_missing_flow_directory_is_reported_not_a_panic() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read flow directory"));
+    // A problem of the whole directory has no line and column.
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("/nonexistent/flows: cannot read flow directory"));
+    let empty = tempfile::tempdir().unwrap();
+    let out = smsflow().arg("check").arg(empty.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let said = format!("{}: no *.toml flow files here", empty.path().display());
+    assert!(stderr.contains(&said), "{stderr}");
 }
 
 #[test]
