@@ -134,7 +134,8 @@ async fn too_many_codes_requested_is_exit_3_with_retry_after() {
         let again = app.otp("get_otp", json!({ "phone": PHONE }), None).await;
         assert_failure(&again, 429, 3, "too many codes");
     }
-    quiet_for(Duration::from_millis(1500)).await;
+    assert_eq!(app.engine.store.outbox_len(), 0, "nothing queued");
+    quiet_for(Duration::from_millis(300)).await;
     assert_eq!(app.twilio.all_requests().len(), 5);
 }
 
