@@ -60,22 +60,18 @@ impl Clock {
         Ok(())
     }
 
-    /// Waits until this clock has moved `d` past now: real time on the system clock, on a
-    /// manual one until it is advanced that far.
-    pub async fn sleep(&self, d: Duration) {
+    /// Waits until this clock reads `at` or later, or for `most` of real time, whichever
+    /// comes first (the system clock may be set back meanwhile: the caller looks again). A
+    /// manual clock waits until it is advanced that far; `most` does not apply to it.
+    /// The deadline is absolute, so a clock advanced between reading it and waiting is seen.
+    pub async fn sleep_until(&self, at: DateTime<Utc>, most: Duration) {
         let Some(manual) = &self.manual else {
-            return tokio::time::sleep(d).await;
-        };
-        let until = TimeDelta::from_std(d)
-            .ok()
-            .and_then(|d| manual.borrow().checked_add_signed(d));
-        let Some(until) = until else {
-            // Beyond any date: never.
-            return std::future::pending().await;
+            let left = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            return tokio::time::sleep(left.min(most)).await;
         };
         let mut moved = manual.subscribe();
         // `changed` fails only when the sender is gone, and this clock holds it.
-        while *moved.borrow_and_update() < until && moved.changed().await.is_ok() {}
+        while *moved.borrow_and_update() < at && moved.changed().await.is_ok() {}
     }
 }
 
@@ -91,13 +87,15 @@ mod tests {
     async fn a_manual_clock_wakes_a_sleeper_only_once_advanced_past_its_time() {
         let start = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap();
         let clock = Clock::manual(start);
+        let at = start + chrono::TimeDelta::seconds(60);
+        // Advanced before the sleeper first runs: the deadline is absolute, so it counts.
+        clock.advance(Duration::from_secs(30)).unwrap();
         let sleeper = tokio::spawn({
             let clock = clock.clone();
-            async move { clock.sleep(Duration::from_secs(60)).await }
+            async move { clock.sleep_until(at, Duration::from_secs(1)).await }
         });
-        // The sleeper takes its deadline when it first runs.
         tokio::task::yield_now().await;
-        clock.advance(Duration::from_secs(59)).unwrap();
+        clock.advance(Duration::from_secs(29)).unwrap();
         tokio::task::yield_now().await;
         assert!(!sleeper.is_finished(), "woke at 59 s of 60");
         clock.advance(Duration::from_secs(1)).unwrap();

@@ -89,19 +89,28 @@ impl Outbox {
             if *stop.borrow() {
                 return;
             }
-            let wait = match self.try_deliver_one().await {
+            const IDLE: Duration = Duration::from_secs(3600);
+            let next = match self.try_deliver_one().await {
                 Ok(Worked::One) => continue,
-                Ok(Worked::Idle(None)) => Duration::from_secs(3600),
-                Ok(Worked::Idle(Some(at))) => (at - self.engine.clock().now())
-                    .to_std()
-                    .unwrap_or(Duration::ZERO),
+                Ok(Worked::Idle(at)) => Ok(at),
                 Err(e) => {
                     tracing::error!("outbox: {e:#}");
-                    Duration::from_secs(1)
+                    Err(())
+                }
+            };
+            let clock = self.engine.clock().clone();
+            let wait = async {
+                match next {
+                    // The next retry's time, on the daemon's clock.
+                    Ok(Some(at)) => clock.sleep_until(at, IDLE).await,
+                    // Nothing queued: a new message wakes the outbox.
+                    Ok(None) => tokio::time::sleep(IDLE).await,
+                    // Real time: a storage error is not retried faster or slower by the clock.
+                    Err(()) => tokio::time::sleep(Duration::from_secs(1)).await,
                 }
             };
             tokio::select! {
-                _ = self.engine.clock().sleep(wait) => {}
+                _ = wait => {}
                 _ = self.engine.outbox_changed.notified() => {}
                 _ = stop.changed() => return,
             }

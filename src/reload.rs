@@ -136,7 +136,7 @@ impl Reloader {
     fn record(&self, why: &str, ok: bool, problems: usize) {
         *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(LastReload {
             ok,
-            at: chrono::Utc::now(),
+            at: self.engine.clock().now(),
             trigger: why.to_string(),
             problems,
         });

@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+
 use tokio::sync::watch;
 
 use crate::engine::Engine;
@@ -18,35 +20,51 @@ pub async fn run(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
         if *stop.borrow() {
             return;
         }
-        let wait = match pass(&engine).await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::error!("firing timers failed: {e:#}");
-                Duration::from_secs(1)
+        let next = pass(&engine).await.unwrap_or_else(|e| {
+            tracing::error!("firing timers failed: {e:#}");
+            Next::Retry
+        });
+        let clock = engine.clock();
+        let wait = async {
+            match next {
+                Next::Again => {}
+                Next::At(at) => clock.sleep_until(at, IDLE).await,
+                Next::Nothing => tokio::time::sleep(IDLE).await,
+                // Real time: a storage error is not retried faster or slower by the clock.
+                Next::Retry => tokio::time::sleep(Duration::from_secs(1)).await,
             }
         };
-        if wait.is_zero() {
+        if matches!(next, Next::Again) {
             continue;
         }
         tokio::select! {
-            _ = engine.clock().sleep(wait) => {}
+            _ = wait => {}
             _ = engine.timers_changed.notified() => {}
             _ = stop.changed() => return,
         }
     }
 }
 
-/// Fires what is due and says how long to sleep until the next timer.
-pub async fn pass(engine: &Engine) -> anyhow::Result<Duration> {
+/// What a pass leaves to wait for.
+pub enum Next {
+    /// It fired a whole batch: more may be due at once.
+    Again,
+    /// The earliest timer's due time.
+    At(DateTime<Utc>),
+    /// No timer at all (a new one wakes the scheduler).
+    Nothing,
+    /// The pass failed: try again in a second.
+    Retry,
+}
+
+/// Fires what is due and says what to wait for next.
+pub async fn pass(engine: &Engine) -> anyhow::Result<Next> {
     let fired = engine.fire_due_timers(BATCH).await?;
     if fired == BATCH {
-        return Ok(Duration::ZERO);
+        return Ok(Next::Again);
     }
     Ok(match engine.store.next_timer_at()? {
-        None => IDLE,
-        Some(at) => (at - engine.clock().now())
-            .to_std()
-            .unwrap_or(Duration::ZERO)
-            .min(IDLE),
+        None => Next::Nothing,
+        Some(at) => Next::At(at),
     })
 }
