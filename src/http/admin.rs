@@ -174,7 +174,21 @@ impl FromRequestParts<Arc<AppState>> for Operator {
 fn phone(state: &AppState, raw: Result<Path<String>, PathRejection>) -> Result<Phone, AdminError> {
     let Path(raw) =
         raw.map_err(|e| AdminError::BadRequest(format!("phone in path: {}", e.body_text())))?;
-    phone_named(state, &raw, "phone in path")
+    let phone = phone_named(state, &raw, "phone in path")?;
+    // An older smsflow kept E.164 text as written, trunk 0 and all (`+4402…`, through
+    // the OTP or admin API), where this one reads `+442…`: such a record is still reached by
+    // the exact text it is listed under.
+    let exact = raw.trim();
+    if phone.as_str() != exact {
+        let store = &state.engine.store;
+        if let Ok(old) = Phone::from_stored(exact.to_string()) {
+            let unknown = |p: &Phone| matches!(store.subscriber(p), Ok(None));
+            if old.as_str() == exact && unknown(&phone) && !unknown(&old) {
+                return Ok(old);
+            }
+        }
+    }
+    Ok(phone)
 }
 
 /// Parses a phone number; `what` names where it came from in the error.

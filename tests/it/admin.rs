@@ -201,6 +201,37 @@ async fn an_admin_opt_out_stops_every_further_message() {
     );
 }
 
+/// An older smsflow kept `+44 0…` as written (the OTP or admin API took it so); this one reads
+/// it as `+44…`. Such a record is still reached by the number it is listed under.
+#[tokio::test]
+async fn a_record_kept_under_a_trunk_zero_by_an_older_smsflow_is_reached_by_its_listed_number() {
+    let app = TestApp::spawn(CHOICES).await;
+    let old = smsflow::phone::Phone::from_stored("+4402079460018".into()).unwrap();
+    let now = chrono::Utc::now();
+    let record = smsflow::store::Commit {
+        subscriber: Some(smsflow::machine::Subscriber::new(old, now)),
+        ..smsflow::store::Commit::default()
+    };
+    app.engine.store.commit_many(&[record], now).unwrap();
+    let (_, all) = get(&app, "/admin/subscribers", None).await;
+    assert_eq!(phones(&all), ["+4402079460018"]);
+    let (status, shown) = get(&app, "/admin/subscribers/%2B4402079460018", None).await;
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(shown["phone"], "+4402079460018");
+    // The number as written today has no record of its own.
+    let (status, _) = get(&app, "/admin/subscribers/%2B442079460018", None).await;
+    assert_eq!(status, 404);
+    let (status, _) = send(
+        &app,
+        reqwest::Method::DELETE,
+        "/admin/subscribers/%2B4402079460018",
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (_, all) = get(&app, "/admin/subscribers", None).await;
+    assert!(phones(&all).is_empty());
+}
+
 #[tokio::test]
 async fn erasing_a_number_removes_it_from_the_list_and_the_export() {
     let app = TestApp::spawn(CHOICES).await;
