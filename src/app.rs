@@ -202,6 +202,9 @@ impl Application {
                 b += &format!(
                     "  Delivery reports come to {base}/twilio/status by themselves (each message\n  names it as its StatusCallback): nothing to paste for them.\n"
                 );
+                if c.auth_token.is_none() {
+                    b += "  (Each is refused until TWILIO_AUTH_TOKEN is set: see signatures above.)\n";
+                }
             }
             None => {
                 b += "  No public URL: Twilio cannot reach this machine yet. Start a tunnel:\n";
@@ -209,7 +212,7 @@ impl Application {
                     "    ngrok http {}    or    cloudflared tunnel --url {local}\n",
                     self.port
                 );
-                b += "  then restart with SMSFLOW_PUBLIC_URL=https://<tunnel host> and paste\n";
+                b += "  then restart with SMSFLOW_PUBLIC_URL=https://<tunnel host> (and TWILIO_AUTH_TOKEN) and paste\n";
                 b += "  https://<tunnel host>/twilio/sms into your number's \"A message comes in\" webhook.\n";
             }
         }
