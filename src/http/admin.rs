@@ -405,7 +405,7 @@ pub async fn export(
     q: Result<Query<ExportQuery>, QueryRejection>,
 ) -> Result<Response, AdminError> {
     let q = query(q)?;
-    let one_hot = match q.one_hot.as_deref().map(str::trim) {
+    let one_hot = match q.one_hot.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
         None | Some("0" | "false" | "no") => false,
         Some("1" | "true" | "yes" | "") => true,
         Some(other) => {

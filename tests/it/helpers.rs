@@ -36,6 +36,8 @@ pub struct Received {
     pub answered: u16,
     /// Every form parameter name sent.
     pub params: Vec<String>,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -214,6 +216,7 @@ async fn fake_messages(
         authorized,
         answered: status,
         params: form.iter().map(|(k, _)| k.clone()).collect(),
+        at: std::time::Instant::now(),
     });
     (StatusCode::from_u16(status).unwrap(), axum::Json(body))
 }
