@@ -218,6 +218,11 @@ async fn without_an_auth_token_webhooks_are_taken_only_from_this_machine() {
         .await
         .unwrap()
         .contains("set TWILIO_AUTH_TOKEN"));
+    assert_eq!(local.state_of(ANN), None);
+    let r = post(&local, "/twilio/sms", &form, None).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(local.state_of(ANN).as_deref(), Some("awaiting_code"));
+    // A forged "unsubscribed" report for a number it knows, through the tunnel: refused.
     let report = [
         ("MessageSid", "SMx"),
         ("MessageStatus", "failed"),
@@ -228,21 +233,18 @@ async fn without_an_auth_token_webhooks_are_taken_only_from_this_machine() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 403);
-    assert_eq!(local.state_of(ANN), None);
-    let r = post(&local, "/twilio/sms", &form, None).await.unwrap();
-    assert_eq!(r.status().as_u16(), 200);
     assert_eq!(local.state_of(ANN).as_deref(), Some("awaiting_code"));
 
-    // With a public URL smsflow is reachable from outside: no token, no unsigned webhooks.
+    // With a public URL smsflow is reachable from outside: no token, no unsigned webhooks,
+    // not even without proxy headers.
     let public = TestApp::spawn_with(FLOWS, |c| c.auth_token = None).await;
-    let r = post(
-        &public,
-        "/twilio/voice",
-        &[("From", ANN), ("CallSid", "CA1")],
-        None,
-    )
-    .await;
-    assert_eq!(r.unwrap().status().as_u16(), 403);
+    for (path, form) in [
+        ("/twilio/sms", &form[..]),
+        ("/twilio/voice", &[("From", ANN), ("CallSid", "CA1")][..]),
+    ] {
+        let r = post(&public, path, form, None).await.unwrap();
+        assert_eq!(r.status().as_u16(), 403, "{path}");
+    }
     assert_eq!(public.state_of(ANN), None);
 }
 
