@@ -18,24 +18,41 @@ impl<'de> Deserialize<'de> for Phone {
     }
 }
 
-/// Whether `digits` starts with a country calling code known to the metadata (they are
-/// prefix-free, so at most one of the first 1–3 digits matches), and how long it is.
-fn country_code_len(digits: &str) -> Option<usize> {
-    (1..=3).find(|&n| {
-        digits
-            .get(..n)
-            .and_then(|p| p.parse::<u16>().ok())
-            .is_some_and(|code| phonenumber::metadata::DATABASE.by_code(&code).is_some())
+/// The country calling code `digits` starts with, if the metadata knows it (codes are
+/// prefix-free, so at most one of the first 1–3 digits matches), and the rest.
+fn split_country_code(digits: &str) -> Option<(u16, &str)> {
+    (1..=3).find_map(|n| {
+        let code = digits.get(..n)?.parse::<u16>().ok()?;
+        phonenumber::metadata::DATABASE.by_code(&code)?;
+        Some((code, &digits[n..]))
     })
 }
 
+/// The kinds of number a country's metadata describes by pattern and length.
+const KINDS: [phonenumber::Type; 11] = {
+    use phonenumber::Type::*;
+    [
+        FixedLine,
+        Mobile,
+        TollFree,
+        PremiumRate,
+        SharedCost,
+        PersonalNumber,
+        Voip,
+        Pager,
+        Uan,
+        Voicemail,
+        NoInternational,
+    ]
+};
+
 /// An international number written with its `+` and only digits and the usual separators
-/// (spaces, `-`, `.`, parentheses), whose national part does not start with 0: its E.164
-/// form is its digits. Such a number is taken as written, not through the full parse, which
-/// strips what it takes for a national prefix even after a country code (Russia's `8`:
-/// `+7 812…` would lose its area code's 8) and costs ~100 µs. A 0 after the country code is
-/// a trunk prefix written by mistake (`+44 (0)20…`) or part of the number (Italy's `+39 06…`):
-/// the full parse knows which.
+/// (spaces, `-`, `.`, parentheses) whose digits already are a number of its country: its
+/// E.164 form is its digits. Such a number is taken as written, not through the full parse,
+/// which strips what it takes for a national prefix even where it belongs to the number
+/// (Russia's `+7 812…` would lose its area code's 8) and costs ~100 µs. Anything else (a
+/// trunk prefix typed after the country code, `+44 (0)20…` or `+7 8 912…`) goes through the
+/// full parse, which drops it.
 fn plain_international(s: &str) -> Option<String> {
     let rest = s.strip_prefix('+')?;
     if !rest
@@ -45,9 +62,25 @@ fn plain_international(s: &str) -> Option<String> {
         return None;
     }
     let digits: String = rest.chars().filter(char::is_ascii_digit).collect();
-    let cc = country_code_len(&digits)?;
     let e164 = format!("+{digits}");
-    (is_e164(&e164) && !digits[cc..].starts_with('0')).then_some(e164)
+    if !is_e164(&e164) {
+        return None;
+    }
+    let (code, national) = split_country_code(&digits)?;
+    // North America (as Twilio sends it): ten digits, the first 2–9, are what the full parse
+    // gives back, whether or not the area code is in service (the metadata has none for
+    // 555 or 200, which tests and the benchmark use).
+    if code == 1 {
+        return (national.len() == 10 && !national.starts_with(['0', '1'])).then_some(e164);
+    }
+    let regions = phonenumber::metadata::DATABASE.by_code(&code)?;
+    let fits = regions.iter().any(|m| {
+        KINDS
+            .iter()
+            .filter_map(|k| m.descriptors().get(*k))
+            .any(|d| d.is_match(national))
+    });
+    fits.then_some(e164)
 }
 
 /// How many digits an E.164 number has, country code included (Niue's have 7).
@@ -262,10 +295,16 @@ mod tests {
         ] {
             assert_eq!(Phone::parse(e164).unwrap().as_str(), e164);
         }
-        assert_eq!(
-            Phone::parse("+7 (812) 123-45-67").unwrap().as_str(),
-            "+78121234567"
-        );
+        // A trunk prefix typed after the country code is dropped (Russia's and Lithuania's
+        // 8, Argentina's 15 after the area code, which makes it a mobile 9).
+        for (written, e164) in [
+            ("+7 (812) 123-45-67", "+78121234567"),
+            ("+7 8 912 345 67 89", "+79123456789"),
+            ("+370 8 612 34567", "+37061234567"),
+            ("+54 11 15 1234 5678", "+5491112345678"),
+        ] {
+            assert_eq!(Phone::parse(written).unwrap().as_str(), e164, "{written}");
+        }
     }
 
     #[test]

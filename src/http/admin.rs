@@ -176,14 +176,13 @@ fn phone(state: &AppState, raw: Result<Path<String>, PathRejection>) -> Result<P
         raw.map_err(|e| AdminError::BadRequest(format!("phone in path: {}", e.body_text())))?;
     let phone = phone_named(state, &raw, "phone in path")?;
     // An older smsflow kept E.164 text as written, trunk 0 and all (`+4402…`, through
-    // the OTP or admin API), where this one reads `+442…`: such a record is still reached by
-    // the exact text it is listed under.
+    // the OTP or admin API), where this one reads `+442…`: a record kept under the exact
+    // text of the path is the one named (even when the number as read today has one too).
     let exact = raw.trim();
     if phone.as_str() != exact {
-        let store = &state.engine.store;
         if let Ok(old) = Phone::from_stored(exact.to_string()) {
-            let unknown = |p: &Phone| matches!(store.subscriber(p), Ok(None));
-            if old.as_str() == exact && unknown(&phone) && !unknown(&old) {
+            let kept = !matches!(state.engine.store.subscriber(&old), Ok(None));
+            if old.as_str() == exact && kept {
                 return Ok(old);
             }
         }
