@@ -212,7 +212,11 @@ impl Application {
                     "    ngrok http {}    or    cloudflared tunnel --url {local}\n",
                     self.port
                 );
-                b += "  then restart with SMSFLOW_PUBLIC_URL=https://<tunnel host> (and TWILIO_AUTH_TOKEN) and paste\n";
+                b +=
+                    &format!(
+                    "  then restart with SMSFLOW_PUBLIC_URL=https://<tunnel host>{} and paste\n",
+                    if c.auth_token.is_none() { " (and TWILIO_AUTH_TOKEN)" } else { "" }
+                );
                 b += "  https://<tunnel host>/twilio/sms into your number's \"A message comes in\" webhook.\n";
             }
         }

@@ -106,6 +106,26 @@ mod tests {
         assert_eq!(clock.now(), start + chrono::TimeDelta::seconds(60));
     }
 
+    #[tokio::test]
+    async fn a_past_deadline_returns_at_once_and_the_system_clock_waits_at_most_as_told() {
+        let clock = Clock::manual(Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap());
+        let past = clock.now() - chrono::TimeDelta::seconds(1);
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            clock.sleep_until(past, Duration::ZERO),
+        )
+        .await
+        .expect("a past deadline is no wait");
+        let system = Clock::system();
+        let later = Utc::now() + chrono::TimeDelta::hours(1);
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            system.sleep_until(later, Duration::from_millis(20)),
+        )
+        .await
+        .expect("the system clock waits at most `most`, then its caller reads it again");
+    }
+
     #[test]
     fn the_system_clock_reads_the_time_and_cannot_be_moved() {
         let clock = Clock::system();

@@ -102,7 +102,7 @@ impl Outbox {
             let wait = async {
                 match next {
                     // The next retry's time, on the daemon's clock.
-                    Ok(Some(at)) => clock.sleep_until(at, IDLE).await,
+                    Ok(Some(at)) => clock.sleep_until(at, crate::scheduler::RECHECK).await,
                     // Nothing queued: a new message wakes the outbox.
                     Ok(None) => tokio::time::sleep(IDLE).await,
                     // Real time: a storage error is not retried faster or slower by the clock.

@@ -14,6 +14,10 @@ use crate::engine::Engine;
 const BATCH: usize = 256;
 /// The longest sleep with nothing scheduled; a safety net, not a polling interval.
 const IDLE: Duration = Duration::from_secs(3600);
+/// The longest wait for a timer before the wall clock is read again: a clock set forward, or
+/// a host that slept (tokio's timers do not count suspended time), delays a due timer by at
+/// most this much.
+pub const RECHECK: Duration = Duration::from_secs(60);
 
 pub async fn run(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
     loop {
@@ -28,7 +32,7 @@ pub async fn run(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
         let wait = async {
             match next {
                 Next::Again => {}
-                Next::At(at) => clock.sleep_until(at, IDLE).await,
+                Next::At(at) => clock.sleep_until(at, RECHECK).await,
                 Next::Nothing => tokio::time::sleep(IDLE).await,
                 // Real time: a storage error is not retried faster or slower by the clock.
                 Next::Retry => tokio::time::sleep(Duration::from_secs(1)).await,
