@@ -89,7 +89,6 @@ impl Outbox {
             if *stop.borrow() {
                 return;
             }
-            const IDLE: Duration = Duration::from_secs(3600);
             let next = match self.try_deliver_one().await {
                 Ok(Worked::One) => continue,
                 Ok(Worked::Idle(at)) => Ok(at),
@@ -104,7 +103,7 @@ impl Outbox {
                     // The next retry's time, on the daemon's clock.
                     Ok(Some(at)) => clock.sleep_until(at, crate::scheduler::RECHECK).await,
                     // Nothing queued: a new message wakes the outbox.
-                    Ok(None) => tokio::time::sleep(IDLE).await,
+                    Ok(None) => tokio::time::sleep(Duration::from_secs(3600)).await,
                     // Real time: a storage error is not retried faster or slower by the clock.
                     Err(()) => tokio::time::sleep(Duration::from_secs(1)).await,
                 }
