@@ -46,14 +46,41 @@ const KINDS: [phonenumber::Type; 11] = {
     ]
 };
 
-/// An international number written with its `+` and only digits and the usual separators
-/// (spaces, `-`, `.`, parentheses) whose digits already are a number of its country: its
-/// E.164 form is its digits. Such a number is taken as written, not through the full parse,
-/// which strips what it takes for a national prefix even where it belongs to the number
-/// (Russia's `+7 812…` would lose its area code's 8) and costs ~100 µs. Anything else (a
-/// trunk prefix typed after the country code, `+44 (0)20…` or `+7 8 912…`) goes through the
-/// full parse, which drops it.
-fn plain_international(s: &str) -> Option<String> {
+/// Whether `national` is a number of country code `code`: for North America ten digits,
+/// the first 2–9 (the shape, in service or not: the metadata has no 555 or 200, which tests
+/// and the benchmark use); elsewhere, one of the metadata's patterns for some region of it.
+fn fits(code: u16, national: &str) -> bool {
+    if code == 1 {
+        return national.len() == 10 && !national.starts_with(['0', '1']);
+    }
+    phonenumber::metadata::DATABASE
+        .by_code(&code)
+        .is_some_and(|regions| {
+            regions.iter().any(|m| {
+                KINDS
+                    .iter()
+                    .filter_map(|k| m.descriptors().get(*k))
+                    .any(|d| d.is_match(national))
+            })
+        })
+}
+
+/// Whether E.164 text is a number of its country (see [`fits`]).
+fn fits_e164(e164: &str) -> bool {
+    e164.strip_prefix('+')
+        .and_then(split_country_code)
+        .is_some_and(|(code, national)| fits(code, national))
+}
+
+/// An international number written with its `+`, a known country code, and only digits and
+/// the usual separators (spaces, `-`, `.`, parentheses), in E.164: its digits when they
+/// already form a number of its country; else without a trunk prefix typed after the
+/// country code (`+44 (0)20…`, `+7 8 912…`, `+1 1 415…`) when that makes one; else as the
+/// library reads it when that makes one (Argentina's `15` after the area code: a mobile
+/// `9`); else its digits as written. Not the library's parse first: it strips what it takes
+/// for a national prefix even where it belongs to the number (Russia's `+7 812…` would lose
+/// its area code's 8), and costs ~100 µs.
+fn international(s: &str) -> Option<String> {
     let rest = s.strip_prefix('+')?;
     if !rest
         .chars()
@@ -62,25 +89,25 @@ fn plain_international(s: &str) -> Option<String> {
         return None;
     }
     let digits: String = rest.chars().filter(char::is_ascii_digit).collect();
-    let e164 = format!("+{digits}");
-    if !is_e164(&e164) {
+    let written = format!("+{digits}");
+    if !is_e164(&written) {
         return None;
     }
     let (code, national) = split_country_code(&digits)?;
-    // North America (as Twilio sends it): ten digits, the first 2–9, are what the full parse
-    // gives back, whether or not the area code is in service (the metadata has none for
-    // 555 or 200, which tests and the benchmark use).
-    if code == 1 {
-        return (national.len() == 10 && !national.starts_with(['0', '1'])).then_some(e164);
+    if fits(code, national) {
+        return Some(written);
     }
     let regions = phonenumber::metadata::DATABASE.by_code(&code)?;
-    let fits = regions.iter().any(|m| {
-        KINDS
-            .iter()
-            .filter_map(|k| m.descriptors().get(*k))
-            .any(|d| d.is_match(national))
+    let without_trunk = regions.iter().find_map(|m| {
+        let rest = national.strip_prefix(m.national_prefix()?)?;
+        fits(code, rest).then(|| format!("+{code}{rest}"))
     });
-    fits.then_some(e164)
+    let read = || {
+        let n = phonenumber::parse(None, s).ok()?;
+        let e164 = n.format().mode(phonenumber::Mode::E164).to_string();
+        fits_e164(&e164).then_some(e164)
+    };
+    Some(without_trunk.or_else(read).unwrap_or(written))
 }
 
 /// How many digits an E.164 number has, country code included (Niue's have 7).
@@ -148,7 +175,7 @@ impl Phone {
         if trimmed.is_empty() {
             return Err(PhoneError::Empty);
         }
-        if let Some(e164) = plain_international(trimmed) {
+        if let Some(e164) = international(trimmed) {
             return Ok(Phone(e164));
         }
         // A number with its country code is read by that code alone: given a region too, the
@@ -161,6 +188,16 @@ impl Phone {
             return Err(PhoneError::Extension(crate::clip(trimmed).into_owned()));
         }
         let e164 = number.format().mode(phonenumber::Mode::E164).to_string();
+        // A national number read in a North American region must come out in its shape
+        // (`020 7946 0018` read as US is no number, not `+102…`).
+        if let Some(national) = e164.strip_prefix("+1") {
+            if !fits(1, national) {
+                return Err(PhoneError::Unparsable(
+                    crate::clip(trimmed).into_owned(),
+                    "not a North American number (ten digits after +1, the first 2 to 9)".into(),
+                ));
+            }
+        }
         let digits = e164.chars().filter(char::is_ascii_digit).count();
         if !DIGITS.contains(&digits) {
             return Err(PhoneError::Length(
@@ -296,15 +333,27 @@ mod tests {
             assert_eq!(Phone::parse(e164).unwrap().as_str(), e164);
         }
         // A trunk prefix typed after the country code is dropped (Russia's and Lithuania's
-        // 8, Argentina's 15 after the area code, which makes it a mobile 9).
+        // 8, North America's 1, Argentina's 15 after the area code, which makes it a mobile
+        // 9), but never a digit of the number itself.
         for (written, e164) in [
             ("+7 (812) 123-45-67", "+78121234567"),
             ("+7 8 912 345 67 89", "+79123456789"),
+            ("+7 8 812 123 45 67", "+78121234567"),
             ("+370 8 612 34567", "+37061234567"),
             ("+54 11 15 1234 5678", "+5491112345678"),
+            ("+1 1 415 555 0100", "+14155550100"),
         ] {
             assert_eq!(Phone::parse(written).unwrap().as_str(), e164, "{written}");
         }
+        // Nothing fits: taken as written, not as the library's guess.
+        assert_eq!(
+            Phone::parse("+7 999").unwrap_err(),
+            PhoneError::Length("+7 999".into(), 4)
+        );
+        assert_eq!(Phone::parse("+7 0000 0000").unwrap().as_str(), "+700000000");
+        // A national number read as North American must have that shape.
+        let err = Phone::parse("020 7946 0019").unwrap_err().to_string();
+        assert!(err.contains("not a North American number"), "{err}");
     }
 
     #[test]
