@@ -139,10 +139,14 @@ impl Application {
             env!("CARGO_PKG_VERSION")
         );
         b += &match self.provider.name() {
-            "console" => {
-                "  provider:    console (no Twilio credentials: messages are printed here)\n"
-                    .to_string()
-            }
+            "console" => format!(
+                "  provider:    console ({}: messages are printed here)\n",
+                if c.auth_token.is_some() {
+                    "no account SID and sender with the auth token"
+                } else {
+                    "no Twilio credentials"
+                }
+            ),
             name => format!("  provider:    {name}, {} msg/s\n", c.send_rate),
         };
         b += &format!(
@@ -199,9 +203,11 @@ impl Application {
                 b += "  Twilio console, Phone Numbers > your number:\n";
                 b += &format!("    A message comes in (HTTP POST): {base}/twilio/sms\n");
                 b += &format!("    A call comes in (HTTP POST):    {base}/twilio/voice\n");
-                b += &format!(
-                    "  Delivery reports come to {base}/twilio/status by themselves (each message\n  names it as its StatusCallback): nothing to paste for them.\n"
-                );
+                if self.provider.name() != "console" {
+                    b += &format!(
+                        "  Delivery reports come to {base}/twilio/status by themselves (each message\n  names it as its StatusCallback): nothing to paste for them.\n"
+                    );
+                }
                 if c.auth_token.is_none() {
                     b += "  (Each is refused until TWILIO_AUTH_TOKEN is set: see signatures above.)\n";
                 }

@@ -302,14 +302,18 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), OtpError> {
 
 fn json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, OtpError> {
     super::content_type_is(headers, "application/json").map_err(OtpError::BadRequest)?;
-    serde_json::from_slice(body).map_err(|e| {
-        OtpError::BadRequest(match e.classify() {
-            // Well-formed JSON, but not an object of the request's fields.
-            serde_json::error::Category::Data => {
-                format!("the body must be a JSON object of this request's fields: {e}")
-            }
-            _ => format!("invalid JSON: {e}"),
-        })
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| OtpError::BadRequest(format!("invalid JSON: {e}")))?;
+    // serde would also take an array, field by field in order.
+    if !value.is_object() {
+        return Err(OtpError::BadRequest(
+            "the body must be a JSON object, such as {\"phone\": \"+14155550100\"}".into(),
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| {
+        OtpError::BadRequest(format!(
+            "the body must be a JSON object of this request's fields: {e}"
+        ))
     })
 }
 

@@ -162,12 +162,14 @@ async fn malformed_requests_are_exit_2() {
         2,
         "invalid JSON",
     );
-    assert_failure(
-        &raw("[]", "application/json").await,
-        400,
-        2,
-        "must be a JSON object",
-    );
+    for not_an_object in ["[]", r#"["+15550004444","sms"]"#, "null", r#""x""#] {
+        assert_failure(
+            &raw(not_an_object, "application/json").await,
+            400,
+            2,
+            "must be a JSON object",
+        );
+    }
     assert_failure(
         &raw(r#"{"phone":"+15550004444"}"#, "text/plain").await,
         400,
