@@ -628,15 +628,15 @@ impl Cx {
                     }
                     match seen.get(&norm) {
                         Some((other, there)) if *other != name => {
-                            // A built-in word clashing with one the flow added: point at that.
+                            // A built-in word clashing with one the flow added: point at that,
+                            // and say which is built in (it is not in the file).
+                            let built_in =
+                                |at: &Option<_>| if at.is_none() { " (built in)" } else { "" };
+                            let (a, b) = (built_in(there), built_in(&written));
+                            let lists = format!("keywords.{other}{a} and keywords.{name}{b}");
+                            let why = format!("keyword {norm:?} is both in {lists}");
                             let span = written.or_else(|| there.clone()).unwrap_or(0..0);
-                            cx.err(
-                                f,
-                                span,
-                                format!(
-                                "keyword {norm:?} is both in keywords.{other} and keywords.{name}"
-                            ),
-                            );
+                            cx.err(f, span, why);
                         }
                         Some(_) => {}
                         None => {

@@ -415,7 +415,7 @@ fn a_keyword_in_two_lists_is_located_where_the_flow_wrote_it() {
     let problems = problems_in(dir.path());
     assert!(
         problems.contains(
-            r#"k.toml:5:12: keyword "JOIN" is both in keywords.opt_out and keywords.opt_in"#
+            r#"k.toml:5:12: keyword "JOIN" is both in keywords.opt_out and keywords.opt_in (built in)"#
         ) && problems.contains(r#"k.toml:6:9: keyword "HELP" is both in keywords.help"#),
         "{problems}"
     );
