@@ -36,6 +36,9 @@ pub struct Options {
     /// 900 s, Google's load balancer's 610 s, ngrok's and cloudflared's 90 s): they close
     /// first, and never send a request into a connection smsflow is closing.
     pub header_read_timeout: Duration,
+    /// A request body that sends nothing this long is refused (408) and its connection
+    /// closed ([`crate::http::BODY_IDLE_TIMEOUT`] by default).
+    pub body_idle_timeout: Duration,
     /// At most this many connections are open at once; a further one waits in the kernel's
     /// queue until one closes. Unset: 4,096, or fewer where open files are limited.
     pub max_connections: Option<usize>,
@@ -50,6 +53,7 @@ impl Default for Options {
             quiet_console: false,
             shutdown_grace: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(960),
+            body_idle_timeout: crate::http::BODY_IDLE_TIMEOUT,
             max_connections: None,
             clock: crate::clock::Clock::system(),
         }
@@ -308,7 +312,7 @@ impl Application {
         let hup = tokio::spawn(reloader.clone().on_sighup(stop_rx));
         serve(
             self.listener,
-            http::router(state),
+            http::router(state, self.options.body_idle_timeout),
             shutdown,
             &self.options,
             hurry,

@@ -24,9 +24,9 @@ use crate::phone::{Phone, Region};
 
 /// Largest request body accepted (Twilio's own webhooks are a few KiB).
 pub const MAX_BODY: usize = 64 * 1024;
-/// How long a request body may go without sending anything: a client that sends its head
-/// and then no body holds its connection no longer. (Twilio itself gives up on a webhook
-/// after 15 s.)
+/// How long a request body may go without sending anything, by default: a client that sends
+/// its head and then no body holds its connection no longer. (Twilio itself gives up on a
+/// webhook after 15 s.)
 pub const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct AppState {
@@ -91,7 +91,8 @@ pub fn bearer(
     }
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
+/// The routes, with `body_idle` as the longest a request body may send nothing.
+pub fn router(state: Arc<AppState>, body_idle: std::time::Duration) -> Router {
     Router::new()
         .route("/twilio/sms", post(sms))
         .route("/twilio/status", post(status))
@@ -112,9 +113,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-            BODY_IDLE_TIMEOUT,
-        ))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(body_idle))
         .layer(axum::middleware::from_fn(time_webhooks))
         .layer(axum::middleware::map_response(log_failures))
         .layer(axum::middleware::from_fn(explain_refusals))
