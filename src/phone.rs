@@ -72,20 +72,29 @@ fn fits_e164(e164: &str) -> bool {
         .is_some_and(|(code, national)| fits(code, national))
 }
 
+/// Separators people write in phone numbers: whitespace (a no-break space too), dashes of
+/// any width, dots, slashes, parentheses.
+fn is_separator(c: char) -> bool {
+    c.is_whitespace()
+        || matches!(
+            c,
+            '-' | '.' | '/' | '(' | ')' | '\u{2010}'..='\u{2015}' | '\u{2212}'
+        )
+}
+
 /// An international number written with its `+`, a known country code, and only digits and
-/// the usual separators (spaces, `-`, `.`, parentheses), in E.164: its digits when they
-/// already form a number of its country; else without a trunk prefix typed after the
-/// country code (`+44 (0)20…`, `+7 8 912…`, `+1 1 415…`) when that makes one; else as the
-/// library reads it when that makes one (Argentina's `15` after the area code: a mobile
-/// `9`); else its digits as written. Not the library's parse first: it strips what it takes
-/// for a national prefix even where it belongs to the number (Russia's `+7 812…` would lose
-/// its area code's 8), and costs ~100 µs.
-fn international(s: &str) -> Option<String> {
+/// separators, in E.164: its digits when they already form a number of its country; else
+/// without a trunk prefix typed after the country code (`+44 (0)20…`, `+7 8 912…`,
+/// `+1 1 415…`) when that makes one. Outside North America, else as the library reads it
+/// when that makes one (Argentina's `15` after the area code: a mobile `9`); else its
+/// digits as written. In North America nothing else: there the library makes up an area
+/// code for seven digits, and a number that is not ten digits is refused.
+/// Not the library's parse first: it strips what it takes for a national prefix even where
+/// it belongs to the number (Russia's `+7 812…` would lose its area code's 8), and costs
+/// ~100 µs.
+fn international(s: &str) -> Option<Result<String, PhoneError>> {
     let rest = s.strip_prefix('+')?;
-    if !rest
-        .chars()
-        .all(|c| c.is_ascii_digit() || matches!(c, ' ' | '-' | '.' | '(' | ')'))
-    {
+    if !rest.chars().all(|c| c.is_ascii_digit() || is_separator(c)) {
         return None;
     }
     let digits: String = rest.chars().filter(char::is_ascii_digit).collect();
@@ -95,19 +104,29 @@ fn international(s: &str) -> Option<String> {
     }
     let (code, national) = split_country_code(&digits)?;
     if fits(code, national) {
-        return Some(written);
+        return Some(Ok(written));
     }
     let regions = phonenumber::metadata::DATABASE.by_code(&code)?;
     let without_trunk = regions.iter().find_map(|m| {
         let rest = national.strip_prefix(m.national_prefix()?)?;
         fits(code, rest).then(|| format!("+{code}{rest}"))
     });
+    if code == 1 {
+        return Some(without_trunk.ok_or_else(|| not_north_american(s)));
+    }
     let read = || {
         let n = phonenumber::parse(None, s).ok()?;
         let e164 = n.format().mode(phonenumber::Mode::E164).to_string();
         fits_e164(&e164).then_some(e164)
     };
-    Some(without_trunk.or_else(read).unwrap_or(written))
+    Some(Ok(without_trunk.or_else(read).unwrap_or(written)))
+}
+
+fn not_north_american(input: &str) -> PhoneError {
+    PhoneError::Unparsable(
+        crate::clip(input).into_owned(),
+        "not a North American number (ten digits after +1, the first 2 to 9)".into(),
+    )
 }
 
 /// How many digits an E.164 number has, country code included (Niue's have 7).
@@ -175,8 +194,8 @@ impl Phone {
         if trimmed.is_empty() {
             return Err(PhoneError::Empty);
         }
-        if let Some(e164) = international(trimmed) {
-            return Ok(Phone(e164));
+        if let Some(read) = international(trimmed) {
+            return read.map(Phone);
         }
         // A number with its country code is read by that code alone: given a region too, the
         // parser strips that region's national prefix ("+44 1632…" lost its 1 under US).
@@ -192,10 +211,7 @@ impl Phone {
         // (`020 7946 0018` read as US is no number, not `+102…`).
         if let Some(national) = e164.strip_prefix("+1") {
             if !fits(1, national) {
-                return Err(PhoneError::Unparsable(
-                    crate::clip(trimmed).into_owned(),
-                    "not a North American number (ten digits after +1, the first 2 to 9)".into(),
-                ));
+                return Err(not_north_american(trimmed));
             }
         }
         let digits = e164.chars().filter(char::is_ascii_digit).count();
@@ -351,9 +367,31 @@ mod tests {
             PhoneError::Length("+7 999".into(), 4)
         );
         assert_eq!(Phone::parse("+7 0000 0000").unwrap().as_str(), "+700000000");
-        // A national number read as North American must have that shape.
-        let err = Phone::parse("020 7946 0019").unwrap_err().to_string();
-        assert!(err.contains("not a North American number"), "{err}");
+        // A national number read as North American must have that shape, and so must one
+        // written with +1 (the library would make up an area code for seven digits).
+        for not_one in [
+            "020 7946 0019",
+            "+1 441 5555",
+            "+1 555 0100",
+            "+1 415 555 01000",
+        ] {
+            let err = Phone::parse(not_one).unwrap_err().to_string();
+            assert!(
+                err.contains("not a North American number"),
+                "{not_one}: {err}"
+            );
+        }
+        // Any common separator, a no-break space or a wide dash too.
+        assert_eq!(
+            Phone::parse("+7\u{a0}812\u{2011}123\u{2011}45\u{2011}67")
+                .unwrap()
+                .as_str(),
+            "+78121234567"
+        );
+        assert_eq!(
+            Phone::parse("+7 812/123 45 67").unwrap().as_str(),
+            "+78121234567"
+        );
     }
 
     #[test]
