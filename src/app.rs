@@ -36,7 +36,7 @@ pub struct Options {
     /// 900 s, Google's load balancer's 610 s, ngrok's and cloudflared's 90 s): they close
     /// first, and never send a request into a connection smsflow is closing.
     pub header_read_timeout: Duration,
-    /// A request body that sends nothing this long is refused (408) and its connection
+    /// A request body that sends nothing this long is refused (400) and its connection
     /// closed ([`crate::http::BODY_IDLE_TIMEOUT`] by default).
     pub body_idle_timeout: Duration,
     /// At most this many connections are open at once; a further one waits in the kernel's

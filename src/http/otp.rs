@@ -302,18 +302,24 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), OtpError> {
 
 fn json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, OtpError> {
     super::content_type_is(headers, "application/json").map_err(OtpError::BadRequest)?;
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| OtpError::BadRequest(format!("invalid JSON: {e}")))?;
-    // serde would also take an array, field by field in order.
-    if !value.is_object() {
+    // serde would also take an array (field by field, in order), and would name its own
+    // types refusing a scalar: anything but an object is refused in the API's words.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(OtpError::BadRequest(
-            "the body must be a JSON object, such as {\"phone\": \"+14155550100\"}".into(),
+            match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                Ok(_) => {
+                    "the body must be a JSON object, such as {\"phone\": \"+14155550100\"}".into()
+                }
+                Err(e) => format!("invalid JSON: {e}"),
+            },
         ));
     }
-    serde_json::from_value(value).map_err(|e| {
-        OtpError::BadRequest(format!(
-            "the body must be a JSON object of this request's fields: {e}"
-        ))
+    serde_json::from_slice(body).map_err(|e| {
+        OtpError::BadRequest(match e.classify() {
+            // Well-formed JSON, but a field of the wrong type.
+            serde_json::error::Category::Data => format!("a field has the wrong type: {e}"),
+            _ => format!("invalid JSON: {e}"),
+        })
     })
 }
 

@@ -171,6 +171,22 @@ async fn malformed_requests_are_exit_2() {
         );
     }
     assert_failure(
+        &raw(
+            r#"{"phone":"+15550004444","channel":5}"#,
+            "application/json",
+        )
+        .await,
+        400,
+        2,
+        "a field has the wrong type",
+    );
+    assert_failure(
+        &raw("[1,", "application/json").await,
+        400,
+        2,
+        "invalid JSON",
+    );
+    assert_failure(
         &raw(r#"{"phone":"+15550004444"}"#, "text/plain").await,
         400,
         2,
