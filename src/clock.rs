@@ -13,6 +13,26 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use tokio::sync::watch;
 
+/// The longest wait for a due time before the wall clock is read again: a clock set forward,
+/// or a host that slept (tokio's timers do not count suspended time), delays a due timer or
+/// retry by at most this much.
+pub const RECHECK: Duration = Duration::from_secs(60);
+/// The longest wait with nothing due; a safety net (the worker is woken when something is
+/// added), not a polling interval.
+const IDLE: Duration = Duration::from_secs(3600);
+
+/// What a worker (the scheduler, the outbox) waits for before its next pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// Something is due at this time, on the daemon's clock.
+    Until(DateTime<Utc>),
+    /// Nothing is due.
+    Idle,
+    /// The pass failed: a second of real time (a storage error is not retried faster or
+    /// slower by a manual clock).
+    Retry,
+}
+
 /// The system clock, or a manual one that moves only when told.
 #[derive(Clone, Default)]
 pub struct Clock {
@@ -58,6 +78,15 @@ impl Clock {
         let by = TimeDelta::from_std(by)?;
         manual.send_modify(|t| *t += by);
         Ok(())
+    }
+
+    /// Waits as `wait` says (see [`Wait`]).
+    pub async fn wait(&self, wait: Wait) {
+        match wait {
+            Wait::Until(at) => self.sleep_until(at, RECHECK).await,
+            Wait::Idle => tokio::time::sleep(IDLE).await,
+            Wait::Retry => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
     }
 
     /// Waits until this clock reads `at` or later, or for `most` of real time, whichever

@@ -11,6 +11,7 @@ use rand::RngExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::clock::Wait;
 use crate::engine::Engine;
 use crate::machine::{Event, State};
 use crate::phone::Phone;
@@ -89,27 +90,17 @@ impl Outbox {
             if *stop.borrow() {
                 return;
             }
-            let next = match self.try_deliver_one().await {
+            let wait = match self.try_deliver_one().await {
                 Ok(Worked::One) => continue,
-                Ok(Worked::Idle(at)) => Ok(at),
+                // The next retry's time; or nothing queued (a new message wakes the outbox).
+                Ok(Worked::Idle(at)) => at.map_or(Wait::Idle, Wait::Until),
                 Err(e) => {
                     tracing::error!("outbox: {e:#}");
-                    Err(())
-                }
-            };
-            let clock = self.engine.clock().clone();
-            let wait = async {
-                match next {
-                    // The next retry's time, on the daemon's clock.
-                    Ok(Some(at)) => clock.sleep_until(at, crate::scheduler::RECHECK).await,
-                    // Nothing queued: a new message wakes the outbox.
-                    Ok(None) => tokio::time::sleep(Duration::from_secs(3600)).await,
-                    // Real time: a storage error is not retried faster or slower by the clock.
-                    Err(()) => tokio::time::sleep(Duration::from_secs(1)).await,
+                    Wait::Retry
                 }
             };
             tokio::select! {
-                _ = wait => {}
+                _ = self.engine.clock().wait(wait) => {}
                 _ = self.engine.outbox_changed.notified() => {}
                 _ = stop.changed() => return,
             }
