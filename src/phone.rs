@@ -18,13 +18,16 @@ impl<'de> Deserialize<'de> for Phone {
     }
 }
 
+/// A country calling code, the metadata of its regions, and the national number after it.
+type Country<'a> = (u16, Vec<&'static phonenumber::Metadata>, &'a str);
+
 /// The country calling code `digits` starts with, if the metadata knows it (codes are
 /// prefix-free, so at most one of the first 1–3 digits matches), and the rest.
-fn split_country_code(digits: &str) -> Option<(u16, &str)> {
+fn split_country_code(digits: &str) -> Option<Country<'_>> {
     (1..=3).find_map(|n| {
         let code = digits.get(..n)?.parse::<u16>().ok()?;
-        phonenumber::metadata::DATABASE.by_code(&code)?;
-        Some((code, &digits[n..]))
+        let regions = phonenumber::metadata::DATABASE.by_code(&code)?;
+        Some((code, regions, &digits[n..]))
     })
 }
 
@@ -49,27 +52,28 @@ const KINDS: [phonenumber::Type; 11] = {
 /// Whether `national` is a number of country code `code`: for North America ten digits,
 /// the first 2–9 (the shape, in service or not: the metadata has no 555 or 200, which tests
 /// and the benchmark use); elsewhere, one of the metadata's patterns for some region of it.
-fn fits(code: u16, national: &str) -> bool {
+fn fits(code: u16, regions: &[&phonenumber::Metadata], national: &str) -> bool {
     if code == 1 {
-        return national.len() == 10 && !national.starts_with(['0', '1']);
+        return is_north_american(national);
     }
-    phonenumber::metadata::DATABASE
-        .by_code(&code)
-        .is_some_and(|regions| {
-            regions.iter().any(|m| {
-                KINDS
-                    .iter()
-                    .filter_map(|k| m.descriptors().get(*k))
-                    .any(|d| d.is_match(national))
-            })
-        })
+    regions.iter().any(|m| {
+        KINDS
+            .iter()
+            .filter_map(|k| m.descriptors().get(*k))
+            .any(|d| d.is_match(national))
+    })
+}
+
+/// Ten digits, the first 2–9: the shape of a North American number after its `+1`.
+fn is_north_american(national: &str) -> bool {
+    national.len() == 10 && !national.starts_with(['0', '1'])
 }
 
 /// Whether E.164 text is a number of its country (see [`fits`]).
 fn fits_e164(e164: &str) -> bool {
     e164.strip_prefix('+')
         .and_then(split_country_code)
-        .is_some_and(|(code, national)| fits(code, national))
+        .is_some_and(|(code, regions, national)| fits(code, &regions, national))
 }
 
 /// Separators people write in phone numbers: whitespace (a no-break space too), dashes of
@@ -102,14 +106,13 @@ fn international(s: &str) -> Option<Result<String, PhoneError>> {
     if !is_e164(&written) {
         return None;
     }
-    let (code, national) = split_country_code(&digits)?;
-    if fits(code, national) {
+    let (code, regions, national) = split_country_code(&digits)?;
+    if fits(code, &regions, national) {
         return Some(Ok(written));
     }
-    let regions = phonenumber::metadata::DATABASE.by_code(&code)?;
     let without_trunk = regions.iter().find_map(|m| {
         let rest = national.strip_prefix(m.national_prefix()?)?;
-        fits(code, rest).then(|| format!("+{code}{rest}"))
+        fits(code, &regions, rest).then(|| format!("+{code}{rest}"))
     });
     if code == 1 {
         return Some(without_trunk.ok_or_else(|| not_north_american(s)));
@@ -210,7 +213,7 @@ impl Phone {
         // A national number read in a North American region must come out in its shape
         // (`020 7946 0018` read as US is no number, not `+102…`).
         if let Some(national) = e164.strip_prefix("+1") {
-            if !fits(1, national) {
+            if !is_north_american(national) {
                 return Err(not_north_american(trimmed));
             }
         }
