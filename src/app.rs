@@ -352,7 +352,8 @@ async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout);
-    let open = hyper_util::server::graceful::GracefulShutdown::new();
+    // Tells every connection the stop has begun.
+    let (stopping_tx, stopping) = watch::channel(false);
     // Held here so that what is still open after the grace period can be cut off.
     let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -361,28 +362,9 @@ async fn serve(
     // the sends to Twilio have none either.
     let limit = options.max_connections.unwrap_or_else(connection_limit);
     let slots = Arc::new(tokio::sync::Semaphore::new(limit));
+    let conns = Arc::new(crate::conns::Conns::default());
     let mut warned: Option<std::time::Instant> = None;
-    loop {
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(_) => {
-                if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
-                    warned = Some(std::time::Instant::now());
-                    tracing::warn!(
-                        "{limit} connections are open, the most smsflow serves at once; new \
-                         ones wait until one closes (logged at most once a minute)"
-                    );
-                }
-                tokio::select! {
-                    slot = slots.clone().acquire_owned() => match slot {
-                        Ok(slot) => slot,
-                        // (The semaphore is never closed.)
-                        Err(_) => break,
-                    },
-                    () = &mut shutdown => break,
-                }
-            }
-        };
+    'accepting: loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
@@ -406,22 +388,94 @@ async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        let connection = open.watch(builder.serve_connection(TokioIo::new(stream), service));
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                    warned = Some(std::time::Instant::now());
+                    tracing::warn!(
+                        "{limit} connections are open, the most smsflow serves at once; the \
+                         one idle longest is closed for each new one, which waits while every \
+                         one has a request under way (logged at most once a minute)"
+                    );
+                }
+                // Asked again each second: one picked just as it began a request closes
+                // only after answering it, and every one may be busy for a while.
+                loop {
+                    conns.close_longest_idle();
+                    tokio::select! {
+                        slot = slots.clone().acquire_owned() => match slot {
+                            Ok(slot) => break slot,
+                            // (The semaphore is never closed.)
+                            Err(_) => break 'accepting,
+                        },
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = &mut shutdown => break 'accepting,
+                    }
+                }
+            }
+        };
+        let opened = conns.add();
+        let busy_on = opened.tracker();
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |request| {
+            use http_body_util::BodyExt;
+            use tower::ServiceExt;
+            // Until the answer's body is sent: an export streams for a while after its handler.
+            let busy = busy_on.busy();
+            let call = router.clone().oneshot(request);
+            async move {
+                let response = call.await?;
+                Ok::<_, std::convert::Infallible>(response.map(|body| {
+                    axum::body::Body::new(body.map_frame(move |frame| {
+                        let _under_way = &busy;
+                        frame
+                    }))
+                }))
+            }
+        });
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let mut stopping = stopping.clone();
         connections.spawn(async move {
             let _slot = slot;
-            // A client's broken connection is its own affair.
-            if let Err(e) = connection.await {
-                tracing::debug!("HTTP connection: {e}");
+            let mut connection = std::pin::pin!(connection);
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    done = connection.as_mut() => {
+                        // A client's broken connection is its own affair.
+                        if let Err(e) = done {
+                            tracing::debug!("HTTP connection: {e}");
+                        }
+                        return;
+                    }
+                    _ = stopping.wait_for(|s| *s), if !closing => {
+                        // Closes it at once if idle, else after the answer under way.
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                    () = opened.asked_to_close(), if !closing => {
+                        if !opened.is_busy() {
+                            // Dropped: closed, with no request of its own lost (a request
+                            // head not yet whole has reached no handler).
+                            tracing::debug!("closed an idle connection to make room");
+                            return;
+                        }
+                        // It began a request since it was picked: closes after answering it.
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
             }
         });
         // Forget the ones that ended.
         while connections.try_join_next().is_some() {}
     }
     drop(listener);
+    let _ = stopping_tx.send(true);
     let grace = options.shutdown_grace;
-    tokio::select! {
-        () = open.shutdown() => {}
+    let cut = tokio::select! {
+        () = async { while connections.join_next().await.is_some() {} } => None,
         cut = async {
             tokio::select! {
                 () = tokio::time::sleep(grace) => {
@@ -429,13 +483,14 @@ async fn serve(
                 }
                 () = hurry => "on a second signal".to_string(),
             }
-        } => {
-            tracing::warn!(
-                "stopped waiting for open HTTP requests {cut}; those still open get no answer \
-                 (a webhook among them changed nothing, or its change is on disk)"
-            );
-            connections.abort_all();
-        }
+        } => Some(cut),
+    };
+    if let Some(cut) = cut {
+        tracing::warn!(
+            "stopped waiting for open HTTP requests {cut}; those still open get no answer \
+             (a webhook among them changed nothing, or its change is on disk)"
+        );
+        connections.abort_all();
     }
 }
 

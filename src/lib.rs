@@ -14,6 +14,7 @@ pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod conns;
 pub mod engine;
 pub mod export;
 pub mod flows;

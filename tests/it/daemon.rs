@@ -766,39 +766,104 @@ async fn a_connection_that_never_finishes_its_request_head_is_closed() {
     app.stop().await;
 }
 
-/// Clients holding connections open cannot take every file descriptor: past the limit a new
-/// connection waits, and is served as soon as one of the others closes.
-#[tokio::test]
-async fn past_the_connection_limit_a_new_connection_waits_until_another_one_closes() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let app = TestApp::spawn_with_options(FLOWS, |o| o.max_connections = Some(2)).await;
-    let first = half_a_request(&app.base).await;
-    let second = half_a_request(&app.base).await;
-    let mut third = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+/// A connection that has sent a whole `GET /healthz`, asking to close after its answer.
+async fn healthz_raw(base: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
         .await
         .unwrap();
-    third
+    stream
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
+    stream
+}
+
+/// Reads until the daemon closes `stream`, for at most `within`: the bytes, or `None` if it
+/// was still open then.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, within: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
     let mut answer = Vec::new();
-    let early = tokio::time::timeout(Duration::from_millis(300), third.read_to_end(&mut answer));
-    assert!(
-        early.await.is_err() && answer.is_empty(),
-        "served past the limit: {}",
-        String::from_utf8_lossy(&answer)
-    );
-    drop(first);
-    tokio::time::timeout(Duration::from_secs(10), third.read_to_end(&mut answer))
+    match tokio::time::timeout(within, stream.read_to_end(&mut answer)).await {
+        // Closed, with or without a word (a reset counts).
+        Ok(_) => Some(String::from_utf8_lossy(&answer).into_owned()),
+        Err(_) => None,
+    }
+}
+
+/// Clients holding connections open cannot take every file descriptor, nor keep a webhook
+/// waiting: past the limit, the connection idle longest is closed to make room.
+#[tokio::test]
+async fn past_the_connection_limit_the_connection_idle_longest_is_closed_to_make_room() {
+    let app = TestApp::spawn_with_options(FLOWS, |o| o.max_connections = Some(2)).await;
+    let mut first = half_a_request(&app.base).await;
+    // Accepted in order: the first has been idle longer.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut second = half_a_request(&app.base).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut third = healthz_raw(&app.base).await;
+    let answer = read_until_closed(&mut third, Duration::from_secs(10))
         .await
-        .expect("served once another connection closed")
-        .unwrap();
+        .expect("served at once");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(
-        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&answer)
+        read_until_closed(&mut first, Duration::from_secs(1))
+            .await
+            .is_some(),
+        "the one idle longest is closed"
     );
+    assert_eq!(
+        read_until_closed(&mut second, Duration::from_millis(300)).await,
+        None,
+        "the other is left open"
+    );
+    // (Else the stop would wait its grace period for it.)
     drop(second);
+    app.stop().await;
+}
+
+/// A connection with a request under way is never the one closed: with every connection
+/// busy a new one waits, and is served once an answer is sent.
+#[tokio::test]
+async fn past_the_connection_limit_a_connection_with_a_request_under_way_is_not_closed() {
+    let app = TestApp::spawn_with_options(FLOWS, |o| o.max_connections = Some(1)).await;
+    // A code request waits on Twilio's answer.
+    app.twilio.hold();
+    let (http, url, token) = (
+        app.http.clone(),
+        format!("{}/authenticate/get_otp", app.base),
+        app.api_token.clone().unwrap(),
+    );
+    let under_way = tokio::spawn(async move {
+        let r = http
+            .post(url)
+            .bearer_auth(token)
+            .json(&serde_json::json!({ "phone": ANN }))
+            .send()
+            .await
+            .unwrap();
+        r.status().as_u16()
+    });
+    eventually("the code's send to be under way", async || {
+        app.twilio.held() == 1
+    })
+    .await;
+    let mut waiting = healthz_raw(&app.base).await;
+    assert_eq!(
+        read_until_closed(&mut waiting, Duration::from_millis(1500)).await,
+        None,
+        "served past the limit while the only connection was busy"
+    );
+    app.twilio.release();
+    assert_eq!(
+        under_way.await.unwrap(),
+        200,
+        "the request under way is answered"
+    );
+    let answer = read_until_closed(&mut waiting, Duration::from_secs(10))
+        .await
+        .expect("served once the other connection was idle");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     app.stop().await;
 }
 

@@ -1,0 +1,201 @@
+//! The open HTTP connections, so that at the connection limit the one idle longest can be
+//! closed to make room. Clients that hold connections open and send nothing (or a request
+//! head a byte a minute) would otherwise keep Twilio's webhooks waiting in the kernel's
+//! queue until the header read timeout: Twilio gives up on a webhook after 15 seconds.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+/// Every open connection, by a number of its own.
+pub struct Conns {
+    open: Mutex<HashMap<u64, Arc<Conn>>>,
+    next: AtomicU64,
+    /// What `Conn::idle_since` counts from.
+    epoch: Instant,
+}
+
+/// One connection as [`Conns`] sees it.
+pub struct Conn {
+    /// Requests in the handler or still sending their answer's body.
+    busy: AtomicUsize,
+    /// When the connection opened or last finished an answer, in microseconds since
+    /// [`Conns`]'s epoch.
+    idle_since: AtomicU64,
+    /// It has been asked to close (once is enough).
+    asked: AtomicBool,
+    ask: Notify,
+}
+
+impl Default for Conns {
+    fn default() -> Self {
+        Conns {
+            open: Mutex::default(),
+            next: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Conns {
+    fn micros(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    fn open(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Conn>>> {
+        // A panic elsewhere while holding it leaves the map as it was: still usable.
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new connection, idle since now; it is forgotten when the returned handle drops.
+    pub fn add(self: &Arc<Self>) -> Opened {
+        let conn = Arc::new(Conn {
+            busy: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(self.micros()),
+            asked: AtomicBool::new(false),
+            ask: Notify::new(),
+        });
+        let id = self.next.fetch_add(1, SeqCst);
+        self.open().insert(id, conn.clone());
+        Opened {
+            id,
+            tracker: Tracker {
+                conns: self.clone(),
+                conn,
+            },
+        }
+    }
+
+    /// Asks the connection idle longest (no request under way, not asked already) to close.
+    /// Returns whether there was one.
+    pub fn close_longest_idle(&self) -> bool {
+        let open = self.open();
+        let longest = open
+            .values()
+            .filter(|c| c.busy.load(SeqCst) == 0 && !c.asked.load(SeqCst))
+            .min_by_key(|c| c.idle_since.load(SeqCst));
+        match longest {
+            Some(conn) => {
+                conn.asked.store(true, SeqCst);
+                // Stored if the connection is not waiting for it yet.
+                conn.ask.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// How many connections are open.
+    pub fn len(&self) -> usize {
+        self.open().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An open connection's handle: hears when it is asked to close; the connection is
+/// forgotten when it drops.
+pub struct Opened {
+    id: u64,
+    tracker: Tracker,
+}
+
+/// What marks a connection's requests busy (for its service, which hyper holds).
+#[derive(Clone)]
+pub struct Tracker {
+    conns: Arc<Conns>,
+    conn: Arc<Conn>,
+}
+
+impl Tracker {
+    /// A request begins; it ends when the returned guard drops (keep it until the answer's
+    /// body is sent).
+    pub fn busy(&self) -> Busy {
+        self.conn.busy.fetch_add(1, SeqCst);
+        Busy {
+            conns: self.conns.clone(),
+            conn: self.conn.clone(),
+        }
+    }
+}
+
+impl Opened {
+    pub fn tracker(&self) -> Tracker {
+        self.tracker.clone()
+    }
+
+    pub fn busy(&self) -> Busy {
+        self.tracker.busy()
+    }
+
+    pub fn is_busy(&self) -> bool {
+        self.tracker.conn.busy.load(SeqCst) > 0
+    }
+
+    /// Resolves once [`Conns::close_longest_idle`] picked this connection.
+    pub async fn asked_to_close(&self) {
+        self.tracker.conn.ask.notified().await;
+    }
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.tracker.conns.open().remove(&self.id);
+    }
+}
+
+/// A request under way on a connection.
+pub struct Busy {
+    conns: Arc<Conns>,
+    conn: Arc<Conn>,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.conn.idle_since.store(self.conns.micros(), SeqCst);
+        self.conn.busy.fetch_sub(1, SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::Conns;
+
+    #[tokio::test]
+    async fn the_connection_idle_longest_is_asked_to_close_and_one_under_way_never_is() {
+        let conns = Arc::new(Conns::default());
+        let first = conns.add();
+        let second = conns.add();
+        let third = conns.add();
+        // The first is answering a request; the third finished one after the second opened.
+        let under_way = first.busy();
+        drop(third.busy());
+        assert_eq!(conns.len(), 3);
+
+        assert!(conns.close_longest_idle());
+        second.asked_to_close().await;
+        assert!(conns.close_longest_idle(), "the next idle one");
+        third.asked_to_close().await;
+        assert!(
+            !conns.close_longest_idle(),
+            "none left but the one under way"
+        );
+
+        drop(under_way);
+        assert!(!first.is_busy());
+        assert!(conns.close_longest_idle(), "idle once its answer is sent");
+        first.asked_to_close().await;
+
+        drop((first, second));
+        assert_eq!(conns.len(), 1, "a closed connection is forgotten");
+        drop(third);
+        assert!(conns.is_empty());
+    }
+}
