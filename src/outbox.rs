@@ -325,7 +325,7 @@ impl Outbox {
         // (refused again) applies it; recorded first, nothing would. Not for a number erased
         // while the send was in flight (its message is gone with it), which may have texted
         // JOIN since: the refusal was of the erased number's message.
-        if code == Some(UNSUBSCRIBED) && store.outbox_get(id)?.is_some() {
+        if code == Some(UNSUBSCRIBED) && store.outbox_holds(id)? {
             self.engine
                 .event(&msg.phone, Event::ProviderUnsubscribed)
                 .await?;
@@ -350,12 +350,16 @@ impl Outbox {
 /// The record of the number queued message `id` goes to, when it may still be sent; `None`
 /// when not. Asked again at send time (after the rate limit's wait): a STOP may have arrived
 /// since queueing (even if a START followed it: consent withdrawn covers what was queued
-/// before), or the number may have been erased.
+/// before), or the number may have been erased, message and all (even if it has texted
+/// since: its new record has no opt-out to stop the erased one's message).
 fn sendable(
     store: &crate::store::Store,
     msg: &OutMessage,
     id: u64,
 ) -> anyhow::Result<Option<crate::machine::Subscriber>> {
+    if !store.outbox_holds(id)? {
+        return Ok(None);
+    }
     match store.subscriber(&msg.phone) {
         Ok(Some(s)) if s.state != State::OptedOut => store
             .opted_out_since(&msg.phone, id)

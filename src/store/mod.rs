@@ -582,6 +582,12 @@ impl Store {
             .map(|kv| by_id(kv, "outbox", decode_out))
     }
 
+    /// Whether message `id` is still queued: not yet sent or given up on, nor erased with
+    /// its number.
+    pub fn outbox_holds(&self, id: u64) -> anyhow::Result<bool> {
+        Ok(self.outbox.contains_key(id.to_be_bytes())?)
+    }
+
     /// One queued message, if it is still queued.
     pub fn outbox_get(&self, id: u64) -> anyhow::Result<Option<OutMessage>> {
         match self.outbox.get(id.to_be_bytes())? {

@@ -1414,6 +1414,34 @@ async fn a_shutdown_does_not_wait_for_the_next_send_slot() {
     assert_eq!(twilio.delivered().len(), 1, "the waiting code was not sent");
 }
 
+/// A message waiting for its send slot is not sent once its number is erased, even when the
+/// number texts again meanwhile (its new record has no opt-out that would stop it).
+#[tokio::test]
+async fn a_message_waiting_for_its_slot_is_not_sent_after_its_number_is_erased_and_texts_again() {
+    // One message every 2 s: Bob's code takes the slot, Ann's waits for the next.
+    let app = TestApp::spawn_with(FLOWS, |c| c.send_rate = 0.5).await;
+    assert_eq!(app.sms(BOB, "JOIN").await.0, 200);
+    app.twilio.wait_delivered(1).await;
+    assert_eq!(app.sms(ANN, "JOIN").await.0, 200);
+    let path = format!("/admin/subscribers/{}", ANN.replace('+', "%2B"));
+    let erased = app.admin_status(reqwest::Method::DELETE, &path).await;
+    assert_eq!(erased.as_u16(), 204);
+    assert_eq!(app.sms(ANN, "hello").await.0, 200);
+    assert_eq!(
+        app.admin_status(reqwest::Method::GET, &path).await.as_u16(),
+        200,
+        "Ann has a record again"
+    );
+    quiet_for(Duration::from_millis(2500)).await;
+    let delivered = app.twilio.delivered();
+    assert_eq!(
+        delivered.iter().map(|r| r.to.as_str()).collect::<Vec<_>>(),
+        [BOB],
+        "the erased number's code was sent"
+    );
+    app.stop().await;
+}
+
 /// While one number's message waits for a long retry, others are sent at once; and once that
 /// number is erased and joins again, its new code does not wait for the erased one's retry.
 /// (On a manual clock that never moves: the retry never comes due.)
