@@ -135,7 +135,8 @@ fn not_north_american(input: &str) -> PhoneError {
 /// How many digits an E.164 number has, country code included (Niue's have 7).
 const DIGITS: std::ops::RangeInclusive<usize> = 7..=15;
 
-fn is_e164(s: &str) -> bool {
+/// Whether `s` is E.164 text as stored: `+`, then 7 to 15 digits, the first not 0.
+pub fn is_e164(s: &str) -> bool {
     s.strip_prefix('+').is_some_and(|d| {
         DIGITS.contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()) && !d.starts_with('0')
     })

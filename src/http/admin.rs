@@ -237,6 +237,9 @@ pub async fn list(
         }
     };
     let after = match &q.after {
+        // A `next` as given: the text the store keeps, an older smsflow's `+4402…` too (read
+        // today as `+442…`, it would skip every record between the two).
+        Some(a) if crate::phone::is_e164(a.trim()) => Some(a.trim().to_string()),
         Some(a) => Some(phone_named(&app, a, "after")?.to_string()),
         None => None,
     };

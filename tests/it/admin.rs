@@ -226,6 +226,19 @@ async fn a_record_kept_under_a_trunk_zero_by_an_older_smsflow_is_reached_by_its_
     app.engine.store.commit_many(&[record(today)], now).unwrap();
     let (_, all) = get(&app, "/admin/subscribers", None).await;
     assert_eq!(phones(&all), [old, today]);
+    // Paged one at a time, the cursor is the old text as listed, and today's comes next.
+    let (_, first) = get(&app, "/admin/subscribers?limit=1", None).await;
+    assert_eq!(
+        (phones(&first), &first["next"]),
+        (vec![old.to_string()], &serde_json::json!(old))
+    );
+    let (_, second) = get(
+        &app,
+        "/admin/subscribers?limit=1&after=%2B4402079460018",
+        None,
+    )
+    .await;
+    assert_eq!(phones(&second), [today], "{second}");
     let (_, shown) = get(&app, "/admin/subscribers/%2B4402079460018", None).await;
     assert_eq!(shown["phone"], old);
     let (status, _) = send(
