@@ -164,10 +164,15 @@ impl Reloader {
             Ok(f) => {
                 let summary = f.summary();
                 let shrunk = f.removed_places_of(&self.engine.flows().places());
-                self.engine.set_flows(f);
+                {
+                    let _places = PLACES.lock().unwrap_or_else(|e| e.into_inner());
+                    // On record first: a crash between the two must not leave live places
+                    // a start would not know to look for.
+                    remember_places(&self.engine, &f, false);
+                    self.engine.set_flows(f);
+                }
                 self.swapped.fetch_add(1, Ordering::SeqCst);
                 tracing::info!(trigger = why, "flows reloaded: {summary}");
-                remember_places(&self.engine, &self.engine.flows(), false);
                 if shrunk {
                     end_lost_places(&self.engine, self.stop.clone());
                 }
@@ -325,6 +330,11 @@ impl Reloader {
     }
 }
 
+/// Held while the live flows change together with the places on record, and while a sweep
+/// checks that its flows are still live and narrows the record to them. (One for the process:
+/// held for a read and a write of one key, rarely.)
+static PLACES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Records the flows' places (sequences and their steps), which the next start compares
 /// with the flows it loads to tell whether an edit made while stopped removed any. Unless
 /// `narrow` (the sweep for exactly these flows finished), what was recorded before is kept
@@ -434,6 +444,9 @@ pub fn end_lost_places(
         if ended > 0 {
             tracing::info!("the flows no longer have the place of {ended} number(s) in a sequence; their sequence ended");
         }
+        // Checked and written under the lock a reload swaps under: else a reload between the
+        // two would have its new places, just recorded, narrowed away.
+        let _places = PLACES.lock().unwrap_or_else(|e| e.into_inner());
         if failed == 0 && Arc::ptr_eq(&engine.flows(), &swept) {
             remember_places(&engine, &swept, true);
         }
