@@ -159,7 +159,19 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
                 }
                 Err(e) => {
                     let span = e.span().unwrap_or(0..0);
-                    let msg = plain_words(&e.message().trim().replace('\n', " "));
+                    let mut msg = plain_words(&e.message().trim().replace('\n', " "));
+                    if msg == "duplicate key" {
+                        // The parser's words name neither the key nor what to do.
+                        let key = text.get(span.clone()).unwrap_or_default();
+                        let header = text
+                            .get(..span.start)
+                            .is_some_and(|before| before.trim_end().ends_with('['));
+                        msg = if header {
+                            format!("table [{key}] is written twice in this file; merge the two")
+                        } else {
+                            format!("key {key:?} is written twice in its table; keep one")
+                        };
+                    }
                     let unknown = msg.starts_with("unknown field");
                     cx.err(i, span.clone(), msg);
                     match unknown.then(|| without_key(&text, &span)).flatten() {

@@ -498,7 +498,7 @@ read_code_callers = "verified"
 }
 
 /// TOML shape mistakes are told in the flow's words, with what to write instead; an empty
-/// pattern, which no answer could meet, is refused.
+/// pattern, which no answer could meet, is refused; a key or table written twice is named.
 #[test]
 fn a_shape_mistake_says_what_to_write_instead() {
     let cases = [
@@ -521,6 +521,16 @@ fn a_shape_mistake_says_what_to_write_instead() {
             "[bot]\nname = \"X\"\n[[form.field]]\nkey = \"zip\"\nask = \"Zip?\"\nexpect = { pattern = \"\" }\n",
             "a.toml:6:",
             "empty pattern: no answer could ever match it",
+        ),
+        (
+            "[bot]\nname = \"X\"\n[keywords]\nopt_in = [\"GO\"]\n\n[ keywords ]\nedit = [\"ME\"]\n",
+            "a.toml:6:3:",
+            "table [keywords] is written twice in this file; merge the two",
+        ),
+        (
+            "[bot]\nname = \"X\"\nname = \"Y\"\n",
+            "a.toml:3:1:",
+            "key \"name\" is written twice in its table; keep one",
         ),
     ];
     for (text, place, hint) in cases {
