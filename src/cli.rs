@@ -474,7 +474,11 @@ pub fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(ansi);
+        .with_ansi(ansi)
+        // A log line that cannot be written (stderr closed: a `| tee` whose reader went, or
+        // a full disk) is lost, not reported on that same stderr: `eprintln!` would panic,
+        // and take the request or the worker that logged with it.
+        .log_internal_errors(false);
     let _ = match format {
         LogFormat::Pretty => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -510,7 +514,8 @@ pub fn serve(args: &ServeArgs) -> ExitCode {
                 }
             },
         };
-        print!("{}", app.banner());
+        // Not `print!`: a closed stdout must not stop the daemon from serving.
+        say(&mut std::io::stdout(), &app.banner());
         // Listening from here on: a second signal that lands while the first is being
         // handled is counted, not lost.
         let signals = count_signals();
@@ -526,15 +531,21 @@ pub fn serve(args: &ServeArgs) -> ExitCode {
             .await
         {
             Ok(()) => {
-                eprintln!("smsflow: stopped cleanly");
+                say(&mut std::io::stderr(), "smsflow: stopped cleanly\n");
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("smsflow: {e:#}");
+                say(&mut std::io::stderr(), &format!("smsflow: {e:#}\n"));
                 ExitCode::from(EXIT_RUNTIME)
             }
         }
     })
+}
+
+/// Writes `text` where a closed or full stream loses it instead of panicking (as `print!` and
+/// `eprintln!` do): the daemon goes on, and its exit code still tells how it ended.
+pub fn say(to: &mut impl std::io::Write, text: &str) {
+    let _ = to.write_all(text.as_bytes()).and_then(|()| to.flush());
 }
 
 /// Counts SIGINT (Ctrl-C) and SIGTERM from now on: the first asks for a stop, a second for

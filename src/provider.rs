@@ -94,7 +94,11 @@ impl Console {
         if !self.quiet {
             // The console stands in for a phone: it shows the text, including codes, so a
             // developer can complete a verification by hand. It is not a log.
-            println!("[console {what} to {}] {}", to.masked(), body);
+            // Not `println!`: a closed stdout must not take the outbox down with a panic.
+            crate::cli::say(
+                &mut std::io::stdout().lock(),
+                &format!("[console {what} to {}] {}\n", to.masked(), body),
+            );
         }
         Accepted {
             sid: Some(format!("CONSOLE{:013}x{n:06}", self.started)),

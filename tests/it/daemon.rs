@@ -980,6 +980,45 @@ async fn serve_prints_its_banner_and_stops_cleanly_on_sigterm() {
     assert!(!data.path().join("daemon-url").exists());
 }
 
+/// Logs piped to a reader that went away (`serve 2>&1 | tee log`, then the tee is gone), or
+/// a full disk: webhooks are still answered, the console still "sends" (the outbox does not
+/// die on a print it cannot make), and SIGTERM still stops it with exit 0.
+#[tokio::test]
+async fn serve_goes_on_and_stops_cleanly_when_its_stdout_and_stderr_are_closed() {
+    let data = tempfile::tempdir().unwrap();
+    let (mut child, base, lines, stderr) = serve_child(data.path()).await;
+    drop((lines, stderr));
+    let http = reqwest::Client::new();
+    for (n, body) in ["JOIN", "HELP"].iter().enumerate() {
+        let r = http
+            .post(format!("{base}/twilio/sms"))
+            .form(&[
+                ("From", ANN),
+                ("Body", body),
+                ("MessageSid", &format!("SMclosed{n}")),
+            ])
+            .send()
+            .await
+            .expect("an answer, not a dropped connection");
+        assert_eq!(r.status().as_u16(), 200, "{body}");
+    }
+    eventually("the code to leave the outbox", async || {
+        let metrics = reqwest::get(format!("{base}/metrics")).await.unwrap();
+        let text = metrics.text().await.unwrap();
+        text.lines()
+            .any(|l| l.starts_with("smsflow_outbound_messages_total{status=\"sent\"} 1"))
+    })
+    .await;
+    let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200, "the outbox is still running");
+    sigterm(&child);
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits in time")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
 /// A client holds a half-sent request open; a second SIGTERM (or Ctrl-C) ends the wait for
 /// it at once instead of after the grace period, and the stop is still clean.
 #[tokio::test]
