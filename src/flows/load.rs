@@ -615,50 +615,52 @@ impl Cx {
         // Each keyword's list, and where the flow wrote it (a built-in one has no place).
         let mut seen: HashMap<String, (&'static str, Option<std::ops::Range<usize>>)> =
             HashMap::new();
-        let mut list =
-            |cx: &mut Cx, name: &'static str, defaults: &[&str], extra: Option<Vec<S<String>>>| {
-                let mut out: Vec<String> = Vec::new();
-                let extra = extra.unwrap_or_default();
-                let items = defaults
-                    .iter()
-                    .map(|d| (None, d.to_string()))
-                    .chain(extra.into_iter().map(|s| (Some(s.span()), s.into_inner())));
-                for (written, word) in items {
-                    let norm = normalize(&word);
-                    let span = written.clone().unwrap_or(0..0);
-                    if norm.is_empty() {
-                        let why = if word.trim().is_empty() {
-                            format!("empty keyword in keywords.{name}")
-                        } else {
-                            format!(
+        let mut list = |cx: &mut Cx,
+                        name: &'static str,
+                        defaults: &[&str],
+                        extra: Option<Vec<S<String>>>| {
+            let mut out: Vec<String> = Vec::new();
+            let extra = extra.unwrap_or_default();
+            let items = defaults
+                .iter()
+                .map(|d| (None, d.to_string()))
+                .chain(extra.into_iter().map(|s| (Some(s.span()), s.into_inner())));
+            for (written, word) in items {
+                let norm = normalize(&word);
+                let span = written.clone().unwrap_or(0..0);
+                if norm.is_empty() {
+                    let why = if word.trim().is_empty() {
+                        format!("empty keyword in keywords.{name}")
+                    } else {
+                        format!(
                                 "keyword {word:?} in keywords.{name} has no letters or digits; \
-                                 replies are matched without punctuation, so it could never match"
+                                 replies are matched without spaces and punctuation, so it could never match"
                             )
-                        };
+                    };
+                    cx.err(f, span, why);
+                    continue;
+                }
+                match seen.get(&norm) {
+                    Some((other, there)) if *other != name => {
+                        // A built-in word clashing with one the flow added: point at that,
+                        // and say which is built in (it is not in the file).
+                        let built_in =
+                            |at: &Option<_>| if at.is_none() { " (built in)" } else { "" };
+                        let (a, b) = (built_in(there), built_in(&written));
+                        let lists = format!("keywords.{other}{a} and keywords.{name}{b}");
+                        let why = format!("keyword {norm:?} is both in {lists}");
+                        let span = written.or_else(|| there.clone()).unwrap_or(0..0);
                         cx.err(f, span, why);
-                        continue;
                     }
-                    match seen.get(&norm) {
-                        Some((other, there)) if *other != name => {
-                            // A built-in word clashing with one the flow added: point at that,
-                            // and say which is built in (it is not in the file).
-                            let built_in =
-                                |at: &Option<_>| if at.is_none() { " (built in)" } else { "" };
-                            let (a, b) = (built_in(there), built_in(&written));
-                            let lists = format!("keywords.{other}{a} and keywords.{name}{b}");
-                            let why = format!("keyword {norm:?} is both in {lists}");
-                            let span = written.or_else(|| there.clone()).unwrap_or(0..0);
-                            cx.err(f, span, why);
-                        }
-                        Some(_) => {}
-                        None => {
-                            seen.insert(norm.clone(), (name, written));
-                            out.push(norm);
-                        }
+                    Some(_) => {}
+                    None => {
+                        seen.insert(norm.clone(), (name, written));
+                        out.push(norm);
                     }
                 }
-                out
-            };
+            }
+            out
+        };
         let (oo, hp, oi, ed, kp) = match raw {
             Some(r) => (r.opt_out, r.help, r.opt_in, r.edit, r.keep),
             None => (None, None, None, None, None),
@@ -1145,7 +1147,7 @@ impl Cx {
             }
             out.push((key, label));
         }
-        // Labels are answers too, read with case and punctuation ignored: a label that reads
+        // Labels are answers too, read with case, spaces and punctuation ignored: a label that reads
         // as another choice's key or label would be taken for that choice ("2+" is key "2").
         for (i, (key, label)) in out.iter().enumerate() {
             let read = normalize(label);
@@ -1159,8 +1161,8 @@ impl Cx {
                         span.clone(),
                         format!(
                             "choice {key:?} has the label {label:?}, which reads as {other_key:?}, \
-                             the key of another choice (answers are read without case and \
-                             punctuation), so that answer could be stored as the wrong choice"
+                             the key of another choice (answers are read without case, spaces \
+                             and punctuation), so that answer could be stored as the wrong choice"
                         ),
                     );
                 }
@@ -1172,8 +1174,8 @@ impl Cx {
                         span.clone(),
                         format!(
                             "choices {other_key:?} and {key:?} have labels that read the same \
-                             ({other_label:?} and {label:?}) once case and punctuation are \
-                             ignored, so an answer could be stored as the wrong one"
+                             ({other_label:?} and {label:?}) once case, spaces and punctuation \
+                             are ignored, so an answer could be stored as the wrong one"
                         ),
                     );
                 }

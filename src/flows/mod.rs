@@ -41,7 +41,7 @@ pub struct QuietHours {
     pub to: NaiveTime,
 }
 
-/// Keyword lists, already normalized (upper case, no punctuation).
+/// Keyword lists, already normalized (upper case, letters and digits only).
 #[derive(Clone, Debug)]
 pub struct Keywords {
     pub opt_in: Vec<String>,

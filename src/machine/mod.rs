@@ -363,18 +363,14 @@ fn ceil_millis(t: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms + 1 - exact).unwrap_or(t)
 }
 
-/// Upper-cases, drops punctuation and folds spaces: `" stop. "` → `"STOP"`.
+/// Upper-cases and keeps only letters and digits: `" stop. "`, `"Stop all"` and `"opt-out"`
+/// read `"STOP"`, `"STOPALL"` and `"OPTOUT"`; an option copied as shown, `"under 30"`, reads
+/// as its label `under_30`. Keywords and choices are compared in this form.
 pub fn normalize(text: &str) -> String {
-    let words: Vec<String> = text
-        .split_whitespace()
-        .map(|w| {
-            w.chars()
-                .filter(|c| c.is_alphanumeric())
-                .collect::<String>()
-        })
-        .filter(|w| !w.is_empty())
-        .collect();
-    words.join(" ").to_uppercase()
+    text.chars()
+        .filter(|c| c.is_alphanumeric())
+        .flat_map(char::to_uppercase)
+        .collect()
 }
 
 /// What a placeholder of a number's texts stands for: `{bot.name}`, and with the number's

@@ -77,6 +77,8 @@ fn keywords_work_in_every_state_as_the_rules_say() {
         (State::Unverified, "STOP", "opted_out", unsubscribed),
         (State::AwaitingCode, " stop. ", "opted_out", unsubscribed),
         (State::Verified, "Unsubscribe!", "opted_out", unsubscribed),
+        (State::Verified, "Stop all", "opted_out", unsubscribed),
+        (seq_state(), "opt out", "opted_out", unsubscribed),
         (seq_state(), "quit", "opted_out", unsubscribed),
         (State::OptedOut, "STOP", "opted_out", ""),
         (State::Unverified, "help", "unverified", help),
@@ -684,6 +686,28 @@ fn a_choice_copied_as_the_question_shows_it_is_that_choice_and_a_vague_one_is_as
         ("social media", None),
     ] {
         assert_eq!(channel.expect.accept(typed).as_deref(), saved, "{typed:?}");
+    }
+}
+
+/// The shipped question shows "A) under 30" for the label `under_30`: the option typed as
+/// shown, spaces and all, is that choice.
+#[test]
+fn an_option_typed_as_shown_is_its_choice_whatever_its_spaces_and_underscores() {
+    let f = flows();
+    let age = f
+        .form
+        .fields
+        .iter()
+        .find(|q| q.key == "age_group")
+        .expect("the shipped form asks for the age group");
+    for (typed, saved) in [
+        ("under 30", Some("under_30")),
+        ("Over 50", Some("over_50")),
+        ("A) under 30", Some("under_30")),
+        ("30-50", Some("30_50")),
+        ("30 to 50", None),
+    ] {
+        assert_eq!(age.expect.accept(typed).as_deref(), saved, "{typed:?}");
     }
 }
 
