@@ -84,19 +84,20 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Problems> {
     }
     let entries = std::fs::read_dir(dir)
         .map_err(|e| whole_dir(format!("cannot read flow directory: {e}")))?;
-    // A link to a flow file that is not there (yet) is read like any file, and fails as one
-    // that cannot be read: skipping it would load the set without it. (A hidden one is no
-    // flow file: Emacs keeps its lock as a dangling `.#name.toml` link.)
-    let dangling = |p: &Path| {
-        p.is_symlink()
-            && !p.exists()
-            && !p
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+    // A hidden file is no flow file: Emacs keeps its lock as a dangling `.#name.toml` link,
+    // macOS leaves `._name.toml` beside a file copied from its disks.
+    let hidden = |p: &Path| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
     };
+    // A link to a flow file that is not there (yet) is read like any file, and fails as one
+    // that cannot be read: skipping it would load the set without it.
+    let dangling = |p: &Path| p.is_symlink() && !p.exists();
     let mut paths: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml") && (p.is_file() || dangling(p)))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "toml") && !hidden(p) && (p.is_file() || dangling(p))
+        })
         .collect();
     paths.sort();
     if paths.is_empty() {

@@ -559,13 +559,15 @@ fn an_empty_flow_file_is_a_problem_not_an_empty_flow_set() {
 
 #[cfg(unix)]
 #[test]
-fn a_flow_file_link_to_nothing_cannot_be_read_but_an_editors_hidden_lock_link_is_ignored() {
+fn a_flow_file_link_to_nothing_cannot_be_read_but_hidden_files_and_lock_links_are_ignored() {
     use std::os::unix::fs::symlink;
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a.toml", "[bot]\nname = \"Bot\"\n");
     // Emacs's lock: a dangling link named like a hidden flow file.
     symlink("user@host.1234:1700000000", dir.path().join(".#a.toml")).unwrap();
-    smsflow::flows::load_dir(dir.path()).expect("the lock link is no flow file");
+    // macOS's AppleDouble file beside a copied one, or any hidden file: no flow file either.
+    write(dir.path(), "._a.toml", "\u{0}\u{5}\u{16}\u{7} not TOML [");
+    smsflow::flows::load_dir(dir.path()).expect("hidden files are no flow files");
     // A link to a flow file that is not there: not skipped, or the set would load without it.
     symlink(
         dir.path().join("elsewhere.toml.missing"),
