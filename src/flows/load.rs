@@ -526,6 +526,8 @@ impl Cx {
         let keywords = self.single("[keywords]", keywords);
         let verify = self.single("[verify]", verifies);
         let replies = self.single("[replies]", replies);
+        // Where [ivr] is, to point at it when it has no menus.
+        let ivr_span = ivrs.first().map_or(0..0, |(_, x)| x.span());
         let ivr = self.single("[ivr]", ivrs);
 
         let bot = self.bot(bot);
@@ -535,7 +537,7 @@ impl Cx {
         let verify = self.verify(verify, &fields);
         let sequences = self.sequences(sequences, &fields, &keywords);
         let replies = self.replies(replies, &fields);
-        let ivr = self.ivr(ivr, &fields);
+        let ivr = self.ivr(ivr, &fields, ivr_span);
         Flows {
             bot,
             keywords,
@@ -1374,7 +1376,7 @@ impl Cx {
         }
     }
 
-    fn ivr(&mut self, raw: Option<(usize, RawIvr)>, fields: &[String]) -> Ivr {
+    fn ivr(&mut self, raw: Option<(usize, RawIvr)>, fields: &[String], at: Range<usize>) -> Ivr {
         let plain = Allowed {
             code: false,
             current: false,
@@ -1505,12 +1507,21 @@ impl Cx {
                 );
             }
         }
-        if let (true, Some(span)) = (menus.is_empty(), start_span.clone()) {
-            self.err(
-                f,
-                span,
-                format!("ivr.start names menu {start:?}, but there is no [ivr.menu.*] at all"),
-            );
+        if menus.is_empty() {
+            match start_span.clone() {
+                Some(span) => self.err(
+                    f,
+                    span,
+                    format!("ivr.start names menu {start:?}, but there is no [ivr.menu.*] at all"),
+                ),
+                // Every call would hear goodbye and nothing else.
+                None => self.err(
+                    f,
+                    at,
+                    "[ivr] has no menus: add [ivr.menu.main], the menu a call starts in (or \
+                     remove [ivr])",
+                ),
+            }
         }
         if !menus.is_empty() {
             if !menus.contains_key(&start) {

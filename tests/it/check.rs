@@ -298,7 +298,7 @@ press = { "1" = "say:Thanks for calling {bot.name}", "2" = "say:You are in {sequ
 }
 
 #[test]
-fn voice_menus_without_main_or_a_start_say_so_where_the_menus_are() {
+fn voice_menus_without_main_or_a_start_or_at_all_say_so_where_the_voice_settings_are() {
     let dir = tempfile::tempdir().unwrap();
     write(
         dir.path(),
@@ -308,6 +308,17 @@ fn voice_menus_without_main_or_a_start_say_so_where_the_menus_are() {
     let problems = problems_in(dir.path());
     assert!(problems.contains("v.toml:4:"), "{problems}");
     assert!(problems.contains("set ivr.start"), "{problems}");
+    // Voice settings with no menu at all: every call would hear goodbye and nothing else.
+    write(
+        dir.path(),
+        "v.toml",
+        "[bot]\nname = \"Vox\"\n\n[ivr]\nretries = 1\n",
+    );
+    let problems = problems_in(dir.path());
+    assert!(
+        problems.contains("v.toml:4:") && problems.contains("[ivr] has no menus"),
+        "{problems}"
+    );
 }
 
 #[test]
