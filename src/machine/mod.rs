@@ -385,6 +385,29 @@ pub fn placeholder(flows: &Flows, sub: Option<&Subscriber>, name: &str) -> Optio
     }
 }
 
+/// Twilio's limit for one message body, counted here in UTF-16 code units (an emoji is two),
+/// which is never fewer than Twilio's count.
+pub const MAX_BODY: usize = 1600;
+
+/// A text within [`MAX_BODY`]: `check` holds every flow text to it, but an answer filled into
+/// `{field.KEY}` may be as long as a message itself. A longer one is cut, ending in `…`, rather
+/// than refused by Twilio.
+fn fit(text: String) -> String {
+    if text.encode_utf16().count() <= MAX_BODY {
+        return text;
+    }
+    let (mut units, mut end) = (0, 0);
+    for (i, c) in text.char_indices() {
+        units += c.len_utf16();
+        // One unit left for the `…`.
+        if units > MAX_BODY - 1 {
+            break;
+        }
+        end = i + c.len_utf8();
+    }
+    format!("{}…", &text[..end])
+}
+
 /// A text as a code guess, as people type codes: "123 456", "123-456", "123456." are the
 /// code; "3:30" or "10.5" stay what they are (not a guess that could cost an attempt).
 fn code_guess(text: &str) -> String {
@@ -511,7 +534,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     }
 
     fn say(&mut self, text: String) {
-        let text = text.trim().to_string();
+        let text = fit(text.trim().to_string());
         if text.is_empty() {
             return;
         }
@@ -705,7 +728,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             self.sub.state = State::AwaitingCode;
         }
         self.code = Some(code);
-        let text = self.render(&self.flows.verify.send);
+        let text = fit(self.render(&self.flows.verify.send));
         self.effects.push(Effect::SendCode {
             text,
             code: Code(self.code.clone().unwrap_or_default()),

@@ -818,6 +818,46 @@ fn keep_for_a_field_with_no_answer_yet_asks_it_again() {
     assert_eq!(messages(&t.effects).len(), 1, "{:?}", t.effects);
 }
 
+/// An answer as long as a text itself, filled into a follow-up ("Thanks {field.first_name}!"),
+/// does not make a message Twilio would refuse: it is cut to 1,600 characters, ending in `…`.
+#[test]
+fn a_text_made_too_long_by_an_answer_is_cut_to_twilios_limit() {
+    let f = flows();
+    let last = f.form.fields.len() - 1;
+    let mut s = subscriber(State::Verified);
+    s.fields.insert("first_name".into(), "é🙂".repeat(600));
+    s.fields.insert("age_group".into(), "30_50".into());
+    s.form = Some(smsflow::machine::FormCursor {
+        index: last,
+        editing: false,
+        key: Some(f.form.fields[last].key.clone()),
+    });
+    let t = step(
+        s,
+        &Event::Inbound("A".into()),
+        &f,
+        t0(),
+        &mut StdRng::seed_from_u64(1),
+    );
+    let sent = messages(&t.effects);
+    let thanks = sent
+        .iter()
+        .find(|m| m.starts_with("Thanks é🙂"))
+        .unwrap_or_else(|| panic!("the sequence's first step: {sent:?}"));
+    // (An emoji is two units: the cut may leave one unused.)
+    assert!(
+        (1599..=1600).contains(&thanks.encode_utf16().count()),
+        "{thanks}"
+    );
+    assert!(
+        thanks.ends_with("é🙂é…") || thanks.ends_with('…'),
+        "{thanks}"
+    );
+    for m in &sent {
+        assert!(m.encode_utf16().count() <= 1600, "{m}");
+    }
+}
+
 /// Nothing that could be a code shows in the `Debug` form of events and effects, should
 /// anything ever log them.
 #[test]
