@@ -641,13 +641,6 @@ pub fn export(
         }
     };
     let (data, flows_dir) = (data.as_path(), flows_dir.as_path());
-    let flows = match flows::load_dir(flows_dir) {
-        Ok(f) => f,
-        Err(p) => {
-            eprintln!("{p}");
-            return ExitCode::from(EXIT_PROBLEMS);
-        }
-    };
     if !data.exists() {
         eprintln!(
             "smsflow export: no data dir at {} (set --data, SMSFLOW_DATA or `data` in smsflow.toml)",
@@ -663,6 +656,14 @@ pub fn export(
         );
         return ExitCode::from(EXIT_USAGE);
     }
+    // After the data dir: run where there is neither, the one to name is the data.
+    let flows = match flows::load_dir(flows_dir) {
+        Ok(f) => f,
+        Err(p) => {
+            eprintln!("{p}");
+            return ExitCode::from(EXIT_PROBLEMS);
+        }
+    };
     // A small page cache: the export reads every record once, memory must stay flat.
     let store = match crate::store::Store::open_with_cache(data, 8 << 20) {
         Ok(s) => s,
@@ -670,7 +671,9 @@ pub fn export(
             if e.downcast_ref::<crate::store::DataDirInUse>().is_some() {
                 eprintln!(
                     "smsflow export: {e}.\nThe running daemon holds it: download the dataset from it instead:\n  \
-                     curl -H \"Authorization: Bearer $SMSFLOW_ADMIN_TOKEN\" '{}/admin/export.csv{}'",
+                     curl -H \"Authorization: Bearer $SMSFLOW_ADMIN_TOKEN\" '{}/admin/export.csv{}'\n\
+                     (its admin token, set by SMSFLOW_ADMIN_TOKEN or admin_token in its smsflow.toml; \
+                     with none set, leave out -H: it answers this machine)",
                     daemon_url(data),
                     if one_hot { "?one_hot=1" } else { "" }
                 );

@@ -402,15 +402,24 @@ async fn the_export_has_a_row_per_phone_with_category_columns() {
     assert_eq!(String::from_utf8(out.stdout).unwrap(), one_hot);
     assert!(String::from_utf8_lossy(&out.stderr).contains("exported 3 subscriber(s); peak memory"));
 
-    // No data dir there, or a file: a usage mistake (exit 2) that says which.
+    // No data dir there, or a file: a usage mistake (exit 2) that says which, even where
+    // there are no flows either (the data is what is missing).
     let file = here.path().join("smsflow.toml");
+    let empty = tempfile::tempdir().unwrap();
     for (dir, says) in [
-        (here.path().join("nothing"), "no data dir at"),
-        (file, "is not a directory"),
+        (Some(here.path().join("nothing")), "no data dir at"),
+        (Some(file), "is not a directory"),
+        (None, "no data dir at"),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
-            .args(["export", "--data"])
-            .arg(&dir)
+            .current_dir(empty.path())
+            .env_remove("SMSFLOW_DATA")
+            .env_remove("SMSFLOW_FLOWS")
+            .arg("export")
+            .args(
+                dir.iter()
+                    .flat_map(|d| [std::ffi::OsStr::new("--data"), d.as_os_str()]),
+            )
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(2));
