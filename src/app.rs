@@ -442,6 +442,9 @@ async fn serve(
             let mut closing = false;
             loop {
                 tokio::select! {
+                    // The connection first: a request that has arrived reaches its handler
+                    // (and marks the connection busy) before a request to close is heard.
+                    biased;
                     done = connection.as_mut() => {
                         // A client's broken connection is its own affair.
                         if let Err(e) = done {
@@ -455,13 +458,14 @@ async fn serve(
                         connection.as_mut().graceful_shutdown();
                     }
                     () = opened.asked_to_close(), if !closing => {
-                        if !opened.is_busy() {
-                            // Dropped: closed, with no request of its own lost (a request
-                            // head not yet whole has reached no handler).
+                        if !opened.has_served() {
+                            // Never began a request: nothing of it reached a handler, and a
+                            // head sent a byte at a time would keep hyper's own close waiting.
                             tracing::debug!("closed an idle connection to make room");
                             return;
                         }
-                        // It began a request since it was picked: closes after answering it.
+                        // Closed by hyper: at once if idle between requests, else once the
+                        // answer under way (or the end of one still being written) is sent.
                         closing = true;
                         connection.as_mut().graceful_shutdown();
                     }

@@ -25,6 +25,8 @@ pub struct Conn {
     /// When the connection opened or last finished an answer, in microseconds since
     /// [`Conns`]'s epoch.
     idle_since: AtomicU64,
+    /// It has begun a request (so hyper has its answer to finish, or is idle between requests).
+    served: AtomicBool,
     /// It has been asked to close (once is enough).
     asked: AtomicBool,
     ask: Notify,
@@ -55,6 +57,7 @@ impl Conns {
         let conn = Arc::new(Conn {
             busy: AtomicUsize::new(0),
             idle_since: AtomicU64::new(self.micros()),
+            served: AtomicBool::new(false),
             asked: AtomicBool::new(false),
             ask: Notify::new(),
         });
@@ -73,12 +76,13 @@ impl Conns {
     /// Returns whether there was one.
     pub fn close_longest_idle(&self) -> bool {
         let open = self.open();
+        // (Ties go to the one opened first.)
         let longest = open
-            .values()
-            .filter(|c| c.busy.load(SeqCst) == 0 && !c.asked.load(SeqCst))
-            .min_by_key(|c| c.idle_since.load(SeqCst));
+            .iter()
+            .filter(|(_, c)| c.busy.load(SeqCst) == 0 && !c.asked.load(SeqCst))
+            .min_by_key(|(id, c)| (c.idle_since.load(SeqCst), **id));
         match longest {
-            Some(conn) => {
+            Some((_, conn)) => {
                 conn.asked.store(true, SeqCst);
                 // Stored if the connection is not waiting for it yet.
                 conn.ask.notify_one();
@@ -116,6 +120,7 @@ impl Tracker {
     /// A request begins; it ends when the returned guard drops (keep it until the answer's
     /// body is sent).
     pub fn busy(&self) -> Busy {
+        self.conn.served.store(true, SeqCst);
         self.conn.busy.fetch_add(1, SeqCst);
         Busy {
             conns: self.conns.clone(),
@@ -135,6 +140,11 @@ impl Opened {
 
     pub fn is_busy(&self) -> bool {
         self.tracker.conn.busy.load(SeqCst) > 0
+    }
+
+    /// Whether it has begun a request since it opened.
+    pub fn has_served(&self) -> bool {
+        self.tracker.conn.served.load(SeqCst)
     }
 
     /// Resolves once [`Conns::close_longest_idle`] picked this connection.
@@ -178,6 +188,7 @@ mod tests {
         let under_way = first.busy();
         drop(third.busy());
         assert_eq!(conns.len(), 3);
+        assert!(!second.has_served() && third.has_served());
 
         assert!(conns.close_longest_idle());
         second.asked_to_close().await;
