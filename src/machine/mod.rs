@@ -389,11 +389,26 @@ pub fn placeholder(flows: &Flows, sub: Option<&Subscriber>, name: &str) -> Optio
 /// which is never fewer than Twilio's count.
 pub const MAX_BODY: usize = 1600;
 
+/// How many characters of a value a placeholder keeps when the whole text would not fit.
+const SHORTENED: usize = 40;
+
+fn fits(text: &str) -> bool {
+    text.encode_utf16().count() <= MAX_BODY
+}
+
+/// `value`, or its first `most` characters and `…`.
+fn shortened(value: &str, most: usize) -> String {
+    match value.char_indices().nth(most) {
+        None => value.to_string(),
+        Some((end, _)) => format!("{}…", &value[..end]),
+    }
+}
+
 /// A text within [`MAX_BODY`]: `check` holds every flow text to it, but an answer filled into
-/// `{field.KEY}` may be as long as a message itself. A longer one is cut, ending in `…`, rather
-/// than refused by Twilio.
+/// `{field.KEY}` may be as long as a message itself (and is shortened first, see
+/// `render_with`). What is still too long is cut, ending in `…`, rather than refused by Twilio.
 fn fit(text: String) -> String {
-    if text.encode_utf16().count() <= MAX_BODY {
+    if fits(&text) {
         return text;
     }
     let (mut units, mut end) = (0, 0);
@@ -526,11 +541,22 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     }
 
     fn render_with(&self, t: &Template, current: Option<&str>) -> String {
-        t.render(|name| match name {
-            "code" => self.code.clone(),
-            "current" => current.map(str::to_string),
-            other => placeholder(self.flows, Some(&self.sub), other),
-        })
+        let filled = |most: usize| {
+            t.render(|name| match name {
+                "code" => self.code.clone(),
+                "current" => current.map(|c| shortened(c, most)),
+                other => {
+                    placeholder(self.flows, Some(&self.sub), other).map(|v| shortened(&v, most))
+                }
+            })
+        };
+        let text = filled(usize::MAX);
+        if fits(&text) {
+            return text;
+        }
+        // An answer as long as a text fills a placeholder: it is shortened where it stands, so
+        // what the flow wrote around it (a code, what to reply) is still sent.
+        fit(filled(SHORTENED))
     }
 
     fn say(&mut self, text: String) {
@@ -1208,5 +1234,23 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             }
             _ => self.outcome = Outcome::Ignored,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fit, shortened, MAX_BODY};
+
+    #[test]
+    fn a_text_past_twilios_limit_is_cut_on_a_whole_character_and_ends_in_an_ellipsis() {
+        let short = "é🙂".repeat(10);
+        assert_eq!(fit(short.clone()), short);
+        // 1 + three UTF-16 units a pair: the emoji that would fill the last unit but one is
+        // not split, and that unit stays empty.
+        let cut = fit(format!("x{}", "é🙂".repeat(600)));
+        assert_eq!(cut.encode_utf16().count(), MAX_BODY - 1);
+        assert!(cut.ends_with("🙂é…"));
+        assert_eq!(shortened("Annabelle", 4), "Anna…");
+        assert_eq!(shortened("Ann", 4), "Ann");
     }
 }
