@@ -164,11 +164,23 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
                     if msg == "duplicate key" {
                         // The parser's words name neither the key nor what to do.
                         let key = text.get(span.clone()).unwrap_or_default();
-                        let header = text
+                        // The line it is on: a table header (`[ivr.menu.main]`) or `key = …`.
+                        let line_start = text
                             .get(..span.start)
-                            .is_some_and(|before| before.trim_end().ends_with('['));
-                        msg = if header {
-                            format!("table [{key}] is written twice in this file; merge the two")
+                            .and_then(|before| before.rfind('\n'))
+                            .map_or(0, |n| n + 1);
+                        let line = text
+                            .get(line_start..)
+                            .and_then(|rest| rest.lines().next())
+                            .unwrap_or_default()
+                            .trim();
+                        msg = if line.starts_with('[') {
+                            let header = line.split('#').next().unwrap_or(line).trim_end();
+                            format!(
+                                "table {header} is already defined in this file; merge the two \
+                                 (a list of tables, such as [[sequence]], is written with two \
+                                 brackets every time)"
+                            )
                         } else {
                             format!("key {key:?} is written twice in its table; keep one")
                         };
@@ -446,8 +458,8 @@ const KEEP: &[&str] = &["KEEP"];
 /// The longest duration a flow may use (it keeps time arithmetic far from overflow).
 const MAX_DAYS: i64 = 366;
 
-/// Twilio's limit for one message body.
-const MAX_TEXT: usize = 1600;
+/// Twilio's limit for one message body, counted as the machine counts it when sending.
+const MAX_TEXT: usize = crate::machine::MAX_BODY;
 
 struct Cx {
     sources: Vec<(PathBuf, String)>,
@@ -726,11 +738,14 @@ impl Cx {
         if src.trim().is_empty() {
             self.err(f, s.span(), format!("empty text: {what}"));
         }
-        if src.chars().count() > MAX_TEXT {
+        if src.encode_utf16().count() > MAX_TEXT {
             self.err(
                 f,
                 s.span(),
-                format!("{what} is longer than {MAX_TEXT} characters"),
+                format!(
+                    "{what} is longer than {MAX_TEXT} characters (as Twilio counts them: an \
+                     emoji or other character beyond the basic plane is two)"
+                ),
             );
         }
         match Template::parse(src) {
@@ -1404,6 +1419,8 @@ impl Cx {
             "Sorry, I didn't get that.",
             plain,
         );
+        // With no menu, what a call hears is `goodbye`: a line that only announces says it.
+        let announces = r.goodbye.is_some();
         let goodbye = self.text(f, r.goodbye, "ivr.goodbye", "Goodbye.", plain);
         let read_code = self.text(
             f,
@@ -1514,13 +1531,15 @@ impl Cx {
                     span,
                     format!("ivr.start names menu {start:?}, but there is no [ivr.menu.*] at all"),
                 ),
-                // Every call would hear goodbye and nothing else.
-                None => self.err(
+                // Every call would hear "Goodbye." and nothing else.
+                None if !announces => self.err(
                     f,
                     at,
-                    "[ivr] has no menus: add [ivr.menu.main], the menu a call starts in (or \
-                     remove [ivr])",
+                    "[ivr] has no menus, so every call hears only \"Goodbye.\": add \
+                     [ivr.menu.main], the menu a call starts in, or set ivr.goodbye to what \
+                     callers should hear",
                 ),
+                None => {}
             }
         }
         if !menus.is_empty() {

@@ -319,6 +319,13 @@ fn voice_menus_without_main_or_a_start_or_at_all_say_so_where_the_voice_settings
         problems.contains("v.toml:4:") && problems.contains("[ivr] has no menus"),
         "{problems}"
     );
+    // A line that only announces something: what it says is its goodbye.
+    write(
+        dir.path(),
+        "v.toml",
+        "[bot]\nname = \"Vox\"\n\n[ivr]\ngoodbye = \"This line takes texts only.\"\n",
+    );
+    smsflow::flows::load_dir(dir.path()).expect("an announcement line is a voice setting");
 }
 
 #[test]
@@ -536,7 +543,12 @@ fn a_shape_mistake_says_what_to_write_instead() {
         (
             "[bot]\nname = \"X\"\n[keywords]\nopt_in = [\"GO\"]\n\n[ keywords ]\nedit = [\"ME\"]\n",
             "a.toml:6:3:",
-            "table [keywords] is written twice in this file; merge the two",
+            "table [ keywords ] is already defined in this file; merge the two",
+        ),
+        (
+            "[bot]\nname = \"X\"\n[ivr.menu.main]\nsay = \"Hi\"\n[ivr.menu.main] # again\nsay = \"Ho\"\n",
+            "a.toml:5:",
+            "table [ivr.menu.main] is already defined in this file; merge the two",
         ),
         (
             "[bot]\nname = \"X\"\nname = \"Y\"\n",
@@ -616,4 +628,24 @@ ask = "Age? {field.nope}"
         .filter_map(|l| l.split(':').nth(1)?.parse().ok())
         .collect();
     assert_eq!(lines, [4, 7, 11], "{found}");
+}
+
+/// Twilio's 1,600-character limit counts an emoji as two: a text of 801 emoji is over it.
+#[test]
+fn a_text_over_twilios_limit_as_twilio_counts_it_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = |n: usize| {
+        format!(
+            "[bot]\nname = \"X\"\n[replies]\nhelp = \"{}\"\n",
+            "🙂".repeat(n)
+        )
+    };
+    write(dir.path(), "a.toml", &text(800));
+    smsflow::flows::load_dir(dir.path()).expect("1,600 units is within the limit");
+    write(dir.path(), "a.toml", &text(801));
+    let problems = problems_in(dir.path());
+    assert!(
+        problems.contains("a.toml:4:") && problems.contains("replies.help is longer than 1600"),
+        "{problems}"
+    );
 }
