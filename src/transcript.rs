@@ -141,7 +141,10 @@ impl Runner {
                 let Some(sent) = self.pending.pop_front() else {
                     return Err(format!("expected the bot to send {rest:?}, but it sent nothing more"));
                 };
-                let actual = sent.text.replace('\n', "\\n");
+                // A line break is written `\n`, so a backslash itself is written `\\`: else
+                // a text that says backslash-n (a flow's single-quoted TOML string) would pass
+                // for one with a line break.
+                let actual = sent.text.replace('\\', "\\\\").replace('\n', "\\n");
                 if !self.matches(rest, &actual)? {
                     return Err(format!("expected: {rest}\n  actual: {actual}"));
                 }

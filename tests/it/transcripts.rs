@@ -53,6 +53,34 @@ fn a_wrong_expectation_fails_with_file_line_expected_and_actual() {
     );
 }
 
+/// `\n` in a transcript is a line break; a text that says backslash-n (a flow's single-quoted
+/// TOML string) is written `\\n`, and does not pass for one with a line break.
+#[test]
+fn a_line_break_and_a_backslash_n_are_told_apart() {
+    let flows = |not_joined: &str| {
+        smsflow::flows::load_sources(vec![(
+            "f.toml".into(),
+            format!("[bot]\nname = \"B\"\n[replies]\nnot_joined = {not_joined}\n"),
+        )])
+        .unwrap()
+    };
+    let broken = flows("'Welcome!\\nReply JOIN.'");
+    let right = flows("\"Welcome!\\nReply JOIN.\"");
+    let expect_break = "> hi\n< Welcome!\\nReply JOIN.\n";
+    let expect_backslash = "> hi\n< Welcome!\\\\nReply JOIN.\n";
+    let run = |f: &smsflow::flows::Flows, text: &str| {
+        smsflow::transcript::run(f, "t.txt".as_ref(), text).map_err(|e| e.to_string())
+    };
+    assert!(run(&right, expect_break).is_ok());
+    let failed = run(&broken, expect_break).expect_err("a backslash-n is no line break");
+    assert!(
+        failed.contains("actual: Welcome!\\\\nReply JOIN."),
+        "{failed}"
+    );
+    assert!(run(&broken, expect_backslash).is_ok());
+    assert!(run(&right, expect_backslash).is_err());
+}
+
 #[test]
 fn odd_transcript_text_fails_at_its_line_instead_of_crashing() {
     let flows = smsflow::flows::load_dir("flows".as_ref()).unwrap();
