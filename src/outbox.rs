@@ -287,6 +287,17 @@ impl Outbox {
                 tracing::info!(phone = %msg.phone.masked(), "outbox: not sending to a number that opted out (since this was queued) or was erased");
                 ("suppressed", None, None, None)
             }
+            // A code held up by retries past its life would only be refused when typed back
+            // ("expired"): the number asks for a new one instead of waiting for a dead one.
+            Ok(_) if msg.secret && self.code_expired(&msg) => {
+                tracing::info!(phone = %msg.phone.masked(), "outbox: not sending a code that expired while it waited");
+                (
+                    "suppressed",
+                    None,
+                    None,
+                    Some("the code expired before it could be sent".to_string()),
+                )
+            }
             Ok(_) => {
                 msg.attempts += 1;
                 match self.provider.send(&msg.phone, &msg.body).await {
@@ -335,6 +346,14 @@ impl Outbox {
             &delivery(&msg, status, sid, code, error, self.engine.clock().now()),
         )?;
         Ok(())
+    }
+
+    /// Whether a queued code's life (the live flows' `verify.ttl`, from when it was queued,
+    /// which is when it was issued) has ended.
+    fn code_expired(&self, msg: &OutMessage) -> bool {
+        msg.created_at
+            .checked_add_signed(self.engine.flows().verify.ttl)
+            .is_some_and(|end| self.engine.clock().now() >= end)
     }
 
     /// Exponential backoff with jitter: base·2^(n-1), capped, times a random 50–100 %.

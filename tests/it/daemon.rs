@@ -1481,6 +1481,52 @@ async fn a_message_waiting_for_its_slot_is_not_sent_after_its_number_is_erased_a
     app.stop().await;
 }
 
+/// A code whose sends keep failing until it has expired is not sent then: it would only be
+/// refused when typed back. Its record says why.
+#[tokio::test]
+async fn a_code_that_expired_while_its_send_was_retried_is_not_sent() {
+    let app = TestApp::spawn_with_options(FLOWS, |o| {
+        o.retry_base = Duration::from_secs(20);
+        o.clock = manual_clock();
+    })
+    .await;
+    app.twilio.fail_next(&[503]);
+    app.sms(ANN, "JOIN").await;
+    eventually("the code to wait for its retry", async || {
+        let now = app.engine.clock().now();
+        app.engine
+            .store
+            .outbox()
+            .any(|m| m.is_ok_and(|(_, m)| m.attempts == 1 && m.next_try > now))
+    })
+    .await;
+    // The shipped flows' codes live 10 minutes.
+    app.advance(Duration::from_secs(11 * 60));
+    eventually("the outbox to be done with it", async || {
+        app.engine.store.outbox_len() == 0
+    })
+    .await;
+    assert!(
+        app.twilio.delivered().is_empty(),
+        "an expired code was sent"
+    );
+    let ended: Vec<_> = app
+        .engine
+        .store
+        .deliveries()
+        .map(|d| d.unwrap().1)
+        .map(|d| (d.status, d.error))
+        .collect();
+    assert_eq!(
+        ended,
+        [(
+            "suppressed".to_string(),
+            Some("the code expired before it could be sent".to_string())
+        )]
+    );
+    app.stop().await;
+}
+
 /// While one number's message waits for a long retry, others are sent at once; and once that
 /// number is erased and joins again, its new code does not wait for the erased one's retry.
 /// (On a manual clock that never moves: the retry never comes due.)
