@@ -119,6 +119,36 @@ struct Detail {
     #[serde(flatten)]
     view: View,
     history: Vec<serde_json::Value>,
+    messages: Vec<serde_json::Value>,
+}
+
+/// How many of a number's latest messages its page shows.
+const MESSAGES_SHOWN: usize = 20;
+
+/// `{"id": …, "status": "queued" | "sent" | "delivered" | "failed" | …, …}`: what became of
+/// one message (never its text, which may be a code).
+fn message_json(id: u64, sent: &crate::store::Sent) -> serde_json::Value {
+    use crate::store::Sent;
+    match sent {
+        Sent::Queued(m) => serde_json::json!({
+            "id": id,
+            "status": "queued",
+            "attempts": m.attempts,
+            "next_try": m.next_try,
+            "last_error": m.last_error,
+            "queued_at": m.created_at,
+        }),
+        Sent::Ended(d) => serde_json::json!({
+            "id": id,
+            "status": d.status,
+            "attempts": d.attempts,
+            "error_code": d.error_code,
+            "error": d.error,
+            "provider_sid": d.provider_sid,
+            "updated_at": d.updated_at,
+        }),
+        Sent::Unreadable(e) => serde_json::json!({ "id": id, "unreadable": e.to_string() }),
+    }
 }
 
 /// `{"at": …, "event": "code_sent", …fields}` from a stored entry (`step` 1-based).
@@ -321,9 +351,17 @@ fn detail(app: &AppState, phone: &Phone) -> Result<Response, AdminError> {
             Err(e) => serde_json::json!({ "unreadable": e.to_string() }),
         })
         .collect();
+    let messages = app
+        .engine
+        .store
+        .messages_of(phone, MESSAGES_SHOWN)?
+        .iter()
+        .map(|(id, sent)| message_json(*id, sent))
+        .collect();
     Ok(Json(Detail {
         view: View::of(&s),
         history,
+        messages,
     })
     .into_response())
 }

@@ -113,6 +113,13 @@ pub struct Delivery {
     pub updated_at: DateTime<Utc>,
 }
 
+/// One of a number's messages, as [`Store::messages_of`] finds it.
+pub enum Sent {
+    Queued(OutMessage),
+    Ended(Delivery),
+    Unreadable(codec::CodecError),
+}
+
 /// A subscriber record met in a walk over all of them.
 // Made and used one at a time in a walk: boxing the common variant would cost an allocation
 // per record for no saving.
@@ -716,6 +723,42 @@ impl Store {
             .map_err(|e| anyhow::anyhow!("finishing outbox message {id}: {e:?}"))?;
         self.counted(&delta);
         Ok(())
+    }
+
+    /// What became of `phone`'s latest `n` messages, oldest first, found through the
+    /// per-number index: each still queued, or its delivery record. An entry that cannot be
+    /// read is its error, in its place; a storage error is an error.
+    pub fn messages_of(&self, phone: &Phone, n: usize) -> anyhow::Result<Vec<(u64, Sent)>> {
+        let mut found = Vec::new();
+        for tag in [OUTBOX_TAG, DELIVERY_TAG] {
+            let range = phone_index_key(phone, tag, 0)..=phone_index_key(phone, tag, u64::MAX);
+            for k in self.by_phone.range(range).keys().rev().take(n) {
+                let k = k?;
+                let Some(id) = k
+                    .len()
+                    .checked_sub(8)
+                    .and_then(|at| k[at..].try_into().ok())
+                    .map(u64::from_be_bytes)
+                else {
+                    continue;
+                };
+                let key = id.to_be_bytes();
+                let got = if tag == OUTBOX_TAG {
+                    self.outbox
+                        .get(key)?
+                        .map(|v| decode_out(&v).map_or_else(Sent::Unreadable, Sent::Queued))
+                } else {
+                    self.deliveries.get(key)?.map(|v| {
+                        codec::decode(DELIVERY_VERSION, &v)
+                            .map_or_else(Sent::Unreadable, Sent::Ended)
+                    })
+                };
+                found.extend(got.map(|g| (id, g)));
+            }
+        }
+        found.sort_by_key(|(id, _)| *id);
+        let older = found.len().saturating_sub(n);
+        Ok(found.split_off(older))
     }
 
     /// The delivery record for a provider message id.

@@ -132,7 +132,7 @@ async fn subscribers_can_be_listed_filtered_and_paged() {
 }
 
 #[tokio::test]
-async fn one_subscriber_shows_its_state_timer_and_history() {
+async fn one_subscriber_shows_its_state_timer_history_and_what_became_of_its_messages() {
     let app = TestApp::spawn(FLOWS).await;
     app.sms(A, "JOIN").await;
     let (status, s) = get(&app, "/admin/subscribers/%2B15550000001", None).await;
@@ -149,6 +149,46 @@ async fn one_subscriber_shows_its_state_timer_and_history() {
         !s.to_string().contains("\"code\":"),
         "codes are never shown"
     );
+    // What became of its messages: the code was sent (its text is not shown).
+    app.twilio.wait_delivered(1).await;
+    let (_, s) = get(&app, "/admin/subscribers/%2B15550000001", None).await;
+    let messages = s["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 1, "{s}");
+    assert_eq!(messages[0]["status"], "sent");
+    assert!(messages[0]["provider_sid"]
+        .as_str()
+        .unwrap()
+        .starts_with("SM"));
+    assert!(!s.to_string().contains("your code is"), "{s}");
+    // A send Twilio refuses for good shows as failed, with Twilio's code and words.
+    app.twilio.fail_next(&[400]);
+    app.sms(B, "JOIN").await;
+    eventually("the refused code to end", async || {
+        app.engine.store.outbox_len() == 0
+    })
+    .await;
+    let (_, s) = get(&app, "/admin/subscribers/%2B15550000002", None).await;
+    let failed = &s["messages"][0];
+    assert_eq!(
+        (&failed["status"], &failed["error_code"], &failed["error"]),
+        (
+            &serde_json::json!("failed"),
+            &serde_json::json!(20500),
+            &serde_json::json!("Twilio answered 400 Bad Request: scripted failure")
+        ),
+        "{s}"
+    );
+    // One still on its way is queued.
+    app.twilio.hold();
+    app.sms("+15550000003", "JOIN").await;
+    eventually("the send to be under way", async || app.twilio.held() == 1).await;
+    let (_, s) = get(&app, "/admin/subscribers/%2B15550000003", None).await;
+    assert_eq!(
+        (&s["messages"][0]["status"], &s["messages"][0]["attempts"]),
+        (&serde_json::json!("queued"), &serde_json::json!(0)),
+        "{s}"
+    );
+    app.twilio.release();
 
     let (status, err) = get(&app, "/admin/subscribers/not-a-phone", None).await;
     assert_eq!(status, 400);
