@@ -220,14 +220,15 @@ impl Layer {
         self
     }
 
-    /// `self` with every unset value taken from `lower`.
+    /// `self` with every unset value taken from `lower` (a blank one is unset: `--listen=`
+    /// leaves `SMSFLOW_LISTEN` in force).
     pub fn over(self, lower: Layer) -> Layer {
         Layer {
-            listen: self.listen.or(lower.listen),
-            public_url: self.public_url.or(lower.public_url),
+            listen: non_blank(self.listen).or(lower.listen),
+            public_url: non_blank(self.public_url).or(lower.public_url),
             data: self.data.or(lower.data),
             flows: self.flows.or(lower.flows),
-            region: self.region.or(lower.region),
+            region: non_blank(self.region).or(lower.region),
             send_rate: self.send_rate.or(lower.send_rate),
             api_token: self.api_token.or(lower.api_token),
             admin_token: self.admin_token.or(lower.admin_token),
@@ -248,17 +249,19 @@ impl Layer {
     /// Applies defaults and checks values.
     pub fn resolve(self) -> anyhow::Result<Config> {
         let (data_dir, flows_dir) = self.dirs();
-        let listen = self.listen.as_deref().unwrap_or("127.0.0.1:8080");
+        // Blank is unset, as for a variable, wherever it is written (the file, a flag).
+        let given = |v: Option<String>| v.filter(|v| !v.trim().is_empty());
+        let listen = given(self.listen);
+        let listen = listen.as_deref().map_or("127.0.0.1:8080", str::trim);
         let listen: SocketAddr = listen
             .parse()
             .with_context(|| {
                 format!("listen address {listen:?} is not IP:PORT (an IP address, not a name: 127.0.0.1:8080)")
             })?;
-        let public_url = self
-            .public_url
-            .map(|u| base_url(&u, "public_url"))
+        let public_url = given(self.public_url)
+            .map(|u| public_base_url(&u))
             .transpose()?;
-        let region = Region::parse(self.region.as_deref().unwrap_or("US"))?;
+        let region = Region::parse(given(self.region).as_deref().map_or("US", str::trim))?;
         let send_rate = self.send_rate.unwrap_or(1.0);
         anyhow::ensure!(
             send_rate.is_finite() && send_rate >= MIN_SEND_RATE,
@@ -335,6 +338,28 @@ impl Layer {
 /// The lowest `send_rate`: one message every 1,000 seconds.
 const MIN_SEND_RATE: f64 = 0.001;
 
+/// The public URL: a base URL, not a webhook's own URL pasted whole (smsflow adds the paths:
+/// `…/twilio/sms` would answer at `…/twilio/sms/twilio/sms`).
+fn public_base_url(given: &str) -> anyhow::Result<String> {
+    let base = base_url(given, "public_url")?;
+    let webhook = [
+        "/twilio/sms",
+        "/twilio/status",
+        "/twilio/voice",
+        "/twilio/voice/gather",
+    ]
+    .into_iter()
+    .find(|path| base.to_ascii_lowercase().ends_with(path));
+    match webhook {
+        Some(path) => anyhow::bail!(
+            "public_url {base:?} ends with {path}, a webhook's path: give the address in front \
+             of it ({:?}); smsflow adds the paths itself",
+            &base[..base.len() - path.len()]
+        ),
+        None => Ok(base),
+    }
+}
+
 /// A base URL as given for `what` (`public_url`, `api_base`): `https://` (or `http://`) and a
 /// host, no query or fragment. It is kept as written, less a trailing `/`: Twilio signs the
 /// URL exactly as it was typed into its console, so it is not rewritten.
@@ -346,6 +371,11 @@ fn base_url(given: &str, what: &str) -> anyhow::Result<String> {
     } else {
         format!("{given:?}")
     };
+    // A host alone (`abc.ngrok.app`) is the likely slip: say what it lacks.
+    anyhow::ensure!(
+        given.contains("://"),
+        "{what} {shown} must start with https:// (or http://) and a host name"
+    );
     let parsed = url::Url::parse(given).with_context(|| format!("{what} {shown} is not a URL"))?;
     // Before anything echoes the URL: a password in it must not reach the log or a banner.
     anyhow::ensure!(
@@ -506,6 +536,41 @@ mod tests {
             let err = public(bad).unwrap_err().to_string();
             assert!(err.contains("public_url"), "{bad}: {err}");
         }
+        // A host alone says what it lacks; a webhook's URL pasted whole says what to give.
+        let err = public("abc.ngrok.app").unwrap_err().to_string();
+        assert!(err.contains("must start with https://"), "{err}");
+        let err = public("https://abc.ngrok.app/bot/twilio/sms/")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ends with /twilio/sms") && err.contains("\"https://abc.ngrok.app/bot\""),
+            "{err}"
+        );
+        // Blank is unset, in the file or a flag as in a variable.
+        let blank = Layer {
+            public_url: Some(" ".into()),
+            listen: Some("".into()),
+            region: Some("".into()),
+            ..Layer::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(blank.public_url, None);
+        assert_eq!(blank.listen.to_string(), "127.0.0.1:8080");
+        let flag = Layer {
+            listen: Some("".into()),
+            ..Layer::default()
+        };
+        let env = Layer {
+            listen: Some(" 127.0.0.1:18202".into()),
+            ..Layer::default()
+        };
+        let listen = flag.over(env).resolve().unwrap().listen;
+        assert_eq!(
+            listen.to_string(),
+            "127.0.0.1:18202",
+            "a blank flag leaves the variable"
+        );
         // Credentials are refused without being repeated.
         for bad in [
             "https://:s3cret@abc.ngrok.app",
