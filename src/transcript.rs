@@ -141,12 +141,12 @@ impl Runner {
                 let Some(sent) = self.pending.pop_front() else {
                     return Err(format!("expected the bot to send {rest:?}, but it sent nothing more"));
                 };
-                // A line break is written `\n`, so a backslash itself is written `\\`: else
-                // a text that says backslash-n (a flow's single-quoted TOML string) would pass
-                // for one with a line break.
-                let actual = sent.text.replace('\\', "\\\\").replace('\n', "\\n");
+                let actual = shown(&sent.text);
                 if !self.matches(rest, &actual)? {
-                    return Err(format!("expected: {rest}\n  actual: {actual}"));
+                    return Err(format!(
+                        "expected: {rest}{}\n  actual: {actual}",
+                        self.bound_in(rest)
+                    ));
                 }
                 // `<` is a message to the number the transcript is texting as (`! phone`).
                 if sent.phone != self.phone {
@@ -172,8 +172,13 @@ impl Runner {
             Some(s) => Err((
                 self.pending_from,
                 format!(
-                    "unexpected message from the bot: {}",
-                    s.text.replace('\n', "\\n")
+                    "unexpected message from the bot{}: {}",
+                    if s.phone == self.phone {
+                        String::new()
+                    } else {
+                        format!(" to {} (switch with `! phone` to expect it)", s.phone)
+                    },
+                    shown(&s.text)
                 ),
             )),
         }
@@ -219,6 +224,12 @@ impl Runner {
         let (what, value) = rest.split_once(' ').unwrap_or((rest, ""));
         let value = value.trim();
         let actual = match what {
+            "state" if !crate::machine::State::NAMES.contains(&value) => {
+                return Err(format!(
+                    "no state is called {value:?} (one of: {})",
+                    crate::machine::State::NAMES.join(", ")
+                ))
+            }
             "state" => sub.map_or("unverified", |s| s.state.name()).to_string(),
             "sequence" => sub.and_then(|s| s.sequence.clone()).unwrap_or_default(),
             "field" => {
@@ -247,6 +258,31 @@ impl Runner {
             Ok(())
         } else {
             Err(format!("expected {what} {value:?}, actual {actual:?}"))
+        }
+    }
+
+    /// The captures an expected line uses that were bound on earlier lines, with their
+    /// values, for a failure message: ` (with {$code} = 123456)`.
+    fn bound_in(&self, expected: &str) -> String {
+        let mut bound: Vec<String> = Vec::new();
+        let mut rest = expected;
+        while let Some(start) = rest.find("{$") {
+            let Some(end) = rest[start..].find('}').map(|e| e + start) else {
+                break;
+            };
+            let name = &rest[start + 2..end];
+            if let Some(v) = self.vars.get(name) {
+                let said = format!("{{${name}}} = {}", shown(v));
+                if !bound.contains(&said) {
+                    bound.push(said);
+                }
+            }
+            rest = &rest[end + 1..];
+        }
+        if bound.is_empty() {
+            String::new()
+        } else {
+            format!(" (with {})", bound.join(", "))
         }
     }
 
@@ -343,4 +379,11 @@ pub fn parse_delay(text: &str) -> Result<TimeDelta, String> {
         ));
     }
     TimeDelta::from_std(d).map_err(|e| e.to_string())
+}
+
+/// A message as a transcript writes it: a line break as `\n`, so a backslash as `\\` (else a
+/// text that says backslash-n, a flow's single-quoted TOML string, would pass for one with a
+/// line break).
+fn shown(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('\n', "\\n")
 }

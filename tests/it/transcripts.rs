@@ -107,6 +107,31 @@ fn an_expected_message_must_go_to_the_number_the_transcript_texts_as() {
     assert!(err.message.contains("went to +15550002222"), "{err}");
 }
 
+/// A failure says what a transcript writer needs: a misspelt state is no state, a capture
+/// bound earlier shows its value, and a message nobody expected names the number it went to.
+#[test]
+fn failures_name_a_misspelt_state_a_bound_capture_and_the_number_a_message_went_to() {
+    let flows = smsflow::flows::load_dir("flows".as_ref()).unwrap();
+    let run = |text: &str| smsflow::transcript::run(&flows, "t.txt".as_ref(), text);
+    let err = run("> HELP\n< {*}\n? state verifed\n").unwrap_err();
+    assert!(
+        err.message
+            .contains("no state is called \"verifed\" (one of: unverified,"),
+        "{err}"
+    );
+    let err = run("! seed 0\n> JOIN\n< {*} your code is {$code}. {*}\n> JOIN\n< {*} your code is {$code}. {*}\n")
+        .unwrap_err();
+    assert_eq!(err.line, 5, "{err}");
+    assert!(err.message.contains("(with {$code} = "), "{err}");
+    let err = run("> HELP\n< {*}\n! phone +15550002222\n> HELP\n! phone +15550001111\n> HELP\n")
+        .unwrap_err();
+    assert!(
+        err.message
+            .contains("unexpected message from the bot to +15550002222"),
+        "{err}"
+    );
+}
+
 /// `! at` moves the clock as `~` does, firing the timers due on the way; it may set the
 /// start, but not turn the clock back once a number has texted.
 #[test]
