@@ -621,12 +621,7 @@ impl Store {
             .keys()
         {
             let k = k?;
-            let Some(id) = k
-                .len()
-                .checked_sub(8)
-                .and_then(|at| k[at..].try_into().ok())
-                .map(u64::from_be_bytes)
-            else {
+            let Some(id) = index_id(&k) else {
                 continue;
             };
             match self.outbox_get(id) {
@@ -734,12 +729,7 @@ impl Store {
             let range = phone_index_key(phone, tag, 0)..=phone_index_key(phone, tag, u64::MAX);
             for k in self.by_phone.range(range).keys().rev().take(n) {
                 let k = k?;
-                let Some(id) = k
-                    .len()
-                    .checked_sub(8)
-                    .and_then(|at| k[at..].try_into().ok())
-                    .map(u64::from_be_bytes)
-                else {
+                let Some(id) = index_id(&k) else {
                     continue;
                 };
                 let key = id.to_be_bytes();
@@ -892,12 +882,7 @@ impl Store {
         let mut ids: Vec<u64> = Vec::new();
         for k in self.by_phone.scan_prefix(&prefix).keys() {
             let k = k?;
-            let id = k
-                .len()
-                .checked_sub(8)
-                .and_then(|at| k[at..].try_into().ok())
-                .map(u64::from_be_bytes)
-                .context("phone index key")?;
+            let id = index_id(&k).context("phone index key")?;
             ids.push(id);
         }
         ids.sort_unstable();
@@ -1260,6 +1245,12 @@ fn phone_index_key(phone: &Phone, tag: u8, id: u64) -> Vec<u8> {
     let mut rest = vec![tag];
     rest.extend_from_slice(&id.to_be_bytes());
     prefixed(phone, &rest)
+}
+
+/// The message id a phone index key ends with.
+fn index_id(key: &[u8]) -> Option<u64> {
+    let at = key.len().checked_sub(8)?;
+    key[at..].try_into().ok().map(u64::from_be_bytes)
 }
 
 fn history_key(phone: &Phone, id: u64) -> Vec<u8> {

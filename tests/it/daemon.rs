@@ -692,6 +692,25 @@ async fn half_a_request(base: &str) -> tokio::net::TcpStream {
     stalled
 }
 
+/// Ann's code asked for through the OTP API, in the background: its answer's status.
+fn code_request(app: &TestApp) -> tokio::task::JoinHandle<u16> {
+    let (http, url, token) = (
+        app.http.clone(),
+        format!("{}/authenticate/get_otp", app.base),
+        app.api_token.clone().unwrap(),
+    );
+    tokio::spawn(async move {
+        let r = http
+            .post(url)
+            .bearer_auth(token)
+            .json(&serde_json::json!({ "phone": ANN }))
+            .send()
+            .await
+            .unwrap();
+        r.status().as_u16()
+    })
+}
+
 /// A stop lets a request under way finish, but a client that opened a connection and never
 /// finished its request does not hold the stop past the grace period.
 #[tokio::test]
@@ -701,21 +720,7 @@ async fn a_stop_answers_requests_under_way_and_does_not_wait_for_ever_on_a_stall
     let stalled = half_a_request(&app.base).await;
     // A code request waits on Twilio's answer while the stop begins.
     app.twilio.hold();
-    let (http, url, token) = (
-        app.http.clone(),
-        format!("{}/authenticate/get_otp", app.base),
-        app.api_token.clone().unwrap(),
-    );
-    let under_way = tokio::spawn(async move {
-        let r = http
-            .post(url)
-            .bearer_auth(token)
-            .json(&serde_json::json!({ "phone": ANN }))
-            .send()
-            .await
-            .unwrap();
-        r.status().as_u16()
-    });
+    let under_way = code_request(&app);
     for _ in 0..200 {
         if app.twilio.held() > 0 {
             break;
@@ -829,21 +834,7 @@ async fn past_the_connection_limit_a_connection_with_a_request_under_way_is_not_
     let app = TestApp::spawn_with_options(FLOWS, |o| o.max_connections = Some(1)).await;
     // A code request waits on Twilio's answer.
     app.twilio.hold();
-    let (http, url, token) = (
-        app.http.clone(),
-        format!("{}/authenticate/get_otp", app.base),
-        app.api_token.clone().unwrap(),
-    );
-    let under_way = tokio::spawn(async move {
-        let r = http
-            .post(url)
-            .bearer_auth(token)
-            .json(&serde_json::json!({ "phone": ANN }))
-            .send()
-            .await
-            .unwrap();
-        r.status().as_u16()
-    });
+    let under_way = code_request(&app);
     eventually("the code's send to be under way", async || {
         app.twilio.held() == 1
     })
