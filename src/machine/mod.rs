@@ -541,22 +541,33 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     }
 
     fn render_with(&self, t: &Template, current: Option<&str>) -> String {
-        let filled = |most: usize| {
-            t.render(|name| match name {
-                "code" => self.code.clone(),
-                "current" => current.map(|c| shortened(c, most)),
-                other => {
-                    placeholder(self.flows, Some(&self.sub), other).map(|v| shortened(&v, most))
-                }
-            })
+        self.render_joined(&[("", t, current)])
+    }
+
+    /// Texts filled in and joined, each after its separator, as one message. When the whole
+    /// would not fit, an answer as long as a text fills a placeholder: every placeholder is
+    /// shortened where it stands, so what the flow wrote around them (a code, what to reply)
+    /// is still sent.
+    fn render_joined(&self, parts: &[(&str, &Template, Option<&str>)]) -> String {
+        let joined = |most: usize| {
+            parts
+                .iter()
+                .map(|(sep, t, current)| {
+                    let filled = t.render(|name| match name {
+                        "code" => self.code.clone(),
+                        "current" => current.map(|c| shortened(c, most)),
+                        other => placeholder(self.flows, Some(&self.sub), other)
+                            .map(|v| shortened(&v, most)),
+                    });
+                    format!("{sep}{filled}")
+                })
+                .collect::<String>()
         };
-        let text = filled(usize::MAX);
+        let text = joined(usize::MAX);
         if fits(&text) {
             return text;
         }
-        // An answer as long as a text fills a placeholder: it is shortened where it stands, so
-        // what the flow wrote around it (a code, what to reply) is still sent.
-        fit(filled(SHORTENED))
+        fit(joined(SHORTENED))
     }
 
     fn say(&mut self, text: String) {
@@ -924,17 +935,25 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     }
 
     fn field_question(&self, index: usize, editing: bool) -> String {
+        self.render_joined(&self.question_parts(index, editing))
+    }
+
+    /// A form field's question, and while editing, what it holds now.
+    fn question_parts(
+        &self,
+        index: usize,
+        editing: bool,
+    ) -> Vec<(&'static str, &Template, Option<&str>)> {
         let Some(field) = self.flows.form.fields.get(index) else {
-            return String::new();
+            return Vec::new();
         };
-        let mut text = self.render(&field.ask);
+        let mut parts = vec![("", &field.ask, None)];
         if editing {
             if let Some(current) = self.sub.fields.get(&field.key) {
-                text.push(' ');
-                text.push_str(&self.render_with(&self.flows.form.current, Some(current)));
+                parts.push((" ", &self.flows.form.current, Some(current.as_str())));
             }
         }
-        text
+        parts
     }
 
     fn answer_form(&mut self, text: &str) {
@@ -968,11 +987,13 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                     });
                 }
                 None => {
-                    let retry = format!(
-                        "{}\n{}",
-                        self.render(&field.retry),
-                        self.field_question(index, cursor.editing)
-                    );
+                    let mut parts = vec![("", &field.retry, None)];
+                    let mut question = self.question_parts(index, cursor.editing);
+                    if let Some(first) = question.first_mut() {
+                        first.0 = "\n";
+                    }
+                    parts.extend(question);
+                    let retry = self.render_joined(&parts);
                     self.say(retry);
                     return;
                 }
@@ -1143,7 +1164,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             return;
         };
         let Some(value) = q.expect.accept(text) else {
-            let retry = format!("{}\n{}", self.render(&q.retry), self.render(&q.text));
+            let retry = self.render_joined(&[("", &q.retry, None), ("\n", &q.text, None)]);
             self.say(retry);
             return;
         };

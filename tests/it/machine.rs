@@ -854,6 +854,39 @@ fn a_text_made_too_long_by_an_answer_shortens_the_answer_and_keeps_the_rest() {
     );
 }
 
+/// A retry is the retry text and the question again: together too long because of an answer,
+/// the answer is shortened, and the question's end (what to reply) is still sent.
+#[test]
+fn a_retry_made_too_long_by_an_answer_keeps_what_to_reply() {
+    let f = smsflow::flows::load_sources(vec![(
+        "f.toml".into(),
+        "[bot]\nname = \"Bot\"\n\n[[form.field]]\nkey = \"a\"\nask = \"Name?\"\n\n[[form.field]]\nkey = \"b\"\nask = \"Thanks {field.a}! Reply A or B.\"\nexpect = { choices = { A = \"x\", B = \"y\" } }\nretry = \"Please reply A or B.\"\n".into(),
+    )])
+    .unwrap();
+    let mut s = subscriber(State::Verified);
+    // The question alone fits (1,597 units); with the retry text before it, it would not.
+    s.fields.insert("a".into(), "N".repeat(1575));
+    s.form = Some(smsflow::machine::FormCursor {
+        index: 1,
+        editing: false,
+        key: Some("b".into()),
+    });
+    let t = step(
+        s,
+        &Event::Inbound("C".into()),
+        &f,
+        t0(),
+        &mut StdRng::seed_from_u64(1),
+    );
+    assert_eq!(
+        messages(&t.effects),
+        [format!(
+            "Please reply A or B.\nThanks {}…! Reply A or B.",
+            "N".repeat(40)
+        )]
+    );
+}
+
 /// A code text whose field holds an answer as long as a text still carries the code.
 #[test]
 fn a_code_text_made_too_long_by_an_answer_still_carries_the_code() {
