@@ -272,7 +272,7 @@ impl Runner {
             };
             let name = &rest[start + 2..end];
             if let Some(v) = self.vars.get(name) {
-                let said = format!("{{${name}}} = {}", shown(v));
+                let said = format!("{{${name}}} = {v}");
                 if !bound.contains(&said) {
                     bound.push(said);
                 }
@@ -297,7 +297,8 @@ impl Runner {
                 .vars
                 .get(name)
                 .ok_or(format!("{{${name}}} was never captured"))?;
-            out.push_str(value);
+            // Kept as the transcript writes it (`\n`): sent as the text it stands for.
+            out.push_str(&unshown(value));
             rest = &rest[end + 1..];
         }
         out.push_str(rest);
@@ -386,4 +387,34 @@ pub fn parse_delay(text: &str) -> Result<TimeDelta, String> {
 /// line break).
 fn shown(text: &str) -> String {
     text.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+/// The text a transcript's `\n` and `\\` stand for (what [`shown`] wrote).
+fn unshown(written: &str) -> String {
+    let mut out = String::new();
+    let mut chars = written.chars();
+    while let Some(c) = chars.next() {
+        match (c, chars.clone().next()) {
+            ('\\', Some('n')) => {
+                chars.next();
+                out.push('\n');
+            }
+            ('\\', Some('\\')) => {
+                chars.next();
+                out.push('\\');
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn what_shown_writes_unshown_reads_back() {
+        for text in ["plain", "two\nlines", "C:\\new", "a\\\nb", "ends\\"] {
+            assert_eq!(super::unshown(&super::shown(text)), text, "{text:?}");
+        }
+    }
 }
