@@ -604,7 +604,16 @@ fn to_commit(
             Effect::Reply(text) => replies.push(text),
             Effect::Send(text) => c.outgoing.push((text, false)),
             Effect::SendCode { text, code } if inline_codes => codes.push((text, code.0)),
-            Effect::SendCode { text, .. } => c.outgoing.push((text, true)),
+            Effect::SendCode { text, code } => {
+                c.code_expires_at = t
+                    .subscriber
+                    .codes
+                    .iter()
+                    .rev()
+                    .find(|issued| issued.code == code.0)
+                    .map(|issued| issued.expires_at);
+                c.outgoing.push((text, true));
+            }
             Effect::Schedule(timer) => c.schedule.push(timer),
             Effect::Cancel(timer) => c.cancel.push(timer),
             Effect::Record(record) => c.history.push(HistoryEntry { at: now, record }),

@@ -262,9 +262,10 @@ impl Outbox {
             }
         }
         // Per-sender rate limit; a shutdown does not wait for the slot. A message that will
-        // not be sent (its number opted out, or is gone) takes no slot from the others.
+        // not be sent (its number opted out, or is gone, or its code expired) takes no slot
+        // from the others.
         let mut record = sendable(store, &msg, id);
-        if !matches!(record, Ok(None)) {
+        if !matches!(record, Ok(None)) && !self.code_expired(&msg) {
             tokio::select! {
                 _ = tokio::time::sleep_until(self.next_slot) => {}
                 _ = self.stop.wait_for(|stopped| *stopped) => return Ok(()),
@@ -287,9 +288,9 @@ impl Outbox {
                 tracing::info!(phone = %msg.phone.masked(), "outbox: not sending to a number that opted out (since this was queued) or was erased");
                 ("suppressed", None, None, None)
             }
-            // A code held up by retries past its life would only be refused when typed back
-            // ("expired"): the number asks for a new one instead of waiting for a dead one.
-            Ok(_) if msg.secret && self.code_expired(&msg) => {
+            // A code held up (by retries, or a backlog behind the rate limit) past its life
+            // would only be refused when typed back: the number asks for a new one instead.
+            Ok(_) if self.code_expired(&msg) => {
                 tracing::info!(phone = %msg.phone.masked(), "outbox: not sending a code that expired while it waited");
                 (
                     "suppressed",
@@ -348,12 +349,13 @@ impl Outbox {
         Ok(())
     }
 
-    /// Whether a queued code's life (the live flows' `verify.ttl`, from when it was queued,
-    /// which is when it was issued) has ended.
+    /// Whether the code a queued message carries has expired (by the expiry it was issued
+    /// with, which is what the machine checks when it is typed back).
     fn code_expired(&self, msg: &OutMessage) -> bool {
-        msg.created_at
-            .checked_add_signed(self.engine.flows().verify.ttl)
-            .is_some_and(|end| self.engine.clock().now() >= end)
+        msg.secret
+            && msg
+                .code_expires_at
+                .is_some_and(|end| self.engine.clock().now() >= end)
     }
 
     /// Exponential backoff with jitter: base·2^(n-1), capped, times a random 50–100 %.

@@ -20,17 +20,18 @@ use crate::phone::Phone;
 
 /// Version bytes of the other stored values (see [`codec`]).
 /// 2: a message says whether it is a follow-up (v1 messages are read as not one).
-const OUT_VERSION: u8 = 2;
+/// 3: a code's message says when the code expires (older ones are read as not saying).
+const OUT_VERSION: u8 = 3;
 const DELIVERY_VERSION: u8 = 1;
 const HISTORY_VERSION: u8 = 1;
 /// The layout of trees and keys; checked at open. 2: subscriber records may be v3 and the
 /// counts per state are kept in `meta`. 3: subscriber records may be v4 (times as numbers).
 /// 4: outbox messages may be v2 (with `follow_up`). 5: subscriber records may be v5 (with the
-/// key of the form field asked).
+/// key of the form field asked). 6: outbox messages may be v3 (with a code's expiry).
 /// An older data dir is upgraded at open (schema 1 is counted once; older records are read
 /// as they are and rewritten in today's form when they next change). An older smsflow
 /// refuses a newer dir by its schema instead of failing on each record it cannot read.
-const SCHEMA: u64 = 5;
+const SCHEMA: u64 = 6;
 
 /// A message waiting in the outbox. `Debug` hides the body of one that carries a code.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +47,22 @@ pub struct OutMessage {
     /// Sent because a timer fired (a sequence step, a question's timeout), not as an answer
     /// to something the number did: it waits out quiet hours however late it is sent.
     pub follow_up: bool,
+    /// For a code's message: when that code expires (a code sent later would only be refused
+    /// when typed back). `None` for other texts, and for codes queued before it was kept.
+    pub code_expires_at: Option<DateTime<Utc>>,
+}
+
+/// An outbox message as version 2 stored it.
+#[derive(Deserialize)]
+struct OutMessageV2 {
+    phone: Phone,
+    body: String,
+    secret: bool,
+    attempts: u32,
+    next_try: DateTime<Utc>,
+    created_at: DateTime<Utc>,
+    last_error: Option<String>,
+    follow_up: bool,
 }
 
 /// An outbox message as version 1 stored it.
@@ -74,6 +91,21 @@ fn decode_out(bytes: &[u8]) -> Result<OutMessage, codec::CodecError> {
                 created_at: v1.created_at,
                 last_error: v1.last_error,
                 follow_up: false,
+                code_expires_at: None,
+            })
+        }
+        Some(2) => {
+            let v2: OutMessageV2 = codec::decode(2, bytes)?;
+            Ok(OutMessage {
+                phone: v2.phone,
+                body: v2.body,
+                secret: v2.secret,
+                attempts: v2.attempts,
+                next_try: v2.next_try,
+                created_at: v2.created_at,
+                last_error: v2.last_error,
+                follow_up: v2.follow_up,
+                code_expires_at: None,
             })
         }
         _ => codec::decode(OUT_VERSION, bytes),
@@ -96,6 +128,7 @@ impl std::fmt::Debug for OutMessage {
             .field("created_at", &self.created_at)
             .field("last_error", &self.last_error)
             .field("follow_up", &self.follow_up)
+            .field("code_expires_at", &self.code_expires_at)
             .finish()
     }
 }
@@ -169,6 +202,8 @@ pub struct Commit {
     pub fired: Option<DueTimer>,
     /// Texts to queue: (body, whether it carries a code).
     pub outgoing: Vec<(String, bool)>,
+    /// When the code among `outgoing` expires.
+    pub code_expires_at: Option<DateTime<Utc>>,
     /// The event was a due timer: its texts without a code are follow-ups, which wait out
     /// quiet hours at send time too (a backlog or an outage can push them into the night).
     pub follow_up: bool,
@@ -746,7 +781,9 @@ impl Store {
                 found.extend(got.map(|g| (id, g)));
             }
         }
-        found.sort_by_key(|(id, _)| *id);
+        // A message sent between the two walks is in both: its record is what stands.
+        found.sort_by_key(|(id, sent)| (*id, matches!(sent, Sent::Queued(_))));
+        found.dedup_by_key(|(id, _)| *id);
         let older = found.len().saturating_sub(n);
         Ok(found.split_off(older))
     }
@@ -1114,6 +1151,7 @@ impl Prepared {
                             created_at: now,
                             last_error: None,
                             follow_up: c.follow_up && !*secret,
+                            code_expires_at: c.code_expires_at.filter(|_| *secret),
                         },
                     )
                 })

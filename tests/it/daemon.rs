@@ -1491,7 +1491,15 @@ async fn a_code_that_expired_while_its_send_was_retried_is_not_sent() {
             .any(|m| m.is_ok_and(|(_, m)| m.attempts == 1 && m.next_try > now))
     })
     .await;
-    // The shipped flows' codes live 10 minutes.
+    // It carries its code's own expiry: the shipped flows' codes live 10 minutes.
+    let (_, queued) = app.engine.store.outbox().next().unwrap().unwrap();
+    let code = app
+        .engine
+        .store
+        .subscriber(&smsflow::phone::Phone::parse(ANN).unwrap());
+    let issued = code.unwrap().unwrap().codes.last().unwrap().expires_at;
+    assert_eq!(queued.code_expires_at, Some(issued));
+    assert_eq!(issued - queued.created_at, chrono::TimeDelta::minutes(10));
     app.advance(Duration::from_secs(11 * 60));
     eventually("the outbox to be done with it", async || {
         app.engine.store.outbox_len() == 0

@@ -322,21 +322,21 @@ fn a_schema_1_data_dir_is_recounted_at_open_and_an_unreadable_record_does_not_st
         assert_eq!(store.state_counts(), [0, 0, 1, 0, 1]);
     }
     {
-        // Upgraded: schema 5 now, which an older smsflow refuses.
+        // Upgraded: schema 6 now, which an older smsflow refuses.
         let db = reopen(|| sled::open(dir.path()));
         let schema = db
             .open_tree("meta")
             .and_then(|m| m.get("schema"))
             .expect("read");
-        assert_eq!(schema.as_deref(), Some(&5u64.to_be_bytes()[..]));
+        assert_eq!(schema.as_deref(), Some(&6u64.to_be_bytes()[..]));
         db.open_tree("meta")
-            .and_then(|m| m.insert("schema", &6u64.to_be_bytes()))
+            .and_then(|m| m.insert("schema", &7u64.to_be_bytes()))
             .expect("future schema");
         db.flush().expect("flush");
     }
     let refused = loop {
         match Store::open(dir.path()) {
-            Err(e) if e.to_string().contains("schema 6") => break e.to_string(),
+            Err(e) if e.to_string().contains("schema 7") => break e.to_string(),
             // sled lets go of its lock a moment after the drop (see `reopen`).
             Err(e) if e.to_string().contains("in use") => {
                 std::thread::sleep(std::time::Duration::from_millis(50))
@@ -675,6 +675,7 @@ fn the_debug_form_of_a_queued_code_hides_its_text_and_the_number() {
         created_at: now,
         last_error: None,
         follow_up: false,
+        code_expires_at: None,
     };
     let code = format!("{:?}", msg("Your code is 493817", true));
     assert!(
@@ -775,6 +776,52 @@ fn a_version_1_outbox_message_is_read_as_it_was_and_not_as_a_follow_up() {
     );
     assert!(!m.follow_up);
     assert_eq!(m.phone.as_str(), "+14155550100");
+}
+
+/// A code queued by the smsflow before a code's expiry was kept with it (version 2) is read
+/// as not saying when it expires: it is sent as it would have been.
+#[test]
+fn a_version_2_outbox_message_is_read_as_it_was_with_no_code_expiry() {
+    #[derive(serde::Serialize)]
+    struct V2 {
+        phone: Phone,
+        body: String,
+        secret: bool,
+        attempts: u32,
+        next_try: chrono::DateTime<Utc>,
+        created_at: chrono::DateTime<Utc>,
+        last_error: Option<String>,
+        follow_up: bool,
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let now = Utc::now();
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let v2 = V2 {
+            phone: Phone::parse("+14155550100").unwrap(),
+            body: "Your code is 493817".into(),
+            secret: true,
+            attempts: 1,
+            next_try: now,
+            created_at: now,
+            last_error: None,
+            follow_up: false,
+        };
+        db.open_tree("outbox")
+            .and_then(|t| t.insert(9u64.to_be_bytes(), smsflow::store::codec::encode(2, &v2)))
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = reopen(|| Store::open(dir.path()));
+    let read: Vec<_> = store.outbox().map(|m| m.unwrap()).collect();
+    assert_eq!(read.len(), 1);
+    let (id, m) = &read[0];
+    assert_eq!(*id, 9);
+    assert_eq!(
+        (m.body.as_str(), m.secret, m.attempts),
+        ("Your code is 493817", true, 1)
+    );
+    assert_eq!(m.code_expires_at, None);
 }
 
 /// Stored enums are written by variant number: a variant inserted in the middle would make
