@@ -192,13 +192,11 @@ impl Layer {
 
     /// The data and flow directories, defaults applied.
     pub fn dirs(&self) -> (PathBuf, PathBuf) {
+        // (An empty path is unset, as a blank value is.)
+        let given = |p: &Option<PathBuf>| p.clone().filter(|p| !p.as_os_str().is_empty());
         (
-            self.data
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA)),
-            self.flows
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_FLOWS)),
+            given(&self.data).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA)),
+            given(&self.flows).unwrap_or_else(|| PathBuf::from(DEFAULT_FLOWS)),
         )
     }
 
@@ -226,13 +224,19 @@ impl Layer {
         Layer {
             listen: non_blank(self.listen).or(lower.listen),
             public_url: non_blank(self.public_url).or(lower.public_url),
-            data: self.data.or(lower.data),
-            flows: self.flows.or(lower.flows),
+            data: self
+                .data
+                .filter(|d| !d.as_os_str().is_empty())
+                .or(lower.data),
+            flows: self
+                .flows
+                .filter(|f| !f.as_os_str().is_empty())
+                .or(lower.flows),
             region: non_blank(self.region).or(lower.region),
             send_rate: self.send_rate.or(lower.send_rate),
             api_token: self.api_token.or(lower.api_token),
             admin_token: self.admin_token.or(lower.admin_token),
-            retention: self.retention.or(lower.retention),
+            retention: non_blank(self.retention).or(lower.retention),
             twilio: TwilioLayer {
                 account_sid: self.twilio.account_sid.or(lower.twilio.account_sid),
                 auth_token: self.twilio.auth_token.or(lower.twilio.auth_token),
@@ -342,6 +346,8 @@ const MIN_SEND_RATE: f64 = 0.001;
 /// `…/twilio/sms` would answer at `…/twilio/sms/twilio/sms`).
 fn public_base_url(given: &str) -> anyhow::Result<String> {
     let base = base_url(given, "public_url")?;
+    // Its path, not the whole text: `https://twilio/sms` is a host `twilio` and a path.
+    let path = url::Url::parse(&base).map_or(String::new(), |u| u.path().to_ascii_lowercase());
     let webhook = [
         "/twilio/sms",
         "/twilio/status",
@@ -349,7 +355,7 @@ fn public_base_url(given: &str) -> anyhow::Result<String> {
         "/twilio/voice/gather",
     ]
     .into_iter()
-    .find(|path| base.to_ascii_lowercase().ends_with(path));
+    .find(|p| path.ends_with(p) && base.to_ascii_lowercase().ends_with(p));
     match webhook {
         Some(path) => anyhow::bail!(
             "public_url {base:?} ends with {path}, a webhook's path: give the address in front \
@@ -537,6 +543,7 @@ mod tests {
             assert!(err.contains("public_url"), "{bad}: {err}");
         }
         // A host alone says what it lacks; a webhook's URL pasted whole says what to give.
+        assert_eq!(public("https://twilio/sms").unwrap(), "https://twilio/sms");
         let err = public("abc.ngrok.app").unwrap_err().to_string();
         assert!(err.contains("must start with https://"), "{err}");
         let err = public("https://abc.ngrok.app/bot/twilio/sms/")
@@ -570,6 +577,18 @@ mod tests {
             listen.to_string(),
             "127.0.0.1:18202",
             "a blank flag leaves the variable"
+        );
+        let keep = |r: &str| Layer {
+            retention: Some(r.into()),
+            data: Some("".into()),
+            ..Layer::default()
+        };
+        let kept = keep("").over(keep("2h")).resolve().unwrap();
+        assert_eq!(kept.retention, Some(std::time::Duration::from_secs(7200)));
+        assert_eq!(
+            kept.data_dir,
+            std::path::PathBuf::from("data"),
+            "an empty path is unset"
         );
         // Credentials are refused without being repeated.
         for bad in [
