@@ -172,6 +172,19 @@ async fn deliver(
     text: String,
     code: String,
 ) -> Result<Response, OtpError> {
+    // Asked again at send time, as the outbox asks: a STOP, an operator or the voice menu may
+    // have opted the number out since the code was issued (which withdrew it), or an operator
+    // erased it.
+    match state.engine.store.subscriber(&phone) {
+        Ok(Some(s)) if s.state == crate::machine::State::OptedOut => return Err(opted_out()),
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return Err(OtpError::Rejected(
+                "this phone's record was erased before its code was sent; no code was sent".into(),
+            ))
+        }
+        Err(e) => return Err(OtpError::Unexpected(e)),
+    }
     let sent = if voice {
         let flows = state.engine.flows();
         let spoken = flows.verify.voice.render(|n| match n {
