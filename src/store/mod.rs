@@ -521,6 +521,14 @@ impl Store {
                     for key in &e.remove_timers {
                         delta[TIMERS] -= i64::from(timers.remove(key.as_slice())?.is_some());
                     }
+                    // The timer that fired, only if it is still the one kept under its key: a
+                    // newer one for the same time (a later epoch) replaced it, and stays.
+                    if let Some((key, epoch)) = &e.fired {
+                        if timers.get(key.as_slice())?.is_some_and(|v| v == epoch[..]) {
+                            timers.remove(key.as_slice())?;
+                            delta[TIMERS] -= 1;
+                        }
+                    }
                     for (key, epoch) in &e.add_timers {
                         delta[TIMERS] +=
                             i64::from(timers.insert(key.as_slice(), &epoch[..])?.is_none());
@@ -803,7 +811,7 @@ impl Store {
     /// Applies a delivery report to the message the provider id names, in one transaction:
     /// an erase or another report landing meanwhile is neither undone nor overwritten.
     /// Returns the message's number, or `None` when no message has that id (never sent by
-    /// this daemon, or erased).
+    /// this daemon, or erased) or its record cannot be read.
     pub fn update_delivery_by_sid(
         &self,
         sid: &str,
@@ -817,15 +825,22 @@ impl Store {
                 let Some(v) = deliveries.get(&id)? else {
                     return Ok(None);
                 };
-                let mut d = codec::decode::<Delivery>(DELIVERY_VERSION, &v).map_err(|e| {
-                    ConflictableTransactionError::Abort(Abort(format!("delivery record: {e}")))
-                })?;
+                // One that cannot be read stops only itself: the report is not applied to it,
+                // and the caller goes on as for a message it has no record of (a 21610 still
+                // opts out the number the report names).
+                let mut d = match codec::decode::<Delivery>(DELIVERY_VERSION, &v) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::warn!("a delivery report for a record that cannot be read: {e}");
+                        return Ok(None);
+                    }
+                };
                 let before = d.clone();
                 change(&mut d);
                 if d != before {
                     deliveries.insert(&id, codec::encode(DELIVERY_VERSION, &d))?;
                 }
-                Ok(Some(d.phone))
+                Ok::<_, ConflictableTransactionError<Abort>>(Some(d.phone))
             })
             .map_err(|e| match e {
                 TransactionError::Abort(a) => anyhow::anyhow!("updating a delivery: {a}"),
@@ -1116,6 +1131,8 @@ pub struct Prepared {
     /// The record and its state's index (for the kept counts).
     subscriber: Option<(Vec<u8>, usize)>,
     remove_timers: Vec<Vec<u8>>,
+    /// The timer consumed by this event: its key and epoch.
+    fired: Option<(Vec<u8>, [u8; 8])>,
     add_timers: Vec<(Vec<u8>, [u8; 8])>,
     outgoing: Vec<Vec<u8>>,
     history: Vec<Vec<u8>>,
@@ -1133,8 +1150,11 @@ impl Prepared {
                 None => Vec::new(),
             }
         };
-        let mut remove_timers: Vec<Vec<u8>> = keys(&c.cancel).into_iter().map(|(k, _)| k).collect();
-        remove_timers.extend(c.fired.as_ref().map(|f| f.key.clone()));
+        let remove_timers: Vec<Vec<u8>> = keys(&c.cancel).into_iter().map(|(k, _)| k).collect();
+        let fired = c
+            .fired
+            .as_ref()
+            .map(|f| (f.key.clone(), f.timer.epoch.to_be_bytes()));
         let outgoing = match &phone {
             Some(p) => c
                 .outgoing
@@ -1164,6 +1184,7 @@ impl Prepared {
                 .as_ref()
                 .map(|s| (codec::encode_record(s, &c.replies), state_index(&s.state))),
             remove_timers,
+            fired,
             add_timers: keys(&c.schedule),
             outgoing,
             history: c

@@ -99,6 +99,81 @@ fn two_numbers_with_messages(store: &Store, a: &Phone, b: &Phone) {
     }
 }
 
+/// A delivery record that cannot be read stops only itself: a report for it is answered as
+/// for a message with no record (so a 21610 still opts out the number the report names).
+#[test]
+fn a_report_for_an_unreadable_delivery_record_reads_as_no_record() {
+    let (dir, store, a, _) = two_numbers_in_a_new_store();
+    let (id, _) = store
+        .deliveries()
+        .map(|d| d.expect("readable"))
+        .find(|(_, d)| d.phone == a)
+        .expect("a's record");
+    drop(store);
+    {
+        let db = reopen(|| sled::open(dir.path()));
+        db.open_tree("deliveries")
+            .and_then(|t| t.insert(id.to_be_bytes(), &[9u8, 9, 9][..]))
+            .expect("damage it");
+        db.flush().expect("flush");
+    }
+    let store = reopen(|| Store::open(dir.path()));
+    let named = store
+        .update_delivery_by_sid("SMa", |d| d.status = "delivered".into())
+        .expect("no error");
+    assert_eq!(named, None);
+    assert_eq!(
+        store
+            .update_delivery_by_sid("SMb", |d| d.status = "delivered".into())
+            .expect("the other"),
+        Some(Phone::parse("+14155550102").unwrap())
+    );
+}
+
+/// A timer that fired but whose number rescheduled to the very same time meanwhile (a clock
+/// set back at the end of quiet hours): consuming the stale one leaves the new one, kept
+/// under the same key with a later epoch.
+#[test]
+fn consuming_a_fired_timer_leaves_a_newer_one_kept_under_the_same_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("open");
+    let now = Utc::now();
+    let phone = Phone::parse("+14155550103").expect("phone");
+    let timer = |epoch| Timer {
+        at: now,
+        kind: TimerKind::Step,
+        epoch,
+    };
+    let schedule = |t: Timer| Commit {
+        subscriber: Some(Subscriber::new(phone.clone(), now)),
+        schedule: vec![t],
+        ..Commit::default()
+    };
+    store
+        .commit_many(&[schedule(timer(5))], now)
+        .expect("first");
+    let fired = store.due_timers(now, 10).expect("due").remove(0);
+    assert_eq!(fired.timer.epoch, 5);
+    store
+        .commit_many(&[schedule(timer(6))], now)
+        .expect("the same time again");
+    let consumed = Commit {
+        fired: Some(fired),
+        ..Commit::default()
+    };
+    store
+        .commit_many(&[consumed], now)
+        .expect("consume the stale one");
+    let left: Vec<u64> = store
+        .due_timers(now, 10)
+        .expect("due")
+        .iter()
+        .map(|d| d.timer.epoch)
+        .collect();
+    assert_eq!(left, [6]);
+    assert_eq!(store.timer_count(), 1);
+}
+
 /// A new store holding [`two_numbers_with_messages`] (the dir lives as long as the first value).
 fn two_numbers_in_a_new_store() -> (tempfile::TempDir, Store, Phone, Phone) {
     let dir = tempfile::tempdir().expect("temp dir");
