@@ -536,15 +536,15 @@ impl Writer {
         let Some(b) = batch else { return };
         let flushing = Instant::now();
         let flushed = self.flush().map_err(|e| format!("{e:#}"));
-        if flushed.is_ok() {
-            if b.events > 0 {
-                self.work.record(b.events, commit, flushing.elapsed());
-            }
-            if b.timers {
-                self.timers_changed.notify_one();
-            }
+        if flushed.is_ok() && b.events > 0 {
+            self.work.record(b.events, commit, flushing.elapsed());
         }
-        // Even when the flush failed: the outbox then asks for one itself until one succeeds.
+        // Even when the flush failed: the commit stands and a later flush makes it durable,
+        // so an earlier timer must not wait for the scheduler's next look (up to an hour
+        // when it had none), and the outbox asks for a flush itself until one succeeds.
+        if b.timers {
+            self.timers_changed.notify_one();
+        }
         if b.outbox {
             self.outbox_changed.notify_one();
         }
