@@ -36,9 +36,9 @@ pub struct Options {
     /// 900 s, Google's load balancer's 610 s, ngrok's and cloudflared's 90 s): they close
     /// first, and never send a request into a connection smsflow is closing.
     pub header_read_timeout: Duration,
-    /// A request body that sends nothing this long is refused (400) and its connection
-    /// closed ([`crate::http::BODY_IDLE_TIMEOUT`] by default).
-    pub body_idle_timeout: Duration,
+    /// A request body that has not all arrived this long after its head is refused (400)
+    /// ([`crate::http::BODY_TIMEOUT`] by default).
+    pub body_timeout: Duration,
     /// At most this many connections are open at once; a further one waits in the kernel's
     /// queue until one closes. Unset: 4,096, or fewer where open files are limited.
     pub max_connections: Option<usize>,
@@ -53,7 +53,7 @@ impl Default for Options {
             quiet_console: false,
             shutdown_grace: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(960),
-            body_idle_timeout: crate::http::BODY_IDLE_TIMEOUT,
+            body_timeout: crate::http::BODY_TIMEOUT,
             max_connections: None,
             clock: crate::clock::Clock::system(),
         }
@@ -312,7 +312,7 @@ impl Application {
         let hup = tokio::spawn(reloader.clone().on_sighup(stop_rx));
         serve(
             self.listener,
-            http::router(state, self.options.body_idle_timeout),
+            http::router(state),
             shutdown,
             &self.options,
             hurry,
@@ -418,11 +418,13 @@ async fn serve(
         let opened = conns.add();
         let busy_on = opened.tracker();
         let router = router.clone();
-        let service = hyper::service::service_fn(move |request| {
+        let body_timeout = options.body_timeout;
+        let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
             use http_body_util::BodyExt;
             use tower::ServiceExt;
             // Until the answer's body is sent: an export streams for a while after its handler.
             let busy = busy_on.busy();
+            let request = request.map(|body| busy_on.arriving(body, body_timeout));
             let call = router.clone().oneshot(request);
             async move {
                 let response = call.await?;
@@ -458,9 +460,10 @@ async fn serve(
                         connection.as_mut().graceful_shutdown();
                     }
                     () = opened.asked_to_close(), if !closing => {
-                        if !opened.has_served() {
-                            // Never began a request: nothing of it reached a handler, and a
-                            // head sent a byte at a time would keep hyper's own close waiting.
+                        if !opened.has_served() || opened.only_arriving() {
+                            // Never began a request, or its request's body is still on its
+                            // way: nothing of it has been acted on, and a head or a body sent
+                            // a byte at a time would keep hyper's own close waiting.
                             tracing::debug!("closed an idle connection to make room");
                             return;
                         }

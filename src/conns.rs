@@ -22,6 +22,9 @@ pub struct Conns {
 pub struct Conn {
     /// Requests in the handler or still sending their answer's body.
     busy: AtomicUsize,
+    /// Of those, requests whose body has not all arrived: nothing of theirs has been acted on
+    /// (every handler reads its whole body first).
+    arriving: AtomicUsize,
     /// When the connection opened or last finished an answer, in microseconds since
     /// [`Conns`]'s epoch.
     idle_since: AtomicU64,
@@ -56,6 +59,7 @@ impl Conns {
     pub fn add(self: &Arc<Self>) -> Opened {
         let conn = Arc::new(Conn {
             busy: AtomicUsize::new(0),
+            arriving: AtomicUsize::new(0),
             idle_since: AtomicU64::new(self.micros()),
             served: AtomicBool::new(false),
             asked: AtomicBool::new(false),
@@ -72,14 +76,14 @@ impl Conns {
         }
     }
 
-    /// Asks the connection idle longest (no request under way, not asked already) to close.
-    /// Returns whether there was one.
+    /// Asks the connection idle longest (no request under way, or only one whose body is
+    /// still arriving; not asked already) to close. Returns whether there was one.
     pub fn close_longest_idle(&self) -> bool {
         let open = self.open();
         // (Ties go to the one opened first.)
         let longest = open
             .iter()
-            .filter(|(_, c)| c.busy.load(SeqCst) == 0 && !c.asked.load(SeqCst))
+            .filter(|(_, c)| c.idle() && !c.asked.load(SeqCst))
             .min_by_key(|(id, c)| (c.idle_since.load(SeqCst), **id));
         match longest {
             Some((_, conn)) => {
@@ -99,6 +103,14 @@ impl Conns {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl Conn {
+    /// Nothing of it is being acted on: no request, or only one whose body is still arriving.
+    fn idle(&self) -> bool {
+        let busy = self.busy.load(SeqCst);
+        busy == 0 || busy == self.arriving.load(SeqCst)
     }
 }
 
@@ -122,10 +134,97 @@ impl Tracker {
     pub fn busy(&self) -> Busy {
         self.conn.served.store(true, SeqCst);
         self.conn.busy.fetch_add(1, SeqCst);
+        // Counted from its start while its body arrives (see `Conns::close_longest_idle`).
+        self.conn.idle_since.store(self.conns.micros(), SeqCst);
         Busy {
             conns: self.conns.clone(),
             conn: self.conn.clone(),
         }
+    }
+
+    /// A request's body, which must arrive whole within `within` of its head; while it
+    /// arrives, the connection may be closed to make room (see [`Conns::close_longest_idle`]).
+    pub fn arriving<B>(&self, body: B, within: std::time::Duration) -> Arriving<B>
+    where
+        B: http_body::Body + Unpin,
+    {
+        let whole = body.is_end_stream();
+        if !whole {
+            self.conn.arriving.fetch_add(1, SeqCst);
+        }
+        Arriving {
+            body,
+            conn: (!whole).then(|| self.conn.clone()),
+            deadline: Box::pin(tokio::time::sleep(within)),
+            within,
+        }
+    }
+}
+
+/// A request body on its way in: refused once its time is up (a client sending it a byte at
+/// a time holds its connection no longer), and counted as arriving until its end is read or
+/// it is dropped (a handler that has no use for a body drops it before it runs).
+pub struct Arriving<B> {
+    body: B,
+    /// Its connection, until the body has all arrived.
+    conn: Option<Arc<Conn>>,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    within: std::time::Duration,
+}
+
+impl<B> Arriving<B> {
+    fn arrived(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.arriving.fetch_sub(1, SeqCst);
+        }
+    }
+}
+
+impl<B> Drop for Arriving<B> {
+    fn drop(&mut self) {
+        self.arrived();
+    }
+}
+
+/// Why a request body was refused: it took too long.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not all arrive within {} s of the request's head", .0.as_secs_f64())]
+pub struct TooSlow(std::time::Duration);
+
+impl<B> http_body::Body for Arriving<B>
+where
+    B: http_body::Body + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = B::Data;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let this = self.get_mut();
+        if this.conn.is_some() && this.deadline.as_mut().poll(cx).is_ready() {
+            this.arrived();
+            return Poll::Ready(Some(Err(TooSlow(this.within).into())));
+        }
+        let polled = std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.arrived(),
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.arrived(),
+            _ => {}
+        }
+        polled.map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -140,6 +239,13 @@ impl Opened {
 
     pub fn is_busy(&self) -> bool {
         self.tracker.conn.busy.load(SeqCst) > 0
+    }
+
+    /// Whether its one request under way is still receiving its body (so nothing of it has
+    /// been acted on).
+    pub fn only_arriving(&self) -> bool {
+        let conn = &self.tracker.conn;
+        conn.busy.load(SeqCst) > 0 && conn.idle()
     }
 
     /// Whether it has begun a request since it opened.

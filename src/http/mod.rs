@@ -24,10 +24,10 @@ use crate::phone::{Phone, Region};
 
 /// Largest request body accepted (Twilio's own webhooks are a few KiB).
 pub const MAX_BODY: usize = 64 * 1024;
-/// How long a request body may go without sending anything, by default: a client that sends
-/// its head and then no body holds its connection no longer. (Twilio itself gives up on a
-/// webhook after 15 s.)
-pub const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long after its head a request body may take to arrive whole, by default: a client that
+/// sends its head and then its body slowly, or none, holds its connection no longer. (Twilio
+/// itself gives up on a webhook after 15 s.)
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct AppState {
     pub engine: Arc<Engine>,
@@ -91,8 +91,8 @@ pub fn bearer(
     }
 }
 
-/// The routes, with `body_idle` as the longest a request body may send nothing.
-pub fn router(state: Arc<AppState>, body_idle: std::time::Duration) -> Router {
+/// The routes. (The time a request body may take is kept by `app::serve`, which wraps it.)
+pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/twilio/sms", post(sms))
         .route("/twilio/status", post(status))
@@ -113,7 +113,6 @@ pub fn router(state: Arc<AppState>, body_idle: std::time::Duration) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(body_idle))
         .layer(axum::middleware::from_fn(time_webhooks))
         .layer(axum::middleware::map_response(log_failures))
         .layer(axum::middleware::from_fn(explain_refusals))
@@ -224,11 +223,34 @@ async fn explain_refusals(req: Request, next: axum::middleware::Next) -> Respons
         path.starts_with("/authenticate/"),
         path.starts_with("/admin"),
     );
-    let response = next.run(req).await;
+    // A body declared over the limit is refused at once, not read (or waited for) first.
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    let response = if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        StatusCode::PAYLOAD_TOO_LARGE.into_response()
+    } else {
+        next.run(req).await
+    };
     let status = response.status();
     let says = match status {
         StatusCode::PAYLOAD_TOO_LARGE => {
             format!("request body is over the {} KiB limit\n", MAX_BODY / 1024)
+        }
+        // A body that could not be read (too slow, or cut off): axum answers in plain text;
+        // the OTP and admin APIs answer in their own JSON shape, as for every refusal.
+        StatusCode::BAD_REQUEST
+            if (otp || admin)
+                && response
+                    .headers()
+                    .get(axum::http::header::CONTENT_TYPE)
+                    .is_some_and(|t| t.as_bytes().starts_with(b"text/plain")) =>
+        {
+            let body = axum::body::to_bytes(response.into_body(), 4096)
+                .await
+                .unwrap_or_default();
+            String::from_utf8_lossy(&body).into_owned()
         }
         // (axum adds the Allow header after this layer runs.)
         StatusCode::METHOD_NOT_ALLOWED => {

@@ -827,6 +827,49 @@ async fn past_the_connection_limit_the_connection_idle_longest_is_closed_to_make
     app.stop().await;
 }
 
+/// A request whose body is still arriving has not been acted on: past the connection limit,
+/// its connection may be closed to make room (a client sending bodies a byte at a time
+/// cannot keep a webhook waiting either).
+#[tokio::test]
+async fn past_the_connection_limit_a_request_whose_body_is_still_arriving_is_closed() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::spawn_with_options(FLOWS, |o| {
+        o.max_connections = Some(1);
+        o.body_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let slow = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (mut slow_read, mut slow_write) = slow.into_split();
+    slow_write
+        .write_all(b"POST /twilio/sms HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nFrom=")
+        .await
+        .unwrap();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if slow_write.write_all(b"1").await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut waiting = healthz_raw(&app.base).await;
+    let answer = read_until_closed(&mut waiting, Duration::from_secs(5))
+        .await
+        .expect("served, the slow body's connection closed to make room");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    {
+        use tokio::io::AsyncReadExt;
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(2), slow_read.read_to_end(&mut rest));
+        assert!(closed.await.is_ok(), "the slow body's connection is closed");
+    }
+    trickle.abort();
+    app.stop().await;
+}
+
 /// A connection with a request under way is never the one closed: with every connection
 /// busy a new one waits, and is served once an answer is sent.
 #[tokio::test]
@@ -1845,15 +1888,89 @@ async fn a_refused_signature_is_logged_once_with_the_url_it_was_checked_against(
     );
 }
 
-/// A client that sends a request's head and then none of its body is answered and let go
-/// once the body has been idle for the body timeout (`BODY_IDLE_TIMEOUT`, 10 s, by default;
-/// 1 s here), instead of holding its connection (and a file descriptor) for as long as it
-/// likes.
+/// A client that sends a request's head and then its body a byte at a time, or none of it,
+/// is answered and let go once the body timeout (`BODY_TIMEOUT`, 10 s, by default; 1 s here)
+/// has passed since the head, instead of holding its connection (and a file descriptor) for
+/// as long as it likes.
 #[tokio::test]
-async fn a_request_whose_body_never_comes_is_refused_after_the_idle_timeout() {
+async fn a_request_whose_body_trickles_in_is_refused_at_the_body_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LIMIT: Duration = Duration::from_secs(1);
+    let app = TestApp::spawn_with_options(FLOWS, |o| o.body_timeout = LIMIT).await;
+    let mut slow = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    slow.write_all(
+        b"POST /twilio/sms HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    // A byte every 200 ms: never idle for long, and 20 s to send it all.
+    let (mut read, mut write) = slow.into_split();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..100 {
+            if write.write_all(b"x").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let mut answer = Vec::new();
+    let done = tokio::time::timeout(
+        LIMIT + Duration::from_secs(5),
+        read.read_to_end(&mut answer),
+    );
+    assert!(
+        done.await.is_ok(),
+        "still held after {:?}",
+        started.elapsed()
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("did not all arrive within 1 s"), "{answer}");
+    trickle.abort();
+    app.stop().await;
+}
+
+/// A body declared over the limit is refused at once, without waiting for it, in the shape of
+/// the route's other refusals.
+#[tokio::test]
+async fn a_body_declared_over_the_limit_is_refused_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn(FLOWS).await;
+    for (path, shape) in [
+        ("/twilio/sms", "request body is over the 64 KiB limit"),
+        ("/authenticate/get_otp", "\"exit_code\":2"),
+    ] {
+        let mut big = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+            .await
+            .unwrap();
+        big.write_all(
+            format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), big.read_to_end(&mut answer))
+            .await
+            .expect("refused at once")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{path}: {answer}");
+        assert!(answer.contains(shape), "{path}: {answer}");
+    }
+    app.stop().await;
+}
+
+/// A client that sends a request's head and then none of its body is answered and let go
+/// at the body timeout, and the OTP API answers that in its own JSON shape.
+#[tokio::test]
+async fn a_request_whose_body_never_comes_is_refused_after_the_body_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const IDLE: Duration = Duration::from_secs(1);
-    let app = TestApp::spawn_with_options(FLOWS, |o| o.body_idle_timeout = IDLE).await;
+    let app = TestApp::spawn_with_options(FLOWS, |o| o.body_timeout = IDLE).await;
     let mut stalled = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
         .await
         .unwrap();
@@ -1875,4 +1992,27 @@ async fn a_request_whose_body_never_comes_is_refused_after_the_idle_timeout() {
     assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
     assert!(started.elapsed() >= IDLE - Duration::from_millis(100));
     assert_eq!(app.state_of(ANN), None);
+    let mut stalled = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stalled
+        .write_all(
+            b"POST /authenticate/get_otp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 30\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        IDLE + Duration::from_secs(5),
+        stalled.read_to_end(&mut answer),
+    )
+    .await
+    .expect("let go")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 400") && answer.contains("\"exit_code\":2"),
+        "{answer}"
+    );
+    app.stop().await;
 }
