@@ -155,7 +155,8 @@ impl Tracker {
         Arriving {
             body,
             conn: (!whole).then(|| self.conn.clone()),
-            deadline: Box::pin(tokio::time::sleep(within)),
+            // (A body that is already whole, a GET's, has no use for a timer.)
+            deadline: (!whole).then(|| Box::pin(tokio::time::sleep(within))),
             within,
         }
     }
@@ -168,7 +169,7 @@ pub struct Arriving<B> {
     body: B,
     /// Its connection, until the body has all arrived.
     conn: Option<Arc<Conn>>,
-    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     within: std::time::Duration,
 }
 
@@ -206,7 +207,8 @@ where
         use std::future::Future;
         use std::task::Poll;
         let this = self.get_mut();
-        if this.conn.is_some() && this.deadline.as_mut().poll(cx).is_ready() {
+        let late = |d: &mut std::pin::Pin<Box<tokio::time::Sleep>>| d.as_mut().poll(cx).is_ready();
+        if this.conn.is_some() && this.deadline.as_mut().is_some_and(late) {
             this.arrived();
             return Poll::Ready(Some(Err(TooSlow(this.within).into())));
         }
