@@ -270,8 +270,12 @@ impl Outbox {
                 _ = tokio::time::sleep_until(self.next_slot) => {}
                 _ = self.stop.wait_for(|stopped| *stopped) => return Ok(()),
             }
-            self.next_slot = Instant::now().max(self.next_slot) + self.interval;
             record = sendable(store, &msg, id);
+            // Only a send takes the slot: one suppressed meanwhile (an opt-out, an erase, a
+            // code that expired while it waited) leaves it to the next message.
+            if matches!(record, Ok(Some(_))) && !self.code_expired(&msg) {
+                self.next_slot = Instant::now().max(self.next_slot) + self.interval;
+            }
         }
         // How the message ends: its delivery's status, provider id, error code and error.
         let (status, sid, code, error) = match record {

@@ -1515,6 +1515,39 @@ async fn a_message_waiting_for_its_slot_is_not_sent_after_its_number_is_erased_a
     app.stop().await;
 }
 
+/// A message suppressed while it waited for its send slot (its number opted out meanwhile)
+/// does not use the slot up: the next number's message goes in it.
+#[tokio::test]
+async fn a_message_suppressed_while_it_waited_leaves_its_send_slot_to_the_next() {
+    // One message every 2 s.
+    let app = TestApp::spawn_with(FLOWS, |c| c.send_rate = 0.5).await;
+    const CAT: &str = "+15550003333";
+    assert_eq!(app.sms(BOB, "JOIN").await.0, 200);
+    app.twilio.wait_delivered(1).await;
+    // Ann's code waits for the next slot; Cat's is behind it.
+    assert_eq!(app.sms(ANN, "JOIN").await.0, 200);
+    assert_eq!(app.sms(CAT, "JOIN").await.0, 200);
+    let path = format!("/admin/subscribers/{}/opt-out", ANN.replace('+', "%2B"));
+    assert_eq!(
+        app.admin_status(reqwest::Method::POST, &path)
+            .await
+            .as_u16(),
+        200
+    );
+    app.twilio.wait_delivered(2).await;
+    let sent = app.twilio.delivered();
+    assert_eq!(
+        sent.iter().map(|r| r.to.as_str()).collect::<Vec<_>>(),
+        [BOB, CAT]
+    );
+    let gap = sent[1].at - sent[0].at;
+    assert!(
+        gap < Duration::from_millis(3500),
+        "Cat waited {gap:?}: two slots, as if Ann's had been used"
+    );
+    app.stop().await;
+}
+
 /// A code whose sends keep failing until it has expired is not sent then: it would only be
 /// refused when typed back. Its record says why.
 #[tokio::test]
