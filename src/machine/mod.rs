@@ -499,6 +499,22 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                     if self.sub.state == State::AwaitingCode && self.sub.codes.is_empty() {
                         self.sub.state = State::Unverified;
                     }
+                } else if let Some(its) = (0..self.sub.code_sends.len())
+                    .filter(|&j| {
+                        // More sends at this time than kept codes issued at it: one is a
+                        // displaced code's (codes asked for in one batch share a time).
+                        let at = self.sub.code_sends[j];
+                        let sends = self.sub.code_sends.iter().filter(|t| **t == at).count();
+                        sends > self.sub.codes.iter().filter(|c| c.issued_at == at).count()
+                    })
+                    .max_by_key(|&j| self.sub.code_sends[j])
+                {
+                    // Newer codes displaced it before its send failed (several asked for at
+                    // once): it can no longer be used, but its send still counts against the
+                    // limit. Its time went with it: the newest send of no kept code is given
+                    // back for it.
+                    self.sub.code_sends.remove(its);
+                    self.record(Record::CodeWithdrawn);
                 }
                 self.outcome = Outcome::Done;
             }

@@ -481,6 +481,40 @@ fn a_number_whose_only_code_was_undeliverable_is_unverified_again_and_not_opted_
     assert!(out.subscriber.code_sends.is_empty());
 }
 
+/// Codes asked for at once, whose sends all fail: one displaced by the newer ones before its
+/// failure is heard still gives back its send, so an outage does not use up the limit.
+#[test]
+fn an_undeliverable_code_displaced_by_newer_ones_still_gives_back_its_send() {
+    let f = flows();
+    let mut rng = StdRng::seed_from_u64(5);
+    // A second apart, or all in the same instant (one writer batch).
+    for apart in [1, 0] {
+        let mut sub = subscriber(State::Unverified);
+        let mut codes = Vec::new();
+        // valid_codes = 2: three codes are kept, the fourth request displaces the first.
+        for n in 0..4 {
+            let at = t0() + TimeDelta::seconds(n * apart);
+            sub = step(sub, &Event::OtpRequested, &f, at, &mut rng).subscriber;
+            codes.push(sub.codes.last().unwrap().code.clone());
+        }
+        assert_eq!(sub.code_sends.len(), 4);
+        assert_eq!(sub.codes.len(), 3, "the first is displaced");
+        for code in &codes {
+            sub = step(
+                sub,
+                &Event::CodeUndeliverable(code.clone()),
+                &f,
+                t0() + TimeDelta::seconds(5),
+                &mut rng,
+            )
+            .subscriber;
+        }
+        assert!(sub.code_sends.is_empty(), "{apart}: {:?}", sub.code_sends);
+        assert!(sub.codes.is_empty());
+        assert_eq!(sub.state, State::Unverified);
+    }
+}
+
 #[test]
 fn an_undeliverable_code_is_withdrawn_and_no_other() {
     let f = flows();
