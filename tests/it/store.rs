@@ -808,6 +808,31 @@ fn a_message_counts_as_opted_out_only_for_an_opt_out_written_after_it_was_queued
     assert!(!store.opted_out_since(&other, 0).expect("read"));
 }
 
+/// An outbox message written by an older smsflow in the layout of `version`, as a fresh
+/// store reads it back: its id and the message.
+fn stored_by_an_older_smsflow(
+    version: u8,
+    record: &impl serde::Serialize,
+) -> (u64, smsflow::store::OutMessage) {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.open_tree("outbox")
+            .and_then(|t| {
+                t.insert(
+                    7u64.to_be_bytes(),
+                    smsflow::store::codec::encode(version, record),
+                )
+            })
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = reopen(|| Store::open(dir.path()));
+    let mut read: Vec<_> = store.outbox().map(|m| m.unwrap()).collect();
+    assert_eq!(read.len(), 1);
+    read.remove(0)
+}
+
 /// An outbox message written by the smsflow before follow-ups were marked (version 1) is
 /// read as it was, and as not a follow-up: it is sent as it would have been.
 #[test]
@@ -822,11 +847,10 @@ fn a_version_1_outbox_message_is_read_as_it_was_and_not_as_a_follow_up() {
         created_at: chrono::DateTime<Utc>,
         last_error: Option<String>,
     }
-    let dir = tempfile::tempdir().unwrap();
     let now = Utc::now();
-    {
-        let db = sled::open(dir.path()).unwrap();
-        let v1 = V1 {
+    let (id, m) = stored_by_an_older_smsflow(
+        1,
+        &V1 {
             phone: Phone::parse("+14155550100").unwrap(),
             body: "Step one".into(),
             secret: false,
@@ -834,17 +858,9 @@ fn a_version_1_outbox_message_is_read_as_it_was_and_not_as_a_follow_up() {
             next_try: now,
             created_at: now,
             last_error: Some("503".into()),
-        };
-        db.open_tree("outbox")
-            .and_then(|t| t.insert(7u64.to_be_bytes(), smsflow::store::codec::encode(1, &v1)))
-            .unwrap();
-        db.flush().unwrap();
-    }
-    let store = reopen(|| Store::open(dir.path()));
-    let read: Vec<_> = store.outbox().map(|m| m.unwrap()).collect();
-    assert_eq!(read.len(), 1);
-    let (id, m) = &read[0];
-    assert_eq!(*id, 7);
+        },
+    );
+    assert_eq!(id, 7);
     assert_eq!(
         (m.body.as_str(), m.attempts, m.last_error.as_deref()),
         ("Step one", 2, Some("503"))
@@ -868,11 +884,10 @@ fn a_version_2_outbox_message_is_read_as_it_was_with_no_code_expiry() {
         last_error: Option<String>,
         follow_up: bool,
     }
-    let dir = tempfile::tempdir().unwrap();
     let now = Utc::now();
-    {
-        let db = sled::open(dir.path()).unwrap();
-        let v2 = V2 {
+    let (_, m) = stored_by_an_older_smsflow(
+        2,
+        &V2 {
             phone: Phone::parse("+14155550100").unwrap(),
             body: "Your code is 493817".into(),
             secret: true,
@@ -880,21 +895,12 @@ fn a_version_2_outbox_message_is_read_as_it_was_with_no_code_expiry() {
             next_try: now,
             created_at: now,
             last_error: None,
-            follow_up: false,
-        };
-        db.open_tree("outbox")
-            .and_then(|t| t.insert(9u64.to_be_bytes(), smsflow::store::codec::encode(2, &v2)))
-            .unwrap();
-        db.flush().unwrap();
-    }
-    let store = reopen(|| Store::open(dir.path()));
-    let read: Vec<_> = store.outbox().map(|m| m.unwrap()).collect();
-    assert_eq!(read.len(), 1);
-    let (id, m) = &read[0];
-    assert_eq!(*id, 9);
+            follow_up: true,
+        },
+    );
     assert_eq!(
-        (m.body.as_str(), m.secret, m.attempts),
-        ("Your code is 493817", true, 1)
+        (m.body.as_str(), m.secret, m.attempts, m.follow_up),
+        ("Your code is 493817", true, 1, true)
     );
     assert_eq!(m.code_expires_at, None);
 }
