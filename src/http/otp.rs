@@ -172,18 +172,27 @@ async fn deliver(
     text: String,
     code: String,
 ) -> Result<Response, OtpError> {
-    // Asked again at send time, as the outbox asks: a STOP, an operator or the voice menu may
-    // have opted the number out since the code was issued (which withdrew it), or an operator
-    // erased it.
-    match state.engine.store.subscriber(&phone) {
-        Ok(Some(s)) if s.state == crate::machine::State::OptedOut => return Err(opted_out()),
-        Ok(Some(_)) => {}
+    // Asked again at send time, as the outbox asks: the code must still be one the record
+    // holds. A STOP, an operator or the voice menu may have opted the number out since (which
+    // dropped its codes), newer codes asked for at once may have displaced it, or an operator
+    // erased the number. Not sent then, and (but for an erased number, which must stay gone)
+    // its send is given back.
+    let why_not = match state.engine.store.subscriber(&phone) {
+        Ok(Some(s)) if s.codes.iter().any(|c| c.code == code) => None,
+        Ok(Some(s)) if s.state == crate::machine::State::OptedOut => Some(opted_out()),
+        Ok(Some(_)) => Some(OtpError::Rejected(
+            "a newer code was issued for this phone meanwhile; this one was not sent".into(),
+        )),
         Ok(None) => {
             return Err(OtpError::Rejected(
                 "this phone's record was erased before its code was sent; no code was sent".into(),
             ))
         }
         Err(e) => return Err(OtpError::Unexpected(e)),
+    };
+    if let Some(refusal) = why_not {
+        apply(&state, &phone, Event::CodeUndeliverable(code)).await?;
+        return Err(refusal);
     }
     let sent = if voice {
         let flows = state.engine.flows();
