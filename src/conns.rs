@@ -23,7 +23,7 @@ pub struct Conn {
     /// Requests in the handler or still sending their answer's body.
     busy: AtomicUsize,
     /// Of those, requests whose body has not all arrived: nothing of theirs has been acted on
-    /// (every handler reads its whole body first).
+    /// (every handler reads its whole body, or drops it unread, before it acts).
     arriving: AtomicUsize,
     /// When the connection opened or last finished an answer, in microseconds since
     /// [`Conns`]'s epoch.

@@ -265,15 +265,17 @@ impl Outbox {
         // not be sent (its number opted out, or is gone, or its code expired) takes no slot
         // from the others.
         let mut record = sendable(store, &msg, id);
-        if !matches!(record, Ok(None)) && !self.code_expired(&msg) {
+        let mut expired = self.code_expired(&msg);
+        if !matches!(record, Ok(None)) && !expired {
             tokio::select! {
                 _ = tokio::time::sleep_until(self.next_slot) => {}
                 _ = self.stop.wait_for(|stopped| *stopped) => return Ok(()),
             }
             record = sendable(store, &msg, id);
+            expired = self.code_expired(&msg);
             // Only a send takes the slot: one suppressed meanwhile (an opt-out, an erase, a
             // code that expired while it waited) leaves it to the next message.
-            if matches!(record, Ok(Some(_))) && !self.code_expired(&msg) {
+            if matches!(record, Ok(Some(_))) && !expired {
                 self.next_slot = Instant::now().max(self.next_slot) + self.interval;
             }
         }
@@ -294,7 +296,7 @@ impl Outbox {
             }
             // A code held up (by retries, or a backlog behind the rate limit) past its life
             // would only be refused when typed back: the number asks for a new one instead.
-            Ok(_) if self.code_expired(&msg) => {
+            Ok(_) if expired => {
                 tracing::info!(phone = %msg.phone.masked(), "outbox: not sending a code that expired while it waited");
                 (
                     "suppressed",

@@ -228,7 +228,11 @@ async fn explain_refusals(req: Request, next: axum::middleware::Next) -> Respons
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
-    let response = if declared.is_some_and(|n| n > MAX_BODY as u64) {
+    // (Not with `Transfer-Encoding`, which hyper frames the body by instead.)
+    let framed_otherwise = req
+        .headers()
+        .contains_key(axum::http::header::TRANSFER_ENCODING);
+    let response = if !framed_otherwise && declared.is_some_and(|n| n > MAX_BODY as u64) {
         StatusCode::PAYLOAD_TOO_LARGE.into_response()
     } else {
         next.run(req).await

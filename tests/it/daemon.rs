@@ -1524,9 +1524,11 @@ async fn a_message_suppressed_while_it_waited_leaves_its_send_slot_to_the_next()
     const CAT: &str = "+15550003333";
     assert_eq!(app.sms(BOB, "JOIN").await.0, 200);
     app.twilio.wait_delivered(1).await;
-    // Ann's code waits for the next slot; Cat's is behind it.
+    // Ann's code waits for the next slot (the outbox has it in hand within a moment); Cat's
+    // is behind it.
     assert_eq!(app.sms(ANN, "JOIN").await.0, 200);
     assert_eq!(app.sms(CAT, "JOIN").await.0, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let path = format!("/admin/subscribers/{}/opt-out", ANN.replace('+', "%2B"));
     assert_eq!(
         app.admin_status(reqwest::Method::POST, &path)
@@ -1957,6 +1959,11 @@ async fn a_request_whose_body_trickles_in_is_refused_at_the_body_timeout() {
     assert!(
         done.await.is_ok(),
         "still held after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() >= LIMIT - Duration::from_millis(100),
+        "refused early, after {:?}",
         started.elapsed()
     );
     let answer = String::from_utf8_lossy(&answer);

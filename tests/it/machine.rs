@@ -499,6 +499,10 @@ fn an_undeliverable_code_displaced_by_newer_ones_still_gives_back_its_send() {
         }
         assert_eq!(sub.code_sends.len(), 4);
         assert_eq!(sub.codes.len(), 3, "the first is displaced");
+        // The failures heard in any order: the displaced one first, or last.
+        if apart == 0 {
+            codes.reverse();
+        }
         for code in &codes {
             sub = step(
                 sub,
