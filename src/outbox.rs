@@ -279,6 +279,8 @@ impl Outbox {
                 self.next_slot = Instant::now().max(self.next_slot) + self.interval;
             }
         }
+        // A code that will not be sent, to withdraw.
+        let mut withdraw = None;
         // How the message ends: its delivery's status, provider id, error code and error.
         let (status, sid, code, error) = match record {
             // A storage error: try again later.
@@ -296,8 +298,18 @@ impl Outbox {
             }
             // A code held up (by retries, or a backlog behind the rate limit) past its life
             // would only be refused when typed back: the number asks for a new one instead.
-            Ok(_) if expired => {
+            Ok(Some(s)) if expired => {
                 tracing::info!(phone = %msg.phone.masked(), "outbox: not sending a code that expired while it waited");
+                // Withdrawn as an undeliverable one is: its send no longer counts against the
+                // limit, and a number waiting for it alone is back where it was. (Found by the
+                // expiry it carries, and its text.)
+                withdraw = s
+                    .codes
+                    .iter()
+                    .find(|c| {
+                        Some(c.expires_at) == msg.code_expires_at && msg.body.contains(&c.code)
+                    })
+                    .map(|c| c.code.clone());
                 (
                     "suppressed",
                     None,
@@ -346,6 +358,11 @@ impl Outbox {
         if code == Some(UNSUBSCRIBED) && store.outbox_holds(id)? {
             self.engine
                 .event(&msg.phone, Event::ProviderUnsubscribed)
+                .await?;
+        }
+        if let Some(code) = withdraw {
+            self.engine
+                .event(&msg.phone, Event::CodeUndeliverable(code))
                 .await?;
         }
         store.outbox_finish(

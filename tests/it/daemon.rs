@@ -1553,7 +1553,7 @@ async fn a_message_suppressed_while_it_waited_leaves_its_send_slot_to_the_next()
 /// A code whose sends keep failing until it has expired is not sent then: it would only be
 /// refused when typed back. Its record says why.
 #[tokio::test]
-async fn a_code_that_expired_while_its_send_was_retried_is_not_sent() {
+async fn a_code_that_expired_while_its_send_was_retried_is_not_sent_but_withdrawn() {
     let app = TestApp::spawn_with_options(FLOWS, |o| {
         o.retry_base = Duration::from_secs(20);
         o.clock = manual_clock();
@@ -1600,6 +1600,18 @@ async fn a_code_that_expired_while_its_send_was_retried_is_not_sent() {
             "suppressed".to_string(),
             Some("the code expired before it could be sent".to_string())
         )]
+    );
+    // Withdrawn: its send no longer counts, and Ann, who waited for it alone, is back where
+    // she was.
+    let ann = app
+        .engine
+        .store
+        .subscriber(&smsflow::phone::Phone::parse(ANN).unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (ann.state.name(), ann.codes.len(), ann.code_sends.len()),
+        ("unverified", 0, 0)
     );
     app.stop().await;
 }
