@@ -52,20 +52,9 @@ pub struct OutMessage {
     pub code_expires_at: Option<DateTime<Utc>>,
 }
 
-/// An outbox message as version 2 stored it.
-#[derive(Deserialize)]
-struct OutMessageV2 {
-    phone: Phone,
-    body: String,
-    secret: bool,
-    attempts: u32,
-    next_try: DateTime<Utc>,
-    created_at: DateTime<Utc>,
-    last_error: Option<String>,
-    follow_up: bool,
-}
-
-/// An outbox message as version 1 stored it.
+/// The fields of an outbox message as version 1 stored them; version 2 added `follow_up`
+/// after them (bincode writes a struct as its fields in order, so `(OutMessageV1, bool)`
+/// reads version 2).
 #[derive(Deserialize)]
 struct OutMessageV1 {
     phone: Phone,
@@ -79,37 +68,22 @@ struct OutMessageV1 {
 
 /// Reads an outbox message of any known version.
 fn decode_out(bytes: &[u8]) -> Result<OutMessage, codec::CodecError> {
-    match bytes.first() {
-        Some(1) => {
-            let v1: OutMessageV1 = codec::decode(1, bytes)?;
-            Ok(OutMessage {
-                phone: v1.phone,
-                body: v1.body,
-                secret: v1.secret,
-                attempts: v1.attempts,
-                next_try: v1.next_try,
-                created_at: v1.created_at,
-                last_error: v1.last_error,
-                follow_up: false,
-                code_expires_at: None,
-            })
-        }
-        Some(2) => {
-            let v2: OutMessageV2 = codec::decode(2, bytes)?;
-            Ok(OutMessage {
-                phone: v2.phone,
-                body: v2.body,
-                secret: v2.secret,
-                attempts: v2.attempts,
-                next_try: v2.next_try,
-                created_at: v2.created_at,
-                last_error: v2.last_error,
-                follow_up: v2.follow_up,
-                code_expires_at: None,
-            })
-        }
-        _ => codec::decode(OUT_VERSION, bytes),
-    }
+    let (old, follow_up): (OutMessageV1, bool) = match bytes.first() {
+        Some(1) => (codec::decode(1, bytes)?, false),
+        Some(2) => codec::decode(2, bytes)?,
+        _ => return codec::decode(OUT_VERSION, bytes),
+    };
+    Ok(OutMessage {
+        phone: old.phone,
+        body: old.body,
+        secret: old.secret,
+        attempts: old.attempts,
+        next_try: old.next_try,
+        created_at: old.created_at,
+        last_error: old.last_error,
+        follow_up,
+        code_expires_at: None,
+    })
 }
 
 impl std::fmt::Debug for OutMessage {
