@@ -97,10 +97,12 @@ impl Conns {
     }
 
     /// How many connections are open.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.open().len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -235,10 +237,12 @@ impl Opened {
         self.tracker.clone()
     }
 
+    #[cfg(test)]
     pub fn busy(&self) -> Busy {
         self.tracker.busy()
     }
 
+    #[cfg(test)]
     pub fn is_busy(&self) -> bool {
         self.tracker.conn.busy.load(SeqCst) > 0
     }
