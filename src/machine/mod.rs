@@ -587,7 +587,8 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     }
 
     fn say(&mut self, text: String) {
-        let text = fit(text.trim().to_string());
+        // (Already within the limit: every text is filled in by `render_joined`.)
+        let text = text.trim().to_string();
         if text.is_empty() {
             return;
         }
@@ -781,7 +782,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             self.sub.state = State::AwaitingCode;
         }
         self.code = Some(code);
-        let text = fit(self.render(&self.flows.verify.send));
+        let text = self.render(&self.flows.verify.send);
         self.effects.push(Effect::SendCode {
             text,
             code: Code(self.code.clone().unwrap_or_default()),
