@@ -13,6 +13,20 @@ use crate::phone::Phone;
 use crate::sim::{default_start, Sandbox, Sent};
 use crate::transcript;
 
+/// `println!` and `eprintln!` that lose their text on a closed or full stream instead of
+/// panicking (a `| head` that stopped reading, a full disk): the exit code still tells how
+/// the command went.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        say(&mut std::io::stdout().lock(), &format!("{}\n", format_args!($($arg)*)))
+    };
+}
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        say(&mut std::io::stderr().lock(), &format!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "smsflow",
@@ -122,12 +136,12 @@ pub const EXIT_RUNTIME: u8 = 3;
 pub fn check(dir: &Path) -> ExitCode {
     match flows::load_dir(dir) {
         Ok(f) => {
-            println!("ok: {} ({})", dir.display(), f.summary());
+            outln!("ok: {} ({})", dir.display(), f.summary());
             ExitCode::SUCCESS
         }
         Err(problems) => {
-            eprintln!("{problems}");
-            eprintln!("{} problem(s) in {}", problems.0.len(), dir.display());
+            errln!("{problems}");
+            errln!("{} problem(s) in {}", problems.0.len(), dir.display());
             ExitCode::from(EXIT_PROBLEMS)
         }
     }
@@ -137,7 +151,7 @@ pub fn test(dir: &Path) -> ExitCode {
     let flows = match flows::load_dir(dir) {
         Ok(f) => f,
         Err(problems) => {
-            eprintln!("{problems}");
+            errln!("{problems}");
             return ExitCode::from(EXIT_PROBLEMS);
         }
     };
@@ -145,17 +159,17 @@ pub fn test(dir: &Path) -> ExitCode {
     let report = match transcript::run_dir(&flows, &tests) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("{e}");
+            errln!("{e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
     for p in &report.passed {
-        println!("ok   {}", p.display());
+        outln!("ok   {}", p.display());
     }
     for f in &report.failures {
-        println!("FAIL {f}");
+        outln!("FAIL {f}");
     }
-    println!(
+    outln!(
         "{} passed, {} failed",
         report.passed.len(),
         report.failures.len()
@@ -164,7 +178,7 @@ pub fn test(dir: &Path) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         if report.passed.is_empty() && report.failures.is_empty() {
-            eprintln!("no transcripts in {}", tests.display());
+            errln!("no transcripts in {}", tests.display());
         }
         ExitCode::from(EXIT_PROBLEMS)
     }
@@ -174,14 +188,14 @@ pub fn simulate(dir: &Path, phone: &str, seed: u64) -> ExitCode {
     let flows = match flows::load_dir(dir) {
         Ok(f) => f,
         Err(problems) => {
-            eprintln!("{problems}");
+            errln!("{problems}");
             return ExitCode::from(EXIT_PROBLEMS);
         }
     };
     let phone = match Phone::parse(phone) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("--phone: {e}");
+            errln!("--phone: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -464,7 +478,7 @@ pub fn init_logging(format: LogFormat) {
         .and_then(|f| match EnvFilter::try_new(&f) {
             Ok(filter) => Some(filter),
             Err(e) => {
-                eprintln!("smsflow: ignoring SMSFLOW_LOG={f:?}, which is not a log filter: {e}");
+                errln!("smsflow: ignoring SMSFLOW_LOG={f:?}, which is not a log filter: {e}");
                 None
             }
         })
@@ -490,7 +504,7 @@ pub fn serve(args: &ServeArgs) -> ExitCode {
     let config = match serve_config(args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("smsflow: configuration: {e:#}");
+            errln!("smsflow: configuration: {e:#}");
             return ExitCode::from(EXIT_PROBLEMS);
         }
     };
@@ -505,11 +519,11 @@ pub fn serve(args: &ServeArgs) -> ExitCode {
             // Flows that fail `check` are the operator's input, like `check` itself: exit 1.
             Err(e) => match e.downcast_ref::<flows::Problems>() {
                 Some(problems) => {
-                    eprintln!("smsflow: {e}:\n{problems}");
+                    errln!("smsflow: {e}:\n{problems}");
                     return ExitCode::from(EXIT_PROBLEMS);
                 }
                 None => {
-                    eprintln!("smsflow: {e:#}");
+                    errln!("smsflow: {e:#}");
                     return ExitCode::from(EXIT_RUNTIME);
                 }
             },
@@ -598,11 +612,11 @@ pub fn bench(args: crate::bench::BenchArgs) -> ExitCode {
     };
     match runtime.block_on(crate::bench::run(args)) {
         Ok(report) => {
-            print!("{report}");
+            say(&mut std::io::stdout().lock(), &report);
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("smsflow bench: {e:#}");
+            errln!("smsflow bench: {e:#}");
             ExitCode::from(EXIT_RUNTIME)
         }
     }
@@ -636,20 +650,20 @@ pub fn export(
     let (data, flows_dir) = match export_dirs(data, flows) {
         Ok(dirs) => dirs,
         Err(e) => {
-            eprintln!("smsflow export: {e:#}");
+            errln!("smsflow export: {e:#}");
             return ExitCode::from(EXIT_PROBLEMS);
         }
     };
     let (data, flows_dir) = (data.as_path(), flows_dir.as_path());
     if !data.exists() {
-        eprintln!(
+        errln!(
             "smsflow export: no data dir at {} (set --data, SMSFLOW_DATA or `data` in smsflow.toml)",
             data.display()
         );
         return ExitCode::from(EXIT_USAGE);
     }
     if !data.is_dir() {
-        eprintln!(
+        errln!(
             "smsflow export: {} is not a directory; give the data dir the daemon uses \
              (--data, SMSFLOW_DATA or `data` in smsflow.toml)",
             data.display()
@@ -660,7 +674,7 @@ pub fn export(
     let flows = match flows::load_dir(flows_dir) {
         Ok(f) => f,
         Err(p) => {
-            eprintln!("{p}");
+            errln!("{p}");
             return ExitCode::from(EXIT_PROBLEMS);
         }
     };
@@ -669,7 +683,7 @@ pub fn export(
         Ok(s) => s,
         Err(e) => {
             if e.downcast_ref::<crate::store::DataDirInUse>().is_some() {
-                eprintln!(
+                errln!(
                     "smsflow export: {e}.\nThe running daemon holds it: download the dataset from it instead:\n  \
                      curl -H \"Authorization: Bearer $SMSFLOW_ADMIN_TOKEN\" '{}/admin/export.csv{}'\n\
                      (its admin token, set by SMSFLOW_ADMIN_TOKEN or admin_token in its smsflow.toml; \
@@ -678,7 +692,7 @@ pub fn export(
                     if one_hot { "?one_hot=1" } else { "" }
                 );
             } else {
-                eprintln!("smsflow export: {e:#}");
+                errln!("smsflow export: {e:#}");
             }
             return ExitCode::from(EXIT_RUNTIME);
         }
@@ -700,12 +714,12 @@ pub fn export(
             let at_open = opened_kib.map_or("unknown".to_string(), |k| {
                 format!("{:.1} MiB", k as f64 / 1024.0)
             });
-            eprintln!(
+            errln!(
                 "exported {} subscriber(s); peak memory {peak} (after opening the store: {at_open})",
                 done.rows
             );
             if done.unreadable > 0 {
-                eprintln!(
+                errln!(
                     "left out {} record(s) that cannot be read (damaged, or from a newer smsflow); \
                      GET /admin/subscribers lists them by number, and DELETE erases one",
                     done.unreadable
@@ -714,7 +728,7 @@ pub fn export(
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("smsflow export: {e:#}");
+            errln!("smsflow export: {e:#}");
             ExitCode::from(EXIT_RUNTIME)
         }
     }
@@ -745,7 +759,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         .enable_all()
         .build()
         .map_err(|e| {
-            eprintln!("smsflow: cannot start the runtime: {e}");
+            errln!("smsflow: cannot start the runtime: {e}");
             ExitCode::from(EXIT_RUNTIME)
         })
 }

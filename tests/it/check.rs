@@ -649,3 +649,36 @@ fn a_text_over_twilios_limit_as_twilio_counts_it_is_refused() {
         "{problems}"
     );
 }
+
+/// `smsflow check flows | head -0`: the reader is gone before anything is written. The
+/// commands lose their output and end with their usual exit code, not a panic (101).
+#[test]
+fn check_test_and_simulate_end_normally_when_their_output_is_no_longer_read() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let broken = tempfile::tempdir().unwrap();
+    write(broken.path(), "a.toml", "[bot]\nname = \n");
+    let runs: [(&[&str], &str, i32); 4] = [
+        (&["check", "flows"], "", 0),
+        (&["check", broken.path().to_str().unwrap()], "", 1),
+        (&["test", "flows"], "", 0),
+        (&["simulate", "--flows", "flows"], "HELP\nJOIN\n", 0),
+    ];
+    for (args, input, code) in runs {
+        // Both ends of its output are closed before it starts, so its first write fails.
+        let mut child = smsflow()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        drop(child.stderr.take());
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input.as_bytes()).unwrap();
+        drop(stdin);
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(code), "smsflow {args:?}");
+    }
+}
