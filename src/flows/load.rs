@@ -126,6 +126,7 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
         sources,
         problems: Vec::new(),
         clearable: Vec::new(),
+        code_digits: 6,
     };
     let mut files = Vec::new();
     let mut unread = Vec::new();
@@ -468,6 +469,8 @@ struct Cx {
     /// undeclared field, zero total weight): while a file does not parse, such a problem may
     /// be its absence speaking.
     clearable: Vec<bool>,
+    /// How many digits a `{code}` fills (`verify.code_length`), for the length check.
+    code_digits: usize,
 }
 
 impl Cx {
@@ -738,18 +741,28 @@ impl Cx {
         if src.trim().is_empty() {
             self.err(f, s.span(), format!("empty text: {what}"));
         }
-        if src.encode_utf16().count() > MAX_TEXT {
-            self.err(
-                f,
-                s.span(),
-                format!(
-                    "{what} is longer than {MAX_TEXT} characters (as Twilio counts them: an \
-                     emoji or other character beyond the basic plane is two)"
-                ),
-            );
-        }
         match Template::parse(src) {
             Ok(t) => {
+                // As sent: a code fills `{code}` with its digits. Other placeholders count
+                // as written (an answer too long for the limit is shortened when sent).
+                let sent = t.render(|slot| {
+                    Some(match slot {
+                        "code" if allowed.code => "0".repeat(self.code_digits),
+                        other => format!("{{{other}}}"),
+                    })
+                });
+                if sent.encode_utf16().count() > MAX_TEXT {
+                    self.err(
+                        f,
+                        s.span(),
+                        format!(
+                            "{what} is longer than {MAX_TEXT} characters (as Twilio counts them: \
+                             an emoji or other character beyond the basic plane is two; a \
+                             {{code}} is its {} digits)",
+                            self.code_digits
+                        ),
+                    );
+                }
                 for (msg, undeclared) in t.unknown(allowed) {
                     let msg = format!("{what}: {msg}");
                     if undeclared {
@@ -876,8 +889,10 @@ impl Cx {
             "verify.after_otp_api",
             &[("stay", AfterOtpApi::Stay), ("form", AfterOtpApi::Form)],
         );
+        let code_length = self.number(f, r.code_length, "verify.code_length", 4..11, 6) as u8;
+        self.code_digits = usize::from(code_length);
         Verify {
-            code_length: self.number(f, r.code_length, "verify.code_length", 4..11, 6) as u8,
+            code_length,
             ttl,
             valid_codes: self.number(f, r.valid_codes, "verify.valid_codes", 1..11, 2) as u8,
             max_attempts: self.number(f, r.max_attempts, "verify.max_attempts", 1..101, 5) as u8,

@@ -682,3 +682,26 @@ fn check_test_and_simulate_end_normally_when_their_output_is_no_longer_read() {
         assert_eq!(status.code(), Some(code), "smsflow {args:?}");
     }
 }
+
+/// A code fills `{code}` with its digits: a text that is within the limit as written is
+/// over it once a 10-digit code is in it.
+#[test]
+fn a_code_text_is_measured_with_its_code_filled_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = |digits: u8| {
+        format!(
+            "[bot]\nname = \"X\"\n[verify]\ncode_length = {digits}\nsend = \"{}{{code}}\"\n",
+            "x".repeat(1594)
+        )
+    };
+    write(dir.path(), "a.toml", &text(6));
+    smsflow::flows::load_dir(dir.path()).expect("1,594 characters and 6 digits fit");
+    write(dir.path(), "a.toml", &text(10));
+    let problems = problems_in(dir.path());
+    assert!(
+        problems.contains("a.toml:5:")
+            && problems.contains("verify.send is longer than 1600")
+            && problems.contains("10 digits"),
+        "{problems}"
+    );
+}
