@@ -85,10 +85,11 @@ impl Verify {
     /// A code as the OTP API takes it: exactly `code_length` digits, spaces around it
     /// ignored (a copy-paste accident, not a different code). `None`: not a code at all,
     /// which is refused without counting as a wrong guess.
-    pub fn api_code<'s>(&self, text: &'s str) -> Option<&'s str> {
-        let t = text.trim();
+    pub fn api_code(&self, text: &str) -> Option<String> {
+        let digits = crate::machine::ascii_digits(text);
+        let t = digits.trim();
         (t.len() == usize::from(self.code_length) && t.bytes().all(|b| b.is_ascii_digit()))
-            .then_some(t)
+            .then(|| t.to_string())
     }
 }
 
@@ -172,7 +173,10 @@ impl Expect {
                     .map(|(_, label)| label.clone())
             }
             Expect::Range(lo, hi) => {
-                let n: i64 = answer.trim_end_matches(['.', '!']).parse().ok()?;
+                let n: i64 = crate::machine::ascii_digits(answer)
+                    .trim_end_matches(['.', '!'])
+                    .parse()
+                    .ok()?;
                 (*lo..=*hi).contains(&n).then(|| n.to_string())
             }
             Expect::Pattern(re) => re.is_match(answer).then(|| answer.to_string()),

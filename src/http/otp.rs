@@ -257,7 +257,7 @@ pub async fn validate_otp(
     let length = flows.verify.code_length;
     let otp = match &req.otp {
         Some(serde_json::Value::String(s)) => match flows.verify.api_code(s) {
-            Some(code) => code.to_string(),
+            Some(code) => code,
             None => return Err(OtpError::BadRequest(format!("otp must be {length} digits"))),
         },
         Some(_) => {

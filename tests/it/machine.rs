@@ -649,6 +649,36 @@ fn a_code_typed_with_spaces_dashes_or_punctuation_around_it_verifies_and_a_time_
     }
 }
 
+/// Digits from an Arabic, Persian, Devanagari or full-width keyboard are the digits they
+/// stand for: in a code texted back or given to the OTP API, in a number answer, in a choice.
+#[test]
+fn a_code_a_number_or_a_choice_typed_in_another_scripts_digits_is_read_as_those_digits() {
+    for typed in ["١٢٣٤٥٦", "۱۲۳ ۴۵۶", "१२३४५६", "１２３４５６"] {
+        let t = typed_while_awaiting_123456(typed);
+        assert_eq!(t.subscriber.state, State::Verified, "{typed:?}");
+    }
+    // Another code in those digits is a wrong guess, as "654321" is.
+    let t = typed_while_awaiting_123456("٦٥٤٣٢١");
+    assert_eq!(t.subscriber.codes[0].wrong, 1);
+
+    let f = flows();
+    assert_eq!(f.verify.api_code(" ١٢٣٤٥٦ ").as_deref(), Some("123456"));
+    assert_eq!(
+        f.verify.api_code("١٢٣٤٥"),
+        None,
+        "five digits are not a code"
+    );
+    let range = smsflow::flows::Expect::Range(1, 5);
+    assert_eq!(range.accept("٤").as_deref(), Some("4"));
+    assert_eq!(range.accept("٩"), None, "9 is out of range in any script");
+    let choices = smsflow::flows::Expect::Choices(
+        [("1", "yes"), ("2", "no")]
+            .map(|(k, l)| (k.to_string(), l.to_string()))
+            .to_vec(),
+    );
+    assert_eq!(choices.accept("٢").as_deref(), Some("no"));
+}
+
 /// An app asked for a code for a number already verified and mid-form (the first question
 /// takes any text), and the code is texted back: it is not saved as the answer, the question
 /// is asked again, and the code stays the app's to validate.
