@@ -752,14 +752,17 @@ impl Cx {
                     })
                 });
                 if sent.encode_utf16().count() > MAX_TEXT {
+                    let code = if allowed.code && t.slots().any(|n| n == "code") {
+                        format!("; a {{code}} is its {} digits", self.code_digits)
+                    } else {
+                        String::new()
+                    };
                     self.err(
                         f,
                         s.span(),
                         format!(
                             "{what} is longer than {MAX_TEXT} characters (as Twilio counts them: \
-                             an emoji or other character beyond the basic plane is two; a \
-                             {{code}} is its {} digits)",
-                            self.code_digits
+                             an emoji or other character beyond the basic plane is two{code})"
                         ),
                     );
                 }
