@@ -41,6 +41,17 @@ pub fn clip(input: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// `text` with each decimal digit of any script as its ASCII digit: a code, a choice, a
+/// number or a phone number typed on an Arabic, Persian, Devanagari or full-width keyboard
+/// ("٤٢", "４２") is the same one typed as "42".
+pub fn ascii_digits(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.is_ascii() {
+        text.into()
+    } else {
+        dec_from_char::normalize_decimals(text).into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -194,6 +194,7 @@ impl Default for Region {
 impl Phone {
     /// Parses a number written any common way; numbers without `+` are read in `region`.
     pub fn parse_in(input: &str, region: Region) -> Result<Phone, PhoneError> {
+        let input = crate::ascii_digits(input);
         let trimmed = input.trim();
         if trimmed.is_empty() {
             return Err(PhoneError::Empty);
@@ -305,6 +306,21 @@ mod tests {
             Phone::parse("(415) 555-0100").unwrap().as_str(),
             "+14155550100"
         );
+    }
+
+    #[test]
+    fn a_number_typed_in_another_scripts_digits_is_those_digits() {
+        for typed in [
+            "+١ ٤١٥ ٥٥٥ ٠١٠٠",
+            "+۱۴۱۵۵۵۵۰۱۰۰",
+            "＋１ ４１５ ５５５ ０１００",
+        ] {
+            assert_eq!(
+                Phone::parse(typed).map(|p| p.as_str().to_string()),
+                Ok("+14155550100".to_string()),
+                "{typed:?}"
+            );
+        }
     }
 
     #[test]

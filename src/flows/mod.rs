@@ -86,7 +86,7 @@ impl Verify {
     /// ignored (a copy-paste accident, not a different code). `None`: not a code at all,
     /// which is refused without counting as a wrong guess.
     pub fn api_code(&self, text: &str) -> Option<String> {
-        let digits = crate::machine::ascii_digits(text);
+        let digits = crate::ascii_digits(text);
         let t = digits.trim();
         (t.len() == usize::from(self.code_length) && t.bytes().all(|b| b.is_ascii_digit()))
             .then(|| t.to_string())
@@ -173,7 +173,7 @@ impl Expect {
                     .map(|(_, label)| label.clone())
             }
             Expect::Range(lo, hi) => {
-                let n: i64 = crate::machine::ascii_digits(answer)
+                let n: i64 = crate::ascii_digits(answer)
                     .trim_end_matches(['.', '!'])
                     .parse()
                     .ok()?;

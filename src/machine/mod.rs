@@ -367,7 +367,7 @@ fn ceil_millis(t: DateTime<Utc>) -> DateTime<Utc> {
 /// read `"STOP"`, `"STOPALL"` and `"OPTOUT"`; an option copied as shown, `"under 30"`, reads
 /// as its label `under_30`. Keywords and choices are compared in this form.
 pub fn normalize(text: &str) -> String {
-    ascii_digits(text)
+    crate::ascii_digits(text)
         .chars()
         .filter(|c| c.is_alphanumeric())
         .flat_map(char::to_uppercase)
@@ -424,21 +424,10 @@ fn fit(text: String) -> String {
     format!("{}…", &text[..end])
 }
 
-/// `text` with each decimal digit of any script as its ASCII digit: a code, a choice or a
-/// number typed on an Arabic, Persian, Devanagari or full-width keyboard ("٤٢", "４２") is
-/// the same one typed as "42".
-pub fn ascii_digits(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.is_ascii() {
-        std::borrow::Cow::Borrowed(text)
-    } else {
-        std::borrow::Cow::Owned(dec_from_char::normalize_decimals(text))
-    }
-}
-
 /// A text as a code guess, as people type codes: "123 456", "123-456", "123456." are the
 /// code; "3:30" or "10.5" stay what they are (not a guess that could cost an attempt).
 fn code_guess(text: &str) -> String {
-    ascii_digits(text)
+    crate::ascii_digits(text)
         .trim_matches(|c: char| c.is_whitespace() || c.is_ascii_punctuation())
         .chars()
         .filter(|c| !c.is_whitespace() && *c != '-')
