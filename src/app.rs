@@ -71,6 +71,11 @@ pub struct Application {
 
 /// The file in the data dir naming the local URL of the daemon that holds it.
 pub const DAEMON_URL_FILE: &str = "daemon-url";
+/// The admin API's access as noted in [`DAEMON_URL_FILE`]: a bearer token, open to this
+/// machine without one, or off (reachable beyond loopback with no token).
+pub const ADMIN_TOKEN: &str = "token";
+pub const ADMIN_OPEN: &str = "open";
+pub const ADMIN_OFF: &str = "off";
 
 /// Where a daemon listening on `addr` answers on this machine (a wildcard address is
 /// reached through loopback).
@@ -108,7 +113,16 @@ impl Application {
         // Where this daemon answers on this machine, for `export`'s hint when it finds the data
         // dir held (a flag or env the export does not share may have set the address).
         let here = local_url(std::net::SocketAddr::new(config.listen.ip(), port));
-        if let Err(e) = std::fs::write(config.data_dir.join(DAEMON_URL_FILE), format!("{here}\n")) {
+        // And how its admin API takes this machine's requests (its token is not written).
+        let admin = match (&config.admin_token, config.local_only()) {
+            (Some(_), _) => ADMIN_TOKEN,
+            (None, true) => ADMIN_OPEN,
+            (None, false) => ADMIN_OFF,
+        };
+        if let Err(e) = std::fs::write(
+            config.data_dir.join(DAEMON_URL_FILE),
+            format!("{here}\nadmin {admin}\n"),
+        ) {
             tracing::warn!("cannot note the daemon's address in the data dir: {e}");
         }
         Ok(Application {
@@ -176,7 +190,7 @@ impl Application {
                 }
             )
         );
-        let local_only = c.listen.ip().is_loopback() && c.public_url.is_none();
+        let local_only = c.local_only();
         b += &format!(
             "  signatures:  {}\n",
             match (&c.auth_token, local_only) {
@@ -286,7 +300,7 @@ impl Application {
             provider: self.provider.clone(),
             api_token: self.config.api_token.clone(),
             admin_token: self.config.admin_token.clone(),
-            loopback: self.config.listen.ip().is_loopback() && self.config.public_url.is_none(),
+            loopback: self.config.local_only(),
             reloader: reloader.clone(),
             health: health.clone(),
         });

@@ -683,14 +683,7 @@ pub fn export(
         Ok(s) => s,
         Err(e) => {
             if e.downcast_ref::<crate::store::DataDirInUse>().is_some() {
-                errln!(
-                    "smsflow export: {e}.\nThe running daemon holds it: download the dataset from it instead:\n  \
-                     curl -H \"Authorization: Bearer $SMSFLOW_ADMIN_TOKEN\" '{}/admin/export.csv{}'\n\
-                     (its admin token, set by SMSFLOW_ADMIN_TOKEN or admin_token in its smsflow.toml; \
-                     with none set, leave out -H: it answers this machine)",
-                    daemon_url(data),
-                    if one_hot { "?one_hot=1" } else { "" }
-                );
+                errln!("smsflow export: {e}.\n{}", held_hint(data, one_hot));
             } else {
                 errln!("smsflow export: {e:#}");
             }
@@ -734,16 +727,50 @@ pub fn export(
     }
 }
 
-/// Where the daemon holding `data` answers locally: as it noted in the data dir at its start,
-/// or else as `smsflow.toml` and the environment say.
-fn daemon_url(data: &Path) -> String {
-    use crate::config::Layer;
-    if let Ok(noted) = std::fs::read_to_string(data.join(crate::app::DAEMON_URL_FILE)) {
-        let noted = noted.trim();
-        if noted.starts_with("http://") && !noted.contains(char::is_whitespace) {
-            return noted.to_string();
-        }
+/// What to do when a running daemon holds `data`: download the dataset from its admin API,
+/// in the way that API takes this machine's requests, as the daemon noted it at its start.
+fn held_hint(data: &Path, one_hot: bool) -> String {
+    use crate::app::{ADMIN_OFF, ADMIN_OPEN, ADMIN_TOKEN};
+    let noted = std::fs::read_to_string(data.join(crate::app::DAEMON_URL_FILE)).unwrap_or_default();
+    let mut lines = noted.lines().map(str::trim);
+    let url = lines
+        .next()
+        .filter(|u| u.starts_with("http://") && !u.contains(char::is_whitespace))
+        .map_or_else(configured_url, str::to_string);
+    let admin = lines.find_map(|l| l.strip_prefix("admin "));
+    let endpoint = format!(
+        "'{url}/admin/export.csv{}'",
+        if one_hot { "?one_hot=1" } else { "" }
+    );
+    match admin {
+        Some(ADMIN_OFF) => format!(
+            "The running daemon holds it, and its admin API is off: it is reachable beyond this \
+             machine and has no SMSFLOW_ADMIN_TOKEN. Stop it and run this again, or restart it \
+             with a token and download the dataset:\n  \
+             curl -H \"Authorization: Bearer $SMSFLOW_ADMIN_TOKEN\" {endpoint}"
+        ),
+        Some(ADMIN_OPEN) => format!(
+            "The running daemon holds it: download the dataset from it instead (it has no admin \
+             token and answers this machine):\n  curl {endpoint}"
+        ),
+        Some(ADMIN_TOKEN) => format!(
+            "The running daemon holds it: download the dataset from it instead, with its admin \
+             token (SMSFLOW_ADMIN_TOKEN or admin_token in its smsflow.toml):\n  \
+             curl -H \"Authorization: Bearer $SMSFLOW_ADMIN_TOKEN\" {endpoint}"
+        ),
+        // Noted by an older smsflow, or not at all.
+        _ => format!(
+            "The running daemon holds it: download the dataset from it instead:\n  \
+             curl -H \"Authorization: Bearer $SMSFLOW_ADMIN_TOKEN\" {endpoint}\n\
+             (its admin token, set by SMSFLOW_ADMIN_TOKEN or admin_token in its smsflow.toml; \
+             with none set, leave out -H: it answers this machine)"
+        ),
     }
+}
+
+/// Where a daemon would answer locally as `smsflow.toml` and the environment say.
+fn configured_url() -> String {
+    use crate::config::Layer;
     let listen = Layer::from_file(Path::new("smsflow.toml"), false)
         .and_then(|file| Ok(Layer::from_env(|k| std::env::var(k).ok())?.over(file)))
         .and_then(Layer::resolve)

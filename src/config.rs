@@ -84,6 +84,13 @@ pub struct Config {
     /// everything is kept.
     pub retention: Option<std::time::Duration>,
 }
+impl Config {
+    /// Reachable from this machine only: a loopback listen address and no public URL. Then
+    /// unsigned webhooks and token-less APIs take local requests; otherwise they are refused.
+    pub fn local_only(&self) -> bool {
+        self.listen.ip().is_loopback() && self.public_url.is_none()
+    }
+}
 
 /// Values as read from one layer; `None` means "not set here".
 #[derive(Clone, Debug, Default, Deserialize)]

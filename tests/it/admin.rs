@@ -1028,3 +1028,53 @@ async fn a_daemon_with_a_retention_deletes_old_history_at_start() {
     assert!(vias[0].contains("today"), "{vias:?}");
     app.stop().await;
 }
+
+/// `smsflow export` on a data dir a daemon holds points at that daemon's admin API as the
+/// daemon takes this machine's requests: with its token, without one, or not at all (off,
+/// when it is reachable from outside with no token: then it says to stop the daemon).
+#[tokio::test]
+async fn export_on_a_held_data_dir_says_how_that_daemon_serves_the_dataset() {
+    let token = TestApp::spawn(FLOWS).await;
+    let open = TestApp::spawn_with(FLOWS, |c| {
+        c.admin_token = None;
+        c.public_url = None;
+    })
+    .await;
+    let off = TestApp::spawn_with(FLOWS, |c| c.admin_token = None).await;
+    for (app, says, not) in [
+        (&token, "Authorization: Bearer", "is off"),
+        (&open, "no admin token and answers this machine", "Bearer"),
+        (&off, "admin API is off", "answers this machine"),
+    ] {
+        let held = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .arg("export")
+            .arg("--data")
+            .arg(app.data.path())
+            .arg("--flows")
+            .arg(app.flows.path())
+            .output()
+            .unwrap();
+        assert_eq!(held.status.code(), Some(3));
+        let said = String::from_utf8_lossy(&held.stderr);
+        assert!(said.contains(says) && !said.contains(not), "{said}");
+        assert!(
+            said.contains(&format!("'{}/admin/export.csv'", app.base)),
+            "{said}"
+        );
+    }
+    // The way given works: with the token, and without one where none is needed.
+    let ok = |r: reqwest::Response| r.status().as_u16();
+    let by_token = token
+        .admin(reqwest::Method::GET, "/admin/export.csv")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok(by_token), 200);
+    let url = format!("{}/admin/export.csv", open.base);
+    assert_eq!(ok(open.http.get(&url).send().await.unwrap()), 200);
+    let url = format!("{}/admin/export.csv", off.base);
+    assert_eq!(ok(off.http.get(&url).send().await.unwrap()), 401);
+    for app in [token, open, off] {
+        app.stop().await;
+    }
+}
