@@ -12,6 +12,7 @@ use crate::machine::{Event, Outcome};
 use crate::phone::Phone;
 use crate::sim::{default_start, Sandbox, Sent};
 use crate::transcript;
+use tracing::Level;
 
 /// `println!` and `eprintln!` that lose their text on a closed or full stream instead of
 /// panicking (a `| head` that stopped reading, a full disk): the exit code still tells how
@@ -471,6 +472,7 @@ pub fn serve_config(args: &ServeArgs) -> anyhow::Result<crate::config::Config> {
 /// Logs go to stderr, filtered by SMSFLOW_LOG or RUST_LOG (default `info`).
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
+    let mut ignored = None;
     let filter = std::env::var("SMSFLOW_LOG")
         .ok()
         // Blank is unset, as for every other variable.
@@ -478,7 +480,9 @@ pub fn init_logging(format: LogFormat) {
         .and_then(|f| match EnvFilter::try_new(&f) {
             Ok(filter) => Some(filter),
             Err(e) => {
-                errln!("smsflow: ignoring SMSFLOW_LOG={f:?}, which is not a log filter: {e}");
+                ignored = Some(format!(
+                    "ignoring SMSFLOW_LOG={f:?}, which is not a log filter: {e}"
+                ));
                 None
             }
         })
@@ -497,14 +501,30 @@ pub fn init_logging(format: LogFormat) {
         LogFormat::Pretty => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+    if let Some(ignored) = ignored {
+        tell(format, Level::WARN, &ignored);
+    }
+}
+
+/// A line the daemon says of itself on stderr (its start failed, it stopped, a setting was
+/// ignored): plain text, or under `--log-format json` a log event like every other line
+/// there (and filtered like them), so a log shipper reads them all.
+fn tell(format: LogFormat, level: Level, text: &str) {
+    match (format, level) {
+        (LogFormat::Pretty, _) => errln!("smsflow: {text}"),
+        (LogFormat::Json, Level::ERROR) => tracing::error!("{text}"),
+        (LogFormat::Json, Level::WARN) => tracing::warn!("{text}"),
+        (LogFormat::Json, _) => tracing::info!("{text}"),
+    }
 }
 
 pub fn serve(args: &ServeArgs) -> ExitCode {
-    init_logging(args.log_format);
+    let format = args.log_format;
+    init_logging(format);
     let config = match serve_config(args) {
         Ok(c) => c,
         Err(e) => {
-            errln!("smsflow: configuration: {e:#}");
+            tell(format, Level::ERROR, &format!("configuration: {e:#}"));
             return ExitCode::from(EXIT_PROBLEMS);
         }
     };
@@ -519,11 +539,11 @@ pub fn serve(args: &ServeArgs) -> ExitCode {
             // Flows that fail `check` are the operator's input, like `check` itself: exit 1.
             Err(e) => match e.downcast_ref::<flows::Problems>() {
                 Some(problems) => {
-                    errln!("smsflow: {e}:\n{problems}");
+                    tell(format, Level::ERROR, &format!("{e}:\n{problems}"));
                     return ExitCode::from(EXIT_PROBLEMS);
                 }
                 None => {
-                    errln!("smsflow: {e:#}");
+                    tell(format, Level::ERROR, &format!("{e:#}"));
                     return ExitCode::from(EXIT_RUNTIME);
                 }
             },
@@ -545,11 +565,11 @@ pub fn serve(args: &ServeArgs) -> ExitCode {
             .await
         {
             Ok(()) => {
-                say(&mut std::io::stderr(), "smsflow: stopped cleanly\n");
+                tell(format, Level::INFO, "stopped cleanly");
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                say(&mut std::io::stderr(), &format!("smsflow: {e:#}\n"));
+                tell(format, Level::ERROR, &format!("{e:#}"));
                 ExitCode::from(EXIT_RUNTIME)
             }
         }

@@ -1054,6 +1054,69 @@ async fn serve_goes_on_and_stops_cleanly_when_its_stdout_and_stderr_are_closed()
     assert_eq!(status.code(), Some(0));
 }
 
+/// With `--log-format json`, everything on stderr is a JSON log line: the warning for a
+/// filter it cannot read, a webhook's log, the stop. A start that fails says why the same way.
+#[tokio::test]
+async fn serve_with_json_logs_writes_only_json_lines_to_stderr() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let data = tempfile::tempdir().unwrap();
+    let (mut child, base, _lines) = spawn_serve(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--flows", "flows"])
+            .args(["--log-format", "json"])
+            .arg("--data")
+            .arg(data.path())
+            .env_remove("TWILIO_ACCOUNT_SID")
+            .env_remove("TWILIO_AUTH_TOKEN")
+            .env("SMSFLOW_LOG", "[[not a filter")
+            .env_remove("RUST_LOG")
+            .stderr(std::process::Stdio::piped()),
+    )
+    .await;
+    let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let r = reqwest::Client::new()
+        .post(format!("{base}/twilio/sms"))
+        .form(&[("From", ANN), ("Body", "HELP"), ("MessageSid", "SMjson1")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    sigterm(&child);
+    let lines = exits_cleanly(child, stderr, Duration::from_secs(10)).await;
+    let messages: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+            v["fields"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        messages.iter().any(|m| m.contains("ignoring SMSFLOW_LOG")),
+        "{lines:?}"
+    );
+    assert!(messages.iter().any(|m| m == "stopped cleanly"), "{lines:?}");
+
+    let failed = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .arg("--data")
+        .arg(data.path())
+        .args(["--flows", "/nonexistent/flows"])
+        .output()
+        .unwrap();
+    assert_eq!(failed.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&failed.stderr);
+    for line in said.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert_eq!(v["level"], "ERROR", "{line}");
+    }
+    assert!(said.contains("cannot read flow directory"), "{said}");
+}
+
 /// A client holds a half-sent request open; a second SIGTERM (or Ctrl-C) ends the wait for
 /// it at once instead of after the grace period, and the stop is still clean.
 #[tokio::test]
