@@ -61,8 +61,10 @@ pub struct View {
     state: &'static str,
     opted_in: bool,
     sequence: Option<String>,
-    /// 1-based step within the sequence, while in one.
+    /// 1-based step within the sequence, while in one: the question asked while it waits
+    /// for the answer, otherwise the next step to be sent.
     step: Option<usize>,
+    /// Waiting to answer a sequence's question.
     waiting_for_answer: bool,
     fields: std::collections::BTreeMap<String, String>,
     created_at: String,
@@ -126,7 +128,7 @@ struct Detail {
 const MESSAGES_SHOWN: usize = 20;
 
 /// `{"id": …, "status": "queued" | "sent" | "delivered" | "failed" | …, …}`: what became of
-/// one message (never its text, which may be a code).
+/// one message (never its text, which may be a code). Times as everywhere on the page.
 fn message_json(id: u64, sent: &crate::store::Sent) -> serde_json::Value {
     use crate::store::Sent;
     match sent {
@@ -134,9 +136,9 @@ fn message_json(id: u64, sent: &crate::store::Sent) -> serde_json::Value {
             "id": id,
             "status": "queued",
             "attempts": m.attempts,
-            "next_try": m.next_try,
+            "next_try": m.next_try.to_rfc3339(),
             "last_error": m.last_error,
-            "queued_at": m.created_at,
+            "queued_at": m.created_at.to_rfc3339(),
         }),
         Sent::Ended(d) => serde_json::json!({
             "id": id,
@@ -145,7 +147,7 @@ fn message_json(id: u64, sent: &crate::store::Sent) -> serde_json::Value {
             "error_code": d.error_code,
             "error": d.error,
             "provider_sid": d.provider_sid,
-            "updated_at": d.updated_at,
+            "updated_at": d.updated_at.to_rfc3339(),
         }),
         Sent::Unreadable(e) => serde_json::json!({ "id": id, "unreadable": e.to_string() }),
     }
