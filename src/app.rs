@@ -233,8 +233,9 @@ impl Application {
             None => {
                 b += "  No public URL: Twilio cannot reach this machine yet. Start a tunnel:\n";
                 b += &format!(
-                    "    ngrok http {}    or    cloudflared tunnel --url {local}\n",
-                    self.port
+                    "    ngrok http {}    or    cloudflared tunnel --url {}\n",
+                    self.port,
+                    local_url(std::net::SocketAddr::new(c.listen.ip(), self.port))
                 );
                 b +=
                     &format!(

@@ -131,9 +131,9 @@ pub enum WebhookError {
     Unsigned,
     /// No auth token to check signatures with, and the request is not from this machine.
     #[error(
-        "unsigned webhooks are taken only from this machine: set TWILIO_AUTH_TOKEN (required \
-         when smsflow is reachable beyond loopback: a non-loopback listen address, a \
-         public_url, or a request through a proxy or tunnel)"
+        "unsigned webhook refused: set TWILIO_AUTH_TOKEN. Without it, webhooks are taken only \
+         while smsflow is reachable from this machine alone (a loopback listen address and no \
+         public_url), and only straight from it, not through a proxy or tunnel"
     )]
     NotLocal,
     /// The body could not be read (too large: 413).

@@ -244,6 +244,13 @@ async fn without_an_auth_token_webhooks_are_taken_only_from_this_machine() {
     ] {
         let r = post(&public, path, form, None).await.unwrap();
         assert_eq!(r.status().as_u16(), 403, "{path}");
+        // It says what would let it in, not that the request came from elsewhere.
+        let said = r.text().await.unwrap();
+        assert!(
+            said.starts_with("unsigned webhook refused: set TWILIO_AUTH_TOKEN")
+                && said.contains("reachable from this machine alone"),
+            "{said}"
+        );
     }
     assert_eq!(public.state_of(ANN), None);
 }
@@ -1009,7 +1016,10 @@ async fn serve_prints_its_banner_and_stops_cleanly_on_sigterm() {
     // Where it answers is noted in the data dir while it runs, and no longer once stopped.
     // (With how its admin API takes this machine's requests: here, with no token, open.)
     let noted = std::fs::read_to_string(data.path().join("daemon-url")).unwrap();
-    assert_eq!(noted.lines().collect::<Vec<_>>(), [base.as_str(), "admin open"]);
+    assert_eq!(
+        noted.lines().collect::<Vec<_>>(),
+        [base.as_str(), "admin open"]
+    );
     sigterm(&child);
     exits_cleanly(child, stderr, Duration::from_secs(10)).await;
     assert!(!data.path().join("daemon-url").exists());
