@@ -233,6 +233,12 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, AdminError> {
         .map_err(|e| AdminError::BadRequest(format!("query string: {}", e.body_text())))
 }
 
+/// The query of a route that takes none: any parameter is refused, so that a guess such as
+/// `DELETE …?dry_run=1` is not quietly done for real.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoQuery {}
+
 /// Unknown parameters are refused: `?stat=verified` must not quietly list everyone.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -323,7 +329,9 @@ pub async fn show(
     State(app): State<Arc<AppState>>,
     _operator: Operator,
     raw: Result<Path<String>, PathRejection>,
+    q: Result<Query<NoQuery>, QueryRejection>,
 ) -> Result<Response, AdminError> {
+    query(q)?;
     let phone = phone(&app, raw)?;
     detail(&app, &phone)
 }
@@ -373,7 +381,9 @@ pub async fn opt_out(
     State(app): State<Arc<AppState>>,
     _operator: Operator,
     raw: Result<Path<String>, PathRejection>,
+    q: Result<Query<NoQuery>, QueryRejection>,
 ) -> Result<Response, AdminError> {
+    query(q)?;
     let phone = phone(&app, raw)?;
     match app.engine.store.subscriber(&phone) {
         Ok(Some(_)) => {}
@@ -403,7 +413,9 @@ pub async fn erase(
     State(app): State<Arc<AppState>>,
     _operator: Operator,
     raw: Result<Path<String>, PathRejection>,
+    q: Result<Query<NoQuery>, QueryRejection>,
 ) -> Result<Response, AdminError> {
+    query(q)?;
     let phone = phone(&app, raw)?;
     if app.engine.erase(&phone).await? {
         tracing::info!(phone = %phone.masked(), "admin: erased");
@@ -417,7 +429,9 @@ pub async fn erase(
 pub async fn reload(
     State(app): State<Arc<AppState>>,
     _operator: Operator,
+    q: Result<Query<NoQuery>, QueryRejection>,
 ) -> Result<Response, AdminError> {
+    query(q)?;
     Ok(match app.reloader.reload_blocking("admin API").await {
         Ok(summary) => {
             Json(serde_json::json!({ "reloaded": true, "flows": summary })).into_response()

@@ -131,6 +131,41 @@ async fn subscribers_can_be_listed_filtered_and_paged() {
     );
 }
 
+/// A route that takes no parameters refuses any: a guess such as `?dry_run=1` on an erase
+/// or an opt-out must not be done for real.
+#[tokio::test]
+async fn routes_without_parameters_refuse_any_and_change_nothing() {
+    use reqwest::Method;
+    let app = TestApp::spawn(FLOWS).await;
+    app.sms(A, "JOIN").await;
+    let number = A.replace('+', "%2B");
+    for (method, path) in [
+        (
+            Method::DELETE,
+            format!("/admin/subscribers/{number}?dry_run=1"),
+        ),
+        (
+            Method::POST,
+            format!("/admin/subscribers/{number}/opt-out?dry_run=1"),
+        ),
+        (Method::GET, format!("/admin/subscribers/{number}?fields=1")),
+        (Method::POST, "/admin/reload?force=1".to_string()),
+    ] {
+        let (status, err) = send(&app, method.clone(), &path).await;
+        assert_eq!(status, 400, "{method} {path}");
+        let said = err["error"].as_str().unwrap_or_default();
+        assert!(
+            said.starts_with("query string:") && said.contains("unknown field"),
+            "{said}"
+        );
+    }
+    assert_eq!(
+        app.state_of(A).as_deref(),
+        Some("awaiting_code"),
+        "neither erased nor opted out"
+    );
+}
+
 #[tokio::test]
 async fn one_subscriber_shows_its_state_timer_history_and_what_became_of_its_messages() {
     let app = TestApp::spawn(FLOWS).await;
