@@ -127,6 +127,7 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
         problems: Vec::new(),
         clearable: Vec::new(),
         code_digits: 6,
+        bot_name: String::new(),
     };
     let mut files = Vec::new();
     let mut unread = Vec::new();
@@ -459,6 +460,10 @@ const KEEP: &[&str] = &["KEEP"];
 /// The longest duration a flow may use (it keeps time arithmetic far from overflow).
 const MAX_DAYS: i64 = 366;
 
+/// How answers are compared with choices and keywords (see `machine::normalize`).
+const READ_AS: &str =
+    "answers are read without case, spaces and punctuation, and with any script's digits as 0-9";
+
 /// Twilio's limit for one message body, counted as the machine counts it when sending.
 const MAX_TEXT: usize = crate::machine::MAX_BODY;
 
@@ -469,8 +474,10 @@ struct Cx {
     /// undeclared field, zero total weight): while a file does not parse, such a problem may
     /// be its absence speaking.
     clearable: Vec<bool>,
-    /// How many digits a `{code}` fills (`verify.code_length`), for the length check.
+    /// How many digits a `{code}` fills (`verify.code_length`), and the bot's name, for the
+    /// length check (both are read before the texts that may hold them).
     code_digits: usize,
+    bot_name: String,
 }
 
 impl Cx {
@@ -546,6 +553,7 @@ impl Cx {
         let ivr = self.single("[ivr]", ivrs);
 
         let bot = self.bot(bot);
+        self.bot_name = bot.name.clone();
         let keywords = self.keywords(keywords);
         let form = self.form(forms, &keywords);
         let fields: Vec<String> = form.all_keys().map(str::to_string).collect();
@@ -741,31 +749,53 @@ impl Cx {
         if src.trim().is_empty() {
             self.err(f, s.span(), format!("empty text: {what}"));
         }
-        match Template::parse(src) {
-            Ok(t) => {
-                // As sent: a code fills `{code}` with its digits. Other placeholders count
-                // as written (an answer too long for the limit is shortened when sent).
-                let sent = t.render(|slot| {
-                    Some(match slot {
-                        "code" if allowed.code => "0".repeat(self.code_digits),
-                        other => format!("{{{other}}}"),
-                    })
-                });
-                if sent.encode_utf16().count() > MAX_TEXT {
-                    let code = if allowed.code && t.slots().any(|n| n == "code") {
-                        format!("; a {{code}} is its {} digits", self.code_digits)
+        let parsed = Template::parse(src);
+        // Measured as sent: a code fills `{code}` with its digits (read out one by one where
+        // spoken), `{bot.name}` is the bot's name; other placeholders count as written (an
+        // answer too long for the limit is shortened when sent). A text whose braces do not
+        // parse is measured as written.
+        let code = || "0".repeat(self.code_digits);
+        let sent = match &parsed {
+            Ok(t) => t.render(|slot| {
+                Some(match slot {
+                    "code" if allowed.code && allowed.spoken => crate::ivr::spell(&code()),
+                    "code" if allowed.code => code(),
+                    "bot.name" => self.bot_name.clone(),
+                    other => format!("{{{other}}}"),
+                })
+            }),
+            Err(_) => src.clone(),
+        };
+        if sent.encode_utf16().count() > MAX_TEXT {
+            let filled = match &parsed {
+                Ok(t) if allowed.code && t.slots().any(|n| n == "code") => format!(
+                    "; a {{code}} is its {} digits{}",
+                    self.code_digits,
+                    if allowed.spoken {
+                        ", read out one by one"
                     } else {
-                        String::new()
-                    };
-                    self.err(
-                        f,
-                        s.span(),
-                        format!(
-                            "{what} is longer than {MAX_TEXT} characters (as Twilio counts them: \
-                             an emoji or other character beyond the basic plane is two{code})"
-                        ),
-                    );
+                        ""
+                    }
+                ),
+                _ => String::new(),
+            };
+            let named = match &parsed {
+                Ok(t) if t.slots().any(|n| n == "bot.name") => {
+                    "; {bot.name} is the bot's name".to_string()
                 }
+                _ => String::new(),
+            };
+            self.err(
+                f,
+                s.span(),
+                format!(
+                    "{what} is longer than {MAX_TEXT} characters (as Twilio counts them: an \
+                     emoji or other character beyond the basic plane is two{filled}{named})"
+                ),
+            );
+        }
+        match parsed {
+            Ok(t) => {
                 for (msg, undeclared) in t.unknown(allowed) {
                     let msg = format!("{what}: {msg}");
                     if undeclared {
@@ -1131,7 +1161,7 @@ impl Cx {
             self.err(f, span.clone(), "choices is empty");
         }
         let mut out = Vec::new();
-        let mut seen = BTreeSet::new();
+        let mut seen: BTreeMap<String, String> = BTreeMap::new();
         for (key, label) in choices {
             let norm = normalize(&key);
             let label = match label {
@@ -1174,12 +1204,14 @@ impl Cx {
                     ),
                 );
             }
-            if !seen.insert(norm) {
+            if let Some(first) = seen.get(&norm) {
                 self.err(
                     f,
                     span.clone(),
-                    format!("choice key {key:?} is given twice"),
+                    format!("choice key {key:?} reads the same as key {first:?} ({READ_AS})"),
                 );
+            } else {
+                seen.insert(norm, key.clone());
             }
             out.push((key, label));
         }
@@ -1197,8 +1229,8 @@ impl Cx {
                         span.clone(),
                         format!(
                             "choice {key:?} has the label {label:?}, which reads as {other_key:?}, \
-                             the key of another choice (answers are read without case, spaces \
-                             and punctuation), so that answer could be stored as the wrong choice"
+                             the key of another choice ({READ_AS}), so that answer could be \
+                             stored as the wrong choice"
                         ),
                     );
                 }
@@ -1210,8 +1242,8 @@ impl Cx {
                         span.clone(),
                         format!(
                             "choices {other_key:?} and {key:?} have labels that read the same \
-                             ({other_label:?} and {label:?}) once case, spaces and punctuation \
-                             are ignored, so an answer could be stored as the wrong one"
+                             ({other_label:?} and {label:?}; {READ_AS}), so an answer could be \
+                             stored as the wrong one"
                         ),
                     );
                 }

@@ -384,7 +384,16 @@ fn a_choice_label_that_reads_as_another_choice_is_refused() {
         ),
         (
             r#"A = "<18", B = "18+""#,
-            r#"choices "A" and "B" have labels that read the same ("<18" and "18+")"#,
+            r#"choices "A" and "B" have labels that read the same ("<18" and "18+"; answers"#,
+        ),
+        // Keys read as answers are: case aside, and any script's digits as 0-9.
+        (
+            r#""1" = "yes", "١" = "no""#,
+            r#"choice key "١" reads the same as key "1" (answers are read without case, spaces and punctuation, and with any script's digits as 0-9)"#,
+        ),
+        (
+            r#"a = "yes", A = "no""#,
+            r#"choice key "A" reads the same as key "a""#,
         ),
     ] {
         write(dir.path(), "l.toml", &flow(choices));
@@ -702,6 +711,48 @@ fn a_code_text_is_measured_with_its_code_filled_in() {
         problems.contains("a.toml:5:")
             && problems.contains("verify.send is longer than 1600")
             && problems.contains("10 digits"),
+        "{problems}"
+    );
+}
+
+/// The bot's name fills `{bot.name}` and a spoken code is read out digit by digit: a text is
+/// measured that way. One whose braces do not parse is still measured, as written.
+#[test]
+fn a_text_is_measured_with_the_bots_name_and_a_spoken_code_as_they_go_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = |n: usize| "x".repeat(n);
+    let flows = |name: &str, send: &str, voice: &str| {
+        format!(
+            "[bot]\nname = \"{name}\"\n[verify]\ncode_length = 10\nsend = \"{send}\"\nvoice = \"{voice}\"\n"
+        )
+    };
+    let send = format!("{}{{bot.name}}{{code}}", x(1580));
+    write(dir.path(), "a.toml", &flows("Bot", &send, "Code {code}"));
+    smsflow::flows::load_dir(dir.path()).expect("1,580 + 3 + 10 fit");
+    write(dir.path(), "a.toml", &flows(&x(20), &send, "Code {code}"));
+    let problems = problems_in(dir.path());
+    assert!(
+        problems.contains("a.toml:5:") && problems.contains("{bot.name} is the bot's name"),
+        "{problems}"
+    );
+
+    // Ten digits read out are "0, 0, …": 28 characters.
+    let voice = format!("{}{{code}}", x(1580));
+    write(dir.path(), "a.toml", &flows("Bot", "{code}", &voice));
+    let problems = problems_in(dir.path());
+    assert!(
+        problems.contains("a.toml:6:")
+            && problems.contains("verify.voice is longer than 1600")
+            && problems.contains("read out one by one"),
+        "{problems}"
+    );
+
+    // A brace left open: both problems are told.
+    let broken = format!("{}{{code", x(1600));
+    write(dir.path(), "a.toml", &flows("Bot", &broken, "Code {code}"));
+    let problems = problems_in(dir.path());
+    assert!(
+        problems.contains("verify.send is longer than 1600") && problems.contains("verify.send: "),
         "{problems}"
     );
 }
