@@ -194,7 +194,12 @@ impl Default for Region {
 impl Phone {
     /// Parses a number written any common way; numbers without `+` are read in `region`.
     pub fn parse_in(input: &str, region: Region) -> Result<Phone, PhoneError> {
-        let input = crate::ascii_digits(input);
+        let mut input = crate::ascii_digits(input);
+        // A full-width plus (typed on an East Asian keyboard) leads a number with its country
+        // code as `+` does; read without it, the number would be taken as national.
+        if input.contains('＋') {
+            input = input.replace('＋', "+").into();
+        }
         let trimmed = input.trim();
         if trimmed.is_empty() {
             return Err(PhoneError::Empty);
@@ -310,14 +315,18 @@ mod tests {
 
     #[test]
     fn a_number_typed_in_another_scripts_digits_is_those_digits() {
-        for typed in [
-            "+١ ٤١٥ ٥٥٥ ٠١٠٠",
-            "+۱۴۱۵۵۵۵۰۱۰۰",
-            "＋１ ４１５ ５５５ ０１００",
+        for (typed, number) in [
+            ("+١ ٤١٥ ٥٥٥ ٠١٠٠", "+14155550100"),
+            ("+۱۴۱۵۵۵۵۰۱۰۰", "+14155550100"),
+            // Read by smsflow's own rule (the trunk 8 after +7 dropped), as in ASCII digits.
+            ("+٧ ٨ ٩١٢ ٣٤٥ ٦٧ ٨٩", "+79123456789"),
+            // A full-width plus is a plus: not read as a US national number.
+            ("＋８６ １３９ １２３４ ５６７８", "+8613912345678"),
+            ("＋４４ ２０ ７９４６ ００１８", "+442079460018"),
         ] {
             assert_eq!(
                 Phone::parse(typed).map(|p| p.as_str().to_string()),
-                Ok("+14155550100".to_string()),
+                Ok(number.to_string()),
                 "{typed:?}"
             );
         }
