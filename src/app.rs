@@ -71,11 +71,52 @@ pub struct Application {
 
 /// The file in the data dir naming the local URL of the daemon that holds it.
 pub const DAEMON_URL_FILE: &str = "daemon-url";
-/// The admin API's access as noted in [`DAEMON_URL_FILE`]: a bearer token, open to this
-/// machine without one, or off (reachable beyond loopback with no token).
-pub const ADMIN_TOKEN: &str = "token";
-pub const ADMIN_OPEN: &str = "open";
-pub const ADMIN_OFF: &str = "off";
+/// The file in the data dir saying how that daemon's admin API takes this machine's
+/// requests ([`AdminAccess`], one word), beside [`DAEMON_URL_FILE`].
+pub const DAEMON_ADMIN_FILE: &str = "daemon-admin";
+
+/// How a daemon's admin API takes this machine's requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminAccess {
+    /// With its bearer token.
+    Token,
+    /// Without a token: the daemon is reachable from this machine alone.
+    Open,
+    /// Not at all: reachable from outside with no token.
+    Off,
+}
+
+impl AdminAccess {
+    pub fn of(config: &Config) -> AdminAccess {
+        match (&config.admin_token, config.local_only()) {
+            (Some(_), _) => AdminAccess::Token,
+            (None, true) => AdminAccess::Open,
+            (None, false) => AdminAccess::Off,
+        }
+    }
+}
+
+impl std::fmt::Display for AdminAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AdminAccess::Token => "token",
+            AdminAccess::Open => "open",
+            AdminAccess::Off => "off",
+        })
+    }
+}
+
+impl std::str::FromStr for AdminAccess {
+    type Err = ();
+    fn from_str(s: &str) -> Result<AdminAccess, ()> {
+        match s.trim() {
+            "token" => Ok(AdminAccess::Token),
+            "open" => Ok(AdminAccess::Open),
+            "off" => Ok(AdminAccess::Off),
+            _ => Err(()),
+        }
+    }
+}
 
 /// Where a daemon listening on `addr` answers on this machine (a wildcard address is
 /// reached through loopback).
@@ -114,16 +155,14 @@ impl Application {
         // dir held (a flag or env the export does not share may have set the address).
         let here = local_url(std::net::SocketAddr::new(config.listen.ip(), port));
         // And how its admin API takes this machine's requests (its token is not written).
-        let admin = match (&config.admin_token, config.local_only()) {
-            (Some(_), _) => ADMIN_TOKEN,
-            (None, true) => ADMIN_OPEN,
-            (None, false) => ADMIN_OFF,
-        };
-        if let Err(e) = std::fs::write(
-            config.data_dir.join(DAEMON_URL_FILE),
-            format!("{here}\nadmin {admin}\n"),
-        ) {
-            tracing::warn!("cannot note the daemon's address in the data dir: {e}");
+        let admin = AdminAccess::of(&config);
+        for (file, note) in [
+            (DAEMON_URL_FILE, here),
+            (DAEMON_ADMIN_FILE, admin.to_string()),
+        ] {
+            if let Err(e) = std::fs::write(config.data_dir.join(file), format!("{note}\n")) {
+                tracing::warn!("cannot note the daemon's address in the data dir ({file}): {e}");
+            }
         }
         Ok(Application {
             listener,
@@ -346,7 +385,9 @@ impl Application {
             let _ = pruner.await;
         }
         // No longer answering there: a script reading the note must not find a stale address.
-        let _ = std::fs::remove_file(self.config.data_dir.join(DAEMON_URL_FILE));
+        for file in [DAEMON_URL_FILE, DAEMON_ADMIN_FILE] {
+            let _ = std::fs::remove_file(self.config.data_dir.join(file));
+        }
         self.engine.store.flush()
     }
 }

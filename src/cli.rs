@@ -750,36 +750,35 @@ pub fn export(
 /// What to do when a running daemon holds `data`: download the dataset from its admin API,
 /// in the way that API takes this machine's requests, as the daemon noted it at its start.
 fn held_hint(data: &Path, one_hot: bool) -> String {
-    use crate::app::{ADMIN_OFF, ADMIN_OPEN, ADMIN_TOKEN};
-    let noted = std::fs::read_to_string(data.join(crate::app::DAEMON_URL_FILE)).unwrap_or_default();
-    let mut lines = noted.lines().map(str::trim);
-    let url = lines
-        .next()
+    use crate::app::{AdminAccess, DAEMON_ADMIN_FILE, DAEMON_URL_FILE};
+    let noted = |file: &str| std::fs::read_to_string(data.join(file)).unwrap_or_default();
+    let url = noted(DAEMON_URL_FILE);
+    let url = Some(url.trim())
         .filter(|u| u.starts_with("http://") && !u.contains(char::is_whitespace))
         .map_or_else(configured_url, str::to_string);
-    let admin = lines.find_map(|l| l.strip_prefix("admin "));
+    let admin = noted(DAEMON_ADMIN_FILE).parse::<AdminAccess>().ok();
     let endpoint = format!(
         "'{url}/admin/export.csv{}'",
         if one_hot { "?one_hot=1" } else { "" }
     );
     match admin {
-        Some(ADMIN_OFF) => format!(
+        Some(AdminAccess::Off) => format!(
             "The running daemon holds it, and its admin API is off: it is reachable beyond this \
              machine and has no SMSFLOW_ADMIN_TOKEN. Stop it and run this again, or restart it \
              with a token and download the dataset:\n  \
              curl -H \"Authorization: Bearer $SMSFLOW_ADMIN_TOKEN\" {endpoint}"
         ),
-        Some(ADMIN_OPEN) => format!(
+        Some(AdminAccess::Open) => format!(
             "The running daemon holds it: download the dataset from it instead (it has no admin \
              token and answers this machine):\n  curl {endpoint}"
         ),
-        Some(ADMIN_TOKEN) => format!(
+        Some(AdminAccess::Token) => format!(
             "The running daemon holds it: download the dataset from it instead, with its admin \
              token (SMSFLOW_ADMIN_TOKEN or admin_token in its smsflow.toml):\n  \
              curl -H \"Authorization: Bearer $SMSFLOW_ADMIN_TOKEN\" {endpoint}"
         ),
         // Noted by an older smsflow, or not at all.
-        _ => format!(
+        None => format!(
             "The running daemon holds it: download the dataset from it instead:\n  \
              curl -H \"Authorization: Bearer $SMSFLOW_ADMIN_TOKEN\" {endpoint}\n\
              (its admin token, set by SMSFLOW_ADMIN_TOKEN or admin_token in its smsflow.toml; \

@@ -1077,7 +1077,7 @@ async fn export_on_a_held_data_dir_says_how_that_daemon_serves_the_dataset() {
     .await;
     let off = TestApp::spawn_with(FLOWS, |c| c.admin_token = None).await;
     for (app, says, not) in [
-        (&token, "Authorization: Bearer", "is off"),
+        (&token, "with its admin token", "leave out -H"),
         (&open, "no admin token and answers this machine", "Bearer"),
         (&off, "admin API is off", "answers this machine"),
     ] {

@@ -926,6 +926,8 @@ async fn serve_child(
             .arg(data)
             .env_remove("TWILIO_ACCOUNT_SID")
             .env_remove("TWILIO_AUTH_TOKEN")
+            .env_remove("SMSFLOW_ADMIN_TOKEN")
+            .env_remove("SMSFLOW_PUBLIC_URL")
             // Blank is unset, like every variable: the default `info` logs (the stop's tests
             // read them).
             .env("SMSFLOW_LOG", "")
@@ -1014,15 +1016,15 @@ async fn serve_prints_its_banner_and_stops_cleanly_on_sigterm() {
     let r = reqwest::get(format!("{base}/healthz")).await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     // Where it answers is noted in the data dir while it runs, and no longer once stopped.
-    // (With how its admin API takes this machine's requests: here, with no token, open.)
     let noted = std::fs::read_to_string(data.path().join("daemon-url")).unwrap();
-    assert_eq!(
-        noted.lines().collect::<Vec<_>>(),
-        [base.as_str(), "admin open"]
-    );
+    assert_eq!(noted.trim(), base);
+    // Beside it, how its admin API takes this machine's requests: with no token, open.
+    let admin = std::fs::read_to_string(data.path().join("daemon-admin")).unwrap();
+    assert_eq!(admin.trim(), "open");
     sigterm(&child);
     exits_cleanly(child, stderr, Duration::from_secs(10)).await;
     assert!(!data.path().join("daemon-url").exists());
+    assert!(!data.path().join("daemon-admin").exists());
 }
 
 /// Logs piped to a reader that went away (`serve 2>&1 | tee log`, then the tee is gone), or
