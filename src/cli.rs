@@ -487,7 +487,12 @@ pub fn init_logging(format: LogFormat) {
             }
         })
         .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+        .unwrap_or_else(|| EnvFilter::new("info"))
+        .add_directive(
+            format!("{DAEMON}=info")
+                .parse()
+                .expect("a target and a level make a directive"),
+        );
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -512,11 +517,15 @@ pub fn init_logging(format: LogFormat) {
 fn tell(format: LogFormat, level: Level, text: &str) {
     match (format, level) {
         (LogFormat::Pretty, _) => errln!("smsflow: {text}"),
-        (LogFormat::Json, Level::ERROR) => tracing::error!("{text}"),
-        (LogFormat::Json, Level::WARN) => tracing::warn!("{text}"),
-        (LogFormat::Json, _) => tracing::info!("{text}"),
+        (LogFormat::Json, Level::ERROR) => tracing::error!(target: DAEMON, "{text}"),
+        (LogFormat::Json, Level::WARN) => tracing::warn!(target: DAEMON, "{text}"),
+        (LogFormat::Json, _) => tracing::info!(target: DAEMON, "{text}"),
     }
 }
+
+/// The log target of the daemon's own lines ([`tell`]): shown whatever the filter, as they
+/// are under `--log-format pretty` (a failed start must never be silent).
+const DAEMON: &str = "smsflow::daemon";
 
 pub fn serve(args: &ServeArgs) -> ExitCode {
     let format = args.log_format;
@@ -528,7 +537,7 @@ pub fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_PROBLEMS);
         }
     };
-    let runtime = match runtime() {
+    let runtime = match runtime(|why| tell(format, Level::ERROR, why)) {
         Ok(r) => r,
         Err(code) => return code,
     };
@@ -626,7 +635,7 @@ async fn signals_reach(mut counted: tokio::sync::watch::Receiver<u32>, n: u32) {
 }
 
 pub fn bench(args: crate::bench::BenchArgs) -> ExitCode {
-    let runtime = match runtime() {
+    let runtime = match runtime(|why| errln!("smsflow: {why}")) {
         Ok(r) => r,
         Err(code) => return code,
     };
@@ -800,12 +809,13 @@ fn configured_url() -> String {
     )
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+/// The async runtime; `say` tells why it could not start.
+fn runtime(say: impl FnOnce(&str)) -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| {
-            errln!("smsflow: cannot start the runtime: {e}");
+            say(&format!("cannot start the runtime: {e}"));
             ExitCode::from(EXIT_RUNTIME)
         })
 }

@@ -1112,21 +1112,29 @@ async fn serve_with_json_logs_writes_only_json_lines_to_stderr() {
     );
     assert!(messages.iter().any(|m| m == "stopped cleanly"), "{lines:?}");
 
-    let failed = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-        .arg("--data")
-        .arg(data.path())
-        .args(["--flows", "/nonexistent/flows"])
-        .output()
-        .unwrap();
-    assert_eq!(failed.status.code(), Some(1));
-    let said = String::from_utf8_lossy(&failed.stderr);
-    for line in said.lines() {
-        let v: serde_json::Value =
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-        assert_eq!(v["level"], "ERROR", "{line}");
+    // A failed start says why, whatever the filter: even one that shows nothing else.
+    for filter in ["", "off", "tower_http=debug"] {
+        let failed = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+            .arg("--data")
+            .arg(data.path())
+            .args(["--flows", "/nonexistent/flows"])
+            .env("SMSFLOW_LOG", filter)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        assert_eq!(failed.status.code(), Some(1));
+        let said = String::from_utf8_lossy(&failed.stderr);
+        for line in said.lines() {
+            let v: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            assert_eq!(v["level"], "ERROR", "{line}");
+        }
+        assert!(
+            said.contains("cannot read flow directory"),
+            "{filter:?}: {said}"
+        );
     }
-    assert!(said.contains("cannot read flow directory"), "{said}");
 }
 
 /// A client holds a half-sent request open; a second SIGTERM (or Ctrl-C) ends the wait for
