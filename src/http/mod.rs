@@ -69,8 +69,9 @@ pub fn bearer(
             Ok(())
         } else {
             Err(format!(
-                "the {what} is off: set {env} (required when smsflow is reachable beyond loopback: \
-                 a non-loopback listen address, a public_url, or a request through a proxy or tunnel)"
+                "the {what} needs a token here: set {env}. Without one it takes requests only \
+                 while smsflow is reachable from this machine alone (a loopback listen address \
+                 and no public_url), and only straight from it, not through a proxy or tunnel"
             ))
         };
     };

@@ -195,6 +195,16 @@ async fn one_subscriber_shows_its_state_timer_history_and_what_became_of_its_mes
         .unwrap()
         .starts_with("SM"));
     assert!(!s.to_string().contains("your code is"), "{s}");
+    // Its times are written as every time on the page is.
+    let written = |t: &serde_json::Value| {
+        let t = t.as_str().unwrap_or_default();
+        t.ends_with("+00:00") && chrono::DateTime::parse_from_rfc3339(t).is_ok()
+    };
+    assert!(written(&messages[0]["updated_at"]), "{s}");
+    assert!(
+        written(&s["created_at"]) && written(&s["history"][0]["at"]),
+        "{s}"
+    );
     // A send Twilio refuses for good shows as failed, with Twilio's code and words.
     app.twilio.fail_next(&[400]);
     app.sms(B, "JOIN").await;

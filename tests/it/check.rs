@@ -674,16 +674,18 @@ fn check_test_and_simulate_end_normally_when_their_output_is_no_longer_read() {
         (&["simulate", "--flows", "flows"], "HELP\nJOIN\n", 0),
     ];
     for (args, input, code) in runs {
-        // Both ends of its output are closed before it starts, so its first write fails.
+        // Its stdout and stderr are pipes whose reading ends are already closed: its first
+        // write to either fails, as after `| head -0`.
+        let (out_reader, out_writer) = std::io::pipe().unwrap();
+        let (err_reader, err_writer) = std::io::pipe().unwrap();
+        drop((out_reader, err_reader));
         let mut child = smsflow()
             .args(args)
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(out_writer)
+            .stderr(err_writer)
             .spawn()
             .unwrap();
-        drop(child.stdout.take());
-        drop(child.stderr.take());
         let mut stdin = child.stdin.take().unwrap();
         stdin.write_all(input.as_bytes()).unwrap();
         drop(stdin);
