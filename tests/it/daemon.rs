@@ -918,23 +918,35 @@ async fn serve_child(
     tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
     tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
 ) {
+    serve_child_with(data, |_| {}).await
+}
+
+/// Like [`serve_child`], with the command adjusted last (more flags, other variables).
+async fn serve_child_with(
+    data: &std::path::Path,
+    adjust: impl FnOnce(&mut tokio::process::Command),
+) -> (
+    tokio::process::Child,
+    String,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+) {
     use tokio::io::{AsyncBufReadExt, BufReader};
-    let (mut child, base, lines) = spawn_serve(
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--flows", "flows"])
-            .arg("--data")
-            .arg(data)
-            .env_remove("TWILIO_ACCOUNT_SID")
-            .env_remove("TWILIO_AUTH_TOKEN")
-            .env_remove("SMSFLOW_ADMIN_TOKEN")
-            .env_remove("SMSFLOW_PUBLIC_URL")
-            // Blank is unset, like every variable: the default `info` logs (the stop's tests
-            // read them).
-            .env("SMSFLOW_LOG", "")
-            .env_remove("RUST_LOG")
-            .stderr(std::process::Stdio::piped()),
-    )
-    .await;
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--flows", "flows"])
+        .arg("--data")
+        .arg(data)
+        .env_remove("TWILIO_ACCOUNT_SID")
+        .env_remove("TWILIO_AUTH_TOKEN")
+        .env_remove("SMSFLOW_ADMIN_TOKEN")
+        .env_remove("SMSFLOW_PUBLIC_URL")
+        // Blank is unset, like every variable: the default `info` logs (the stop's tests
+        // read them).
+        .env("SMSFLOW_LOG", "")
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped());
+    adjust(&mut cmd);
+    let (mut child, base, lines) = spawn_serve(&mut cmd).await;
     let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
     (child, base, lines, stderr)
 }
@@ -1070,22 +1082,12 @@ async fn serve_goes_on_and_stops_cleanly_when_its_stdout_and_stderr_are_closed()
 /// filter it cannot read, a webhook's log, the stop. A start that fails says why the same way.
 #[tokio::test]
 async fn serve_with_json_logs_writes_only_json_lines_to_stderr() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
     let data = tempfile::tempdir().unwrap();
-    let (mut child, base, _lines) = spawn_serve(
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--flows", "flows"])
-            .args(["--log-format", "json"])
-            .arg("--data")
-            .arg(data.path())
-            .env_remove("TWILIO_ACCOUNT_SID")
-            .env_remove("TWILIO_AUTH_TOKEN")
-            .env("SMSFLOW_LOG", "[[not a filter")
-            .env_remove("RUST_LOG")
-            .stderr(std::process::Stdio::piped()),
-    )
+    let (child, base, _lines, stderr) = serve_child_with(data.path(), |cmd| {
+        cmd.args(["--log-format", "json"])
+            .env("SMSFLOW_LOG", "[[not a filter");
+    })
     .await;
-    let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
     let r = reqwest::Client::new()
         .post(format!("{base}/twilio/sms"))
         .form(&[("From", ANN), ("Body", "HELP"), ("MessageSid", "SMjson1")])
