@@ -76,7 +76,8 @@ impl Layout {
             s.opted_in().to_string(),
             time(s.verified_at),
             sequence.unwrap_or_default().to_string(),
-            step.map(|n| (n + 1).to_string()).unwrap_or_default(),
+            step.map(|n| n.saturating_add(1).to_string())
+                .unwrap_or_default(),
             s.created_at.to_rfc3339(),
             time(s.last_inbound_at),
         ];

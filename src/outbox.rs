@@ -318,7 +318,7 @@ impl Outbox {
                 )
             }
             Ok(_) => {
-                msg.attempts += 1;
+                msg.attempts = msg.attempts.saturating_add(1);
                 match self.provider.send(&msg.phone, &msg.body).await {
                     Ok(accepted) => {
                         tracing::info!(phone = %msg.phone.masked(), sid = accepted.sid.as_deref().unwrap_or("none"), "outbox: sent");

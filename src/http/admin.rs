@@ -99,7 +99,7 @@ impl View {
             state: s.state.name(),
             opted_in: s.opted_in(),
             sequence: sequence.map(str::to_string),
-            step: step.map(|n| n + 1),
+            step: step.map(|n| n.saturating_add(1)),
             waiting_for_answer: matches!(s.state, MachineState::InSequence { waiting: true, .. }),
             fields: s.fields.clone(),
             created_at: s.created_at.to_rfc3339(),
@@ -170,7 +170,7 @@ fn event_json(h: &HistoryEntry) -> serde_json::Value {
                 // Steps are stored 0-based and shown 1-based, as in the subscriber's view.
                 if let Some(step) = out.get_mut("step") {
                     if let Some(n) = step.as_u64() {
-                        *step = (n + 1).into();
+                        *step = n.saturating_add(1).into();
                     }
                 }
             }

@@ -1218,7 +1218,8 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         // subscriber's copy are the same value and still lie after `now`.
         let at = ceil_millis(at);
         self.clear_timer();
-        self.sub.epoch += 1;
+        // (Saturating: a damaged record's epoch must not panic the step.)
+        self.sub.epoch = self.sub.epoch.saturating_add(1);
         let timer = Timer {
             at,
             kind,

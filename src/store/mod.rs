@@ -1265,7 +1265,7 @@ fn keep_counts(
         .and_then(|v| decode_counts(&v))
         .unwrap_or_default();
     for (n, d) in counts.iter_mut().zip(delta) {
-        *n += d;
+        *n = n.saturating_add(*d);
     }
     meta.insert(COUNTS_KEY, encode_counts(&counts))?;
     Ok(())
