@@ -201,7 +201,7 @@ impl Twilio {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| retry_after(v, std::time::SystemTime::now()));
-        let text = response.text().await.unwrap_or_default();
+        let text = capped_text(response).await;
         if status.is_success() {
             // Accepted is accepted: resending would text the number twice.
             return Ok(match serde_json::from_str::<TwilioOk>(&text) {
@@ -259,6 +259,24 @@ fn without_url(e: &reqwest::Error) -> String {
         "request failed"
     };
     kind.to_string()
+}
+
+/// The most of a Twilio answer that is read: its JSON is a few hundred bytes, and an answer
+/// from something else at that address must not be held whole, however large it is.
+const MAX_ANSWER: usize = 64 << 10;
+
+/// An answer's body as text, read up to [`MAX_ANSWER`] (the rest is left unread, and what
+/// was read does not parse: it counts as an unreadable answer). Empty if it cannot be read.
+async fn capped_text(mut response: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX_ANSWER {
+            body.truncate(MAX_ANSWER);
+            break;
+        }
+    }
+    String::from_utf8_lossy(&body).into_owned()
 }
 
 /// A `Retry-After` value: seconds, or an HTTP date (RFC 9110 allows both; a date already

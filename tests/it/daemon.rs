@@ -2154,3 +2154,32 @@ async fn a_request_whose_body_never_comes_is_refused_after_the_body_timeout() {
     );
     app.stop().await;
 }
+
+/// An answer far larger than any Twilio sends is not read whole: the message counts as sent
+/// (accepted is accepted), without a message id, as for an answer that cannot be read.
+#[tokio::test]
+async fn an_oversized_answer_from_the_messages_api_is_not_read_whole() {
+    let app = TestApp::spawn(FLOWS).await;
+    app.twilio.pad_answers(8 << 20);
+    app.sms(ANN, "JOIN").await;
+    app.twilio.wait_delivered(1).await;
+    eventually("the send to be recorded", async || {
+        app.engine.store.outbox_len() == 0
+    })
+    .await;
+    let page = app
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/subscribers/{}", ANN.replace('+', "%2B")),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    let sent = &page["messages"][0];
+    assert_eq!(sent["status"], "sent", "{page}");
+    assert_eq!(sent["provider_sid"], serde_json::Value::Null, "{page}");
+    assert_eq!(app.twilio.delivered().len(), 1, "sent once, not again");
+}

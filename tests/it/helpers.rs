@@ -54,6 +54,8 @@ struct FakeState {
     gate: Option<Arc<tokio::sync::Semaphore>>,
     /// Message requests that reached the gate.
     held: usize,
+    /// Bytes of padding in every accepted message's answer (an oversized answer).
+    padding: usize,
 }
 
 #[derive(Clone)]
@@ -99,6 +101,11 @@ impl FakeTwilio {
 
     pub fn attempts(&self) -> usize {
         self.state.lock().unwrap().received.len()
+    }
+
+    /// Pads every accepted message's answer with `bytes` more of JSON.
+    pub fn pad_answers(&self, bytes: usize) {
+        self.state.lock().unwrap().padding = bytes;
     }
 
     pub fn fail_next(&self, statuses: &[u16]) {
@@ -205,7 +212,11 @@ async fn fake_messages(
         s.next_sid += 1;
         (
             201,
-            serde_json::json!({"sid": format!("SM{:032}", s.next_sid), "status": "queued"}),
+            serde_json::json!({
+                "sid": format!("SM{:032}", s.next_sid),
+                "status": "queued",
+                "padding": "x".repeat(s.padding),
+            }),
         )
     };
     s.received.push(Received {
