@@ -1,6 +1,6 @@
 //! Quiet hours: when a follow-up falls inside them, it waits until they end in the bot's timezone.
 
-use chrono::{DateTime, Days, LocalResult, NaiveDateTime, TimeDelta, TimeZone, Utc};
+use chrono::{DateTime, Days, LocalResult, NaiveDateTime, Offset, TimeDelta, TimeZone, Utc};
 
 use crate::flows::Bot;
 
@@ -15,21 +15,24 @@ pub fn quiet_end(bot: &Bot, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
 /// The end of the quiet stretch `at` falls in, if any.
 fn quiet_stretch_end(bot: &Bot, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let q = bot.quiet_hours?;
-    let local = at.with_timezone(&bot.timezone);
+    // Checked: at the ends of the time a date can hold, a local time may not exist (a clock
+    // moved that far has no quiet hours).
+    let offset = bot.timezone.offset_from_utc_datetime(&at.naive_utc()).fix();
+    let local = at.naive_utc().checked_add_offset(offset)?;
     let t = local.time();
     let (inside, end_date) = if q.from < q.to {
-        (t >= q.from && t < q.to, local.date_naive())
+        (t >= q.from && t < q.to, local.date())
     } else if t >= q.from {
-        (true, local.date_naive().checked_add_days(Days::new(1))?)
+        (true, local.date().checked_add_days(Days::new(1))?)
     } else {
-        (t < q.to, local.date_naive())
+        (t < q.to, local.date())
     };
     if !inside {
         return None;
     }
     let end = first_instant_at_or_after(bot, end_date.and_time(q.to), at)?;
     // Never move a message earlier.
-    Some(end.max(at + TimeDelta::seconds(1)))
+    Some(end.max(at.checked_add_signed(TimeDelta::seconds(1))?))
 }
 
 /// The UTC instant of a local wall time, after `after`: a time skipped by a clock jump moves
@@ -41,6 +44,10 @@ fn first_instant_at_or_after(
     mut naive: NaiveDateTime,
     after: DateTime<Utc>,
 ) -> Option<DateTime<Utc>> {
+    // Near the ends of time, chrono's conversion would overflow (a panic): the loop moves up
+    // to two days on, and an offset moves up to a day more.
+    naive.checked_sub_days(Days::new(4))?;
+    naive.checked_add_days(Days::new(4))?;
     for _ in 0..=96 {
         match bot.timezone.from_local_datetime(&naive) {
             LocalResult::Single(t) => return Some(t.with_timezone(&Utc)),
@@ -52,7 +59,7 @@ fn first_instant_at_or_after(
                     late.with_timezone(&Utc)
                 });
             }
-            LocalResult::None => naive += TimeDelta::minutes(30),
+            LocalResult::None => naive = naive.checked_add_signed(TimeDelta::minutes(30))?,
         }
     }
     None
@@ -78,6 +85,23 @@ mod tests {
 
     fn utc(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn at_the_ends_of_time_quiet_hours_give_no_answer_rather_than_a_panic() {
+        for tz in [
+            chrono_tz::Asia::Tokyo,
+            chrono_tz::America::Los_Angeles,
+            chrono_tz::UTC,
+        ] {
+            let quiet = bot(tz, "21:00", "08:00");
+            for at in [DateTime::<Utc>::MAX_UTC, DateTime::<Utc>::MIN_UTC] {
+                // Whatever it says, it says it without panicking, and never earlier.
+                if let Some(end) = quiet_end(&quiet, at) {
+                    assert!(end > at, "{tz} {at}");
+                }
+            }
+        }
     }
 
     #[test]
