@@ -22,6 +22,12 @@ pub struct Sent {
     pub code: Option<String>,
 }
 
+/// The latest time the sandbox's clock reaches (and a transcript's `! at` may set): the end
+/// of year 9999. Beyond it lie only dates whose timers and local times could overflow.
+pub fn latest() -> DateTime<Utc> {
+    DateTime::from_timestamp(253_402_300_799, 0).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 pub struct Sandbox {
     pub flows: Flows,
     pub now: DateTime<Utc>,
@@ -95,11 +101,12 @@ impl Sandbox {
 
     /// Moves the clock forward by `by`, firing every timer that comes due, in time order.
     pub fn advance(&mut self, by: TimeDelta) -> Vec<Sent> {
-        // (`transcript::parse_delay` keeps jumps within a century; saturate all the same.)
+        // (`transcript::parse_delay` keeps jumps within a century; the clock stops at the
+        // end of year 9999 all the same, far from the end of what a date can hold.)
         let target = self
             .now
             .checked_add_signed(by)
-            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+            .map_or(latest(), |t| t.min(latest()));
         let mut sent = Vec::new();
         // Bounded: a flow cannot fire more timers than this within one jump.
         for _ in 0..1_000_000 {

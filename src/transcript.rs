@@ -198,6 +198,12 @@ impl Runner {
                 let at: DateTime<Utc> = value
                     .parse()
                     .map_err(|e| format!("`! at` needs a time like 2026-01-05T15:00:00Z: {e}"))?;
+                if at < DateTime::UNIX_EPOCH || at > crate::sim::latest() {
+                    return Err(format!(
+                        "`! at` takes a time from 1970 to the end of 9999, not {}",
+                        crate::clip(value)
+                    ));
+                }
                 if at >= self.sandbox.now {
                     // As `~`: the timers due on the way fire, in order.
                     self.pending_from = line;

@@ -202,6 +202,39 @@ fn a_capture_used_twice_in_a_line_matches_the_same_text_twice() {
     assert!(err.message.starts_with("expected:"), "{err}");
 }
 
+/// The clock keeps to years a flow's timers and quiet hours can be reckoned in: `! at` far
+/// past them is refused at its line, and jumps stop at the end of 9999, without a panic.
+#[test]
+fn the_clock_stays_within_years_a_flow_can_be_reckoned_in() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("f.toml"),
+        "[bot]\nname = \"Far\"\ntimezone = \"Asia/Tokyo\"\nquiet_hours = { from = \"21:00\", to = \"08:00\" }\n\
+         [[sequence]]\nname = \"s\"\nsteps = [{ after = \"1d\", say = \"later\" }]\n",
+    )
+    .unwrap();
+    let flows = smsflow::flows::load_dir(dir.path()).unwrap();
+    let run = |text: &str| smsflow::transcript::run(&flows, "t.txt".as_ref(), text);
+    for at in [
+        "+262142-12-31T20:00:00Z",
+        "-262143-01-01T00:00:00Z",
+        "1969-12-31T23:59:59Z",
+    ] {
+        let err = run(&format!("! at {at}\n> JOIN\n")).unwrap_err();
+        assert_eq!(err.line, 1, "{err}");
+        assert!(
+            err.message.contains("from 1970 to the end of 9999"),
+            "{err}"
+        );
+    }
+    // Late on the last day allowed, then a century on: the day-later step is reckoned past
+    // the end of 9999 without a panic, and the clock stops short of it.
+    let joined = "! seed 0\n! at 9999-12-31T11:00:00Z\n> JOIN\n< {*}{$code}{*}\n> {$code}\n< {*}\n";
+    run(&format!("{joined}~ 36500d\n")).unwrap();
+    let err = run(&format!("{joined}~ 36500d\n< later\n")).unwrap_err();
+    assert!(err.message.contains("sent nothing more"), "{err}");
+}
+
 /// `smsflow simulate --seed 0` fed `input`: its output, once it ended with exit 0.
 fn simulate(input: &[u8]) -> String {
     use std::io::Write;
