@@ -303,13 +303,7 @@ impl Outbox {
                 // Withdrawn as an undeliverable one is: its send no longer counts against the
                 // limit, and a number waiting for it alone is back where it was. (Found by the
                 // expiry it carries, and its text.)
-                withdraw = s
-                    .codes
-                    .iter()
-                    .find(|c| {
-                        Some(c.expires_at) == msg.code_expires_at && msg.body.contains(&c.code)
-                    })
-                    .map(|c| c.code.clone());
+                withdraw = queued_code(&s, &msg);
                 (
                     "suppressed",
                     None,
@@ -317,7 +311,7 @@ impl Outbox {
                     Some("the code expired before it could be sent".to_string()),
                 )
             }
-            Ok(_) => {
+            Ok(Some(s)) => {
                 msg.attempts = msg.attempts.saturating_add(1);
                 match self.provider.send(&msg.phone, &msg.body).await {
                     Ok(accepted) => {
@@ -339,12 +333,19 @@ impl Outbox {
                         msg.last_error = Some(message);
                         return store.outbox_update(id, &msg);
                     }
+                    // A code that will never be sent is withdrawn as one that expired is (the
+                    // OTP API withdraws its own the same way); an unsubscribed number is
+                    // opted out instead, which ends everything it waited for.
                     Err(SendError::Temporary { message, .. }) => {
                         tracing::error!(phone = %msg.phone.masked(), "outbox: giving up after {} attempts: {}", msg.attempts, redact(&message));
+                        withdraw = queued_code(&s, &msg);
                         ("failed", None, None, Some(message))
                     }
                     Err(SendError::Permanent { code, message }) => {
                         tracing::warn!(phone = %msg.phone.masked(), code, "outbox: refused: {}", redact(&message));
+                        if code != Some(UNSUBSCRIBED) {
+                            withdraw = queued_code(&s, &msg);
+                        }
                         ("failed", None, code, Some(message))
                     }
                 }
@@ -389,6 +390,18 @@ impl Outbox {
         let capped = exp.min(MAX_BACKOFF);
         capped.mul_f64(rand::rng().random_range(0.5..=1.0))
     }
+}
+
+/// The code queued message `msg` carries, as the number's record holds it (found by the
+/// expiry it was issued with, and its text); `None` for any other message.
+fn queued_code(s: &crate::machine::Subscriber, msg: &OutMessage) -> Option<String> {
+    if !msg.secret {
+        return None;
+    }
+    s.codes
+        .iter()
+        .find(|c| Some(c.expires_at) == msg.code_expires_at && msg.body.contains(&c.code))
+        .map(|c| c.code.clone())
 }
 
 /// The record of the number queued message `id` goes to, when it may still be sent; `None`

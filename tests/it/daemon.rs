@@ -2183,3 +2183,42 @@ async fn an_oversized_answer_from_the_messages_api_is_not_read_whole() {
     assert_eq!(sent["provider_sid"], serde_json::Value::Null, "{page}");
     assert_eq!(app.twilio.delivered().len(), 1, "sent once, not again");
 }
+
+/// A code Twilio refuses for good (an invalid number, 21211) or gives up on after its retries
+/// will never arrive: it is withdrawn as the OTP API withdraws its own, so its send does not
+/// count and the number is not left waiting for it. Refused as unsubscribed (21610), the
+/// number is opted out instead.
+#[tokio::test]
+async fn a_code_refused_for_good_is_withdrawn_and_the_number_is_not_left_waiting() {
+    let app = TestApp::spawn(FLOWS).await;
+    let record = |phone: &str| {
+        app.engine
+            .store
+            .subscriber(&smsflow::phone::Phone::parse(phone).unwrap())
+            .unwrap()
+            .unwrap()
+    };
+    app.twilio.fail_next(&[400]);
+    app.sms(ANN, "JOIN").await;
+    eventually("the refused code to end", async || {
+        app.engine.store.outbox_len() == 0
+    })
+    .await;
+    let ann = record(ANN);
+    assert_eq!(
+        (ann.state.name(), ann.codes.len(), ann.code_sends.len()),
+        ("unverified", 0, 0)
+    );
+    // JOIN again: a new code, sent.
+    app.sms(ANN, "JOIN").await;
+    app.twilio.wait_delivered(1).await;
+    assert_eq!(record(ANN).state.name(), "awaiting_code");
+
+    app.twilio.unsubscribe(BOB);
+    app.sms(BOB, "JOIN").await;
+    eventually("the refused code to end", async || {
+        app.engine.store.outbox_len() == 0
+    })
+    .await;
+    assert_eq!(record(BOB).state.name(), "opted_out");
+}
