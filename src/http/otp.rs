@@ -338,6 +338,10 @@ fn json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Res
     }
     serde_json::from_slice(body).map_err(|e| {
         OtpError::BadRequest(match e.classify() {
+            // A field given twice is no type mistake: say what it is.
+            serde_json::error::Category::Data if e.to_string().starts_with("duplicate field") => {
+                format!("a field is given twice: {e}")
+            }
             // Well-formed JSON, but a field of the wrong type.
             serde_json::error::Category::Data => format!("a field has the wrong type: {e}"),
             _ => format!("invalid JSON: {e}"),

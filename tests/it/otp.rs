@@ -181,6 +181,16 @@ async fn malformed_requests_are_exit_2() {
         "a field has the wrong type",
     );
     assert_failure(
+        &raw(
+            r#"{"phone":"+15550004444","phone":"+15550005555"}"#,
+            "application/json",
+        )
+        .await,
+        400,
+        2,
+        "a field is given twice: duplicate field `phone`",
+    );
+    assert_failure(
         &raw("[1,", "application/json").await,
         400,
         2,
