@@ -738,6 +738,73 @@ impl Cx {
         }
     }
 
+    /// How long `t` can be as sent, in UTF-16 units: a code fills `{code}` with its digits
+    /// (read out one by one where spoken), `{bot.name}` is the bot's name, and an answer or
+    /// the sequence's name counts as the most of it a text keeps when it would be too long
+    /// (the machine shortens each to that before it cuts the text's end, a code included).
+    fn sent_units(&self, t: &Template, allowed: Allowed<'_>) -> usize {
+        let code = || "0".repeat(self.code_digits);
+        t.render(|slot| {
+            Some(match slot {
+                "code" if allowed.code && allowed.spoken => crate::ivr::spell(&code()),
+                "code" if allowed.code => code(),
+                "bot.name" => self.bot_name.clone(),
+                _ => "x".repeat(crate::machine::SHORTENED + 1),
+            })
+        })
+        .encode_utf16()
+        .count()
+    }
+
+    /// What [`Cx::sent_units`] counted `t`'s placeholders as, for a message.
+    fn measured_as(&self, t: &Template, allowed: Allowed<'_>) -> String {
+        let mut why = String::new();
+        if allowed.code && t.slots().any(|n| n == "code") {
+            why += &format!("; a {{code}} is its {} digits", self.code_digits);
+            if allowed.spoken {
+                why += ", read out one by one";
+            }
+        }
+        if t.slots().any(|n| n == "bot.name") {
+            why += "; {bot.name} is the bot's name";
+        }
+        if t.slots().any(|n| n != "code" && n != "bot.name") {
+            why += &format!(
+                "; an answer or a sequence's name counts {} characters, the most of it a text \
+                 too long keeps",
+                crate::machine::SHORTENED + 1
+            );
+        }
+        why
+    }
+
+    /// A question goes out with its retry, as one message, when an answer is refused (and,
+    /// for a form field while editing, with `form.current` too): that must fit as well.
+    fn check_joined(
+        &mut self,
+        f: usize,
+        span: Range<usize>,
+        what: &str,
+        parts: &[(&Template, Allowed<'_>)],
+    ) {
+        let units = parts
+            .iter()
+            .map(|(t, a)| self.sent_units(t, *a))
+            .sum::<usize>()
+            + parts.len().saturating_sub(1);
+        if units > MAX_TEXT {
+            self.err(
+                f,
+                span,
+                format!(
+                    "{what}: its retry and question go out as one message when an answer is \
+                     refused, {units} characters as Twilio counts them (placeholders at their \
+                     longest), over its {MAX_TEXT}"
+                ),
+            );
+        }
+    }
+
     fn checked_text(
         &mut self,
         f: usize,
@@ -750,47 +817,22 @@ impl Cx {
             self.err(f, s.span(), format!("empty text: {what}"));
         }
         let parsed = Template::parse(src);
-        // Measured as sent: a code fills `{code}` with its digits (read out one by one where
-        // spoken), `{bot.name}` is the bot's name; other placeholders count as written (an
-        // answer too long for the limit is shortened when sent). A text whose braces do not
-        // parse is measured as written.
-        let code = || "0".repeat(self.code_digits);
+        // A text whose braces do not parse is measured as written.
         let sent = match &parsed {
-            Ok(t) => t.render(|slot| {
-                Some(match slot {
-                    "code" if allowed.code && allowed.spoken => crate::ivr::spell(&code()),
-                    "code" if allowed.code => code(),
-                    "bot.name" => self.bot_name.clone(),
-                    other => format!("{{{other}}}"),
-                })
-            }),
-            Err(_) => src.clone(),
+            Ok(t) => self.sent_units(t, allowed),
+            Err(_) => src.encode_utf16().count(),
         };
-        if sent.encode_utf16().count() > MAX_TEXT {
-            let filled = match &parsed {
-                Ok(t) if allowed.code && t.slots().any(|n| n == "code") => format!(
-                    "; a {{code}} is its {} digits{}",
-                    self.code_digits,
-                    if allowed.spoken {
-                        ", read out one by one"
-                    } else {
-                        ""
-                    }
-                ),
-                _ => String::new(),
-            };
-            let named = match &parsed {
-                Ok(t) if t.slots().any(|n| n == "bot.name") => {
-                    "; {bot.name} is the bot's name".to_string()
-                }
-                _ => String::new(),
+        if sent > MAX_TEXT {
+            let why = match &parsed {
+                Ok(t) => self.measured_as(t, allowed),
+                Err(_) => String::new(),
             };
             self.err(
                 f,
                 s.span(),
                 format!(
                     "{what} is longer than {MAX_TEXT} characters (as Twilio counts them: an \
-                     emoji or other character beyond the basic plane is two{filled}{named})"
+                     emoji or other character beyond the basic plane is two{why})"
                 ),
             );
         }
@@ -1055,8 +1097,10 @@ impl Cx {
             spoken: false,
         };
         let mut fields = Vec::new();
+        let mut asked_at = Vec::new();
         for (f, raw) in declared_fields {
             let key = raw.key.get_ref().trim().to_string();
+            asked_at.push((f, raw.ask.span()));
             let ask = self.checked_text(f, &raw.ask, &format!("form field {key:?} ask"), plain);
             let expect = self.expect(f, raw.expect, keywords, Asker::Form);
             let retry = self.text(
@@ -1081,6 +1125,15 @@ impl Cx {
             Some((f, s)) => self.checked_text(f, &s, "form.current", with_current),
             None => fixed("(now: {current}; reply KEEP to keep it)"),
         };
+        // Refused while editing, an answer gets retry, question and the saved answer at once.
+        for (field, (f, span)) in fields.iter().zip(asked_at) {
+            let parts = [
+                (&field.retry, plain),
+                (&field.ask, plain),
+                (&current, with_current),
+            ];
+            self.check_joined(f, span, &format!("form field {:?}", field.key), &parts);
+        }
         let saved = match saved {
             Some((f, s)) => self.checked_text(f, &s, "form.saved", plain),
             None => fixed("Your profile is updated."),
@@ -1342,6 +1395,8 @@ impl Cx {
                             "Sorry, I didn't understand that.",
                             plain,
                         );
+                        let parts = [(&retry, plain), (&text, plain)];
+                        self.check_joined(f, ask.span(), &what, &parts);
                         StepAction::Ask(Question {
                             text,
                             save,

@@ -391,18 +391,24 @@ pub fn placeholder(flows: &Flows, sub: Option<&Subscriber>, name: &str) -> Optio
 pub const MAX_BODY: usize = 1600;
 
 /// How many characters of a value a placeholder keeps when the whole text would not fit.
-const SHORTENED: usize = 40;
+pub const SHORTENED: usize = 40;
 
 fn fits(text: &str) -> bool {
     text.encode_utf16().count() <= MAX_BODY
 }
 
 /// `value`, or its first `most` characters and `…`.
+/// `value` kept to `most` UTF-16 units (whole characters), then `…` (one unit): at most
+/// `most + 1` units, as Twilio counts them, which `check` reckons with.
 fn shortened(value: &str, most: usize) -> String {
-    match value.char_indices().nth(most) {
-        None => value.to_string(),
-        Some((end, _)) => format!("{}…", &value[..end]),
+    let mut units = 0;
+    for (i, c) in value.char_indices() {
+        units += c.len_utf16();
+        if units > most {
+            return format!("{}…", &value[..i]);
+        }
     }
+    value.to_string()
 }
 
 /// A text within [`MAX_BODY`]: `check` holds every flow text to it, but an answer filled into
@@ -1293,5 +1299,8 @@ mod tests {
         assert!(cut.ends_with("🙂é…"));
         assert_eq!(shortened("Annabelle", 4), "Anna…");
         assert_eq!(shortened("Ann", 4), "Ann");
+        // Counted as Twilio counts: an emoji is two units, and is not split.
+        assert_eq!(shortened("🙂🙂🙂", 4), "🙂🙂…");
+        assert_eq!(shortened("a🙂🙂", 4), "a🙂…");
     }
 }

@@ -758,3 +758,57 @@ fn a_text_is_measured_with_the_bots_name_and_a_spoken_code_as_they_go_out() {
         "{problems}"
     );
 }
+
+/// An answer filled into a text counts as the most of it a too-long text keeps (41
+/// characters), so a code is never what gets cut; and a question must fit with its retry,
+/// which go out as one message when an answer is refused.
+#[test]
+fn texts_are_measured_with_answers_at_their_longest_and_questions_with_their_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = |n: usize| "x".repeat(n);
+    let send = format!("Hi {{field.first_name}}! {} code {{code}}", x(1560));
+    write(
+        dir.path(),
+        "a.toml",
+        &format!(
+            "[bot]\nname = \"B\"\n[verify]\nsend = \"{send}\"\n[[form.field]]\nkey = \"first_name\"\nask = \"Name?\"\n"
+        ),
+    );
+    let problems = problems_in(dir.path());
+    assert!(
+        problems.contains("a.toml:4:")
+            && problems.contains("verify.send is longer than 1600")
+            && problems.contains("an answer or a sequence's name counts 41 characters"),
+        "{problems}"
+    );
+
+    let form = |ask: usize, retry: usize| {
+        format!(
+            "[bot]\nname = \"B\"\n[[form.field]]\nkey = \"a\"\nask = \"{}\"\nretry = \"{}\"\n",
+            x(ask),
+            x(retry)
+        )
+    };
+    // Question, retry and the saved answer's note: 1,000 + 1 + 500 + 1 + 39 fit.
+    write(dir.path(), "a.toml", &form(1000, 500));
+    smsflow::flows::load_dir(dir.path()).expect("fits with its retry");
+    write(dir.path(), "a.toml", &form(1000, 700));
+    let problems = problems_in(dir.path());
+    assert!(
+        problems.contains("a.toml:5:")
+            && problems.contains("form field \"a\": its retry and question go out as one message"),
+        "{problems}"
+    );
+
+    let sequence = format!(
+        "[bot]\nname = \"B\"\n[[sequence]]\nname = \"s\"\nsteps = [{{ after = \"1d\", ask = \"{}\", retry = \"{}\" }}]\n",
+        x(1000),
+        x(700)
+    );
+    write(dir.path(), "a.toml", &sequence);
+    let problems = problems_in(dir.path());
+    assert!(
+        problems.contains("its retry and question go out as one message"),
+        "{problems}"
+    );
+}

@@ -915,9 +915,10 @@ fn a_text_made_too_long_by_an_answer_shortens_the_answer_and_keeps_the_rest() {
         .unwrap_or_else(|| panic!("the sequence's first step: {sent:?}"));
     assert_eq!(
         thanks,
+        // (40 UTF-16 units of it, as Twilio counts: an emoji is two.)
         &format!(
-            "Thanks {}…! A quick quiz is coming tomorrow.",
-            "é🙂".repeat(20)
+            "Thanks {}é…! A quick quiz is coming tomorrow.",
+            "é🙂".repeat(13)
         )
     );
 }
