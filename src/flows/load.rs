@@ -460,6 +460,9 @@ const KEEP: &[&str] = &["KEEP"];
 /// The longest duration a flow may use (it keeps time arithmetic far from overflow).
 const MAX_DAYS: i64 = 366;
 
+/// Twilio's limit for the inline TwiML of a call it is asked to place.
+const MAX_CALL_TWIML: usize = 4000;
+
 /// How answers are compared with choices and keywords (see `machine::normalize`).
 const READ_AS: &str =
     "answers are read without case, spaces and punctuation, and with any script's digits as 0-9";
@@ -1013,17 +1016,42 @@ impl Cx {
             welcome_back: r
                 .welcome_back
                 .map(|s| self.checked_text(f, &s, "verify.welcome_back", plain)),
-            voice: self.text(
-                f,
-                r.voice,
-                "verify.voice",
-                "Your {bot.name} code is {code}.",
-                Allowed {
-                    spoken: true,
-                    ..with_code
-                },
-            ),
+            voice: self.voice_code(f, r.voice, with_code),
         }
+    }
+
+    /// `verify.voice`: also within Twilio's 4,000 characters for a call's inline TwiML, as
+    /// the OTP API places the call (read out twice, escaped).
+    fn voice_code(&mut self, f: usize, raw: Text, with_code: Allowed<'_>) -> Template {
+        let span = raw.as_ref().map(|s| s.span());
+        let voice = self.text(
+            f,
+            raw,
+            "verify.voice",
+            "Your {bot.name} code is {code}.",
+            Allowed {
+                spoken: true,
+                ..with_code
+            },
+        );
+        let spoken = voice.render(|slot| match slot {
+            "bot.name" => Some(self.bot_name.clone()),
+            "code" => Some(crate::ivr::spell(&"0".repeat(self.code_digits))),
+            _ => None,
+        });
+        let call = crate::http::twiml::read_twice(&spoken).chars().count();
+        if let Some(span) = span.filter(|_| call > MAX_CALL_TWIML) {
+            self.err(
+                f,
+                span,
+                format!(
+                    "verify.voice makes a call of {call} characters of TwiML (read out twice, \
+                     with & < > ' \" written as 4 to 6 characters each), over Twilio's \
+                     {MAX_CALL_TWIML} for a call's instructions"
+                ),
+            );
+        }
+        voice
     }
 
     fn form(&mut self, raw: Vec<(usize, S<RawForm>)>, keywords: &Keywords) -> Form {

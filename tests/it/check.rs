@@ -812,3 +812,26 @@ fn texts_are_measured_with_answers_at_their_longest_and_questions_with_their_ret
         "{problems}"
     );
 }
+
+/// The OTP API's voice call reads `verify.voice` twice, as inline TwiML Twilio takes up to
+/// 4,000 characters of; quotes and ampersands grow when escaped. A text within 1,600 that
+/// makes a longer call is refused.
+#[test]
+fn a_voice_code_text_that_makes_a_call_too_long_for_twilio_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let voice = |text: &str| format!("[bot]\nname = \"B\"\n[verify]\nvoice = '{text} {{code}}'\n");
+    write(dir.path(), "a.toml", &voice(&"x".repeat(1500)));
+    smsflow::flows::load_dir(dir.path()).expect("twice 1,500 and some is within 4,000");
+    write(
+        dir.path(),
+        "a.toml",
+        &voice(&"Tom & Jerry & co ".repeat(90)),
+    );
+    let problems = problems_in(dir.path());
+    assert!(
+        problems.contains("a.toml:4:")
+            && problems.contains("verify.voice makes a call of")
+            && problems.contains("over Twilio's 4000"),
+        "{problems}"
+    );
+}
