@@ -333,14 +333,15 @@ impl Outbox {
                         msg.last_error = Some(message);
                         return store.outbox_update(id, &msg);
                     }
-                    // A code that will never be sent is withdrawn as one that expired is (the
-                    // OTP API withdraws its own the same way); an unsubscribed number is
-                    // opted out instead, which ends everything it waited for.
+                    // Not withdrawn: one of its tries may have reached the number all the same
+                    // (a timeout after Twilio accepted it), and the code would then be refused.
                     Err(SendError::Temporary { message, .. }) => {
                         tracing::error!(phone = %msg.phone.masked(), "outbox: giving up after {} attempts: {}", msg.attempts, redact(&message));
-                        withdraw = queued_code(&s, &msg);
                         ("failed", None, None, Some(message))
                     }
+                    // A code Twilio refused will never arrive: it is withdrawn as one that
+                    // expired is (the OTP API withdraws its own the same way). An unsubscribed
+                    // number is opted out instead, which ends everything it waited for.
                     Err(SendError::Permanent { code, message }) => {
                         tracing::warn!(phone = %msg.phone.masked(), code, "outbox: refused: {}", redact(&message));
                         if code != Some(UNSUBSCRIBED) {
@@ -361,10 +362,14 @@ impl Outbox {
                 .event(&msg.phone, Event::ProviderUnsubscribed)
                 .await?;
         }
+        // Not for a number erased meanwhile (its message is gone with it), which may have
+        // texted JOIN since: the code was the erased number's.
         if let Some(code) = withdraw {
-            self.engine
-                .event(&msg.phone, Event::CodeUndeliverable(code))
-                .await?;
+            if store.outbox_holds(id)? {
+                self.engine
+                    .event(&msg.phone, Event::CodeUndeliverable(code))
+                    .await?;
+            }
         }
         store.outbox_finish(
             id,

@@ -266,7 +266,8 @@ fn without_url(e: &reqwest::Error) -> String {
 const MAX_ANSWER: usize = 64 << 10;
 
 /// An answer's body as text, read up to [`MAX_ANSWER`] (the rest is left unread, and what
-/// was read does not parse: it counts as an unreadable answer). Empty if it cannot be read.
+/// was read does not parse: it counts as an unreadable answer). A body that breaks off gives
+/// what came of it, which does not parse either.
 async fn capped_text(mut response: reqwest::Response) -> String {
     let mut body = Vec::new();
     while let Ok(Some(chunk)) = response.chunk().await {

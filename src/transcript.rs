@@ -200,7 +200,7 @@ impl Runner {
                     .map_err(|e| format!("`! at` needs a time like 2026-01-05T15:00:00Z: {e}"))?;
                 if at < DateTime::UNIX_EPOCH || at > crate::sim::latest() {
                     return Err(format!(
-                        "`! at` takes a time from 1970 to the end of 9999, not {}",
+                        "`! at` takes a time from 1970 up to 9999-12-31T23:59:59Z, not {}",
                         crate::clip(value)
                     ));
                 }

@@ -790,18 +790,24 @@ impl Cx {
         what: &str,
         parts: &[(&Template, Allowed<'_>)],
     ) {
-        let units = parts
-            .iter()
-            .map(|(t, a)| self.sent_units(t, *a))
-            .sum::<usize>()
-            + parts.len().saturating_sub(1);
+        let each: Vec<usize> = parts.iter().map(|(t, a)| self.sent_units(t, *a)).collect();
+        // One too long alone is told once, as that text.
+        if each.iter().any(|&n| n > MAX_TEXT) {
+            return;
+        }
+        let units = each.iter().sum::<usize>() + parts.len().saturating_sub(1);
         if units > MAX_TEXT {
+            let with = if parts.len() > 2 {
+                " (and form.current)"
+            } else {
+                ""
+            };
             self.err(
                 f,
                 span,
                 format!(
-                    "{what}: its retry and question go out as one message when an answer is \
-                     refused, {units} characters as Twilio counts them (placeholders at their \
+                    "{what}: its retry and question{with} go out as one message when an answer \
+                     is refused, {units} characters as Twilio counts them (placeholders at their \
                      longest), over its {MAX_TEXT}"
                 ),
             );

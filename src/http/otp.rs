@@ -338,7 +338,8 @@ fn json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Res
     }
     serde_json::from_slice(body).map_err(|e| {
         OtpError::BadRequest(match e.classify() {
-            // A field given twice is no type mistake: say what it is.
+            // A field given twice is no type mistake: say what it is (serde_json has no
+            // category for it; its message is matched, and a change there falls to the next).
             serde_json::error::Category::Data if e.to_string().starts_with("duplicate field") => {
                 format!("a field is given twice: {e}")
             }

@@ -390,14 +390,13 @@ pub fn placeholder(flows: &Flows, sub: Option<&Subscriber>, name: &str) -> Optio
 /// which is never fewer than Twilio's count.
 pub const MAX_BODY: usize = 1600;
 
-/// How many characters of a value a placeholder keeps when the whole text would not fit.
+/// How many UTF-16 units of a value a placeholder keeps when the whole text would not fit.
 pub const SHORTENED: usize = 40;
 
 fn fits(text: &str) -> bool {
     text.encode_utf16().count() <= MAX_BODY
 }
 
-/// `value`, or its first `most` characters and `…`.
 /// `value` kept to `most` UTF-16 units (whole characters), then `…` (one unit): at most
 /// `most + 1` units, as Twilio counts them, which `check` reckons with.
 fn shortened(value: &str, most: usize) -> String {

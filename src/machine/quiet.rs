@@ -44,8 +44,8 @@ fn first_instant_at_or_after(
     mut naive: NaiveDateTime,
     after: DateTime<Utc>,
 ) -> Option<DateTime<Utc>> {
-    // Near the ends of time, chrono's conversion would overflow (a panic): the loop moves up
-    // to two days on, and an offset moves up to a day more.
+    // Near the ends of time there is nothing to find: the loop moves up to two days on, and
+    // an offset a day more, past what a date can hold.
     naive.checked_sub_days(Days::new(4))?;
     naive.checked_add_days(Days::new(4))?;
     for _ in 0..=96 {

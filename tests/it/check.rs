@@ -789,14 +789,17 @@ fn texts_are_measured_with_answers_at_their_longest_and_questions_with_their_ret
             x(retry)
         )
     };
-    // Question, retry and the saved answer's note: 1,000 + 1 + 500 + 1 + 39 fit.
-    write(dir.path(), "a.toml", &form(1000, 500));
+    // Retry, question and the saved answer's note (`(now: {current}; reply KEEP to keep
+    // it)`, 71 with the answer at its longest): 527 + 1 + 1,000 + 1 + 71 = 1,600 fit.
+    write(dir.path(), "a.toml", &form(1000, 527));
     smsflow::flows::load_dir(dir.path()).expect("fits with its retry");
-    write(dir.path(), "a.toml", &form(1000, 700));
+    write(dir.path(), "a.toml", &form(1000, 528));
     let problems = problems_in(dir.path());
     assert!(
         problems.contains("a.toml:5:")
-            && problems.contains("form field \"a\": its retry and question go out as one message"),
+            && problems
+                .contains("form field \"a\": its retry and question (and form.current) go out")
+            && problems.contains("1601 characters"),
         "{problems}"
     );
 

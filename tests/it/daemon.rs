@@ -2184,10 +2184,9 @@ async fn an_oversized_answer_from_the_messages_api_is_not_read_whole() {
     assert_eq!(app.twilio.delivered().len(), 1, "sent once, not again");
 }
 
-/// A code Twilio refuses for good (an invalid number, 21211) or gives up on after its retries
-/// will never arrive: it is withdrawn as the OTP API withdraws its own, so its send does not
-/// count and the number is not left waiting for it. Refused as unsubscribed (21610), the
-/// number is opted out instead.
+/// A code Twilio refuses for good (a 400) will never arrive: it is withdrawn as the OTP API
+/// withdraws its own, so its send does not count and the number is not left waiting for it.
+/// Refused as unsubscribed (21610), the number is opted out instead.
 #[tokio::test]
 async fn a_code_refused_for_good_is_withdrawn_and_the_number_is_not_left_waiting() {
     let app = TestApp::spawn(FLOWS).await;
@@ -2221,4 +2220,46 @@ async fn a_code_refused_for_good_is_withdrawn_and_the_number_is_not_left_waiting
     })
     .await;
     assert_eq!(record(BOB).state.name(), "opted_out");
+}
+
+/// A code whose send is refused after its number was erased (and texted JOIN again meanwhile)
+/// was the erased number's: nothing is withdrawn from the new record.
+#[tokio::test]
+async fn a_refused_code_of_an_erased_number_withdraws_nothing_from_its_new_record() {
+    let app = TestApp::spawn(FLOWS).await;
+    app.twilio.hold();
+    app.sms(ANN, "JOIN").await;
+    eventually("the code's send to be under way", async || {
+        app.twilio.held() == 1
+    })
+    .await;
+    let path = format!("/admin/subscribers/{}", ANN.replace('+', "%2B"));
+    let erased = app.admin_status(reqwest::Method::DELETE, &path).await;
+    assert_eq!(erased.as_u16(), 204);
+    // The new record asks for a code and verifies with it (read here from the store, as
+    // the outbox is still busy with the old send).
+    app.sms(ANN, "JOIN").await;
+    let record = || {
+        app.engine
+            .store
+            .subscriber(&smsflow::phone::Phone::parse(ANN).unwrap())
+            .unwrap()
+            .unwrap()
+    };
+    let code = record().codes[0].code.clone();
+    app.sms(ANN, &code).await;
+    assert_eq!(record().state.name(), "verified");
+    // The send in flight is refused for good.
+    app.twilio.fail_next(&[400]);
+    app.twilio.release();
+    eventually("the outbox to be done", async || {
+        app.engine.store.outbox_len() == 0
+    })
+    .await;
+    let ann = record();
+    assert_eq!(
+        (ann.state.name(), ann.code_sends.len()),
+        ("verified", 1),
+        "the new record keeps its send against the limit"
+    );
 }
