@@ -487,12 +487,12 @@ pub fn init_logging(format: LogFormat) {
             }
         })
         .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("info"))
-        .add_directive(
-            format!("{DAEMON}=info")
-                .parse()
-                .expect("a target and a level make a directive"),
-        );
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    // The daemon's own lines, whatever the filter (a target and a level always parse).
+    let filter = match format!("{DAEMON}=info").parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
