@@ -40,6 +40,11 @@ pub struct Subscriber {
     pub created_at: DateTime<Utc>,
     pub verified_at: Option<DateTime<Utc>>,
     pub last_inbound_at: Option<DateTime<Utc>>,
+    /// The code the number verified with by text, until it expires: texted again (its owner
+    /// thought the first did not arrive), it is not taken as an answer. It verifies nothing.
+    /// (Stored from record v6 on; the older serde layouts never held it.)
+    #[serde(skip)]
+    pub used_code: Option<IssuedCode>,
 }
 
 /// Where a number is in its conversation.
@@ -337,6 +342,7 @@ impl Subscriber {
             created_at: now,
             verified_at: None,
             last_inbound_at: None,
+            used_code: None,
         }
     }
 
@@ -662,10 +668,11 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             State::Verified | State::InSequence { .. } => {
                 if opt_in {
                     self.say_t(&self.flows.replies.already_joined);
-                } else if self.has_live_code(&code_guess(text)) {
+                } else if self.has_live_code(&code_guess(text)) || self.echoes_used_code(text) {
                     // An app asked for a code for a number already verified, and it was texted
                     // back: not an answer (it would be recorded), and still the app's to
-                    // validate. An open form question is asked again.
+                    // validate. Or the code it verified with, texted again. An open form
+                    // question is asked again.
                     match self.sub.form.clone() {
                         Some(cursor) => self.ask_again(&cursor),
                         None => self.outcome = Outcome::Ignored,
@@ -799,6 +806,15 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     }
 
     /// Whether a guess (read by [`code_guess`]) is one of the latest codes, still usable.
+    /// Whether `text` is the code the number verified with by text, still unexpired.
+    fn echoes_used_code(&self, text: &str) -> bool {
+        let guess = code_guess(text);
+        self.sub
+            .used_code
+            .as_ref()
+            .is_some_and(|c| c.expires_at > self.now && c.is(&guess))
+    }
+
     fn has_live_code(&self, guess: &str) -> bool {
         let max = self.flows.verify.max_attempts;
         self.sub.codes[self.first_counted()..]
@@ -818,6 +834,10 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     fn check_code(&mut self, guess: &str, by_sms: bool) {
         let guess = code_guess(guess);
         if self.has_live_code(&guess) {
+            // Kept for a text that repeats it (see `used_code`); not one an app validated.
+            self.sub.used_code = by_sms
+                .then(|| self.sub.codes.iter().find(|c| c.is(&guess)).cloned())
+                .flatten();
             self.verified(if by_sms { "sms" } else { "otp_api" });
             return;
         }

@@ -17,7 +17,7 @@ use crate::phone::Phone;
 /// v4: as v3, with times as whole seconds and nanoseconds since 1970 instead of RFC 3339
 /// text (about 10 bytes a time instead of 31, and no formatting or parsing).
 /// v5: as v4, then the key of the form field asked (v4 and older read as `None`: by index).
-pub const SUBSCRIBER_VERSION: u8 = 5;
+pub const SUBSCRIBER_VERSION: u8 = 6;
 
 /// bincode as v3 and v4 write it. (v1 and v2 use bincode's default fixed-width integers.)
 fn compact() -> impl Options {
@@ -178,15 +178,32 @@ fn from_v4(v: V4Owned) -> Result<Subscriber, CodecError> {
         created_at: from_at(created)?,
         verified_at: verified.map(from_at).transpose()?,
         last_inbound_at: inbound.map(from_at).transpose()?,
+        used_code: None,
     })
+}
+
+/// A record with the key of the form field it was asked (v5 on), kept beside the v4 layout.
+fn with_asked(mut s: Subscriber, asked: Option<String>) -> Subscriber {
+    if let Some(cursor) = s.form.as_mut() {
+        cursor.key = asked;
+    }
+    s
 }
 
 /// A subscriber with its recent replies, as stored.
 pub fn encode_record(s: &Subscriber, replies: &[Replied]) -> Vec<u8> {
     let mut out = vec![SUBSCRIBER_VERSION];
     let asked = s.form.as_ref().and_then(|c| c.key.as_deref());
+    let used = s.used_code.as_ref().map(|c| {
+        (
+            c.code.as_str(),
+            at(&c.issued_at),
+            at(&c.expires_at),
+            c.wrong,
+        )
+    });
     // As in `encode`: plain data into a Vec cannot fail.
-    if let Err(e) = compact().serialize_into(&mut out, &(to_v4(s), asked, replies)) {
+    if let Err(e) = compact().serialize_into(&mut out, &(to_v4(s), asked, replies, used)) {
         tracing::error!("serializing a subscriber failed: {e}");
     }
     out
@@ -205,10 +222,23 @@ pub fn decode_record(bytes: &[u8]) -> Result<(Subscriber, Vec<Replied>), CodecEr
         (5, body) => {
             let (v, asked, replies): (V4Owned, Option<String>, Vec<Replied>) =
                 compact().deserialize(body)?;
-            let mut s = from_v4(v)?;
-            if let Some(cursor) = s.form.as_mut() {
-                cursor.key = asked;
-            }
+            Ok((with_asked(from_v4(v)?, asked), replies))
+        }
+        (6, body) => {
+            type Used = Option<(String, At, At, u8)>;
+            let (v, asked, replies, used): (V4Owned, Option<String>, Vec<Replied>, Used) =
+                compact().deserialize(body)?;
+            let mut s = with_asked(from_v4(v)?, asked);
+            s.used_code = used
+                .map(|(code, issued, expires, wrong)| {
+                    Ok::<_, CodecError>(IssuedCode {
+                        code,
+                        issued_at: from_at(issued)?,
+                        expires_at: from_at(expires)?,
+                        wrong,
+                    })
+                })
+                .transpose()?;
             Ok((s, replies))
         }
         (v, _) => Err(CodecError::UnknownVersion(v)),
@@ -221,7 +251,7 @@ pub fn state_of_record(bytes: &[u8]) -> Result<State, CodecError> {
     match split(bytes)? {
         (1 | 2, body) => Ok(bincode::deserialize::<(String, State)>(body)?.1),
         // Only a prefix is read, so trailing bytes are expected here.
-        (3..=5, body) => Ok(compact()
+        (3..=6, body) => Ok(compact()
             .allow_trailing_bytes()
             .deserialize::<(String, State)>(body)?
             .1),
@@ -290,9 +320,38 @@ mod tests {
             kind: TimerKind::AskTimeout,
             epoch: 7,
         });
+        s.used_code = Some(IssuedCode {
+            code: "987654".into(),
+            issued_at: now,
+            expires_at: now,
+            wrong: 0,
+        });
         let bytes = encode_subscriber(&s);
         assert_eq!(bytes[0], SUBSCRIBER_VERSION);
         assert_eq!(decode_subscriber(&bytes).unwrap(), s);
+    }
+
+    #[test]
+    fn a_version_5_record_reads_as_it_was_with_no_code_kept_from_its_verification() {
+        let now = "2026-01-05T15:00:00Z".parse().unwrap();
+        let mut s = Subscriber::new(Phone::parse("+14155550100").unwrap(), now);
+        s.state = State::Verified;
+        s.form = Some(FormCursor {
+            index: 0,
+            editing: false,
+            key: Some("first_name".into()),
+        });
+        let replies = vec![Replied {
+            sid: "SM1".into(),
+            twiml: "<Response/>".into(),
+        }];
+        let asked = s.form.as_ref().and_then(|c| c.key.as_deref());
+        let mut v5 = vec![5];
+        compact()
+            .serialize_into(&mut v5, &(to_v4(&s), asked, &replies))
+            .unwrap();
+        assert_eq!(decode_record(&v5).unwrap(), (s.clone(), replies));
+        assert_eq!(state_of_record(&v5).unwrap(), State::Verified);
     }
 
     #[test]

@@ -735,6 +735,54 @@ fn a_code_texted_back_by_a_verified_number_is_not_taken_as_an_answer_and_stays_t
     assert_eq!(t.subscriber.fields["first_name"], "Ann");
 }
 
+/// The code a number verified with, texted again (its owner thought the first had not
+/// arrived), is not the answer to the question that followed: the question is asked again.
+/// It verifies nothing more (the OTP API refuses it), and once expired it is ordinary text.
+#[test]
+fn the_code_a_number_verified_with_texted_again_is_not_taken_as_an_answer() {
+    let f = flows();
+    let first = |s, text: &str, at| {
+        step(
+            s,
+            &Event::Inbound(text.into()),
+            &f,
+            at,
+            &mut StdRng::seed_from_u64(1),
+        )
+    };
+    let verified = first(awaiting_123456(), "123456", t0()).subscriber;
+    assert_eq!(verified.state, State::Verified);
+    let again = first(verified.clone(), "123 456", t0() + TimeDelta::seconds(30));
+    assert!(
+        again.subscriber.fields.is_empty(),
+        "{:?}",
+        again.subscriber.fields
+    );
+    assert_eq!(messages(&again.effects), ["What's your first name?"]);
+    assert!(
+        !format!("{:?}", again.effects).contains("123456"),
+        "the code is nowhere in the effects: {:?}",
+        again.effects
+    );
+    let replayed = step(
+        verified.clone(),
+        &Event::OtpSubmitted("123456".into()),
+        &f,
+        t0() + TimeDelta::seconds(30),
+        &mut StdRng::seed_from_u64(1),
+    );
+    assert_eq!(
+        replayed.outcome,
+        Outcome::WrongCode,
+        "an app cannot replay it"
+    );
+    // Another six digits is an answer; so is the code once it has expired.
+    let other = first(verified.clone(), "654321", t0() + TimeDelta::seconds(30));
+    assert_eq!(other.subscriber.fields["first_name"], "654321");
+    let late = first(verified, "123456", t0() + TimeDelta::minutes(11));
+    assert_eq!(late.subscriber.fields["first_name"], "123456");
+}
+
 #[test]
 fn a_choice_copied_as_the_question_shows_it_is_that_choice_and_a_vague_one_is_asked_again() {
     let f = flows();
