@@ -40,9 +40,10 @@ pub struct Subscriber {
     pub created_at: DateTime<Utc>,
     pub verified_at: Option<DateTime<Utc>>,
     pub last_inbound_at: Option<DateTime<Utc>>,
-    /// The code the number verified with by text, until it expires: texted again (its owner
-    /// thought the first did not arrive), it is not taken as an answer. It verifies nothing.
-    /// (Stored from record v6 on; the older serde layouts never held it.)
+    /// The code the number verified with by text, until it expires (dropped at the next text
+    /// after, or an opt-out): texted again (its owner thought the first did not arrive), it
+    /// is not taken as an answer. It verifies nothing. (Stored from record v6 on; the older
+    /// serde layouts never held it.)
     #[serde(skip)]
     pub used_code: Option<IssuedCode>,
 }
@@ -625,6 +626,14 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 
     fn inbound(&mut self, text: &str) {
         self.sub.last_inbound_at = Some(self.now);
+        if self
+            .sub
+            .used_code
+            .as_ref()
+            .is_some_and(|c| c.expires_at <= self.now)
+        {
+            self.sub.used_code = None;
+        }
         let word = normalize(text);
         let kw = &self.flows.keywords;
         let is = |list: &[String]| list.contains(&word);
@@ -668,14 +677,24 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             State::Verified | State::InSequence { .. } => {
                 if opt_in {
                     self.say_t(&self.flows.replies.already_joined);
-                } else if self.has_live_code(&code_guess(text)) || self.echoes_used_code(text) {
+                } else if self.has_live_code(&code_guess(text))
+                    || self.echoes_used_code(&code_guess(text))
+                {
                     // An app asked for a code for a number already verified, and it was texted
                     // back: not an answer (it would be recorded), and still the app's to
-                    // validate. Or the code it verified with, texted again. An open form
-                    // question is asked again.
-                    match self.sub.form.clone() {
-                        Some(cursor) => self.ask_again(&cursor),
-                        None => self.outcome = Outcome::Ignored,
+                    // validate. Or the code it verified with, texted again. An open question
+                    // (the form's, or a sequence's) is asked again.
+                    match (self.sub.form.clone(), self.sub.state.clone()) {
+                        (Some(cursor), _) => self.ask_again(&cursor),
+                        (
+                            None,
+                            State::InSequence {
+                                name,
+                                step,
+                                waiting: true,
+                            },
+                        ) => self.ask_step_again(&name, step),
+                        _ => self.outcome = Outcome::Ignored,
                     }
                 } else if let (true, Some(onboarding)) =
                     (edit, self.sub.form.clone().filter(|c| !c.editing))
@@ -712,6 +731,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         self.sub.state = State::OptedOut;
         self.sub.form = None;
         self.sub.codes.clear();
+        self.sub.used_code = None;
         self.record(Record::OptedOut {
             reason: reason.to_string(),
         });
@@ -805,21 +825,26 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         self.outcome = Outcome::CodeSent;
     }
 
-    /// Whether a guess (read by [`code_guess`]) is one of the latest codes, still usable.
-    /// Whether `text` is the code the number verified with by text, still unexpired.
-    fn echoes_used_code(&self, text: &str) -> bool {
-        let guess = code_guess(text);
+    /// Whether a guess (read by [`code_guess`]) is the code the number verified with by
+    /// text, still unexpired.
+    fn echoes_used_code(&self, guess: &str) -> bool {
         self.sub
             .used_code
             .as_ref()
-            .is_some_and(|c| c.expires_at > self.now && c.is(&guess))
+            .is_some_and(|c| c.expires_at > self.now && c.is(guess))
     }
 
+    /// Whether a guess (read by [`code_guess`]) is one of the latest codes, still usable.
     fn has_live_code(&self, guess: &str) -> bool {
+        self.live_code(guess).is_some()
+    }
+
+    /// The latest code, still usable, that a guess is.
+    fn live_code(&self, guess: &str) -> Option<&IssuedCode> {
         let max = self.flows.verify.max_attempts;
         self.sub.codes[self.first_counted()..]
             .iter()
-            .any(|c| c.usable(self.now, max) && c.is(guess))
+            .find(|c| c.usable(self.now, max) && c.is(guess))
     }
 
     /// Where the codes still counted start: only the latest `valid_codes` are.
@@ -833,11 +858,9 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     /// Checks a guess against the latest unexpired codes; `by_sms` answers the guess by text.
     fn check_code(&mut self, guess: &str, by_sms: bool) {
         let guess = code_guess(guess);
-        if self.has_live_code(&guess) {
+        if let Some(code) = self.live_code(&guess) {
             // Kept for a text that repeats it (see `used_code`); not one an app validated.
-            self.sub.used_code = by_sms
-                .then(|| self.sub.codes.iter().find(|c| c.is(&guess)).cloned())
-                .flatten();
+            self.sub.used_code = by_sms.then(|| code.clone());
             self.verified(if by_sms { "sms" } else { "otp_api" });
             return;
         }
@@ -961,6 +984,23 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     }
 
     /// Asks the open question again; if a reload removed it, as [`Self::answer_form`] goes on.
+    /// A sequence's question asked again, as it was (its timeout runs on); gone since (a
+    /// reload), nothing is said.
+    fn ask_step_again(&mut self, name: &str, step: usize) {
+        let question = self
+            .flows
+            .sequence(name)
+            .and_then(|s| s.steps.get(step))
+            .and_then(|s| match &s.action {
+                StepAction::Ask(q) => Some(q),
+                StepAction::Say(_) => None,
+            });
+        match question {
+            Some(q) => self.say_t(&q.text),
+            None => self.outcome = Outcome::Ignored,
+        }
+    }
+
     fn ask_again(&mut self, cursor: &FormCursor) {
         match self.place_of(cursor) {
             Some(index) => self.ask_field(index, cursor.editing),

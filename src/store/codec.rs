@@ -17,6 +17,7 @@ use crate::phone::Phone;
 /// v4: as v3, with times as whole seconds and nanoseconds since 1970 instead of RFC 3339
 /// text (about 10 bytes a time instead of 31, and no formatting or parsing).
 /// v5: as v4, then the key of the form field asked (v4 and older read as `None`: by index).
+/// v6: as v5, then the code the number verified with by text (older ones read as `None`).
 pub const SUBSCRIBER_VERSION: u8 = 6;
 
 /// bincode as v3 and v4 write it. (v1 and v2 use bincode's default fixed-width integers.)

@@ -776,11 +776,60 @@ fn the_code_a_number_verified_with_texted_again_is_not_taken_as_an_answer() {
         Outcome::WrongCode,
         "an app cannot replay it"
     );
-    // Another six digits is an answer; so is the code once it has expired.
+    // Another six digits is an answer; so is the code once it has expired, which is dropped.
     let other = first(verified.clone(), "654321", t0() + TimeDelta::seconds(30));
     assert_eq!(other.subscriber.fields["first_name"], "654321");
-    let late = first(verified, "123456", t0() + TimeDelta::minutes(11));
+    let late = first(verified.clone(), "123456", t0() + TimeDelta::minutes(11));
     assert_eq!(late.subscriber.fields["first_name"], "123456");
+    assert_eq!(late.subscriber.used_code, None);
+    // An opt-out drops it; a code an app validated is not kept at all.
+    let stopped = first(verified, "STOP", t0() + TimeDelta::seconds(30));
+    assert_eq!(stopped.subscriber.used_code, None);
+    let by_app = step(
+        awaiting_123456(),
+        &Event::OtpSubmitted("123456".into()),
+        &f,
+        t0(),
+        &mut StdRng::seed_from_u64(1),
+    );
+    assert_eq!(by_app.outcome, Outcome::Verified);
+    assert_eq!(by_app.subscriber.used_code, None);
+
+    // With no form, verifying leads straight to a sequence's question: the code texted
+    // again gets that question again, not silence, and is not its answer.
+    let f = smsflow::flows::load_sources(vec![(
+        "f.toml".into(),
+        "[bot]\nname = \"Bot\"\n[[sequence]]\nname = \"s\"\nsteps = [{ after = \"0s\", ask = \"Rate us 1-5\", save = \"rating\", expect = { range = [1, 5] } }]\n[form]\nextra_fields = [\"rating\"]\n".into(),
+    )])
+    .unwrap();
+    let verified = step(
+        awaiting_123456(),
+        &Event::Inbound("123456".into()),
+        &f,
+        t0(),
+        &mut StdRng::seed_from_u64(1),
+    );
+    assert!(
+        matches!(
+            verified.subscriber.state,
+            State::InSequence { waiting: true, .. }
+        ),
+        "{:?}",
+        verified.subscriber.state
+    );
+    let again = step(
+        verified.subscriber,
+        &Event::Inbound("123456".into()),
+        &f,
+        t0() + TimeDelta::seconds(30),
+        &mut StdRng::seed_from_u64(1),
+    );
+    assert_eq!(messages(&again.effects), ["Rate us 1-5"]);
+    assert!(again.subscriber.fields.is_empty());
+    assert!(matches!(
+        again.subscriber.state,
+        State::InSequence { waiting: true, .. }
+    ));
 }
 
 #[test]
