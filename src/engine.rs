@@ -619,7 +619,7 @@ fn to_commit(
             Effect::Record(record) => c.history.push(HistoryEntry { at: now, record }),
         }
     }
-    let twiml = inbound_sid.map(|_| crate::http::twiml::messages(&replies));
+    let twiml = inbound_sid.map(|_| crate::twiml::messages(&replies));
     c.subscriber = Some(t.subscriber);
     let applied = Applied {
         outcome: t.outcome,

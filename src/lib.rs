@@ -30,6 +30,7 @@ pub mod scheduler;
 pub mod sim;
 pub mod store;
 pub mod transcript;
+pub mod twiml;
 
 /// Caller input as an error message or a log line may repeat it: at most 40 characters, then
 /// `…`. A request body may be 64 KiB, and a refusal should name the mistake, not echo it whole.

@@ -1045,7 +1045,7 @@ impl Cx {
             "code" => Some(crate::ivr::spell(&"0".repeat(self.code_digits))),
             _ => None,
         });
-        let call = crate::http::twiml::read_twice(&spoken).chars().count();
+        let call = crate::twiml::read_twice(&spoken).chars().count();
         if let Some(span) = span.filter(|_| call > MAX_CALL_TWIML) {
             self.err(
                 f,

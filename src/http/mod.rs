@@ -4,7 +4,6 @@
 pub mod admin;
 pub mod otp;
 pub mod signature;
-pub mod twiml;
 pub mod voice;
 
 use std::sync::Arc;
@@ -551,7 +550,9 @@ async fn sms(
     };
     crate::metrics::inbound(outcome);
     tracing::info!(phone = %phone.masked(), outcome, "inbound sms");
-    Ok(xml(applied.twiml.unwrap_or_else(|| twiml::messages(&[]))))
+    Ok(xml(applied
+        .twiml
+        .unwrap_or_else(|| crate::twiml::messages(&[]))))
 }
 
 /// A delivery report for a message we sent.

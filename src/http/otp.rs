@@ -203,7 +203,7 @@ async fn deliver(
         });
         state
             .provider
-            .call(&phone, &super::twiml::read_twice(&spoken))
+            .call(&phone, &crate::twiml::read_twice(&spoken))
             .await
     } else {
         state.provider.send(&phone, &text).await

@@ -7,11 +7,11 @@ use axum::extract::{Query, State};
 use axum::response::Response;
 use serde::Deserialize;
 
-use super::twiml::{self, Asked};
 use super::{xml, AppState, TwilioForm, WebhookError};
 use crate::engine::Input;
 use crate::flows::IvrAction;
 use crate::ivr::{self, Turn};
+use crate::twiml::{self, Asked};
 
 /// A call comes in: the start menu.
 pub async fn call(
