@@ -436,8 +436,10 @@ fn export(n: u64, flows_dir: &std::path::Path) -> anyhow::Result<String> {
                             "age_group".into(),
                             ["under_30", "30_50", "over_50"][pick].into(),
                         );
-                        s.fields
-                            .insert("channel".into(), ["friend", "social", "other"][pick].into());
+                        s.fields.insert(
+                            "channel".into(),
+                            ["friend", "social_media", "other"][pick].into(),
+                        );
                         Ok(Commit {
                             subscriber: Some(s),
                             ..Commit::default()
