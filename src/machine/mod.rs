@@ -1052,10 +1052,11 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         };
         let flows = self.flows;
         let field = &flows.form.fields[index];
-        // KEEP while editing keeps the current answer; with none to keep (a field added since)
-        // it is no answer either, and the question is asked again.
-        let said_keep = cursor.editing && self.flows.keywords.keep.contains(&normalize(text));
-        let keep = said_keep && self.sub.fields.contains_key(&field.key);
+        // KEEP while editing keeps the current answer; with none to keep (a field added since,
+        // or a first pass through the form) it is no answer either, and the question is asked
+        // again. (`check` keeps it from being any form field's choice.)
+        let said_keep = self.flows.keywords.keep.contains(&normalize(text));
+        let keep = said_keep && cursor.editing && self.sub.fields.contains_key(&field.key);
         if !keep {
             let accepted = if said_keep {
                 None

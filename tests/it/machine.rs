@@ -960,28 +960,36 @@ fn after_a_reload_mid_form_answers_go_to_the_field_asked_and_every_field_is_aske
 }
 
 /// KEEP while editing keeps an answer; for a field with none (added since the number last
-/// answered) it is not taken as the answer "KEEP": the question is asked again.
+/// answered, or on the first pass through the form) it is not taken as the answer "KEEP":
+/// the question is asked again.
 #[test]
 fn keep_for_a_field_with_no_answer_yet_asks_it_again() {
     let f = flows();
     // The first name takes any answer: "KEEP" would do as one.
     assert_eq!(f.form.fields[0].key, "first_name");
-    let mut s = subscriber(State::Verified);
-    s.form = Some(smsflow::machine::FormCursor {
-        index: 0,
-        editing: true,
-        key: Some("first_name".into()),
-    });
-    let t = step(
-        s,
-        &Event::Inbound("keep".into()),
-        &f,
-        t0(),
-        &mut StdRng::seed_from_u64(1),
-    );
-    assert!(t.subscriber.fields.is_empty(), "{:?}", t.subscriber.fields);
-    assert_eq!(t.subscriber.form.map(|c| c.index), Some(0));
-    assert_eq!(messages(&t.effects).len(), 1, "{:?}", t.effects);
+    // While editing, and on the first pass through the form alike.
+    for editing in [true, false] {
+        let mut s = subscriber(State::Verified);
+        s.form = Some(smsflow::machine::FormCursor {
+            index: 0,
+            editing,
+            key: Some("first_name".into()),
+        });
+        let t = step(
+            s,
+            &Event::Inbound("keep".into()),
+            &f,
+            t0(),
+            &mut StdRng::seed_from_u64(1),
+        );
+        assert!(
+            t.subscriber.fields.is_empty(),
+            "{editing}: {:?}",
+            t.subscriber.fields
+        );
+        assert_eq!(t.subscriber.form.map(|c| c.index), Some(0));
+        assert_eq!(messages(&t.effects).len(), 1, "{:?}", t.effects);
+    }
 }
 
 /// An answer as long as a text itself, filled into a follow-up ("Thanks {field.first_name}!"),
