@@ -72,12 +72,13 @@ pub struct Application {
 /// The file in the data dir naming the local URL of the daemon that holds it.
 pub const DAEMON_URL_FILE: &str = "daemon-url";
 /// The file in the data dir saying how that daemon's admin API takes this machine's
-/// requests ([`AdminAccess`], one word), beside [`DAEMON_URL_FILE`].
+/// requests (an [`ApiAccess`], one word), beside [`DAEMON_URL_FILE`].
 pub const DAEMON_ADMIN_FILE: &str = "daemon-admin";
 
-/// How a daemon's admin API takes this machine's requests.
+/// How an API with an optional bearer token (the OTP API, the admin API) takes this
+/// machine's requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AdminAccess {
+pub enum ApiAccess {
     /// With its bearer token.
     Token,
     /// Without a token: the daemon is reachable from this machine alone.
@@ -86,33 +87,34 @@ pub enum AdminAccess {
     Off,
 }
 
-impl AdminAccess {
-    pub fn of(config: &Config) -> AdminAccess {
-        match (&config.admin_token, config.local_only()) {
-            (Some(_), _) => AdminAccess::Token,
-            (None, true) => AdminAccess::Open,
-            (None, false) => AdminAccess::Off,
+impl ApiAccess {
+    /// With `token` set, or not, on a daemon reachable from this machine alone, or not.
+    pub fn of<T>(token: Option<T>, local_only: bool) -> ApiAccess {
+        match (token, local_only) {
+            (Some(_), _) => ApiAccess::Token,
+            (None, true) => ApiAccess::Open,
+            (None, false) => ApiAccess::Off,
         }
     }
 }
 
-impl std::fmt::Display for AdminAccess {
+impl std::fmt::Display for ApiAccess {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            AdminAccess::Token => "token",
-            AdminAccess::Open => "open",
-            AdminAccess::Off => "off",
+            ApiAccess::Token => "token",
+            ApiAccess::Open => "open",
+            ApiAccess::Off => "off",
         })
     }
 }
 
-impl std::str::FromStr for AdminAccess {
+impl std::str::FromStr for ApiAccess {
     type Err = ();
-    fn from_str(s: &str) -> Result<AdminAccess, ()> {
+    fn from_str(s: &str) -> Result<ApiAccess, ()> {
         match s.trim() {
-            "token" => Ok(AdminAccess::Token),
-            "open" => Ok(AdminAccess::Open),
-            "off" => Ok(AdminAccess::Off),
+            "token" => Ok(ApiAccess::Token),
+            "open" => Ok(ApiAccess::Open),
+            "off" => Ok(ApiAccess::Off),
             _ => Err(()),
         }
     }
@@ -155,7 +157,7 @@ impl Application {
         // dir held (a flag or env the export does not share may have set the address).
         let here = local_url(std::net::SocketAddr::new(config.listen.ip(), port));
         // And how its admin API takes this machine's requests (its token is not written).
-        let admin = AdminAccess::of(&config);
+        let admin = ApiAccess::of(config.admin_token.as_ref(), config.local_only());
         for (file, note) in [
             (DAEMON_URL_FILE, here),
             (DAEMON_ADMIN_FILE, admin.to_string()),
@@ -245,12 +247,12 @@ impl Application {
             b += &format!(
                 "  {:<12} {}\n",
                 format!("{name}:"),
-                match (token, local_only) {
-                    (Some(_), _) => "on, bearer token required".to_string(),
-                    (None, true) => format!(
+                match ApiAccess::of(token.as_ref(), local_only) {
+                    ApiAccess::Token => "on, bearer token required".to_string(),
+                    ApiAccess::Open => format!(
                         "on without a token for local requests only (set {env} before exposing it)"
                     ),
-                    (None, false) =>
+                    ApiAccess::Off =>
                         format!("OFF until {env} is set (smsflow is reachable from outside)"),
                 }
             );

@@ -759,29 +759,29 @@ pub fn export(
 /// What to do when a running daemon holds `data`: download the dataset from its admin API,
 /// in the way that API takes this machine's requests, as the daemon noted it at its start.
 fn held_hint(data: &Path, one_hot: bool) -> String {
-    use crate::app::{AdminAccess, DAEMON_ADMIN_FILE, DAEMON_URL_FILE};
+    use crate::app::{ApiAccess, DAEMON_ADMIN_FILE, DAEMON_URL_FILE};
     let noted = |file: &str| std::fs::read_to_string(data.join(file)).unwrap_or_default();
     let url = noted(DAEMON_URL_FILE);
     let url = Some(url.trim())
         .filter(|u| u.starts_with("http://") && !u.contains(char::is_whitespace))
         .map_or_else(configured_url, str::to_string);
-    let admin = noted(DAEMON_ADMIN_FILE).parse::<AdminAccess>().ok();
+    let admin = noted(DAEMON_ADMIN_FILE).parse::<ApiAccess>().ok();
     let endpoint = format!(
         "'{url}/admin/export.csv{}'",
         if one_hot { "?one_hot=1" } else { "" }
     );
     match admin {
-        Some(AdminAccess::Off) => format!(
+        Some(ApiAccess::Off) => format!(
             "The running daemon holds it, and its admin API is off: it is reachable beyond this \
              machine and has no SMSFLOW_ADMIN_TOKEN. Stop it and run this again, or restart it \
              with a token and download the dataset:\n  \
              curl -H \"Authorization: Bearer $SMSFLOW_ADMIN_TOKEN\" {endpoint}"
         ),
-        Some(AdminAccess::Open) => format!(
+        Some(ApiAccess::Open) => format!(
             "The running daemon holds it: download the dataset from it instead (it has no admin \
              token and answers this machine):\n  curl {endpoint}"
         ),
-        Some(AdminAccess::Token) => format!(
+        Some(ApiAccess::Token) => format!(
             "The running daemon holds it: download the dataset from it instead, with its admin \
              token (SMSFLOW_ADMIN_TOKEN or admin_token in its smsflow.toml):\n  \
              curl -H \"Authorization: Bearer $SMSFLOW_ADMIN_TOKEN\" {endpoint}"
