@@ -675,11 +675,10 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 }
             }
             State::Verified | State::InSequence { .. } => {
+                let guess = code_guess(text);
                 if opt_in {
                     self.say_t(&self.flows.replies.already_joined);
-                } else if self.has_live_code(&code_guess(text))
-                    || self.echoes_used_code(&code_guess(text))
-                {
+                } else if self.has_live_code(&guess) || self.echoes_used_code(&guess) {
                     // An app asked for a code for a number already verified, and it was texted
                     // back: not an answer (it would be recorded), and still the app's to
                     // validate. Or the code it verified with, texted again. An open question
