@@ -746,6 +746,11 @@ impl Cx {
     /// the sequence's name counts as the most of it a text keeps when it would be too long
     /// (the machine shortens each to that before it cuts the text's end, a code included).
     fn sent_units(&self, t: &Template, allowed: Allowed<'_>) -> usize {
+        self.as_sent(t, allowed).encode_utf16().count()
+    }
+
+    /// `t` filled in as [`Cx::sent_units`] measures it.
+    fn as_sent(&self, t: &Template, allowed: Allowed<'_>) -> String {
         let code = || "0".repeat(self.code_digits);
         t.render(|slot| {
             Some(match slot {
@@ -755,8 +760,6 @@ impl Cx {
                 _ => "x".repeat(crate::machine::SHORTENED + 1),
             })
         })
-        .encode_utf16()
-        .count()
     }
 
     /// What [`Cx::sent_units`] counted `t`'s placeholders as, for a message.
@@ -1030,22 +1033,20 @@ impl Cx {
     /// the OTP API places the call (read out twice, escaped).
     fn voice_code(&mut self, f: usize, raw: Text, with_code: Allowed<'_>) -> Template {
         let span = raw.as_ref().map(|s| s.span());
+        let spoken = Allowed {
+            spoken: true,
+            ..with_code
+        };
         let voice = self.text(
             f,
             raw,
             "verify.voice",
             "Your {bot.name} code is {code}.",
-            Allowed {
-                spoken: true,
-                ..with_code
-            },
+            spoken,
         );
-        let spoken = voice.render(|slot| match slot {
-            "bot.name" => Some(self.bot_name.clone()),
-            "code" => Some(crate::ivr::spell(&"0".repeat(self.code_digits))),
-            _ => None,
-        });
-        let call = crate::twiml::read_twice(&spoken).chars().count();
+        let call = crate::twiml::read_twice(&self.as_sent(&voice, spoken))
+            .chars()
+            .count();
         if let Some(span) = span.filter(|_| call > MAX_CALL_TWIML) {
             self.err(
                 f,
