@@ -329,6 +329,14 @@ impl Flows {
         self.sequences.iter().find(|s| s.name == name)
     }
 
+    /// The question at 0-based `step` of sequence `name`, if that step is one.
+    pub fn question(&self, name: &str, step: usize) -> Option<&Question> {
+        match &self.sequence(name)?.steps.get(step)?.action {
+            StepAction::Ask(q) => Some(q),
+            StepAction::Say(_) => None,
+        }
+    }
+
     /// Total weight of all sequences; the loader guarantees it is non-zero when any exist.
     pub fn total_weight(&self) -> u64 {
         self.sequences.iter().map(|s| u64::from(s.weight)).sum()

@@ -986,15 +986,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     /// A sequence's question asked again, as it was (its timeout runs on); gone since (a
     /// reload), nothing is said.
     fn ask_step_again(&mut self, name: &str, step: usize) {
-        let question = self
-            .flows
-            .sequence(name)
-            .and_then(|s| s.steps.get(step))
-            .and_then(|s| match &s.action {
-                StepAction::Ask(q) => Some(q),
-                StepAction::Say(_) => None,
-            });
-        match question {
+        match self.flows.question(name, step) {
             Some(q) => self.say_t(&q.text),
             None => self.outcome = Outcome::Ignored,
         }
@@ -1232,15 +1224,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     }
 
     fn answer_question(&mut self, name: &str, k: usize, text: &str) {
-        let flows = self.flows;
-        let question = flows
-            .sequence(name)
-            .and_then(|s| s.steps.get(k))
-            .and_then(|s| match &s.action {
-                StepAction::Ask(q) => Some(q),
-                StepAction::Say(_) => None,
-            });
-        let Some(q) = question else {
+        let Some(q) = self.flows.question(name, k) else {
             // The flows changed under a number mid-question: end the sequence, and answer
             // the text as a verified number's (never with silence).
             self.end_if_gone();
