@@ -1090,6 +1090,16 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         self.sub.form = None;
         if editing {
             self.say_t(&self.flows.form.saved);
+            // An edit pass taken while a sequence's question was open: that question is
+            // still what the next text answers, so it is asked again.
+            if let State::InSequence {
+                name,
+                step,
+                waiting: true,
+            } = self.sub.state.clone()
+            {
+                self.ask_step_again(&name, step);
+            }
         } else {
             self.enrol();
         }
