@@ -114,14 +114,14 @@ pub fn after_action(
         }
         (_, Outcome::RateLimited { .. }, _) => vec![plain(&flows.verify.rate_limited)],
         (_, Outcome::OptedOut, _) if *action != IvrAction::OptOut => {
-            vec![plain(&flows.replies.opted_out)]
+            vec![plain(&flows.ivr.opted_out)]
         }
         // Texted: `opt_in`, and `read_code` to a caller it may not trust with the code.
         (IvrAction::OptIn | IvrAction::ReadCode, Outcome::CodeSent, _) => {
             vec![plain(&flows.ivr.texted)]
         }
         (IvrAction::OptIn, _, _) => vec![plain(&flows.replies.already_joined)],
-        (IvrAction::OptOut, _, _) => vec![plain(&flows.replies.opted_out)],
+        (IvrAction::OptOut, _, _) => vec![plain(&flows.ivr.opted_out)],
         _ => Vec::new(),
     };
     out.push(plain(&flows.ivr.goodbye));

@@ -16,6 +16,10 @@ use crate::machine::normalize;
 const HIDDEN_CALLER: &str =
     "Sorry, this line needs your caller ID. Please call again without hiding your number.";
 
+/// `ivr.opted_out` when a flow set does not say it.
+const IVR_OPTED_OUT: &str =
+    "You're unsubscribed and will get no more messages. Text START to rejoin.";
+
 /// One located problem in a flow set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
@@ -427,6 +431,7 @@ struct RawIvr {
     goodbye: Text,
     read_code: Text,
     texted: Text,
+    opted_out: Text,
     hidden_caller: Text,
     read_code_callers: Text,
     #[serde(default)]
@@ -1546,6 +1551,7 @@ impl Cx {
                 goodbye: fixed("Goodbye."),
                 read_code: fixed("Your {bot.name} code is {code}."),
                 texted: fixed("We've sent you a text message with a code."),
+                opted_out: fixed(IVR_OPTED_OUT),
                 hidden_caller: fixed(HIDDEN_CALLER),
                 read_code_callers: ReadCodeCallers::Any,
                 menus: BTreeMap::new(),
@@ -1579,6 +1585,7 @@ impl Cx {
             "We've sent you a text message with a code.",
             plain,
         );
+        let opted_out = self.text(f, r.opted_out, "ivr.opted_out", IVR_OPTED_OUT, plain);
         let hidden_caller = self.text(
             f,
             r.hidden_caller,
@@ -1731,6 +1738,7 @@ impl Cx {
             goodbye,
             read_code,
             texted,
+            opted_out,
             hidden_caller,
             read_code_callers,
             menus,

@@ -219,7 +219,7 @@ async fn read_code_for_attested_callers_only_texts_the_code_to_any_other_caller(
 }
 
 #[tokio::test]
-async fn opt_in_by_voice_texts_a_code_and_opt_out_unsubscribes() {
+async fn opt_in_by_voice_texts_a_code_and_opt_out_unsubscribes_in_words_for_a_call() {
     let app = TestApp::spawn(FLOWS).await;
     let twiml = voice(&app, "/twilio/voice/gather?attempt=0&menu=main", Some("2")).await;
     assert_eq!(twiml.names(), ["Say", "Say", "Hangup"]);
@@ -227,8 +227,14 @@ async fn opt_in_by_voice_texts_a_code_and_opt_out_unsubscribes() {
     let texted = app.twilio.wait_delivered(1).await;
     assert!(texted[0].body.starts_with("Code: "));
     let twiml = voice(&app, "/twilio/voice/gather?attempt=0&menu=main", Some("3")).await;
-    assert!(twiml.children[0].text.contains("unsubscribed"));
+    // Spoken, so not the SMS text's "Reply START": a caller is told to text.
+    let spoken = "You're unsubscribed and will get no more messages. Text START to rejoin.";
+    assert_eq!(twiml.children[0].text, spoken);
     assert_eq!(app.state_of(CALLER).as_deref(), Some("opted_out"));
+    // Calling again opted out, for a code: the same words, and no code.
+    let twiml = voice(&app, "/twilio/voice/gather?attempt=0&menu=main", Some("1")).await;
+    assert_eq!(twiml.names(), ["Say", "Say", "Hangup"]);
+    assert_eq!(twiml.children[0].text, spoken);
 }
 
 #[tokio::test]
