@@ -132,6 +132,7 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
         clearable: Vec::new(),
         code_digits: 6,
         bot_name: String::new(),
+        bot_name_at: None,
     };
     let mut files = Vec::new();
     let mut unread = Vec::new();
@@ -486,6 +487,8 @@ struct Cx {
     /// length check (both are read before the texts that may hold them).
     code_digits: usize,
     bot_name: String,
+    /// Where `bot.name` was given: a default text holding it is too long because of it.
+    bot_name_at: Option<(usize, Range<usize>)>,
 }
 
 impl Cx {
@@ -592,6 +595,7 @@ impl Cx {
             if name.get_ref().trim().is_empty() {
                 self.err(f, name.span(), "empty text: bot.name");
             }
+            self.bot_name_at = Some((f, name.span()));
             bot.name = name.into_inner().trim().to_string();
         }
         if let Some(tz) = raw.timezone {
@@ -741,8 +745,34 @@ impl Cx {
         allowed: Allowed<'_>,
     ) -> Template {
         match raw {
-            None => fixed(default),
+            None => {
+                let t = fixed(default);
+                let sent = self.sent_units(&t, allowed);
+                if sent > MAX_TEXT {
+                    self.blame_bot_name(
+                        what,
+                        format!("{sent} characters, over the {MAX_TEXT} of a text"),
+                    );
+                }
+                t
+            }
             Some(s) => self.checked_text(f, &s, what, allowed),
+        }
+    }
+
+    /// A default text (`what`, not set) made too long by the bot's name alone, which is
+    /// what the problem points at.
+    fn blame_bot_name(&mut self, what: &str, too_long: String) {
+        if let Some((f, span)) = self.bot_name_at.clone() {
+            self.err(
+                f,
+                span,
+                format!(
+                    "bot.name is {} characters, which makes the default {what} {too_long}: \
+                     shorten bot.name, or set {what}",
+                    self.bot_name.chars().count()
+                ),
+            );
         }
     }
 
@@ -1052,16 +1082,15 @@ impl Cx {
         let call = crate::twiml::read_twice(&self.as_sent(&voice, spoken))
             .chars()
             .count();
-        if let Some(span) = span.filter(|_| call > MAX_CALL_TWIML) {
-            self.err(
-                f,
-                span,
-                format!(
-                    "verify.voice makes a call of {call} characters of TwiML (read out twice, \
-                     with & < > ' \" written as 4 to 6 characters each), over Twilio's \
-                     {MAX_CALL_TWIML} for a call's instructions"
-                ),
+        if call > MAX_CALL_TWIML {
+            let over = format!(
+                "{call} characters of TwiML (read out twice, with & < > ' \" written as 4 to 6 \
+                 characters each), over Twilio's {MAX_CALL_TWIML} for a call's instructions"
             );
+            match span {
+                Some(span) => self.err(f, span, format!("verify.voice makes a call of {over}")),
+                None => self.blame_bot_name("verify.voice", format!("a call of {over}")),
+            }
         }
         voice
     }

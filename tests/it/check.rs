@@ -759,6 +759,37 @@ fn a_text_is_measured_with_the_bots_name_and_a_spoken_code_as_they_go_out() {
     );
 }
 
+/// A text left to its default is measured too: a bot's name can make one too long, and
+/// the problem points at the name, with both ways out.
+#[test]
+fn a_bot_name_that_makes_a_default_text_too_long_is_named_as_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let flows = |name: usize| {
+        format!(
+            "[bot]\nname = \"{}\"\n[verify]\nsend = \"Code {{code}}\"\n",
+            "x".repeat(name)
+        )
+    };
+    write(dir.path(), "a.toml", &flows(1500));
+    smsflow::flows::load_dir(dir.path()).expect("every default text fits with 1,500");
+    write(dir.path(), "a.toml", &flows(2000));
+    let problems = problems_in(dir.path());
+    for what in [
+        "the default replies.help 2043 characters, over the 1600 of a text",
+        "the default replies.not_joined",
+        "the default verify.voice a call of",
+    ] {
+        assert!(
+            problems.lines().any(|l| l.contains("a.toml:2:")
+                && l.contains("bot.name is 2000 characters, which makes")
+                && l.contains(what)
+                && l.contains("shorten bot.name, or set ")),
+            "{what}:\n{problems}"
+        );
+    }
+    assert!(!problems.contains("verify.send"), "{problems}");
+}
+
 /// An answer filled into a text counts as the most of it a too-long text keeps (41
 /// characters), so a code is never what gets cut; and a question must fit with its retry,
 /// which go out as one message when an answer is refused.
