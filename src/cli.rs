@@ -469,7 +469,7 @@ pub fn serve_config(args: &ServeArgs) -> anyhow::Result<crate::config::Config> {
     flags.over(env.over(file)).resolve()
 }
 
-/// Logs go to stderr, filtered by SMSFLOW_LOG or RUST_LOG (default `info`).
+/// Logs go to stderr, filtered by SMSFLOW_LOG or RUST_LOG (default `info,notify=warn`).
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let mut ignored = None;
@@ -487,7 +487,8 @@ pub fn init_logging(format: LogFormat) {
             }
         })
         .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+        // `notify` tells at info what it tidies up after a watched directory is deleted.
+        .unwrap_or_else(|| EnvFilter::new("info,notify=warn"));
     // The daemon's own lines, whatever the filter (a target and a level always parse).
     let filter = match format!("{DAEMON}=info").parse() {
         Ok(directive) => filter.add_directive(directive),

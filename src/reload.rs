@@ -2,8 +2,8 @@
 //! `POST /admin/reload` loads the set again; a valid set is swapped in atomically, an invalid
 //! one is logged with every problem and the live set stays.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,103 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The watches on the flow directory. Any change in it may change what it holds (a
+/// Kubernetes ConfigMap swaps a `..data` symlink, which no `.toml` event announces): what was
+/// read last decides whether anything changed.
+///
+/// A watch follows the directory it was set on, not its name: a directory replaced (`rm -rf`
+/// and a copy, a `mv`) or a link pointed at another (a release switch) would leave it on the
+/// old one, and later edits unheard. So the parent is watched too, for the name, and once
+/// something happened to the name or to the directory itself, the watch is set again on what
+/// the name is now.
+struct Watches {
+    dir: PathBuf,
+    tx: mpsc::UnboundedSender<()>,
+    /// On the directory, while it is there (dropping a watcher ends its watch).
+    on_dir: Option<notify::RecommendedWatcher>,
+    /// On its parent, for events of its name only.
+    _on_parent: Option<notify::RecommendedWatcher>,
+    /// An event of the name or of the directory itself came since `on_dir` was set.
+    moved: Arc<AtomicBool>,
+}
+
+impl Watches {
+    /// `None` (logged) when the directory cannot be watched at all.
+    fn start(dir: &Path, tx: mpsc::UnboundedSender<()>) -> Option<Watches> {
+        // Event paths are the watched path joined with a name: compared in one spelling.
+        let abs = std::path::absolute(dir)
+            .unwrap_or_else(|_| dir.to_path_buf())
+            .components()
+            .collect::<PathBuf>();
+        let mut w = Watches {
+            dir: abs,
+            tx,
+            on_dir: None,
+            _on_parent: None,
+            moved: Arc::new(AtomicBool::new(false)),
+        };
+        if let Err(e) = w.set_on_dir() {
+            tracing::error!(
+                "cannot watch {}: {e}; use SIGHUP or POST /admin/reload",
+                dir.display()
+            );
+            return None;
+        }
+        if let Some(parent) = w.dir.parent() {
+            match w
+                .watcher()
+                .and_then(|mut p| p.watch(parent, RecursiveMode::NonRecursive).map(|()| p))
+            {
+                Ok(p) => w._on_parent = Some(p),
+                Err(e) => tracing::warn!(
+                    "cannot watch {} ({e}): a flow directory replaced, or a link to it pointed \
+                     elsewhere, is not noticed; use SIGHUP or POST /admin/reload then",
+                    parent.display()
+                ),
+            }
+        }
+        Some(w)
+    }
+
+    /// A watcher that wakes the loop for any change at or under the directory's path.
+    fn watcher(&self) -> notify::Result<notify::RecommendedWatcher> {
+        let (tx, dir, moved) = (self.tx.clone(), self.dir.clone(), self.moved.clone());
+        notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let Ok(e) = event else { return };
+            if matches!(e.kind, notify::EventKind::Access(_)) {
+                return;
+            }
+            if e.paths.iter().any(|p| p == &dir) {
+                moved.store(true, Ordering::SeqCst);
+            }
+            if e.paths.iter().any(|p| p.starts_with(&dir)) {
+                let _ = tx.send(());
+            }
+        })
+    }
+
+    fn set_on_dir(&mut self) -> notify::Result<()> {
+        self.moved.store(false, Ordering::SeqCst);
+        self.on_dir = None;
+        let mut w = self.watcher()?;
+        w.watch(&self.dir, RecursiveMode::NonRecursive)?;
+        self.on_dir = Some(w);
+        Ok(())
+    }
+
+    /// Sets the watch again on what the name is now, if something happened to it. While
+    /// the name is gone, the parent's watch tells when it is back.
+    fn follow_the_name(&mut self) {
+        if self.moved.load(Ordering::SeqCst) || self.on_dir.is_none() {
+            if let Err(e) = self.set_on_dir() {
+                // Tried again at the next event or look.
+                self.moved.store(true, Ordering::SeqCst);
+                tracing::debug!("cannot watch {} now: {e}", self.dir.display());
+            }
+        }
     }
 }
 
@@ -163,7 +260,17 @@ impl Reloader {
         match loaded {
             Ok(f) => {
                 let summary = f.summary();
-                let shrunk = f.removed_places_of(&self.engine.flows().places());
+                let live = self.engine.flows();
+                let shrunk = f.removed_places_of(&live.places());
+                // A file gone (deleted, renamed away) takes its tables with it: whatever it
+                // set goes back to the defaults, which passes `check` but is seldom meant.
+                let gone: Vec<String> = live
+                    .sources()
+                    .iter()
+                    .filter(|(path, _)| !f.sources().iter().any(|(p, _)| p == path))
+                    .map(|(path, _)| path.display().to_string())
+                    .collect();
+                drop(live);
                 {
                     let _places = PLACES.lock().unwrap_or_else(|e| e.into_inner());
                     // On record first: a crash between the two must not leave live places
@@ -173,6 +280,13 @@ impl Reloader {
                 }
                 self.swapped.fetch_add(1, Ordering::SeqCst);
                 tracing::info!(trigger = why, "flows reloaded: {summary}");
+                if !gone.is_empty() {
+                    tracing::warn!(
+                        trigger = why,
+                        "the flows now live have no {}: what it set is back to its defaults",
+                        gone.join(", ")
+                    );
+                }
                 if shrunk {
                     end_lost_places(&self.engine, self.stop.clone());
                 }
@@ -239,27 +353,8 @@ impl Reloader {
         // What changed between the start's read and the watch is looked at like any change
         // (an editor may be writing it this moment: it settles first).
         let _ = tx.send(());
-        // Any change in the directory may change what it holds: a Kubernetes ConfigMap swaps
-        // a `..data` symlink, which no `.toml` event announces. What was read last decides
-        // whether anything changed.
-        let watching = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if let Ok(e) = event {
-                if !matches!(e.kind, notify::EventKind::Access(_)) {
-                    let _ = tx.send(());
-                }
-            }
-        })
-        .and_then(|mut w| w.watch(&self.dir, RecursiveMode::NonRecursive).map(|()| w));
-        // Dropping the watcher stops the watch: it lives as long as this loop.
-        let _watcher = match watching {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::error!(
-                    "cannot watch {}: {e}; use SIGHUP or POST /admin/reload",
-                    self.dir.display()
-                );
-                return;
-            }
+        let Some(mut watches) = Watches::start(&self.dir, tx) else {
+            return;
         };
         // A look that could not read the files (a link whose target is not there yet, a file
         // being replaced, a permission being fixed) is tried again, backing off, since the
@@ -290,6 +385,8 @@ impl Reloader {
                 _ = sleep_until_some(retry_at) => "retry after a read error",
                 _ = stop.changed() => return,
             };
+            // Before the look: a change made while the watch is set again is read by it.
+            watches.follow_the_name();
             if self.load_blocking(why, Load::IfChanged).await.unreadable {
                 tracing::warn!(
                     "could not read the flow files in {}; looking again in {}",

@@ -827,6 +827,78 @@ async fn a_flow_directory_replaced_by_a_new_one_is_watched_in_its_place() {
     std::fs::remove_dir_all(&old).unwrap();
 }
 
+/// A deploy that deletes the flow directory and copies a new one in its place: the new one
+/// goes live, and so do later edits in it (the watch follows the name, not the old one).
+#[tokio::test]
+async fn a_flow_directory_deleted_and_copied_anew_is_watched_in_its_place() {
+    let app = TestApp::spawn(CHOICES).await;
+    let dir = app.flows.path().to_path_buf();
+    // After the watcher's first look (a deletion during it would be read as its change).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(
+        dir.join("flows.toml"),
+        CHOICES.replace("Help v1", "Help v2"),
+    )
+    .unwrap();
+    eventually("the new directory's help text", async || {
+        app.sms(A, "HELP").await.1.contains("Help v2")
+    })
+    .await;
+    eprintln!(
+        "swaps {} last {}",
+        app.engine.flow_swaps(),
+        last_reload(&app).await
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    std::fs::write(
+        dir.join("flows.toml"),
+        CHOICES.replace("Help v1", "Help v3"),
+    )
+    .unwrap();
+    eventually("an edit in the new directory", async || {
+        app.sms(A, "HELP").await.1.contains("Help v3")
+    })
+    .await;
+}
+
+/// `SMSFLOW_FLOWS` is a link to a release's directory, and a deploy points it at the next
+/// one: that one goes live, and so do later edits in it.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_flow_directory_link_pointed_at_a_new_release_is_followed() {
+    use std::os::unix::fs::symlink;
+    let root = tempfile::tempdir().unwrap();
+    let release = |n: u32| {
+        let dir = root.path().join(format!("v{n}"));
+        std::fs::create_dir(&dir).unwrap();
+        let text = CHOICES.replace("Help v1", &format!("Help v{n}"));
+        std::fs::write(dir.join("flows.toml"), text).unwrap();
+        dir
+    };
+    symlink(release(1), root.path().join("flows")).unwrap();
+    let link = root.path().join("flows");
+    let app = TestApp::spawn_with(CHOICES, |c| c.flows_dir = link.clone()).await;
+    assert!(app.sms(A, "HELP").await.1.contains("Help v1"));
+    // Pointed elsewhere in one rename, as `ln -sfn` and deploy tools do.
+    symlink(release(2), root.path().join("flows.next")).unwrap();
+    std::fs::rename(root.path().join("flows.next"), &link).unwrap();
+    eventually("the new release's help text", async || {
+        app.sms(A, "HELP").await.1.contains("Help v2")
+    })
+    .await;
+    std::fs::write(
+        link.join("flows.toml"),
+        CHOICES.replace("Help v1", "Help v3"),
+    )
+    .unwrap();
+    eventually("an edit in the new release", async || {
+        app.sms(A, "HELP").await.1.contains("Help v3")
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_removed_sequence_ends_cleanly_for_numbers_in_it() {
     let app = TestApp::spawn(CHOICES).await;

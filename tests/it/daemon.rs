@@ -918,12 +918,13 @@ async fn serve_child(
     tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
     tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
 ) {
-    serve_child_with(data, |_| {}).await
+    serve_child_with(data, std::path::Path::new("flows"), |_| {}).await
 }
 
 /// Like [`serve_child`], with the command adjusted last (more flags, other variables).
 async fn serve_child_with(
     data: &std::path::Path,
+    flows: &std::path::Path,
     adjust: impl FnOnce(&mut tokio::process::Command),
 ) -> (
     tokio::process::Child,
@@ -933,7 +934,8 @@ async fn serve_child_with(
 ) {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--flows", "flows"])
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--flows"])
+        .arg(flows)
         .arg("--data")
         .arg(data)
         .env_remove("TWILIO_ACCOUNT_SID")
@@ -983,6 +985,49 @@ async fn exits_cleanly(
         "{rest:?}"
     );
     rest
+}
+
+/// A flow file deleted while the daemon runs takes its tables with it: that passes `check`
+/// (each has defaults), so the reload goes live, and the log warns which file is gone.
+#[tokio::test]
+async fn a_flow_file_deleted_while_serving_goes_live_with_a_warning_that_names_it() {
+    let (data, flows) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
+    let replies = flows.path().join("replies.toml");
+    std::fs::write(&replies, "[replies]\nhelp = \"Our own help.\"\n").unwrap();
+    let (child, base, _lines, mut stderr) =
+        serve_child_with(data.path(), flows.path(), |_| {}).await;
+    let help = async || {
+        reqwest::Client::new()
+            .post(format!("{base}/twilio/sms"))
+            .form(&[
+                ("From", ANN),
+                ("Body", "HELP"),
+                ("MessageSid", &format!("SM{}", uuid_like())),
+            ])
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    assert!(help().await.contains("Our own help."));
+    std::fs::remove_file(&replies).unwrap();
+    let warned = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            if line.contains("WARN") && line.contains("the flows now live have no") {
+                return line;
+            }
+        }
+        panic!("stderr ended without the warning");
+    })
+    .await
+    .expect("the warning in time");
+    assert!(warned.contains("replies.toml"), "{warned}");
+    assert!(!help().await.contains("Our own help."));
+    sigterm(&child);
+    exits_cleanly(child, stderr, Duration::from_secs(10)).await;
 }
 
 /// A port already taken: `serve` exits 3 naming the address, and leaves no data dir behind.
@@ -1083,7 +1128,8 @@ async fn serve_goes_on_and_stops_cleanly_when_its_stdout_and_stderr_are_closed()
 #[tokio::test]
 async fn serve_with_json_logs_writes_only_json_lines_to_stderr() {
     let data = tempfile::tempdir().unwrap();
-    let (child, base, _lines, stderr) = serve_child_with(data.path(), |cmd| {
+    let flows = std::path::Path::new("flows");
+    let (child, base, _lines, stderr) = serve_child_with(data.path(), flows, |cmd| {
         cmd.args(["--log-format", "json"])
             .env("SMSFLOW_LOG", "[[not a filter");
     })
