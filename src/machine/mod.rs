@@ -533,9 +533,10 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 self.outcome = Outcome::Done;
             }
             Event::VoiceOptIn => match self.sub.state {
-                State::Unverified | State::AwaitingCode | State::OptedOut => {
-                    self.issue_code("voice")
-                }
+                State::Unverified | State::AwaitingCode => self.issue_code("voice"),
+                // Caller ID can be spoofed: a call does not undo an opt-out (and Twilio
+                // blocks texts to a number that sent STOP until it texts START).
+                State::OptedOut => self.outcome = Outcome::OptedOut,
                 _ => self.outcome = Outcome::Ignored,
             },
             // The call itself speaks the confirmation; a text would be suppressed anyway.

@@ -227,6 +227,10 @@ enum Act {
     Provider,
     /// The newest code could not be sent (the OTP API withdraws it).
     Unsent,
+    /// A call's menu: `opt_in`, `read_code`, `opt_out` (the caller ID may be spoofed).
+    VoiceOptIn,
+    VoiceCode,
+    VoiceOptOut,
 }
 
 fn act() -> impl Strategy<Value = Act> {
@@ -247,6 +251,9 @@ fn act() -> impl Strategy<Value = Act> {
         1 => Just(Act::Admin),
         1 => Just(Act::Provider),
         1 => Just(Act::Unsent),
+        1 => Just(Act::VoiceOptIn),
+        1 => Just(Act::VoiceCode),
+        1 => Just(Act::VoiceOptOut),
     ]
 }
 
@@ -296,6 +303,9 @@ proptest! {
                     Some(c) => Event::CodeUndeliverable(c.code.clone()),
                     None => continue,
                 },
+                Act::VoiceOptIn => Event::VoiceOptIn,
+                Act::VoiceCode => Event::VoiceCodeRequested,
+                Act::VoiceOptOut => Event::VoiceOptOut,
             };
             let before = sub.clone();
             let t = step(sub, &event, &f, now, &mut rng);

@@ -219,7 +219,7 @@ async fn read_code_for_attested_callers_only_texts_the_code_to_any_other_caller(
 }
 
 #[tokio::test]
-async fn opt_in_by_voice_texts_a_code_and_opt_out_unsubscribes_in_words_for_a_call() {
+async fn opt_in_by_voice_texts_a_code_and_opt_out_unsubscribes_for_good_in_words_for_a_call() {
     let app = TestApp::spawn(FLOWS).await;
     let twiml = voice(&app, "/twilio/voice/gather?attempt=0&menu=main", Some("2")).await;
     assert_eq!(twiml.names(), ["Say", "Say", "Hangup"]);
@@ -231,10 +231,21 @@ async fn opt_in_by_voice_texts_a_code_and_opt_out_unsubscribes_in_words_for_a_ca
     let spoken = "You're unsubscribed and will get no more messages. Text START to rejoin.";
     assert_eq!(twiml.children[0].text, spoken);
     assert_eq!(app.state_of(CALLER).as_deref(), Some("opted_out"));
-    // Calling again opted out, for a code: the same words, and no code.
-    let twiml = voice(&app, "/twilio/voice/gather?attempt=0&menu=main", Some("1")).await;
-    assert_eq!(twiml.names(), ["Say", "Say", "Hangup"]);
-    assert_eq!(twiml.children[0].text, spoken);
+    // Calling again opted out, for a code or to join: the same words, and no code (caller
+    // ID can be spoofed: a call does not undo an opt-out).
+    for press in ["1", "2"] {
+        let twiml = voice(
+            &app,
+            "/twilio/voice/gather?attempt=0&menu=main",
+            Some(press),
+        )
+        .await;
+        assert_eq!(twiml.names(), ["Say", "Say", "Hangup"]);
+        assert_eq!(twiml.children[0].text, spoken);
+    }
+    quiet_for(std::time::Duration::from_millis(300)).await;
+    assert_eq!(app.twilio.attempts(), 1, "only the code before the opt-out");
+    assert_eq!(app.state_of(CALLER).as_deref(), Some("opted_out"));
 }
 
 #[tokio::test]
