@@ -19,7 +19,8 @@ use crate::provider::{Provider, SendError};
 use crate::store::codec;
 use crate::store::{Delivery, OutMessage};
 
-/// After this many temporary failures a message is recorded as failed.
+/// After this many temporary failures a message is recorded as failed (not for a refused
+/// account: see [`SendError::Temporary`]).
 const MAX_ATTEMPTS: u32 = 30;
 const MAX_BACKOFF: Duration = Duration::from_secs(600);
 /// The longest wait a provider's `Retry-After` is obeyed for; asking longer is read as this.
@@ -318,10 +319,13 @@ impl Outbox {
                         tracing::info!(phone = %msg.phone.masked(), sid = accepted.sid.as_deref().unwrap_or("none"), "outbox: sent");
                         ("sent", accepted.sid, None, None)
                     }
+                    // A refused account is retried for as long as it takes: fixed (and the
+                    // daemon restarted), it sends what waited.
                     Err(SendError::Temporary {
                         message,
                         retry_after,
-                    }) if msg.attempts < MAX_ATTEMPTS => {
+                        account,
+                    }) if account || msg.attempts < MAX_ATTEMPTS => {
                         let wait = retry_wait(self.backoff(msg.attempts), retry_after);
                         tracing::warn!(
                             phone = %msg.phone.masked(), attempt = msg.attempts, retry_in = ?wait,

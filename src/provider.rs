@@ -24,11 +24,13 @@ pub struct Accepted {
 /// Why a send failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
-    /// Worth retrying: 429, 5xx, network trouble.
+    /// Worth retrying: 429, 5xx, network trouble; or the account was refused (`account`),
+    /// which is no fault of the message: it waits, however long, for the account's fix.
     #[error("temporary failure: {message}")]
     Temporary {
         message: String,
         retry_after: Option<Duration>,
+        account: bool,
     },
     /// Retrying will not help (a 4xx with Twilio's error code).
     #[error("refused: {message}{}", code.map(|c| format!(" (Twilio error {c})")).unwrap_or_default())]
@@ -194,6 +196,7 @@ impl Twilio {
             .map_err(|e| SendError::Temporary {
                 message: format!("cannot reach Twilio: {}", without_url(&e)),
                 retry_after: None,
+                account: false,
             })?;
         let status = response.status();
         let retry_after = response
@@ -221,6 +224,7 @@ impl Twilio {
             Err(SendError::Temporary {
                 message: format!("Twilio answered {status}: {message}"),
                 retry_after,
+                account: false,
             })
         } else if status.as_u16() == 401 || code.is_some_and(|c| ACCOUNT_CODES.contains(&c)) {
             // No fault of the message: it waits, with the others, for the account to be
@@ -234,6 +238,7 @@ impl Twilio {
             Err(SendError::Temporary {
                 message: format!("Twilio refused the account ({status}): {message}"),
                 retry_after,
+                account: true,
             })
         } else {
             Err(SendError::Permanent {

@@ -1567,6 +1567,50 @@ async fn a_message_refused_for_the_accounts_credentials_waits_and_goes_out_after
     app.stop().await;
 }
 
+/// However long the account stays refused, a message waits: the 30 tries after which a 5xx
+/// gives up do not count for it. (On the manual clock: hours of backoff in moments.)
+#[tokio::test]
+async fn a_message_refused_for_the_account_outlasts_the_tries_a_5xx_would_give_up_after() {
+    // A code that lives a day, so that expiry does not end its wait first.
+    let flows = FLOWS.replace(
+        "verified = \"Verified!\"",
+        "verified = \"Verified!\"\nttl = \"1d\"",
+    );
+    let app = TestApp::spawn_adjusted(
+        &flows,
+        |c| {
+            if let Some(t) = c.twilio.as_mut() {
+                t.auth_token = smsflow::config::Secret::new("a-revoked-token");
+            }
+        },
+        |o| o.clock = manual_clock(),
+    )
+    .await;
+    assert_eq!(app.sms(ANN, "JOIN").await.0, 200);
+    // Each retry is at most 10 minutes after the one before.
+    for _ in 0..200 {
+        let tried = app.twilio.attempts();
+        if tried > 35 {
+            break;
+        }
+        app.advance(Duration::from_secs(601));
+        for _ in 0..100 {
+            if app.twilio.attempts() > tried {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    assert!(app.twilio.attempts() > 35, "{}", app.twilio.attempts());
+    assert_eq!(app.engine.store.outbox_len(), 1, "the code still waits");
+    assert_eq!(
+        app.engine.store.deliveries().count(),
+        0,
+        "nothing ended as failed"
+    );
+    app.stop().await;
+}
+
 /// Twilio refuses a message as unsubscribed (21610) after its number was erased: the number
 /// stays erased instead of coming back as an opted-out record.
 #[tokio::test]

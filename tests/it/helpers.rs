@@ -328,7 +328,7 @@ impl TestApp {
         Self::spawn_adjusted(flows, |_| {}, adjust).await
     }
 
-    async fn spawn_adjusted(
+    pub async fn spawn_adjusted(
         flows: &str,
         tweak: impl FnOnce(&mut Config),
         adjust: impl FnOnce(&mut Options),
