@@ -677,7 +677,15 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             }
             State::Verified | State::InSequence { .. } => {
                 let guess = code_guess(text);
-                if opt_in {
+                if opt_in && self.joins_by_text() {
+                    // Verified by an app's OTP API (`after_otp_api = "stay"`), and now asking
+                    // for the conversation itself: what a number that joined by text gets.
+                    self.record(Record::OptedIn {
+                        via: "sms".to_string(),
+                    });
+                    self.say_t(&self.flows.verify.verified);
+                    self.continue_form();
+                } else if opt_in {
                     self.say_t(&self.flows.replies.already_joined);
                 } else if self.has_live_code(&guess) || self.echoes_used_code(&guess) {
                     // An app asked for a code for a number already verified, and it was texted
@@ -720,6 +728,23 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 }
             }
         }
+    }
+
+    /// Whether an opt-in keyword from this verified number starts the conversation: it was
+    /// verified without it (by the OTP API, which then leaves it be) and has never been in
+    /// it (no form question open, never drawn a sequence), and the flows have something to
+    /// ask or send.
+    fn joins_by_text(&self) -> bool {
+        let nothing_yet = self.sub.state == State::Verified
+            && self.sub.form.is_none()
+            && self.sub.sequence.is_none();
+        let to_ask = self
+            .flows
+            .form
+            .fields
+            .iter()
+            .any(|f| !self.sub.fields.contains_key(&f.key));
+        nothing_yet && (to_ask || self.flows.total_weight() > 0)
     }
 
     fn opt_out(&mut self, reason: &str, confirm: bool) {

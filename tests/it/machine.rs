@@ -90,12 +90,9 @@ fn keywords_work_in_every_state_as_the_rules_say() {
         (State::OptedOut, "unstop", "awaiting_code", code),
         (State::OptedOut, "subscribe", "awaiting_code", code),
         (State::AwaitingCode, "JOIN", "awaiting_code", code),
-        (
-            State::Verified,
-            "JOIN",
-            "verified",
-            "You're already entered",
-        ),
+        (seq_state(), "JOIN", "in_sequence", "You're already entered"),
+        // Verified but never in the conversation (as the OTP API leaves a number): it starts.
+        (State::Verified, "JOIN", "verified", "You're in!"),
         (State::OptedOut, "hello", "opted_out", ""),
         (
             State::Unverified,
@@ -1247,4 +1244,54 @@ fn a_number_that_rejoins_keeps_its_sequence_draw_unless_that_sequence_is_gone() 
         .collect();
     assert!(!drawn.contains("retired"));
     assert!(drawn.len() > 1, "drawn at random: {drawn:?}");
+}
+
+/// A number an app verified (`after_otp_api = "stay"`: nothing is sent to it) that texts
+/// JOIN later asks for the conversation: it gets what a number that joined by text gets,
+/// and its history says it opted in by text. Once in the conversation, JOIN is "already
+/// joined".
+#[test]
+fn a_number_an_app_verified_that_texts_join_later_gets_the_conversation() {
+    let f = flows();
+    let mut rng = StdRng::seed_from_u64(1);
+    let at = |secs| t0() + TimeDelta::seconds(secs);
+    let by_app = step(
+        awaiting_123456(),
+        &Event::OtpSubmitted("123456".into()),
+        &f,
+        t0(),
+        &mut rng,
+    );
+    assert_eq!(by_app.subscriber.state, State::Verified);
+    assert!(messages(&by_app.effects).is_empty());
+    let joined = step(
+        by_app.subscriber,
+        &Event::Inbound("JOIN".into()),
+        &f,
+        at(60),
+        &mut rng,
+    );
+    assert_eq!(
+        messages(&joined.effects),
+        [
+            "You're in! A few quick questions first.",
+            "What's your first name?"
+        ]
+    );
+    assert!(
+        format!("{:?}", joined.effects).contains(r#"OptedIn { via: "sms" }"#),
+        "{:?}",
+        joined.effects
+    );
+    let again = step(
+        joined.subscriber,
+        &Event::Inbound("join".into()),
+        &f,
+        at(90),
+        &mut rng,
+    );
+    assert_eq!(
+        messages(&again.effects),
+        ["You're already entered. Reply HELP for help."]
+    );
 }
