@@ -325,6 +325,14 @@ impl Runner {
             let slot = if inner == "*" {
                 Some(".*?".to_string())
             } else if let Some(name) = inner.strip_prefix('$') {
+                let named = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !named {
+                    return Err(format!(
+                        "{{${name}}} cannot capture: a capture's name is letters, digits and _, \
+                         not starting with a digit, as in {{$code}}"
+                    ));
+                }
                 Some(match self.vars.get(name) {
                     Some(v) => regex::escape(v),
                     None => {

@@ -257,12 +257,44 @@ fn plain_words(msg: &str) -> String {
         };
         return format!("{msg} ({kind})");
     }
-    match msg.strip_prefix("invalid type: string ") {
-        Some(rest) if rest.contains("expected i64") || rest.contains("expected u") => {
-            format!("{msg} (a number is written without quotes, as in weight = 2)")
-        }
-        _ => msg.to_string(),
+    // The names of the loader's own structs mean nothing in a flow file.
+    let msg = match msg.find("expected struct Raw") {
+        Some(at) if msg.contains("expected struct RawQuiet") => format!(
+            "{}expected a table such as {{ from = \"21:00\", to = \"08:00\" }}",
+            &msg[..at]
+        ),
+        Some(at) => format!("{}expected a table", &msg[..at]),
+        None => msg.to_string(),
+    };
+    let msg = msg.replace("expected i64", "expected a whole number");
+    if msg.starts_with("invalid type: string ")
+        && (msg.contains("a whole number") || msg.contains("expected u"))
+    {
+        return format!("{msg} (a number is written without quotes, as in weight = 2)");
     }
+    if msg.starts_with("invalid type: floating point") && msg.contains("a whole number") {
+        return format!("{msg} (without a decimal point, as in code_length = 6)");
+    }
+    if msg.starts_with("invalid type: ") && msg.ends_with("expected a string") {
+        return format!(
+            "{msg} (written in quotes: a duration as in ttl = \"10m\" or after = \"1d\", a \
+             text as in say = \"Hi\")"
+        );
+    }
+    if msg.starts_with("missing field") {
+        return format!("{msg}, which this table needs (the rest of this file is not checked until it is there)");
+    }
+    msg
+}
+
+/// What is wrong with a pattern, on one line (the regex crate draws a caret under it on
+/// lines of their own: a problem is one line).
+fn regex_problem(e: &regex::Error) -> String {
+    let text = e.to_string();
+    text.lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("error: "))
+        .map_or_else(|| text.replace('\n', " "), str::to_string)
 }
 
 /// Unknown keys reported per file before giving up on reading the rest of it.
@@ -1253,9 +1285,14 @@ impl Cx {
                         bad(self, "empty pattern: no answer could ever match it")
                     }
                     ("pattern", toml::Value::String(p)) => {
-                        match regex::Regex::new(&format!("^(?:{p})$")) {
+                        // The author's pattern first, for an error in their own words.
+                        match regex::Regex::new(&p)
+                            .and_then(|_| regex::Regex::new(&format!("^(?:{p})$")))
+                        {
                             Ok(re) => Expect::Pattern(re),
-                            Err(e) => bad(self, &format!("bad pattern: {e}")),
+                            Err(e) => {
+                                bad(self, &format!("bad pattern {p:?}: {}", regex_problem(&e)))
+                            }
                         }
                     }
                     (other, _) => bad(self, &format!("unknown or malformed expect `{other}`")),

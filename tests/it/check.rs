@@ -564,6 +564,33 @@ fn a_shape_mistake_says_what_to_write_instead() {
             "a.toml:3:1:",
             "key \"name\" is written twice in its table; keep one",
         ),
+        // The loader's own type names never show; what to write does.
+        (
+            "[bot]\nname = \"X\"\nquiet_hours = \"21:00-08:00\"\n",
+            "a.toml:3:15:",
+            "expected a table such as { from = \"21:00\", to = \"08:00\" }",
+        ),
+        (
+            "[verify]\ncode_length = 6.0\n",
+            "a.toml:2:15:",
+            "expected a whole number (without a decimal point, as in code_length = 6)",
+        ),
+        (
+            "[verify]\nttl = 600\n",
+            "a.toml:2:7:",
+            "written in quotes: a duration as in ttl = \"10m\"",
+        ),
+        (
+            "[[form.field]]\nkey = \"a\"\n",
+            "a.toml:1:1:",
+            "missing field `ask`, which this table needs (the rest of this file is not checked",
+        ),
+        // A bad pattern in the author's own words, on one line.
+        (
+            "[[form.field]]\nkey = \"a\"\nask = \"A?\"\nexpect = { pattern = \"([a-z\" }\n",
+            "a.toml:4:",
+            "bad pattern \"([a-z\": unclosed character class",
+        ),
     ];
     for (text, place, hint) in cases {
         let dir = tempfile::tempdir().unwrap();
@@ -575,6 +602,8 @@ fn a_shape_mistake_says_what_to_write_instead() {
                 .any(|l| l.contains(place) && l.contains(hint)),
             "{place} {hint}:\n{problems}"
         );
+        assert!(!problems.contains("struct Raw"), "{problems}");
+        assert!(!problems.contains("i64"), "{problems}");
     }
 }
 
