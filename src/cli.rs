@@ -47,6 +47,9 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Write the dataset as CSV: one row per phone, every form field.
     Export {
+        /// Config file, as `serve --config` takes (default: ./smsflow.toml when it exists).
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Data directory [default: SMSFLOW_DATA, else `data` in smsflow.toml, else ./data].
         #[arg(long)]
         data: Option<PathBuf>,
@@ -652,15 +655,19 @@ pub fn bench(args: crate::bench::BenchArgs) -> ExitCode {
     }
 }
 
-/// Where `export` finds the data and flow dirs: the flags, then the environment, then
-/// `./smsflow.toml`, then the defaults (settings the export does not use, such as Twilio's,
-/// are not looked at: one of them unfinished must not stop it).
+/// Where `export` finds the data and flow dirs: the flags, then the environment, then the
+/// config file (`./smsflow.toml` unless given), then the defaults (settings the export does
+/// not use, such as Twilio's, are not looked at: one of them unfinished must not stop it).
 fn export_dirs(
+    config: Option<&Path>,
     data: Option<PathBuf>,
     flows: Option<PathBuf>,
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
     use crate::config::Layer;
-    let file = Layer::from_file(Path::new("smsflow.toml"), false)?;
+    let file = match config {
+        Some(path) => Layer::from_file(path, true)?,
+        None => Layer::from_file(Path::new("smsflow.toml"), false)?,
+    };
     let flags = Layer {
         data,
         flows,
@@ -672,12 +679,13 @@ fn export_dirs(
 }
 
 pub fn export(
+    config: Option<&Path>,
     data: Option<PathBuf>,
     flows: Option<PathBuf>,
     out: Option<&Path>,
     one_hot: bool,
 ) -> ExitCode {
-    let (data, flows_dir) = match export_dirs(data, flows) {
+    let (data, flows_dir) = match export_dirs(config, data, flows) {
         Ok(dirs) => dirs,
         Err(e) => {
             errln!("smsflow export: {e:#}");

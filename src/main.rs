@@ -17,11 +17,12 @@ fn main() -> ExitCode {
         Command::Serve(args) => cli::serve(&args),
         Command::Bench(args) => cli::bench(args),
         Command::Export {
+            config,
             data,
             flows,
             out,
             one_hot,
-        } => cli::export(data, flows, out.as_deref(), one_hot),
+        } => cli::export(config.as_deref(), data, flows, out.as_deref(), one_hot),
         Command::Check { dir } => cli::check(&dir),
         Command::Test { dir } => cli::test(&dir),
         Command::Simulate { flows, phone, seed } => cli::simulate(&flows, &phone, seed),

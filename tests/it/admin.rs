@@ -486,6 +486,29 @@ async fn the_export_has_a_row_per_phone_with_category_columns() {
     );
     assert_eq!(String::from_utf8(out.stdout).unwrap(), one_hot);
     assert!(String::from_utf8_lossy(&out.stderr).contains("exported 3 subscriber(s); peak memory"));
+    // The file given with --config, as `serve --config` reads it, from anywhere; one that is
+    // not there is named.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let export_with = |config: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .current_dir(elsewhere.path())
+            .env_remove("SMSFLOW_DATA")
+            .env_remove("SMSFLOW_FLOWS")
+            .args(["export", "--one-hot", "--config"])
+            .arg(config)
+            .output()
+            .unwrap()
+    };
+    let out = export_with(&here.path().join("smsflow.toml"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), one_hot);
+    let out = export_with(&here.path().join("nope.toml"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.toml"));
 
     // No data dir there, or a file: a usage mistake (exit 2) that says which, even where
     // there are no flows either (the data is what is missing).
