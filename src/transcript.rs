@@ -123,6 +123,33 @@ struct Runner {
     vars: BTreeMap<String, String>,
 }
 
+/// Where a plain expected line (no `{…}`) first differs from the actual text, naming both
+/// characters by code point: a curly quote or a no-break space looks like its plain twin.
+fn first_difference(expected: &str, actual: &str) -> String {
+    if expected.contains('{') {
+        return String::new();
+    }
+    let name = |c: Option<char>| match c {
+        Some(c) => format!("{c:?} (U+{:04X})", u32::from(c)),
+        None => "the end".to_string(),
+    };
+    let (mut e, mut a) = (expected.chars(), actual.chars());
+    for n in 1.. {
+        match (e.next(), a.next()) {
+            (None, None) => break,
+            (x, y) if x == y => {}
+            (x, y) => {
+                return format!(
+                    "\n  first difference at character {n}: expected {}, actual {}",
+                    name(x),
+                    name(y)
+                )
+            }
+        }
+    }
+    String::new()
+}
+
 impl Runner {
     fn line(&mut self, line: usize, tag: &str, rest: &str) -> Result<(), String> {
         match tag {
@@ -144,8 +171,9 @@ impl Runner {
                 let actual = shown(&sent.text);
                 if !self.matches(rest, &actual)? {
                     return Err(format!(
-                        "expected: {rest}{}\n  actual: {actual}",
-                        self.bound_in(rest)
+                        "expected: {rest}{}\n  actual: {actual}{}",
+                        self.bound_in(rest),
+                        first_difference(rest, &actual)
                     ));
                 }
                 // `<` is a message to the number the transcript is texting as (`! phone`).
@@ -237,12 +265,29 @@ impl Runner {
                 ))
             }
             "state" => sub.map_or("unverified", |s| s.state.name()).to_string(),
+            // A name the flows do not have is a typo, not a wrong draw.
+            "sequence" if !value.is_empty() && self.sandbox.flows.sequence(value).is_none() => {
+                let names: Vec<&str> = (self.sandbox.flows.sequences.iter())
+                    .map(|s| s.name.as_str())
+                    .collect();
+                return Err(format!(
+                    "no sequence is called {value:?} (the flows have: {})",
+                    names.join(", ")
+                ));
+            }
             "sequence" => sub.and_then(|s| s.sequence.clone()).unwrap_or_default(),
             "field" => {
                 let (key, expected) = value
                     .split_once('=')
                     .ok_or("`? field` is written `? field KEY = VALUE`")?;
                 let (key, expected) = (key.trim(), expected.trim());
+                if !self.sandbox.flows.form.all_keys().any(|k| k == key) {
+                    let keys: Vec<&str> = self.sandbox.flows.form.all_keys().collect();
+                    return Err(format!(
+                        "no field is called {key:?} (the flows have: {})",
+                        keys.join(", ")
+                    ));
+                }
                 let actual = sub
                     .and_then(|s| s.fields.get(key).cloned())
                     .unwrap_or_default();

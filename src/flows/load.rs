@@ -112,12 +112,20 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Problems> {
         match std::fs::read_to_string(&path) {
             Ok(text) => sources.push((path, text)),
             Err(e) => {
+                // A link whose target is not there says where it points.
+                let message = match std::fs::read_link(&path) {
+                    Ok(to) if !path.exists() => format!(
+                        "cannot read: it is a link to {}, which is not there ({e})",
+                        to.display()
+                    ),
+                    _ => format!("cannot read: {e}"),
+                };
                 return Err(Problems(vec![Problem {
                     file: path,
                     line: 1,
                     col: 1,
-                    message: format!("cannot read: {e}"),
-                }]))
+                    message,
+                }]));
             }
         }
     }
@@ -1151,7 +1159,10 @@ impl Cx {
                 cx.err(
                     f,
                     key.span(),
-                    format!("field key {k:?} must be lower-case letters, digits and _ (e.g. first_name)"),
+                    format!(
+                        "field key {k:?} must start with a letter a-z, then a-z, 0-9 or _ \
+                         (e.g. first_name)"
+                    ),
                 );
             } else if crate::export::COLUMNS.contains(&k.as_str()) {
                 // Two columns of one name in the dataset: a spreadsheet or a script would

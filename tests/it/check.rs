@@ -585,6 +585,11 @@ fn a_shape_mistake_says_what_to_write_instead() {
             "a.toml:1:1:",
             "missing field `ask`, which this table needs (the rest of this file is not checked",
         ),
+        (
+            "[[form.field]]\nkey = \"1st\"\nask = \"A?\"\n",
+            "a.toml:2:",
+            "field key \"1st\" must start with a letter a-z, then a-z, 0-9 or _",
+        ),
         // A bad pattern in the author's own words, on one line.
         (
             "[[form.field]]\nkey = \"a\"\nask = \"A?\"\nexpect = { pattern = \"([a-z\" }\n",
@@ -639,6 +644,11 @@ fn a_flow_file_link_to_nothing_cannot_be_read_but_hidden_files_and_lock_links_ar
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("b.toml:1:1: cannot read: "), "{stderr}");
+    assert!(
+        stderr.contains("it is a link to ")
+            && stderr.contains("elsewhere.toml.missing, which is not there"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -103,6 +103,36 @@ fn odd_transcript_text_fails_at_its_line_instead_of_crashing() {
     }
 }
 
+/// A failure a reader could not see: the first differing character is named by code
+/// point. A field or sequence the flows do not have is named as a typo, not a wrong value.
+#[test]
+fn a_failure_names_what_it_cannot_show_and_a_typo_in_a_check_is_called_one() {
+    let flows = smsflow::flows::load_dir("flows".as_ref()).unwrap();
+    let run = |text: &str| smsflow::transcript::run(&flows, "t.txt".as_ref(), text);
+    let help = "Acme\u{a0}Contest: reply JOIN to enter, PROFILE to update your answers, STOP to opt out. Msg&data rates may apply.";
+    run(&format!("> HELP\n< {}\n", help.replace('\u{a0}', " "))).unwrap();
+    let err = run(&format!("> HELP\n< {help}\n")).unwrap_err();
+    assert!(
+        err.message.contains("first difference at character 5")
+            && err.message.contains("(U+00A0), actual ' ' (U+0020)"),
+        "{err}"
+    );
+    let err = run("> HELP\n? field frist_name = Ann\n").unwrap_err();
+    assert!(
+        err.message.contains("no field is called \"frist_name\"")
+            && err.message.contains("first_name"),
+        "{err}"
+    );
+    let err = run("> HELP\n? sequence dayly\n").unwrap_err();
+    assert!(
+        err.message.contains("no sequence is called \"dayly\"") && err.message.contains("daily"),
+        "{err}"
+    );
+    // A declared one that is not set yet is still a plain mismatch.
+    let err = run("> HELP\n? field first_name = Ann\n").unwrap_err();
+    assert!(err.message.contains("expected field first_name"), "{err}");
+}
+
 #[test]
 fn an_expected_message_must_go_to_the_number_the_transcript_texts_as() {
     let flows = smsflow::flows::load_dir("flows".as_ref()).unwrap();
