@@ -951,7 +951,7 @@ impl Cx {
         }
     }
 
-    /// A duration from "0s" up to a year; `positive` ones must be longer than zero.
+    /// A duration from "0s" up to a year; `positive` ones must be at least a second.
     fn duration(&mut self, f: usize, raw: &S<String>, what: &str) -> Option<TimeDelta> {
         self.bounded_duration(f, raw, what, false)
     }
@@ -973,8 +973,9 @@ impl Cx {
             .and_then(|d| {
                 if d > TimeDelta::days(MAX_DAYS) {
                     Err(format!("longer than {MAX_DAYS} days"))
-                } else if positive && d <= TimeDelta::zero() {
-                    Err("must be longer than zero".to_string())
+                } else if positive && d < TimeDelta::seconds(1) {
+                    // Less is over before anyone could read the text and answer it.
+                    Err("must be at least 1s".to_string())
                 } else {
                     Ok(d)
                 }

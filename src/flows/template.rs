@@ -108,7 +108,23 @@ impl Template {
                     n if n.starts_with("field.") => {
                         " (declare the field in [[form.field]] or form.extra_fields)"
                     }
-                    _ => " (known: {bot.name}, {sequence}, {field.KEY}, {code}, {current})",
+                    _ => "",
+                };
+                let hint = if hint.is_empty() {
+                    // What this text may hold, and nothing it may not.
+                    let known: Vec<&str> = [
+                        ("{bot.name}", true),
+                        ("{sequence}", !allowed.spoken),
+                        ("{field.KEY}", !allowed.spoken),
+                        ("{code}", allowed.code),
+                        ("{current}", allowed.current),
+                    ]
+                    .into_iter()
+                    .filter_map(|(n, ok)| ok.then_some(n))
+                    .collect();
+                    format!(" (this text knows {})", known.join(", "))
+                } else {
+                    hint.to_string()
                 };
                 (format!("unknown placeholder {{{name}}}{hint}"), undeclared)
             })

@@ -237,7 +237,10 @@ fn unknown_keys_do_not_hide_the_other_problems_of_their_file() {
     for (place, says) in [
         ("typos.toml:3:1:", "unknown field `colour`"),
         ("typos.toml:11:5:", "unknown field `sya`"),
-        ("typos.toml:6:7:", "bad duration \"0s\""),
+        (
+            "typos.toml:6:7:",
+            "bad duration \"0s\" for verify.ttl: must be at least 1s",
+        ),
     ] {
         assert!(
             problems
@@ -589,6 +592,23 @@ fn a_shape_mistake_says_what_to_write_instead() {
             "[[form.field]]\nkey = \"1st\"\nask = \"A?\"\n",
             "a.toml:2:",
             "field key \"1st\" must start with a letter a-z, then a-z, 0-9 or _",
+        ),
+        // A code that expires before anyone could type it back.
+        (
+            "[verify]\nttl = \"500ms\"\n",
+            "a.toml:2:",
+            "bad duration \"500ms\" for verify.ttl: must be at least 1s",
+        ),
+        // An unknown placeholder lists what that text may hold, and nothing it may not.
+        (
+            "[[sequence]]\nname = \"s\"\nsteps = [{ after = \"0s\", say = \"x {sequense}\" }]\n",
+            "a.toml:3:",
+            "unknown placeholder {sequense} (this text knows {bot.name}, {sequence}, {field.KEY})",
+        ),
+        (
+            "[ivr]\ngoodbye = \"Bye {nme}\"\n",
+            "a.toml:2:",
+            "unknown placeholder {nme} (this text knows {bot.name})",
         ),
         // A bad pattern in the author's own words, on one line.
         (
