@@ -655,7 +655,10 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         let edit = is(&kw.edit);
         match self.sub.state.clone() {
             State::OptedOut => {
-                if opt_in {
+                // Twilio lifts its own block on YES as on START (no question is open to
+                // take it as an answer): staying opted out would leave the number told by
+                // Twilio that it is back, and never sent a code.
+                if opt_in || word == "YES" {
                     self.issue_code("sms");
                 } else {
                     self.outcome = Outcome::Ignored;

@@ -87,6 +87,14 @@ fn keywords_work_in_every_state_as_the_rules_say() {
         (State::OptedOut, "HELP", "opted_out", help),
         (State::Unverified, "join", "awaiting_code", code),
         (State::OptedOut, "Start", "awaiting_code", code),
+        // Twilio lifts its block on YES too; only an opted-out number takes it so.
+        (State::OptedOut, "Yes!", "awaiting_code", code),
+        (
+            State::Unverified,
+            "yes",
+            "unverified",
+            "Acme Contest: reply JOIN",
+        ),
         (State::OptedOut, "unstop", "awaiting_code", code),
         (State::OptedOut, "subscribe", "awaiting_code", code),
         (State::AwaitingCode, "JOIN", "awaiting_code", code),
@@ -234,7 +242,7 @@ fn act() -> impl Strategy<Value = Act> {
     prop_oneof![
         4 => prop::sample::select(vec![
             "JOIN", "join!", "STOP", "stop.", "HELP", "info", "EDIT", "KEEP", "Ann", "A", "b", "4", "9",
-            "hello", "START", "cancel", "", "PROFILE",
+            "hello", "START", "cancel", "", "PROFILE", "yes",
         ]).prop_map(Act::Text),
         3 => Just(Act::LatestCode),
         1 => Just(Act::SecondCode),
@@ -310,7 +318,8 @@ proptest! {
 
             // An opted-out number is sent nothing but help replies (and a code if it opts back in).
             if before.state == State::OptedOut {
-                let opting_in = matches!(&event, Event::Inbound(x) if f.keywords.opt_in.contains(&smsflow::machine::normalize(x)));
+                // (YES opts an opted-out number back in, as Twilio's own rule does.)
+                let opting_in = matches!(&event, Event::Inbound(x) if f.keywords.opt_in.contains(&smsflow::machine::normalize(x)) || smsflow::machine::normalize(x) == "YES");
                 for m in &msgs {
                     let help = *m == f.replies.help.render(|n| (n == "bot.name").then(|| f.bot.name.clone()));
                     prop_assert!(help || opting_in, "opted-out number was sent {m:?} after {event:?}");
