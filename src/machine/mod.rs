@@ -649,6 +649,8 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         }
         if is(&kw.help) {
             self.say_t(&self.flows.replies.help);
+            // Then the question still open, which the next text answers: help is no answer.
+            self.ask_open_again();
             return;
         }
         let opt_in = is(&kw.opt_in);
@@ -690,22 +692,14 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                     self.continue_form();
                 } else if opt_in {
                     self.say_t(&self.flows.replies.already_joined);
+                    self.ask_open_again();
                 } else if self.has_live_code(&guess) || self.echoes_used_code(&guess) {
                     // An app asked for a code for a number already verified, and it was texted
                     // back: not an answer (it would be recorded), and still the app's to
                     // validate. Or the code it verified with, texted again. An open question
                     // (the form's, or a sequence's) is asked again.
-                    match (self.sub.form.clone(), self.sub.state.clone()) {
-                        (Some(cursor), _) => self.ask_again(&cursor),
-                        (
-                            None,
-                            State::InSequence {
-                                name,
-                                step,
-                                waiting: true,
-                            },
-                        ) => self.ask_step_again(&name, step),
-                        _ => self.outcome = Outcome::Ignored,
+                    if !self.ask_open_again() {
+                        self.outcome = Outcome::Ignored;
                     }
                 } else if let (true, Some(onboarding)) =
                     (edit, self.sub.form.clone().filter(|c| !c.editing))
@@ -1014,6 +1008,24 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     /// Asks the open question again; if a reload removed it, as [`Self::answer_form`] goes on.
     /// A sequence's question asked again, as it was (its timeout runs on); gone since (a
     /// reload), nothing is said.
+    /// Asks again the question the next text would answer (the form's, or a sequence's),
+    /// if one is open; says whether one was.
+    fn ask_open_again(&mut self) -> bool {
+        match (self.sub.form.clone(), self.sub.state.clone()) {
+            (Some(cursor), _) => self.ask_again(&cursor),
+            (
+                None,
+                State::InSequence {
+                    name,
+                    step,
+                    waiting: true,
+                },
+            ) => self.ask_step_again(&name, step),
+            _ => return false,
+        }
+        true
+    }
+
     fn ask_step_again(&mut self, name: &str, step: usize) {
         match self.flows.question(name, step) {
             Some(q) => self.say_t(&q.text),
@@ -1121,14 +1133,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             self.say_t(&self.flows.form.saved);
             // An edit pass taken while a sequence's question was open: that question is
             // still what the next text answers, so it is asked again.
-            if let State::InSequence {
-                name,
-                step,
-                waiting: true,
-            } = self.sub.state.clone()
-            {
-                self.ask_step_again(&name, step);
-            }
+            self.ask_open_again();
         } else {
             self.enrol();
         }

@@ -1299,8 +1299,12 @@ fn a_number_an_app_verified_that_texts_join_later_gets_the_conversation() {
         at(90),
         &mut rng,
     );
+    // (And the question open then, asked again: JOIN is no answer.)
     assert_eq!(
         messages(&again.effects),
-        ["You're already entered. Reply HELP for help."]
+        [
+            "You're already entered. Reply HELP for help.",
+            "What's your first name?"
+        ]
     );
 }
