@@ -44,6 +44,9 @@ pub struct Options {
     pub max_connections: Option<usize>,
     /// The wall clock events happen at and timers come due by (tests: a manual one).
     pub clock: crate::clock::Clock,
+    /// How often the flow watcher checks where the flow directory's path leads (a link
+    /// further up it switched to another release: no file event says so).
+    pub flow_path_check: Duration,
 }
 
 impl Default for Options {
@@ -56,6 +59,7 @@ impl Default for Options {
             body_timeout: crate::http::BODY_TIMEOUT,
             max_connections: None,
             clock: crate::clock::Clock::system(),
+            flow_path_check: Duration::from_secs(30),
         }
     }
 }
@@ -359,7 +363,11 @@ impl Application {
             stop_rx.clone(),
         );
         let outbox = tokio::spawn(flagged(health.clone(), |h| &h.outbox, outbox.run()));
-        let watcher = tokio::spawn(reloader.clone().watch(stop_rx.clone()));
+        let watcher = tokio::spawn(
+            reloader
+                .clone()
+                .watch(stop_rx.clone(), self.options.flow_path_check),
+        );
         let upkeep = tokio::spawn(crate::metrics::upkeep(stop_rx.clone()));
         let pruner = self
             .config

@@ -33,26 +33,29 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
 /// Kubernetes ConfigMap swaps a `..data` symlink, which no `.toml` event announces): what was
 /// read last decides whether anything changed.
 ///
-/// A watch follows the directory it was set on, not its name: a directory replaced (`rm -rf`
-/// and a copy, a `mv`) or a link pointed at another (a release switch) would leave it on the
-/// old one, and later edits unheard. So the parent is watched too, for the name, and once
-/// something happened to the name or to the directory itself, the watch is set again on what
-/// the name is now.
+/// A watch follows the directory it was set on, not its path: a directory replaced (`rm -rf`
+/// and a copy, a `mv`) or a link on the way to it pointed elsewhere (a release switch) would
+/// leave it on the old one, and later edits unheard. So the parent is watched too, for the
+/// name; and the watches are set again on what the path leads to now once an event names it,
+/// or once it resolves (links followed) to another directory than before, which
+/// [`Watches::stale`] tells (a link further up the path changes with no event here).
 struct Watches {
     dir: PathBuf,
     tx: mpsc::UnboundedSender<()>,
     /// On the directory, while it is there (dropping a watcher ends its watch).
     on_dir: Option<notify::RecommendedWatcher>,
     /// On its parent, for events of its name only.
-    _on_parent: Option<notify::RecommendedWatcher>,
-    /// An event of the name or of the directory itself came since `on_dir` was set.
+    on_parent: Option<notify::RecommendedWatcher>,
+    /// Where the path led (every link followed) when the watches were set.
+    resolved: Option<PathBuf>,
+    /// An event of the name, of the directory itself, or a lost one (the kernel's queue
+    /// overflowed) came since the watches were set.
     moved: Arc<AtomicBool>,
 }
 
 impl Watches {
     /// `None` (logged) when the directory cannot be watched at all.
     fn start(dir: &Path, tx: mpsc::UnboundedSender<()>) -> Option<Watches> {
-        // Event paths are the watched path joined with a name: compared in one spelling.
         let abs = std::path::absolute(dir)
             .unwrap_or_else(|_| dir.to_path_buf())
             .components()
@@ -61,65 +64,94 @@ impl Watches {
             dir: abs,
             tx,
             on_dir: None,
-            _on_parent: None,
+            on_parent: None,
+            resolved: None,
             moved: Arc::new(AtomicBool::new(false)),
         };
-        if let Err(e) = w.set_on_dir() {
+        if let Err(e) = w.set() {
             tracing::error!(
                 "cannot watch {}: {e}; use SIGHUP or POST /admin/reload",
                 dir.display()
             );
             return None;
         }
-        if let Some(parent) = w.dir.parent() {
-            match w
-                .watcher()
-                .and_then(|mut p| p.watch(parent, RecursiveMode::NonRecursive).map(|()| p))
-            {
-                Ok(p) => w._on_parent = Some(p),
-                Err(e) => tracing::warn!(
-                    "cannot watch {} ({e}): a flow directory replaced, or a link to it pointed \
-                     elsewhere, is not noticed; use SIGHUP or POST /admin/reload then",
-                    parent.display()
-                ),
-            }
+        if w.on_parent.is_none() {
+            tracing::warn!(
+                "cannot watch the directory that holds {}: a flow directory replaced is not \
+                 noticed at once; use SIGHUP or POST /admin/reload then",
+                dir.display()
+            );
         }
         Some(w)
     }
 
-    /// A watcher that wakes the loop for any change at or under the directory's path.
-    fn watcher(&self) -> notify::Result<notify::RecommendedWatcher> {
-        let (tx, dir, moved) = (self.tx.clone(), self.dir.clone(), self.moved.clone());
+    /// Wakes the loop for every change the watch on the directory hears.
+    fn dir_watcher(&self) -> notify::Result<notify::RecommendedWatcher> {
+        let (tx, moved, name) = (self.tx.clone(), self.moved.clone(), self.name());
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let Ok(e) = event else { return };
             if matches!(e.kind, notify::EventKind::Access(_)) {
                 return;
             }
-            if e.paths.iter().any(|p| p == &dir) {
+            // The directory itself deleted or moved away. (Matched by name: some systems
+            // report paths with their links resolved.)
+            if e.need_rescan() || e.paths.iter().any(|p| p.file_name() == name.as_deref()) {
                 moved.store(true, Ordering::SeqCst);
             }
-            if e.paths.iter().any(|p| p.starts_with(&dir)) {
+            let _ = tx.send(());
+        })
+    }
+
+    /// Wakes the loop for events of the directory's own name only.
+    fn parent_watcher(&self) -> notify::Result<notify::RecommendedWatcher> {
+        let (tx, moved, name) = (self.tx.clone(), self.moved.clone(), self.name());
+        notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let Ok(e) = event else { return };
+            if matches!(e.kind, notify::EventKind::Access(_)) {
+                return;
+            }
+            if e.need_rescan() || e.paths.iter().any(|p| p.file_name() == name.as_deref()) {
+                moved.store(true, Ordering::SeqCst);
                 let _ = tx.send(());
             }
         })
     }
 
-    fn set_on_dir(&mut self) -> notify::Result<()> {
+    fn name(&self) -> Option<std::ffi::OsString> {
+        self.dir.file_name().map(ToOwned::to_owned)
+    }
+
+    /// Sets both watches on what the path leads to now.
+    fn set(&mut self) -> notify::Result<()> {
         self.moved.store(false, Ordering::SeqCst);
-        self.on_dir = None;
-        let mut w = self.watcher()?;
-        w.watch(&self.dir, RecursiveMode::NonRecursive)?;
-        self.on_dir = Some(w);
+        self.resolved = std::fs::canonicalize(&self.dir).ok();
+        (self.on_dir, self.on_parent) = (None, None);
+        // The parent first: while the directory is gone, it tells when it is back.
+        if let Some(parent) = self.dir.parent() {
+            self.on_parent = self
+                .parent_watcher()
+                .and_then(|mut w| w.watch(parent, RecursiveMode::NonRecursive).map(|()| w))
+                .map_err(|e| tracing::debug!("cannot watch {}: {e}", parent.display()))
+                .ok();
+        }
+        let mut on_dir = self.dir_watcher()?;
+        on_dir.watch(&self.dir, RecursiveMode::NonRecursive)?;
+        self.on_dir = Some(on_dir);
         Ok(())
     }
 
-    /// Sets the watch again on what the name is now, if something happened to it. While
-    /// the name is gone, the parent's watch tells when it is back.
+    /// Whether the path now resolves to another directory than the watches are on.
+    fn stale(&self) -> bool {
+        std::fs::canonicalize(&self.dir).ok() != self.resolved
+    }
+
+    /// Sets the watches again if something happened to the path. While it is gone, the
+    /// parent's watch tells when it is back.
     fn follow_the_name(&mut self) {
-        if self.moved.load(Ordering::SeqCst) || self.on_dir.is_none() {
-            if let Err(e) = self.set_on_dir() {
+        if self.moved.load(Ordering::SeqCst) || self.on_dir.is_none() || self.stale() {
+            if let Err(e) = self.set() {
                 // Tried again at the next event or look.
-                self.moved.store(true, Ordering::SeqCst);
+                self.on_dir = None;
                 tracing::debug!("cannot watch {} now: {e}", self.dir.display());
             }
         }
@@ -264,10 +296,11 @@ impl Reloader {
                 let shrunk = f.removed_places_of(&live.places());
                 // A file gone (deleted, renamed away) takes its tables with it: whatever it
                 // set goes back to the defaults, which passes `check` but is seldom meant.
+                // (A file renamed, its text unchanged, is not gone.)
                 let gone: Vec<String> = live
                     .sources()
                     .iter()
-                    .filter(|(path, _)| !f.sources().iter().any(|(p, _)| p == path))
+                    .filter(|(path, text)| !f.sources().iter().any(|(p, t)| p == path || t == text))
                     .map(|(path, _)| path.display().to_string())
                     .collect();
                 drop(live);
@@ -348,7 +381,7 @@ impl Reloader {
     }
 
     /// Watches the flow directory until `stop`; edits settle for a moment before a reload.
-    pub async fn watch(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    pub async fn watch(self: Arc<Self>, mut stop: watch::Receiver<bool>, path_check: Duration) {
         let (tx, mut rx) = mpsc::unbounded_channel::<()>();
         // What changed between the start's read and the watch is looked at like any change
         // (an editor may be writing it this moment: it settles first).
@@ -361,6 +394,9 @@ impl Reloader {
         // fix may come with no event in this directory (a link's target lives elsewhere).
         let mut backoff = RETRY_FIRST;
         let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut path_check =
+            tokio::time::interval_at(tokio::time::Instant::now() + path_check, path_check);
+        path_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let why = tokio::select! {
                 got = rx.recv() => {
@@ -383,6 +419,13 @@ impl Reloader {
                     "file change"
                 }
                 _ = sleep_until_some(retry_at) => "retry after a read error",
+                // A link further up the path switched: no event says so.
+                _ = path_check.tick() => {
+                    if !watches.stale() {
+                        continue;
+                    }
+                    "the flow directory's path leads elsewhere"
+                }
                 _ = stop.changed() => return,
             };
             // Before the look: a change made while the watch is set again is read by it.

@@ -869,12 +869,6 @@ async fn a_flow_directory_deleted_and_copied_anew_is_watched_in_its_place() {
         app.sms(A, "HELP").await.1.contains("Help v2")
     })
     .await;
-    eprintln!(
-        "swaps {} last {}",
-        app.engine.flow_swaps(),
-        last_reload(&app).await
-    );
-    tokio::time::sleep(Duration::from_secs(3)).await;
     std::fs::write(
         dir.join("flows.toml"),
         CHOICES.replace("Help v1", "Help v3"),
@@ -913,6 +907,57 @@ async fn a_flow_directory_link_pointed_at_a_new_release_is_followed() {
     .await;
     std::fs::write(
         link.join("flows.toml"),
+        CHOICES.replace("Help v1", "Help v3"),
+    )
+    .unwrap();
+    eventually("an edit in the new release", async || {
+        app.sms(A, "HELP").await.1.contains("Help v3")
+    })
+    .await;
+}
+
+/// The link that switches releases is further up the path (`current/flows`, `current`
+/// pointing at a release): no event in the flow directory or beside it says so, and the
+/// watcher's check of where the path leads finds it.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_release_switched_by_a_link_further_up_the_path_is_followed() {
+    use std::os::unix::fs::symlink;
+    let root = tempfile::tempdir().unwrap();
+    let release = |n: u32| {
+        let dir = root.path().join(format!("v{n}"));
+        std::fs::create_dir_all(dir.join("flows")).unwrap();
+        let text = CHOICES.replace("Help v1", &format!("Help v{n}"));
+        std::fs::write(dir.join("flows/flows.toml"), text).unwrap();
+        dir
+    };
+    symlink(release(1), root.path().join("current")).unwrap();
+    let flows = root.path().join("current/flows");
+    let app = TestApp::spawn_adjusted(
+        CHOICES,
+        |c| c.flows_dir = flows.clone(),
+        |o| o.flow_path_check = Duration::from_millis(200),
+    )
+    .await;
+    assert!(app.sms(A, "HELP").await.1.contains("Help v1"));
+    // After the watcher's first look (a switch during it would be read as its change).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    symlink(release(2), root.path().join("current.next")).unwrap();
+    std::fs::rename(
+        root.path().join("current.next"),
+        root.path().join("current"),
+    )
+    .unwrap();
+    eventually("the new release's help text", async || {
+        app.sms(A, "HELP").await.1.contains("Help v2")
+    })
+    .await;
+    assert_eq!(
+        last_reload(&app).await["trigger"],
+        "the flow directory's path leads elsewhere"
+    );
+    std::fs::write(
+        flows.join("flows.toml"),
         CHOICES.replace("Help v1", "Help v3"),
     )
     .unwrap();
