@@ -22,6 +22,8 @@ use crate::store::{Delivery, OutMessage};
 /// After this many temporary failures a message is recorded as failed (not for a refused
 /// account: see [`SendError::Temporary`]).
 const MAX_ATTEMPTS: u32 = 30;
+/// The tries a refused account's message counts at most (see [`SendError::Temporary`]).
+const ACCOUNT_ATTEMPTS: u32 = MAX_ATTEMPTS / 2;
 const MAX_BACKOFF: Duration = Duration::from_secs(600);
 /// The longest wait a provider's `Retry-After` is obeyed for; asking longer is read as this.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
@@ -320,17 +322,29 @@ impl Outbox {
                         ("sent", accepted.sid, None, None)
                     }
                     // A refused account is retried for as long as it takes: fixed (and the
-                    // daemon restarted), it sends what waited.
+                    // daemon restarted), it sends what waited. Its tries stop counting half
+                    // way (the backoff is at its cap by then), so an ordinary failure after
+                    // the fix still has its share of tries; the provider logs the refusal.
                     Err(SendError::Temporary {
                         message,
                         retry_after,
                         account,
                     }) if account || msg.attempts < MAX_ATTEMPTS => {
+                        if account {
+                            msg.attempts = msg.attempts.min(ACCOUNT_ATTEMPTS);
+                        }
                         let wait = retry_wait(self.backoff(msg.attempts), retry_after);
-                        tracing::warn!(
-                            phone = %msg.phone.masked(), attempt = msg.attempts, retry_in = ?wait,
-                            "outbox: temporary failure: {}", redact(&message)
-                        );
+                        if account {
+                            tracing::debug!(
+                                phone = %msg.phone.masked(), retry_in = ?wait,
+                                "outbox: the account was refused; waiting"
+                            );
+                        } else {
+                            tracing::warn!(
+                                phone = %msg.phone.masked(), attempt = msg.attempts, retry_in = ?wait,
+                                "outbox: temporary failure: {}", redact(&message)
+                            );
+                        }
                         crate::metrics::outbound("retried");
                         msg.next_try = self.engine.clock().now()
                             + TimeDelta::from_std(wait).unwrap_or(TimeDelta::seconds(1));

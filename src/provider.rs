@@ -37,6 +37,18 @@ pub enum SendError {
     Permanent { code: Option<u32>, message: String },
 }
 
+/// Whether a refused account is worth logging now: the first time, then once a minute.
+fn account_refusal_is_news() -> bool {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let now = std::time::Instant::now();
+    if last.is_some_and(|at| now.duration_since(at) < Duration::from_secs(60)) {
+        return false;
+    }
+    *last = Some(now);
+    true
+}
+
 impl Provider {
     pub fn name(&self) -> &'static str {
         match self {
@@ -230,11 +242,15 @@ impl Twilio {
             // No fault of the message: it waits, with the others, for the account to be
             // fixed (and the daemon restarted with the new credentials). The log gives the
             // status and code only: Twilio's text may quote the number.
-            tracing::error!(
-                "Twilio refused the account ({status}, error {}): check TWILIO_ACCOUNT_SID, \
-                 TWILIO_AUTH_TOKEN and the account's status; messages stay queued and are retried",
-                code.map_or("unknown".to_string(), |c| c.to_string())
-            );
+            // Once a minute at most: every queued message is refused alike.
+            if account_refusal_is_news() {
+                tracing::error!(
+                    "Twilio refused the account ({status}, error {}): check TWILIO_ACCOUNT_SID, \
+                     TWILIO_AUTH_TOKEN and the account's status; messages stay queued and are \
+                     retried",
+                    code.map_or("unknown".to_string(), |c| c.to_string())
+                );
+            }
             Err(SendError::Temporary {
                 message: format!("Twilio refused the account ({status}): {message}"),
                 retry_after,

@@ -1608,6 +1608,9 @@ async fn a_message_refused_for_the_account_outlasts_the_tries_a_5xx_would_give_u
         0,
         "nothing ended as failed"
     );
+    // Its tries stopped counting half way: a failure after the fix still has its share.
+    let (_, waiting) = app.engine.store.outbox().next().unwrap().unwrap();
+    assert_eq!(waiting.attempts, 15);
     app.stop().await;
 }
 
