@@ -683,12 +683,13 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             State::Verified | State::InSequence { .. } => {
                 let guess = code_guess(text);
                 if opt_in && self.joins_by_text() {
-                    // Verified by an app's OTP API (`after_otp_api = "stay"`), and now asking
-                    // for the conversation itself: what a number that joined by text gets.
+                    // Verified, and never in the conversation (by an app's OTP API with
+                    // `after_otp_api = "stay"`, or by text while the flows had nothing more
+                    // to ask or send), and now asking for it: what joining by text gives.
                     self.record(Record::OptedIn {
                         via: "sms".to_string(),
                     });
-                    self.say_t(&self.flows.verify.verified);
+                    self.welcome(true);
                     self.continue_form();
                 } else if opt_in {
                     self.say_t(&self.flows.replies.already_joined);
@@ -949,6 +950,13 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         if via == "otp_api" && self.flows.verify.after_otp_api == AfterOtpApi::Stay {
             return;
         }
+        self.welcome(returning);
+        self.continue_form();
+    }
+
+    /// `verify.verified`, or `welcome_back` to a number that was verified before and has
+    /// nothing left to be asked.
+    fn welcome(&mut self, returning: bool) {
         let v = &self.flows.verify;
         let asks = self
             .flows
@@ -960,7 +968,6 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             (Some(back), true) => self.say_t(back),
             _ => self.say_t(&v.verified),
         }
-        self.continue_form();
     }
 
     // ---- the form ----------------------------------------------------------
