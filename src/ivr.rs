@@ -120,7 +120,7 @@ pub fn after_action(
         (IvrAction::OptIn | IvrAction::ReadCode, Outcome::CodeSent, _) => {
             vec![plain(&flows.ivr.texted)]
         }
-        (IvrAction::OptIn, _, _) => vec![plain(&flows.replies.already_joined)],
+        (IvrAction::OptIn, _, _) => vec![plain(&flows.ivr.already_joined)],
         (IvrAction::OptOut, _, _) => vec![plain(&flows.ivr.opted_out)],
         _ => Vec::new(),
     };

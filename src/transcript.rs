@@ -370,8 +370,10 @@ impl Runner {
             let slot = if inner == "*" {
                 Some(".*?".to_string())
             } else if let Some(name) = inner.strip_prefix('$') {
-                let named = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                // A name the regex crate takes for a group's (asked of it: its rule is its own).
+                let named = !name.is_empty()
+                    && !name.contains(['<', '>'])
+                    && regex::Regex::new(&format!("(?P<{name}>x)")).is_ok();
                 if !named {
                     return Err(format!(
                         "{{${name}}} cannot capture: a capture's name is letters, digits and _, \

@@ -20,6 +20,9 @@ const HIDDEN_CALLER: &str =
 const IVR_OPTED_OUT: &str =
     "You're unsubscribed and will get no more messages. Text START to rejoin.";
 
+/// `ivr.already_joined` when a flow set does not say it.
+const IVR_ALREADY_JOINED: &str = "You're already signed up.";
+
 /// One located problem in a flow set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
@@ -285,8 +288,8 @@ fn plain_words(msg: &str) -> String {
     }
     if msg.starts_with("invalid type: ") && msg.ends_with("expected a string") {
         return format!(
-            "{msg} (written in quotes: a duration as in ttl = \"10m\" or after = \"1d\", a \
-             text as in say = \"Hi\")"
+            "{msg} (written in quotes, as in ttl = \"10m\", timezone = \"Europe/Paris\" or \
+             say = \"Hi\")"
         );
     }
     if msg.starts_with("missing field") {
@@ -473,6 +476,7 @@ struct RawIvr {
     read_code: Text,
     texted: Text,
     opted_out: Text,
+    already_joined: Text,
     hidden_caller: Text,
     read_code_callers: Text,
     #[serde(default)]
@@ -1630,6 +1634,7 @@ impl Cx {
                 read_code: fixed("Your {bot.name} code is {code}."),
                 texted: fixed("We've sent you a text message with a code."),
                 opted_out: fixed(IVR_OPTED_OUT),
+                already_joined: fixed(IVR_ALREADY_JOINED),
                 hidden_caller: fixed(HIDDEN_CALLER),
                 read_code_callers: ReadCodeCallers::Any,
                 menus: BTreeMap::new(),
@@ -1664,6 +1669,13 @@ impl Cx {
             plain,
         );
         let opted_out = self.text(f, r.opted_out, "ivr.opted_out", IVR_OPTED_OUT, plain);
+        let already_joined = self.text(
+            f,
+            r.already_joined,
+            "ivr.already_joined",
+            IVR_ALREADY_JOINED,
+            plain,
+        );
         let hidden_caller = self.text(
             f,
             r.hidden_caller,
@@ -1817,6 +1829,7 @@ impl Cx {
             read_code,
             texted,
             opted_out,
+            already_joined,
             hidden_caller,
             read_code_callers,
             menus,

@@ -244,6 +244,9 @@ pub struct Ivr {
     /// Spoken to a caller the menu opted out, or who calls opted out (`replies.opted_out`
     /// is an SMS, which may tell them to reply).
     pub opted_out: Template,
+    /// Spoken after `opt_in` to a caller whose number is already verified
+    /// (`replies.already_joined` is an SMS, which may tell them to reply).
+    pub already_joined: Template,
     /// Spoken to a caller whose number is withheld (nothing can be done for them by number).
     pub hidden_caller: Template,
     /// Which callers `read_code` reads a code to; the others are texted it.

@@ -581,7 +581,7 @@ fn a_shape_mistake_says_what_to_write_instead() {
         (
             "[verify]\nttl = 600\n",
             "a.toml:2:7:",
-            "written in quotes: a duration as in ttl = \"10m\"",
+            "written in quotes, as in ttl = \"10m\"",
         ),
         (
             "[[form.field]]\nkey = \"a\"\n",

@@ -91,7 +91,9 @@ fn odd_transcript_text_fails_at_its_line_instead_of_crashing() {
     assert_eq!(err.line, 2, "{err}");
     let err = run("~ 300000y\n").unwrap_err();
     assert!(err.message.contains("century"), "{err}");
-    // A capture with no name (or one a regex group cannot have) says how to name it.
+    // A capture with no name (or one a regex group cannot have) says how to name it; a
+    // name in another script is a name.
+    run("> HELP\n< {$prénom}\n").unwrap();
     for bad in ["{$}", "{$1st}", "{$a-b}"] {
         let err = run(&format!("> HELP\n< Acme Contest: {bad}\n")).unwrap_err();
         assert_eq!(err.line, 2, "{err}");

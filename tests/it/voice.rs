@@ -226,6 +226,12 @@ async fn opt_in_by_voice_texts_a_code_and_opt_out_unsubscribes_for_good_in_words
     assert!(twiml.children[0].text.contains("text message"));
     let texted = app.twilio.wait_delivered(1).await;
     assert!(texted[0].body.starts_with("Code: "));
+    // Verified by texting it back, the caller who presses 2 again is told so in words for
+    // a call (not the SMS text's "Reply HELP").
+    let (_, twiml) = app.sms(CALLER, &code_in(&texted[0].body)).await;
+    assert!(twiml.contains("Verified!"), "{twiml}");
+    let twiml = voice(&app, "/twilio/voice/gather?attempt=0&menu=main", Some("2")).await;
+    assert_eq!(twiml.children[0].text, "You're already signed up.");
     let twiml = voice(&app, "/twilio/voice/gather?attempt=0&menu=main", Some("3")).await;
     // Spoken, so not the SMS text's "Reply START": a caller is told to text.
     let spoken = "You're unsubscribed and will get no more messages. Text START to rejoin.";
