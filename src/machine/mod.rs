@@ -437,13 +437,35 @@ fn fit(text: String) -> String {
 }
 
 /// A text as a code guess, as people type codes: "123 456", "123-456", "123456." are the
-/// code; "3:30" or "10.5" stay what they are (not a guess that could cost an attempt).
-fn code_guess(text: &str) -> String {
-    crate::ascii_digits(text)
+/// code; "3:30" or "10.5" stay what they are (not a guess that could cost an attempt). A
+/// code within words ("My code is 123456", "123456 thanks") is the code too: the one run of
+/// `digits` digits in the text (spaces and dashes within it allowed); with two such runs,
+/// or none, the text stays what it is.
+fn code_guess(text: &str, digits: usize) -> String {
+    let text = crate::ascii_digits(text);
+    let plain: String = text
         .trim_matches(|c: char| c.is_whitespace() || c.is_ascii_punctuation())
         .chars()
         .filter(|c| !c.is_whitespace() && *c != '-')
-        .collect()
+        .collect();
+    if plain.chars().all(|c| c.is_ascii_digit()) {
+        return plain;
+    }
+    let mut runs: Vec<String> = Vec::new();
+    let mut run = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            run.push(c);
+        } else if !(run.is_empty() || c == ' ' || c == '-') {
+            runs.push(std::mem::take(&mut run));
+        }
+    }
+    runs.push(run);
+    let mut coded = runs.into_iter().filter(|r| r.len() == digits);
+    match (coded.next(), coded.next()) {
+        (Some(code), None) => code,
+        _ => plain,
+    }
 }
 
 /// The heart of smsflow: one event applied to one number.
@@ -681,7 +703,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 }
             }
             State::Verified | State::InSequence { .. } => {
-                let guess = code_guess(text);
+                let guess = code_guess(text, usize::from(self.flows.verify.code_length));
                 if opt_in && self.joins_by_text() {
                     // Verified, and never in the conversation (by an app's OTP API with
                     // `after_otp_api = "stay"`, or by text while the flows had nothing more
@@ -880,7 +902,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 
     /// Checks a guess against the latest unexpired codes; `by_sms` answers the guess by text.
     fn check_code(&mut self, guess: &str, by_sms: bool) {
-        let guess = code_guess(guess);
+        let guess = code_guess(guess, usize::from(self.flows.verify.code_length));
         if let Some(code) = self.live_code(&guess) {
             // Kept for a text that repeats it (see `used_code`); not one an app validated.
             self.sub.used_code = by_sms.then(|| code.clone());

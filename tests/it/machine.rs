@@ -653,7 +653,8 @@ fn typed_while_awaiting_123456(typed: &str) -> smsflow::machine::Transition {
 }
 
 #[test]
-fn a_code_typed_with_spaces_dashes_or_punctuation_around_it_verifies_and_a_time_is_not_a_guess() {
+fn a_code_typed_with_spaces_dashes_punctuation_or_words_around_it_verifies_and_a_time_is_not_a_guess(
+) {
     for typed in ["123456.", "123-456", "123 456", "(123456)!", " 123456 "] {
         let t = typed_while_awaiting_123456(typed);
         assert_eq!(t.subscriber.state, State::Verified, "{typed:?}");
@@ -661,6 +662,28 @@ fn a_code_typed_with_spaces_dashes_or_punctuation_around_it_verifies_and_a_time_
     // A time or a decimal is not a guess: it costs no attempt.
     for typed in ["3:30", "10.5", "1/2"] {
         let t = typed_while_awaiting_123456(typed);
+        assert_eq!(t.subscriber.codes[0].wrong, 0, "{typed:?}");
+    }
+    // A code within words is the code: the one run of six digits in the text.
+    for typed in [
+        "My code is 123456",
+        "123456 thanks",
+        "Code: 123-456.",
+        "it says 123 456 at 3:30",
+    ] {
+        let t = typed_while_awaiting_123456(typed);
+        assert_eq!(t.subscriber.state, State::Verified, "{typed:?}");
+    }
+    // A wrong one within words is a wrong guess; two six-digit runs, or none, no code.
+    let t = typed_while_awaiting_123456("my code is 654321");
+    assert_eq!(t.subscriber.codes[0].wrong, 1);
+    for typed in [
+        "123456 or 654321?",
+        "call me on 415 555 0100",
+        "hi, what is this?",
+    ] {
+        let t = typed_while_awaiting_123456(typed);
+        assert_eq!(t.subscriber.state, State::AwaitingCode, "{typed:?}");
         assert_eq!(t.subscriber.codes[0].wrong, 0, "{typed:?}");
     }
 }
