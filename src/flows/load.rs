@@ -464,6 +464,7 @@ struct RawReplies {
     unknown: Text,
     not_joined: Text,
     already_joined: Text,
+    stop_hint: Text,
 }
 
 #[derive(Deserialize)]
@@ -1570,6 +1571,7 @@ impl Cx {
                     unknown: None,
                     not_joined: None,
                     already_joined: None,
+                    stop_hint: None,
                 },
             ),
         };
@@ -1613,6 +1615,13 @@ impl Cx {
                 r.already_joined,
                 "replies.already_joined",
                 "You're already subscribed. Reply HELP for help.",
+                plain,
+            ),
+            stop_hint: self.text(
+                f,
+                r.stop_hint,
+                "replies.stop_hint",
+                "To stop all messages from {bot.name}, reply STOP.",
                 plain,
             ),
         }

@@ -229,6 +229,8 @@ pub struct Replies {
     pub unknown: Template,
     pub not_joined: Template,
     pub already_joined: Template,
+    /// To a text that asks to stop in words ("please stop"), which no opt-out keyword is.
+    pub stop_hint: Template,
 }
 
 #[derive(Clone, Debug)]

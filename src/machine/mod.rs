@@ -468,6 +468,12 @@ fn code_guess(text: &str, digits: usize) -> String {
     }
 }
 
+/// Whether a text asks to stop in words: it has the word "stop" or "unsubscribe" in it.
+fn asks_to_stop(text: &str) -> bool {
+    text.split(|c: char| !c.is_alphanumeric())
+        .any(|w| w.eq_ignore_ascii_case("stop") || w.eq_ignore_ascii_case("unsubscribe"))
+}
+
 /// The heart of smsflow: one event applied to one number.
 pub fn step<R: Rng + ?Sized>(
     subscriber: Subscriber,
@@ -672,6 +678,13 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         if is(&kw.help) {
             self.say_t(&self.flows.replies.help);
             // Then the question still open, which the next text answers: help is no answer.
+            self.ask_open_again();
+            return;
+        }
+        // "Please stop", "stop texting me": an opt-out asked for in words is no answer, and
+        // is told the word that works. (The word alone, "stop.", was the keyword above.)
+        if self.sub.state != State::OptedOut && asks_to_stop(text) {
+            self.say_t(&self.flows.replies.stop_hint);
             self.ask_open_again();
             return;
         }

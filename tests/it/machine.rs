@@ -108,9 +108,30 @@ fn keywords_work_in_every_state_as_the_rules_say() {
             "unverified",
             "Acme Contest: reply JOIN to enter the contest.",
         ),
+        // An opt-out asked for in words is told the word that works; the bus stop's name
+        // (no word "stop" alone) is not.
         (
             State::Unverified,
             "stop now please",
+            "unverified",
+            "To stop all messages from Acme Contest, reply STOP.",
+        ),
+        (
+            seq_state(),
+            "Please STOP texting me!",
+            "in_sequence",
+            "To stop all messages",
+        ),
+        (
+            State::AwaitingCode,
+            "unsubscribe me",
+            "awaiting_code",
+            "To stop all messages",
+        ),
+        (State::OptedOut, "please stop", "opted_out", ""),
+        (
+            State::Unverified,
+            "stopwatch",
             "unverified",
             "Acme Contest: reply JOIN",
         ),
