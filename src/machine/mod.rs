@@ -1108,7 +1108,16 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         let mut parts = vec![("", &field.ask, None)];
         if editing {
             if let Some(current) = self.sub.fields.get(&field.key) {
-                parts.push((" ", &self.flows.form.current, Some(current.as_str())));
+                // A choice's answer as the number gave it: its key, which the question
+                // lists, not the label the dataset keeps (one no longer offered: the label).
+                let shown = match &field.expect {
+                    crate::flows::Expect::Choices(c) => c
+                        .iter()
+                        .find(|(_, label)| label == current)
+                        .map_or(current.as_str(), |(key, _)| key.as_str()),
+                    _ => current.as_str(),
+                };
+                parts.push((" ", &self.flows.form.current, Some(shown)));
             }
         }
         parts
