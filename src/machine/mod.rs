@@ -1183,8 +1183,21 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         if editing {
             self.say_t(&self.flows.form.saved);
             // An edit pass taken while a sequence's question was open: that question is
-            // still what the next text answers, so it is asked again.
+            // still what the next text answers, so it is asked again, with its whole time
+            // to answer from now (the edit pass took some of it).
             self.ask_open_again();
+            if let State::InSequence {
+                name,
+                step,
+                waiting: true,
+            } = self.sub.state.clone()
+            {
+                let timeout = self.flows.question(&name, step).and_then(|q| q.timeout);
+                if let Some(t) = timeout {
+                    let at = self.now.checked_add_signed(t).unwrap_or(self.now);
+                    self.set_timer(at, TimerKind::AskTimeout);
+                }
+            }
         } else {
             self.enrol();
         }
