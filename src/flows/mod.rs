@@ -132,6 +132,80 @@ pub enum Expect {
     Pattern(Regex),
 }
 
+/// A choice named among other words ("bike please", "The bike!", "I'd pick B"): the one
+/// label whose words the answer has in a row, else the one key that is a word of it (a label
+/// outranks a key: in "a laptop" the "a" is no answer). Two of either: no choice.
+fn choice_in_words(choices: &[(String, String)], answer: &str) -> Option<String> {
+    let words_of = |s: &str| -> Vec<String> {
+        s.split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .map(str::to_lowercase)
+            .collect()
+    };
+    let said = words_of(answer);
+    let one = |found: Vec<&String>| match found.as_slice() {
+        [label] => Some((*label).clone()),
+        _ => None,
+    };
+    let mut labels: Vec<&String> = choices
+        .iter()
+        .filter(|(_, label)| {
+            let words = words_of(label);
+            !words.is_empty() && said.windows(words.len()).any(|w| w == words.as_slice())
+        })
+        .map(|(_, label)| label)
+        .collect();
+    labels.dedup();
+    if !labels.is_empty() {
+        return one(labels);
+    }
+    let mut keys: Vec<&String> = choices
+        .iter()
+        .filter(|(key, _)| {
+            let key = words_of(key);
+            key.len() == 1 && said.contains(&key[0])
+        })
+        .map(|(_, label)| label)
+        .collect();
+    keys.dedup();
+    one(keys)
+}
+
+/// A whole number an answer gives: the one it starts with ("4 out of 5", "5 - great",
+/// "4/5"), else the only one in it ("I'd say 4"). A decimal ("4.5") or a sign gives none.
+fn number_in_words(answer: &str) -> Option<i64> {
+    let answer = answer.trim();
+    let numbers: Vec<(usize, &str)> = answer
+        .match_indices(|c: char| c.is_ascii_digit())
+        .fold(Vec::new(), |mut runs: Vec<(usize, usize)>, (i, _)| {
+            match runs.last_mut() {
+                Some((_, end)) if *end == i => *end = i + 1,
+                _ => runs.push((i, i + 1)),
+            }
+            runs
+        })
+        .into_iter()
+        .map(|(start, end)| (start, &answer[start..end]))
+        .collect();
+    // A decimal point or a sign next to a number makes it no whole number.
+    let plain = |&(start, digits): &(usize, &str)| {
+        let before = answer[..start].chars().next_back();
+        let after = answer[start + digits.len()..].chars().collect::<Vec<_>>();
+        let decimal = matches!(after.as_slice(), ['.' | ',', d, ..] if d.is_ascii_digit())
+            || matches!(before, Some('.' | ','));
+        !decimal && !matches!(before, Some('-' | '+'))
+    };
+    let chosen = match numbers.as_slice() {
+        [first, ..] if first.0 == 0 => *first,
+        [only] => *only,
+        _ => return None,
+    };
+    if !numbers.iter().all(plain) {
+        return None;
+    }
+    chosen.1.parse().ok()
+}
+
 impl Expect {
     /// The value to store for `answer`, or `None` when the answer does not fit.
     pub fn accept(&self, answer: &str) -> Option<String> {
@@ -171,12 +245,14 @@ impl Expect {
                             || marked.as_ref() == Some(&key)
                     })
                     .map(|(_, label)| label.clone())
+                    .or_else(|| choice_in_words(choices, answer))
             }
             Expect::Range(lo, hi) => {
-                let n: i64 = crate::ascii_digits(answer)
-                    .trim_end_matches(['.', '!'])
-                    .parse()
-                    .ok()?;
+                let answer = crate::ascii_digits(answer);
+                let n = match answer.trim_end_matches(['.', '!']).parse::<i64>() {
+                    Ok(n) => n,
+                    Err(_) => number_in_words(&answer)?,
+                };
                 (*lo..=*hi).contains(&n).then(|| n.to_string())
             }
             Expect::Pattern(re) => re.is_match(answer).then(|| answer.to_string()),

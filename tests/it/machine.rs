@@ -1352,3 +1352,54 @@ fn a_number_an_app_verified_that_texts_join_later_gets_the_conversation() {
         ]
     );
 }
+
+/// An answer with words around it: a choice named among them (a label outranks a key, so
+/// the "a" of "a laptop" is no answer), a number it starts with or is the only one of.
+/// Two choices, or two numbers neither of which leads, or a decimal: no answer.
+#[test]
+fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
+    let choices = smsflow::flows::Expect::Choices(
+        [("A", "camera"), ("B", "bike"), ("C", "laptop")]
+            .map(|(k, l)| (k.to_string(), l.to_string()))
+            .to_vec(),
+    );
+    for (said, meant) in [
+        ("A please", Some("camera")),
+        ("The bike!", Some("bike")),
+        ("bike please", Some("bike")),
+        ("I'd pick B", Some("bike")),
+        ("a laptop", Some("laptop")),
+        ("a bike and a laptop", None),
+        ("A or B", None),
+        ("no idea", None),
+    ] {
+        assert_eq!(choices.accept(said).as_deref(), meant, "{said:?}");
+    }
+    let social = smsflow::flows::Expect::Choices(
+        [("A", "friend"), ("B", "social_media"), ("C", "other")]
+            .map(|(k, l)| (k.to_string(), l.to_string()))
+            .to_vec(),
+    );
+    assert_eq!(
+        social.accept("saw it on social media").as_deref(),
+        Some("social_media")
+    );
+    assert_eq!(social.accept("a friend told me").as_deref(), Some("friend"));
+
+    let rating = smsflow::flows::Expect::Range(1, 5);
+    for (said, meant) in [
+        ("4 out of 5", Some("4")),
+        ("5 - great tips!", Some("5")),
+        ("4/5", Some("4")),
+        ("I'd say 4", Some("4")),
+        ("4.", Some("4")),
+        ("4.5", None),
+        ("between 3 and 4", None),
+        ("3-4", None),
+        ("I'm 34", None),
+    ] {
+        assert_eq!(rating.accept(said).as_deref(), meant, "{said:?}");
+    }
+    let signed = smsflow::flows::Expect::Range(-5, 5);
+    assert_eq!(signed.accept("-3").as_deref(), Some("-3"));
+}
