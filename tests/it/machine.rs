@@ -139,7 +139,7 @@ fn keywords_work_in_every_state_as_the_rules_say() {
             seq_state(),
             "what?",
             "in_sequence",
-            "Sorry, I didn't get that.",
+            "Acme Contest: sorry, I didn't get that.",
         ),
     ];
     for (state, text, after, reply) in rows {
@@ -633,7 +633,7 @@ fn a_number_whose_sequence_a_reload_removed_ends_it_and_its_answer_is_not_met_wi
     assert_eq!(t.subscriber.state, State::Verified);
     assert_eq!(
         messages(&t.effects),
-        ["Sorry, I didn't get that. Reply HELP for help."]
+        ["Acme Contest: sorry, I didn't get that. Reply HELP for help, or STOP to opt out."]
     );
 
     // A number whose place still exists is left alone.
