@@ -269,6 +269,10 @@ impl Repl {
         let (name, arg) = cmd.split_once(' ').unwrap_or((cmd, ""));
         let arg = arg.trim();
         Some(match name {
+            // (`/state x`, `/otp x`: a word more is a mistake, not ignored.)
+            "state" | "otp" | "quit" | "exit" | "help" if !arg.is_empty() => {
+                format!("/{name} takes nothing after it\n")
+            }
             "quit" | "exit" => return None,
             "help" => HELP.to_string(),
             "wait" => match transcript::parse_delay(arg) {

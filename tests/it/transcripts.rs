@@ -317,6 +317,19 @@ fn simulate_names_the_number_of_a_timed_message_to_another_number() {
     assert!(stdout.contains("< You're in!"), "{stdout}");
 }
 
+/// A command that takes no argument, given one, says so instead of running.
+#[test]
+fn simulate_refuses_a_word_after_a_command_that_takes_none() {
+    let stdout = simulate(b"/otp extra\n/state x\n/state\n");
+    assert!(stdout.contains("/otp takes nothing after it"), "{stdout}");
+    assert!(stdout.contains("/state takes nothing after it"), "{stdout}");
+    assert!(!stdout.contains("code_sent"), "{stdout}");
+    assert!(
+        stdout.contains("+15550001111: unverified (never seen)"),
+        "{stdout}"
+    );
+}
+
 /// As in the daemon, a code validated for a number never met leaves it unknown.
 #[test]
 fn simulate_validating_a_code_for_a_number_never_met_leaves_it_unknown() {
