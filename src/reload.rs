@@ -85,33 +85,22 @@ impl Watches {
         Some(w)
     }
 
-    /// Wakes the loop for every change the watch on the directory hears.
-    fn dir_watcher(&self) -> notify::Result<notify::RecommendedWatcher> {
+    /// A watcher that wakes the loop for every change it hears (`every`: the directory's),
+    /// or for events of the directory's own name only (its parent's). Those, and a lost
+    /// event (the kernel's queue overflowed), are noted as a move. (Matched by name: some
+    /// systems report paths with their links resolved.)
+    fn watcher(&self, every: bool) -> notify::Result<notify::RecommendedWatcher> {
         let (tx, moved, name) = (self.tx.clone(), self.moved.clone(), self.name());
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let Ok(e) = event else { return };
             if matches!(e.kind, notify::EventKind::Access(_)) {
                 return;
             }
-            // The directory itself deleted or moved away. (Matched by name: some systems
-            // report paths with their links resolved.)
-            if e.need_rescan() || e.paths.iter().any(|p| p.file_name() == name.as_deref()) {
+            let named = e.need_rescan() || e.paths.iter().any(|p| p.file_name() == name.as_deref());
+            if named {
                 moved.store(true, Ordering::SeqCst);
             }
-            let _ = tx.send(());
-        })
-    }
-
-    /// Wakes the loop for events of the directory's own name only.
-    fn parent_watcher(&self) -> notify::Result<notify::RecommendedWatcher> {
-        let (tx, moved, name) = (self.tx.clone(), self.moved.clone(), self.name());
-        notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            let Ok(e) = event else { return };
-            if matches!(e.kind, notify::EventKind::Access(_)) {
-                return;
-            }
-            if e.need_rescan() || e.paths.iter().any(|p| p.file_name() == name.as_deref()) {
-                moved.store(true, Ordering::SeqCst);
+            if every || named {
                 let _ = tx.send(());
             }
         })
@@ -129,12 +118,12 @@ impl Watches {
         // The parent first: while the directory is gone, it tells when it is back.
         if let Some(parent) = self.dir.parent() {
             self.on_parent = self
-                .parent_watcher()
+                .watcher(false)
                 .and_then(|mut w| w.watch(parent, RecursiveMode::NonRecursive).map(|()| w))
                 .map_err(|e| tracing::debug!("cannot watch {}: {e}", parent.display()))
                 .ok();
         }
-        let mut on_dir = self.dir_watcher()?;
+        let mut on_dir = self.watcher(true)?;
         on_dir.watch(&self.dir, RecursiveMode::NonRecursive)?;
         self.on_dir = Some(on_dir);
         Ok(())

@@ -1379,6 +1379,17 @@ impl Cx {
                          {label_norm} in keywords.{list}, so no one could answer with it"
                     ),
                 );
+            } else if crate::machine::asks_to_stop(&key) || crate::machine::asks_to_stop(&label) {
+                // A reply with the word is taken as asking to stop, and gets the hint.
+                self.err(
+                    f,
+                    span.clone(),
+                    format!(
+                        "choice {key:?} = {label:?} has the word stop or unsubscribe in it: a \
+                         reply with that word is read as asking to stop, so no one could \
+                         answer with it (write e.g. \"quit_drinking\")"
+                    ),
+                );
             }
             if let Some(first) = seen.get(&norm) {
                 self.err(

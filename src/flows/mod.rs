@@ -132,9 +132,10 @@ pub enum Expect {
     Pattern(Regex),
 }
 
-/// A choice named among other words ("bike please", "The bike!", "I'd pick B"): the one
-/// label whose words the answer has in a row, else the one key that is a word of it (a label
-/// outranks a key: in "a laptop" the "a" is no answer). Two of either: no choice.
+/// A choice named among other words ("bike please", "The bike!", "saw it on social
+/// media"): the one label whose words the reply has in a row. (Not a key: a one-letter key
+/// among words is as often an article or a pronoun, "a billboard", "I'd rather not".)
+/// Two labels: no choice.
 fn choice_in_words(choices: &[(String, String)], answer: &str) -> Option<String> {
     let words_of = |s: &str| -> Vec<String> {
         s.split(|c: char| !c.is_alphanumeric())
@@ -143,67 +144,39 @@ fn choice_in_words(choices: &[(String, String)], answer: &str) -> Option<String>
             .collect()
     };
     let said = words_of(answer);
-    let one = |found: Vec<&String>| match found.as_slice() {
-        [label] => Some((*label).clone()),
+    let mut labels = choices.iter().filter(|(_, label)| {
+        let words = words_of(label);
+        !words.is_empty() && said.windows(words.len()).any(|w| w == words.as_slice())
+    });
+    match (labels.next(), labels.next()) {
+        (Some((_, label)), None) => Some(label.clone()),
         _ => None,
-    };
-    let mut labels: Vec<&String> = choices
-        .iter()
-        .filter(|(_, label)| {
-            let words = words_of(label);
-            !words.is_empty() && said.windows(words.len()).any(|w| w == words.as_slice())
-        })
-        .map(|(_, label)| label)
-        .collect();
-    labels.dedup();
-    if !labels.is_empty() {
-        return one(labels);
     }
-    let mut keys: Vec<&String> = choices
-        .iter()
-        .filter(|(key, _)| {
-            let key = words_of(key);
-            key.len() == 1 && said.contains(&key[0])
-        })
-        .map(|(_, label)| label)
-        .collect();
-    keys.dedup();
-    one(keys)
 }
 
-/// A whole number an answer gives: the one it starts with ("4 out of 5", "5 - great",
-/// "4/5"), else the only one in it ("I'd say 4"). A decimal ("4.5") or a sign gives none.
+/// A whole number a reply starts with, when what follows says it is the answer: nothing,
+/// punctuation, or a scale ("4/5", "4 out of 5", "5 - great tips!", "4, thanks").
+/// ("1 sec", "2 of them", "4.5" give none.)
 fn number_in_words(answer: &str) -> Option<i64> {
     let answer = answer.trim();
-    let numbers: Vec<(usize, &str)> = answer
-        .match_indices(|c: char| c.is_ascii_digit())
-        .fold(Vec::new(), |mut runs: Vec<(usize, usize)>, (i, _)| {
-            match runs.last_mut() {
-                Some((_, end)) if *end == i => *end = i + 1,
-                _ => runs.push((i, i + 1)),
-            }
-            runs
-        })
-        .into_iter()
-        .map(|(start, end)| (start, &answer[start..end]))
-        .collect();
-    // A decimal point or a sign next to a number makes it no whole number.
-    let plain = |&(start, digits): &(usize, &str)| {
-        let before = answer[..start].chars().next_back();
-        let after = answer[start + digits.len()..].chars().collect::<Vec<_>>();
-        let decimal = matches!(after.as_slice(), ['.' | ',', d, ..] if d.is_ascii_digit())
-            || matches!(before, Some('.' | ','));
-        !decimal && !matches!(before, Some('-' | '+'))
-    };
-    let chosen = match numbers.as_slice() {
-        [first, ..] if first.0 == 0 => *first,
-        [only] => *only,
-        _ => return None,
-    };
-    if !numbers.iter().all(plain) {
+    let digits = answer.len()
+        - answer
+            .trim_start_matches(|c: char| c.is_ascii_digit())
+            .len();
+    let (number, rest) = answer.split_at(digits);
+    let rest = rest.trim_start();
+    let scale = rest.starts_with(['/', '-', '–', '—', ',', '!', ':', ')'])
+        || rest.to_lowercase().starts_with("out of ");
+    let decimal =
+        rest.starts_with(['.', ',']) && rest[1..].starts_with(|c: char| c.is_ascii_digit());
+    // "3-4" is two numbers, not a 3.
+    let span = rest
+        .strip_prefix(['-', '–', '—'])
+        .is_some_and(|r| r.trim_start().starts_with(|c: char| c.is_ascii_digit()));
+    if number.is_empty() || decimal || span || !(rest.is_empty() || scale || rest == ".") {
         return None;
     }
-    chosen.1.parse().ok()
+    number.parse().ok()
 }
 
 impl Expect {

@@ -469,7 +469,8 @@ fn code_guess(text: &str, digits: usize) -> String {
 }
 
 /// Whether a text asks to stop in words: it has the word "stop" or "unsubscribe" in it.
-fn asks_to_stop(text: &str) -> bool {
+/// (`check` refuses a choice that has one of those words, which could never be answered.)
+pub fn asks_to_stop(text: &str) -> bool {
     text.split(|c: char| !c.is_alphanumeric())
         .any(|w| w.eq_ignore_ascii_case("stop") || w.eq_ignore_ascii_case("unsubscribe"))
 }
@@ -1054,6 +1055,9 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     /// if one is open; says whether one was.
     fn ask_open_again(&mut self) -> bool {
         match (self.sub.form.clone(), self.sub.state.clone()) {
+            // A question a reload removed is left to a real answer, which moves the form
+            // on: no help or hint may do that.
+            (Some(cursor), _) if self.place_of(&cursor).is_none() => return false,
             (Some(cursor), _) => self.ask_again(&cursor),
             (
                 None,

@@ -941,7 +941,7 @@ async fn a_release_switched_by_a_link_further_up_the_path_is_followed() {
     .await;
     assert!(app.sms(A, "HELP").await.1.contains("Help v1"));
     // After the watcher's first look (a switch during it would be read as its change).
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     symlink(release(2), root.path().join("current.next")).unwrap();
     std::fs::rename(
         root.path().join("current.next"),

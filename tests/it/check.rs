@@ -593,6 +593,12 @@ fn a_shape_mistake_says_what_to_write_instead() {
             "a.toml:2:",
             "field key \"1st\" must start with a letter a-z, then a-z, 0-9 or _",
         ),
+        // A choice no one could give: a reply with the word stop asks to stop.
+        (
+            "[[form.field]]\nkey = \"goal\"\nask = \"Goal?\"\nexpect = { choices = { A = \"stop_drinking\", B = \"run\" } }\n",
+            "a.toml:4:",
+            "choice \"A\" = \"stop_drinking\" has the word stop or unsubscribe in it",
+        ),
         // A code that expires before anyone could type it back.
         (
             "[verify]\nttl = \"500ms\"\n",

@@ -108,8 +108,8 @@ fn keywords_work_in_every_state_as_the_rules_say() {
             "unverified",
             "Acme Contest: reply JOIN to enter the contest.",
         ),
-        // An opt-out asked for in words is told the word that works; the bus stop's name
-        // (no word "stop" alone) is not.
+        // An opt-out asked for in words is told the word that works; a word that only
+        // starts with "stop" is no such text.
         (
             State::Unverified,
             "stop now please",
@@ -1353,9 +1353,9 @@ fn a_number_an_app_verified_that_texts_join_later_gets_the_conversation() {
     );
 }
 
-/// An answer with words around it: a choice named among them (a label outranks a key, so
-/// the "a" of "a laptop" is no answer), a number it starts with or is the only one of.
-/// Two choices, or two numbers neither of which leads, or a decimal: no answer.
+/// An answer with words around it: a choice whose label it names (one label, not two), a
+/// number it starts with when a scale or punctuation follows. Not a key among words: a
+/// one-letter key is as often an article or a pronoun.
 #[test]
 fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
     let choices = smsflow::flows::Expect::Choices(
@@ -1364,42 +1364,83 @@ fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
             .to_vec(),
     );
     for (said, meant) in [
-        ("A please", Some("camera")),
         ("The bike!", Some("bike")),
         ("bike please", Some("bike")),
-        ("I'd pick B", Some("bike")),
         ("a laptop", Some("laptop")),
         ("a bike and a laptop", None),
-        ("A or B", None),
+        ("A please", None),
+        ("Can I get a phone instead?", None),
         ("no idea", None),
     ] {
         assert_eq!(choices.accept(said).as_deref(), meant, "{said:?}");
     }
     let social = smsflow::flows::Expect::Choices(
-        [("A", "friend"), ("B", "social_media"), ("C", "other")]
-            .map(|(k, l)| (k.to_string(), l.to_string()))
-            .to_vec(),
+        [
+            ("A", "friend"),
+            ("B", "social_media"),
+            ("C", "other"),
+            ("D", "none"),
+        ]
+        .map(|(k, l)| (k.to_string(), l.to_string()))
+        .to_vec(),
     );
-    assert_eq!(
-        social.accept("saw it on social media").as_deref(),
-        Some("social_media")
-    );
-    assert_eq!(social.accept("a friend told me").as_deref(), Some("friend"));
+    for (said, meant) in [
+        ("saw it on social media", Some("social_media")),
+        ("a friend told me", Some("friend")),
+        ("Saw a billboard", None),
+        ("I'd rather not say", None),
+    ] {
+        assert_eq!(social.accept(said).as_deref(), meant, "{said:?}");
+    }
 
     let rating = smsflow::flows::Expect::Range(1, 5);
     for (said, meant) in [
         ("4 out of 5", Some("4")),
         ("5 - great tips!", Some("5")),
         ("4/5", Some("4")),
-        ("I'd say 4", Some("4")),
+        ("4, thanks", Some("4")),
         ("4.", Some("4")),
         ("4.5", None),
-        ("between 3 and 4", None),
+        ("4,5", None),
+        ("I'd say 4", None),
+        ("not a 5", None),
+        ("1 sec, let me check", None),
+        ("2 of them were good", None),
         ("3-4", None),
+        ("3 - 4", None),
         ("I'm 34", None),
     ] {
         assert_eq!(rating.accept(said).as_deref(), meant, "{said:?}");
     }
     let signed = smsflow::flows::Expect::Range(-5, 5);
     assert_eq!(signed.accept("-3").as_deref(), Some("-3"));
+}
+
+/// A number on a form question a reload removed (everything else answered) that texts HELP
+/// or asks to stop in words gets that reply alone: no help or hint moves the form on (it
+/// would draw a sequence and send its first step in the same reply).
+#[test]
+fn help_or_a_stop_hint_to_a_number_whose_question_a_reload_removed_moves_nothing_on() {
+    let f = flows();
+    let mut s = subscriber(State::Verified);
+    for field in &f.form.fields {
+        s.fields.insert(field.key.clone(), "x".into());
+    }
+    s.form = Some(smsflow::machine::FormCursor {
+        index: 3,
+        editing: false,
+        key: Some("removed_since".into()),
+    });
+    for text in ["HELP", "please stop texting me"] {
+        let t = step(
+            s.clone(),
+            &Event::Inbound(text.into()),
+            &f,
+            t0(),
+            &mut StdRng::seed_from_u64(1),
+        );
+        assert_eq!(messages(&t.effects).len(), 1, "{text}: {:?}", t.effects);
+        assert_eq!(t.subscriber.state, State::Verified, "{text}");
+        assert_eq!(t.subscriber.sequence, None, "{text}");
+    }
 }
