@@ -40,12 +40,13 @@ pub struct Subscriber {
     pub created_at: DateTime<Utc>,
     pub verified_at: Option<DateTime<Utc>>,
     pub last_inbound_at: Option<DateTime<Utc>>,
-    /// The code the number verified with by text, until it expires (dropped at the next text
-    /// after, or an opt-out): texted again (its owner thought the first did not arrive), it
-    /// is not taken as an answer. It verifies nothing. (Stored from record v6 on; the older
-    /// serde layouts never held it.)
+    /// The codes the number held when it verified by text (the one it used, and any other
+    /// it was sent), each until it expires (dropped at the next text after, or an opt-out):
+    /// texted again (its owner thought the first did not arrive, or had asked twice), one is
+    /// not taken as an answer. They verify nothing. (Stored from record v6 on, which kept
+    /// the one used, v7 all; the older serde layouts never held any.)
     #[serde(skip)]
-    pub used_code: Option<IssuedCode>,
+    pub used_codes: Vec<IssuedCode>,
 }
 
 /// Where a number is in its conversation.
@@ -343,7 +344,7 @@ impl Subscriber {
             created_at: now,
             verified_at: None,
             last_inbound_at: None,
-            used_code: None,
+            used_codes: Vec::new(),
         }
     }
 
@@ -656,14 +657,8 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 
     fn inbound(&mut self, text: &str) {
         self.sub.last_inbound_at = Some(self.now);
-        if self
-            .sub
-            .used_code
-            .as_ref()
-            .is_some_and(|c| c.expires_at <= self.now)
-        {
-            self.sub.used_code = None;
-        }
+        let now = self.now;
+        self.sub.used_codes.retain(|c| c.expires_at > now);
         let word = normalize(text);
         let kw = &self.flows.keywords;
         let is = |list: &[String]| list.contains(&word);
@@ -790,7 +785,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         self.sub.state = State::OptedOut;
         self.sub.form = None;
         self.sub.codes.clear();
-        self.sub.used_code = None;
+        self.sub.used_codes.clear();
         self.record(Record::OptedOut {
             reason: reason.to_string(),
         });
@@ -884,13 +879,13 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         self.outcome = Outcome::CodeSent;
     }
 
-    /// Whether a guess (read by [`code_guess`]) is the code the number verified with by
-    /// text, still unexpired.
+    /// Whether a guess (read by [`code_guess`]) is a code the number held when it verified
+    /// by text, still unexpired.
     fn echoes_used_code(&self, guess: &str) -> bool {
         self.sub
-            .used_code
-            .as_ref()
-            .is_some_and(|c| c.expires_at > self.now && c.is(guess))
+            .used_codes
+            .iter()
+            .any(|c| c.expires_at > self.now && c.is(guess))
     }
 
     /// Whether a guess (read by [`code_guess`]) is one of the latest codes, still usable.
@@ -917,9 +912,20 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     /// Checks a guess against the latest unexpired codes; `by_sms` answers the guess by text.
     fn check_code(&mut self, guess: &str, by_sms: bool) {
         let guess = code_guess(guess, usize::from(self.flows.verify.code_length));
-        if let Some(code) = self.live_code(&guess) {
-            // Kept for a text that repeats it (see `used_code`); not one an app validated.
-            self.sub.used_code = by_sms.then(|| code.clone());
+        if self.live_code(&guess).is_some() {
+            // Kept for a text that repeats one (see `used_codes`): every code the number
+            // holds, the one it used and any other it was sent; none when an app validated.
+            let now = self.now;
+            self.sub.used_codes = if by_sms {
+                self.sub
+                    .codes
+                    .iter()
+                    .filter(|c| c.expires_at > now)
+                    .cloned()
+                    .collect()
+            } else {
+                Vec::new()
+            };
             self.verified(if by_sms { "sms" } else { "otp_api" });
             return;
         }

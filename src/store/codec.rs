@@ -17,8 +17,9 @@ use crate::phone::Phone;
 /// v4: as v3, with times as whole seconds and nanoseconds since 1970 instead of RFC 3339
 /// text (about 10 bytes a time instead of 31, and no formatting or parsing).
 /// v5: as v4, then the key of the form field asked (v4 and older read as `None`: by index).
-/// v6: as v5, then the code the number verified with by text (older ones read as `None`).
-pub const SUBSCRIBER_VERSION: u8 = 6;
+/// v6: as v5, then the code the number verified with by text (older ones read as none).
+/// v7: as v6, with every code the number held when it verified by text.
+pub const SUBSCRIBER_VERSION: u8 = 7;
 
 /// bincode as v3 and v4 write it. (v1 and v2 use bincode's default fixed-width integers.)
 fn compact() -> impl Options {
@@ -179,7 +180,7 @@ fn from_v4(v: V4Owned) -> Result<Subscriber, CodecError> {
         created_at: from_at(created)?,
         verified_at: verified.map(from_at).transpose()?,
         last_inbound_at: inbound.map(from_at).transpose()?,
-        used_code: None,
+        used_codes: Vec::new(),
     })
 }
 
@@ -191,18 +192,34 @@ fn with_asked(mut s: Subscriber, asked: Option<String>) -> Subscriber {
     s
 }
 
+/// A code kept from a verification, as stored (v6 on).
+fn used_code(
+    (code, issued, expires, wrong): (String, At, At, u8),
+) -> Result<IssuedCode, CodecError> {
+    Ok(IssuedCode {
+        code,
+        issued_at: from_at(issued)?,
+        expires_at: from_at(expires)?,
+        wrong,
+    })
+}
+
 /// A subscriber with its recent replies, as stored.
 pub fn encode_record(s: &Subscriber, replies: &[Replied]) -> Vec<u8> {
     let mut out = vec![SUBSCRIBER_VERSION];
     let asked = s.form.as_ref().and_then(|c| c.key.as_deref());
-    let used = s.used_code.as_ref().map(|c| {
-        (
-            c.code.as_str(),
-            at(&c.issued_at),
-            at(&c.expires_at),
-            c.wrong,
-        )
-    });
+    let used: Vec<_> = s
+        .used_codes
+        .iter()
+        .map(|c| {
+            (
+                c.code.as_str(),
+                at(&c.issued_at),
+                at(&c.expires_at),
+                c.wrong,
+            )
+        })
+        .collect();
     // As in `encode`: plain data into a Vec cannot fail.
     if let Err(e) = compact().serialize_into(&mut out, &(to_v4(s), asked, replies, used)) {
         tracing::error!("serializing a subscriber failed: {e}");
@@ -225,21 +242,21 @@ pub fn decode_record(bytes: &[u8]) -> Result<(Subscriber, Vec<Replied>), CodecEr
                 compact().deserialize(body)?;
             Ok((with_asked(from_v4(v)?, asked), replies))
         }
+        // v6 kept one code from the verification, v7 every one the number may text back.
         (6, body) => {
             type Used = Option<(String, At, At, u8)>;
             let (v, asked, replies, used): (V4Owned, Option<String>, Vec<Replied>, Used) =
                 compact().deserialize(body)?;
             let mut s = with_asked(from_v4(v)?, asked);
-            s.used_code = used
-                .map(|(code, issued, expires, wrong)| {
-                    Ok::<_, CodecError>(IssuedCode {
-                        code,
-                        issued_at: from_at(issued)?,
-                        expires_at: from_at(expires)?,
-                        wrong,
-                    })
-                })
-                .transpose()?;
+            s.used_codes = used.into_iter().map(used_code).collect::<Result<_, _>>()?;
+            Ok((s, replies))
+        }
+        (7, body) => {
+            type Used = Vec<(String, At, At, u8)>;
+            let (v, asked, replies, used): (V4Owned, Option<String>, Vec<Replied>, Used) =
+                compact().deserialize(body)?;
+            let mut s = with_asked(from_v4(v)?, asked);
+            s.used_codes = used.into_iter().map(used_code).collect::<Result<_, _>>()?;
             Ok((s, replies))
         }
         (v, _) => Err(CodecError::UnknownVersion(v)),
@@ -252,7 +269,7 @@ pub fn state_of_record(bytes: &[u8]) -> Result<State, CodecError> {
     match split(bytes)? {
         (1 | 2, body) => Ok(bincode::deserialize::<(String, State)>(body)?.1),
         // Only a prefix is read, so trailing bytes are expected here.
-        (3..=6, body) => Ok(compact()
+        (3..=7, body) => Ok(compact()
             .allow_trailing_bytes()
             .deserialize::<(String, State)>(body)?
             .1),
@@ -321,12 +338,14 @@ mod tests {
             kind: TimerKind::AskTimeout,
             epoch: 7,
         });
-        s.used_code = Some(IssuedCode {
-            code: "987654".into(),
-            issued_at: now,
-            expires_at: now,
-            wrong: 0,
-        });
+        s.used_codes = ["987654", "555444"]
+            .map(|code| IssuedCode {
+                code: code.into(),
+                issued_at: now,
+                expires_at: now,
+                wrong: 0,
+            })
+            .to_vec();
         let bytes = encode_subscriber(&s);
         assert_eq!(bytes[0], SUBSCRIBER_VERSION);
         assert_eq!(decode_subscriber(&bytes).unwrap(), s);
@@ -349,6 +368,35 @@ mod tests {
         let v5 = v5(&s, &replies);
         assert_eq!(decode_record(&v5).unwrap(), (s.clone(), replies));
         assert_eq!(state_of_record(&v5).unwrap(), State::Verified);
+    }
+
+    #[test]
+    fn a_version_6_record_reads_with_the_one_code_it_kept_from_its_verification() {
+        let now: DateTime<Utc> = "2026-01-05T15:00:00Z".parse().unwrap();
+        let mut s = Subscriber::new(Phone::parse("+14155550100").unwrap(), now);
+        s.state = State::Verified;
+        s.used_codes = vec![IssuedCode {
+            code: "987654".into(),
+            issued_at: now,
+            expires_at: now,
+            wrong: 0,
+        }];
+        let used = s.used_codes.first().map(|c| {
+            (
+                c.code.as_str(),
+                at(&c.issued_at),
+                at(&c.expires_at),
+                c.wrong,
+            )
+        });
+        let mut v6 = vec![6];
+        compact()
+            .serialize_into(
+                &mut v6,
+                &(to_v4(&s), None::<&str>, Vec::<Replied>::new(), used),
+            )
+            .unwrap();
+        assert_eq!(decode_record(&v6).unwrap(), (s, Vec::new()));
     }
 
     /// A record as smsflow wrote it before v6: no code kept from a verification.

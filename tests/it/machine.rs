@@ -841,10 +841,10 @@ fn the_code_a_number_verified_with_texted_again_is_not_taken_as_an_answer() {
     assert_eq!(other.subscriber.fields["first_name"], "654321");
     let late = first(verified.clone(), "123456", t0() + TimeDelta::minutes(11));
     assert_eq!(late.subscriber.fields["first_name"], "123456");
-    assert_eq!(late.subscriber.used_code, None);
+    assert!(late.subscriber.used_codes.is_empty());
     // An opt-out drops it; a code an app validated is not kept at all.
     let stopped = first(verified, "STOP", t0() + TimeDelta::seconds(30));
-    assert_eq!(stopped.subscriber.used_code, None);
+    assert!(stopped.subscriber.used_codes.is_empty());
     let by_app = step(
         awaiting_123456(),
         &Event::OtpSubmitted("123456".into()),
@@ -853,7 +853,7 @@ fn the_code_a_number_verified_with_texted_again_is_not_taken_as_an_answer() {
         &mut StdRng::seed_from_u64(1),
     );
     assert_eq!(by_app.outcome, Outcome::Verified);
-    assert_eq!(by_app.subscriber.used_code, None);
+    assert!(by_app.subscriber.used_codes.is_empty());
 
     // With no form, verifying leads straight to a sequence's question: the code texted
     // again gets that question again, not silence, and is not its answer.
@@ -1443,4 +1443,44 @@ fn help_or_a_stop_hint_to_a_number_whose_question_a_reload_removed_moves_nothing
         assert_eq!(t.subscriber.state, State::Verified, "{text}");
         assert_eq!(t.subscriber.sequence, None, "{text}");
     }
+}
+
+/// A number that asked twice holds two codes; it verifies with one, then texts the other
+/// (or the same again): neither is the answer to the question that follows, which is asked
+/// again. Neither verifies anything more.
+#[test]
+fn the_other_code_a_number_was_sent_texted_after_it_verified_is_not_taken_as_an_answer() {
+    let f = flows();
+    let mut s = awaiting_123456();
+    s.codes.push(IssuedCode {
+        code: "654321".into(),
+        issued_at: t0() + TimeDelta::seconds(20),
+        expires_at: t0() + TimeDelta::minutes(10) + TimeDelta::seconds(20),
+        wrong: 0,
+    });
+    let text = |s, what: &str, secs| {
+        step(
+            s,
+            &Event::Inbound(what.into()),
+            &f,
+            t0() + TimeDelta::seconds(secs),
+            &mut StdRng::seed_from_u64(1),
+        )
+    };
+    let verified = text(s, "123456", 30).subscriber;
+    assert_eq!(verified.state, State::Verified);
+    assert_eq!(verified.used_codes.len(), 2);
+    for (what, secs) in [("654321", 40), ("123456", 50), ("my code is 654321", 60)] {
+        let t = text(verified.clone(), what, secs);
+        assert!(
+            t.subscriber.fields.is_empty(),
+            "{what}: {:?}",
+            t.subscriber.fields
+        );
+        assert_eq!(messages(&t.effects), ["What's your first name?"], "{what}");
+    }
+    // Stored and read back, as the daemon does between texts.
+    let bytes = codec::encode_record(&verified, &[]);
+    let (read, _) = codec::decode_record(&bytes).unwrap();
+    assert_eq!(read.used_codes, verified.used_codes);
 }
