@@ -1379,15 +1379,16 @@ impl Cx {
                          {label_norm} in keywords.{list}, so no one could answer with it"
                     ),
                 );
-            } else if crate::machine::asks_to_stop(&key) || crate::machine::asks_to_stop(&label) {
-                // A reply with the word is taken as asking to stop, and gets the hint.
+            } else if crate::machine::asks_to_stop(&key) && crate::machine::asks_to_stop(&label) {
+                // A reply with the word is taken as asking to stop, and gets the hint: with
+                // it in both the key and the label, no reply could give this choice.
                 self.err(
                     f,
                     span.clone(),
                     format!(
-                        "choice {key:?} = {label:?} has the word stop or unsubscribe in it: a \
-                         reply with that word is read as asking to stop, so no one could \
-                         answer with it (write e.g. \"quit_drinking\")"
+                        "choice {key:?} = {label:?} has the word stop or unsubscribe in both \
+                         its key and its label: a reply with that word is read as asking to \
+                         stop, so no one could answer with it (give it a key such as A)"
                     ),
                 );
             }

@@ -169,9 +169,9 @@ fn number_in_words(answer: &str) -> Option<i64> {
         || rest.to_lowercase().starts_with("out of ");
     let decimal =
         rest.starts_with(['.', ',']) && rest[1..].starts_with(|c: char| c.is_ascii_digit());
-    // "3-4" is two numbers, not a 3.
+    // "3-4", "4, 5", "7:30" are two numbers, not a 3, a 4 or a 7.
     let span = rest
-        .strip_prefix(['-', '–', '—'])
+        .strip_prefix(['-', '–', '—', ',', ':'])
         .is_some_and(|r| r.trim_start().starts_with(|c: char| c.is_ascii_digit()));
     if number.is_empty() || decimal || span || !(rest.is_empty() || scale || rest == ".") {
         return None;

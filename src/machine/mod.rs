@@ -518,6 +518,10 @@ struct Run<'a, R: ?Sized> {
 
 impl<R: Rng + ?Sized> Run<'_, R> {
     fn handle(&mut self, event: &Event) {
+        // Kept codes go at expiry, whatever the event (a number that never texts again
+        // does not carry them in every rewrite).
+        let now = self.now;
+        self.sub.used_codes.retain(|c| c.expires_at > now);
         match event {
             Event::Inbound(text) => self.inbound(text),
             Event::TimerDue(t) => self.timer_due(*t),
@@ -657,8 +661,6 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 
     fn inbound(&mut self, text: &str) {
         self.sub.last_inbound_at = Some(self.now);
-        let now = self.now;
-        self.sub.used_codes.retain(|c| c.expires_at > now);
         let word = normalize(text);
         let kw = &self.flows.keywords;
         let is = |list: &[String]| list.contains(&word);
@@ -915,17 +917,20 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         if self.live_code(&guess).is_some() {
             // Kept for a text that repeats one (see `used_codes`): every code the number
             // holds, the one it used and any other it was sent; none when an app validated.
+            // (An app validating a code for a number already verified leaves them be.)
             let now = self.now;
-            self.sub.used_codes = if by_sms {
-                self.sub
-                    .codes
-                    .iter()
-                    .filter(|c| c.expires_at > now)
-                    .cloned()
-                    .collect()
-            } else {
-                Vec::new()
-            };
+            if matches!(self.sub.state, State::Unverified | State::AwaitingCode) {
+                self.sub.used_codes = if by_sms {
+                    self.sub
+                        .codes
+                        .iter()
+                        .filter(|c| c.expires_at > now)
+                        .cloned()
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+            }
             self.verified(if by_sms { "sms" } else { "otp_api" });
             return;
         }
@@ -1054,11 +1059,8 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         }
     }
 
-    /// Asks the open question again; if a reload removed it, as [`Self::answer_form`] goes on.
-    /// A sequence's question asked again, as it was (its timeout runs on); gone since (a
-    /// reload), nothing is said.
     /// Asks again the question the next text would answer (the form's, or a sequence's),
-    /// if one is open; says whether one was.
+    /// if one is open and still in the flows; says whether it did.
     fn ask_open_again(&mut self) -> bool {
         match (self.sub.form.clone(), self.sub.state.clone()) {
             // A question a reload removed is left to a real answer, which moves the form
@@ -1078,6 +1080,8 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         true
     }
 
+    /// A sequence's question asked again, as it was (its timeout runs on); gone since (a
+    /// reload), nothing is said.
     fn ask_step_again(&mut self, name: &str, step: usize) {
         match self.flows.question(name, step) {
             Some(q) => self.say_t(&q.text),
@@ -1085,6 +1089,8 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         }
     }
 
+    /// A form question asked again; if a reload removed it, the form goes on as
+    /// [`Self::answer_form`] does.
     fn ask_again(&mut self, cursor: &FormCursor) {
         match self.place_of(cursor) {
             Some(index) => self.ask_field(index, cursor.editing),

@@ -593,11 +593,12 @@ fn a_shape_mistake_says_what_to_write_instead() {
             "a.toml:2:",
             "field key \"1st\" must start with a letter a-z, then a-z, 0-9 or _",
         ),
-        // A choice no one could give: a reply with the word stop asks to stop.
+        // A choice no one could give: a reply with the word stop asks to stop, and both its
+        // key and its label have it. (Key A with that label is fine: "A" gives it.)
         (
-            "[[form.field]]\nkey = \"goal\"\nask = \"Goal?\"\nexpect = { choices = { A = \"stop_drinking\", B = \"run\" } }\n",
+            "[[form.field]]\nkey = \"goal\"\nask = \"Goal?\"\nexpect = { choices = { stop_now = \"stop_drinking\", B = \"run\" } }\n",
             "a.toml:4:",
-            "choice \"A\" = \"stop_drinking\" has the word stop or unsubscribe in it",
+            "choice \"stop_now\" = \"stop_drinking\" has the word stop or unsubscribe in both",
         ),
         // A code that expires before anyone could type it back.
         (
@@ -623,6 +624,14 @@ fn a_shape_mistake_says_what_to_write_instead() {
             "bad pattern \"([a-z\": unclosed character class",
         ),
     ];
+    // A choice whose label has the word stop, given by its key, is one people can answer.
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "a.toml",
+        "[[form.field]]\nkey = \"goal\"\nask = \"Goal? A) stop smoking, B) cut down\"\nexpect = { choices = { A = \"stop_smoking\", B = \"cut_down\" } }\n",
+    );
+    smsflow::flows::load_dir(dir.path()).expect("A gives stop_smoking");
     for (text, place, hint) in cases {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "a.toml", text);

@@ -1408,6 +1408,9 @@ fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
         ("2 of them were good", None),
         ("3-4", None),
         ("3 - 4", None),
+        ("4, 5", None),
+        ("3, 4 or 5", None),
+        ("7:30", None),
         ("I'm 34", None),
     ] {
         assert_eq!(rating.accept(said).as_deref(), meant, "{said:?}");
@@ -1483,4 +1486,14 @@ fn the_other_code_a_number_was_sent_texted_after_it_verified_is_not_taken_as_an_
     let bytes = codec::encode_record(&verified, &[]);
     let (read, _) = codec::decode_record(&bytes).unwrap();
     assert_eq!(read.used_codes, verified.used_codes);
+    // An app that asks for a code for the number, and validates it, leaves them be.
+    let at = |secs| t0() + TimeDelta::seconds(secs);
+    let mut rng = StdRng::seed_from_u64(2);
+    let asked = step(verified, &Event::OtpRequested, &f, at(70), &mut rng).subscriber;
+    let app_code = asked.codes.last().unwrap().code.clone();
+    let validated = step(asked, &Event::OtpSubmitted(app_code), &f, at(80), &mut rng);
+    assert_eq!(validated.outcome, Outcome::Verified);
+    let t = text(validated.subscriber, "654321", 90);
+    assert!(t.subscriber.fields.is_empty(), "{:?}", t.subscriber.fields);
+    assert_eq!(messages(&t.effects), ["What's your first name?"]);
 }
