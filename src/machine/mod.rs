@@ -41,7 +41,7 @@ pub struct Subscriber {
     pub verified_at: Option<DateTime<Utc>>,
     pub last_inbound_at: Option<DateTime<Utc>>,
     /// The codes the number held when it verified by text (the one it used, and any other
-    /// it was sent), each until it expires (dropped at the next text after, or an opt-out):
+    /// it was sent), each until it expires (dropped at the next event after, or an opt-out):
     /// texted again (its owner thought the first did not arrive, or had asked twice), one is
     /// not taken as an answer. They verify nothing. (Stored from record v6 on, which kept
     /// the one used, v7 all; the older serde layouts never held any.)
