@@ -112,17 +112,7 @@ fn to_v4(s: &Subscriber) -> V4<'_> {
         s.phone.as_str(),
         &s.state,
         &s.fields,
-        s.codes
-            .iter()
-            .map(|c| {
-                (
-                    c.code.as_str(),
-                    at(&c.issued_at),
-                    at(&c.expires_at),
-                    c.wrong,
-                )
-            })
-            .collect(),
+        s.codes.iter().map(code_to_store).collect(),
         s.code_sends.iter().map(at).collect(),
         &s.form,
         &s.sequence,
@@ -155,14 +145,7 @@ fn from_v4(v: V4Owned) -> Result<Subscriber, CodecError> {
         fields,
         codes: codes
             .into_iter()
-            .map(|(code, issued, expires, wrong)| {
-                Ok(IssuedCode {
-                    code,
-                    issued_at: from_at(issued)?,
-                    expires_at: from_at(expires)?,
-                    wrong,
-                })
-            })
+            .map(code_from_store)
             .collect::<Result<_, CodecError>>()?,
         code_sends: sends.into_iter().map(from_at).collect::<Result<_, _>>()?,
         form,
@@ -192,8 +175,18 @@ fn with_asked(mut s: Subscriber, asked: Option<String>) -> Subscriber {
     s
 }
 
-/// A code kept from a verification, as stored (v6 on).
-fn used_code(
+/// An issued code as v4 on store it (in the codes list, and kept from a verification).
+fn code_to_store(c: &IssuedCode) -> (&str, At, At, u8) {
+    (
+        c.code.as_str(),
+        at(&c.issued_at),
+        at(&c.expires_at),
+        c.wrong,
+    )
+}
+
+/// [`code_to_store`] read back.
+fn code_from_store(
     (code, issued, expires, wrong): (String, At, At, u8),
 ) -> Result<IssuedCode, CodecError> {
     Ok(IssuedCode {
@@ -208,18 +201,7 @@ fn used_code(
 pub fn encode_record(s: &Subscriber, replies: &[Replied]) -> Vec<u8> {
     let mut out = vec![SUBSCRIBER_VERSION];
     let asked = s.form.as_ref().and_then(|c| c.key.as_deref());
-    let used: Vec<_> = s
-        .used_codes
-        .iter()
-        .map(|c| {
-            (
-                c.code.as_str(),
-                at(&c.issued_at),
-                at(&c.expires_at),
-                c.wrong,
-            )
-        })
-        .collect();
+    let used: Vec<_> = s.used_codes.iter().map(code_to_store).collect();
     // As in `encode`: plain data into a Vec cannot fail.
     if let Err(e) = compact().serialize_into(&mut out, &(to_v4(s), asked, replies, used)) {
         tracing::error!("serializing a subscriber failed: {e}");
@@ -248,7 +230,10 @@ pub fn decode_record(bytes: &[u8]) -> Result<(Subscriber, Vec<Replied>), CodecEr
             let (v, asked, replies, used): (V4Owned, Option<String>, Vec<Replied>, Used) =
                 compact().deserialize(body)?;
             let mut s = with_asked(from_v4(v)?, asked);
-            s.used_codes = used.into_iter().map(used_code).collect::<Result<_, _>>()?;
+            s.used_codes = used
+                .into_iter()
+                .map(code_from_store)
+                .collect::<Result<_, _>>()?;
             Ok((s, replies))
         }
         (7, body) => {
@@ -256,7 +241,10 @@ pub fn decode_record(bytes: &[u8]) -> Result<(Subscriber, Vec<Replied>), CodecEr
             let (v, asked, replies, used): (V4Owned, Option<String>, Vec<Replied>, Used) =
                 compact().deserialize(body)?;
             let mut s = with_asked(from_v4(v)?, asked);
-            s.used_codes = used.into_iter().map(used_code).collect::<Result<_, _>>()?;
+            s.used_codes = used
+                .into_iter()
+                .map(code_from_store)
+                .collect::<Result<_, _>>()?;
             Ok((s, replies))
         }
         (v, _) => Err(CodecError::UnknownVersion(v)),
@@ -381,14 +369,7 @@ mod tests {
             expires_at: now,
             wrong: 0,
         }];
-        let used = s.used_codes.first().map(|c| {
-            (
-                c.code.as_str(),
-                at(&c.issued_at),
-                at(&c.expires_at),
-                c.wrong,
-            )
-        });
+        let used = s.used_codes.first().map(code_to_store);
         let mut v6 = vec![6];
         compact()
             .serialize_into(
