@@ -817,6 +817,20 @@ async fn a_flow_file_link_beside_others_whose_target_arrives_later_goes_live() {
     );
 }
 
+/// An edit saved in flow directory `dir` (its help text to "Help v3") goes live: the watch
+/// is on that directory.
+async fn an_edit_goes_live(app: &TestApp, dir: &std::path::Path) {
+    std::fs::write(
+        dir.join("flows.toml"),
+        CHOICES.replace("Help v1", "Help v3"),
+    )
+    .unwrap();
+    eventually("an edit in the flow directory", async || {
+        app.sms(A, "HELP").await.1.contains("Help v3")
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_flow_directory_replaced_by_a_new_one_is_watched_in_its_place() {
     let app = TestApp::spawn(CHOICES).await;
@@ -837,15 +851,7 @@ async fn a_flow_directory_replaced_by_a_new_one_is_watched_in_its_place() {
     })
     .await;
     // And edits in it are seen, like in the first.
-    std::fs::write(
-        dir.join("flows.toml"),
-        CHOICES.replace("Help v1", "Help v3"),
-    )
-    .unwrap();
-    eventually("an edit in the new directory", async || {
-        app.sms(A, "HELP").await.1.contains("Help v3")
-    })
-    .await;
+    an_edit_goes_live(&app, &dir).await;
     assert_eq!(app.engine.flow_swaps(), 2);
     std::fs::remove_dir_all(&old).unwrap();
 }
@@ -869,15 +875,7 @@ async fn a_flow_directory_deleted_and_copied_anew_is_watched_in_its_place() {
         app.sms(A, "HELP").await.1.contains("Help v2")
     })
     .await;
-    std::fs::write(
-        dir.join("flows.toml"),
-        CHOICES.replace("Help v1", "Help v3"),
-    )
-    .unwrap();
-    eventually("an edit in the new directory", async || {
-        app.sms(A, "HELP").await.1.contains("Help v3")
-    })
-    .await;
+    an_edit_goes_live(&app, &dir).await;
 }
 
 /// `SMSFLOW_FLOWS` is a link to a release's directory, and a deploy points it at the next
@@ -905,15 +903,7 @@ async fn a_flow_directory_link_pointed_at_a_new_release_is_followed() {
         app.sms(A, "HELP").await.1.contains("Help v2")
     })
     .await;
-    std::fs::write(
-        link.join("flows.toml"),
-        CHOICES.replace("Help v1", "Help v3"),
-    )
-    .unwrap();
-    eventually("an edit in the new release", async || {
-        app.sms(A, "HELP").await.1.contains("Help v3")
-    })
-    .await;
+    an_edit_goes_live(&app, &link).await;
 }
 
 /// The link that switches releases is further up the path (`current/flows`, `current`
@@ -956,15 +946,7 @@ async fn a_release_switched_by_a_link_further_up_the_path_is_followed() {
         last_reload(&app).await["trigger"],
         "the flow directory's path leads elsewhere"
     );
-    std::fs::write(
-        flows.join("flows.toml"),
-        CHOICES.replace("Help v1", "Help v3"),
-    )
-    .unwrap();
-    eventually("an edit in the new release", async || {
-        app.sms(A, "HELP").await.1.contains("Help v3")
-    })
-    .await;
+    an_edit_goes_live(&app, &flows).await;
 }
 
 #[tokio::test]
