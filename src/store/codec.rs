@@ -209,6 +209,22 @@ pub fn encode_record(s: &Subscriber, replies: &[Replied]) -> Vec<u8> {
     out
 }
 
+/// A v6 or later record: as v5, then the codes kept from a verification (`U`: v6's one,
+/// or v7's list).
+fn with_kept<U>(body: &[u8]) -> Result<(Subscriber, Vec<Replied>), CodecError>
+where
+    U: serde::de::DeserializeOwned + IntoIterator<Item = (String, At, At, u8)>,
+{
+    let (v, asked, replies, used): (V4Owned, Option<String>, Vec<Replied>, U) =
+        compact().deserialize(body)?;
+    let mut s = with_asked(from_v4(v)?, asked);
+    s.used_codes = used
+        .into_iter()
+        .map(code_from_store)
+        .collect::<Result<_, _>>()?;
+    Ok((s, replies))
+}
+
 /// Reads any known version; older ones migrate (v1 had no replies).
 pub fn decode_record(bytes: &[u8]) -> Result<(Subscriber, Vec<Replied>), CodecError> {
     match split(bytes)? {
@@ -225,28 +241,8 @@ pub fn decode_record(bytes: &[u8]) -> Result<(Subscriber, Vec<Replied>), CodecEr
             Ok((with_asked(from_v4(v)?, asked), replies))
         }
         // v6 kept one code from the verification, v7 every one the number may text back.
-        (6, body) => {
-            type Used = Option<(String, At, At, u8)>;
-            let (v, asked, replies, used): (V4Owned, Option<String>, Vec<Replied>, Used) =
-                compact().deserialize(body)?;
-            let mut s = with_asked(from_v4(v)?, asked);
-            s.used_codes = used
-                .into_iter()
-                .map(code_from_store)
-                .collect::<Result<_, _>>()?;
-            Ok((s, replies))
-        }
-        (7, body) => {
-            type Used = Vec<(String, At, At, u8)>;
-            let (v, asked, replies, used): (V4Owned, Option<String>, Vec<Replied>, Used) =
-                compact().deserialize(body)?;
-            let mut s = with_asked(from_v4(v)?, asked);
-            s.used_codes = used
-                .into_iter()
-                .map(code_from_store)
-                .collect::<Result<_, _>>()?;
-            Ok((s, replies))
-        }
+        (6, body) => with_kept::<Option<(String, At, At, u8)>>(body),
+        (7, body) => with_kept::<Vec<(String, At, At, u8)>>(body),
         (v, _) => Err(CodecError::UnknownVersion(v)),
     }
 }
