@@ -132,21 +132,28 @@ pub enum Expect {
     Pattern(Regex),
 }
 
-/// A choice named among other words ("bike please", "The bike!", "saw it on social
-/// media"): the one label whose words the reply has in a row. (Not a key: a one-letter key
-/// among words is as often an article or a pronoun, "a billboard", "I'd rather not".)
-/// Two labels: no choice.
+/// A choice named first among other words ("bike please", "the bike!", "social media, I
+/// think"): the reply starts (after an article: a, an, the, my) with the words of one label.
+/// Anywhere else in a reply a label is as often negated or asked about ("not over 50", "what
+/// other options?"), and a question is no answer at all. (Not a key either: a one-letter
+/// key among words is as often an article or a pronoun.)
 fn choice_in_words(choices: &[(String, String)], answer: &str) -> Option<String> {
+    if answer.contains('?') {
+        return None;
+    }
     let words_of = |s: &str| -> Vec<String> {
         s.split(|c: char| !c.is_alphanumeric())
             .filter(|w| !w.is_empty())
             .map(str::to_lowercase)
             .collect()
     };
-    let said = words_of(answer);
+    let mut said = words_of(answer);
+    if said.len() > 1 && ["a", "an", "the", "my"].contains(&said[0].as_str()) {
+        said.remove(0);
+    }
     let mut labels = choices.iter().filter(|(_, label)| {
         let words = words_of(label);
-        !words.is_empty() && said.windows(words.len()).any(|w| w == words.as_slice())
+        !words.is_empty() && said.starts_with(&words)
     });
     match (labels.next(), labels.next()) {
         (Some((_, label)), None) => Some(label.clone()),
@@ -155,25 +162,36 @@ fn choice_in_words(choices: &[(String, String)], answer: &str) -> Option<String>
 }
 
 /// A whole number a reply starts with, when what follows says it is the answer: nothing,
-/// punctuation, or a scale ("4/5", "4 out of 5", "5 - great tips!", "4, thanks").
-/// ("1 sec", "2 of them", "4.5" give none.)
-fn number_in_words(answer: &str) -> Option<i64> {
+/// punctuation, or this question's own scale ("4/5", "4 out of 5" when 5 is the top), and
+/// no other number ("4, thanks", "5 - great tips!"; not "1 sec", "3/10", "4, 5", "7:30",
+/// "1, no wait, 4", "4.5").
+fn number_in_words(answer: &str, top: i64) -> Option<i64> {
     let answer = answer.trim();
     let digits = answer.len()
         - answer
             .trim_start_matches(|c: char| c.is_ascii_digit())
             .len();
     let (number, rest) = answer.split_at(digits);
-    let rest = rest.trim_start();
-    let scale = rest.starts_with(['/', '-', '–', '—', ',', '!', ':', ')'])
-        || rest.to_lowercase().starts_with("out of ");
-    let decimal =
-        rest.starts_with(['.', ',']) && rest[1..].starts_with(|c: char| c.is_ascii_digit());
-    // "3-4", "4, 5", "7:30" are two numbers, not a 3, a 4 or a 7.
-    let span = rest
-        .strip_prefix(['-', '–', '—', ',', ':'])
-        .is_some_and(|r| r.trim_start().starts_with(|c: char| c.is_ascii_digit()));
-    if number.is_empty() || decimal || span || !(rest.is_empty() || scale || rest == ".") {
+    if number.is_empty() {
+        return None;
+    }
+    let rest = rest.trim_start().to_lowercase();
+    let after = if let Some(scale) = rest.strip_prefix('/').or(rest.strip_prefix("out of ")) {
+        let scale = scale.trim_start();
+        let of = scale.len() - scale.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        if scale[..of].parse::<i64>().ok() != Some(top) {
+            return None;
+        }
+        &scale[of..]
+    } else if rest.is_empty()
+        || rest == "."
+        || rest.starts_with(['-', '–', '—', ',', '!', ':', ')'])
+    {
+        rest.as_str()
+    } else {
+        return None;
+    };
+    if after.chars().any(|c| c.is_ascii_digit()) {
         return None;
     }
     number.parse().ok()
@@ -224,7 +242,7 @@ impl Expect {
                 let answer = crate::ascii_digits(answer);
                 let n = match answer.trim_end_matches(['.', '!']).parse::<i64>() {
                     Ok(n) => n,
-                    Err(_) => number_in_words(&answer)?,
+                    Err(_) => number_in_words(&answer, *hi)?,
                 };
                 (*lo..=*hi).contains(&n).then(|| n.to_string())
             }

@@ -40,8 +40,8 @@ pub struct Subscriber {
     pub created_at: DateTime<Utc>,
     pub verified_at: Option<DateTime<Utc>>,
     pub last_inbound_at: Option<DateTime<Utc>>,
-    /// The codes the number held when it verified by text (the one it used, and any other
-    /// it was sent), each until it expires (dropped at the next event after, or an opt-out):
+    /// The codes the number held when it verified (the one it used, and any other it was
+    /// sent), each until it expires (dropped at the next event after, or an opt-out):
     /// texted again (its owner thought the first did not arrive, or had asked twice), one is
     /// not taken as an answer. They verify nothing. (Stored from record v6 on, which kept
     /// the one used, v7 all; the older serde layouts never held any.)
@@ -450,6 +450,24 @@ fn code_guess(text: &str, digits: usize) -> String {
         .filter(|c| !c.is_whitespace() && *c != '-')
         .collect();
     if plain.chars().all(|c| c.is_ascii_digit()) {
+        // The code pasted twice ("123456 123456") is that code; two different codes are
+        // no guess (the text as it is, which no code is).
+        let groups: Vec<&str> = text
+            .split(|c: char| c.is_whitespace() || c == ',' || c == ';')
+            .map(|g| g.trim_matches(|c: char| c.is_ascii_punctuation()))
+            .filter(|g| !g.is_empty())
+            .collect();
+        let codes = groups.len() > 1
+            && groups
+                .iter()
+                .all(|g| g.len() == digits && g.bytes().all(|b| b.is_ascii_digit()));
+        if plain.len() != digits && codes {
+            return if groups.iter().all(|g| *g == groups[0]) {
+                groups[0].to_string()
+            } else {
+                text.to_string()
+            };
+        }
         return plain;
     }
     let mut runs: Vec<String> = Vec::new();
@@ -743,6 +761,16 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                     // works once it is answered.
                     self.ask_again(&onboarding);
                 } else if edit && !self.flows.form.fields.is_empty() {
+                    // A question of a sequence waiting for its answer waits for the edit
+                    // too: its timeout starts afresh once the pass asks it again.
+                    if matches!(self.sub.state, State::InSequence { waiting: true, .. })
+                        && self
+                            .sub
+                            .timer
+                            .is_some_and(|t| t.kind == TimerKind::AskTimeout)
+                    {
+                        self.clear_timer();
+                    }
                     self.ask_field(0, true);
                 } else if self.sub.form.is_some() {
                     self.answer_form(text);
@@ -916,20 +944,15 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         let guess = code_guess(guess, usize::from(self.flows.verify.code_length));
         if self.live_code(&guess).is_some() {
             // Kept for a text that repeats one (see `used_codes`): every code the number
-            // holds, the one it used and any other it was sent; none when an app validated.
-            // (An app validating a code for a number already verified leaves them be.)
+            // holds, the one it used and any other it was sent, by text or by an app (one
+            // an app validated, texted back, is no answer either). An app validating a code
+            // for a number already verified leaves them be.
             let now = self.now;
             if matches!(self.sub.state, State::Unverified | State::AwaitingCode) {
-                self.sub.used_codes = if by_sms {
-                    self.sub
-                        .codes
-                        .iter()
-                        .filter(|c| c.expires_at > now)
-                        .cloned()
-                        .collect()
-                } else {
-                    Vec::new()
-                };
+                self.sub.used_codes = (self.sub.codes.iter())
+                    .filter(|c| c.expires_at > now)
+                    .cloned()
+                    .collect();
             }
             self.verified(if by_sms { "sms" } else { "otp_api" });
             return;

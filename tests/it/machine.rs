@@ -685,6 +685,13 @@ fn a_code_typed_with_spaces_dashes_punctuation_or_words_around_it_verifies_and_a
         let t = typed_while_awaiting_123456(typed);
         assert_eq!(t.subscriber.codes[0].wrong, 0, "{typed:?}");
     }
+    // The code pasted twice is the code; two different codes cost no attempt.
+    let t = typed_while_awaiting_123456("123456 123456");
+    assert_eq!(t.subscriber.state, State::Verified);
+    let t = typed_while_awaiting_123456("123456, 654321");
+    assert_eq!(t.subscriber.codes[0].wrong, 0);
+    let t = typed_while_awaiting_123456("654321 123456");
+    assert_eq!(t.subscriber.codes[0].wrong, 0);
     // A code within words is the code: the one run of six digits in the text.
     for typed in [
         "My code is 123456",
@@ -842,7 +849,8 @@ fn the_code_a_number_verified_with_texted_again_is_not_taken_as_an_answer() {
     let late = first(verified.clone(), "123456", t0() + TimeDelta::minutes(11));
     assert_eq!(late.subscriber.fields["first_name"], "123456");
     assert!(late.subscriber.used_codes.is_empty());
-    // An opt-out drops it; a code an app validated is not kept at all.
+    // An opt-out drops it; a code an app validated is kept too (texted back, it is no
+    // answer either).
     let stopped = first(verified, "STOP", t0() + TimeDelta::seconds(30));
     assert!(stopped.subscriber.used_codes.is_empty());
     let by_app = step(
@@ -853,7 +861,7 @@ fn the_code_a_number_verified_with_texted_again_is_not_taken_as_an_answer() {
         &mut StdRng::seed_from_u64(1),
     );
     assert_eq!(by_app.outcome, Outcome::Verified);
-    assert!(by_app.subscriber.used_codes.is_empty());
+    assert_eq!(by_app.subscriber.used_codes.len(), 1);
 
     // With no form, verifying leads straight to a sequence's question: the code texted
     // again gets that question again, not silence, and is not its answer.
@@ -1336,6 +1344,20 @@ fn a_number_an_app_verified_that_texts_join_later_gets_the_conversation() {
         "{:?}",
         joined.effects
     );
+    // The code the app validated, texted now, is no answer: the question again.
+    let echoed = step(
+        joined.subscriber.clone(),
+        &Event::Inbound("123456".into()),
+        &f,
+        at(70),
+        &mut rng,
+    );
+    assert!(
+        echoed.subscriber.fields.is_empty(),
+        "{:?}",
+        echoed.subscriber.fields
+    );
+    assert_eq!(messages(&echoed.effects), ["What's your first name?"]);
     let again = step(
         joined.subscriber,
         &Event::Inbound("join".into()),
@@ -1353,9 +1375,10 @@ fn a_number_an_app_verified_that_texts_join_later_gets_the_conversation() {
     );
 }
 
-/// An answer with words around it: a choice whose label it names (one label, not two), a
-/// number it starts with when a scale or punctuation follows. Not a key among words: a
-/// one-letter key is as often an article or a pronoun.
+/// An answer with words around it: a choice whose label it starts with (after an article),
+/// a number it starts with when punctuation or this question's own scale follows. Not a
+/// label further in (as often negated or asked about), not a question, not a key among
+/// words (a one-letter key is as often an article or a pronoun), not a second number.
 #[test]
 fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
     let choices = smsflow::flows::Expect::Choices(
@@ -1367,7 +1390,8 @@ fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
         ("The bike!", Some("bike")),
         ("bike please", Some("bike")),
         ("a laptop", Some("laptop")),
-        ("a bike and a laptop", None),
+        ("a bike and a laptop", Some("bike")),
+        ("bike? or the laptop", None),
         ("A please", None),
         ("Can I get a phone instead?", None),
         ("no idea", None),
@@ -1385,13 +1409,25 @@ fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
         .to_vec(),
     );
     for (said, meant) in [
-        ("saw it on social media", Some("social_media")),
+        ("social media, I think", Some("social_media")),
         ("a friend told me", Some("friend")),
         ("Saw a billboard", None),
         ("I'd rather not say", None),
+        ("I don't have social media", None),
+        ("what other options?", None),
+        ("no other", None),
+        ("not a friend", None),
+        ("can my friend join too?", None),
     ] {
         assert_eq!(social.accept(said).as_deref(), meant, "{said:?}");
     }
+    let age = smsflow::flows::Expect::Choices(
+        [("A", "under_30"), ("B", "30_50"), ("C", "over_50")]
+            .map(|(k, l)| (k.to_string(), l.to_string()))
+            .to_vec(),
+    );
+    assert_eq!(age.accept("I'm 45, not over 50"), None);
+    assert_eq!(age.accept("under 30? I wish"), None);
 
     let rating = smsflow::flows::Expect::Range(1, 5);
     for (said, meant) in [
@@ -1411,6 +1447,11 @@ fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
         ("4, 5", None),
         ("3, 4 or 5", None),
         ("7:30", None),
+        ("3 out of 10", None),
+        ("3/10", None),
+        ("5/5/2026", None),
+        ("1/2 of them", None),
+        ("1, no wait, 4", None),
         ("I'm 34", None),
     ] {
         assert_eq!(rating.accept(said).as_deref(), meant, "{said:?}");
