@@ -138,7 +138,7 @@ pub enum Expect {
 /// other options?"), and a question is no answer at all. (Not a key either: a one-letter
 /// key among words is as often an article or a pronoun.)
 fn choice_in_words(choices: &[(String, String)], answer: &str) -> Option<String> {
-    if answer.contains('?') {
+    if answer.contains(['?', '？']) {
         return None;
     }
     let words_of = |s: &str| -> Vec<String> {
@@ -147,16 +147,32 @@ fn choice_in_words(choices: &[(String, String)], answer: &str) -> Option<String>
             .map(str::to_lowercase)
             .collect()
     };
-    let mut said = words_of(answer);
-    if said.len() > 1 && ["a", "an", "the", "my"].contains(&said[0].as_str()) {
-        said.remove(0);
+    let said = words_of(answer);
+    let labels: Vec<(&String, Vec<String>)> = choices
+        .iter()
+        .map(|(_, label)| (label, words_of(label)))
+        .filter(|(_, words)| !words.is_empty())
+        .collect();
+    // The reply as written, or after its article ("the news" may be a label itself).
+    let article = said
+        .first()
+        .is_some_and(|w| ["a", "an", "the", "my"].contains(&w.as_str()));
+    let starts = [Some(&said[..]), article.then(|| &said[1..])];
+    // Each label a start begins with, and whether another is named after it ("bike, no
+    // wait, laptop"): one label and no other, or no choice.
+    let mut found: Vec<(&String, bool)> = Vec::new();
+    for start in starts.into_iter().flatten() {
+        for (label, words) in &labels {
+            if let Some(rest) = start.strip_prefix(words.as_slice()) {
+                let other = labels
+                    .iter()
+                    .any(|(_, w)| rest.windows(w.len()).any(|r| r == w.as_slice()));
+                found.push((label, other));
+            }
+        }
     }
-    let mut labels = choices.iter().filter(|(_, label)| {
-        let words = words_of(label);
-        !words.is_empty() && said.starts_with(&words)
-    });
-    match (labels.next(), labels.next()) {
-        (Some((_, label)), None) => Some(label.clone()),
+    match found.as_slice() {
+        [(label, false)] => Some((*label).clone()),
         _ => None,
     }
 }

@@ -439,9 +439,10 @@ fn fit(text: String) -> String {
 
 /// A text as a code guess, as people type codes: "123 456", "123-456", "123456." are the
 /// code; "3:30" or "10.5" stay what they are (not a guess that could cost an attempt). A
-/// code within words ("My code is 123456", "123456 thanks") is the code too: the one run of
-/// `digits` digits in the text (spaces and dashes within it allowed); with two such runs,
-/// or none, the text stays what it is.
+/// code within words ("My code is 123456", "123456 thanks") is the code too: the run of
+/// `digits` digits in the text (spaces and dashes within it allowed), or the same one
+/// pasted twice; two different ones are no guess. Digits alone of another length are a
+/// guess (a wrong one).
 fn code_guess(text: &str, digits: usize) -> String {
     let text = crate::ascii_digits(text);
     let plain: String = text
@@ -449,27 +450,11 @@ fn code_guess(text: &str, digits: usize) -> String {
         .chars()
         .filter(|c| !c.is_whitespace() && *c != '-')
         .collect();
-    if plain.chars().all(|c| c.is_ascii_digit()) {
-        // The code pasted twice ("123456 123456") is that code; two different codes are
-        // no guess (the text as it is, which no code is).
-        let groups: Vec<&str> = text
-            .split(|c: char| c.is_whitespace() || c == ',' || c == ';')
-            .map(|g| g.trim_matches(|c: char| c.is_ascii_punctuation()))
-            .filter(|g| !g.is_empty())
-            .collect();
-        let codes = groups.len() > 1
-            && groups
-                .iter()
-                .all(|g| g.len() == digits && g.bytes().all(|b| b.is_ascii_digit()));
-        if plain.len() != digits && codes {
-            return if groups.iter().all(|g| *g == groups[0]) {
-                groups[0].to_string()
-            } else {
-                text.to_string()
-            };
-        }
+    if plain.len() == digits && plain.chars().all(|c| c.is_ascii_digit()) {
         return plain;
     }
+    // Runs of digits (a space or dash within one goes on with it); a run of a code's length
+    // is a code, and so is one of several, each that code ("123456 123456").
     let mut runs: Vec<String> = Vec::new();
     let mut run = String::new();
     for c in text.chars() {
@@ -480,10 +465,22 @@ fn code_guess(text: &str, digits: usize) -> String {
         }
     }
     runs.push(run);
-    let mut coded = runs.into_iter().filter(|r| r.len() == digits);
-    match (coded.next(), coded.next()) {
-        (Some(code), None) => code,
-        _ => plain,
+    let mut coded: Vec<String> = Vec::new();
+    for run in runs
+        .iter()
+        .filter(|r| r.len() >= digits && r.len() % digits == 0)
+    {
+        let chunks: Vec<&str> = (0..run.len())
+            .step_by(digits)
+            .map(|i| &run[i..i + digits])
+            .collect();
+        coded.extend(chunks.into_iter().map(str::to_string));
+    }
+    match coded.first() {
+        Some(first) if coded.iter().all(|c| c == first) => first.clone(),
+        // Two different codes: no guess (the text as it is, which no code is).
+        Some(_) => text.to_string(),
+        None => plain,
     }
 }
 
@@ -761,16 +758,10 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                     // works once it is answered.
                     self.ask_again(&onboarding);
                 } else if edit && !self.flows.form.fields.is_empty() {
-                    // A question of a sequence waiting for its answer waits for the edit
-                    // too: its timeout starts afresh once the pass asks it again.
-                    if matches!(self.sub.state, State::InSequence { waiting: true, .. })
-                        && self
-                            .sub
-                            .timer
-                            .is_some_and(|t| t.kind == TimerKind::AskTimeout)
-                    {
-                        self.clear_timer();
-                    }
+                    // A question of a sequence waiting for its answer gets its whole time
+                    // again for the edit (and again once the pass asks it again), so it does
+                    // not run out in the middle of a pass, nor wait for ever on one left.
+                    self.restart_question_timeout();
                     self.ask_field(0, true);
                 } else if self.sub.form.is_some() {
                     self.answer_form(text);
@@ -910,7 +901,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     }
 
     /// Whether a guess (read by [`code_guess`]) is a code the number held when it verified
-    /// by text, still unexpired.
+    /// (by text or by an app), still unexpired.
     fn echoes_used_code(&self, guess: &str) -> bool {
         self.sub
             .used_codes
@@ -1217,6 +1208,22 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         }
     }
 
+    /// A sequence question waiting for its answer gets its whole `timeout` from now.
+    fn restart_question_timeout(&mut self) {
+        if let State::InSequence {
+            name,
+            step,
+            waiting: true,
+        } = self.sub.state.clone()
+        {
+            let timeout = self.flows.question(&name, step).and_then(|q| q.timeout);
+            if let Some(t) = timeout {
+                let at = self.now.checked_add_signed(t).unwrap_or(self.now);
+                self.set_timer(at, TimerKind::AskTimeout);
+            }
+        }
+    }
+
     fn finish_form(&mut self, editing: bool) {
         self.sub.form = None;
         if editing {
@@ -1225,18 +1232,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             // still what the next text answers, so it is asked again, with its whole time
             // to answer from now (the edit pass took some of it).
             self.ask_open_again();
-            if let State::InSequence {
-                name,
-                step,
-                waiting: true,
-            } = self.sub.state.clone()
-            {
-                let timeout = self.flows.question(&name, step).and_then(|q| q.timeout);
-                if let Some(t) = timeout {
-                    let at = self.now.checked_add_signed(t).unwrap_or(self.now);
-                    self.set_timer(at, TimerKind::AskTimeout);
-                }
-            }
+            self.restart_question_timeout();
         } else {
             self.enrol();
         }

@@ -686,8 +686,14 @@ fn a_code_typed_with_spaces_dashes_punctuation_or_words_around_it_verifies_and_a
         assert_eq!(t.subscriber.codes[0].wrong, 0, "{typed:?}");
     }
     // The code pasted twice is the code; two different codes cost no attempt.
-    let t = typed_while_awaiting_123456("123456 123456");
-    assert_eq!(t.subscriber.state, State::Verified);
+    for typed in [
+        "123456 123456",
+        "123456, 123456",
+        "My code is 123456 123456",
+    ] {
+        let t = typed_while_awaiting_123456(typed);
+        assert_eq!(t.subscriber.state, State::Verified, "{typed:?}");
+    }
     let t = typed_while_awaiting_123456("123456, 654321");
     assert_eq!(t.subscriber.codes[0].wrong, 0);
     let t = typed_while_awaiting_123456("654321 123456");
@@ -1390,7 +1396,8 @@ fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
         ("The bike!", Some("bike")),
         ("bike please", Some("bike")),
         ("a laptop", Some("laptop")),
-        ("a bike and a laptop", Some("bike")),
+        ("a bike and a laptop", None),
+        ("bike, no wait, laptop", None),
         ("bike? or the laptop", None),
         ("A please", None),
         ("Can I get a phone instead?", None),
@@ -1427,6 +1434,14 @@ fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
             .to_vec(),
     );
     assert_eq!(age.accept("I'm 45, not over 50"), None);
+    assert_eq!(age.accept("over 50, sorry, 30-50"), None);
+    let news = smsflow::flows::Expect::Choices(
+        [("A", "the_news"), ("B", "radio")]
+            .map(|(k, l)| (k.to_string(), l.to_string()))
+            .to_vec(),
+    );
+    assert_eq!(news.accept("the news, mostly").as_deref(), Some("the_news"));
+    assert_eq!(news.accept("the radio I think").as_deref(), Some("radio"));
     assert_eq!(age.accept("under 30? I wish"), None);
 
     let rating = smsflow::flows::Expect::Range(1, 5);
