@@ -485,7 +485,8 @@ fn code_guess(text: &str, digits: usize) -> String {
 }
 
 /// Whether a text asks to stop in words: it has the word "stop" or "unsubscribe" in it.
-/// (`check` refuses a choice that has one of those words, which could never be answered.)
+/// (`check` refuses a choice with one of those words in both its key and its label, which
+/// no reply could give.)
 pub fn asks_to_stop(text: &str) -> bool {
     text.split(|c: char| !c.is_alphanumeric())
         .any(|w| w.eq_ignore_ascii_case("stop") || w.eq_ignore_ascii_case("unsubscribe"))
