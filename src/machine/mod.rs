@@ -789,13 +789,12 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         let nothing_yet = self.sub.state == State::Verified
             && self.sub.form.is_none()
             && self.sub.sequence.is_none();
-        let to_ask = self
-            .flows
-            .form
-            .fields
-            .iter()
-            .any(|f| !self.sub.fields.contains_key(&f.key));
-        nothing_yet && (to_ask || self.flows.total_weight() > 0)
+        nothing_yet && (self.form_asks() || self.flows.total_weight() > 0)
+    }
+
+    /// Whether the form has a field this number has not answered.
+    fn form_asks(&self) -> bool {
+        (self.flows.form.fields.iter()).any(|f| !self.sub.fields.contains_key(&f.key))
     }
 
     fn opt_out(&mut self, reason: &str, confirm: bool) {
@@ -1020,13 +1019,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     /// nothing left to be asked.
     fn welcome(&mut self, returning: bool) {
         let v = &self.flows.verify;
-        let asks = self
-            .flows
-            .form
-            .fields
-            .iter()
-            .any(|f| !self.sub.fields.contains_key(&f.key));
-        match (&v.welcome_back, returning && !asks) {
+        match (&v.welcome_back, returning && !self.form_asks()) {
             (Some(back), true) => self.say_t(back),
             _ => self.say_t(&v.verified),
         }
