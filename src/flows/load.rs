@@ -465,6 +465,7 @@ struct RawReplies {
     not_joined: Text,
     already_joined: Text,
     stop_hint: Text,
+    late_answer: Text,
 }
 
 #[derive(Deserialize)]
@@ -1584,6 +1585,7 @@ impl Cx {
                     not_joined: None,
                     already_joined: None,
                     stop_hint: None,
+                    late_answer: None,
                 },
             ),
         };
@@ -1634,6 +1636,13 @@ impl Cx {
                 r.stop_hint,
                 "replies.stop_hint",
                 "To stop all messages from {bot.name}, reply STOP.",
+                plain,
+            ),
+            late_answer: self.text(
+                f,
+                r.late_answer,
+                "replies.late_answer",
+                "Thanks, your answer is saved.",
                 plain,
             ),
         }

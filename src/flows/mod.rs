@@ -314,6 +314,8 @@ pub struct Replies {
     pub already_joined: Template,
     /// To a text that asks to stop in words ("please stop"), which no opt-out keyword is.
     pub stop_hint: Template,
+    /// To an answer that came after its question's `timeout`, and was saved.
+    pub late_answer: Template,
 }
 
 #[derive(Clone, Debug)]

@@ -47,6 +47,20 @@ pub struct Subscriber {
     /// the one used, v7 all; the older serde layouts never held any.)
     #[serde(skip)]
     pub used_codes: Vec<IssuedCode>,
+    /// The sequence question that last went unanswered, while its answer is still taken
+    /// (see [`LateQuestion`]). Stored from record v8 on; older records never held one.
+    #[serde(skip)]
+    pub late: Option<LateQuestion>,
+}
+
+/// A sequence question whose `timeout` ran out: people answer late, and an answer it takes
+/// is saved (and acknowledged) until `until`, the question's `timeout` again after it ran
+/// out, unless another question is asked first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LateQuestion {
+    pub sequence: String,
+    pub step: usize,
+    pub until: DateTime<Utc>,
 }
 
 /// Where a number is in its conversation.
@@ -345,6 +359,7 @@ impl Subscriber {
             verified_at: None,
             last_inbound_at: None,
             used_codes: Vec::new(),
+            late: None,
         }
     }
 
@@ -538,6 +553,9 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         // does not carry them in every rewrite).
         let now = self.now;
         self.sub.used_codes.retain(|c| c.expires_at > now);
+        if self.sub.late.as_ref().is_some_and(|l| l.until <= now) {
+            self.sub.late = None;
+        }
         match event {
             Event::Inbound(text) => self.inbound(text),
             Event::TimerDue(t) => self.timer_due(*t),
@@ -774,7 +792,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 {
                     let (name, step) = (name.clone(), *step);
                     self.answer_question(&name, step, text);
-                } else {
+                } else if !self.answer_late(text) {
                     self.say_t(&self.flows.replies.unknown);
                 }
             }
@@ -807,6 +825,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         self.sub.form = None;
         self.sub.codes.clear();
         self.sub.used_codes.clear();
+        self.sub.late = None;
         self.record(Record::OptedOut {
             reason: reason.to_string(),
         });
@@ -1338,6 +1357,8 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             }
             StepAction::Ask(q) => {
                 self.say_t(&q.text);
+                // A reply now answers this question, not one that ran out before it.
+                self.sub.late = None;
                 // The question is now the last thing asked: an unfinished edit pass ends
                 // (what it saved stays), or the reply would go to the old edit prompt.
                 if self.sub.form.as_ref().is_some_and(|c| c.editing) {
@@ -1386,6 +1407,37 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         });
         self.clear_timer();
         self.schedule_step(name, k + 1);
+    }
+
+    /// Takes a text as the late answer to the question that last ran out (see
+    /// [`LateQuestion`]), if one is still taken, is still in the flows, and accepts the text:
+    /// saved as a timely answer is, and acknowledged with `replies.late_answer` (the
+    /// sequence has moved on, so no step follows it). Says whether it did.
+    fn answer_late(&mut self, text: &str) -> bool {
+        let Some(late) = self.sub.late.clone() else {
+            return false;
+        };
+        let flows = self.flows;
+        let Some(q) = flows.question(&late.sequence, late.step) else {
+            return false;
+        };
+        let Some(value) = q.expect.accept(text) else {
+            return false;
+        };
+        self.sub.late = None;
+        if let Some(key) = &q.save {
+            self.sub.fields.insert(key.clone(), value.clone());
+            self.record(Record::FieldSaved {
+                key: key.clone(),
+                value,
+            });
+        }
+        self.record(Record::Answered {
+            sequence: late.sequence,
+            step: late.step,
+        });
+        self.say_t(&flows.replies.late_answer);
+        true
     }
 
     fn end_sequence(&mut self, name: &str, reason: &str) {
@@ -1456,6 +1508,12 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 self.record(Record::AnswerTimedOut {
                     sequence: name.clone(),
                     step,
+                });
+                let timeout = flows.question(&name, step).and_then(|q| q.timeout);
+                self.sub.late = timeout.map(|t| LateQuestion {
+                    sequence: name.clone(),
+                    step,
+                    until: self.now.checked_add_signed(t).unwrap_or(self.now),
                 });
                 self.schedule_step(&name, step + 1);
             }

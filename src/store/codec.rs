@@ -6,7 +6,7 @@ use bincode::Options;
 use chrono::{DateTime, Utc};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::machine::{FormCursor, IssuedCode, State, Subscriber, Timer, TimerKind};
+use crate::machine::{FormCursor, IssuedCode, LateQuestion, State, Subscriber, Timer, TimerKind};
 use crate::phone::Phone;
 
 /// The version written today. Bump it (and add a migration arm) whenever a stored type changes:
@@ -19,7 +19,8 @@ use crate::phone::Phone;
 /// v5: as v4, then the key of the form field asked (v4 and older read as `None`: by index).
 /// v6: as v5, then the code the number verified with by text (older ones read as none).
 /// v7: as v6, with every code the number held when it verified by text.
-pub const SUBSCRIBER_VERSION: u8 = 7;
+/// v8: as v7, then the question whose late answer is still taken (older ones read as none).
+pub const SUBSCRIBER_VERSION: u8 = 8;
 
 /// bincode as v3 and v4 write it. (v1 and v2 use bincode's default fixed-width integers.)
 fn compact() -> impl Options {
@@ -164,6 +165,7 @@ fn from_v4(v: V4Owned) -> Result<Subscriber, CodecError> {
         verified_at: verified.map(from_at).transpose()?,
         last_inbound_at: inbound.map(from_at).transpose()?,
         used_codes: Vec::new(),
+        late: None,
     })
 }
 
@@ -202,8 +204,10 @@ pub fn encode_record(s: &Subscriber, replies: &[Replied]) -> Vec<u8> {
     let mut out = vec![SUBSCRIBER_VERSION];
     let asked = s.form.as_ref().and_then(|c| c.key.as_deref());
     let used: Vec<_> = s.used_codes.iter().map(code_to_store).collect();
+    let late = (s.late.as_ref()).map(|l| (l.sequence.as_str(), l.step as u64, at(&l.until)));
     // As in `encode`: plain data into a Vec cannot fail.
-    if let Err(e) = compact().serialize_into(&mut out, &(to_v4(s), asked, replies, used)) {
+    let record = (to_v4(s), asked, replies, used, late);
+    if let Err(e) = compact().serialize_into(&mut out, &record) {
         tracing::error!("serializing a subscriber failed: {e}");
     }
     out
@@ -217,11 +221,40 @@ where
 {
     let (v, asked, replies, used): (V4Owned, Option<String>, Vec<Replied>, U) =
         compact().deserialize(body)?;
+    Ok((with_used(v, asked, used)?, replies))
+}
+
+/// A subscriber from the v4 layout, the key of the form field asked (v5 on), and the codes
+/// kept from its verification (v6 on).
+fn with_used(
+    v: V4Owned,
+    asked: Option<String>,
+    used: impl IntoIterator<Item = (String, At, At, u8)>,
+) -> Result<Subscriber, CodecError> {
     let mut s = with_asked(from_v4(v)?, asked);
     s.used_codes = used
         .into_iter()
         .map(code_from_store)
         .collect::<Result<_, _>>()?;
+    Ok(s)
+}
+
+/// A v8 record: as v7, then the question whose late answer is still taken.
+fn with_late(body: &[u8]) -> Result<(Subscriber, Vec<Replied>), CodecError> {
+    type Kept = Vec<(String, At, At, u8)>;
+    type Late = Option<(String, u64, At)>;
+    let (v, asked, replies, used, late): (V4Owned, Option<String>, Vec<Replied>, Kept, Late) =
+        compact().deserialize(body)?;
+    let mut s = with_used(v, asked, used)?;
+    s.late = late
+        .map(|(sequence, step, until)| {
+            Ok::<_, CodecError>(LateQuestion {
+                sequence,
+                step: usize::try_from(step).unwrap_or(usize::MAX),
+                until: from_at(until)?,
+            })
+        })
+        .transpose()?;
     Ok((s, replies))
 }
 
@@ -243,6 +276,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<(Subscriber, Vec<Replied>), CodecEr
         // v6 kept one code from the verification, v7 every one the number may text back.
         (6, body) => with_kept::<Option<(String, At, At, u8)>>(body),
         (7, body) => with_kept::<Vec<(String, At, At, u8)>>(body),
+        (8, body) => with_late(body),
         (v, _) => Err(CodecError::UnknownVersion(v)),
     }
 }
@@ -253,7 +287,7 @@ pub fn state_of_record(bytes: &[u8]) -> Result<State, CodecError> {
     match split(bytes)? {
         (1 | 2, body) => Ok(bincode::deserialize::<(String, State)>(body)?.1),
         // Only a prefix is read, so trailing bytes are expected here.
-        (3..=7, body) => Ok(compact()
+        (3..=8, body) => Ok(compact()
             .allow_trailing_bytes()
             .deserialize::<(String, State)>(body)?
             .1),
@@ -374,6 +408,39 @@ mod tests {
             )
             .unwrap();
         assert_eq!(decode_record(&v6).unwrap(), (s, Vec::new()));
+    }
+
+    #[test]
+    fn a_version_7_record_reads_as_it_was_with_no_late_answer_taken() {
+        let now: DateTime<Utc> = "2026-01-05T15:00:00Z".parse().unwrap();
+        let mut s = Subscriber::new(Phone::parse("+14155550100").unwrap(), now);
+        s.state = State::Verified;
+        s.used_codes = vec![IssuedCode {
+            code: "987654".into(),
+            issued_at: now,
+            expires_at: now,
+            wrong: 0,
+        }];
+        let used: Vec<_> = s.used_codes.iter().map(code_to_store).collect();
+        let mut v7 = vec![7];
+        compact()
+            .serialize_into(
+                &mut v7,
+                &(to_v4(&s), None::<&str>, Vec::<Replied>::new(), used),
+            )
+            .unwrap();
+        assert_eq!(decode_record(&v7).unwrap(), (s.clone(), Vec::new()));
+        // And today's, with one.
+        s.late = Some(LateQuestion {
+            sequence: "quiz".into(),
+            step: 1,
+            until: now,
+        });
+        assert_eq!(decode_subscriber(&encode_subscriber(&s)).unwrap(), s);
+        assert_eq!(
+            state_of_record(&encode_subscriber(&s)).unwrap(),
+            State::Verified
+        );
     }
 
     /// A record as smsflow wrote it before v6: no code kept from a verification.

@@ -29,11 +29,12 @@ const HISTORY_VERSION: u8 = 1;
 /// 4: outbox messages may be v2 (with `follow_up`). 5: subscriber records may be v5 (with the
 /// key of the form field asked). 6: outbox messages may be v3 (with a code's expiry). 7:
 /// subscriber records may be v6 (with the code the number verified with). 8: v7 (with every
-/// code the number may text back after it verified).
+/// code the number may text back after it verified). 9: v8 (with the question whose late
+/// answer is still taken).
 /// An older data dir is upgraded at open (schema 1 is counted once; older records are read
 /// as they are and rewritten in today's form when they next change). An older smsflow
 /// refuses a newer dir by its schema instead of failing on each record it cannot read.
-const SCHEMA: u64 = 8;
+const SCHEMA: u64 = 9;
 
 /// A message waiting in the outbox. `Debug` hides the body of one that carries a code.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]

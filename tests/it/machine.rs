@@ -1553,3 +1553,103 @@ fn the_other_code_a_number_was_sent_texted_after_it_verified_is_not_taken_as_an_
     assert!(t.subscriber.fields.is_empty(), "{:?}", t.subscriber.fields);
     assert_eq!(messages(&t.effects), ["What's your first name?"]);
 }
+
+/// A number whose quiz question (timeout 1d) ran out at `t0`, with the sequence moved on.
+fn quiz_question_ran_out() -> (Flows, Subscriber) {
+    let f = flows();
+    let mut sub = subscriber(State::InSequence {
+        name: "quiz".into(),
+        step: 1,
+        waiting: true,
+    });
+    let timer = smsflow::machine::Timer {
+        at: t0(),
+        kind: smsflow::machine::TimerKind::AskTimeout,
+        epoch: 1,
+    };
+    sub.timer = Some(timer);
+    let rng = &mut StdRng::seed_from_u64(0);
+    let t = step(sub, &Event::TimerDue(timer), &f, t0(), rng);
+    (f, t.subscriber)
+}
+
+/// People answer late: an answer after its question's timeout is saved and acknowledged,
+/// for as long again as the question waited, once, and only while no other question was
+/// asked since and no opt-out came between.
+#[test]
+fn an_answer_that_comes_after_its_questions_timeout_is_saved_for_as_long_again() {
+    let rng = &mut StdRng::seed_from_u64(0);
+    let hours = |h: i64| t0() + TimeDelta::hours(h);
+    let text = |sub: Subscriber, f: &Flows, said: &str, at: DateTime<Utc>| {
+        step(
+            sub,
+            &Event::Inbound(said.into()),
+            f,
+            at,
+            &mut StdRng::seed_from_u64(0),
+        )
+    };
+    let saved = "Thanks, your answer is saved.";
+    let unknown =
+        "Acme Contest: sorry, I didn't get that. Reply HELP for help, or STOP to opt out.";
+
+    // Within the day: saved, acknowledged, recorded, and the sequence keeps its timer.
+    let (f, late) = quiz_question_ran_out();
+    let timer = late.timer;
+    let t = text(late.clone(), &f, "B", hours(23));
+    assert_eq!(messages(&t.effects), [saved]);
+    assert_eq!(
+        t.subscriber.fields.get("favorite").map(String::as_str),
+        Some("bike")
+    );
+    assert_eq!(t.subscriber.timer, timer, "the sequence goes on as it was");
+    assert!(t.effects.iter().any(|e| matches!(e,
+        Effect::Record(smsflow::machine::Record::Answered { sequence, step: 1 }) if sequence == "quiz")));
+    // Once: a second answer is no answer.
+    let again = text(t.subscriber, &f, "C", hours(23));
+    assert_eq!(messages(&again.effects), [unknown]);
+    assert_eq!(
+        again.subscriber.fields.get("favorite").map(String::as_str),
+        Some("bike")
+    );
+
+    // What the question does not accept is no answer, and leaves the question open to one.
+    let t = text(late.clone(), &f, "what?", hours(1));
+    assert_eq!(messages(&t.effects), [unknown]);
+    let t = text(t.subscriber, &f, "camera", hours(2));
+    assert_eq!(messages(&t.effects), [saved]);
+
+    // After the day: too late.
+    let t = text(late.clone(), &f, "B", hours(24));
+    assert_eq!(messages(&t.effects), [unknown]);
+    assert_eq!(t.subscriber.fields.get("favorite"), None);
+    assert_eq!(t.subscriber.late, None, "dropped at expiry");
+
+    // Opted out and back in: the question is gone with the opt-out.
+    let out = text(late.clone(), &f, "STOP", hours(1));
+    assert_eq!(out.subscriber.late, None);
+
+    // Another question asked since: a reply answers that one.
+    let mut gentle = late.clone();
+    gentle.state = State::InSequence {
+        name: "gentle".into(),
+        step: 2,
+        waiting: false,
+    };
+    let next = smsflow::machine::Timer {
+        at: hours(1),
+        kind: smsflow::machine::TimerKind::Step,
+        epoch: 9,
+    };
+    gentle.timer = Some(next);
+    let asked = step(gentle, &Event::TimerDue(next), &f, hours(1), rng);
+    assert_eq!(messages(&asked.effects), ["How useful were the tips, 1-5?"]);
+    assert_eq!(asked.subscriber.late, None);
+    let t = text(asked.subscriber, &f, "B", hours(2));
+    assert_eq!(t.subscriber.fields.get("favorite"), None);
+
+    // A record round-trips with it.
+    let bytes = codec::encode_subscriber(&late);
+    assert_eq!(codec::decode_subscriber(&bytes).expect("decodes"), late);
+    assert!(late.late.is_some());
+}
