@@ -486,17 +486,6 @@ fn public_url(state: &AppState, headers: &HeaderMap, uri: &Uri) -> String {
     format!("{proto}://{host}{path}")
 }
 
-/// Twilio's message statuses in the order they happen; final ones rank highest.
-fn status_rank(status: &str) -> u8 {
-    match status {
-        "accepted" | "scheduled" | "queued" => 1,
-        "sending" => 2,
-        "sent" => 3,
-        "delivered" | "partially_delivered" | "undelivered" | "failed" | "read" | "canceled" => 4,
-        _ => 0,
-    }
-}
-
 /// A short label for metrics and logs.
 fn outcome_label(o: crate::machine::Outcome) -> &'static str {
     use crate::machine::Outcome::*;
@@ -572,15 +561,12 @@ async fn status(
             WebhookError::BadRequest(format!("ErrorCode {:?} is not a number", crate::clip(c)))
         })?),
     };
-    let now = state.engine.clock().now();
-    let phone = state.engine.store.update_delivery_by_sid(sid, |d| {
-        // Reports can arrive out of order: never move a message's status backwards.
-        if status_rank(new_status) >= status_rank(&d.status) {
-            d.status = crate::clip(new_status).into_owned();
-            d.error_code = code.or(d.error_code);
-            d.updated_at = now;
-        }
-    })?;
+    let report = crate::store::Report {
+        status: crate::clip(new_status).into_owned(),
+        error_code: code,
+        at: state.engine.clock().now(),
+    };
+    let phone = state.engine.store.report(sid, &report)?;
     if code == Some(UNSUBSCRIBED) {
         // For a message smsflow has no record of, the number it went to. (One smsflow does
         // not know, erased since the send or never met, is not brought back: the event

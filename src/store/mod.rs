@@ -24,6 +24,7 @@ use crate::phone::Phone;
 const OUT_VERSION: u8 = 3;
 const DELIVERY_VERSION: u8 = 1;
 const HISTORY_VERSION: u8 = 1;
+const REPORT_VERSION: u8 = 1;
 /// The layout of trees and keys; checked at open. 2: subscriber records may be v3 and the
 /// counts per state are kept in `meta`. 3: subscriber records may be v4 (times as numbers).
 /// 4: outbox messages may be v2 (with `follow_up`). 5: subscriber records may be v5 (with the
@@ -123,6 +124,46 @@ pub struct Delivery {
     pub updated_at: DateTime<Utc>,
 }
 
+/// What a delivery report says of a message: Twilio's `MessageStatus` and `ErrorCode`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub status: String,
+    pub error_code: Option<u32>,
+    pub at: DateTime<Utc>,
+}
+
+impl Report {
+    /// How far along a status is (Twilio's statuses in the order they happen; final ones
+    /// rank highest): reports can arrive out of order, and a message's status never moves
+    /// backwards.
+    fn rank(status: &str) -> u8 {
+        match status {
+            "accepted" | "scheduled" | "queued" => 1,
+            "sending" => 2,
+            "sent" => 3,
+            "delivered"
+            | "partially_delivered"
+            | "undelivered"
+            | "failed"
+            | "read"
+            | "canceled" => 4,
+            _ => 0,
+        }
+    }
+
+    /// The report applied to a message's record, unless the record is further along.
+    fn apply(&self, d: &mut Delivery) {
+        if Report::rank(&self.status) >= Report::rank(&d.status) {
+            d.status.clone_from(&self.status);
+            d.error_code = self.error_code.or(d.error_code);
+            d.updated_at = self.at;
+        }
+    }
+}
+
+/// How long a report for a message not yet recorded waits for it (see [`Store::report`]).
+const EARLY_REPORT_KEPT: chrono::TimeDelta = chrono::TimeDelta::days(1);
+
 /// One of a number's messages, as [`Store::messages_of`] finds it.
 pub enum Sent {
     Queued(OutMessage),
@@ -197,6 +238,9 @@ pub struct Store {
     history: sled::Tree,
     deliveries: sled::Tree,
     sids: sled::Tree,
+    /// Delivery reports that came before their message's provider id was recorded (the
+    /// provider may report before its answer to the send is stored), by that id.
+    early_reports: sled::Tree,
     /// `phone ++ 0 ++ tag ++ id`: the outbox (`o`) and delivery (`d`) ids of each number, so
     /// erasing a number does not scan every message ever sent.
     by_phone: sled::Tree,
@@ -287,6 +331,7 @@ impl Store {
             history: tree("history")?,
             deliveries: tree("deliveries")?,
             sids: tree("sids")?,
+            early_reports: tree("early_reports")?,
             by_phone: tree("by_phone")?,
             counts: std::array::from_fn(|i| AtomicI64::new(stored_counts.map_or(0, |c| c[i]))),
             meta,
@@ -322,6 +367,7 @@ impl Store {
             meta.insert("schema", &SCHEMA.to_be_bytes())?;
             store.flush()?;
         }
+        store.drop_stale_early_reports(chrono::Utc::now() - EARLY_REPORT_KEPT)?;
         Ok(store)
     }
 
@@ -717,10 +763,17 @@ impl Store {
             &self.sids,
             &self.by_phone,
             &self.meta,
+            &self.early_reports,
         );
         let delta = trees
-            .transaction(|(outbox, deliveries, sids, by_phone, meta)| {
+            .transaction(|(outbox, deliveries, sids, by_phone, meta, early)| {
                 let mut delta: Counts = [0; COUNTS];
+                // A report that came before this record (and with it, when erased) is
+                // taken now.
+                let report = match &sid {
+                    Some(sid) => early.remove(sid.as_bytes())?,
+                    None => None,
+                };
                 // Erased while it was being sent: leave no record of the number behind.
                 if outbox.remove(&key[..])?.is_none() {
                     return Ok(delta);
@@ -729,7 +782,16 @@ impl Store {
                 keep_counts(meta, &delta)?;
                 by_phone.remove(queued.as_slice())?;
                 by_phone.insert(sent.as_slice(), &[][..])?;
-                deliveries.insert(&key[..], value.as_slice())?;
+                match report.and_then(|r| codec::decode::<Report>(REPORT_VERSION, &r).ok()) {
+                    Some(report) => {
+                        let mut d = delivery.clone();
+                        report.apply(&mut d);
+                        deliveries.insert(&key[..], codec::encode(DELIVERY_VERSION, &d))?;
+                    }
+                    None => {
+                        deliveries.insert(&key[..], value.as_slice())?;
+                    }
+                }
                 if let Some(sid) = &sid {
                     sids.insert(sid.as_bytes(), &key[..])?;
                 }
@@ -788,15 +850,30 @@ impl Store {
     /// Applies a delivery report to the message the provider id names, in one transaction:
     /// an erase or another report landing meanwhile is neither undone nor overwritten.
     /// Returns the message's number, or `None` when no message has that id (never sent by
-    /// this daemon, or erased) or its record cannot be read.
-    pub fn update_delivery_by_sid(
-        &self,
-        sid: &str,
-        change: impl Fn(&mut Delivery),
-    ) -> anyhow::Result<Option<Phone>> {
-        (&self.sids, &self.deliveries)
-            .transaction(|(sids, deliveries)| {
+    /// this daemon, erased, or not recorded yet) or its record cannot be read.
+    ///
+    /// The provider may report on a message before its answer to the send is recorded: a
+    /// report for an id not known while messages are still queued (one of them may be the
+    /// one in flight) is kept, and applied when that message's record is stored; one never
+    /// claimed goes a day later, at a start.
+    pub fn report(&self, sid: &str, report: &Report) -> anyhow::Result<Option<Phone>> {
+        let keep = self.outbox_len() > 0;
+        let early_value = codec::encode(REPORT_VERSION, report);
+        (&self.sids, &self.deliveries, &self.early_reports)
+            .transaction(|(sids, deliveries, early)| {
                 let Some(id) = sids.get(sid)? else {
+                    if keep {
+                        // The latest status, when two come first (out of order too).
+                        let further = match early.get(sid)? {
+                            Some(v) => codec::decode::<Report>(REPORT_VERSION, &v).is_ok_and(|r| {
+                                Report::rank(&r.status) > Report::rank(&report.status)
+                            }),
+                            None => false,
+                        };
+                        if !further {
+                            early.insert(sid, early_value.as_slice())?;
+                        }
+                    }
                     return Ok(None);
                 };
                 let Some(v) = deliveries.get(&id)? else {
@@ -813,7 +890,7 @@ impl Store {
                     }
                 };
                 let before = d.clone();
-                change(&mut d);
+                report.apply(&mut d);
                 if d != before {
                     deliveries.insert(&id, codec::encode(DELIVERY_VERSION, &d))?;
                 }
@@ -823,6 +900,26 @@ impl Store {
                 TransactionError::Abort(a) => anyhow::anyhow!("updating a delivery: {a}"),
                 TransactionError::Storage(s) => anyhow::anyhow!("updating a delivery: {s}"),
             })
+    }
+
+    /// Drops kept early reports (see [`Store::report`]) made before `before`, and any that
+    /// cannot be read.
+    fn drop_stale_early_reports(&self, before: DateTime<Utc>) -> anyhow::Result<()> {
+        for kv in self.early_reports.iter() {
+            let (k, v) = kv?;
+            let stale = codec::decode::<Report>(REPORT_VERSION, &v).map_or(true, |r| r.at < before);
+            if stale {
+                self.early_reports
+                    .compare_and_swap(&k, Some(v), None::<&[u8]>)?
+                    .ok();
+            }
+        }
+        Ok(())
+    }
+
+    /// Early reports kept, waiting for their message's record.
+    pub fn early_report_count(&self) -> usize {
+        self.early_reports.len()
     }
 
     /// Every delivery record, oldest first.

@@ -2343,3 +2343,51 @@ async fn a_refused_code_of_an_erased_number_withdraws_nothing_from_its_new_recor
         "the new record keeps its send against the limit"
     );
 }
+
+/// Twilio may report on a message before its answer to the send is back (and recorded): the
+/// report waits for the message's record and is applied to it, not lost. One for a message
+/// smsflow cannot be sending (nothing queued) is not kept.
+#[tokio::test]
+async fn a_delivery_report_that_comes_before_the_sends_answer_is_applied_once_it_is_recorded() {
+    let app = TestApp::spawn(FLOWS).await;
+    let report = |sid: String, status: &'static str| {
+        let app = &app;
+        async move {
+            let params = [
+                ("MessageSid", sid.as_str()),
+                ("MessageStatus", status),
+                ("To", ANN),
+            ];
+            app.post_form("/twilio/status", &params)
+                .await
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(report("SMnothing_queued".into(), "delivered").await, 204);
+    assert_eq!(app.engine.store.early_report_count(), 0);
+
+    app.twilio.hold();
+    let (status, _) = app.sms(ANN, "JOIN").await;
+    assert_eq!(status, 200);
+    eventually("the code's send to reach Twilio", async || {
+        app.twilio.held() == 1
+    })
+    .await;
+    // The fake numbers its messages: this is the sid its answer will carry. Delivered, then
+    // (out of order) sent: the furthest stands.
+    let sid = format!("SM{:032}", 1);
+    assert_eq!(report(sid.clone(), "delivered").await, 204);
+    assert_eq!(report(sid.clone(), "sent").await, 204);
+    assert_eq!(app.engine.store.early_report_count(), 1);
+    app.twilio.release();
+    eventually("the outbox to empty", async || {
+        app.engine.store.outbox_len() == 0
+    })
+    .await;
+    let (_, d) = (app.engine.store.delivery_by_sid(&sid))
+        .expect("lookup")
+        .expect("recorded");
+    assert_eq!(d.status, "delivered");
+    assert_eq!(app.engine.store.early_report_count(), 0, "taken");
+}

@@ -118,14 +118,10 @@ fn a_report_for_an_unreadable_delivery_record_reads_as_no_record() {
         db.flush().expect("flush");
     }
     let store = reopen(|| Store::open(dir.path()));
-    let named = store
-        .update_delivery_by_sid("SMa", |d| d.status = "delivered".into())
-        .expect("no error");
+    let named = store.report("SMa", &delivered()).expect("no error");
     assert_eq!(named, None);
     assert_eq!(
-        store
-            .update_delivery_by_sid("SMb", |d| d.status = "delivered".into())
-            .expect("the other"),
+        store.report("SMb", &delivered()).expect("the other"),
         Some(Phone::parse("+14155550102").unwrap())
     );
 }
@@ -564,31 +560,31 @@ proptest::proptest! {
     }
 }
 
+/// Twilio's report that a message was delivered, now.
+fn delivered() -> smsflow::store::Report {
+    smsflow::store::Report {
+        status: "delivered".into(),
+        error_code: None,
+        at: chrono::Utc::now(),
+    }
+}
+
 #[test]
 fn a_delivery_report_changes_only_a_message_still_on_record() {
     let (_dir, store, a, b) = two_numbers_in_a_new_store();
-    let delivered = |d: &mut Delivery| d.status = "delivered".into();
+    let delivered = &delivered();
 
-    let found = store
-        .update_delivery_by_sid("SMb", delivered)
-        .expect("update");
+    let found = store.report("SMb", delivered).expect("update");
     assert_eq!(found, Some(b.clone()));
     let (_, d) = store.delivery_by_sid("SMb").expect("lookup").expect("kept");
     assert_eq!(d.status, "delivered");
 
     // A report that lands after an erase must not write the number's record back.
     store.erase(&a).expect("erase");
-    let found = store
-        .update_delivery_by_sid("SMa", delivered)
-        .expect("update");
+    let found = store.report("SMa", delivered).expect("update");
     assert_eq!(found, None);
     assert_eq!(messages_of(&store, &a), (0, 0));
-    assert_eq!(
-        store
-            .update_delivery_by_sid("SMnever", delivered)
-            .expect("update"),
-        None
-    );
+    assert_eq!(store.report("SMnever", delivered).expect("update"), None);
 }
 
 #[test]
@@ -968,4 +964,30 @@ fn stored_enum_variants_keep_their_numbers() {
     for (n, k) in [TimerKind::Step, TimerKind::AskTimeout].iter().enumerate() {
         assert_eq!(number(k) as usize, n, "{k:?}");
     }
+}
+
+/// A report kept for a message not yet recorded (see `Store::report`) that no message
+/// claims goes a day after it came, at a start; a newer one stays.
+#[test]
+fn an_early_delivery_report_no_message_claims_is_dropped_a_day_later_at_a_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let now = Utc::now();
+    let phone = Phone::parse("+14155550100").expect("phone");
+    {
+        let store = Store::open(dir.path()).expect("open");
+        let queued = Commit {
+            subscriber: Some(Subscriber::new(phone, now)),
+            outgoing: vec![("in flight".into(), false)],
+            ..Commit::default()
+        };
+        store.commit_many(&[queued], now).expect("commit");
+        for (sid, at) in [("SMold", now - Duration::hours(25)), ("SMnew", now)] {
+            let report = smsflow::store::Report { at, ..delivered() };
+            assert_eq!(store.report(sid, &report).expect("report"), None);
+        }
+        assert_eq!(store.early_report_count(), 2);
+        store.flush().expect("flush");
+    }
+    let store = reopen(|| Store::open(dir.path()));
+    assert_eq!(store.early_report_count(), 1);
 }
