@@ -282,6 +282,8 @@ impl Outbox {
                 self.next_slot = Instant::now().max(self.next_slot) + self.interval;
             }
         }
+        // Until its record is stored, a delivery report for an unknown id may be this send's.
+        let _in_flight = store.send_in_flight();
         // A code that will not be sent, to withdraw.
         let mut withdraw = None;
         // How the message ends: its delivery's status, provider id, error code and error.

@@ -454,6 +454,7 @@ struct RawStep {
     expect: Option<S<toml::Value>>,
     timeout: Text,
     retry: Text,
+    thanks: Text,
 }
 
 #[derive(Deserialize)]
@@ -1495,6 +1496,7 @@ impl Cx {
                             (step.expect.is_some(), "expect"),
                             (step.timeout.is_some(), "timeout"),
                             (step.retry.is_some(), "retry"),
+                            (step.thanks.is_some(), "thanks"),
                         ] {
                             if extra {
                                 self.err(
@@ -1533,12 +1535,16 @@ impl Cx {
                         );
                         let parts = [(&retry, plain), (&text, plain)];
                         self.check_joined(f, ask.span(), &what, &parts);
+                        let thanks = step
+                            .thanks
+                            .map(|t| self.checked_text(f, &t, &format!("{what} thanks"), plain));
                         StepAction::Ask(Question {
                             text,
                             save,
                             expect,
                             retry,
                             timeout,
+                            thanks,
                         })
                     }
                     (Some(_), Some(_)) => {

@@ -303,6 +303,8 @@ pub struct Question {
     pub retry: Template,
     /// Move on unanswered after this long; `None` waits for an answer.
     pub timeout: Option<TimeDelta>,
+    /// The reply to an answer it takes (in time or late), before any step due at once.
+    pub thanks: Option<Template>,
 }
 
 #[derive(Clone, Debug)]

@@ -55,11 +55,15 @@ pub struct Subscriber {
 
 /// A sequence question whose `timeout` ran out: people answer late, and an answer it takes
 /// is saved (and acknowledged) until `until`, the question's `timeout` again after it ran
-/// out, unless another question is asked first.
+/// out, unless another question (a sequence's or the form's) is asked first. Only a
+/// question that saves its answer, and is not free text (which would take any text).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LateQuestion {
     pub sequence: String,
     pub step: usize,
+    /// The field it saves into: a reload that moves another question to its step does not
+    /// give that one its late answer.
+    pub field: String,
     pub until: DateTime<Utc>,
 }
 
@@ -1067,6 +1071,8 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 
     /// Asks field `index` (with its current answer when `editing`), and notes it as asked.
     fn ask_field(&mut self, index: usize, editing: bool) {
+        // A reply now answers this question, not a sequence's that ran out before it.
+        self.sub.late = None;
         self.sub.form = Some(FormCursor {
             index,
             editing,
@@ -1405,38 +1411,43 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             sequence: name.to_string(),
             step: k,
         });
+        if let Some(thanks) = &q.thanks {
+            self.say_t(thanks);
+        }
         self.clear_timer();
         self.schedule_step(name, k + 1);
     }
 
     /// Takes a text as the late answer to the question that last ran out (see
     /// [`LateQuestion`]), if one is still taken, is still in the flows, and accepts the text:
-    /// saved as a timely answer is, and acknowledged with `replies.late_answer` (the
-    /// sequence has moved on, so no step follows it). Says whether it did.
+    /// saved as a timely answer is, and acknowledged with the question's `thanks`, or
+    /// `replies.late_answer` (the sequence has moved on, so no step follows it). Says
+    /// whether it did.
     fn answer_late(&mut self, text: &str) -> bool {
         let Some(late) = self.sub.late.clone() else {
             return false;
         };
         let flows = self.flows;
-        let Some(q) = flows.question(&late.sequence, late.step) else {
+        let Some(q) = flows
+            .question(&late.sequence, late.step)
+            .filter(|q| q.save.as_ref() == Some(&late.field))
+        else {
             return false;
         };
         let Some(value) = q.expect.accept(text) else {
             return false;
         };
         self.sub.late = None;
-        if let Some(key) = &q.save {
-            self.sub.fields.insert(key.clone(), value.clone());
-            self.record(Record::FieldSaved {
-                key: key.clone(),
-                value,
-            });
-        }
+        self.sub.fields.insert(late.field.clone(), value.clone());
+        self.record(Record::FieldSaved {
+            key: late.field,
+            value,
+        });
         self.record(Record::Answered {
             sequence: late.sequence,
             step: late.step,
         });
-        self.say_t(&flows.replies.late_answer);
+        self.say_t(q.thanks.as_ref().unwrap_or(&flows.replies.late_answer));
         true
     }
 
@@ -1509,11 +1520,17 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                     sequence: name.clone(),
                     step,
                 });
-                let timeout = flows.question(&name, step).and_then(|q| q.timeout);
-                self.sub.late = timeout.map(|t| LateQuestion {
-                    sequence: name.clone(),
-                    step,
-                    until: self.now.checked_add_signed(t).unwrap_or(self.now),
+                self.sub.late = flows.question(&name, step).and_then(|q| {
+                    let field = q.save.clone()?;
+                    let timeout = q
+                        .timeout
+                        .filter(|_| !matches!(q.expect, crate::flows::Expect::Any))?;
+                    Some(LateQuestion {
+                        sequence: name.clone(),
+                        step,
+                        field,
+                        until: self.now.checked_add_signed(timeout).unwrap_or(self.now),
+                    })
                 });
                 self.schedule_step(&name, step + 1);
             }

@@ -204,7 +204,14 @@ pub fn encode_record(s: &Subscriber, replies: &[Replied]) -> Vec<u8> {
     let mut out = vec![SUBSCRIBER_VERSION];
     let asked = s.form.as_ref().and_then(|c| c.key.as_deref());
     let used: Vec<_> = s.used_codes.iter().map(code_to_store).collect();
-    let late = (s.late.as_ref()).map(|l| (l.sequence.as_str(), l.step as u64, at(&l.until)));
+    let late = (s.late.as_ref()).map(|l| {
+        (
+            l.sequence.as_str(),
+            l.step as u64,
+            l.field.as_str(),
+            at(&l.until),
+        )
+    });
     // As in `encode`: plain data into a Vec cannot fail.
     let record = (to_v4(s), asked, replies, used, late);
     if let Err(e) = compact().serialize_into(&mut out, &record) {
@@ -242,15 +249,16 @@ fn with_used(
 /// A v8 record: as v7, then the question whose late answer is still taken.
 fn with_late(body: &[u8]) -> Result<(Subscriber, Vec<Replied>), CodecError> {
     type Kept = Vec<(String, At, At, u8)>;
-    type Late = Option<(String, u64, At)>;
+    type Late = Option<(String, u64, String, At)>;
     let (v, asked, replies, used, late): (V4Owned, Option<String>, Vec<Replied>, Kept, Late) =
         compact().deserialize(body)?;
     let mut s = with_used(v, asked, used)?;
     s.late = late
-        .map(|(sequence, step, until)| {
+        .map(|(sequence, step, field, until)| {
             Ok::<_, CodecError>(LateQuestion {
                 sequence,
                 step: usize::try_from(step).unwrap_or(usize::MAX),
+                field,
                 until: from_at(until)?,
             })
         })
@@ -434,6 +442,7 @@ mod tests {
         s.late = Some(LateQuestion {
             sequence: "quiz".into(),
             step: 1,
+            field: "favorite".into(),
             until: now,
         });
         assert_eq!(decode_subscriber(&encode_subscriber(&s)).unwrap(), s);

@@ -7,7 +7,7 @@
 pub mod codec;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -31,7 +31,7 @@ const REPORT_VERSION: u8 = 1;
 /// key of the form field asked). 6: outbox messages may be v3 (with a code's expiry). 7:
 /// subscriber records may be v6 (with the code the number verified with). 8: v7 (with every
 /// code the number may text back after it verified). 9: v8 (with the question whose late
-/// answer is still taken).
+/// answer is still taken), and the `early_reports` tree.
 /// An older data dir is upgraded at open (schema 1 is counted once; older records are read
 /// as they are and rewritten in today's form when they next change). An older smsflow
 /// refuses a newer dir by its schema instead of failing on each record it cannot read.
@@ -156,13 +156,23 @@ impl Report {
         if Report::rank(&self.status) >= Report::rank(&d.status) {
             d.status.clone_from(&self.status);
             d.error_code = self.error_code.or(d.error_code);
-            d.updated_at = self.at;
+            d.updated_at = d.updated_at.max(self.at);
         }
     }
 }
 
-/// How long a report for a message not yet recorded waits for it (see [`Store::report`]).
-const EARLY_REPORT_KEPT: chrono::TimeDelta = chrono::TimeDelta::days(1);
+/// How long a report for a message not yet recorded waits for it (see [`Store::report`]):
+/// the send it may belong to is recorded as soon as the provider answers (within seconds).
+const EARLY_REPORT_KEPT: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
+
+/// A send through the provider in flight, from the outbox (see [`Store::send_in_flight`]).
+pub struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
+}
 
 /// One of a number's messages, as [`Store::messages_of`] finds it.
 pub enum Sent {
@@ -252,6 +262,8 @@ pub struct Store {
     /// Numbers erased since the store was opened (the outbox's memory of what waits is
     /// void after one).
     erasures: AtomicU64,
+    /// Outbox sends in flight (a report may come for one before its answer is recorded).
+    sending: AtomicUsize,
     /// One past the largest outbox id committed, and one past the largest known to be on
     /// disk (committed before a flush that succeeded): a message is sent only once durable,
     /// or a crash before the flush would bring back the event that queued it, to be sent again.
@@ -337,6 +349,7 @@ impl Store {
             meta,
             db,
             erasures: AtomicU64::new(0),
+            sending: AtomicUsize::new(0),
             outbox_committed_below: AtomicU64::new(queued_below),
             outbox_durable_below: AtomicU64::new(queued_below),
         };
@@ -853,31 +866,21 @@ impl Store {
     /// this daemon, erased, or not recorded yet) or its record cannot be read.
     ///
     /// The provider may report on a message before its answer to the send is recorded: a
-    /// report for an id not known while messages are still queued (one of them may be the
-    /// one in flight) is kept, and applied when that message's record is stored; one never
-    /// claimed goes a day later, at a start.
+    /// report for an id not known while the outbox has a send in flight (it may be that
+    /// one's) is kept, and applied when that message's record is stored. One no message
+    /// claims (it was another's: an OTP API text's, whose ids are not recorded) goes ten
+    /// minutes later, when another is kept or at a start.
     pub fn report(&self, sid: &str, report: &Report) -> anyhow::Result<Option<Phone>> {
-        let keep = self.outbox_len() > 0;
-        let early_value = codec::encode(REPORT_VERSION, report);
-        (&self.sids, &self.deliveries, &self.early_reports)
-            .transaction(|(sids, deliveries, early)| {
+        // Read first: with no send in flight now, every message the provider has an id for
+        // is recorded already (a send's record is stored before it stops being in flight).
+        let in_flight = self.sending.load(SeqCst) > 0;
+        let found = (&self.sids, &self.deliveries)
+            .transaction(|(sids, deliveries)| {
                 let Some(id) = sids.get(sid)? else {
-                    if keep {
-                        // The latest status, when two come first (out of order too).
-                        let further = match early.get(sid)? {
-                            Some(v) => codec::decode::<Report>(REPORT_VERSION, &v).is_ok_and(|r| {
-                                Report::rank(&r.status) > Report::rank(&report.status)
-                            }),
-                            None => false,
-                        };
-                        if !further {
-                            early.insert(sid, early_value.as_slice())?;
-                        }
-                    }
-                    return Ok(None);
+                    return Ok(Err(()));
                 };
                 let Some(v) = deliveries.get(&id)? else {
-                    return Ok(None);
+                    return Ok(Ok(None));
                 };
                 // One that cannot be read stops only itself: the report is not applied to it,
                 // and the caller goes on as for a message it has no record of (a 21610 still
@@ -886,7 +889,7 @@ impl Store {
                     Ok(d) => d,
                     Err(e) => {
                         tracing::warn!("a delivery report for a record that cannot be read: {e}");
-                        return Ok(None);
+                        return Ok(Ok(None));
                     }
                 };
                 let before = d.clone();
@@ -894,12 +897,55 @@ impl Store {
                 if d != before {
                     deliveries.insert(&id, codec::encode(DELIVERY_VERSION, &d))?;
                 }
-                Ok::<_, ConflictableTransactionError<Abort>>(Some(d.phone))
+                Ok::<_, ConflictableTransactionError<Abort>>(Ok(Some(d.phone)))
             })
-            .map_err(|e| match e {
-                TransactionError::Abort(a) => anyhow::anyhow!("updating a delivery: {a}"),
-                TransactionError::Storage(s) => anyhow::anyhow!("updating a delivery: {s}"),
+            .map_err(|e| anyhow::anyhow!("updating a delivery: {e:?}"))?;
+        match found {
+            Ok(phone) => Ok(phone),
+            Err(()) if in_flight => {
+                self.keep_early_report(sid, report)?;
+                Ok(None)
+            }
+            Err(()) => Ok(None),
+        }
+    }
+
+    /// Keeps a report for a message not recorded yet (see [`Store::report`]), unless it is
+    /// recorded by now (then it is applied), or a report kept for it is further along (two
+    /// early ones may come out of order). Drops kept ones that have waited too long.
+    fn keep_early_report(&self, sid: &str, report: &Report) -> anyhow::Result<()> {
+        self.drop_stale_early_reports(report.at - EARLY_REPORT_KEPT)?;
+        let applied = (&self.sids, &self.deliveries, &self.early_reports)
+            .transaction(|(sids, deliveries, early)| {
+                // Recorded since the look above: applied as any report is.
+                if let Some(id) = sids.get(sid)? {
+                    if let Some(Ok(mut d)) = deliveries
+                        .get(&id)?
+                        .map(|v| codec::decode::<Delivery>(DELIVERY_VERSION, &v))
+                    {
+                        report.apply(&mut d);
+                        deliveries.insert(&id, codec::encode(DELIVERY_VERSION, &d))?;
+                    }
+                    return Ok(true);
+                }
+                let mut kept = report.clone();
+                if let Some(Ok(earlier)) =
+                    (early.get(sid)?).map(|v| codec::decode::<Report>(REPORT_VERSION, &v))
+                {
+                    if Report::rank(&earlier.status) > Report::rank(&kept.status) {
+                        kept = earlier;
+                    } else {
+                        kept.error_code = kept.error_code.or(earlier.error_code);
+                    }
+                }
+                early.insert(sid, codec::encode(REPORT_VERSION, &kept))?;
+                Ok::<_, ConflictableTransactionError<Abort>>(false)
             })
+            .map_err(|e| anyhow::anyhow!("keeping an early delivery report: {e:?}"))?;
+        if applied {
+            tracing::debug!("a delivery report came as its message was recorded");
+        }
+        Ok(())
     }
 
     /// Drops kept early reports (see [`Store::report`]) made before `before`, and any that
@@ -915,6 +961,13 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Marks an outbox send in flight until the guard drops (after its record is stored):
+    /// meanwhile a report for an unknown message id is kept for it (see [`Store::report`]).
+    pub fn send_in_flight(&self) -> InFlight<'_> {
+        self.sending.fetch_add(1, SeqCst);
+        InFlight(&self.sending)
     }
 
     /// Early reports kept, waiting for their message's record.

@@ -943,3 +943,32 @@ fn a_voice_code_text_that_makes_a_call_too_long_for_twilio_is_refused() {
         "{problems}"
     );
 }
+
+#[test]
+fn thanks_belongs_on_a_question_and_is_checked_like_any_text() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "flows.toml",
+        r#"[form]
+extra_fields = ["rating"]
+
+[[sequence]]
+name = "s"
+steps = [
+  { say = "Hi", thanks = "Thanks!" },
+  { ask = "Rate us 1-5", save = "rating", expect = { range = [1, 5] }, thanks = "Thanks {field.ratin}!" },
+]
+"#,
+    );
+    let problems = problems_in(dir.path());
+    assert!(
+        problems.contains("flows.toml:7:")
+            && problems.contains("`thanks` only belongs on an `ask` step"),
+        "{problems}"
+    );
+    assert!(
+        problems.contains("flows.toml:8:") && problems.contains("{field.ratin}"),
+        "{problems}"
+    );
+}

@@ -1266,7 +1266,10 @@ fn a_sequence_question_sent_during_an_unfinished_edit_gets_the_answer() {
     assert_eq!(s.form, None, "the edit pass is over");
     assert_eq!(
         messages(&answered.effects),
-        ["Thanks for taking part! Good luck in the contest."]
+        [
+            "Thanks for rating the tips!",
+            "Thanks for taking part! Good luck in the contest."
+        ]
     );
 }
 
@@ -1574,10 +1577,10 @@ fn quiz_question_ran_out() -> (Flows, Subscriber) {
 }
 
 /// People answer late: an answer after its question's timeout is saved and acknowledged,
-/// for as long again as the question waited, once, and only while no other question was
+/// for the question's timeout again, once, and only while no other question was
 /// asked since and no opt-out came between.
 #[test]
-fn an_answer_that_comes_after_its_questions_timeout_is_saved_for_as_long_again() {
+fn an_answer_that_comes_after_its_questions_timeout_is_saved_for_that_timeout_again() {
     let rng = &mut StdRng::seed_from_u64(0);
     let hours = |h: i64| t0() + TimeDelta::hours(h);
     let text = |sub: Subscriber, f: &Flows, said: &str, at: DateTime<Utc>| {
@@ -1625,9 +1628,24 @@ fn an_answer_that_comes_after_its_questions_timeout_is_saved_for_as_long_again()
     assert_eq!(t.subscriber.fields.get("favorite"), None);
     assert_eq!(t.subscriber.late, None, "dropped at expiry");
 
-    // Opted out and back in: the question is gone with the opt-out.
+    // Opted out: the question is gone with the opt-out.
     let out = text(late.clone(), &f, "STOP", hours(1));
     assert_eq!(out.subscriber.late, None);
+
+    // An EDIT pass asks other questions (with the same keys, A to C): its replies answer
+    // them, and a reply after it is no late answer.
+    let mut edit = late.clone();
+    edit.state = State::Verified;
+    edit.fields.insert("first_name".into(), "Cy".into());
+    let t = text(edit, &f, "PROFILE", hours(1));
+    assert_eq!(t.subscriber.late, None);
+    let t = text(t.subscriber, &f, "KEEP", hours(1));
+    let t = text(t.subscriber, &f, "C", hours(1));
+    let t = text(t.subscriber, &f, "C", hours(1));
+    assert_eq!(t.subscriber.form, None, "the pass is over");
+    let t = text(t.subscriber, &f, "C", hours(1));
+    assert_eq!(messages(&t.effects), [unknown]);
+    assert_eq!(t.subscriber.fields.get("favorite"), None);
 
     // Another question asked since: a reply answers that one.
     let mut gentle = late.clone();
@@ -1645,11 +1663,77 @@ fn an_answer_that_comes_after_its_questions_timeout_is_saved_for_as_long_again()
     let asked = step(gentle, &Event::TimerDue(next), &f, hours(1), rng);
     assert_eq!(messages(&asked.effects), ["How useful were the tips, 1-5?"]);
     assert_eq!(asked.subscriber.late, None);
-    let t = text(asked.subscriber, &f, "B", hours(2));
+    let t = text(asked.subscriber, &f, "4", hours(2));
+    let t = text(t.subscriber, &f, "B", hours(2));
+    assert_eq!(messages(&t.effects), [unknown]);
     assert_eq!(t.subscriber.fields.get("favorite"), None);
+
+    // A question with its own `thanks` says it to a late answer too.
+    let mut rating = late.clone();
+    rating.late = Some(smsflow::machine::LateQuestion {
+        sequence: "gentle".into(),
+        step: 2,
+        field: "rating".into(),
+        until: hours(24),
+    });
+    let t = text(rating, &f, "4", hours(1));
+    assert_eq!(messages(&t.effects), ["Thanks for rating the tips!"]);
+    assert_eq!(
+        t.subscriber.fields.get("rating").map(String::as_str),
+        Some("4")
+    );
 
     // A record round-trips with it.
     let bytes = codec::encode_subscriber(&late);
     assert_eq!(codec::decode_subscriber(&bytes).expect("decodes"), late);
     assert!(late.late.is_some());
+}
+
+/// Only a question that saves its answer and is not free text takes a late one: free text
+/// would take any text at all, and an unsaved answer has nowhere to go.
+#[test]
+fn a_free_text_or_unsaved_question_takes_no_late_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("flows.toml"),
+        r#"[form]
+extra_fields = ["note", "pick"]
+
+[[sequence]]
+name = "free"
+steps = [{ ask = "Any note?", save = "note", timeout = "1h" }, { after = "1d", say = "Bye" }]
+
+[[sequence]]
+name = "unsaved"
+steps = [
+  { ask = "A or B?", expect = { choices = { A = "a", B = "b" } }, timeout = "1h" },
+  { after = "1d", say = "Bye" },
+]
+
+[[sequence]]
+name = "saved"
+steps = [
+  { ask = "A or B?", save = "pick", expect = { choices = { A = "a", B = "b" } }, timeout = "1h" },
+  { after = "1d", say = "Bye" },
+]
+"#,
+    )
+    .unwrap();
+    let f = smsflow::flows::load_dir(dir.path()).expect("flows load");
+    for (name, takes) in [("free", false), ("unsaved", false), ("saved", true)] {
+        let mut sub = subscriber(State::InSequence {
+            name: name.into(),
+            step: 0,
+            waiting: true,
+        });
+        let timer = smsflow::machine::Timer {
+            at: t0(),
+            kind: smsflow::machine::TimerKind::AskTimeout,
+            epoch: 1,
+        };
+        sub.timer = Some(timer);
+        let rng = &mut StdRng::seed_from_u64(0);
+        let t = step(sub, &Event::TimerDue(timer), &f, t0(), rng);
+        assert_eq!(t.subscriber.late.is_some(), takes, "{name}");
+    }
 }
