@@ -503,6 +503,14 @@ fn code_guess(text: &str, digits: usize) -> String {
     }
 }
 
+/// Whether a question takes a late answer (see [`LateQuestion`]): the field it saves into,
+/// and for how long after its timeout ran out (the timeout again). Not free text, which
+/// would take any text at all, nor one that saves nothing.
+fn late_window(q: &crate::flows::Question) -> Option<(&String, chrono::TimeDelta)> {
+    let free = matches!(q.expect, crate::flows::Expect::Any);
+    Some((q.save.as_ref()?, q.timeout.filter(|_| !free)?))
+}
+
 /// Whether a text asks to stop in words: it has the word "stop" or "unsubscribe" in it.
 /// (`check` refuses a choice with one of those words in both its key and its label, which
 /// no reply could give.)
@@ -1428,9 +1436,11 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             return false;
         };
         let flows = self.flows;
+        // Still the question that ran out, by the rules it was kept by (a reload may have
+        // changed it since).
         let Some(q) = flows
             .question(&late.sequence, late.step)
-            .filter(|q| q.save.as_ref() == Some(&late.field))
+            .filter(|q| late_window(q).is_some_and(|(field, _)| *field == late.field))
         else {
             return false;
         };
@@ -1520,18 +1530,15 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                     sequence: name.clone(),
                     step,
                 });
-                self.sub.late = flows.question(&name, step).and_then(|q| {
-                    let field = q.save.clone()?;
-                    let timeout = q
-                        .timeout
-                        .filter(|_| !matches!(q.expect, crate::flows::Expect::Any))?;
-                    Some(LateQuestion {
-                        sequence: name.clone(),
-                        step,
-                        field,
-                        until: self.now.checked_add_signed(timeout).unwrap_or(self.now),
-                    })
-                });
+                self.sub.late =
+                    (flows.question(&name, step).and_then(late_window)).map(|(field, timeout)| {
+                        LateQuestion {
+                            sequence: name.clone(),
+                            step,
+                            field: field.clone(),
+                            until: self.now.checked_add_signed(timeout).unwrap_or(self.now),
+                        }
+                    });
                 self.schedule_step(&name, step + 1);
             }
             _ => self.outcome = Outcome::Ignored,

@@ -2345,8 +2345,8 @@ async fn a_refused_code_of_an_erased_number_withdraws_nothing_from_its_new_recor
 }
 
 /// Twilio may report on a message before its answer to the send is back (and recorded): the
-/// report waits for the message's record and is applied to it, not lost. One for a message
-/// smsflow cannot be sending (nothing queued) is not kept.
+/// report waits for the message's record and is applied to it, not lost. One that comes
+/// while no send is in flight is not kept.
 #[tokio::test]
 async fn a_delivery_report_that_comes_before_the_sends_answer_is_applied_once_it_is_recorded() {
     let app = TestApp::spawn(FLOWS).await;

@@ -986,7 +986,7 @@ fn an_early_delivery_report_is_kept_only_while_a_send_is_in_flight_and_not_for_l
     }
     let store = reopen(|| Store::open(dir.path()));
     assert_eq!(store.early_report_count(), 0, "dropped at a start");
-    let _sending = store.send_in_flight();
+    let sending = store.send_in_flight();
     store
         .report("SMold", &report(now - Duration::minutes(11)))
         .expect("report");
@@ -996,4 +996,44 @@ fn an_early_delivery_report_is_kept_only_while_a_send_is_in_flight_and_not_for_l
         1,
         "dropped when another was kept"
     );
+    drop(sending);
+    store.report("SMafter", &report(now)).expect("report");
+    assert_eq!(store.early_report_count(), 1, "the send is over");
+}
+
+/// Two reports for a message in flight, out of order: the record gets the furthest status
+/// and keeps the error code the other had, and its time does not move back.
+#[test]
+fn early_delivery_reports_are_applied_when_their_message_is_recorded() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("open");
+    let now = Utc::now();
+    let phone = Phone::parse("+14155550100").expect("phone");
+    let queued = Commit {
+        subscriber: Some(Subscriber::new(phone.clone(), now)),
+        outgoing: vec![("in flight".into(), false)],
+        ..Commit::default()
+    };
+    store.commit_many(&[queued], now).expect("commit");
+    let (id, _) = store.outbox().next().expect("queued").expect("readable");
+    let sending = store.send_in_flight();
+    let early = |status: &str, error_code| smsflow::store::Report {
+        status: status.into(),
+        error_code,
+        at: now - Duration::minutes(1),
+    };
+    store
+        .report("SM1", &early("undelivered", Some(30003)))
+        .expect("report");
+    store.report("SM1", &early("failed", None)).expect("report");
+    let recorded = sent(&phone, "SM1");
+    store.outbox_finish(id, &recorded).expect("finish");
+    drop(sending);
+    let (_, d) = store
+        .delivery_by_sid("SM1")
+        .expect("lookup")
+        .expect("recorded");
+    assert_eq!((d.status.as_str(), d.error_code), ("failed", Some(30003)));
+    assert_eq!(d.updated_at, recorded.updated_at, "not moved back");
+    assert_eq!(store.early_report_count(), 0, "taken");
 }
