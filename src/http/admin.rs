@@ -120,8 +120,19 @@ impl View {
 struct Detail {
     #[serde(flatten)]
     view: View,
+    /// The sequence question whose late answer is still taken (its timeout ran out).
+    late_answer: Option<LateView>,
     history: Vec<serde_json::Value>,
     messages: Vec<serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct LateView {
+    sequence: String,
+    /// 1-based, as `step`.
+    step: usize,
+    field: String,
+    until: String,
 }
 
 /// How many of a number's latest messages its page shows.
@@ -368,8 +379,16 @@ fn detail(app: &AppState, phone: &Phone) -> Result<Response, AdminError> {
         .iter()
         .map(|(id, sent)| message_json(*id, sent))
         .collect();
+    let now = app.engine.clock().now();
+    let late_answer = (s.late.as_ref().filter(|l| l.until > now)).map(|l| LateView {
+        sequence: l.sequence.clone(),
+        step: l.step.saturating_add(1),
+        field: l.field.clone(),
+        until: l.until.to_rfc3339(),
+    });
     Ok(Json(Detail {
         view: View::of(&s),
+        late_answer,
         history,
         messages,
     })

@@ -1530,15 +1530,20 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                     sequence: name.clone(),
                     step,
                 });
+                // Not while a form question is open (an EDIT pass that outlasted this one):
+                // that is the last thing asked, which replies answer.
+                let question = flows
+                    .question(&name, step)
+                    .filter(|_| self.sub.form.is_none());
                 self.sub.late =
-                    (flows.question(&name, step).and_then(late_window)).map(|(field, timeout)| {
-                        LateQuestion {
+                    question
+                        .and_then(late_window)
+                        .map(|(field, timeout)| LateQuestion {
                             sequence: name.clone(),
                             step,
                             field: field.clone(),
                             until: self.now.checked_add_signed(timeout).unwrap_or(self.now),
-                        }
-                    });
+                        });
                 self.schedule_step(&name, step + 1);
             }
             _ => self.outcome = Outcome::Ignored,

@@ -396,8 +396,8 @@ mod tests {
         assert_eq!(state_of_record(&v5).unwrap(), State::Verified);
     }
 
-    #[test]
-    fn a_version_6_record_reads_with_the_one_code_it_kept_from_its_verification() {
+    /// A verified number that kept the code it verified with.
+    fn verified_keeping_a_code() -> Subscriber {
         let now: DateTime<Utc> = "2026-01-05T15:00:00Z".parse().unwrap();
         let mut s = Subscriber::new(Phone::parse("+14155550100").unwrap(), now);
         s.state = State::Verified;
@@ -407,6 +407,12 @@ mod tests {
             expires_at: now,
             wrong: 0,
         }];
+        s
+    }
+
+    #[test]
+    fn a_version_6_record_reads_with_the_one_code_it_kept_from_its_verification() {
+        let s = verified_keeping_a_code();
         let used = s.used_codes.first().map(code_to_store);
         let mut v6 = vec![6];
         compact()
@@ -420,15 +426,8 @@ mod tests {
 
     #[test]
     fn a_version_7_record_reads_as_it_was_with_no_late_answer_taken() {
-        let now: DateTime<Utc> = "2026-01-05T15:00:00Z".parse().unwrap();
-        let mut s = Subscriber::new(Phone::parse("+14155550100").unwrap(), now);
-        s.state = State::Verified;
-        s.used_codes = vec![IssuedCode {
-            code: "987654".into(),
-            issued_at: now,
-            expires_at: now,
-            wrong: 0,
-        }];
+        let mut s = verified_keeping_a_code();
+        let now = s.created_at;
         let used: Vec<_> = s.used_codes.iter().map(code_to_store).collect();
         let mut v7 = vec![7];
         compact()

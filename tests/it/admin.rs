@@ -1245,3 +1245,39 @@ async fn export_on_a_held_data_dir_says_how_that_daemon_serves_the_dataset() {
         app.stop().await;
     }
 }
+
+/// An operator sees the question whose late answer is still taken, and until when.
+#[tokio::test]
+async fn a_numbers_page_shows_the_question_whose_late_answer_is_still_taken() {
+    let app = TestApp::spawn(CHOICES).await;
+    let now = chrono::Utc::now();
+    let mut sub = smsflow::machine::Subscriber::new(smsflow::phone::Phone::parse(A).unwrap(), now);
+    sub.state = smsflow::machine::State::Verified;
+    let until = now + chrono::Duration::hours(1);
+    sub.late = Some(smsflow::machine::LateQuestion {
+        sequence: "later".into(),
+        step: 0,
+        field: "color".into(),
+        until,
+    });
+    let commit = smsflow::store::Commit {
+        subscriber: Some(sub.clone()),
+        ..smsflow::store::Commit::default()
+    };
+    app.engine.store.commit_many(&[commit], now).unwrap();
+    let (status, shown) = get(&app, "/admin/subscribers/%2B15550000001", None).await;
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(
+        shown["late_answer"],
+        serde_json::json!({"sequence": "later", "step": 1, "field": "color", "until": until.to_rfc3339()})
+    );
+    // Once its time is up: none.
+    sub.late.as_mut().unwrap().until = now - chrono::Duration::seconds(1);
+    let commit = smsflow::store::Commit {
+        subscriber: Some(sub),
+        ..smsflow::store::Commit::default()
+    };
+    app.engine.store.commit_many(&[commit], now).unwrap();
+    let (_, shown) = get(&app, "/admin/subscribers/%2B15550000001", None).await;
+    assert_eq!(shown["late_answer"], serde_json::Value::Null);
+}

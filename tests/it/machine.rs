@@ -1557,12 +1557,11 @@ fn the_other_code_a_number_was_sent_texted_after_it_verified_is_not_taken_as_an_
     assert_eq!(messages(&t.effects), ["What's your first name?"]);
 }
 
-/// A number whose quiz question (timeout 1d) ran out at `t0`, with the sequence moved on.
-fn quiz_question_ran_out() -> (Flows, Subscriber) {
-    let f = flows();
+/// A number whose question at step `k` of sequence `name` ran out at `t0`.
+fn question_ran_out(f: &Flows, name: &str, k: usize) -> Subscriber {
     let mut sub = subscriber(State::InSequence {
-        name: "quiz".into(),
-        step: 1,
+        name: name.into(),
+        step: k,
         waiting: true,
     });
     let timer = smsflow::machine::Timer {
@@ -1572,8 +1571,14 @@ fn quiz_question_ran_out() -> (Flows, Subscriber) {
     };
     sub.timer = Some(timer);
     let rng = &mut StdRng::seed_from_u64(0);
-    let t = step(sub, &Event::TimerDue(timer), &f, t0(), rng);
-    (f, t.subscriber)
+    step(sub, &Event::TimerDue(timer), f, t0(), rng).subscriber
+}
+
+/// A number whose quiz question (timeout 1d) ran out at `t0`, with the sequence moved on.
+fn quiz_question_ran_out() -> (Flows, Subscriber) {
+    let f = flows();
+    let sub = question_ran_out(&f, "quiz", 1);
+    (f, sub)
 }
 
 /// People answer late: an answer after its question's timeout is saved and acknowledged,
@@ -1731,19 +1736,7 @@ steps = [
     .unwrap();
     let f = smsflow::flows::load_dir(dir.path()).expect("flows load");
     for (name, takes) in [("free", false), ("unsaved", false), ("saved", true)] {
-        let mut sub = subscriber(State::InSequence {
-            name: name.into(),
-            step: 0,
-            waiting: true,
-        });
-        let timer = smsflow::machine::Timer {
-            at: t0(),
-            kind: smsflow::machine::TimerKind::AskTimeout,
-            epoch: 1,
-        };
-        sub.timer = Some(timer);
-        let rng = &mut StdRng::seed_from_u64(0);
-        let t = step(sub, &Event::TimerDue(timer), &f, t0(), rng);
-        assert_eq!(t.subscriber.late.is_some(), takes, "{name}");
+        let sub = question_ran_out(&f, name, 0);
+        assert_eq!(sub.late.is_some(), takes, "{name}");
     }
 }
