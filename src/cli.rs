@@ -405,6 +405,12 @@ impl Repl {
         if let Some(t) = s.timer {
             out.push_str(&format!(", next timer {:?} at {}", t.kind, t.at));
         }
+        if let Some(l) = s.late.as_ref().filter(|l| l.until > self.sandbox.now) {
+            let (seq, step, field, until) = (&l.sequence, l.step + 1, &l.field, l.until);
+            out.push_str(&format!(
+                ", late answer to {seq} step {step} ({field}) taken until {until}"
+            ));
+        }
         out.push('\n');
         for (k, v) in &s.fields {
             out.push_str(&format!("  {k} = {v}\n"));

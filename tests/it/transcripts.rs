@@ -279,9 +279,13 @@ fn the_clock_stays_within_years_a_flow_can_be_reckoned_in() {
 
 /// `smsflow simulate --seed 0` fed `input`: its output, once it ended with exit 0.
 fn simulate(input: &[u8]) -> String {
+    simulate_seeded(0, input)
+}
+
+fn simulate_seeded(seed: u64, input: &[u8]) -> String {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_smsflow"))
-        .args(["simulate", "--seed", "0"])
+        .args(["simulate", "--seed", &seed.to_string()])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -436,6 +440,24 @@ fn simulate_texts_the_code_to_an_unattested_caller_and_reads_it_to_an_attested_o
     );
     assert!(
         !attested.contains("< Acme Contest: your code is"),
+        "{stdout}"
+    );
+}
+
+/// `/state` shows a question whose late answer is still taken (seed 6 draws the quiz).
+#[test]
+fn simulate_shows_the_question_whose_late_answer_is_still_taken() {
+    let first = simulate_seeded(6, b"JOIN\n");
+    let code = first
+        .split("your code is ")
+        .nth(1)
+        .map(|rest| &rest[..6])
+        .expect("a code");
+    let script = format!("JOIN\n{code}\nCy\nB\nC\n/wait 1d\n/wait 1d\n/state\n");
+    let stdout = simulate_seeded(6, script.as_bytes());
+    assert!(
+        stdout
+            .contains("late answer to quiz step 2 (favorite) taken until 2026-01-08 15:00:00 UTC"),
         "{stdout}"
     );
 }
