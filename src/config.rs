@@ -43,7 +43,9 @@ impl fmt::Debug for Secret {
 /// Who the Twilio provider sends as.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Sender {
-    From(String),
+    /// One or more numbers (`TWILIO_FROM`, comma-separated): a number is texted from the one
+    /// it last wrote to or called, and otherwise from the first.
+    From(Vec<String>),
     MessagingService(String),
 }
 
@@ -300,11 +302,18 @@ impl Layer {
             t.api_base.as_deref().unwrap_or("https://api.twilio.com"),
             "TWILIO_API_BASE (api_base)",
         )?;
-        let caller_id = t.from.clone();
-        let sender = match (t.from, t.messaging_service_sid) {
+        // One or more senders, comma-separated; the first is the default, and the caller ID.
+        let numbers: Vec<String> = (t.from.iter())
+            .flat_map(|f| f.split(','))
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect();
+        let caller_id = numbers.first().cloned();
+        let sender = match (numbers.is_empty(), t.messaging_service_sid) {
             (_, Some(ms)) => Some(Sender::MessagingService(ms)),
-            (Some(from), None) => Some(Sender::From(from)),
-            (None, None) => None,
+            (false, None) => Some(Sender::From(numbers)),
+            (true, None) => None,
         };
         let twilio = match (t.account_sid, t.auth_token.clone(), sender) {
             (Some(account_sid), Some(auth_token), Some(sender)) => Some(TwilioConfig {
@@ -489,6 +498,33 @@ mod tests {
         let twilio = env.resolve().unwrap().twilio.unwrap();
         assert!(matches!(&twilio.sender, Sender::MessagingService(m) if m == "MG1"));
         assert_eq!(twilio.caller_id.as_deref(), Some("+15005550006"));
+    }
+
+    #[test]
+    fn twilio_from_may_list_several_numbers_and_the_first_places_calls() {
+        let env = Layer::from_env(|k| match k {
+            "TWILIO_ACCOUNT_SID" => Some("AC1".into()),
+            "TWILIO_AUTH_TOKEN" => Some("t".into()),
+            "TWILIO_FROM" => Some(" +15005550006, +15005550007 ,".into()),
+            _ => None,
+        })
+        .unwrap();
+        let twilio = env.resolve().unwrap().twilio.unwrap();
+        assert_eq!(
+            twilio.sender,
+            Sender::From(vec!["+15005550006".into(), "+15005550007".into()])
+        );
+        assert_eq!(twilio.caller_id.as_deref(), Some("+15005550006"));
+        // Commas alone are no sender.
+        let env = Layer::from_env(|k| match k {
+            "TWILIO_ACCOUNT_SID" => Some("AC1".into()),
+            "TWILIO_AUTH_TOKEN" => Some("t".into()),
+            "TWILIO_FROM" => Some(" , ".into()),
+            _ => None,
+        })
+        .unwrap();
+        let err = env.resolve().unwrap_err().to_string();
+        assert!(err.contains("missing: TWILIO_FROM"), "{err}");
     }
 
     #[test]

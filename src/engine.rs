@@ -126,6 +126,9 @@ pub struct Input<'a> {
     /// Return issued codes to the caller instead of queueing them (the OTP API sends at
     /// once so its caller learns of a failure; the voice menu reads them aloud).
     pub inline_codes: bool,
+    /// The number of ours the text or call came to (Twilio's `To`), kept in the record:
+    /// messages to the number are sent from it.
+    pub to: Option<&'a Phone>,
 }
 
 enum Job {
@@ -135,6 +138,7 @@ enum Job {
         inbound_sid: Option<String>,
         fired: Option<DueTimer>,
         inline_codes: bool,
+        to: Option<Phone>,
         done: oneshot::Sender<anyhow::Result<Applied>>,
     },
     /// Just make everything so far durable.
@@ -220,6 +224,7 @@ impl Engine {
             inbound_sid: input.inbound_sid.map(str::to_string),
             fired: input.fired,
             inline_codes: input.inline_codes,
+            to: input.to.cloned(),
             done,
         })?;
         answer
@@ -235,6 +240,7 @@ impl Engine {
             inbound_sid: None,
             fired: None,
             inline_codes: false,
+            to: None,
         })
         .await
     }
@@ -285,6 +291,7 @@ impl Engine {
                 inbound_sid: None,
                 fired: Some(d),
                 inline_codes: false,
+                to: None,
                 done,
             })?;
             waiting.push(answer);
@@ -402,7 +409,7 @@ impl Writer {
             outbox: false,
         };
         for job in jobs {
-            let (phone, event, sid, fired, inline, done) = match job {
+            let (phone, event, sid, fired, inline, to, done) = match job {
                 Job::Flush(done) => {
                     committed.flush_only.push(done);
                     continue;
@@ -418,8 +425,9 @@ impl Writer {
                     inbound_sid,
                     fired,
                     inline_codes,
+                    to,
                     done,
-                } => (phone, event, inbound_sid, fired, inline_codes, done),
+                } => (phone, event, inbound_sid, fired, inline_codes, to, done),
             };
             if failed.contains(&phone) {
                 let _ = done.send(Err(anyhow::anyhow!(
@@ -462,6 +470,11 @@ impl Writer {
                     latest.insert(phone, (sub, replies));
                 }
                 continue;
+            }
+            // Which of our numbers it wrote to or called, for what is sent to it later.
+            let mut sub = sub;
+            if let Some(to) = to {
+                sub.via = Some(to);
             }
             // A bug in a rule must cost one request, not the writer thread.
             let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

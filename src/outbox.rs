@@ -318,7 +318,11 @@ impl Outbox {
             }
             Ok(Some(s)) => {
                 msg.attempts = msg.attempts.saturating_add(1);
-                match self.provider.send(&msg.phone, &msg.body).await {
+                match self
+                    .provider
+                    .send(&msg.phone, &msg.body, s.via.as_ref())
+                    .await
+                {
                     Ok(accepted) => {
                         tracing::info!(phone = %msg.phone.masked(), sid = accepted.sid.as_deref().unwrap_or("none"), "outbox: sent");
                         ("sent", accepted.sid, None, None)

@@ -57,11 +57,17 @@ impl Provider {
         }
     }
 
-    /// Sends one SMS. (The console prints it whole, codes included: it stands in for the
-    /// phone. Logs never carry a body.)
-    pub async fn send(&self, to: &Phone, body: &str) -> Result<Accepted, SendError> {
+    /// Sends one SMS, from `via` when that is one of the configured numbers (the number of
+    /// ours the recipient wrote to), otherwise from the first. (The console prints it whole,
+    /// codes included: it stands in for the phone. Logs never carry a body.)
+    pub async fn send(
+        &self,
+        to: &Phone,
+        body: &str,
+        via: Option<&Phone>,
+    ) -> Result<Accepted, SendError> {
         match self {
-            Provider::Twilio(t) => t.send(to, body).await,
+            Provider::Twilio(t) => t.send(to, body, via).await,
             Provider::Console(c) => Ok(c.print("sms", to, body)),
         }
     }
@@ -125,6 +131,8 @@ pub struct Twilio {
     http: reqwest::Client,
     config: TwilioConfig,
     status_callback: Option<String>,
+    /// The `From` numbers as phone numbers (those that read as one), to find a recipient's.
+    senders: Vec<(String, Option<Phone>)>,
 }
 
 #[derive(Deserialize)]
@@ -145,10 +153,17 @@ impl Twilio {
             .timeout(Duration::from_secs(15))
             .connect_timeout(Duration::from_secs(5))
             .build()?;
+        let senders = match &config.sender {
+            Sender::From(numbers) => (numbers.iter())
+                .map(|n| (n.clone(), Phone::parse(n).ok()))
+                .collect(),
+            Sender::MessagingService(_) => Vec::new(),
+        };
         Ok(Twilio {
             http,
             config,
             status_callback: public_url.map(|u| format!("{u}/twilio/status")),
+            senders,
         })
     }
 
@@ -159,17 +174,31 @@ impl Twilio {
         )
     }
 
-    fn sender_param(&self) -> (&'static str, String) {
+    /// `From`: `via` when it is one of ours, else the first number; or the messaging
+    /// service (which keeps each recipient on one number of its own pool).
+    fn sender_param(&self, via: Option<&Phone>) -> (&'static str, String) {
         match &self.config.sender {
-            Sender::From(f) => ("From", f.clone()),
+            Sender::From(_) => {
+                let ours = (self.senders.iter()).find(|(_, p)| p.is_some() && p.as_ref() == via);
+                let first = self.senders.first();
+                (
+                    "From",
+                    ours.or(first).map(|(n, _)| n.clone()).unwrap_or_default(),
+                )
+            }
             Sender::MessagingService(m) => ("MessagingServiceSid", m.clone()),
         }
     }
 
-    async fn send(&self, to: &Phone, body: &str) -> Result<Accepted, SendError> {
+    async fn send(
+        &self,
+        to: &Phone,
+        body: &str,
+        via: Option<&Phone>,
+    ) -> Result<Accepted, SendError> {
         let mut form = vec![
             ("To", to.as_str().to_string()),
-            self.sender_param(),
+            self.sender_param(via),
             ("Body", body.to_string()),
         ];
         if let Some(cb) = &self.status_callback {

@@ -122,6 +122,8 @@ struct Detail {
     view: View,
     /// The sequence question whose late answer is still taken (its timeout ran out).
     late_answer: Option<LateView>,
+    /// The number of ours it last texted or called (Twilio's `To`).
+    via: Option<String>,
     history: Vec<serde_json::Value>,
     messages: Vec<serde_json::Value>,
 }
@@ -389,6 +391,7 @@ fn detail(app: &AppState, phone: &Phone) -> Result<Response, AdminError> {
     Ok(Json(Detail {
         view: View::of(&s),
         late_answer,
+        via: s.via.as_ref().map(Phone::to_string),
         history,
         messages,
     })

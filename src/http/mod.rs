@@ -466,6 +466,14 @@ impl TwilioForm {
     }
 }
 
+/// The number of ours a text or call came to (Twilio's `To`), if it reads as a phone number
+/// (it is not required: a request without one, or with another kind of address, is
+/// answered all the same, and what is sent later goes from the default sender).
+fn our_number(form: &TwilioForm) -> Option<Phone> {
+    form.get("To")
+        .and_then(|to| Phone::parse_in(to, form.region).ok())
+}
+
 /// The URL Twilio signed: `public_url`, or what the proxy says, plus the path and query.
 fn public_url(state: &AppState, headers: &HeaderMap, uri: &Uri) -> String {
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
@@ -530,6 +538,7 @@ async fn sms(
             inbound_sid: Some(sid),
             fired: None,
             inline_codes: false,
+            to: our_number(&form).as_ref(),
         })
         .await?;
     let outcome = if applied.duplicate {

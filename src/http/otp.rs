@@ -206,7 +206,7 @@ async fn deliver(
             .call(&phone, &crate::twiml::read_twice(&spoken))
             .await
     } else {
-        state.provider.send(&phone, &text).await
+        state.provider.send(&phone, &text, None).await
     };
     match sent {
         Ok(accepted) => {
@@ -306,6 +306,7 @@ async fn apply(state: &AppState, phone: &Phone, event: Event) -> Result<Applied,
             inbound_sid: None,
             fired: None,
             inline_codes: true,
+            to: None,
         })
         .await?)
 }

@@ -51,6 +51,11 @@ pub struct Subscriber {
     /// (see [`LateQuestion`]). Stored from record v8 on; older records never held one.
     #[serde(skip)]
     pub late: Option<LateQuestion>,
+    /// The number of ours it last texted or called (Twilio's `To`): messages to it are sent
+    /// from there, when that is one of the configured senders. Kept by the engine, not the
+    /// rules (stored from record v8 on).
+    #[serde(skip)]
+    pub via: Option<Phone>,
 }
 
 /// A sequence question whose `timeout` ran out: people answer late, and an answer it takes
@@ -364,6 +369,7 @@ impl Subscriber {
             last_inbound_at: None,
             used_codes: Vec::new(),
             late: None,
+            via: None,
         }
     }
 

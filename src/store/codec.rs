@@ -19,7 +19,8 @@ use crate::phone::Phone;
 /// v5: as v4, then the key of the form field asked (v4 and older read as `None`: by index).
 /// v6: as v5, then the code the number verified with by text (older ones read as none).
 /// v7: as v6, with every code the number held when it verified by text.
-/// v8: as v7, then the question whose late answer is still taken (older ones read as none).
+/// v8: as v7, then the question whose late answer is still taken, and the number of ours it
+/// last texted (older ones read as none).
 pub const SUBSCRIBER_VERSION: u8 = 8;
 
 /// bincode as v3 and v4 write it. (v1 and v2 use bincode's default fixed-width integers.)
@@ -166,6 +167,7 @@ fn from_v4(v: V4Owned) -> Result<Subscriber, CodecError> {
         last_inbound_at: inbound.map(from_at).transpose()?,
         used_codes: Vec::new(),
         late: None,
+        via: None,
     })
 }
 
@@ -213,7 +215,8 @@ pub fn encode_record(s: &Subscriber, replies: &[Replied]) -> Vec<u8> {
         )
     });
     // As in `encode`: plain data into a Vec cannot fail.
-    let record = (to_v4(s), asked, replies, used, late);
+    let via = s.via.as_ref().map(Phone::as_str);
+    let record = (to_v4(s), asked, replies, used, late, via);
     if let Err(e) = compact().serialize_into(&mut out, &record) {
         tracing::error!("serializing a subscriber failed: {e}");
     }
@@ -246,12 +249,20 @@ fn with_used(
     Ok(s)
 }
 
-/// A v8 record: as v7, then the question whose late answer is still taken.
+/// A v8 record: as v7, then the question whose late answer is still taken, and the number
+/// of ours it last texted.
 fn with_late(body: &[u8]) -> Result<(Subscriber, Vec<Replied>), CodecError> {
     type Kept = Vec<(String, At, At, u8)>;
     type Late = Option<(String, u64, String, At)>;
-    let (v, asked, replies, used, late): (V4Owned, Option<String>, Vec<Replied>, Kept, Late) =
-        compact().deserialize(body)?;
+    type V8 = (
+        V4Owned,
+        Option<String>,
+        Vec<Replied>,
+        Kept,
+        Late,
+        Option<String>,
+    );
+    let (v, asked, replies, used, late, via): V8 = compact().deserialize(body)?;
     let mut s = with_used(v, asked, used)?;
     s.late = late
         .map(|(sequence, step, field, until)| {
@@ -262,6 +273,9 @@ fn with_late(body: &[u8]) -> Result<(Subscriber, Vec<Replied>), CodecError> {
                 until: from_at(until)?,
             })
         })
+        .transpose()?;
+    s.via = via
+        .map(|p| Phone::from_stored(p).map_err(|e| CodecError::Phone(e.without_number())))
         .transpose()?;
     Ok((s, replies))
 }
@@ -444,6 +458,7 @@ mod tests {
             field: "favorite".into(),
             until: now,
         });
+        s.via = Some(Phone::parse("+15005550006").unwrap());
         assert_eq!(decode_subscriber(&encode_subscriber(&s)).unwrap(), s);
         assert_eq!(
             state_of_record(&encode_subscriber(&s)).unwrap(),

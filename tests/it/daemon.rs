@@ -1258,7 +1258,7 @@ async fn a_send_twilio_accepts_with_an_unreadable_answer_counts_as_sent_without_
         TwilioConfig {
             account_sid: "AC123".into(),
             auth_token: Secret::new("token"),
-            sender: Sender::From("+15005550006".into()),
+            sender: Sender::From(vec!["+15005550006".into()]),
             caller_id: Some("+15005550006".into()),
             api_base: twilio_answering_garbage().await,
         },
@@ -1267,7 +1267,7 @@ async fn a_send_twilio_accepts_with_an_unreadable_answer_counts_as_sent_without_
     .expect("client");
     let to = smsflow::phone::Phone::parse("+14155550101").expect("phone");
     let accepted = Provider::Twilio(twilio)
-        .send(&to, "hello")
+        .send(&to, "hello", None)
         .await
         .expect("accepted");
     assert_eq!(accepted.sid, None);
@@ -2390,4 +2390,97 @@ async fn a_delivery_report_that_comes_before_the_sends_answer_is_applied_once_it
         .expect("recorded");
     assert_eq!(d.status, "delivered");
     assert_eq!(app.engine.store.early_report_count(), 0, "taken");
+}
+
+/// With several numbers in `TWILIO_FROM`, what is sent to a number (its code, the steps after
+/// it) comes from the number of ours it texted; a number that texted none of them, and the
+/// OTP API's texts, from the first.
+#[tokio::test]
+async fn with_several_senders_a_number_is_texted_from_the_one_it_wrote_to() {
+    const SECOND: &str = "+15005550007";
+    let app = TestApp::spawn_with(FLOWS, |c| {
+        if let Some(t) = c.twilio.as_mut() {
+            t.sender = smsflow::config::Sender::From(vec![FROM.into(), SECOND.into()]);
+        }
+    })
+    .await;
+    let text_to = |from: &str, to: &str, body: &str| {
+        let (app, from, to, body) = (&app, from.to_string(), to.to_string(), body.to_string());
+        async move {
+            let sid = format!("SM{}", uuid_like());
+            let params = [
+                ("From", &*from),
+                ("To", &*to),
+                ("Body", &*body),
+                ("MessageSid", &*sid),
+            ];
+            app.post_form("/twilio/sms", &params)
+                .await
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(text_to(ANN, SECOND, "JOIN").await, 200);
+    assert_eq!(text_to(BOB, FROM, "JOIN").await, 200);
+    let stranger = "+15550003333";
+    assert_eq!(text_to(stranger, "+15559990000", "JOIN").await, 200);
+    let (status, ..) = app
+        .otp(
+            "get_otp",
+            serde_json::json!({"phone": "+15550004444"}),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let sent = app.twilio.wait_delivered(4).await;
+    let from_for = |to: &str| {
+        (sent.iter())
+            .filter(|r| r.to == to)
+            .map(|r| r.from.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(from_for(ANN), [SECOND]);
+    assert_eq!(from_for(BOB), [FROM]);
+    assert_eq!(from_for(stranger), [FROM], "not one of ours: the first");
+    assert_eq!(from_for("+15550004444"), [FROM]);
+
+    // So does a code a caller asks for in the voice menu (2: a code by text).
+    let caller = "+15550005555";
+    let params = [
+        ("From", caller),
+        ("To", SECOND),
+        ("CallSid", "CA1"),
+        ("Digits", "2"),
+    ];
+    let r = app
+        .post_form("/twilio/voice/gather?attempt=0&menu=main", &params)
+        .await;
+    assert_eq!(r.status().as_u16(), 200);
+    let sent = app.twilio.wait_delivered(5).await;
+    assert_eq!(
+        (sent.iter().find(|r| r.to == caller)).map(|r| r.from.as_str()),
+        Some(SECOND)
+    );
+
+    // The code answered, the steps after it follow from the same number.
+    let code = code_in(&app.twilio.last_to(ANN, 5).await);
+    assert_eq!(text_to(ANN, SECOND, &code).await, 200);
+    assert_eq!(text_to(ANN, SECOND, "Ann").await, 200);
+    let sent = app.twilio.wait_delivered(6).await;
+    assert!(
+        sent.iter()
+            .filter(|r| r.to == ANN)
+            .all(|r| r.from == SECOND),
+        "{sent:#?}"
+    );
+    // The operator sees which number it wrote to.
+    let page: serde_json::Value = app
+        .admin(reqwest::Method::GET, "/admin/subscribers/%2B15550001111")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["via"], SECOND, "{page}");
 }

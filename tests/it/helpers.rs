@@ -369,7 +369,7 @@ impl TestApp {
             twilio: Some(TwilioConfig {
                 account_sid: ACCOUNT_SID.into(),
                 auth_token: Secret::new(AUTH_TOKEN),
-                sender: Sender::From(FROM.into()),
+                sender: Sender::From(vec![FROM.into()]),
                 caller_id: Some(FROM.into()),
                 api_base: twilio.url.clone(),
             }),
