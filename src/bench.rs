@@ -326,6 +326,7 @@ async fn drive(
                 let sid = format!("SMbench{run}x{i}");
                 form_urlencoded::Serializer::new(String::new())
                     .append_pair("From", &from)
+                    .append_pair("To", "+15005550006")
                     .append_pair("Body", body)
                     .append_pair("MessageSid", &sid)
                     .finish()
