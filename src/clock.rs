@@ -5,7 +5,7 @@
 //! given the time.
 //!
 //! Only wall-clock time goes through here. Pacing that is about real elapsed time (the
-//! per-sender send rate, HTTP timeouts, a stop's grace period) stays on tokio's clock.
+//! send rate, HTTP timeouts, a stop's grace period) stays on tokio's clock.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -72,7 +72,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub flows_dir: PathBuf,
     pub region: Region,
-    /// Messages per second per sender (1 suits a US long code).
+    /// Messages per second, all senders together (1 suits one US long code).
     pub send_rate: f64,
     /// Full credentials: the Twilio provider. `None`: the console provider.
     pub twilio: Option<TwilioConfig>,
@@ -92,6 +92,41 @@ impl Config {
     pub fn local_only(&self) -> bool {
         self.listen.ip().is_loopback() && self.public_url.is_none()
     }
+}
+
+/// One `TWILIO_FROM` entry as Twilio takes it: a phone number in E.164 (read in `region`
+/// when written without `+`), a short code (3 to 8 digits), or an alphanumeric sender ID
+/// (up to 11 letters, digits and spaces, one a letter). Anything else is refused, named.
+fn sender_entry(entry: &str, region: Region) -> anyhow::Result<String> {
+    let digits = entry.chars().all(|c| c.is_ascii_digit());
+    if digits && (3..=8).contains(&entry.len()) {
+        return Ok(entry.to_string());
+    }
+    let alphanumeric = entry.chars().all(|c| c.is_ascii_alphanumeric() || c == ' ')
+        && entry.chars().any(|c| c.is_ascii_alphabetic())
+        && entry.len() <= 11;
+    if alphanumeric {
+        return Ok(entry.to_string());
+    }
+    let refused = |why: String| {
+        anyhow::anyhow!(
+            "TWILIO_FROM (twilio.from): {entry:?} is neither a phone number ({why}) nor a \
+             short code or an alphanumeric sender ID"
+        )
+    };
+    // Only what a phone number is written with: no `whatsapp:` or other channel (this
+    // sends SMS), which the phone number reader would skip.
+    if !entry
+        .chars()
+        .all(|c| c.is_ascii_digit() || "+ -.()".contains(c))
+    {
+        return Err(refused(
+            "it has other characters than digits and separators".into(),
+        ));
+    }
+    crate::phone::Phone::parse_in(entry, region)
+        .map(|p| p.as_str().to_string())
+        .map_err(|e| refused(e.to_string()))
 }
 
 /// Values as read from one layer; `None` means "not set here".
@@ -302,14 +337,16 @@ impl Layer {
             t.api_base.as_deref().unwrap_or("https://api.twilio.com"),
             "TWILIO_API_BASE (api_base)",
         )?;
-        // One or more senders, comma-separated; the first is the default, and the caller ID.
-        let numbers: Vec<String> = (t.from.iter())
+        // One or more senders, comma-separated; the first is the default. Phone numbers are
+        // kept in E.164 (as Twilio writes `To`, which picks a number's sender), so the first
+        // of them places calls.
+        let numbers = (t.from.iter())
             .flat_map(|f| f.split(','))
             .map(str::trim)
             .filter(|n| !n.is_empty())
-            .map(str::to_string)
-            .collect();
-        let caller_id = numbers.first().cloned();
+            .map(|n| sender_entry(n, region))
+            .collect::<anyhow::Result<Vec<String>>>()?;
+        let caller_id = (numbers.iter()).find(|n| n.starts_with('+')).cloned();
         let sender = match (numbers.is_empty(), t.messaging_service_sid) {
             (_, Some(ms)) => Some(Sender::MessagingService(ms)),
             (false, None) => Some(Sender::From(numbers)),
@@ -515,6 +552,40 @@ mod tests {
             Sender::From(vec!["+15005550006".into(), "+15005550007".into()])
         );
         assert_eq!(twilio.caller_id.as_deref(), Some("+15005550006"));
+        // Entries are read as Twilio takes them: numbers in E.164 (in the region without
+        // `+`), short codes and alphanumeric sender IDs as written; the first number places
+        // calls; anything else is refused, named.
+        let with_from = |from: &'static str| {
+            Layer::from_env(move |k| match k {
+                "TWILIO_ACCOUNT_SID" => Some("AC1".into()),
+                "TWILIO_AUTH_TOKEN" => Some("t".into()),
+                "TWILIO_FROM" => Some(from.into()),
+                _ => None,
+            })
+            .unwrap()
+            .resolve()
+        };
+        let twilio = with_from("ACME, +1 (500) 555-0006, 4155550100, 12345")
+            .unwrap()
+            .twilio
+            .unwrap();
+        assert_eq!(
+            twilio.sender,
+            Sender::From(vec![
+                "ACME".into(),
+                "+15005550006".into(),
+                "+14155550100".into(),
+                "12345".into()
+            ])
+        );
+        assert_eq!(twilio.caller_id.as_deref(), Some("+15005550006"));
+        let err = with_from("+15005550006, whatsapp:+14155550100")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"whatsapp:+14155550100\" is neither"),
+            "{err}"
+        );
         // Commas alone are no sender.
         let env = Layer::from_env(|k| match k {
             "TWILIO_ACCOUNT_SID" => Some("AC1".into()),

@@ -264,9 +264,9 @@ impl Outbox {
                 return store.outbox_update(id, &msg);
             }
         }
-        // Per-sender rate limit; a shutdown does not wait for the slot. A message that will
-        // not be sent (its number opted out, or is gone, or its code expired) takes no slot
-        // from the others.
+        // The send rate (all senders together); a shutdown does not wait for the slot. A
+        // message that will not be sent (its number opted out, or is gone, or its code
+        // expired) takes no slot from the others.
         let mut record = sendable(store, &msg, id);
         let mut expired = self.code_expired(&msg);
         if !matches!(record, Ok(None)) && !expired {

@@ -40,7 +40,18 @@ pub enum SendError {
 /// Whether a refused account is worth logging now: the first time, then once a minute.
 fn account_refusal_is_news() -> bool {
     static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    once_a_minute(&LAST)
+}
+
+/// Whether a text or call to a number not in `TWILIO_FROM` is worth logging now (as above).
+fn unknown_to_is_news() -> bool {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    once_a_minute(&LAST)
+}
+
+/// True the first time, then at most once a minute, for one `last` time.
+fn once_a_minute(last: &std::sync::Mutex<Option<std::time::Instant>>) -> bool {
+    let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
     let now = std::time::Instant::now();
     if last.is_some_and(|at| now.duration_since(at) < Duration::from_secs(60)) {
         return false;
@@ -69,6 +80,15 @@ impl Provider {
         match self {
             Provider::Twilio(t) => t.send(to, body, via).await,
             Provider::Console(c) => Ok(c.print("sms", to, body)),
+        }
+    }
+
+    /// The number of ours a text or call came to (`To`), when messages go from a list of
+    /// numbers and it is one of them: what is sent to its sender later goes from it.
+    pub fn sender_for(&self, to: &str) -> Option<Phone> {
+        match self {
+            Provider::Twilio(t) => t.sender_for(to),
+            Provider::Console(_) => None,
         }
     }
 
@@ -131,8 +151,6 @@ pub struct Twilio {
     http: reqwest::Client,
     config: TwilioConfig,
     status_callback: Option<String>,
-    /// The `From` numbers as phone numbers (those that read as one), to find a recipient's.
-    senders: Vec<(String, Option<Phone>)>,
 }
 
 #[derive(Deserialize)]
@@ -153,17 +171,10 @@ impl Twilio {
             .timeout(Duration::from_secs(15))
             .connect_timeout(Duration::from_secs(5))
             .build()?;
-        let senders = match &config.sender {
-            Sender::From(numbers) => (numbers.iter())
-                .map(|n| (n.clone(), Phone::parse(n).ok()))
-                .collect(),
-            Sender::MessagingService(_) => Vec::new(),
-        };
         Ok(Twilio {
             http,
             config,
             status_callback: public_url.map(|u| format!("{u}/twilio/status")),
-            senders,
         })
     }
 
@@ -174,20 +185,40 @@ impl Twilio {
         )
     }
 
-    /// `From`: `via` when it is one of ours, else the first number; or the messaging
-    /// service (which keeps each recipient on one number of its own pool).
+    /// `From`: `via` when it is one of ours (still: the configuration may have changed
+    /// since it was kept), else the first number; or the messaging service (which keeps each
+    /// recipient on one number of its own pool).
     fn sender_param(&self, via: Option<&Phone>) -> (&'static str, String) {
         match &self.config.sender {
-            Sender::From(_) => {
-                let ours = (self.senders.iter()).find(|(_, p)| p.is_some() && p.as_ref() == via);
-                let first = self.senders.first();
+            Sender::From(numbers) => {
+                let ours = via.and_then(|v| numbers.iter().find(|n| *n == v.as_str()));
                 (
                     "From",
-                    ours.or(first).map(|(n, _)| n.clone()).unwrap_or_default(),
+                    ours.or(numbers.first()).cloned().unwrap_or_default(),
                 )
             }
             Sender::MessagingService(m) => ("MessagingServiceSid", m.clone()),
         }
+    }
+
+    /// The number of ours `to` (Twilio's `To` of an inbound text or call) is, when texts go
+    /// from a list of numbers: `None` for a number not in it, or with a messaging service.
+    fn sender_for(&self, to: &str) -> Option<Phone> {
+        let Sender::From(numbers) = &self.config.sender else {
+            return None;
+        };
+        let to = to.trim();
+        if !numbers.iter().any(|n| n == to && n.starts_with('+')) {
+            if numbers.len() > 1 && unknown_to_is_news() {
+                tracing::warn!(
+                    "a text or call came to a number not in TWILIO_FROM; what is sent to its \
+                     sender goes from the first ({})",
+                    numbers.first().map_or("", String::as_str)
+                );
+            }
+            return None;
+        }
+        Phone::from_stored(to.to_string()).ok()
     }
 
     async fn send(
@@ -345,6 +376,45 @@ fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
 mod tests {
     use super::{retry_after, Console};
     use std::time::{Duration, SystemTime};
+
+    /// A Twilio provider sending as `sender` (no request is made).
+    fn twilio(sender: crate::config::Sender) -> super::Twilio {
+        let config = crate::config::TwilioConfig {
+            account_sid: "AC1".into(),
+            auth_token: crate::config::Secret::new("t"),
+            sender,
+            caller_id: None,
+            api_base: "http://127.0.0.1:9".into(),
+        };
+        super::Twilio::new(config, None).unwrap()
+    }
+
+    #[test]
+    fn a_number_is_texted_from_the_one_of_ours_it_wrote_to_and_a_service_chooses_its_own() {
+        use crate::config::Sender;
+        use crate::phone::Phone;
+        let (a, b) = ("+15005550006", "+15005550007");
+        let t = twilio(Sender::From(vec![a.into(), b.into(), "ACME".into()]));
+        assert_eq!(t.sender_for(b), Phone::from_stored(b.into()).ok());
+        assert_eq!(
+            t.sender_for(" +15005550007 "),
+            Phone::from_stored(b.into()).ok()
+        );
+        assert_eq!(t.sender_for("+15559990000"), None, "not one of ours");
+        assert_eq!(t.sender_for("ACME"), None, "not a number to text from");
+        let via = Phone::from_stored(b.into()).ok();
+        assert_eq!(t.sender_param(via.as_ref()), ("From", b.to_string()));
+        assert_eq!(t.sender_param(None), ("From", a.to_string()));
+        let gone = Phone::from_stored("+15559990000".into()).ok();
+        assert_eq!(t.sender_param(gone.as_ref()), ("From", a.to_string()));
+
+        let service = twilio(Sender::MessagingService("MG1".into()));
+        assert_eq!(service.sender_for(a), None);
+        assert_eq!(
+            service.sender_param(via.as_ref()),
+            ("MessagingServiceSid", "MG1".to_string())
+        );
+    }
 
     #[test]
     fn console_message_ids_differ_within_a_run_and_from_an_earlier_run() {

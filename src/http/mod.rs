@@ -466,12 +466,12 @@ impl TwilioForm {
     }
 }
 
-/// The number of ours a text or call came to (Twilio's `To`), if it reads as a phone number
-/// (it is not required: a request without one, or with another kind of address, is
-/// answered all the same, and what is sent later goes from the default sender).
-fn our_number(form: &TwilioForm) -> Option<Phone> {
-    form.get("To")
-        .and_then(|to| Phone::parse_in(to, form.region).ok())
+/// The number of ours a text or call came to (Twilio's `To`), when it is one of the numbers
+/// messages go from (see [`crate::provider::Provider::sender_for`]). Not required: a
+/// request without one is answered all the same, and what is sent later goes from the
+/// first number.
+fn our_number(state: &AppState, form: &TwilioForm) -> Option<Phone> {
+    form.get("To").and_then(|to| state.provider.sender_for(to))
 }
 
 /// The URL Twilio signed: `public_url`, or what the proxy says, plus the path and query.
@@ -538,7 +538,7 @@ async fn sms(
             inbound_sid: Some(sid),
             fired: None,
             inline_codes: false,
-            to: our_number(&form).as_ref(),
+            to: our_number(&state, &form).as_ref(),
         })
         .await?;
     let outcome = if applied.duplicate {

@@ -177,8 +177,13 @@ async fn deliver(
     // dropped its codes), newer codes asked for at once may have displaced it, or an operator
     // erased the number. Not sent then, and (but for an erased number, which must stay gone)
     // its send is given back.
+    // The number of ours it last texted or called, which its text comes from.
+    let mut via = None;
     let why_not = match state.engine.store.subscriber(&phone) {
-        Ok(Some(s)) if s.codes.iter().any(|c| c.code == code) => None,
+        Ok(Some(s)) if s.codes.iter().any(|c| c.code == code) => {
+            via = s.via;
+            None
+        }
         Ok(Some(s)) if s.state == crate::machine::State::OptedOut => Some(opted_out()),
         Ok(Some(_)) => Some(OtpError::Rejected(
             "a newer code was issued for this phone meanwhile; this one was not sent".into(),
@@ -206,7 +211,7 @@ async fn deliver(
             .call(&phone, &crate::twiml::read_twice(&spoken))
             .await
     } else {
-        state.provider.send(&phone, &text, None).await
+        state.provider.send(&phone, &text, via.as_ref()).await
     };
     match sent {
         Ok(accepted) => {

@@ -111,7 +111,7 @@ pub async fn gather(
                     inbound_sid: None,
                     fired: None,
                     inline_codes: spoken,
-                    to: super::our_number(&form).as_ref(),
+                    to: super::our_number(&state, &form).as_ref(),
                 })
                 .await?;
             tracing::info!(phone = %phone.masked(), ?action, outcome = super::outcome_label(applied.outcome), "voice menu action");

@@ -2467,20 +2467,31 @@ async fn with_several_senders_a_number_is_texted_from_the_one_it_wrote_to() {
     assert_eq!(text_to(ANN, SECOND, &code).await, 200);
     assert_eq!(text_to(ANN, SECOND, "Ann").await, 200);
     let sent = app.twilio.wait_delivered(6).await;
-    assert!(
-        sent.iter()
-            .filter(|r| r.to == ANN)
-            .all(|r| r.from == SECOND),
-        "{sent:#?}"
-    );
-    // The operator sees which number it wrote to.
-    let page: serde_json::Value = app
-        .admin(reqwest::Method::GET, "/admin/subscribers/%2B15550001111")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(page["via"], SECOND, "{page}");
+    let first_step = sent
+        .iter()
+        .find(|r| r.body == "Step one")
+        .expect("Step one");
+    assert_eq!(first_step.from, SECOND);
+    let page = |app: &TestApp, phone: &'static str| {
+        let path = format!("/admin/subscribers/{}", phone.replace('+', "%2B"));
+        let request = app.admin(reqwest::Method::GET, &path);
+        async move {
+            let page: serde_json::Value = request.send().await.unwrap().json().await.unwrap();
+            page
+        }
+    };
+    // The operator sees which number it wrote to; none for a number not ours.
+    assert_eq!(page(&app, ANN).await["via"], SECOND);
+    assert_eq!(page(&app, stranger).await["via"], serde_json::Value::Null);
+
+    // Written to at the other number, it is texted from that one from then on (the last
+    // step is due two seconds after this).
+    assert_eq!(text_to(ANN, FROM, "hello").await, 200);
+    let sent = app.twilio.wait_delivered(8).await;
+    let last_step = sent
+        .iter()
+        .find(|r| r.body == "Step three")
+        .expect("Step three");
+    assert_eq!(last_step.from, FROM, "{sent:#?}");
+    assert_eq!(page(&app, ANN).await["via"], FROM);
 }
