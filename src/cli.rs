@@ -405,7 +405,8 @@ impl Repl {
         if let Some(t) = s.timer {
             out.push_str(&format!(", next timer {:?} at {}", t.kind, t.at));
         }
-        if let Some(l) = s.late.as_ref().filter(|l| l.until > self.sandbox.now) {
+        let flows = &self.sandbox.flows;
+        if let Some((l, _)) = crate::machine::late_question(s, flows, self.sandbox.now) {
             let (seq, step, field, until) = (&l.sequence, l.step + 1, &l.field, l.until);
             out.push_str(&format!(
                 ", late answer to {seq} step {step} ({field}) taken until {until}"

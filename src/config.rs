@@ -54,8 +54,8 @@ pub struct TwilioConfig {
     pub account_sid: String,
     pub auth_token: Secret,
     pub sender: Sender,
-    /// `from`, for voice calls (a messaging service sends texts but cannot place a call),
-    /// kept even when texts go through a messaging service.
+    /// The first phone number of `from`, for voice calls (a messaging service sends texts
+    /// but cannot place a call), kept even when texts go through a messaging service.
     pub caller_id: Option<String>,
     pub api_base: String,
 }
@@ -95,12 +95,14 @@ impl Config {
 }
 
 /// One `TWILIO_FROM` entry as Twilio takes it: a phone number in E.164 (read in `region`
-/// when written without `+`), a short code (3 to 8 digits), or an alphanumeric sender ID
-/// (up to 11 letters, digits and spaces, one a letter). Anything else is refused, named.
+/// when written without `+`), a short code (3 to 8 digits that are no number of the
+/// region), or an alphanumeric sender ID (up to 11 letters, digits and spaces, one a
+/// letter). Anything else is refused, named.
 fn sender_entry(entry: &str, region: Region) -> anyhow::Result<String> {
     let digits = entry.chars().all(|c| c.is_ascii_digit());
     if digits && (3..=8).contains(&entry.len()) {
-        return Ok(entry.to_string());
+        let number = crate::phone::Phone::parse_in(entry, region);
+        return Ok(number.map_or_else(|_| entry.to_string(), |p| p.as_str().to_string()));
     }
     let alphanumeric = entry.chars().all(|c| c.is_ascii_alphanumeric() || c == ' ')
         && entry.chars().any(|c| c.is_ascii_alphabetic())
@@ -537,16 +539,23 @@ mod tests {
         assert_eq!(twilio.caller_id.as_deref(), Some("+15005550006"));
     }
 
-    #[test]
-    fn twilio_from_may_list_several_numbers_and_the_first_places_calls() {
-        let env = Layer::from_env(|k| match k {
+    /// The configuration with Twilio credentials and this `TWILIO_FROM`.
+    fn with_from(from: &'static str) -> anyhow::Result<Config> {
+        Layer::from_env(move |k| match k {
             "TWILIO_ACCOUNT_SID" => Some("AC1".into()),
             "TWILIO_AUTH_TOKEN" => Some("t".into()),
-            "TWILIO_FROM" => Some(" +15005550006, +15005550007 ,".into()),
+            "TWILIO_FROM" => Some(from.into()),
             _ => None,
-        })
-        .unwrap();
-        let twilio = env.resolve().unwrap().twilio.unwrap();
+        })?
+        .resolve()
+    }
+
+    #[test]
+    fn twilio_from_may_list_several_numbers_and_the_first_places_calls() {
+        let twilio = with_from(" +15005550006, +15005550007 ,")
+            .unwrap()
+            .twilio
+            .unwrap();
         assert_eq!(
             twilio.sender,
             Sender::From(vec!["+15005550006".into(), "+15005550007".into()])
@@ -555,16 +564,6 @@ mod tests {
         // Entries are read as Twilio takes them: numbers in E.164 (in the region without
         // `+`), short codes and alphanumeric sender IDs as written; the first number places
         // calls; anything else is refused, named.
-        let with_from = |from: &'static str| {
-            Layer::from_env(move |k| match k {
-                "TWILIO_ACCOUNT_SID" => Some("AC1".into()),
-                "TWILIO_AUTH_TOKEN" => Some("t".into()),
-                "TWILIO_FROM" => Some(from.into()),
-                _ => None,
-            })
-            .unwrap()
-            .resolve()
-        };
         let twilio = with_from("ACME, +1 (500) 555-0006, 4155550100, 12345")
             .unwrap()
             .twilio
@@ -587,14 +586,7 @@ mod tests {
             "{err}"
         );
         // Commas alone are no sender.
-        let env = Layer::from_env(|k| match k {
-            "TWILIO_ACCOUNT_SID" => Some("AC1".into()),
-            "TWILIO_AUTH_TOKEN" => Some("t".into()),
-            "TWILIO_FROM" => Some(" , ".into()),
-            _ => None,
-        })
-        .unwrap();
-        let err = env.resolve().unwrap_err().to_string();
+        let err = with_from(" , ").unwrap_err().to_string();
         assert!(err.contains("missing: TWILIO_FROM"), "{err}");
     }
 

@@ -202,23 +202,28 @@ impl Twilio {
     }
 
     /// The number of ours `to` (Twilio's `To` of an inbound text or call) is, when texts go
-    /// from a list of numbers: `None` for a number not in it, or with a messaging service.
+    /// from a list of numbers and it is a phone number of the list: `None` for one not in
+    /// it, a short code, or with a messaging service.
     fn sender_for(&self, to: &str) -> Option<Phone> {
         let Sender::From(numbers) = &self.config.sender else {
             return None;
         };
         let to = to.trim();
-        if !numbers.iter().any(|n| n == to && n.starts_with('+')) {
+        if !numbers.iter().any(|n| n == to) {
             if numbers.len() > 1 && unknown_to_is_news() {
                 tracing::warn!(
                     "a text or call came to a number not in TWILIO_FROM; what is sent to its \
-                     sender goes from the first ({})",
+                     sender goes from the listed number it last wrote to, else from the first ({})",
                     numbers.first().map_or("", String::as_str)
                 );
             }
             return None;
         }
-        Phone::from_stored(to.to_string()).ok()
+        // Only a phone number is kept (a short code is answered, and later messages go as
+        // for a number not listed).
+        to.starts_with('+')
+            .then(|| Phone::from_stored(to.to_string()).ok())
+            .flatten()
     }
 
     async fn send(
@@ -242,7 +247,7 @@ impl Twilio {
         let Some(from) = self.config.caller_id.clone() else {
             return Err(SendError::Permanent {
                 code: None,
-                message: "voice calls need TWILIO_FROM (a messaging service cannot place calls)"
+                message: "voice calls need a phone number in TWILIO_FROM (a messaging service, a short code or a sender ID cannot place calls)"
                     .into(),
             });
         };

@@ -122,8 +122,9 @@ struct Detail {
     view: View,
     /// The sequence question whose late answer is still taken (its timeout ran out).
     late_answer: Option<LateView>,
-    /// The number of ours it last texted or called (Twilio's `To`).
-    via: Option<String>,
+    /// The number of ours it last texted or called (Twilio's `To`), one of `TWILIO_FROM`
+    /// when it did.
+    our_number: Option<String>,
     history: Vec<serde_json::Value>,
     messages: Vec<serde_json::Value>,
 }
@@ -381,8 +382,9 @@ fn detail(app: &AppState, phone: &Phone) -> Result<Response, AdminError> {
         .iter()
         .map(|(id, sent)| message_json(*id, sent))
         .collect();
-    let now = app.engine.clock().now();
-    let late_answer = (s.late.as_ref().filter(|l| l.until > now)).map(|l| LateView {
+    let (now, flows) = (app.engine.clock().now(), app.engine.flows());
+    let late = crate::machine::late_question(&s, &flows, now).map(|(l, _)| l);
+    let late_answer = late.map(|l| LateView {
         sequence: l.sequence.clone(),
         step: l.step.saturating_add(1),
         field: l.field.clone(),
@@ -391,7 +393,7 @@ fn detail(app: &AppState, phone: &Phone) -> Result<Response, AdminError> {
     Ok(Json(Detail {
         view: View::of(&s),
         late_answer,
-        via: s.via.as_ref().map(Phone::to_string),
+        our_number: s.via.as_ref().map(Phone::to_string),
         history,
         messages,
     })

@@ -466,10 +466,10 @@ impl TwilioForm {
     }
 }
 
-/// The number of ours a text or call came to (Twilio's `To`), when it is one of the numbers
-/// messages go from (see [`crate::provider::Provider::sender_for`]). Not required: a
-/// request without one is answered all the same, and what is sent later goes from the
-/// first number.
+/// The number of ours a text or call came to (Twilio's `To`), when it is one of the phone
+/// numbers messages go from (see [`crate::provider::Provider::sender_for`]). Not required:
+/// a request without one is answered all the same, and what is sent later goes from the
+/// listed number it last wrote to, else from the first.
 fn our_number(state: &AppState, form: &TwilioForm) -> Option<Phone> {
     form.get("To").and_then(|to| state.provider.sender_for(to))
 }

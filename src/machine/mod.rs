@@ -509,6 +509,21 @@ fn code_guess(text: &str, digits: usize) -> String {
     }
 }
 
+/// The question whose late answer a number's next text may be, with its place: still in
+/// time, and still the question that ran out by the rules it was kept by (a reload may have
+/// moved or changed it since). What `simulate` and the admin page show, too.
+pub fn late_question<'s, 'f>(
+    sub: &'s Subscriber,
+    flows: &'f Flows,
+    now: DateTime<Utc>,
+) -> Option<(&'s LateQuestion, &'f crate::flows::Question)> {
+    let late = sub.late.as_ref().filter(|l| l.until > now)?;
+    let q = flows
+        .question(&late.sequence, late.step)
+        .filter(|q| late_window(q).is_some_and(|(field, _)| *field == late.field))?;
+    Some((late, q))
+}
+
 /// Whether a question takes a late answer (see [`LateQuestion`]): the field it saves into,
 /// and for how long after its timeout ran out (the timeout again). Not free text, which
 /// would take any text at all, nor one that saves nothing.
@@ -1438,18 +1453,11 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     /// `replies.late_answer` (the sequence has moved on, so no step follows it). Says
     /// whether it did.
     fn answer_late(&mut self, text: &str) -> bool {
-        let Some(late) = self.sub.late.clone() else {
-            return false;
-        };
         let flows = self.flows;
-        // Still the question that ran out, by the rules it was kept by (a reload may have
-        // changed it since).
-        let Some(q) = flows
-            .question(&late.sequence, late.step)
-            .filter(|q| late_window(q).is_some_and(|(field, _)| *field == late.field))
-        else {
+        let Some((late, q)) = late_question(&self.sub, flows, self.now) else {
             return false;
         };
+        let late = late.clone();
         let Some(value) = q.expect.accept(text) else {
             return false;
         };

@@ -20,7 +20,7 @@ use crate::phone::Phone;
 /// v6: as v5, then the code the number verified with by text (older ones read as none).
 /// v7: as v6, with every code the number held when it verified by text.
 /// v8: as v7, then the question whose late answer is still taken, and the number of ours it
-/// last texted (older ones read as none).
+/// last texted or called (older ones read as none).
 pub const SUBSCRIBER_VERSION: u8 = 8;
 
 /// bincode as v3 and v4 write it. (v1 and v2 use bincode's default fixed-width integers.)
@@ -250,7 +250,7 @@ fn with_used(
 }
 
 /// A v8 record: as v7, then the question whose late answer is still taken, and the number
-/// of ours it last texted.
+/// of ours it last texted or called.
 fn with_late(body: &[u8]) -> Result<(Subscriber, Vec<Replied>), CodecError> {
     type Kept = Vec<(String, At, At, u8)>;
     type Late = Option<(String, u64, String, At)>;

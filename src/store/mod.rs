@@ -31,7 +31,8 @@ const REPORT_VERSION: u8 = 1;
 /// key of the form field asked). 6: outbox messages may be v3 (with a code's expiry). 7:
 /// subscriber records may be v6 (with the code the number verified with). 8: v7 (with every
 /// code the number may text back after it verified). 9: v8 (with the question whose late
-/// answer is still taken), and the `early_reports` tree.
+/// answer is still taken, and the number of ours it last texted or called), and the
+/// `early_reports` tree.
 /// An older data dir is upgraded at open (schema 1 is counted once; older records are read
 /// as they are and rewritten in today's form when they next change). An older smsflow
 /// refuses a newer dir by its schema instead of failing on each record it cannot read.
@@ -264,6 +265,8 @@ pub struct Store {
     erasures: AtomicU64,
     /// Outbox sends in flight (a report may come for one before its answer is recorded).
     sending: AtomicUsize,
+    /// When kept early reports were last looked over for stale ones (ms since 1970).
+    early_swept_at: AtomicI64,
     /// One past the largest outbox id committed, and one past the largest known to be on
     /// disk (committed before a flush that succeeded): a message is sent only once durable,
     /// or a crash before the flush would bring back the event that queued it, to be sent again.
@@ -350,6 +353,7 @@ impl Store {
             db,
             erasures: AtomicU64::new(0),
             sending: AtomicUsize::new(0),
+            early_swept_at: AtomicI64::new(0),
             outbox_committed_below: AtomicU64::new(queued_below),
             outbox_durable_below: AtomicU64::new(queued_below),
         };
@@ -781,8 +785,8 @@ impl Store {
         let delta = trees
             .transaction(|(outbox, deliveries, sids, by_phone, meta, early)| {
                 let mut delta: Counts = [0; COUNTS];
-                // A report that came before this record (and with it, when erased) is
-                // taken now.
+                // A report that came before this record is taken now (removed also when
+                // the message was erased meanwhile and leaves no record).
                 let report = match &sid {
                     Some(sid) => early.remove(sid.as_bytes())?,
                     None => None,
@@ -914,7 +918,17 @@ impl Store {
     /// recorded by now (then it is applied), or a report kept for it is further along (two
     /// early ones may come out of order). Drops kept ones that have waited too long.
     fn keep_early_report(&self, sid: &str, report: &Report) -> anyhow::Result<()> {
-        self.drop_stale_early_reports(report.at - EARLY_REPORT_KEPT)?;
+        // At most once a minute: the tree is small, but a report should not pay for a walk.
+        let at = report.at.timestamp_millis();
+        let swept = self.early_swept_at.load(Relaxed);
+        if at.saturating_sub(swept) >= 60_000
+            && self
+                .early_swept_at
+                .compare_exchange(swept, at, Relaxed, Relaxed)
+                .is_ok()
+        {
+            self.drop_stale_early_reports(report.at - EARLY_REPORT_KEPT)?;
+        }
         let applied = (&self.sids, &self.deliveries, &self.early_reports)
             .transaction(|(sids, deliveries, early)| {
                 // Recorded since the look above: applied as any report is.

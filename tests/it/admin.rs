@@ -1246,38 +1246,49 @@ async fn export_on_a_held_data_dir_says_how_that_daemon_serves_the_dataset() {
     }
 }
 
-/// An operator sees the question whose late answer is still taken, and until when.
+/// An operator sees the question whose late answer is still taken, and until when; not one
+/// whose time is up, nor one a reload changed.
 #[tokio::test]
 async fn a_numbers_page_shows_the_question_whose_late_answer_is_still_taken() {
-    let app = TestApp::spawn(CHOICES).await;
+    let flows = r#"
+[bot]
+name = "Survey"
+[form]
+extra_fields = ["pick"]
+[[sequence]]
+name = "quiz"
+steps = [{ ask = "A or B?", save = "pick", expect = { choices = { A = "a", B = "b" } }, timeout = "1h" }]
+"#;
+    let app = TestApp::spawn(flows).await;
     let now = chrono::Utc::now();
-    let mut sub = smsflow::machine::Subscriber::new(smsflow::phone::Phone::parse(A).unwrap(), now);
-    sub.state = smsflow::machine::State::Verified;
     let until = now + chrono::Duration::hours(1);
-    sub.late = Some(smsflow::machine::LateQuestion {
-        sequence: "later".into(),
-        step: 0,
-        field: "color".into(),
-        until,
-    });
-    let commit = smsflow::store::Commit {
-        subscriber: Some(sub.clone()),
-        ..smsflow::store::Commit::default()
+    let shown_for = |field: &str, until| {
+        let mut sub =
+            smsflow::machine::Subscriber::new(smsflow::phone::Phone::parse(A).unwrap(), now);
+        sub.state = smsflow::machine::State::Verified;
+        sub.late = Some(smsflow::machine::LateQuestion {
+            sequence: "quiz".into(),
+            step: 0,
+            field: field.into(),
+            until,
+        });
+        let commit = smsflow::store::Commit {
+            subscriber: Some(sub),
+            ..smsflow::store::Commit::default()
+        };
+        app.engine.store.commit_many(&[commit], now).unwrap();
+        async {
+            let (status, shown) = get(&app, "/admin/subscribers/%2B15550000001", None).await;
+            assert_eq!(status, 200, "{shown}");
+            shown["late_answer"].clone()
+        }
     };
-    app.engine.store.commit_many(&[commit], now).unwrap();
-    let (status, shown) = get(&app, "/admin/subscribers/%2B15550000001", None).await;
-    assert_eq!(status, 200, "{shown}");
     assert_eq!(
-        shown["late_answer"],
-        serde_json::json!({"sequence": "later", "step": 1, "field": "color", "until": until.to_rfc3339()})
+        shown_for("pick", until).await,
+        serde_json::json!({"sequence": "quiz", "step": 1, "field": "pick", "until": until.to_rfc3339()})
     );
-    // Once its time is up: none.
-    sub.late.as_mut().unwrap().until = now - chrono::Duration::seconds(1);
-    let commit = smsflow::store::Commit {
-        subscriber: Some(sub),
-        ..smsflow::store::Commit::default()
-    };
-    app.engine.store.commit_many(&[commit], now).unwrap();
-    let (_, shown) = get(&app, "/admin/subscribers/%2B15550000001", None).await;
-    assert_eq!(shown["late_answer"], serde_json::Value::Null);
+    let over = now - chrono::Duration::seconds(1);
+    assert_eq!(shown_for("pick", over).await, serde_json::Value::Null);
+    // Kept for a field the question at that step no longer saves into.
+    assert_eq!(shown_for("color", until).await, serde_json::Value::Null);
 }

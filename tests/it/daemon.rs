@@ -2398,12 +2398,13 @@ async fn a_delivery_report_that_comes_before_the_sends_answer_is_applied_once_it
 #[tokio::test]
 async fn with_several_senders_a_number_is_texted_from_the_one_it_wrote_to() {
     const SECOND: &str = "+15005550007";
-    let app = TestApp::spawn_with(FLOWS, |c| {
+    let several = |c: &mut smsflow::config::Config| {
         if let Some(t) = c.twilio.as_mut() {
             t.sender = smsflow::config::Sender::From(vec![FROM.into(), SECOND.into()]);
         }
-    })
-    .await;
+    };
+    // The steps come due when the test says (see `TestApp::advance`).
+    let app = TestApp::spawn_adjusted(FLOWS, several, |o| o.clock = manual_clock()).await;
     let text_to = |from: &str, to: &str, body: &str| {
         let (app, from, to, body) = (&app, from.to_string(), to.to_string(), body.to_string());
         async move {
@@ -2466,6 +2467,7 @@ async fn with_several_senders_a_number_is_texted_from_the_one_it_wrote_to() {
     let code = code_in(&app.twilio.last_to(ANN, 5).await);
     assert_eq!(text_to(ANN, SECOND, &code).await, 200);
     assert_eq!(text_to(ANN, SECOND, "Ann").await, 200);
+    app.advance(Duration::from_secs(1));
     let sent = app.twilio.wait_delivered(6).await;
     let first_step = sent
         .iter()
@@ -2481,17 +2483,21 @@ async fn with_several_senders_a_number_is_texted_from_the_one_it_wrote_to() {
         }
     };
     // The operator sees which number it wrote to; none for a number not ours.
-    assert_eq!(page(&app, ANN).await["via"], SECOND);
-    assert_eq!(page(&app, stranger).await["via"], serde_json::Value::Null);
+    assert_eq!(page(&app, ANN).await["our_number"], SECOND);
+    assert_eq!(
+        page(&app, stranger).await["our_number"],
+        serde_json::Value::Null
+    );
 
-    // Written to at the other number, it is texted from that one from then on (the last
-    // step is due two seconds after this).
+    // Written to at the other number, it is texted from that one from then on.
     assert_eq!(text_to(ANN, FROM, "hello").await, 200);
+    app.advance(Duration::from_secs(1));
+    app.twilio.wait_delivered(7).await;
+    app.advance(Duration::from_secs(1));
     let sent = app.twilio.wait_delivered(8).await;
-    let last_step = sent
-        .iter()
-        .find(|r| r.body == "Step three")
-        .expect("Step three");
-    assert_eq!(last_step.from, FROM, "{sent:#?}");
-    assert_eq!(page(&app, ANN).await["via"], FROM);
+    for step in ["Step two", "Step three"] {
+        let sent_as = sent.iter().find(|r| r.body == step).expect(step);
+        assert_eq!(sent_as.from, FROM, "{sent:#?}");
+    }
+    assert_eq!(page(&app, ANN).await["our_number"], FROM);
 }
