@@ -210,7 +210,18 @@ impl Application {
                     "no Twilio credentials"
                 }
             ),
-            name => format!("  provider:    {name}, {} msg/s\n", c.send_rate),
+            name => {
+                let from = match c.twilio.as_ref().map(|t| &t.sender) {
+                    Some(crate::config::Sender::From(numbers)) => {
+                        format!(", from {}", numbers.join(", "))
+                    }
+                    Some(crate::config::Sender::MessagingService(m)) => {
+                        format!(", through messaging service {m}")
+                    }
+                    None => String::new(),
+                };
+                format!("  provider:    {name}, {} msg/s{from}\n", c.send_rate)
+            }
         };
         b += &format!(
             "  flows:       {} — {}\n",

@@ -2501,3 +2501,54 @@ async fn with_several_senders_a_number_is_texted_from_the_one_it_wrote_to() {
     }
     assert_eq!(page(&app, ANN).await["our_number"], FROM);
 }
+
+/// The banner names who messages come from: every sender, or the messaging service.
+#[tokio::test]
+async fn the_banner_names_every_sender() {
+    use smsflow::config::{Config, Secret, Sender, TwilioConfig};
+    let flows = tempfile::tempdir().unwrap();
+    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
+    let banner = |sender: Sender| {
+        // Its own data dir: a store just let go of may stay locked a moment.
+        let data = tempfile::tempdir().unwrap();
+        let config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            public_url: None,
+            data_dir: data.path().to_path_buf(),
+            flows_dir: flows.path().to_path_buf(),
+            region: smsflow::phone::Region::default(),
+            send_rate: 1.0,
+            twilio: Some(TwilioConfig {
+                account_sid: ACCOUNT_SID.into(),
+                auth_token: Secret::new(AUTH_TOKEN),
+                sender,
+                caller_id: Some(FROM.into()),
+                api_base: "http://127.0.0.1:9".into(),
+            }),
+            auth_token: Some(Secret::new(AUTH_TOKEN)),
+            api_token: None,
+            admin_token: None,
+            retention: None,
+        };
+        async move {
+            let options = smsflow::app::Options {
+                quiet_console: true,
+                ..Default::default()
+            };
+            let app = smsflow::app::Application::build(config, options).await;
+            let banner = app.expect("builds").banner();
+            drop(data); // after the app that held it
+            banner
+        }
+    };
+    let several = banner(Sender::From(vec![FROM.into(), "+15005550007".into()])).await;
+    assert!(
+        several.contains("provider:    twilio, 1 msg/s, from +15005550006, +15005550007"),
+        "{several}"
+    );
+    let service = banner(Sender::MessagingService("MG1".into())).await;
+    assert!(
+        service.contains("through messaging service MG1"),
+        "{service}"
+    );
+}
