@@ -211,13 +211,16 @@ impl Application {
                 }
             ),
             name => {
-                let from = match c.twilio.as_ref().map(|t| &t.sender) {
-                    Some(crate::config::Sender::From(numbers)) => {
+                let from = match c.twilio.as_ref().map(|t| (&t.sender, &t.caller_id)) {
+                    Some((crate::config::Sender::From(numbers), _)) => {
                         format!(", from {}", numbers.join(", "))
                     }
-                    Some(crate::config::Sender::MessagingService(m)) => {
-                        format!(", through messaging service {m}")
-                    }
+                    Some((crate::config::Sender::MessagingService(m), calls)) => format!(
+                        ", through messaging service {m}{}",
+                        calls
+                            .as_ref()
+                            .map_or(String::new(), |n| format!(" (calls from {n})"))
+                    ),
                     None => String::new(),
                 };
                 format!("  provider:    {name}, {} msg/s{from}\n", c.send_rate)
@@ -274,7 +277,12 @@ impl Application {
         }
         match &c.public_url {
             Some(base) => {
-                b += "  Twilio console, Phone Numbers > your number:\n";
+                b += match c.twilio.as_ref().map(|t| &t.sender) {
+                    Some(crate::config::Sender::From(n)) if n.len() > 1 => {
+                        "  Twilio console, Phone Numbers > each of the numbers above:\n"
+                    }
+                    _ => "  Twilio console, Phone Numbers > your number:\n",
+                };
                 b += &format!("    A message comes in (HTTP POST): {base}/twilio/sms\n");
                 b += &format!("    A call comes in (HTTP POST):    {base}/twilio/voice\n");
                 if self.provider.name() != "console" {

@@ -739,6 +739,12 @@ pub fn export(
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
+    if let Some((old, new)) = store.upgraded_from() {
+        errln!(
+            "smsflow export: data dir {} upgraded from schema {old} to {new}: an older smsflow now refuses it",
+            data.display()
+        );
+    }
     let opened_kib = crate::export::peak_rss_kib();
     let written = match out {
         Some(path) => std::fs::File::create(path)

@@ -94,41 +94,46 @@ impl Config {
     }
 }
 
-/// One `TWILIO_FROM` entry as Twilio takes it: a phone number in E.164 (read in `region`
-/// when written without `+`), a short code (3 to 8 digits that are no number of the
-/// region), or an alphanumeric sender ID (up to 11 letters, digits and spaces, one a
-/// letter). Anything else is refused, named.
-fn sender_entry(entry: &str, region: Region) -> anyhow::Result<String> {
-    let digits = entry.chars().all(|c| c.is_ascii_digit());
-    if digits && (3..=8).contains(&entry.len()) {
-        let number = crate::phone::Phone::parse_in(entry, region);
-        return Ok(number.map_or_else(|_| entry.to_string(), |p| p.as_str().to_string()));
+/// One `TWILIO_FROM` entry as Twilio takes it: a phone number, written with `+` and its
+/// country code (kept in E.164), a short code (3 to 8 digits), or an alphanumeric sender ID
+/// (up to 11 letters, digits and spaces, one a letter). Anything else is refused, named.
+fn sender_entry(entry: &str) -> anyhow::Result<String> {
+    let refused = |why: &str| anyhow::anyhow!("TWILIO_FROM (twilio.from): {entry:?} {why}");
+    if entry.starts_with('+') {
+        // Only what a phone number is written with: no `whatsapp:` or other channel (this
+        // sends SMS), which the phone number reader would skip.
+        if !entry
+            .chars()
+            .all(|c| c.is_ascii_digit() || "+ -.()".contains(c))
+        {
+            return Err(refused(
+                "is no phone number: it has other characters than digits and separators",
+            ));
+        }
+        return crate::phone::Phone::parse(entry)
+            .map(|p| p.as_str().to_string())
+            .map_err(|e| refused(&format!("is no phone number: {e}")));
+    }
+    if entry.chars().all(|c| c.is_ascii_digit()) {
+        return match entry.len() {
+            3..=8 => Ok(entry.to_string()),
+            _ => Err(refused(
+                "is no short code (3 to 8 digits); write a phone number with + and its country code",
+            )),
+        };
     }
     let alphanumeric = entry.chars().all(|c| c.is_ascii_alphanumeric() || c == ' ')
-        && entry.chars().any(|c| c.is_ascii_alphabetic())
-        && entry.len() <= 11;
-    if alphanumeric {
-        return Ok(entry.to_string());
+        && entry.chars().any(|c| c.is_ascii_alphabetic());
+    match (alphanumeric, entry.len()) {
+        (true, 1..=11) => Ok(entry.to_string()),
+        (true, _) => Err(refused(
+            "is too long for a sender ID (at most 11 characters)",
+        )),
+        (false, _) => Err(refused(
+            "is neither a phone number (+ and its country code), a short code nor an \
+             alphanumeric sender ID",
+        )),
     }
-    let refused = |why: String| {
-        anyhow::anyhow!(
-            "TWILIO_FROM (twilio.from): {entry:?} is neither a phone number ({why}) nor a \
-             short code or an alphanumeric sender ID"
-        )
-    };
-    // Only what a phone number is written with: no `whatsapp:` or other channel (this
-    // sends SMS), which the phone number reader would skip.
-    if !entry
-        .chars()
-        .all(|c| c.is_ascii_digit() || "+ -.()".contains(c))
-    {
-        return Err(refused(
-            "it has other characters than digits and separators".into(),
-        ));
-    }
-    crate::phone::Phone::parse_in(entry, region)
-        .map(|p| p.as_str().to_string())
-        .map_err(|e| refused(e.to_string()))
 }
 
 /// Values as read from one layer; `None` means "not set here".
@@ -154,9 +159,28 @@ pub struct Layer {
 pub struct TwilioLayer {
     pub account_sid: Option<String>,
     pub auth_token: Option<Secret>,
+    /// One sender, several comma-separated, or (in the file) an array of them.
+    #[serde(default, deserialize_with = "one_or_many")]
     pub from: Option<String>,
     pub messaging_service_sid: Option<String>,
     pub api_base: Option<String>,
+}
+
+/// A string, or an array of strings joined with commas (`from = ["+1…", "+1…"]`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let read = Option::<OneOrMany>::deserialize(d).map_err(|_| {
+        serde::de::Error::custom("expected a string, or an array of strings (senders)")
+    })?;
+    Ok(read.map(|v| match v {
+        OneOrMany::One(s) => s,
+        OneOrMany::Many(list) => list.join(", "),
+    }))
 }
 
 /// An environment value, a blank one counting as unset.
@@ -340,14 +364,19 @@ impl Layer {
             "TWILIO_API_BASE (api_base)",
         )?;
         // One or more senders, comma-separated; the first is the default. Phone numbers are
-        // kept in E.164 (as Twilio writes `To`, which picks a number's sender), so the first
-        // of them places calls.
+        // kept in E.164 (as Twilio writes `To`, which picks a number's sender); the first of
+        // them places calls.
         let numbers = (t.from.iter())
             .flat_map(|f| f.split(','))
             .map(str::trim)
             .filter(|n| !n.is_empty())
-            .map(|n| sender_entry(n, region))
+            .map(sender_entry)
             .collect::<anyhow::Result<Vec<String>>>()?;
+        let twice =
+            (numbers.iter().enumerate()).find_map(|(i, n)| numbers[..i].contains(n).then_some(n));
+        if let Some(twice) = twice {
+            anyhow::bail!("TWILIO_FROM (twilio.from): {twice} is listed twice");
+        }
         let caller_id = (numbers.iter()).find(|n| n.starts_with('+')).cloned();
         let sender = match (numbers.is_empty(), t.messaging_service_sid) {
             (_, Some(ms)) => Some(Sender::MessagingService(ms)),
@@ -564,7 +593,7 @@ mod tests {
         // Entries are read as Twilio takes them: numbers in E.164 (in the region without
         // `+`), short codes and alphanumeric sender IDs as written; the first number places
         // calls; anything else is refused, named.
-        let twilio = with_from("ACME, +1 (500) 555-0006, 4155550100, 12345")
+        let twilio = with_from("ACME, +1 (500) 555-0006, +44 20 7946 0018, 66777")
             .unwrap()
             .twilio
             .unwrap();
@@ -573,18 +602,39 @@ mod tests {
             Sender::From(vec![
                 "ACME".into(),
                 "+15005550006".into(),
-                "+14155550100".into(),
-                "12345".into()
+                "+442079460018".into(),
+                "66777".into()
             ])
         );
         assert_eq!(twilio.caller_id.as_deref(), Some("+15005550006"));
-        let err = with_from("+15005550006, whatsapp:+14155550100")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("\"whatsapp:+14155550100\" is neither"),
-            "{err}"
+        for (from, why) in [
+            (
+                "+15005550006, whatsapp:+14155550100",
+                "\"whatsapp:+14155550100\" is neither",
+            ),
+            (
+                "+15005550006, +1 500 555 0006",
+                "+15005550006 is listed twice",
+            ),
+            (
+                "4155550100",
+                "write a phone number with + and its country code",
+            ),
+            ("ACMECONTESTS", "at most 11 characters"),
+            ("+1 500 555 0006 ext 1", "other characters than digits"),
+        ] {
+            let err = with_from(from).unwrap_err().to_string();
+            assert!(err.contains(why), "{from}: {err}");
+        }
+        // In the file, an array of them is the same list.
+        let file: Layer =
+            toml::from_str("[twilio]\nfrom = [\"+15005550006\", \"+15005550007\"]").unwrap();
+        assert_eq!(
+            file.twilio.from.as_deref(),
+            Some("+15005550006, +15005550007")
         );
+        let err = toml::from_str::<Layer>("[twilio]\nfrom = 5").unwrap_err();
+        assert!(err.to_string().contains("an array of strings"), "{err}");
         // Commas alone are no sender.
         let err = with_from(" , ").unwrap_err().to_string();
         assert!(err.contains("missing: TWILIO_FROM"), "{err}");

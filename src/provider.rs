@@ -92,6 +92,17 @@ impl Provider {
         }
     }
 
+    /// Whether texts go from `number` when it is a recipient's (see [`Provider::sender_for`]):
+    /// it is one of the listed numbers, with no messaging service.
+    pub fn sends_from(&self, number: &Phone) -> bool {
+        match self {
+            Provider::Twilio(t) => {
+                matches!(&t.config.sender, Sender::From(n) if n.iter().any(|n| n == number.as_str()))
+            }
+            Provider::Console(_) => false,
+        }
+    }
+
     /// Places a voice call that speaks `twiml`.
     pub async fn call(&self, to: &Phone, twiml: &str) -> Result<Accepted, SendError> {
         match self {
@@ -211,9 +222,12 @@ impl Twilio {
         let to = to.trim();
         if !numbers.iter().any(|n| n == to) {
             if numbers.len() > 1 && unknown_to_is_news() {
+                // `To` is ours (the operator's), not the texter's: shown whole.
                 tracing::warn!(
-                    "a text or call came to a number not in TWILIO_FROM; what is sent to its \
-                     sender goes from the listed number it last wrote to, else from the first ({})",
+                    "a text or call came to {}, which is not in TWILIO_FROM: what is sent to \
+                     its sender goes from the listed number it last wrote to, else from the first \
+                     ({})",
+                    crate::clip(to),
                     numbers.first().map_or("", String::as_str)
                 );
             }
@@ -413,12 +427,18 @@ mod tests {
         let gone = Phone::from_stored("+15559990000".into()).ok();
         assert_eq!(t.sender_param(gone.as_ref()), ("From", a.to_string()));
 
+        let listed = super::Provider::Twilio(t);
+        assert!(listed.sends_from(&Phone::from_stored(b.into()).unwrap()));
+        assert!(!listed.sends_from(&Phone::from_stored("+15559990000".into()).unwrap()));
+
         let service = twilio(Sender::MessagingService("MG1".into()));
         assert_eq!(service.sender_for(a), None);
         assert_eq!(
             service.sender_param(via.as_ref()),
             ("MessagingServiceSid", "MG1".to_string())
         );
+        let service = super::Provider::Twilio(service);
+        assert!(!service.sends_from(&Phone::from_stored(a.into()).unwrap()));
     }
 
     #[test]

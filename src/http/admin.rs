@@ -393,7 +393,9 @@ fn detail(app: &AppState, phone: &Phone) -> Result<Response, AdminError> {
     Ok(Json(Detail {
         view: View::of(&s),
         late_answer,
-        our_number: s.via.as_ref().map(Phone::to_string),
+        our_number: (s.via.as_ref())
+            .filter(|n| app.provider.sends_from(n))
+            .map(Phone::to_string),
         history,
         messages,
     })

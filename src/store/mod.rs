@@ -267,6 +267,8 @@ pub struct Store {
     sending: AtomicUsize,
     /// When kept early reports were last looked over for stale ones (ms since 1970).
     early_swept_at: AtomicI64,
+    /// The schema this open upgraded the data dir from, if it did.
+    upgraded_from: Option<u64>,
     /// One past the largest outbox id committed, and one past the largest known to be on
     /// disk (committed before a flush that succeeded): a message is sent only once durable,
     /// or a crash before the flush would bring back the event that queued it, to be sent again.
@@ -354,6 +356,7 @@ impl Store {
             erasures: AtomicU64::new(0),
             sending: AtomicUsize::new(0),
             early_swept_at: AtomicI64::new(0),
+            upgraded_from: schema.filter(|s| *s != SCHEMA),
             outbox_committed_below: AtomicU64::new(queued_below),
             outbox_durable_below: AtomicU64::new(queued_below),
         };
@@ -383,6 +386,13 @@ impl Store {
         if schema != Some(SCHEMA) {
             meta.insert("schema", &SCHEMA.to_be_bytes())?;
             store.flush()?;
+            if let Some(old) = store.upgraded_from {
+                tracing::warn!(
+                    "data dir {} upgraded from schema {old} to {SCHEMA}: an older smsflow \
+                     now refuses it",
+                    dir.display()
+                );
+            }
         }
         store.drop_stale_early_reports(chrono::Utc::now() - EARLY_REPORT_KEPT)?;
         Ok(store)
@@ -982,6 +992,11 @@ impl Store {
     pub fn send_in_flight(&self) -> InFlight<'_> {
         self.sending.fetch_add(1, SeqCst);
         InFlight(&self.sending)
+    }
+
+    /// The schema this open upgraded the data dir from (an older smsflow refuses it now).
+    pub fn upgraded_from(&self) -> Option<(u64, u64)> {
+        self.upgraded_from.map(|old| (old, SCHEMA))
     }
 
     /// Early reports kept, waiting for their message's record.

@@ -2513,7 +2513,7 @@ async fn the_banner_names_every_sender() {
         let data = tempfile::tempdir().unwrap();
         let config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
-            public_url: None,
+            public_url: Some("https://smsflow.test".into()),
             data_dir: data.path().to_path_buf(),
             flows_dir: flows.path().to_path_buf(),
             region: smsflow::phone::Region::default(),
@@ -2546,9 +2546,10 @@ async fn the_banner_names_every_sender() {
         several.contains("provider:    twilio, 1 msg/s, from +15005550006, +15005550007"),
         "{several}"
     );
+    assert!(several.contains("each of the numbers above"), "{several}");
     let service = banner(Sender::MessagingService("MG1".into())).await;
     assert!(
-        service.contains("through messaging service MG1"),
+        service.contains("through messaging service MG1 (calls from +15005550006)"),
         "{service}"
     );
 }

@@ -391,6 +391,7 @@ fn a_schema_1_data_dir_is_recounted_at_open_and_an_unreadable_record_does_not_st
     {
         let store = reopen(|| Store::open(dir.path()));
         assert_eq!(store.state_counts(), [0, 0, 1, 0, 1]);
+        assert_eq!(store.upgraded_from(), Some((1, 9)), "and says so");
     }
     {
         // Upgraded: schema 9 now, which an older smsflow refuses.
