@@ -211,16 +211,17 @@ impl Application {
                 }
             ),
             name => {
+                let calls = |caller: &Option<String>| match caller {
+                    Some(n) => format!(" (calls from {n})"),
+                    None => " (no phone number in TWILIO_FROM: no voice calls)".to_string(),
+                };
                 let from = match c.twilio.as_ref().map(|t| (&t.sender, &t.caller_id)) {
-                    Some((crate::config::Sender::From(numbers), _)) => {
-                        format!(", from {}", numbers.join(", "))
+                    Some((crate::config::Sender::From(numbers), caller)) => {
+                        format!(", from {}{}", numbers.join(", "), calls(caller))
                     }
-                    Some((crate::config::Sender::MessagingService(m), calls)) => format!(
-                        ", through messaging service {m}{}",
-                        calls
-                            .as_ref()
-                            .map_or(String::new(), |n| format!(" (calls from {n})"))
-                    ),
+                    Some((crate::config::Sender::MessagingService(m), caller)) => {
+                        format!(", through messaging service {m}{}", calls(caller))
+                    }
                     None => String::new(),
                 };
                 format!("  provider:    {name}, {} msg/s{from}\n", c.send_rate)
@@ -277,11 +278,10 @@ impl Application {
         }
         match &c.public_url {
             Some(base) => {
-                b += match c.twilio.as_ref().map(|t| &t.sender) {
-                    Some(crate::config::Sender::From(n)) if n.len() > 1 => {
-                        "  Twilio console, Phone Numbers > each of the numbers above:\n"
-                    }
-                    _ => "  Twilio console, Phone Numbers > your number:\n",
+                b += if several_numbers(c) {
+                    "  Twilio console, Phone Numbers > each of the numbers above:\n"
+                } else {
+                    "  Twilio console, Phone Numbers > your number:\n"
                 };
                 b += &format!("    A message comes in (HTTP POST): {base}/twilio/sms\n");
                 b += &format!("    A call comes in (HTTP POST):    {base}/twilio/voice\n");
@@ -306,7 +306,11 @@ impl Application {
                     "  then restart with SMSFLOW_PUBLIC_URL=https://<tunnel host>{} and paste\n",
                     if c.auth_token.is_none() { " (and TWILIO_AUTH_TOKEN)" } else { "" }
                 );
-                b += "  https://<tunnel host>/twilio/sms into your number's \"A message comes in\" webhook.\n";
+                b += if several_numbers(c) {
+                    "  https://<tunnel host>/twilio/sms into each number's \"A message comes in\" webhook.\n"
+                } else {
+                    "  https://<tunnel host>/twilio/sms into your number's \"A message comes in\" webhook.\n"
+                };
             }
         }
         b
@@ -595,6 +599,14 @@ fn connection_limit() -> usize {
     const KEPT: u64 = 128;
     let files = rlimit::increase_nofile_limit(2 * MOST).unwrap_or(1024);
     usize::try_from(files.saturating_sub(KEPT).clamp(16, MOST)).unwrap_or(16)
+}
+
+/// Whether texts go from more than one phone number (each needs smsflow's webhooks).
+fn several_numbers(c: &Config) -> bool {
+    matches!(
+        c.twilio.as_ref().map(|t| &t.sender),
+        Some(crate::config::Sender::From(n)) if n.iter().filter(|n| n.starts_with('+')).count() > 1
+    )
 }
 
 /// With a retention set: deletes history entries and delivery records older than it, at the

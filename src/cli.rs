@@ -556,6 +556,7 @@ pub fn serve(args: &ServeArgs) -> ExitCode {
         Ok(r) => r,
         Err(code) => return code,
     };
+    let data_dir = config.data_dir.clone();
     runtime.block_on(async {
         let app = match crate::app::Application::build(config, crate::app::Options::default()).await
         {
@@ -574,6 +575,11 @@ pub fn serve(args: &ServeArgs) -> ExitCode {
         };
         // Not `print!`: a closed stdout must not stop the daemon from serving.
         say(&mut std::io::stdout(), &app.banner());
+        if let Some((old, new)) = app.engine().store.upgraded_from() {
+            let data = data_dir.display();
+            let said = format!("data dir {data} upgraded from schema {old} to {new}: an older smsflow now refuses it");
+            tell(format, Level::WARN, &said);
+        }
         // Listening from here on: a second signal that lands while the first is being
         // handled is counted, not lost.
         let signals = count_signals();

@@ -95,10 +95,11 @@ impl Config {
 }
 
 /// One `TWILIO_FROM` entry as Twilio takes it: a phone number, written with `+` and its
-/// country code (kept in E.164), a short code (3 to 8 digits), or an alphanumeric sender ID
+/// country code (kept in E.164), a short code (3 to 6 digits), or an alphanumeric sender ID
 /// (up to 11 letters, digits and spaces, one a letter). Anything else is refused, named.
 fn sender_entry(entry: &str) -> anyhow::Result<String> {
-    let refused = |why: &str| anyhow::anyhow!("TWILIO_FROM (twilio.from): {entry:?} {why}");
+    let shown = crate::clip(entry);
+    let refused = |why: &str| anyhow::anyhow!("TWILIO_FROM (twilio.from): {shown:?} {why}");
     if entry.starts_with('+') {
         // Only what a phone number is written with: no `whatsapp:` or other channel (this
         // sends SMS), which the phone number reader would skip.
@@ -107,18 +108,18 @@ fn sender_entry(entry: &str) -> anyhow::Result<String> {
             .all(|c| c.is_ascii_digit() || "+ -.()".contains(c))
         {
             return Err(refused(
-                "is no phone number: it has other characters than digits and separators",
+                "is no phone number: it has other characters than ASCII digits and separators",
             ));
         }
         return crate::phone::Phone::parse(entry)
             .map(|p| p.as_str().to_string())
-            .map_err(|e| refused(&format!("is no phone number: {e}")));
+            .map_err(|e| anyhow::anyhow!("TWILIO_FROM (twilio.from): {e}"));
     }
     if entry.chars().all(|c| c.is_ascii_digit()) {
         return match entry.len() {
-            3..=8 => Ok(entry.to_string()),
+            3..=6 => Ok(entry.to_string()),
             _ => Err(refused(
-                "is no short code (3 to 8 digits); write a phone number with + and its country code",
+                "is no short code (3 to 6 digits); write a phone number with + and its country code",
             )),
         };
     }
@@ -590,9 +591,9 @@ mod tests {
             Sender::From(vec!["+15005550006".into(), "+15005550007".into()])
         );
         assert_eq!(twilio.caller_id.as_deref(), Some("+15005550006"));
-        // Entries are read as Twilio takes them: numbers in E.164 (in the region without
-        // `+`), short codes and alphanumeric sender IDs as written; the first number places
-        // calls; anything else is refused, named.
+        // Entries are read as Twilio takes them: numbers (with `+`) in E.164, short codes and
+        // alphanumeric sender IDs as written; the first number places calls; anything else is
+        // refused, named.
         let twilio = with_from("ACME, +1 (500) 555-0006, +44 20 7946 0018, 66777")
             .unwrap()
             .twilio
@@ -621,7 +622,12 @@ mod tests {
                 "write a phone number with + and its country code",
             ),
             ("ACMECONTESTS", "at most 11 characters"),
-            ("+1 500 555 0006 ext 1", "other characters than digits"),
+            (
+                "+1 500 555 0006 ext 1",
+                "other characters than ASCII digits",
+            ),
+            ("12345678", "is no short code (3 to 6 digits)"),
+            ("+1", "\"+1\" is not a phone number"),
         ] {
             let err = with_from(from).unwrap_err().to_string();
             assert!(err.contains(why), "{from}: {err}");
@@ -635,6 +641,16 @@ mod tests {
         );
         let err = toml::from_str::<Layer>("[twilio]\nfrom = 5").unwrap_err();
         assert!(err.to_string().contains("an array of strings"), "{err}");
+        // An empty array, or blank entries, are no senders.
+        let file: Layer = toml::from_str(
+            "[twilio]\naccount_sid = \"AC1\"\nauth_token = \"t\"\nfrom = [\" \", \"\"]",
+        )
+        .unwrap();
+        assert!(file
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("missing: TWILIO_FROM"));
         // Commas alone are no sender.
         let err = with_from(" , ").unwrap_err().to_string();
         assert!(err.contains("missing: TWILIO_FROM"), "{err}");

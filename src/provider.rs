@@ -222,12 +222,14 @@ impl Twilio {
         let to = to.trim();
         if !numbers.iter().any(|n| n == to) {
             if numbers.len() > 1 && unknown_to_is_news() {
-                // `To` is ours (the operator's), not the texter's: shown whole.
+                // `To` should be ours, but a misrouted call or a local request may carry
+                // anyone's: masked, as every number in the log.
+                let shown = Phone::parse(to)
+                    .map_or_else(|_| format!("{:?}", crate::clip(to)), |p| p.masked());
                 tracing::warn!(
-                    "a text or call came to {}, which is not in TWILIO_FROM: what is sent to \
-                     its sender goes from the listed number it last wrote to, else from the first \
-                     ({})",
-                    crate::clip(to),
+                    "a text or call came to {shown}, which is not in TWILIO_FROM: what is sent \
+                     to its sender goes from the listed number it last wrote to, else from the \
+                     first ({})",
                     numbers.first().map_or("", String::as_str)
                 );
             }

@@ -122,8 +122,8 @@ struct Detail {
     view: View,
     /// The sequence question whose late answer is still taken (its timeout ran out).
     late_answer: Option<LateView>,
-    /// The number of ours it last texted or called (Twilio's `To`), one of `TWILIO_FROM`
-    /// when it did.
+    /// The number of ours it last texted or called (Twilio's `To`), while texts to it go
+    /// from there: still listed in `TWILIO_FROM`, no messaging service, not the console.
     our_number: Option<String>,
     history: Vec<serde_json::Value>,
     messages: Vec<serde_json::Value>,

@@ -386,13 +386,6 @@ impl Store {
         if schema != Some(SCHEMA) {
             meta.insert("schema", &SCHEMA.to_be_bytes())?;
             store.flush()?;
-            if let Some(old) = store.upgraded_from {
-                tracing::warn!(
-                    "data dir {} upgraded from schema {old} to {SCHEMA}: an older smsflow \
-                     now refuses it",
-                    dir.display()
-                );
-            }
         }
         store.drop_stale_early_reports(chrono::Utc::now() - EARLY_REPORT_KEPT)?;
         Ok(store)

@@ -2508,7 +2508,7 @@ async fn the_banner_names_every_sender() {
     use smsflow::config::{Config, Secret, Sender, TwilioConfig};
     let flows = tempfile::tempdir().unwrap();
     std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
-    let banner = |sender: Sender| {
+    let banner = |sender: Sender, caller: Option<&str>| {
         // Its own data dir: a store just let go of may stay locked a moment.
         let data = tempfile::tempdir().unwrap();
         let config = Config {
@@ -2522,7 +2522,7 @@ async fn the_banner_names_every_sender() {
                 account_sid: ACCOUNT_SID.into(),
                 auth_token: Secret::new(AUTH_TOKEN),
                 sender,
-                caller_id: Some(FROM.into()),
+                caller_id: caller.map(str::to_string),
                 api_base: "http://127.0.0.1:9".into(),
             }),
             auth_token: Some(Secret::new(AUTH_TOKEN)),
@@ -2541,15 +2541,27 @@ async fn the_banner_names_every_sender() {
             banner
         }
     };
-    let several = banner(Sender::From(vec![FROM.into(), "+15005550007".into()])).await;
+    let several = banner(
+        Sender::From(vec![FROM.into(), "+15005550007".into()]),
+        Some(FROM),
+    )
+    .await;
     assert!(
         several.contains("provider:    twilio, 1 msg/s, from +15005550006, +15005550007"),
         "{several}"
     );
     assert!(several.contains("each of the numbers above"), "{several}");
-    let service = banner(Sender::MessagingService("MG1".into())).await;
+    let service = banner(Sender::MessagingService("MG1".into()), Some(FROM)).await;
     assert!(
         service.contains("through messaging service MG1 (calls from +15005550006)"),
         "{service}"
+    );
+    // One phone number and a sender ID: "your number"; a sender ID alone places no calls.
+    let mixed = banner(Sender::From(vec!["ACME".into(), FROM.into()]), Some(FROM)).await;
+    assert!(mixed.contains("Phone Numbers > your number"), "{mixed}");
+    let id_only = banner(Sender::From(vec!["ACME".into()]), None).await;
+    assert!(
+        id_only.contains("no phone number in TWILIO_FROM: no voice calls"),
+        "{id_only}"
     );
 }

@@ -394,6 +394,13 @@ fn a_schema_1_data_dir_is_recounted_at_open_and_an_unreadable_record_does_not_st
         assert_eq!(store.upgraded_from(), Some((1, 9)), "and says so");
     }
     {
+        let store = reopen(|| Store::open(dir.path()));
+        assert_eq!(store.upgraded_from(), None, "once");
+        let fresh = tempfile::tempdir().expect("temp dir");
+        let fresh = Store::open(fresh.path()).expect("open");
+        assert_eq!(fresh.upgraded_from(), None, "a new dir is no upgrade");
+    }
+    {
         // Upgraded: schema 9 now, which an older smsflow refuses.
         let db = reopen(|| sled::open(dir.path()));
         let schema = db
