@@ -172,13 +172,13 @@ async fn deliver(
     text: String,
     code: String,
 ) -> Result<Response, OtpError> {
+    // The number of ours it last texted or called, which its text comes from.
+    let mut via = None;
     // Asked again at send time, as the outbox asks: the code must still be one the record
     // holds. A STOP, an operator or the voice menu may have opted the number out since (which
     // dropped its codes), newer codes asked for at once may have displaced it, or an operator
     // erased the number. Not sent then, and (but for an erased number, which must stay gone)
     // its send is given back.
-    // The number of ours it last texted or called, which its text comes from.
-    let mut via = None;
     let why_not = match state.engine.store.subscriber(&phone) {
         Ok(Some(s)) if s.codes.iter().any(|c| c.code == code) => {
             via = s.via;
