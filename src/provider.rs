@@ -96,9 +96,7 @@ impl Provider {
     /// it is one of the listed numbers, with no messaging service.
     pub fn sends_from(&self, number: &Phone) -> bool {
         match self {
-            Provider::Twilio(t) => {
-                matches!(&t.config.sender, Sender::From(n) if n.iter().any(|n| n == number.as_str()))
-            }
+            Provider::Twilio(t) => t.listed(number.as_str()).is_some(),
             Provider::Console(_) => false,
         }
     }
@@ -202,13 +200,22 @@ impl Twilio {
     fn sender_param(&self, via: Option<&Phone>) -> (&'static str, String) {
         match &self.config.sender {
             Sender::From(numbers) => {
-                let ours = via.and_then(|v| numbers.iter().find(|n| *n == v.as_str()));
+                let ours = via.and_then(|v| self.listed(v.as_str()));
                 (
                     "From",
                     ours.or(numbers.first()).cloned().unwrap_or_default(),
                 )
             }
             Sender::MessagingService(m) => ("MessagingServiceSid", m.clone()),
+        }
+    }
+
+    /// The entry of `TWILIO_FROM` that is `number` (as kept: E.164, or a short code or
+    /// sender ID as written), when texts go from a list of numbers.
+    fn listed(&self, number: &str) -> Option<&String> {
+        match &self.config.sender {
+            Sender::From(numbers) => numbers.iter().find(|n| *n == number),
+            Sender::MessagingService(_) => None,
         }
     }
 
@@ -220,7 +227,7 @@ impl Twilio {
             return None;
         };
         let to = to.trim();
-        if !numbers.iter().any(|n| n == to) {
+        if self.listed(to).is_none() {
             if numbers.len() > 1 && unknown_to_is_news() {
                 // `To` should be ours, but a misrouted call or a local request may carry
                 // anyone's: masked, as every number in the log.
