@@ -410,6 +410,19 @@ mod tests {
         assert_eq!(state_of_record(&v5).unwrap(), State::Verified);
     }
 
+    /// A record as v6 and v7 wrote it (no replies, no form key): as v5, then `used`, the
+    /// kept codes in that version's form.
+    fn with_kept_as(version: u8, s: &Subscriber, used: impl Serialize) -> Vec<u8> {
+        let mut out = vec![version];
+        compact()
+            .serialize_into(
+                &mut out,
+                &(to_v4(s), None::<&str>, Vec::<Replied>::new(), used),
+            )
+            .unwrap();
+        out
+    }
+
     /// A verified number that kept the code it verified with.
     fn verified_keeping_a_code() -> Subscriber {
         let now: DateTime<Utc> = "2026-01-05T15:00:00Z".parse().unwrap();
@@ -427,14 +440,7 @@ mod tests {
     #[test]
     fn a_version_6_record_reads_with_the_one_code_it_kept_from_its_verification() {
         let s = verified_keeping_a_code();
-        let used = s.used_codes.first().map(code_to_store);
-        let mut v6 = vec![6];
-        compact()
-            .serialize_into(
-                &mut v6,
-                &(to_v4(&s), None::<&str>, Vec::<Replied>::new(), used),
-            )
-            .unwrap();
+        let v6 = with_kept_as(6, &s, s.used_codes.first().map(code_to_store));
         assert_eq!(decode_record(&v6).unwrap(), (s, Vec::new()));
     }
 
@@ -443,13 +449,7 @@ mod tests {
         let mut s = verified_keeping_a_code();
         let now = s.created_at;
         let used: Vec<_> = s.used_codes.iter().map(code_to_store).collect();
-        let mut v7 = vec![7];
-        compact()
-            .serialize_into(
-                &mut v7,
-                &(to_v4(&s), None::<&str>, Vec::<Replied>::new(), used),
-            )
-            .unwrap();
+        let v7 = with_kept_as(7, &s, used);
         assert_eq!(decode_record(&v7).unwrap(), (s.clone(), Vec::new()));
         // And today's, with one.
         s.late = Some(LateQuestion {
