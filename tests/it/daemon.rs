@@ -2565,3 +2565,49 @@ async fn the_banner_names_every_sender() {
         "{id_only}"
     );
 }
+
+/// An older smsflow's data dir, upgraded by `serve` and by `export`: each says so in its
+/// output, once, since an older smsflow then refuses the dir.
+#[tokio::test]
+async fn serve_and_export_say_when_they_upgrade_an_older_data_dir() {
+    let data = tempfile::tempdir().unwrap();
+    drop(smsflow::store::Store::open(data.path()).expect("a new dir"));
+    let make_older = || {
+        let db = reopen(|| sled::open(data.path()));
+        let meta = db.open_tree("meta").expect("meta");
+        meta.insert("schema", &8u64.to_be_bytes()).expect("schema");
+        db.flush().expect("flush");
+    };
+    let said = "upgraded from schema 8 to 9: an older smsflow now refuses it";
+
+    make_older();
+    let (child, _base, _lines, stderr) = serve_child(data.path()).await;
+    sigterm(&child);
+    let log = exits_cleanly(child, stderr, Duration::from_secs(10)).await;
+    assert_eq!(
+        log.iter().filter(|l| l.contains(said)).count(),
+        1,
+        "{log:?}"
+    );
+
+    // Opened again, the dir is this smsflow's own: nothing to say.
+    let (child, _base, _lines, stderr) = serve_child(data.path()).await;
+    sigterm(&child);
+    let log = exits_cleanly(child, stderr, Duration::from_secs(10)).await;
+    assert!(!log.iter().any(|l| l.contains("upgraded")), "{log:?}");
+
+    make_older();
+    let export = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .args(["export", "--flows", "flows", "--data"])
+            .arg(data.path())
+            .output()
+            .unwrap()
+    };
+    let out = export();
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches(said).count(), 1, "{err}");
+    let again = export();
+    assert!(!String::from_utf8_lossy(&again.stderr).contains("upgraded"));
+}
