@@ -177,9 +177,51 @@ fn choice_in_words(choices: &[(String, String)], answer: &str) -> Option<String>
     }
 }
 
+/// Whether `rest` (the words after an answer) is only courtesy: "please", "thanks", "thank
+/// you" and their short forms. Nothing else can be meant by "A please" or "4 thanks".
+fn only_courtesy(rest: &str) -> bool {
+    let words: Vec<String> = rest
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    let mut words = words.iter().map(String::as_str).peekable();
+    let mut any = false;
+    while let Some(w) = words.next() {
+        match w {
+            "please" | "pls" | "plz" | "thanks" | "thx" | "ty" | "cheers" => {}
+            "thank" if words.next_if_eq(&"you").is_some() => {}
+            _ => return false,
+        }
+        any = true;
+    }
+    any
+}
+
+/// A choice's key followed only by courtesy ("A please", "b, thanks!"): that choice. (A key
+/// followed by anything else is as often an article or a pronoun: "a friend told me".)
+fn key_then_courtesy(choices: &[(String, String)], answer: &str) -> Option<String> {
+    if answer.contains(['?', '？']) {
+        return None;
+    }
+    let answer = answer.trim_start();
+    let end = answer
+        .find(|c: char| !c.is_alphanumeric())
+        .unwrap_or(answer.len());
+    let (first, rest) = answer.split_at(end);
+    if first.is_empty() || !only_courtesy(rest) {
+        return None;
+    }
+    let first = crate::machine::normalize(first);
+    choices
+        .iter()
+        .find(|(key, _)| crate::machine::normalize(key) == first)
+        .map(|(_, label)| label.clone())
+}
+
 /// A whole number a reply starts with, when what follows says it is the answer: nothing,
 /// punctuation, or this question's own scale ("4/5", "4 out of 5" when 5 is the top), and
-/// no other number ("4, thanks", "5 - great tips!"; not "1 sec", "3/10", "4, 5", "7:30",
+/// no other number ("4, thanks", "4 please", "5 - great tips!"; not "1 sec", "3/10", "4, 5", "7:30",
 /// "1, no wait, 4", "4.5").
 fn number_in_words(answer: &str, top: i64) -> Option<i64> {
     let answer = answer.trim();
@@ -204,6 +246,8 @@ fn number_in_words(answer: &str, top: i64) -> Option<i64> {
         || rest.starts_with(['-', '–', '—', ',', '!', ':', ')'])
     {
         rest.as_str()
+    } else if only_courtesy(&rest) {
+        ""
     } else {
         return None;
     };
@@ -252,6 +296,7 @@ impl Expect {
                             || marked.as_ref() == Some(&key)
                     })
                     .map(|(_, label)| label.clone())
+                    .or_else(|| key_then_courtesy(choices, answer))
                     .or_else(|| choice_in_words(choices, answer))
             }
             Expect::Range(lo, hi) => {

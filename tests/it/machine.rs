@@ -1385,9 +1385,10 @@ fn a_number_an_app_verified_that_texts_join_later_gets_the_conversation() {
 }
 
 /// An answer with words around it: a choice whose label it starts with (after an article),
-/// a number it starts with when punctuation or this question's own scale follows. Not a
-/// label further in (as often negated or asked about), not a question, not a key among
-/// words (a one-letter key is as often an article or a pronoun), not a second number.
+/// a number it starts with when punctuation, courtesy or this question's own scale follows,
+/// a key followed only by courtesy. Not a label further in (as often negated or asked
+/// about), not a question, not a key among other words (a one-letter key is as often an
+/// article or a pronoun), not a second number.
 #[test]
 fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
     let choices = smsflow::flows::Expect::Choices(
@@ -1402,7 +1403,12 @@ fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
         ("a bike and a laptop", None),
         ("bike, no wait, laptop", None),
         ("bike? or the laptop", None),
-        ("A please", None),
+        ("A please", Some("camera")),
+        ("b, thanks!", Some("bike")),
+        ("C thank you", Some("laptop")),
+        ("A please?", None),
+        ("A please, no B", None),
+        ("a thank", None),
         ("Can I get a phone instead?", None),
         ("no idea", None),
     ] {
@@ -1453,6 +1459,10 @@ fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
         ("5 - great tips!", Some("5")),
         ("4/5", Some("4")),
         ("4, thanks", Some("4")),
+        ("4 please", Some("4")),
+        ("3 thank you!", Some("3")),
+        ("4 please 5", None),
+        ("4 you", None),
         ("4.", Some("4")),
         ("4.5", None),
         ("4,5", None),
