@@ -1750,3 +1750,28 @@ steps = [
         assert_eq!(sub.late.is_some(), takes, "{name}");
     }
 }
+
+/// A stop asked for in words: "unsubscribe", or "stop" last or before what one stops. Not
+/// "stop" before other words, which names something else (a shop, a habit, a place).
+#[test]
+fn a_text_asks_to_stop_when_stop_comes_last_or_before_what_one_stops() {
+    for (said, asks) in [
+        ("please stop", true),
+        ("Stop texting me please", true),
+        ("stop it now!", true),
+        ("STOP SENDING THESE", true),
+        ("can you stop", true),
+        ("I want to stop", true),
+        ("stop with the texts", true),
+        ("unsubscribe me", true),
+        ("how do I unsubscribe?", true),
+        ("Stop & Shop", false),
+        ("stop smoking", false),
+        ("the bus stop cafe", false),
+        ("stopwatch", false),
+        ("nonstop fun", false),
+        ("Ann", false),
+    ] {
+        assert_eq!(smsflow::machine::asks_to_stop(said), asks, "{said:?}");
+    }
+}
