@@ -179,8 +179,9 @@ async fn deliver(
     // dropped its codes), newer codes asked for at once may have displaced it, or an operator
     // erased the number. Not sent then, and (but for an erased number, which must stay gone)
     // its send is given back.
+    let valid_codes = state.engine.flows().verify.valid_codes;
     let why_not = match state.engine.store.subscriber(&phone) {
-        Ok(Some(s)) if s.codes.iter().any(|c| c.code == code) => {
+        Ok(Some(s)) if s.holds_code(&code, valid_codes) => {
             via = s.via;
             None
         }

@@ -381,6 +381,20 @@ impl Subscriber {
         )
     }
 
+    /// Where the codes that count start in `codes`: only the latest `valid_codes` (the
+    /// flows' `verify.valid_codes`) do; the one before them is kept but is no code.
+    fn first_counted_code(&self, valid_codes: u8) -> usize {
+        self.codes.len().saturating_sub(usize::from(valid_codes))
+    }
+
+    /// Whether `code` is one of the codes that count (of the latest `valid_codes`): not one
+    /// newer codes displaced, which may still be kept (see `codes`).
+    pub fn holds_code(&self, code: &str, valid_codes: u8) -> bool {
+        self.codes[self.first_counted_code(valid_codes)..]
+            .iter()
+            .any(|c| c.code == code)
+    }
+
     /// The sequence name and step shown to operators.
     pub fn sequence_step(&self) -> (Option<&str>, Option<usize>) {
         match &self.state {
@@ -1025,10 +1039,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 
     /// Where the codes still counted start: only the latest `valid_codes` are.
     fn first_counted(&self) -> usize {
-        self.sub
-            .codes
-            .len()
-            .saturating_sub(usize::from(self.flows.verify.valid_codes))
+        self.sub.first_counted_code(self.flows.verify.valid_codes)
     }
 
     /// Checks a guess against the latest unexpired codes; `by_sms` answers the guess by text.

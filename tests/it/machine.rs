@@ -1775,3 +1775,27 @@ fn a_text_asks_to_stop_when_stop_comes_last_or_before_what_one_stops() {
         assert_eq!(smsflow::machine::asks_to_stop(said), asks, "{said:?}");
     }
 }
+
+/// Only the latest `valid_codes` codes count; the one kept before them (to come back if the
+/// newest cannot be sent) is held by no one: the OTP API does not send it.
+#[test]
+fn a_number_holds_only_its_latest_valid_codes_not_the_one_kept_before_them() {
+    let f = flows();
+    assert_eq!(f.verify.valid_codes, 2);
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut sub = subscriber(State::Unverified);
+    for i in 0..3 {
+        let at = t0() + TimeDelta::seconds(i);
+        sub = step(sub, &Event::OtpRequested, &f, at, &mut rng).subscriber;
+    }
+    let codes: Vec<String> = sub.codes.iter().map(|c| c.code.clone()).collect();
+    assert_eq!(codes.len(), 3, "the two that count and the one before them");
+    assert!(!sub.holds_code(&codes[0], 2), "displaced");
+    assert!(sub.holds_code(&codes[1], 2));
+    assert!(sub.holds_code(&codes[2], 2));
+    assert!(
+        sub.holds_code(&codes[0], 3),
+        "with three counted, it counts"
+    );
+    assert!(!sub.holds_code("000000x", 2));
+}

@@ -504,3 +504,35 @@ async fn an_oversize_body_wrong_method_or_unknown_route_is_answered_in_the_apis_
         "{body}"
     );
 }
+
+/// Codes asked for at once: one displaced (only the `valid_codes` latest count) before its
+/// send is not sent, and its caller hears so; every code a caller was told is sent is one
+/// that still counts. (Whether a round displaces one depends on how the three calls meet
+/// the writer; the rule itself is `a_number_holds_only_its_latest_valid_codes_...`.)
+#[tokio::test]
+async fn a_code_displaced_before_its_send_is_not_sent_and_its_caller_is_told() {
+    let app = TestApp::spawn(FLOWS).await;
+    for round in 0..20 {
+        let phone = format!("+1555000{}", 5000 + round);
+        let ask = || app.otp("get_otp", json!({ "phone": phone }), None);
+        let (a, b, c) = tokio::join!(ask(), ask(), ask());
+        let answers = [a, b, c];
+        for refused in answers.iter().filter(|g| g.0 != 200) {
+            assert_failure(refused, 403, 1, "a newer code was issued");
+        }
+        // A caller hears back once its code's send is done: every success was sent, and
+        // nothing else was.
+        let texts: Vec<String> = (app.twilio.delivered().into_iter())
+            .filter(|r| r.to == phone)
+            .map(|r| r.body)
+            .collect();
+        let sent = answers.iter().filter(|g| g.0 == 200).count();
+        assert_eq!(texts.len(), sent, "round {round}: {texts:?}");
+        // With one displaced, the two sent are the two that count: the older validates.
+        if sent == 2 {
+            let otp = code_in(&texts[0]);
+            let got = (app.otp("validate_otp", json!({ "phone": phone, "otp": otp }), None)).await;
+            assert_success(&got);
+        }
+    }
+}
