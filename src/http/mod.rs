@@ -570,20 +570,23 @@ async fn status(
             WebhookError::BadRequest(format!("ErrorCode {:?} is not a number", crate::clip(c)))
         })?),
     };
+    // An unsubscribed report opts out the number it went to: `To` must name one, checked
+    // before anything is kept (Twilio always sends it).
+    let to = match code {
+        Some(UNSUBSCRIBED) => Some(form.phone("To")?),
+        _ => None,
+    };
     let report = crate::store::Report {
         status: crate::clip(new_status).into_owned(),
         error_code: code,
         at: state.engine.clock().now(),
     };
     let phone = state.engine.store.report(sid, &report)?;
-    if code == Some(UNSUBSCRIBED) {
-        // For a message smsflow has no record of, the number it went to. (One smsflow does
-        // not know, erased since the send or never met, is not brought back: the event
-        // creates no record.)
-        let phone = match phone {
-            Some(p) => p,
-            None => form.phone("To")?,
-        };
+    if let Some(to) = to {
+        // The number of the message's record; for a message smsflow has no record of, the
+        // number it went to. (One smsflow does not know, erased since the send or never
+        // met, is not brought back: the event creates no record.)
+        let phone = phone.unwrap_or(to);
         state
             .engine
             .event(&phone, Event::ProviderUnsubscribed)

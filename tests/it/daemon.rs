@@ -2380,6 +2380,20 @@ async fn a_delivery_report_that_comes_before_the_sends_answer_is_applied_once_it
     assert_eq!(report(sid.clone(), "delivered").await, 204);
     assert_eq!(report(sid.clone(), "sent").await, 204);
     assert_eq!(app.engine.store.early_report_count(), 1);
+    // An unsubscribed report that names no number is refused, and nothing of it is kept.
+    let nameless = app
+        .post_form(
+            "/twilio/status",
+            &[
+                ("MessageSid", "SMother"),
+                ("MessageStatus", "undelivered"),
+                ("ErrorCode", "21610"),
+            ],
+        )
+        .await;
+    assert_eq!(nameless.status().as_u16(), 400);
+    assert!(nameless.text().await.unwrap().contains("To"));
+    assert_eq!(app.engine.store.early_report_count(), 1);
     app.twilio.release();
     eventually("the outbox to empty", async || {
         app.engine.store.outbox_len() == 0
