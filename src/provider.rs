@@ -390,11 +390,12 @@ async fn capped_text(mut response: reqwest::Response) -> String {
 }
 
 /// A `Retry-After` value: seconds, or an HTTP date (RFC 9110 allows both; a date already
-/// past means at once). Anything else is no answer, and the backoff applies.
+/// past means at once). More seconds than a `u64` holds are read as the most it holds (the
+/// caller caps the wait). Anything else is no answer, and the backoff applies.
 fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(now).unwrap_or_default())
@@ -468,9 +469,12 @@ mod tests {
     #[test]
     fn retry_after_is_read_as_seconds_or_as_an_http_date() {
         let now = httpdate::parse_http_date("Sun, 22 Nov 2026 10:00:00 GMT").unwrap();
-        let cases: [(&str, Option<Duration>); 7] = [
+        let cases: [(&str, Option<Duration>); 9] = [
             ("120", Some(Duration::from_secs(120))),
             (" 7 ", Some(Duration::from_secs(7))),
+            // Longer than anyone waits: the longest (capped by the caller).
+            ("99999999999999999999", Some(Duration::from_secs(u64::MAX))),
+            ("+5", None),
             (
                 "Sun, 22 Nov 2026 10:01:30 GMT",
                 Some(Duration::from_secs(90)),
