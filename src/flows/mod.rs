@@ -71,6 +71,9 @@ pub struct Verify {
     pub after_otp_api: AfterOtpApi,
     pub send: Template,
     pub wrong: Template,
+    /// To a text, while a code is awaited, that is no code at all ("hi", "3:30"): no guess
+    /// is counted, and the text says what is awaited.
+    pub not_a_code: Template,
     pub expired: Template,
     pub locked: Template,
     pub rate_limited: Template,

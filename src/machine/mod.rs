@@ -1103,6 +1103,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             let t = match outcome {
                 Outcome::Expired => &v.expired,
                 Outcome::Locked { .. } => &v.locked,
+                _ if reason == "not a code" => &v.not_a_code,
                 _ => &v.wrong,
             };
             self.say_t(t);

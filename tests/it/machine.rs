@@ -680,10 +680,16 @@ fn a_code_typed_with_spaces_dashes_punctuation_or_words_around_it_verifies_and_a
         let t = typed_while_awaiting_123456(typed);
         assert_eq!(t.subscriber.state, State::Verified, "{typed:?}");
     }
-    // A time or a decimal is not a guess: it costs no attempt.
-    for typed in ["3:30", "10.5", "1/2"] {
+    // A time or a decimal is not a guess: it costs no attempt, and is told what is awaited
+    // (not that a code was wrong).
+    for typed in ["3:30", "10.5", "1/2", "hi"] {
         let t = typed_while_awaiting_123456(typed);
         assert_eq!(t.subscriber.codes[0].wrong, 0, "{typed:?}");
+        assert_eq!(
+            messages(&t.effects),
+            ["Please reply with the code we texted you, or JOIN for a new one."],
+            "{typed:?}"
+        );
     }
     // The code pasted twice is the code; two different codes cost no attempt.
     for typed in [
@@ -711,6 +717,10 @@ fn a_code_typed_with_spaces_dashes_punctuation_or_words_around_it_verifies_and_a
     // A wrong one within words is a wrong guess; two six-digit runs, or none, no code.
     let t = typed_while_awaiting_123456("my code is 654321");
     assert_eq!(t.subscriber.codes[0].wrong, 1);
+    assert_eq!(
+        messages(&t.effects),
+        ["That code didn't match. Reply with the latest code, or JOIN for a new one."]
+    );
     for typed in [
         "123456 or 654321?",
         "call me on 415 555 0100",
