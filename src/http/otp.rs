@@ -106,14 +106,23 @@ fn success() -> Response {
 
 #[derive(Deserialize)]
 struct GetOtp {
+    #[serde(default, deserialize_with = "given")]
     phone: Option<serde_json::Value>,
     channel: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct ValidateOtp {
+    #[serde(default, deserialize_with = "given")]
     phone: Option<serde_json::Value>,
+    #[serde(default, deserialize_with = "given")]
     otp: Option<serde_json::Value>,
+}
+
+/// A field that is there, `null` included (`None` is only a missing one): a null phone or
+/// code is one of the wrong type, not a missing one.
+fn given<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
 }
 
 pub async fn get_otp(

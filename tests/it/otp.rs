@@ -238,6 +238,19 @@ async fn malformed_requests_are_exit_2() {
         2,
         "missing field otp",
     );
+    // Given as null: there, of the wrong type (not missing).
+    assert_failure(
+        &validate(&app, serde_json::Value::Null).await,
+        400,
+        2,
+        "otp must be a JSON string",
+    );
+    assert_failure(
+        &app.otp("get_otp", json!({ "phone": null }), None).await,
+        400,
+        2,
+        "phone must be a JSON string",
+    );
     assert_eq!(app.state_of(PHONE), None, "nothing changed");
     assert_eq!(app.twilio.attempts(), 0);
 }
