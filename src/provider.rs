@@ -334,8 +334,8 @@ impl Twilio {
             if account_refusal_is_news() {
                 tracing::error!(
                     "Twilio refused the account ({status}, error {}): check TWILIO_ACCOUNT_SID, \
-                     TWILIO_AUTH_TOKEN and the account's status; messages stay queued and are \
-                     retried",
+                     TWILIO_AUTH_TOKEN and the account's status; queued messages wait and are \
+                     retried, OTP API requests fail (exit_code 5) until it is fixed",
                     code.map_or("unknown".to_string(), |c| c.to_string())
                 );
             }
