@@ -137,27 +137,30 @@ pub const EXIT_USAGE: u8 = 2;
 /// data dir held by another process, disk errors).
 pub const EXIT_RUNTIME: u8 = 3;
 
+/// The flows in `dir`; failing that, every problem and their count are printed, and the
+/// exit code for them returned.
+fn flows_or_problems(dir: &Path) -> Result<flows::Flows, ExitCode> {
+    flows::load_dir(dir).map_err(|problems| {
+        errln!("{problems}");
+        errln!("{} problem(s) in {}", problems.0.len(), dir.display());
+        ExitCode::from(EXIT_PROBLEMS)
+    })
+}
+
 pub fn check(dir: &Path) -> ExitCode {
-    match flows::load_dir(dir) {
+    match flows_or_problems(dir) {
         Ok(f) => {
             outln!("ok: {} ({})", dir.display(), f.summary());
             ExitCode::SUCCESS
         }
-        Err(problems) => {
-            errln!("{problems}");
-            errln!("{} problem(s) in {}", problems.0.len(), dir.display());
-            ExitCode::from(EXIT_PROBLEMS)
-        }
+        Err(code) => code,
     }
 }
 
 pub fn test(dir: &Path) -> ExitCode {
-    let flows = match flows::load_dir(dir) {
+    let flows = match flows_or_problems(dir) {
         Ok(f) => f,
-        Err(problems) => {
-            errln!("{problems}");
-            return ExitCode::from(EXIT_PROBLEMS);
-        }
+        Err(code) => return code,
     };
     let tests = dir.join("tests");
     let report = match transcript::run_dir(&flows, &tests) {
@@ -189,12 +192,9 @@ pub fn test(dir: &Path) -> ExitCode {
 }
 
 pub fn simulate(dir: &Path, phone: &str, seed: u64) -> ExitCode {
-    let flows = match flows::load_dir(dir) {
+    let flows = match flows_or_problems(dir) {
         Ok(f) => f,
-        Err(problems) => {
-            errln!("{problems}");
-            return ExitCode::from(EXIT_PROBLEMS);
-        }
+        Err(code) => return code,
     };
     let phone = match Phone::parse(phone) {
         Ok(p) => p,
@@ -275,6 +275,10 @@ impl Repl {
             }
             "quit" | "exit" => return None,
             "help" => HELP.to_string(),
+            "wait" | "phone" if arg.is_empty() => {
+                let example = if name == "wait" { "1d" } else { "+14155550100" };
+                format!("/{name} takes what follows it, as in /{name} {example}\n")
+            }
             "wait" => match transcript::parse_delay(arg) {
                 Ok(d) => {
                     let sent = self.sandbox.advance(d);
@@ -725,13 +729,20 @@ pub fn export(
         );
         return ExitCode::from(EXIT_USAGE);
     }
+    // sled's own file: a directory without it holds no store, and opening it would make one
+    // there (a typo such as `--data flows` would get sled's files and an empty dataset).
+    if !data.join("db").is_file() {
+        errln!(
+            "smsflow export: {} holds no smsflow data (no store in it); give the data dir the \
+             daemon uses (--data, SMSFLOW_DATA or `data` in smsflow.toml)",
+            data.display()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
     // After the data dir: run where there is neither, the one to name is the data.
-    let flows = match flows::load_dir(flows_dir) {
+    let flows = match flows_or_problems(flows_dir) {
         Ok(f) => f,
-        Err(p) => {
-            errln!("{p}");
-            return ExitCode::from(EXIT_PROBLEMS);
-        }
+        Err(code) => return code,
     };
     // A small page cache: the export reads every record once, memory must stay flat.
     let store = match crate::store::Store::open_with_cache(data, 8 << 20) {

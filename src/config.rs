@@ -214,7 +214,12 @@ impl Layer {
                         before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
                     )
                 });
-                anyhow::anyhow!("{}:{line}:{col}: {}", path.display(), e.message().trim())
+                // Rust's number types mean nothing in a config file.
+                let message = e.message().trim().replace(
+                    "expected f64",
+                    "expected a number (written without quotes, as in send_rate = 2)",
+                );
+                anyhow::anyhow!("{}:{line}:{col}: {message}", path.display())
             })
     }
 
@@ -347,7 +352,7 @@ impl Layer {
         let retention = match self.retention.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(r) => {
-                let d = humantime::parse_duration(r).map_err(|e| {
+                let d = crate::parse_duration(r).map_err(|e| {
                     anyhow::anyhow!("retention {r:?} is not a duration such as 180d ({e})")
                 })?;
                 anyhow::ensure!(
@@ -822,6 +827,20 @@ mod tests {
         }
         let ok: Layer = toml::from_str("api_token = \"s3cret\"").unwrap();
         assert_eq!(ok.api_token.unwrap().expose(), "s3cret");
+    }
+
+    #[test]
+    fn a_send_rate_in_quotes_is_told_to_be_a_number_in_words_not_rusts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("smsflow.toml");
+        std::fs::write(&path, "send_rate = \" 2 \"\n").unwrap();
+        let err = Layer::from_file(&path, true).unwrap_err().to_string();
+        assert!(err.contains("smsflow.toml:1:13:"), "{err}");
+        assert!(
+            err.contains("expected a number (written without quotes"),
+            "{err}"
+        );
+        assert!(!err.contains("f64"), "{err}");
     }
 
     #[test]

@@ -53,8 +53,45 @@ pub fn ascii_digits(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// A duration as flows and transcripts write it (`30s`, `10m`, `1h 30m`), read by humantime,
+/// with its complaint in words that name the character at fault rather than its 0-based
+/// offset (which would read as a column beside a file's 1-based line:col).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let at = |offset: usize| {
+        text.get(offset..)
+            .and_then(|rest| rest.chars().next())
+            .map_or_else(|| "the end".to_string(), |c| format!("{c:?}"))
+    };
+    humantime::parse_duration(text).map_err(|e| match e {
+        humantime::DurationError::InvalidCharacter(i) => {
+            format!("{} cannot be in a duration", at(i))
+        }
+        humantime::DurationError::NumberExpected(i) => {
+            format!("a number is needed before {}", at(i))
+        }
+        other => other.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_duration_error_names_the_character_at_fault() {
+        assert_eq!(
+            super::parse_duration(" 10 minutes! "),
+            Err("'!' cannot be in a duration".to_string())
+        );
+        assert_eq!(
+            super::parse_duration("m"),
+            Err("a number is needed before 'm'".to_string())
+        );
+        assert_eq!(
+            super::parse_duration("1h 30m"),
+            Ok(std::time::Duration::from_secs(5400))
+        );
+    }
+
     #[test]
     fn clip_keeps_short_input_and_cuts_long_input_on_a_character_boundary() {
         assert_eq!(super::clip("+1 555"), "+1 555");

@@ -293,6 +293,10 @@ impl Runner {
                     .unwrap_or_default();
                 return if actual == expected {
                     Ok(())
+                } else if actual.is_empty() {
+                    Err(format!(
+                        "expected field {key} = {expected:?}, actual: none saved"
+                    ))
                 } else {
                     Err(format!(
                         "expected field {key} = {expected:?}, actual {actual:?}"
@@ -307,6 +311,9 @@ impl Runner {
         };
         if actual == value {
             Ok(())
+        } else if actual.is_empty() {
+            // (Only a sequence can be none: a number always has a state.)
+            Err(format!("expected {what} {value:?}, actual: none"))
         } else {
             Err(format!("expected {what} {value:?}, actual {actual:?}"))
         }
@@ -433,7 +440,7 @@ impl Runner {
 pub fn parse_delay(text: &str) -> Result<TimeDelta, String> {
     /// A century: far enough for any flow, and the virtual clock cannot overflow.
     const MAX: std::time::Duration = std::time::Duration::from_secs(100 * 366 * 86_400);
-    let d = humantime::parse_duration(text.trim())
+    let d = crate::parse_duration(text)
         .map_err(|e| format!("bad duration {text:?}: {e} (write e.g. 30s, 10m, 1d)"))?;
     if d > MAX {
         return Err(format!(

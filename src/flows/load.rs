@@ -975,8 +975,7 @@ impl Cx {
         what: &str,
         positive: bool,
     ) -> Option<TimeDelta> {
-        let parsed = humantime::parse_duration(raw.get_ref().trim())
-            .map_err(|e| e.to_string())
+        let parsed = crate::parse_duration(raw.get_ref())
             .and_then(|d| TimeDelta::from_std(d).map_err(|e| e.to_string()))
             .and_then(|d| {
                 if d > TimeDelta::days(MAX_DAYS) {

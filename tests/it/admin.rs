@@ -514,10 +514,14 @@ async fn the_export_has_a_row_per_phone_with_category_columns() {
     // there are no flows either (the data is what is missing).
     let file = here.path().join("smsflow.toml");
     let empty = tempfile::tempdir().unwrap();
+    // A directory that holds no store (a typo such as `--data flows`) is not made one.
+    let not_data = tempfile::tempdir().unwrap();
+    std::fs::write(not_data.path().join("notes.txt"), "hi").unwrap();
     for (dir, says) in [
         (Some(here.path().join("nothing")), "no data dir at"),
         (Some(file), "is not a directory"),
         (None, "no data dir at"),
+        (Some(not_data.path().to_path_buf()), "holds no smsflow data"),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
             .current_dir(empty.path())
@@ -534,6 +538,11 @@ async fn the_export_has_a_row_per_phone_with_category_columns() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(says), "{stderr}");
     }
+    let left: Vec<_> = std::fs::read_dir(not_data.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["notes.txt"], "nothing written there");
 }
 
 #[tokio::test]

@@ -734,6 +734,34 @@ fn a_text_over_twilios_limit_as_twilio_counts_it_is_refused() {
     );
 }
 
+/// Every command that loads flows (`check`, `test`, `simulate`, `export`) lists a broken
+/// directory's problems and counts them, the same way.
+#[test]
+fn every_command_that_loads_broken_flows_lists_and_counts_their_problems() {
+    let broken = tempfile::tempdir().unwrap();
+    write(broken.path(), "a.toml", "[bot]\nname = \n");
+    let dir = broken.path().to_str().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    drop(smsflow::store::Store::open(data.path()).unwrap());
+    let data = data.path().to_str().unwrap();
+    let runs: [&[&str]; 4] = [
+        &["check", dir],
+        &["test", dir],
+        &["simulate", "--flows", dir],
+        &["export", "--data", data, "--flows", dir],
+    ];
+    for args in runs {
+        let out = smsflow().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "smsflow {args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("a.toml:2:"), "smsflow {args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("1 problem(s) in {dir}")),
+            "smsflow {args:?}: {stderr}"
+        );
+    }
+}
+
 /// `smsflow check flows | head -0`: the reader is gone before anything is written. The
 /// commands lose their output and end with their usual exit code, not a panic (101).
 #[test]

@@ -130,9 +130,19 @@ fn a_failure_names_what_it_cannot_show_and_a_typo_in_a_check_is_called_one() {
         err.message.contains("no sequence is called \"dayly\"") && err.message.contains("daily"),
         "{err}"
     );
-    // A declared one that is not set yet is still a plain mismatch.
+    // A declared one that is not set yet is still a plain mismatch, said as none.
     let err = run("> HELP\n? field first_name = Ann\n").unwrap_err();
-    assert!(err.message.contains("expected field first_name"), "{err}");
+    assert!(
+        err.message
+            .contains("expected field first_name = \"Ann\", actual: none saved"),
+        "{err}"
+    );
+    let err = run("> HELP\n? sequence daily\n").unwrap_err();
+    assert!(
+        err.message
+            .contains("expected sequence \"daily\", actual: none"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -321,7 +331,8 @@ fn simulate_names_the_number_of_a_timed_message_to_another_number() {
     assert!(stdout.contains("< You're in!"), "{stdout}");
 }
 
-/// A command that takes no argument, given one, says so instead of running.
+/// A command that takes no argument, given one, says so instead of running (and one that
+/// needs one, given none).
 #[test]
 fn simulate_refuses_a_word_after_a_command_that_takes_none() {
     let stdout = simulate(b"/otp extra\n/state x\n/state\n");
@@ -330,6 +341,16 @@ fn simulate_refuses_a_word_after_a_command_that_takes_none() {
     assert!(!stdout.contains("code_sent"), "{stdout}");
     assert!(
         stdout.contains("+15550001111: unverified (never seen)"),
+        "{stdout}"
+    );
+    // And one that needs an argument, given none, shows how it is written.
+    let stdout = simulate(b"/wait\n/phone\n");
+    assert!(
+        stdout.contains("/wait takes what follows it, as in /wait 1d"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("/phone takes what follows it, as in /phone +14155550100"),
         "{stdout}"
     );
 }
