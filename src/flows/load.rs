@@ -1389,16 +1389,15 @@ impl Cx {
                     ),
                 );
             } else if crate::machine::asks_to_stop(&key) && crate::machine::asks_to_stop(&label) {
-                // A reply that asks to stop gets the hint: with both the key and the label
-                // asking it, no reply could give this choice.
+                // A reply with the word is taken as asking to stop, and gets the hint: with
+                // it in both the key and the label, no reply could give this choice.
                 self.err(
                     f,
                     span.clone(),
                     format!(
-                        "choice {key:?} = {label:?} asks to stop in both its key and its \
-                         label (\"unsubscribe\", or \"stop\" last or before words such as \
-                         me, it, now, texting): such a reply is read as asking to stop, so no \
-                         one could answer with it (give it a key such as A)"
+                        "choice {key:?} = {label:?} has the word stop or unsubscribe in both \
+                         its key and its label: a reply with that word is read as asking to \
+                         stop, so no one could answer with it (give it a key such as A)"
                     ),
                 );
             }

@@ -546,61 +546,12 @@ fn late_window(q: &crate::flows::Question) -> Option<(&String, chrono::TimeDelta
     Some((q.save.as_ref()?, q.timeout.filter(|_| !free)?))
 }
 
-/// Whether a text asks to stop in words: it has the word "unsubscribe", or the word "stop"
-/// last or followed by what one stops ("please stop", "stop texting me", "stop it now").
-/// Not "stop" with other words after it, which names something else: "Stop & Shop", "stop
-/// smoking", "the bus stop cafe". (`check` refuses a choice whose key and label both ask to
-/// stop, which no reply could give.)
+/// Whether a text asks to stop in words: it has the word "stop" or "unsubscribe" in it.
+/// (`check` refuses a choice with one of those words in both its key and its label, which
+/// no reply could give.)
 pub fn asks_to_stop(text: &str) -> bool {
-    const STOPPED: &[&str] = &[
-        "me",
-        "it",
-        "this",
-        "that",
-        "them",
-        "these",
-        "those",
-        "now",
-        "please",
-        "pls",
-        "plz",
-        "all",
-        "already",
-        "immediately",
-        "asap",
-        "thanks",
-        "thank",
-        "with",
-        "texting",
-        "text",
-        "texts",
-        "txt",
-        "txting",
-        "txts",
-        "messaging",
-        "message",
-        "messages",
-        "msg",
-        "msgs",
-        "sending",
-        "send",
-        "contacting",
-        "calling",
-        "bothering",
-        "spamming",
-    ];
-    let words: Vec<String> = text
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
-        .collect();
-    words.iter().enumerate().any(|(i, w)| match w.as_str() {
-        "unsubscribe" => true,
-        "stop" => words
-            .get(i + 1)
-            .is_none_or(|next| STOPPED.contains(&next.as_str())),
-        _ => false,
-    })
+    text.split(|c: char| !c.is_alphanumeric())
+        .any(|w| w.eq_ignore_ascii_case("stop") || w.eq_ignore_ascii_case("unsubscribe"))
 }
 
 /// The heart of smsflow: one event applied to one number.

@@ -593,13 +593,12 @@ fn a_shape_mistake_says_what_to_write_instead() {
             "a.toml:2:",
             "field key \"1st\" must start with a letter a-z, then a-z, 0-9 or _",
         ),
-        // A choice no one could give: a reply that asks to stop is no answer, and both its
-        // key and its label ask it. (Key A with that label is fine: "A" gives it. And
-        // "stop_drinking" is fine: "stop drinking" names what to stop, which is no opt-out.)
+        // A choice no one could give: a reply with the word stop asks to stop, and both its
+        // key and its label have it. (Key A with that label is fine: "A" gives it.)
         (
-            "[[form.field]]\nkey = \"goal\"\nask = \"Goal?\"\nexpect = { choices = { stop_now = \"stop_it\", B = \"run\", C = \"stop_drinking\" } }\n",
+            "[[form.field]]\nkey = \"goal\"\nask = \"Goal?\"\nexpect = { choices = { stop_now = \"stop_drinking\", B = \"run\" } }\n",
             "a.toml:4:",
-            "choice \"stop_now\" = \"stop_it\" asks to stop in both its key and its label",
+            "choice \"stop_now\" = \"stop_drinking\" has the word stop or unsubscribe in both",
         ),
         // A code that expires before anyone could type it back.
         (
