@@ -110,7 +110,7 @@ pub struct ServeArgs {
     /// Region for numbers written without +country [env SMSFLOW_REGION; default US].
     #[arg(long)]
     pub region: Option<String>,
-    /// Messages per second, all senders together [env SMSFLOW_SEND_RATE; default 1].
+    /// Messages per second per sender [env SMSFLOW_SEND_RATE; default 1].
     #[arg(long)]
     pub send_rate: Option<f64>,
     /// Delete history entries and delivery records older than this, such as 180d

@@ -72,7 +72,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub flows_dir: PathBuf,
     pub region: Region,
-    /// Messages per second, all senders together (1 suits one US long code).
+    /// Messages per second per sender (1 suits a US long code).
     pub send_rate: f64,
     /// Full credentials: the Twilio provider. `None`: the console provider.
     pub twilio: Option<TwilioConfig>,

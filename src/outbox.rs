@@ -1,5 +1,6 @@
 //! The outbox worker: delivers queued messages through the provider, in order per number,
-//! at most `send_rate` per second, retrying temporary failures with backoff and jitter.
+//! at most `send_rate` per second from each sender, retrying temporary failures with backoff
+//! and jitter.
 //! Nothing is dropped silently: every message ends as a delivery record.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -35,7 +36,9 @@ pub struct Outbox {
     provider: Arc<Provider>,
     interval: Duration,
     retry_base: Duration,
-    next_slot: Instant,
+    /// Each sender's next send slot: a number of `TWILIO_FROM` a recipient wrote to, or
+    /// `None` for the default sender (the first number, or the messaging service).
+    next_slot: HashMap<Option<Phone>, Instant>,
     /// Queued entries that cannot be read, already logged (each is logged once, then skipped).
     unreadable: HashSet<String>,
     /// What the last look found when nothing was ready, so that a wake-up for a newly queued
@@ -79,7 +82,7 @@ impl Outbox {
             provider,
             interval: Duration::from_secs_f64(1.0 / send_rate),
             retry_base,
-            next_slot: Instant::now(),
+            next_slot: HashMap::new(),
             unreadable: HashSet::new(),
             waiting: None,
             owes_flush: false,
@@ -225,6 +228,17 @@ impl Outbox {
         Ok(Read::Nothing)
     }
 
+    /// The sender whose rate a send to `record`'s number counts against: the number of ours
+    /// it last wrote to, when texts go from that one (see [`Provider::sends_from`]); `None`
+    /// for the default sender.
+    fn sender_of(
+        &self,
+        record: &anyhow::Result<Option<crate::machine::Subscriber>>,
+    ) -> Option<Phone> {
+        let via = record.as_ref().ok()?.as_ref()?.via.as_ref()?;
+        self.provider.sends_from(via).then(|| via.clone())
+    }
+
     /// Whether queued message `id` is a follow-up `deliver` held until quiet hours end.
     fn held_for_quiet_hours(&self, id: u64, now: DateTime<Utc>) -> bool {
         let Some(end) = crate::machine::quiet_end(&self.engine.flows().bot, now) else {
@@ -264,23 +278,35 @@ impl Outbox {
                 return store.outbox_update(id, &msg);
             }
         }
-        // The send rate (all senders together); a shutdown does not wait for the slot. A
-        // message that will not be sent (its number opted out, or is gone, or its code
-        // expired) takes no slot from the others.
+        // The send rate, per sender (the number of ours the message goes from); a shutdown
+        // does not wait for the slot. A message that will not be sent (its number opted
+        // out, or is gone, or its code expired) takes no slot from the others. Messages go
+        // one at a time, in queue order: one waiting for its sender's slot holds up the
+        // ones behind it.
         let mut record = sendable(store, &msg, id);
         let mut expired = self.code_expired(&msg);
-        if !matches!(record, Ok(None)) && !expired {
+        let mut waited = None;
+        while !matches!(record, Ok(None)) && !expired {
+            let from = self.sender_of(&record);
+            let slot = self.next_slot.get(&from).copied();
+            if waited.as_ref() == Some(&from) {
+                // Only a send takes the slot: one suppressed meanwhile (an opt-out, an
+                // erase, a code that expired while it waited) leaves it to the next message.
+                if matches!(record, Ok(Some(_))) {
+                    let next = Instant::now().max(slot.unwrap_or_else(Instant::now));
+                    self.next_slot.insert(from, next + self.interval);
+                }
+                break;
+            }
             tokio::select! {
-                _ = tokio::time::sleep_until(self.next_slot) => {}
+                _ = tokio::time::sleep_until(slot.unwrap_or_else(Instant::now)) => {}
                 _ = self.stop.wait_for(|stopped| *stopped) => return Ok(()),
             }
+            // Read again after the wait: it may go from another of our numbers now (it
+            // wrote to one meanwhile), whose slot is then waited for.
+            waited = Some(from);
             record = sendable(store, &msg, id);
             expired = self.code_expired(&msg);
-            // Only a send takes the slot: one suppressed meanwhile (an opt-out, an erase, a
-            // code that expired while it waited) leaves it to the next message.
-            if matches!(record, Ok(Some(_))) && !expired {
-                self.next_slot = Instant::now().max(self.next_slot) + self.interval;
-            }
         }
         // Until its record is stored, a delivery report for an unknown id may be this send's.
         let _in_flight = store.send_in_flight();

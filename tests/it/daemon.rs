@@ -2406,6 +2406,62 @@ async fn a_delivery_report_that_comes_before_the_sends_answer_is_applied_once_it
     assert_eq!(app.engine.store.early_report_count(), 0, "taken");
 }
 
+/// The send rate holds per sender: with two of our numbers, a message from the second does
+/// not wait for the first's turn, and the first's next message still waits for its own.
+#[tokio::test]
+async fn each_sender_has_its_own_send_rate() {
+    const SECOND: &str = "+15005550007";
+    const CAT: &str = "+15550003333";
+    // One message every 2 s, per sender.
+    let app = TestApp::spawn_with(FLOWS, |c| {
+        c.send_rate = 0.5;
+        if let Some(t) = c.twilio.as_mut() {
+            t.sender = smsflow::config::Sender::From(vec![FROM.into(), SECOND.into()]);
+        }
+    })
+    .await;
+    let join = |from: &'static str, to: &'static str| {
+        let app = &app;
+        async move {
+            let sid = format!("SM{}", uuid_like());
+            let params = [
+                ("From", from),
+                ("To", to),
+                ("Body", "JOIN"),
+                ("MessageSid", &sid),
+            ];
+            app.post_form("/twilio/sms", &params)
+                .await
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(join(ANN, FROM).await, 200);
+    assert_eq!(join(BOB, SECOND).await, 200);
+    assert_eq!(join(CAT, FROM).await, 200);
+    let sent = app.twilio.wait_delivered(3).await;
+    let at = |to: &str| {
+        let r = sent.iter().find(|r| r.to == to).expect("sent");
+        (r.at, r.from.clone())
+    };
+    let ((ann, ann_from), (bob, bob_from), (cat, cat_from)) = (at(ANN), at(BOB), at(CAT));
+    assert_eq!(
+        (ann_from.as_str(), bob_from.as_str(), cat_from.as_str()),
+        (FROM, SECOND, FROM)
+    );
+    assert!(
+        bob.duration_since(ann) < Duration::from_millis(1000),
+        "the second number's message should not wait for the first's turn: {:?}",
+        bob.duration_since(ann)
+    );
+    assert!(
+        cat.duration_since(ann) >= Duration::from_millis(1500),
+        "the first number's next message should wait for its turn: {:?}",
+        cat.duration_since(ann)
+    );
+    app.stop().await;
+}
+
 /// With several numbers in `TWILIO_FROM`, what is sent to a number (its code, the steps after
 /// it) comes from the number of ours it texted; a number that texted none of them, and the
 /// OTP API's texts, from the first.
