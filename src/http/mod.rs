@@ -570,10 +570,16 @@ async fn status(
             WebhookError::BadRequest(format!("ErrorCode {:?} is not a number", crate::clip(c)))
         })?),
     };
-    // An unsubscribed report opts out the number it went to: `To` must name one, checked
-    // before anything is kept (Twilio always sends it).
+    // An unsubscribed report opts out the number it went to: checked before anything is
+    // kept, a `To` given must be a phone number, and one is needed for a message smsflow
+    // has no record of (Twilio always sends it).
     let to = match code {
-        Some(UNSUBSCRIBED) => Some(form.phone("To")?),
+        Some(UNSUBSCRIBED) if form.get("To").is_some_and(|t| !t.trim().is_empty()) => {
+            Some(form.phone("To")?)
+        }
+        Some(UNSUBSCRIBED) if !matches!(state.engine.store.delivery_by_sid(sid), Ok(Some(_))) => {
+            Some(form.phone("To")?)
+        }
         _ => None,
     };
     let report = crate::store::Report {
@@ -582,11 +588,18 @@ async fn status(
         at: state.engine.clock().now(),
     };
     let phone = state.engine.store.report(sid, &report)?;
-    if let Some(to) = to {
+    if code == Some(UNSUBSCRIBED) {
         // The number of the message's record; for a message smsflow has no record of, the
         // number it went to. (One smsflow does not know, erased since the send or never
         // met, is not brought back: the event creates no record.)
-        let phone = phone.unwrap_or(to);
+        let Some(phone) = phone.or(to) else {
+            // Recorded when looked up, and gone since (erased): nothing was applied.
+            return Err(WebhookError::BadRequest(
+                "missing To: the message has no record now, so the report must name the \
+                 number"
+                    .into(),
+            ));
+        };
         state
             .engine
             .event(&phone, Event::ProviderUnsubscribed)

@@ -2404,6 +2404,19 @@ async fn a_delivery_report_that_comes_before_the_sends_answer_is_applied_once_it
         .expect("recorded");
     assert_eq!(d.status, "delivered");
     assert_eq!(app.engine.store.early_report_count(), 0, "taken");
+    // For a message it has a record of, smsflow knows the number: no `To` is needed.
+    let r = app
+        .post_form(
+            "/twilio/status",
+            &[
+                ("MessageSid", sid.as_str()),
+                ("MessageStatus", "undelivered"),
+                ("ErrorCode", "21610"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 204);
+    assert_eq!(app.state_of(ANN).as_deref(), Some("opted_out"));
 }
 
 /// The send rate holds per sender: with two of our numbers, a message from the second does
