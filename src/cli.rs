@@ -731,7 +731,12 @@ pub fn export(
     }
     // sled's own file: a directory without it holds no store, and opening it would make one
     // there (a typo such as `--data flows` would get sled's files and an empty dataset).
-    if !data.join("db").is_file() {
+    // (One that cannot be looked into is not said to be empty: opening it says why.)
+    let no_store = match std::fs::metadata(data.join("db")) {
+        Ok(db) => !db.is_file(),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    };
+    if no_store {
         errln!(
             "smsflow export: {} holds no smsflow data (no store in it); give the data dir the \
              daemon uses (--data, SMSFLOW_DATA or `data` in smsflow.toml)",

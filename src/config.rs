@@ -146,6 +146,8 @@ pub struct Layer {
     pub data: Option<PathBuf>,
     pub flows: Option<PathBuf>,
     pub region: Option<String>,
+    /// A number, or (as every value may be) text holding one; blank is unset.
+    #[serde(default, deserialize_with = "number_or_text")]
     pub send_rate: Option<f64>,
     pub api_token: Option<Secret>,
     pub admin_token: Option<Secret>,
@@ -165,6 +167,30 @@ pub struct TwilioLayer {
     pub from: Option<String>,
     pub messaging_service_sid: Option<String>,
     pub api_base: Option<String>,
+}
+
+/// A number, or a string holding one (`send_rate = "2"`, spaces around it ignored, as a
+/// variable's); a blank string is unset.
+fn number_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(f64),
+        Text(String),
+    }
+    let read = Option::<Raw>::deserialize(d).map_err(|_| {
+        serde::de::Error::custom("expected a number (messages per second, such as 1 or 0.5)")
+    })?;
+    match read {
+        None => Ok(None),
+        Some(Raw::Number(n)) => Ok(Some(n)),
+        Some(Raw::Text(t)) if t.trim().is_empty() => Ok(None),
+        Some(Raw::Text(t)) => t.trim().parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{t:?} is not a number (messages per second, such as 1 or 0.5)"
+            ))
+        }),
+    }
 }
 
 /// A string, or an array of strings joined with commas (`from = ["+1…", "+1…"]`).
@@ -214,12 +240,7 @@ impl Layer {
                         before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
                     )
                 });
-                // Rust's number types mean nothing in a config file.
-                let message = e.message().trim().replace(
-                    "expected f64",
-                    "expected a number (written without quotes, as in send_rate = 2)",
-                );
-                anyhow::anyhow!("{}:{line}:{col}: {message}", path.display())
+                anyhow::anyhow!("{}:{line}:{col}: {}", path.display(), e.message().trim())
             })
     }
 
@@ -830,17 +851,23 @@ mod tests {
     }
 
     #[test]
-    fn a_send_rate_in_quotes_is_told_to_be_a_number_in_words_not_rusts() {
+    fn a_send_rate_in_the_file_is_a_number_or_text_holding_one_and_blank_is_unset() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("smsflow.toml");
-        std::fs::write(&path, "send_rate = \" 2 \"\n").unwrap();
-        let err = Layer::from_file(&path, true).unwrap_err().to_string();
-        assert!(err.contains("smsflow.toml:1:13:"), "{err}");
-        assert!(
-            err.contains("expected a number (written without quotes"),
-            "{err}"
-        );
-        assert!(!err.contains("f64"), "{err}");
+        let read = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            Layer::from_file(&path, true).map(|l| l.send_rate)
+        };
+        assert_eq!(read("send_rate = 2\n").unwrap(), Some(2.0));
+        assert_eq!(read("send_rate = 0.5\n").unwrap(), Some(0.5));
+        assert_eq!(read("send_rate = \" 2 \"\n").unwrap(), Some(2.0));
+        assert_eq!(read("send_rate = \"\"\n").unwrap(), None);
+        for bad in ["send_rate = \"fast\"\n", "send_rate = true\n"] {
+            let err = read(bad).unwrap_err().to_string();
+            assert!(err.contains("smsflow.toml:1:13:"), "{err}");
+            assert!(err.contains("messages per second"), "{err}");
+            assert!(!err.contains("f64"), "{err}");
+        }
     }
 
     #[test]

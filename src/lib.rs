@@ -58,14 +58,15 @@ pub fn ascii_digits(text: &str) -> std::borrow::Cow<'_, str> {
 /// offset (which would read as a column beside a file's 1-based line:col).
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let text = text.trim();
+    // The character humantime stopped at (past any spaces, which it reports the start of).
     let at = |offset: usize| {
         text.get(offset..)
-            .and_then(|rest| rest.chars().next())
+            .and_then(|rest| rest.trim_start().chars().next())
             .map_or_else(|| "the end".to_string(), |c| format!("{c:?}"))
     };
     humantime::parse_duration(text).map_err(|e| match e {
         humantime::DurationError::InvalidCharacter(i) => {
-            format!("{} cannot be in a duration", at(i))
+            format!("unexpected {}", at(i))
         }
         humantime::DurationError::NumberExpected(i) => {
             format!("a number is needed before {}", at(i))
@@ -80,7 +81,15 @@ mod tests {
     fn a_duration_error_names_the_character_at_fault() {
         assert_eq!(
             super::parse_duration(" 10 minutes! "),
-            Err("'!' cannot be in a duration".to_string())
+            Err("unexpected '!'".to_string())
+        );
+        assert_eq!(
+            super::parse_duration("1."),
+            Err("unexpected '.'".to_string())
+        );
+        assert_eq!(
+            super::parse_duration("10m  x"),
+            Err("a number is needed before 'x'".to_string())
         );
         assert_eq!(
             super::parse_duration("m"),
