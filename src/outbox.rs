@@ -36,9 +36,8 @@ pub struct Outbox {
     provider: Arc<Provider>,
     interval: Duration,
     retry_base: Duration,
-    /// Each sender's next send slot: a number of `TWILIO_FROM` a recipient wrote to, or
-    /// `None` for the default sender (the first number, or the messaging service).
-    next_slot: HashMap<Option<Phone>, Instant>,
+    /// Each sender's next send slot, by the `From` (or messaging service) it sends as.
+    next_slot: HashMap<String, Instant>,
     /// Queued entries that cannot be read, already logged (each is logged once, then skipped).
     unreadable: HashSet<String>,
     /// What the last look found when nothing was ready, so that a wake-up for a newly queued
@@ -228,15 +227,16 @@ impl Outbox {
         Ok(Read::Nothing)
     }
 
-    /// The sender whose rate a send to `record`'s number counts against: the number of ours
-    /// it last wrote to, when texts go from that one (see [`Provider::sends_from`]); `None`
-    /// for the default sender.
-    fn sender_of(
-        &self,
-        record: &anyhow::Result<Option<crate::machine::Subscriber>>,
-    ) -> Option<Phone> {
-        let via = record.as_ref().ok()?.as_ref()?.via.as_ref()?;
-        self.provider.sends_from(via).then(|| via.clone())
+    /// The sender whose rate a send to `record`'s number counts against: the `From` it
+    /// goes from (the number of ours it last wrote to, when texts go from that one, else the
+    /// first; or the messaging service). A record that cannot be read counts as the default.
+    fn sender_of(&self, record: &anyhow::Result<Option<crate::machine::Subscriber>>) -> String {
+        let via = record
+            .as_ref()
+            .ok()
+            .and_then(Option::as_ref)
+            .and_then(|s| s.via.as_ref());
+        self.provider.sender(via)
     }
 
     /// Whether queued message `id` is a follow-up `deliver` held until quiet hours end.
@@ -289,7 +289,9 @@ impl Outbox {
         while !matches!(record, Ok(None)) && !expired {
             let from = self.sender_of(&record);
             let slot = self.next_slot.get(&from).copied();
-            if waited.as_ref() == Some(&from) {
+            // (A record unreadable since the wait is not sent: no other sender's turn to
+            // wait for.)
+            if waited.as_ref() == Some(&from) || (waited.is_some() && record.is_err()) {
                 // Only a send takes the slot: one suppressed meanwhile (an opt-out, an
                 // erase, a code that expired while it waited) leaves it to the next message.
                 if matches!(record, Ok(Some(_))) {

@@ -101,6 +101,15 @@ impl Provider {
         }
     }
 
+    /// Who a text to a recipient who last wrote to `via` goes from: the `From` number (or
+    /// messaging service) that a send rate counts against. The console is one sender.
+    pub fn sender(&self, via: Option<&Phone>) -> String {
+        match self {
+            Provider::Twilio(t) => t.sender_param(via).1,
+            Provider::Console(_) => String::new(),
+        }
+    }
+
     /// Places a voice call that speaks `twiml`.
     pub async fn call(&self, to: &Phone, twiml: &str) -> Result<Accepted, SendError> {
         match self {
