@@ -571,7 +571,9 @@ pub fn end_lost_places(
             }
         }
         if ended > 0 {
-            tracing::info!("the flows no longer have the place of {ended} number(s) in a sequence; their sequence ended");
+            // A warning: it cannot be undone by restoring the flows (a sequence moved to
+            // another file in two saves ends it for everyone in it).
+            tracing::warn!("the flows no longer have the place of {ended} number(s) in a sequence; their sequence ended (restoring the flows does not restart it)");
         }
         // Checked and written under the lock a reload swaps under: else a reload between the
         // two would have its new places, just recorded, narrowed away.

@@ -259,7 +259,7 @@ pub fn lost_place(state: &State, flows: &Flows) -> Option<&'static str> {
         None => Some("sequence no longer exists"),
         Some(None) => Some("step no longer exists"),
         Some(Some(s)) if *waiting && !matches!(s.action, StepAction::Ask(_)) => {
-            Some("question no longer exists")
+            Some("the step at its place is no longer a question")
         }
         Some(Some(_)) => None,
     }

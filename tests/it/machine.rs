@@ -1807,3 +1807,38 @@ fn a_number_holds_only_its_latest_valid_codes_not_the_one_kept_before_them() {
     );
     assert!(!sub.holds_code("000000x", 2));
 }
+
+/// After a reload, a number in a sequence has lost its place when its sequence is gone, its
+/// step number is past the end, or the step it waits on for an answer is no question now;
+/// each says which.
+#[test]
+fn a_place_a_reload_took_away_says_why_it_is_gone() {
+    let mut f = flows();
+    let at = |name: &str, step: usize, waiting: bool| State::InSequence {
+        name: name.to_string(),
+        step,
+        waiting,
+    };
+    // The shipped quiz: a message, then a question (step 1), then a message.
+    assert_eq!(smsflow::machine::lost_place(&at("quiz", 1, true), &f), None);
+    assert_eq!(smsflow::machine::lost_place(&State::Verified, &f), None);
+    assert_eq!(
+        smsflow::machine::lost_place(&at("gone", 0, false), &f),
+        Some("sequence no longer exists")
+    );
+    assert_eq!(
+        smsflow::machine::lost_place(&at("quiz", 9, false), &f),
+        Some("step no longer exists")
+    );
+    // The question's step removed: the message after it now has its number.
+    let quiz = f.sequences.iter_mut().find(|s| s.name == "quiz").unwrap();
+    quiz.steps.remove(1);
+    assert_eq!(
+        smsflow::machine::lost_place(&at("quiz", 1, true), &f),
+        Some("the step at its place is no longer a question")
+    );
+    assert_eq!(
+        smsflow::machine::lost_place(&at("quiz", 1, false), &f),
+        None
+    );
+}
