@@ -64,13 +64,15 @@ pub fn bearer(
     what: &str,
 ) -> Result<(), String> {
     let Some(token) = token else {
-        return if loopback && !proxied(headers) {
+        return if loopback && from_here(headers) {
             Ok(())
         } else {
             Err(format!(
                 "the {what} needs a token here: set {env}. Without one it takes requests only \
                  while smsflow is reachable from this machine alone (a loopback listen address \
-                 and no public_url), and only straight from it, not through a proxy or tunnel"
+                 and no public_url), and only straight from it: not through a proxy or tunnel, \
+                 addressed to localhost or a loopback address, and not sent by another site's \
+                 page"
             ))
         };
     };
@@ -133,7 +135,8 @@ pub enum WebhookError {
     #[error(
         "unsigned webhook refused: set TWILIO_AUTH_TOKEN. Without it, webhooks are taken only \
          while smsflow is reachable from this machine alone (a loopback listen address and no \
-         public_url), and only straight from it, not through a proxy or tunnel"
+         public_url), and only straight from it: not through a proxy or tunnel, addressed to \
+         localhost or a loopback address, and not sent by another site's page"
     )]
     NotLocal,
     /// The body could not be read (too large: 413).
@@ -273,10 +276,13 @@ async fn explain_refusals(req: Request, next: axum::middleware::Next) -> Respons
     }
 }
 
-/// A request that came through a proxy or tunnel (ngrok, cloudflared and reverse proxies
-/// add these headers): it may be from anywhere, whatever address smsflow listens on.
-fn proxied(headers: &HeaderMap) -> bool {
-    [
+/// Whether a request to a loopback listener may be taken as this machine's own: it came
+/// straight, not through a proxy or tunnel (ngrok, cloudflared and reverse proxies add their
+/// headers: it may be from anywhere); it names a loopback host (a web page whose domain was
+/// pointed at 127.0.0.1, "DNS rebinding", names its own); and it is not another site's page
+/// posting to it (browsers send `Origin` with every cross-site POST).
+fn from_here(headers: &HeaderMap) -> bool {
+    let proxied = [
         "x-forwarded-for",
         "x-forwarded-host",
         "forwarded",
@@ -284,7 +290,32 @@ fn proxied(headers: &HeaderMap) -> bool {
         "cf-connecting-ip",
     ]
     .iter()
-    .any(|h| headers.contains_key(*h))
+    .any(|h| headers.contains_key(*h));
+    let named = |name| headers.get(name).map(|v| v.to_str().ok());
+    let host = match named(header::HOST) {
+        None => true,
+        Some(host) => host
+            .and_then(|h| h.parse::<axum::http::uri::Authority>().ok())
+            .is_some_and(|a| loopback_name(a.host())),
+    };
+    let origin = match named(header::ORIGIN) {
+        None => true,
+        Some(origin) => origin
+            .and_then(|o| o.parse::<axum::http::Uri>().ok())
+            .is_some_and(|u| u.host().is_some_and(loopback_name)),
+    };
+    !proxied && host && origin
+}
+
+/// `localhost` (and its subdomains) or a loopback address (`127.0.0.1`, `[::1]`).
+fn loopback_name(host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let ip = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host.ends_with(".localhost")
+        || ip
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Records the latency of every Twilio webhook.
@@ -435,7 +466,7 @@ impl TwilioForm {
                     "invalid X-Twilio-Signature for {url} (check the auth token and SMSFLOW_PUBLIC_URL)"
                 )));
             }
-        } else if !state.loopback || proxied(headers) {
+        } else if !state.loopback || !from_here(headers) {
             // Unsigned webhooks can say anything (any From, a 21610 for any number, a voice
             // menu key that reads out a fresh code): only from this machine, as the OTP and
             // admin APIs without their tokens.

@@ -612,6 +612,22 @@ async fn metrics_and_readiness_details_need_the_admin_token_beyond_loopback() {
             .send()
     };
     assert_eq!(tunnelled("/metrics").await.unwrap().status().as_u16(), 401);
+    // Nor does a web page whose domain was pointed at 127.0.0.1 (it names its own host), or
+    // another site's page (it sends its origin): an opt-out posted by one changes nothing.
+    let rebound = (local.http.get(format!("{}/admin/export.csv", local.base)))
+        .header("Host", "rebind.attacker.example")
+        .send();
+    assert_eq!(rebound.await.unwrap().status().as_u16(), 401);
+    let forged = (local.http)
+        .post(format!(
+            "{}/admin/subscribers/%2B15550001111/opt-out",
+            local.base
+        ))
+        .header("Origin", "https://evil.example")
+        .header("Content-Type", "text/plain")
+        .send();
+    assert_eq!(forged.await.unwrap().status().as_u16(), 401);
+    assert_eq!(local.get("/admin/subscribers").await.status().as_u16(), 200);
     let ready: serde_json::Value = tunnelled("/readyz").await.unwrap().json().await.unwrap();
     assert_eq!(ready, serde_json::json!({ "ready": true }));
 }

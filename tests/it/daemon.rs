@@ -219,6 +219,21 @@ async fn without_an_auth_token_webhooks_are_taken_only_from_this_machine() {
         .unwrap()
         .contains("set TWILIO_AUTH_TOKEN"));
     assert_eq!(local.state_of(ANN), None);
+    // Nor from a web page: another site's form posting here, or one whose domain was
+    // pointed at 127.0.0.1.
+    for (name, value) in [
+        ("Origin", "https://evil.example"),
+        ("Host", "rebind.example"),
+    ] {
+        let r = (local.http.post(format!("{}/twilio/sms", local.base)))
+            .form(&form)
+            .header(name, value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 403, "{name}");
+    }
+    assert_eq!(local.state_of(ANN), None);
     let r = post(&local, "/twilio/sms", &form, None).await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(local.state_of(ANN).as_deref(), Some("awaiting_code"));

@@ -327,6 +327,19 @@ async fn without_a_token_the_api_refuses_requests_through_a_tunnel_or_a_public_u
     let via_tunnel = [("X-Forwarded-For", "203.0.113.9")];
     let tunnelled = anonymous(&local, "get_otp", json!({ "phone": PHONE }), &via_tunnel).await;
     assert_failure(&tunnelled, 401, 4, "SMSFLOW_API_TOKEN");
+    // A web page is not this machine: one whose domain was pointed at 127.0.0.1 names its
+    // own host, and another site's page posting here sends its origin.
+    for page in [
+        [("Host", "rebind.attacker.example")],
+        [("Origin", "https://evil.example")],
+        [("Origin", "null")],
+    ] {
+        let got = anonymous(&local, "get_otp", json!({ "phone": PHONE }), &page).await;
+        assert_failure(&got, 401, 4, "not sent by another site's page");
+    }
+    // A page of this machine's own (a local front end) is.
+    let own = [("Origin", "http://localhost:3000")];
+    assert_success(&anonymous(&local, "get_otp", json!({ "phone": PHONE }), &own).await);
     // A public URL means smsflow is exposed: no token, no API.
     let public = TestApp::spawn_with(FLOWS, |c| c.api_token = None).await;
     let got = anonymous(&public, "get_otp", json!({ "phone": PHONE }), &[]).await;
