@@ -298,8 +298,25 @@ impl Store {
             "data dir {} is a file; give a directory (it is created if missing)",
             dir.display()
         );
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating data dir {}", dir.display()))?;
+        // Only its owner may look in: it holds live codes and every number's answers.
+        {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("creating data dir {}", dir.display()))?;
+            if let Ok(meta) = std::fs::metadata(dir) {
+                let mode = meta.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    tracing::warn!(
+                        "data dir {} may be read by other users (mode {mode:o}): it holds live \
+                         codes and every number's answers; `chmod 700` it",
+                        dir.display()
+                    );
+                }
+            }
+        }
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)

@@ -1045,3 +1045,14 @@ fn early_delivery_reports_are_applied_when_their_message_is_recorded() {
     assert_eq!(d.updated_at, recorded.updated_at, "not moved back");
     assert_eq!(store.early_report_count(), 0, "taken");
 }
+
+/// A data dir smsflow creates is its owner's alone: it holds live codes and every answer.
+#[test]
+fn a_data_dir_smsflow_creates_only_its_owner_may_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().expect("temp dir");
+    let dir = parent.path().join("data");
+    drop(Store::open(&dir).expect("open"));
+    let mode = std::fs::metadata(&dir).expect("made").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{mode:o}");
+}
