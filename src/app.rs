@@ -42,6 +42,10 @@ pub struct Options {
     /// At most this many connections are open at once; a further one waits in the kernel's
     /// queue until one closes. Unset: 4,096, or fewer where open files are limited.
     pub max_connections: Option<usize>,
+    /// A connection whose answer has waited this long for its client to read any of it is
+    /// closed: a client that sends requests and never reads the answers would otherwise hold
+    /// its connection (and its place among `max_connections`) for ever.
+    pub write_stall_timeout: Duration,
     /// The wall clock events happen at and timers come due by (tests: a manual one).
     pub clock: crate::clock::Clock,
     /// How often the flow watcher checks where the flow directory's path leads (a link
@@ -58,6 +62,7 @@ impl Default for Options {
             header_read_timeout: Duration::from_secs(960),
             body_timeout: crate::http::BODY_TIMEOUT,
             max_connections: None,
+            write_stall_timeout: Duration::from_secs(30),
             clock: crate::clock::Clock::system(),
             flow_path_check: Duration::from_secs(30),
         }
@@ -525,12 +530,17 @@ async fn serve(
                 }))
             }
         });
+        let (stream, stalled) = crate::conns::Watched::new(stream);
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let mut stopping = stopping.clone();
+        let stall_limit = options.write_stall_timeout;
         connections.spawn(async move {
             let _slot = slot;
             let mut connection = std::pin::pin!(connection);
             let mut closing = false;
+            // Looked at a few times per limit: a stall is found at most half a limit late.
+            let mut look = tokio::time::interval((stall_limit / 2).max(Duration::from_millis(10)));
+            look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     // The connection first: a request that has arrived reaches its handler
@@ -542,6 +552,14 @@ async fn serve(
                             tracing::debug!("HTTP connection: {e}");
                         }
                         return;
+                    }
+                    _ = look.tick() => {
+                        if stalled.for_at_least(stall_limit) {
+                            // Its answers go nowhere: neither hyper's close nor a stop's
+                            // grace would end it.
+                            tracing::debug!("closed a connection whose client stopped reading");
+                            return;
+                        }
                     }
                     _ = stopping.wait_for(|s| *s), if !closing => {
                         // Closes it at once if idle, else after the answer under way.

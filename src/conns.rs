@@ -284,6 +284,109 @@ impl Drop for Busy {
     }
 }
 
+/// A connection's socket, noting since when a write has waited for the client to read.
+pub struct Watched<S> {
+    inner: S,
+    stall: Arc<Stall>,
+}
+
+/// Since when a connection's writes have waited, shared with the task that serves it.
+pub struct Stall {
+    epoch: Instant,
+    /// Microseconds since `epoch` plus one when a write began to wait; 0 while none waits.
+    since: AtomicU64,
+}
+
+impl Stall {
+    /// Whether a write has waited `limit` or longer (the client reads nothing of it).
+    pub fn for_at_least(&self, limit: std::time::Duration) -> bool {
+        match self.since.load(SeqCst) {
+            0 => false,
+            since => self.epoch.elapsed().as_micros() >= u128::from(since - 1) + limit.as_micros(),
+        }
+    }
+
+    fn note(&self, waiting: bool) {
+        if !waiting {
+            self.since.store(0, SeqCst);
+        } else if self.since.load(SeqCst) == 0 {
+            let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
+            self.since.store(now + 1, SeqCst);
+        }
+    }
+}
+
+impl<S> Watched<S> {
+    pub fn new(inner: S) -> (Watched<S>, Arc<Stall>) {
+        let stall = Arc::new(Stall {
+            epoch: Instant::now(),
+            since: AtomicU64::new(0),
+        });
+        (
+            Watched {
+                inner,
+                stall: stall.clone(),
+            },
+            stall,
+        )
+    }
+
+    fn noted<T>(&self, polled: std::task::Poll<T>) -> std::task::Poll<T> {
+        self.stall.note(polled.is_pending());
+        polled
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.noted(polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.noted(polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.noted(polled)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.noted(polled)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

@@ -892,6 +892,43 @@ async fn past_the_connection_limit_a_request_whose_body_is_still_arriving_is_clo
     app.stop().await;
 }
 
+/// A client that sends requests and never reads the answers cannot hold its connection (and
+/// its place at the connection limit) for ever: once an answer has waited for it that long,
+/// the connection is closed, and a waiting client is served.
+#[tokio::test]
+async fn a_connection_whose_client_never_reads_its_answers_is_closed() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::spawn_with_options(FLOWS, |o| {
+        o.max_connections = Some(1);
+        o.write_stall_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let addr = app.base.trim_start_matches("http://").parse().unwrap();
+    let stuck = socket.connect(addr).await.unwrap();
+    let (_never_read, mut write) = stuck.into_split();
+    // Requests enough to fill both sockets' buffers with answers: the daemon's writes wait.
+    let flood = tokio::spawn(async move {
+        let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".repeat(1000);
+        for _ in 0..400 {
+            if write.write_all(&request).await.is_err() {
+                return;
+            }
+        }
+    });
+    // (Filling them takes a while; a connection asked to close before it is stuck closes
+    // at once, and the test proves nothing then, but passes.)
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let mut waiting = healthz_raw(&app.base).await;
+    let answer = read_until_closed(&mut waiting, Duration::from_secs(10))
+        .await
+        .expect("served once the stuck connection is closed");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    flood.abort();
+    app.stop().await;
+}
+
 /// A connection with a request under way is never the one closed: with every connection
 /// busy a new one waits, and is served once an answer is sent.
 #[tokio::test]
