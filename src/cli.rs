@@ -577,6 +577,10 @@ pub fn serve(args: &ServeArgs) -> ExitCode {
                 }
             },
         };
+        // Listening from before the banner (which tells a script the daemon is up): a signal
+        // sent on seeing it must stop the daemon cleanly, not kill it; and from here on a
+        // second signal that lands while the first is being handled is counted, not lost.
+        let signals = count_signals();
         // Not `print!`: a closed stdout must not stop the daemon from serving.
         say(&mut std::io::stdout(), &app.banner());
         if let Some((old, new)) = app.engine().store.upgraded_from() {
@@ -584,9 +588,6 @@ pub fn serve(args: &ServeArgs) -> ExitCode {
             let said = format!("data dir {data} upgraded from schema {old} to {new}: an older smsflow now refuses it");
             tell(format, Level::WARN, &said);
         }
-        // Listening from here on: a second signal that lands while the first is being
-        // handled is counted, not lost.
-        let signals = count_signals();
         let shutdown = {
             let signals = signals.clone();
             async move {
