@@ -402,6 +402,17 @@ impl Application {
             .retention
             .map(|keep| tokio::spawn(prune_daily(self.engine.clone(), keep, stop_rx.clone())));
         let hup = tokio::spawn(reloader.clone().on_sighup(stop_rx));
+        // A store whose disk failed fails every change from then on (sled keeps the error):
+        // stop, so that a supervisor starts smsflow again and the new open recovers.
+        let store = self.engine.store.clone();
+        let shutdown = async move {
+            tokio::select! {
+                () = shutdown => {}
+                why = store.failed() => tracing::error!(
+                    "the store failed ({why}); stopping: every change would fail from now on"
+                ),
+            }
+        };
         serve(
             self.listener,
             http::router(state),
@@ -426,7 +437,16 @@ impl Application {
         for file in [DAEMON_URL_FILE, DAEMON_ADMIN_FILE] {
             let _ = std::fs::remove_file(self.config.data_dir.join(file));
         }
-        self.engine.store.flush()
+        let flushed = self.engine.store.flush();
+        if let Some(why) = self.engine.store.failure() {
+            anyhow::bail!(
+                "the store in {} failed: {why}. smsflow stopped, as it cannot change anything \
+                 after that; what it answered 2xx is on disk. Make room on the disk (or mend \
+                 it) and start smsflow again",
+                self.config.data_dir.display()
+            );
+        }
+        flushed
     }
 }
 

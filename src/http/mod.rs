@@ -110,7 +110,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/subscribers/{phone}/opt-out", post(admin::opt_out))
         .route("/admin/reload", post(admin::reload))
         .route("/admin/export.csv", get(admin::export))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -345,6 +345,21 @@ fn operator(state: &AppState, headers: &HeaderMap, what: &str) -> Result<(), Str
         "SMSFLOW_ADMIN_TOKEN",
         what,
     )
+}
+
+/// Alive, unless the store failed: the daemon is then stopping (see [`Store::failure`]), and a
+/// liveness probe that looks meanwhile must not call it well.
+///
+/// [`Store::failure`]: crate::store::Store::failure
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    match state.engine.store.failure() {
+        None => "ok\n".into_response(),
+        Some(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "failing: the store cannot write to its disk; smsflow is stopping\n",
+        )
+            .into_response(),
+    }
 }
 
 /// Ready when the store answers, flows are loaded and the workers run. Anyone gets the status

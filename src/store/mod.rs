@@ -274,6 +274,11 @@ pub struct Store {
     /// or a crash before the flush would bring back the event that queued it, to be sent again.
     outbox_committed_below: AtomicU64,
     outbox_durable_below: AtomicU64,
+    /// The first failure of the disk under the store (a flush or a commit that could not
+    /// write). sled 0.34 keeps it: every later write and flush fails with it, even once its
+    /// cause (a full disk) is gone, so a process whose store failed cannot go on; only a new
+    /// open recovers (what was flushed is on disk).
+    failed: tokio::sync::watch::Sender<Option<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -376,6 +381,7 @@ impl Store {
             upgraded_from: schema.filter(|s| *s != SCHEMA),
             outbox_committed_below: AtomicU64::new(queued_below),
             outbox_durable_below: AtomicU64::new(queued_below),
+            failed: tokio::sync::watch::Sender::new(None),
         };
         let meta = &store.meta;
         // Data dirs from before the index: build it once.
@@ -475,9 +481,55 @@ impl Store {
     pub fn flush(&self) -> anyhow::Result<()> {
         // Read before the flush: what was committed by then is on disk after it.
         let committed = self.outbox_committed_below.load(SeqCst);
-        self.db.flush().context("flushing the store")?;
+        self.db
+            .flush()
+            .map_err(|e| self.broken(e))
+            .context("flushing the store")?;
         self.outbox_durable_below.fetch_max(committed, SeqCst);
         Ok(())
+    }
+
+    /// Notes that the disk under the store failed (the first failure is kept; see
+    /// [`Store::failure`]) and gives the error back.
+    fn broken(&self, e: sled::Error) -> sled::Error {
+        // Only a failure to read or write the disk: sled then fails everything after it.
+        if matches!(
+            e,
+            sled::Error::Io(_) | sled::Error::Corruption { .. } | sled::Error::ReportableBug(_)
+        ) {
+            self.failed.send_if_modified(|kept| {
+                let first = kept.is_none();
+                if first {
+                    *kept = Some(match &e {
+                        // "No space left on device (os error 28)", not sled's `Debug` of it.
+                        sled::Error::Io(io) => io.to_string(),
+                        other => other.to_string(),
+                    });
+                }
+                first
+            });
+        }
+        e
+    }
+
+    /// The first failure of the disk under the store, if one happened since it was opened:
+    /// from then on every change fails, and the process must stop (a new open recovers).
+    pub fn failure(&self) -> Option<String> {
+        self.failed.borrow().clone()
+    }
+
+    /// Resolves with [`Store::failure`] once there is one.
+    pub async fn failed(&self) -> String {
+        let mut seen = self.failed.subscribe();
+        let why = match seen.wait_for(Option::is_some).await {
+            Ok(kept) => kept.clone(),
+            // Not while the store lives (it holds the sender).
+            Err(_) => None,
+        };
+        match why {
+            Some(why) => why,
+            None => std::future::pending().await,
+        }
     }
 
     /// Whether queued message `id` is on disk (so sending it cannot be undone by a crash).
@@ -624,7 +676,9 @@ impl Store {
             })
             .map_err(|e| match e {
                 TransactionError::Abort(a) => anyhow::anyhow!("commit aborted: {a}"),
-                TransactionError::Storage(s) => anyhow::anyhow!("commit failed: {s}"),
+                TransactionError::Storage(s) => {
+                    anyhow::anyhow!("commit failed: {}", self.broken(s))
+                }
             })?;
         let (delta, queued_below) = delta;
         if let Some(below) = queued_below {

@@ -1069,6 +1069,97 @@ async fn a_flow_file_deleted_while_serving_goes_live_with_a_warning_that_names_i
     exits_cleanly(child, stderr, Duration::from_secs(10)).await;
 }
 
+/// A disk that fails under a running daemon (here the file size limit, which fails sled's
+/// writes as a full disk does): sled fails every change after its first failed write, even
+/// once space is back, so the daemon stops with exit 3 naming the cause instead of answering
+/// 500 for ever; a start on the same data dir has every number it answered 200.
+#[tokio::test]
+async fn a_daemon_whose_disk_fails_exits_3_and_a_restart_has_all_it_answered() {
+    let (data, flows) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
+    let (child, base, _lines, mut stderr) = serve_child_with(data.path(), flows.path(), |cmd| {
+        // A write past the limit then fails (EFBIG) instead of killing the process.
+        // SAFETY: `signal` is async-signal-safe, as `pre_exec` requires.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+    })
+    .await;
+    signed_sms(&base, ANN, "JOIN").await;
+    let size = std::fs::metadata(data.path().join("db")).unwrap().len();
+    let pid = child.id().unwrap() as i32;
+    rlimit::prlimit(
+        pid,
+        rlimit::Resource::FSIZE,
+        Some((size, rlimit::INFINITY)),
+        None,
+    )
+    .unwrap();
+    let http = reqwest::Client::new();
+    let mut answered = vec![ANN.to_string()];
+    let mut refused = None;
+    for i in 0..200 {
+        let phone = format!("+1555000{:04}", 3000 + i);
+        let form = [
+            ("From", phone.as_str()),
+            ("To", FROM),
+            ("Body", "JOIN"),
+            ("MessageSid", &format!("SM{}", uuid_like())),
+        ];
+        // (No token: unsigned.) sled's own background flush may meet the limit first, and
+        // the daemon is then closing: a refused connection is a refusal too.
+        let sent = http
+            .post(format!("{base}/twilio/sms"))
+            .form(&form)
+            .send()
+            .await;
+        match sent.map(|r| r.status().as_u16()) {
+            Ok(200) => answered.push(phone),
+            other => {
+                refused = Some(other.map_err(|e| e.to_string()));
+                break;
+            }
+        }
+    }
+    assert!(
+        matches!(refused, Some(Ok(500) | Err(_))),
+        "a change fails once the disk does: {refused:?}"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("stops in time")
+        .unwrap()
+        .status;
+    assert_eq!(status.code(), Some(3));
+    let mut said = Vec::new();
+    while let Some(line) = stderr.next_line().await.unwrap() {
+        said.push(line);
+    }
+    let last = said.last().cloned().unwrap_or_default();
+    assert!(
+        last.contains("the store in")
+            && last.contains("File too large")
+            && last.contains("start smsflow again"),
+        "{said:?}"
+    );
+    let (child, base, _lines, stderr) = serve_child_with(data.path(), flows.path(), |_| {}).await;
+    for phone in &answered {
+        let r = http
+            .get(format!("{base}/admin/subscribers/{phone}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{phone} is kept");
+        let record: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(record["state"], "awaiting_code", "{phone}");
+    }
+    sigterm(&child);
+    exits_cleanly(child, stderr, Duration::from_secs(10)).await;
+}
+
 /// A port already taken: `serve` exits 3 naming the address, and leaves no data dir behind.
 #[test]
 fn serve_on_a_port_in_use_exits_3_and_creates_no_data_dir() {
