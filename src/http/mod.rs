@@ -638,18 +638,17 @@ async fn status(
         // The number of the message's record; for a message smsflow has no record of, the
         // number it went to. (One smsflow does not know, erased since the send or never
         // met, is not brought back: the event creates no record.)
-        let Some(phone) = phone.or(to) else {
-            // Recorded when looked up, and gone since (erased): nothing was applied.
-            return Err(WebhookError::BadRequest(
-                "missing To: the message has no record now, so the report must name the \
-                 number"
-                    .into(),
-            ));
-        };
-        state
-            .engine
-            .event(&phone, Event::ProviderUnsubscribed)
-            .await?;
+        match phone.or(to) {
+            Some(phone) => {
+                state
+                    .engine
+                    .event(&phone, Event::ProviderUnsubscribed)
+                    .await?;
+            }
+            // Recorded when looked up, and erased since: the number is not to come back,
+            // and there is nothing to opt out.
+            None => state.engine.durable().await?,
+        }
     } else {
         state.engine.durable().await?;
     }
