@@ -320,7 +320,7 @@ impl Repl {
             "validate" => {
                 let length = self.sandbox.flows.verify.code_length;
                 // Refused as the daemon refuses it (400), before the state machine sees it.
-                let Some(code) = self.sandbox.flows.verify.api_code(arg) else {
+                let Some(code) = self.sandbox.flows.verify.api_code(arg, &[]) else {
                     return Some(format!("[otp api: 400, otp must be {length} digits]\n"));
                 };
                 let (outcome, sent) = self.sandbox.event(&self.phone, Event::OtpSubmitted(code));

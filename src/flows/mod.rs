@@ -85,14 +85,15 @@ pub struct Verify {
 }
 
 impl Verify {
-    /// A code as the OTP API takes it: exactly `code_length` digits, spaces around it
-    /// ignored (a copy-paste accident, not a different code). `None`: not a code at all,
-    /// which is refused without counting as a wrong guess.
-    pub fn api_code(&self, text: &str) -> Option<String> {
+    /// A code as the OTP API takes it: exactly `code_length` digits, or as many as one of
+    /// `held` (the lengths of the codes the number holds: sent before a reload changed
+    /// `code_length`), spaces around it ignored (a copy-paste accident, not a different code).
+    /// `None`: not a code at all, which is refused without counting as a wrong guess.
+    pub fn api_code(&self, text: &str, held: &[usize]) -> Option<String> {
         let digits = crate::ascii_digits(text);
         let t = digits.trim();
-        (t.len() == usize::from(self.code_length) && t.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| t.to_string())
+        let length = t.len() == usize::from(self.code_length) || held.contains(&t.len());
+        (length && t.bytes().all(|b| b.is_ascii_digit())).then(|| t.to_string())
     }
 }
 

@@ -269,8 +269,18 @@ pub async fn validate_otp(
     let phone = phone(&state, req.phone)?;
     let flows = state.engine.flows();
     let length = flows.verify.code_length;
+    // Codes sent before a reload changed `code_length` keep theirs until they expire. (Read
+    // outside the writer: a code that expires meanwhile is the machine's to answer.)
+    let now = state.engine.clock().now();
+    let held: Vec<usize> = match state.engine.store.subscriber(&phone) {
+        Ok(Some(sub)) => (sub.codes.iter())
+            .filter(|c| c.expires_at > now)
+            .map(|c| c.code.len())
+            .collect(),
+        _ => Vec::new(),
+    };
     let otp = match &req.otp {
-        Some(serde_json::Value::String(s)) => match flows.verify.api_code(s) {
+        Some(serde_json::Value::String(s)) => match flows.verify.api_code(s, &held) {
             Some(code) => code,
             None => return Err(OtpError::BadRequest(format!("otp must be {length} digits"))),
         },

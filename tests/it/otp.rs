@@ -562,3 +562,22 @@ async fn a_code_displaced_before_its_send_is_not_sent_and_its_caller_is_told() {
         }
     }
 }
+
+/// A code sent before a reload changed `code_length` is still taken by the API until it
+/// expires, as a text takes it; a string of neither length is still refused as malformed.
+#[tokio::test]
+async fn a_code_sent_before_a_reload_changed_code_length_is_still_taken() {
+    let app = TestApp::spawn(FLOWS).await;
+    let sent = code(&app, 1).await;
+    assert_eq!(sent.len(), 6);
+    let longer = FLOWS.replace("[verify]\n", "[verify]\ncode_length = 8\n");
+    std::fs::write(app.flows.path().join("flows.toml"), longer).unwrap();
+    let r = app
+        .admin(reqwest::Method::POST, "/admin/reload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_failure(&validate(&app, "1234567").await, 400, 2, "8 digits");
+    assert_success(&validate(&app, &sent).await);
+}
