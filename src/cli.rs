@@ -490,21 +490,41 @@ pub fn serve_config(args: &ServeArgs) -> anyhow::Result<crate::config::Config> {
 /// Logs go to stderr, filtered by SMSFLOW_LOG or RUST_LOG (default `info,notify=warn`).
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let mut ignored = None;
-    let filter = std::env::var("SMSFLOW_LOG")
-        .ok()
+    let mut ignored = Vec::new();
+    let mut read = |name: &str| {
         // Blank is unset, as for every other variable.
-        .filter(|f| !f.trim().is_empty())
-        .and_then(|f| match EnvFilter::try_new(&f) {
-            Ok(filter) => Some(filter),
+        let f = std::env::var(name).ok().filter(|f| !f.trim().is_empty())?;
+        let filter = match EnvFilter::try_new(&f) {
+            Ok(filter) => filter,
             Err(e) => {
-                ignored = Some(format!(
-                    "ignoring SMSFLOW_LOG={f:?}, which is not a log filter: {e}"
+                ignored.push(format!(
+                    "ignoring {name}={f:?}, which is not a log filter: {e}"
                 ));
-                None
+                return None;
             }
-        })
-        .or_else(|| EnvFilter::try_from_default_env().ok())
+        };
+        let unknown = unknown_log_targets(&f);
+        let directives = f.split(',').filter(|d| !d.trim().is_empty()).count();
+        if unknown.is_empty() {
+            return Some(filter);
+        }
+        let names = unknown.join("`, `");
+        let hint = "a level is one of error, warn, info, debug, trace, off";
+        // Every line but the daemon's own would be hidden: a misspelt level, most likely.
+        if unknown.len() == directives {
+            ignored.push(format!(
+                "ignoring {name}={f:?}: no log line comes from `{names}` ({hint}), so it \
+                 would hide every line"
+            ));
+            return None;
+        }
+        ignored.push(format!(
+            "{name}={f:?}: no log line comes from `{names}` ({hint})"
+        ));
+        Some(filter)
+    };
+    let filter = read("SMSFLOW_LOG")
+        .or_else(|| read("RUST_LOG"))
         // `notify` tells at info what it tidies up after a watched directory is deleted.
         .unwrap_or_else(|| EnvFilter::new("info,notify=warn"));
     // The daemon's own lines, whatever the filter (a target and a level always parse).
@@ -525,9 +545,53 @@ pub fn init_logging(format: LogFormat) {
         LogFormat::Pretty => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
-    if let Some(ignored) = ignored {
+    for ignored in ignored {
         tell(format, Level::WARN, &ignored);
     }
+}
+
+/// The crates whose log lines reach smsflow's log (its own and its dependencies').
+const LOG_CRATES: &[&str] = &[
+    "smsflow",
+    "sled",
+    "hyper",
+    "hyper_util",
+    "reqwest",
+    "rustls",
+    "h2",
+    "notify",
+    "axum",
+    "tower",
+    "tokio",
+    "mio",
+    "tracing",
+    "metrics",
+    "metrics_exporter_prometheus",
+];
+
+/// The targets a log filter names that no log line comes from: a directive that is not a
+/// level (`warning` is not one) names a target, and shows only that target's lines.
+fn unknown_log_targets(filter: &str) -> Vec<&str> {
+    use tracing_subscriber::filter::LevelFilter;
+    // Span fields (`target[span{a=1,b=2}]=debug`) may hold commas: not looked into.
+    if filter.contains('{') {
+        return Vec::new();
+    }
+    filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty() && d.parse::<LevelFilter>().is_err())
+        .map(|d| {
+            let target = d.split('=').next().unwrap_or(d);
+            target.split('[').next().unwrap_or(target).trim()
+        })
+        .filter(|t| {
+            !t.is_empty()
+                && !LOG_CRATES
+                    .iter()
+                    .any(|c| t == c || t.strip_prefix(c).is_some_and(|r| r.starts_with("::")))
+        })
+        .collect()
 }
 
 /// A line the daemon says of itself on stderr (its start failed, it stopped, a setting was

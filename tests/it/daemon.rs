@@ -1160,6 +1160,37 @@ async fn a_daemon_whose_disk_fails_exits_3_and_a_restart_has_all_it_answered() {
     exits_cleanly(child, stderr, Duration::from_secs(10)).await;
 }
 
+/// A log filter that is no level (`warning`) names a target no line comes from: it would
+/// hide every line, warnings included, so it is ignored, and said to be; one that also names
+/// what logs is kept, and the unknown target said.
+#[tokio::test]
+async fn a_misspelt_log_level_is_ignored_with_a_warning_instead_of_hiding_every_line() {
+    use std::os::unix::fs::PermissionsExt;
+    for (filter, said) in [
+        ("warning", "ignoring SMSFLOW_LOG=\"warning\""),
+        ("warn,smsfow=debug", "no log line comes from `smsfow`"),
+        ("smsflow=warn", ""),
+    ] {
+        let data = tempfile::tempdir().unwrap();
+        // Read by others: warned about at start.
+        std::fs::set_permissions(data.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (child, _base, _lines, stderr) =
+            serve_child_with(data.path(), std::path::Path::new("flows"), |cmd| {
+                cmd.env("SMSFLOW_LOG", filter);
+            })
+            .await;
+        sigterm(&child);
+        let log = exits_cleanly(child, stderr, Duration::from_secs(10)).await;
+        let warned = |what: &str| log.iter().any(|l| l.contains(what));
+        if said.is_empty() {
+            assert!(!warned("no log line comes from"), "{filter}: {log:?}");
+        } else {
+            assert!(warned(said), "{filter}: {log:?}");
+        }
+        assert!(warned("may be read by other users"), "{filter}: {log:?}");
+    }
+}
+
 /// A port already taken: `serve` exits 3 naming the address, and leaves no data dir behind.
 #[test]
 fn serve_on_a_port_in_use_exits_3_and_creates_no_data_dir() {
@@ -1291,7 +1322,7 @@ async fn serve_with_json_logs_writes_only_json_lines_to_stderr() {
     assert!(messages.iter().any(|m| m == "stopped cleanly"), "{lines:?}");
 
     // A failed start says why, whatever the filter: even one that shows nothing else.
-    for filter in ["", "off", "tower_http=debug"] {
+    for filter in ["", "off", "notify=error"] {
         let failed = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
             .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
             .arg("--data")
