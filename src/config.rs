@@ -372,9 +372,13 @@ impl Layer {
         );
         let retention = match self.retention.as_deref().map(str::trim) {
             None | Some("") => None,
+            // Said outright: a flag or variable turns off a retention the file sets.
+            Some(r) if r.eq_ignore_ascii_case("forever") => None,
             Some(r) => {
                 let d = crate::parse_duration(r).map_err(|e| {
-                    anyhow::anyhow!("retention {r:?} is not a duration such as 180d ({e})")
+                    anyhow::anyhow!(
+                        "retention {r:?} is not a duration such as 180d, nor forever ({e})"
+                    )
                 })?;
                 anyhow::ensure!(
                     d >= std::time::Duration::from_secs(3600),
@@ -900,6 +904,17 @@ mod tests {
             Some(std::time::Duration::from_secs(180 * 86_400))
         );
         assert_eq!(Layer::default().resolve().unwrap().retention, None);
+        assert_eq!(with("forever").unwrap().retention, None);
+        // Over a file's retention.
+        let file = Layer {
+            retention: Some("30d".into()),
+            ..Layer::default()
+        };
+        let flag = Layer {
+            retention: Some("Forever".into()),
+            ..Layer::default()
+        };
+        assert_eq!(flag.over(file).resolve().unwrap().retention, None);
         let err = with("half a year").unwrap_err().to_string();
         assert!(
             err.contains("retention") && err.contains("half a year"),
