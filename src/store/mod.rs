@@ -274,8 +274,8 @@ pub struct Store {
     /// or a crash before the flush would bring back the event that queued it, to be sent again.
     outbox_committed_below: AtomicU64,
     outbox_durable_below: AtomicU64,
-    /// The first failure of the disk under the store (a flush or a commit that could not
-    /// write). sled 0.34 keeps it: every later write and flush fails with it, even once its
+    /// The first failure of the disk under the store (a flush that failed, as writing the
+    /// log did). sled 0.34 keeps it: every later write and flush fails with it, even once its
     /// cause (a full disk) is gone, so a process whose store failed cannot go on; only a new
     /// open recovers (what was flushed is on disk).
     failed: tokio::sync::watch::Sender<Option<String>>,
@@ -489,26 +489,21 @@ impl Store {
         Ok(())
     }
 
-    /// Notes that the disk under the store failed (the first failure is kept; see
-    /// [`Store::failure`]) and gives the error back.
+    /// Notes that a flush failed (the first failure is kept; see [`Store::failure`]) and
+    /// gives the error back. A flush fails only when writing the log did, and sled then
+    /// fails every change after it.
     fn broken(&self, e: sled::Error) -> sled::Error {
-        // Only a failure to read or write the disk: sled then fails everything after it.
-        if matches!(
-            e,
-            sled::Error::Io(_) | sled::Error::Corruption { .. } | sled::Error::ReportableBug(_)
-        ) {
-            self.failed.send_if_modified(|kept| {
-                let first = kept.is_none();
-                if first {
-                    *kept = Some(match &e {
-                        // "No space left on device (os error 28)", not sled's `Debug` of it.
-                        sled::Error::Io(io) => io.to_string(),
-                        other => other.to_string(),
-                    });
-                }
-                first
-            });
-        }
+        self.failed.send_if_modified(|kept| {
+            let first = kept.is_none();
+            if first {
+                *kept = Some(match &e {
+                    // "No space left on device (os error 28)", not sled's `Debug` of it.
+                    sled::Error::Io(io) => io.to_string(),
+                    other => other.to_string(),
+                });
+            }
+            first
+        });
         e
     }
 
@@ -677,7 +672,10 @@ impl Store {
             .map_err(|e| match e {
                 TransactionError::Abort(a) => anyhow::anyhow!("commit aborted: {a}"),
                 TransactionError::Storage(s) => {
-                    anyhow::anyhow!("commit failed: {}", self.broken(s))
+                    // A write that failed fails the flush too (see `broken`); a page that
+                    // could not be read (damage) fails only what touches it.
+                    let _ = self.flush();
+                    anyhow::anyhow!("commit failed: {s}")
                 }
             })?;
         let (delta, queued_below) = delta;
