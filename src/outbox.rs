@@ -95,6 +95,12 @@ impl Outbox {
             if *stop.borrow() {
                 return;
             }
+            if self.engine.store.failure().is_some() {
+                // What it sent could not be recorded, to be sent again after the restart:
+                // nothing more goes out; the daemon is stopping.
+                let _ = stop.wait_for(|s| *s).await;
+                return;
+            }
             let wait = match self.try_deliver_one().await {
                 Ok(Worked::One) => continue,
                 // The next retry's time; or nothing queued (a new message wakes the outbox).
@@ -162,6 +168,9 @@ impl Outbox {
             }
         };
         let phone = msg.phone.clone();
+        if let Some(why) = self.engine.store.failure() {
+            anyhow::bail!("not sending: the store failed ({why})");
+        }
         self.owes_flush = true;
         self.deliver(id, msg).await?;
         // Make the outcome durable before the next send, so a crash cannot make a restart

@@ -285,6 +285,26 @@ pub struct Store {
 #[error("{0}")]
 struct Abort(String);
 
+/// A storage error as an operator reads it: "No space left on device (os error 28)". sled
+/// hands on a kept I/O error as the `Debug` text of the first (`Os { code: 28, kind:
+/// StorageFull, message: "No space left on device" }`): its message is taken from that.
+fn io_text(e: &sled::Error) -> String {
+    let sled::Error::Io(io) = e else {
+        return e.to_string();
+    };
+    if io.raw_os_error().is_some() {
+        return io.to_string();
+    }
+    let text = io.to_string();
+    match text
+        .split_once("message: \"")
+        .and_then(|(_, m)| m.split_once('"'))
+    {
+        Some((message, _)) => format!("{message} ({})", io.kind()),
+        None => text,
+    }
+}
+
 /// Another process (usually the running daemon) holds the data dir.
 #[derive(Debug, thiserror::Error)]
 #[error("data dir {} is in use by another smsflow process (only one may open it)", .0.display())]
@@ -424,7 +444,8 @@ impl Store {
 
     pub fn set_flows_places(&self, places: &[(String, String)]) -> anyhow::Result<()> {
         self.meta
-            .insert(FLOWS_PLACES, serde_json::to_vec(places)?)?;
+            .insert(FLOWS_PLACES, serde_json::to_vec(places)?)
+            .map_err(|e| self.wrote(e))?;
         Ok(())
     }
 
@@ -489,22 +510,38 @@ impl Store {
         Ok(())
     }
 
-    /// Notes that a flush failed (the first failure is kept; see [`Store::failure`]) and
-    /// gives the error back. A flush fails only when writing the log did, and sled then
-    /// fails every change after it.
+    /// Notes that the disk under the store failed (the first failure is kept; see
+    /// [`Store::failure`]) and gives the error back: any failed flush, and any write that
+    /// failed on I/O. sled then fails every later change, though not always a flush (one
+    /// with nothing new to write returns at once), so each write's error is looked at.
+    /// Damage met while reading (`Corruption`) is not this: it fails only what touches it.
     fn broken(&self, e: sled::Error) -> sled::Error {
         self.failed.send_if_modified(|kept| {
             let first = kept.is_none();
             if first {
-                *kept = Some(match &e {
-                    // "No space left on device (os error 28)", not sled's `Debug` of it.
-                    sled::Error::Io(io) => io.to_string(),
-                    other => other.to_string(),
-                });
+                *kept = Some(io_text(&e));
             }
             first
         });
         e
+    }
+
+    /// A write's error, noted by [`Store::broken`] when it is the disk's.
+    fn written<A>(&self, e: TransactionError<A>) -> TransactionError<A> {
+        match e {
+            TransactionError::Storage(io @ sled::Error::Io(_)) => {
+                TransactionError::Storage(self.broken(io))
+            }
+            other => other,
+        }
+    }
+
+    /// A plain (non-transactional) write's error, noted as [`Store::written`] does.
+    fn wrote(&self, e: sled::Error) -> sled::Error {
+        match e {
+            io @ sled::Error::Io(_) => self.broken(io),
+            other => other,
+        }
     }
 
     /// The first failure of the disk under the store, if one happened since it was opened:
@@ -669,14 +706,9 @@ impl Store {
                 keep_counts(meta, &delta)?;
                 Ok::<_, ConflictableTransactionError<Abort>>((delta, queued_below))
             })
-            .map_err(|e| match e {
+            .map_err(|e| match self.written(e) {
                 TransactionError::Abort(a) => anyhow::anyhow!("commit aborted: {a}"),
-                TransactionError::Storage(s) => {
-                    // A write that failed fails the flush too (see `broken`); a page that
-                    // could not be read (damage) fails only what touches it.
-                    let _ = self.flush();
-                    anyhow::anyhow!("commit failed: {s}")
-                }
+                TransactionError::Storage(s) => anyhow::anyhow!("commit failed: {s}"),
             })?;
         let (delta, queued_below) = delta;
         if let Some(below) = queued_below {
@@ -710,7 +742,9 @@ impl Store {
                             keep_counts(meta, &delta)?;
                             Ok::<_, ConflictableTransactionError<Abort>>(delta)
                         })
-                        .map_err(|e| anyhow::anyhow!("dropping a malformed timer: {e:?}"))?;
+                        .map_err(|e| {
+                            anyhow::anyhow!("dropping a malformed timer: {:?}", self.written(e))
+                        })?;
                     self.counted(&delta);
                 }
             }
@@ -833,7 +867,7 @@ impl Store {
                 }
                 Ok::<(), ConflictableTransactionError<Abort>>(())
             })
-            .map_err(|e| anyhow::anyhow!("updating outbox message {id}: {e:?}"))
+            .map_err(|e| anyhow::anyhow!("updating outbox message {id}: {:?}", self.written(e)))
     }
 
     /// Moves a message out of the outbox with its final record, atomically. No record when
@@ -886,7 +920,7 @@ impl Store {
                 }
                 Ok::<_, ConflictableTransactionError<Abort>>(delta)
             })
-            .map_err(|e| anyhow::anyhow!("finishing outbox message {id}: {e:?}"))?;
+            .map_err(|e| anyhow::anyhow!("finishing outbox message {id}: {:?}", self.written(e)))?;
         self.counted(&delta);
         Ok(())
     }
@@ -975,7 +1009,7 @@ impl Store {
                 }
                 Ok::<_, ConflictableTransactionError<Abort>>(Ok(Some(d.phone)))
             })
-            .map_err(|e| anyhow::anyhow!("updating a delivery: {e:?}"))?;
+            .map_err(|e| anyhow::anyhow!("updating a delivery: {:?}", self.written(e)))?;
         match found {
             Ok(phone) => Ok(phone),
             Err(()) if in_flight => {
@@ -1027,7 +1061,9 @@ impl Store {
                 early.insert(sid, codec::encode(REPORT_VERSION, &kept))?;
                 Ok::<_, ConflictableTransactionError<Abort>>(false)
             })
-            .map_err(|e| anyhow::anyhow!("keeping an early delivery report: {e:?}"))?;
+            .map_err(|e| {
+                anyhow::anyhow!("keeping an early delivery report: {:?}", self.written(e))
+            })?;
         if applied {
             tracing::debug!("a delivery report came as its message was recorded");
         }
@@ -1198,7 +1234,7 @@ impl Store {
                     Ok::<_, ConflictableTransactionError<Abort>>(delta)
                 },
             )
-            .map_err(|e| anyhow::anyhow!("erasing {}: {e:?}", phone.masked()))?;
+            .map_err(|e| anyhow::anyhow!("erasing {}: {:?}", phone.masked(), self.written(e)))?;
         self.counted(&delta);
         self.erasures.fetch_add(1, Relaxed);
         Ok(true)
@@ -1223,7 +1259,7 @@ impl Store {
                 batch.remove(k);
                 history += 1;
             }
-            self.history.apply_batch(batch)?;
+            self.history.apply_batch(batch).map_err(|e| self.wrote(e))?;
             Ok(())
         };
         // A number with messages still queued keeps its history until they are gone: the
@@ -1319,7 +1355,7 @@ impl Store {
                 }
                 Ok::<_, ConflictableTransactionError<Abort>>(gone)
             })
-            .map_err(|e| anyhow::anyhow!("deleting old delivery records: {e:?}"))
+            .map_err(|e| anyhow::anyhow!("deleting old delivery records: {:?}", self.written(e)))
     }
 
     // ---- history -----------------------------------------------------------
@@ -1547,4 +1583,30 @@ fn state_index(s: &State) -> usize {
         .iter()
         .position(|n| *n == s.name())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::io_text;
+
+    #[test]
+    fn a_kept_io_error_reads_as_its_message_not_as_debug_text() {
+        let kept = std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            r#"Os { code: 28, kind: StorageFull, message: "No space left on device" }"#,
+        );
+        assert_eq!(
+            io_text(&sled::Error::Io(kept)),
+            "No space left on device (no storage space)"
+        );
+        let first = std::io::Error::from_raw_os_error(28);
+        assert_eq!(
+            io_text(&sled::Error::Io(first)),
+            "No space left on device (os error 28)"
+        );
+        assert_eq!(
+            io_text(&sled::Error::Unsupported("x".into())),
+            sled::Error::Unsupported("x".into()).to_string()
+        );
+    }
 }
