@@ -980,13 +980,7 @@ async fn a_removed_sequence_ends_cleanly_for_numbers_in_it() {
     enrol(&app, A, "Ann", "g", 0).await;
     assert_eq!(app.state_of(A).as_deref(), Some("in_sequence"));
     let renamed = CHOICES.replace("name = \"later\"", "name = \"other\"");
-    std::fs::write(app.flows.path().join("flows.toml"), renamed).unwrap();
-    let r = app
-        .admin(reqwest::Method::POST, "/admin/reload")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    app.save_flows_and_reload(&renamed).await;
     // The number's sequence is gone: it ends at once (its next step was an hour away), and
     // the number stays verified.
     eventually("the sequence to end", async || {

@@ -446,6 +446,17 @@ impl TestApp {
         Self::start(twilio, data, flows, options, |_| {}).await
     }
 
+    /// Saves `flows` as the flow file and reloads through the admin API, which must take it.
+    pub async fn save_flows_and_reload(&self, flows: &str) {
+        std::fs::write(self.flows.path().join("flows.toml"), flows).unwrap();
+        let r = self
+            .admin(reqwest::Method::POST, "/admin/reload")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "the reload is taken");
+    }
+
     /// POSTs a signed Twilio form to `path`.
     pub async fn post_form(&self, path: &str, params: &[(&str, &str)]) -> reqwest::Response {
         post_signed(&self.http, &self.base, path, params).await

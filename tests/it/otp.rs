@@ -571,13 +571,7 @@ async fn a_code_sent_before_a_reload_changed_code_length_is_still_taken() {
     let sent = code(&app, 1).await;
     assert_eq!(sent.len(), 6);
     let longer = FLOWS.replace("[verify]\n", "[verify]\ncode_length = 8\n");
-    std::fs::write(app.flows.path().join("flows.toml"), longer).unwrap();
-    let r = app
-        .admin(reqwest::Method::POST, "/admin/reload")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    app.save_flows_and_reload(&longer).await;
     assert_failure(&validate(&app, "1234567").await, 400, 2, "8 digits");
     assert_success(&validate(&app, &sent).await);
 }
