@@ -319,7 +319,8 @@ impl Reloader {
                 // The trigger in the text: a field would be printed after the last problem,
                 // as if it were part of it.
                 tracing::error!(
-                    "flow reload ({why}) failed; the previous flows stay live. {} problem(s):\n{p}",
+                    "flow reload ({why}) failed; the previous flows stay live, but a restart would \
+                     refuse these: fix them first. {} problem(s):\n{p}",
                     p.0.len()
                 );
                 Err(p)
