@@ -168,9 +168,6 @@ impl Outbox {
             }
         };
         let phone = msg.phone.clone();
-        if let Some(why) = self.engine.store.failure() {
-            anyhow::bail!("not sending: the store failed ({why})");
-        }
         self.owes_flush = true;
         self.deliver(id, msg).await?;
         // Make the outcome durable before the next send, so a crash cannot make a restart
@@ -312,12 +309,18 @@ impl Outbox {
             tokio::select! {
                 _ = tokio::time::sleep_until(slot.unwrap_or_else(Instant::now)) => {}
                 _ = self.stop.wait_for(|stopped| *stopped) => return Ok(()),
+                _ = store.failed() => break,
             }
             // Read again after the wait: it may go from another of our numbers now (it
             // wrote to one meanwhile), whose slot is then waited for.
             waited = Some(from);
             record = sendable(store, &msg, id);
             expired = self.code_expired(&msg);
+        }
+        // What is sent once the store failed could not be recorded, and would be sent again
+        // after the restart: nothing goes (the daemon is stopping).
+        if let Some(why) = store.failure() {
+            anyhow::bail!("not sending: the store failed ({why})");
         }
         // Until its record is stored, a delivery report for an unknown id may be this send's.
         let _in_flight = store.send_in_flight();
