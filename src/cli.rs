@@ -838,6 +838,18 @@ pub fn export(
             .with_context(|| format!("creating {}", path.display()))
             .and_then(|f| {
                 crate::export::write_csv(&store, &flows, one_hot, std::io::BufWriter::new(f))
+                    .map_err(|e| {
+                        // Not left looking like a whole export (a file only: `--out
+                        // /dev/stdout` or a pipe is not removed).
+                        let file = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
+                        let gone = file && std::fs::remove_file(path).is_ok();
+                        let note = if gone {
+                            " (the partial file is removed)"
+                        } else {
+                            ""
+                        };
+                        e.context(format!("exporting to {}{note}", path.display()))
+                    })
             }),
         None => crate::export::write_csv(&store, &flows, one_hot, std::io::stdout().lock()),
     };

@@ -545,6 +545,30 @@ async fn the_export_has_a_row_per_phone_with_category_columns() {
     assert_eq!(left, ["notes.txt"], "nothing written there");
 }
 
+/// An export that cannot be written (a full disk: `/dev/full`) names where it was going and
+/// exits 3; a device given as `--out` is never removed (a regular file would be, so that no
+/// partial file looks like a whole export).
+#[test]
+fn an_export_that_cannot_be_written_says_where_and_leaves_a_device_alone() {
+    use std::os::unix::fs::FileTypeExt;
+    let data = tempfile::tempdir().unwrap();
+    drop(smsflow::store::Store::open(data.path()).expect("a new store"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .args(["export", "--flows", "flows", "--data"])
+        .arg(data.path())
+        .args(["--out", "/dev/full"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("exporting to /dev/full: ") && !stderr.contains("partial"),
+        "{stderr}"
+    );
+    let full = std::fs::metadata("/dev/full").unwrap();
+    assert!(full.file_type().is_char_device(), "/dev/full is left alone");
+}
+
 #[tokio::test]
 async fn admin_routes_need_the_token_when_one_is_set() {
     let app = TestApp::spawn_with(FLOWS, |c| {
