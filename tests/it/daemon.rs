@@ -1170,6 +1170,8 @@ async fn a_misspelt_log_level_is_ignored_with_a_warning_instead_of_hiding_every_
         ("warning", "ignoring SMSFLOW_LOG=\"warning\""),
         ("warn,smsfow=debug", "no log line comes from `smsfow`"),
         ("smsflow=warn", ""),
+        // A target matches lines whose target starts with it, as text.
+        ("sms=debug", ""),
     ] {
         let data = tempfile::tempdir().unwrap();
         // Read by others: warned about at start.
