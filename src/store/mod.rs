@@ -1078,7 +1078,8 @@ impl Store {
             let stale = codec::decode::<Report>(REPORT_VERSION, &v).map_or(true, |r| r.at < before);
             if stale {
                 self.early_reports
-                    .compare_and_swap(&k, Some(v), None::<&[u8]>)?
+                    .compare_and_swap(&k, Some(v), None::<&[u8]>)
+                    .map_err(|e| self.wrote(e))?
                     .ok();
             }
         }
