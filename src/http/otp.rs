@@ -269,14 +269,11 @@ pub async fn validate_otp(
     let phone = phone(&state, req.phone)?;
     let flows = state.engine.flows();
     let length = flows.verify.code_length;
-    // Codes sent before a reload changed `code_length` keep theirs until they expire. (Read
-    // outside the writer: a code that expires meanwhile is the machine's to answer.)
-    let now = state.engine.clock().now();
+    // Codes sent before a reload changed `code_length` keep theirs (an expired one is the
+    // machine's to answer as expired). Read outside the writer: the lengths only decide
+    // whether the text is a code at all.
     let held: Vec<usize> = match state.engine.store.subscriber(&phone) {
-        Ok(Some(sub)) => (sub.codes.iter())
-            .filter(|c| c.expires_at > now)
-            .map(|c| c.code.len())
-            .collect(),
+        Ok(Some(sub)) => sub.codes.iter().map(|c| c.code.len()).collect(),
         _ => Vec::new(),
     };
     let otp = match &req.otp {

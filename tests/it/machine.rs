@@ -673,6 +673,28 @@ fn typed_while_awaiting_123456(typed: &str) -> smsflow::machine::Transition {
     )
 }
 
+/// A code sent before a reload shortened `code_length` is taken as it was sent, by text and
+/// by the OTP API, even when the new length divides it (`12341234` is not two `1234`s).
+#[test]
+fn a_code_of_the_length_before_a_reload_is_taken_as_sent() {
+    let mut f = flows();
+    f.verify.code_length = 4;
+    for event in [
+        Event::Inbound("12341234".into()),
+        Event::OtpSubmitted("12341234".into()),
+    ] {
+        let mut s = subscriber(State::AwaitingCode);
+        s.codes.push(IssuedCode {
+            code: "12341234".into(),
+            issued_at: t0(),
+            expires_at: t0() + TimeDelta::minutes(10),
+            wrong: 0,
+        });
+        let t = step(s, &event, &f, t0(), &mut StdRng::seed_from_u64(1));
+        assert_eq!(t.subscriber.state, State::Verified, "{event:?}");
+    }
+}
+
 #[test]
 fn a_code_typed_with_spaces_dashes_punctuation_or_words_around_it_verifies_and_a_time_is_not_a_guess(
 ) {
