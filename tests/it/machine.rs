@@ -650,12 +650,16 @@ fn a_number_whose_sequence_a_reload_removed_ends_it_and_its_answer_is_not_met_wi
     );
 }
 
-/// A number awaiting the code 123456 texts `typed`.
 /// A number awaiting its code 123456, sent at `t0`.
 fn awaiting_123456() -> Subscriber {
+    awaiting("123456")
+}
+
+/// A number awaiting `code`, sent at `t0`.
+fn awaiting(code: &str) -> Subscriber {
     let mut s = subscriber(State::AwaitingCode);
     s.codes.push(IssuedCode {
-        code: "123456".into(),
+        code: code.into(),
         issued_at: t0(),
         expires_at: t0() + TimeDelta::minutes(10),
         wrong: 0,
@@ -683,14 +687,13 @@ fn a_code_of_the_length_before_a_reload_is_taken_as_sent() {
         Event::Inbound("12341234".into()),
         Event::OtpSubmitted("12341234".into()),
     ] {
-        let mut s = subscriber(State::AwaitingCode);
-        s.codes.push(IssuedCode {
-            code: "12341234".into(),
-            issued_at: t0(),
-            expires_at: t0() + TimeDelta::minutes(10),
-            wrong: 0,
-        });
-        let t = step(s, &event, &f, t0(), &mut StdRng::seed_from_u64(1));
+        let t = step(
+            awaiting("12341234"),
+            &event,
+            &f,
+            t0(),
+            &mut StdRng::seed_from_u64(1),
+        );
         assert_eq!(t.subscriber.state, State::Verified, "{event:?}");
     }
 }
