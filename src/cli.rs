@@ -550,12 +550,12 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
-/// The crates whose log lines reach smsflow's log (its own and its dependencies').
+/// The crates whose log lines reach smsflow's log (its own and its dependencies'), as
+/// prefixes: `hyper` stands for `hyper_util` too, `metrics` for its exporter.
 const LOG_CRATES: &[&str] = &[
     "smsflow",
     "sled",
     "hyper",
-    "hyper_util",
     "reqwest",
     "rustls",
     "h2",
@@ -567,7 +567,6 @@ const LOG_CRATES: &[&str] = &[
     "mio",
     "tracing",
     "metrics",
-    "metrics_exporter_prometheus",
 ];
 
 /// The targets a log filter names that no log line comes from: a directive that is not a

@@ -274,8 +274,8 @@ pub struct Store {
     /// or a crash before the flush would bring back the event that queued it, to be sent again.
     outbox_committed_below: AtomicU64,
     outbox_durable_below: AtomicU64,
-    /// The first failure of the disk under the store (a flush that failed, as writing the
-    /// log did). sled 0.34 keeps it: every later write and flush fails with it, even once its
+    /// The first failure of the disk under the store (a failed flush, or a write that failed
+    /// on I/O; see [`Store::broken`]). sled 0.34 keeps it: every later write and flush fails with it, even once its
     /// cause (a full disk) is gone, so a process whose store failed cannot go on; only a new
     /// open recovers (what was flushed is on disk).
     failed: tokio::sync::watch::Sender<Option<String>>,
@@ -529,9 +529,7 @@ impl Store {
     /// A write's error, noted by [`Store::broken`] when it is the disk's.
     fn written<A>(&self, e: TransactionError<A>) -> TransactionError<A> {
         match e {
-            TransactionError::Storage(io @ sled::Error::Io(_)) => {
-                TransactionError::Storage(self.broken(io))
-            }
+            TransactionError::Storage(s) => TransactionError::Storage(self.wrote(s)),
             other => other,
         }
     }
@@ -553,15 +551,15 @@ impl Store {
     /// Resolves with [`Store::failure`] once there is one.
     pub async fn failed(&self) -> String {
         let mut seen = self.failed.subscribe();
-        let why = match seen.wait_for(Option::is_some).await {
-            Ok(kept) => kept.clone(),
-            // Not while the store lives (it holds the sender).
-            Err(_) => None,
-        };
-        match why {
-            Some(why) => why,
-            None => std::future::pending().await,
+        if let Ok(Some(why)) = seen
+            .wait_for(Option::is_some)
+            .await
+            .map(|kept| kept.clone())
+        {
+            return why;
         }
+        // Not while the store lives (it holds the sender).
+        std::future::pending().await
     }
 
     /// Whether queued message `id` is on disk (so sending it cannot be undone by a crash).
