@@ -54,8 +54,12 @@ pub enum Worked {
     /// One message was sent, retried, suppressed or failed (or a queued one is now on disk):
     /// look again at once.
     One,
-    /// Nothing is ready; the earliest retry is due then.
-    Idle(Option<DateTime<Utc>>),
+    /// Nothing is ready: the earliest retry is due at `retry` (on the daemon's clock), and
+    /// the earliest message waiting for its sender's turn may go at `turn` (real time).
+    Idle {
+        retry: Option<DateTime<Utc>>,
+        turn: Option<Instant>,
+    },
 }
 
 /// What a look at the newly queued messages found.
@@ -101,25 +105,33 @@ impl Outbox {
                 let _ = stop.wait_for(|s| *s).await;
                 return;
             }
-            let wait = match self.try_deliver_one().await {
+            let (wait, turn) = match self.try_deliver_one().await {
                 Ok(Worked::One) => continue,
                 // The next retry's time; or nothing queued (a new message wakes the outbox).
-                Ok(Worked::Idle(at)) => at.map_or(Wait::Idle, Wait::Until),
+                Ok(Worked::Idle { retry, turn }) => (retry.map_or(Wait::Idle, Wait::Until), turn),
                 Err(e) => {
                     tracing::error!("outbox: {e:#}");
-                    Wait::Retry
+                    (Wait::Retry, None)
+                }
+            };
+            let turn_comes = async {
+                match turn {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 _ = self.engine.clock().wait(wait) => {}
+                _ = turn_comes => {}
                 _ = self.engine.outbox_changed.notified() => {}
                 _ = stop.changed() => return,
             }
         }
     }
 
-    /// Picks the oldest ready message whose number has no earlier message waiting, and
-    /// delivers it (or schedules its retry).
+    /// Picks the oldest ready message whose number has no earlier message waiting and whose
+    /// sender's turn has come, and delivers it (or schedules its retry). One whose sender's
+    /// turn is still to come waits for it while others' messages go.
     pub async fn try_deliver_one(&mut self) -> anyhow::Result<Worked> {
         if self.owes_flush {
             self.engine.durable().await?;
@@ -142,7 +154,13 @@ impl Outbox {
             // was queued since the last look.
             if let Some((id, phone)) = w.due(now) {
                 match still_queued(&self.engine.store, id)? {
-                    Some(msg) => break (id, msg),
+                    Some(msg) => match self.turn_to_wait_for(id, &msg) {
+                        Some((sender, turn)) => {
+                            w.wait_for_turn(id, sender, turn);
+                            continue;
+                        }
+                        None => break (id, msg),
+                    },
                     // Gone or unreadable since: its number's next message takes its place.
                     None => {
                         self.advance(&mut w, id, phone)?;
@@ -151,11 +169,17 @@ impl Outbox {
                 }
             }
             match self.read_new(&mut w, now)? {
-                Read::Found(id, msg) => break (id, msg),
+                Read::Found(id, msg) => match self.turn_to_wait_for(id, &msg) {
+                    Some((sender, turn)) => {
+                        w.set_head(id, msg.phone, msg.next_try);
+                        w.wait_for_turn(id, sender, turn);
+                    }
+                    None => break (id, msg),
+                },
                 Read::Nothing => {
-                    let earliest = w.earliest();
+                    let (retry, turn) = (w.earliest(), w.next_turn());
                     self.waiting = Some(w);
-                    return Ok(Worked::Idle(earliest));
+                    return Ok(Worked::Idle { retry, turn });
                 }
                 Read::Unflushed => {
                     // Queued but not on disk yet: wait for a flush (usually the writer's own,
@@ -245,6 +269,24 @@ impl Outbox {
         self.provider.sender(via)
     }
 
+    /// When message `id`'s sender's next turn comes, if it is still to come and the message
+    /// is to be sent (one that will not be, its number opted out or its code expired, takes
+    /// no turn: `deliver` ends it at once).
+    fn turn_to_wait_for(&self, id: u64, msg: &OutMessage) -> Option<(String, Instant)> {
+        // (No record to read when no sender's turn is still to come.)
+        let now = Instant::now();
+        if self.next_slot.values().all(|turn| *turn <= now) {
+            return None;
+        }
+        let record = sendable(&self.engine.store, msg, id);
+        if !matches!(record, Ok(Some(_))) || self.code_expired(msg) {
+            return None;
+        }
+        let sender = self.sender_of(&record);
+        let turn = *self.next_slot.get(&sender)?;
+        (turn > now).then_some((sender, turn))
+    }
+
     /// Whether queued message `id` is a follow-up `deliver` held until quiet hours end.
     fn held_for_quiet_hours(&self, id: u64, now: DateTime<Utc>) -> bool {
         let Some(end) = crate::machine::quiet_end(&self.engine.flows().bot, now) else {
@@ -287,8 +329,8 @@ impl Outbox {
         // The send rate, per sender (the number of ours the message goes from); a shutdown
         // does not wait for the slot. A message that will not be sent (its number opted
         // out, or is gone, or its code expired) takes no slot from the others. Messages go
-        // one at a time, in queue order: one waiting for its sender's slot holds up the
-        // ones behind it.
+        // one at a time; `try_deliver_one` picked one whose sender's turn has come, so this
+        // waits only when its number wrote to another of ours since, whose turn it is not.
         let mut record = sendable(store, &msg, id);
         let mut expired = self.code_expired(&msg);
         let mut waited = None;
@@ -543,6 +585,16 @@ struct Waiting {
     ready: BTreeSet<u64>,
     /// The other first messages, by next try.
     later: BTreeSet<(DateTime<Utc>, u64)>,
+    /// Senders with first messages that could be tried but wait for the sender's turn (real
+    /// time: the send rate is), in queue order (in neither `ready` nor `later` meanwhile),
+    /// and when the turn comes (`None`: once the one let go at the last turn is done).
+    senders: HashMap<String, (Option<Instant>, BTreeSet<u64>)>,
+    /// Those senders' turns that are known, by time.
+    turns: BTreeSet<(Instant, String)>,
+    /// The sender each of those messages waits for.
+    sender_of: HashMap<u64, String>,
+    /// Messages let go at their sender's turn, while the sender's others wait: its sender.
+    let_go: HashMap<u64, String>,
     /// [`crate::store::Store::erasures`] when this was learnt.
     erasures: u64,
 }
@@ -570,11 +622,82 @@ impl Waiting {
             self.ready.remove(&id);
             self.later.remove(&(at, id));
         }
+        if let Some(sender) = self.sender_of.remove(&id) {
+            if let Some((turn, ids)) = self.senders.get_mut(&sender) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    if let Some(turn) = turn {
+                        self.turns.remove(&(*turn, sender.clone()));
+                    }
+                    self.senders.remove(&sender);
+                }
+            }
+        }
+        // Done with (sent, retried, held, or gone): whether it took the turn or not, the
+        // sender's next is looked at now (and waits again for the turn after, if it did).
+        if let Some(sender) = self.let_go.remove(&id) {
+            if let Some((turn @ None, _)) = self.senders.get_mut(&sender) {
+                let now = Instant::now();
+                *turn = Some(now);
+                self.turns.insert((now, sender));
+            }
+        }
+    }
+
+    /// First message `id` waits for `sender`'s turn, at `turn`: until then it is passed over
+    /// (and its number's later messages wait behind it). When the turn comes, the sender's
+    /// oldest waiting message is let go (ready again), and the others wait until it is done.
+    fn wait_for_turn(&mut self, id: u64, sender: String, turn: Instant) {
+        let Some((_, at)) = self.heads.get(&id) else {
+            return;
+        };
+        self.ready.remove(&id);
+        self.later.remove(&(*at, id));
+        self.let_go.remove(&id);
+        let (known, ids) = self
+            .senders
+            .entry(sender.clone())
+            .or_insert_with(|| (None, BTreeSet::new()));
+        // The turn as the send rate has it now.
+        if let Some(earlier) = known.replace(turn) {
+            self.turns.remove(&(earlier, sender.clone()));
+        }
+        self.turns.insert((turn, sender.clone()));
+        ids.insert(id);
+        self.sender_of.insert(id, sender);
+    }
+
+    /// When the first sender whose messages wait for its turn may send.
+    fn next_turn(&self) -> Option<Instant> {
+        self.turns.first().map(|(turn, _)| *turn)
     }
 
     /// The oldest first message that can be tried at `now`, and its number. (One found
     /// ready stays so: a clock stepped back does not make it wait again.)
     fn due(&mut self, now: DateTime<Utc>) -> Option<(u64, Phone)> {
+        // A sender whose turn came: its oldest waiting message is let go, ready (its time had
+        // come when it began to wait); the others wait until it is done. (One message per
+        // turn, not all: each would only wait again, and a backlog behind one sender would be
+        // read again at every send.)
+        let instant = Instant::now();
+        while let Some((turn, sender)) = self.turns.first().cloned() {
+            if turn > instant {
+                break;
+            }
+            self.turns.pop_first();
+            let Some((known, ids)) = self.senders.get_mut(&sender) else {
+                continue;
+            };
+            *known = None;
+            if let Some(first) = ids.pop_first() {
+                self.sender_of.remove(&first);
+                self.ready.insert(first);
+                self.let_go.insert(first, sender.clone());
+            }
+            if ids.is_empty() {
+                self.senders.remove(&sender);
+            }
+        }
         while let Some(&(at, id)) = self.later.first() {
             if at > now {
                 break;
@@ -582,7 +705,8 @@ impl Waiting {
             self.later.pop_first();
             self.ready.insert(id);
         }
-        // (`ready` and `later` hold exactly the ids of `heads`: see set_head, remove_head.)
+        // (`ready`, `later` and `senders` hold exactly the ids of `heads`: see set_head,
+        // remove_head, wait_for_turn.)
         let id = *self.ready.first()?;
         self.heads.get(&id).map(|(phone, _)| (id, phone.clone()))
     }
@@ -699,5 +823,46 @@ mod tests {
         assert_eq!((w.due(secs(1000)), w.earliest()), (None, None));
         assert!(w.head_of.is_empty() && w.heads.is_empty());
         assert!(w.ready.is_empty() && w.later.is_empty());
+    }
+
+    #[test]
+    fn messages_waiting_for_their_senders_turn_are_passed_over_and_go_one_per_turn() {
+        use crate::phone::Phone;
+        use chrono::{TimeZone, Utc};
+        use tokio::time::Instant;
+        let t0 = Utc.with_ymd_and_hms(2026, 11, 22, 12, 0, 0).unwrap();
+        let phone = |n: u32| Phone::parse(&format!("+1415555{n:04}")).unwrap();
+        let minute = Duration::from_secs(60);
+        let mut w = Waiting::default();
+        for id in 1..=3 {
+            w.set_head(id, phone(id as u32), t0);
+        }
+        assert_eq!(w.due(t0), Some((1, phone(1))));
+        // The first two wait for sender A's turn, a minute away: the third (B's) goes.
+        let turn = Instant::now() + minute;
+        w.wait_for_turn(1, "A".into(), turn);
+        w.wait_for_turn(2, "A".into(), turn);
+        assert_eq!(w.due(t0), Some((3, phone(3))));
+        w.remove_head(3);
+        assert_eq!(w.due(t0), None);
+        assert_eq!((w.next_turn(), w.earliest()), (Some(turn), None));
+        // A's turn as the rate has it now (come already): its oldest is let go, the other
+        // waits until it is done.
+        w.wait_for_turn(2, "A".into(), Instant::now());
+        assert_eq!(w.due(t0), Some((1, phone(1))));
+        assert_eq!(w.next_turn(), None);
+        // Let go again, it finds the turn taken since: it waits for the next one.
+        w.wait_for_turn(1, "A".into(), turn);
+        assert_eq!((w.due(t0), w.next_turn()), (None, Some(turn)));
+        w.wait_for_turn(1, "A".into(), Instant::now());
+        assert_eq!(w.due(t0), Some((1, phone(1))));
+        // Done (sent, or not): the next one is looked at at once.
+        w.remove_head(1);
+        assert_eq!(w.due(t0), Some((2, phone(2))));
+        w.remove_head(2);
+        assert_eq!((w.due(t0), w.next_turn()), (None, None));
+        assert!(w.senders.is_empty() && w.turns.is_empty());
+        assert!(w.sender_of.is_empty() && w.let_go.is_empty());
+        assert!(w.heads.is_empty() && w.ready.is_empty() && w.later.is_empty());
     }
 }

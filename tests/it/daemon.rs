@@ -2609,22 +2609,7 @@ async fn each_sender_has_its_own_send_rate() {
         }
     })
     .await;
-    let join = |from: &'static str, to: &'static str| {
-        let app = &app;
-        async move {
-            let sid = format!("SM{}", uuid_like());
-            let params = [
-                ("From", from),
-                ("To", to),
-                ("Body", "JOIN"),
-                ("MessageSid", &sid),
-            ];
-            app.post_form("/twilio/sms", &params)
-                .await
-                .status()
-                .as_u16()
-        }
-    };
+    let join = |from, to| app.sms_to(from, to, "JOIN");
     // Dan writes to a number that is not ours: texted from the first, in its turns.
     const DAN: &str = "+15550004444";
     assert_eq!(join(ANN, FROM).await, 200);
@@ -2661,6 +2646,49 @@ async fn each_sender_has_its_own_send_rate() {
     app.stop().await;
 }
 
+/// A message waiting for its sender's turn does not hold up another sender's queued after it;
+/// the first sender's later messages still go one turn apart, in queue order.
+#[tokio::test]
+async fn a_message_waiting_for_its_senders_turn_does_not_hold_up_another_senders() {
+    const SECOND: &str = "+15005550007";
+    const CAT: &str = "+15550003333";
+    const DAN: &str = "+15550004444";
+    // One message every 3 s, per sender (wide margins: a loaded machine may be slow).
+    let app = TestApp::spawn_with(FLOWS, |c| {
+        c.send_rate = 1.0 / 3.0;
+        if let Some(t) = c.twilio.as_mut() {
+            t.sender = smsflow::config::Sender::From(vec![FROM.into(), SECOND.into()]);
+        }
+    })
+    .await;
+    // Queued in this order: three for the first number, then one for the second.
+    for (from, to) in [(ANN, FROM), (CAT, FROM), (DAN, FROM), (BOB, SECOND)] {
+        assert_eq!(app.sms_to(from, to, "JOIN").await, 200);
+    }
+    let sent = app.twilio.wait_delivered(4).await;
+    let order: Vec<&str> = sent.iter().map(|r| r.to.as_str()).collect();
+    assert_eq!(
+        order,
+        [ANN, BOB, CAT, DAN],
+        "the second number's message goes first"
+    );
+    let at = |to: &str| sent.iter().find(|r| r.to == to).expect("sent").at;
+    let (ann, bob, cat, dan) = (at(ANN), at(BOB), at(CAT), at(DAN));
+    assert!(
+        bob.duration_since(ann) < Duration::from_millis(1500),
+        "the second number's message waited for the first's turn: {:?}",
+        bob.duration_since(ann)
+    );
+    for (earlier, later) in [(ann, cat), (cat, dan)] {
+        assert!(
+            later.duration_since(earlier) >= Duration::from_millis(2500),
+            "the first number's messages go a turn apart: {:?}",
+            later.duration_since(earlier)
+        );
+    }
+    app.stop().await;
+}
+
 /// With several numbers in `TWILIO_FROM`, what is sent to a number (its code, the steps after
 /// it) comes from the number of ours it texted; a number that texted none of them, and the
 /// OTP API's texts, from the first.
@@ -2674,26 +2702,10 @@ async fn with_several_senders_a_number_is_texted_from_the_one_it_wrote_to() {
     };
     // The steps come due when the test says (see `TestApp::advance`).
     let app = TestApp::spawn_adjusted(FLOWS, several, |o| o.clock = manual_clock()).await;
-    let text_to = |from: &str, to: &str, body: &str| {
-        let (app, from, to, body) = (&app, from.to_string(), to.to_string(), body.to_string());
-        async move {
-            let sid = format!("SM{}", uuid_like());
-            let params = [
-                ("From", &*from),
-                ("To", &*to),
-                ("Body", &*body),
-                ("MessageSid", &*sid),
-            ];
-            app.post_form("/twilio/sms", &params)
-                .await
-                .status()
-                .as_u16()
-        }
-    };
-    assert_eq!(text_to(ANN, SECOND, "JOIN").await, 200);
-    assert_eq!(text_to(BOB, FROM, "JOIN").await, 200);
+    assert_eq!(app.sms_to(ANN, SECOND, "JOIN").await, 200);
+    assert_eq!(app.sms_to(BOB, FROM, "JOIN").await, 200);
     let stranger = "+15550003333";
-    assert_eq!(text_to(stranger, "+15559990000", "JOIN").await, 200);
+    assert_eq!(app.sms_to(stranger, "+15559990000", "JOIN").await, 200);
     let (status, ..) = app
         .otp(
             "get_otp",
@@ -2734,8 +2746,8 @@ async fn with_several_senders_a_number_is_texted_from_the_one_it_wrote_to() {
 
     // The code answered, the steps after it follow from the same number.
     let code = code_in(&app.twilio.last_to(ANN, 5).await);
-    assert_eq!(text_to(ANN, SECOND, &code).await, 200);
-    assert_eq!(text_to(ANN, SECOND, "Ann").await, 200);
+    assert_eq!(app.sms_to(ANN, SECOND, &code).await, 200);
+    assert_eq!(app.sms_to(ANN, SECOND, "Ann").await, 200);
     app.advance(Duration::from_secs(1));
     let sent = app.twilio.wait_delivered(6).await;
     let first_step = sent
@@ -2759,7 +2771,7 @@ async fn with_several_senders_a_number_is_texted_from_the_one_it_wrote_to() {
     );
 
     // Written to at the other number, it is texted from that one from then on.
-    assert_eq!(text_to(ANN, FROM, "hello").await, 200);
+    assert_eq!(app.sms_to(ANN, FROM, "hello").await, 200);
     app.advance(Duration::from_secs(1));
     app.twilio.wait_delivered(7).await;
     app.advance(Duration::from_secs(1));

@@ -462,6 +462,21 @@ impl TestApp {
         post_signed(&self.http, &self.base, path, params).await
     }
 
+    /// An inbound SMS to `to` (one of ours, or not) with a fresh MessageSid; returns the status.
+    pub async fn sms_to(&self, from: &str, to: &str, body: &str) -> u16 {
+        let sid = format!("SM{}", uuid_like());
+        let params = [
+            ("From", from),
+            ("To", to),
+            ("Body", body),
+            ("MessageSid", &sid),
+        ];
+        self.post_form("/twilio/sms", &params)
+            .await
+            .status()
+            .as_u16()
+    }
+
     /// An inbound SMS with a fresh MessageSid; returns (status, body).
     pub async fn sms(&self, from: &str, body: &str) -> (u16, String) {
         let sid = format!("SM{}", uuid_like());
