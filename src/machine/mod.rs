@@ -1008,14 +1008,20 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         if self.live_code(&guess).is_some() {
             // Kept for a text that repeats one (see `used_codes`): every code the number
             // holds, the one it used and any other it was sent, by text or by an app (one
-            // an app validated, texted back, is no answer either). An app validating a code
-            // for a number already verified leaves them be.
+            // an app validated, texted back, is no answer either). For a number already
+            // verified (an app's login code) they join the ones kept from before.
             let now = self.now;
+            let held = (self.sub.codes.iter())
+                .filter(|c| c.expires_at > now)
+                .cloned();
             if matches!(self.sub.state, State::Unverified | State::AwaitingCode) {
-                self.sub.used_codes = (self.sub.codes.iter())
-                    .filter(|c| c.expires_at > now)
-                    .cloned()
-                    .collect();
+                self.sub.used_codes = held.collect();
+            } else {
+                for code in held {
+                    if !self.sub.used_codes.iter().any(|u| u.code == code.code) {
+                        self.sub.used_codes.push(code);
+                    }
+                }
             }
             self.verified(if by_sms { "sms" } else { "otp_api" });
             return;

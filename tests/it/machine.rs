@@ -835,6 +835,22 @@ fn a_code_texted_back_by_a_verified_number_is_not_taken_as_an_answer_and_stays_t
         Outcome::Verified,
         "the app can still validate it"
     );
+    // Texted back once the app has validated it (its text said to reply with it): still no
+    // answer.
+    let after = step(
+        validated.subscriber,
+        &Event::Inbound("123456".into()),
+        &f,
+        t0() + TimeDelta::seconds(30),
+        &mut StdRng::seed_from_u64(1),
+    );
+    assert!(
+        after.subscriber.fields.is_empty(),
+        "{:?}",
+        after.subscriber.fields
+    );
+    assert_eq!(messages(&after.effects), ["What's your first name?"]);
+    assert!(!format!("{:?}", after.effects).contains("123456"));
     // Other text is an answer as before.
     let t = step(
         s,
