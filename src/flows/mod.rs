@@ -145,12 +145,6 @@ fn choice_in_words(choices: &[(String, String)], answer: &str) -> Option<String>
     if answer.contains(['?', '？']) {
         return None;
     }
-    let words_of = |s: &str| -> Vec<String> {
-        s.split(|c: char| !c.is_alphanumeric())
-            .filter(|w| !w.is_empty())
-            .map(str::to_lowercase)
-            .collect()
-    };
     let said = words_of(answer);
     let labels: Vec<(&String, Vec<String>)> = choices
         .iter()
@@ -179,6 +173,34 @@ fn choice_in_words(choices: &[(String, String)], answer: &str) -> Option<String>
         [(label, false)] => Some((*label).clone()),
         _ => None,
     }
+}
+
+/// A text's words, lowercase ("under_30" and "under 30" are the same two).
+fn words_of(s: &str) -> Vec<String> {
+    s.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// The choice a reply marks by its key, as the question shows options ("B) social media",
+/// "A. under 30", "C:"): `Some(None)` when what follows the key names another choice's label
+/// ("A) bike" where B is the bike, "B: no wait, laptop"), which is no answer. (What follows
+/// may be anything else: the question may show an option in other words than its label.)
+fn marked_choice(choices: &[(String, String)], answer: &str) -> Option<Option<String>> {
+    let (first, rest) = answer
+        .split_once(char::is_whitespace)
+        .unwrap_or((answer, ""));
+    let marked = crate::machine::normalize(first.strip_suffix([')', '.', ':'])?);
+    let (_, label) = choices
+        .iter()
+        .find(|(key, _)| crate::machine::normalize(key) == marked)?;
+    let rest = words_of(rest);
+    let names_another = choices.iter().any(|(_, other)| {
+        let words = words_of(other);
+        other != label && !words.is_empty() && rest.windows(words.len()).any(|w| w == words)
+    });
+    Some((!names_another).then(|| label.clone()))
 }
 
 /// Whether `rest` (the words after an answer) is only courtesy: "please", "thanks", "thank
@@ -229,6 +251,11 @@ fn key_then_courtesy(choices: &[(String, String)], answer: &str) -> Option<Strin
 /// "1, no wait, 4", "4.5").
 fn number_in_words(answer: &str, top: i64) -> Option<i64> {
     let answer = answer.trim();
+    // A minus sign before the digits ("-3 please" on a scale from -5).
+    let (negative, answer) = match answer.strip_prefix('-') {
+        Some(digits) if digits.starts_with(|c: char| c.is_ascii_digit()) => (true, digits),
+        _ => (false, answer),
+    };
     let digits = answer.len()
         - answer
             .trim_start_matches(|c: char| c.is_ascii_digit())
@@ -258,7 +285,8 @@ fn number_in_words(answer: &str, top: i64) -> Option<i64> {
     if after.chars().any(|c| c.is_ascii_digit()) {
         return None;
     }
-    number.parse().ok()
+    let n: i64 = number.parse().ok()?;
+    Some(if negative { -n } else { n })
 }
 
 impl Expect {
@@ -285,19 +313,16 @@ impl Expect {
                     return None;
                 }
                 // The option copied as the question shows it ("B) social media", "A. under
-                // 30"): a key marked off by ) . or : counts as that key.
-                let marked = answer
-                    .split_once(char::is_whitespace)
-                    .map_or(answer, |(first, _)| first)
-                    .strip_suffix([')', '.', ':'])
-                    .map(crate::machine::normalize);
+                // 30"): a key marked off by ) . or : counts as that key, unless another
+                // choice is named after it.
+                if let Some(marked) = marked_choice(choices, answer) {
+                    return marked;
+                }
                 choices
                     .iter()
                     .find(|(key, label)| {
-                        let key = crate::machine::normalize(key);
-                        said == key
+                        said == crate::machine::normalize(key)
                             || said == crate::machine::normalize(label)
-                            || marked.as_ref() == Some(&key)
                     })
                     .map(|(_, label)| label.clone())
                     .or_else(|| key_then_courtesy(choices, answer))

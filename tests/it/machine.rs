@@ -974,6 +974,11 @@ fn a_choice_copied_as_the_question_shows_it_is_that_choice_and_a_vague_one_is_as
         ("a. friend", Some("friend")),
         ("C: other", Some("other")),
         ("B", Some("social_media")),
+        ("B) please", Some("social_media")),
+        // A key, and after it another choice named: which is meant cannot be known.
+        ("A) social media", None),
+        ("B: no wait, friend", None),
+        ("C. friend or other", None),
         // The words the question shows are the choice too.
         ("social media", Some("social_media")),
         ("B or C", None),
@@ -998,6 +1003,9 @@ fn an_option_typed_as_shown_is_its_choice_whatever_its_spaces_and_underscores() 
         ("under 30", Some("under_30")),
         ("Over 50", Some("over_50")),
         ("A) under 30", Some("under_30")),
+        ("C) under 30", None),
+        // The question may show an option in other words than its label.
+        ("B) 30 to 50", Some("30_50")),
         ("30-50", Some("30_50")),
         ("30 to 50", None),
     ] {
@@ -1539,7 +1547,17 @@ fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
         assert_eq!(rating.accept(said).as_deref(), meant, "{said:?}");
     }
     let signed = smsflow::flows::Expect::Range(-5, 5);
-    assert_eq!(signed.accept("-3").as_deref(), Some("-3"));
+    for (said, meant) in [
+        ("-3", Some("-3")),
+        ("-3 please", Some("-3")),
+        ("-3, thanks", Some("-3")),
+        ("-3 - cold", Some("-3")),
+        ("-3 - -4", None),
+        ("-6 please", None),
+        ("- 3", None),
+    ] {
+        assert_eq!(signed.accept(said).as_deref(), meant, "{said:?}");
+    }
 }
 
 /// A number on a form question a reload removed (everything else answered) that texts HELP
