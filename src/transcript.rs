@@ -173,7 +173,8 @@ impl Runner {
                     return Err(format!(
                         "expected: {rest}{}\n  actual: {actual}{}",
                         self.bound_in(rest),
-                        first_difference(rest, &actual)
+                        // In the texts themselves: a line break is one character.
+                        first_difference(&unshown(rest), &sent.text)
                     ));
                 }
                 // `<` is a message to the number the transcript is texting as (`! phone`).
@@ -280,7 +281,8 @@ impl Runner {
                 let (key, expected) = value
                     .split_once('=')
                     .ok_or("`? field` is written `? field KEY = VALUE`")?;
-                let (key, expected) = (key.trim(), expected.trim());
+                // Written as a message is (`\n`, `\\`).
+                let (key, expected) = (key.trim(), unshown(expected.trim()));
                 if !self.sandbox.flows.form.all_keys().any(|k| k == key) {
                     let keys: Vec<&str> = self.sandbox.flows.form.all_keys().collect();
                     return Err(format!(
@@ -344,11 +346,13 @@ impl Runner {
         }
     }
 
+    /// The text a `>` line sends: its `\n` and `\\` read as what they stand for, and its
+    /// captures filled in.
     fn substitute(&self, text: &str) -> Result<String, String> {
         let mut out = String::new();
         let mut rest = text;
         while let Some(start) = rest.find("{$") {
-            out.push_str(&rest[..start]);
+            out.push_str(&unshown(&rest[..start]));
             let end = rest[start..].find('}').ok_or("unclosed {$name}")? + start;
             let name = &rest[start + 2..end];
             let value = self
@@ -359,7 +363,7 @@ impl Runner {
             out.push_str(&unshown(value));
             rest = &rest[end + 1..];
         }
-        out.push_str(rest);
+        out.push_str(&unshown(rest));
         Ok(out)
     }
 

@@ -81,6 +81,29 @@ fn a_line_break_and_a_backslash_n_are_told_apart() {
     assert!(run(&right, expect_backslash).is_err());
 }
 
+/// What a `>` line sends is written as an expected text is: `\n` is a line break. A failure
+/// names the first difference in the texts themselves, where a line break is one character.
+#[test]
+fn a_sent_line_break_is_written_as_n_and_a_difference_is_counted_in_the_texts() {
+    let flows = smsflow::flows::load_dir("flows".as_ref()).unwrap();
+    let run = |thanks: &str| {
+        let text = format!(
+            "! seed 0\n> JOIN\n< {{*}}{{$code}}. Reply with it to confirm.\n> {{$code}}\n< {{*}}\n\
+             < What's your first name?\n> Ann\\nMarie\n< {{*}}\n> a\n< {{*}}\n> b\n\
+             < Thanks {thanks}! You'll get a short daily reminder.\n? field first_name = Ann\\nMarie\n"
+        );
+        smsflow::transcript::run(&flows, "t.txt".as_ref(), &text).map_err(|e| e.to_string())
+    };
+    run("Ann\\nMarie").unwrap();
+    let failed = run("Ann Marie").unwrap_err();
+    assert!(
+        failed.contains(
+            "first difference at character 11: expected ' ' (U+0020), actual '\\n' (U+000A)"
+        ),
+        "{failed}"
+    );
+}
+
 #[test]
 fn odd_transcript_text_fails_at_its_line_instead_of_crashing() {
     let flows = smsflow::flows::load_dir("flows".as_ref()).unwrap();
