@@ -900,6 +900,21 @@ impl Cx {
         }
     }
 
+    /// Whether `t` fits in one text, its placeholders at their longest.
+    fn check_length(
+        &mut self,
+        f: usize,
+        span: Range<usize>,
+        what: &str,
+        t: &Template,
+        allowed: Allowed<'_>,
+    ) {
+        if self.sent_units(t, allowed) > MAX_TEXT {
+            let why = self.measured_as(t, allowed);
+            self.err(f, span, too_long(what, &why));
+        }
+    }
+
     fn checked_text(
         &mut self,
         f: usize,
@@ -912,24 +927,13 @@ impl Cx {
             self.err(f, s.span(), format!("empty text: {what}"));
         }
         let parsed = Template::parse(src);
-        // A text whose braces do not parse is measured as written.
-        let sent = match &parsed {
-            Ok(t) => self.sent_units(t, allowed),
-            Err(_) => src.encode_utf16().count(),
-        };
-        if sent > MAX_TEXT {
-            let why = match &parsed {
-                Ok(t) => self.measured_as(t, allowed),
-                Err(_) => String::new(),
-            };
-            self.err(
-                f,
-                s.span(),
-                format!(
-                    "{what} is longer than {MAX_TEXT} characters (as Twilio counts them: an \
-                     emoji or other character beyond the basic plane is two{why})"
-                ),
-            );
+        match &parsed {
+            Ok(t) => self.check_length(f, s.span(), what, t, allowed),
+            // A text whose braces do not parse is measured as written.
+            Err(_) if src.encode_utf16().count() > MAX_TEXT => {
+                self.err(f, s.span(), too_long(what, ""));
+            }
+            Err(_) => {}
         }
         match parsed {
             Ok(t) => {
@@ -1771,9 +1775,11 @@ impl Cx {
                     }
                     // Spoken as a template, like every other voice text.
                     Ok(IvrAction::Say(text)) => {
+                        let what = format!("ivr.menu.{name}: `say:`");
                         for p in text.unknown_placeholders(plain) {
-                            self.err(f, target.span(), format!("ivr.menu.{name}: `say:` {p}"));
+                            self.err(f, target.span(), format!("{what} {p}"));
                         }
+                        self.check_length(f, target.span(), &format!("{what} text"), &text, plain);
                         press.insert(digit.clone(), IvrAction::Say(text));
                     }
                     Ok(action) => {
@@ -1928,6 +1934,14 @@ impl Keywords {
 enum Asker {
     Form,
     Sequence,
+}
+
+/// The problem of a text over [`MAX_TEXT`] (`why`: how its placeholders were measured).
+fn too_long(what: &str, why: &str) -> String {
+    format!(
+        "{what} is longer than {MAX_TEXT} characters (as Twilio counts them: an emoji or other \
+         character beyond the basic plane is two{why})"
+    )
 }
 
 fn valid_key(k: &str) -> bool {

@@ -861,6 +861,28 @@ fn a_text_is_measured_with_the_bots_name_and_a_spoken_code_as_they_go_out() {
     );
 }
 
+/// A voice menu's `say:` key is measured as every other text is.
+#[test]
+fn a_say_key_longer_than_a_text_may_be_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let flow = |n: usize| {
+        format!(
+            "[ivr.menu.main]\nsay = \"Press 1\"\npress = {{ \"1\" = \"say:{}{{bot.name}}\" }}\n",
+            "x".repeat(n)
+        )
+    };
+    // "smsflow", the default bot name, is 7 characters.
+    write(dir.path(), "v.toml", &flow(1593));
+    smsflow::flows::load_dir(dir.path()).expect("1,593 + 7 fit");
+    write(dir.path(), "v.toml", &flow(1594));
+    let problems = problems_in(dir.path());
+    assert!(
+        problems.contains("v.toml:3:")
+            && problems.contains("ivr.menu.main: `say:` text is longer than 1600"),
+        "{problems}"
+    );
+}
+
 /// A text left to its default is measured too: a bot's name can make one too long, and
 /// the problem points at the name, with both ways out.
 #[test]
