@@ -112,8 +112,24 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Problems> {
     }
     let mut sources = Vec::new();
     for path in paths {
-        match std::fs::read_to_string(&path) {
-            Ok(text) => sources.push((path, text)),
+        match std::fs::read(&path).map(String::from_utf8) {
+            Ok(Ok(text)) => sources.push((path, text)),
+            // Where the first byte that is not UTF-8 is (an editor saved it as Latin-1).
+            Ok(Err(e)) => {
+                let bytes = e.as_bytes();
+                let good = e.utf8_error().valid_up_to();
+                let before = String::from_utf8_lossy(&bytes[..good]);
+                let (line, col) = line_col(&before, good);
+                return Err(Problems(vec![Problem {
+                    file: path,
+                    line,
+                    col,
+                    message: match bytes.get(good) {
+                        Some(b) => format!("byte 0x{b:02X} is not UTF-8: save the file as UTF-8"),
+                        None => "the file is not UTF-8: save it as UTF-8".into(),
+                    },
+                }]));
+            }
             Err(e) => {
                 // A link whose target is not there says where it points.
                 let message = match std::fs::read_link(&path) {

@@ -658,6 +658,22 @@ fn an_empty_flow_file_is_a_problem_not_an_empty_flow_set() {
     assert!(stderr.contains("b.toml:1:1: empty flow file"), "{stderr}");
 }
 
+/// A file saved in another encoding is located at its first byte that is not UTF-8.
+#[test]
+fn a_flow_file_that_is_not_utf8_is_located_at_its_first_bad_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = b"[bot]\nname = \"Caf".to_vec();
+    text.extend([0xE9, b'"', b'\n']);
+    std::fs::write(dir.path().join("a.toml"), text).unwrap();
+    let out = smsflow().arg("check").arg(dir.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("a.toml:2:12: byte 0xE9 is not UTF-8: save the file as UTF-8"),
+        "{stderr}"
+    );
+}
+
 #[cfg(unix)]
 #[test]
 fn a_flow_file_link_to_nothing_cannot_be_read_but_hidden_files_and_lock_links_are_ignored() {
