@@ -469,10 +469,11 @@ fn outcome_name(o: Outcome) -> String {
 /// Resolves the configuration layers for `serve`.
 pub fn serve_config(args: &ServeArgs) -> anyhow::Result<crate::config::Config> {
     use crate::config::Layer;
-    let file = match &args.config {
-        Some(path) => Layer::from_file(path, true)?,
-        None => Layer::from_file(Path::new("smsflow.toml"), false)?,
+    let (path, required) = match &args.config {
+        Some(path) => (path.as_path(), true),
+        None => (Path::new("smsflow.toml"), false),
     };
+    let file = Layer::from_file(path, required)?;
     let env = Layer::from_env(|k| std::env::var(k).ok())?;
     let flags = Layer {
         listen: args.listen.clone(),
@@ -484,6 +485,8 @@ pub fn serve_config(args: &ServeArgs) -> anyhow::Result<crate::config::Config> {
         retention: args.retention.clone(),
         ..Layer::default()
     };
+    // A bad value is named by where it came from: the file's place, the variable, the flag.
+    crate::config::check_layers(&file, path, &env, &flags)?;
     flags.over(env.over(file)).resolve()
 }
 

@@ -228,20 +228,68 @@ impl Layer {
         toml::from_str::<Layer>(&text)
             .map(Layer::tidy)
             .map_err(|e| {
-                let (line, col) = e.span().map_or((1, 1), |s| {
-                    // The character the span starts in (a span inside one can no longer panic).
-                    let start = (0..=s.start.min(text.len()))
-                        .rev()
-                        .find(|&i| text.is_char_boundary(i))
-                        .unwrap_or(0);
-                    let before = &text[..start];
-                    (
-                        before.matches('\n').count() + 1,
-                        before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
-                    )
-                });
+                let (line, col) = e.span().map_or((1, 1), |s| line_col(&text, s.start));
                 anyhow::anyhow!("{}:{line}:{col}: {}", path.display(), e.message().trim())
             })
+    }
+
+    /// Whether this layer sets `key` (a blank value sets nothing: see [`Layer::over`]).
+    fn sets(&self, key: &str) -> bool {
+        let set = |v: &Option<String>| v.as_deref().is_some_and(|v| !v.trim().is_empty());
+        match key {
+            "listen" => set(&self.listen),
+            "public_url" => set(&self.public_url),
+            "region" => set(&self.region),
+            "send_rate" => self.send_rate.is_some(),
+            "retention" => set(&self.retention),
+            "twilio.from" => self.twilio.from.is_some(),
+            "twilio.api_base" => self.twilio.api_base.is_some(),
+            _ => false,
+        }
+    }
+
+    /// Each value this layer sets that cannot be used, by its key in the file.
+    fn value_problems(&self) -> Vec<(&'static str, anyhow::Error)> {
+        let given = |v: &Option<String>| v.clone().filter(|v| !v.trim().is_empty());
+        let checks: [(&'static str, Option<anyhow::Result<()>>); 7] = [
+            (
+                "listen",
+                given(&self.listen).map(|l| parse_listen(&l).map(drop)),
+            ),
+            (
+                "public_url",
+                given(&self.public_url).map(|u| public_base_url(&u).map(drop)),
+            ),
+            (
+                "region",
+                given(&self.region).map(|r| Ok(Region::parse(r.trim()).map(drop)?)),
+            ),
+            (
+                "send_rate",
+                self.send_rate.map(|r| check_send_rate(r).map(drop)),
+            ),
+            (
+                "retention",
+                self.retention
+                    .as_deref()
+                    .map(|r| parse_retention(r).map(drop)),
+            ),
+            (
+                "twilio.api_base",
+                (self.twilio.api_base.as_deref()).map(|b| base_url(b, API_BASE).map(drop)),
+            ),
+            (
+                "twilio.from",
+                self.twilio
+                    .from
+                    .as_deref()
+                    .map(|f| parse_senders(f).map(drop)),
+            ),
+        ];
+        checks
+            .into_iter()
+            .filter_map(|(key, checked)| Some((key, checked?.err()?)))
+            .collect()
     }
 
     /// The environment layer: `SMSFLOW_*` and `TWILIO_*` (blank is unset).
@@ -352,62 +400,32 @@ impl Layer {
         let (data_dir, flows_dir) = self.dirs();
         // Blank is unset, as for a variable, wherever it is written (the file, a flag).
         let given = |v: Option<String>| v.filter(|v| !v.trim().is_empty());
-        let listen = given(self.listen);
-        let listen = listen.as_deref().map_or("127.0.0.1:8080", str::trim);
-        let listen: SocketAddr = listen
-            .parse()
-            .with_context(|| {
-                format!("listen address {listen:?} is not IP:PORT (an IP address, not a name: 127.0.0.1:8080)")
-            })?;
+        let listen = parse_listen(given(self.listen).as_deref().unwrap_or("127.0.0.1:8080"))?;
         let public_url = given(self.public_url)
             .map(|u| public_base_url(&u))
             .transpose()?;
         let region = Region::parse(given(self.region).as_deref().map_or("US", str::trim))?;
-        let send_rate = self.send_rate.unwrap_or(1.0);
-        anyhow::ensure!(
-            send_rate.is_finite() && send_rate >= MIN_SEND_RATE,
-            "send_rate must be a number of messages per second, at least {MIN_SEND_RATE} \
-             (one every {} s)",
-            1.0 / MIN_SEND_RATE
-        );
-        let retention = match self.retention.as_deref().map(str::trim) {
-            None | Some("") => None,
-            // Said outright: a flag or variable turns off a retention the file sets.
-            Some(r) if r.eq_ignore_ascii_case("forever") => None,
-            Some(r) => {
-                let d = crate::parse_duration(r).map_err(|e| {
-                    anyhow::anyhow!(
-                        "retention {r:?} is not a duration such as 180d, nor forever ({e})"
-                    )
-                })?;
-                anyhow::ensure!(
-                    d >= std::time::Duration::from_secs(3600),
-                    "retention {r:?} is shorter than an hour; history is deleted after it"
-                );
-                Some(d)
-            }
-        };
+        let send_rate = check_send_rate(self.send_rate.unwrap_or(1.0))?;
+        let retention = self
+            .retention
+            .as_deref()
+            .map(parse_retention)
+            .transpose()?
+            .flatten();
         let t = self.twilio;
         // Checked whenever it is given, used or not (the console provider never reads it): a
         // typo shows at once, not only once credentials are added.
         let api_base = base_url(
             t.api_base.as_deref().unwrap_or("https://api.twilio.com"),
-            "TWILIO_API_BASE (api_base)",
+            API_BASE,
         )?;
-        // One or more senders, comma-separated; the first is the default. Phone numbers are
-        // kept in E.164 (as Twilio writes `To`, which picks a number's sender); the first of
-        // them places calls.
-        let numbers = (t.from.iter())
-            .flat_map(|f| f.split(','))
-            .map(str::trim)
-            .filter(|n| !n.is_empty())
-            .map(sender_entry)
-            .collect::<anyhow::Result<Vec<String>>>()?;
-        let twice =
-            (numbers.iter().enumerate()).find_map(|(i, n)| numbers[..i].contains(n).then_some(n));
-        if let Some(twice) = twice {
-            anyhow::bail!("TWILIO_FROM (twilio.from): {twice} is listed twice");
-        }
+        // The first phone number among the senders places calls.
+        let numbers = t
+            .from
+            .as_deref()
+            .map(parse_senders)
+            .transpose()?
+            .unwrap_or_default();
         let caller_id = (numbers.iter()).find(|n| n.starts_with('+')).cloned();
         let sender = match (numbers.is_empty(), t.messaging_service_sid) {
             (_, Some(ms)) => Some(Sender::MessagingService(ms)),
@@ -456,6 +474,160 @@ impl Layer {
 
 /// The lowest `send_rate`: one message every 1,000 seconds.
 const MIN_SEND_RATE: f64 = 0.001;
+
+/// How `api_base` is named in its problems.
+const API_BASE: &str = "TWILIO_API_BASE (api_base)";
+
+/// Line and column (from 1) of the character byte `offset` of `text` is in.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    // The character the offset starts in (an offset inside one can no longer panic).
+    let start = (0..=offset.min(text.len()))
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    let before = &text[..start];
+    (
+        before.matches('\n').count() + 1,
+        before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
+    )
+}
+
+/// Every value `serve` would use that cannot be used, each named by where it came from: its
+/// place in the config file at `path` (`smsflow.toml:3:13: …`), its variable, its flag. (A
+/// value a higher layer overrides is not used, and not looked at.)
+pub fn check_layers(file: &Layer, path: &Path, env: &Layer, flags: &Layer) -> anyhow::Result<()> {
+    let named = |source: String, e: anyhow::Error| {
+        let e = format!("{e:#}");
+        // (Some problems name the variable already.)
+        if e.starts_with(&source) {
+            e
+        } else {
+            format!("{source}: {e}")
+        }
+    };
+    let mut told: Vec<String> = (flags.value_problems().into_iter())
+        .map(|(key, e)| named(format!("--{}", key.replace('_', "-")), e))
+        .collect();
+    told.extend(
+        (env.value_problems().into_iter())
+            .filter(|(key, _)| !flags.sets(key))
+            .map(|(key, e)| {
+                let variable = match key.strip_prefix("twilio.") {
+                    Some(twilio) => format!("TWILIO_{}", twilio.to_uppercase()),
+                    None => format!("SMSFLOW_{}", key.to_uppercase()),
+                };
+                named(variable, e)
+            }),
+    );
+    let in_file: Vec<(&str, anyhow::Error)> = (file.value_problems().into_iter())
+        .filter(|(key, _)| !env.sets(key) && !flags.sets(key))
+        .collect();
+    if !in_file.is_empty() {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let spans: FileSpans = toml::from_str(&text).unwrap_or_default();
+        let mut located: Vec<((usize, usize), anyhow::Error)> = (in_file.into_iter())
+            .map(|(key, e)| (spans.of(key).map_or((1, 1), |at| line_col(&text, at)), e))
+            .collect();
+        located.sort_by_key(|(at, _)| *at);
+        told.extend(
+            (located.into_iter())
+                .map(|((line, col), e)| format!("{}:{line}:{col}: {e:#}", path.display())),
+        );
+    }
+    if told.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("{}", told.join("\n"))
+    }
+}
+
+/// Where the values [`Layer::value_problems`] checks are written in a config file.
+#[derive(Default, Deserialize)]
+struct FileSpans {
+    listen: Option<toml::Spanned<toml::Value>>,
+    public_url: Option<toml::Spanned<toml::Value>>,
+    region: Option<toml::Spanned<toml::Value>>,
+    send_rate: Option<toml::Spanned<toml::Value>>,
+    retention: Option<toml::Spanned<toml::Value>>,
+    #[serde(default)]
+    twilio: TwilioSpans,
+}
+
+#[derive(Default, Deserialize)]
+struct TwilioSpans {
+    from: Option<toml::Spanned<toml::Value>>,
+    api_base: Option<toml::Spanned<toml::Value>>,
+}
+
+impl FileSpans {
+    /// Where the value of `key` starts.
+    fn of(&self, key: &str) -> Option<usize> {
+        let value = match key {
+            "listen" => &self.listen,
+            "public_url" => &self.public_url,
+            "region" => &self.region,
+            "send_rate" => &self.send_rate,
+            "retention" => &self.retention,
+            "twilio.from" => &self.twilio.from,
+            "twilio.api_base" => &self.twilio.api_base,
+            _ => return None,
+        };
+        value.as_ref().map(|v| v.span().start)
+    }
+}
+
+/// The listen address: IP:PORT.
+fn parse_listen(given: &str) -> anyhow::Result<SocketAddr> {
+    let listen = given.trim();
+    listen.parse().with_context(|| {
+        format!(
+            "listen address {listen:?} is not IP:PORT (an IP address, not a name: 127.0.0.1:8080)"
+        )
+    })
+}
+
+fn check_send_rate(rate: f64) -> anyhow::Result<f64> {
+    anyhow::ensure!(
+        rate.is_finite() && rate >= MIN_SEND_RATE,
+        "send_rate must be a number of messages per second, at least {MIN_SEND_RATE} \
+         (one every {} s)",
+        1.0 / MIN_SEND_RATE
+    );
+    Ok(rate)
+}
+
+/// How long history is kept: `None` for ever (blank, or said outright: a flag or variable
+/// turns off a retention the file sets).
+fn parse_retention(given: &str) -> anyhow::Result<Option<std::time::Duration>> {
+    let r = given.trim();
+    if r.is_empty() || r.eq_ignore_ascii_case("forever") {
+        return Ok(None);
+    }
+    let d = crate::parse_duration(r).map_err(|e| {
+        anyhow::anyhow!("retention {r:?} is not a duration such as 180d, nor forever ({e})")
+    })?;
+    anyhow::ensure!(
+        d >= std::time::Duration::from_secs(3600),
+        "retention {r:?} is shorter than an hour; history is deleted after it"
+    );
+    Ok(Some(d))
+}
+
+/// One or more senders, comma-separated; the first is the default. Phone numbers are kept in
+/// E.164 (as Twilio writes `To`, which picks a number's sender).
+fn parse_senders(from: &str) -> anyhow::Result<Vec<String>> {
+    let numbers = (from.split(','))
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(sender_entry)
+        .collect::<anyhow::Result<Vec<String>>>()?;
+    let twice =
+        (numbers.iter().enumerate()).find_map(|(i, n)| numbers[..i].contains(n).then_some(n));
+    if let Some(twice) = twice {
+        anyhow::bail!("TWILIO_FROM (twilio.from): {twice} is listed twice");
+    }
+    Ok(numbers)
+}
 
 /// The public URL: a base URL, not a webhook's own URL pasted whole (smsflow adds the paths:
 /// `…/twilio/sms` would answer at `…/twilio/sms/twilio/sms`).
@@ -872,6 +1044,42 @@ mod tests {
             assert!(err.contains("messages per second"), "{err}");
             assert!(!err.contains("f64"), "{err}");
         }
+    }
+
+    #[test]
+    fn every_bad_value_in_the_file_is_told_at_its_place_unless_overridden() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("smsflow.toml");
+        let text = "listen = \"localhost:80\"\nsend_rate = 0\nretention = \"10m\"\n\
+                    [twilio]\nfrom = [\"+15005550006\", \"+15005550006\"]\n";
+        std::fs::write(&path, text).unwrap();
+        let file = Layer::from_file(&path, true).expect("read for its directories alone");
+        let none = Layer::default();
+        let err = check_layers(&file, &path, &none, &none)
+            .unwrap_err()
+            .to_string();
+        for told in [
+            "smsflow.toml:1:10: listen address \"localhost:80\" is not IP:PORT",
+            "smsflow.toml:2:13: send_rate must be",
+            "smsflow.toml:3:13: retention \"10m\" is shorter than an hour",
+            "smsflow.toml:5:8: TWILIO_FROM (twilio.from): +15005550006 is listed twice",
+        ] {
+            assert!(err.contains(told), "{told}\n{err}");
+        }
+        // Overridden by a variable (a good value) and a flag (a bad one): not the file's.
+        let env = Layer {
+            send_rate: Some(2.0),
+            ..Layer::default()
+        };
+        let flags = Layer {
+            retention: Some("5m".into()),
+            ..Layer::default()
+        };
+        let err = check_layers(&file, &path, &env, &flags)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--retention: retention \"5m\""), "{err}");
+        assert!(!err.contains("send_rate") && !err.contains("10m"), "{err}");
     }
 
     #[test]

@@ -224,6 +224,44 @@ fn serve_with_broken_flows_lists_every_problem_and_exits_1_like_check() {
     );
 }
 
+/// A configuration value that cannot be used is named by where it came from: its place in
+/// smsflow.toml, its variable, its flag; each one is told.
+#[test]
+fn serve_names_each_bad_setting_by_where_it_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "smsflow.toml", "listen = \"localhost:8080\"\n");
+    let out = smsflow()
+        .current_dir(dir.path())
+        .args(["serve", "--retention", "5m"])
+        .env("SMSFLOW_SEND_RATE", "0")
+        .env("SMSFLOW_FLOWS", std::fs::canonicalize("flows").unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("smsflow.toml:1:10: listen address \"localhost:8080\" is not IP:PORT"),
+        "{stderr}"
+    );
+    let out = smsflow()
+        .current_dir(dir.path())
+        .args(["serve", "--retention", "5m", "--listen", "127.0.0.1:0"])
+        .env("SMSFLOW_SEND_RATE", "0")
+        .env("SMSFLOW_FLOWS", std::fs::canonicalize("flows").unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("SMSFLOW_SEND_RATE: send_rate must be"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("--retention: retention \"5m\" is shorter than an hour"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn unknown_keys_do_not_hide_the_other_problems_of_their_file() {
     let dir = tempfile::tempdir().unwrap();
