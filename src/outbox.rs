@@ -154,7 +154,7 @@ impl Outbox {
             // was queued since the last look.
             if let Some((id, phone)) = w.due(now) {
                 match still_queued(&self.engine.store, id)? {
-                    Some(msg) => match self.turn_to_wait_for(id, &msg) {
+                    Some(msg) => match self.must_wait(&w, id, &msg) {
                         Some((sender, turn)) => {
                             w.wait_for_turn(id, sender, turn);
                             continue;
@@ -169,7 +169,7 @@ impl Outbox {
                 }
             }
             match self.read_new(&mut w, now)? {
-                Read::Found(id, msg) => match self.turn_to_wait_for(id, &msg) {
+                Read::Found(id, msg) => match self.must_wait(&w, id, &msg) {
                     Some((sender, turn)) => {
                         w.set_head(id, msg.phone, msg.next_try);
                         w.wait_for_turn(id, sender, turn);
@@ -269,22 +269,33 @@ impl Outbox {
         self.provider.sender(via)
     }
 
-    /// When message `id`'s sender's next turn comes, if it is still to come and the message
-    /// is to be sent (one that will not be, its number opted out or its code expired, takes
-    /// no turn: `deliver` ends it at once).
-    fn turn_to_wait_for(&self, id: u64, msg: &OutMessage) -> Option<(String, Instant)> {
-        // (No record to read when no sender's turn is still to come.)
+    /// Whom message `id` must wait for, if it is to be sent (one that will not be, its
+    /// number opted out or its code expired, takes no turn: `deliver` ends it at once): its
+    /// sender, and the sender's next turn if it is still to come (`None`: it waits behind
+    /// the sender's older messages that wait for their turn, as they do).
+    fn must_wait(
+        &self,
+        w: &Waiting,
+        id: u64,
+        msg: &OutMessage,
+    ) -> Option<(String, Option<Instant>)> {
+        // (No record to read when no sender's turn is still to come and none has a queue.)
         let now = Instant::now();
-        if self.next_slot.values().all(|turn| *turn <= now) {
+        if self.next_slot.values().all(|turn| *turn <= now) && w.senders.is_empty() {
             return None;
         }
         let record = sendable(&self.engine.store, msg, id);
-        if !matches!(record, Ok(Some(_))) || self.code_expired(msg) {
+        if matches!(record, Ok(None)) || self.code_expired(msg) {
             return None;
         }
+        // (A record that cannot be read counts against the default sender, as in `deliver`.)
         let sender = self.sender_of(&record);
-        let turn = *self.next_slot.get(&sender)?;
-        (turn > now).then_some((sender, turn))
+        if let Some(turn) = self.next_slot.get(&sender).filter(|turn| **turn > now) {
+            return Some((sender, Some(*turn)));
+        }
+        // The one let go at the sender's turn goes; a newer one found meanwhile (its turn
+        // came while the queue was read) does not pass the older ones.
+        (w.senders.contains_key(&sender) && !w.let_go.contains_key(&id)).then_some((sender, None))
     }
 
     /// Whether queued message `id` is a follow-up `deliver` held until quiet hours end.
@@ -636,33 +647,46 @@ impl Waiting {
         // Done with (sent, retried, held, or gone): whether it took the turn or not, the
         // sender's next is looked at now (and waits again for the turn after, if it did).
         if let Some(sender) = self.let_go.remove(&id) {
-            if let Some((turn @ None, _)) = self.senders.get_mut(&sender) {
-                let now = Instant::now();
-                *turn = Some(now);
-                self.turns.insert((now, sender));
-            }
+            self.pass_turn_on(sender);
         }
     }
 
-    /// First message `id` waits for `sender`'s turn, at `turn`: until then it is passed over
-    /// (and its number's later messages wait behind it). When the turn comes, the sender's
-    /// oldest waiting message is let go (ready again), and the others wait until it is done.
-    fn wait_for_turn(&mut self, id: u64, sender: String, turn: Instant) {
+    /// `sender`'s next waiting message is looked at now, if it waits only until the one let
+    /// go at the last turn is done.
+    fn pass_turn_on(&mut self, sender: String) {
+        if let Some((turn @ None, _)) = self.senders.get_mut(&sender) {
+            let now = Instant::now();
+            *turn = Some(now);
+            self.turns.insert((now, sender));
+        }
+    }
+
+    /// First message `id` waits for `sender`'s turn, at `turn` (`None`: when the sender's
+    /// older messages waiting for it go): until then it is passed over (and its number's
+    /// later messages wait behind it). When the turn comes, the sender's oldest waiting
+    /// message is let go (ready again), and the others wait until it is done.
+    fn wait_for_turn(&mut self, id: u64, sender: String, turn: Option<Instant>) {
         let Some((_, at)) = self.heads.get(&id) else {
             return;
         };
         self.ready.remove(&id);
         self.later.remove(&(*at, id));
-        self.let_go.remove(&id);
+        // Let go by another sender (its number wrote to another of ours since): that
+        // sender's next is looked at now, as when it is done.
+        if let Some(was) = self.let_go.remove(&id).filter(|was| *was != sender) {
+            self.pass_turn_on(was);
+        }
         let (known, ids) = self
             .senders
             .entry(sender.clone())
             .or_insert_with(|| (None, BTreeSet::new()));
         // The turn as the send rate has it now.
-        if let Some(earlier) = known.replace(turn) {
-            self.turns.remove(&(earlier, sender.clone()));
+        if let Some(turn) = turn {
+            if let Some(earlier) = known.replace(turn) {
+                self.turns.remove(&(earlier, sender.clone()));
+            }
+            self.turns.insert((turn, sender.clone()));
         }
-        self.turns.insert((turn, sender.clone()));
         ids.insert(id);
         self.sender_of.insert(id, sender);
     }
@@ -834,31 +858,38 @@ mod tests {
         let phone = |n: u32| Phone::parse(&format!("+1415555{n:04}")).unwrap();
         let minute = Duration::from_secs(60);
         let mut w = Waiting::default();
-        for id in 1..=3 {
+        for id in 1..=4 {
             w.set_head(id, phone(id as u32), t0);
         }
         assert_eq!(w.due(t0), Some((1, phone(1))));
         // The first two wait for sender A's turn, a minute away: the third (B's) goes.
         let turn = Instant::now() + minute;
-        w.wait_for_turn(1, "A".into(), turn);
-        w.wait_for_turn(2, "A".into(), turn);
+        w.wait_for_turn(1, "A".into(), Some(turn));
+        w.wait_for_turn(2, "A".into(), Some(turn));
         assert_eq!(w.due(t0), Some((3, phone(3))));
         w.remove_head(3);
+        // The fourth, A's too, found when A's turn had come: behind the older two.
+        w.wait_for_turn(4, "A".into(), None);
         assert_eq!(w.due(t0), None);
         assert_eq!((w.next_turn(), w.earliest()), (Some(turn), None));
-        // A's turn as the rate has it now (come already): its oldest is let go, the other
-        // waits until it is done.
-        w.wait_for_turn(2, "A".into(), Instant::now());
+        // A's turn as the rate has it now (come already): its oldest is let go, the others
+        // wait until it is done.
+        w.wait_for_turn(2, "A".into(), Some(Instant::now()));
         assert_eq!(w.due(t0), Some((1, phone(1))));
         assert_eq!(w.next_turn(), None);
         // Let go again, it finds the turn taken since: it waits for the next one.
-        w.wait_for_turn(1, "A".into(), turn);
+        w.wait_for_turn(1, "A".into(), Some(turn));
         assert_eq!((w.due(t0), w.next_turn()), (None, Some(turn)));
-        w.wait_for_turn(1, "A".into(), Instant::now());
+        w.wait_for_turn(1, "A".into(), Some(Instant::now()));
         assert_eq!(w.due(t0), Some((1, phone(1))));
         // Done (sent, or not): the next one is looked at at once.
         w.remove_head(1);
         assert_eq!(w.due(t0), Some((2, phone(2))));
+        // Let go, it now goes from B (its number wrote to B since) and waits for B's turn:
+        // A's next is looked at at once all the same.
+        w.wait_for_turn(2, "B".into(), Some(turn));
+        assert_eq!(w.due(t0), Some((4, phone(4))));
+        w.remove_head(4);
         w.remove_head(2);
         assert_eq!((w.due(t0), w.next_turn()), (None, None));
         assert!(w.senders.is_empty() && w.turns.is_empty());

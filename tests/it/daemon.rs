@@ -2689,6 +2689,54 @@ async fn a_message_waiting_for_its_senders_turn_does_not_hold_up_another_senders
     app.stop().await;
 }
 
+/// A message let go at its sender's turn that goes from another sender by then (its number
+/// wrote to another of ours meanwhile) waits for that one; the first sender's next message
+/// goes in the turn all the same.
+#[tokio::test]
+async fn a_message_that_changes_sender_while_it_waits_does_not_hold_up_its_first_senders_others() {
+    const SECOND: &str = "+15005550007";
+    const P1: &str = "+15550003333";
+    const P2: &str = "+15550004444";
+    const Y: &str = "+15550005555";
+    // One message every 3 s, per sender (wide margins: a loaded machine may be slow).
+    let app = TestApp::spawn_with(FLOWS, |c| {
+        c.send_rate = 1.0 / 3.0;
+        if let Some(t) = c.twilio.as_mut() {
+            t.sender = smsflow::config::Sender::From(vec![FROM.into(), SECOND.into()]);
+        }
+    })
+    .await;
+    // Ann's code takes the first number's turn; P1's and P2's wait for its next.
+    for from in [ANN, P1, P2] {
+        assert_eq!(app.sms_to(from, FROM, "JOIN").await, 200);
+    }
+    app.twilio.wait_delivered(1).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The second number's turn is taken 1.5 s later; then P1 writes to it.
+    assert_eq!(app.sms_to(Y, SECOND, "JOIN").await, 200);
+    app.twilio.wait_delivered(2).await;
+    assert_eq!(app.sms_to(P1, SECOND, "hello").await, 200);
+    let sent = app.twilio.wait_delivered(4).await;
+    let at = |to: &str| {
+        let r = sent.iter().find(|r| r.to == to).expect("sent");
+        (r.at, r.from.clone())
+    };
+    let ((ann, _), (y, _)) = (at(ANN), at(Y));
+    let ((p1, p1_from), (p2, p2_from)) = (at(P1), at(P2));
+    assert_eq!((p1_from.as_str(), p2_from.as_str()), (SECOND, FROM));
+    assert!(
+        p2.duration_since(ann) < Duration::from_millis(5000),
+        "P2's code should go in the first number's next turn: {:?}",
+        p2.duration_since(ann)
+    );
+    assert!(
+        p1.duration_since(y) >= Duration::from_millis(2500),
+        "P1's code waits for the second number's turn: {:?}",
+        p1.duration_since(y)
+    );
+    app.stop().await;
+}
+
 /// With several numbers in `TWILIO_FROM`, what is sent to a number (its code, the steps after
 /// it) comes from the number of ours it texted; a number that texted none of them, and the
 /// OTP API's texts, from the first.
