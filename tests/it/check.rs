@@ -230,28 +230,26 @@ fn serve_with_broken_flows_lists_every_problem_and_exits_1_like_check() {
 fn serve_names_each_bad_setting_by_where_it_came_from() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "smsflow.toml", "listen = \"localhost:8080\"\n");
-    let out = smsflow()
-        .current_dir(dir.path())
-        .args(["serve", "--retention", "5m"])
-        .env("SMSFLOW_SEND_RATE", "0")
-        .env("SMSFLOW_FLOWS", std::fs::canonicalize("flows").unwrap())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let serve = |args: &[&str]| {
+        let out = smsflow()
+            .current_dir(dir.path())
+            .arg("serve")
+            .args(args)
+            .env("SMSFLOW_SEND_RATE", "0")
+            .env("SMSFLOW_FLOWS", std::fs::canonicalize("flows").unwrap())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = serve(&["--retention", "5m"]);
     assert!(
         stderr.contains("smsflow.toml:1:10: listen address \"localhost:8080\" is not IP:PORT"),
         "{stderr}"
     );
-    let out = smsflow()
-        .current_dir(dir.path())
-        .args(["serve", "--retention", "5m", "--listen", "127.0.0.1:0"])
-        .env("SMSFLOW_SEND_RATE", "0")
-        .env("SMSFLOW_FLOWS", std::fs::canonicalize("flows").unwrap())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The file's listen address overridden by the flag is not looked at.
+    let stderr = serve(&["--retention", "5m", "--listen", "127.0.0.1:0"]);
+    assert!(!stderr.contains("smsflow.toml"), "{stderr}");
     assert!(
         stderr.contains("SMSFLOW_SEND_RATE: send_rate must be"),
         "{stderr}"
@@ -770,19 +768,25 @@ ask = "Age? {field.nope}"
 /// Twilio's 1,600-character limit counts an emoji as two: a text of 801 emoji is over it.
 #[test]
 fn a_text_over_twilios_limit_as_twilio_counts_it_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
     let text = |n: usize| {
         format!(
             "[bot]\nname = \"X\"\n[replies]\nhelp = \"{}\"\n",
             "🙂".repeat(n)
         )
     };
-    write(dir.path(), "a.toml", &text(800));
-    smsflow::flows::load_dir(dir.path()).expect("1,600 units is within the limit");
-    write(dir.path(), "a.toml", &text(801));
+    fits_until(text, 800, "a.toml:4:", "replies.help is longer than 1600");
+}
+
+/// The flow `text(fits)` passes check; `text(fits + 1)` is refused with `problem` at `at`.
+fn fits_until(text: impl Fn(usize) -> String, fits: usize, at: &str, problem: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = at.split(':').next().unwrap();
+    write(dir.path(), file, &text(fits));
+    smsflow::flows::load_dir(dir.path()).expect("within the limit");
+    write(dir.path(), file, &text(fits + 1));
     let problems = problems_in(dir.path());
     assert!(
-        problems.contains("a.toml:4:") && problems.contains("replies.help is longer than 1600"),
+        problems.contains(at) && problems.contains(problem),
         "{problems}"
     );
 }
@@ -918,22 +922,18 @@ fn a_text_is_measured_with_the_bots_name_and_a_spoken_code_as_they_go_out() {
 /// A voice menu's `say:` key is measured as every other text is.
 #[test]
 fn a_say_key_longer_than_a_text_may_be_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
     let flow = |n: usize| {
         format!(
             "[ivr.menu.main]\nsay = \"Press 1\"\npress = {{ \"1\" = \"say:{}{{bot.name}}\" }}\n",
             "x".repeat(n)
         )
     };
-    // "smsflow", the default bot name, is 7 characters.
-    write(dir.path(), "v.toml", &flow(1593));
-    smsflow::flows::load_dir(dir.path()).expect("1,593 + 7 fit");
-    write(dir.path(), "v.toml", &flow(1594));
-    let problems = problems_in(dir.path());
-    assert!(
-        problems.contains("v.toml:3:")
-            && problems.contains("ivr.menu.main: `say:` text is longer than 1600"),
-        "{problems}"
+    // "smsflow", the default bot name, is 7 characters: 1,593 + 7 fit.
+    fits_until(
+        flow,
+        1593,
+        "v.toml:3:",
+        "ivr.menu.main: `say:` text is longer than 1600",
     );
 }
 

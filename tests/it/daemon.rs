@@ -2595,20 +2595,25 @@ async fn a_delivery_report_that_comes_before_the_sends_answer_is_applied_once_it
     assert_eq!(app.state_of(ANN).as_deref(), Some("opted_out"));
 }
 
+/// A daemon texting from `FROM` and `second`, one message every 3 s per sender (wide
+/// margins: a loaded machine may be slow).
+async fn two_senders_a_turn_every_3s(second: &str) -> TestApp {
+    TestApp::spawn_with(FLOWS, |c| {
+        c.send_rate = 1.0 / 3.0;
+        if let Some(t) = c.twilio.as_mut() {
+            t.sender = smsflow::config::Sender::From(vec![FROM.into(), second.into()]);
+        }
+    })
+    .await
+}
+
 /// The send rate holds per sender: with two of our numbers, a message from the second does
 /// not wait for the first's turn, and the first's next message still waits for its own.
 #[tokio::test]
 async fn each_sender_has_its_own_send_rate() {
     const SECOND: &str = "+15005550007";
     const CAT: &str = "+15550003333";
-    // One message every 3 s, per sender (wide margins: a loaded machine may be slow).
-    let app = TestApp::spawn_with(FLOWS, |c| {
-        c.send_rate = 1.0 / 3.0;
-        if let Some(t) = c.twilio.as_mut() {
-            t.sender = smsflow::config::Sender::From(vec![FROM.into(), SECOND.into()]);
-        }
-    })
-    .await;
+    let app = two_senders_a_turn_every_3s(SECOND).await;
     let join = |from, to| app.sms_to(from, to, "JOIN");
     // Dan writes to a number that is not ours: texted from the first, in its turns.
     const DAN: &str = "+15550004444";
@@ -2653,14 +2658,7 @@ async fn a_message_waiting_for_its_senders_turn_does_not_hold_up_another_senders
     const SECOND: &str = "+15005550007";
     const CAT: &str = "+15550003333";
     const DAN: &str = "+15550004444";
-    // One message every 3 s, per sender (wide margins: a loaded machine may be slow).
-    let app = TestApp::spawn_with(FLOWS, |c| {
-        c.send_rate = 1.0 / 3.0;
-        if let Some(t) = c.twilio.as_mut() {
-            t.sender = smsflow::config::Sender::From(vec![FROM.into(), SECOND.into()]);
-        }
-    })
-    .await;
+    let app = two_senders_a_turn_every_3s(SECOND).await;
     // Queued in this order: three for the first number, then one for the second.
     for (from, to) in [(ANN, FROM), (CAT, FROM), (DAN, FROM), (BOB, SECOND)] {
         assert_eq!(app.sms_to(from, to, "JOIN").await, 200);
@@ -2698,14 +2696,7 @@ async fn a_message_that_changes_sender_while_it_waits_does_not_hold_up_its_first
     const P1: &str = "+15550003333";
     const P2: &str = "+15550004444";
     const Y: &str = "+15550005555";
-    // One message every 3 s, per sender (wide margins: a loaded machine may be slow).
-    let app = TestApp::spawn_with(FLOWS, |c| {
-        c.send_rate = 1.0 / 3.0;
-        if let Some(t) = c.twilio.as_mut() {
-            t.sender = smsflow::config::Sender::From(vec![FROM.into(), SECOND.into()]);
-        }
-    })
-    .await;
+    let app = two_senders_a_turn_every_3s(SECOND).await;
     // Ann's code takes the first number's turn; P1's and P2's wait for its next.
     for from in [ANN, P1, P2] {
         assert_eq!(app.sms_to(from, FROM, "JOIN").await, 200);
