@@ -99,7 +99,7 @@ impl Config {
 /// (up to 11 letters, digits and spaces, one a letter). Anything else is refused, named.
 fn sender_entry(entry: &str) -> anyhow::Result<String> {
     let shown = crate::clip(entry);
-    let refused = |why: &str| anyhow::anyhow!("TWILIO_FROM (twilio.from): {shown:?} {why}");
+    let refused = |why: &str| anyhow::anyhow!("sender {shown:?} {why}");
     if entry.starts_with('+') {
         // Only what a phone number is written with: no `whatsapp:` or other channel (this
         // sends SMS), which the phone number reader would skip.
@@ -113,7 +113,7 @@ fn sender_entry(entry: &str) -> anyhow::Result<String> {
         }
         return crate::phone::Phone::parse(entry)
             .map(|p| p.as_str().to_string())
-            .map_err(|e| anyhow::anyhow!("TWILIO_FROM (twilio.from): {e}"));
+            .map_err(|e| anyhow::anyhow!("sender {shown:?}: {e}"));
     }
     if entry.chars().all(|c| c.is_ascii_digit()) {
         return match entry.len() {
@@ -155,6 +155,10 @@ pub struct Layer {
     pub retention: Option<String>,
     #[serde(default)]
     pub twilio: TwilioLayer,
+    /// Values given that could not even be read (a variable's send rate that is no number),
+    /// by key: told as the others are, unless a higher layer overrides them.
+    #[serde(skip)]
+    pub unread: Vec<(&'static str, String)>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -276,7 +280,7 @@ impl Layer {
             ),
             (
                 "twilio.api_base",
-                (self.twilio.api_base.as_deref()).map(|b| base_url(b, API_BASE).map(drop)),
+                (self.twilio.api_base.as_deref()).map(|b| base_url(b, "api_base").map(drop)),
             ),
             (
                 "twilio.from",
@@ -286,9 +290,10 @@ impl Layer {
                     .map(|f| parse_senders(f).map(drop)),
             ),
         ];
-        checks
-            .into_iter()
-            .filter_map(|(key, checked)| Some((key, checked?.err()?)))
+        let unread =
+            (self.unread.iter()).map(|(key, problem)| (*key, anyhow::anyhow!("{problem}")));
+        unread
+            .chain((checks.into_iter()).filter_map(|(key, checked)| Some((key, checked?.err()?))))
             .collect()
     }
 
@@ -296,14 +301,17 @@ impl Layer {
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> anyhow::Result<Layer> {
         let dirs = Layer::dirs_from_env(&get);
         let get = |k: &str| non_blank(get(k));
-        let send_rate = match get("SMSFLOW_SEND_RATE") {
-            None => None,
-            Some(v) => Some(v.trim().parse::<f64>().map_err(|_| {
-                anyhow::anyhow!(
-                    "SMSFLOW_SEND_RATE {v:?} is not a number (messages per second, such as 1 or 0.5)"
-                )
-            })?),
-        };
+        let mut unread = Vec::new();
+        let send_rate = get("SMSFLOW_SEND_RATE").and_then(|v| {
+            let read = v.trim().parse::<f64>().ok();
+            if read.is_none() {
+                unread.push((
+                    "send_rate",
+                    format!("{v:?} is not a number (messages per second, such as 1 or 0.5)"),
+                ));
+            }
+            read
+        });
         Ok(Layer::tidy(Layer {
             listen: get("SMSFLOW_LISTEN"),
             public_url: get("SMSFLOW_PUBLIC_URL"),
@@ -321,6 +329,7 @@ impl Layer {
                 messaging_service_sid: get("TWILIO_MESSAGING_SERVICE_SID"),
                 api_base: get("TWILIO_API_BASE"),
             },
+            unread,
         }))
     }
 
@@ -366,6 +375,11 @@ impl Layer {
     /// `self` with every unset value taken from `lower` (a blank one is unset: `--listen=`
     /// leaves `SMSFLOW_LISTEN` in force).
     pub fn over(self, lower: Layer) -> Layer {
+        // What the lower layer could not read counts only where this one does not override it.
+        let mut unread: Vec<(&'static str, String)> = (lower.unread.into_iter())
+            .filter(|(key, _)| !self.sets(key))
+            .collect();
+        unread.extend(self.unread);
         Layer {
             listen: non_blank(self.listen).or(lower.listen),
             public_url: non_blank(self.public_url).or(lower.public_url),
@@ -392,11 +406,15 @@ impl Layer {
                     .or(lower.twilio.messaging_service_sid),
                 api_base: self.twilio.api_base.or(lower.twilio.api_base),
             },
+            unread,
         }
     }
 
     /// Applies defaults and checks values.
     pub fn resolve(self) -> anyhow::Result<Config> {
+        if let Some((key, problem)) = self.unread.first() {
+            anyhow::bail!("{key}: {problem}");
+        }
         let (data_dir, flows_dir) = self.dirs();
         // Blank is unset, as for a variable, wherever it is written (the file, a flag).
         let given = |v: Option<String>| v.filter(|v| !v.trim().is_empty());
@@ -420,11 +438,8 @@ impl Layer {
             API_BASE,
         )?;
         // The first phone number among the senders places calls.
-        let numbers = t
-            .from
-            .as_deref()
-            .map(parse_senders)
-            .transpose()?
+        let numbers = (t.from.as_deref().map(parse_senders).transpose())
+            .context("TWILIO_FROM (twilio.from)")?
             .unwrap_or_default();
         let caller_id = (numbers.iter()).find(|n| n.starts_with('+')).cloned();
         let sender = match (numbers.is_empty(), t.messaging_service_sid) {
@@ -624,7 +639,7 @@ fn parse_senders(from: &str) -> anyhow::Result<Vec<String>> {
     let twice =
         (numbers.iter().enumerate()).find_map(|(i, n)| numbers[..i].contains(n).then_some(n));
     if let Some(twice) = twice {
-        anyhow::bail!("TWILIO_FROM (twilio.from): {twice} is listed twice");
+        anyhow::bail!("sender {twice} is listed twice");
     }
     Ok(numbers)
 }
@@ -831,8 +846,9 @@ mod tests {
             ("12345678", "is no short code (3 to 6 digits)"),
             ("+1", "\"+1\" is not a phone number"),
         ] {
-            let err = with_from(from).unwrap_err().to_string();
+            let err = format!("{:#}", with_from(from).unwrap_err());
             assert!(err.contains(why), "{from}: {err}");
+            assert!(err.starts_with("TWILIO_FROM (twilio.from): "), "{err}");
         }
         // In the file, an array of them is the same list.
         let file: Layer =
@@ -877,7 +893,9 @@ mod tests {
 
     #[test]
     fn a_send_rate_in_the_environment_that_is_not_a_number_is_an_error_naming_it() {
-        let err = Layer::from_env(|k| (k == "SMSFLOW_SEND_RATE").then(|| "0,5".to_string()))
+        let env = Layer::from_env(|k| (k == "SMSFLOW_SEND_RATE").then(|| "0,5".to_string()));
+        let none = Layer::default();
+        let err = check_layers(&none, Path::new("smsflow.toml"), &env.unwrap(), &none)
             .unwrap_err()
             .to_string();
         assert!(
@@ -1062,7 +1080,7 @@ mod tests {
             "smsflow.toml:1:10: listen address \"localhost:80\" is not IP:PORT",
             "smsflow.toml:2:13: send_rate must be",
             "smsflow.toml:3:13: retention \"10m\" is shorter than an hour",
-            "smsflow.toml:5:8: TWILIO_FROM (twilio.from): +15005550006 is listed twice",
+            "smsflow.toml:5:8: sender +15005550006 is listed twice",
         ] {
             assert!(err.contains(told), "{told}\n{err}");
         }
@@ -1080,6 +1098,25 @@ mod tests {
             .to_string();
         assert!(err.contains("--retention: retention \"5m\""), "{err}");
         assert!(!err.contains("send_rate") && !err.contains("10m"), "{err}");
+
+        // A variable's send rate that is no number is told as the others are, unless a flag
+        // overrides it; merged unchecked, it still stops the start.
+        let env = Layer::from_env(|k| (k == "SMSFLOW_SEND_RATE").then(|| "fast".into())).unwrap();
+        let err = check_layers(&none, &path, &env, &none)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("SMSFLOW_SEND_RATE: \"fast\" is not a number"),
+            "{err}"
+        );
+        let flags = Layer {
+            send_rate: Some(2.0),
+            ..Layer::default()
+        };
+        check_layers(&none, &path, &env, &flags).expect("overridden by the flag");
+        assert_eq!(flags.over(env.clone()).resolve().unwrap().send_rate, 2.0);
+        let err = env.resolve().unwrap_err().to_string();
+        assert!(err.contains("send_rate: \"fast\" is not a number"), "{err}");
     }
 
     #[test]
