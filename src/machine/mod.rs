@@ -1018,8 +1018,10 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 self.sub.used_codes = held.collect();
             } else {
                 for code in held {
-                    if !self.sub.used_codes.iter().any(|u| u.code == code.code) {
-                        self.sub.used_codes.push(code);
+                    // The same digits kept from before: until the later expiry.
+                    match self.sub.used_codes.iter_mut().find(|u| u.code == code.code) {
+                        Some(kept) => kept.expires_at = kept.expires_at.max(code.expires_at),
+                        None => self.sub.used_codes.push(code),
                     }
                 }
             }

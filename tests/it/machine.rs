@@ -851,6 +851,29 @@ fn a_code_texted_back_by_a_verified_number_is_not_taken_as_an_answer_and_stays_t
     );
     assert_eq!(messages(&after.effects), ["What's your first name?"]);
     assert!(!format!("{:?}", after.effects).contains("123456"));
+    // The same digits kept from an earlier validation, expiring sooner: kept until the later
+    // expiry.
+    let mut again = validated_before(&s);
+    again.used_codes[0].expires_at = t0() + TimeDelta::minutes(1);
+    let validated = step(
+        again,
+        &Event::OtpSubmitted("123456".into()),
+        &f,
+        t0(),
+        &mut StdRng::seed_from_u64(1),
+    );
+    let later = step(
+        validated.subscriber,
+        &Event::Inbound("123456".into()),
+        &f,
+        t0() + TimeDelta::minutes(5),
+        &mut StdRng::seed_from_u64(1),
+    );
+    assert!(
+        later.subscriber.fields.is_empty(),
+        "{:?}",
+        later.subscriber.fields
+    );
     // Other text is an answer as before.
     let t = step(
         s,
@@ -860,6 +883,13 @@ fn a_code_texted_back_by_a_verified_number_is_not_taken_as_an_answer_and_stays_t
         &mut StdRng::seed_from_u64(1),
     );
     assert_eq!(t.subscriber.fields["first_name"], "Ann");
+}
+
+/// `s` as it is once an app validated its held code before (that code kept among the used).
+fn validated_before(s: &smsflow::machine::Subscriber) -> smsflow::machine::Subscriber {
+    let mut s = s.clone();
+    s.used_codes = s.codes.clone();
+    s
 }
 
 /// The code a number verified with, texted again (its owner thought the first had not
