@@ -196,9 +196,21 @@ fn marked_choice(choices: &[(String, String)], answer: &str) -> Option<Option<St
         .iter()
         .find(|(key, _)| crate::machine::normalize(key) == marked)?;
     let rest = words_of(rest);
+    // Its own label may hold another's words ("email and text" beside "email"): those are no
+    // other choice named.
+    let own = words_of(label);
+    let mut in_own = vec![false; rest.len()];
+    if !own.is_empty() {
+        for (at, _) in (rest.windows(own.len()).enumerate()).filter(|(_, w)| *w == own) {
+            in_own[at..at + own.len()].fill(true);
+        }
+    }
     let names_another = choices.iter().any(|(_, other)| {
         let words = words_of(other);
-        other != label && !words.is_empty() && rest.windows(words.len()).any(|w| w == words)
+        other != label
+            && !words.is_empty()
+            && (rest.windows(words.len()).enumerate())
+                .any(|(at, w)| w == words && !in_own[at..at + words.len()].iter().all(|&c| c))
     });
     Some((!names_another).then(|| label.clone()))
 }

@@ -1576,6 +1576,20 @@ fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
     ] {
         assert_eq!(rating.accept(said).as_deref(), meant, "{said:?}");
     }
+    // A label that holds another's words, copied as shown, is that choice.
+    let contact = smsflow::flows::Expect::Choices(
+        [("A", "email"), ("B", "text"), ("C", "email_and_text")]
+            .map(|(k, l)| (k.to_string(), l.to_string()))
+            .to_vec(),
+    );
+    for (said, meant) in [
+        ("C) email and text", Some("email_and_text")),
+        ("A) email", Some("email")),
+        ("A) email and text", None),
+        ("C) email, no, text", None),
+    ] {
+        assert_eq!(contact.accept(said).as_deref(), meant, "{said:?}");
+    }
     let signed = smsflow::flows::Expect::Range(-5, 5);
     for (said, meant) in [
         ("-3", Some("-3")),
