@@ -170,11 +170,14 @@ impl Runner {
                 };
                 let actual = shown(&sent.text);
                 if !self.matches(rest, &actual)? {
+                    // In the texts themselves: a line break is one character.
+                    let mut differs = first_difference(&unshown(rest), &sent.text);
+                    if !rest.contains('{') && differs.is_empty() {
+                        differs = "\n  (a backslash is written \\\\ in a transcript)".into();
+                    }
                     return Err(format!(
-                        "expected: {rest}{}\n  actual: {actual}{}",
+                        "expected: {rest}{}\n  actual: {actual}{differs}",
                         self.bound_in(rest),
-                        // In the texts themselves: a line break is one character.
-                        first_difference(&unshown(rest), &sent.text)
                     ));
                 }
                 // `<` is a message to the number the transcript is texting as (`! phone`).

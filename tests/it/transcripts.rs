@@ -79,6 +79,11 @@ fn a_line_break_and_a_backslash_n_are_told_apart() {
     );
     assert!(run(&broken, expect_backslash).is_ok());
     assert!(run(&right, expect_backslash).is_err());
+    // A backslash written alone: the texts read the same, so the failure says how to write it.
+    let path = flows("'Saved to C:\\data'");
+    run(&path, "> hi\n< Saved to C:\\\\data\n").unwrap();
+    let failed = run(&path, "> hi\n< Saved to C:\\data\n").unwrap_err();
+    assert!(failed.contains("a backslash is written \\\\"), "{failed}");
 }
 
 /// What a `>` line sends is written as an expected text is: `\n` is a line break. A failure
