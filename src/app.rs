@@ -51,6 +51,9 @@ pub struct Options {
     /// How often the flow watcher checks where the flow directory's path leads (a link
     /// further up it switched to another release: no file event says so).
     pub flow_path_check: Duration,
+    /// How many queued messages one look of the outbox reads at most
+    /// ([`crate::outbox::READ_BUDGET`] by default).
+    pub outbox_read_budget: usize,
 }
 
 impl Default for Options {
@@ -65,6 +68,7 @@ impl Default for Options {
             write_stall_timeout: Duration::from_secs(30),
             clock: crate::clock::Clock::system(),
             flow_path_check: Duration::from_secs(30),
+            outbox_read_budget: crate::outbox::READ_BUDGET,
         }
     }
 }
@@ -388,6 +392,7 @@ impl Application {
             self.provider.clone(),
             self.config.send_rate,
             self.options.retry_base,
+            self.options.outbox_read_budget,
             stop_rx.clone(),
         );
         let outbox = tokio::spawn(flagged(health.clone(), |h| &h.outbox, outbox.run()));

@@ -36,6 +36,8 @@ pub struct Outbox {
     provider: Arc<Provider>,
     interval: Duration,
     retry_base: Duration,
+    /// How many queued messages one look reads at most (see [`READ_BUDGET`]).
+    read_budget: usize,
     /// Each sender's next send slot, by the `From` (or messaging service) it sends as.
     next_slot: HashMap<String, Instant>,
     /// Queued entries that cannot be read, already logged (each is logged once, then skipped).
@@ -51,8 +53,8 @@ pub struct Outbox {
 /// What one unit of work did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Worked {
-    /// One message was sent, retried, suppressed or failed (or a queued one is now on disk):
-    /// look again at once.
+    /// One message was sent, retried, suppressed or failed (or a queued one is now on disk,
+    /// or this look read its share of a long queue): look again at once.
     One,
     /// Nothing is ready: the earliest retry is due at `retry` (on the daemon's clock), and
     /// the earliest message waiting for its sender's turn may go at `turn` (real time).
@@ -70,7 +72,13 @@ enum Read {
     Nothing,
     /// One committed but not yet flushed: nothing after it is read until it is on disk.
     Unflushed,
+    /// This look has read its share ([`READ_BUDGET`]): the next reads on.
+    More,
 }
+
+/// How many queued messages one look reads at most: a backlog whose messages all wait for
+/// their sender's turn is read in slices, the runtime's other tasks served in between.
+pub const READ_BUDGET: usize = 512;
 
 impl Outbox {
     pub fn new(
@@ -78,6 +86,7 @@ impl Outbox {
         provider: Arc<Provider>,
         send_rate: f64,
         retry_base: Duration,
+        read_budget: usize,
         stop: watch::Receiver<bool>,
     ) -> Outbox {
         Outbox {
@@ -85,6 +94,7 @@ impl Outbox {
             provider,
             interval: Duration::from_secs_f64(1.0 / send_rate),
             retry_base,
+            read_budget: read_budget.max(1),
             next_slot: HashMap::new(),
             unreadable: HashSet::new(),
             waiting: None,
@@ -106,7 +116,11 @@ impl Outbox {
                 return;
             }
             let (wait, turn) = match self.try_deliver_one().await {
-                Ok(Worked::One) => continue,
+                // (A look may send nothing and await nothing: the others' turn first.)
+                Ok(Worked::One) => {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
                 // The next retry's time; or nothing queued (a new message wakes the outbox).
                 Ok(Worked::Idle { retry, turn }) => (retry.map_or(Wait::Idle, Wait::Until), turn),
                 Err(e) => {
@@ -149,6 +163,7 @@ impl Outbox {
                 erasures,
                 ..Waiting::default()
             });
+        let mut budget = self.read_budget;
         let (id, msg) = loop {
             // The oldest number whose first message can be tried now; failing that, whatever
             // was queued since the last look.
@@ -168,7 +183,7 @@ impl Outbox {
                     }
                 }
             }
-            match self.read_new(&mut w, now)? {
+            match self.read_new(&mut w, now, &mut budget)? {
                 Read::Found(id, msg) => match self.must_wait(&w, id, &msg) {
                     Some((sender, turn)) => {
                         w.set_head(id, msg.phone, msg.next_try);
@@ -180,6 +195,10 @@ impl Outbox {
                     let (retry, turn) = (w.earliest(), w.next_turn());
                     self.waiting = Some(w);
                     return Ok(Worked::Idle { retry, turn });
+                }
+                Read::More => {
+                    self.waiting = Some(w);
+                    return Ok(Worked::One);
                 }
                 Read::Unflushed => {
                     // Queued but not on disk yet: wait for a flush (usually the writer's own,
@@ -213,8 +232,17 @@ impl Outbox {
 
     /// Reads the messages queued after the last one read, up to the first that can be sent
     /// now; each number met for the first time that must wait gets its first message noted.
-    fn read_new(&mut self, w: &mut Waiting, now: DateTime<Utc>) -> anyhow::Result<Read> {
+    fn read_new(
+        &mut self,
+        w: &mut Waiting,
+        now: DateTime<Utc>,
+        budget: &mut usize,
+    ) -> anyhow::Result<Read> {
         for entry in self.engine.store.outbox_after(w.upto) {
+            if *budget == 0 {
+                return Ok(Read::More);
+            }
+            *budget -= 1;
             let (id, msg) = match entry {
                 Ok(e) => e,
                 // A storage error is the caller's (it waits, then reads everything again):

@@ -2728,6 +2728,28 @@ async fn a_message_that_changes_sender_while_it_waits_does_not_hold_up_its_first
     app.stop().await;
 }
 
+/// A queue longer than one look reads, all of it waiting for one sender's turns, is read in
+/// slices: every message goes, once, in queue order.
+#[tokio::test]
+async fn a_long_queue_behind_one_senders_turns_is_read_in_slices_and_all_sent_once() {
+    // Ten messages a second; a look reads four at most.
+    let app =
+        TestApp::spawn_adjusted(FLOWS, |c| c.send_rate = 10.0, |o| o.outbox_read_budget = 4).await;
+    let n = 24;
+    let numbers: Vec<String> = (0..n).map(|i| format!("+1555{i:07}")).collect();
+    // The first send is held while the others queue behind it, unread.
+    app.twilio.hold();
+    for number in &numbers {
+        assert_eq!(app.sms(number, "JOIN").await.0, 200);
+    }
+    assert_eq!(app.twilio.held(), 1, "the first code's send is held");
+    app.twilio.release();
+    let sent = app.twilio.wait_delivered(n).await;
+    let to: Vec<&str> = sent.iter().map(|r| r.to.as_str()).collect();
+    assert_eq!(to, numbers, "each number's code, once, in queue order");
+    app.stop().await;
+}
+
 /// With several numbers in `TWILIO_FROM`, what is sent to a number (its code, the steps after
 /// it) comes from the number of ours it texted; a number that texted none of them, and the
 /// OTP API's texts, from the first.
