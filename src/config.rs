@@ -232,7 +232,7 @@ impl Layer {
         toml::from_str::<Layer>(&text)
             .map(Layer::tidy)
             .map_err(|e| {
-                let (line, col) = e.span().map_or((1, 1), |s| line_col(&text, s.start));
+                let (line, col) = e.span().map_or((1, 1), |s| crate::line_col(&text, s.start));
                 anyhow::anyhow!("{}:{line}:{col}: {}", path.display(), e.message().trim())
             })
     }
@@ -375,11 +375,13 @@ impl Layer {
     /// `self` with every unset value taken from `lower` (a blank one is unset: `--listen=`
     /// leaves `SMSFLOW_LISTEN` in force).
     pub fn over(self, lower: Layer) -> Layer {
-        // What the lower layer could not read counts only where this one does not override it.
-        let mut unread: Vec<(&'static str, String)> = (lower.unread.into_iter())
+        // What the lower layer could not read counts only where this one does not override
+        // it, after what this one could not.
+        let below: Vec<(&'static str, String)> = (lower.unread.into_iter())
             .filter(|(key, _)| !self.sets(key))
             .collect();
-        unread.extend(self.unread);
+        let mut unread = self.unread;
+        unread.extend(below);
         Layer {
             listen: non_blank(self.listen).or(lower.listen),
             public_url: non_blank(self.public_url).or(lower.public_url),
@@ -493,20 +495,6 @@ const MIN_SEND_RATE: f64 = 0.001;
 /// How `api_base` is named in its problems.
 const API_BASE: &str = "TWILIO_API_BASE (api_base)";
 
-/// Line and column (from 1) of the character byte `offset` of `text` is in.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    // The character the offset starts in (an offset inside one can no longer panic).
-    let start = (0..=offset.min(text.len()))
-        .rev()
-        .find(|&i| text.is_char_boundary(i))
-        .unwrap_or(0);
-    let before = &text[..start];
-    (
-        before.matches('\n').count() + 1,
-        before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
-    )
-}
-
 /// Every value `serve` would use that cannot be used, each named by where it came from: its
 /// place in the config file at `path` (`smsflow.toml:3:13: …`), its variable, its flag. (A
 /// value a higher layer overrides is not used, and not looked at.)
@@ -541,7 +529,14 @@ pub fn check_layers(file: &Layer, path: &Path, env: &Layer, flags: &Layer) -> an
         let text = std::fs::read_to_string(path).unwrap_or_default();
         let spans: FileSpans = toml::from_str(&text).unwrap_or_default();
         let mut located: Vec<((usize, usize), anyhow::Error)> = (in_file.into_iter())
-            .map(|(key, e)| (spans.of(key).map_or((1, 1), |at| line_col(&text, at)), e))
+            .map(|(key, e)| {
+                (
+                    spans
+                        .of(key)
+                        .map_or((1, 1), |at| crate::line_col(&text, at)),
+                    e,
+                )
+            })
             .collect();
         located.sort_by_key(|(at, _)| *at);
         told.extend(

@@ -53,6 +53,20 @@ pub fn ascii_digits(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// 1-based line and column (in characters) of the character byte `offset` of `text` is in
+/// (an offset inside a character counts as that character's; past the end, as the end).
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let start = (0..=offset.min(text.len()))
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    let before = &text[..start];
+    (
+        before.matches('\n').count() + 1,
+        before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
+    )
+}
+
 /// A duration as flows and transcripts write it (`30s`, `10m`, `1h 30m`), read by humantime,
 /// with its complaint in words that name the character at fault rather than its 0-based
 /// offset (which would read as a column beside a file's 1-based line:col).

@@ -119,7 +119,7 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Problems> {
                 let bytes = e.as_bytes();
                 let good = e.utf8_error().valid_up_to();
                 let before = String::from_utf8_lossy(&bytes[..good]);
-                let (line, col) = line_col(&before, good);
+                let (line, col) = crate::line_col(&before, good);
                 return Err(Problems(vec![Problem {
                     file: path,
                     line,
@@ -558,7 +558,7 @@ struct Cx {
 impl Cx {
     fn err(&mut self, file: usize, span: Range<usize>, message: impl Into<String>) {
         let (path, text) = &self.sources[file];
-        let (line, col) = line_col(text, span.start);
+        let (line, col) = crate::line_col(text, span.start);
         self.problems.push(Problem {
             file: path.clone(),
             line,
@@ -583,7 +583,7 @@ impl Cx {
 
     fn place(&self, file: usize, span: &Range<usize>) -> String {
         let (path, text) = &self.sources[file];
-        let (line, col) = line_col(text, span.start);
+        let (line, col) = crate::line_col(text, span.start);
         format!("{}:{line}:{col}", path.display())
     }
 
@@ -1970,13 +1970,4 @@ fn valid_key(k: &str) -> bool {
 /// A built-in text; the tests load an empty set, which parses every one of them.
 fn fixed(text: &str) -> Template {
     Template::parse(text).unwrap_or_else(|_| Template::literal(text))
-}
-
-/// 1-based line and column (in characters) of byte `offset` in `text`.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = text.get(..offset).unwrap_or(text);
-    let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, col)
 }
