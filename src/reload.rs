@@ -171,10 +171,19 @@ pub struct Reloader {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct LastReload {
     pub ok: bool,
+    /// Written as every other time the API shows (RFC 3339, `+00:00`).
+    #[serde(serialize_with = "rfc3339")]
     pub at: chrono::DateTime<chrono::Utc>,
     pub trigger: String,
     /// How many problems kept the new flows out (0 when `ok`).
     pub problems: usize,
+}
+
+fn rfc3339<S: serde::Serializer>(
+    at: &chrono::DateTime<chrono::Utc>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&at.to_rfc3339())
 }
 
 type Sources = Vec<(PathBuf, String)>;

@@ -108,7 +108,8 @@ fn success() -> Response {
 struct GetOtp {
     #[serde(default, deserialize_with = "given")]
     phone: Option<serde_json::Value>,
-    channel: Option<String>,
+    #[serde(default, deserialize_with = "given")]
+    channel: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -119,8 +120,8 @@ struct ValidateOtp {
     otp: Option<serde_json::Value>,
 }
 
-/// A field that is there, `null` included (`None` is only a missing one): a null phone or
-/// code is one of the wrong type, not a missing one.
+/// A field that is there, `null` included (`None` is only a missing one): a null phone, code
+/// or channel is one of the wrong type, not a missing one.
 fn given<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
     serde_json::Value::deserialize(d).map(Some)
 }
@@ -133,10 +134,15 @@ pub async fn get_otp(
     authorize(&state, &headers)?;
     let req: GetOtp = json(&headers, &body)?;
     let phone = phone(&state, req.phone)?;
-    let channel = req
-        .channel
-        .as_deref()
-        .map(|c| c.trim().to_ascii_lowercase());
+    let channel = match req.channel {
+        None => None,
+        Some(serde_json::Value::String(c)) => Some(c.trim().to_ascii_lowercase()),
+        Some(_) => {
+            return Err(OtpError::BadRequest(
+                "channel must be a JSON string, \"sms\" or \"voice\"".into(),
+            ))
+        }
+    };
     let voice = match channel.as_deref() {
         None | Some("sms") => false,
         Some("voice") => true,

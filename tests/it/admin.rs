@@ -707,6 +707,15 @@ async fn a_broken_flow_file_leaves_the_old_flows_and_a_valid_edit_goes_live() {
         last["ok"] == false && last["problems"].as_u64() > Some(0)
     })
     .await;
+    // Its time is written as the admin API writes times.
+    let at = last_reload(&app).await["at"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        at.ends_with("+00:00") && chrono::DateTime::parse_from_rfc3339(&at).is_ok(),
+        "{at}"
+    );
     // The counts are this daemon's own (not shared with the other daemons of this test run).
     // (A watcher may catch the file half-written, and count that look's failure too.)
     let metrics = text(&app, "/metrics").await;

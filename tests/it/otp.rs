@@ -170,16 +170,18 @@ async fn malformed_requests_are_exit_2() {
             "must be a JSON object",
         );
     }
-    assert_failure(
-        &raw(
-            r#"{"phone":"+15550004444","channel":5}"#,
-            "application/json",
-        )
-        .await,
-        400,
-        2,
-        "a field has the wrong type",
-    );
+    // A channel that is no string, null too (as a null phone or code), is no channel.
+    for body in [
+        r#"{"phone":"+15550004444","channel":5}"#,
+        r#"{"phone":"+15550004444","channel":null}"#,
+    ] {
+        assert_failure(
+            &raw(body, "application/json").await,
+            400,
+            2,
+            "channel must be a JSON string",
+        );
+    }
     assert_failure(
         &raw(
             r#"{"phone":"+15550004444","phone":"+15550005555"}"#,
