@@ -299,6 +299,11 @@ fn plain_words(msg: &str) -> String {
     {
         return format!("{msg} (a number is written without quotes, as in weight = 2)");
     }
+    // A whole number past what any setting takes (TOML reads it as a 128-bit one).
+    if msg.starts_with("invalid type: integer") && msg.contains(" as i128") {
+        let number = msg.split('`').nth(1).unwrap_or("it");
+        return format!("{number} is out of range: no setting takes a number this far from 0");
+    }
     if msg.starts_with("invalid type: floating point") && msg.contains("a whole number") {
         return format!("{msg} (without a decimal point, as in code_length = 6)");
     }

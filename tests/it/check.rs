@@ -584,6 +584,11 @@ fn a_shape_mistake_says_what_to_write_instead() {
             "a number is written without quotes",
         ),
         (
+            "[verify]\ncode_length = 99999999999999999999\n",
+            "a.toml:2:15:",
+            "99999999999999999999 is out of range: no setting takes a number this far from 0",
+        ),
+        (
             "[bot]\nname = \"X\"\n[[form.field]]\nkey = \"zip\"\nask = \"Zip?\"\nexpect = { pattern = \"\" }\n",
             "a.toml:6:",
             "empty pattern: no answer could ever match it",
