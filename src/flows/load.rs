@@ -427,6 +427,7 @@ struct RawVerify {
     send_window: Text,
     after_otp_api: Text,
     send: Text,
+    api_send: Text,
     wrong: Text,
     not_a_code: Text,
     expired: Text,
@@ -1101,6 +1102,9 @@ impl Cx {
                 "{bot.name}: your code is {code}. Reply with it to confirm.",
                 with_code,
             ),
+            api_send: r
+                .api_send
+                .map(|s| self.checked_text(f, &s, "verify.api_send", with_code)),
             wrong: self.text(
                 f,
                 r.wrong,
@@ -1918,6 +1922,7 @@ impl RawVerify {
             send_window: None,
             after_otp_api: None,
             send: None,
+            api_send: None,
             wrong: None,
             not_a_code: None,
             expired: None,

@@ -70,6 +70,9 @@ pub struct Verify {
     pub send_window: TimeDelta,
     pub after_otp_api: AfterOtpApi,
     pub send: Template,
+    /// The text of a code the OTP API sends (an app's code, which the app checks: its text
+    /// need not ask for a reply); `None`: `send`.
+    pub api_send: Option<Template>,
     pub wrong: Template,
     /// To a text, while a code is awaited, that is no code at all ("hi", "3:30"): no guess
     /// is counted, and the text says what is awaited.

@@ -957,7 +957,12 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             self.sub.state = State::AwaitingCode;
         }
         self.code = Some(code);
-        let text = self.render(&self.flows.verify.send);
+        let v = &self.flows.verify;
+        let template = match (via, &v.api_send) {
+            ("otp_api", Some(api)) => api,
+            _ => &v.send,
+        };
+        let text = self.render(template);
         self.effects.push(Effect::SendCode {
             text,
             code: Code(self.code.clone().unwrap_or_default()),

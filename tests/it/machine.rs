@@ -892,6 +892,49 @@ fn validated_before(s: &smsflow::machine::Subscriber) -> smsflow::machine::Subsc
     s
 }
 
+/// A code the OTP API asks for is sent with `verify.api_send` when the flows have one; a
+/// code asked for by text, with `verify.send`.
+#[test]
+fn an_apps_code_goes_with_its_own_text_when_the_flows_have_one() {
+    let f = smsflow::flows::load_sources(vec![(
+        "f.toml".into(),
+        "[bot]\nname = \"Bot\"\n[verify]\napi_send = \"Your app code: {code}\"\n".into(),
+    )])
+    .unwrap();
+    let texts = |event: &Event| {
+        let t = step(
+            subscriber(State::Unverified),
+            event,
+            &f,
+            t0(),
+            &mut StdRng::seed_from_u64(1),
+        );
+        let code = &t.subscriber.codes[0].code;
+        (t.effects.iter())
+            .find_map(|e| match e {
+                Effect::SendCode { text, .. } => Some(text.replace(code.as_str(), "<code>")),
+                _ => None,
+            })
+            .expect("a code is sent")
+    };
+    assert_eq!(texts(&Event::OtpRequested), "Your app code: <code>");
+    assert_eq!(
+        texts(&Event::Inbound("JOIN".into())),
+        "Bot: your code is <code>. Reply with it to confirm."
+    );
+    // Without one, the app's code goes with `send`.
+    let problems = smsflow::flows::load_sources(vec![(
+        "f.toml".into(),
+        "[verify]\napi_send = \"Your app code\"\n".into(),
+    )])
+    .unwrap_err()
+    .to_string();
+    assert!(
+        problems.contains("verify.api_send must contain {code}"),
+        "{problems}"
+    );
+}
+
 /// The code a number verified with, texted again (its owner thought the first had not
 /// arrived), is not the answer to the question that followed: the question is asked again.
 /// It verifies nothing more (the OTP API refuses it), and once expired it is ordinary text.
