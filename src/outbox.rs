@@ -239,10 +239,6 @@ impl Outbox {
         budget: &mut usize,
     ) -> anyhow::Result<Read> {
         for entry in self.engine.store.outbox_after(w.upto) {
-            if *budget == 0 {
-                return Ok(Read::More);
-            }
-            *budget -= 1;
             let (id, msg) = match entry {
                 Ok(e) => e,
                 // A storage error is the caller's (it waits, then reads everything again):
@@ -260,6 +256,12 @@ impl Outbox {
                     continue;
                 }
             };
+            // (Counted in entries read, which the next look does not read again: one that
+            // cannot be read is met again by every look, as `upto` cannot move past it.)
+            if *budget == 0 {
+                return Ok(Read::More);
+            }
+            *budget -= 1;
             // Committed but not yet flushed: the caller has it flushed, then looks again. (Sent
             // now, a crash before the flush would queue it again when its event came back.)
             if !self.engine.store.outbox_durable(id) {

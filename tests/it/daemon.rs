@@ -1508,6 +1508,35 @@ async fn a_queued_message_not_yet_on_disk_is_flushed_by_the_outbox_and_then_sent
     app.stop().await;
 }
 
+/// Queued entries that cannot be read, more of them than one look of the outbox reads, hold
+/// up nothing queued behind them (a look counts the entries it moves past, not those).
+#[tokio::test]
+async fn more_unreadable_queued_entries_than_a_look_reads_hold_up_nothing_behind_them() {
+    let data = Arc::new(tempfile::tempdir().unwrap());
+    let flows = tempfile::tempdir().unwrap();
+    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
+    {
+        let db = reopen(|| sled::open(data.path()));
+        // Sorting before every real id, so each look meets them first.
+        let outbox = db.open_tree("outbox").unwrap();
+        for length in 1..=3 {
+            outbox.insert(vec![0u8; length], &b"garbage"[..]).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let options = smsflow::app::Options {
+        quiet_console: true,
+        outbox_read_budget: 2,
+        ..smsflow::app::Options::default()
+    };
+    let twilio = FakeTwilio::start().await;
+    let app = TestApp::start(twilio, data, Arc::new(flows), options, |_| {}).await;
+    assert_eq!(app.sms(ANN, "JOIN").await.0, 200);
+    let sent = app.twilio.wait_delivered(1).await;
+    assert_eq!(sent[0].to, ANN);
+    app.stop().await;
+}
+
 /// A data dir with one number's record and one queued message that cannot be read (disk
 /// damage, or a newer smsflow): everyone else is still served, the damaged number's timer
 /// does not fire again and again, and an operator can still erase the number.
@@ -2728,10 +2757,10 @@ async fn a_message_that_changes_sender_while_it_waits_does_not_hold_up_its_first
     app.stop().await;
 }
 
-/// A queue longer than one look reads, all of it waiting for one sender's turns, is read in
-/// slices: every message goes, once, in queue order.
+/// A queue longer than one look reads (four, here), all of it waiting for one sender's turns,
+/// is read a slice at a time: every message goes, once, in queue order.
 #[tokio::test]
-async fn a_long_queue_behind_one_senders_turns_is_read_in_slices_and_all_sent_once() {
+async fn a_long_queue_behind_one_senders_turns_read_four_at_a_time_is_all_sent_once_in_order() {
     // Ten messages a second; a look reads four at most.
     let app =
         TestApp::spawn_adjusted(FLOWS, |c| c.send_rate = 10.0, |o| o.outbox_read_budget = 4).await;
