@@ -113,7 +113,7 @@ fn sender_entry(entry: &str) -> anyhow::Result<String> {
         }
         return crate::phone::Phone::parse(entry)
             .map(|p| p.as_str().to_string())
-            .map_err(|e| anyhow::anyhow!("sender {shown:?}: {e}"));
+            .map_err(|e| anyhow::anyhow!("sender {e}"));
     }
     if entry.chars().all(|c| c.is_ascii_digit()) {
         return match entry.len() {
@@ -307,7 +307,9 @@ impl Layer {
             if read.is_none() {
                 unread.push((
                     "send_rate",
-                    format!("{v:?} is not a number (messages per second, such as 1 or 0.5)"),
+                    format!(
+                        "SMSFLOW_SEND_RATE {v:?} is not a number (messages per second, such as 1 or 0.5)"
+                    ),
                 ));
             }
             read
@@ -414,8 +416,8 @@ impl Layer {
 
     /// Applies defaults and checks values.
     pub fn resolve(self) -> anyhow::Result<Config> {
-        if let Some((key, problem)) = self.unread.first() {
-            anyhow::bail!("{key}: {problem}");
+        if let Some((_, problem)) = self.unread.first() {
+            anyhow::bail!("{problem}");
         }
         let (data_dir, flows_dir) = self.dirs();
         // Blank is unset, as for a variable, wherever it is written (the file, a flag).
@@ -1101,7 +1103,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("SMSFLOW_SEND_RATE: \"fast\" is not a number"),
+            err.contains("SMSFLOW_SEND_RATE \"fast\" is not a number"),
             "{err}"
         );
         let flags = Layer {
@@ -1111,7 +1113,10 @@ mod tests {
         check_layers(&none, &path, &env, &flags).expect("overridden by the flag");
         assert_eq!(flags.over(env.clone()).resolve().unwrap().send_rate, 2.0);
         let err = env.resolve().unwrap_err().to_string();
-        assert!(err.contains("send_rate: \"fast\" is not a number"), "{err}");
+        assert!(
+            err.contains("SMSFLOW_SEND_RATE \"fast\" is not a number"),
+            "{err}"
+        );
     }
 
     #[test]

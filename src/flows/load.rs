@@ -299,8 +299,12 @@ fn plain_words(msg: &str) -> String {
     {
         return format!("{msg} (a number is written without quotes, as in weight = 2)");
     }
-    // A whole number past what any setting takes (TOML reads it as a 128-bit one).
-    if msg.starts_with("invalid type: integer") && msg.contains(" as i128") {
+    // A whole number past what any setting takes (TOML reads one past i64 as a u64 or a
+    // 128-bit one).
+    let huge = (msg.starts_with("invalid type: integer")
+        && (msg.contains(" as i128") || msg.contains(" as u128")))
+        || msg.starts_with("invalid value: integer");
+    if huge && msg.contains("a whole number") {
         let number = msg.split('`').nth(1).unwrap_or("it");
         return format!("{number} is out of range: no setting takes a number this far from 0");
     }

@@ -102,7 +102,7 @@ impl Template {
                         " (a voice text knows {bot.name}, and {code} where one is read)"
                     }
                     "code" => {
-                        " ({code} only exists in verify.send, verify.voice and ivr.read_code)"
+                        " ({code} only exists in verify.send, verify.api_send, verify.voice and ivr.read_code)"
                     }
                     "current" => " ({current} only exists in form.current)",
                     n if n.starts_with("field.") => {

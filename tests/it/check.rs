@@ -544,7 +544,10 @@ read_code_callers = "verified"
         ("v.toml:6:", "verify.voice must contain {code}"),
         ("v.toml:12:", "ivr.read_code must contain {code}"),
         ("v.toml:11:", "there is no [ivr.menu.*] at all"),
-        ("v.toml:7:", "verify.send, verify.voice and ivr.read_code"),
+        (
+            "v.toml:7:",
+            "verify.send, verify.api_send, verify.voice and ivr.read_code",
+        ),
         (
             "v.toml:8:",
             "verify.welcome_back: unknown placeholder {code}",
@@ -587,6 +590,16 @@ fn a_shape_mistake_says_what_to_write_instead() {
             "[verify]\ncode_length = 99999999999999999999\n",
             "a.toml:2:15:",
             "99999999999999999999 is out of range: no setting takes a number this far from 0",
+        ),
+        (
+            "[verify]\ncode_length = 10000000000000000000\n",
+            "a.toml:2:15:",
+            "10000000000000000000 is out of range",
+        ),
+        (
+            "[bot]\nname = 99999999999999999999\n",
+            "a.toml:2:8:",
+            "written in quotes",
         ),
         (
             "[bot]\nname = \"X\"\n[[form.field]]\nkey = \"zip\"\nask = \"Zip?\"\nexpect = { pattern = \"\" }\n",

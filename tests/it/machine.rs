@@ -896,16 +896,12 @@ fn validated_before(s: &smsflow::machine::Subscriber) -> smsflow::machine::Subsc
 /// code asked for by text, with `verify.send`.
 #[test]
 fn an_apps_code_goes_with_its_own_text_when_the_flows_have_one() {
-    let f = smsflow::flows::load_sources(vec![(
-        "f.toml".into(),
-        "[bot]\nname = \"Bot\"\n[verify]\napi_send = \"Your app code: {code}\"\n".into(),
-    )])
-    .unwrap();
-    let texts = |event: &Event| {
+    let load = |toml: &str| smsflow::flows::load_sources(vec![("f.toml".into(), toml.into())]);
+    let text_of = |f: &Flows, event: &Event| {
         let t = step(
             subscriber(State::Unverified),
             event,
-            &f,
+            f,
             t0(),
             &mut StdRng::seed_from_u64(1),
         );
@@ -917,18 +913,18 @@ fn an_apps_code_goes_with_its_own_text_when_the_flows_have_one() {
             })
             .expect("a code is sent")
     };
-    assert_eq!(texts(&Event::OtpRequested), "Your app code: <code>");
-    assert_eq!(
-        texts(&Event::Inbound("JOIN".into())),
-        "Bot: your code is <code>. Reply with it to confirm."
-    );
+    let f =
+        load("[bot]\nname = \"Bot\"\n[verify]\napi_send = \"Your app code: {code}\"\n").unwrap();
+    assert_eq!(text_of(&f, &Event::OtpRequested), "Your app code: <code>");
+    let by_text = "Bot: your code is <code>. Reply with it to confirm.";
+    assert_eq!(text_of(&f, &Event::Inbound("JOIN".into())), by_text);
     // Without one, the app's code goes with `send`.
-    let problems = smsflow::flows::load_sources(vec![(
-        "f.toml".into(),
-        "[verify]\napi_send = \"Your app code\"\n".into(),
-    )])
-    .unwrap_err()
-    .to_string();
+    let plain = load("[bot]\nname = \"Bot\"\n").unwrap();
+    assert_eq!(text_of(&plain, &Event::OtpRequested), by_text);
+    // One without its code is refused.
+    let problems = load("[verify]\napi_send = \"Your app code\"\n")
+        .unwrap_err()
+        .to_string();
     assert!(
         problems.contains("verify.api_send must contain {code}"),
         "{problems}"
