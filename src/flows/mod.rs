@@ -161,17 +161,26 @@ fn choice_in_words(choices: &[(String, String)], answer: &str) -> Option<String>
     let starts = [Some(&said[..]), article.then(|| &said[1..])];
     // Each label a start begins with, and whether another is named after it ("bike, no
     // wait, laptop"): one label and no other, or no choice.
-    let mut found: Vec<(&String, bool)> = Vec::new();
+    let mut found: Vec<(&String, &[String], bool)> = Vec::new();
     for start in starts.into_iter().flatten() {
         for (label, words) in &labels {
             if let Some(rest) = start.strip_prefix(words.as_slice()) {
                 let other = labels
                     .iter()
                     .any(|(_, w)| rest.windows(w.len()).any(|r| r == w.as_slice()));
-                found.push((label, other));
+                found.push((label, words, other));
             }
         }
     }
+    // A label that starts another found ("email" in "email and text please"): the longer
+    // one is what was written.
+    let longer = |words: &[String]| {
+        (found.iter()).any(|(_, w, _)| w.len() > words.len() && w.starts_with(words))
+    };
+    let found: Vec<(&String, bool)> = (found.iter())
+        .filter(|(_, words, _)| !longer(words))
+        .map(|(label, _, other)| (*label, *other))
+        .collect();
     match found.as_slice() {
         [(label, false)] => Some((*label).clone()),
         _ => None,

@@ -1626,6 +1626,10 @@ fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
         ("A) email", Some("email")),
         ("A) email and text", None),
         ("C) email, no, text", None),
+        // A label that starts another: the longer one, written whole, is the choice.
+        ("email and text please", Some("email_and_text")),
+        ("email please", Some("email")),
+        ("email, no, text", None),
     ] {
         assert_eq!(contact.accept(said).as_deref(), meant, "{said:?}");
     }
