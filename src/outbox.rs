@@ -10,6 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use rand::RngExt;
 use tokio::sync::watch;
+use tokio::task::{self, JoinSet};
 use tokio::time::Instant;
 
 use crate::clock::Wait;
@@ -45,16 +46,34 @@ pub struct Outbox {
     /// What the last look found when nothing was ready, so that a wake-up for a newly queued
     /// message reads only the new ones instead of the whole backlog (a long outage).
     waiting: Option<Waiting>,
-    /// A send's outcome is not known to be on disk yet: no other send until it is.
-    owes_flush: bool,
+    /// Messages whose send is in flight (at most [`IN_FLIGHT`]), and their numbers: none of
+    /// a number's messages is picked while one of its own is.
+    flying: HashMap<u64, Phone>,
+    /// The sends in flight, each recording its outcome and making it durable.
+    sends: JoinSet<anyhow::Result<()>>,
+    /// The message each send in flight is for.
+    task_of: HashMap<task::Id, u64>,
     stop: watch::Receiver<bool>,
+}
+
+/// How many sends may be in flight at once, each to a different number: with one at a time,
+/// the provider's answer time (100 to 300 ms for Twilio) capped the outbox at a few messages
+/// a second, whatever the senders' rates allowed.
+pub const IN_FLIGHT: usize = 16;
+
+/// What a send in flight needs, apart from the outbox.
+struct Flight {
+    engine: Arc<Engine>,
+    provider: Arc<Provider>,
+    retry_base: Duration,
 }
 
 /// What one unit of work did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Worked {
-    /// One message was sent, retried, suppressed or failed (or a queued one is now on disk,
-    /// or this look read its share of a long queue): look again at once.
+    /// One message's send began, or it was held, suppressed or failed, or a send landed (or
+    /// a queued one is now on disk, or this look read its share of a long queue): look again
+    /// at once.
     One,
     /// Nothing is ready: the earliest retry is due at `retry` (on the daemon's clock), and
     /// the earliest message waiting for its sender's turn may go at `turn` (real time).
@@ -98,7 +117,9 @@ impl Outbox {
             next_slot: HashMap::new(),
             unreadable: HashSet::new(),
             waiting: None,
-            owes_flush: false,
+            flying: HashMap::new(),
+            sends: JoinSet::new(),
+            task_of: HashMap::new(),
             stop,
         }
     }
@@ -107,13 +128,13 @@ impl Outbox {
         let mut stop = self.stop.clone();
         loop {
             if *stop.borrow() {
-                return;
+                break;
             }
             if self.engine.store.failure().is_some() {
                 // What it sent could not be recorded, to be sent again after the restart:
                 // nothing more goes out; the daemon is stopping.
                 let _ = stop.wait_for(|s| *s).await;
-                return;
+                break;
             }
             let (wait, turn) = match self.try_deliver_one().await {
                 // (A look may send nothing and await nothing: the others' turn first.)
@@ -134,22 +155,67 @@ impl Outbox {
                     None => std::future::pending().await,
                 }
             };
+            let flying = !self.sends.is_empty();
             tokio::select! {
                 _ = self.engine.clock().wait(wait) => {}
                 _ = turn_comes => {}
                 _ = self.engine.outbox_changed.notified() => {}
-                _ = stop.changed() => return,
+                Some(landed) = self.sends.join_next_with_id(), if flying => self.land(landed),
+                _ = stop.changed() => break,
             }
+        }
+        // The sends in flight are waited for: cut off, a message Twilio took would be left
+        // unrecorded, to be sent again after the restart.
+        while let Some(landed) = self.sends.join_next_with_id().await {
+            self.land(landed);
         }
     }
 
-    /// Picks the oldest ready message whose number has no earlier message waiting and whose
-    /// sender's turn has come, and delivers it (or schedules its retry). One whose sender's
-    /// turn is still to come waits for it while others' messages go.
+    /// A send is done (sent, retried later, failed): its number's next message may go.
+    fn land(&mut self, landed: Result<(task::Id, anyhow::Result<()>), task::JoinError>) {
+        let (task, outcome) = match landed {
+            Ok(done) => done,
+            // (A send never panics; should one, its number must not wait for ever.)
+            Err(e) => (e.id(), Err(anyhow::anyhow!("a send stopped: {e}"))),
+        };
+        let Some(id) = self.task_of.remove(&task) else {
+            return;
+        };
+        let Some(phone) = self.flying.remove(&id) else {
+            return;
+        };
+        let Some(mut w) = self.waiting.take() else {
+            return;
+        };
+        // Where its number stands now: retried (the same first message, later), or done
+        // (its next message, if one was read already, comes first now). Any error: the next
+        // look reads everything again.
+        let placed = outcome.and_then(|()| match still_queued(&self.engine.store, id)? {
+            Some(m) => {
+                w.set_head(id, phone, m.next_try);
+                Ok(())
+            }
+            None => self.advance(&mut w, id, phone),
+        });
+        match placed {
+            Ok(()) => self.waiting = Some(w),
+            Err(e) => tracing::error!("outbox: {e:#}"),
+        }
+    }
+
+    /// Picks the oldest ready message whose number has no earlier message waiting or in
+    /// flight and whose sender's turn has come, and starts its send (or holds or ends it).
+    /// One whose sender's turn is still to come waits for it while others' messages go.
     pub async fn try_deliver_one(&mut self) -> anyhow::Result<Worked> {
-        if self.owes_flush {
-            self.engine.durable().await?;
-            self.owes_flush = false;
+        while let Some(landed) = self.sends.try_join_next_with_id() {
+            self.land(landed);
+        }
+        if self.flying.len() >= IN_FLIGHT {
+            // Every send slot is taken: the first send to land frees one.
+            if let Some(landed) = self.sends.join_next_with_id().await {
+                self.land(landed);
+            }
+            return Ok(Worked::One);
         }
         let now = self.engine.clock().now();
         let erasures = self.engine.store.erasures();
@@ -168,6 +234,11 @@ impl Outbox {
             // The oldest number whose first message can be tried now; failing that, whatever
             // was queued since the last look.
             if let Some((id, phone)) = w.due(now) {
+                // Its number's send is in flight: it waits until that lands.
+                if self.flying.values().any(|p| *p == phone) {
+                    w.fly(id);
+                    continue;
+                }
                 match still_queued(&self.engine.store, id)? {
                     Some(msg) => match self.must_wait(&w, id, &msg) {
                         Some((sender, turn)) => {
@@ -184,6 +255,11 @@ impl Outbox {
                 }
             }
             match self.read_new(&mut w, now, &mut budget)? {
+                // (Met again when this look reads everything anew.)
+                Read::Found(id, msg) if self.flying.values().any(|p| *p == msg.phone) => {
+                    w.set_head(id, msg.phone, msg.next_try);
+                    w.fly(id);
+                }
                 Read::Found(id, msg) => match self.must_wait(&w, id, &msg) {
                     Some((sender, turn)) => {
                         w.set_head(id, msg.phone, msg.next_try);
@@ -211,14 +287,16 @@ impl Outbox {
             }
         };
         let phone = msg.phone.clone();
-        self.owes_flush = true;
-        self.deliver(id, msg).await?;
-        // Make the outcome durable before the next send, so a crash cannot make a restart
-        // send this message again (except in the instant between the provider's answer and
-        // this flush). The flush is shared with whatever the writer commits meanwhile. Should
-        // it fail, the next look asks again before it sends anything.
+        let next_try = msg.next_try;
+        if self.deliver(id, msg).await? {
+            // In flight: its number's later messages wait until it lands (see `land`).
+            w.set_head(id, phone, next_try);
+            w.fly(id);
+            self.waiting = Some(w);
+            return Ok(Worked::One);
+        }
+        // Held or ended unsent: on disk before it is looked at again.
         self.engine.durable().await?;
-        self.owes_flush = false;
         // Where its number stands now: retried (the same first message, later), or done
         // (its next message, if one was read already, comes first now). A storage error
         // returns before `w` is kept, so the next look reads everything again.
@@ -351,7 +429,9 @@ impl Outbox {
         Ok(())
     }
 
-    async fn deliver(&mut self, id: u64, mut msg: OutMessage) -> anyhow::Result<()> {
+    /// Sends message `id` (its send in flight: `true`), or holds it for quiet hours, or
+    /// ends it unsent.
+    async fn deliver(&mut self, id: u64, mut msg: OutMessage) -> anyhow::Result<bool> {
         let store = &self.engine.store;
         // A follow-up due before quiet hours but reached only in them (a backlog behind the
         // rate limit, an outage's retries) waits until they end, as its timer would have:
@@ -364,14 +444,14 @@ impl Outbox {
             if let Some(end) = quiet.filter(|_| !code_behind(store, &msg.phone, id)) {
                 tracing::info!(phone = %msg.phone.masked(), until = %end, "outbox: holding a follow-up until quiet hours end");
                 msg.next_try = end;
-                return store.outbox_update(id, &msg);
+                return store.outbox_update(id, &msg).map(|()| false);
             }
         }
         // The send rate, per sender (the number of ours the message goes from); a shutdown
         // does not wait for the slot. A message that will not be sent (its number opted
-        // out, or is gone, or its code expired) takes no slot from the others. Messages go
-        // one at a time; `try_deliver_one` picked one whose sender's turn has come, so this
-        // waits only when its number wrote to another of ours since, whose turn it is not.
+        // out, or is gone, or its code expired) takes no slot from the others.
+        // `try_deliver_one` picked one whose sender's turn has come, so this waits only when
+        // its number wrote to another of ours since, whose turn it is not.
         let mut record = sendable(store, &msg, id);
         let mut expired = self.code_expired(&msg);
         let mut waited = None;
@@ -391,7 +471,7 @@ impl Outbox {
             }
             tokio::select! {
                 _ = tokio::time::sleep_until(slot.unwrap_or_else(Instant::now)) => {}
-                _ = self.stop.wait_for(|stopped| *stopped) => return Ok(()),
+                _ = self.stop.wait_for(|stopped| *stopped) => return Ok(false),
                 _ = store.failed() => break,
             }
             // Read again after the wait: it may go from another of our numbers now (it
@@ -405,12 +485,14 @@ impl Outbox {
         if let Some(why) = store.failure() {
             anyhow::bail!("not sending: the store failed ({why})");
         }
-        // Until its record is stored, a delivery report for an unknown id may be this send's.
-        let _in_flight = store.send_in_flight();
-        // A code that will not be sent, to withdraw.
-        let mut withdraw = None;
-        // How the message ends: its delivery's status, provider id, error code and error.
-        let (status, sid, code, error) = match record {
+        let flight = Flight {
+            engine: self.engine.clone(),
+            provider: self.provider.clone(),
+            retry_base: self.retry_base,
+        };
+        // How a message that will not be sent ends: its status, why, and the code it carried,
+        // to withdraw.
+        let (status, error, withdraw) = match record {
             // A storage error: try again later.
             Err(e) if !codec::is_unreadable(&e) => return Err(e),
             Err(e) => {
@@ -418,11 +500,11 @@ impl Outbox {
                 // text it, and do not let this message hold up everyone queued after it.
                 let e = format!("the number's record cannot be read: {e:#}");
                 tracing::error!(phone = %msg.phone.masked(), "outbox: not sending: {e}");
-                ("failed", None, None, Some(e))
+                ("failed", Some(e), None)
             }
             Ok(None) => {
                 tracing::info!(phone = %msg.phone.masked(), "outbox: not sending to a number that opted out (since this was queued) or was erased");
-                ("suppressed", None, None, None)
+                ("suppressed", None, None)
             }
             // A code held up (by retries, or a backlog behind the rate limit) past its life
             // would only be refused when typed back: the number asks for a new one instead.
@@ -431,80 +513,159 @@ impl Outbox {
                 // Withdrawn as an undeliverable one is: its send no longer counts against the
                 // limit, and a number waiting for it alone is back where it was. (Found by the
                 // expiry it carries, and its text.)
-                withdraw = queued_code(&s, &msg);
                 (
                     "suppressed",
-                    None,
-                    None,
                     Some("the code expired before it could be sent".to_string()),
+                    queued_code(&s, &msg),
                 )
             }
             Ok(Some(s)) => {
-                msg.attempts = msg.attempts.saturating_add(1);
-                match self
-                    .provider
-                    .send(&msg.phone, &msg.body, s.via.as_ref())
-                    .await
-                {
-                    Ok(accepted) => {
-                        tracing::info!(phone = %msg.phone.masked(), sid = accepted.sid.as_deref().unwrap_or("none"), "outbox: sent");
-                        ("sent", accepted.sid, None, None)
-                    }
-                    // A refused account is retried for as long as it takes: fixed (and the
-                    // daemon restarted), it sends what waited. Its tries stop counting half
-                    // way (the backoff is at its cap by then), so an ordinary failure after
-                    // the fix still has its share of tries; the provider logs the refusal.
-                    Err(SendError::Temporary {
-                        message,
-                        retry_after,
-                        account,
-                    }) if account || msg.attempts < MAX_ATTEMPTS => {
-                        if account {
-                            msg.attempts = msg.attempts.min(ACCOUNT_ATTEMPTS);
-                        }
-                        let wait = retry_wait(self.backoff(msg.attempts), retry_after);
-                        if account {
-                            tracing::debug!(
-                                phone = %msg.phone.masked(), retry_in = ?wait,
-                                "outbox: the account was refused; waiting"
-                            );
-                        } else {
-                            tracing::warn!(
-                                phone = %msg.phone.masked(), attempt = msg.attempts, retry_in = ?wait,
-                                "outbox: temporary failure: {}", redact(&message)
-                            );
-                        }
-                        crate::metrics::outbound("retried");
-                        msg.next_try = self.engine.clock().now()
-                            + TimeDelta::from_std(wait).unwrap_or(TimeDelta::seconds(1));
-                        msg.last_error = Some(message);
-                        return store.outbox_update(id, &msg);
-                    }
-                    // Not withdrawn: one of its tries may have reached the number all the same
-                    // (a timeout after Twilio accepted it), and the code would then be refused.
-                    Err(SendError::Temporary { message, .. }) => {
-                        tracing::error!(phone = %msg.phone.masked(), "outbox: giving up after {} attempts: {}", msg.attempts, redact(&message));
-                        ("failed", None, None, Some(message))
-                    }
-                    // A code Twilio refused will never arrive: it is withdrawn as one that
-                    // expired is (the OTP API withdraws its own the same way). An unsubscribed
-                    // number is opted out instead, which ends everything it waited for.
-                    Err(SendError::Permanent { code, message }) => {
-                        tracing::warn!(phone = %msg.phone.masked(), code, "outbox: refused: {}", redact(&message));
-                        if code != Some(UNSUBSCRIBED) {
-                            withdraw = queued_code(&s, &msg);
-                        }
-                        ("failed", None, code, Some(message))
-                    }
+                let phone = msg.phone.clone();
+                let send = self
+                    .sends
+                    .spawn(async move { flight.send(id, msg, s).await });
+                self.task_of.insert(send.id(), id);
+                self.flying.insert(id, phone);
+                return Ok(true);
+            }
+        };
+        let ending = Ending {
+            status,
+            sid: None,
+            code: None,
+            error,
+        };
+        flight.finish(id, &msg, ending, withdraw).await?;
+        Ok(false)
+    }
+
+    /// Whether the code a queued message carries has expired (by the expiry it was issued
+    /// with, which is what the machine checks when it is typed back).
+    fn code_expired(&self, msg: &OutMessage) -> bool {
+        msg.secret
+            && msg
+                .code_expires_at
+                .is_some_and(|end| self.engine.clock().now() >= end)
+    }
+}
+
+/// How a message ends: its delivery's status, provider id, error code and error.
+struct Ending {
+    status: &'static str,
+    sid: Option<String>,
+    code: Option<u32>,
+    error: Option<String>,
+}
+
+impl Flight {
+    /// Sends message `id` to `s`'s number and records how it went (sent, retried later, or
+    /// failed), on disk before it returns.
+    async fn send(
+        &self,
+        id: u64,
+        mut msg: OutMessage,
+        s: crate::machine::Subscriber,
+    ) -> anyhow::Result<()> {
+        let store = &self.engine.store;
+        // Until its record is stored, a delivery report for an unknown id may be this send's.
+        let _in_flight = store.send_in_flight();
+        // A code that will not arrive, to withdraw.
+        let mut withdraw = None;
+        msg.attempts = msg.attempts.saturating_add(1);
+        let ending = match self
+            .provider
+            .send(&msg.phone, &msg.body, s.via.as_ref())
+            .await
+        {
+            Ok(accepted) => {
+                tracing::info!(phone = %msg.phone.masked(), sid = accepted.sid.as_deref().unwrap_or("none"), "outbox: sent");
+                Ending {
+                    status: "sent",
+                    sid: accepted.sid,
+                    code: None,
+                    error: None,
+                }
+            }
+            // A refused account is retried for as long as it takes: fixed (and the
+            // daemon restarted), it sends what waited. Its tries stop counting half
+            // way (the backoff is at its cap by then), so an ordinary failure after
+            // the fix still has its share of tries; the provider logs the refusal.
+            Err(SendError::Temporary {
+                message,
+                retry_after,
+                account,
+            }) if account || msg.attempts < MAX_ATTEMPTS => {
+                if account {
+                    msg.attempts = msg.attempts.min(ACCOUNT_ATTEMPTS);
+                }
+                let wait = retry_wait(self.backoff(msg.attempts), retry_after);
+                if account {
+                    tracing::debug!(
+                        phone = %msg.phone.masked(), retry_in = ?wait,
+                        "outbox: the account was refused; waiting"
+                    );
+                } else {
+                    tracing::warn!(
+                        phone = %msg.phone.masked(), attempt = msg.attempts, retry_in = ?wait,
+                        "outbox: temporary failure: {}", redact(&message)
+                    );
+                }
+                crate::metrics::outbound("retried");
+                msg.next_try = self.engine.clock().now()
+                    + TimeDelta::from_std(wait).unwrap_or(TimeDelta::seconds(1));
+                msg.last_error = Some(message);
+                store.outbox_update(id, &msg)?;
+                return self.engine.durable().await;
+            }
+            // Not withdrawn: one of its tries may have reached the number all the same
+            // (a timeout after Twilio accepted it), and the code would then be refused.
+            Err(SendError::Temporary { message, .. }) => {
+                tracing::error!(phone = %msg.phone.masked(), "outbox: giving up after {} attempts: {}", msg.attempts, redact(&message));
+                Ending {
+                    status: "failed",
+                    sid: None,
+                    code: None,
+                    error: Some(message),
+                }
+            }
+            // A code Twilio refused will never arrive: it is withdrawn as one that
+            // expired is (the OTP API withdraws its own the same way). An unsubscribed
+            // number is opted out instead, which ends everything it waited for.
+            Err(SendError::Permanent { code, message }) => {
+                tracing::warn!(phone = %msg.phone.masked(), code, "outbox: refused: {}", redact(&message));
+                if code != Some(UNSUBSCRIBED) {
+                    withdraw = queued_code(&s, &msg);
+                }
+                Ending {
+                    status: "failed",
+                    sid: None,
+                    code,
+                    error: Some(message),
                 }
             }
         };
-        crate::metrics::outbound(status);
+        self.finish(id, &msg, ending, withdraw).await?;
+        // On disk before the send lands, so that a crash sends it again only if it falls
+        // between Twilio's answer and this flush (shared with whatever else is committed).
+        self.engine.durable().await
+    }
+
+    /// Records how message `id` ended, and what that does to its number: an opt-out (21610),
+    /// or a code withdrawn.
+    async fn finish(
+        &self,
+        id: u64,
+        msg: &OutMessage,
+        ending: Ending,
+        withdraw: Option<String>,
+    ) -> anyhow::Result<()> {
+        let store = &self.engine.store;
+        crate::metrics::outbound(ending.status);
         // The opt-out first: should it fail, the message is still queued, and its next try
         // (refused again) applies it; recorded first, nothing would. Not for a number erased
         // while the send was in flight (its message is gone with it), which may have texted
         // JOIN since: the refusal was of the erased number's message.
-        if code == Some(UNSUBSCRIBED) && store.outbox_holds(id)? {
+        if ending.code == Some(UNSUBSCRIBED) && store.outbox_holds(id)? {
             self.engine
                 .event(&msg.phone, Event::ProviderUnsubscribed)
                 .await?;
@@ -518,20 +679,16 @@ impl Outbox {
                     .await?;
             }
         }
+        let Ending {
+            status,
+            sid,
+            code,
+            error,
+        } = ending;
         store.outbox_finish(
             id,
-            &delivery(&msg, status, sid, code, error, self.engine.clock().now()),
-        )?;
-        Ok(())
-    }
-
-    /// Whether the code a queued message carries has expired (by the expiry it was issued
-    /// with, which is what the machine checks when it is typed back).
-    fn code_expired(&self, msg: &OutMessage) -> bool {
-        msg.secret
-            && msg
-                .code_expires_at
-                .is_some_and(|end| self.engine.clock().now() >= end)
+            &delivery(msg, status, sid, code, error, self.engine.clock().now()),
+        )
     }
 
     /// Exponential backoff with jitter: base·2^(n-1), capped, times a random 50–100 %.
@@ -636,6 +793,9 @@ struct Waiting {
     sender_of: HashMap<u64, String>,
     /// Messages let go at their sender's turn, while the sender's others wait: its sender.
     let_go: HashMap<u64, String>,
+    /// First messages being sent, or waiting for their number's send in flight (in neither
+    /// `ready` nor `later` meanwhile).
+    flying: HashSet<u64>,
     /// [`crate::store::Store::erasures`] when this was learnt.
     erasures: u64,
 }
@@ -662,6 +822,7 @@ impl Waiting {
             self.head_of.remove(&phone);
             self.ready.remove(&id);
             self.later.remove(&(at, id));
+            self.flying.remove(&id);
         }
         if let Some(sender) = self.sender_of.remove(&id) {
             if let Some((turn, ids)) = self.senders.get_mut(&sender) {
@@ -676,6 +837,20 @@ impl Waiting {
         }
         // Done with (sent, retried, held, or gone): whether it took the turn or not, the
         // sender's next is looked at now (and waits again for the turn after, if it did).
+        if let Some(sender) = self.let_go.remove(&id) {
+            self.pass_turn_on(sender);
+        }
+    }
+
+    /// First message `id` is being sent, or waits for its number's send in flight: passed
+    /// over until that lands. If it was let go at its sender's turn, the sender's next is
+    /// looked at now (the send took the turn: it waits for the one after).
+    fn fly(&mut self, id: u64) {
+        if let Some((_, at)) = self.heads.get(&id) {
+            self.ready.remove(&id);
+            self.later.remove(&(*at, id));
+            self.flying.insert(id);
+        }
         if let Some(sender) = self.let_go.remove(&id) {
             self.pass_turn_on(sender);
         }
@@ -759,8 +934,8 @@ impl Waiting {
             self.later.pop_first();
             self.ready.insert(id);
         }
-        // (`ready`, `later` and `senders` hold exactly the ids of `heads`: see set_head,
-        // remove_head, wait_for_turn.)
+        // (`ready`, `later`, `senders` and `flying` hold exactly the ids of `heads`: see
+        // set_head, remove_head, wait_for_turn, fly.)
         let id = *self.ready.first()?;
         self.heads.get(&id).map(|(phone, _)| (id, phone.clone()))
     }

@@ -1827,16 +1827,60 @@ async fn a_number_erased_while_its_message_is_in_flight_stays_erased_when_twilio
         .await;
     assert_eq!(erasing, 204);
     app.twilio.release();
-    // The outbox sends one message at a time: once a later one arrives, the refusal of the
-    // first has been dealt with.
     assert_eq!(app.sms(other, "JOIN").await.0, 200);
     let delivered = app.twilio.wait_delivered(1).await;
     assert_eq!(delivered[0].to, other);
-    assert_eq!(app.state_of(erased), None);
-    let gone = app
-        .admin_status(reqwest::Method::GET, "/admin/subscribers/%2B14155550151")
-        .await;
-    assert_eq!(gone, 404);
+    // A stop waits for the sends in flight: the refusal has been dealt with once it is done.
+    let engine = app.engine.clone();
+    app.stop().await;
+    let phone = smsflow::phone::Phone::parse(erased).unwrap();
+    assert!(engine.store.subscriber(&phone).unwrap().is_none());
+}
+
+/// A slow Twilio does not hold up the queue: sends to different numbers are in flight at
+/// once, while a number's own messages still go one after another.
+#[tokio::test]
+async fn sends_to_different_numbers_overlap_but_a_numbers_own_wait_for_each_other() {
+    let app = TestApp::spawn(FLOWS).await;
+    let (ann, bob, cat) = ("+14155550161", "+14155550162", "+14155550163");
+    app.twilio.hold();
+    for who in [ann, bob, cat] {
+        assert_eq!(app.sms(who, "JOIN").await.0, 200);
+    }
+    // Ann asks again: her second code is queued behind her first, which is in flight.
+    assert_eq!(app.sms(ann, "JOIN").await.0, 200);
+    eventually("three sends in flight", async || app.twilio.held() == 3).await;
+    quiet_for(Duration::from_millis(300)).await;
+    assert_eq!(
+        app.twilio.held(),
+        3,
+        "Ann's second code waits for her first"
+    );
+    app.twilio.release();
+    let delivered = app.twilio.wait_delivered(4).await;
+    let to_ann: Vec<_> = delivered.iter().filter(|r| r.to == ann).collect();
+    assert_eq!(to_ann.len(), 2, "{delivered:#?}");
+    assert!(to_ann[0].at < to_ann[1].at);
+    app.stop().await;
+}
+
+/// At most `IN_FLIGHT` sends wait for Twilio at once; the next goes when one is answered.
+#[tokio::test]
+async fn no_more_than_sixteen_sends_are_in_flight_at_once() {
+    let app = TestApp::spawn(FLOWS).await;
+    app.twilio.hold();
+    let numbers: Vec<String> = (0..=smsflow::outbox::IN_FLIGHT)
+        .map(|n| format!("+1415555{:04}", 1700 + n))
+        .collect();
+    for who in &numbers {
+        assert_eq!(app.sms(who, "JOIN").await.0, 200);
+    }
+    let cap = smsflow::outbox::IN_FLIGHT;
+    eventually("the sends in flight", async || app.twilio.held() == cap).await;
+    quiet_for(Duration::from_millis(300)).await;
+    assert_eq!(app.twilio.held(), cap);
+    app.twilio.release();
+    app.twilio.wait_delivered(numbers.len()).await;
     app.stop().await;
 }
 
@@ -2766,13 +2810,10 @@ async fn a_long_queue_behind_one_senders_turns_read_four_at_a_time_is_all_sent_o
         TestApp::spawn_adjusted(FLOWS, |c| c.send_rate = 10.0, |o| o.outbox_read_budget = 4).await;
     let n = 24;
     let numbers: Vec<String> = (0..n).map(|i| format!("+1555{i:07}")).collect();
-    // The first send is held while the others queue behind it, unread.
-    app.twilio.hold();
+    // The codes are queued faster than they may go: the queue waits for the sender's turns.
     for number in &numbers {
         assert_eq!(app.sms(number, "JOIN").await.0, 200);
     }
-    assert_eq!(app.twilio.held(), 1, "the first code's send is held");
-    app.twilio.release();
     let sent = app.twilio.wait_delivered(n).await;
     let to: Vec<&str> = sent.iter().map(|r| r.to.as_str()).collect();
     assert_eq!(to, numbers, "each number's code, once, in queue order");
