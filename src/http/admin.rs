@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::{header, request::Parts, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -51,6 +51,21 @@ impl IntoResponse for AdminError {
                 .insert(super::Failure(Arc::new(format!("{e:#}"))));
         }
         r
+    }
+}
+
+/// The request's body, read whole and dropped before the route acts (these routes take none):
+/// a request cut off before its end, or over the size limit (413), changes nothing.
+pub struct WholeBody;
+
+impl<S: Send + Sync> FromRequest<S> for WholeBody {
+    type Rejection = AdminError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, AdminError> {
+        match axum::body::Bytes::from_request(req, state).await {
+            Ok(_) => Ok(WholeBody),
+            Err(e) => Err(AdminError::Refused(e.status(), e.body_text())),
+        }
     }
 }
 
@@ -408,6 +423,7 @@ pub async fn opt_out(
     _operator: Operator,
     raw: Result<Path<String>, PathRejection>,
     q: Result<Query<NoQuery>, QueryRejection>,
+    _body: WholeBody,
 ) -> Result<Response, AdminError> {
     query(q)?;
     let phone = phone(&app, raw)?;
@@ -440,6 +456,7 @@ pub async fn erase(
     _operator: Operator,
     raw: Result<Path<String>, PathRejection>,
     q: Result<Query<NoQuery>, QueryRejection>,
+    _body: WholeBody,
 ) -> Result<Response, AdminError> {
     query(q)?;
     let phone = phone(&app, raw)?;
@@ -456,6 +473,7 @@ pub async fn reload(
     State(app): State<Arc<AppState>>,
     _operator: Operator,
     q: Result<Query<NoQuery>, QueryRejection>,
+    _body: WholeBody,
 ) -> Result<Response, AdminError> {
     query(q)?;
     Ok(match app.reloader.reload_blocking("admin API").await {

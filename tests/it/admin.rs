@@ -286,6 +286,57 @@ async fn an_admin_opt_out_stops_every_further_message() {
     );
 }
 
+/// An admin action waits for its request's whole body (these routes take none): a request cut
+/// off before its end, or one whose body runs past the limit, changes nothing.
+#[tokio::test]
+async fn an_admin_action_whose_body_is_cut_off_or_too_large_changes_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn(FLOWS).await;
+    app.sms(A, "JOIN").await;
+    let before = app.state_of(A);
+    assert_eq!(before.as_deref(), Some("awaiting_code"));
+    let connect = || tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"));
+    let head = |method: &str, path: &str, framing: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
+             {framing}\r\n\r\n"
+        )
+    };
+    // Three bytes of a hundred, then nothing.
+    let mut cut = connect().await.unwrap();
+    let erase = head(
+        "DELETE",
+        "/admin/subscribers/%2B15550000001",
+        "Content-Length: 100",
+    );
+    cut.write_all(format!("{erase}abc").as_bytes())
+        .await
+        .unwrap();
+    quiet_for(Duration::from_millis(500)).await;
+    assert_eq!(app.state_of(A), before, "erased before the body came");
+    drop(cut);
+    // A chunked body past 64 KiB.
+    let mut big = connect().await.unwrap();
+    let opt_out = head(
+        "POST",
+        "/admin/subscribers/%2B15550000001/opt-out",
+        "Transfer-Encoding: chunked",
+    );
+    let chunk = "x".repeat(70_000);
+    let request = format!("{opt_out}{:x}\r\n{chunk}\r\n0\r\n\r\n", chunk.len());
+    big.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = vec![0; 4096];
+    let n = big.read(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert_eq!(
+        app.state_of(A),
+        before,
+        "opted out with a body over the limit"
+    );
+    app.stop().await;
+}
+
 /// An older smsflow kept `+44 0…` as written (the OTP or admin API took it so); this one reads
 /// it as `+44…`. Such a record is still reached by the number it is listed under, even when
 /// the number as read today has a record of its own.
