@@ -210,12 +210,25 @@ impl Phone {
         // A number with its country code is read by that code alone: given a region too, the
         // parser strips that region's national prefix ("+44 1632…" lost its 1 under US).
         let region = (!trimmed.starts_with('+')).then_some(region.0);
-        let number = phonenumber::parse(region, trimmed).map_err(|e| {
-            PhoneError::Unparsable(crate::clip(trimmed).into_owned(), e.to_string())
-        })?;
-        if number.extension().is_some() {
+        let parsed = phonenumber::parse(region, trimmed);
+        let unparsable =
+            |why: String| PhoneError::Unparsable(crate::clip(trimmed).into_owned(), why);
+        if parsed.as_ref().is_ok_and(|n| n.extension().is_some()) {
             return Err(PhoneError::Extension(crate::clip(trimmed).into_owned()));
         }
+        // Digits and separators only, after one leading `+`: the library would read letters
+        // as a keypad's digits (`+1555CALLNOW`), and pass over other characters.
+        let odd = trimmed
+            .char_indices()
+            .find(|&(i, c)| !(c.is_ascii_digit() || is_separator(c) || (c == '+' && i == 0)));
+        if let Some((_, c)) = odd {
+            return Err(unparsable(if c.is_alphabetic() {
+                "letters are not digits (write a number such as 1-800-FLOWERS in digits)".into()
+            } else {
+                format!("{c:?} is neither a digit nor a separator")
+            }));
+        }
+        let number = parsed.map_err(|e| unparsable(e.to_string()))?;
         let e164 = number.format().mode(phonenumber::Mode::E164).to_string();
         // A national number read in a North American region must come out in its shape
         // (`020 7946 0018` read as US is no number, not `+102…`).
@@ -439,6 +452,34 @@ mod tests {
         assert_eq!(Phone::parse("  ").unwrap_err(), PhoneError::Empty);
         assert!(Phone::parse("+1").is_err());
         assert!(Region::parse("XX").is_err());
+    }
+
+    #[test]
+    fn letters_and_other_characters_are_not_read_as_digits() {
+        for (typed, why) in [
+            ("+1555CALLNOW", "letters are not digits"),
+            ("+1555000444A", "letters are not digits"),
+            ("1-800-FLOWERS", "letters are not digits"),
+            ("tel:+14155550100", "letters are not digits"),
+            ("++14155550100", "'+' is neither a digit nor a separator"),
+            ("+14155550100\0", "'\\0' is neither a digit nor a separator"),
+            (
+                "\u{fffd}+14155550100",
+                "'\u{fffd}' is neither a digit nor a separator",
+            ),
+            ("415*555*0100", "'*' is neither a digit nor a separator"),
+        ] {
+            let err = Phone::parse(typed).unwrap_err().to_string();
+            assert!(
+                err.contains("is not a phone number") && err.contains(why),
+                "{typed:?}: {err}"
+            );
+        }
+        // An extension is named as one, as before.
+        assert!(matches!(
+            Phone::parse("+1 415 555 0100 ext. 12"),
+            Err(PhoneError::Extension(_))
+        ));
     }
 
     #[test]

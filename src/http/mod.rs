@@ -126,8 +126,9 @@ pub fn router(state: Arc<AppState>) -> Router {
 pub enum WebhookError {
     #[error("{0}")]
     BadRequest(String),
-    /// A wrong signature (the message names the URL it was checked against).
-    #[error("{0}")]
+    /// A wrong signature, and the URL it was checked against (named in the log, not to the
+    /// caller: it may be a tunnel's address the caller did not use).
+    #[error("invalid X-Twilio-Signature for {0} (check the auth token and SMSFLOW_PUBLIC_URL)")]
     Forbidden(String),
     #[error("missing X-Twilio-Signature header")]
     Unsigned,
@@ -164,7 +165,14 @@ impl IntoResponse for WebhookError {
                 };
                 let m = self.to_string();
                 warn_refused(kind, &m);
-                (StatusCode::FORBIDDEN, format!("{m}\n")).into_response()
+                let answer = match self {
+                    WebhookError::Forbidden(_) => "invalid X-Twilio-Signature (check the auth \
+                        token and SMSFLOW_PUBLIC_URL; smsflow's log names the URL it was checked \
+                        against)"
+                        .to_string(),
+                    _ => m,
+                };
+                (StatusCode::FORBIDDEN, format!("{answer}\n")).into_response()
             }
             WebhookError::Body(rejection) => rejection.into_response(),
             WebhookError::Unexpected(e) => {
@@ -414,13 +422,15 @@ async fn not_found(method: Method, uri: Uri) -> Response {
     }
 }
 
-/// Checks the request's Content-Type starts with `expected`; the error names what came.
+/// Checks the request's Content-Type is `expected` (its parameters, such as `charset`, aside);
+/// the error names what came.
 fn content_type_is(headers: &HeaderMap, expected: &str) -> Result<(), String> {
     let given = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if given.to_ascii_lowercase().starts_with(expected) {
+    let essence = given.split(';').next().unwrap_or_default().trim();
+    if essence.eq_ignore_ascii_case(expected) {
         Ok(())
     } else {
         Err(format!(
@@ -429,6 +439,19 @@ fn content_type_is(headers: &HeaderMap, expected: &str) -> Result<(), String> {
         ))
     }
 }
+
+/// The form fields the `/twilio/*` routes read: each must come at most once.
+const READ: [&str; 9] = [
+    "From",
+    "To",
+    "Body",
+    "MessageSid",
+    "SmsSid",
+    "MessageStatus",
+    "ErrorCode",
+    "Digits",
+    "StirVerstat",
+];
 
 /// A parsed, signature-checked Twilio form: the extractor every `/twilio/*` route takes.
 pub struct TwilioForm {
@@ -464,12 +487,45 @@ impl TwilioForm {
     ) -> Result<TwilioForm, WebhookError> {
         content_type_is(headers, "application/x-www-form-urlencoded")
             .map_err(|e| WebhookError::BadRequest(format!("expected a form body: {e}")))?;
-        if std::str::from_utf8(body).is_err() {
+        let Ok(text) = std::str::from_utf8(body) else {
             return Err(WebhookError::BadRequest(
                 "the form body is not UTF-8".into(),
             ));
+        };
+        // Decoded, a name or value must be UTF-8 too (the form decoder would put U+FFFD in
+        // place of what is not); named without its value, which may be a number or a text.
+        let decoded = |s: &str| {
+            let s = s.replace('+', " ");
+            percent_encoding::percent_decode_str(&s)
+                .decode_utf8()
+                .map(|d| d.into_owned())
+        };
+        for pair in text.split('&') {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match (decoded(name), decoded(value)) {
+                (Ok(_), Ok(_)) => {}
+                (Ok(name), Err(_)) => {
+                    return Err(WebhookError::BadRequest(format!(
+                        "form field {} is not UTF-8 once decoded",
+                        crate::clip(&name)
+                    )))
+                }
+                (Err(_), _) => {
+                    return Err(WebhookError::BadRequest(
+                        "a form field's name is not UTF-8 once decoded".into(),
+                    ))
+                }
+            }
         }
         let params: Vec<(String, String)> = form_urlencoded::parse(body).into_owned().collect();
+        // Twilio gives each field once: which of two would count is anyone's guess.
+        for name in READ {
+            if params.iter().filter(|(k, _)| k == name).nth(1).is_some() {
+                return Err(WebhookError::BadRequest(format!(
+                    "form field {name} is given twice"
+                )));
+            }
+        }
         if let Some(token) = &state.auth_token {
             let url = public_url(state, headers, uri);
             let given = headers
@@ -477,9 +533,7 @@ impl TwilioForm {
                 .and_then(|v| v.to_str().ok())
                 .ok_or(WebhookError::Unsigned)?;
             if !signature::verify(token.expose(), &url, &params, given) {
-                return Err(WebhookError::Forbidden(format!(
-                    "invalid X-Twilio-Signature for {url} (check the auth token and SMSFLOW_PUBLIC_URL)"
-                )));
+                return Err(WebhookError::Forbidden(url));
             }
         } else if !state.loopback || !from_here(headers) {
             // Unsigned webhooks can say anything (any From, a 21610 for any number, a voice
@@ -500,6 +554,7 @@ impl TwilioForm {
     }
 
     fn get(&self, name: &str) -> Option<&str> {
+        debug_assert!(READ.contains(&name), "{name} is read: add it to READ");
         self.params
             .iter()
             .find(|(k, _)| k == name)
@@ -605,7 +660,19 @@ async fn status(
     form: TwilioForm,
 ) -> Result<Response, WebhookError> {
     let sid = form.require("MessageSid")?;
+    if sid.trim().is_empty() {
+        return Err(WebhookError::BadRequest("MessageSid is empty".into()));
+    }
     let new_status = form.require("MessageStatus")?;
+    // A word of Twilio's (`delivered`, `undelivered`, …; one it adds later is kept as it is):
+    // anything else is no report, and would reach the record and the log as it came.
+    let word = |c: char| c.is_ascii_lowercase() || c == '_';
+    if new_status.is_empty() || new_status.len() > 40 || !new_status.chars().all(word) {
+        return Err(WebhookError::BadRequest(format!(
+            "MessageStatus {:?} is not a delivery status (such as sent, delivered, undelivered)",
+            crate::clip(new_status)
+        )));
+    }
     let code = match form
         .get("ErrorCode")
         .map(str::trim)
@@ -629,7 +696,7 @@ async fn status(
         _ => None,
     };
     let report = crate::store::Report {
-        status: crate::clip(new_status).into_owned(),
+        status: new_status.to_string(),
         error_code: code,
         at: state.engine.clock().now(),
     };
@@ -652,6 +719,6 @@ async fn status(
     } else {
         state.engine.durable().await?;
     }
-    tracing::info!(status = %crate::clip(new_status), code, "delivery report");
+    tracing::info!(status = new_status, code, "delivery report");
     Ok(StatusCode::NO_CONTENT.into_response())
 }

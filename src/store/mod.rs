@@ -135,28 +135,31 @@ pub struct Report {
 
 impl Report {
     /// How far along a status is (Twilio's statuses in the order they happen; final ones
-    /// rank highest): reports can arrive out of order, and a message's status never moves
-    /// backwards.
+    /// rank highest, and `read` comes after `delivered`): reports can arrive out of order,
+    /// and a message's status never moves backwards.
     fn rank(status: &str) -> u8 {
         match status {
             "accepted" | "scheduled" | "queued" => 1,
             "sending" => 2,
             "sent" => 3,
-            "delivered"
-            | "partially_delivered"
-            | "undelivered"
-            | "failed"
-            | "read"
-            | "canceled" => 4,
+            "delivered" | "partially_delivered" | "undelivered" | "failed" | "canceled" => 4,
+            "read" => 5,
             _ => 0,
         }
     }
 
-    /// The report applied to a message's record, unless the record is further along.
+    /// The report applied to a message's record, unless the record is further along. A
+    /// failure without an error code keeps the one reported before it; any other status
+    /// has only its own (a message reported `delivered` after `undelivered` keeps no error).
     fn apply(&self, d: &mut Delivery) {
         if Report::rank(&self.status) >= Report::rank(&d.status) {
+            let failure = matches!(self.status.as_str(), "undelivered" | "failed");
+            d.error_code = if failure {
+                self.error_code.or(d.error_code)
+            } else {
+                self.error_code
+            };
             d.status.clone_from(&self.status);
-            d.error_code = self.error_code.or(d.error_code);
             d.updated_at = d.updated_at.max(self.at);
         }
     }

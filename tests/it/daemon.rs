@@ -358,6 +358,163 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
     assert_eq!(app.twilio.attempts(), 0, "bad input sent nothing");
 }
 
+/// A form that decodes to what is not UTF-8, gives a field it reads twice, or comes under a
+/// look-alike Content-Type is refused, named; so is a delivery report without a MessageSid
+/// or whose status is no status word (it would reach the record and the log as it came).
+/// None of them changes anything.
+#[tokio::test]
+async fn forms_that_decode_badly_or_give_a_field_twice_are_refused_and_change_nothing() {
+    const FORM: &str = "application/x-www-form-urlencoded";
+    let app = TestApp::spawn(FLOWS).await;
+    for (body, content_type, says) in [
+        (
+            "From=%2B14155550100&Body=%FF%FE&MessageSid=SM1",
+            FORM,
+            "form field Body is not UTF-8 once decoded",
+        ),
+        (
+            "From=%2B14155550100%FF&Body=JOIN&MessageSid=SM2",
+            FORM,
+            "form field From is not UTF-8 once decoded",
+        ),
+        (
+            "From=%2B14155550100&From=%2B14155550101&Body=JOIN&MessageSid=SM3",
+            FORM,
+            "form field From is given twice",
+        ),
+        (
+            "From=%2B14155550100&Body=JOIN&MessageSid=SM4",
+            "application/x-www-form-urlencodedXYZ",
+            "expected a form body",
+        ),
+    ] {
+        let r = app
+            .http
+            .post(format!("{}/twilio/sms", app.base))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{body}");
+        let said = r.text().await.unwrap();
+        assert!(said.contains(says), "{body}: {said}");
+    }
+    // Letters are not a keypad's digits.
+    let vanity = [
+        ("From", "+1555CALLNOW"),
+        ("Body", "JOIN"),
+        ("MessageSid", "SM5"),
+    ];
+    let r = app.post_form("/twilio/sms", &vanity).await;
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.text().await.unwrap().contains("letters are not digits"));
+    // Parameters after the type are fine.
+    let only_from = [("From".to_string(), "+14155550100".to_string())];
+    let sig =
+        smsflow::http::signature::sign(AUTH_TOKEN, &format!("{PUBLIC_URL}/twilio/sms"), &only_from);
+    let r = app
+        .http
+        .post(format!("{}/twilio/sms", app.base))
+        .header(
+            "content-type",
+            "application/x-www-form-urlencoded; charset=utf-8",
+        )
+        .header("X-Twilio-Signature", sig)
+        .body("From=%2B14155550100")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.text().await.unwrap().contains("missing form field Body"));
+    for (params, says) in [
+        (
+            vec![("MessageSid", ""), ("MessageStatus", "delivered")],
+            "MessageSid is empty",
+        ),
+        (
+            vec![("MessageSid", "SMx"), ("MessageStatus", "")],
+            "is not a delivery status",
+        ),
+        (
+            vec![
+                ("MessageSid", "SMx"),
+                (
+                    "MessageStatus",
+                    "delivered\n2026-11-23T19:10:00Z ERROR forged",
+                ),
+            ],
+            "is not a delivery status",
+        ),
+        (
+            vec![
+                ("MessageSid", "SMx"),
+                ("MessageStatus", "undelivered"),
+                ("ErrorCode", "21610"),
+                ("To", ANN),
+                ("To", BOB),
+            ],
+            "form field To is given twice",
+        ),
+    ] {
+        let r = app.post_form("/twilio/status", &params).await;
+        assert_eq!(r.status().as_u16(), 400, "{params:?}");
+        let said = r.text().await.unwrap();
+        assert!(said.contains(says), "{params:?}: {said}");
+    }
+    assert_eq!(app.state_of("+14155550100"), None);
+    assert_eq!(app.state_of(ANN), None);
+    assert_eq!(app.engine.store.early_report_count(), 0);
+    assert_eq!(app.engine.store.state_counts(), [0; 5], "no record made");
+}
+
+/// A request head (request line and headers) is read into at most 16 KiB: a longer one is
+/// refused, 431, so clients that never finish theirs cannot hold much memory; a 64 KiB body
+/// still streams through.
+#[tokio::test]
+async fn a_request_head_over_sixteen_kib_is_refused_and_a_whole_64_kib_body_still_goes_through() {
+    let app = TestApp::spawn(FLOWS).await;
+    let big = "x".repeat(smsflow::app::MAX_HEAD);
+    let r = app
+        .http
+        .get(format!("{}/healthz", app.base))
+        .header("x-padding", &big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 431);
+    let r = app
+        .http
+        .get(format!("{}/healthz", app.base))
+        .header("x-padding", &big[..12 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // A text whose form is exactly 64 KiB is read whole (and answered).
+    let fixed = "From=%2B14155550100&MessageSid=SMbig&Body=";
+    let text = "a".repeat(64 * 1024 - fixed.len());
+    let params = [
+        ("From", "+14155550100"),
+        ("MessageSid", "SMbig"),
+        ("Body", &text),
+    ];
+    let sig = smsflow::http::signature::sign(
+        AUTH_TOKEN,
+        &format!("{PUBLIC_URL}/twilio/sms"),
+        &params.map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let r = app
+        .http
+        .post(format!("{}/twilio/sms", app.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("X-Twilio-Signature", sig)
+        .body(format!("{fixed}{text}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}
+
 #[tokio::test]
 async fn after_a_restart_mid_sequence_the_remaining_steps_arrive_exactly_once() {
     // On a manual clock, kept across the restart: each step comes due when the test says.
@@ -2330,6 +2487,12 @@ async fn a_refused_signature_is_logged_once_with_the_url_it_was_checked_against(
         ];
         let r = post_signed(&http, &base, "/twilio/sms", &form).await;
         assert_eq!(r.status().as_u16(), 403);
+        // The caller is not told the URL (a tunnel's address it may not have used).
+        let said = r.text().await.unwrap();
+        assert!(
+            said.contains("invalid X-Twilio-Signature") && !said.contains("wrong.example"),
+            "{said}"
+        );
     }
     sigterm(&child);
     let rest = exits_cleanly(child, stderr, Duration::from_secs(10)).await;

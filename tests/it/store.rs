@@ -1010,7 +1010,8 @@ fn an_early_delivery_report_is_kept_only_while_a_send_is_in_flight_and_not_for_l
 }
 
 /// Two reports for a message in flight, out of order: the record gets the furthest status
-/// and keeps the error code the other had, and its time does not move back.
+/// and keeps the error code the other had, and its time does not move back; a later success
+/// keeps no error code.
 #[test]
 fn early_delivery_reports_are_applied_when_their_message_is_recorded() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -1044,6 +1045,26 @@ fn early_delivery_reports_are_applied_when_their_message_is_recorded() {
     assert_eq!((d.status.as_str(), d.error_code), ("failed", Some(30003)));
     assert_eq!(d.updated_at, recorded.updated_at, "not moved back");
     assert_eq!(store.early_report_count(), 0, "taken");
+    // Delivered after all (a carrier's late word): no error stays with it.
+    store
+        .report("SM1", &early("delivered", None))
+        .expect("report");
+    let (_, d) = store
+        .delivery_by_sid("SM1")
+        .expect("lookup")
+        .expect("recorded");
+    assert_eq!((d.status.as_str(), d.error_code), ("delivered", None));
+    // Read comes after delivered; a late `sent` does not move it back.
+    store.report("SM1", &early("read", None)).expect("report");
+    store
+        .report("SM1", &early("delivered", None))
+        .expect("report");
+    store.report("SM1", &early("sent", None)).expect("report");
+    let (_, d) = store
+        .delivery_by_sid("SM1")
+        .expect("lookup")
+        .expect("recorded");
+    assert_eq!(d.status, "read");
 }
 
 /// A data dir smsflow creates is its owner's alone: it holds live codes and every answer.
