@@ -1,6 +1,7 @@
 //! The command line: `serve`, `bench`, `export`, `check`, `test`, `simulate`.
 
 use std::io::{BufRead, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -839,7 +840,14 @@ pub fn export(
     }
     let opened_kib = crate::export::peak_rss_kib();
     let written = match out {
-        Some(path) => std::fs::File::create(path)
+        // A new file is its owner's alone, as the data dir is: it holds every number and
+        // answer.
+        Some(path) => std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
             .with_context(|| format!("creating {}", path.display()))
             .and_then(|f| {
                 crate::export::write_csv(&store, &flows, one_hot, std::io::BufWriter::new(f))

@@ -620,6 +620,25 @@ fn an_export_that_cannot_be_written_says_where_and_leaves_a_device_alone() {
     assert!(full.file_type().is_char_device(), "/dev/full is left alone");
 }
 
+/// The file `export --out` makes is its owner's alone, as the data dir is.
+#[test]
+fn an_export_file_only_its_owner_may_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let data = tempfile::tempdir().unwrap();
+    drop(smsflow::store::Store::open(data.path()).expect("a new store"));
+    let file = data.path().join("export.csv");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .args(["export", "--flows", "flows", "--data"])
+        .arg(data.path())
+        .arg("--out")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+}
+
 #[tokio::test]
 async fn admin_routes_need_the_token_when_one_is_set() {
     let app = TestApp::spawn_with(FLOWS, |c| {
