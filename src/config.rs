@@ -248,6 +248,8 @@ impl Layer {
             "retention" => set(&self.retention),
             "twilio.from" => self.twilio.from.is_some(),
             "twilio.api_base" => self.twilio.api_base.is_some(),
+            "api_token" => token_set(&self.api_token),
+            "admin_token" => token_set(&self.admin_token),
             _ => false,
         }
     }
@@ -255,7 +257,7 @@ impl Layer {
     /// Each value this layer sets that cannot be used, by its key in the file.
     fn value_problems(&self) -> Vec<(&'static str, anyhow::Error)> {
         let given = |v: &Option<String>| v.clone().filter(|v| !v.trim().is_empty());
-        let checks: [(&'static str, Option<anyhow::Result<()>>); 7] = [
+        let checks: [(&'static str, Option<anyhow::Result<()>>); 9] = [
             (
                 "listen",
                 given(&self.listen).map(|l| parse_listen(&l).map(drop)),
@@ -289,6 +291,8 @@ impl Layer {
                     .as_deref()
                     .map(|f| parse_senders(f).map(drop)),
             ),
+            ("api_token", self.api_token.as_ref().map(check_token)),
+            ("admin_token", self.admin_token.as_ref().map(check_token)),
         ];
         let unread =
             (self.unread.iter()).map(|(key, problem)| (*key, anyhow::anyhow!("{problem}")));
@@ -561,6 +565,8 @@ struct FileSpans {
     region: Option<toml::Spanned<toml::Value>>,
     send_rate: Option<toml::Spanned<toml::Value>>,
     retention: Option<toml::Spanned<toml::Value>>,
+    api_token: Option<toml::Spanned<toml::Value>>,
+    admin_token: Option<toml::Spanned<toml::Value>>,
     #[serde(default)]
     twilio: TwilioSpans,
 }
@@ -582,9 +588,33 @@ impl FileSpans {
             "retention" => &self.retention,
             "twilio.from" => &self.twilio.from,
             "twilio.api_base" => &self.twilio.api_base,
+            "api_token" => &self.api_token,
+            "admin_token" => &self.admin_token,
             _ => return None,
         };
         value.as_ref().map(|v| v.span().start)
+    }
+}
+
+/// Whether a token is given (blank is unset).
+fn token_set(token: &Option<Secret>) -> bool {
+    token
+        .as_ref()
+        .is_some_and(|t| !t.expose().trim().is_empty())
+}
+
+/// A bearer token must be what an `Authorization` header carries as written: printable ASCII,
+/// no spaces inside (told without the value: it is a secret).
+fn check_token(token: &Secret) -> anyhow::Result<()> {
+    let t = token.expose().trim();
+    if t.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "a token must be printable ASCII with no spaces (letters, digits, punctuation): an \
+             Authorization header cannot carry this one as written (the value is not shown: it \
+             is a secret)"
+        )
     }
 }
 

@@ -76,8 +76,11 @@ pub fn bearer(
             ))
         };
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
+    let header = headers.get(header::AUTHORIZATION);
+    if header.is_some_and(|v| v.to_str().is_err()) {
+        return Err("the Authorization header is not printable ASCII".to_string());
+    }
+    let given = header
         .and_then(|v| v.to_str().ok())
         // The scheme is case-insensitive (RFC 7235).
         .and_then(|v| {
@@ -530,8 +533,10 @@ impl TwilioForm {
             let url = public_url(state, headers, uri);
             let given = headers
                 .get("x-twilio-signature")
-                .and_then(|v| v.to_str().ok())
-                .ok_or(WebhookError::Unsigned)?;
+                .ok_or(WebhookError::Unsigned)?
+                .to_str()
+                // (Not base64, so not a signature.)
+                .map_err(|_| WebhookError::Forbidden(url.clone()))?;
             if !signature::verify(token.expose(), &url, &params, given) {
                 return Err(WebhookError::Forbidden(url));
             }

@@ -229,13 +229,18 @@ fn serve_with_broken_flows_lists_every_problem_and_exits_1_like_check() {
 #[test]
 fn serve_names_each_bad_setting_by_where_it_came_from() {
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "smsflow.toml", "listen = \"localhost:8080\"\n");
+    write(
+        dir.path(),
+        "smsflow.toml",
+        "listen = \"localhost:8080\"\nadmin_token = \"é-secret\"\n",
+    );
     let serve = |args: &[&str]| {
         let out = smsflow()
             .current_dir(dir.path())
             .arg("serve")
             .args(args)
             .env("SMSFLOW_SEND_RATE", "0")
+            .env("SMSFLOW_API_TOKEN", "two words")
             .env("SMSFLOW_FLOWS", std::fs::canonicalize("flows").unwrap())
             .output()
             .unwrap();
@@ -247,9 +252,22 @@ fn serve_names_each_bad_setting_by_where_it_came_from() {
         stderr.contains("smsflow.toml:1:10: listen address \"localhost:8080\" is not IP:PORT"),
         "{stderr}"
     );
+    // A token no Authorization header can carry as written, named but not shown.
+    assert!(
+        stderr.contains("smsflow.toml:2:15: a token must be printable ASCII"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("SMSFLOW_API_TOKEN: a token must be printable ASCII"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("secret\"") && !stderr.contains("two words"),
+        "{stderr}"
+    );
     // The file's listen address overridden by the flag is not looked at.
     let stderr = serve(&["--retention", "5m", "--listen", "127.0.0.1:0"]);
-    assert!(!stderr.contains("smsflow.toml"), "{stderr}");
+    assert!(!stderr.contains("smsflow.toml:1:"), "{stderr}");
     assert!(
         stderr.contains("SMSFLOW_SEND_RATE: send_rate must be"),
         "{stderr}"
