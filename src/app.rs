@@ -269,8 +269,16 @@ impl Application {
             }
         );
         for (name, token, env) in [
-            ("OTP API", &c.api_token, "SMSFLOW_API_TOKEN"),
-            ("admin API", &c.admin_token, "SMSFLOW_ADMIN_TOKEN"),
+            (
+                "OTP API",
+                &c.api_token,
+                "SMSFLOW_API_TOKEN (or api_token in smsflow.toml)",
+            ),
+            (
+                "admin API",
+                &c.admin_token,
+                "SMSFLOW_ADMIN_TOKEN (or admin_token in smsflow.toml)",
+            ),
         ] {
             b += &format!(
                 "  {:<12} {}\n",
@@ -320,6 +328,7 @@ impl Application {
                 } else {
                     "  https://<tunnel host>/twilio/sms into your number's \"A message comes in\" webhook.\n"
                 };
+                b += "  (Behind a proxy that sends X-Forwarded-Proto and -Host, signed webhooks work\n   without it too, but only a public URL gets delivery reports.)\n";
             }
         }
         b

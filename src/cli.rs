@@ -408,7 +408,7 @@ impl Repl {
             out.push_str(&format!(" step {}", step + 1));
         }
         if let Some(t) = s.timer {
-            out.push_str(&format!(", next timer {:?} at {}", t.kind, t.at));
+            out.push_str(&format!(", next timer {} at {}", t.kind.name(), t.at));
         }
         let flows = &self.sandbox.flows;
         if let Some((l, _)) = crate::machine::late_question(s, flows, self.sandbox.now) {
@@ -864,7 +864,8 @@ pub fn export(
                         e.context(format!("exporting to {}{note}", path.display()))
                     })
             }),
-        None => crate::export::write_csv(&store, &flows, one_hot, std::io::stdout().lock()),
+        None => crate::export::write_csv(&store, &flows, one_hot, std::io::stdout().lock())
+            .context("exporting to standard output"),
     };
     match written {
         Ok(done) => {

@@ -240,6 +240,11 @@ impl Layer {
     /// Whether this layer sets `key` (a blank value sets nothing: see [`Layer::over`]).
     fn sets(&self, key: &str) -> bool {
         let set = |v: &Option<String>| v.as_deref().is_some_and(|v| !v.trim().is_empty());
+        // (A value given that could not even be read is set too: told, it hides the lower
+        // layers' value as a good one would.)
+        if self.unread.iter().any(|(k, _)| *k == key) {
+            return true;
+        }
         match key {
             "listen" => set(&self.listen),
             "public_url" => set(&self.public_url),
@@ -1136,6 +1141,12 @@ mod tests {
             err.contains("SMSFLOW_SEND_RATE \"fast\" is not a number"),
             "{err}"
         );
+        // Unreadable, it still overrides the file's value, which is not looked at.
+        let err = check_layers(&file, &path, &env, &none)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"fast\" is not a number"), "{err}");
+        assert!(!err.contains("smsflow.toml:2:13"), "{err}");
         let flags = Layer {
             send_rate: Some(2.0),
             ..Layer::default()

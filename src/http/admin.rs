@@ -122,10 +122,7 @@ impl View {
             last_inbound_at: s.last_inbound_at.map(|t| t.to_rfc3339()),
             next_timer: s.timer.map(|t| TimerView {
                 at: t.at.to_rfc3339(),
-                kind: match t.kind {
-                    crate::machine::TimerKind::Step => "step",
-                    crate::machine::TimerKind::AskTimeout => "answer_timeout",
-                },
+                kind: t.kind.name(),
             }),
         }
     }

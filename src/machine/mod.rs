@@ -179,6 +179,16 @@ pub enum TimerKind {
     AskTimeout,
 }
 
+impl TimerKind {
+    /// The name operators see (the admin API, the simulator).
+    pub fn name(self) -> &'static str {
+        match self {
+            TimerKind::Step => "step",
+            TimerKind::AskTimeout => "answer_timeout",
+        }
+    }
+}
+
 /// Something that happened to a number. `Debug` hides the codes it may carry.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Event {

@@ -618,6 +618,19 @@ fn an_export_that_cannot_be_written_says_where_and_leaves_a_device_alone() {
     );
     let full = std::fs::metadata("/dev/full").unwrap();
     assert!(full.file_type().is_char_device(), "/dev/full is left alone");
+    // Standard output that cannot be written is named too.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .args(["export", "--flows", "flows", "--data"])
+        .arg(data.path())
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("exporting to standard output: "),
+        "{stderr}"
+    );
 }
 
 /// The file `export --out` makes is its owner's alone, as the data dir is.
