@@ -354,18 +354,36 @@ fn without_key(text: &str, key: &Range<usize>) -> Option<String> {
             _ => None,
         }
     }
-    let doc = toml::de::DeTable::parse(text).ok()?;
-    let mut cut = find(doc.get_ref(), key)?;
-    // The comma after it (inline tables, arrays), else the one before it.
-    let after = text[cut.end..].len() - text[cut.end..].trim_start().len();
-    if text[cut.end + after..].starts_with(',') {
-        cut.end += after + 1;
-    } else {
-        let before = text[..cut.start].trim_end();
-        if before.ends_with(',') {
-            cut.start = before.len() - 1;
+    let line_start = text.get(..key.start)?.rfind('\n').map_or(0, |n| n + 1);
+    let cut = if text[line_start..].trim_start().starts_with('[') {
+        // A table's name in its header (`[bott]`, `[bot.extra]`, `[[sequnce]]`): the whole
+        // table goes, up to the next header.
+        let body = text[key.end..]
+            .find('\n')
+            .map_or(text.len(), |n| key.end + n + 1);
+        let mut end = body;
+        for line in text[body..].split_inclusive('\n') {
+            if line.trim_start().starts_with('[') {
+                break;
+            }
+            end += line.len();
         }
-    }
+        line_start..end
+    } else {
+        let doc = toml::de::DeTable::parse(text).ok()?;
+        let mut cut = find(doc.get_ref(), key)?;
+        // The comma after it (inline tables, arrays), else the one before it.
+        let after = text[cut.end..].len() - text[cut.end..].trim_start().len();
+        if text[cut.end + after..].starts_with(',') {
+            cut.end += after + 1;
+        } else {
+            let before = text[..cut.start].trim_end();
+            if before.ends_with(',') {
+                cut.start = before.len() - 1;
+            }
+        }
+        cut
+    };
     // Byte for byte, so the length (and every later span) stays the same.
     let blanked: String = text[cut.clone()]
         .bytes()
@@ -1495,7 +1513,7 @@ impl Cx {
             spoken: false,
         };
         let mut out = Vec::new();
-        let mut names: BTreeMap<String, String> = BTreeMap::new();
+        let mut names: BTreeMap<String, (usize, Range<usize>)> = BTreeMap::new();
         let mut first = None;
         for (f, seq) in raw {
             let seq_span = seq.span();
@@ -1505,14 +1523,16 @@ impl Cx {
             if name.is_empty() {
                 self.err(f, seq.name.span(), "empty sequence name");
             }
-            if let Some(at) = names.get(&name) {
+            // (Placed only when told: finding a line and column reads the file up to it.)
+            if let Some((file, span)) = names.get(&name) {
+                let at = self.place(*file, span);
                 self.err(
                     f,
                     seq.name.span(),
                     format!("duplicate sequence name {name:?} (first declared at {at})"),
                 );
             } else {
-                names.insert(name.clone(), self.place(f, &seq.name.span()));
+                names.insert(name.clone(), (f, seq.name.span()));
             }
             let weight = self.number(f, seq.weight, "sequence weight", 0..1_000_001, 1) as u32;
             if seq.steps.is_empty() {

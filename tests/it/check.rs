@@ -305,6 +305,34 @@ fn unknown_keys_do_not_hide_the_other_problems_of_their_file() {
     }
 }
 
+/// A mistyped table name (`[bott]`, `[bot.extra]`, `[[sequnce]]`) is told, and the rest of the
+/// file is still checked: before, everything else in the file went unsaid.
+#[test]
+fn an_unknown_table_does_not_hide_the_other_problems_of_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "b.toml",
+        "[bot]\nname = \"X\"\ntimezone = \"Mars/Olympus\"\n[verify]\nsend = \"Code {code}\"\n\
+         ttl = \"0s\"\n[bott]\nfoo = 1\n[bot.extra]\nx = 2\n[[sequnce]]\nname = \"a\"\n",
+    );
+    let problems = problems_in(dir.path());
+    for (place, says) in [
+        ("b.toml:3:12:", "unknown timezone"),
+        ("b.toml:6:7:", "bad duration \"0s\""),
+        ("b.toml:7:2:", "unknown field `bott`"),
+        ("b.toml:9:6:", "unknown field `extra`"),
+        ("b.toml:11:3:", "unknown field `sequnce`"),
+    ] {
+        assert!(
+            problems
+                .lines()
+                .any(|l| l.contains(place) && l.contains(says)),
+            "no {says:?} at {place} in:\n{problems}"
+        );
+    }
+}
+
 /// Voice texts are spoken without the caller's record at hand: `check` refuses the
 /// placeholders they could not fill, and a `say:` key's text is a template like the rest.
 #[test]
