@@ -11,8 +11,9 @@ use crate::engine::WorkSnapshot;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Concurrent connections.
-    #[arg(long, default_value_t = 64)]
+    /// Concurrent connections (1 to 4,096, the daemon's own limit).
+    #[arg(long, default_value_t = 64,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
     pub connections: usize,
     /// Requests per route (at most 10,000,000: each webhook comes from its own number).
     #[arg(long, default_value_t = 20_000,
