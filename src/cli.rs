@@ -453,7 +453,7 @@ fn show(sent: &[Sent], to: &Phone) -> String {
 
 fn outcome_name(o: Outcome) -> String {
     match o {
-        Outcome::RateLimited { retry_at } => format!("rate limited until {retry_at}"),
+        Outcome::RateLimited { retry_at, .. } => format!("rate limited until {retry_at}"),
         // CodeSent → code_sent, as in the metrics' outcome labels.
         other => format!("{other:?}")
             .chars()

@@ -12,7 +12,7 @@
 //! the global lock for reading while it waits for the disk, and a transaction's commit needs
 //! it for writing, so the two never overlap; the extra hand-off only costs.)
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering, Ordering::Relaxed};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -168,6 +168,7 @@ impl Engine {
             timers_changed: timers_changed.clone(),
             outbox_changed: outbox_changed.clone(),
             clock: clock.clone(),
+            codes_issued: VecDeque::new(),
         };
         let thread = std::thread::Builder::new()
             .name("smsflow-writer".into())
@@ -323,6 +324,10 @@ struct Writer {
     timers_changed: Arc<Notify>,
     outbox_changed: Arc<Notify>,
     clock: Clock,
+    /// When the codes of the last hour were issued, oldest first, while
+    /// `verify.max_codes_per_hour` is set: the daemon-wide limit is counted here, in memory
+    /// (a restart starts the hour afresh).
+    codes_issued: VecDeque<DateTime<Utc>>,
 }
 
 type Done = oneshot::Sender<anyhow::Result<Applied>>;
@@ -338,7 +343,7 @@ struct Committed {
 }
 
 impl Writer {
-    fn run(self, rx: mpsc::Receiver<Job>) {
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
         while let Ok(first) = rx.recv() {
             let mut segment = Vec::new();
             for job in std::iter::once(first).chain(rx.try_iter().take(MAX_BATCH - 1)) {
@@ -355,8 +360,33 @@ impl Writer {
         }
     }
 
+    /// Counts a code `t` issued against `verify.max_codes_per_hour` (set: `most`), and forgets
+    /// those an hour old.
+    fn count_codes(&mut self, t: &machine::Transition, most: Option<u32>, now: DateTime<Utc>) {
+        let hour = chrono::TimeDelta::hours(1);
+        while self
+            .codes_issued
+            .front()
+            .is_some_and(|at| *at + hour <= now)
+        {
+            self.codes_issued.pop_front();
+        }
+        let Some(most) = most else {
+            self.codes_issued.clear();
+            return;
+        };
+        let issued = t
+            .effects
+            .iter()
+            .filter(|e| matches!(e, Effect::SendCode { .. }));
+        self.codes_issued.extend(issued.map(|_| now));
+        // (Fewer allowed since a reload: the oldest beyond them no longer matter.)
+        let extra = self.codes_issued.len().saturating_sub(most as usize);
+        self.codes_issued.drain(..extra);
+    }
+
     /// A batch's whole way: stepped and committed, then durable and answered.
-    fn commit_and_finish(&self, jobs: Vec<Job>) {
+    fn commit_and_finish(&mut self, jobs: Vec<Job>) {
         let started = Instant::now();
         let committed = self.batch(jobs);
         self.finish(committed, started.elapsed());
@@ -388,7 +418,7 @@ impl Writer {
     }
 
     /// Steps and commits a batch; answers failures at once and returns what awaits a flush.
-    fn batch(&self, jobs: Vec<Job>) -> Option<Committed> {
+    fn batch(&mut self, jobs: Vec<Job>) -> Option<Committed> {
         if jobs.is_empty() {
             return None;
         }
@@ -476,12 +506,20 @@ impl Writer {
             if let Some(to) = to {
                 sub.via = Some(to);
             }
+            // The codes every number together may still be sent this hour.
+            let most = flows.verify.max_codes_per_hour;
+            let limits = machine::Limits {
+                codes_refused_until: machine::codes_refused_until(&self.codes_issued, most, now),
+            };
             // A bug in a rule must cost one request, not the writer thread.
             let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                machine::step(sub, &event, &flows, now, &mut rng)
+                machine::step_within(sub, &event, &flows, now, &mut rng, limits)
             }));
             let t = match stepped {
-                Ok(t) => t,
+                Ok(t) => {
+                    self.count_codes(&t, most, now);
+                    t
+                }
                 Err(_) => {
                     tracing::error!(phone = %phone.masked(), "the state machine panicked; event not applied");
                     // A due timer would panic again every second: it is dropped, as for a

@@ -112,7 +112,11 @@ pub fn after_action(
                 Speech::Say(spoken),
             ]
         }
-        (_, Outcome::RateLimited { .. }, _) => vec![plain(&flows.verify.rate_limited)],
+        (_, Outcome::RateLimited { everyone, .. }, _) => vec![plain(if everyone {
+            &flows.verify.busy
+        } else {
+            &flows.verify.rate_limited
+        })],
         (_, Outcome::OptedOut, _) if *action != IvrAction::OptOut => {
             vec![plain(&flows.ivr.opted_out)]
         }

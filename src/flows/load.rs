@@ -447,6 +447,7 @@ struct RawVerify {
     max_attempts: Option<S<i64>>,
     max_sends: Option<S<i64>>,
     send_window: Text,
+    max_codes_per_hour: Option<S<i64>>,
     after_otp_api: Text,
     send: Text,
     api_send: Text,
@@ -455,6 +456,7 @@ struct RawVerify {
     expired: Text,
     locked: Text,
     rate_limited: Text,
+    busy: Text,
     verified: Text,
     welcome_back: Text,
     voice: Text,
@@ -1116,6 +1118,10 @@ impl Cx {
             max_attempts: self.number(f, r.max_attempts, "verify.max_attempts", 1..101, 5) as u8,
             max_sends: self.number(f, r.max_sends, "verify.max_sends", 1..1001, 5) as u32,
             send_window,
+            max_codes_per_hour: r.max_codes_per_hour.is_some().then(|| {
+                let most = "verify.max_codes_per_hour";
+                self.number(f, r.max_codes_per_hour, most, 1..1_000_001, 1_000_000) as u32
+            }),
             after_otp_api,
             send: self.text(
                 f,
@@ -1160,6 +1166,13 @@ impl Cx {
                 r.rate_limited,
                 "verify.rate_limited",
                 "Too many codes requested. Please try again later.",
+                plain,
+            ),
+            busy: self.text(
+                f,
+                r.busy,
+                "verify.busy",
+                "We're sending too many codes right now. Please try again in a little while.",
                 plain,
             ),
             verified: self.text(f, r.verified, "verify.verified", "You're verified!", plain),
@@ -1944,6 +1957,7 @@ impl RawVerify {
             max_attempts: None,
             max_sends: None,
             send_window: None,
+            max_codes_per_hour: None,
             after_otp_api: None,
             send: None,
             api_send: None,
@@ -1952,6 +1966,7 @@ impl RawVerify {
             expired: None,
             locked: None,
             rate_limited: None,
+            busy: None,
             verified: None,
             welcome_back: None,
             voice: None,

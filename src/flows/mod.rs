@@ -68,6 +68,9 @@ pub struct Verify {
     pub max_attempts: u8,
     pub max_sends: u32,
     pub send_window: TimeDelta,
+    /// Codes issued to all numbers together in any hour, at most (texts, calls, the OTP
+    /// API); `None`: no such limit.
+    pub max_codes_per_hour: Option<u32>,
     pub after_otp_api: AfterOtpApi,
     pub send: Template,
     /// The text of a code the OTP API sends (an app's code, which the app checks: its text
@@ -80,6 +83,8 @@ pub struct Verify {
     pub expired: Template,
     pub locked: Template,
     pub rate_limited: Template,
+    /// To a texter asking for a code while `max_codes_per_hour` is spent (everyone's limit).
+    pub busy: Template,
     pub verified: Template,
     /// Sent instead of `verified` to a number verified before (it rejoined) when the form
     /// has nothing left to ask it; `None`: `verified` is sent.

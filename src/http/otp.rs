@@ -157,7 +157,7 @@ pub async fn get_otp(
     match applied.outcome {
         Outcome::CodeSent => {}
         Outcome::OptedOut => return Err(opted_out()),
-        Outcome::RateLimited { retry_at } => {
+        Outcome::RateLimited { retry_at, .. } => {
             return Err(OtpError::TooMany {
                 message: "too many codes requested for this phone; try again later".into(),
                 retry_after: seconds_until(retry_at, state.engine.clock().now()),

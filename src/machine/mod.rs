@@ -346,9 +346,11 @@ pub enum Outcome {
     Locked {
         new_code_at: DateTime<Utc>,
     },
-    /// Too many codes sent; another may be sent from `retry_at`.
+    /// Too many codes sent (to this number, or by everyone this hour: `everyone`); another
+    /// may be sent from `retry_at`.
     RateLimited {
         retry_at: DateTime<Utc>,
+        everyone: bool,
     },
     OptedOut,
     /// Nothing to do (a stale timer, a repeated STOP).
@@ -564,6 +566,32 @@ pub fn asks_to_stop(text: &str) -> bool {
         .any(|w| w.eq_ignore_ascii_case("stop") || w.eq_ignore_ascii_case("unsubscribe"))
 }
 
+/// What the daemon as a whole allows at the moment, beyond each number's own limits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// No code is issued to anyone before this: `verify.max_codes_per_hour` is spent (see
+    /// [`codes_refused_until`]).
+    pub codes_refused_until: Option<DateTime<Utc>>,
+}
+
+/// When a code may be issued again, given when the codes of the last hour were issued
+/// (oldest first) and `verify.max_codes_per_hour`: `None` while the hour has room.
+pub fn codes_refused_until(
+    issued: &std::collections::VecDeque<DateTime<Utc>>,
+    max_per_hour: Option<u32>,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let hour = chrono::TimeDelta::hours(1);
+    let max = usize::try_from(max_per_hour?).unwrap_or(usize::MAX);
+    let in_hour = issued.iter().filter(|t| **t + hour > now).count();
+    // The one that, once an hour old, leaves room for the next.
+    let frees = issued
+        .iter()
+        .filter(|t| **t + hour > now)
+        .nth(in_hour.checked_sub(max)?)?;
+    Some(*frees + hour)
+}
+
 /// The heart of smsflow: one event applied to one number.
 pub fn step<R: Rng + ?Sized>(
     subscriber: Subscriber,
@@ -571,6 +599,18 @@ pub fn step<R: Rng + ?Sized>(
     flows: &Flows,
     now: DateTime<Utc>,
     rng: &mut R,
+) -> Transition {
+    step_within(subscriber, event, flows, now, rng, Limits::default())
+}
+
+/// [`step`], within the daemon's limits of the moment.
+pub fn step_within<R: Rng + ?Sized>(
+    subscriber: Subscriber,
+    event: &Event,
+    flows: &Flows,
+    now: DateTime<Utc>,
+    rng: &mut R,
+    limits: Limits,
 ) -> Transition {
     let reply = matches!(event, Event::Inbound(_));
     let mut m = Run {
@@ -582,6 +622,7 @@ pub fn step<R: Rng + ?Sized>(
         outcome: Outcome::Done,
         reply,
         code: None,
+        limits,
     };
     m.handle(event);
     Transition {
@@ -602,6 +643,7 @@ struct Run<'a, R: ?Sized> {
     reply: bool,
     /// The code just issued, for `{code}`.
     code: Option<String>,
+    limits: Limits,
 }
 
 impl<R: Rng + ?Sized> Run<'_, R> {
@@ -924,17 +966,28 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     }
 
     fn issue_code(&mut self, via: &str) {
-        let refused_until = self.codes_refused_until();
+        // The number's own limit, or everyone's (told the same way: the texter learns nothing
+        // of others).
+        let own = self.codes_refused_until();
+        let everyone = self.limits.codes_refused_until.filter(|t| *t > self.now);
         let start = self.send_window_start();
         self.sub.code_sends.retain(|t| *t > start);
-        if let Some(retry_at) = refused_until {
-            self.outcome = Outcome::RateLimited { retry_at };
+        if let Some(retry_at) = own.into_iter().chain(everyone).max() {
+            self.outcome = Outcome::RateLimited {
+                retry_at,
+                everyone: own.is_none(),
+            };
             self.record(Record::CodeRateLimited);
             // A texter is told in the reply to their own text. An API caller or a voice
             // caller hears it from the outcome: texting the number for each refused request
             // would let anyone who can call the API make smsflow text any number, unlimited.
             if self.reply {
-                self.say_t(&self.flows.verify.rate_limited);
+                let v = &self.flows.verify;
+                self.say_t(if own.is_some() {
+                    &v.rate_limited
+                } else {
+                    &v.busy
+                });
             }
             return;
         }

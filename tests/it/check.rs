@@ -1140,3 +1140,18 @@ steps = [
         "{problems}"
     );
 }
+
+#[test]
+fn a_daemon_wide_code_limit_of_none_an_hour_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "a.toml",
+        "[bot]\nname = \"X\"\n[verify]\nmax_codes_per_hour = 0\n",
+    );
+    let problems = problems_in(dir.path());
+    assert!(
+        problems.contains("a.toml:4:22: verify.max_codes_per_hour is 0, must be from 1 to 1000000"),
+        "{problems}"
+    );
+}

@@ -493,7 +493,8 @@ fn a_locked_code_says_a_new_one_may_be_asked_for_at_once_or_when_the_send_limit_
     assert_eq!(
         refused.outcome,
         Outcome::RateLimited {
-            retry_at: t0() + f.verify.send_window
+            retry_at: t0() + f.verify.send_window,
+            everyone: false
         }
     );
 }
@@ -1990,4 +1991,85 @@ fn a_place_a_reload_took_away_says_why_it_is_gone() {
         smsflow::machine::lost_place(&at("quiz", 1, false), &f),
         None
     );
+}
+
+/// `verify.max_codes_per_hour` counts every number's codes together: with the hour's codes
+/// spent, none is issued to anyone until the oldest of them is an hour old.
+#[test]
+fn the_daemon_wide_hour_refuses_codes_until_its_oldest_code_is_an_hour_old() {
+    use smsflow::machine::{codes_refused_until, Limits};
+    use std::collections::VecDeque;
+    let minutes = |ago: &[i64]| -> VecDeque<DateTime<Utc>> {
+        ago.iter().map(|m| t0() - TimeDelta::minutes(*m)).collect()
+    };
+    let hour = TimeDelta::hours(1);
+    for (ago, most, refused_until) in [
+        (&[][..], Some(1), None),
+        (&[50, 10][..], None, None),
+        (&[50, 10][..], Some(3), None),
+        (
+            &[50, 10][..],
+            Some(2),
+            Some(t0() - TimeDelta::minutes(50) + hour),
+        ),
+        (
+            &[50, 10][..],
+            Some(1),
+            Some(t0() - TimeDelta::minutes(10) + hour),
+        ),
+        // One an hour old counts no more.
+        (&[60, 10][..], Some(2), None),
+        (
+            &[61, 50, 10][..],
+            Some(2),
+            Some(t0() - TimeDelta::minutes(50) + hour),
+        ),
+    ] {
+        let issued = minutes(ago);
+        assert_eq!(
+            codes_refused_until(&issued, most, t0()),
+            refused_until,
+            "{ago:?} at most {most:?}"
+        );
+    }
+    // Refused: a texter is told as when its own limit is spent, and nothing is issued; an
+    // app's request gets the time to try again.
+    let f = flows();
+    let until = t0() + TimeDelta::minutes(20);
+    let limits = Limits {
+        codes_refused_until: Some(until),
+    };
+    let mut rng = StdRng::seed_from_u64(9);
+    let sub = subscriber(State::Unverified);
+    let join = Event::Inbound("JOIN".into());
+    let t = smsflow::machine::step_within(sub.clone(), &join, &f, t0(), &mut rng, limits);
+    assert_eq!(
+        t.outcome,
+        Outcome::RateLimited {
+            retry_at: until,
+            everyone: true
+        }
+    );
+    assert_eq!(t.subscriber.state, State::Unverified);
+    assert!(t.subscriber.codes.is_empty());
+    assert_eq!(messages(&t.effects), [f.verify.busy.render(|_| None)]);
+    let t = smsflow::machine::step_within(
+        sub.clone(),
+        &Event::OtpRequested,
+        &f,
+        t0(),
+        &mut rng,
+        limits,
+    );
+    assert_eq!(
+        t.outcome,
+        Outcome::RateLimited {
+            retry_at: until,
+            everyone: true
+        }
+    );
+    assert!(messages(&t.effects).is_empty(), "{:?}", t.effects);
+    // Once past it, codes go again.
+    let t = smsflow::machine::step_within(sub, &join, &f, until, &mut rng, limits);
+    assert_eq!(t.outcome, Outcome::CodeSent);
 }

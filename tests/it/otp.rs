@@ -577,3 +577,32 @@ async fn a_code_sent_before_a_reload_changed_code_length_is_still_taken() {
     assert_failure(&validate(&app, "1234567").await, 400, 2, "8 digits");
     assert_success(&validate(&app, &sent).await);
 }
+
+/// `verify.max_codes_per_hour` holds for every number together, texts and the API alike:
+/// once the hour's codes are spent, a texter is told to try again in a while (not that it
+/// asked too often) and an app gets 429 with the time to wait; nothing more is sent.
+#[tokio::test]
+async fn the_hours_codes_spent_no_number_gets_one_until_the_oldest_is_an_hour_old() {
+    let flows = FLOWS.replace("[verify]\n", "[verify]\nmax_codes_per_hour = 2\n");
+    let app = TestApp::spawn(&flows).await;
+    for who in ["+15550007001", "+15550007002"] {
+        assert_eq!(app.sms(who, "JOIN").await.0, 200);
+    }
+    app.twilio.wait_delivered(2).await;
+    let (status, twiml) = app.sms("+15550007003", "JOIN").await;
+    assert_eq!(status, 200);
+    assert!(twiml.contains("too many codes right now"), "{twiml}");
+    assert_eq!(app.state_of("+15550007003").as_deref(), Some("unverified"));
+    let (status, retry, body, _) = app
+        .otp(
+            "get_otp",
+            serde_json::json!({"phone": "+15550007004"}),
+            None,
+        )
+        .await;
+    assert_eq!((status, &body["exit_code"]), (429, &serde_json::json!(3)));
+    let retry: u64 = retry.expect("Retry-After").parse().unwrap();
+    assert!((3590..=3600).contains(&retry), "{retry}");
+    quiet_for(Duration::from_millis(300)).await;
+    assert_eq!(app.twilio.attempts(), 2, "nothing more was sent");
+}
