@@ -168,7 +168,7 @@ impl Engine {
             timers_changed: timers_changed.clone(),
             outbox_changed: outbox_changed.clone(),
             clock: clock.clone(),
-            codes_issued: VecDeque::new(),
+            codes_issued: store.codes_hour().into(),
         };
         let thread = std::thread::Builder::new()
             .name("smsflow-writer".into())
@@ -325,8 +325,8 @@ struct Writer {
     outbox_changed: Arc<Notify>,
     clock: Clock,
     /// When the codes of the last hour were issued, oldest first, while
-    /// `verify.max_codes_per_hour` is set: the daemon-wide limit is counted here, in memory
-    /// (a restart starts the hour afresh).
+    /// `verify.max_codes_per_hour` is set: the daemon-wide limit is counted here, and kept in
+    /// the store by each commit that changes it (a restart goes on with the same hour).
     codes_issued: VecDeque<DateTime<Utc>>,
 }
 
@@ -361,28 +361,30 @@ impl Writer {
     }
 
     /// Counts a code `t` issued against `verify.max_codes_per_hour` (set: `most`), and forgets
-    /// those an hour old.
-    fn count_codes(&mut self, t: &machine::Transition, most: Option<u32>, now: DateTime<Utc>) {
+    /// those an hour old; whether that changed the count.
+    fn count_codes(
+        &mut self,
+        t: &machine::Transition,
+        most: Option<u32>,
+        now: DateTime<Utc>,
+    ) -> bool {
+        let before = self.codes_issued.len();
         let hour = chrono::TimeDelta::hours(1);
-        while self
-            .codes_issued
-            .front()
-            .is_some_and(|at| *at + hour <= now)
-        {
+        while (self.codes_issued.front()).is_some_and(|at| *at + hour <= now) {
             self.codes_issued.pop_front();
         }
         let Some(most) = most else {
             self.codes_issued.clear();
-            return;
+            return before > 0;
         };
-        let issued = t
-            .effects
-            .iter()
-            .filter(|e| matches!(e, Effect::SendCode { .. }));
-        self.codes_issued.extend(issued.map(|_| now));
+        let issued = (t.effects.iter())
+            .filter(|e| matches!(e, Effect::SendCode { .. }))
+            .count();
+        self.codes_issued.extend(std::iter::repeat_n(now, issued));
         // (Fewer allowed since a reload: the oldest beyond them no longer matter.)
         let extra = self.codes_issued.len().saturating_sub(most as usize);
         self.codes_issued.drain(..extra);
+        issued > 0 || self.codes_issued.len() != before
     }
 
     /// A batch's whole way: stepped and committed, then durable and answered.
@@ -427,6 +429,8 @@ impl Writer {
         let mut rng = rand::rng();
         // Within a batch, later events see earlier ones' results.
         let mut latest: HashMap<Phone, (Subscriber, Vec<Replied>)> = HashMap::new();
+        // Whether the hour's codes changed (kept by the same commit when they did).
+        let mut codes_changed = false;
         // Numbers whose state machine failed in this batch: their state within the batch is
         // lost, so their later events here are refused rather than stepped from a stale one.
         let mut failed: Vec<Phone> = Vec::new();
@@ -517,7 +521,7 @@ impl Writer {
             }));
             let t = match stepped {
                 Ok(t) => {
-                    self.count_codes(&t, most, now);
+                    codes_changed |= self.count_codes(&t, most, now);
                     t
                 }
                 Err(_) => {
@@ -565,7 +569,8 @@ impl Writer {
             committed.answers.push((done, applied));
         }
         if !prepared.is_empty() {
-            if let Err(e) = self.store.commit_prepared(&prepared) {
+            let codes_hour = codes_changed.then(|| Vec::from(self.codes_issued.clone()));
+            if let Err(e) = self.store.commit_prepared(&prepared, codes_hour.as_deref()) {
                 let msg = format!("{e:#}");
                 for (done, _) in committed.answers {
                     let _ = done.send(Err(anyhow::anyhow!("committing the event: {msg}")));

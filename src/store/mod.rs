@@ -642,11 +642,21 @@ impl Store {
     /// all of them or none.
     pub fn commit_many(&self, commits: &[Commit], now: DateTime<Utc>) -> anyhow::Result<()> {
         let encoded: Vec<Prepared> = commits.iter().map(|c| Prepared::new(c, now)).collect();
-        self.commit_prepared(&encoded)
+        self.commit_prepared(&encoded, None)
     }
 
-    /// Like [`Store::commit_many`] for commits already turned into bytes.
-    pub fn commit_prepared(&self, encoded: &[Prepared]) -> anyhow::Result<()> {
+    /// Like [`Store::commit_many`] for commits already turned into bytes; with the times of
+    /// the hour's codes, when they changed (see [`Store::codes_hour`]).
+    pub fn commit_prepared(
+        &self,
+        encoded: &[Prepared],
+        codes_hour: Option<&[DateTime<Utc>]>,
+    ) -> anyhow::Result<()> {
+        let codes_hour: Option<Vec<u8>> = codes_hour.map(|times| {
+            (times.iter())
+                .flat_map(|t| millis(*t).to_be_bytes())
+                .collect()
+        });
         // Everything is encoded up front: sled may run the closure more than once.
         let trees = (
             &self.subscribers,
@@ -705,6 +715,9 @@ impl Store {
                     }
                 }
                 keep_counts(meta, &delta)?;
+                if let Some(times) = &codes_hour {
+                    meta.insert(CODES_HOUR_KEY, times.as_slice())?;
+                }
                 Ok::<_, ConflictableTransactionError<Abort>>((delta, queued_below))
             })
             .map_err(|e| match self.written(e) {
@@ -717,6 +730,19 @@ impl Store {
         }
         self.counted(&delta);
         Ok(())
+    }
+
+    /// When the codes counted against `verify.max_codes_per_hour` were issued, oldest first,
+    /// as the last commit that changed them left them (so a restart keeps the hour's count).
+    /// Unreadable or absent: none.
+    pub fn codes_hour(&self) -> Vec<DateTime<Utc>> {
+        let stored = self.meta.get(CODES_HOUR_KEY).ok().flatten();
+        (stored.iter())
+            .flat_map(|v| v.chunks_exact(8))
+            .filter_map(|c| <[u8; 8]>::try_from(c).ok())
+            .filter_map(|b| i64::try_from(u64::from_be_bytes(b)).ok())
+            .filter_map(DateTime::from_timestamp_millis)
+            .collect()
     }
 
     // ---- timers ------------------------------------------------------------
@@ -1498,6 +1524,9 @@ const FLOWS_PLACES: &str = "flows_places";
 
 /// The meta key holding [`Counts`] (big-endian i64s).
 const COUNTS_KEY: &str = "counts";
+/// When the codes counted against `verify.max_codes_per_hour` were issued: milliseconds
+/// since the epoch, 8 bytes each, big-endian, oldest first.
+const CODES_HOUR_KEY: &str = "codes_hour";
 /// Subscribers per state (5), then timers, then queued messages.
 const COUNTS: usize = 7;
 const TIMERS: usize = 5;

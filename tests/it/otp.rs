@@ -605,4 +605,10 @@ async fn the_hours_codes_spent_no_number_gets_one_until_the_oldest_is_an_hour_ol
     assert!((3590..=3600).contains(&retry), "{retry}");
     quiet_for(Duration::from_millis(300)).await;
     assert_eq!(app.twilio.attempts(), 2, "nothing more was sent");
+    // The hour's count is kept in the store: a restart does not open the gate.
+    let app = app.restart(Duration::ZERO).await;
+    let (_, twiml) = app.sms("+15550007005", "JOIN").await;
+    assert!(twiml.contains("too many codes right now"), "{twiml}");
+    quiet_for(Duration::from_millis(300)).await;
+    assert_eq!(app.twilio.attempts(), 2, "nothing more was sent");
 }
