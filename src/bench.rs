@@ -34,6 +34,15 @@ pub struct BenchArgs {
     /// memory at a tenth of it and at all of it.
     #[arg(long)]
     pub export_subscribers: Option<u64>,
+    /// Instead: this many numbers text JOIN at once (at most the flows' `max_codes_per_hour`),
+    /// and the outbox sends their codes through a fake Twilio on loopback that answers after
+    /// `--twilio-ms`; measures how fast they all reach it.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
+    pub outbox: Option<usize>,
+    /// How long the fake Twilio of `--outbox` takes to answer, in milliseconds.
+    #[arg(long, default_value_t = 150,
+          value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(0..=10_000))]
+    pub twilio_ms: u64,
 }
 
 /// Latency figures of one run.
@@ -130,6 +139,9 @@ fn cpu_used() -> Option<Duration> {
 pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
     if let Some(n) = args.export_subscribers {
         return tokio::task::spawn_blocking(move || export(n, &args.flows)).await?;
+    }
+    if let Some(n) = args.outbox {
+        return outbox(n, Duration::from_millis(args.twilio_ms), &args.flows).await;
     }
     let data = std::env::temp_dir().join(format!("smsflow-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
@@ -496,6 +508,118 @@ fn export(n: u64, flows_dir: &std::path::Path) -> anyhow::Result<String> {
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(out)
+}
+
+/// `bench --outbox N`: N numbers text JOIN (signed webhooks, as from Twilio), and the outbox
+/// sends the N codes through a fake Twilio on loopback that answers each after `latency`; the
+/// figure is how fast they reach it, beside what one send at a time could do at that latency.
+async fn outbox(n: usize, latency: Duration, flows: &std::path::Path) -> anyhow::Result<String> {
+    const TOKEN: &str = "bench-auth-token";
+    let received = Arc::new(AtomicUsize::new(0));
+    let all_in = Arc::new(tokio::sync::Notify::new());
+    let fake = axum::Router::new().route(
+        "/2010-04-01/Accounts/{sid}/Messages.json",
+        axum::routing::post({
+            let (received, all_in) = (received.clone(), all_in.clone());
+            move || async move {
+                tokio::time::sleep(latency).await;
+                let k = received.fetch_add(1, Ordering::SeqCst) + 1;
+                if k >= n {
+                    all_in.notify_one();
+                }
+                (
+                    axum::http::StatusCode::CREATED,
+                    axum::Json(
+                        serde_json::json!({ "sid": format!("SM{k:032}"), "status": "queued" }),
+                    ),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let fake_base = format!("http://{}", listener.local_addr()?);
+    let fake_server = tokio::spawn(async move { axum::serve(listener, fake).await });
+
+    let data = std::env::temp_dir().join(format!("smsflow-bench-outbox-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let config = Layer {
+        listen: Some("127.0.0.1:0".into()),
+        data: Some(data.clone()),
+        flows: Some(flows.to_path_buf()),
+        // No sender's rate in the way: what is measured is the sends themselves.
+        send_rate: Some(1_000_000.0),
+        twilio: crate::config::TwilioLayer {
+            account_sid: Some("AC00000000000000000000000000000001".into()),
+            auth_token: Some(crate::config::Secret::new(TOKEN)),
+            from: Some("+15005550006".into()),
+            api_base: Some(fake_base),
+            ..crate::config::TwilioLayer::default()
+        },
+        ..Layer::default()
+    }
+    .resolve()?;
+    let app = Application::build(
+        config,
+        Options {
+            quiet_console: true,
+            ..Options::default()
+        },
+    )
+    .await?;
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stop_rx.await;
+    }));
+    let client = reqwest::Client::new();
+    let url = format!("{base}/twilio/sms");
+    let started = Instant::now();
+    let mut refused = 0;
+    for i in 0..n {
+        let params: Vec<(String, String)> = [
+            ("From", format!("+1415{:07}", i)),
+            ("To", "+15005550006".to_string()),
+            ("Body", "JOIN".to_string()),
+            ("MessageSid", format!("SMbenchoutbox{i}")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let signature = crate::http::signature::sign(TOKEN, &url, &params);
+        let answer = client
+            .post(&url)
+            .header("X-Twilio-Signature", signature)
+            .form(&params)
+            .send()
+            .await?;
+        refused += usize::from(!answer.status().is_success());
+    }
+    let queued = started.elapsed();
+    let waited = tokio::time::timeout(Duration::from_secs(600), all_in.notified()).await;
+    let elapsed = started.elapsed();
+    let _ = stop_tx.send(());
+    server.await??;
+    fake_server.abort();
+    let _ = std::fs::remove_dir_all(&data);
+    let got = received.load(Ordering::SeqCst);
+    if refused > 0 || waited.is_err() {
+        anyhow::bail!(
+            "{refused} webhook(s) refused, {got} of {n} codes reached the fake Twilio in {:.1} s \
+             (is --outbox over the flows' max_codes_per_hour?)",
+            elapsed.as_secs_f64()
+        );
+    }
+    let rate = got as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
+    let serial = 1.0 / latency.as_secs_f64().max(1e-3);
+    Ok(format!(
+        "smsflow bench --outbox: {n} numbers texted JOIN (queued in {:.2} s); their {got} codes \
+         reached a fake Twilio answering in {} ms after {:.2} s: {rate:.1} messages/s; one send \
+         at a time could do at most {serial:.1}/s at that latency (ratio {:.1})\n",
+        queued.as_secs_f64(),
+        latency.as_millis(),
+        elapsed.as_secs_f64(),
+        rate / serial
+    ))
 }
 
 #[cfg(test)]

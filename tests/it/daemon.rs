@@ -1545,6 +1545,8 @@ async fn the_benchmark_runs_both_routes_without_errors_and_reports_the_ratio() {
         body: "HELP".into(),
         rounds: 1,
         export_subscribers: None,
+        outbox: None,
+        twilio_ms: 150,
     })
     .await
     .expect("bench runs");
@@ -1569,6 +1571,30 @@ async fn the_benchmark_runs_both_routes_without_errors_and_reports_the_ratio() {
         "{writer}"
     );
     assert!(!writer.contains("no commits"), "{writer}");
+}
+
+/// `bench --outbox`: every code reaches the fake Twilio, and the figure is told beside what
+/// one send at a time could do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_benchmark_sends_every_code_and_reports_the_ratio() {
+    let report = smsflow::bench::run(smsflow::bench::BenchArgs {
+        connections: 4,
+        requests: 40,
+        flows: "flows".into(),
+        body: "HELP".into(),
+        rounds: 1,
+        export_subscribers: None,
+        outbox: Some(20),
+        twilio_ms: 50,
+    })
+    .await
+    .expect("bench runs");
+    assert!(
+        report.contains("their 20 codes reached a fake Twilio answering in 50 ms")
+            && report.contains("one send at a time could do at most 20.0/s")
+            && report.contains("(ratio "),
+        "{report}"
+    );
 }
 
 /// A Twilio that accepts every message with a body that is not JSON.
