@@ -84,6 +84,7 @@ pub fn run(flows: &Flows, file: &Path, text: &str) -> Result<(), Failure> {
         pending: VecDeque::new(),
         vars: BTreeMap::new(),
         pending_from: 0,
+        last_expected: 0,
     };
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;
@@ -120,6 +121,8 @@ struct Runner {
     pending: VecDeque<Sent>,
     /// Line of the command whose messages are pending, for "unexpected message" errors.
     pending_from: usize,
+    /// The last `<` line that matched one of those messages (0: none yet).
+    last_expected: usize,
     vars: BTreeMap<String, String>,
 }
 
@@ -155,6 +158,7 @@ impl Runner {
         match tag {
             ">" | "~" => {
                 self.pending_from = line;
+                self.last_expected = 0;
                 let sent = if tag == ">" {
                     let text = self.substitute(rest)?;
                     self.sandbox.text(&self.phone, &text)
@@ -169,6 +173,7 @@ impl Runner {
                     return Err(format!("expected the bot to send {rest:?}, but it sent nothing more"));
                 };
                 let actual = shown(&sent.text);
+                self.last_expected = line;
                 if !self.matches(rest, &actual)? {
                     // In the texts themselves: a line break is one character.
                     let mut differs = first_difference(&unshown(rest), &sent.text);
@@ -204,11 +209,16 @@ impl Runner {
             Some(s) => Err((
                 self.pending_from,
                 format!(
-                    "unexpected message from the bot{}: {}",
+                    "unexpected message from the bot{}{}: {}",
                     if s.phone == self.phone {
                         String::new()
                     } else {
                         format!(" to {} (switch with `! phone` to expect it)", s.phone)
+                    },
+                    // Where the `<` line it wants goes: after the ones that matched.
+                    match self.last_expected {
+                        0 => String::new(),
+                        n => format!(", after the replies expected up to line {n}"),
                     },
                     shown(&s.text)
                 ),

@@ -210,6 +210,16 @@ fn failures_name_a_misspelt_state_a_bound_capture_and_the_number_a_message_went_
             .contains("unexpected message from the bot to +15550002222"),
         "{err}"
     );
+    // One more message than expected, at the end: told at the line that made it, with where
+    // its `<` line goes.
+    let err =
+        run("! seed 0\n> JOIN\n< {*} your code is {$code}. {*}\n> {$code}\n< {*}\n").unwrap_err();
+    assert_eq!(err.line, 4, "{err}");
+    assert!(
+        err.message
+            .contains("unexpected message from the bot, after the replies expected up to line 5: "),
+        "{err}"
+    );
 }
 
 /// `! at` moves the clock as `~` does, firing the timers due on the way; it may set the
