@@ -156,6 +156,21 @@ impl Application {
         })?;
         // The first E.164 parse loads metadata (~100 ms): do it now, not on a webhook.
         let _ = crate::phone::Phone::parse("+14155550100");
+        // A short bearer token can be guessed (a wrong one is logged, once a minute at most).
+        for (name, token) in [
+            ("SMSFLOW_API_TOKEN (api_token)", &config.api_token),
+            ("SMSFLOW_ADMIN_TOKEN (admin_token)", &config.admin_token),
+        ] {
+            let length = token
+                .as_ref()
+                .map_or(usize::MAX, |t| t.expose().chars().count());
+            if length < MIN_TOKEN {
+                tracing::warn!(
+                    "{name} is {length} characters long: a bearer token of fewer than \
+                     {MIN_TOKEN} can be guessed; use a long random one (openssl rand -hex 32)"
+                );
+            }
+        }
         let provider = match &config.twilio {
             Some(t) => Provider::Twilio(Twilio::new(t.clone(), config.public_url.as_deref())?),
             None => Provider::Console(Console::new(options.quiet_console)),
@@ -468,6 +483,9 @@ impl Application {
 /// finish, for up to [`Options::shutdown_grace`] or until `hurry` resolves (it is first polled
 /// then). By hand rather than `axum::serve`, which gives hyper no timer: without one, hyper
 /// has no header read timeout.
+/// The shortest bearer token that is not warned of as guessable.
+const MIN_TOKEN: usize = 16;
+
 /// The longest request head taken (Twilio's are a few KiB).
 pub const MAX_HEAD: usize = 16 * 1024;
 

@@ -92,6 +92,13 @@ pub fn bearer(
     if signature::same_token(given.trim(), token.expose()) {
         Ok(())
     } else {
+        // Guessing shows in the log (at most once a minute, so it cannot flood it).
+        if once_a_minute(WRONG_TOKEN) {
+            tracing::warn!(
+                "refused a request to the {what} with a wrong bearer token (this is logged at \
+                 most once a minute)"
+            );
+        }
         Err("wrong bearer token".to_string())
     }
 }
@@ -198,18 +205,28 @@ impl IntoResponse for WebhookError {
 /// once for a wrong one (whose line names the URL checked), so forgeries cannot flood the
 /// log, and a stray unsigned request does not hide what a misconfiguration looks like.
 fn warn_refused(kind: Refusal, why: &str) {
-    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-    static LAST: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let slot = &LAST[kind as usize];
-    let last = slot.load(Relaxed);
-    if now >= last.saturating_add(60) && slot.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
-    {
+    if once_a_minute(kind as usize) {
         tracing::warn!("refused a Twilio webhook: {why} (this is logged at most once a minute)");
     }
 }
+
+/// Whether the once-a-minute line of kind `slot` (a [`Refusal`], or [`WRONG_TOKEN`]) is due
+/// now, which it then takes.
+fn once_a_minute(slot: usize) -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    static LAST: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let Some(slot) = LAST.get(slot) else {
+        return false;
+    };
+    let last = slot.load(Relaxed);
+    now >= last.saturating_add(60) && slot.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
+}
+
+/// The once-a-minute line for a wrong bearer token (see [`once_a_minute`]).
+const WRONG_TOKEN: usize = 3;
 
 /// Why a webhook was refused for its signature (or for having none to check): each kind has
 /// its own once-a-minute log line.

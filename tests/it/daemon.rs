@@ -2539,6 +2539,55 @@ async fn a_refused_signature_is_logged_once_with_the_url_it_was_checked_against(
     );
 }
 
+/// A short bearer token is warned of at the start, and wrong tokens show in the log, once a
+/// minute at most (guessing is seen, and cannot flood the log).
+#[tokio::test]
+async fn a_short_token_is_warned_of_and_wrong_tokens_are_logged_once_a_minute() {
+    let twilio = FakeTwilio::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let (mut child, base, _lines) = spawn_serve(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--flows", "flows"])
+            .arg("--data")
+            .arg(data.path())
+            .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+            .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+            .env("TWILIO_FROM", FROM)
+            .env("TWILIO_API_BASE", &twilio.url)
+            .env_remove("TWILIO_MESSAGING_SERVICE_SID")
+            .env("SMSFLOW_API_TOKEN", "short")
+            .env("SMSFLOW_ADMIN_TOKEN", "a-long-enough-admin-token")
+            .env("SMSFLOW_LOG", "")
+            .env_remove("RUST_LOG")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true),
+    )
+    .await;
+    let stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
+    let stderr = tokio::io::AsyncBufReadExt::lines(stderr);
+    let http = reqwest::Client::new();
+    for _ in 0..3 {
+        let r = http
+            .get(format!("{base}/admin/subscribers"))
+            .bearer_auth("zq-attempt-77")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401);
+    }
+    sigterm(&child);
+    let rest = exits_cleanly(child, stderr, Duration::from_secs(10)).await;
+    let said = |what: &str| rest.iter().filter(|l| l.contains(what)).count();
+    assert_eq!(
+        said("SMSFLOW_API_TOKEN (api_token) is 5 characters long"),
+        1,
+        "{rest:#?}"
+    );
+    assert_eq!(said("SMSFLOW_ADMIN_TOKEN (admin_token) is"), 0, "{rest:#?}");
+    assert_eq!(said("with a wrong bearer token"), 1, "{rest:#?}");
+    assert!(!rest.iter().any(|l| l.contains("zq-attempt")), "{rest:#?}");
+}
+
 /// A client that sends a request's head and then its body a byte at a time, or none of it,
 /// is answered and let go once the body timeout (`BODY_TIMEOUT`, 10 s, by default; 1 s here)
 /// has passed since the head, instead of holding its connection (and a file descriptor) for
