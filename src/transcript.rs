@@ -388,6 +388,13 @@ impl Runner {
         while let Some(start) = rest.find('{') {
             let end = match rest[start..].find('}') {
                 Some(e) => e + start,
+                // A capture or wildcard never closed is a typo, not text the bot sends.
+                None if rest[start..].starts_with("{$") || rest[start..].starts_with("{*") => {
+                    return Err(format!(
+                        "{} is not closed: a capture is written {{$name}}, a wildcard {{*}}",
+                        crate::clip(&rest[start..])
+                    ))
+                }
                 None => break,
             };
             let inner = &rest[start + 1..end];
