@@ -479,16 +479,16 @@ impl Application {
     }
 }
 
+/// The longest request head taken (Twilio's are a few KiB).
+pub const MAX_HEAD: usize = 16 * 1024;
+
+/// The shortest bearer token that is not warned of as guessable.
+const MIN_TOKEN: usize = 16;
+
 /// Serves HTTP/1.1 until `shutdown`; then stops accepting and lets the requests under way
 /// finish, for up to [`Options::shutdown_grace`] or until `hurry` resolves (it is first polled
 /// then). By hand rather than `axum::serve`, which gives hyper no timer: without one, hyper
 /// has no header read timeout.
-/// The shortest bearer token that is not warned of as guessable.
-const MIN_TOKEN: usize = 16;
-
-/// The longest request head taken (Twilio's are a few KiB).
-pub const MAX_HEAD: usize = 16 * 1024;
-
 async fn serve(
     listener: TcpListener,
     router: axum::Router,

@@ -324,10 +324,10 @@ struct Writer {
     timers_changed: Arc<Notify>,
     outbox_changed: Arc<Notify>,
     clock: Clock,
-    /// When the codes of the last hour were issued, oldest first, while
-    /// `verify.max_codes_per_hour` is set: the daemon-wide limit is counted here, and kept in
-    /// the store by each commit that changes it (a restart goes on with the same hour).
-    codes_issued: VecDeque<DateTime<Utc>>,
+    /// The codes of the last hour by minute, oldest first: `verify.max_codes_per_hour` is
+    /// counted here, and kept in the store by each commit that changes it (a restart goes on
+    /// with the same hour).
+    codes_issued: VecDeque<machine::CodeMinute>,
 }
 
 type Done = oneshot::Sender<anyhow::Result<Applied>>;
@@ -360,30 +360,26 @@ impl Writer {
         }
     }
 
-    /// Counts a code `t` issued against `verify.max_codes_per_hour` (set: `most`), and forgets
-    /// those an hour old; whether that changed the count.
-    fn count_codes(
-        &mut self,
-        t: &machine::Transition,
-        most: Option<u32>,
-        now: DateTime<Utc>,
-    ) -> bool {
+    /// Counts the codes `t` issued, by minute, and forgets the minutes that no longer count;
+    /// whether that changed anything. (Counted whatever `verify.max_codes_per_hour` says: a
+    /// limit set or raised by a reload counts the hour's codes all the same.)
+    fn count_codes(&mut self, t: &machine::Transition, now: DateTime<Utc>) -> bool {
         let before = self.codes_issued.len();
-        let hour = chrono::TimeDelta::hours(1);
-        while (self.codes_issued.front()).is_some_and(|at| *at + hour <= now) {
+        while (self.codes_issued.front()).is_some_and(|(m, _)| *m + machine::CODES_COUNTED <= now) {
             self.codes_issued.pop_front();
         }
-        let Some(most) = most else {
-            self.codes_issued.clear();
-            return before > 0;
-        };
         let issued = (t.effects.iter())
             .filter(|e| matches!(e, Effect::SendCode { .. }))
             .count();
-        self.codes_issued.extend(std::iter::repeat_n(now, issued));
-        // (Fewer allowed since a reload: the oldest beyond them no longer matter.)
-        let extra = self.codes_issued.len().saturating_sub(most as usize);
-        self.codes_issued.drain(..extra);
+        let issued = u32::try_from(issued).unwrap_or(u32::MAX);
+        if issued > 0 {
+            let second = now.timestamp();
+            let minute = DateTime::from_timestamp(second - second.rem_euclid(60), 0).unwrap_or(now);
+            match self.codes_issued.back_mut() {
+                Some((m, n)) if *m == minute => *n = n.saturating_add(issued),
+                _ => self.codes_issued.push_back((minute, issued)),
+            }
+        }
         issued > 0 || self.codes_issued.len() != before
     }
 
@@ -521,7 +517,7 @@ impl Writer {
             }));
             let t = match stepped {
                 Ok(t) => {
-                    codes_changed |= self.count_codes(&t, most, now);
+                    codes_changed |= self.count_codes(&t, now);
                     t
                 }
                 Err(_) => {

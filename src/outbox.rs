@@ -567,6 +567,11 @@ impl Flight {
         s: crate::machine::Subscriber,
     ) -> anyhow::Result<()> {
         let store = &self.engine.store;
+        // What is sent once the store failed could not be recorded (another send may have met
+        // the failure since this one was started).
+        if let Some(why) = store.failure() {
+            anyhow::bail!("not sending: the store failed ({why})");
+        }
         // Until its record is stored, a delivery report for an unknown id may be this send's.
         let _in_flight = store.send_in_flight();
         // A code that will not arrive, to withdraw.

@@ -86,6 +86,16 @@ fn is_separator(c: char) -> bool {
         )
 }
 
+/// Invisible formatting characters: zero-width spaces and joiners, direction marks and
+/// isolates, the word joiner, a byte order mark.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}' | '\u{FEFF}'
+    )
+}
+
 /// An international number written with its `+`, a known country code, and only digits and
 /// separators, in E.164: its digits when they already form a number of its country; else
 /// without a trunk prefix typed after the country code (`+44 (0)20…`, `+7 8 912…`,
@@ -194,6 +204,15 @@ impl Default for Region {
 impl Phone {
     /// Parses a number written any common way; numbers without `+` are read in `region`.
     pub fn parse_in(input: &str, region: Region) -> Result<Phone, PhoneError> {
+        // Invisible formatting a number copied from a contact card or a web page often carries
+        // (direction marks, zero-width spaces, a byte order mark) is no part of it.
+        let visible: String;
+        let input = if input.contains(is_invisible) {
+            visible = input.chars().filter(|c| !is_invisible(*c)).collect();
+            visible.as_str()
+        } else {
+            input
+        };
         let mut input = crate::ascii_digits(input);
         // A full-width plus (typed on an East Asian keyboard) leads a number with its country
         // code as `+` does; read without it, the number would be taken as national.
@@ -475,6 +494,13 @@ mod tests {
                 "{typed:?}: {err}"
             );
         }
+        // Invisible formatting copied along with a number is no part of it.
+        assert_eq!(
+            Phone::parse("\u{202A}+1 415\u{200B}555 0100\u{202C}")
+                .unwrap()
+                .as_str(),
+            "+14155550100"
+        );
         // An extension is named as one, as before.
         assert!(matches!(
             Phone::parse("+1 415 555 0100 ext. 12"),

@@ -157,9 +157,15 @@ pub async fn get_otp(
     match applied.outcome {
         Outcome::CodeSent => {}
         Outcome::OptedOut => return Err(opted_out()),
-        Outcome::RateLimited { retry_at, .. } => {
+        Outcome::RateLimited { retry_at, everyone } => {
             return Err(OtpError::TooMany {
-                message: "too many codes requested for this phone; try again later".into(),
+                message: if everyone {
+                    "too many codes sent to all numbers this hour (verify.max_codes_per_hour); \
+                     try again later"
+                } else {
+                    "too many codes requested for this phone; try again later"
+                }
+                .into(),
                 retry_after: seconds_until(retry_at, state.engine.clock().now()),
             })
         }

@@ -6,7 +6,7 @@ mod quiet;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use rand::{Rng, RngExt};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
@@ -574,22 +574,35 @@ pub struct Limits {
     pub codes_refused_until: Option<DateTime<Utc>>,
 }
 
-/// When a code may be issued again, given when the codes of the last hour were issued
-/// (oldest first) and `verify.max_codes_per_hour`: `None` while the hour has room.
+/// The codes issued in one minute (its first instant, and how many), as counted against
+/// `verify.max_codes_per_hour`.
+pub type CodeMinute = (DateTime<Utc>, u32);
+
+/// How long a minute's codes count: until the hour after its last instant has passed (so
+/// a code may count up to a minute longer than its hour, never shorter).
+pub const CODES_COUNTED: TimeDelta = TimeDelta::minutes(61);
+
+/// When a code may be issued again, given the codes of the last hour by minute (oldest
+/// first) and `verify.max_codes_per_hour`: `None` while the hour has room.
 pub fn codes_refused_until(
-    issued: &std::collections::VecDeque<DateTime<Utc>>,
+    minutes: &std::collections::VecDeque<CodeMinute>,
     max_per_hour: Option<u32>,
     now: DateTime<Utc>,
 ) -> Option<DateTime<Utc>> {
-    let hour = chrono::TimeDelta::hours(1);
-    let max = usize::try_from(max_per_hour?).unwrap_or(usize::MAX);
-    let in_hour = issued.iter().filter(|t| **t + hour > now).count();
-    // The one that, once an hour old, leaves room for the next.
-    let frees = issued
-        .iter()
-        .filter(|t| **t + hour > now)
-        .nth(in_hour.checked_sub(max)?)?;
-    Some(*frees + hour)
+    let max = u64::from(max_per_hour?);
+    let counted = || minutes.iter().filter(|(m, _)| *m + CODES_COUNTED > now);
+    let mut total: u64 = counted().map(|(_, n)| u64::from(*n)).sum();
+    // The minute whose codes, once they no longer count, leave room for the next.
+    for (m, n) in counted() {
+        if total < max {
+            break;
+        }
+        total -= u64::from(*n);
+        if total < max {
+            return Some(*m + CODES_COUNTED);
+        }
+    }
+    None
 }
 
 /// The heart of smsflow: one event applied to one number.

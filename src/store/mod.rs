@@ -650,11 +650,11 @@ impl Store {
     pub fn commit_prepared(
         &self,
         encoded: &[Prepared],
-        codes_hour: Option<&[DateTime<Utc>]>,
+        codes_hour: Option<&[crate::machine::CodeMinute]>,
     ) -> anyhow::Result<()> {
-        let codes_hour: Option<Vec<u8>> = codes_hour.map(|times| {
-            (times.iter())
-                .flat_map(|t| millis(*t).to_be_bytes())
+        let codes_hour: Option<Vec<u8>> = codes_hour.map(|minutes| {
+            (minutes.iter())
+                .flat_map(|(m, n)| [&millis(*m).to_be_bytes()[..], &n.to_be_bytes()[..]].concat())
                 .collect()
         });
         // Everything is encoded up front: sled may run the closure more than once.
@@ -732,16 +732,18 @@ impl Store {
         Ok(())
     }
 
-    /// When the codes counted against `verify.max_codes_per_hour` were issued, oldest first,
-    /// as the last commit that changed them left them (so a restart keeps the hour's count).
+    /// The codes counted against `verify.max_codes_per_hour`, by minute, oldest first, as
+    /// the last commit that changed them left them (so a restart keeps the hour's count).
     /// Unreadable or absent: none.
-    pub fn codes_hour(&self) -> Vec<DateTime<Utc>> {
+    pub fn codes_hour(&self) -> Vec<crate::machine::CodeMinute> {
         let stored = self.meta.get(CODES_HOUR_KEY).ok().flatten();
         (stored.iter())
-            .flat_map(|v| v.chunks_exact(8))
-            .filter_map(|c| <[u8; 8]>::try_from(c).ok())
-            .filter_map(|b| i64::try_from(u64::from_be_bytes(b)).ok())
-            .filter_map(DateTime::from_timestamp_millis)
+            .flat_map(|v| v.chunks_exact(12))
+            .filter_map(|c| {
+                let at = u64::from_be_bytes(c.get(..8)?.try_into().ok()?);
+                let n = u32::from_be_bytes(c.get(8..)?.try_into().ok()?);
+                Some((DateTime::from_timestamp_millis(i64::try_from(at).ok()?)?, n))
+            })
             .collect()
     }
 
@@ -1524,9 +1526,9 @@ const FLOWS_PLACES: &str = "flows_places";
 
 /// The meta key holding [`Counts`] (big-endian i64s).
 const COUNTS_KEY: &str = "counts";
-/// When the codes counted against `verify.max_codes_per_hour` were issued: milliseconds
-/// since the epoch, 8 bytes each, big-endian, oldest first.
-const CODES_HOUR_KEY: &str = "codes_hour";
+/// The codes counted against `verify.max_codes_per_hour`, by minute, oldest first: each the
+/// minute's start in milliseconds since the epoch (8 bytes) and its count (4), big-endian.
+const CODES_HOUR_KEY: &str = "codes_by_minute";
 /// Subscribers per state (5), then timers, then queued messages.
 const COUNTS: usize = 7;
 const TIMERS: usize = 5;

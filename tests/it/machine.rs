@@ -1993,43 +1993,38 @@ fn a_place_a_reload_took_away_says_why_it_is_gone() {
     );
 }
 
-/// `verify.max_codes_per_hour` counts every number's codes together: with the hour's codes
-/// spent, none is issued to anyone until the oldest of them is an hour old.
+/// `verify.max_codes_per_hour` counts every number's codes together, by minute: with the
+/// hour's codes spent, none is issued to anyone until the minute that frees room is an hour
+/// past its end.
 #[test]
 fn the_daemon_wide_hour_refuses_codes_until_its_oldest_code_is_an_hour_old() {
     use smsflow::machine::{codes_refused_until, Limits};
     use std::collections::VecDeque;
-    let minutes = |ago: &[i64]| -> VecDeque<DateTime<Utc>> {
-        ago.iter().map(|m| t0() - TimeDelta::minutes(*m)).collect()
+    let ago = |m: i64| t0() - TimeDelta::minutes(m);
+    let minutes = |counts: &[(i64, u32)]| -> VecDeque<(DateTime<Utc>, u32)> {
+        counts.iter().map(|(m, n)| (ago(*m), *n)).collect()
     };
-    let hour = TimeDelta::hours(1);
-    for (ago, most, refused_until) in [
+    let counted = TimeDelta::minutes(61);
+    for (counts, most, refused_until) in [
         (&[][..], Some(1), None),
-        (&[50, 10][..], None, None),
-        (&[50, 10][..], Some(3), None),
+        (&[(50, 1), (10, 1)][..], None, None),
+        (&[(50, 1), (10, 1)][..], Some(3), None),
+        (&[(50, 1), (10, 1)][..], Some(2), Some(ago(50) + counted)),
+        (&[(50, 1), (10, 1)][..], Some(1), Some(ago(10) + counted)),
+        (&[(50, 3)][..], Some(2), Some(ago(50) + counted)),
+        // A minute counts until the hour after its end: 61 minutes on, no more.
+        (&[(60, 1), (10, 1)][..], Some(2), Some(ago(60) + counted)),
+        (&[(61, 1), (10, 1)][..], Some(2), None),
         (
-            &[50, 10][..],
+            &[(62, 5), (50, 1), (10, 1)][..],
             Some(2),
-            Some(t0() - TimeDelta::minutes(50) + hour),
-        ),
-        (
-            &[50, 10][..],
-            Some(1),
-            Some(t0() - TimeDelta::minutes(10) + hour),
-        ),
-        // One an hour old counts no more.
-        (&[60, 10][..], Some(2), None),
-        (
-            &[61, 50, 10][..],
-            Some(2),
-            Some(t0() - TimeDelta::minutes(50) + hour),
+            Some(ago(50) + counted),
         ),
     ] {
-        let issued = minutes(ago);
         assert_eq!(
-            codes_refused_until(&issued, most, t0()),
+            codes_refused_until(&minutes(counts), most, t0()),
             refused_until,
-            "{ago:?} at most {most:?}"
+            "{counts:?} at most {most:?}"
         );
     }
     // Refused: a texter is told as when its own limit is spent, and nothing is issued; an

@@ -601,14 +601,42 @@ async fn the_hours_codes_spent_no_number_gets_one_until_the_oldest_is_an_hour_ol
         )
         .await;
     assert_eq!((status, &body["exit_code"]), (429, &serde_json::json!(3)));
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("to all numbers this hour"),
+        "{body}"
+    );
+    // Counted by the minute: until an hour after the end of the codes' minute.
     let retry: u64 = retry.expect("Retry-After").parse().unwrap();
-    assert!((3590..=3600).contains(&retry), "{retry}");
+    assert!((3600..=3660).contains(&retry), "{retry}");
     quiet_for(Duration::from_millis(300)).await;
     assert_eq!(app.twilio.attempts(), 2, "nothing more was sent");
     // The hour's count is kept in the store: a restart does not open the gate.
     let app = app.restart(Duration::ZERO).await;
     let (_, twiml) = app.sms("+15550007005", "JOIN").await;
     assert!(twiml.contains("too many codes right now"), "{twiml}");
+    // Nor does a reload that lowers the limit and raises it back: the hour's codes still
+    // count; only a limit above them lets one more go.
+    for (most, busy) in [(1, true), (2, true), (3, false)] {
+        let reloaded = flows.replace(
+            "max_codes_per_hour = 2\n",
+            &format!("max_codes_per_hour = {most}\n"),
+        );
+        app.save_flows_and_reload(&reloaded).await;
+        let (_, twiml) = app.sms(&format!("+155500071{most:02}"), "JOIN").await;
+        assert_eq!(
+            twiml.contains("too many codes right now"),
+            busy,
+            "{most}: {twiml}"
+        );
+    }
+    app.twilio.wait_delivered(3).await;
     quiet_for(Duration::from_millis(300)).await;
-    assert_eq!(app.twilio.attempts(), 2, "nothing more was sent");
+    assert_eq!(
+        app.twilio.attempts(),
+        3,
+        "only the one the raised limit let go"
+    );
 }

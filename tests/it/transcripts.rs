@@ -213,7 +213,8 @@ fn failures_name_a_misspelt_state_a_bound_capture_and_the_number_a_message_went_
     // A capture never closed is a typo, told as one.
     let err = run("! seed 0\n> JOIN\n< {*} your code is {$code\n").unwrap_err();
     assert!(
-        err.message.contains("{$code is not closed: a capture is written {$name}"),
+        err.message
+            .contains("{$code is not closed: a capture is written {$name}"),
         "{err}"
     );
     // One more message than expected, at the end: told at the line that made it, with where
