@@ -136,6 +136,48 @@ fn cpu_used() -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
+/// The daemon serving in this process, for a benchmark: its address and engine, and how to
+/// stop it.
+struct Serving {
+    base: String,
+    engine: Arc<crate::engine::Engine>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Serving {
+    /// Builds the daemon of `config` (its console quiet) and serves it.
+    async fn start(config: crate::config::Config) -> anyhow::Result<Serving> {
+        let app = Application::build(
+            config,
+            Options {
+                quiet_console: true,
+                ..Options::default()
+            },
+        )
+        .await?;
+        let base = format!("http://127.0.0.1:{}", app.port());
+        let engine = app.engine();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        Ok(Serving {
+            base,
+            engine,
+            stop,
+            server,
+        })
+    }
+
+    /// Stops it, and waits until it is gone.
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        drop(self.engine);
+        self.server.await?
+    }
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
     if let Some(n) = args.export_subscribers {
         return tokio::task::spawn_blocking(move || export(n, &args.flows)).await?;
@@ -152,20 +194,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
         ..Layer::default()
     }
     .resolve()?;
-    let app = Application::build(
-        config,
-        Options {
-            quiet_console: true,
-            ..Options::default()
-        },
-    )
-    .await?;
-    let base = format!("http://127.0.0.1:{}", app.port());
-    let engine = app.engine();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until_stopped(async {
-        let _ = stop_rx.await;
-    }));
+    let serving = Serving::start(config).await?;
+    let (base, engine) = (serving.base.clone(), serving.engine.clone());
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.connections)
         .build()?;
@@ -221,9 +251,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<String> {
         rounds.push((trivial, webhook, work));
     }
 
-    let _ = stop_tx.send(());
     drop(engine);
-    server.await??;
+    serving.stop().await?;
     let _ = std::fs::remove_dir_all(&data);
 
     let line = |name: &str, f: &Figures| {
@@ -558,21 +587,9 @@ async fn outbox(n: usize, latency: Duration, flows: &std::path::Path) -> anyhow:
         ..Layer::default()
     }
     .resolve()?;
-    let app = Application::build(
-        config,
-        Options {
-            quiet_console: true,
-            ..Options::default()
-        },
-    )
-    .await?;
-    let base = format!("http://127.0.0.1:{}", app.port());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until_stopped(async {
-        let _ = stop_rx.await;
-    }));
+    let serving = Serving::start(config).await?;
     let client = reqwest::Client::new();
-    let url = format!("{base}/twilio/sms");
+    let url = format!("{}/twilio/sms", serving.base);
     let started = Instant::now();
     let mut refused = 0;
     for i in 0..n {
@@ -597,8 +614,7 @@ async fn outbox(n: usize, latency: Duration, flows: &std::path::Path) -> anyhow:
     let queued = started.elapsed();
     let waited = tokio::time::timeout(Duration::from_secs(600), all_in.notified()).await;
     let elapsed = started.elapsed();
-    let _ = stop_tx.send(());
-    server.await??;
+    serving.stop().await?;
     fake_server.abort();
     let _ = std::fs::remove_dir_all(&data);
     let got = received.load(Ordering::SeqCst);

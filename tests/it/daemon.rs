@@ -2463,6 +2463,26 @@ async fn a_code_does_not_cut_short_the_retry_wait_of_the_message_before_it() {
     app.stop().await;
 }
 
+/// `smsflow serve` on the fake Twilio, on `data` and the shipped flows, its log at the default
+/// level on a piped stderr.
+fn serve_logging(twilio: &FakeTwilio, data: &std::path::Path) -> tokio::process::Command {
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow"));
+    serve
+        .args(["serve", "--listen", "127.0.0.1:0", "--flows", "flows"])
+        .arg("--data")
+        .arg(data)
+        .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+        .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+        .env("TWILIO_FROM", FROM)
+        .env("TWILIO_API_BASE", &twilio.url)
+        .env_remove("TWILIO_MESSAGING_SERVICE_SID")
+        .env("SMSFLOW_LOG", "")
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    serve
+}
+
 /// A webhook whose signature does not match is refused and the log says so, with the URL it
 /// was checked against (a wrong public URL or auth token refuses every webhook, and would
 /// otherwise show only in Twilio's debugger); at most once a minute, so forgeries cannot
@@ -2473,21 +2493,8 @@ async fn a_refused_signature_is_logged_once_with_the_url_it_was_checked_against(
     let twilio = FakeTwilio::start().await;
     let data = tempfile::tempdir().unwrap();
     let (mut child, base, _lines) = spawn_serve(
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--flows", "flows"])
-            .arg("--data")
-            .arg(data.path())
-            .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
-            .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
-            .env("TWILIO_FROM", FROM)
-            .env("TWILIO_API_BASE", &twilio.url)
-            // Not the URL Twilio (here: the test) signs for.
-            .env("SMSFLOW_PUBLIC_URL", "https://wrong.example")
-            .env_remove("TWILIO_MESSAGING_SERVICE_SID")
-            .env("SMSFLOW_LOG", "")
-            .env_remove("RUST_LOG")
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true),
+        // Not the URL Twilio (here: the test) signs for.
+        serve_logging(&twilio, data.path()).env("SMSFLOW_PUBLIC_URL", "https://wrong.example"),
     )
     .await;
     let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
@@ -2546,21 +2553,9 @@ async fn a_short_token_is_warned_of_and_wrong_tokens_are_logged_once_a_minute() 
     let twilio = FakeTwilio::start().await;
     let data = tempfile::tempdir().unwrap();
     let (mut child, base, _lines) = spawn_serve(
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--flows", "flows"])
-            .arg("--data")
-            .arg(data.path())
-            .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
-            .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
-            .env("TWILIO_FROM", FROM)
-            .env("TWILIO_API_BASE", &twilio.url)
-            .env_remove("TWILIO_MESSAGING_SERVICE_SID")
+        serve_logging(&twilio, data.path())
             .env("SMSFLOW_API_TOKEN", "short")
-            .env("SMSFLOW_ADMIN_TOKEN", "a-long-enough-admin-token")
-            .env("SMSFLOW_LOG", "")
-            .env_remove("RUST_LOG")
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true),
+            .env("SMSFLOW_ADMIN_TOKEN", "a-long-enough-admin-token"),
     )
     .await;
     let stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
