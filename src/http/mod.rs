@@ -514,27 +514,26 @@ impl TwilioForm {
         };
         // Decoded, a name or value must be UTF-8 too (the form decoder would put U+FFFD in
         // place of what is not); named without its value, which may be a number or a text.
-        let decoded = |s: &str| {
-            let s = s.replace('+', " ");
-            percent_encoding::percent_decode_str(&s)
+        // (Only an escape can make what is not: most webhooks have none to look at.)
+        let utf8 = |s: &str| {
+            percent_encoding::percent_decode_str(s)
                 .decode_utf8()
-                .map(|d| d.into_owned())
+                .is_ok()
         };
-        for pair in text.split('&') {
+        for pair in text.split('&').filter(|pair| pair.contains('%')) {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            match (decoded(name), decoded(value)) {
-                (Ok(_), Ok(_)) => {}
-                (Ok(name), Err(_)) => {
-                    return Err(WebhookError::BadRequest(format!(
-                        "form field {} is not UTF-8 once decoded",
-                        crate::clip(&name)
-                    )))
-                }
-                (Err(_), _) => {
-                    return Err(WebhookError::BadRequest(
-                        "a form field's name is not UTF-8 once decoded".into(),
-                    ))
-                }
+            if !utf8(name) {
+                return Err(WebhookError::BadRequest(
+                    "a form field's name is not UTF-8 once decoded".into(),
+                ));
+            }
+            if !utf8(value) {
+                let name = name.replace('+', " ");
+                let name = percent_encoding::percent_decode_str(&name).decode_utf8_lossy();
+                return Err(WebhookError::BadRequest(format!(
+                    "form field {} is not UTF-8 once decoded",
+                    crate::clip(&name)
+                )));
             }
         }
         let params: Vec<(String, String)> = form_urlencoded::parse(body).into_owned().collect();

@@ -979,8 +979,8 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     }
 
     fn issue_code(&mut self, via: &str) {
-        // The number's own limit, or everyone's (told the same way: the texter learns nothing
-        // of others).
+        // The number's own limit, or everyone's (a texter is then told `verify.busy`, which
+        // says nothing of the others).
         let own = self.codes_refused_until();
         let everyone = self.limits.codes_refused_until.filter(|t| *t > self.now);
         let start = self.send_window_start();
