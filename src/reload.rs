@@ -307,9 +307,10 @@ impl Reloader {
                     // On record first: a crash between the two must not leave live places
                     // a start would not know to look for.
                     remember_places(&self.engine, &f, false);
+                    // Counted first: whoever meets the new flows finds the reload counted.
+                    self.swapped.fetch_add(1, Ordering::SeqCst);
                     self.engine.set_flows(f);
                 }
-                self.swapped.fetch_add(1, Ordering::SeqCst);
                 tracing::info!(trigger = why, "flows reloaded: {summary}");
                 if !gone.is_empty() {
                     tracing::warn!(

@@ -952,9 +952,13 @@ async fn a_flow_file_link_beside_others_whose_target_arrives_later_goes_live() {
     .await;
     let summary = app.engine.flows().summary();
     assert!(summary.contains("2 sequence(s)"), "{summary}");
-    assert_eq!(
-        last_reload(&app).await["trigger"],
-        "retry after a read error"
+    // No event comes for the target, in another directory: the retry after the read error
+    // finds it (unless a late event of the link's own creation was still queued behind the
+    // failed read, as on a loaded machine, and its look came after the write).
+    let trigger = last_reload(&app).await["trigger"].clone();
+    assert!(
+        trigger == "retry after a read error" || trigger == "file change",
+        "{trigger}"
     );
 }
 
