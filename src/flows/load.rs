@@ -355,46 +355,51 @@ fn without_key(text: &str, key: &Range<usize>) -> Option<String> {
         }
     }
     let line_start = text.get(..key.start)?.rfind('\n').map_or(0, |n| n + 1);
-    let cut = if text[line_start..].trim_start().starts_with('[') {
+    // Byte for byte, so the length (and every later span) stays the same; `None` unless the
+    // rest still parses.
+    let blank = |cut: Range<usize>| {
+        let blanked: String = text[cut.clone()]
+            .bytes()
+            .map(|b| if b == b'\n' { '\n' } else { ' ' })
+            .collect();
+        let mut out = String::with_capacity(text.len());
+        out.push_str(&text[..cut.start]);
+        out.push_str(&blanked);
+        out.push_str(&text[cut.end..]);
+        let parses = toml::de::DeTable::parse(&out).is_ok();
+        parses.then_some(out)
+    };
+    if text[line_start..].trim_start().starts_with('[') {
         // A table's name in its header (`[bott]`, `[bot.extra]`, `[[sequnce]]`): the whole
-        // table goes, up to the next header.
+        // table goes, up to the next header: the first line starting with `[` after which
+        // the rest parses (one inside a multi-line string or array is no header).
         let body = text[key.end..]
             .find('\n')
             .map_or(text.len(), |n| key.end + n + 1);
-        let mut end = body;
+        let mut ends = Vec::new();
+        let mut at = body;
         for line in text[body..].split_inclusive('\n') {
             if line.trim_start().starts_with('[') {
-                break;
+                ends.push(at);
             }
-            end += line.len();
+            at += line.len();
         }
-        line_start..end
+        ends.push(text.len());
+        return ends.into_iter().find_map(|end| blank(line_start..end));
+    }
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut cut = find(doc.get_ref(), key)?;
+    // The comma after it (inline tables, arrays), else the one before it.
+    let after = text[cut.end..].len() - text[cut.end..].trim_start().len();
+    if text[cut.end + after..].starts_with(',') {
+        cut.end += after + 1;
     } else {
-        let doc = toml::de::DeTable::parse(text).ok()?;
-        let mut cut = find(doc.get_ref(), key)?;
-        // The comma after it (inline tables, arrays), else the one before it.
-        let after = text[cut.end..].len() - text[cut.end..].trim_start().len();
-        if text[cut.end + after..].starts_with(',') {
-            cut.end += after + 1;
-        } else {
-            let before = text[..cut.start].trim_end();
-            if before.ends_with(',') {
-                cut.start = before.len() - 1;
-            }
+        let before = text[..cut.start].trim_end();
+        if before.ends_with(',') {
+            cut.start = before.len() - 1;
         }
-        cut
-    };
-    // Byte for byte, so the length (and every later span) stays the same.
-    let blanked: String = text[cut.clone()]
-        .bytes()
-        .map(|b| if b == b'\n' { '\n' } else { ' ' })
-        .collect();
-    let mut out = String::with_capacity(text.len());
-    out.push_str(&text[..cut.start]);
-    out.push_str(&blanked);
-    out.push_str(&text[cut.end..]);
-    toml::de::DeTable::parse(&out).ok()?;
-    Some(out)
+    }
+    blank(cut)
 }
 
 type S<T> = Spanned<T>;

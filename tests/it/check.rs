@@ -331,6 +331,26 @@ fn an_unknown_table_does_not_hide_the_other_problems_of_its_file() {
             "no {says:?} at {place} in:\n{problems}"
         );
     }
+    // A line of the mistyped table that starts with `[` inside a multi-line string or an
+    // array is no header: the table goes up to the real one.
+    write(
+        dir.path(),
+        "b.toml",
+        "[bot]\nname = \"X\"\n[bott]\ntext = \"\"\"\n[not a header]\n\"\"\"\nlist = [\n  [1, 2],\n]\n\
+         [verify]\ncode_length = 99\n",
+    );
+    let problems = problems_in(dir.path());
+    for (place, says) in [
+        ("b.toml:3:2:", "unknown field `bott`"),
+        ("b.toml:11:15:", "verify.code_length is 99"),
+    ] {
+        assert!(
+            problems
+                .lines()
+                .any(|l| l.contains(place) && l.contains(says)),
+            "no {says:?} at {place} in:\n{problems}"
+        );
+    }
 }
 
 /// Voice texts are spoken without the caller's record at hand: `check` refuses the
