@@ -212,8 +212,10 @@ impl Engine {
         // Counted first: whoever sees the new set sees it counted.
         self.flow_swaps.fetch_add(1, Ordering::SeqCst);
         self.flows.store(Arc::new(flows));
-        // Timers may now mean something else; let the scheduler look again.
+        // Timers may now mean something else; let the scheduler look again. And the outbox:
+        // a follow-up held for quiet hours may be due under the new ones.
         self.timers_changed.notify_one();
+        self.outbox_changed.notify_one();
     }
 
     /// Applies one event and returns once its changes are on disk.

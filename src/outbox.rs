@@ -53,6 +53,9 @@ pub struct Outbox {
     sends: JoinSet<anyhow::Result<()>>,
     /// The message each send in flight is for.
     task_of: HashMap<task::Id, u64>,
+    /// The flows the last look ran under: when others go live, follow-ups held for the old
+    /// quiet hours are looked at again.
+    flows_seen: Arc<crate::flows::Flows>,
     stop: watch::Receiver<bool>,
 }
 
@@ -109,6 +112,7 @@ impl Outbox {
         stop: watch::Receiver<bool>,
     ) -> Outbox {
         Outbox {
+            flows_seen: engine.flows(),
             engine,
             provider,
             interval: Duration::from_secs_f64(1.0 / send_rate),
@@ -229,6 +233,22 @@ impl Outbox {
                 erasures,
                 ..Waiting::default()
             });
+        // New flows (a reload): follow-ups held for quiet hours they no longer have, or that
+        // end at another time now, are looked at again (`deliver` holds them anew if need be).
+        let flows = self.engine.flows();
+        if !Arc::ptr_eq(&flows, &self.flows_seen) {
+            self.flows_seen = flows;
+            let held: Vec<u64> = (w.later.iter())
+                .filter(|(at, _)| *at > now)
+                .map(|(_, id)| *id)
+                .collect();
+            for id in held {
+                if still_queued(&self.engine.store, id)?.is_some_and(|m| self.held_astray(&m, now))
+                {
+                    w.release(id, now);
+                }
+            }
+        }
         let mut budget = self.read_budget;
         let (id, msg) = loop {
             // The oldest number whose first message can be tried now; failing that, whatever
@@ -356,7 +376,7 @@ impl Outbox {
                 }
                 continue;
             }
-            if msg.next_try > now {
+            if msg.next_try > now && !self.held_astray(&msg, now) {
                 w.set_head(id, msg.phone, msg.next_try);
                 continue;
             }
@@ -404,6 +424,16 @@ impl Outbox {
         // The one let go at the sender's turn goes; a newer one found meanwhile (its turn
         // came while the queue was read) does not pass the older ones.
         (w.senders.contains_key(&sender) && !w.let_go.contains_key(&id)).then_some((sender, None))
+    }
+
+    /// Whether `m` is a follow-up held for quiet hours (never tried, its time to come: a hold
+    /// is the only thing that sets a later time for such a one) until another time than the
+    /// live flows' quiet hours end at: they changed since, by a reload or a restart.
+    fn held_astray(&self, m: &OutMessage, now: DateTime<Utc>) -> bool {
+        m.follow_up
+            && m.attempts == 0
+            && m.next_try > now
+            && crate::machine::quiet_end(&self.engine.flows().bot, now) != Some(m.next_try)
     }
 
     /// Whether queued message `id` is a follow-up `deliver` held until quiet hours end.

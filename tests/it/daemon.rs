@@ -2414,6 +2414,30 @@ async fn a_code_behind_a_held_follow_up_is_sent_at_once_and_the_follow_up_first(
     assert!(all[3].body.starts_with("Code: "), "{}", all[3].body);
 }
 
+/// A follow-up held for quiet hours is looked at again when a reload changes them: with none
+/// now, it goes at once (it waited for the old ones' end before).
+#[tokio::test]
+async fn a_follow_up_held_for_quiet_hours_goes_once_a_reload_removes_them() {
+    use smsflow::machine::State;
+    let now = chrono::Utc::now();
+    let held = "+14155550143";
+    let app = quiet_now_with_queued(now, "", &[(held, State::Verified, "Step two", false)]).await;
+    eventually("the follow-up to be held", async || {
+        app.engine.store.outbox().any(|m| {
+            m.is_ok_and(|(_, m)| m.phone.as_str() == held && m.next_try > chrono::Utc::now())
+        })
+    })
+    .await;
+    quiet_for(Duration::from_millis(300)).await;
+    assert_eq!(app.twilio.attempts(), 0, "held till the morning");
+    app.save_flows_and_reload(FLOWS).await;
+    let sent = app.twilio.wait_delivered(1).await;
+    assert_eq!(
+        (sent[0].to.as_str(), sent[0].body.as_str()),
+        (held, "Step two")
+    );
+}
+
 /// A queued message that will not be sent (its number opted out) takes no slot of the
 /// per-sender rate limit: the message after it goes one interval after the one before.
 #[tokio::test]
