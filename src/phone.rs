@@ -117,6 +117,11 @@ fn international(s: &str) -> Option<Result<String, PhoneError>> {
         return None;
     }
     let (code, regions, national) = split_country_code(&digits)?;
+    // Mexico's mobiles were dialled from abroad with a 1 after the country code until 2019;
+    // the same phone is now +52 and its ten digits, as Twilio writes it.
+    if code == 52 && national.len() == 11 && national.starts_with('1') {
+        return Some(Ok(format!("+52{}", &national[1..])));
+    }
     if fits(code, &regions, national) {
         return Some(Ok(written));
     }
@@ -452,6 +457,15 @@ mod tests {
         assert_eq!(
             Phone::parse("+7 812/123 45 67").unwrap().as_str(),
             "+78121234567"
+        );
+        // Mexico's old mobile 1 after +52 is the same phone without it.
+        assert_eq!(
+            Phone::parse("+52 1 55 1234 5678").unwrap(),
+            Phone::parse("+52 55 1234 5678").unwrap()
+        );
+        assert_eq!(
+            Phone::parse("+5215512345678").unwrap().as_str(),
+            "+525512345678"
         );
     }
 
