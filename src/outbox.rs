@@ -428,12 +428,13 @@ impl Outbox {
 
     /// Whether `m` is a follow-up held for quiet hours (never tried, its time to come: a hold
     /// is the only thing that sets a later time for such a one) until another time than the
-    /// live flows' quiet hours end at: they changed since, by a reload or a restart.
+    /// live flows' quiet hours end at (as this look saw them): they changed since, by a
+    /// reload or a restart.
     fn held_astray(&self, m: &OutMessage, now: DateTime<Utc>) -> bool {
         m.follow_up
             && m.attempts == 0
             && m.next_try > now
-            && crate::machine::quiet_end(&self.engine.flows().bot, now) != Some(m.next_try)
+            && crate::machine::quiet_end(&self.flows_seen.bot, now) != Some(m.next_try)
     }
 
     /// Whether queued message `id` is a follow-up `deliver` held until quiet hours end.
