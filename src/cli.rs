@@ -493,7 +493,8 @@ pub fn serve_config(args: &ServeArgs) -> anyhow::Result<crate::config::Config> {
 
 /// Logs go to stderr, filtered by SMSFLOW_LOG or RUST_LOG (default `info,notify=warn`).
 pub fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::filter::{filter_fn, FilterExt, LevelFilter};
+    use tracing_subscriber::{prelude::*, EnvFilter};
     let mut ignored = Vec::new();
     let mut read = |name: &str| {
         // Blank is unset, as for every other variable.
@@ -536,19 +537,27 @@ pub fn init_logging(format: LogFormat) {
         Ok(directive) => filter.add_directive(directive),
         Err(_) => filter,
     };
+    // sled logs at trace the keys and values it reads and writes: whole numbers, answers,
+    // live codes. Never shown, whatever the filter (its debug lines hold none of them).
+    let no_sled_trace =
+        filter_fn(|m| *m.level() != Level::TRACE || !m.target().starts_with("sled"))
+            // (Without a hint the filters together would have none, and every disabled `log`
+            // line of a dependency would be built before being dropped.)
+            .with_max_level_hint(LevelFilter::TRACE);
+    let filter = filter.and(no_sled_trace);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         // A log line that cannot be written (stderr closed: a `| tee` whose reader went, or
         // a full disk) is lost, not reported on that same stderr: `eprintln!` would panic,
         // and take the request or the worker that logged with it.
         .log_internal_errors(false);
-    let _ = match format {
-        LogFormat::Pretty => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let layer = match format {
+        LogFormat::Pretty => layer.with_filter(filter).boxed(),
+        LogFormat::Json => layer.json().with_filter(filter).boxed(),
     };
+    let _ = tracing_subscriber::registry().with(layer).try_init();
     for ignored in ignored {
         tell(format, Level::WARN, &ignored);
     }

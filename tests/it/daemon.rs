@@ -2607,6 +2607,55 @@ async fn a_short_token_is_warned_of_and_wrong_tokens_are_logged_once_a_minute() 
     assert!(!rest.iter().any(|l| l.contains("zq-attempt")), "{rest:#?}");
 }
 
+/// Even at `trace`, where sled would print the keys and values it stores (as byte lists), no
+/// log line holds a whole number, a live code or an answer.
+#[tokio::test]
+async fn the_trace_log_holds_no_whole_number_no_code_and_no_answer() {
+    let twilio = FakeTwilio::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let (mut child, base, _lines) = spawn_serve(
+        serve_logging(&twilio, data.path())
+            .env("SMSFLOW_LOG", "trace")
+            .env("SMSFLOW_PUBLIC_URL", PUBLIC_URL),
+    )
+    .await;
+    let stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
+    let mut stderr = tokio::io::AsyncBufReadExt::lines(stderr);
+    // Read as it comes: a trace log fills a pipe's buffer in no time, and then the daemon
+    // would wait on it.
+    let log = tokio::spawn(async move {
+        let mut all = Vec::new();
+        while let Ok(Some(line)) = stderr.next_line().await {
+            all.push(line);
+        }
+        all
+    });
+    signed_sms(&base, ANN, "JOIN").await;
+    let code = code_in(&twilio.last_to(ANN, 1).await);
+    assert!(signed_sms(&base, ANN, &code)
+        .await
+        .contains("A few quick questions"));
+    signed_sms(&base, ANN, "Zebediah").await;
+    sigterm(&child);
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    assert_eq!(status.expect("exits in time").unwrap().code(), Some(0));
+    let rest = log.await.unwrap();
+    assert!(rest.len() > 100, "not at trace: {rest:#?}");
+    // As text, and as the byte lists sled's trace lines print (`[43, 49, 53, ...]`).
+    let bytes = |s: &str| {
+        s.bytes()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for secret in [ANN.trim_start_matches('+'), &code, "Zebediah"] {
+        for form in [secret.to_string(), bytes(secret)] {
+            let shown: Vec<_> = rest.iter().filter(|l| l.contains(&form)).collect();
+            assert!(shown.is_empty(), "{form:?} in {shown:#?}");
+        }
+    }
+}
+
 /// A client that sends a request's head and then its body a byte at a time, or none of it,
 /// is answered and let go once the body timeout (`BODY_TIMEOUT`, 10 s, by default; 1 s here)
 /// has passed since the head, instead of holding its connection (and a file descriptor) for
