@@ -78,6 +78,16 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
             .and_then(|rest| rest.trim_start().chars().next())
             .map_or_else(|| "the end".to_string(), |c| format!("{c:?}"))
     };
+    // humantime 2.4 panics ("overflow in Duration::new") on a sum of exactly u64::MAX
+    // seconds plus a carried second (chronotope/humantime#66). Numbers of at most 9 digits in
+    // at most 100 characters stay far below that (50 terms of 999,999,999 years are 1.6e18
+    // seconds), and far above any duration smsflow takes.
+    if text.chars().count() > 100 {
+        return Err("too long for a duration (at most 100 characters)".to_string());
+    }
+    if (text.split(|c: char| !c.is_ascii_digit())).any(|digits| digits.len() > 9) {
+        return Err("number is too large (at most 9 digits)".to_string());
+    }
     humantime::parse_duration(text).map_err(|e| match e {
         humantime::DurationError::InvalidCharacter(i) => {
             format!("unexpected {}", at(i))
@@ -112,6 +122,29 @@ mod tests {
         assert_eq!(
             super::parse_duration("1h 30m"),
             Ok(std::time::Duration::from_secs(5400))
+        );
+    }
+
+    #[test]
+    fn a_duration_too_large_for_humantime_is_refused_not_a_panic() {
+        for text in [
+            "18446744073709551615s 1000000000ns",
+            "18446744073709551615s 999999999ns 1ns",
+            "1000000000s",
+        ] {
+            assert_eq!(
+                super::parse_duration(text),
+                Err("number is too large (at most 9 digits)".to_string())
+            );
+        }
+        let many = "999999999y ".repeat(60);
+        assert_eq!(
+            super::parse_duration(&many),
+            Err("too long for a duration (at most 100 characters)".to_string())
+        );
+        assert_eq!(
+            super::parse_duration("999999999s"),
+            Ok(std::time::Duration::from_secs(999_999_999))
         );
     }
 
