@@ -367,7 +367,7 @@ impl Writer {
     /// limit set or raised by a reload counts the hour's codes all the same.)
     fn count_codes(&mut self, t: &machine::Transition, now: DateTime<Utc>) -> bool {
         let before = self.codes_issued.len();
-        while (self.codes_issued.front()).is_some_and(|(m, _)| *m + machine::CODES_COUNTED <= now) {
+        while (self.codes_issued.front()).is_some_and(|(m, _)| machine::counted_until(*m) <= now) {
             self.codes_issued.pop_front();
         }
         let issued = (t.effects.iter())

@@ -582,6 +582,13 @@ pub type CodeMinute = (DateTime<Utc>, u32);
 /// a code may count up to a minute longer than its hour, never shorter).
 pub const CODES_COUNTED: TimeDelta = TimeDelta::minutes(61);
 
+/// Until when the codes issued in minute `m` count against `verify.max_codes_per_hour`. (A
+/// minute read back from the store is not trusted not to be the end of time.)
+pub fn counted_until(m: DateTime<Utc>) -> DateTime<Utc> {
+    m.checked_add_signed(CODES_COUNTED)
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 /// When a code may be issued again, given the codes of the last hour by minute (oldest
 /// first) and `verify.max_codes_per_hour`: `None` while the hour has room.
 pub fn codes_refused_until(
@@ -590,7 +597,7 @@ pub fn codes_refused_until(
     now: DateTime<Utc>,
 ) -> Option<DateTime<Utc>> {
     let max = u64::from(max_per_hour?);
-    let counted = || minutes.iter().filter(|(m, _)| *m + CODES_COUNTED > now);
+    let counted = || minutes.iter().filter(|(m, _)| counted_until(*m) > now);
     let mut total: u64 = counted().map(|(_, n)| u64::from(*n)).sum();
     // The minute whose codes, once they no longer count, leave room for the next.
     for (m, n) in counted() {
@@ -599,7 +606,7 @@ pub fn codes_refused_until(
         }
         total -= u64::from(*n);
         if total < max {
-            return Some(*m + CODES_COUNTED);
+            return Some(counted_until(*m));
         }
     }
     None
