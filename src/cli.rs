@@ -641,6 +641,15 @@ pub fn serve(args: &ServeArgs) -> ExitCode {
     };
     let data_dir = config.data_dir.clone();
     runtime.block_on(async {
+        // From before the socket is bound (a script may signal as soon as the port answers,
+        // or on seeing the banner): a stop must stop the daemon cleanly, not kill it; and from
+        // here on a second signal that lands while the first is being handled is counted, not
+        // lost.
+        let signals = count_signals();
+        // SIGHUP's own listener starts with the reloader; till then one is ignored rather
+        // than fatal (the start reads the flows itself).
+        #[cfg(unix)]
+        let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         let app = match crate::app::Application::build(config, crate::app::Options::default()).await
         {
             Ok(a) => a,
@@ -656,10 +665,6 @@ pub fn serve(args: &ServeArgs) -> ExitCode {
                 }
             },
         };
-        // Listening from before the banner (which tells a script the daemon is up): a signal
-        // sent on seeing it must stop the daemon cleanly, not kill it; and from here on a
-        // second signal that lands while the first is being handled is counted, not lost.
-        let signals = count_signals();
         // Not `print!`: a closed stdout must not stop the daemon from serving.
         say(&mut std::io::stdout(), &app.banner());
         if let Some((old, new)) = app.engine().store.upgraded_from() {

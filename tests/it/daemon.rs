@@ -1165,9 +1165,14 @@ async fn serve_child_with(
 /// Sends SIGTERM through the shell's own `kill` (every POSIX sh has one; a `kill` program
 /// may not be installed).
 fn sigterm(child: &tokio::process::Child) {
+    send_signal(child, "TERM");
+}
+
+/// Sends the signal named (`TERM`, `HUP`) as [`sigterm`] does.
+fn send_signal(child: &tokio::process::Child, name: &str) {
     let pid = child.id().unwrap();
     let killed = std::process::Command::new("sh")
-        .args(["-c", &format!("kill -TERM {pid}")])
+        .args(["-c", &format!("kill -{name} {pid}")])
         .status()
         .unwrap();
     assert!(killed.success());
@@ -1402,6 +1407,56 @@ async fn serve_prints_its_banner_and_stops_cleanly_on_sigterm() {
     exits_cleanly(child, stderr, Duration::from_secs(10)).await;
     assert!(!data.path().join("daemon-url").exists());
     assert!(!data.path().join("daemon-admin").exists());
+}
+
+/// A signal sent as soon as the port takes connections, before the daemon has finished
+/// starting (a deploy script's stop, or a reload), finds its handler: SIGTERM stops it
+/// cleanly with exit 0, and SIGHUP does not kill it.
+#[tokio::test]
+async fn a_signal_sent_as_soon_as_the_port_answers_is_handled_not_fatal() {
+    for signal in ["TERM", "HUP"] {
+        let data = tempfile::tempdir().unwrap();
+        let port = (std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .args(["serve", "--listen", &addr, "--flows", "flows"])
+            .arg("--data")
+            .arg(data.path())
+            .env_remove("TWILIO_ACCOUNT_SID")
+            .env_remove("TWILIO_AUTH_TOKEN")
+            .env_remove("SMSFLOW_ADMIN_TOKEN")
+            .env("SMSFLOW_LOG", "")
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while tokio::net::TcpStream::connect(&addr).await.is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "never listened"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        send_signal(&child, signal);
+        if signal == "HUP" {
+            let r = reqwest::get(format!("http://{addr}/healthz")).await;
+            assert_eq!(
+                r.map(|r| r.status().as_u16()).ok(),
+                Some(200),
+                "killed by SIGHUP"
+            );
+            sigterm(&child);
+        }
+        let stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
+        let stderr = tokio::io::AsyncBufReadExt::lines(stderr);
+        exits_cleanly(child, stderr, Duration::from_secs(10)).await;
+    }
 }
 
 /// Logs piped to a reader that went away (`serve 2>&1 | tee log`, then the tee is gone), or
