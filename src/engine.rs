@@ -342,6 +342,8 @@ struct Committed {
     flush_only: Vec<Done>,
     timers: bool,
     outbox: bool,
+    /// The kind of each history entry the batch wrote, counted once durable.
+    recorded: Vec<&'static str>,
 }
 
 impl Writer {
@@ -439,6 +441,7 @@ impl Writer {
             flush_only: Vec::new(),
             timers: false,
             outbox: false,
+            recorded: Vec::new(),
         };
         for job in jobs {
             let (phone, event, sid, fired, inline, to, done) = match job {
@@ -560,6 +563,7 @@ impl Writer {
             commit.replies = replies;
             committed.timers |= !commit.schedule.is_empty();
             committed.outbox |= !commit.outgoing.is_empty();
+            (committed.recorded).extend(commit.history.iter().map(|h| h.record.name()));
             prepared.push(Prepared::new(&commit, now));
             if let Some(s) = commit.subscriber.take() {
                 latest.insert(phone, (s, commit.replies));
@@ -574,6 +578,7 @@ impl Writer {
                     let _ = done.send(Err(anyhow::anyhow!("committing the event: {msg}")));
                 }
                 committed.answers = Vec::new();
+                committed.recorded = Vec::new();
                 if committed.flush_only.is_empty() {
                     return None;
                 }
@@ -592,6 +597,7 @@ impl Writer {
         let flushed = self.flush().map_err(|e| format!("{e:#}"));
         if flushed.is_ok() && b.events > 0 {
             self.work.record(b.events, commit, flushing.elapsed());
+            crate::metrics::recorded(&b.recorded);
         }
         // Even when the flush failed: the commit stands and a later flush makes it durable,
         // so an earlier timer must not wait for the scheduler's next look (up to an hour

@@ -13,6 +13,44 @@ pub const INBOUND: &str = "smsflow_inbound_messages_total";
 pub const OUTBOUND: &str = "smsflow_outbound_messages_total";
 pub const RELOADS: &str = "smsflow_flow_reloads_total";
 pub const WEBHOOK_SECONDS: &str = "smsflow_webhook_duration_seconds";
+pub const HISTORY: &str = "smsflow_history_entries_total";
+pub const REPORTS: &str = "smsflow_delivery_reports_total";
+pub const RESPONSES: &str = "smsflow_http_responses_total";
+
+/// The outcomes `inbound` counts (see `http::outcome_label`), present from the start at 0.
+const INBOUND_OUTCOMES: [&str; 10] = [
+    "handled",
+    "code_sent",
+    "verified",
+    "wrong_code",
+    "expired_code",
+    "locked",
+    "rate_limited",
+    "opted_out",
+    "ignored",
+    "duplicate",
+];
+
+/// The statuses `outbound` counts, present from the start at 0.
+const OUTBOUND_STATUSES: [&str; 4] = ["sent", "retried", "failed", "suppressed"];
+
+/// Twilio's delivery statuses; a report with any other is counted as `other` (a label per
+/// word a request can make up would have no bound).
+const REPORT_STATUSES: [&str; 13] = [
+    "accepted",
+    "scheduled",
+    "queued",
+    "sending",
+    "sent",
+    "delivered",
+    "undelivered",
+    "failed",
+    "read",
+    "receiving",
+    "received",
+    "canceled",
+    "partially_delivered",
+];
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -32,9 +70,49 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
+            describe();
             Some(handle)
         })
         .as_ref()
+}
+
+/// The recorded families' help, and their series known beforehand at 0 (a rate over a
+/// series that appears with its first event misses that event).
+fn describe() {
+    use metrics::{counter, describe_counter, describe_histogram, Unit};
+    describe_counter!(
+        INBOUND,
+        "Inbound texts by outcome (duplicate: a MessageSid already answered)."
+    );
+    describe_counter!(
+        OUTBOUND,
+        "Sends to the provider (texts, and the OTP API's calls) by result: sent, retried, failed, or suppressed (opted out)."
+    );
+    describe_counter!(
+        HISTORY,
+        "Entries written to numbers' histories, by kind: code_sent counts every code issued \
+         (by text, call or the OTP API), verified every verification."
+    );
+    describe_counter!(REPORTS, "Delivery reports by Twilio's status.");
+    describe_counter!(
+        RESPONSES,
+        "Answers of the webhook, OTP and admin routes by route and HTTP status (403: a refused \
+         signature)."
+    );
+    describe_histogram!(
+        WEBHOOK_SECONDS,
+        Unit::Seconds,
+        "Time to answer a Twilio webhook, by route."
+    );
+    for outcome in INBOUND_OUTCOMES {
+        counter!(INBOUND, "outcome" => outcome).absolute(0);
+    }
+    for status in OUTBOUND_STATUSES {
+        counter!(OUTBOUND, "status" => status).absolute(0);
+    }
+    for kind in crate::machine::Record::NAMES {
+        counter!(HISTORY, "kind" => kind).absolute(0);
+    }
 }
 
 /// The whole exposition: recorded metrics plus this daemon's own figures; `reloads` is
@@ -156,4 +234,38 @@ pub fn outbound(status: &'static str) {
 pub fn webhook_seconds(route: &'static str, secs: f64) {
     let _ = handle();
     metrics::histogram!(WEBHOOK_SECONDS, "route" => route).record(secs);
+}
+
+/// Counts history entries by kind (`machine::Record::name`), once their commit is durable.
+pub fn recorded(kinds: &[&'static str]) {
+    if kinds.is_empty() {
+        return;
+    }
+    let _ = handle();
+    let mut counted: Vec<(&'static str, u64)> = Vec::new();
+    for kind in kinds {
+        match counted.iter_mut().find(|(k, _)| k == kind) {
+            Some((_, n)) => *n += 1,
+            None => counted.push((kind, 1)),
+        }
+    }
+    for (kind, n) in counted {
+        metrics::counter!(HISTORY, "kind" => kind).increment(n);
+    }
+}
+
+pub fn delivery_report(status: &str) {
+    let _ = handle();
+    let status = REPORT_STATUSES
+        .iter()
+        .find(|s| **s == status)
+        .copied()
+        .unwrap_or("other");
+    metrics::counter!(REPORTS, "status" => status).increment(1);
+}
+
+pub fn http_response(route: &'static str, status: axum::http::StatusCode) {
+    let _ = handle();
+    metrics::counter!(RESPONSES, "route" => route, "status" => status.as_str().to_string())
+        .increment(1);
 }

@@ -125,7 +125,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(axum::middleware::from_fn(time_webhooks))
+        .layer(axum::middleware::from_fn(count_and_time))
         .layer(axum::middleware::map_response(log_failures))
         .layer(axum::middleware::from_fn(explain_refusals))
         .with_state(state)
@@ -346,18 +346,26 @@ fn loopback_name(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Records the latency of every Twilio webhook.
-async fn time_webhooks(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let route = match req.uri().path() {
-        "/twilio/sms" => Some("sms"),
-        "/twilio/status" => Some("status"),
-        "/twilio/voice" | "/twilio/voice/gather" => Some("voice"),
-        _ => None,
+/// Counts the answers of the webhook, OTP and admin routes by status, and records the
+/// latency of every Twilio webhook.
+async fn count_and_time(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let path = req.uri().path();
+    let (route, webhook) = match path {
+        "/twilio/sms" => (Some("sms"), true),
+        "/twilio/status" => (Some("status"), true),
+        "/twilio/voice" | "/twilio/voice/gather" => (Some("voice"), true),
+        "/authenticate/get_otp" => (Some("get_otp"), false),
+        "/authenticate/validate_otp" => (Some("validate_otp"), false),
+        _ if path == "/admin" || path.starts_with("/admin/") => (Some("admin"), false),
+        _ => (None, false),
     };
     let started = std::time::Instant::now();
     let response = next.run(req).await;
     if let Some(route) = route {
-        crate::metrics::webhook_seconds(route, started.elapsed().as_secs_f64());
+        if webhook {
+            crate::metrics::webhook_seconds(route, started.elapsed().as_secs_f64());
+        }
+        crate::metrics::http_response(route, response.status());
     }
     response
 }
@@ -740,6 +748,7 @@ async fn status(
     } else {
         state.engine.durable().await?;
     }
+    crate::metrics::delivery_report(new_status);
     tracing::info!(status = new_status, code, "delivery report");
     Ok(StatusCode::NO_CONTENT.into_response())
 }

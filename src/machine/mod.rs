@@ -333,6 +333,48 @@ pub enum Record {
     OptedOut { reason: String },
 }
 
+impl Record {
+    /// Every kind, by [`Record::name`].
+    pub const NAMES: [&'static str; 15] = [
+        "opted_in",
+        "code_sent",
+        "code_withdrawn",
+        "code_rate_limited",
+        "code_rejected",
+        "verified",
+        "field_saved",
+        "sequence_assigned",
+        "step_sent",
+        "answered",
+        "answer_timed_out",
+        "sequence_finished",
+        "sequence_ended",
+        "deferred",
+        "opted_out",
+    ];
+
+    /// Its kind, as the admin API's history names it (`event`) and metrics count it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Record::OptedIn { .. } => "opted_in",
+            Record::CodeSent => "code_sent",
+            Record::CodeWithdrawn => "code_withdrawn",
+            Record::CodeRateLimited => "code_rate_limited",
+            Record::CodeRejected { .. } => "code_rejected",
+            Record::Verified { .. } => "verified",
+            Record::FieldSaved { .. } => "field_saved",
+            Record::SequenceAssigned { .. } => "sequence_assigned",
+            Record::StepSent { .. } => "step_sent",
+            Record::Answered { .. } => "answered",
+            Record::AnswerTimedOut { .. } => "answer_timed_out",
+            Record::SequenceFinished { .. } => "sequence_finished",
+            Record::SequenceEnded { .. } => "sequence_ended",
+            Record::Deferred { .. } => "deferred",
+            Record::OptedOut { .. } => "opted_out",
+        }
+    }
+}
+
 /// How an event went, for callers that answer someone (the OTP API, the voice menu).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -1684,7 +1726,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 
 #[cfg(test)]
 mod tests {
-    use super::{fit, shortened, MAX_BODY};
+    use super::{fit, shortened, Record, MAX_BODY};
 
     #[test]
     fn a_text_past_twilios_limit_is_cut_on_a_whole_character_and_ends_in_an_ellipsis() {
@@ -1700,5 +1742,53 @@ mod tests {
         // Counted as Twilio counts: an emoji is two units, and is not split.
         assert_eq!(shortened("🙂🙂🙂", 4), "🙂🙂…");
         assert_eq!(shortened("a🙂🙂", 4), "a🙂…");
+    }
+
+    #[test]
+    fn a_record_is_named_as_the_history_stores_it_and_every_name_is_listed() {
+        let at = "2026-01-05T15:00:00Z".parse().unwrap();
+        let (s, n) = (String::new, 0);
+        let every = [
+            Record::OptedIn { via: s() },
+            Record::CodeSent,
+            Record::CodeWithdrawn,
+            Record::CodeRateLimited,
+            Record::CodeRejected { reason: s() },
+            Record::Verified { via: s() },
+            Record::FieldSaved {
+                key: s(),
+                value: s(),
+            },
+            Record::SequenceAssigned { name: s() },
+            Record::StepSent {
+                sequence: s(),
+                step: n,
+            },
+            Record::Answered {
+                sequence: s(),
+                step: n,
+            },
+            Record::AnswerTimedOut {
+                sequence: s(),
+                step: n,
+            },
+            Record::SequenceFinished { name: s() },
+            Record::SequenceEnded {
+                name: s(),
+                reason: s(),
+            },
+            Record::Deferred { until: at },
+            Record::OptedOut { reason: s() },
+        ];
+        let names: Vec<&str> = every.iter().map(Record::name).collect();
+        assert_eq!(names, Record::NAMES);
+        for record in every {
+            let stored = match serde_json::to_value(&record).unwrap() {
+                serde_json::Value::String(name) => name,
+                serde_json::Value::Object(tagged) => tagged.keys().next().unwrap().clone(),
+                other => panic!("{other}"),
+            };
+            assert_eq!(record.name(), stored);
+        }
     }
 }
