@@ -92,8 +92,14 @@ pub fn bearer(
     if signature::same_token(given.trim(), token.expose()) {
         Ok(())
     } else {
-        // Guessing shows in the log (at most once a minute, so it cannot flood it).
-        if once_a_minute(WRONG_TOKEN) {
+        // Guessing shows in the log (at most once a minute for each token, so it cannot
+        // flood it, nor guesses at one hide those at the other).
+        let slot = if env == "SMSFLOW_API_TOKEN" {
+            WRONG_API_TOKEN
+        } else {
+            WRONG_ADMIN_TOKEN
+        };
+        if once_a_minute(slot) {
             tracing::warn!(
                 "refused a request to the {what} with a wrong bearer token (this is logged at \
                  most once a minute)"
@@ -210,11 +216,11 @@ fn warn_refused(kind: Refusal, why: &str) {
     }
 }
 
-/// Whether the once-a-minute line of kind `slot` (a [`Refusal`], or [`WRONG_TOKEN`]) is due
-/// now, which it then takes.
+/// Whether the once-a-minute line of kind `slot` (a [`Refusal`], [`WRONG_API_TOKEN`] or
+/// [`WRONG_ADMIN_TOKEN`]) is due now, which it then takes.
 fn once_a_minute(slot: usize) -> bool {
     use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-    static LAST: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+    static LAST: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -225,8 +231,10 @@ fn once_a_minute(slot: usize) -> bool {
     now >= last.saturating_add(60) && slot.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
 }
 
-/// The once-a-minute line for a wrong bearer token (see [`once_a_minute`]).
-const WRONG_TOKEN: usize = 3;
+/// The once-a-minute lines for a wrong bearer token of the OTP API, and of the admin API
+/// (and `/metrics`, which take the same token) (see [`once_a_minute`]).
+const WRONG_API_TOKEN: usize = 3;
+const WRONG_ADMIN_TOKEN: usize = 4;
 
 /// Why a webhook was refused for its signature (or for having none to check): each kind has
 /// its own once-a-minute log line.
