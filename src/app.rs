@@ -339,10 +339,11 @@ impl Application {
                     if c.auth_token.is_none() { " (and TWILIO_AUTH_TOKEN)" } else { "" }
                 );
                 b += if several_numbers(c) {
-                    "  https://<tunnel host>/twilio/sms into each number's \"A message comes in\" webhook.\n"
+                    "  https://<tunnel host>/twilio/sms into each number's \"A message comes in\" webhook\n"
                 } else {
-                    "  https://<tunnel host>/twilio/sms into your number's \"A message comes in\" webhook.\n"
+                    "  https://<tunnel host>/twilio/sms into your number's \"A message comes in\" webhook\n"
                 };
+                b += "  (and https://<tunnel host>/twilio/voice into \"A call comes in\", for the voice menu).\n";
                 b += "  (Behind a proxy that sends X-Forwarded-Proto and -Host, signed webhooks work\n   without it too, but only a public URL gets delivery reports.)\n";
             }
         }

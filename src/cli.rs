@@ -40,9 +40,28 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What `serve --help` adds below the flags: the settings that have no flag.
+const SERVE_ENV: &str = "\
+Environment (the flags' variables are above; the README gives smsflow.toml's names):
+  TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN  Twilio credentials (none: the console provider prints
+                                         what would be sent); the token also turns on webhook
+                                         signature checks
+  TWILIO_FROM                            sender numbers, comma-separated
+  TWILIO_MESSAGING_SERVICE_SID           or a messaging service
+  TWILIO_API_BASE                        default https://api.twilio.com
+  SMSFLOW_API_TOKEN                      bearer token of the OTP API
+  SMSFLOW_ADMIN_TOKEN                    bearer token of the admin API and /metrics
+                                         (both needed once smsflow is reachable from outside)
+  SMSFLOW_LOG or RUST_LOG                log filter, default info,notify=warn
+
+The banner goes to stdout, logs to stderr. SIGTERM or SIGINT stops it cleanly (exit 0), a
+second one at once; SIGHUP reloads the flows. Exit 1: bad configuration or flows; 2: bad usage;
+3: could not start or failed (port in use, data dir held, disk failure).";
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the daemon: Twilio webhooks, timers and the outbox.
+    #[command(after_help = SERVE_ENV)]
     Serve(ServeArgs),
     /// Benchmark durable webhooks against a trivial route of the same server, or the export.
     Bench(crate::bench::BenchArgs),
