@@ -643,7 +643,7 @@ impl Flight {
                 } else {
                     tracing::warn!(
                         phone = %msg.phone.masked(), attempt = msg.attempts, retry_in = ?wait,
-                        "outbox: temporary failure: {}", redact(&message)
+                        "outbox: temporary failure: {}", redact(&message, msg.secret)
                     );
                 }
                 crate::metrics::outbound("retried");
@@ -656,7 +656,7 @@ impl Flight {
             // Not withdrawn: one of its tries may have reached the number all the same
             // (a timeout after Twilio accepted it), and the code would then be refused.
             Err(SendError::Temporary { message, .. }) => {
-                tracing::error!(phone = %msg.phone.masked(), "outbox: giving up after {} attempts: {}", msg.attempts, redact(&message));
+                tracing::error!(phone = %msg.phone.masked(), "outbox: giving up after {} attempts: {}", msg.attempts, redact(&message, msg.secret));
                 Ending {
                     status: "failed",
                     sid: None,
@@ -668,7 +668,7 @@ impl Flight {
             // expired is (the OTP API withdraws its own the same way). An unsubscribed
             // number is opted out instead, which ends everything it waited for.
             Err(SendError::Permanent { code, message }) => {
-                tracing::warn!(phone = %msg.phone.masked(), code, "outbox: refused: {}", redact(&message));
+                tracing::warn!(phone = %msg.phone.masked(), code, "outbox: refused: {}", redact(&message, msg.secret));
                 if code != Some(UNSUBSCRIBED) {
                     withdraw = queued_code(&s, &msg);
                 }
@@ -1010,15 +1010,17 @@ fn delivery(
     }
 }
 
-/// Provider error texts may quote the number (Twilio's 21211 does): hide digit runs.
-pub fn redact(text: &str) -> String {
+/// Provider error texts may quote the number (Twilio's 21211 does), and might quote the text
+/// sent: runs of 7 digits or more are hidden, and in the error of a message that carries a
+/// code (`code`: 4 to 10 digits), runs of 4 or more.
+pub fn redact(text: &str, code: bool) -> String {
     let mut out = String::with_capacity(text.len());
     let mut digits = String::new();
     let flush = |digits: &mut String, out: &mut String| {
-        if digits.trim_start_matches('+').len() >= 7 {
-            out.push_str("[number]");
-        } else {
-            out.push_str(digits);
+        match digits.trim_start_matches('+').len() {
+            7.. => out.push_str("[number]"),
+            4.. if code => out.push_str("[digits]"),
+            _ => out.push_str(digits),
         }
         digits.clear();
     };
@@ -1054,10 +1056,21 @@ mod tests {
     }
 
     #[test]
-    fn phone_numbers_in_provider_errors_are_hidden() {
+    fn phone_numbers_and_a_messages_code_in_provider_errors_are_hidden() {
         assert_eq!(
-            redact("The 'To' number +15550001111 is not valid (HTTP 400, code 21211)"),
+            redact(
+                "The 'To' number +15550001111 is not valid (HTTP 400, code 21211)",
+                false
+            ),
             "The 'To' number [number] is not valid (HTTP 400, code 21211)"
+        );
+        // A code's message: its code is hidden too, should an error quote the text.
+        assert_eq!(
+            redact(
+                "Body was: your code is 748588. (HTTP 400, code 21211)",
+                true
+            ),
+            "Body was: your code is [digits]. (HTTP 400, code [digits])"
         );
     }
 
