@@ -136,6 +136,38 @@ async fn a_repeated_message_sid_is_processed_once_and_answered_identically() {
     );
 }
 
+/// A retry is known by the number's last 4 answers: one after up to three more messages from
+/// that number still gets its first answer and changes nothing; one after four more is a new
+/// message. (`SmsSid`, the older name, stands in for a missing `MessageSid`.)
+#[tokio::test]
+async fn a_retry_is_known_behind_three_later_messages_but_not_behind_four() {
+    let app = TestApp::spawn(FLOWS).await;
+    let phone = smsflow::phone::Phone::parse(ANN).unwrap();
+    let codes_sent = || {
+        let sub = app.engine.store.subscriber(&phone).unwrap().unwrap();
+        sub.code_sends.len()
+    };
+    let join = [
+        ("From", ANN),
+        ("To", FROM),
+        ("Body", "JOIN"),
+        ("SmsSid", "SMolder0001"),
+    ];
+    let first = app.post_form("/twilio/sms", &join).await;
+    assert_eq!(first.status(), 200);
+    let first = first.text().await.unwrap();
+    assert_eq!(codes_sent(), 1);
+    for sid in ["SMlater0002", "SMlater0003", "SMlater0004"] {
+        assert_eq!(app.sms_with_sid(ANN, "HELP", sid).await.0, 200);
+    }
+    let again = app.post_form("/twilio/sms", &join).await;
+    assert_eq!(again.text().await.unwrap(), first);
+    assert_eq!(codes_sent(), 1, "a retry behind three later messages");
+    assert_eq!(app.sms_with_sid(ANN, "HELP", "SMlater0005").await.0, 200);
+    assert_eq!(app.post_form("/twilio/sms", &join).await.status(), 200);
+    assert_eq!(codes_sent(), 2, "behind four, a new JOIN: a new code");
+}
+
 #[tokio::test]
 async fn a_forged_or_missing_signature_is_refused_and_changes_nothing() {
     let app = TestApp::spawn(FLOWS).await;
@@ -580,6 +612,106 @@ async fn serve_on_twilio(
     )
     .await;
     (child, base)
+}
+
+/// The events an operator watches for have their counters, with help, from the start: every
+/// code issued (by text or the OTP API), verifications, delivery reports by status, and the
+/// routes' answers by status, a refused signature among them. (A daemon of its own, for a
+/// recorder of its own: exact counts.)
+#[tokio::test]
+async fn codes_issued_reports_and_refused_signatures_are_counted_in_the_metrics() {
+    let twilio = FakeTwilio::start().await;
+    let (data, flows) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
+    let (_child, base) = serve_on_twilio(&twilio, data.path(), flows.path()).await;
+    let http = reqwest::Client::new();
+    let scrape = async || {
+        let r = http.get(format!("{base}/metrics")).bearer_auth(ADMIN_TOKEN);
+        r.send().await.unwrap().text().await.unwrap()
+    };
+    let value = |body: &str, series: &str| -> Option<f64> {
+        (body.lines()).find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    };
+    let code_sent = r#"smsflow_history_entries_total{kind="code_sent"}"#;
+    let before = scrape().await;
+    for present in [
+        "# HELP smsflow_history_entries_total",
+        "# HELP smsflow_inbound_messages_total",
+        "# HELP smsflow_outbound_messages_total",
+    ] {
+        assert!(before.contains(present), "no {present}:\n{before}");
+    }
+    for kind in ["code_sent", "verified", "opted_out", "code_rate_limited"] {
+        let series = format!("smsflow_history_entries_total{{kind=\"{kind}\"}}");
+        assert_eq!(value(&before, &series), Some(0.0), "{before}");
+    }
+    let locked = r#"smsflow_inbound_messages_total{outcome="locked"}"#;
+    assert_eq!(value(&before, locked), Some(0.0), "{before}");
+
+    signed_sms(&base, ANN, "JOIN").await;
+    let code = code_in(&twilio.last_to(ANN, 1).await);
+    signed_sms(&base, ANN, &code).await;
+    let otp = http
+        .post(format!("{base}/authenticate/get_otp"))
+        .bearer_auth(API_TOKEN)
+        .json(&serde_json::json!({ "phone": BOB }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(otp.status(), 200);
+    for status in ["delivered", "teleported"] {
+        let report = [("MessageSid", "SMreported"), ("MessageStatus", status)];
+        let r = post_signed(&http, &base, "/twilio/status", &report).await;
+        assert_eq!(r.status(), 204);
+    }
+    let forged = http
+        .post(format!("{base}/twilio/sms"))
+        .header("X-Twilio-Signature", "bm90IGEgcmVhbCBzaWduYXR1cmU=")
+        .form(&[("From", BOB), ("Body", "JOIN"), ("MessageSid", "SMforged")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 403);
+
+    let after = scrape().await;
+    openmetrics_parser::prometheus::parse_prometheus(&after)
+        .unwrap_or_else(|e| panic!("not Prometheus text: {e:?}\n{after}"));
+    assert!(
+        after.contains("# HELP smsflow_webhook_duration_seconds"),
+        "{after}"
+    );
+    for (series, n) in [
+        // The JOIN's and the OTP API's.
+        (code_sent, 2.0),
+        (r#"smsflow_history_entries_total{kind="verified"}"#, 1.0),
+        (
+            r#"smsflow_inbound_messages_total{outcome="code_sent"}"#,
+            1.0,
+        ),
+        (r#"smsflow_inbound_messages_total{outcome="verified"}"#, 1.0),
+        (r#"smsflow_delivery_reports_total{status="delivered"}"#, 1.0),
+        // A status no one knows is counted, but not by its name.
+        (r#"smsflow_delivery_reports_total{status="other"}"#, 1.0),
+        (
+            r#"smsflow_http_responses_total{route="sms",status="200"}"#,
+            2.0,
+        ),
+        (
+            r#"smsflow_http_responses_total{route="sms",status="403"}"#,
+            1.0,
+        ),
+        (
+            r#"smsflow_http_responses_total{route="status",status="204"}"#,
+            2.0,
+        ),
+        (
+            r#"smsflow_http_responses_total{route="get_otp",status="200"}"#,
+            1.0,
+        ),
+    ] {
+        assert_eq!(value(&after, series), Some(n), "{series}:\n{after}");
+    }
+    assert!(!after.contains("teleported"), "{after}");
 }
 
 /// Starts `serve` as `cmd` says; returns the child, its base URL (from the banner's first
@@ -1665,7 +1797,7 @@ async fn twilio_answering_garbage() -> String {
 }
 
 #[tokio::test]
-async fn a_send_twilio_accepts_with_an_unreadable_answer_counts_as_sent_without_an_id() {
+async fn a_send_twilio_accepts_with_an_unreadable_answer_is_accepted_without_an_id() {
     use smsflow::config::{Secret, Sender, TwilioConfig};
     use smsflow::provider::{Provider, Twilio};
     let twilio = Twilio::new(
@@ -2622,6 +2754,62 @@ async fn a_refused_signature_is_logged_once_with_the_url_it_was_checked_against(
         refused[1].contains("https://wrong.example/twilio/sms"),
         "{}",
         refused[1]
+    );
+}
+
+/// Behind a proxy that says where the request came to (`X-Forwarded-Proto` and `-Host`), with
+/// no public URL set, a webhook is checked against the URL the proxy names: Twilio's
+/// signature for it is taken, and the same one for another host is refused.
+#[tokio::test]
+async fn without_a_public_url_the_signature_is_checked_against_the_forwarded_url() {
+    let twilio = FakeTwilio::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let (_child, base, _lines) = spawn_serve(&mut serve_logging(&twilio, data.path())).await;
+    let form: Vec<(String, String)> = [("From", ANN), ("Body", "HELP"), ("MessageSid", "SMfwd1")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let sig =
+        smsflow::http::signature::sign(AUTH_TOKEN, "https://tunnel.example/twilio/sms", &form);
+    let post = async |host: &str| {
+        reqwest::Client::new()
+            .post(format!("{base}/twilio/sms"))
+            .header("X-Forwarded-Proto", "https")
+            .header("X-Forwarded-Host", host)
+            .header("X-Twilio-Signature", &sig)
+            .form(&form)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(post("elsewhere.example").await, 403);
+    assert_eq!(post("tunnel.example").await, 200);
+}
+
+/// SIGHUP reloads the flows (here unchanged: still a reload, and counted), and says so where
+/// the admin API's readiness detail shows the last one.
+#[tokio::test]
+async fn sighup_reloads_the_flows() {
+    let twilio = FakeTwilio::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let (child, base, _lines) = spawn_serve(&mut serve_logging(&twilio, data.path())).await;
+    let readyz = async || -> serde_json::Value {
+        let r = reqwest::get(format!("{base}/readyz")).await.unwrap();
+        r.json().await.unwrap()
+    };
+    assert!(readyz().await["last_reload"].is_null());
+    send_signal(&child, "HUP");
+    eventually("the SIGHUP reload", async || {
+        let last = &readyz().await["last_reload"];
+        last["trigger"] == "SIGHUP" && last["ok"] == true
+    })
+    .await;
+    let metrics = reqwest::get(format!("{base}/metrics")).await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    assert!(
+        metrics.contains("smsflow_flow_reloads_total{result=\"ok\"} 1"),
+        "{metrics}"
     );
 }
 
