@@ -544,6 +544,20 @@ fn export(n: u64, flows_dir: &std::path::Path) -> anyhow::Result<String> {
 /// figure is how fast they reach it, beside what one send at a time could do at that latency.
 async fn outbox(n: usize, latency: Duration, flows: &std::path::Path) -> anyhow::Result<String> {
     const TOKEN: &str = "bench-auth-token";
+    // Over the cap, the rest would be told to wait (a 200 all the same), and their codes
+    // waited for in vain.
+    if let Ok(loaded) = crate::flows::load_dir(flows) {
+        if let Some(cap) = loaded
+            .verify
+            .max_codes_per_hour
+            .filter(|cap| n > *cap as usize)
+        {
+            anyhow::bail!(
+                "--outbox {n} is over the flows' verify.max_codes_per_hour ({cap}): the codes \
+                 past it would not be sent; give at most {cap}, or flows with a higher cap"
+            );
+        }
+    }
     let received = Arc::new(AtomicUsize::new(0));
     let all_in = Arc::new(tokio::sync::Notify::new());
     let fake = axum::Router::new().route(
