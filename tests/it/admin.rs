@@ -1110,7 +1110,7 @@ async fn a_removed_sequence_ends_cleanly_for_numbers_in_it() {
     .await;
     let last = ended_sequence_of_a(&app).await;
     assert_eq!(last["name"], "later");
-    quiet_for(Duration::from_millis(300)).await;
+    app.outbox_settles().await;
     assert_eq!(
         app.twilio.delivered().len(),
         1,

@@ -216,7 +216,7 @@ async fn a_forged_or_missing_signature_is_refused_and_changes_nothing() {
     assert_eq!(wrong_url.status().as_u16(), 403);
 
     assert_eq!(app.state_of(ANN), None, "no subscriber was created");
-    quiet_for(Duration::from_millis(200)).await;
+    app.outbox_settles().await;
     assert_eq!(app.twilio.attempts(), 0);
     // The same message, properly signed, now works (the forged one did not consume its id).
     let (status, _) = app.sms_with_sid(ANN, "JOIN", "SMforged").await;
@@ -386,7 +386,7 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
     assert_eq!(r.status().as_u16(), 200);
 
     assert_eq!(app.state_of(ANN), None, "bad input created no subscriber");
-    quiet_for(Duration::from_millis(200)).await;
+    app.outbox_settles().await;
     assert_eq!(app.twilio.attempts(), 0, "bad input sent nothing");
 }
 

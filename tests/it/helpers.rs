@@ -457,6 +457,21 @@ impl TestApp {
         assert_eq!(r.status().as_u16(), 200, "the reload is taken");
     }
 
+    /// Waits for the outbox to empty (every queued message sent or ended), a moment more for
+    /// anything a due timer queues, and for it to empty again: what was sent by then is all
+    /// that was going to be, however slow the machine (a fixed wait passes when it is slow).
+    pub async fn outbox_settles(&self) {
+        eventually("the outbox to empty", async || {
+            self.engine.store.outbox_len() == 0
+        })
+        .await;
+        quiet_for(Duration::from_millis(200)).await;
+        eventually("the outbox to empty again", async || {
+            self.engine.store.outbox_len() == 0
+        })
+        .await;
+    }
+
     /// POSTs a signed Twilio form to `path`.
     pub async fn post_form(&self, path: &str, params: &[(&str, &str)]) -> reqwest::Response {
         post_signed(&self.http, &self.base, path, params).await

@@ -65,7 +65,7 @@ async fn the_right_code_validates_and_the_phone_becomes_verified() {
     assert_success(&validate(&app, &c).await);
     assert_eq!(app.state_of(PHONE).as_deref(), Some("verified"));
     // The default flow setting: stay verified, no texts follow.
-    quiet_for(Duration::from_millis(300)).await;
+    app.outbox_settles().await;
     assert_eq!(app.twilio.delivered().len(), 1);
 }
 
@@ -136,7 +136,7 @@ async fn too_many_codes_requested_is_exit_3_with_retry_after() {
         assert_failure(&again, 429, 3, "too many codes");
     }
     assert_eq!(app.engine.store.outbox_len(), 0, "nothing queued");
-    quiet_for(Duration::from_millis(300)).await;
+    app.outbox_settles().await;
     assert_eq!(app.twilio.all_requests().len(), 5);
 }
 
@@ -425,7 +425,7 @@ async fn an_opted_out_phone_is_exit_1_saying_so() {
     app.sms(PHONE, "STOP").await;
     let got = app.otp("get_otp", json!({ "phone": PHONE }), None).await;
     assert_failure(&got, 403, 1, "opted out");
-    quiet_for(Duration::from_millis(200)).await;
+    app.outbox_settles().await;
     assert_eq!(
         app.twilio.attempts(),
         0,
@@ -612,7 +612,7 @@ async fn once_the_hours_codes_are_spent_no_number_gets_one_until_their_minute_is
     // Counted by the minute: until an hour after the end of the codes' minute.
     let retry: u64 = retry.expect("Retry-After").parse().unwrap();
     assert!((3600..=3660).contains(&retry), "{retry}");
-    quiet_for(Duration::from_millis(300)).await;
+    app.outbox_settles().await;
     assert_eq!(app.twilio.attempts(), 2, "nothing more was sent");
     // The hour's count is kept in the store: a restart does not open the gate.
     let app = app.restart(Duration::ZERO).await;
@@ -634,7 +634,7 @@ async fn once_the_hours_codes_are_spent_no_number_gets_one_until_their_minute_is
         );
     }
     app.twilio.wait_delivered(3).await;
-    quiet_for(Duration::from_millis(300)).await;
+    app.outbox_settles().await;
     assert_eq!(
         app.twilio.attempts(),
         3,

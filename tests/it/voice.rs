@@ -249,7 +249,7 @@ async fn opt_in_by_voice_texts_a_code_and_opt_out_unsubscribes_for_good_in_words
         assert_eq!(twiml.names(), ["Say", "Say", "Hangup"]);
         assert_eq!(twiml.children[0].text, spoken);
     }
-    quiet_for(std::time::Duration::from_millis(300)).await;
+    app.outbox_settles().await;
     assert_eq!(app.twilio.attempts(), 1, "only the code before the opt-out");
     assert_eq!(app.state_of(CALLER).as_deref(), Some("opted_out"));
 }
