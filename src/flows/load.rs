@@ -560,7 +560,7 @@ const OPT_OUT: &[&str] = &[
 const OPT_IN: &[&str] = &["START", "UNSTOP", "JOIN"];
 const HELP: &[&str] = &["HELP", "INFO"];
 const EDIT: &[&str] = &["EDIT"];
-const KEEP: &[&str] = &["KEEP"];
+const KEEP: &[&str] = &["KEEP", "KEEP IT"];
 
 /// The longest duration a flow may use (it keeps time arithmetic far from overflow).
 const MAX_DAYS: i64 = 366;
