@@ -1371,6 +1371,31 @@ impl Cx {
                     }
                     ("range", toml::Value::Array(a)) => match a.as_slice() {
                         [toml::Value::Integer(lo), toml::Value::Integer(hi)] if lo <= hi => {
+                            // Keywords are matched first: a number in the range that is one
+                            // (`help = ["1"]`) could never be the answer.
+                            let taken = [
+                                ("opt_out", &keywords.opt_out),
+                                ("help", &keywords.help),
+                                ("opt_in", &keywords.opt_in),
+                                ("edit", &keywords.edit),
+                                ("keep", &keywords.keep),
+                            ]
+                            .into_iter()
+                            .filter(|(list, _)| *list != "keep" || asker == Asker::Form)
+                            .flat_map(|(list, words)| words.iter().map(move |w| (list, w)))
+                            .find(|(_, w)| {
+                                w.parse::<i64>().is_ok_and(|n| (*lo..=*hi).contains(&n))
+                            });
+                            if let Some((list, word)) = taken {
+                                self.err(
+                                    f,
+                                    span.clone(),
+                                    format!(
+                                        "range [{lo}, {hi}] holds {word}, which is a keyword \
+                                         (keywords.{list}), so no one could answer with it"
+                                    ),
+                                );
+                            }
                             Expect::Range(*lo, *hi)
                         }
                         _ => bad(self, "range must be two whole numbers, low first"),

@@ -1175,3 +1175,37 @@ fn a_daemon_wide_code_limit_of_none_an_hour_is_refused() {
         "{problems}"
     );
 }
+
+/// Keywords are matched before answers: a range that holds a number made a keyword could
+/// never be answered with it, and `check` says so (a sequence question's range may hold
+/// KEEP's numbers, a form field's may not).
+#[test]
+fn a_range_holding_a_keyword_number_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "flows.toml",
+        "[keywords]\nhelp = [\"1\"]\nkeep = [\"9\"]\n\n[[form.field]]\nkey = \"score\"\n\
+         ask = \"Rate us 1-5\"\nexpect = { range = [1, 5] }\n\n[[form.field]]\nkey = \"n\"\n\
+         ask = \"1 to 10?\"\nexpect = { range = [2, 10] }\n\n[[sequence]]\nname = \"s\"\n\
+         steps = [{ ask = \"And now?\", save = \"n\", expect = { range = [2, 10] } }]\n",
+    );
+    let problems = problems_in(dir.path());
+    for (place, says) in [
+        (
+            "flows.toml:8:10:",
+            "range [1, 5] holds 1, which is a keyword (keywords.help), so no one could answer with it",
+        ),
+        ("flows.toml:13:10:", "range [2, 10] holds 9, which is a keyword (keywords.keep)"),
+    ] {
+        assert!(
+            problems.lines().any(|l| l.contains(place) && l.contains(says)),
+            "no {says:?} at {place} in:\n{problems}"
+        );
+    }
+    assert_eq!(
+        problems.matches("which is a keyword").count(),
+        2,
+        "{problems}"
+    );
+}
