@@ -262,7 +262,7 @@ impl Outbox {
                 match still_queued(&self.engine.store, id)? {
                     Some(msg) => match self.must_wait(&w, id, &msg) {
                         Some((sender, turn)) => {
-                            w.wait_for_turn(id, sender, turn);
+                            w.wait_for_turn(id, sender, turn, msg.secret);
                             continue;
                         }
                         None => break (id, msg),
@@ -283,7 +283,7 @@ impl Outbox {
                 Read::Found(id, msg) => match self.must_wait(&w, id, &msg) {
                     Some((sender, turn)) => {
                         w.set_head(id, msg.phone, msg.next_try);
-                        w.wait_for_turn(id, sender, turn);
+                        w.wait_for_turn(id, sender, turn, msg.secret);
                     }
                     None => break (id, msg),
                 },
@@ -808,6 +808,10 @@ fn still_queued(store: &crate::store::Store, id: u64) -> anyhow::Result<Option<O
 /// only the new ones, and a retry coming due costs a look at the first messages only.
 /// Finding the next one to try is O(log n) in waiting numbers, so draining a backlog of n
 /// (after an outage) is O(n log n), not O(n²).
+/// Messages waiting for a sender's turn, keyed `(not a code, id)`: codes first, then in
+/// queue order.
+type TurnQueue = BTreeSet<(bool, u64)>;
+
 #[derive(Default)]
 struct Waiting {
     upto: Option<u64>,
@@ -820,9 +824,13 @@ struct Waiting {
     /// The other first messages, by next try.
     later: BTreeSet<(DateTime<Utc>, u64)>,
     /// Senders with first messages that could be tried but wait for the sender's turn (real
-    /// time: the send rate is), in queue order (in neither `ready` nor `later` meanwhile),
-    /// and when the turn comes (`None`: once the one let go at the last turn is done).
-    senders: HashMap<String, (Option<Instant>, BTreeSet<u64>)>,
+    /// time: the send rate is), codes first, then in queue order (in neither `ready` nor
+    /// `later` meanwhile; keyed `(not a code, id)`), and when the turn comes (`None`: once
+    /// the one let go at the last turn is done).
+    senders: HashMap<String, (Option<Instant>, TurnQueue)>,
+    /// Which of those are codes: a code is not to wait behind a backlog of follow-ups (all
+    /// due when quiet hours end, say) and expire; its owner is waiting for it now.
+    codes: HashSet<u64>,
     /// Those senders' turns that are known, by time.
     turns: BTreeSet<(Instant, String)>,
     /// The sender each of those messages waits for.
@@ -861,8 +869,9 @@ impl Waiting {
             self.flying.remove(&id);
         }
         if let Some(sender) = self.sender_of.remove(&id) {
+            let key = (!self.codes.remove(&id), id);
             if let Some((turn, ids)) = self.senders.get_mut(&sender) {
-                ids.remove(&id);
+                ids.remove(&key);
                 if ids.is_empty() {
                     if let Some(turn) = turn {
                         self.turns.remove(&(*turn, sender.clone()));
@@ -902,11 +911,12 @@ impl Waiting {
         }
     }
 
-    /// First message `id` waits for `sender`'s turn, at `turn` (`None`: when the sender's
-    /// older messages waiting for it go): until then it is passed over (and its number's
-    /// later messages wait behind it). When the turn comes, the sender's oldest waiting
-    /// message is let go (ready again), and the others wait until it is done.
-    fn wait_for_turn(&mut self, id: u64, sender: String, turn: Option<Instant>) {
+    /// First message `id` (a `code`, or not) waits for `sender`'s turn, at `turn` (`None`:
+    /// when the sender's older messages waiting for it go): until then it is passed over
+    /// (and its number's later messages wait behind it). When the turn comes, the sender's
+    /// oldest waiting code, or else its oldest waiting message, is let go (ready again), and
+    /// the others wait until it is done.
+    fn wait_for_turn(&mut self, id: u64, sender: String, turn: Option<Instant>, code: bool) {
         let Some((_, at)) = self.heads.get(&id) else {
             return;
         };
@@ -928,7 +938,11 @@ impl Waiting {
             }
             self.turns.insert((turn, sender.clone()));
         }
-        ids.insert(id);
+        // (Waiting already, for another sender or this one: its place is taken anew.)
+        ids.insert((!code, id));
+        if code {
+            self.codes.insert(id);
+        }
         self.sender_of.insert(id, sender);
     }
 
@@ -954,7 +968,8 @@ impl Waiting {
                 continue;
             };
             *known = None;
-            if let Some(first) = ids.pop_first() {
+            if let Some((_, first)) = ids.pop_first() {
+                self.codes.remove(&first);
                 self.sender_of.remove(&first);
                 self.ready.insert(first);
                 self.let_go.insert(first, sender.clone());
@@ -1118,36 +1133,62 @@ mod tests {
         assert_eq!(w.due(t0), Some((1, phone(1))));
         // The first two wait for sender A's turn, a minute away: the third (B's) goes.
         let turn = Instant::now() + minute;
-        w.wait_for_turn(1, "A".into(), Some(turn));
-        w.wait_for_turn(2, "A".into(), Some(turn));
+        w.wait_for_turn(1, "A".into(), Some(turn), false);
+        w.wait_for_turn(2, "A".into(), Some(turn), false);
         assert_eq!(w.due(t0), Some((3, phone(3))));
         w.remove_head(3);
         // The fourth, A's too, found when A's turn had come: behind the older two.
-        w.wait_for_turn(4, "A".into(), None);
+        w.wait_for_turn(4, "A".into(), None, false);
         assert_eq!(w.due(t0), None);
         assert_eq!((w.next_turn(), w.earliest()), (Some(turn), None));
         // A's turn as the rate has it now (come already): its oldest is let go, the others
         // wait until it is done.
-        w.wait_for_turn(2, "A".into(), Some(Instant::now()));
+        w.wait_for_turn(2, "A".into(), Some(Instant::now()), false);
         assert_eq!(w.due(t0), Some((1, phone(1))));
         assert_eq!(w.next_turn(), None);
         // Let go again, it finds the turn taken since: it waits for the next one.
-        w.wait_for_turn(1, "A".into(), Some(turn));
+        w.wait_for_turn(1, "A".into(), Some(turn), false);
         assert_eq!((w.due(t0), w.next_turn()), (None, Some(turn)));
-        w.wait_for_turn(1, "A".into(), Some(Instant::now()));
+        w.wait_for_turn(1, "A".into(), Some(Instant::now()), false);
         assert_eq!(w.due(t0), Some((1, phone(1))));
         // Done (sent, or not): the next one is looked at at once.
         w.remove_head(1);
         assert_eq!(w.due(t0), Some((2, phone(2))));
         // Let go, it now goes from B (its number wrote to B since) and waits for B's turn:
         // A's next is looked at at once all the same.
-        w.wait_for_turn(2, "B".into(), Some(turn));
+        w.wait_for_turn(2, "B".into(), Some(turn), false);
         assert_eq!(w.due(t0), Some((4, phone(4))));
         w.remove_head(4);
         w.remove_head(2);
         assert_eq!((w.due(t0), w.next_turn()), (None, None));
-        assert!(w.senders.is_empty() && w.turns.is_empty());
+        assert!(w.senders.is_empty() && w.turns.is_empty() && w.codes.is_empty());
         assert!(w.sender_of.is_empty() && w.let_go.is_empty());
         assert!(w.heads.is_empty() && w.ready.is_empty() && w.later.is_empty());
+    }
+
+    /// Follow-ups all due at once (quiet hours ending) wait for their sender's turns; a code
+    /// queued after them goes at the next turn, not behind them all (it would expire).
+    #[test]
+    fn a_code_waiting_for_its_senders_turn_goes_before_older_follow_ups() {
+        use crate::phone::Phone;
+        use chrono::{TimeZone, Utc};
+        use tokio::time::Instant;
+        let t0 = Utc.with_ymd_and_hms(2026, 11, 22, 8, 0, 0).unwrap();
+        let phone = |n: u32| Phone::parse(&format!("+1415555{n:04}")).unwrap();
+        let mut w = Waiting::default();
+        let later = Instant::now() + Duration::from_secs(60);
+        for id in 1..=4 {
+            w.set_head(id, phone(id as u32), t0);
+            assert_eq!(w.due(t0), Some((id, phone(id as u32))));
+            w.wait_for_turn(id, "A".into(), Some(later), id == 3);
+        }
+        // The turn comes: the code (3) goes first, then the follow-ups in queue order.
+        w.wait_for_turn(4, "A".into(), Some(Instant::now()), false);
+        for id in [3, 1, 2, 4] {
+            assert_eq!(w.due(t0), Some((id, phone(id as u32))));
+            w.remove_head(id);
+        }
+        assert_eq!(w.due(t0), None);
+        assert!(w.senders.is_empty() && w.codes.is_empty() && w.sender_of.is_empty());
     }
 }
