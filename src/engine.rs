@@ -364,27 +364,10 @@ impl Writer {
         }
     }
 
-    /// Counts the codes `t` issued, by minute, and forgets the minutes that no longer count;
-    /// whether that changed anything. (Counted whatever `verify.max_codes_per_hour` says: a
-    /// limit set or raised by a reload counts the hour's codes all the same.)
+    /// Counts the codes `t` issued (see [`machine::count_codes`]); whether that changed
+    /// anything.
     fn count_codes(&mut self, t: &machine::Transition, now: DateTime<Utc>) -> bool {
-        let before = self.codes_issued.len();
-        while (self.codes_issued.front()).is_some_and(|(m, _)| machine::counted_until(*m) <= now) {
-            self.codes_issued.pop_front();
-        }
-        let issued = (t.effects.iter())
-            .filter(|e| matches!(e, Effect::SendCode { .. }))
-            .count();
-        let issued = u32::try_from(issued).unwrap_or(u32::MAX);
-        if issued > 0 {
-            let second = now.timestamp();
-            let minute = DateTime::from_timestamp(second - second.rem_euclid(60), 0).unwrap_or(now);
-            match self.codes_issued.back_mut() {
-                Some((m, n)) if *m == minute => *n = n.saturating_add(issued),
-                _ => self.codes_issued.push_back((minute, issued)),
-            }
-        }
-        issued > 0 || self.codes_issued.len() != before
+        machine::count_codes(&mut self.codes_issued, t, now)
     }
 
     /// A batch's whole way: stepped and committed, then durable and answered.

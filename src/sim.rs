@@ -33,6 +33,8 @@ pub struct Sandbox {
     pub now: DateTime<Utc>,
     rng: StdRng,
     subscribers: BTreeMap<Phone, Subscriber>,
+    /// The codes issued, by minute, for `verify.max_codes_per_hour` (as the engine counts).
+    codes_issued: std::collections::VecDeque<machine::CodeMinute>,
 }
 
 /// The default start of the virtual clock: a Monday, 15:00 UTC (10:00 in New York).
@@ -47,6 +49,7 @@ impl Sandbox {
             now,
             rng: StdRng::seed_from_u64(seed),
             subscribers: BTreeMap::new(),
+            codes_issued: std::collections::VecDeque::new(),
         }
     }
 
@@ -74,7 +77,13 @@ impl Sandbox {
         // opt-out) leaves a number it never met unknown.
         let keep = known.is_some() || event.creates_subscriber();
         let sub = known.unwrap_or_else(|| Subscriber::new(phone.clone(), self.now));
-        let t = machine::step(sub, &event, &self.flows, self.now, &mut self.rng);
+        // Within the daemon-wide code limit, as the engine steps.
+        let most = self.flows.verify.max_codes_per_hour;
+        let limits = machine::Limits {
+            codes_refused_until: machine::codes_refused_until(&self.codes_issued, most, self.now),
+        };
+        let t = machine::step_within(sub, &event, &self.flows, self.now, &mut self.rng, limits);
+        machine::count_codes(&mut self.codes_issued, &t, self.now);
         if keep {
             self.subscribers.insert(phone.clone(), t.subscriber);
         }

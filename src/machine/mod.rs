@@ -631,6 +631,34 @@ pub fn counted_until(m: DateTime<Utc>) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
+/// Counts the codes `t` issued into `minutes` (oldest first), and forgets the minutes that
+/// no longer count at `now`; whether that changed anything. (Counted whatever
+/// `verify.max_codes_per_hour` says: a limit set or raised by a reload counts the hour's
+/// codes all the same.)
+pub fn count_codes(
+    minutes: &mut std::collections::VecDeque<CodeMinute>,
+    t: &Transition,
+    now: DateTime<Utc>,
+) -> bool {
+    let before = minutes.len();
+    while (minutes.front()).is_some_and(|(m, _)| counted_until(*m) <= now) {
+        minutes.pop_front();
+    }
+    let issued = (t.effects.iter())
+        .filter(|e| matches!(e, Effect::SendCode { .. }))
+        .count();
+    let issued = u32::try_from(issued).unwrap_or(u32::MAX);
+    if issued > 0 {
+        let second = now.timestamp();
+        let minute = DateTime::from_timestamp(second - second.rem_euclid(60), 0).unwrap_or(now);
+        match minutes.back_mut() {
+            Some((m, n)) if *m == minute => *n = n.saturating_add(issued),
+            _ => minutes.push_back((minute, issued)),
+        }
+    }
+    issued > 0 || minutes.len() != before
+}
+
 /// When a code may be issued again, given the codes of the last hour by minute (oldest
 /// first) and `verify.max_codes_per_hour`: `None` while the hour has room.
 pub fn codes_refused_until(

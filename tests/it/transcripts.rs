@@ -527,3 +527,31 @@ fn simulate_shows_the_question_whose_late_answer_is_still_taken() {
         "{stdout}"
     );
 }
+
+/// `test` steps as the daemon does, within `verify.max_codes_per_hour`: once the hour's codes
+/// are spent, another number hears the `busy` text, and gets a code once the hour has passed.
+#[test]
+fn transcripts_hold_the_daemon_wide_code_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("tests")).unwrap();
+    let bot = std::fs::read_to_string("flows/bot.toml").unwrap();
+    assert!(bot.contains("max_codes_per_hour = 500"));
+    let capped = bot.replace("max_codes_per_hour = 500", "max_codes_per_hour = 1");
+    std::fs::write(dir.path().join("bot.toml"), capped).unwrap();
+    std::fs::write(
+        dir.path().join("tests/cap.txt"),
+        "> JOIN\n< Acme Contest: your code is {$code}. Reply with it to confirm.\n\
+         ! phone +15550002222\n> JOIN\n\
+         < We're sending a lot of codes right now. Please try again in a few minutes.\n\
+         ~ 62m\n> JOIN\n< Acme Contest: your code is {$later}. Reply with it to confirm.\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .arg("test")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("1 passed, 0 failed"), "{stdout}");
+}
