@@ -1737,7 +1737,7 @@ impl Cx {
                 f,
                 r.already_joined,
                 "replies.already_joined",
-                "You're already subscribed. Reply HELP for help.",
+                "You're already subscribed. Reply STOP to opt out.",
                 plain,
             ),
             stop_hint: self.text(

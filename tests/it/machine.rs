@@ -1510,7 +1510,7 @@ fn a_number_an_app_verified_that_texts_join_later_gets_the_conversation() {
     assert_eq!(
         messages(&again.effects),
         [
-            "You're already entered. Reply HELP for help.",
+            "You're already entered. Reply PROFILE to update your answers, STOP to opt out.",
             "What's your first name?"
         ]
     );
