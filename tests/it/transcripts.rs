@@ -2,6 +2,15 @@
 
 use std::process::Command;
 
+/// `smsflow test DIR`, run to its end.
+fn smsflow_test(dir: &std::path::Path) -> std::process::Output {
+    let test = Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .arg("test")
+        .arg(dir)
+        .output();
+    test.unwrap()
+}
+
 #[test]
 fn every_shipped_transcript_passes() {
     let out = Command::new(env!("CARGO_BIN_EXE_smsflow"))
@@ -36,11 +45,7 @@ fn a_wrong_expectation_fails_with_file_line_expected_and_actual() {
         "# header\n> hello\n< Welcome aboard!\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_smsflow"))
-        .arg("test")
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = smsflow_test(dir.path());
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(
@@ -546,11 +551,7 @@ fn transcripts_hold_the_daemon_wide_code_limit() {
          ~ 62m\n> JOIN\n< Acme Contest: your code is {$later}. Reply with it to confirm.\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_smsflow"))
-        .arg("test")
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = smsflow_test(dir.path());
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("1 passed, 0 failed"), "{stdout}");
