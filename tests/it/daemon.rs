@@ -1723,9 +1723,9 @@ async fn a_second_sigterm_stops_serve_at_once_even_with_a_stalled_client() {
     drop(stalled);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_benchmark_runs_both_routes_without_errors_and_reports_the_ratio() {
-    let report = smsflow::bench::run(smsflow::bench::BenchArgs {
+/// A benchmark small enough for a test: 4 connections, 40 requests, one round.
+fn small_bench() -> smsflow::bench::BenchArgs {
+    smsflow::bench::BenchArgs {
         connections: 4,
         requests: 40,
         flows: "flows".into(),
@@ -1734,9 +1734,14 @@ async fn the_benchmark_runs_both_routes_without_errors_and_reports_the_ratio() {
         export_subscribers: None,
         outbox: None,
         twilio_ms: 150,
-    })
-    .await
-    .expect("bench runs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_benchmark_runs_both_routes_without_errors_and_reports_the_ratio() {
+    let report = smsflow::bench::run(small_bench())
+        .await
+        .expect("bench runs");
     assert!(report.contains("median ratio durable/trivial:"), "{report}");
     // Each target is marked met or missed.
     let verdicts = report.matches(": met)").count() + report.matches(": MISSED)").count();
@@ -1765,14 +1770,9 @@ async fn the_benchmark_runs_both_routes_without_errors_and_reports_the_ratio() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_outbox_benchmark_sends_every_code_and_reports_the_ratio() {
     let report = smsflow::bench::run(smsflow::bench::BenchArgs {
-        connections: 4,
-        requests: 40,
-        flows: "flows".into(),
-        body: "HELP".into(),
-        rounds: 1,
-        export_subscribers: None,
         outbox: Some(20),
         twilio_ms: 50,
+        ..small_bench()
     })
     .await
     .expect("bench runs");
