@@ -643,7 +643,7 @@ impl Flight {
                 } else {
                     tracing::warn!(
                         phone = %msg.phone.masked(), attempt = msg.attempts, retry_in = ?wait,
-                        "outbox: temporary failure: {}", redact(&message, msg.secret)
+                        "outbox: temporary failure: {}", redact(&message, msg.secret.then_some(msg.body.as_str()))
                     );
                 }
                 crate::metrics::outbound("retried");
@@ -656,7 +656,7 @@ impl Flight {
             // Not withdrawn: one of its tries may have reached the number all the same
             // (a timeout after Twilio accepted it), and the code would then be refused.
             Err(SendError::Temporary { message, .. }) => {
-                tracing::error!(phone = %msg.phone.masked(), "outbox: giving up after {} attempts: {}", msg.attempts, redact(&message, msg.secret));
+                tracing::error!(phone = %msg.phone.masked(), "outbox: giving up after {} attempts: {}", msg.attempts, redact(&message, msg.secret.then_some(msg.body.as_str())));
                 Ending {
                     status: "failed",
                     sid: None,
@@ -668,7 +668,7 @@ impl Flight {
             // expired is (the OTP API withdraws its own the same way). An unsubscribed
             // number is opted out instead, which ends everything it waited for.
             Err(SendError::Permanent { code, message }) => {
-                tracing::warn!(phone = %msg.phone.masked(), code, "outbox: refused: {}", redact(&message, msg.secret));
+                tracing::warn!(phone = %msg.phone.masked(), code, "outbox: refused: {}", redact(&message, msg.secret.then_some(msg.body.as_str())));
                 if code != Some(UNSUBSCRIBED) {
                     withdraw = queued_code(&s, &msg);
                 }
@@ -938,7 +938,7 @@ impl Waiting {
             }
             self.turns.insert((turn, sender.clone()));
         }
-        // (Waiting already, for another sender or this one: its place is taken anew.)
+        // (Waiting already for this sender, when its turn is told anew: it keeps its place.)
         ids.insert((!code, id));
         if code {
             self.codes.insert(id);
@@ -1026,15 +1026,20 @@ fn delivery(
 }
 
 /// Provider error texts may quote the number (Twilio's 21211 does), and might quote the text
-/// sent: runs of 7 digits or more are hidden, and in the error of a message that carries a
-/// code (`code`: 4 to 10 digits), runs of 4 or more.
-pub fn redact(text: &str, code: bool) -> String {
+/// sent: runs of 7 digits or more are hidden, and, in the error of a message that carries a
+/// code (`sent`: its text), any run of 4 or more that the text holds (its code; Twilio's own
+/// error code stays).
+pub fn redact(text: &str, sent: Option<&str>) -> String {
     let mut out = String::with_capacity(text.len());
     let mut digits = String::new();
     let flush = |digits: &mut String, out: &mut String| {
-        match digits.trim_start_matches('+').len() {
+        let bare = digits.trim_start_matches('+');
+        match bare.len() {
             7.. => out.push_str("[number]"),
-            4.. if code => out.push_str("[digits]"),
+            4.. if sent.is_some_and(|t| t.contains(bare)) => {
+                out.push_str(&digits[..digits.len() - bare.len()]);
+                out.push_str("[digits]");
+            }
             _ => out.push_str(digits),
         }
         digits.clear();
@@ -1075,17 +1080,19 @@ mod tests {
         assert_eq!(
             redact(
                 "The 'To' number +15550001111 is not valid (HTTP 400, code 21211)",
-                false
+                None
             ),
             "The 'To' number [number] is not valid (HTTP 400, code 21211)"
         );
-        // A code's message: its code is hidden too, should an error quote the text.
+        // A code's message: its code is hidden too, should an error quote the text; the
+        // error's own code stays.
+        let sent = "Acme: your code is 748588.";
         assert_eq!(
             redact(
-                "Body was: your code is 748588. (HTTP 400, code 21211)",
-                true
+                "Body was: your code is +748588. (HTTP 400, code 21211)",
+                Some(sent)
             ),
-            "Body was: your code is [digits]. (HTTP 400, code [digits])"
+            "Body was: your code is +[digits]. (HTTP 400, code 21211)"
         );
     }
 

@@ -258,7 +258,7 @@ async fn deliver(
                 apply(&state, &phone, Event::ProviderUnsubscribed).await?;
             }
             withdrawn?;
-            tracing::warn!(phone = %phone.masked(), "otp not sent: {}", crate::outbox::redact(&e.to_string(), true));
+            tracing::warn!(phone = %phone.masked(), "otp not sent: {}", crate::outbox::redact(&e.to_string(), Some(&text)));
             crate::metrics::outbound("failed");
             if unsubscribed {
                 return Err(opted_out());
