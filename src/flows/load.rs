@@ -1384,7 +1384,11 @@ impl Cx {
                             .filter(|(list, _)| *list != "keep" || asker == Asker::Form)
                             .flat_map(|(list, words)| words.iter().map(move |w| (list, w)))
                             .find(|(_, w)| {
-                                w.parse::<i64>().is_ok_and(|n| (*lo..=*hi).contains(&n))
+                                // (An answer's minus sign goes with its punctuation: `-1` is
+                                // read as the keyword 1 too.)
+                                w.parse::<i64>().is_ok_and(|n| {
+                                    (*lo..=*hi).contains(&n) || (*lo..=*hi).contains(&-n)
+                                })
                             });
                             if let Some((list, word)) = taken {
                                 self.err(

@@ -1188,7 +1188,8 @@ fn a_range_holding_a_keyword_number_is_refused() {
         "[keywords]\nhelp = [\"1\"]\nkeep = [\"9\"]\n\n[[form.field]]\nkey = \"score\"\n\
          ask = \"Rate us 1-5\"\nexpect = { range = [1, 5] }\n\n[[form.field]]\nkey = \"n\"\n\
          ask = \"1 to 10?\"\nexpect = { range = [2, 10] }\n\n[[sequence]]\nname = \"s\"\n\
-         steps = [{ ask = \"And now?\", save = \"n\", expect = { range = [2, 10] } }]\n",
+         steps = [{ ask = \"And now?\", save = \"n\", expect = { range = [2, 10] } }]\n\n\
+         [[form.field]]\nkey = \"m\"\nask = \"Below zero?\"\nexpect = { range = [-5, -1] }\n",
     );
     let problems = problems_in(dir.path());
     for (place, says) in [
@@ -1197,6 +1198,8 @@ fn a_range_holding_a_keyword_number_is_refused() {
             "range [1, 5] holds 1, which is a keyword (keywords.help), so no one could answer with it",
         ),
         ("flows.toml:13:10:", "range [2, 10] holds 9, which is a keyword (keywords.keep)"),
+        // `-1` is read as the keyword 1: the minus sign goes with the punctuation.
+        ("flows.toml:22:10:", "range [-5, -1] holds 1, which is a keyword (keywords.help)"),
     ] {
         assert!(
             problems.lines().any(|l| l.contains(place) && l.contains(says)),
@@ -1205,7 +1208,7 @@ fn a_range_holding_a_keyword_number_is_refused() {
     }
     assert_eq!(
         problems.matches("which is a keyword").count(),
-        2,
+        3,
         "{problems}"
     );
 }
