@@ -342,7 +342,7 @@ struct Committed {
     flush_only: Vec<Done>,
     timers: bool,
     outbox: bool,
-    /// The kind of each history entry the batch wrote, counted once durable.
+    /// The kind of each history entry the batch committed.
     recorded: Vec<&'static str>,
 }
 
@@ -580,8 +580,9 @@ impl Writer {
         let flushed = self.flush().map_err(|e| format!("{e:#}"));
         if flushed.is_ok() && b.events > 0 {
             self.work.record(b.events, commit, flushing.elapsed());
-            crate::metrics::recorded(&b.recorded);
         }
+        // Committed, they stand: a failed flush is retried, and a later one makes them durable.
+        crate::metrics::recorded(&b.recorded);
         // Even when the flush failed: the commit stands and a later flush makes it durable,
         // so an earlier timer must not wait for the scheduler's next look (up to an hour
         // when it had none), and the outbox asks for a flush itself until one succeeds.

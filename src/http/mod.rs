@@ -131,9 +131,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(axum::middleware::from_fn(count_and_time))
         .layer(axum::middleware::map_response(log_failures))
         .layer(axum::middleware::from_fn(explain_refusals))
+        // Outermost: it counts the answers as they leave (a body declared too large is
+        // refused by `explain_refusals` before the routes).
+        .layer(axum::middleware::from_fn(count_and_time))
         .with_state(state)
 }
 
@@ -365,6 +367,7 @@ async fn count_and_time(req: axum::extract::Request, next: axum::middleware::Nex
         "/authenticate/get_otp" => (Some("get_otp"), false),
         "/authenticate/validate_otp" => (Some("validate_otp"), false),
         _ if path == "/admin" || path.starts_with("/admin/") => (Some("admin"), false),
+        "/metrics" => (Some("metrics"), false),
         _ => (None, false),
     };
     let started = std::time::Instant::now();
