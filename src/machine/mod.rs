@@ -464,11 +464,22 @@ fn ceil_millis(t: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms + 1 - exact).unwrap_or(t)
 }
 
+/// Compatibility forms read as the letters and digits they show (Unicode NFKC): full-width
+/// `ＳＴＯＰ`, as an East Asian keyboard types it, is `STOP`; `①` is `1`.
+fn folded(text: &str) -> std::borrow::Cow<'_, str> {
+    use unicode_normalization::UnicodeNormalization;
+    if text.is_ascii() {
+        text.into()
+    } else {
+        text.nfkc().collect::<String>().into()
+    }
+}
+
 /// Upper-cases and keeps only letters and digits: `" stop. "`, `"Stop all"` and `"opt-out"`
 /// read `"STOP"`, `"STOPALL"` and `"OPTOUT"`; an option copied as shown, `"under 30"`, reads
 /// as its label `under_30`. Keywords and choices are compared in this form.
 pub fn normalize(text: &str) -> String {
-    crate::ascii_digits(text)
+    crate::ascii_digits(&folded(text))
         .chars()
         .filter(|c| c.is_alphanumeric())
         .flat_map(char::to_uppercase)
@@ -604,7 +615,8 @@ fn late_window(q: &crate::flows::Question) -> Option<(&String, chrono::TimeDelta
 /// (`check` refuses a choice with one of those words in both its key and its label, which
 /// no reply could give.)
 pub fn asks_to_stop(text: &str) -> bool {
-    text.split(|c: char| !c.is_alphanumeric())
+    folded(text)
+        .split(|c: char| !c.is_alphanumeric())
         .any(|w| w.eq_ignore_ascii_case("stop") || w.eq_ignore_ascii_case("unsubscribe"))
 }
 
@@ -1754,7 +1766,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 
 #[cfg(test)]
 mod tests {
-    use super::{fit, shortened, Record, MAX_BODY};
+    use super::{asks_to_stop, fit, normalize, shortened, Record, MAX_BODY};
 
     #[test]
     fn a_text_past_twilios_limit_is_cut_on_a_whole_character_and_ends_in_an_ellipsis() {
@@ -1770,6 +1782,14 @@ mod tests {
         // Counted as Twilio counts: an emoji is two units, and is not split.
         assert_eq!(shortened("🙂🙂🙂", 4), "🙂🙂…");
         assert_eq!(shortened("a🙂🙂", 4), "a🙂…");
+    }
+
+    #[test]
+    fn full_width_letters_read_as_the_keyword_they_show() {
+        assert_eq!(normalize("ＳＴＯＰ"), "STOP");
+        assert_eq!(normalize("ｓｔｏｐ！"), "STOP");
+        assert!(asks_to_stop("ｓｔｏｐ please"));
+        assert_eq!(normalize("Stop."), "STOP");
     }
 
     #[test]
