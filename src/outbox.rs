@@ -608,6 +608,8 @@ impl Flight {
         // A code that will not arrive, to withdraw.
         let mut withdraw = None;
         msg.attempts = msg.attempts.saturating_add(1);
+        // What a provider's error may quote of a code's message is hidden from the log.
+        let code_text = msg.secret.then_some(msg.body.as_str());
         let ending = match self
             .provider
             .send(&msg.phone, &msg.body, s.via.as_ref())
@@ -643,7 +645,7 @@ impl Flight {
                 } else {
                     tracing::warn!(
                         phone = %msg.phone.masked(), attempt = msg.attempts, retry_in = ?wait,
-                        "outbox: temporary failure: {}", redact(&message, msg.secret.then_some(msg.body.as_str()))
+                        "outbox: temporary failure: {}", redact(&message, code_text)
                     );
                 }
                 crate::metrics::outbound("retried");
@@ -656,7 +658,7 @@ impl Flight {
             // Not withdrawn: one of its tries may have reached the number all the same
             // (a timeout after Twilio accepted it), and the code would then be refused.
             Err(SendError::Temporary { message, .. }) => {
-                tracing::error!(phone = %msg.phone.masked(), "outbox: giving up after {} attempts: {}", msg.attempts, redact(&message, msg.secret.then_some(msg.body.as_str())));
+                tracing::error!(phone = %msg.phone.masked(), "outbox: giving up after {} attempts: {}", msg.attempts, redact(&message, code_text));
                 Ending {
                     status: "failed",
                     sid: None,
@@ -668,7 +670,7 @@ impl Flight {
             // expired is (the OTP API withdraws its own the same way). An unsubscribed
             // number is opted out instead, which ends everything it waited for.
             Err(SendError::Permanent { code, message }) => {
-                tracing::warn!(phone = %msg.phone.masked(), code, "outbox: refused: {}", redact(&message, msg.secret.then_some(msg.body.as_str())));
+                tracing::warn!(phone = %msg.phone.masked(), code, "outbox: refused: {}", redact(&message, code_text));
                 if code != Some(UNSUBSCRIBED) {
                     withdraw = queued_code(&s, &msg);
                 }
@@ -802,16 +804,16 @@ fn still_queued(store: &crate::store::Store, id: u64) -> anyhow::Result<Option<O
     }
 }
 
+/// Messages waiting for a sender's turn, keyed `(not a code, id)`: codes first, then in
+/// queue order.
+type TurnQueue = BTreeSet<(bool, u64)>;
+
 /// What the outbox knows of the messages it has read (ids up to `upto`): each waiting
 /// number's first message and when it can be tried. A number's later messages wait behind
 /// its first, so they need no reading until it is gone: a wake-up for a new message reads
 /// only the new ones, and a retry coming due costs a look at the first messages only.
 /// Finding the next one to try is O(log n) in waiting numbers, so draining a backlog of n
 /// (after an outage) is O(n log n), not O(n²).
-/// Messages waiting for a sender's turn, keyed `(not a code, id)`: codes first, then in
-/// queue order.
-type TurnQueue = BTreeSet<(bool, u64)>;
-
 #[derive(Default)]
 struct Waiting {
     upto: Option<u64>,
@@ -827,10 +829,9 @@ struct Waiting {
     /// time: the send rate is), codes first, then in queue order (in neither `ready` nor
     /// `later` meanwhile; keyed `(not a code, id)`), and when the turn comes (`None`: once
     /// the one let go at the last turn is done).
+    /// (A code is not to wait behind a backlog of follow-ups, all due when quiet hours end,
+    /// say, and expire: its owner is waiting for it now.)
     senders: HashMap<String, (Option<Instant>, TurnQueue)>,
-    /// Which of those are codes: a code is not to wait behind a backlog of follow-ups (all
-    /// due when quiet hours end, say) and expire; its owner is waiting for it now.
-    codes: HashSet<u64>,
     /// Those senders' turns that are known, by time.
     turns: BTreeSet<(Instant, String)>,
     /// The sender each of those messages waits for.
@@ -869,9 +870,9 @@ impl Waiting {
             self.flying.remove(&id);
         }
         if let Some(sender) = self.sender_of.remove(&id) {
-            let key = (!self.codes.remove(&id), id);
             if let Some((turn, ids)) = self.senders.get_mut(&sender) {
-                ids.remove(&key);
+                // (Under whichever key it waits: a code's or another message's.)
+                let _ = ids.remove(&(false, id)) || ids.remove(&(true, id));
                 if ids.is_empty() {
                     if let Some(turn) = turn {
                         self.turns.remove(&(*turn, sender.clone()));
@@ -940,9 +941,6 @@ impl Waiting {
         }
         // (Waiting already for this sender, when its turn is told anew: it keeps its place.)
         ids.insert((!code, id));
-        if code {
-            self.codes.insert(id);
-        }
         self.sender_of.insert(id, sender);
     }
 
@@ -969,7 +967,6 @@ impl Waiting {
             };
             *known = None;
             if let Some((_, first)) = ids.pop_first() {
-                self.codes.remove(&first);
                 self.sender_of.remove(&first);
                 self.ready.insert(first);
                 self.let_go.insert(first, sender.clone());
@@ -1168,7 +1165,7 @@ mod tests {
         w.remove_head(4);
         w.remove_head(2);
         assert_eq!((w.due(t0), w.next_turn()), (None, None));
-        assert!(w.senders.is_empty() && w.turns.is_empty() && w.codes.is_empty());
+        assert!(w.senders.is_empty() && w.turns.is_empty());
         assert!(w.sender_of.is_empty() && w.let_go.is_empty());
         assert!(w.heads.is_empty() && w.ready.is_empty() && w.later.is_empty());
     }
@@ -1196,6 +1193,6 @@ mod tests {
             w.remove_head(id);
         }
         assert_eq!(w.due(t0), None);
-        assert!(w.senders.is_empty() && w.codes.is_empty() && w.sender_of.is_empty());
+        assert!(w.senders.is_empty() && w.sender_of.is_empty());
     }
 }
