@@ -476,6 +476,7 @@ struct RawForm {
     extra_fields: Vec<S<String>>,
     current: Text,
     saved: Text,
+    done: Text,
 }
 
 #[derive(Deserialize)]
@@ -1224,6 +1225,7 @@ impl Cx {
         let mut extras = Vec::new();
         let mut currents = Vec::new();
         let mut saveds = Vec::new();
+        let mut dones = Vec::new();
         for (f, form) in raw {
             let span = form.span();
             let form = form.into_inner();
@@ -1231,9 +1233,11 @@ impl Cx {
             extras.extend(form.extra_fields.into_iter().map(|x| (f, x)));
             currents.extend(form.current.map(|c| (f, S::new(span.clone(), c))));
             saveds.extend(form.saved.map(|c| (f, S::new(span.clone(), c))));
+            dones.extend(form.done.map(|c| (f, S::new(span.clone(), c))));
         }
         let current = self.single("form.current", currents);
         let saved = self.single("form.saved", saveds);
+        let done = self.single("form.done", dones);
 
         let mut keys: Vec<String> = Vec::new();
         let mut seen: BTreeMap<String, String> = BTreeMap::new();
@@ -1334,11 +1338,16 @@ impl Cx {
             Some((f, s)) => self.checked_text(f, &s, "form.saved", plain),
             None => fixed("Your profile is updated."),
         };
+        let done = match done {
+            Some((f, s)) => self.checked_text(f, &s, "form.done", plain),
+            None => fixed("Thanks, you're all set."),
+        };
         Form {
             fields,
             extra_fields,
             current,
             saved,
+            done,
         }
     }
 

@@ -114,6 +114,9 @@ pub struct Form {
     pub current: Template,
     /// Sent when an EDIT pass is complete.
     pub saved: Template,
+    /// To the form's last answer on the first pass when nothing else answers it (no
+    /// sequence follows, or its first step comes later).
+    pub done: Template,
 }
 
 impl Form {

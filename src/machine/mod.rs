@@ -983,6 +983,11 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                     // not run out in the middle of a pass, nor wait for ever on one left.
                     self.restart_question_timeout();
                     self.ask_field(0, true);
+                } else if edit {
+                    // No form to edit: EDIT is still a keyword, never an answer. The open
+                    // question (a sequence's) is asked again.
+                    self.say_t(&self.flows.replies.unknown);
+                    self.ask_open_again();
                 } else if self.sub.form.is_some() {
                     self.answer_form(text);
                 } else if let State::InSequence {
@@ -1452,7 +1457,17 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             }
         } else {
             self.continue_form();
+            // The form's last answer: when no sequence step answers it at once (none
+            // follows, or its first comes later), it still gets a reply, not silence.
+            if !self.says_anything() {
+                self.say_t(&self.flows.form.done);
+            }
         }
+    }
+
+    /// Whether this transition sends or replies anything so far.
+    fn says_anything(&self) -> bool {
+        (self.effects.iter()).any(|e| matches!(e, Effect::Reply(_) | Effect::Send(_)))
     }
 
     /// A sequence question waiting for its answer gets its whole `timeout` from now.

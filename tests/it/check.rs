@@ -192,6 +192,35 @@ fn a_section_defined_in_two_files_names_the_first_place() {
 }
 
 #[test]
+fn form_done_is_checked_like_the_other_form_texts_and_set_in_one_file_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let form = "[[form.field]]\nkey = \"name\"\nask = \"Name?\"\n";
+    write(
+        dir.path(),
+        "a.toml",
+        &format!("{form}[form]\ndone = \"Bye {{field.nick}}\"\n"),
+    );
+    let problems = problems_in(dir.path());
+    assert!(
+        problems.contains("a.toml:") && problems.contains("unknown placeholder {field.nick}"),
+        "{problems}"
+    );
+    write(
+        dir.path(),
+        "a.toml",
+        &format!("{form}[form]\ndone = \"Thanks {{field.name}}!\"\n"),
+    );
+    let f = smsflow::flows::load_dir(dir.path()).unwrap();
+    assert_eq!(f.form.done.render(|_| Some("Ann".into())), "Thanks Ann!");
+    write(dir.path(), "b.toml", "[form]\ndone = \"Two\"\n");
+    let problems = problems_in(dir.path());
+    assert!(
+        problems.contains("b.toml:") && problems.contains("a.toml:"),
+        "{problems}"
+    );
+}
+
+#[test]
 fn the_flow_sample_in_the_readme_passes_check() {
     let readme = std::fs::read_to_string("README.md").unwrap();
     let start = readme.find("```toml\n").expect("a toml sample") + "```toml\n".len();

@@ -1165,6 +1165,89 @@ fn after_a_reload_mid_form_answers_go_to_the_field_asked_and_every_field_is_aske
     );
 }
 
+/// The form's last answer always gets a reply: the first step when it comes at once, else
+/// `form.done` (no sequence follows, or its first step comes later).
+#[test]
+fn the_forms_last_answer_is_never_met_with_silence() {
+    let last_field = || {
+        let mut s = subscriber(State::Verified);
+        s.fields.insert("first_name".into(), "Ann".into());
+        s.fields.insert("age_group".into(), "under_30".into());
+        s.form = Some(smsflow::machine::FormCursor {
+            index: 2,
+            editing: false,
+            key: Some("channel".into()),
+        });
+        s
+    };
+    let answer = |f: &Flows| {
+        let t = step(
+            last_field(),
+            &Event::Inbound("A".into()),
+            f,
+            t0(),
+            &mut StdRng::seed_from_u64(1),
+        );
+        assert_eq!(t.subscriber.fields["channel"], "friend");
+        (t.subscriber.state.name(), messages(&t.effects))
+    };
+    // The shipped flows: every sequence's first step comes at once, and is the reply.
+    let (state, said) = answer(&flows());
+    assert_eq!(state, "in_sequence");
+    assert_eq!(said.len(), 1);
+    assert!(!said[0].contains("all set"), "{said:?}");
+
+    // First steps a day later: the answer is thanked now.
+    let mut later = flows();
+    for s in &mut later.sequences {
+        s.steps[0].after = TimeDelta::days(1);
+    }
+    assert_eq!(
+        answer(&later),
+        ("in_sequence", vec!["Thanks, you're all set.".to_string()])
+    );
+
+    // No sequences at all.
+    let mut none = flows();
+    none.sequences.clear();
+    assert_eq!(
+        answer(&none),
+        ("verified", vec!["Thanks, you're all set.".to_string()])
+    );
+}
+
+/// EDIT with no form to edit is a keyword all the same: never saved as an answer.
+#[test]
+fn edit_with_no_form_is_not_taken_as_an_answer() {
+    let mut f = flows();
+    f.form.fields.clear();
+    // A question that takes any text.
+    let quiz = f.sequences.iter_mut().find(|s| s.name == "quiz").unwrap();
+    match &mut quiz.steps[1].action {
+        smsflow::flows::StepAction::Ask(q) => q.expect = smsflow::flows::Expect::Any,
+        smsflow::flows::StepAction::Say(_) => panic!("quiz asks at step 1"),
+    }
+    let asking = State::InSequence {
+        name: "quiz".into(),
+        step: 1,
+        waiting: true,
+    };
+    let question = f.question("quiz", 1).unwrap().text.render(|_| None);
+    let t = step(
+        subscriber(asking.clone()),
+        &Event::Inbound("edit".into()),
+        &f,
+        t0(),
+        &mut StdRng::seed_from_u64(1),
+    );
+    assert_eq!(t.subscriber.state, asking, "still waiting for the answer");
+    assert!(t.subscriber.fields.is_empty(), "{:?}", t.subscriber.fields);
+    let said = messages(&t.effects);
+    assert_eq!(said.len(), 2, "{said:?}");
+    assert!(said[0].contains("didn't get that"), "{said:?}");
+    assert_eq!(said[1], question);
+}
+
 /// KEEP while editing keeps an answer; for a field with none (added since the number last
 /// answered, or on the first pass through the form) it is not taken as the answer "KEEP":
 /// the question is asked again.
