@@ -60,7 +60,8 @@ pub struct Subscriber {
 
 /// A sequence question whose `timeout` ran out: people answer late, and an answer it takes
 /// is saved (and acknowledged) until `until`, the question's `timeout` again after it ran
-/// out, unless another question (a sequence's or the form's) is asked first. Only a
+/// out (or later, while quiet hours hold the next step past that), unless another question
+/// (a sequence's or the form's) is asked first. Only a
 /// question that saves its answer, and is not free text (which would take any text).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LateQuestion {
@@ -1689,6 +1690,28 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         true
     }
 
+    /// The question that ran out stays the last thing asked until step `next` is sent: when
+    /// quiet hours hold that step past the end of the late window it would have come
+    /// within, the window lasts until the step is due.
+    fn hold_late_window_for_quiet_hours(&mut self, name: &str, next: usize) {
+        let due = (self.flows.sequence(name))
+            .and_then(|s| s.steps.get(next))
+            .and_then(|s| self.now.checked_add_signed(s.after));
+        let held = match (&self.sub.state, self.sub.timer) {
+            (State::InSequence { step, .. }, Some(t))
+                if *step == next && t.kind == TimerKind::Step =>
+            {
+                Some(t.at)
+            }
+            _ => None,
+        };
+        if let (Some(late), Some(due), Some(held)) = (self.sub.late.as_mut(), due, held) {
+            if due <= late.until && held > late.until {
+                late.until = held;
+            }
+        }
+    }
+
     fn end_sequence(&mut self, name: &str, reason: &str) {
         self.clear_timer();
         self.sub.state = State::Verified;
@@ -1773,6 +1796,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                             until: self.now.checked_add_signed(timeout).unwrap_or(self.now),
                         });
                 self.schedule_step(&name, step + 1);
+                self.hold_late_window_for_quiet_hours(&name, step + 1);
             }
             _ => self.outcome = Outcome::Ignored,
         }

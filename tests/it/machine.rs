@@ -1957,6 +1957,62 @@ fn an_answer_that_comes_after_its_questions_timeout_is_saved_for_that_timeout_ag
     assert!(late.late.is_some());
 }
 
+/// When quiet hours hold the step after a question that ran out past the end of its late
+/// window, the question is still the last thing asked: its answer is taken until the step
+/// is due.
+#[test]
+fn a_late_answer_is_taken_while_quiet_hours_hold_the_next_step() {
+    let mut f = flows();
+    let quiz = f.sequences.iter_mut().find(|s| s.name == "quiz").unwrap();
+    match &mut quiz.steps[1].action {
+        smsflow::flows::StepAction::Ask(q) => q.timeout = Some(TimeDelta::hours(1)),
+        smsflow::flows::StepAction::Say(_) => panic!("quiz asks at step 1"),
+    }
+    quiz.steps[2].after = TimeDelta::minutes(30);
+    // The question runs out at 21:30 in New York; the next step is due at 22:00, in quiet
+    // hours, and held until 08:00 (13:00 UTC).
+    let ran_out: DateTime<Utc> = "2026-01-06T02:30:00Z".parse().unwrap();
+    let mut sub = subscriber(State::InSequence {
+        name: "quiz".into(),
+        step: 1,
+        waiting: true,
+    });
+    let timer = smsflow::machine::Timer {
+        at: ran_out,
+        kind: smsflow::machine::TimerKind::AskTimeout,
+        epoch: 1,
+    };
+    sub.timer = Some(timer);
+    let rng = &mut StdRng::seed_from_u64(0);
+    let late = step(sub, &Event::TimerDue(timer), &f, ran_out, rng).subscriber;
+    let eight: DateTime<Utc> = "2026-01-06T13:00:00Z".parse().unwrap();
+    assert_eq!(late.timer.map(|t| t.at), Some(eight));
+    let answer = |at: DateTime<Utc>| {
+        let t = step(
+            late.clone(),
+            &Event::Inbound("B".into()),
+            &f,
+            at,
+            &mut StdRng::seed_from_u64(0),
+        );
+        (
+            t.subscriber.fields.get("favorite").cloned(),
+            messages(&t.effects),
+        )
+    };
+    // 23:00 in New York: past the hour the window had, before the step.
+    assert_eq!(
+        answer(ran_out + TimeDelta::minutes(90)),
+        (
+            Some("bike".to_string()),
+            vec!["Thanks, your answer is saved.".to_string()]
+        )
+    );
+    // Once the step is due, it is sent, and no longer.
+    let (saved, _) = answer(eight);
+    assert_eq!(saved, None);
+}
+
 /// Only a question that saves its answer and is not free text takes a late one: free text
 /// would take any text at all, and an unsaved answer has nowhere to go.
 #[test]
