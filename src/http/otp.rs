@@ -251,6 +251,10 @@ async fn deliver(
                     ..
                 }
             );
+            // Said as the outbox says it (numbers and the code hidden, should the provider
+            // quote them); a call's error might quote its TwiML, which spells the code out.
+            let spelled = e.to_string().replace(&crate::ivr::spell(&code), "[digits]");
+            let error = crate::outbox::redact(&spelled, Some(&text));
             // The code never reached anyone: withdraw it so it cannot be used (and its send
             // does not count against the limit). First: the opt-out clears the codes.
             let withdrawn = apply(&state, &phone, Event::CodeUndeliverable(code)).await;
@@ -258,13 +262,13 @@ async fn deliver(
                 apply(&state, &phone, Event::ProviderUnsubscribed).await?;
             }
             withdrawn?;
-            tracing::warn!(phone = %phone.masked(), "otp not sent: {}", crate::outbox::redact(&e.to_string(), Some(&text)));
+            tracing::warn!(phone = %phone.masked(), "otp not sent: {error}");
             crate::metrics::outbound("failed");
             if unsubscribed {
                 return Err(opted_out());
             }
             Err(OtpError::Provider(format!(
-                "the message provider ({}) did not send the code: {e}",
+                "the message provider ({}) did not send the code: {error}",
                 state.provider.name()
             )))
         }

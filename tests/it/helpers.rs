@@ -241,11 +241,20 @@ async fn fake_calls(
         .find(|(k, _)| k == "Twiml")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
-    state.lock().unwrap().calls.push(twiml);
-    (
-        StatusCode::CREATED,
-        axum::Json(serde_json::json!({"sid": "CA0001", "status": "queued"})),
-    )
+    let mut s = state.lock().unwrap();
+    s.calls.push(twiml.clone());
+    // A scripted failure quotes what it was asked to say, as an error might.
+    let (status, body) = match s.script.pop_front() {
+        Some(code) => (
+            code,
+            serde_json::json!({"code": 20500, "message": format!("scripted failure for {twiml}"), "status": code}),
+        ),
+        None => (
+            201,
+            serde_json::json!({"sid": "CA0001", "status": "queued"}),
+        ),
+    };
+    (StatusCode::from_u16(status).unwrap(), axum::Json(body))
 }
 
 /// Flows for black-box tests: second-scale delays, one sequence.

@@ -460,6 +460,27 @@ async fn the_voice_channel_places_a_call_that_reads_the_code() {
 }
 
 #[tokio::test]
+async fn a_failed_calls_error_does_not_give_away_the_code_it_spelled_out() {
+    let app = TestApp::spawn(FLOWS).await;
+    app.twilio.fail_next(&[500]);
+    let voice = json!({ "phone": PHONE, "channel": "voice" });
+    let got = app.otp("get_otp", voice, None).await;
+    assert_failure(&got, 500, 5, "twilio");
+    let calls = app.twilio.calls();
+    let spoken = &parse_xml(&calls[0]).children[0].text;
+    let spelled = spoken
+        .trim_start_matches(|c: char| !c.is_ascii_digit())
+        .trim_end_matches(|c: char| !c.is_ascii_digit());
+    assert_eq!(spelled.len(), 16, "six digits spelled out: {spoken}");
+    let reason = got.2["error"].as_str().unwrap();
+    assert!(reason.contains("scripted failure"), "{reason}");
+    assert!(
+        !reason.contains(spelled) && reason.contains("[digits]"),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
 async fn with_after_otp_api_form_the_phone_continues_into_the_form_by_sms() {
     let flows = FLOWS.replace("[verify]", "[verify]\nafter_otp_api = \"form\"");
     let app = TestApp::spawn(&flows).await;
