@@ -557,13 +557,16 @@ pub fn init_logging(format: LogFormat) {
         Err(_) => filter,
     };
     // sled logs at trace the keys and values it reads and writes: whole numbers, answers,
-    // live codes. Never shown, whatever the filter (its debug lines hold none of them).
-    let no_sled_trace =
-        filter_fn(|m| *m.level() != Level::TRACE || !m.target().starts_with("sled"))
-            // (Without a hint the filters together would have none, and every disabled `log`
-            // line of a dependency would be built before being dropped.)
-            .with_max_level_hint(LevelFilter::TRACE);
-    let filter = filter.and(no_sled_trace);
+    // live codes. notify logs at trace every change in the directory that holds the flows,
+    // so a log written there would log its own writes for ever (30 MB a second). Neither is
+    // shown, whatever the filter (their debug lines hold none of that).
+    let no_trace = filter_fn(|m| {
+        *m.level() != Level::TRACE || !NO_TRACE.iter().any(|t| m.target().starts_with(t))
+    })
+    // (Without a hint the filters together would have none, and every disabled `log`
+    // line of a dependency would be built before being dropped.)
+    .with_max_level_hint(LevelFilter::TRACE);
+    let filter = filter.and(no_trace);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
@@ -581,6 +584,9 @@ pub fn init_logging(format: LogFormat) {
         tell(format, Level::WARN, &ignored);
     }
 }
+
+/// The crates whose trace lines are never shown (see [`init_logging`]).
+const NO_TRACE: [&str; 2] = ["sled", "notify"];
 
 /// The crates whose log lines reach smsflow's log (its own and its dependencies'), as
 /// prefixes: `hyper` stands for `hyper_util` too, `metrics` for its exporter.

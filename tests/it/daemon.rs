@@ -2691,9 +2691,19 @@ async fn a_code_does_not_cut_short_the_retry_wait_of_the_message_before_it() {
 /// `smsflow serve` on the fake Twilio, on `data` and the shipped flows, its log at the default
 /// level on a piped stderr.
 fn serve_logging(twilio: &FakeTwilio, data: &std::path::Path) -> tokio::process::Command {
+    serve_logging_flows(twilio, data, "flows".as_ref())
+}
+
+/// [`serve_logging`] with the flows in `flows`.
+fn serve_logging_flows(
+    twilio: &FakeTwilio,
+    data: &std::path::Path,
+    flows: &std::path::Path,
+) -> tokio::process::Command {
     let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow"));
     serve
-        .args(["serve", "--listen", "127.0.0.1:0", "--flows", "flows"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--flows"])
+        .arg(flows)
         .arg("--data")
         .arg(data)
         .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
@@ -2914,6 +2924,37 @@ async fn the_trace_log_holds_no_whole_number_no_code_and_no_answer() {
             assert!(shown.is_empty(), "{form:?} in {shown:#?}");
         }
     }
+}
+
+/// A log at `trace` written next to the flow directory (whose parent the watcher watches)
+/// does not log its own writes: notify's trace line for each change would make one more.
+#[tokio::test]
+async fn a_trace_log_written_beside_the_flows_does_not_feed_on_itself() {
+    let twilio = FakeTwilio::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let flows = dir.path().join("flows");
+    std::fs::create_dir(&flows).unwrap();
+    std::fs::copy("flows/bot.toml", flows.join("bot.toml")).unwrap();
+    let log_path = dir.path().join("serve.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut serve = serve_logging_flows(&twilio, &dir.path().join("data"), &flows);
+    serve.env("SMSFLOW_LOG", "trace").stderr(log);
+    let (child, _base, _lines) = spawn_serve(&mut serve).await;
+    // Long enough for the watcher to be running and hear the log's writes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sigterm(&child);
+    let mut child = child;
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    assert_eq!(status.expect("exits in time").unwrap().code(), Some(0));
+    let written = std::fs::read_to_string(&log_path).unwrap();
+    assert!(written.contains("TRACE"), "not at trace: {written}");
+    let notify = written.lines().filter(|l| l.contains("notify")).count();
+    // (It wrote ~30 MB a second, nearly all notify's lines about serve.log.)
+    assert!(
+        written.len() < 1_000_000 && notify < 10,
+        "{} bytes, {notify} notify lines",
+        written.len()
+    );
 }
 
 /// A client that sends a request's head and then its body a byte at a time, or none of it,
