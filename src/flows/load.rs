@@ -520,6 +520,7 @@ struct RawReplies {
     already_joined: Text,
     stop_hint: Text,
     late_answer: Text,
+    answer_saved: Text,
 }
 
 #[derive(Deserialize)]
@@ -1708,6 +1709,7 @@ impl Cx {
                     already_joined: None,
                     stop_hint: None,
                     late_answer: None,
+                    answer_saved: None,
                 },
             ),
         };
@@ -1764,6 +1766,13 @@ impl Cx {
                 f,
                 r.late_answer,
                 "replies.late_answer",
+                "Thanks, your answer is saved.",
+                plain,
+            ),
+            answer_saved: self.text(
+                f,
+                r.answer_saved,
+                "replies.answer_saved",
                 "Thanks, your answer is saved.",
                 plain,
             ),

@@ -424,6 +424,9 @@ pub struct Replies {
     pub stop_hint: Template,
     /// To an answer that came after its question's `timeout`, and was saved.
     pub late_answer: Template,
+    /// To an answer taken in time from a question with no `thanks`, when no step is sent at
+    /// once after it (so it is not met with silence).
+    pub answer_saved: Template,
 }
 
 #[derive(Clone, Debug)]

@@ -1660,6 +1660,10 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         }
         self.clear_timer();
         self.schedule_step(name, k + 1);
+        // No thanks, and the next step comes later (or there is none): still a reply.
+        if !self.says_anything() {
+            self.say_t(&self.flows.replies.answer_saved);
+        }
     }
 
     /// Takes a text as the late answer to the question that last ran out (see

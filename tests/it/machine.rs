@@ -1216,6 +1216,37 @@ fn the_forms_last_answer_is_never_met_with_silence() {
     );
 }
 
+/// A sequence question answered in time gets its `thanks`, or the step due at once, or,
+/// with neither, `replies.answer_saved`: never silence.
+#[test]
+fn an_answer_in_time_is_never_met_with_silence() {
+    let asking = State::InSequence {
+        name: "quiz".into(),
+        step: 1,
+        waiting: true,
+    };
+    let answer = |f: &Flows| {
+        let t = step(
+            subscriber(asking.clone()),
+            &Event::Inbound("B".into()),
+            f,
+            t0(),
+            &mut StdRng::seed_from_u64(1),
+        );
+        assert_eq!(t.subscriber.fields["favorite"], "bike");
+        messages(&t.effects)
+    };
+    // The quiz question has no thanks, and its next step comes 12 hours later.
+    let mut f = flows();
+    assert_eq!(answer(&f), ["Thanks, your answer is saved."]);
+    f.replies.answer_saved = smsflow::flows::Template::literal("Noted.");
+    assert_eq!(answer(&f), ["Noted."]);
+    // The next step due at once is the reply.
+    let quiz = f.sequences.iter_mut().find(|s| s.name == "quiz").unwrap();
+    quiz.steps[2].after = TimeDelta::zero();
+    assert_eq!(answer(&f), ["Winners are announced next week. Good luck!"]);
+}
+
 /// EDIT with no form to edit is a keyword all the same: never saved as an answer.
 #[test]
 fn edit_with_no_form_is_not_taken_as_an_answer() {
