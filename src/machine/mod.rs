@@ -1232,7 +1232,14 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 (Outcome::Locked { new_code_at: now }, "locked")
             }
         } else {
-            (Outcome::WrongCode, "not a code")
+            // No guess (`hi`, `3:30`): a text is answered, but no wrong code to count. (The
+            // OTP API takes only digits; one it let through is still refused as invalid.)
+            let outcome = if by_sms {
+                Outcome::Done
+            } else {
+                Outcome::WrongCode
+            };
+            (outcome, "not a code")
         };
         self.outcome = match outcome {
             Outcome::Locked { .. } => Outcome::Locked {

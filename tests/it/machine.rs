@@ -711,6 +711,8 @@ fn a_code_typed_with_spaces_dashes_punctuation_or_words_around_it_verifies_and_a
     for typed in ["3:30", "10.5", "1/2", "hi"] {
         let t = typed_while_awaiting_123456(typed);
         assert_eq!(t.subscriber.codes[0].wrong, 0, "{typed:?}");
+        // Nor is it counted as a wrong code (the metric alerts on guessing).
+        assert_eq!(t.outcome, Outcome::Done, "{typed:?}");
         assert_eq!(
             messages(&t.effects),
             ["Please reply with the code we texted you, or JOIN for a new one."],
