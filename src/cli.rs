@@ -948,12 +948,18 @@ fn held_hint(data: &Path, one_hot: bool) -> String {
         "'{url}/admin/export.csv{}'",
         if one_hot { "?one_hot=1" } else { "" }
     );
+    // The line works pasted as it is when this shell has the token; otherwise it shows
+    // where the token goes (it is never printed).
+    let token = match std::env::var("SMSFLOW_ADMIN_TOKEN") {
+        Ok(t) if !t.trim().is_empty() => "$SMSFLOW_ADMIN_TOKEN",
+        _ => "<its admin token>",
+    };
     match admin {
         Some(ApiAccess::Off) => format!(
             "The running daemon holds it, and its admin API is off: it is reachable beyond this \
              machine and has no SMSFLOW_ADMIN_TOKEN. Stop it and run this again, or restart it \
              with a token and download the dataset:\n  \
-             curl -H \"Authorization: Bearer $SMSFLOW_ADMIN_TOKEN\" {endpoint}"
+             curl -H \"Authorization: Bearer {token}\" {endpoint}"
         ),
         Some(ApiAccess::Open) => format!(
             "The running daemon holds it: download the dataset from it instead (it has no admin \
@@ -962,12 +968,12 @@ fn held_hint(data: &Path, one_hot: bool) -> String {
         Some(ApiAccess::Token) => format!(
             "The running daemon holds it: download the dataset from it instead, with its admin \
              token (SMSFLOW_ADMIN_TOKEN or admin_token in its smsflow.toml):\n  \
-             curl -H \"Authorization: Bearer $SMSFLOW_ADMIN_TOKEN\" {endpoint}"
+             curl -H \"Authorization: Bearer {token}\" {endpoint}"
         ),
         // Noted by an older smsflow, or not at all.
         None => format!(
             "The running daemon holds it: download the dataset from it instead:\n  \
-             curl -H \"Authorization: Bearer $SMSFLOW_ADMIN_TOKEN\" {endpoint}\n\
+             curl -H \"Authorization: Bearer {token}\" {endpoint}\n\
              (its admin token, set by SMSFLOW_ADMIN_TOKEN or admin_token in its smsflow.toml; \
              with none set, leave out -H: it answers this machine)"
         ),

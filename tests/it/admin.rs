@@ -1352,27 +1352,44 @@ async fn export_on_a_held_data_dir_says_how_that_daemon_serves_the_dataset() {
     })
     .await;
     let off = TestApp::spawn_with(FLOWS, |c| c.admin_token = None).await;
-    for (app, says, not) in [
-        (&token, "with its admin token", "leave out -H"),
-        (&open, "no admin token and answers this machine", "Bearer"),
-        (&off, "admin API is off", "answers this machine"),
-    ] {
-        let held = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+    let held = |app: &TestApp, token_here: Option<&str>| {
+        let mut export = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"));
+        export
             .arg("export")
             .arg("--data")
             .arg(app.data.path())
             .arg("--flows")
             .arg(app.flows.path())
-            .output()
-            .unwrap();
+            .env_remove("SMSFLOW_ADMIN_TOKEN");
+        if let Some(t) = token_here {
+            export.env("SMSFLOW_ADMIN_TOKEN", t);
+        }
+        let held = export.output().unwrap();
         assert_eq!(held.status.code(), Some(3));
-        let said = String::from_utf8_lossy(&held.stderr);
+        String::from_utf8_lossy(&held.stderr).into_owned()
+    };
+    for (app, says, not) in [
+        (&token, "with its admin token", "leave out -H"),
+        (&open, "no admin token and answers this machine", "Bearer"),
+        (&off, "admin API is off", "answers this machine"),
+    ] {
+        let said = held(app, None);
         assert!(said.contains(says) && !said.contains(not), "{said}");
         assert!(
             said.contains(&format!("'{}/admin/export.csv'", app.base)),
             "{said}"
         );
     }
+    // The curl line names the shell's variable only when this shell has it (the token may
+    // be in the daemon's smsflow.toml alone): pasted, it works, or shows what to fill in.
+    let said = held(&token, None);
+    assert!(
+        said.contains("Bearer <its admin token>") && !said.contains("$SMSFLOW_ADMIN_TOKEN"),
+        "{said}"
+    );
+    let said = held(&token, Some("set-in-this-shell"));
+    assert!(said.contains("Bearer $SMSFLOW_ADMIN_TOKEN"), "{said}");
+    assert!(!said.contains("set-in-this-shell"), "never printed: {said}");
     // The way given works: with the token, and without one where none is needed.
     let ok = |r: reqwest::Response| r.status().as_u16();
     let by_token = token
