@@ -456,6 +456,7 @@ struct RawVerify {
     after_otp_api: Text,
     send: Text,
     api_send: Text,
+    api_code_texted: Text,
     wrong: Text,
     not_a_code: Text,
     expired: Text,
@@ -1140,6 +1141,13 @@ impl Cx {
             api_send: r
                 .api_send
                 .map(|s| self.checked_text(f, &s, "verify.api_send", with_code)),
+            api_code_texted: self.text(
+                f,
+                r.api_code_texted,
+                "verify.api_code_texted",
+                "Please enter that code in the app that asked for it.",
+                plain,
+            ),
             wrong: self.text(
                 f,
                 r.wrong,
@@ -2013,6 +2021,7 @@ impl RawVerify {
             after_otp_api: None,
             send: None,
             api_send: None,
+            api_code_texted: None,
             wrong: None,
             not_a_code: None,
             expired: None,

@@ -76,6 +76,9 @@ pub struct Verify {
     /// The text of a code the OTP API sends (an app's code, which the app checks: its text
     /// need not ask for a reply); `None`: `send`.
     pub api_send: Option<Template>,
+    /// With `api_send` set, to a number that texts back a code an app asked for: the app
+    /// checks it, so the text neither verifies the number nor counts as a guess.
+    pub api_code_texted: Template,
     pub wrong: Template,
     /// To a text, while a code is awaited, that is no code at all ("hi", "3:30"): no guess
     /// is counted, and the text says what is awaited.

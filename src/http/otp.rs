@@ -433,6 +433,7 @@ mod tests {
                 issued_at: now,
                 expires_at: now + TimeDelta::minutes(10),
                 wrong: 0,
+                by_app: false,
             });
         }
         let refusal = super::unsendable(&s, "111111", 2).map(|e| e.to_string());

@@ -127,6 +127,10 @@ pub struct IssuedCode {
     pub expires_at: DateTime<Utc>,
     /// Wrong guesses made while this code was valid.
     pub wrong: u8,
+    /// Asked for by an app through the OTP API, to be entered there. (Stored from record v9
+    /// on; older records read as not.)
+    #[serde(skip)]
+    pub by_app: bool,
 }
 
 impl IssuedCode {
@@ -148,6 +152,7 @@ impl fmt::Debug for IssuedCode {
             .field("issued_at", &self.issued_at)
             .field("expires_at", &self.expires_at)
             .field("wrong", &self.wrong)
+            .field("by_app", &self.by_app)
             .finish()
     }
 }
@@ -945,6 +950,8 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             State::AwaitingCode => {
                 if opt_in {
                     self.issue_code("sms");
+                } else if self.awaits_only_app_codes() {
+                    self.text_while_app_code(text);
                 } else {
                     self.check_code(text, true);
                 }
@@ -1108,6 +1115,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             issued_at: self.now,
             expires_at: self.now.checked_add_signed(v.ttl).unwrap_or(self.now),
             wrong: 0,
+            by_app: via == "otp_api",
         });
         // The counted ones, and the one before them (see `Subscriber::codes`).
         let keep = usize::from(v.valid_codes) + 1;
@@ -1169,6 +1177,30 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         self.sub.first_counted_code(self.flows.verify.valid_codes)
     }
 
+    /// Whether every code the number holds (the counted ones, expired or not) was asked for
+    /// by an app whose code text (`verify.api_send`) tells it to enter the code there.
+    fn awaits_only_app_codes(&self) -> bool {
+        let counted = &self.sub.codes[self.first_counted()..];
+        self.flows.verify.api_send.is_some()
+            && !counted.is_empty()
+            && counted.iter().all(|c| c.by_app)
+    }
+
+    /// A text from a number that awaits only an app's codes ([`Self::awaits_only_app_codes`]):
+    /// no guess, so texting can neither use up the app's code (the app's check would then
+    /// fail) nor try codes against it. One of those codes gets `verify.api_code_texted`;
+    /// anything else `replies.not_joined`, since the conversation by text starts with JOIN.
+    fn text_while_app_code(&mut self, text: &str) {
+        let plain = crate::ascii_digits(text);
+        let guess = code_guess(text, usize::from(self.flows.verify.code_length));
+        let held = (self.sub.codes.iter()).any(|c| c.is(plain.trim()) || c.is(&guess));
+        self.say_t(if held {
+            &self.flows.verify.api_code_texted
+        } else {
+            &self.flows.replies.not_joined
+        });
+    }
+
     /// Checks a guess against the latest unexpired codes; `by_sms` answers the guess by text.
     fn check_code(&mut self, guess: &str, by_sms: bool) {
         // A code sent before a reload changed `code_length`, as it was sent: read with the
@@ -1187,9 +1219,13 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             // an app validated, texted back, is no answer either). For a number already
             // verified (an app's login code) they join the ones kept from before.
             let now = self.now;
+            // (Who asked for them no longer matters: they verify nothing more.)
             let held = (self.sub.codes.iter())
                 .filter(|c| c.expires_at > now)
-                .cloned();
+                .map(|c| IssuedCode {
+                    by_app: false,
+                    ..c.clone()
+                });
             if matches!(self.sub.state, State::Unverified | State::AwaitingCode) {
                 self.sub.used_codes = held.collect();
             } else {

@@ -21,7 +21,8 @@ use crate::phone::Phone;
 /// v7: as v6, with every code the number held when it verified by text.
 /// v8: as v7, then the question whose late answer is still taken, and the number of ours it
 /// last texted or called (older ones read as none).
-pub const SUBSCRIBER_VERSION: u8 = 8;
+/// v9: as v8, then which of the number's codes an app asked for (older ones read as none).
+pub const SUBSCRIBER_VERSION: u8 = 9;
 
 /// bincode as v3 and v4 write it. (v1 and v2 use bincode's default fixed-width integers.)
 fn compact() -> impl Options {
@@ -198,6 +199,7 @@ fn code_from_store(
         issued_at: from_at(issued)?,
         expires_at: from_at(expires)?,
         wrong,
+        by_app: false,
     })
 }
 
@@ -216,7 +218,8 @@ pub fn encode_record(s: &Subscriber, replies: &[Replied]) -> Vec<u8> {
     });
     // As in `encode`: plain data into a Vec cannot fail.
     let via = s.via.as_ref().map(Phone::as_str);
-    let record = (to_v4(s), asked, replies, used, late, via);
+    let by_app: Vec<bool> = s.codes.iter().map(|c| c.by_app).collect();
+    let record = (to_v4(s), asked, replies, used, late, via, by_app);
     if let Err(e) = compact().serialize_into(&mut out, &record) {
         tracing::error!("serializing a subscriber failed: {e}");
     }
@@ -249,20 +252,43 @@ fn with_used(
     Ok(s)
 }
 
+type Kept = Vec<(String, At, At, u8)>;
+type Late = Option<(String, u64, String, At)>;
 /// A v8 record: as v7, then the question whose late answer is still taken, and the number
 /// of ours it last texted or called.
-fn with_late(body: &[u8]) -> Result<(Subscriber, Vec<Replied>), CodecError> {
-    type Kept = Vec<(String, At, At, u8)>;
-    type Late = Option<(String, u64, String, At)>;
-    type V8 = (
-        V4Owned,
-        Option<String>,
-        Vec<Replied>,
-        Kept,
-        Late,
-        Option<String>,
-    );
-    let (v, asked, replies, used, late, via): V8 = compact().deserialize(body)?;
+type V8 = (
+    V4Owned,
+    Option<String>,
+    Vec<Replied>,
+    Kept,
+    Late,
+    Option<String>,
+);
+/// A v9 record: as v8, then whether each of the number's codes was asked for by an app.
+type V9 = (
+    V4Owned,
+    Option<String>,
+    Vec<Replied>,
+    Kept,
+    Late,
+    Option<String>,
+    Vec<bool>,
+);
+
+/// A v9 record (see [`V9`]).
+fn with_app(body: &[u8]) -> Result<(Subscriber, Vec<Replied>), CodecError> {
+    let (v, asked, replies, used, late, via, by_app): V9 = compact().deserialize(body)?;
+    let mut s = with_late((v, asked, replies, used, late, via))?;
+    for (code, by_app) in s.0.codes.iter_mut().zip(by_app) {
+        code.by_app = by_app;
+    }
+    Ok(s)
+}
+
+/// A v8 record (see [`V8`]).
+fn with_late(
+    (v, asked, replies, used, late, via): V8,
+) -> Result<(Subscriber, Vec<Replied>), CodecError> {
     let mut s = with_used(v, asked, used)?;
     s.late = late
         .map(|(sequence, step, field, until)| {
@@ -298,7 +324,8 @@ pub fn decode_record(bytes: &[u8]) -> Result<(Subscriber, Vec<Replied>), CodecEr
         // v6 kept one code from the verification, v7 every one the number may text back.
         (6, body) => with_kept::<Option<(String, At, At, u8)>>(body),
         (7, body) => with_kept::<Vec<(String, At, At, u8)>>(body),
-        (8, body) => with_late(body),
+        (8, body) => with_late(compact().deserialize(body)?),
+        (9, body) => with_app(body),
         (v, _) => Err(CodecError::UnknownVersion(v)),
     }
 }
@@ -309,7 +336,7 @@ pub fn state_of_record(bytes: &[u8]) -> Result<State, CodecError> {
     match split(bytes)? {
         (1 | 2, body) => Ok(bincode::deserialize::<(String, State)>(body)?.1),
         // Only a prefix is read, so trailing bytes are expected here.
-        (3..=8, body) => Ok(compact()
+        (3..=9, body) => Ok(compact()
             .allow_trailing_bytes()
             .deserialize::<(String, State)>(body)?
             .1),
@@ -367,6 +394,14 @@ mod tests {
             issued_at: now,
             expires_at: now,
             wrong: 3,
+            by_app: false,
+        });
+        s.codes.push(IssuedCode {
+            code: "543210".into(),
+            issued_at: now,
+            expires_at: now,
+            wrong: 0,
+            by_app: true,
         });
         s.form = Some(FormCursor {
             index: 1,
@@ -384,6 +419,7 @@ mod tests {
                 issued_at: now,
                 expires_at: now,
                 wrong: 0,
+                by_app: false,
             })
             .to_vec();
         let bytes = encode_subscriber(&s);
@@ -433,6 +469,7 @@ mod tests {
             issued_at: now,
             expires_at: now,
             wrong: 0,
+            by_app: false,
         }];
         s
     }
@@ -464,6 +501,31 @@ mod tests {
             state_of_record(&encode_subscriber(&s)).unwrap(),
             State::Verified
         );
+    }
+
+    #[test]
+    fn a_version_8_record_reads_as_it_was_with_no_code_asked_for_by_an_app() {
+        let mut s = verified_keeping_a_code();
+        s.state = State::AwaitingCode;
+        s.codes = s.used_codes.clone();
+        s.via = Some(Phone::parse("+15005550006").unwrap());
+        let used: Vec<_> = s.used_codes.iter().map(code_to_store).collect();
+        let via = s.via.as_ref().map(Phone::as_str);
+        let mut v8 = vec![8];
+        let record = (
+            to_v4(&s),
+            None::<&str>,
+            Vec::<Replied>::new(),
+            used,
+            None::<()>,
+            via,
+        );
+        compact().serialize_into(&mut v8, &record).unwrap();
+        assert_eq!(decode_record(&v8).unwrap(), (s.clone(), Vec::new()));
+        assert_eq!(state_of_record(&v8).unwrap(), State::AwaitingCode);
+        // Today's keeps which ones an app asked for.
+        s.codes[0].by_app = true;
+        assert_eq!(decode_subscriber(&encode_subscriber(&s)).unwrap(), s);
     }
 
     /// A record as smsflow wrote it before v6: no code kept from a verification.
@@ -507,8 +569,8 @@ mod tests {
             assert_eq!(state_of_record(&encode(1, &s)).unwrap(), state);
         }
         assert!(matches!(
-            state_of_record(&[9, 0]),
-            Err(CodecError::UnknownVersion(9))
+            state_of_record(&[10, 0]),
+            Err(CodecError::UnknownVersion(10))
         ));
     }
 
@@ -578,6 +640,7 @@ mod tests {
             issued_at: now,
             expires_at: now,
             wrong: 1,
+            by_app: false,
         });
         let replies = vec![Replied {
             sid: "SM1".into(),

@@ -32,11 +32,11 @@ const REPORT_VERSION: u8 = 1;
 /// subscriber records may be v6 (with the code the number verified with). 8: v7 (with every
 /// code the number may text back after it verified). 9: v8 (with the question whose late
 /// answer is still taken, and the number of ours it last texted or called), and the
-/// `early_reports` tree.
+/// `early_reports` tree. 10: v9 (with which codes an app asked for).
 /// An older data dir is upgraded at open (schema 1 is counted once; older records are read
 /// as they are and rewritten in today's form when they next change). An older smsflow
 /// refuses a newer dir by its schema instead of failing on each record it cannot read.
-const SCHEMA: u64 = 9;
+const SCHEMA: u64 = 10;
 
 /// A message waiting in the outbox. `Debug` hides the body of one that carries a code.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]

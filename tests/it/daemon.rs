@@ -3597,7 +3597,7 @@ async fn serve_and_export_say_when_they_upgrade_an_older_data_dir() {
         meta.insert("schema", &8u64.to_be_bytes()).expect("schema");
         db.flush().expect("flush");
     };
-    let said = "upgraded from schema 8 to 9: an older smsflow now refuses it";
+    let said = "upgraded from schema 8 to 10: an older smsflow now refuses it";
 
     make_older();
     let (child, _base, _lines, stderr) = serve_child(data.path()).await;

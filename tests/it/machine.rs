@@ -184,6 +184,7 @@ fn draws(f: &Flows, n: usize) -> std::collections::BTreeMap<String, u32> {
             issued_at: t0(),
             expires_at: t0() + TimeDelta::minutes(10),
             wrong: 0,
+            by_app: false,
         });
         let out = step(sub, &Event::Inbound("123456".into()), f, t0(), &mut rng);
         *counts.entry(out.subscriber.sequence.unwrap()).or_default() += 1;
@@ -664,6 +665,7 @@ fn awaiting(code: &str) -> Subscriber {
         issued_at: t0(),
         expires_at: t0() + TimeDelta::minutes(10),
         wrong: 0,
+        by_app: false,
     });
     s
 }
@@ -809,6 +811,7 @@ fn a_code_texted_back_by_a_verified_number_is_not_taken_as_an_answer_and_stays_t
         issued_at: t0(),
         expires_at: t0() + TimeDelta::minutes(10),
         wrong: 0,
+        by_app: false,
     });
     let f = flows();
     let t = step(
@@ -1247,6 +1250,72 @@ fn an_answer_in_time_is_never_met_with_silence() {
     let quiz = f.sequences.iter_mut().find(|s| s.name == "quiz").unwrap();
     quiz.steps[2].after = TimeDelta::zero();
     assert_eq!(answer(&f), ["Winners are announced next week. Good luck!"]);
+}
+
+/// A number awaiting only an app's code, whose text says to enter it in the app: what it
+/// texts is no guess. The code itself is pointed back to the app and stays usable there; a
+/// wrong code costs no attempt. Without `api_send`, the code's text says to reply with it,
+/// and a reply verifies.
+#[test]
+fn texts_while_only_an_apps_code_is_awaited_are_no_guesses() {
+    let f = flows();
+    let rng = &mut StdRng::seed_from_u64(3);
+    let asked = step(
+        subscriber(State::Unverified),
+        &Event::OtpRequested,
+        &f,
+        t0(),
+        rng,
+    )
+    .subscriber;
+    assert_eq!(asked.state, State::AwaitingCode);
+    let code = asked.codes[0].code.clone();
+    let text = |f: &Flows, said: &str| {
+        step(
+            asked.clone(),
+            &Event::Inbound(said.into()),
+            f,
+            t0(),
+            &mut StdRng::seed_from_u64(0),
+        )
+    };
+    let t = text(&f, &format!("my code is {code}"));
+    assert_eq!(
+        messages(&t.effects),
+        ["Please enter that code in the app that asked for it."]
+    );
+    assert_eq!(t.subscriber, asked_at_now(&asked, &t.subscriber));
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    for said in ["hi", wrong] {
+        let t = text(&f, said);
+        assert_eq!(
+            messages(&t.effects),
+            ["Acme Contest: reply JOIN to enter the contest."],
+            "{said:?}"
+        );
+        assert_eq!(t.subscriber.codes[0].wrong, 0, "{said:?}");
+    }
+    // The app checks it as ever.
+    let t = step(
+        asked.clone(),
+        &Event::OtpSubmitted(code.clone()),
+        &f,
+        t0(),
+        rng,
+    );
+    assert_eq!(t.outcome, Outcome::Verified);
+    // Told by `send` to reply with it, a number that does is verified.
+    let mut told_to_reply = flows();
+    told_to_reply.verify.api_send = None;
+    let t = text(&told_to_reply, &code);
+    assert_eq!(t.subscriber.state, State::Verified);
+}
+
+/// `asked` as it is after a text at the same time: only `last_inbound_at` moved.
+fn asked_at_now(asked: &Subscriber, after: &Subscriber) -> Subscriber {
+    let mut s = asked.clone();
+    s.last_inbound_at = after.last_inbound_at;
+    s
 }
 
 /// EDIT with no form to edit is a keyword all the same: never saved as an answer.
@@ -1805,6 +1874,7 @@ fn the_other_code_a_number_was_sent_texted_after_it_verified_is_not_taken_as_an_
         issued_at: t0() + TimeDelta::seconds(20),
         expires_at: t0() + TimeDelta::minutes(10) + TimeDelta::seconds(20),
         wrong: 0,
+        by_app: false,
     });
     let text = |s, what: &str, secs| {
         step(

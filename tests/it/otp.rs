@@ -480,6 +480,25 @@ async fn a_failed_calls_error_does_not_give_away_the_code_it_spelled_out() {
     );
 }
 
+/// An app's code whose text says to enter it in the app (`api_send`): texting it back does
+/// not use it up, so the app's check still passes, and other texts are no guesses.
+#[tokio::test]
+async fn an_apps_code_texted_back_stays_the_apps_to_validate() {
+    let flows = FLOWS.replace(
+        "[verify]",
+        "[verify]\napi_send = \"{code}: enter it in the app\"",
+    );
+    let app = TestApp::spawn(&flows).await;
+    let c = code(&app, 1).await;
+    let (_, twiml) = app.sms(PHONE, "what is this?").await;
+    assert!(twiml.contains("reply JOIN to subscribe"), "{twiml}");
+    let (_, twiml) = app.sms(PHONE, &c).await;
+    assert!(twiml.contains("enter that code in the app"), "{twiml}");
+    assert_eq!(app.state_of(PHONE).as_deref(), Some("awaiting_code"));
+    assert_success(&validate(&app, &c).await);
+    assert_eq!(app.state_of(PHONE).as_deref(), Some("verified"));
+}
+
 #[tokio::test]
 async fn with_after_otp_api_form_the_phone_continues_into_the_form_by_sms() {
     let flows = FLOWS.replace("[verify]", "[verify]\nafter_otp_api = \"form\"");

@@ -391,7 +391,7 @@ fn a_schema_1_data_dir_is_recounted_at_open_and_an_unreadable_record_does_not_st
     {
         let store = reopen(|| Store::open(dir.path()));
         assert_eq!(store.state_counts(), [0, 0, 1, 0, 1]);
-        assert_eq!(store.upgraded_from(), Some((1, 9)), "and says so");
+        assert_eq!(store.upgraded_from(), Some((1, 10)), "and says so");
     }
     {
         let store = reopen(|| Store::open(dir.path()));
@@ -401,21 +401,21 @@ fn a_schema_1_data_dir_is_recounted_at_open_and_an_unreadable_record_does_not_st
         assert_eq!(fresh.upgraded_from(), None, "a new dir is no upgrade");
     }
     {
-        // Upgraded: schema 9 now, which an older smsflow refuses.
+        // Upgraded: schema 10 now, which an older smsflow refuses.
         let db = reopen(|| sled::open(dir.path()));
         let schema = db
             .open_tree("meta")
             .and_then(|m| m.get("schema"))
             .expect("read");
-        assert_eq!(schema.as_deref(), Some(&9u64.to_be_bytes()[..]));
+        assert_eq!(schema.as_deref(), Some(&10u64.to_be_bytes()[..]));
         db.open_tree("meta")
-            .and_then(|m| m.insert("schema", &10u64.to_be_bytes()))
+            .and_then(|m| m.insert("schema", &11u64.to_be_bytes()))
             .expect("future schema");
         db.flush().expect("flush");
     }
     let refused = loop {
         match Store::open(dir.path()) {
-            Err(e) if e.to_string().contains("schema 10") => break e.to_string(),
+            Err(e) if e.to_string().contains("schema 11") => break e.to_string(),
             // sled lets go of its lock a moment after the drop (see `reopen`).
             Err(e) if e.to_string().contains("in use") => {
                 std::thread::sleep(std::time::Duration::from_millis(50))
