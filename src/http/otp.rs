@@ -339,7 +339,7 @@ fn unsendable(s: &crate::machine::Subscriber, code: &str, valid_codes: u8) -> Op
 }
 
 fn opted_out() -> OtpError {
-    OtpError::Rejected("this phone opted out (it must text START or JOIN to opt back in)".into())
+    OtpError::Rejected("this phone opted out (it must text START to opt back in)".into())
 }
 
 /// Whole seconds until `t`, rounded up (a client that waits exactly this long is not early),
