@@ -632,6 +632,7 @@ impl Flight {
                 message,
                 retry_after,
                 account,
+                ..
             }) if account || msg.attempts < MAX_ATTEMPTS => {
                 if account {
                     msg.attempts = msg.attempts.min(ACCOUNT_ATTEMPTS);

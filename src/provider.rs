@@ -31,6 +31,9 @@ pub enum SendError {
         message: String,
         retry_after: Option<Duration>,
         account: bool,
+        /// The request may have reached Twilio and been carried out: the connection was
+        /// made, but no answer came (a timeout, a connection dropped).
+        maybe_sent: bool,
     },
     /// Retrying will not help (a 4xx with Twilio's error code).
     #[error("refused: {message}{}", code.map(|c| format!(" (Twilio error {c})")).unwrap_or_default())]
@@ -306,6 +309,7 @@ impl Twilio {
                 message: format!("cannot reach Twilio: {}", without_url(&e)),
                 retry_after: None,
                 account: false,
+                maybe_sent: !e.is_connect(),
             })?;
         let status = response.status();
         let retry_after = response
@@ -334,6 +338,7 @@ impl Twilio {
                 message: format!("Twilio answered {status}: {message}"),
                 retry_after,
                 account: false,
+                maybe_sent: false,
             })
         } else if status.as_u16() == 401 || code.is_some_and(|c| ACCOUNT_CODES.contains(&c)) {
             // No fault of the message: it waits, with the others, for the account to be
@@ -352,6 +357,7 @@ impl Twilio {
                 message: format!("Twilio refused the account ({status}): {message}"),
                 retry_after,
                 account: true,
+                maybe_sent: false,
             })
         } else {
             Err(SendError::Permanent {

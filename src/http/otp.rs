@@ -251,10 +251,24 @@ async fn deliver(
                     ..
                 }
             );
-            // Said as the outbox says it (numbers and the code hidden, should the provider
-            // quote them); a call's error might quote its TwiML, which spells the code out.
-            let spelled = e.to_string().replace(&crate::ivr::spell(&code), "[digits]");
-            let error = crate::outbox::redact(&spelled, Some(&text));
+            let error = hide_code(&e.to_string(), &code, &text);
+            if matches!(
+                e,
+                SendError::Temporary {
+                    maybe_sent: true,
+                    ..
+                }
+            ) {
+                // Twilio may have taken the request (no answer came): the code may arrive,
+                // and must then work, so it is kept (and counts as sent).
+                tracing::warn!(phone = %phone.masked(), "otp may not have been sent (the code stays valid): {error}");
+                crate::metrics::outbound("failed");
+                return Err(OtpError::Provider(format!(
+                    "the message provider ({}) did not answer: {error}; the code may still \
+                     arrive, and is valid if it does",
+                    state.provider.name()
+                )));
+            }
             // The code never reached anyone: withdraw it so it cannot be used (and its send
             // does not count against the limit). First: the opt-out clears the codes.
             let withdrawn = apply(&state, &phone, Event::CodeUndeliverable(code)).await;
@@ -273,6 +287,22 @@ async fn deliver(
             )))
         }
     }
+}
+
+/// A provider's error said as the outbox says it (numbers and the code hidden, should the
+/// provider quote them), with the code hidden as a call spells it out too, also as the
+/// call's form-encoded request would quote it.
+fn hide_code(error: &str, code: &str, text: &str) -> String {
+    let spelled = crate::ivr::spell(code);
+    let mut error = error.to_string();
+    for form in [
+        spelled.replace(", ", "%2C+"),
+        spelled.replace(", ", "%2C%20"),
+        spelled,
+    ] {
+        error = error.replace(&form, "[digits]");
+    }
+    crate::outbox::redact(&error, Some(text))
 }
 
 pub async fn validate_otp(

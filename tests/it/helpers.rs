@@ -243,11 +243,13 @@ async fn fake_calls(
         .unwrap_or_default();
     let mut s = state.lock().unwrap();
     s.calls.push(twiml.clone());
-    // A scripted failure quotes what it was asked to say, as an error might.
+    // A scripted failure quotes what it was asked to say, as an error might: as said, and as
+    // the form encoded it.
+    let encoded = twiml.replace(", ", "%2C+");
     let (status, body) = match s.script.pop_front() {
         Some(code) => (
             code,
-            serde_json::json!({"code": 20500, "message": format!("scripted failure for {twiml}"), "status": code}),
+            serde_json::json!({"code": 20500, "message": format!("scripted failure for {twiml} (Twiml={encoded})"), "status": code}),
         ),
         None => (
             201,
