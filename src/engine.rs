@@ -661,6 +661,8 @@ fn to_commit(
             Effect::Schedule(timer) => c.schedule.push(timer),
             Effect::Cancel(timer) => c.cancel.push(timer),
             Effect::Record(record) => c.history.push(HistoryEntry { at: now, record }),
+            // Counted by the writer (`count_codes`), nothing to store.
+            Effect::CodeWithdrawn { .. } => {}
         }
     }
     let twiml = inbound_sid.map(|_| crate::twiml::messages(&replies));

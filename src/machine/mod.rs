@@ -298,6 +298,11 @@ pub enum Effect {
     Schedule(Timer),
     Cancel(Timer),
     Record(Record),
+    /// A code issued at `issued_at` was withdrawn unsent: it no longer counts against
+    /// `verify.max_codes_per_hour` (see [`count_codes`]).
+    CodeWithdrawn {
+        issued_at: DateTime<Utc>,
+    },
 }
 
 impl fmt::Debug for Effect {
@@ -313,6 +318,10 @@ impl fmt::Debug for Effect {
             Effect::Schedule(t) => f.debug_tuple("Schedule").field(t).finish(),
             Effect::Cancel(t) => f.debug_tuple("Cancel").field(t).finish(),
             Effect::Record(r) => f.debug_tuple("Record").field(r).finish(),
+            Effect::CodeWithdrawn { issued_at } => f
+                .debug_struct("CodeWithdrawn")
+                .field("issued_at", issued_at)
+                .finish(),
         }
     }
 }
@@ -667,14 +676,36 @@ pub fn count_codes(
         .count();
     let issued = u32::try_from(issued).unwrap_or(u32::MAX);
     if issued > 0 {
-        let second = now.timestamp();
-        let minute = DateTime::from_timestamp(second - second.rem_euclid(60), 0).unwrap_or(now);
+        let minute = minute_of(now);
         match minutes.back_mut() {
             Some((m, n)) if *m == minute => *n = n.saturating_add(issued),
             _ => minutes.push_back((minute, issued)),
         }
     }
-    issued > 0 || minutes.len() != before
+    // Codes withdrawn unsent (the provider refused them, or newer ones displaced them)
+    // cost nothing: a provider outage must not spend everyone's hour.
+    let mut given_back = false;
+    for e in &t.effects {
+        if let Effect::CodeWithdrawn { issued_at } = e {
+            let minute = minute_of(*issued_at);
+            if let Some(i) = minutes.iter().position(|(m, _)| *m == minute) {
+                given_back = true;
+                match minutes.get_mut(i) {
+                    Some((_, n)) if *n > 1 => *n -= 1,
+                    _ => {
+                        minutes.remove(i);
+                    }
+                }
+            }
+        }
+    }
+    issued > 0 || given_back || minutes.len() != before
+}
+
+/// The start of the minute `at` falls in.
+fn minute_of(at: DateTime<Utc>) -> DateTime<Utc> {
+    let second = at.timestamp();
+    DateTime::from_timestamp(second - second.rem_euclid(60), 0).unwrap_or(at)
 }
 
 /// When a code may be issued again, given the codes of the last hour by minute (oldest
@@ -783,6 +814,9 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                         self.sub.code_sends.remove(j);
                     }
                     self.record(Record::CodeWithdrawn);
+                    self.effects.push(Effect::CodeWithdrawn {
+                        issued_at: gone.issued_at,
+                    });
                     // Its request is what made the number wait for a code: with no code
                     // ever given out, it is back where it was, not opted in.
                     if self.sub.state == State::AwaitingCode && self.sub.codes.is_empty() {
@@ -802,8 +836,9 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                     // once): it can no longer be used, but its send still counts against the
                     // limit. Its time went with it: the newest send of no kept code is given
                     // back for it.
-                    self.sub.code_sends.remove(its);
+                    let issued_at = self.sub.code_sends.remove(its);
                     self.record(Record::CodeWithdrawn);
+                    self.effects.push(Effect::CodeWithdrawn { issued_at });
                 }
                 self.outcome = Outcome::Done;
             }

@@ -549,6 +549,27 @@ async fn a_code_whose_send_got_no_answer_is_kept_as_it_may_have_arrived() {
     assert_success(&validate(&app, &c).await);
 }
 
+/// Codes withdrawn unsent do not spend `max_codes_per_hour`: after a provider outage,
+/// codes go out again at once.
+#[tokio::test]
+async fn codes_the_provider_refused_do_not_count_against_the_hours_cap() {
+    let flows = FLOWS.replace("[verify]", "[verify]\nmax_codes_per_hour = 2");
+    let app = TestApp::spawn(&flows).await;
+    app.twilio.fail_next(&[500, 500, 500]);
+    for phone in ["+14155550201", "+14155550202", "+14155550203"] {
+        let got = app.otp("get_otp", json!({ "phone": phone }), None).await;
+        assert_failure(&got, 500, 5, "twilio");
+    }
+    for phone in ["+14155550204", "+14155550205"] {
+        assert_success(&app.otp("get_otp", json!({ "phone": phone }), None).await);
+    }
+    // The two sent spent it.
+    let got = app
+        .otp("get_otp", json!({ "phone": "+14155550206" }), None)
+        .await;
+    assert_failure(&got, 429, 3, "this hour");
+}
+
 #[tokio::test]
 async fn with_after_otp_api_form_the_phone_continues_into_the_form_by_sms() {
     let flows = FLOWS.replace("[verify]", "[verify]\nafter_otp_api = \"form\"");
