@@ -1313,8 +1313,14 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             (outcome, "not a code")
         };
         self.outcome = match outcome {
+            // A new code may be asked for once both this number's limit and everyone's
+            // (`max_codes_per_hour`) allow it.
             Outcome::Locked { .. } => Outcome::Locked {
-                new_code_at: self.codes_refused_until().unwrap_or(self.now),
+                new_code_at: (self.codes_refused_until().into_iter())
+                    .chain(self.limits.codes_refused_until)
+                    .max()
+                    .unwrap_or(self.now)
+                    .max(self.now),
             },
             other => other,
         };

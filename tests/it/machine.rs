@@ -500,6 +500,38 @@ fn a_locked_code_says_a_new_one_may_be_asked_for_at_once_or_when_the_send_limit_
     );
 }
 
+/// Locked while everyone's codes for the hour are spent: a new code may be asked for once
+/// `max_codes_per_hour` allows it, not at once.
+#[test]
+fn a_locked_code_says_a_new_one_may_be_asked_for_when_everyones_limit_allows() {
+    let mut f = flows();
+    f.verify.code_length = 5;
+    let mut rng = StdRng::seed_from_u64(5);
+    let now = t0();
+    let mut sub = step(
+        subscriber(State::Unverified),
+        &Event::OtpRequested,
+        &f,
+        now,
+        &mut rng,
+    )
+    .subscriber;
+    let spent_until = now + TimeDelta::minutes(40);
+    let limits = smsflow::machine::Limits {
+        codes_refused_until: Some(spent_until),
+    };
+    for _ in 0..=f.verify.max_attempts {
+        let guess = Event::OtpSubmitted("999999".into());
+        let out = smsflow::machine::step_within(sub, &guess, &f, now, &mut rng, limits);
+        if let Outcome::Locked { new_code_at } = out.outcome {
+            assert_eq!(new_code_at, spent_until);
+            return;
+        }
+        sub = out.subscriber;
+    }
+    panic!("never locked");
+}
+
 #[test]
 fn a_number_whose_only_code_was_undeliverable_is_unverified_again_and_not_opted_in() {
     let f = flows();
