@@ -334,9 +334,14 @@ pub async fn validate_otp(
         }
         None => return Err(OtpError::BadRequest("missing field otp".into())),
     };
-    let applied = apply(&state, &phone, Event::OtpSubmitted(otp)).await?;
+    let applied = apply(&state, &phone, Event::OtpSubmitted(otp.clone())).await?;
     match applied.outcome {
         Outcome::Verified => Ok(success()),
+        // The code this number just verified with, again (a double click, a retried
+        // request): said so, as the app may take it for a wrong one. One use all the same.
+        Outcome::WrongCode if used_before(&state, &phone, &otp) => Err(OtpError::Rejected(
+            "this OTP was already used: each code validates once (request a new one)".into(),
+        )),
         Outcome::WrongCode => Err(OtpError::Rejected(
             "invalid OTP (wrong, or superseded by a newer code)".into(),
         )),
@@ -351,6 +356,16 @@ pub async fn validate_otp(
             "validate_otp ended as {other:?}"
         ))),
     }
+}
+
+/// Whether `otp` is a code the number verified with, not yet expired (see
+/// `Subscriber::used_codes`).
+fn used_before(state: &AppState, phone: &Phone, otp: &str) -> bool {
+    let now = state.engine.clock().now();
+    matches!(state.engine.store.subscriber(phone), Ok(Some(s))
+    if s.used_codes.iter().any(|c| {
+        c.expires_at > now && bool::from(subtle::ConstantTimeEq::ct_eq(c.code.as_bytes(), otp.as_bytes()))
+    }))
 }
 
 /// Why an issued code may not be sent to the number whose record is `s` now: it opted out
@@ -407,6 +422,13 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), OtpError> {
 
 fn json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, OtpError> {
     super::content_type_is(headers, "application/json").map_err(OtpError::BadRequest)?;
+    // JSON is UTF-8 throughout (serde_json checks only the strings it keeps).
+    if let Err(e) = std::str::from_utf8(body) {
+        return Err(OtpError::BadRequest(format!(
+            "the body is not UTF-8 (byte {} is not)",
+            e.valid_up_to()
+        )));
+    }
     // serde would also take an array (field by field, in order), and would name its own
     // types refusing a scalar: anything but an object is refused in the API's words.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {

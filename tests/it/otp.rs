@@ -64,6 +64,8 @@ async fn the_right_code_validates_and_the_phone_becomes_verified() {
     assert_eq!(app.state_of(PHONE).as_deref(), Some("awaiting_code"));
     assert_success(&validate(&app, &c).await);
     assert_eq!(app.state_of(PHONE).as_deref(), Some("verified"));
+    // Once: the same code again (a double click) is refused, and says why.
+    assert_failure(&validate(&app, &c).await, 403, 1, "already used");
     // The default flow setting: stay verified, no texts follow.
     app.outbox_settles().await;
     assert_eq!(app.twilio.delivered().len(), 1);
@@ -192,6 +194,22 @@ async fn malformed_requests_are_exit_2() {
         400,
         2,
         "a field is given twice: duplicate field `phone`",
+    );
+    // A body that is not UTF-8, even in a field smsflow does not read.
+    let not_utf8 = app
+        .http
+        .post(format!("{}/authenticate/get_otp", app.base))
+        .bearer_auth(API_TOKEN)
+        .header("content-type", "application/json")
+        .body(b"{\"phone\":\"+15550004444\",\"x\":\"\xc0\xaf\"}".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_utf8.status().as_u16(), 400);
+    let said = not_utf8.text().await.unwrap();
+    assert!(
+        said.contains("not UTF-8") && said.contains("\"exit_code\":2"),
+        "{said}"
     );
     assert_failure(
         &raw("[1,", "application/json").await,
