@@ -671,6 +671,20 @@ pub fn count_codes(
     while (minutes.front()).is_some_and(|(m, _)| counted_until(*m) <= now) {
         minutes.pop_front();
     }
+    // The clock went back (an NTP step): codes counted in minutes still to come are counted
+    // in this one, so they hold the limit for an hour from now, not until the clock is back
+    // there.
+    let this_minute = minute_of(now);
+    let ahead = (minutes.iter())
+        .filter(|(m, _)| *m > this_minute)
+        .fold(0u32, |sum, (_, n)| sum.saturating_add(*n));
+    if ahead > 0 {
+        minutes.retain(|(m, _)| *m <= this_minute);
+        match minutes.back_mut() {
+            Some((m, n)) if *m == this_minute => *n = n.saturating_add(ahead),
+            _ => minutes.push_back((this_minute, ahead)),
+        }
+    }
     let issued = (t.effects.iter())
         .filter(|e| matches!(e, Effect::SendCode { .. }))
         .count();
@@ -699,7 +713,7 @@ pub fn count_codes(
             }
         }
     }
-    issued > 0 || given_back || minutes.len() != before
+    issued > 0 || given_back || ahead > 0 || minutes.len() != before
 }
 
 /// The start of the minute `at` falls in.
@@ -716,7 +730,10 @@ pub fn codes_refused_until(
     now: DateTime<Utc>,
 ) -> Option<DateTime<Utc>> {
     let max = u64::from(max_per_hour?);
-    let counted = || minutes.iter().filter(|(m, _)| counted_until(*m) > now);
+    // A minute still to come (the clock went back) counts as this one (see `count_codes`).
+    let this_minute = minute_of(now);
+    let until = |m: &DateTime<Utc>| counted_until((*m).min(this_minute));
+    let counted = || minutes.iter().filter(|(m, _)| until(m) > now);
     let mut total: u64 = counted().map(|(_, n)| u64::from(*n)).sum();
     // The minute whose codes, once they no longer count, leave room for the next.
     for (m, n) in counted() {
@@ -725,7 +742,7 @@ pub fn codes_refused_until(
         }
         total -= u64::from(*n);
         if total < max {
-            return Some(counted_until(*m));
+            return Some(until(m));
         }
     }
     None

@@ -2294,6 +2294,10 @@ fn the_daemon_wide_hour_refuses_codes_until_its_oldest_code_is_an_hour_old() {
             Some(2),
             Some(ago(50) + counted),
         ),
+        // The clock went back two hours: minutes still to come count as this one, for an
+        // hour from now, not until the clock is back there.
+        (&[(-120, 3)][..], Some(3), Some(t0() + counted)),
+        (&[(10, 1), (-120, 2)][..], Some(2), Some(t0() + counted)),
     ] {
         assert_eq!(
             codes_refused_until(&minutes(counts), most, t0()),
@@ -2301,9 +2305,20 @@ fn the_daemon_wide_hour_refuses_codes_until_its_oldest_code_is_an_hour_old() {
             "{counts:?} at most {most:?}"
         );
     }
+    // Counting folds those minutes still to come into this one, in order.
+    let f = flows();
+    let nothing = step(
+        subscriber(State::Verified),
+        &Event::Inbound("hi".into()),
+        &f,
+        t0(),
+        &mut StdRng::seed_from_u64(0),
+    );
+    let mut kept = minutes(&[(10, 1), (-120, 2), (-180, 1)]);
+    assert!(smsflow::machine::count_codes(&mut kept, &nothing, t0()));
+    assert_eq!(kept, minutes(&[(10, 1), (0, 3)]));
     // Refused: a texter is told as when its own limit is spent, and nothing is issued; an
     // app's request gets the time to try again.
-    let f = flows();
     let until = t0() + TimeDelta::minutes(20);
     let limits = Limits {
         codes_refused_until: Some(until),
