@@ -326,6 +326,26 @@ impl Store {
 
     /// Opens with sled's page cache bounded to `cache_bytes` (reads beyond it are evicted).
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> anyhow::Result<Store> {
+        Store::open_inner(dir, cache_bytes).map_err(|e| {
+            // Damage met reading the store after sled opened it: said as at its opening.
+            let damage = e
+                .chain()
+                .find_map(|c| match c.downcast_ref::<sled::Error>() {
+                    Some(sled::Error::Corruption { .. }) => Some(c.to_string()),
+                    _ => None,
+                });
+            match damage {
+                Some(d) if !e.to_string().contains("is damaged") => anyhow::anyhow!(
+                    "opening data dir {}: its store is damaged ({d}); restore the data dir from \
+                     a backup (see the README's Backups)",
+                    dir.display()
+                ),
+                _ => e,
+            }
+        })
+    }
+
+    fn open_inner(dir: &Path, cache_bytes: u64) -> anyhow::Result<Store> {
         anyhow::ensure!(
             !dir.is_file(),
             "data dir {} is a file; give a directory (it is created if missing)",
@@ -350,17 +370,36 @@ impl Store {
                 }
             }
         }
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .open()
-            .map_err(|e| match e {
-                // sled reports a held lock as an IO error with this text.
-                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                    anyhow::Error::new(DataDirInUse(dir.to_path_buf()))
-                }
-                other => anyhow::anyhow!("opening data dir {}: {other}", dir.display()),
-            })?;
+        // sled 0.34 panics on some damage it meets while recovering (a file cut short, a
+        // page it cannot read back): that is a damaged store, said so, not a crash.
+        let opened = std::panic::catch_unwind(|| {
+            sled::Config::new()
+                .path(dir)
+                .cache_capacity(cache_bytes)
+                .open()
+        })
+        .map_err(|panic| {
+            let what = (panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            anyhow::anyhow!(
+                "opening data dir {}: its store is damaged (sled could not recover it: {what}); \
+                 restore the data dir from a backup (see the README's Backups)",
+                dir.display()
+            )
+        })?;
+        let db = opened.map_err(|e| match e {
+            // sled reports a held lock as an IO error with this text.
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                anyhow::Error::new(DataDirInUse(dir.to_path_buf()))
+            }
+            sled::Error::Corruption { .. } => anyhow::anyhow!(
+                "opening data dir {}: its store is damaged ({e}); restore the data dir from \
+                     a backup (see the README's Backups)",
+                dir.display()
+            ),
+            other => anyhow::anyhow!("opening data dir {}: {other}", dir.display()),
+        })?;
         let log_file = std::fs::File::open(dir.join("db"))
             .with_context(|| format!("opening data dir {}: its log file", dir.display()))?;
         // The files sled made, such as `db` itself, are named in the directory: that too
