@@ -143,7 +143,9 @@ fn international(s: &str) -> Option<Result<String, PhoneError>> {
 fn not_north_american(input: &str) -> PhoneError {
     PhoneError::Unparsable(
         crate::clip(input).into_owned(),
-        "not a North American number (ten digits after +1, the first 2 to 9)".into(),
+        "not a North American number (ten digits after +1, the first 2 to 9; a number \
+         abroad starts with + and its country code, or 011)"
+            .into(),
     )
 }
 
@@ -248,6 +250,8 @@ impl Phone {
         if let Some((_, c)) = odd {
             return Err(unparsable(if c.is_alphabetic() {
                 "letters are not digits (write a number such as 1-800-FLOWERS in digits)".into()
+            } else if c == '+' {
+                "'+' comes first, before the country code (such as +1 415 555 0100)".into()
             } else {
                 format!("{c:?} is neither a digit nor a separator")
             }));
@@ -494,13 +498,19 @@ mod tests {
             ("+1555000444A", "letters are not digits"),
             ("1-800-FLOWERS", "letters are not digits"),
             ("tel:+14155550100", "letters are not digits"),
-            ("++14155550100", "'+' is neither a digit nor a separator"),
+            ("++14155550100", "'+' comes first, before the country code"),
             ("+14155550100\0", "'\\0' is neither a digit nor a separator"),
             (
                 "\u{fffd}+14155550100",
                 "'\u{fffd}' is neither a digit nor a separator",
             ),
             ("415*555*0100", "'*' is neither a digit nor a separator"),
+            ("(+1) 415 555 0163", "'+' comes first"),
+            // A number abroad written with Europe's 00, read in a North American region.
+            (
+                "0044 20 7946 0019",
+                "starts with + and its country code, or 011",
+            ),
         ] {
             let err = Phone::parse(typed).unwrap_err().to_string();
             assert!(
