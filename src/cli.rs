@@ -29,10 +29,14 @@ macro_rules! errln {
     };
 }
 
+/// `--version`: the release, and the data schema it writes (an older smsflow refuses a data
+/// dir this one upgraded; see the README's Upgrading).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (data schema 10)");
+
 #[derive(Parser, Debug)]
 #[command(
     name = "smsflow",
-    version,
+    version = VERSION,
     about = "Runs SMS conversations for Twilio numbers, declared in TOML flows"
 )]
 pub struct Cli {
@@ -1002,4 +1006,13 @@ fn runtime(say: impl FnOnce(&str)) -> Result<tokio::runtime::Runtime, ExitCode> 
             say(&format!("cannot start the runtime: {e}"));
             ExitCode::from(EXIT_RUNTIME)
         })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_version_names_the_data_schema_the_store_writes() {
+        let schema = format!("(data schema {})", crate::store::SCHEMA);
+        assert!(super::VERSION.ends_with(&schema), "{}", super::VERSION);
+    }
 }

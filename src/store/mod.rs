@@ -36,7 +36,7 @@ const REPORT_VERSION: u8 = 1;
 /// An older data dir is upgraded at open (schema 1 is counted once; older records are read
 /// as they are and rewritten in today's form when they next change). An older smsflow
 /// refuses a newer dir by its schema instead of failing on each record it cannot read.
-const SCHEMA: u64 = 10;
+pub const SCHEMA: u64 = 10;
 
 /// A message waiting in the outbox. `Debug` hides the body of one that carries a code.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]

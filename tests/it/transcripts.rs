@@ -547,7 +547,7 @@ fn transcripts_hold_the_daemon_wide_code_limit() {
         dir.path().join("tests/cap.txt"),
         "> JOIN\n< Acme Contest: your code is {$code}. Reply with it to confirm.\n\
          ! phone +15550002222\n> JOIN\n\
-         < We're sending a lot of codes right now. Please try again in a few minutes.\n\
+         < We're sending a lot of codes right now. Please try again later.\n\
          ~ 62m\n> JOIN\n< Acme Contest: your code is {$later}. Reply with it to confirm.\n",
     )
     .unwrap();
