@@ -281,6 +281,15 @@ async fn deliver(
             if unsubscribed {
                 return Err(opted_out());
             }
+            // Twilio says the number cannot be texted at all (no such number, or a landline):
+            // the app's input, not an outage.
+            if matches!(e, SendError::Permanent { code: Some(c), .. } if NOT_TEXTABLE.contains(&c))
+            {
+                return Err(OtpError::BadRequest(format!(
+                    "the message provider ({}) cannot text this phone: {error}",
+                    state.provider.name()
+                )));
+            }
             Err(OtpError::Provider(format!(
                 "the message provider ({}) did not send the code: {error}",
                 state.provider.name()
@@ -288,6 +297,10 @@ async fn deliver(
         }
     }
 }
+
+/// Twilio's codes for a `To` that no text can reach: 21211, not a valid phone number;
+/// 21614, not a mobile number (a landline).
+const NOT_TEXTABLE: [u32; 2] = [21211, 21614];
 
 /// A provider's error said as the outbox says it (numbers and the code hidden, should the
 /// provider quote them), with the code hidden as a call spells it out too, also as the

@@ -46,7 +46,8 @@ struct FakeState {
     /// Inline TwiML of every call placed.
     calls: Vec<String>,
     /// Statuses to answer next, in order; empty means 201.
-    script: VecDeque<u16>,
+    /// Failures to answer with, in order: (HTTP status, Twilio error code).
+    script: VecDeque<(u16, u32)>,
     /// Numbers Twilio treats as unsubscribed (answered 400 / 21610).
     unsubscribed: Vec<String>,
     next_sid: u64,
@@ -109,7 +110,13 @@ impl FakeTwilio {
     }
 
     pub fn fail_next(&self, statuses: &[u16]) {
-        self.state.lock().unwrap().script.extend(statuses);
+        let failures = statuses.iter().map(|s| (*s, 20500));
+        self.state.lock().unwrap().script.extend(failures);
+    }
+
+    /// The next request is answered 400 with Twilio's error `code`.
+    pub fn refuse_next(&self, code: u32) {
+        self.state.lock().unwrap().script.push_back((400, code));
     }
 
     /// Message requests from now on wait, unanswered, until [`FakeTwilio::release`].
@@ -203,10 +210,10 @@ async fn fake_messages(
             400,
             serde_json::json!({"code": 21610, "message": "Attempt to send to unsubscribed recipient", "status": 400}),
         )
-    } else if let Some(code) = s.script.pop_front() {
+    } else if let Some((status, code)) = s.script.pop_front() {
         (
-            code,
-            serde_json::json!({"code": 20500, "message": "scripted failure", "status": code}),
+            status,
+            serde_json::json!({"code": code, "message": "scripted failure", "status": status}),
         )
     } else {
         s.next_sid += 1;
@@ -247,9 +254,9 @@ async fn fake_calls(
     // the form encoded it.
     let encoded = twiml.replace(", ", "%2C+");
     let (status, body) = match s.script.pop_front() {
-        Some(code) => (
-            code,
-            serde_json::json!({"code": 20500, "message": format!("scripted failure for {twiml} (Twiml={encoded})"), "status": code}),
+        Some((status, code)) => (
+            status,
+            serde_json::json!({"code": code, "message": format!("scripted failure for {twiml} (Twiml={encoded})"), "status": status}),
         ),
         None => (
             201,
