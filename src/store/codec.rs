@@ -265,20 +265,13 @@ type V8 = (
     Option<String>,
 );
 /// A v9 record: as v8, then whether each of the number's codes was asked for by an app.
-type V9 = (
-    V4Owned,
-    Option<String>,
-    Vec<Replied>,
-    Kept,
-    Late,
-    Option<String>,
-    Vec<bool>,
-);
+/// (bincode writes a tuple as its fields one after another, so the v8 part nests.)
+type V9 = (V8, Vec<bool>);
 
 /// A v9 record (see [`V9`]).
 fn with_app(body: &[u8]) -> Result<(Subscriber, Vec<Replied>), CodecError> {
-    let (v, asked, replies, used, late, via, by_app): V9 = compact().deserialize(body)?;
-    let mut s = with_late((v, asked, replies, used, late, via))?;
+    let (v8, by_app): V9 = compact().deserialize(body)?;
+    let mut s = with_late(v8)?;
     for (code, by_app) in s.0.codes.iter_mut().zip(by_app) {
         code.by_app = by_app;
     }
