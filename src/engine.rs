@@ -581,11 +581,12 @@ impl Writer {
         if flushed.is_ok() && b.events > 0 {
             self.work.record(b.events, commit, flushing.elapsed());
         }
-        // Committed, they stand: a failed flush is retried, and a later one makes them durable.
+        // Committed, they stand (counted as committed; a failed flush means the disk failed:
+        // every later flush fails too, see `Store::flush`, and the daemon stops).
         crate::metrics::recorded(&b.recorded);
-        // Even when the flush failed: the commit stands and a later flush makes it durable,
-        // so an earlier timer must not wait for the scheduler's next look (up to an hour
-        // when it had none), and the outbox asks for a flush itself until one succeeds.
+        // Even when the flush failed: the commit stands, so an earlier timer must not wait
+        // for the scheduler's next look (up to an hour when it had none), and the outbox,
+        // which sends only what a flush made durable, asks for one itself.
         if b.timers {
             self.timers_changed.notify_one();
         }

@@ -6,7 +6,7 @@
 
 pub mod codec;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 
 use anyhow::Context;
@@ -287,6 +287,13 @@ pub struct Store {
     /// nor empties the disk's write cache, so a power cut could lose what it "flushed".
     /// `fdatasync` on any handle of the file does both.
     log_file: std::fs::File,
+    /// sled writes a page too large for its log (over a quarter of a segment) to a file of
+    /// its own under `<data>/blobs`, which it does not sync: each flush syncs the new ones
+    /// (and the directory that names them). The names already synced.
+    blobs: (
+        PathBuf,
+        std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
+    ),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -316,7 +323,7 @@ fn io_text(e: &sled::Error) -> String {
 /// Another process (usually the running daemon) holds the data dir.
 #[derive(Debug, thiserror::Error)]
 #[error("data dir {} is in use by another smsflow process (only one may open it)", .0.display())]
-pub struct DataDirInUse(pub std::path::PathBuf);
+pub struct DataDirInUse(pub PathBuf);
 
 impl Store {
     /// Opens (or creates) the store in `dir`. Only one process may hold a data dir.
@@ -326,7 +333,20 @@ impl Store {
 
     /// Opens with sled's page cache bounded to `cache_bytes` (reads beyond it are evicted).
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> anyhow::Result<Store> {
-        Store::open_inner(dir, cache_bytes).map_err(|e| {
+        // sled 0.34 panics on some damage it meets, recovering its log or reading a page
+        // back (a file cut short, a page overwritten): a damaged store, said so, not a crash.
+        let opened = std::panic::catch_unwind(|| Store::open_inner(dir, cache_bytes));
+        let opened = opened.map_err(|panic| {
+            let what = (panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            anyhow::anyhow!(
+                "opening data dir {}: its store is damaged (sled could not read it: {what}); \
+                 restore the data dir from a backup (see the README's Backups)",
+                dir.display()
+            )
+        })?;
+        opened.map_err(|e| {
             // Damage met reading the store after sled opened it: said as at its opening.
             let damage = e
                 .chain()
@@ -370,24 +390,10 @@ impl Store {
                 }
             }
         }
-        // sled 0.34 panics on some damage it meets while recovering (a file cut short, a
-        // page it cannot read back): that is a damaged store, said so, not a crash.
-        let opened = std::panic::catch_unwind(|| {
-            sled::Config::new()
-                .path(dir)
-                .cache_capacity(cache_bytes)
-                .open()
-        })
-        .map_err(|panic| {
-            let what = (panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".into());
-            anyhow::anyhow!(
-                "opening data dir {}: its store is damaged (sled could not recover it: {what}); \
-                 restore the data dir from a backup (see the README's Backups)",
-                dir.display()
-            )
-        })?;
+        let opened = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .open();
         let db = opened.map_err(|e| match e {
             // sled reports a held lock as an IO error with this text.
             sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
@@ -403,10 +409,11 @@ impl Store {
         let log_file = std::fs::File::open(dir.join("db"))
             .with_context(|| format!("opening data dir {}: its log file", dir.display()))?;
         // The files sled made, such as `db` itself, are named in the directory: that too
-        // must survive a power cut.
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("syncing data dir {}", dir.display()))?;
+        // must survive a power cut. (Some filesystems cannot sync a directory: said, not
+        // fatal.)
+        if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+            tracing::warn!("could not sync data dir {}: {e}", dir.display());
+        }
         let tree = |name: &str| {
             db.open_tree(name)
                 .with_context(|| format!("opening tree {name}"))
@@ -457,6 +464,7 @@ impl Store {
             outbox_durable_below: AtomicU64::new(queued_below),
             failed: tokio::sync::watch::Sender::new(None),
             log_file,
+            blobs: (dir.join("blobs"), Default::default()),
         };
         let meta = &store.meta;
         // Data dirs from before the index: build it once.
@@ -555,18 +563,54 @@ impl Store {
 
     /// Writes everything committed so far to disk (fsync).
     pub fn flush(&self) -> anyhow::Result<()> {
+        // After the disk failed, nothing is on disk for sure any more: sled keeps its own
+        // errors, but not a failed `fdatasync` (whose pages the kernel may have dropped, and
+        // which a later call would not report again).
+        if let Some(why) = self.failure() {
+            anyhow::bail!("flushing the store: the disk under it failed: {why}");
+        }
         // Read before the flush: what was committed by then is on disk after it.
         let committed = self.outbox_committed_below.load(SeqCst);
         self.db
             .flush()
             .map_err(|e| self.broken(e))
             .context("flushing the store")?;
-        // (See `log_file`.)
-        self.log_file
-            .sync_data()
+        // (See `log_file` and `blobs`.)
+        (self.log_file.sync_data())
+            .and_then(|()| self.sync_new_blobs())
             .map_err(|e| self.broken(sled::Error::Io(e)))
             .context("flushing the store")?;
         self.outbox_durable_below.fetch_max(committed, SeqCst);
+        Ok(())
+    }
+
+    /// Syncs the blob files sled wrote since the last flush, and then their directory (see
+    /// `blobs`). One removed meanwhile (sled replaced it) needs nothing.
+    fn sync_new_blobs(&self) -> std::io::Result<()> {
+        let (dir, synced) = &self.blobs;
+        let entries = match std::fs::read_dir(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            other => other?,
+        };
+        let mut synced = synced.lock().unwrap_or_else(|e| e.into_inner());
+        let mut now = std::collections::HashSet::new();
+        let mut new = false;
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !synced.contains(&name) {
+                match std::fs::File::open(entry.path()).and_then(|f| f.sync_data()) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    other => other?,
+                }
+                new = true;
+            }
+            now.insert(name);
+        }
+        if new {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        *synced = now;
         Ok(())
     }
 
