@@ -521,7 +521,7 @@ struct RawReplies {
     already_joined: Text,
     stop_hint: Text,
     late_answer: Text,
-    answer_saved: Text,
+    answered: Text,
 }
 
 #[derive(Deserialize)]
@@ -1717,7 +1717,7 @@ impl Cx {
                     already_joined: None,
                     stop_hint: None,
                     late_answer: None,
-                    answer_saved: None,
+                    answered: None,
                 },
             ),
         };
@@ -1777,13 +1777,7 @@ impl Cx {
                 "Thanks, your answer is saved.",
                 plain,
             ),
-            answer_saved: self.text(
-                f,
-                r.answer_saved,
-                "replies.answer_saved",
-                "Thanks, your answer is saved.",
-                plain,
-            ),
+            answered: self.text(f, r.answered, "replies.answered", "Thanks, got it.", plain),
         }
     }
 

@@ -429,7 +429,7 @@ pub struct Replies {
     pub late_answer: Template,
     /// To an answer taken in time from a question with no `thanks`, when no step is sent at
     /// once after it (so it is not met with silence).
-    pub answer_saved: Template,
+    pub answered: Template,
 }
 
 #[derive(Clone, Debug)]

@@ -353,7 +353,9 @@ pub async fn validate_otp(
         // The code this number just verified with, again (a double click, a retried
         // request): said so, as the app may take it for a wrong one. One use all the same.
         Outcome::WrongCode if used_before(&state, &phone, &otp) => Err(OtpError::Rejected(
-            "this OTP was already used: each code validates once (request a new one)".into(),
+            "this OTP was already used: it, or a code sent with it, verified the number, and \
+             each code validates once (request a new one)"
+                .into(),
         )),
         Outcome::WrongCode => Err(OtpError::Rejected(
             "invalid OTP (wrong, or superseded by a newer code)".into(),

@@ -1167,7 +1167,9 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             issued_at: self.now,
             expires_at: self.now.checked_add_signed(v.ttl).unwrap_or(self.now),
             wrong: 0,
-            by_app: via == "otp_api",
+            // Sent with `api_send`, which tells its owner to enter it in the app (decided
+            // now: a reload may change the texts while it is out).
+            by_app: via == "otp_api" && v.api_send.is_some(),
         });
         // The counted ones, and the one before them (see `Subscriber::codes`).
         let keep = usize::from(v.valid_codes) + 1;
@@ -1230,12 +1232,10 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     }
 
     /// Whether every code the number holds (the counted ones, expired or not) was asked for
-    /// by an app whose code text (`verify.api_send`) tells it to enter the code there.
+    /// by an app and sent with `verify.api_send`, which tells it to enter the code there.
     fn awaits_only_app_codes(&self) -> bool {
         let counted = &self.sub.codes[self.first_counted()..];
-        self.flows.verify.api_send.is_some()
-            && !counted.is_empty()
-            && counted.iter().all(|c| c.by_app)
+        !counted.is_empty() && counted.iter().all(|c| c.by_app)
     }
 
     /// A text from a number that awaits only an app's codes ([`Self::awaits_only_app_codes`]):
@@ -1245,7 +1245,9 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     fn text_while_app_code(&mut self, text: &str) {
         let plain = crate::ascii_digits(text);
         let guess = code_guess(text, usize::from(self.flows.verify.code_length));
-        let held = (self.sub.codes.iter()).any(|c| c.is(plain.trim()) || c.is(&guess));
+        let held = (self.sub.codes.iter())
+            .filter(|c| c.by_app)
+            .any(|c| c.is(plain.trim()) || c.is(&guess));
         self.say_t(if held {
             &self.flows.verify.api_code_texted
         } else {
@@ -1763,7 +1765,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         self.schedule_step(name, k + 1);
         // No thanks, and the next step comes later (or there is none): still a reply.
         if !self.says_anything() {
-            self.say_t(&self.flows.replies.answer_saved);
+            self.say_t(&self.flows.replies.answered);
         }
     }
 

@@ -1254,7 +1254,7 @@ fn the_forms_last_answer_is_never_met_with_silence() {
 }
 
 /// A sequence question answered in time gets its `thanks`, or the step due at once, or,
-/// with neither, `replies.answer_saved`: never silence.
+/// with neither, `replies.answered`: never silence.
 #[test]
 fn an_answer_in_time_is_never_met_with_silence() {
     let asking = State::InSequence {
@@ -1275,8 +1275,8 @@ fn an_answer_in_time_is_never_met_with_silence() {
     };
     // The quiz question has no thanks, and its next step comes 12 hours later.
     let mut f = flows();
-    assert_eq!(answer(&f), ["Thanks, your answer is saved."]);
-    f.replies.answer_saved = smsflow::flows::Template::literal("Noted.");
+    assert_eq!(answer(&f), ["Thanks, got it."]);
+    f.replies.answered = smsflow::flows::Template::literal("Noted.");
     assert_eq!(answer(&f), ["Noted."]);
     // The next step due at once is the reply.
     let quiz = f.sequences.iter_mut().find(|s| s.name == "quiz").unwrap();
@@ -1336,10 +1336,23 @@ fn texts_while_only_an_apps_code_is_awaited_are_no_guesses() {
         rng,
     );
     assert_eq!(t.outcome, Outcome::Verified);
-    // Told by `send` to reply with it, a number that does is verified.
+    // What the code's text said when it went out counts, not a reload since: without
+    // `api_send` now, the code sent as "enter it in the app" is still the app's.
     let mut told_to_reply = flows();
     told_to_reply.verify.api_send = None;
     let t = text(&told_to_reply, &code);
+    assert_eq!(t.subscriber.state, State::AwaitingCode);
+    // Sent by `send`, which says to reply with it, a code texted back verifies.
+    let sent_by_send = step(
+        subscriber(State::Unverified),
+        &Event::OtpRequested,
+        &told_to_reply,
+        t0(),
+        rng,
+    )
+    .subscriber;
+    let replied = sent_by_send.codes[0].code.clone();
+    let t = step(sent_by_send, &Event::Inbound(replied), &f, t0(), rng);
     assert_eq!(t.subscriber.state, State::Verified);
 }
 
