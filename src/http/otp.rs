@@ -350,8 +350,9 @@ pub async fn validate_otp(
     let applied = apply(&state, &phone, Event::OtpSubmitted(otp.clone())).await?;
     match applied.outcome {
         Outcome::Verified => Ok(success()),
-        // The code this number just verified with, again (a double click, a retried
-        // request): said so, as the app may take it for a wrong one. One use all the same.
+        // A code the number verified with, or one it held then, again (a double click, a
+        // retried request): said so, as the app may take it for a wrong one. One use all
+        // the same.
         Outcome::WrongCode if used_before(&state, &phone, &otp) => Err(OtpError::Rejected(
             "this OTP was already used: it, or a code sent with it, verified the number, and \
              each code validates once (request a new one)"
@@ -373,7 +374,7 @@ pub async fn validate_otp(
     }
 }
 
-/// Whether `otp` is a code the number verified with, not yet expired (see
+/// Whether `otp` is a code the number held when it verified, not yet expired (see
 /// `Subscriber::used_codes`).
 fn used_before(state: &AppState, phone: &Phone, otp: &str) -> bool {
     let now = state.engine.clock().now();
