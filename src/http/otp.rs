@@ -40,6 +40,9 @@ pub enum OtpError {
     /// 5 / 500: the message provider could not be reached or refused the send.
     #[error("{0}")]
     Provider(String),
+    /// 5 / 503: the provider is busy (Twilio's 429) and said when to try again.
+    #[error("{message}")]
+    ProviderBusy { message: String, retry_after: u64 },
     /// 6 / 500: smsflow itself failed (the log has the details).
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
@@ -62,6 +65,7 @@ impl OtpError {
             OtpError::TooMany { .. } => (3, StatusCode::TOO_MANY_REQUESTS),
             OtpError::Unauthorized(_) => (4, StatusCode::UNAUTHORIZED),
             OtpError::Provider(_) => (5, StatusCode::INTERNAL_SERVER_ERROR),
+            OtpError::ProviderBusy { .. } => (5, StatusCode::SERVICE_UNAVAILABLE),
             OtpError::Unexpected(_) => (6, StatusCode::INTERNAL_SERVER_ERROR),
         }
     }
@@ -82,7 +86,9 @@ impl IntoResponse for OtpError {
         })
         .unwrap_or_default();
         let mut r = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
-        if let OtpError::TooMany { retry_after, .. } = &self {
+        if let OtpError::TooMany { retry_after, .. } | OtpError::ProviderBusy { retry_after, .. } =
+            &self
+        {
             if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
                 r.headers_mut().insert(header::RETRY_AFTER, v);
             }
@@ -290,10 +296,22 @@ async fn deliver(
                     state.provider.name()
                 )));
             }
-            Err(OtpError::Provider(format!(
+            let message = format!(
                 "the message provider ({}) did not send the code: {error}",
                 state.provider.name()
-            )))
+            );
+            // Twilio is busy and said when to try again: so is the app told.
+            Err(match e {
+                SendError::Temporary {
+                    retry_after: Some(wait),
+                    account: false,
+                    ..
+                } => OtpError::ProviderBusy {
+                    message,
+                    retry_after: wait.as_secs().max(1),
+                },
+                _ => OtpError::Provider(message),
+            })
         }
     }
 }

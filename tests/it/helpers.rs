@@ -45,9 +45,9 @@ struct FakeState {
     received: Vec<Received>,
     /// Inline TwiML of every call placed.
     calls: Vec<String>,
-    /// Statuses to answer next, in order; empty means 201.
-    /// Failures to answer with, in order: (HTTP status, Twilio error code).
-    script: VecDeque<(u16, u32)>,
+    /// Failures to answer with, in order (none left: 201): HTTP status, Twilio error code,
+    /// and the seconds of a `Retry-After` header, if any.
+    script: VecDeque<(u16, u32, Option<u64>)>,
     /// Numbers Twilio treats as unsubscribed (answered 400 / 21610).
     unsubscribed: Vec<String>,
     next_sid: u64,
@@ -110,13 +110,23 @@ impl FakeTwilio {
     }
 
     pub fn fail_next(&self, statuses: &[u16]) {
-        let failures = statuses.iter().map(|s| (*s, 20500));
+        let failures = statuses.iter().map(|s| (*s, 20500, None));
         self.state.lock().unwrap().script.extend(failures);
     }
 
     /// The next request is answered 400 with Twilio's error `code`.
     pub fn refuse_next(&self, code: u32) {
-        self.state.lock().unwrap().script.push_back((400, code));
+        self.state
+            .lock()
+            .unwrap()
+            .script
+            .push_back((400, code, None));
+    }
+
+    /// The next request is answered 429 (Twilio's 20429) with `Retry-After: secs`.
+    pub fn busy_next(&self, secs: u64) {
+        let busy = (429, 20429, Some(secs));
+        self.state.lock().unwrap().script.push_back(busy);
     }
 
     /// Message requests from now on wait, unanswered, until [`FakeTwilio::release`].
@@ -200,6 +210,7 @@ async fn fake_messages(
     }
     let mut s = state.lock().unwrap();
     let to = get("To").unwrap_or_default();
+    let mut retry_after = None;
     let (status, body) = if !authorized {
         (
             401,
@@ -210,7 +221,8 @@ async fn fake_messages(
             400,
             serde_json::json!({"code": 21610, "message": "Attempt to send to unsubscribed recipient", "status": 400}),
         )
-    } else if let Some((status, code)) = s.script.pop_front() {
+    } else if let Some((status, code, after)) = s.script.pop_front() {
+        retry_after = after;
         (
             status,
             serde_json::json!({"code": code, "message": "scripted failure", "status": status}),
@@ -236,7 +248,12 @@ async fn fake_messages(
         params: form.iter().map(|(k, _)| k.clone()).collect(),
         at: std::time::Instant::now(),
     });
-    (StatusCode::from_u16(status).unwrap(), axum::Json(body))
+    let mut answer = (StatusCode::from_u16(status).unwrap(), axum::Json(body)).into_response();
+    if let Some(secs) = retry_after {
+        let value = axum::http::HeaderValue::from(secs);
+        answer.headers_mut().insert("retry-after", value);
+    }
+    answer
 }
 
 async fn fake_calls(
@@ -254,7 +271,7 @@ async fn fake_calls(
     // the form encoded it.
     let encoded = twiml.replace(", ", "%2C+");
     let (status, body) = match s.script.pop_front() {
-        Some((status, code)) => (
+        Some((status, code, _)) => (
             status,
             serde_json::json!({"code": code, "message": format!("scripted failure for {twiml} (Twiml={encoded})"), "status": status}),
         ),

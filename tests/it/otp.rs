@@ -604,6 +604,18 @@ async fn a_phone_twilio_cannot_text_is_a_bad_request() {
     assert_failure(&got, 500, 5, "did not send the code");
 }
 
+/// Twilio busy (429) with a Retry-After: the app is told to try again then (503 exit 5),
+/// not sent a bare 500; the code went nowhere and is withdrawn.
+#[tokio::test]
+async fn a_busy_provider_passes_its_retry_after_on_to_the_app() {
+    let app = TestApp::spawn(FLOWS).await;
+    app.twilio.busy_next(30);
+    let got = app.otp("get_otp", json!({ "phone": PHONE }), None).await;
+    assert_failure(&got, 503, 5, "did not send the code");
+    assert_eq!(got.1.as_deref(), Some("30"), "Retry-After");
+    assert_eq!(app.state_of(PHONE).as_deref(), Some("unverified"));
+}
+
 #[tokio::test]
 async fn with_after_otp_api_form_the_phone_continues_into_the_form_by_sms() {
     let flows = FLOWS.replace("[verify]", "[verify]\nafter_otp_api = \"form\"");
