@@ -300,6 +300,25 @@ pub struct Store {
 #[error("{0}")]
 struct Abort(String);
 
+thread_local! {
+    /// Set while this thread opens a store (see [`Store::open_with_cache`]).
+    static OPENING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs (once) a panic hook that stays quiet for a panic met while opening a store,
+/// which is caught and reported as a damaged store; any other panic is reported as before.
+fn quiet_panics_while_opening() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let before = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !OPENING.with(|o| o.get()) {
+                before(info);
+            }
+        }));
+    });
+}
+
 /// A storage error as an operator reads it: "No space left on device (os error 28)". sled
 /// hands on a kept I/O error as the `Debug` text of the first (`Os { code: 28, kind:
 /// StorageFull, message: "No space left on device" }`): its message is taken from that.
@@ -334,8 +353,12 @@ impl Store {
     /// Opens with sled's page cache bounded to `cache_bytes` (reads beyond it are evicted).
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> anyhow::Result<Store> {
         // sled 0.34 panics on some damage it meets, recovering its log or reading a page
-        // back (a file cut short, a page overwritten): a damaged store, said so, not a crash.
+        // back (a file cut short, a page overwritten): a damaged store, said so, not a crash
+        // (and not with a panic's report first, which is no log line).
+        quiet_panics_while_opening();
+        OPENING.with(|o| o.set(true));
         let opened = std::panic::catch_unwind(|| Store::open_inner(dir, cache_bytes));
+        OPENING.with(|o| o.set(false));
         let opened = opened.map_err(|panic| {
             let what = (panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .or_else(|| panic.downcast_ref::<String>().cloned())

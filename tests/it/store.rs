@@ -1114,6 +1114,15 @@ fn a_damaged_store_is_refused_with_advice_not_a_panic() {
             .starts_with("snap.")),
         "sled wrote a snapshot"
     );
+    // A copy for the command below, untouched by the open that follows.
+    let copy = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+        }
+    }
+    std::fs::create_dir(copy.path().join("blobs")).unwrap();
     let refused = loop {
         match Store::open(dir.path()) {
             Err(e) if e.to_string().contains("in use") => {
@@ -1128,6 +1137,27 @@ fn a_damaged_store_is_refused_with_advice_not_a_panic() {
             && refused.contains("damaged")
             && refused.contains("backup"),
         "{refused}"
+    );
+    // The daemon says so in its own words alone (no panic report first), and exits 3.
+    // (Which way sled fails on this damage, a panic or an error, varies from run to run.)
+    let serve = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--flows",
+            "flows",
+            "--data",
+        ])
+        .arg(copy.path())
+        .env_remove("TWILIO_ACCOUNT_SID")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&serve.stderr);
+    assert_eq!(serve.status.code(), Some(3), "{said}");
+    assert!(
+        said.contains("damaged") && !said.contains("panicked"),
+        "{said}"
     );
 }
 
