@@ -305,6 +305,15 @@ thread_local! {
     static OPENING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// The refusal of a data dir whose store is damaged (`what`: how it showed), with the way out.
+fn damaged(dir: &Path, what: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "opening data dir {}: its store is damaged ({what}); restore the data dir from a \
+         backup (see the README's Backups)",
+        dir.display()
+    )
+}
+
 /// Installs (once) a panic hook that stays quiet for a panic met while opening a store,
 /// which is caught and reported as a damaged store; any other panic is reported as before.
 fn quiet_panics_while_opening() {
@@ -363,11 +372,7 @@ impl Store {
             let what = (panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "no message".into());
-            anyhow::anyhow!(
-                "opening data dir {}: its store is damaged (sled could not read it: {what}); \
-                 restore the data dir from a backup (see the README's Backups)",
-                dir.display()
-            )
+            damaged(dir, &format!("sled could not read it: {what}"))
         })?;
         opened.map_err(|e| {
             // Damage met reading the store after sled opened it: said as at its opening.
@@ -378,11 +383,7 @@ impl Store {
                     _ => None,
                 });
             match damage {
-                Some(d) if !e.to_string().contains("is damaged") => anyhow::anyhow!(
-                    "opening data dir {}: its store is damaged ({d}); restore the data dir from \
-                     a backup (see the README's Backups)",
-                    dir.display()
-                ),
+                Some(d) if !e.to_string().contains("is damaged") => damaged(dir, &d),
                 _ => e,
             }
         })
@@ -422,11 +423,7 @@ impl Store {
             sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
                 anyhow::Error::new(DataDirInUse(dir.to_path_buf()))
             }
-            sled::Error::Corruption { .. } => anyhow::anyhow!(
-                "opening data dir {}: its store is damaged ({e}); restore the data dir from \
-                     a backup (see the README's Backups)",
-                dir.display()
-            ),
+            sled::Error::Corruption { .. } => damaged(dir, &e.to_string()),
             other => anyhow::anyhow!("opening data dir {}: {other}", dir.display()),
         })?;
         let log_file = std::fs::File::open(dir.join("db"))

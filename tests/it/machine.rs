@@ -1292,14 +1292,12 @@ fn an_answer_in_time_is_never_met_with_silence() {
 fn texts_while_only_an_apps_code_is_awaited_are_no_guesses() {
     let f = flows();
     let rng = &mut StdRng::seed_from_u64(3);
-    let asked = step(
-        subscriber(State::Unverified),
-        &Event::OtpRequested,
-        &f,
-        t0(),
-        rng,
-    )
-    .subscriber;
+    // A number an app asks a code for, first of all.
+    let app_asks = |f: &Flows, rng: &mut StdRng| {
+        let new = subscriber(State::Unverified);
+        step(new, &Event::OtpRequested, f, t0(), rng).subscriber
+    };
+    let asked = app_asks(&f, rng);
     assert_eq!(asked.state, State::AwaitingCode);
     let code = asked.codes[0].code.clone();
     let text = |f: &Flows, said: &str| {
@@ -1343,14 +1341,7 @@ fn texts_while_only_an_apps_code_is_awaited_are_no_guesses() {
     let t = text(&told_to_reply, &code);
     assert_eq!(t.subscriber.state, State::AwaitingCode);
     // Sent by `send`, which says to reply with it, a code texted back verifies.
-    let sent_by_send = step(
-        subscriber(State::Unverified),
-        &Event::OtpRequested,
-        &told_to_reply,
-        t0(),
-        rng,
-    )
-    .subscriber;
+    let sent_by_send = app_asks(&told_to_reply, rng);
     let replied = sent_by_send.codes[0].code.clone();
     let t = step(sent_by_send, &Event::Inbound(replied), &f, t0(), rng);
     assert_eq!(t.subscriber.state, State::Verified);
