@@ -1741,7 +1741,32 @@ fn state_index(s: &State) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::io_text;
+    use super::{io_text, Store};
+
+    #[test]
+    fn a_failed_fdatasync_fails_that_flush_and_every_later_one_though_the_disk_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let places = [("welcome".to_string(), "flows/welcome.toml".to_string())];
+        store.set_flows_places(&places).unwrap();
+        store.flush().unwrap();
+        assert_eq!(store.failure(), None);
+        // fdatasync of a device file fails (EINVAL), as a failing disk's would.
+        let real = std::mem::replace(
+            &mut store.log_file,
+            std::fs::File::open("/dev/null").unwrap(),
+        );
+        store.set_flows_places(&places).unwrap();
+        let failed = format!("{:#}", store.flush().unwrap_err());
+        assert!(failed.contains("Invalid argument"), "{failed}");
+        let kept = store.failure().expect("the failure is kept");
+        assert!(kept.contains("Invalid argument"), "{kept}");
+        // The kernel may have dropped the pages that failed: a later fdatasync that succeeds
+        // would not say so, so nothing written since counts as durable.
+        store.log_file = real;
+        let again = format!("{:#}", store.flush().unwrap_err());
+        assert!(again.contains("the disk under it failed"), "{again}");
+    }
 
     #[test]
     fn a_kept_io_error_reads_as_its_message_not_as_debug_text() {
