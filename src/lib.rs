@@ -99,6 +99,23 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     })
 }
 
+/// A duration in a flow or a transcript, as [`parse_duration`] reads it, but not in months
+/// or years: humantime reads `M` as a month and `y` as a year (30.44 and 365.25 days), and a
+/// step's `1M` is easily meant as a minute. (The config's retention may say `1y`.)
+pub fn parse_flow_duration(text: &str) -> Result<std::time::Duration, String> {
+    let units = text.split(|c: char| c.is_ascii_digit() || c.is_whitespace() || c == '.');
+    for unit in units.filter(|u| !u.is_empty()) {
+        let why = match unit {
+            "M" => "`M` is a month here, not a minute: write `m` for minutes, or days (`30d`)",
+            "month" | "months" => "months vary in length: write days (`30d`)",
+            "y" | "year" | "years" => "years vary in length: write days (`365d`)",
+            _ => continue,
+        };
+        return Err(why.to_string());
+    }
+    parse_duration(text)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -122,6 +139,29 @@ mod tests {
         assert_eq!(
             super::parse_duration("1h 30m"),
             Ok(std::time::Duration::from_secs(5400))
+        );
+    }
+
+    #[test]
+    fn a_flow_duration_in_months_or_years_is_refused_with_what_to_write_instead() {
+        use std::time::Duration;
+        for (text, says) in [
+            ("1M", "`M` is a month here, not a minute"),
+            ("2 months", "months vary in length: write days (`30d`)"),
+            ("1month 2d", "months vary in length"),
+            ("1y", "years vary in length: write days (`365d`)"),
+            ("1d 2years", "years vary in length"),
+        ] {
+            let refused = super::parse_flow_duration(text).unwrap_err();
+            assert!(refused.contains(says), "{text}: {refused}");
+        }
+        assert_eq!(
+            super::parse_duration("1y"),
+            Ok(Duration::from_secs(31_557_600))
+        );
+        assert_eq!(
+            super::parse_flow_duration("1m 2d 1w"),
+            Ok(Duration::from_secs(60 + 2 * 86_400 + 7 * 86_400))
         );
     }
 

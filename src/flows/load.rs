@@ -317,6 +317,12 @@ fn plain_words(msg: &str) -> String {
              say = \"Hi\")"
         );
     }
+    if msg.starts_with("missing escaped value") || msg.starts_with("invalid escape") {
+        return format!(
+            "{msg} (in double quotes a backslash starts an escape; write a pattern such as \
+             '\\d{{5}}' in single quotes, which take it as it is)"
+        );
+    }
     if msg.starts_with("missing field") {
         return format!("{msg}, which this table needs (the rest of this file is not checked until it is there)");
     }
@@ -701,16 +707,39 @@ impl Cx {
             bot.name = name.into_inner().trim().to_string();
         }
         if let Some(tz) = raw.timezone {
-            match tz.get_ref().trim().parse::<Tz>() {
-                Ok(t) => bot.timezone = t,
-                Err(_) => self.err(
+            let name = tz.get_ref().trim();
+            match name.parse::<Tz>() {
+                // Fixed offsets all year that read as US regions' names: quiet hours would
+                // be an hour off through the summer.
+                Ok(Tz::EST | Tz::MST) => self.err(
                     f,
                     tz.span(),
                     format!(
-                        "unknown timezone {:?} (use an IANA name such as America/New_York)",
-                        tz.get_ref()
+                        "timezone {name:?} is a fixed offset all year, with no daylight saving: \
+                         for the region's local time write {} (or Etc/GMT+{} if a fixed offset \
+                         is meant)",
+                        if name == "EST" {
+                            "America/New_York"
+                        } else {
+                            "America/Denver (America/Phoenix for Arizona)"
+                        },
+                        if name == "EST" { 5 } else { 7 }
                     ),
                 ),
+                Ok(t) => bot.timezone = t,
+                Err(_) => {
+                    let hint = match (chrono_tz::TZ_VARIANTS.iter())
+                        .find(|t| t.name().eq_ignore_ascii_case(name))
+                    {
+                        Some(t) => format!("did you mean {}? names are case-sensitive", t.name()),
+                        None => "use an IANA name such as America/New_York".to_string(),
+                    };
+                    self.err(
+                        f,
+                        tz.span(),
+                        format!("unknown timezone {:?} ({hint})", tz.get_ref()),
+                    )
+                }
             }
         }
         if let Some(q) = raw.quiet_hours {
@@ -1033,7 +1062,7 @@ impl Cx {
         what: &str,
         positive: bool,
     ) -> Option<TimeDelta> {
-        let parsed = crate::parse_duration(raw.get_ref())
+        let parsed = crate::parse_flow_duration(raw.get_ref())
             .and_then(|d| TimeDelta::from_std(d).map_err(|e| e.to_string()))
             .and_then(|d| {
                 if d > TimeDelta::days(MAX_DAYS) {

@@ -334,6 +334,104 @@ fn unknown_keys_do_not_hide_the_other_problems_of_their_file() {
     }
 }
 
+/// humantime reads `1M` as a month: a flow author who meant a minute heard nothing until a
+/// month later. Months and years are refused in flows, each saying what to write instead.
+#[test]
+fn a_step_after_one_capital_m_is_refused_as_a_month_not_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "later.toml",
+        "[[sequence]]\nname = \"s\"\nsteps = [\n  { after = \"1M\", say = \"a\" },\n  \
+         { after = \"1y\", say = \"b\" },\n]\n",
+    );
+    let problems = problems_in(dir.path());
+    for (place, says) in [
+        ("later.toml:4:13:", "bad duration \"1M\""),
+        (
+            "later.toml:4:13:",
+            "`M` is a month here, not a minute: write `m`",
+        ),
+        (
+            "later.toml:5:13:",
+            "years vary in length: write days (`365d`)",
+        ),
+    ] {
+        assert!(
+            problems
+                .lines()
+                .any(|l| l.contains(place) && l.contains(says)),
+            "no {says:?} at {place} in:\n{problems}"
+        );
+    }
+}
+
+/// `pattern = "\d{5}"` is a TOML escape error whose words (expected `b`, `e`, `f`…) do not
+/// say that single quotes are the way to write a regex.
+#[test]
+fn a_pattern_in_double_quotes_with_a_backslash_is_told_to_use_single_quotes() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "zip.toml",
+        "[[sequence]]\nname = \"s\"\n\
+         steps = [{ ask = \"Zip?\", expect = { pattern = \"\\d{5}\" } }]\n",
+    );
+    let problems = problems_in(dir.path());
+    assert!(
+        problems
+            .lines()
+            .any(|l| l.contains("zip.toml:3:49: missing escaped value")
+                && l.contains("write a pattern such as '\\d{5}' in single quotes")),
+        "{problems}"
+    );
+    write(
+        dir.path(),
+        "zip.toml",
+        "[[sequence]]\nname = \"s\"\n\
+         steps = [{ ask = \"Zip?\", expect = { pattern = '\\d{5}' } }]\n",
+    );
+    let out = smsflow().arg("check").arg(dir.path()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// `EST` is a real tz name, but a fixed UTC-5 all year: quiet hours an hour off all summer.
+/// A name in the wrong case is told its right spelling.
+#[test]
+fn a_timezone_without_daylight_saving_or_in_the_wrong_case_says_what_to_write() {
+    let dir = tempfile::tempdir().unwrap();
+    for (zone, says) in [
+        ("EST", "fixed offset all year, with no daylight saving: for the region's local time write America/New_York"),
+        ("MST", "write America/Denver (America/Phoenix for Arizona)"),
+        ("america/new_york", "did you mean America/New_York? names are case-sensitive"),
+    ] {
+        write(dir.path(), "bot.toml", &format!("[bot]\ntimezone = \"{zone}\"\n"));
+        let problems = problems_in(dir.path());
+        assert!(
+            problems.lines().any(|l| l.contains("bot.toml:2:12:") && l.contains(says)),
+            "{zone}: {problems}"
+        );
+    }
+    for zone in [
+        "America/New_York",
+        "Pacific/Honolulu",
+        "HST",
+        "Etc/GMT+5",
+        "UTC",
+    ] {
+        write(
+            dir.path(),
+            "bot.toml",
+            &format!("[bot]\ntimezone = \"{zone}\"\n"),
+        );
+        assert!(smsflow::flows::load_dir(dir.path()).is_ok(), "{zone}");
+    }
+}
+
 /// A mistyped table name (`[bott]`, `[bot.extra]`, `[[sequnce]]`) is told, and the rest of the
 /// file is still checked: before, everything else in the file went unsaid.
 #[test]
