@@ -176,9 +176,14 @@ fn choice_in_words(choices: &[(String, String)], answer: &str) -> Option<String>
     for start in starts.into_iter().flatten() {
         for (label, words) in &labels {
             if let Some(rest) = start.strip_prefix(words.as_slice()) {
-                let other = labels
-                    .iter()
-                    .any(|(_, w)| rest.windows(w.len()).any(|r| r == w.as_slice()));
+                let other = labels.iter().any(|(_, w)| {
+                    rest.windows(w.len()).any(|r| r == w.as_slice())
+                        // A longer label this one starts, whose own further words follow
+                        // ("email & text" beside `email_and_text`): no telling which.
+                        || (w.len() > words.len() && w.starts_with(words))
+                            && (w[words.len()..].iter())
+                                .any(|x| !LINKS.contains(&x.as_str()) && rest.contains(x))
+                });
                 found.push((label, words, other));
             }
         }
@@ -197,6 +202,9 @@ fn choice_in_words(choices: &[(String, String)], answer: &str) -> Option<String>
         _ => None,
     }
 }
+
+/// Words that join a label's parts ("email and text"), and say nothing of which is meant.
+const LINKS: [&str; 4] = ["and", "or", "n", "plus"];
 
 /// A text's words, lowercase ("under_30" and "under 30" are the same two).
 fn words_of(s: &str) -> Vec<String> {

@@ -1855,6 +1855,25 @@ fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
     ] {
         assert_eq!(contact.accept(said).as_deref(), meant, "{said:?}");
     }
+    // With no choice of its own for "text", "email & text" was taken as `email`: it names the
+    // longer label's further word, so it is no telling which, and asked again.
+    let contact = smsflow::flows::Expect::Choices(
+        [("A", "email"), ("B", "email_and_text"), ("C", "phone")]
+            .map(|(k, l)| (k.to_string(), l.to_string()))
+            .to_vec(),
+    );
+    for (said, meant) in [
+        ("email & text", None),
+        ("email+text", None),
+        ("email, text", None),
+        ("email and text", Some("email_and_text")),
+        ("email and text please", Some("email_and_text")),
+        ("email please", Some("email")),
+        ("email, and soon", Some("email")),
+        ("the email", Some("email")),
+    ] {
+        assert_eq!(contact.accept(said).as_deref(), meant, "{said:?}");
+    }
     let signed = smsflow::flows::Expect::Range(-5, 5);
     for (said, meant) in [
         ("-3", Some("-3")),
