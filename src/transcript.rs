@@ -86,6 +86,7 @@ pub fn run(flows: &Flows, file: &Path, text: &str) -> Result<(), Failure> {
         pending_from: 0,
         last_expected: 0,
     };
+    let mut ran = false;
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;
         let raw = raw.trim_end();
@@ -103,6 +104,17 @@ pub fn run(flows: &Flows, file: &Path, text: &str) -> Result<(), Failure> {
             t.drained().map_err(|(at, m)| fail(file, at, m))?;
         }
         t.line(line, tag, rest).map_err(|m| fail(file, line, m))?;
+        ran = true;
+    }
+    if !ran {
+        // It would pass, and so vouch for nothing.
+        return Err(fail(
+            file,
+            0,
+            "nothing to run: a transcript needs at least a `> text` the number sends and the \
+             `< text` the bot answers"
+                .to_string(),
+        ));
     }
     t.drained().map_err(|(line, m)| fail(file, line, m))
 }
@@ -464,7 +476,7 @@ impl Runner {
 pub fn parse_delay(text: &str) -> Result<TimeDelta, String> {
     /// A century: far enough for any flow, and the virtual clock cannot overflow.
     const MAX: std::time::Duration = std::time::Duration::from_secs(100 * 366 * 86_400);
-    let d = crate::parse_duration(text)
+    let d = crate::parse_flow_duration(text)
         .map_err(|e| format!("bad duration {text:?}: {e} (write e.g. 30s, 10m, 1d)"))?;
     if d > MAX {
         return Err(format!(

@@ -58,6 +58,33 @@ fn a_wrong_expectation_fails_with_file_line_expected_and_actual() {
     );
 }
 
+/// A transcript with nothing in it but comments passed as `ok`, vouching for nothing.
+#[test]
+fn an_empty_transcript_fails_as_one_that_tests_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("tests")).unwrap();
+    std::fs::write(dir.path().join("bot.toml"), "[bot]\nname = \"Quiet\"\n").unwrap();
+    std::fs::write(dir.path().join("tests/empty.txt"), "").unwrap();
+    std::fs::write(dir.path().join("tests/notes.txt"), "# to do\n\n").unwrap();
+    std::fs::write(
+        dir.path().join("tests/real.txt"),
+        "> HELP\n< Quiet: reply JOIN to subscribe, STOP to opt out.\n",
+    )
+    .unwrap();
+    let out = smsflow_test(dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    for name in ["empty.txt", "notes.txt"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.contains(&format!("tests/{name}: nothing to run"))),
+            "{stdout}"
+        );
+    }
+    assert!(stdout.contains("1 passed, 2 failed"), "{stdout}");
+}
+
 /// `\n` in a transcript is a line break; a text that says backslash-n (a flow's single-quoted
 /// TOML string) is written `\\n`, and does not pass for one with a line break.
 #[test]
