@@ -154,6 +154,9 @@ impl Application {
             );
             anyhow::Error::new(p).context(context)
         })?;
+        for w in flows.warnings() {
+            tracing::warn!("flows: {w}");
+        }
         // The first E.164 parse loads metadata (~100 ms): do it now, not on a webhook.
         let _ = crate::phone::Phone::parse("+14155550100");
         // A short bearer token can be guessed (a wrong one is logged, once a minute at most).

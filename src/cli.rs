@@ -174,7 +174,14 @@ fn flows_or_problems(dir: &Path) -> Result<flows::Flows, ExitCode> {
 pub fn check(dir: &Path) -> ExitCode {
     match flows_or_problems(dir) {
         Ok(f) => {
-            outln!("ok: {} ({})", dir.display(), f.summary());
+            for w in f.warnings() {
+                errln!("{w}");
+            }
+            let warned = match f.warnings().len() {
+                0 => String::new(),
+                n => format!("; {n} warning(s)"),
+            };
+            outln!("ok: {} ({}){warned}", dir.display(), f.summary());
             ExitCode::SUCCESS
         }
         Err(code) => code,

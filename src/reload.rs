@@ -290,7 +290,14 @@ impl Reloader {
         match loaded {
             Ok(f) => {
                 let summary = f.summary();
+                let warnings: Vec<String> = f.warnings().iter().map(|w| w.to_string()).collect();
                 let live = self.engine.flows();
+                // A form field no longer declared (renamed, removed): its answers stay in
+                // each number's record, but leave the export, which has a column per field.
+                let dropped: Vec<String> = (live.form.all_keys())
+                    .filter(|k| !f.form.all_keys().any(|n| n == *k))
+                    .map(str::to_string)
+                    .collect();
                 let shrunk = f.removed_places_of(&live.places());
                 // A file gone (deleted, renamed away) takes its tables with it: whatever it
                 // set goes back to the defaults, which passes `check` but is seldom meant.
@@ -312,6 +319,19 @@ impl Reloader {
                     self.engine.set_flows(f);
                 }
                 tracing::info!(trigger = why, "flows reloaded: {summary}");
+                for w in &warnings {
+                    tracing::warn!(trigger = why, "flows: {w}");
+                }
+                if !dropped.is_empty() {
+                    tracing::warn!(
+                        trigger = why,
+                        "the flows now live no longer declare the field(s) {}: the answers \
+                         saved under them stay in each number's record (GET \
+                         /admin/subscribers/{{phone}}) but are not in the export; declare them \
+                         again (in form.extra_fields, if no longer asked) to export them",
+                        dropped.join(", ")
+                    );
+                }
                 if !gone.is_empty() {
                     tracing::warn!(
                         trigger = why,

@@ -156,6 +156,7 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
     let mut cx = Cx {
         sources,
         problems: Vec::new(),
+        warnings: Vec::new(),
         clearable: Vec::new(),
         code_digits: 6,
         bot_name: String::new(),
@@ -264,8 +265,11 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
         cx.err(unread[0], 0..0, message);
     }
     if cx.problems.is_empty() {
+        cx.warnings
+            .sort_by(|a, b| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
         Ok(Flows {
             sources: cx.sources,
+            warnings: cx.warnings,
             ..flows
         })
     } else {
@@ -587,6 +591,8 @@ const MAX_TEXT: usize = crate::machine::MAX_BODY;
 struct Cx {
     sources: Vec<(PathBuf, String)>,
     problems: Vec<Problem>,
+    /// What passes but is seldom meant (see [`Flows::warnings`]).
+    warnings: Vec<Problem>,
     /// For each of `problems`, whether a declaration in another file would clear it (an
     /// undeclared field, zero total weight): while a file does not parse, such a problem may
     /// be its absence speaking.
@@ -610,6 +616,18 @@ impl Cx {
             message: message.into(),
         });
         self.clearable.push(false);
+    }
+
+    /// A warning: what passes `check` but is seldom meant, located as a problem is.
+    fn warn(&mut self, file: usize, span: Range<usize>, message: impl Into<String>) {
+        let (path, text) = &self.sources[file];
+        let (line, col) = crate::line_col(text, span.start);
+        self.warnings.push(Problem {
+            file: path.clone(),
+            line,
+            col,
+            message: format!("warning: {}", message.into()),
+        });
     }
 
     /// [`Cx::err`] for a problem that a declaration in another file would clear.
@@ -676,9 +694,11 @@ impl Cx {
         let keywords = self.keywords(keywords);
         let form = self.form(forms, &keywords);
         let fields: Vec<String> = form.all_keys().map(str::to_string).collect();
+        // The form's own fields: answered before any sequence begins.
+        let asked: Vec<String> = form.fields.iter().map(|x| x.key.clone()).collect();
         let verify = self.verify(verify, &fields);
-        let sequences = self.sequences(sequences, &fields, &keywords);
-        let replies = self.replies(replies, &fields);
+        let sequences = self.sequences(sequences, &fields, &asked, &keywords);
+        let replies = self.replies(replies, &fields, &asked);
         let ivr = self.ivr(ivr, &fields, ivr_span);
         Flows {
             bot,
@@ -689,6 +709,7 @@ impl Cx {
             replies,
             ivr,
             sources: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 
@@ -1028,6 +1049,16 @@ impl Cx {
                         self.err(f, s.span(), msg);
                     }
                 }
+                for key in t.maybe_unfilled(allowed) {
+                    self.warn(
+                        f,
+                        s.span(),
+                        format!(
+                            "{what}: {{field.{key}}} may have no answer yet when this is sent, \
+                             and then shows as nothing"
+                        ),
+                    );
+                }
                 // The texts that may name the code are the ones that carry it: without it
                 // they would send (or read) no code, and no one could ever verify.
                 if allowed.code && !t.slots().any(|n| n == "code") {
@@ -1125,6 +1156,8 @@ impl Cx {
             current: false,
             fields,
             spoken: false,
+            // Sent before any answer (a code, its refusals, the welcome).
+            filled: Some(&[]),
         };
         let with_code = Allowed {
             code: true,
@@ -1333,20 +1366,29 @@ impl Cx {
             current: false,
             fields: &keys,
             spoken: false,
+            filled: None,
         };
         let mut fields = Vec::new();
         let mut asked_at = Vec::new();
-        for (f, raw) in declared_fields {
+        // The form's fields in the order asked: each question knows the answers before it.
+        let in_order: Vec<String> = (declared_fields.iter())
+            .map(|(_, raw)| raw.key.get_ref().trim().to_string())
+            .collect();
+        for (i, (f, raw)) in declared_fields.into_iter().enumerate() {
             let key = raw.key.get_ref().trim().to_string();
             asked_at.push((f, raw.ask.span()));
-            let ask = self.checked_text(f, &raw.ask, &format!("form field {key:?} ask"), plain);
+            let before = Allowed {
+                filled: Some(&in_order[..i]),
+                ..plain
+            };
+            let ask = self.checked_text(f, &raw.ask, &format!("form field {key:?} ask"), before);
             let expect = self.expect(f, raw.expect, keywords, Asker::Form);
             let retry = self.text(
                 f,
                 raw.retry,
                 &format!("form field {key:?} retry"),
                 "Sorry, I didn't understand that.",
-                plain,
+                before,
             );
             fields.push(Field {
                 key,
@@ -1355,9 +1397,14 @@ impl Cx {
                 retry,
             });
         }
+        // Sent once the first pass is through (editing, or at its end).
+        let answered = Allowed {
+            filled: Some(&in_order),
+            ..plain
+        };
         let with_current = Allowed {
             current: true,
-            ..plain
+            ..answered
         };
         let current = match current {
             Some((f, s)) => self.checked_text(f, &s, "form.current", with_current),
@@ -1373,11 +1420,11 @@ impl Cx {
             self.check_joined(f, span, &format!("form field {:?}", field.key), &parts);
         }
         let saved = match saved {
-            Some((f, s)) => self.checked_text(f, &s, "form.saved", plain),
+            Some((f, s)) => self.checked_text(f, &s, "form.saved", answered),
             None => fixed("Your profile is updated."),
         };
         let done = match done {
-            Some((f, s)) => self.checked_text(f, &s, "form.done", plain),
+            Some((f, s)) => self.checked_text(f, &s, "form.done", answered),
             None => fixed("Thanks, you're all set."),
         };
         Form {
@@ -1402,7 +1449,7 @@ impl Cx {
             cx.err(
                 f,
                 span.clone(),
-                format!("{msg} (expect is \"any\", {{ choices = {{ A = \"label\", … }} }}, {{ range = [1, 5] }} or {{ pattern = \"regex\" }})"),
+                format!("{msg} (expect is \"any\", {{ choices = {{ A = \"label\", … }} }}, {{ range = [1, 5] }} or {{ pattern = '\\d{{5}}' }})"),
             );
             Expect::Any
         };
@@ -1594,10 +1641,12 @@ impl Cx {
         Expect::Choices(out)
     }
 
+    /// `asked`: the form's fields, answered before a sequence begins.
     fn sequences(
         &mut self,
         raw: Vec<(usize, S<RawSequence>)>,
         fields: &[String],
+        asked: &[String],
         keywords: &Keywords,
     ) -> Vec<Sequence> {
         let plain = Allowed {
@@ -1605,6 +1654,7 @@ impl Cx {
             current: false,
             fields,
             spoken: false,
+            filled: None,
         };
         let mut out = Vec::new();
         let mut names: BTreeMap<String, (usize, Range<usize>)> = BTreeMap::new();
@@ -1633,10 +1683,17 @@ impl Cx {
                 self.err(f, seq_span, format!("sequence {name:?} has no steps"));
             }
             let mut steps = Vec::new();
+            // What is answered by each step: the form, and each earlier question that waits
+            // for its answer (one with a timeout may go on without it).
+            let mut answered = asked.to_vec();
             for (i, step) in seq.steps.into_iter().enumerate() {
                 let span = step.span();
                 let step = step.into_inner();
                 let what = format!("sequence {name:?} step {}", i + 1);
+                let plain = Allowed {
+                    filled: Some(&answered),
+                    ..plain
+                };
                 let after = match &step.after {
                     Some(d) => self
                         .duration(f, d, &format!("{what} after"))
@@ -1689,9 +1746,19 @@ impl Cx {
                         );
                         let parts = [(&retry, plain), (&text, plain)];
                         self.check_joined(f, ask.span(), &what, &parts);
+                        // Sent for an answer, which is saved by then.
+                        let with_own: Vec<String> =
+                            answered.iter().cloned().chain(save.clone()).collect();
+                        let thanked = Allowed {
+                            filled: Some(&with_own),
+                            ..plain
+                        };
                         let thanks = step
                             .thanks
-                            .map(|t| self.checked_text(f, &t, &format!("{what} thanks"), plain));
+                            .map(|t| self.checked_text(f, &t, &format!("{what} thanks"), thanked));
+                        if let (Some(key), None) = (&save, timeout) {
+                            answered.push(key.clone());
+                        }
                         StepAction::Ask(Question {
                             text,
                             save,
@@ -1733,7 +1800,13 @@ impl Cx {
         out
     }
 
-    fn replies(&mut self, raw: Option<(usize, RawReplies)>, fields: &[String]) -> Replies {
+    /// `asked`: the form's fields, answered by the time a sequence's question is.
+    fn replies(
+        &mut self,
+        raw: Option<(usize, RawReplies)>,
+        fields: &[String],
+        asked: &[String],
+    ) -> Replies {
         let (f, r) = match raw {
             Some((f, r)) => (f, r),
             None => (
@@ -1755,6 +1828,13 @@ impl Cx {
             current: false,
             fields,
             spoken: false,
+            // Most replies may go to a number that has answered nothing.
+            filled: Some(&[]),
+        };
+        // Those to a sequence's question come after the form.
+        let in_sequence = Allowed {
+            filled: Some(asked),
+            ..plain
         };
         Replies {
             help: self.text(
@@ -1804,9 +1884,15 @@ impl Cx {
                 r.late_answer,
                 "replies.late_answer",
                 "Thanks, your answer is saved.",
-                plain,
+                in_sequence,
             ),
-            answered: self.text(f, r.answered, "replies.answered", "Thanks, got it.", plain),
+            answered: self.text(
+                f,
+                r.answered,
+                "replies.answered",
+                "Thanks, got it.",
+                in_sequence,
+            ),
         }
     }
 
@@ -1816,6 +1902,7 @@ impl Cx {
             current: false,
             fields,
             spoken: true,
+            filled: None,
         };
         let Some((f, r)) = raw else {
             return Ivr {

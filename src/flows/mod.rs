@@ -25,6 +25,8 @@ pub struct Flows {
     /// The files the set was loaded from, (path, text) in name order: hot reload compares
     /// what it reads later with them.
     sources: Vec<(std::path::PathBuf, String)>,
+    /// What passes but is seldom meant, in reading order (see [`Flows::warnings`]).
+    warnings: Vec<Problem>,
 }
 
 #[derive(Clone, Debug)]
@@ -531,6 +533,12 @@ impl IvrAction {
 
 impl Flows {
     /// The files the set was loaded from, (path, text) in name order.
+    /// What `check` passes but warns of, each `warning: …` located as a problem is: a text
+    /// that may be sent before a field it names has an answer (it then shows as nothing).
+    pub fn warnings(&self) -> &[Problem] {
+        &self.warnings
+    }
+
     pub fn sources(&self) -> &[(std::path::PathBuf, String)] {
         &self.sources
     }

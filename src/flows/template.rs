@@ -25,6 +25,9 @@ pub struct Allowed<'a> {
     pub fields: &'a [String],
     /// Spoken by the voice menu, which has no number's fields or sequence at hand.
     pub spoken: bool,
+    /// The fields certain to hold an answer whenever this text is sent; a declared one
+    /// that is not may show as nothing, and `check` warns of it. `None`: not looked at.
+    pub filled: Option<&'a [String]>,
 }
 
 impl Template {
@@ -131,6 +134,22 @@ impl Template {
             .collect()
     }
 
+    /// The declared fields this template names that `allowed` does not count as filled
+    /// (see [`Allowed::filled`]), each once, in the order named.
+    pub fn maybe_unfilled<'a>(&'a self, allowed: Allowed<'a>) -> Vec<&'a str> {
+        let Some(filled) = allowed.filled else {
+            return Vec::new();
+        };
+        let mut out: Vec<&str> = Vec::new();
+        for key in self.slots().filter_map(|n| n.strip_prefix("field.")) {
+            let declared = allowed.fields.iter().any(|f| f == key);
+            if declared && !filled.iter().any(|f| f == key) && !out.contains(&key) {
+                out.push(key);
+            }
+        }
+        out
+    }
+
     pub fn slots(&self) -> impl Iterator<Item = &str> {
         self.parts.iter().filter_map(|p| match p {
             Part::Slot(s) => Some(s.as_str()),
@@ -203,6 +222,7 @@ mod tests {
             current: false,
             fields: &fields,
             spoken: false,
+            filled: None,
         };
         let unknown = t.unknown_placeholders(sms);
         assert_eq!(unknown.len(), 3, "{unknown:?}");

@@ -399,6 +399,70 @@ fn a_pattern_in_double_quotes_with_a_backslash_is_told_to_use_single_quotes() {
     );
 }
 
+/// A text that may go out before a field it names has an answer shows nothing in its place
+/// ("Hi , P"): `check` passes it with a warning located at the text. One sent only once the
+/// field is answered (a later form question, a sequence after the form, a step after a
+/// question that waits for its answer, a question's own thanks) is not warned of.
+#[test]
+fn check_warns_of_a_field_named_where_it_may_have_no_answer_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "bot.toml",
+        r#"[verify]
+verified = "Hi {field.first}"
+[replies]
+help = "Help for {field.first}"
+answered = "Got it, {field.first}"
+[form]
+extra_fields = ["zip", "nps"]
+done = "Done, {field.first}! Zip {field.zip}."
+[[form.field]]
+key = "first"
+ask = "Name? (we have {field.last})"
+[[form.field]]
+key = "last"
+ask = "Surname, {field.first}?"
+[[sequence]]
+name = "s"
+steps = [
+  { say = "Hello {field.first} {field.last}" },
+  { ask = "Zip?", save = "zip", thanks = "Zip {field.zip} saved" },
+  { ask = "NPS?", save = "nps", timeout = "1d", retry = "0-10, {field.zip}" },
+  { say = "Thanks: {field.zip} {field.nps} {field.nps}" },
+]
+"#,
+    );
+    let out = smsflow().arg("check").arg(dir.path()).output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.ends_with("; 5 warning(s)\n"), "{stdout}");
+    let warned: Vec<&str> = stderr.lines().collect();
+    let expected = [
+        ("bot.toml:2:12:", "verify.verified: {field.first}"),
+        ("bot.toml:4:8:", "replies.help: {field.first}"),
+        ("bot.toml:8:8:", "form.done: {field.zip}"),
+        ("bot.toml:11:7:", "form field \"first\" ask: {field.last}"),
+        ("bot.toml:21:11:", "sequence \"s\" step 4 say: {field.nps}"),
+    ];
+    assert_eq!(warned.len(), expected.len(), "{stderr}");
+    for ((place, says), line) in expected.iter().zip(&warned) {
+        assert!(
+            line.starts_with(&format!(
+                "{}{place} warning: ",
+                dir.path().join("").display()
+            )) && line.contains(says)
+                && line.ends_with(
+                    "may have no answer yet when this is sent, and then shows as nothing"
+                ),
+            "{line}"
+        );
+    }
+}
+
 /// `EST` is a real tz name, but a fixed UTC-5 all year: quiet hours an hour off all summer.
 /// A name in the wrong case is told its right spelling.
 #[test]

@@ -1377,6 +1377,42 @@ async fn a_flow_file_deleted_while_serving_goes_live_with_a_warning_that_names_i
     exits_cleanly(child, stderr, Duration::from_secs(10)).await;
 }
 
+/// A reload that renames a form field goes live (its answers stay in the records), but the
+/// log says the old field's answers left the export; and what `check` warns of is logged.
+#[tokio::test]
+async fn a_reload_that_drops_a_field_or_uses_one_too_early_goes_live_with_warnings() {
+    let (data, flows) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
+    let (child, base, _lines, mut stderr) =
+        serve_child_with(data.path(), flows.path(), |_| {}).await;
+    let renamed = FLOWS.replace("first_name", "name")
+        + "\n[replies]\nhelp = \"Hi {field.name}, reply STOP to stop.\"\n";
+    std::fs::write(flows.path().join("flows.toml"), renamed).unwrap();
+    let mut warned = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while warned.len() < 2 {
+            let line = stderr.next_line().await.unwrap().expect("stderr goes on");
+            if line.contains("WARN")
+                && (line.contains("no longer declare the field(s) first_name")
+                    || line.contains("replies.help: {field.name} may have no answer yet"))
+            {
+                warned.push(line);
+            }
+        }
+    })
+    .await
+    .expect("both warnings in time");
+    assert!(
+        warned.iter().any(|l| l.contains("not in the export")),
+        "{warned:?}"
+    );
+    assert!(signed_sms(&base, ANN, "HELP")
+        .await
+        .contains("Hi , reply STOP"));
+    sigterm(&child);
+    exits_cleanly(child, stderr, Duration::from_secs(10)).await;
+}
+
 /// A disk that fails under a running daemon (here the file size limit, which fails sled's
 /// writes as a full disk does): sled fails every change after its first failed write, even
 /// once space is back, so the daemon stops with exit 3 naming the cause instead of answering
