@@ -1593,6 +1593,29 @@ impl Cx {
                     ),
                 );
             }
+            // "X to cancel" beside `X = "cancel it"`: who replies with the word alone is
+            // taken at the keyword (opted out, for CANCEL), not given the choice.
+            let first_word = label.split_whitespace().next().map(normalize);
+            let starts_with = (first_word.as_deref())
+                .filter(|w| *w != label_norm)
+                .and_then(|w| keyword(w).map(|list| (w, list)));
+            if let Some((word, list)) = starts_with {
+                self.warn(
+                    f,
+                    span.clone(),
+                    format!(
+                        "choice {key:?} has the label {label:?}, which starts with the keyword \
+                         {word} (keywords.{list}): a reply of that word alone is taken as the \
+                         keyword{}, not as this choice; word the label (and the question) \
+                         without it",
+                        if list == "opt_out" {
+                            " and opts the number out"
+                        } else {
+                            ""
+                        }
+                    ),
+                );
+            }
             if let Some(first) = seen.get(&norm) {
                 self.err(
                     f,

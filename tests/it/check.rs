@@ -463,6 +463,32 @@ steps = [
     }
 }
 
+/// "Reply X to cancel" beside `X = "cancel it"`: a patient who replies `cancel` is opted out.
+/// A label that starts with a keyword passes with a warning; one that is a keyword fails.
+#[test]
+fn a_choice_label_that_starts_with_a_keyword_is_warned_of() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "bot.toml",
+        "[[sequence]]\nname = \"s\"\nsteps = [{ ask = \"C to confirm, X to cancel\", \
+         expect = { choices = { C = \"confirm\", X = \"cancel it\", I = \"info pack\" } } }]\n",
+    );
+    let flows = smsflow::flows::load_dir(dir.path()).unwrap();
+    let warned: Vec<String> = flows.warnings().iter().map(|w| w.to_string()).collect();
+    assert_eq!(warned.len(), 2, "{warned:?}");
+    assert!(
+        warned[0].contains("bot.toml:3:")
+            && warned[0].contains("choice \"X\" has the label \"cancel it\", which starts with the keyword CANCEL (keywords.opt_out)")
+            && warned[0].contains("opts the number out"),
+        "{warned:?}"
+    );
+    assert!(
+        warned[1].contains("keyword INFO (keywords.help)") && !warned[1].contains("opts"),
+        "{warned:?}"
+    );
+}
+
 /// `EST` is a real tz name, but a fixed UTC-5 all year: quiet hours an hour off all summer.
 /// A name in the wrong case is told its right spelling.
 #[test]
