@@ -428,7 +428,7 @@ name = "s"
 steps = [
   { say = "Hello {field.first} {field.last}" },
   { ask = "Zip?", save = "zip", thanks = "Zip {field.zip} saved" },
-  { ask = "NPS?", save = "nps", timeout = "1d", retry = "0-10, {field.zip}" },
+  { ask = "NPS?", save = "nps", timeout = "1d", expect = { range = [0, 10] }, retry = "0-10, {field.zip}" },
   { say = "Thanks: {field.zip} {field.nps} {field.nps}" },
 ]
 "#,
@@ -485,6 +485,30 @@ fn a_choice_label_that_starts_with_a_keyword_is_warned_of() {
     );
     assert!(
         warned[1].contains("keyword INFO (keywords.help)") && !warned[1].contains("opts"),
+        "{warned:?}"
+    );
+}
+
+/// A `retry` on a question that takes any answer would never be sent.
+#[test]
+fn a_retry_on_a_question_that_takes_any_answer_is_warned_of_as_never_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "bot.toml",
+        "[[form.field]]\nkey = \"a\"\nask = \"A?\"\nretry = \"Again?\"\n\
+         [[sequence]]\nname = \"s\"\nsteps = [{ ask = \"B?\", retry = \"B again?\" },\n  \
+         { ask = \"C?\", expect = { range = [1, 5] }, retry = \"1-5\" }]\n",
+    );
+    let flows = smsflow::flows::load_dir(dir.path()).unwrap();
+    let warned: Vec<String> = flows.warnings().iter().map(|w| w.to_string()).collect();
+    assert_eq!(warned.len(), 2, "{warned:?}");
+    assert!(
+        warned[0].contains("bot.toml:4:9: warning: form field \"a\": retry is never sent"),
+        "{warned:?}"
+    );
+    assert!(
+        warned[1].contains("bot.toml:7:32: warning: sequence \"s\" step 1: retry is never sent"),
         "{warned:?}"
     );
 }
