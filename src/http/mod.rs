@@ -740,24 +740,25 @@ async fn status(
         error_code: code,
         at: state.engine.clock().now(),
     };
-    let phone = state.engine.store.report(sid, &report)?;
-    if code == Some(UNSUBSCRIBED) {
-        // The number of the message's record; for a message smsflow has no record of, the
-        // number it went to. (One smsflow does not know, erased since the send or never
-        // met, is not brought back: the event creates no record.)
-        match phone.or(to) {
-            Some(phone) => {
-                state
-                    .engine
-                    .event(&phone, Event::ProviderUnsubscribed)
-                    .await?;
-            }
-            // Recorded when looked up, and erased since: the number is not to come back,
-            // and there is nothing to opt out.
-            None => state.engine.durable().await?,
+    let reported = state.engine.store.report(sid, &report)?;
+    // The number of the message's record; for a message smsflow has no record of, the
+    // number it went to. (One smsflow does not know, erased since the send or never met,
+    // is not brought back: the event creates no record.) A report its record had already
+    // opts nothing out: the number may have texted START since.
+    let unsubscribed = match reported {
+        Some(r) => r.changed.then_some(r.phone),
+        None => to,
+    };
+    match unsubscribed.filter(|_| code == Some(UNSUBSCRIBED)) {
+        Some(phone) => {
+            state
+                .engine
+                .event(&phone, Event::ProviderUnsubscribed)
+                .await?;
         }
-    } else {
-        state.engine.durable().await?;
+        // No opt-out, a repeat of one, or one for a number recorded when looked up and
+        // erased since (not to come back, with nothing to opt out): the report is kept.
+        None => state.engine.durable().await?,
     }
     crate::metrics::delivery_report(new_status);
     tracing::info!(status = new_status, code, "delivery report");

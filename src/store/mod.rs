@@ -165,6 +165,17 @@ impl Report {
     }
 }
 
+/// The message a delivery report was applied to (see [`Store::report`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reported {
+    /// The number it went to.
+    pub phone: Phone,
+    /// Whether the report changed its record's status or error code: a repeat (Twilio may
+    /// send one twice, and a captured one may be replayed), or one the record is already
+    /// past, does not.
+    pub changed: bool,
+}
+
 /// How long a report for a message not yet recorded waits for it (see [`Store::report`]):
 /// the send it may belong to is recorded as soon as the provider answers (within seconds).
 const EARLY_REPORT_KEPT: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
@@ -1130,7 +1141,7 @@ impl Store {
     /// one's) is kept, and applied when that message's record is stored. One no message
     /// claims (it was another's: an OTP API text's, whose ids are not recorded) goes ten
     /// minutes later, when another is kept or at a start.
-    pub fn report(&self, sid: &str, report: &Report) -> anyhow::Result<Option<Phone>> {
+    pub fn report(&self, sid: &str, report: &Report) -> anyhow::Result<Option<Reported>> {
         // Read first: with no send in flight now, every message the provider has an id for
         // is recorded already (a send's record is stored before it stops being in flight).
         let in_flight = self.sending.load(SeqCst) > 0;
@@ -1157,7 +1168,12 @@ impl Store {
                 if d != before {
                     deliveries.insert(&id, codec::encode(DELIVERY_VERSION, &d))?;
                 }
-                Ok::<_, ConflictableTransactionError<Abort>>(Ok(Some(d.phone)))
+                // (A repeat moves only the time of the latest report.)
+                let changed = (&d.status, d.error_code) != (&before.status, before.error_code);
+                Ok::<_, ConflictableTransactionError<Abort>>(Ok(Some(Reported {
+                    phone: d.phone,
+                    changed,
+                })))
             })
             .map_err(|e| anyhow::anyhow!("updating a delivery: {:?}", self.written(e)))?;
         match found {

@@ -947,6 +947,37 @@ async fn twilio_reporting_21610_opts_the_number_out() {
     );
 }
 
+/// Twilio may send a report twice, and a captured one can be replayed: the same 21610 report
+/// again, after the number texted START, leaves it opted in (it opted it out again for good).
+#[tokio::test]
+async fn a_repeated_21610_report_does_not_opt_out_a_number_that_opted_back_in() {
+    let app = TestApp::spawn(FLOWS).await;
+    app.sms(ANN, "JOIN").await;
+    // The fake numbers its messages: the code's is the first.
+    let sid = format!("SM{:032}", 1);
+    eventually("the code's delivery record", async || {
+        matches!(app.engine.store.delivery_by_sid(&sid), Ok(Some(_)))
+    })
+    .await;
+    let report = async || {
+        let form = [
+            ("MessageSid", sid.as_str()),
+            ("MessageStatus", "undelivered"),
+            ("ErrorCode", "21610"),
+        ];
+        app.post_form("/twilio/status", &form)
+            .await
+            .status()
+            .as_u16()
+    };
+    assert_eq!(report().await, 204);
+    assert_eq!(app.state_of(ANN).as_deref(), Some("opted_out"));
+    app.sms(ANN, "START").await;
+    assert_eq!(app.state_of(ANN).as_deref(), Some("awaiting_code"));
+    assert_eq!(report().await, 204);
+    assert_eq!(app.state_of(ANN).as_deref(), Some("awaiting_code"));
+}
+
 /// The request we send matches Twilio's own OpenAPI description of `Messages.json`
 /// (tests/fixtures/twilio_messages_api.json, a copy of ../shared/twilio/messages_api.json).
 #[tokio::test]
