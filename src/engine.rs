@@ -523,7 +523,12 @@ impl Writer {
                     continue;
                 }
             };
-            if is_new && !event.creates_subscriber() {
+            // A code an app (or a caller) asked for a number we never met, refused because the
+            // hour's codes are spent: kept, each refused request of a public sign-up page
+            // would leave a record for ever.
+            let refused_stranger = matches!(event, Event::OtpRequested | Event::VoiceCodeRequested)
+                && matches!(t.outcome, Outcome::RateLimited { .. });
+            if is_new && (!event.creates_subscriber() || refused_stranger) {
                 // Nothing to remember about a number we never met (e.g. validate_otp). A timer
                 // that outlived its number is consumed all the same, or it would fire for ever.
                 if let Some(timer) = fired {

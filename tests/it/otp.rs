@@ -769,6 +769,9 @@ async fn once_the_hours_codes_are_spent_no_number_gets_one_until_their_minute_is
     // Counted by the minute: until an hour after the end of the codes' minute.
     let retry: u64 = retry.expect("Retry-After").parse().unwrap();
     assert!((3600..=3660).contains(&retry), "{retry}");
+    // The app's refused number was never met: nothing is kept of it (a public sign-up page
+    // flooded once the hour's codes are spent would leave a record per request).
+    assert_eq!(app.state_of("+15550007004"), None);
     app.outbox_settles().await;
     assert_eq!(app.twilio.attempts(), 2, "nothing more was sent");
     // The hour's count is kept in the store: a restart does not open the gate.
