@@ -320,12 +320,23 @@ async fn explain_refusals(req: Request, next: axum::middleware::Next) -> Respons
 /// pointed at 127.0.0.1, "DNS rebinding", names its own); and it is not another site's page
 /// posting to it (browsers send `Origin` with every cross-site POST).
 fn from_here(headers: &HeaderMap) -> bool {
+    // `Via` is what every HTTP proxy should add (RFC 9110); the rest, what proxies, load
+    // balancers and CDNs add to name the client or where it came in.
     let proxied = [
         "x-forwarded-for",
         "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-port",
+        "x-forwarded-server",
+        "x-original-forwarded-for",
         "forwarded",
+        "via",
         "x-real-ip",
+        "x-client-ip",
+        "x-cluster-client-ip",
+        "true-client-ip",
         "cf-connecting-ip",
+        "fastly-client-ip",
     ]
     .iter()
     .any(|h| headers.contains_key(*h));

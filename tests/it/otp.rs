@@ -345,9 +345,15 @@ async fn without_a_token_the_api_refuses_requests_through_a_tunnel_or_a_public_u
     })
     .await;
     assert_success(&anonymous(&local, "get_otp", json!({ "phone": PHONE }), &[]).await);
-    let via_tunnel = [("X-Forwarded-For", "203.0.113.9")];
-    let tunnelled = anonymous(&local, "get_otp", json!({ "phone": PHONE }), &via_tunnel).await;
-    assert_failure(&tunnelled, 401, 4, "SMSFLOW_API_TOKEN");
+    // (`Via` alone is what a proxy that adds nothing else, such as Squid, sends.)
+    for via_tunnel in [
+        [("X-Forwarded-For", "203.0.113.9")],
+        [("Via", "1.1 proxy")],
+        [("True-Client-IP", "203.0.113.9")],
+    ] {
+        let tunnelled = anonymous(&local, "get_otp", json!({ "phone": PHONE }), &via_tunnel).await;
+        assert_failure(&tunnelled, 401, 4, "SMSFLOW_API_TOKEN");
+    }
     // A web page is not this machine: one whose domain was pointed at 127.0.0.1 names its
     // own host, and another site's page posting here sends its origin.
     for page in [
