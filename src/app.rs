@@ -347,7 +347,7 @@ impl Application {
                     "  https://<tunnel host>/twilio/sms into your number's \"A message comes in\" webhook\n"
                 };
                 b += "  (and https://<tunnel host>/twilio/voice into \"A call comes in\", for the voice menu).\n";
-                b += "  (Behind a proxy that sends X-Forwarded-Proto and -Host, signed webhooks work\n   without it too, but only a public URL gets delivery reports.)\n";
+                b += "  (Behind a proxy that sends X-Forwarded-Proto and -Host, signed webhooks work\n   without it too, checked against the URL each request names, so one Twilio signed\n   for another of your deployments passes here; only a public URL pins it, and gets\n   delivery reports.)\n";
             }
         }
         b

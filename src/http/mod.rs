@@ -632,16 +632,26 @@ fn public_url(state: &AppState, headers: &HeaderMap, uri: &Uri) -> String {
     if let Some(base) = &state.public_url {
         return format!("{base}{path}");
     }
-    let first = |name: &str| {
+    // The last of a list: a proxy that appends puts its own after what the client sent.
+    let last = |name: &str| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .map(|v| v.trim().to_string())
+            .and_then(|v| v.rsplit(',').next())
+            .map(|v| v.trim().to_ascii_lowercase())
     };
-    let proto = first("x-forwarded-proto").unwrap_or_else(|| "http".into());
-    let host = first("x-forwarded-host")
-        .or_else(|| first("host"))
+    let proto = last("x-forwarded-proto")
+        .filter(|p| p == "http" || p == "https")
+        .unwrap_or_else(|| "http".into());
+    // A host and maybe a port, nothing more: "a.example/foo" would let a request signed for
+    // another deployment's path prefix pass here.
+    let bare = |h: &String| {
+        !h.contains(['/', '@', '?', '#'])
+            && h.parse::<axum::http::uri::Authority>()
+                .is_ok_and(|a| a.as_str() == h)
+    };
+    let host = (last("x-forwarded-host").filter(bare))
+        .or_else(|| last("host").filter(bare))
         .unwrap_or_else(|| "localhost".into());
     format!("{proto}://{host}{path}")
 }

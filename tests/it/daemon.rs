@@ -2876,6 +2876,24 @@ async fn without_a_public_url_the_signature_is_checked_against_the_forwarded_url
     };
     assert_eq!(post("elsewhere.example").await, 403);
     assert_eq!(post("tunnel.example").await, 200);
+    // A proxy that appends puts its own last: the client's own first value is not taken.
+    assert_eq!(post("tunnel.example, elsewhere.example").await, 403);
+    assert_eq!(post("elsewhere.example, tunnel.example").await, 200);
+    // A host with a path is no host: a signature for another deployment's path prefix
+    // (`https://tunnel.example/foo/twilio/sms`) is not checked against it.
+    let prefixed =
+        smsflow::http::signature::sign(AUTH_TOKEN, "https://tunnel.example/foo/twilio/sms", &form);
+    let status = reqwest::Client::new()
+        .post(format!("{base}/twilio/sms"))
+        .header("X-Forwarded-Proto", "https")
+        .header("X-Forwarded-Host", "tunnel.example/foo")
+        .header("X-Twilio-Signature", &prefixed)
+        .form(&form)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 403);
 }
 
 /// SIGHUP reloads the flows (here unchanged: still a reload, and counted), and says so where
