@@ -220,6 +220,24 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
                             format!("key {key:?} is written twice in its table; keep one")
                         };
                     }
+                    // `[form.extra_fields]` is a list of names, not of tables: the advice to
+                    // write two brackets would not help.
+                    if msg.contains("a table given where a list of them is expected") {
+                        let at = text.get(span.start..).unwrap_or_default();
+                        let header = at.lines().next().unwrap_or_default().trim();
+                        let name = (header.strip_prefix('['))
+                            .filter(|h| !h.starts_with('['))
+                            .and_then(|h| h.split(']').next())
+                            .map(str::trim);
+                        if let Some((table, key)) = name.and_then(|n| n.rsplit_once('.')) {
+                            if !matches!(name, Some("form.field")) {
+                                msg = format!(
+                                    "[{table}.{key}] is a table, but {key} is a list of values: \
+                                     under [{table}], write {key} = [\"…\", \"…\"]"
+                                );
+                            }
+                        }
+                    }
                     let unknown = msg.starts_with("unknown field");
                     cx.err(i, span.clone(), msg);
                     match unknown.then(|| without_key(&text, &span)).flatten() {
@@ -1569,11 +1587,23 @@ impl Cx {
             let norm = normalize(&key);
             let label = match label {
                 toml::Value::String(s) if !s.trim().is_empty() => s.trim().to_string(),
-                _ => {
+                toml::Value::String(_) => {
                     self.err(
                         f,
                         span.clone(),
                         format!("choice {key:?} needs a non-empty text label"),
+                    );
+                    continue;
+                }
+                other => {
+                    self.err(
+                        f,
+                        span.clone(),
+                        format!(
+                            "choice {key:?} has {other} as its label: a label is text, in \
+                             quotes ({key} = \"{}\")",
+                            other.to_string().trim_matches('"')
+                        ),
                     );
                     continue;
                 }

@@ -888,6 +888,17 @@ fn a_shape_mistake_says_what_to_write_instead() {
             "a.toml:4:11:",
             "such as [\"STOP2\"]",
         ),
+        // A list of names written as a table is not a list of tables.
+        (
+            "[bot]\nname = \"X\"\n\n[form.extra_fields]\nzip = \"x\"\n",
+            "a.toml:4:1:",
+            "[form.extra_fields] is a table, but extra_fields is a list of values: under [form], write extra_fields = [\"…\", \"…\"]",
+        ),
+        (
+            "[[sequence]]\nname = \"s\"\nsteps = [{ ask = \"A?\", expect = { choices = { X = 1 } } }]\n",
+            "a.toml:3:",
+            "choice \"X\" has 1 as its label: a label is text, in quotes (X = \"1\")",
+        ),
         (
             "[bot]\nname = \"X\"\n[[sequence]]\nname = \"s\"\nweight = \"2\"\nsteps = [ { after = \"0s\", say = \"hi\" } ]\n",
             "a.toml:5:10:",
