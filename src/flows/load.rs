@@ -648,6 +648,20 @@ impl Cx {
         });
     }
 
+    /// Where, in the text at `span`, placeholder `name` is first written (`{name}`, or with
+    /// spaces inside its braces); the whole text when it cannot be found as written (an
+    /// escape inside it).
+    fn placeholder_at(&self, f: usize, span: Range<usize>, name: &str) -> Range<usize> {
+        let raw = self.sources[f].1.get(span.clone()).unwrap_or_default();
+        let found = (raw.match_indices('{'))
+            .find(|(at, _)| {
+                let inside = raw[at + 1..].trim_start().strip_prefix(name);
+                inside.is_some_and(|rest| rest.trim_start().starts_with('}'))
+            })
+            .map(|(at, _)| span.start + at);
+        found.map_or(span, |at| at..at + 1)
+    }
+
     /// Warns of a `retry` on a question that takes any answer: it is never sent.
     fn retry_never_sent(
         &mut self,
@@ -1079,18 +1093,20 @@ impl Cx {
         }
         match parsed {
             Ok(t) => {
-                for (msg, undeclared) in t.unknown(allowed) {
+                for (name, msg, undeclared) in t.unknown(allowed) {
                     let msg = format!("{what}: {msg}");
+                    let at = self.placeholder_at(f, s.span(), name);
                     if undeclared {
-                        self.err_unless_declared_elsewhere(f, s.span(), msg);
+                        self.err_unless_declared_elsewhere(f, at, msg);
                     } else {
-                        self.err(f, s.span(), msg);
+                        self.err(f, at, msg);
                     }
                 }
                 for key in t.maybe_unfilled(allowed) {
+                    let at = self.placeholder_at(f, s.span(), &format!("field.{key}"));
                     self.warn(
                         f,
-                        s.span(),
+                        at,
                         format!(
                             "{what}: {{field.{key}}} may have no answer yet when this is sent, \
                              and then shows as nothing"

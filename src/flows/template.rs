@@ -89,12 +89,15 @@ impl Template {
 
     /// Every placeholder this template names that `allowed` does not permit, as messages.
     pub fn unknown_placeholders(&self, allowed: Allowed<'_>) -> Vec<String> {
-        self.unknown(allowed).into_iter().map(|(m, _)| m).collect()
+        self.unknown(allowed)
+            .into_iter()
+            .map(|(_, m, _)| m)
+            .collect()
     }
 
-    /// [`Template::unknown_placeholders`], each with whether declaring a field would allow
-    /// it (`{field.KEY}` in a text that may name fields).
-    pub fn unknown(&self, allowed: Allowed<'_>) -> Vec<(String, bool)> {
+    /// [`Template::unknown_placeholders`], each after the placeholder's name and with whether
+    /// declaring a field would allow it (`{field.KEY}` in a text that may name fields).
+    pub fn unknown(&self, allowed: Allowed<'_>) -> Vec<(&str, String, bool)> {
         self.slots()
             .filter(|name| !slot_allowed(name, allowed))
             .map(|name| {
@@ -129,7 +132,7 @@ impl Template {
                 } else {
                     hint.to_string()
                 };
-                (format!("unknown placeholder {{{name}}}{hint}"), undeclared)
+                (name, format!("unknown placeholder {{{name}}}{hint}"), undeclared)
             })
             .collect()
     }

@@ -400,7 +400,7 @@ fn a_pattern_in_double_quotes_with_a_backslash_is_told_to_use_single_quotes() {
 }
 
 /// A text that may go out before a field it names has an answer shows nothing in its place
-/// ("Hi , P"): `check` passes it with a warning located at the text. One sent only once the
+/// ("Hi , P"): `check` passes it with a warning located at the placeholder. One sent only once the
 /// field is answered (a later form question, a sequence after the form, a step after a
 /// question that waits for its answer, a question's own thanks) is not warned of.
 #[test]
@@ -442,11 +442,11 @@ steps = [
     assert!(stdout.ends_with("; 5 warning(s)\n"), "{stdout}");
     let warned: Vec<&str> = stderr.lines().collect();
     let expected = [
-        ("bot.toml:2:12:", "verify.verified: {field.first}"),
-        ("bot.toml:4:8:", "replies.help: {field.first}"),
-        ("bot.toml:8:8:", "form.done: {field.zip}"),
-        ("bot.toml:11:7:", "form field \"first\" ask: {field.last}"),
-        ("bot.toml:21:11:", "sequence \"s\" step 4 say: {field.nps}"),
+        ("bot.toml:2:16:", "verify.verified: {field.first}"),
+        ("bot.toml:4:18:", "replies.help: {field.first}"),
+        ("bot.toml:8:34:", "form.done: {field.zip}"),
+        ("bot.toml:11:23:", "form field \"first\" ask: {field.last}"),
+        ("bot.toml:21:32:", "sequence \"s\" step 4 say: {field.nps}"),
     ];
     assert_eq!(warned.len(), expected.len(), "{stderr}");
     for ((place, says), line) in expected.iter().zip(&warned) {
@@ -487,6 +487,30 @@ fn a_choice_label_that_starts_with_a_keyword_is_warned_of() {
         warned[1].contains("keyword INFO (keywords.help)") && !warned[1].contains("opts"),
         "{warned:?}"
     );
+}
+
+/// An unknown placeholder is located where it is written, not at the start of its text.
+#[test]
+fn an_unknown_placeholder_is_located_at_its_brace() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "bot.toml",
+        "[replies]\nhelp = \"Hi {field.first} and { nme } or {nme2}\"\n",
+    );
+    let problems = problems_in(dir.path());
+    for (place, says) in [
+        ("bot.toml:2:12:", "unknown placeholder {field.first}"),
+        ("bot.toml:2:30:", "unknown placeholder {nme}"),
+        ("bot.toml:2:41:", "unknown placeholder {nme2}"),
+    ] {
+        assert!(
+            problems
+                .lines()
+                .any(|l| l.contains(place) && l.contains(says)),
+            "no {says:?} at {place} in:\n{problems}"
+        );
+    }
 }
 
 /// A `retry` on a question that takes any answer would never be sent.
