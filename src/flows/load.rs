@@ -662,26 +662,6 @@ impl Cx {
         found.map_or(span, |at| at..at + 1)
     }
 
-    /// Warns of a `retry` on a question that takes any answer: it is never sent.
-    fn retry_never_sent(
-        &mut self,
-        f: usize,
-        expect: &Expect,
-        retry: Option<&S<String>>,
-        what: &str,
-    ) {
-        if let (Expect::Any, Some(retry)) = (expect, retry) {
-            self.warn(
-                f,
-                retry.span(),
-                format!(
-                    "{what}: retry is never sent, as any answer is taken (give `expect` to \
-                     have answers checked)"
-                ),
-            );
-        }
-    }
-
     /// [`Cx::err`] for a problem that a declaration in another file would clear.
     fn err_unless_declared_elsewhere(
         &mut self,
@@ -1437,12 +1417,6 @@ impl Cx {
             };
             let ask = self.checked_text(f, &raw.ask, &format!("form field {key:?} ask"), before);
             let expect = self.expect(f, raw.expect, keywords, Asker::Form);
-            self.retry_never_sent(
-                f,
-                &expect,
-                raw.retry.as_ref(),
-                &format!("form field {key:?}"),
-            );
             let retry = self.text(
                 f,
                 raw.retry,
@@ -1828,7 +1802,6 @@ impl Cx {
                             key
                         });
                         let expect = self.expect(f, step.expect, keywords, Asker::Sequence);
-                        self.retry_never_sent(f, &expect, step.retry.as_ref(), &what);
                         let timeout = step
                             .timeout
                             .as_ref()

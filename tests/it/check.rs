@@ -513,30 +513,6 @@ fn an_unknown_placeholder_is_located_at_its_brace() {
     }
 }
 
-/// A `retry` on a question that takes any answer would never be sent.
-#[test]
-fn a_retry_on_a_question_that_takes_any_answer_is_warned_of_as_never_sent() {
-    let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "bot.toml",
-        "[[form.field]]\nkey = \"a\"\nask = \"A?\"\nretry = \"Again?\"\n\
-         [[sequence]]\nname = \"s\"\nsteps = [{ ask = \"B?\", retry = \"B again?\" },\n  \
-         { ask = \"C?\", expect = { range = [1, 5] }, retry = \"1-5\" }]\n",
-    );
-    let flows = smsflow::flows::load_dir(dir.path()).unwrap();
-    let warned: Vec<String> = flows.warnings().iter().map(|w| w.to_string()).collect();
-    assert_eq!(warned.len(), 2, "{warned:?}");
-    assert!(
-        warned[0].contains("bot.toml:4:9: warning: form field \"a\": retry is never sent"),
-        "{warned:?}"
-    );
-    assert!(
-        warned[1].contains("bot.toml:7:32: warning: sequence \"s\" step 1: retry is never sent"),
-        "{warned:?}"
-    );
-}
-
 /// `EST` is a real tz name, but a fixed UTC-5 all year: quiet hours an hour off all summer.
 /// A name in the wrong case is told its right spelling.
 #[test]
