@@ -728,7 +728,7 @@ impl Cx {
         let fields: Vec<String> = form.all_keys().map(str::to_string).collect();
         // The form's own fields: answered before any sequence begins.
         let asked: Vec<String> = form.fields.iter().map(|x| x.key.clone()).collect();
-        let verify = self.verify(verify, &fields);
+        let verify = self.verify(verify, &fields, &asked);
         let sequences = self.sequences(sequences, &fields, &asked, &keywords);
         let replies = self.replies(replies, &fields, &asked);
         let ivr = self.ivr(ivr, &fields, ivr_span);
@@ -1180,7 +1180,13 @@ impl Cx {
         v
     }
 
-    fn verify(&mut self, raw: Option<(usize, RawVerify)>, fields: &[String]) -> Verify {
+    /// `asked`: the form's fields, all answered when `welcome_back` is sent.
+    fn verify(
+        &mut self,
+        raw: Option<(usize, RawVerify)>,
+        fields: &[String],
+        asked: &[String],
+    ) -> Verify {
         let (f, r) = match raw {
             Some((f, r)) => (f, r),
             None => (0, RawVerify::empty()),
@@ -1287,9 +1293,14 @@ impl Cx {
                 plain,
             ),
             verified: self.text(f, r.verified, "verify.verified", "You're verified!", plain),
-            welcome_back: r
-                .welcome_back
-                .map(|s| self.checked_text(f, &s, "verify.welcome_back", plain)),
+            welcome_back: r.welcome_back.map(|s| {
+                // Sent to a number that has answered the whole form.
+                let back = Allowed {
+                    filled: Some(asked),
+                    ..plain
+                };
+                self.checked_text(f, &s, "verify.welcome_back", back)
+            }),
             voice: self.voice_code(f, r.voice, with_code),
         }
     }
@@ -1639,12 +1650,16 @@ impl Cx {
                     ),
                 );
             }
-            // "X to cancel" beside `X = "cancel it"`: who replies with the word alone is
-            // taken at the keyword (opted out, for CANCEL), not given the choice.
-            let first_word = label.split_whitespace().next().map(normalize);
-            let starts_with = (first_word.as_deref())
-                .filter(|w| *w != label_norm)
-                .and_then(|w| keyword(w).map(|list| (w, list)));
+            // "X to cancel" beside `X = "cancel it"`: who replies with the first words alone
+            // is taken at the keyword (opted out, for CANCEL), not given the choice. Words as
+            // keywords read them: `cancel_appointment` starts with CANCEL, `opt out of
+            // reminders` with OPTOUT.
+            let label_words: Vec<&str> = (label.split(|c: char| !c.is_alphanumeric()))
+                .filter(|w| !w.is_empty())
+                .collect();
+            let starts_with = (1..label_words.len())
+                .map(|n| normalize(&label_words[..n].concat()))
+                .find_map(|w| keyword(&w).map(|list| (w, list)));
             if let Some((word, list)) = starts_with {
                 self.warn(
                     f,
