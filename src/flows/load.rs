@@ -351,6 +351,19 @@ fn plain_words(msg: &str) -> String {
     msg
 }
 
+/// The zone a US time zone's abbreviation (`PST`, `est`) stands for, in any case.
+fn us_zone_of(name: &str) -> Option<&'static str> {
+    Some(match name.to_ascii_uppercase().as_str() {
+        "EST" | "EDT" => "America/New_York",
+        "CST" | "CDT" => "America/Chicago",
+        "MST" | "MDT" => "America/Denver (America/Phoenix for Arizona)",
+        "PST" | "PDT" => "America/Los_Angeles",
+        "AKST" | "AKDT" => "America/Anchorage",
+        "HST" => "Pacific/Honolulu",
+        _ => return None,
+    })
+}
+
 /// What is wrong with a pattern, on one line (the regex crate draws a caret under it on
 /// lines of their own: a problem is one line).
 fn regex_problem(e: &regex::Error) -> String {
@@ -771,21 +784,23 @@ impl Cx {
                         "timezone {name:?} is a fixed offset all year, with no daylight saving: \
                          for the region's local time write {} (or Etc/GMT+{} if a fixed offset \
                          is meant)",
-                        if name == "EST" {
-                            "America/New_York"
-                        } else {
-                            "America/Denver (America/Phoenix for Arizona)"
-                        },
+                        us_zone_of(name).unwrap_or_default(),
                         if name == "EST" { 5 } else { 7 }
                     ),
                 ),
                 Ok(t) => bot.timezone = t,
                 Err(_) => {
-                    let hint = match (chrono_tz::TZ_VARIANTS.iter())
-                        .find(|t| t.name().eq_ignore_ascii_case(name))
-                    {
-                        Some(t) => format!("did you mean {}? names are case-sensitive", t.name()),
-                        None => "use an IANA name such as America/New_York".to_string(),
+                    let case_aside = (chrono_tz::TZ_VARIANTS.iter())
+                        .find(|t| t.name().eq_ignore_ascii_case(name));
+                    let hint = match (us_zone_of(name), case_aside) {
+                        (Some(zone), _) => format!(
+                            "an abbreviation is no zone name: for the region's local time \
+                             write {zone}"
+                        ),
+                        (None, Some(t)) => {
+                            format!("did you mean {}? names are case-sensitive", t.name())
+                        }
+                        (None, None) => "use an IANA name such as America/New_York".to_string(),
                     };
                     self.err(
                         f,
