@@ -178,13 +178,15 @@ fn choice_in_words(choices: &[(String, String)], answer: &str) -> Option<String>
     for start in starts.into_iter().flatten() {
         for (label, words) in &labels {
             if let Some(rest) = start.strip_prefix(words.as_slice()) {
+                // The first word that says something ("email & text", "pickup at 5pm").
+                let next = rest.iter().find(|x| !FILLER.contains(&x.as_str()));
                 let other = labels.iter().any(|(_, w)| {
                     rest.windows(w.len()).any(|r| r == w.as_slice())
-                        // A longer label this one starts, whose own further words follow
-                        // ("email & text" beside `email_and_text`): no telling which.
+                        // A longer label this one starts, going on with one of its own
+                        // further words ("email & text" beside `email_and_text`): no
+                        // telling which.
                         || (w.len() > words.len() && w.starts_with(words))
-                            && (w[words.len()..].iter())
-                                .any(|x| !LINKS.contains(&x.as_str()) && rest.contains(x))
+                            && next.is_some_and(|x| w[words.len()..].contains(x))
                 });
                 found.push((label, words, other));
             }
@@ -205,8 +207,12 @@ fn choice_in_words(choices: &[(String, String)], answer: &str) -> Option<String>
     }
 }
 
-/// Words that join a label's parts ("email and text"), and say nothing of which is meant.
-const LINKS: [&str; 4] = ["and", "or", "n", "plus"];
+/// Words that join a label's parts ("email and text", "pickup at the store"), and say
+/// nothing of which is meant.
+const FILLER: [&str; 17] = [
+    "and", "or", "n", "plus", "a", "an", "the", "my", "at", "in", "on", "of", "to", "for", "by",
+    "with", "via",
+];
 
 /// A text's words, lowercase ("under_30" and "under 30" are the same two).
 fn words_of(s: &str) -> Vec<String> {

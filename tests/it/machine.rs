@@ -1871,8 +1871,25 @@ fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
         ("email please", Some("email")),
         ("email, and soon", Some("email")),
         ("the email", Some("email")),
+        ("email, not text", Some("email")),
     ] {
         assert_eq!(contact.accept(said).as_deref(), meant, "{said:?}");
+    }
+    // Only the word that follows counts, past the little ones: what comes later in a reply
+    // (a time, a place) is no other choice.
+    let pickup = smsflow::flows::Expect::Choices(
+        [("A", "pickup"), ("B", "pickup_at_the_store")]
+            .map(|(k, l)| (k.to_string(), l.to_string()))
+            .to_vec(),
+    );
+    for (said, meant) in [
+        ("pickup at 5pm", Some("pickup")),
+        ("pickup in the evening", Some("pickup")),
+        ("pickup, I'm at the office till 5", Some("pickup")),
+        ("pickup at the store", Some("pickup_at_the_store")),
+        ("pickup at store", None),
+    ] {
+        assert_eq!(pickup.accept(said).as_deref(), meant, "{said:?}");
     }
     let signed = smsflow::flows::Expect::Range(-5, 5);
     for (said, meant) in [
