@@ -632,15 +632,17 @@ fn public_url(state: &AppState, headers: &HeaderMap, uri: &Uri) -> String {
     if let Some(base) = &state.public_url {
         return format!("{base}{path}");
     }
-    // The last of a list: a proxy that appends puts its own after what the client sent.
-    let last = |name: &str| {
+    // The first of a list: where the request first came in (a proxy behind the tunnel may
+    // append its own). A host as it came (Twilio signs the URL as the console has it).
+    let first = |name: &str| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .map(|v| v.trim().to_ascii_lowercase())
+            .and_then(|v| v.split(',').next())
+            .map(|v| v.trim().to_string())
     };
-    let proto = last("x-forwarded-proto")
+    let proto = first("x-forwarded-proto")
+        .map(|p| p.to_ascii_lowercase())
         .filter(|p| p == "http" || p == "https")
         .unwrap_or_else(|| "http".into());
     // A host and maybe a port, nothing more: "a.example/foo" would let a request signed for
@@ -650,8 +652,8 @@ fn public_url(state: &AppState, headers: &HeaderMap, uri: &Uri) -> String {
             && h.parse::<axum::http::uri::Authority>()
                 .is_ok_and(|a| a.as_str() == h)
     };
-    let host = (last("x-forwarded-host").filter(bare))
-        .or_else(|| last("host").filter(bare))
+    let host = (first("x-forwarded-host").filter(bare))
+        .or_else(|| first("host").filter(bare))
         .unwrap_or_else(|| "localhost".into());
     format!("{proto}://{host}{path}")
 }

@@ -2876,9 +2876,9 @@ async fn without_a_public_url_the_signature_is_checked_against_the_forwarded_url
     };
     assert_eq!(post("elsewhere.example").await, 403);
     assert_eq!(post("tunnel.example").await, 200);
-    // A proxy that appends puts its own last: the client's own first value is not taken.
-    assert_eq!(post("tunnel.example, elsewhere.example").await, 403);
-    assert_eq!(post("elsewhere.example, tunnel.example").await, 200);
+    // Where it first came in: a proxy behind the tunnel may append its own.
+    assert_eq!(post("tunnel.example, localhost:8080").await, 200);
+    assert_eq!(post("elsewhere.example, tunnel.example").await, 403);
     // A host with a path is no host: a signature for another deployment's path prefix
     // (`https://tunnel.example/foo/twilio/sms`) is not checked against it.
     let prefixed =
