@@ -104,15 +104,15 @@ pub fn run(flows: &Flows, file: &Path, text: &str) -> Result<(), Failure> {
             t.drained().map_err(|(at, m)| fail(file, at, m))?;
         }
         t.line(line, tag, rest).map_err(|m| fail(file, line, m))?;
-        ran = true;
+        ran |= tag == ">";
     }
     if !ran {
         // It would pass, and so vouch for nothing.
         return Err(fail(
             file,
             0,
-            "nothing to run: a transcript needs at least a `> text` the number sends and the \
-             `< text` the bot answers"
+            "nothing to run: a transcript needs at least one `> text` the number sends (and \
+             the `< text` the bot answers)"
                 .to_string(),
         ));
     }

@@ -58,7 +58,8 @@ fn a_wrong_expectation_fails_with_file_line_expected_and_actual() {
     );
 }
 
-/// A transcript with nothing in it but comments passed as `ok`, vouching for nothing.
+/// A transcript with nothing in it but comments (or directives: a seed, a wait) passed as
+/// `ok`, vouching for nothing.
 #[test]
 fn an_empty_transcript_fails_as_one_that_tests_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -66,6 +67,7 @@ fn an_empty_transcript_fails_as_one_that_tests_nothing() {
     std::fs::write(dir.path().join("bot.toml"), "[bot]\nname = \"Quiet\"\n").unwrap();
     std::fs::write(dir.path().join("tests/empty.txt"), "").unwrap();
     std::fs::write(dir.path().join("tests/notes.txt"), "# to do\n\n").unwrap();
+    std::fs::write(dir.path().join("tests/setup.txt"), "! seed 1\n~ 1d\n").unwrap();
     std::fs::write(
         dir.path().join("tests/real.txt"),
         "> HELP\n< Quiet: reply JOIN to subscribe, STOP to opt out.\n",
@@ -74,7 +76,7 @@ fn an_empty_transcript_fails_as_one_that_tests_nothing() {
     let out = smsflow_test(dir.path());
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8(out.stdout).unwrap();
-    for name in ["empty.txt", "notes.txt"] {
+    for name in ["empty.txt", "notes.txt", "setup.txt"] {
         assert!(
             stdout
                 .lines()
@@ -82,7 +84,7 @@ fn an_empty_transcript_fails_as_one_that_tests_nothing() {
             "{stdout}"
         );
     }
-    assert!(stdout.contains("1 passed, 2 failed"), "{stdout}");
+    assert!(stdout.contains("1 passed, 3 failed"), "{stdout}");
 }
 
 /// `\n` in a transcript is a line break; a text that says backslash-n (a flow's single-quoted
