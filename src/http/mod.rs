@@ -746,43 +746,35 @@ async fn status(
             WebhookError::BadRequest(format!("ErrorCode {:?} is not a number", crate::clip(c)))
         })?),
     };
-    // An unsubscribed report opts out the number it went to: checked before anything is
-    // kept, a `To` given must be a phone number, and one is needed for a message smsflow
-    // has no record of (Twilio always sends it).
-    let to = match code {
-        Some(UNSUBSCRIBED) if form.get("To").is_some_and(|t| !t.trim().is_empty()) => {
-            Some(form.phone("To")?)
-        }
-        Some(UNSUBSCRIBED) if !matches!(state.engine.store.delivery_by_sid(sid), Ok(Some(_))) => {
-            Some(form.phone("To")?)
-        }
-        _ => None,
-    };
     let report = crate::store::Report {
         status: new_status.to_string(),
         error_code: code,
         at: state.engine.clock().now(),
     };
-    let reported = state.engine.store.report(sid, &report)?;
-    // The number of the message's record; for a message smsflow has no record of, the
-    // number it went to. (One smsflow does not know, erased since the send or never met,
-    // is not brought back: the event creates no record.) A report its record had already
-    // opts nothing out: the number may have texted START since.
-    let unsubscribed = match reported {
-        Some(r) => r.changed.then_some(r.phone),
-        None => to,
-    };
-    match unsubscribed.filter(|_| code == Some(UNSUBSCRIBED)) {
-        Some(phone) => {
-            state
-                .engine
+    if code == Some(UNSUBSCRIBED) {
+        // The number of the message's record, unless the record has this report already: a
+        // repeat (Twilio may send one twice; a captured one could be replayed) opts nothing
+        // out, as the number may have texted START since. For a message smsflow has no record
+        // of, the number it went to: a `To` given must be a phone number, and one is needed.
+        // (One smsflow does not know, erased since the send or never met, is not brought
+        // back: the event creates no record.) The opt-out first: should it fail, the report
+        // is not kept, and Twilio's retry of it opts the number out.
+        let to = (form.get("To"))
+            .is_some_and(|t| !t.trim().is_empty())
+            .then(|| form.phone("To"))
+            .transpose()?;
+        let number = match state.engine.store.delivery_by_sid(sid) {
+            Ok(Some((_, d))) => report.changes(&d).then_some(d.phone),
+            _ => Some(to.map_or_else(|| form.phone("To"), Ok)?),
+        };
+        if let Some(phone) = number {
+            (state.engine)
                 .event(&phone, Event::ProviderUnsubscribed)
                 .await?;
         }
-        // No opt-out, a repeat of one, or one for a number recorded when looked up and
-        // erased since (not to come back, with nothing to opt out): the report is kept.
-        None => state.engine.durable().await?,
     }
+    state.engine.store.report(sid, &report)?;
+    state.engine.durable().await?;
     crate::metrics::delivery_report(new_status);
     tracing::info!(status = new_status, code, "delivery report");
     Ok(StatusCode::NO_CONTENT.into_response())

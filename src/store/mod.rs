@@ -148,6 +148,15 @@ impl Report {
         }
     }
 
+    /// Whether this report would change the status or the error code of message record `d`:
+    /// a repeat (Twilio may send one twice; a captured one could be replayed), or one the
+    /// record is already past, would not.
+    pub fn changes(&self, d: &Delivery) -> bool {
+        let mut after = d.clone();
+        self.apply(&mut after);
+        (&after.status, after.error_code) != (&d.status, d.error_code)
+    }
+
     /// The report applied to a message's record, unless the record is further along. A
     /// failure without an error code keeps the one reported before it; any other status
     /// has only its own (a message reported `delivered` after `undelivered` keeps no error).
@@ -163,17 +172,6 @@ impl Report {
             d.updated_at = d.updated_at.max(self.at);
         }
     }
-}
-
-/// The message a delivery report was applied to (see [`Store::report`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reported {
-    /// The number it went to.
-    pub phone: Phone,
-    /// Whether the report changed its record's status or error code: a repeat (Twilio may
-    /// send one twice, and a captured one may be replayed), or one the record is already
-    /// past, does not.
-    pub changed: bool,
 }
 
 /// How long a report for a message not yet recorded waits for it (see [`Store::report`]):
@@ -1141,7 +1139,7 @@ impl Store {
     /// one's) is kept, and applied when that message's record is stored. One no message
     /// claims (it was another's: an OTP API text's, whose ids are not recorded) goes ten
     /// minutes later, when another is kept or at a start.
-    pub fn report(&self, sid: &str, report: &Report) -> anyhow::Result<Option<Reported>> {
+    pub fn report(&self, sid: &str, report: &Report) -> anyhow::Result<Option<Phone>> {
         // Read first: with no send in flight now, every message the provider has an id for
         // is recorded already (a send's record is stored before it stops being in flight).
         let in_flight = self.sending.load(SeqCst) > 0;
@@ -1168,12 +1166,7 @@ impl Store {
                 if d != before {
                     deliveries.insert(&id, codec::encode(DELIVERY_VERSION, &d))?;
                 }
-                // (A repeat moves only the time of the latest report.)
-                let changed = (&d.status, d.error_code) != (&before.status, before.error_code);
-                Ok::<_, ConflictableTransactionError<Abort>>(Ok(Some(Reported {
-                    phone: d.phone,
-                    changed,
-                })))
+                Ok::<_, ConflictableTransactionError<Abort>>(Ok(Some(d.phone)))
             })
             .map_err(|e| anyhow::anyhow!("updating a delivery: {:?}", self.written(e)))?;
         match found {
