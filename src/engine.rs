@@ -524,8 +524,8 @@ impl Writer {
                 }
             };
             // A code an app (or a caller) asked for a number we never met, refused because the
-            // hour's codes are spent: kept, each refused request of a public sign-up page
-            // would leave a record for ever.
+            // hour's codes are spent: were it kept, each refused request of a flooded sign-up
+            // page would leave a record for ever.
             let refused_stranger = matches!(event, Event::OtpRequested | Event::VoiceCodeRequested)
                 && matches!(t.outcome, Outcome::RateLimited { .. });
             if is_new && (!event.creates_subscriber() || refused_stranger) {
@@ -534,9 +534,12 @@ impl Writer {
                 if let Some(timer) = fired {
                     prepared.push(consume_only(timer, now));
                 }
-                committed
-                    .answers
-                    .push((done, to_commit(t, None, None, inline, now).1));
+                let (commit, applied) = to_commit(t, None, None, inline, now);
+                if refused_stranger {
+                    // Counted all the same: the metric is where such a flood shows.
+                    (committed.recorded).extend(commit.history.iter().map(|h| h.record.name()));
+                }
+                committed.answers.push((done, applied));
                 continue;
             }
             let (mut commit, applied) = to_commit(t, sid.as_deref(), fired, inline, now);
