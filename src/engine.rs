@@ -526,8 +526,10 @@ impl Writer {
             // A code an app (or a caller) asked for a number we never met, refused because the
             // hour's codes are spent: were it kept, each refused request of a flooded sign-up
             // page would leave a record for ever.
-            let refused_stranger = matches!(event, Event::OtpRequested | Event::VoiceCodeRequested)
-                && matches!(t.outcome, Outcome::RateLimited { .. });
+            let refused_stranger = matches!(
+                event,
+                Event::OtpRequested | Event::VoiceCodeRequested | Event::VoiceOptIn
+            ) && matches!(t.outcome, Outcome::RateLimited { .. });
             if is_new && (!event.creates_subscriber() || refused_stranger) {
                 // Nothing to remember about a number we never met (e.g. validate_otp). A timer
                 // that outlived its number is consumed all the same, or it would fire for ever.

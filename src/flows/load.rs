@@ -666,7 +666,10 @@ impl Cx {
     /// escape inside it).
     fn placeholder_at(&self, f: usize, span: Range<usize>, name: &str) -> Range<usize> {
         let raw = self.sources[f].1.get(span.clone()).unwrap_or_default();
+        // (Not `{{`, a brace written as itself.)
+        let escaped = |at: usize| raw[..at].ends_with('{') || raw[at + 1..].starts_with('{');
         let found = (raw.match_indices('{'))
+            .filter(|(at, _)| !escaped(*at))
             .find(|(at, _)| {
                 let inside = raw[at + 1..].trim_start().strip_prefix(name);
                 inside.is_some_and(|rest| rest.trim_start().starts_with('}'))

@@ -538,13 +538,14 @@ impl IvrAction {
 }
 
 impl Flows {
-    /// The files the set was loaded from, (path, text) in name order.
     /// What `check` passes but warns of, each `warning: …` located as a problem is: a text
-    /// that may be sent before a field it names has an answer (it then shows as nothing).
+    /// that may be sent before a field it names has an answer (it then shows as nothing), a
+    /// choice label that starts with a keyword.
     pub fn warnings(&self) -> &[Problem] {
         &self.warnings
     }
 
+    /// The files the set was loaded from, (path, text) in name order.
     pub fn sources(&self) -> &[(std::path::PathBuf, String)] {
         &self.sources
     }

@@ -505,13 +505,15 @@ fn an_unknown_placeholder_is_located_at_its_brace() {
     write(
         dir.path(),
         "bot.toml",
-        "[replies]\nhelp = \"Hi {field.first} and { nme } or {nme2}\"\n",
+        "[replies]\nhelp = \"Hi {field.first} and { nme } or {nme2}\"\nunknown = \"Type {{nme}} for {nme}\"\n",
     );
     let problems = problems_in(dir.path());
     for (place, says) in [
         ("bot.toml:2:12:", "unknown placeholder {field.first}"),
         ("bot.toml:2:30:", "unknown placeholder {nme}"),
         ("bot.toml:2:41:", "unknown placeholder {nme2}"),
+        // Not `{{nme}}`, a brace written as itself.
+        ("bot.toml:3:29:", "unknown placeholder {nme}"),
     ] {
         assert!(
             problems
