@@ -218,6 +218,28 @@ async fn read_code_for_attested_callers_only_texts_the_code_to_any_other_caller(
     );
 }
 
+/// Once the hour's codes are spent, a caller never met who presses 2 (join) or 1 (a code)
+/// is told to try later, and nothing is kept of the number: a flood of spoofed caller IDs
+/// would leave a record each.
+#[tokio::test]
+async fn a_never_met_caller_refused_by_the_hourly_cap_leaves_no_record() {
+    let flows = FLOWS.replace("[verify]\n", "[verify]\nmax_codes_per_hour = 1\n");
+    let app = TestApp::spawn(&flows).await;
+    assert_eq!(app.sms("+15550007001", "JOIN").await.0, 200);
+    app.twilio.wait_delivered(1).await;
+    for press in ["2", "1"] {
+        voice(
+            &app,
+            "/twilio/voice/gather?attempt=0&menu=main",
+            Some(press),
+        )
+        .await;
+        assert_eq!(app.state_of(CALLER), None, "{press}");
+    }
+    app.outbox_settles().await;
+    assert_eq!(app.twilio.attempts(), 1);
+}
+
 #[tokio::test]
 async fn opt_in_by_voice_texts_a_code_and_opt_out_unsubscribes_for_good_in_words_for_a_call() {
     let app = TestApp::spawn(FLOWS).await;
