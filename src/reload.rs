@@ -298,6 +298,12 @@ impl Reloader {
                     .filter(|k| !f.form.all_keys().any(|n| n == *k))
                     .map(str::to_string)
                     .collect();
+                // A form question added: a number past the form is not asked it, so a text
+                // naming its field shows nothing there for that number.
+                let added: Vec<String> = (f.form.fields.iter())
+                    .map(|x| x.key.clone())
+                    .filter(|k| !live.form.fields.iter().any(|x| x.key == *k))
+                    .collect();
                 let shrunk = f.removed_places_of(&live.places());
                 // A file gone (deleted, renamed away) takes its tables with it: whatever it
                 // set goes back to the defaults, which passes `check` but is seldom meant.
@@ -321,6 +327,14 @@ impl Reloader {
                 tracing::info!(trigger = why, "flows reloaded: {summary}");
                 for w in &warnings {
                     tracing::warn!(trigger = why, "flows: {w}");
+                }
+                if !added.is_empty() {
+                    tracing::warn!(
+                        trigger = why,
+                        "the form now asks {} as well: numbers already past the form are not \
+                         asked it, and a text naming it shows nothing in its place for them",
+                        added.join(", ")
+                    );
                 }
                 if !dropped.is_empty() {
                     tracing::warn!(
