@@ -637,28 +637,28 @@ struct Cx {
 }
 
 impl Cx {
-    fn err(&mut self, file: usize, span: Range<usize>, message: impl Into<String>) {
+    /// `message`, located at the start of `span` in file `file`.
+    fn located(&self, file: usize, span: Range<usize>, message: String) -> Problem {
         let (path, text) = &self.sources[file];
         let (line, col) = crate::line_col(text, span.start);
-        self.problems.push(Problem {
+        Problem {
             file: path.clone(),
             line,
             col,
-            message: message.into(),
-        });
+            message,
+        }
+    }
+
+    fn err(&mut self, file: usize, span: Range<usize>, message: impl Into<String>) {
+        let problem = self.located(file, span, message.into());
+        self.problems.push(problem);
         self.clearable.push(false);
     }
 
     /// A warning: what passes `check` but is seldom meant, located as a problem is.
     fn warn(&mut self, file: usize, span: Range<usize>, message: impl Into<String>) {
-        let (path, text) = &self.sources[file];
-        let (line, col) = crate::line_col(text, span.start);
-        self.warnings.push(Problem {
-            file: path.clone(),
-            line,
-            col,
-            message: format!("warning: {}", message.into()),
-        });
+        let warning = self.located(file, span, format!("warning: {}", message.into()));
+        self.warnings.push(warning);
     }
 
     /// Where, in the text at `span`, placeholder `name` is first written (`{name}`, or with

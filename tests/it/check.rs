@@ -58,6 +58,16 @@ fn problems_in(dir: &Path) -> String {
     smsflow::flows::load_dir(dir).unwrap_err().to_string()
 }
 
+/// Asserts that `problems` has, for each (place, says), a line at that place saying that.
+fn assert_told(problems: &str, expected: &[(&str, &str)]) {
+    for (place, says) in expected {
+        assert!(
+            (problems.lines()).any(|l| l.contains(place) && l.contains(says)),
+            "no {says:?} at {place} in:\n{problems}"
+        );
+    }
+}
+
 #[test]
 fn check_reports_every_mistake_with_file_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
@@ -317,21 +327,17 @@ fn unknown_keys_do_not_hide_the_other_problems_of_their_file() {
          [[sequence]]\nname = \"s\"\nsteps = [\n  { sya = \"x\", after = \"1d\", say = \"Hi\" },\n]\n",
     );
     let problems = problems_in(dir.path());
-    for (place, says) in [
-        ("typos.toml:3:1:", "unknown field `colour`"),
-        ("typos.toml:11:5:", "unknown field `sya`"),
-        (
-            "typos.toml:6:7:",
-            "bad duration \"0s\" for verify.ttl: must be at least 1s",
-        ),
-    ] {
-        assert!(
-            problems
-                .lines()
-                .any(|l| l.contains(place) && l.contains(says)),
-            "no {says:?} at {place} in:\n{problems}"
-        );
-    }
+    assert_told(
+        &problems,
+        &[
+            ("typos.toml:3:1:", "unknown field `colour`"),
+            ("typos.toml:11:5:", "unknown field `sya`"),
+            (
+                "typos.toml:6:7:",
+                "bad duration \"0s\" for verify.ttl: must be at least 1s",
+            ),
+        ],
+    );
 }
 
 /// humantime reads `1M` as a month: a flow author who meant a minute heard nothing until a
@@ -346,24 +352,20 @@ fn a_step_after_one_capital_m_is_refused_as_a_month_not_taken() {
          { after = \"1y\", say = \"b\" },\n]\n",
     );
     let problems = problems_in(dir.path());
-    for (place, says) in [
-        ("later.toml:4:13:", "bad duration \"1M\""),
-        (
-            "later.toml:4:13:",
-            "`M` is a month here, not a minute: write `m`",
-        ),
-        (
-            "later.toml:5:13:",
-            "years vary in length: write days (`365d`)",
-        ),
-    ] {
-        assert!(
-            problems
-                .lines()
-                .any(|l| l.contains(place) && l.contains(says)),
-            "no {says:?} at {place} in:\n{problems}"
-        );
-    }
+    assert_told(
+        &problems,
+        &[
+            ("later.toml:4:13:", "bad duration \"1M\""),
+            (
+                "later.toml:4:13:",
+                "`M` is a month here, not a minute: write `m`",
+            ),
+            (
+                "later.toml:5:13:",
+                "years vary in length: write days (`365d`)",
+            ),
+        ],
+    );
 }
 
 /// `pattern = "\d{5}"` is a TOML escape error whose words (expected `b`, `e`, `f`…) do not
@@ -508,20 +510,16 @@ fn an_unknown_placeholder_is_located_at_its_brace() {
         "[replies]\nhelp = \"Hi {field.first} and { nme } or {nme2}\"\nunknown = \"Type {{nme}} for {nme}\"\n",
     );
     let problems = problems_in(dir.path());
-    for (place, says) in [
-        ("bot.toml:2:12:", "unknown placeholder {field.first}"),
-        ("bot.toml:2:30:", "unknown placeholder {nme}"),
-        ("bot.toml:2:41:", "unknown placeholder {nme2}"),
-        // Not `{{nme}}`, a brace written as itself.
-        ("bot.toml:3:29:", "unknown placeholder {nme}"),
-    ] {
-        assert!(
-            problems
-                .lines()
-                .any(|l| l.contains(place) && l.contains(says)),
-            "no {says:?} at {place} in:\n{problems}"
-        );
-    }
+    assert_told(
+        &problems,
+        &[
+            ("bot.toml:2:12:", "unknown placeholder {field.first}"),
+            ("bot.toml:2:30:", "unknown placeholder {nme}"),
+            ("bot.toml:2:41:", "unknown placeholder {nme2}"),
+            // Not `{{nme}}`, a brace written as itself.
+            ("bot.toml:3:29:", "unknown placeholder {nme}"),
+        ],
+    );
 }
 
 /// `EST` is a real tz name, but a fixed UTC-5 all year: quiet hours an hour off all summer.
@@ -571,20 +569,16 @@ fn an_unknown_table_does_not_hide_the_other_problems_of_its_file() {
          ttl = \"0s\"\n[bott]\nfoo = 1\n[bot.extra]\nx = 2\n[[sequnce]]\nname = \"a\"\n",
     );
     let problems = problems_in(dir.path());
-    for (place, says) in [
-        ("b.toml:3:12:", "unknown timezone"),
-        ("b.toml:6:7:", "bad duration \"0s\""),
-        ("b.toml:7:2:", "unknown field `bott`"),
-        ("b.toml:9:6:", "unknown field `extra`"),
-        ("b.toml:11:3:", "unknown field `sequnce`"),
-    ] {
-        assert!(
-            problems
-                .lines()
-                .any(|l| l.contains(place) && l.contains(says)),
-            "no {says:?} at {place} in:\n{problems}"
-        );
-    }
+    assert_told(
+        &problems,
+        &[
+            ("b.toml:3:12:", "unknown timezone"),
+            ("b.toml:6:7:", "bad duration \"0s\""),
+            ("b.toml:7:2:", "unknown field `bott`"),
+            ("b.toml:9:6:", "unknown field `extra`"),
+            ("b.toml:11:3:", "unknown field `sequnce`"),
+        ],
+    );
     // A line of the mistyped table that starts with `[` inside a multi-line string or an
     // array is no header: the table goes up to the real one.
     write(
@@ -594,17 +588,13 @@ fn an_unknown_table_does_not_hide_the_other_problems_of_its_file() {
          [verify]\ncode_length = 99\n",
     );
     let problems = problems_in(dir.path());
-    for (place, says) in [
-        ("b.toml:3:2:", "unknown field `bott`"),
-        ("b.toml:11:15:", "verify.code_length is 99"),
-    ] {
-        assert!(
-            problems
-                .lines()
-                .any(|l| l.contains(place) && l.contains(says)),
-            "no {says:?} at {place} in:\n{problems}"
-        );
-    }
+    assert_told(
+        &problems,
+        &[
+            ("b.toml:3:2:", "unknown field `bott`"),
+            ("b.toml:11:15:", "verify.code_length is 99"),
+        ],
+    );
 }
 
 /// Voice texts are spoken without the caller's record at hand: `check` refuses the
@@ -1457,7 +1447,7 @@ fn a_range_holding_a_keyword_number_is_refused() {
          [[form.field]]\nkey = \"m\"\nask = \"Below zero?\"\nexpect = { range = [-5, -1] }\n",
     );
     let problems = problems_in(dir.path());
-    for (place, says) in [
+    let expected = [
         (
             "flows.toml:8:10:",
             "range [1, 5] holds 1, which is a keyword (keywords.help), so no one could answer with it",
@@ -1465,12 +1455,8 @@ fn a_range_holding_a_keyword_number_is_refused() {
         ("flows.toml:13:10:", "range [2, 10] holds 9, which is a keyword (keywords.keep)"),
         // `-1` is read as the keyword 1: the minus sign goes with the punctuation.
         ("flows.toml:22:10:", "range [-5, -1] holds 1, which is a keyword (keywords.help)"),
-    ] {
-        assert!(
-            problems.lines().any(|l| l.contains(place) && l.contains(says)),
-            "no {says:?} at {place} in:\n{problems}"
-        );
-    }
+    ];
+    assert_told(&problems, &expected);
     assert_eq!(
         problems.matches("which is a keyword").count(),
         3,
