@@ -178,15 +178,15 @@ fn choice_in_words(choices: &[(String, String)], answer: &str) -> Option<String>
     for start in starts.into_iter().flatten() {
         for (label, words) in &labels {
             if let Some(rest) = start.strip_prefix(words.as_slice()) {
-                // The first word that says something ("email & text", "pickup at 5pm").
-                let next = rest.iter().find(|x| !FILLER.contains(&x.as_str()));
                 let other = labels.iter().any(|(_, w)| {
                     rest.windows(w.len()).any(|r| r == w.as_slice())
-                        // A longer label this one starts, going on with one of its own
-                        // further words ("email & text" beside `email_and_text`): no
-                        // telling which.
+                        // A longer label this one starts, one of whose further words that
+                        // says something follows ("email & text", "email and also text"
+                        // beside `email_and_text`; not "pickup at 5pm" beside
+                        // `pickup_at_the_store`): no telling which.
                         || (w.len() > words.len() && w.starts_with(words))
-                            && next.is_some_and(|x| w[words.len()..].contains(x))
+                            && (w[words.len()..].iter())
+                                .any(|x| !FILLER.contains(&x.as_str()) && rest.contains(x))
                 });
                 found.push((label, words, other));
             }

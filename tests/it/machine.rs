@@ -1871,12 +1871,13 @@ fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
         ("email please", Some("email")),
         ("email, and soon", Some("email")),
         ("the email", Some("email")),
-        ("email, not text", Some("email")),
+        ("email and also text", None),
+        ("email then text", None),
     ] {
         assert_eq!(contact.accept(said).as_deref(), meant, "{said:?}");
     }
-    // Only the word that follows counts, past the little ones: what comes later in a reply
-    // (a time, a place) is no other choice.
+    // The little words of a longer label (at, the) say nothing: a time or a place after the
+    // shorter one is no other choice.
     let pickup = smsflow::flows::Expect::Choices(
         [("A", "pickup"), ("B", "pickup_at_the_store")]
             .map(|(k, l)| (k.to_string(), l.to_string()))
