@@ -752,19 +752,19 @@ async fn status(
         at: state.engine.clock().now(),
     };
     if code == Some(UNSUBSCRIBED) {
-        // The number of the message's record, unless the record has this report already: a
-        // repeat (Twilio may send one twice; a captured one could be replayed) opts nothing
-        // out, as the number may have texted START since. For a message smsflow has no record
+        // The number of the message's record, unless the record has a 21610 already: a
+        // repeat (Twilio may send one twice; a captured one could be replayed, or with
+        // another failed status) opts nothing out, as the number may have texted START since. For a message smsflow has no record
         // of, the number it went to: a `To` given must be a phone number, and one is needed.
         // (One smsflow does not know, erased since the send or never met, is not brought
         // back: the event creates no record.) The opt-out first: should it fail, the report
-        // is not kept, and Twilio's retry of it opts the number out.
+        // is not kept, and a retry of it opts the number out.
         let to = (form.get("To"))
             .is_some_and(|t| !t.trim().is_empty())
             .then(|| form.phone("To"))
             .transpose()?;
         let number = match state.engine.store.delivery_by_sid(sid) {
-            Ok(Some((_, d))) => report.changes(&d).then_some(d.phone),
+            Ok(Some((_, d))) => (d.error_code != Some(UNSUBSCRIBED)).then_some(d.phone),
             _ => Some(to.map_or_else(|| form.phone("To"), Ok)?),
         };
         if let Some(phone) = number {

@@ -148,15 +148,6 @@ impl Report {
         }
     }
 
-    /// Whether this report would change the status or the error code of message record `d`:
-    /// a repeat (Twilio may send one twice; a captured one could be replayed), or one the
-    /// record is already past, would not.
-    pub fn changes(&self, d: &Delivery) -> bool {
-        let mut after = d.clone();
-        self.apply(&mut after);
-        (&after.status, after.error_code) != (&d.status, d.error_code)
-    }
-
     /// The report applied to a message's record, unless the record is further along. A
     /// failure without an error code keeps the one reported before it; any other status
     /// has only its own (a message reported `delivered` after `undelivered` keeps no error).

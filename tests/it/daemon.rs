@@ -959,10 +959,10 @@ async fn a_repeated_21610_report_does_not_opt_out_a_number_that_opted_back_in() 
         matches!(app.engine.store.delivery_by_sid(&sid), Ok(Some(_)))
     })
     .await;
-    let report = async || {
+    let report = async |status: &str| {
         let form = [
             ("MessageSid", sid.as_str()),
-            ("MessageStatus", "undelivered"),
+            ("MessageStatus", status),
             ("ErrorCode", "21610"),
         ];
         app.post_form("/twilio/status", &form)
@@ -970,12 +970,19 @@ async fn a_repeated_21610_report_does_not_opt_out_a_number_that_opted_back_in() 
             .status()
             .as_u16()
     };
-    assert_eq!(report().await, 204);
+    assert_eq!(report("undelivered").await, 204);
     assert_eq!(app.state_of(ANN).as_deref(), Some("opted_out"));
     app.sms(ANN, "START").await;
     assert_eq!(app.state_of(ANN).as_deref(), Some("awaiting_code"));
-    assert_eq!(report().await, 204);
-    assert_eq!(app.state_of(ANN).as_deref(), Some("awaiting_code"));
+    // Again, or with the other failed status.
+    for status in ["undelivered", "failed"] {
+        assert_eq!(report(status).await, 204);
+        assert_eq!(
+            app.state_of(ANN).as_deref(),
+            Some("awaiting_code"),
+            "{status}"
+        );
+    }
 }
 
 /// The request we send matches Twilio's own OpenAPI description of `Messages.json`
