@@ -298,11 +298,12 @@ impl Reloader {
                     .filter(|k| !f.form.all_keys().any(|n| n == *k))
                     .map(str::to_string)
                     .collect();
-                // A form question added: a number past the form is not asked it, so a text
-                // naming its field shows nothing there for that number.
+                // A form question added, for a field not declared before: a number past the
+                // form is not asked it (until it edits its answers), so a text naming its
+                // field shows nothing there for that number.
                 let added: Vec<String> = (f.form.fields.iter())
                     .map(|x| x.key.clone())
-                    .filter(|k| !live.form.fields.iter().any(|x| x.key == *k))
+                    .filter(|k| !live.form.all_keys().any(|x| x == k))
                     .collect();
                 let shrunk = f.removed_places_of(&live.places());
                 // A file gone (deleted, renamed away) takes its tables with it: whatever it
@@ -332,7 +333,8 @@ impl Reloader {
                     tracing::warn!(
                         trigger = why,
                         "the form now asks {} as well: numbers already past the form are not \
-                         asked it, and a text naming it shows nothing in its place for them",
+                         asked it (until they EDIT), and a text naming it shows nothing in its \
+                         place for them",
                         added.join(", ")
                     );
                 }
