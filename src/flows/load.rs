@@ -797,8 +797,7 @@ impl Cx {
                         .find(|t| t.name().eq_ignore_ascii_case(name));
                     let hint = match (us_zone_of(name), case_aside) {
                         (Some(zone), _) => format!(
-                            "an abbreviation is no zone name: for the region's local time \
-                             write {zone}"
+                            "a zone's abbreviation: for the region's local time write {zone}"
                         ),
                         (None, Some(t)) => {
                             format!("did you mean {}? names are case-sensitive", t.name())

@@ -531,7 +531,7 @@ fn a_timezone_without_daylight_saving_or_in_the_wrong_case_says_what_to_write() 
         ("EST", "fixed offset all year, with no daylight saving: for the region's local time write America/New_York"),
         ("MST", "write America/Denver (America/Phoenix for Arizona)"),
         ("america/new_york", "did you mean America/New_York? names are case-sensitive"),
-        ("est", "an abbreviation is no zone name: for the region's local time write America/New_York"),
+        ("est", "a zone's abbreviation: for the region's local time write America/New_York"),
         ("PST", "write America/Los_Angeles"),
     ] {
         write(dir.path(), "bot.toml", &format!("[bot]\ntimezone = \"{zone}\"\n"));
