@@ -614,6 +614,36 @@ async fn serve_on_twilio(
     (child, base)
 }
 
+/// A code the hourly cap refuses an app for a number never met leaves no record, but is
+/// counted: the metric is where a flood of them shows. (A daemon of its own: exact counts.)
+#[tokio::test]
+async fn a_code_refused_a_never_met_number_by_the_hourly_cap_is_counted_though_not_kept() {
+    let twilio = FakeTwilio::start().await;
+    let (data, flows) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let capped = FLOWS.replace("[verify]\n", "[verify]\nmax_codes_per_hour = 1\n");
+    std::fs::write(flows.path().join("flows.toml"), capped).unwrap();
+    let (_child, base) = serve_on_twilio(&twilio, data.path(), flows.path()).await;
+    let http = reqwest::Client::new();
+    signed_sms(&base, ANN, "JOIN").await;
+    let otp = http
+        .post(format!("{base}/authenticate/get_otp"))
+        .bearer_auth(API_TOKEN)
+        .json(&serde_json::json!({ "phone": BOB }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(otp.status().as_u16(), 429);
+    let admin = async |path: &str| {
+        let r = http.get(format!("{base}{path}")).bearer_auth(ADMIN_TOKEN);
+        r.send().await.unwrap()
+    };
+    let bob = format!("/admin/subscribers/{}", BOB.replace('+', "%2B"));
+    assert_eq!(admin(&bob).await.status().as_u16(), 404);
+    let metrics = admin("/metrics").await.text().await.unwrap();
+    let refused = r#"smsflow_history_entries_total{kind="code_rate_limited"} 1"#;
+    assert!(metrics.lines().any(|l| l == refused), "{metrics}");
+}
+
 /// The events an operator watches for have their counters, with help, from the start: every
 /// code issued (by text or the OTP API), verifications, delivery reports by status, and the
 /// routes' answers by status, a refused signature among them. (A daemon of its own, for a
