@@ -614,6 +614,17 @@ async fn serve_on_twilio(
     (child, base)
 }
 
+/// An app's `get_otp` for `phone`, with the API token.
+async fn app_asks_a_code(base: &str, phone: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{base}/authenticate/get_otp"))
+        .bearer_auth(API_TOKEN)
+        .json(&serde_json::json!({ "phone": phone }))
+        .send()
+        .await
+        .unwrap()
+}
+
 /// A code the hourly cap refuses an app for a number never met leaves no record, but is
 /// counted: the metric is where a flood of them shows. (A daemon of its own: exact counts.)
 #[tokio::test]
@@ -625,13 +636,7 @@ async fn a_code_refused_a_never_met_number_by_the_hourly_cap_is_counted_though_n
     let (_child, base) = serve_on_twilio(&twilio, data.path(), flows.path()).await;
     let http = reqwest::Client::new();
     signed_sms(&base, ANN, "JOIN").await;
-    let otp = http
-        .post(format!("{base}/authenticate/get_otp"))
-        .bearer_auth(API_TOKEN)
-        .json(&serde_json::json!({ "phone": BOB }))
-        .send()
-        .await
-        .unwrap();
+    let otp = app_asks_a_code(&base, BOB).await;
     assert_eq!(otp.status().as_u16(), 429);
     let admin = async |path: &str| {
         let r = http.get(format!("{base}{path}")).bearer_auth(ADMIN_TOKEN);
@@ -681,13 +686,7 @@ async fn codes_issued_reports_and_refused_signatures_are_counted_in_the_metrics(
     signed_sms(&base, ANN, "JOIN").await;
     let code = code_in(&twilio.last_to(ANN, 1).await);
     signed_sms(&base, ANN, &code).await;
-    let otp = http
-        .post(format!("{base}/authenticate/get_otp"))
-        .bearer_auth(API_TOKEN)
-        .json(&serde_json::json!({ "phone": BOB }))
-        .send()
-        .await
-        .unwrap();
+    let otp = app_asks_a_code(&base, BOB).await;
     assert_eq!(otp.status(), 200);
     for status in ["delivered", "teleported"] {
         let report = [("MessageSid", "SMreported"), ("MessageStatus", status)];
