@@ -819,11 +819,7 @@ fn a_code_a_number_or_a_choice_typed_in_another_scripts_digits_is_read_as_those_
     let range = smsflow::flows::Expect::Range(1, 5);
     assert_eq!(range.accept("٤").as_deref(), Some("4"));
     assert_eq!(range.accept("٩"), None, "9 is out of range in any script");
-    let choices = smsflow::flows::Expect::Choices(
-        [("1", "yes"), ("2", "no")]
-            .map(|(k, l)| (k.to_string(), l.to_string()))
-            .to_vec(),
-    );
+    let choices = choice_of(&[("1", "yes"), ("2", "no")]);
     assert_eq!(choices.accept("٢").as_deref(), Some("no"));
 }
 
@@ -1124,11 +1120,7 @@ fn an_option_typed_as_shown_is_its_choice_whatever_its_spaces_and_underscores() 
 /// punctuation is dropped; an answer with nothing to read is no choice at all.
 #[test]
 fn a_label_typed_as_written_is_that_choice_and_an_answer_of_only_symbols_is_none() {
-    let expect = smsflow::flows::Expect::Choices(
-        [("Y", "👍"), ("N", "👎"), ("A", "sub-18"), ("B", "18+")]
-            .map(|(k, l)| (k.to_string(), l.to_string()))
-            .to_vec(),
-    );
+    let expect = choice_of(&[("Y", "👍"), ("N", "👎"), ("A", "sub-18"), ("B", "18+")]);
     for (typed, saved) in [
         ("👎", Some("👎")),
         ("👍", Some("👍")),
@@ -1744,11 +1736,7 @@ fn a_number_an_app_verified_that_texts_join_later_gets_the_conversation() {
 /// article or a pronoun), not a second number.
 #[test]
 fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
-    let choices = smsflow::flows::Expect::Choices(
-        [("A", "camera"), ("B", "bike"), ("C", "laptop")]
-            .map(|(k, l)| (k.to_string(), l.to_string()))
-            .to_vec(),
-    );
+    let choices = choice_of(&[("A", "camera"), ("B", "bike"), ("C", "laptop")]);
     for (said, meant) in [
         ("The bike!", Some("bike")),
         ("bike please", Some("bike")),
@@ -1767,16 +1755,12 @@ fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
     ] {
         assert_eq!(choices.accept(said).as_deref(), meant, "{said:?}");
     }
-    let social = smsflow::flows::Expect::Choices(
-        [
-            ("A", "friend"),
-            ("B", "social_media"),
-            ("C", "other"),
-            ("D", "none"),
-        ]
-        .map(|(k, l)| (k.to_string(), l.to_string()))
-        .to_vec(),
-    );
+    let social = choice_of(&[
+        ("A", "friend"),
+        ("B", "social_media"),
+        ("C", "other"),
+        ("D", "none"),
+    ]);
     for (said, meant) in [
         ("social media, I think", Some("social_media")),
         ("a friend told me", Some("friend")),
@@ -1790,18 +1774,10 @@ fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
     ] {
         assert_eq!(social.accept(said).as_deref(), meant, "{said:?}");
     }
-    let age = smsflow::flows::Expect::Choices(
-        [("A", "under_30"), ("B", "30_50"), ("C", "over_50")]
-            .map(|(k, l)| (k.to_string(), l.to_string()))
-            .to_vec(),
-    );
+    let age = choice_of(&[("A", "under_30"), ("B", "30_50"), ("C", "over_50")]);
     assert_eq!(age.accept("I'm 45, not over 50"), None);
     assert_eq!(age.accept("over 50, sorry, 30-50"), None);
-    let news = smsflow::flows::Expect::Choices(
-        [("A", "the_news"), ("B", "radio")]
-            .map(|(k, l)| (k.to_string(), l.to_string()))
-            .to_vec(),
-    );
+    let news = choice_of(&[("A", "the_news"), ("B", "radio")]);
     assert_eq!(news.accept("the news, mostly").as_deref(), Some("the_news"));
     assert_eq!(news.accept("the radio I think").as_deref(), Some("radio"));
     assert_eq!(age.accept("under 30? I wish"), None);
@@ -1838,11 +1814,7 @@ fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
         assert_eq!(rating.accept(said).as_deref(), meant, "{said:?}");
     }
     // A label that holds another's words, copied as shown, is that choice.
-    let contact = smsflow::flows::Expect::Choices(
-        [("A", "email"), ("B", "text"), ("C", "email_and_text")]
-            .map(|(k, l)| (k.to_string(), l.to_string()))
-            .to_vec(),
-    );
+    let contact = choice_of(&[("A", "email"), ("B", "text"), ("C", "email_and_text")]);
     for (said, meant) in [
         ("C) email and text", Some("email_and_text")),
         ("A) email", Some("email")),
@@ -1857,11 +1829,7 @@ fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
     }
     // With no choice of its own for "text", "email & text" was taken as `email`: it names the
     // longer label's further word, so it is no telling which, and asked again.
-    let contact = smsflow::flows::Expect::Choices(
-        [("A", "email"), ("B", "email_and_text"), ("C", "phone")]
-            .map(|(k, l)| (k.to_string(), l.to_string()))
-            .to_vec(),
-    );
+    let contact = choice_of(&[("A", "email"), ("B", "email_and_text"), ("C", "phone")]);
     for (said, meant) in [
         ("email & text", None),
         ("email+text", None),
@@ -1878,11 +1846,7 @@ fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
     }
     // The little words of a longer label (at, the) say nothing: a time or a place after the
     // shorter one is no other choice.
-    let pickup = smsflow::flows::Expect::Choices(
-        [("A", "pickup"), ("B", "pickup_at_the_store")]
-            .map(|(k, l)| (k.to_string(), l.to_string()))
-            .to_vec(),
-    );
+    let pickup = choice_of(&[("A", "pickup"), ("B", "pickup_at_the_store")]);
     for (said, meant) in [
         ("pickup at 5pm", Some("pickup")),
         ("pickup in the evening", Some("pickup")),
@@ -2397,4 +2361,10 @@ fn the_daemon_wide_hour_refuses_codes_until_its_oldest_code_is_an_hour_old() {
     // Once past it, codes go again.
     let t = smsflow::machine::step_within(sub, &join, &f, until, &mut rng, limits);
     assert_eq!(t.outcome, Outcome::CodeSent);
+}
+
+/// A choice question's expectation from (key, label) pairs.
+fn choice_of(pairs: &[(&str, &str)]) -> smsflow::flows::Expect {
+    let pairs = pairs.iter().map(|(k, l)| (k.to_string(), l.to_string()));
+    smsflow::flows::Expect::Choices(pairs.collect())
 }
