@@ -988,6 +988,16 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 // Twilio that it is back, and never sent a code.
                 if opt_in || word == "YES" {
                     self.issue_code("sms");
+                    if self.sub.state == State::OptedOut {
+                        // Refused a code (the hour's are spent), yet back in by its own
+                        // word, as Twilio has it: no longer opted out, only not verified.
+                        // Told to try again later, it can then text JOIN (and a text is
+                        // answered, not ignored, meanwhile).
+                        self.record(Record::OptedIn {
+                            via: "sms".to_string(),
+                        });
+                        self.sub.state = State::Unverified;
+                    }
                 } else {
                     self.outcome = Outcome::Ignored;
                 }

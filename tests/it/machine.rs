@@ -2363,6 +2363,53 @@ fn the_daemon_wide_hour_refuses_codes_until_its_oldest_code_is_an_hour_old() {
     assert_eq!(t.outcome, Outcome::CodeSent);
 }
 
+/// START is the number's own word that it is back (Twilio lifts its block on it): refused a
+/// code while everyone's are spent, it is told to try later and is no longer opted out, so
+/// its next text is answered (how to join), not ignored.
+#[test]
+fn start_while_the_hours_codes_are_spent_lifts_the_opt_out_and_says_to_try_later() {
+    use smsflow::machine::{Limits, Record};
+    let f = flows();
+    let until = t0() + TimeDelta::minutes(20);
+    let limits = Limits {
+        codes_refused_until: Some(until),
+    };
+    let mut rng = StdRng::seed_from_u64(9);
+    let start = Event::Inbound("START".into());
+    let t = smsflow::machine::step_within(
+        subscriber(State::OptedOut),
+        &start,
+        &f,
+        t0(),
+        &mut rng,
+        limits,
+    );
+    assert_eq!(
+        t.outcome,
+        Outcome::RateLimited {
+            retry_at: until,
+            everyone: true
+        }
+    );
+    assert_eq!(t.subscriber.state, State::Unverified);
+    assert!(t.subscriber.codes.is_empty());
+    assert_eq!(messages(&t.effects), [f.verify.busy.render(|_| None)]);
+    assert!(t.effects.iter().any(|e| matches!(e,
+        Effect::Record(Record::OptedIn { via }) if via == "sms")));
+    let hello = Event::Inbound("hello".into());
+    let t = smsflow::machine::step_within(t.subscriber, &hello, &f, t0(), &mut rng, limits);
+    let told = messages(&t.effects);
+    assert!(
+        told.len() == 1 && told[0].ends_with("reply JOIN to enter the contest."),
+        "{told:?}"
+    );
+    // Past the hour, JOIN brings the code.
+    let join = Event::Inbound("JOIN".into());
+    let t = smsflow::machine::step_within(t.subscriber, &join, &f, until, &mut rng, limits);
+    assert_eq!(t.outcome, Outcome::CodeSent);
+    assert_eq!(t.subscriber.state, State::AwaitingCode);
+}
+
 /// A choice question's expectation from (key, label) pairs.
 fn choice_of(pairs: &[(&str, &str)]) -> smsflow::flows::Expect {
     let pairs = pairs.iter().map(|(k, l)| (k.to_string(), l.to_string()));
