@@ -230,6 +230,18 @@ impl Phone {
         if trimmed.is_empty() {
             return Err(PhoneError::Empty);
         }
+        // A country code in brackets, as numbers are often written in Europe ("(+44) 20 7946
+        // 0958"): the brackets are no part of it.
+        let unbracketed: String;
+        let trimmed = match trimmed.strip_prefix("(+").and_then(|r| r.split_once(')')) {
+            Some((code, rest))
+                if (1..=3).contains(&code.len()) && code.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                unbracketed = format!("+{code} {rest}");
+                unbracketed.as_str()
+            }
+            _ => trimmed,
+        };
         if let Some(read) = international(trimmed) {
             return read.map(Phone);
         }
@@ -382,6 +394,10 @@ mod tests {
                 ("+86 138 0013 8000", "+8613800138000"),
                 ("+1 (415) 555-0100", "+14155550100"),
                 ("+1 800-555-0199", "+18005550199"),
+                // The country code in brackets.
+                ("(+1) 415 555 0163", "+14155550163"),
+                ("(+44) 020 7946 0958", "+442079460958"),
+                ("(+86)138 0013 8000", "+8613800138000"),
             ] {
                 assert_eq!(Phone::parse_in(written, region).unwrap().as_str(), e164);
             }
@@ -505,7 +521,7 @@ mod tests {
                 "'\u{fffd}' is neither a digit nor a separator",
             ),
             ("415*555*0100", "'*' is neither a digit nor a separator"),
-            ("(+1) 415 555 0163", "'+' comes first"),
+            ("(+1 415) 555 0163", "'+' comes first"),
             // A number abroad written with Europe's 00, read in a North American region.
             (
                 "0044 20 7946 0019",
