@@ -160,13 +160,25 @@ impl Template {
         })
     }
 
-    /// Fills the placeholders; one that `lookup` does not know becomes empty.
+    /// Fills the placeholders; one that `lookup` does not know becomes empty. A value's
+    /// closing full stop gives way to the punctuation the text puts after it ("Ann." in
+    /// "Thanks, {field.first_name}!" is "Thanks, Ann!", not "Thanks, Ann.!"); an ellipsis
+    /// stays.
     pub fn render(&self, lookup: impl Fn(&str) -> Option<String>) -> String {
         let mut out = String::with_capacity(self.source.len());
-        for part in &self.parts {
+        for (i, part) in self.parts.iter().enumerate() {
             match part {
                 Part::Text(t) => out.push_str(t),
-                Part::Slot(s) => out.push_str(&lookup(s).unwrap_or_default()),
+                Part::Slot(s) => {
+                    let value = lookup(s).unwrap_or_default();
+                    let punctuated = matches!(self.parts.get(i + 1),
+                        Some(Part::Text(t)) if t.starts_with(['.', '!', '?', ',', ';', ':']));
+                    let stop = value.strip_suffix('.').filter(|v| !v.ends_with('.'));
+                    match stop {
+                        Some(v) if punctuated => out.push_str(v),
+                        _ => out.push_str(&value),
+                    }
+                }
             }
         }
         out
@@ -207,6 +219,20 @@ mod tests {
             _ => None,
         });
         assert_eq!(out, "{hi} Acme: 123456");
+    }
+
+    #[test]
+    fn a_values_full_stop_gives_way_to_the_punctuation_after_it() {
+        let t = Template::parse("Thanks, {field.name}! You said {field.name} and {field.name}.")
+            .unwrap();
+        for (value, said) in [
+            ("Ann.", "Thanks, Ann! You said Ann. and Ann."),
+            ("Ann", "Thanks, Ann! You said Ann and Ann."),
+            ("wait...", "Thanks, wait...! You said wait... and wait...."),
+            ("Dr. J.", "Thanks, Dr. J! You said Dr. J. and Dr. J."),
+        ] {
+            assert_eq!(t.render(|_| Some(value.into())), said);
+        }
     }
 
     #[test]
