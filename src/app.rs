@@ -384,6 +384,17 @@ impl Application {
         // records them when it is done, so a stop or crash before that makes the next start
         // sweep again.
         let flows = self.engine.flows();
+        // And fields: an edit made while stopped is warned of as a reload's is.
+        match self.engine.store.flows_fields() {
+            Ok(Some(before)) => {
+                for w in crate::reload::field_warnings(&before, &flows) {
+                    tracing::warn!(trigger = "start", "{w}");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!("reading the flows' fields: {e:#}"),
+        }
+        crate::reload::remember_fields(&self.engine, &flows);
         let sweep = match self.engine.store.flows_places() {
             Ok(before) if before.as_ref().is_none_or(|b| flows.removed_places_of(b)) => {
                 crate::reload::end_lost_places(&self.engine, stop_rx.clone())

@@ -292,19 +292,8 @@ impl Reloader {
                 let summary = f.summary();
                 let warnings: Vec<String> = f.warnings().iter().map(|w| w.to_string()).collect();
                 let live = self.engine.flows();
-                // A form field no longer declared (renamed, removed): its answers stay in
-                // each number's record, but leave the export, which has a column per field.
-                let dropped: Vec<String> = (live.form.all_keys())
-                    .filter(|k| !f.form.all_keys().any(|n| n == *k))
-                    .map(str::to_string)
-                    .collect();
-                // A form question added, for a field not declared before: a number past the
-                // form is not asked it (until it edits its answers), so a text naming its
-                // field shows nothing there for that number.
-                let added: Vec<String> = (f.form.fields.iter())
-                    .map(|x| x.key.clone())
-                    .filter(|k| !live.form.all_keys().any(|x| x == k))
-                    .collect();
+                let before: Vec<String> = live.form.all_keys().map(str::to_string).collect();
+                let fields = field_warnings(&before, &f);
                 let shrunk = f.removed_places_of(&live.places());
                 // A file gone (deleted, renamed away) takes its tables with it: whatever it
                 // set goes back to the defaults, which passes `check` but is seldom meant.
@@ -321,6 +310,7 @@ impl Reloader {
                     // On record first: a crash between the two must not leave live places
                     // a start would not know to look for.
                     remember_places(&self.engine, &f, false);
+                    remember_fields(&self.engine, &f);
                     // Counted first: whoever meets the new flows finds the reload counted.
                     self.swapped.fetch_add(1, Ordering::SeqCst);
                     self.engine.set_flows(f);
@@ -329,24 +319,8 @@ impl Reloader {
                 for w in &warnings {
                     tracing::warn!(trigger = why, "flows: {w}");
                 }
-                if !added.is_empty() {
-                    tracing::warn!(
-                        trigger = why,
-                        "the form now asks {} as well: numbers already past the form are not \
-                         asked it (until they EDIT), and a text naming it shows nothing in its \
-                         place for them",
-                        added.join(", ")
-                    );
-                }
-                if !dropped.is_empty() {
-                    tracing::warn!(
-                        trigger = why,
-                        "the flows now live no longer declare the field(s) {}: the answers \
-                         saved under them stay in each number's record (GET \
-                         /admin/subscribers/{{phone}}) but are not in the export; declare them \
-                         again (in form.extra_fields, if no longer asked) to export them",
-                        dropped.join(", ")
-                    );
+                for w in &fields {
+                    tracing::warn!(trigger = why, "{w}");
                 }
                 if !gone.is_empty() {
                     tracing::warn!(
@@ -503,6 +477,51 @@ impl Reloader {
         }
         #[cfg(not(unix))]
         let _ = stop.changed().await;
+    }
+}
+
+/// What changed in the form's fields from `before` (the keys of the flows live until now) to
+/// `f`, as warnings for the operator.
+pub fn field_warnings(before: &[String], f: &Flows) -> Vec<String> {
+    let mut out = Vec::new();
+    // A form question added, for a field not declared before: a number past the form is not
+    // asked it (until it edits its answers), so a text naming its field shows nothing there
+    // for that number.
+    let added: Vec<&str> = (f.form.fields.iter())
+        .map(|x| x.key.as_str())
+        .filter(|k| !before.iter().any(|b| b == k))
+        .collect();
+    if !added.is_empty() {
+        out.push(format!(
+            "the form now asks {} as well: numbers already past the form are not asked it \
+             (until they EDIT), and a text naming it shows nothing in its place for them",
+            added.join(", ")
+        ));
+    }
+    // A form field no longer declared (renamed, removed): its answers stay in each number's
+    // record, but leave the export, which has a column per field.
+    let dropped: Vec<&str> = (before.iter())
+        .map(String::as_str)
+        .filter(|k| !f.form.all_keys().any(|n| n == *k))
+        .collect();
+    if !dropped.is_empty() {
+        out.push(format!(
+            "the flows now live no longer declare the field(s) {}: the answers saved under \
+             them stay in each number's record (GET /admin/subscribers/{{phone}}) but are not \
+             in the export; declare them again (in form.extra_fields, if no longer asked) to \
+             export them",
+            dropped.join(", ")
+        ));
+    }
+    out
+}
+
+/// Records the form's fields of flows now live, which the next start compares with the
+/// flows it loads ([`field_warnings`]).
+pub fn remember_fields(engine: &Engine, flows: &Flows) {
+    let fields: Vec<String> = flows.form.all_keys().map(str::to_string).collect();
+    if let Err(e) = engine.store.set_flows_fields(&fields) {
+        tracing::error!("recording the flows' fields: {e:#}");
     }
 }
 

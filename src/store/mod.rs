@@ -532,6 +532,22 @@ impl Store {
         Ok(())
     }
 
+    /// The form's fields ([`crate::flows::Form::all_keys`]) of the flows last live, if
+    /// recorded: a start compares them with the flows it loads, as a reload does.
+    pub fn flows_fields(&self) -> anyhow::Result<Option<Vec<String>>> {
+        Ok(self
+            .meta
+            .get(FLOWS_FIELDS)?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    pub fn set_flows_fields(&self, fields: &[String]) -> anyhow::Result<()> {
+        self.meta
+            .insert(FLOWS_FIELDS, serde_json::to_vec(fields)?)
+            .map_err(|e| self.wrote(e))?;
+        Ok(())
+    }
+
     /// Subscribers per state, in [`State::NAMES`] order.
     pub fn state_counts(&self) -> [i64; 5] {
         std::array::from_fn(|i| self.counts[i].load(Relaxed))
@@ -1644,6 +1660,7 @@ const OUTBOX_TAG: u8 = b'o';
 const DELIVERY_TAG: u8 = b'd';
 /// The meta key holding the flows' places as JSON, to find places removed while stopped.
 const FLOWS_PLACES: &str = "flows_places";
+const FLOWS_FIELDS: &str = "flows_fields";
 
 /// The meta key holding [`Counts`] (big-endian i64s).
 const COUNTS_KEY: &str = "counts";

@@ -1482,6 +1482,37 @@ async fn a_reload_that_drops_a_field_or_uses_one_too_early_goes_live_with_warnin
     exits_cleanly(child, stderr, Duration::from_secs(10)).await;
 }
 
+/// The same edit made while the daemon is stopped is warned of at the next start.
+#[tokio::test]
+async fn a_start_after_an_edit_that_drops_a_field_warns_as_a_reload_does() {
+    let (data, flows) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
+    let (child, _base, _lines, stderr) = serve_child_with(data.path(), flows.path(), |_| {}).await;
+    sigterm(&child);
+    let first = exits_cleanly(child, stderr, Duration::from_secs(10)).await;
+    assert!(
+        !first.iter().any(|l| l.contains("no longer declare")),
+        "{first:?}"
+    );
+    std::fs::write(
+        flows.path().join("flows.toml"),
+        FLOWS.replace("first_name", "name"),
+    )
+    .unwrap();
+    let (child, _base, _lines, stderr) = serve_child_with(data.path(), flows.path(), |_| {}).await;
+    sigterm(&child);
+    let lines = exits_cleanly(child, stderr, Duration::from_secs(10)).await;
+    let warned = |what: &str| {
+        lines
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("start") && l.contains(what))
+    };
+    assert!(
+        warned("no longer declare the field(s) first_name") && warned("the form now asks name"),
+        "{lines:?}"
+    );
+}
+
 /// A disk that fails under a running daemon (here the file size limit, which fails sled's
 /// writes as a full disk does): sled fails every change after its first failed write, even
 /// once space is back, so the daemon stops with exit 3 naming the cause instead of answering
