@@ -1134,12 +1134,20 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     fn codes_refused_until(&self) -> Option<DateTime<Utc>> {
         let v = &self.flows.verify;
         let start = self.send_window_start();
-        let counted = self.sub.code_sends.iter().filter(|t| **t > start);
-        if counted.clone().count() < v.max_sends as usize {
-            return None;
-        }
-        let oldest = counted.min().copied().unwrap_or(self.now);
-        Some(oldest.checked_add_signed(v.send_window).unwrap_or(self.now))
+        let mut counted: Vec<DateTime<Utc>> = (self.sub.code_sends.iter())
+            .filter(|t| **t > start)
+            .copied()
+            .collect();
+        let over = counted.len().checked_sub(v.max_sends as usize)?;
+        // Room once all but `max_sends - 1` have left the window: more than `max_sends` are
+        // counted when a reload lowered it.
+        counted.sort();
+        let last_to_leave = counted.get(over).copied().unwrap_or(self.now);
+        Some(
+            last_to_leave
+                .checked_add_signed(v.send_window)
+                .unwrap_or(self.now),
+        )
     }
 
     fn issue_code(&mut self, via: &str) {

@@ -500,6 +500,33 @@ fn a_locked_code_says_a_new_one_may_be_asked_for_at_once_or_when_the_send_limit_
     );
 }
 
+/// Three codes sent, then a reload lowers `max_sends` to 1: another may be asked for once
+/// the newest of them has left the window (not the oldest, which leaves two still counted).
+#[test]
+fn a_lowered_send_limit_names_when_enough_sends_have_left_the_window() {
+    let mut f = flows();
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut sub = subscriber(State::Unverified);
+    let sent_at = |i: i64| t0() + TimeDelta::seconds(10 * i);
+    for i in 0..3 {
+        let out = step(sub, &Event::OtpRequested, &f, sent_at(i), &mut rng);
+        assert_eq!(out.outcome, Outcome::CodeSent);
+        sub = out.subscriber;
+    }
+    f.verify.max_sends = 1;
+    let refused = step(sub.clone(), &Event::OtpRequested, &f, sent_at(3), &mut rng);
+    let newest_leaves = sent_at(2) + f.verify.send_window;
+    assert_eq!(
+        refused.outcome,
+        Outcome::RateLimited {
+            retry_at: newest_leaves,
+            everyone: false
+        }
+    );
+    let at_that_time = step(sub, &Event::OtpRequested, &f, newest_leaves, &mut rng);
+    assert_eq!(at_that_time.outcome, Outcome::CodeSent);
+}
+
 /// Locked while everyone's codes for the hour are spent: a new code may be asked for once
 /// `max_codes_per_hour` allows it, not at once.
 #[test]
