@@ -398,7 +398,7 @@ impl Outbox {
     }
 
     /// Whom message `id` must wait for, if it is to be sent (one that will not be, its
-    /// number opted out or its code expired, takes no turn: `deliver` ends it at once): its
+    /// number opted out or its code stale, takes no turn: `deliver` ends it at once): its
     /// sender, and the sender's next turn if it is still to come (`None`: it waits behind
     /// the sender's older messages that wait for their turn, as they do).
     fn must_wait(
@@ -413,7 +413,7 @@ impl Outbox {
             return None;
         }
         let record = sendable(&self.engine.store, msg, id);
-        if matches!(record, Ok(None)) || self.code_expired(msg) {
+        if matches!(record, Ok(None)) || self.stale_code(msg, &record).is_some() {
             return None;
         }
         // (A record that cannot be read counts against the default sender, as in `deliver`.)
@@ -484,9 +484,9 @@ impl Outbox {
         // `try_deliver_one` picked one whose sender's turn has come, so this waits only when
         // its number wrote to another of ours since, whose turn it is not.
         let mut record = sendable(store, &msg, id);
-        let mut expired = self.code_expired(&msg);
+        let mut stale = self.stale_code(&msg, &record);
         let mut waited = None;
-        while !matches!(record, Ok(None)) && !expired {
+        while !matches!(record, Ok(None)) && stale.is_none() {
             let from = self.sender_of(&record);
             let slot = self.next_slot.get(&from).copied();
             // (A record unreadable since the wait is not sent: no other sender's turn to
@@ -509,7 +509,7 @@ impl Outbox {
             // wrote to one meanwhile), whose slot is then waited for.
             waited = Some(from);
             record = sendable(store, &msg, id);
-            expired = self.code_expired(&msg);
+            stale = self.stale_code(&msg, &record);
         }
         // What is sent once the store failed could not be recorded, and would be sent again
         // after the restart: nothing goes (the daemon is stopping).
@@ -537,18 +537,16 @@ impl Outbox {
                 tracing::info!(phone = %msg.phone.masked(), "outbox: not sending to a number that opted out (since this was queued) or was erased");
                 ("suppressed", None, None)
             }
-            // A code held up (by retries, or a backlog behind the rate limit) past its life
-            // would only be refused when typed back: the number asks for a new one instead.
-            Ok(Some(s)) if expired => {
-                tracing::info!(phone = %msg.phone.masked(), "outbox: not sending a code that expired while it waited");
+            // A code held up (by retries, or a backlog behind the rate limit) past its life,
+            // or displaced by newer ones, would only be refused when typed back (and count
+            // as a wrong guess): the number asks for a new one, or has one, instead.
+            Ok(Some(s)) if stale.is_some() => {
+                let why = stale.unwrap_or_default();
+                tracing::info!(phone = %msg.phone.masked(), "outbox: not sending a code: {why}");
                 // Withdrawn as an undeliverable one is: its send no longer counts against the
                 // limit, and a number waiting for it alone is back where it was. (Found by the
                 // expiry it carries, and its text.)
-                (
-                    "suppressed",
-                    Some("the code expired before it could be sent".to_string()),
-                    queued_code(&s, &msg),
-                )
+                ("suppressed", Some(why.to_string()), queued_code(&s, &msg))
             }
             Ok(Some(s)) => {
                 let phone = msg.phone.clone();
@@ -570,13 +568,27 @@ impl Outbox {
         Ok(false)
     }
 
-    /// Whether the code a queued message carries has expired (by the expiry it was issued
-    /// with, which is what the machine checks when it is typed back).
-    fn code_expired(&self, msg: &OutMessage) -> bool {
-        msg.secret
-            && msg
-                .code_expires_at
-                .is_some_and(|end| self.engine.clock().now() >= end)
+    /// Why the code a queued message carries is not to be sent, if it is not: it expired (by
+    /// the expiry it was issued with, which is what the machine checks when it is typed
+    /// back), or the number's record no longer holds it among its `valid_codes` latest
+    /// (newer codes displaced it, as the OTP API checks too, or the number verified since).
+    /// `None` for a message that carries no code.
+    fn stale_code(
+        &self,
+        msg: &OutMessage,
+        record: &anyhow::Result<Option<crate::machine::Subscriber>>,
+    ) -> Option<&'static str> {
+        let expires_at = msg.code_expires_at.filter(|_| msg.secret)?;
+        if self.engine.clock().now() >= expires_at {
+            return Some("the code expired before it could be sent");
+        }
+        let valid_codes = self.engine.flows().verify.valid_codes;
+        match record {
+            Ok(Some(s)) if queued_code(s, msg).is_none_or(|c| !s.holds_code(&c, valid_codes)) => {
+                Some("newer codes were issued meanwhile, or the number no longer waits for one")
+            }
+            _ => None,
+        }
     }
 }
 

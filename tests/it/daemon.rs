@@ -2551,6 +2551,62 @@ async fn a_code_that_expired_while_its_send_was_retried_is_not_sent_but_withdraw
     app.stop().await;
 }
 
+/// Codes asked for while the first waits for its retry: once newer ones displace it (only
+/// the `valid_codes` latest count), it is not sent when its retry comes, as it would only be
+/// refused when typed back; the ones that count are.
+#[tokio::test]
+async fn a_queued_code_displaced_by_newer_ones_is_not_sent() {
+    let app = TestApp::spawn_with_options(FLOWS, |o| {
+        o.retry_base = Duration::from_secs(20);
+        o.clock = manual_clock();
+    })
+    .await;
+    app.twilio.fail_next(&[503]);
+    app.sms(ANN, "JOIN").await;
+    eventually("the code to wait for its retry", async || {
+        let now = app.engine.clock().now();
+        app.engine
+            .store
+            .outbox()
+            .any(|m| m.is_ok_and(|(_, m)| m.attempts == 1 && m.next_try > now))
+    })
+    .await;
+    app.sms(ANN, "JOIN").await;
+    app.sms(ANN, "JOIN").await;
+    let ann = smsflow::phone::Phone::parse(ANN).unwrap();
+    let codes: Vec<String> = (app.engine.store.subscriber(&ann).unwrap().unwrap().codes)
+        .iter()
+        .map(|c| c.code.clone())
+        .collect();
+    assert_eq!(
+        codes.len(),
+        3,
+        "the two that count and the one they displaced"
+    );
+    app.advance(Duration::from_secs(60));
+    app.twilio.wait_delivered(2).await;
+    eventually("the outbox to be done", async || {
+        app.engine.store.outbox_len() == 0
+    })
+    .await;
+    let bodies: Vec<String> = app
+        .twilio
+        .delivered()
+        .iter()
+        .map(|r| r.body.clone())
+        .collect();
+    assert_eq!(bodies.len(), 2, "{bodies:?}");
+    assert!(bodies[0].contains(&codes[1]) && bodies[1].contains(&codes[2]));
+    let suppressed: Vec<_> = (app.engine.store.deliveries())
+        .map(|d| d.unwrap().1)
+        .filter(|d| d.status == "suppressed")
+        .map(|d| d.error.unwrap_or_default())
+        .collect();
+    assert_eq!(suppressed.len(), 1, "{suppressed:?}");
+    assert!(suppressed[0].contains("newer codes"), "{suppressed:?}");
+    app.stop().await;
+}
+
 /// While one number's message waits for a long retry, others are sent at once; and once that
 /// number is erased and joins again, its new code does not wait for the erased one's retry.
 /// (On a manual clock that never moves: the retry never comes due.)
