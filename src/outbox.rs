@@ -413,7 +413,7 @@ impl Outbox {
             return None;
         }
         let record = sendable(&self.engine.store, msg, id);
-        if matches!(record, Ok(None)) || self.stale_code(msg, &record).is_some() {
+        if matches!(record, Ok(None)) || self.unwanted(id, msg, &record).is_some() {
             return None;
         }
         // (A record that cannot be read counts against the default sender, as in `deliver`.)
@@ -484,7 +484,7 @@ impl Outbox {
         // `try_deliver_one` picked one whose sender's turn has come, so this waits only when
         // its number wrote to another of ours since, whose turn it is not.
         let mut record = sendable(store, &msg, id);
-        let mut stale = self.stale_code(&msg, &record);
+        let mut stale = self.unwanted(id, &msg, &record);
         let mut waited = None;
         while !matches!(record, Ok(None)) && stale.is_none() {
             let from = self.sender_of(&record);
@@ -509,7 +509,7 @@ impl Outbox {
             // wrote to one meanwhile), whose slot is then waited for.
             waited = Some(from);
             record = sendable(store, &msg, id);
-            stale = self.stale_code(&msg, &record);
+            stale = self.unwanted(id, &msg, &record);
         }
         // What is sent once the store failed could not be recorded, and would be sent again
         // after the restart: nothing goes (the daemon is stopping).
@@ -539,10 +539,11 @@ impl Outbox {
             }
             // A code held up (by retries, or a backlog behind the rate limit) past its life,
             // or displaced by newer ones, would only be refused when typed back (and count
-            // as a wrong guess): the number asks for a new one, or has one, instead.
+            // as a wrong guess): the number asks for a new one, or has one, instead. A step
+            // of a sequence ended since is no longer meant.
             Ok(Some(s)) if stale.is_some() => {
                 let why = stale.unwrap_or_default();
-                tracing::info!(phone = %msg.phone.masked(), "outbox: not sending a code: {why}");
+                tracing::info!(phone = %msg.phone.masked(), "outbox: not sending: {why}");
                 // Withdrawn as an undeliverable one is: its send no longer counts against the
                 // limit, and a number waiting for it alone is back where it was. (Found by the
                 // expiry it carries, and its text.)
@@ -568,16 +569,28 @@ impl Outbox {
         Ok(false)
     }
 
-    /// Why the code a queued message carries is not to be sent, if it is not: it expired (by
-    /// the expiry it was issued with, which is what the machine checks when it is typed
-    /// back), or the number's record no longer holds it among its `valid_codes` latest
-    /// (newer codes displaced it, as the OTP API checks too, or the number verified since).
-    /// `None` for a message that carries no code.
-    fn stale_code(
+    /// Why queued message `id` is not to be sent after all, if it is not (its number may be
+    /// texted): a follow-up whose sequence a reload ended since it was queued (the number
+    /// is `verified` and sent nothing more); a code that expired (by the expiry it was
+    /// issued with, which is what the machine checks when it is typed back), or that the
+    /// number's record no longer holds among its `valid_codes` latest (newer codes displaced
+    /// it, as the OTP API checks too, or the number verified since).
+    fn unwanted(
         &self,
+        id: u64,
         msg: &OutMessage,
         record: &anyhow::Result<Option<crate::machine::Subscriber>>,
     ) -> Option<&'static str> {
+        if msg.follow_up && matches!(record, Ok(Some(_))) {
+            match self.engine.store.sequence_ended_since(&msg.phone, id) {
+                Ok(true) => return Some("its sequence ended since it was queued (a reload)"),
+                Ok(false) => {}
+                // (Sent as if not: the store's own failure stops the daemon.)
+                Err(e) => {
+                    tracing::warn!(phone = %msg.phone.masked(), "outbox: reading the history: {e:#}")
+                }
+            }
+        }
         let expires_at = msg.code_expires_at.filter(|_| msg.secret)?;
         if self.engine.clock().now() >= expires_at {
             return Some("the code expired before it could be sent");

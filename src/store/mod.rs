@@ -996,6 +996,22 @@ impl Store {
     /// (`prune` keeps the history of a number with queued messages.) An entry that cannot be
     /// read counts as an opt-out.
     pub fn opted_out_since(&self, phone: &Phone, id: u64) -> anyhow::Result<bool> {
+        self.recorded_since(phone, id, |r| matches!(r, Record::OptedOut { .. }))
+    }
+
+    /// Whether `phone`'s sequence was ended after outbox message `id` was queued (a reload
+    /// took away its place: see [`crate::machine::lost_place`]), as
+    /// [`Store::opted_out_since`] tells (an entry that cannot be read counts as one).
+    pub fn sequence_ended_since(&self, phone: &Phone, id: u64) -> anyhow::Result<bool> {
+        self.recorded_since(phone, id, |r| matches!(r, Record::SequenceEnded { .. }))
+    }
+
+    fn recorded_since(
+        &self,
+        phone: &Phone,
+        id: u64,
+        wanted: impl Fn(&Record) -> bool,
+    ) -> anyhow::Result<bool> {
         let Some(from) = id.checked_add(1) else {
             return Ok(false);
         };
@@ -1004,14 +1020,10 @@ impl Store {
             .range(history_key(phone, from)..=history_key(phone, u64::MAX))
             .values()
         {
-            // One that cannot be read might have been the opt-out: nothing is sent on a guess.
-            match codec::decode(HISTORY_VERSION, &entry?) {
-                Ok(HistoryEntry {
-                    record: Record::OptedOut { .. },
-                    ..
-                })
-                | Err(_) => return Ok(true),
-                Ok(_) => {}
+            // One that cannot be read might have been it: nothing is sent on a guess.
+            match codec::decode::<HistoryEntry>(HISTORY_VERSION, &entry?) {
+                Ok(h) if !wanted(&h.record) => {}
+                _ => return Ok(true),
             }
         }
         Ok(false)

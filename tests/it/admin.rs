@@ -1272,6 +1272,66 @@ async fn the_places_on_record_narrow_only_when_a_sweep_for_the_live_flows_is_don
     assert_eq!(engine.store.flows_places().unwrap(), Some(new));
 }
 
+/// Steps of a sequence queued behind an outage's retries when a reload removes the sequence
+/// (its last step still to come) are not sent once Twilio is back: the number is `verified`
+/// and sent nothing more.
+#[tokio::test]
+async fn steps_queued_when_a_reload_removes_their_sequence_are_not_sent() {
+    let flows = CHOICES.replace(
+        "steps = [{ after = \"1h\", say = \"Hello again\" }]",
+        "steps = [{ after = \"1h\", say = \"Hello again\" }, { after = \"1s\", say = \"And again\" }, { after = \"1d\", say = \"Tomorrow\" }]",
+    );
+    let app = TestApp::spawn_with_options(&flows, |o| {
+        o.retry_base = Duration::from_secs(600);
+        o.clock = manual_clock();
+    })
+    .await;
+    enrol(&app, A, "Ann", "g", 0).await;
+    let before = app.twilio.delivered().len();
+    app.twilio.fail_next(&[503]);
+    app.advance(Duration::from_secs(3600));
+    eventually("the first step to wait for its retry", async || {
+        app.twilio.attempts() > before
+    })
+    .await;
+    app.advance(Duration::from_secs(2));
+    eventually("both steps queued", async || {
+        app.engine.store.outbox_len() == 2
+    })
+    .await;
+    std::fs::write(
+        app.flows.path().join("flows.toml"),
+        flows.replace("name = \"later\"", "name = \"other\""),
+    )
+    .unwrap();
+    let r = app
+        .admin(reqwest::Method::POST, "/admin/reload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    eventually("the sequence to end", async || {
+        app.state_of(A).as_deref() == Some("verified")
+    })
+    .await;
+    app.advance(Duration::from_secs(3600));
+    eventually("the outbox to be done", async || {
+        app.engine.store.outbox_len() == 0
+    })
+    .await;
+    let sent: Vec<String> = (app.twilio.delivered().iter().skip(before))
+        .map(|r| r.body.clone())
+        .collect();
+    assert!(sent.is_empty(), "sent after the sequence ended: {sent:?}");
+    let why: Vec<String> = (app.engine.store.deliveries())
+        .map(|d| d.unwrap().1)
+        .filter(|d| d.status == "suppressed")
+        .map(|d| d.error.unwrap_or_default())
+        .collect();
+    assert_eq!(why.len(), 2, "{why:?}");
+    assert!(why.iter().all(|w| w.contains("sequence ended")), "{why:?}");
+}
+
 /// A's last history entry, which must be its sequence ending because it is gone.
 async fn ended_sequence_of_a(app: &TestApp) -> serde_json::Value {
     let (_, s) = get(app, "/admin/subscribers/%2B15550000001", None).await;
