@@ -486,7 +486,7 @@ impl Application {
             anyhow::bail!(
                 "the store in {} failed: {why}. smsflow stopped, as it cannot change anything \
                  after that; what it answered 2xx is on disk. Make room on the disk (or mend \
-                 it) and start smsflow again",
+                 it, or report the bug named) and start smsflow again",
                 self.config.data_dir.display()
             );
         }

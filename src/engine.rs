@@ -334,6 +334,18 @@ struct Writer {
 
 type Done = oneshot::Sender<anyhow::Result<Applied>>;
 
+/// Runs the writer's `work`; should it panic, `store` is marked failed (see [`Writer::run`]).
+fn failing_on_panic(store: &Store, work: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+        let why = format!(
+            "the writer thread panicked, a bug in smsflow or sled: {}",
+            crate::panic_text(&*panic)
+        );
+        tracing::error!("{why}");
+        store.fail(why);
+    }
+}
+
 /// A committed batch waiting to become durable before its callers hear back.
 struct Committed {
     /// Events the batch's transaction carried (0: it carried none, or it failed).
@@ -347,7 +359,16 @@ struct Committed {
 }
 
 impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<Job>) {
+    /// Serves jobs until every sender is gone. Should it panic (sled 0.34 panics on some
+    /// damage it meets; a bug), nothing more can change: the store is marked failed, so the
+    /// daemon stops (exit 3) and `/healthz` says so, rather than answering every webhook 500
+    /// while it looks alive. (Waiting callers hear "the writer thread stopped".)
+    fn run(self, rx: mpsc::Receiver<Job>) {
+        let store = self.store.clone();
+        failing_on_panic(&store, || self.serve(rx));
+    }
+
+    fn serve(mut self, rx: mpsc::Receiver<Job>) {
         while let Ok(first) = rx.recv() {
             let mut segment = Vec::new();
             for job in std::iter::once(first).chain(rx.try_iter().take(MAX_BATCH - 1)) {
@@ -686,4 +707,24 @@ fn to_commit(
         duplicate: false,
     };
     (c, applied)
+}
+
+#[cfg(test)]
+mod tests {
+    /// A panic on the writer thread fails the store (the daemon then stops, exit 3, and
+    /// `/healthz` says so) instead of leaving a daemon that cannot change anything.
+    #[test]
+    fn a_panic_on_the_writer_thread_marks_the_store_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        assert_eq!(store.failure(), None);
+        super::failing_on_panic(&store, || {});
+        assert_eq!(store.failure(), None);
+        super::failing_on_panic(&store, || panic!("boom"));
+        let why = store.failure().unwrap();
+        assert!(
+            why.contains("writer thread panicked") && why.contains("boom"),
+            "{why}"
+        );
+    }
 }

@@ -32,6 +32,13 @@ pub mod store;
 pub mod transcript;
 pub mod twiml;
 
+/// What a caught panic said (its message, when it had one).
+pub fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    (panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
 /// Caller input as an error message or a log line may repeat it: at most 40 characters, then
 /// `…`. A request body may be 64 KiB, and a refusal should name the mistake, not echo it whole.
 pub fn clip(input: &str) -> std::borrow::Cow<'_, str> {

@@ -369,9 +369,7 @@ impl Store {
         let opened = std::panic::catch_unwind(|| Store::open_inner(dir, cache_bytes));
         OPENING.with(|o| o.set(false));
         let opened = opened.map_err(|panic| {
-            let what = (panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".into());
+            let what = crate::panic_text(&*panic);
             damaged(dir, &format!("sled could not read it: {what}"))
         })?;
         opened.map_err(|e| {
@@ -664,6 +662,18 @@ impl Store {
             first
         });
         e
+    }
+
+    /// Notes a failure that leaves the store unable to take changes, not met by a write of
+    /// its own (the writer thread gone): as [`Store::broken`] does, the first one is kept.
+    pub fn fail(&self, why: String) {
+        self.failed.send_if_modified(|kept| {
+            let first = kept.is_none();
+            if first {
+                *kept = Some(why);
+            }
+            first
+        });
     }
 
     /// A write's error, noted by [`Store::broken`] when it is the disk's.
