@@ -95,12 +95,29 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     if (text.split(|c: char| !c.is_ascii_digit())).any(|digits| digits.len() > 9) {
         return Err("number is too large (at most 9 digits)".to_string());
     }
+    // humantime reads `1 30m` as 130 minutes: a number must have its unit.
+    let words: Vec<&str> = text.split_whitespace().collect();
+    if let Some(pair) = words.windows(2).find(|w| {
+        w[0].ends_with(|c: char| c.is_ascii_digit())
+            && w[1].starts_with(|c: char| c.is_ascii_digit())
+    }) {
+        return Err(format!(
+            "a unit is needed after {} (such as `1h 30m`)",
+            pair[0]
+        ));
+    }
     humantime::parse_duration(text).map_err(|e| match e {
         humantime::DurationError::InvalidCharacter(i) => {
             format!("unexpected {}", at(i))
         }
         humantime::DurationError::NumberExpected(i) => {
             format!("a number is needed before {}", at(i))
+        }
+        humantime::DurationError::UnknownUnit { unit, .. } => {
+            format!("unknown unit {unit:?} (write s, m, h, d or w: `90s`, `10m`, `1h 30m`, `2d`)")
+        }
+        humantime::DurationError::NumberOverflow => {
+            "a number that cannot be read exactly (write whole units, such as `1h 20m`)".to_string()
         }
         other => other.to_string(),
     })
@@ -115,7 +132,7 @@ pub fn parse_flow_duration(text: &str) -> Result<std::time::Duration, String> {
         let why = match unit {
             "M" => "`M` is a month here, not a minute: write `m` for minutes, or days (`30d`)",
             "month" | "months" => "months vary in length: write days (`30d`)",
-            "y" | "year" | "years" => "years vary in length: write days (`365d`)",
+            "y" | "yr" | "yrs" | "year" | "years" => "years vary in length: write days (`365d`)",
             _ => continue,
         };
         return Err(why.to_string());
@@ -147,6 +164,21 @@ mod tests {
             super::parse_duration("1h 30m"),
             Ok(std::time::Duration::from_secs(5400))
         );
+        // Not 130 minutes, as humantime would read it.
+        assert_eq!(
+            super::parse_duration("1 30m"),
+            Err("a unit is needed after 1 (such as `1h 30m`)".to_string())
+        );
+        assert_eq!(
+            super::parse_duration("1 2h"),
+            Err("a unit is needed after 1 (such as `1h 30m`)".to_string())
+        );
+        assert!(super::parse_duration("1D")
+            .unwrap_err()
+            .starts_with("unknown unit \"D\" (write s, m, h, d or w"));
+        assert!(super::parse_duration("1.333h")
+            .unwrap_err()
+            .starts_with("a number that cannot be read exactly"));
     }
 
     #[test]
@@ -158,6 +190,8 @@ mod tests {
             ("1month 2d", "months vary in length"),
             ("1y", "years vary in length: write days (`365d`)"),
             ("1d 2years", "years vary in length"),
+            ("1yr", "years vary in length"),
+            ("2 yrs", "years vary in length"),
         ] {
             let refused = super::parse_flow_duration(text).unwrap_err();
             assert!(refused.contains(says), "{text}: {refused}");
