@@ -1817,7 +1817,9 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 
     /// The question that ran out stays the last thing asked until step `next` is sent: when
     /// quiet hours hold that step past the end of the late window it would have come
-    /// within, the window lasts until the step is due.
+    /// within, the window lasts until the step is due, and then its whole length again. (The
+    /// question itself may have reached the number only as quiet hours ended, together with
+    /// that step: the outbox holds a follow-up it reaches in them.)
     fn hold_late_window_for_quiet_hours(&mut self, name: &str, next: usize) {
         let due = (self.flows.sequence(name))
             .and_then(|s| s.steps.get(next))
@@ -1832,7 +1834,8 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         };
         if let (Some(late), Some(due), Some(held)) = (self.sub.late.as_mut(), due, held) {
             if due <= late.until && held > late.until {
-                late.until = held;
+                let length = late.until - self.now;
+                late.until = held.checked_add_signed(length).unwrap_or(held);
             }
         }
     }

@@ -2126,7 +2126,8 @@ fn an_answer_that_comes_after_its_questions_timeout_is_saved_for_that_timeout_ag
 
 /// When quiet hours hold the step after a question that ran out past the end of its late
 /// window, the question is still the last thing asked: its answer is taken until the step
-/// is due.
+/// is due, and for the window's length after (the outbox may have held the question itself
+/// for quiet hours, to reach the number only with that step).
 #[test]
 fn a_late_answer_is_taken_while_quiet_hours_hold_the_next_step() {
     let mut f = flows();
@@ -2175,8 +2176,11 @@ fn a_late_answer_is_taken_while_quiet_hours_hold_the_next_step() {
             vec!["Thanks, your answer is saved.".to_string()]
         )
     );
-    // Once the step is due, it is sent, and no longer.
-    let (saved, _) = answer(eight);
+    // 08:30, the step (a message, not a question) sent meanwhile: still taken.
+    let (saved, _) = answer(eight + TimeDelta::minutes(30));
+    assert_eq!(saved.as_deref(), Some("bike"));
+    // Not once the window's hour after 08:00 is over.
+    let (saved, _) = answer(eight + TimeDelta::minutes(61));
     assert_eq!(saved, None);
 }
 
