@@ -24,6 +24,10 @@ use crate::store::{Delivery, OutMessage};
 /// After this many temporary failures a message is recorded as failed (not for a refused
 /// account: see [`SendError::Temporary`]).
 const MAX_ATTEMPTS: u32 = 30;
+/// A try that may have reached Twilio (no answer came: see [`SendError::Temporary`]) is
+/// repeated only while the message has had fewer tries than this: a Twilio slow to answer
+/// but sending would otherwise send a message up to `MAX_ATTEMPTS` times.
+const MAYBE_SENT_ATTEMPTS: u32 = 2;
 /// The tries a refused account's message counts at most (see [`SendError::Temporary`]).
 const ACCOUNT_ATTEMPTS: u32 = MAX_ATTEMPTS / 2;
 const MAX_BACKOFF: Duration = Duration::from_secs(600);
@@ -657,8 +661,11 @@ impl Flight {
                 message,
                 retry_after,
                 account,
-                ..
-            }) if account || msg.attempts < MAX_ATTEMPTS => {
+                maybe_sent,
+            }) if account
+                || (msg.attempts < MAX_ATTEMPTS
+                    && !(maybe_sent && msg.attempts >= MAYBE_SENT_ATTEMPTS)) =>
+            {
                 if account {
                     msg.attempts = msg.attempts.min(ACCOUNT_ATTEMPTS);
                 }
@@ -683,8 +690,20 @@ impl Flight {
             }
             // Not withdrawn: one of its tries may have reached the number all the same
             // (a timeout after Twilio accepted it), and the code would then be refused.
-            Err(SendError::Temporary { message, .. }) => {
+            Err(SendError::Temporary {
+                message,
+                maybe_sent,
+                ..
+            }) => {
                 tracing::error!(phone = %msg.phone.masked(), "outbox: giving up after {} attempts: {}", msg.attempts, redact(&message, code_text));
+                let message = if maybe_sent && msg.attempts < MAX_ATTEMPTS {
+                    format!(
+                        "{message} (Twilio took the request but did not answer: it may have \
+                         been sent; not tried again, so as not to send it many times)"
+                    )
+                } else {
+                    message
+                };
                 Ending {
                     status: "failed",
                     sid: None,

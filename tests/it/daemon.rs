@@ -2485,6 +2485,60 @@ async fn a_message_suppressed_while_it_waited_leaves_its_send_slot_to_the_next()
     app.stop().await;
 }
 
+/// A Twilio that takes the request and drops the connection without an answer may have sent
+/// the message: it is tried once more, not thirty times, and its record says it may have
+/// gone.
+#[tokio::test]
+async fn a_send_that_may_have_reached_twilio_is_not_tried_again_and_again() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                // The whole request read (its form body ends it), then no answer at all.
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    if String::from_utf8_lossy(&got).contains("Body=") {
+                        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let app = TestApp::spawn_with(FLOWS, |c| {
+        c.twilio.as_mut().unwrap().api_base = url;
+    })
+    .await;
+    app.sms(ANN, "JOIN").await;
+    eventually("the outbox to give up", async || {
+        app.engine.store.outbox_len() == 0
+    })
+    .await;
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let ended: Vec<_> = (app.engine.store.deliveries())
+        .map(|d| d.unwrap().1)
+        .map(|d| (d.status, d.attempts, d.error.unwrap_or_default()))
+        .collect();
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(
+        (ended[0].0.as_str(), ended[0].1),
+        ("failed", 2),
+        "{ended:?}"
+    );
+    assert!(ended[0].2.contains("it may have been sent"), "{ended:?}");
+    app.stop().await;
+}
+
 /// A code whose sends keep failing until it has expired is not sent then: it would only be
 /// refused when typed back. Its record says why.
 #[tokio::test]
