@@ -431,6 +431,8 @@ impl Writer {
         let now = self.clock.now();
         let flows = self.flows.load_full();
         let mut rng = rand::rng();
+        // The hour's codes as they were: a batch whose commit fails issued none.
+        let codes_before = self.codes_issued.clone();
         // Within a batch, later events see earlier ones' results.
         let mut latest: HashMap<Phone, (Subscriber, Vec<Replied>)> = HashMap::new();
         // Whether the hour's codes changed (kept by the same commit when they did).
@@ -587,6 +589,7 @@ impl Writer {
         if !prepared.is_empty() {
             let codes_hour = codes_changed.then(|| Vec::from(self.codes_issued.clone()));
             if let Err(e) = self.store.commit_prepared(&prepared, codes_hour.as_deref()) {
+                self.codes_issued = codes_before;
                 let msg = format!("{e:#}");
                 for (done, _) in committed.answers {
                     let _ = done.send(Err(anyhow::anyhow!("committing the event: {msg}")));
