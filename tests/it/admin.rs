@@ -45,6 +45,14 @@ async fn send(app: &TestApp, method: reqwest::Method, path: &str) -> (u16, serde
     (status, r.json().await.unwrap_or(serde_json::Value::Null))
 }
 
+/// `POST /admin/reload`, with the admin token.
+async fn reload(app: &TestApp) -> reqwest::Response {
+    app.admin(reqwest::Method::POST, "/admin/reload")
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn text(app: &TestApp, path: &str) -> String {
     app.admin(reqwest::Method::GET, path)
         .send()
@@ -835,22 +843,14 @@ async fn a_broken_flow_file_leaves_the_old_flows_and_a_valid_edit_goes_live() {
     assert!(reloads(&metrics, "ok") >= 1);
 
     // The admin endpoint reports the result either way.
-    let r = app
-        .admin(reqwest::Method::POST, "/admin/reload")
-        .send()
-        .await
-        .unwrap();
+    let r = reload(&app).await;
     assert_eq!(r.status().as_u16(), 200);
     std::fs::write(
         app.flows.path().join("zz.toml"),
         "[bot]\nname = \"Again\"\n",
     )
     .unwrap();
-    let r = app
-        .admin(reqwest::Method::POST, "/admin/reload")
-        .send()
-        .await
-        .unwrap();
+    let r = reload(&app).await;
     assert_eq!(r.status().as_u16(), 422);
     let body: serde_json::Value = r.json().await.unwrap();
     assert!(
@@ -1304,11 +1304,7 @@ async fn steps_queued_when_a_reload_removes_their_sequence_are_not_sent() {
         flows.replace("name = \"later\"", "name = \"other\""),
     )
     .unwrap();
-    let r = app
-        .admin(reqwest::Method::POST, "/admin/reload")
-        .send()
-        .await
-        .unwrap();
+    let r = reload(&app).await;
     assert_eq!(r.status().as_u16(), 200);
     eventually("the sequence to end", async || {
         app.state_of(A).as_deref() == Some("verified")

@@ -2539,10 +2539,8 @@ async fn a_send_that_may_have_reached_twilio_is_not_tried_again_and_again() {
     app.stop().await;
 }
 
-/// A code whose sends keep failing until it has expired is not sent then: it would only be
-/// refused when typed back. Its record says why.
-#[tokio::test]
-async fn a_code_that_expired_while_its_send_was_retried_is_not_sent_but_withdrawn() {
+/// A daemon on a manual clock whose first send failed: Ann's code waits 20 s for its retry.
+async fn ann_code_waiting_for_its_retry() -> TestApp {
     let app = TestApp::spawn_with_options(FLOWS, |o| {
         o.retry_base = Duration::from_secs(20);
         o.clock = manual_clock();
@@ -2558,6 +2556,14 @@ async fn a_code_that_expired_while_its_send_was_retried_is_not_sent_but_withdraw
             .any(|m| m.is_ok_and(|(_, m)| m.attempts == 1 && m.next_try > now))
     })
     .await;
+    app
+}
+
+/// A code whose sends keep failing until it has expired is not sent then: it would only be
+/// refused when typed back. Its record says why.
+#[tokio::test]
+async fn a_code_that_expired_while_its_send_was_retried_is_not_sent_but_withdrawn() {
+    let app = ann_code_waiting_for_its_retry().await;
     // It carries its code's own expiry: the shipped flows' codes live 10 minutes.
     let (_, queued) = app.engine.store.outbox().next().unwrap().unwrap();
     let code = app
@@ -2610,21 +2616,7 @@ async fn a_code_that_expired_while_its_send_was_retried_is_not_sent_but_withdraw
 /// refused when typed back; the ones that count are.
 #[tokio::test]
 async fn a_queued_code_displaced_by_newer_ones_is_not_sent() {
-    let app = TestApp::spawn_with_options(FLOWS, |o| {
-        o.retry_base = Duration::from_secs(20);
-        o.clock = manual_clock();
-    })
-    .await;
-    app.twilio.fail_next(&[503]);
-    app.sms(ANN, "JOIN").await;
-    eventually("the code to wait for its retry", async || {
-        let now = app.engine.clock().now();
-        app.engine
-            .store
-            .outbox()
-            .any(|m| m.is_ok_and(|(_, m)| m.attempts == 1 && m.next_try > now))
-    })
-    .await;
+    let app = ann_code_waiting_for_its_retry().await;
     app.sms(ANN, "JOIN").await;
     app.sms(ANN, "JOIN").await;
     let ann = smsflow::phone::Phone::parse(ANN).unwrap();
