@@ -31,7 +31,7 @@ macro_rules! errln {
 
 /// `--version`: the release, and the data schema it writes (an older smsflow refuses a data
 /// dir this one upgraded; see the README's Upgrading).
-pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (data schema 10)");
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (data schema 11)");
 
 #[derive(Parser, Debug)]
 #[command(

@@ -24,9 +24,10 @@ use crate::store::{Delivery, OutMessage};
 /// After this many temporary failures a message is recorded as failed (not for a refused
 /// account: see [`SendError::Temporary`]).
 const MAX_ATTEMPTS: u32 = 30;
-/// A try that may have reached Twilio (no answer came: see [`SendError::Temporary`]) is
-/// repeated only while the message has had fewer tries than this: a Twilio slow to answer
-/// but sending would otherwise send a message up to `MAX_ATTEMPTS` times.
+/// Tries that may have reached Twilio (no answer came: see [`SendError::Temporary`]) a
+/// message has at most: a Twilio slow to answer but sending would otherwise send it up to
+/// `MAX_ATTEMPTS` times. (Tries Twilio surely did not take, such as a 503 or a refused
+/// connection, do not count.)
 const MAYBE_SENT_ATTEMPTS: u32 = 2;
 /// The tries a refused account's message counts at most (see [`SendError::Temporary`]).
 const ACCOUNT_ATTEMPTS: u32 = MAX_ATTEMPTS / 2;
@@ -637,13 +638,19 @@ impl Flight {
         // A code that will not arrive, to withdraw.
         let mut withdraw = None;
         msg.attempts = msg.attempts.saturating_add(1);
-        // What a provider's error may quote of a code's message is hidden from the log.
-        let code_text = msg.secret.then_some(msg.body.as_str());
-        let ending = match self
+        let result = self
             .provider
             .send(&msg.phone, &msg.body, s.via.as_ref())
-            .await
+            .await;
+        if let Err(SendError::Temporary {
+            maybe_sent: true, ..
+        }) = &result
         {
+            msg.uncertain = msg.uncertain.saturating_add(1);
+        }
+        // What a provider's error may quote of a code's message is hidden from the log.
+        let code_text = msg.secret.then_some(msg.body.as_str());
+        let ending = match result {
             Ok(accepted) => {
                 tracing::info!(phone = %msg.phone.masked(), sid = accepted.sid.as_deref().unwrap_or("none"), "outbox: sent");
                 Ending {
@@ -664,7 +671,7 @@ impl Flight {
                 maybe_sent,
             }) if account
                 || (msg.attempts < MAX_ATTEMPTS
-                    && !(maybe_sent && msg.attempts >= MAYBE_SENT_ATTEMPTS)) =>
+                    && !(maybe_sent && msg.uncertain >= MAYBE_SENT_ATTEMPTS)) =>
             {
                 if account {
                     msg.attempts = msg.attempts.min(ACCOUNT_ATTEMPTS);
@@ -698,8 +705,9 @@ impl Flight {
                 tracing::error!(phone = %msg.phone.masked(), "outbox: giving up after {} attempts: {}", msg.attempts, redact(&message, code_text));
                 let message = if maybe_sent && msg.attempts < MAX_ATTEMPTS {
                     format!(
-                        "{message} (Twilio took the request but did not answer: it may have \
-                         been sent; not tried again, so as not to send it many times)"
+                        "{message}, to {} tries that reached it, each of which may have \
+                         sent it; not tried again, so as not to send it many times",
+                        msg.uncertain
                     )
                 } else {
                     message

@@ -306,7 +306,11 @@ impl Twilio {
             .send()
             .await
             .map_err(|e| SendError::Temporary {
-                message: format!("cannot reach Twilio: {}", without_url(&e)),
+                message: if e.is_connect() {
+                    format!("cannot reach Twilio: {}", without_url(&e))
+                } else {
+                    format!("no answer from Twilio: {}", without_url(&e))
+                },
                 retry_after: None,
                 account: false,
                 maybe_sent: !e.is_connect(),

@@ -21,7 +21,8 @@ use crate::phone::Phone;
 /// Version bytes of the other stored values (see [`codec`]).
 /// 2: a message says whether it is a follow-up (v1 messages are read as not one).
 /// 3: a code's message says when the code expires (older ones are read as not saying).
-const OUT_VERSION: u8 = 3;
+/// 4: a message counts its tries that may have reached the provider (older ones: none).
+const OUT_VERSION: u8 = 4;
 const DELIVERY_VERSION: u8 = 1;
 const HISTORY_VERSION: u8 = 1;
 const REPORT_VERSION: u8 = 1;
@@ -32,11 +33,12 @@ const REPORT_VERSION: u8 = 1;
 /// subscriber records may be v6 (with the code the number verified with). 8: v7 (with every
 /// code the number may text back after it verified). 9: v8 (with the question whose late
 /// answer is still taken, and the number of ours it last texted or called), and the
-/// `early_reports` tree. 10: v9 (with which codes an app asked for).
+/// `early_reports` tree. 10: v9 (with which codes an app asked for). 11: outbox messages
+/// may be v4 (with the tries that may have reached the provider).
 /// An older data dir is upgraded at open (schema 1 is counted once; older records are read
 /// as they are and rewritten in today's form when they next change). An older smsflow
 /// refuses a newer dir by its schema instead of failing on each record it cannot read.
-pub const SCHEMA: u64 = 10;
+pub const SCHEMA: u64 = 11;
 
 /// A message waiting in the outbox. `Debug` hides the body of one that carries a code.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +57,23 @@ pub struct OutMessage {
     /// For a code's message: when that code expires (a code sent later would only be refused
     /// when typed back). `None` for other texts, and for codes queued before it was kept.
     pub code_expires_at: Option<DateTime<Utc>>,
+    /// Tries that may have reached the provider though no answer came (a timeout, a
+    /// connection dropped after the request): each may have sent the message.
+    pub uncertain: u32,
+}
+
+/// An outbox message as version 3 stored it: version 4 added `uncertain` after its fields.
+#[derive(Deserialize)]
+struct OutMessageV3 {
+    phone: Phone,
+    body: String,
+    secret: bool,
+    attempts: u32,
+    next_try: DateTime<Utc>,
+    created_at: DateTime<Utc>,
+    last_error: Option<String>,
+    follow_up: bool,
+    code_expires_at: Option<DateTime<Utc>>,
 }
 
 /// The fields of an outbox message as version 1 stored them; version 2 added `follow_up`
@@ -73,21 +92,38 @@ struct OutMessageV1 {
 
 /// Reads an outbox message of any known version.
 fn decode_out(bytes: &[u8]) -> Result<OutMessage, codec::CodecError> {
-    let (old, follow_up): (OutMessageV1, bool) = match bytes.first() {
-        Some(1) => (codec::decode(1, bytes)?, false),
-        Some(2) => codec::decode(2, bytes)?,
+    let v3: OutMessageV3 = match bytes.first() {
+        Some(1 | 2) => {
+            let (old, follow_up): (OutMessageV1, bool) = match bytes.first() {
+                Some(1) => (codec::decode(1, bytes)?, false),
+                _ => codec::decode(2, bytes)?,
+            };
+            OutMessageV3 {
+                phone: old.phone,
+                body: old.body,
+                secret: old.secret,
+                attempts: old.attempts,
+                next_try: old.next_try,
+                created_at: old.created_at,
+                last_error: old.last_error,
+                follow_up,
+                code_expires_at: None,
+            }
+        }
+        Some(3) => codec::decode(3, bytes)?,
         _ => return codec::decode(OUT_VERSION, bytes),
     };
     Ok(OutMessage {
-        phone: old.phone,
-        body: old.body,
-        secret: old.secret,
-        attempts: old.attempts,
-        next_try: old.next_try,
-        created_at: old.created_at,
-        last_error: old.last_error,
-        follow_up,
-        code_expires_at: None,
+        phone: v3.phone,
+        body: v3.body,
+        secret: v3.secret,
+        attempts: v3.attempts,
+        next_try: v3.next_try,
+        created_at: v3.created_at,
+        last_error: v3.last_error,
+        follow_up: v3.follow_up,
+        code_expires_at: v3.code_expires_at,
+        uncertain: 0,
     })
 }
 
@@ -1615,6 +1651,7 @@ impl Prepared {
                             last_error: None,
                             follow_up: c.follow_up && !*secret,
                             code_expires_at: c.code_expires_at.filter(|_| *secret),
+                            uncertain: 0,
                         },
                     )
                 })
