@@ -237,7 +237,7 @@ impl Phone {
             Some((code, rest))
                 if (1..=3).contains(&code.len()) && code.bytes().all(|b| b.is_ascii_digit()) =>
             {
-                unbracketed = format!("+{code} {rest}");
+                unbracketed = format!("+{code} {}", rest.trim_start());
                 unbracketed.as_str()
             }
             _ => trimmed,

@@ -160,10 +160,12 @@ impl Template {
         })
     }
 
-    /// Fills the placeholders; one that `lookup` does not know becomes empty. A value's
-    /// closing full stop gives way to the punctuation the text puts after it ("Ann." in
-    /// "Thanks, {field.first_name}!" is "Thanks, Ann!", not "Thanks, Ann.!"); an ellipsis
-    /// stays.
+    /// Fills the placeholders; one that `lookup` does not know becomes empty. An answer's
+    /// (`{field.KEY}`'s) closing full stop gives way to a full stop, `!` or `?` the text puts
+    /// right after it ("Ann." in "Thanks, {field.first_name}!" is "Thanks, Ann!", not
+    /// "Thanks, Ann.!"); an ellipsis stays, and so does it before a comma or a colon ("Jr.,").
+    /// Other values (the bot's name, `{current}`, which shows the answer as saved) are as
+    /// they are.
     pub fn render(&self, lookup: impl Fn(&str) -> Option<String>) -> String {
         let mut out = String::with_capacity(self.source.len());
         for (i, part) in self.parts.iter().enumerate() {
@@ -171,8 +173,9 @@ impl Template {
                 Part::Text(t) => out.push_str(t),
                 Part::Slot(s) => {
                     let value = lookup(s).unwrap_or_default();
-                    let punctuated = matches!(self.parts.get(i + 1),
-                        Some(Part::Text(t)) if t.starts_with(['.', '!', '?', ',', ';', ':']));
+                    let punctuated = s.starts_with("field.")
+                        && matches!(self.parts.get(i + 1),
+                            Some(Part::Text(t)) if t.starts_with(['.', '!', '?']));
                     let stop = value.strip_suffix('.').filter(|v| !v.ends_with('.'));
                     match stop {
                         Some(v) if punctuated => out.push_str(v),
@@ -233,6 +236,14 @@ mod tests {
         ] {
             assert_eq!(t.render(|_| Some(value.into())), said);
         }
+        // Before a comma or a colon it stays (an abbreviation's), and other values keep
+        // theirs: the bot's name, and {current}, the answer as saved.
+        let t =
+            Template::parse("{field.name}, {field.name}: {bot.name}! (now: {current}.)").unwrap();
+        assert_eq!(
+            t.render(|_| Some("St. John Jr.".into())),
+            "St. John Jr., St. John Jr.: St. John Jr.! (now: St. John Jr..)"
+        );
     }
 
     #[test]

@@ -1833,7 +1833,9 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             _ => None,
         };
         if let (Some(late), Some(due), Some(held)) = (self.sub.late.as_mut(), due, held) {
-            if due <= late.until && held > late.until {
+            // (Timers are kept to the millisecond, rounded up: a step due right as the window
+            // ends is not held past it by that rounding.)
+            if due <= late.until && held > ceil_millis(late.until) {
                 let length = late.until - self.now;
                 late.until = held.checked_add_signed(length).unwrap_or(held);
             }

@@ -2184,6 +2184,40 @@ fn a_late_answer_is_taken_while_quiet_hours_hold_the_next_step() {
     assert_eq!(saved, None);
 }
 
+/// A step due just as the late window ends, quiet hours aside, leaves the window as long as
+/// the question's timeout, though timers are kept to the millisecond and the clock is not.
+#[test]
+fn a_step_due_as_the_late_window_ends_does_not_stretch_it() {
+    let mut f = flows();
+    let quiz = f.sequences.iter_mut().find(|s| s.name == "quiz").unwrap();
+    quiz.steps[2].after = TimeDelta::days(1);
+    // 10:00 in New York, and a fraction of a millisecond.
+    let ran_out = t0() + TimeDelta::nanoseconds(123_456);
+    let mut sub = subscriber(State::InSequence {
+        name: "quiz".into(),
+        step: 1,
+        waiting: true,
+    });
+    let timer = smsflow::machine::Timer {
+        at: ran_out,
+        kind: smsflow::machine::TimerKind::AskTimeout,
+        epoch: 1,
+    };
+    sub.timer = Some(timer);
+    let late = step(
+        sub,
+        &Event::TimerDue(timer),
+        &f,
+        ran_out,
+        &mut StdRng::seed_from_u64(0),
+    )
+    .subscriber;
+    assert_eq!(
+        late.late.map(|l| l.until),
+        Some(ran_out + TimeDelta::days(1))
+    );
+}
+
 /// Only a question that saves its answer and is not free text takes a late one: free text
 /// would take any text at all, and an unsaved answer has nowhere to go.
 #[test]
