@@ -62,16 +62,11 @@ pub struct OutMessage {
     pub uncertain: u32,
 }
 
-/// An outbox message as version 3 stored it: version 4 added `uncertain` after its fields.
+/// An outbox message as version 3 stored it (a struct's fields are written in order, a
+/// nested one's among them): version 4 added `uncertain` after these.
 #[derive(Deserialize)]
 struct OutMessageV3 {
-    phone: Phone,
-    body: String,
-    secret: bool,
-    attempts: u32,
-    next_try: DateTime<Utc>,
-    created_at: DateTime<Utc>,
-    last_error: Option<String>,
+    v1: OutMessageV1,
     follow_up: bool,
     code_expires_at: Option<DateTime<Utc>>,
 }
@@ -92,20 +87,16 @@ struct OutMessageV1 {
 
 /// Reads an outbox message of any known version.
 fn decode_out(bytes: &[u8]) -> Result<OutMessage, codec::CodecError> {
-    let v3: OutMessageV3 = match bytes.first() {
-        Some(1 | 2) => {
-            let (old, follow_up): (OutMessageV1, bool) = match bytes.first() {
-                Some(1) => (codec::decode(1, bytes)?, false),
-                _ => codec::decode(2, bytes)?,
-            };
+    let v3 = match bytes.first() {
+        Some(1) => OutMessageV3 {
+            v1: codec::decode(1, bytes)?,
+            follow_up: false,
+            code_expires_at: None,
+        },
+        Some(2) => {
+            let (v1, follow_up) = codec::decode(2, bytes)?;
             OutMessageV3 {
-                phone: old.phone,
-                body: old.body,
-                secret: old.secret,
-                attempts: old.attempts,
-                next_try: old.next_try,
-                created_at: old.created_at,
-                last_error: old.last_error,
+                v1,
                 follow_up,
                 code_expires_at: None,
             }
@@ -113,14 +104,15 @@ fn decode_out(bytes: &[u8]) -> Result<OutMessage, codec::CodecError> {
         Some(3) => codec::decode(3, bytes)?,
         _ => return codec::decode(OUT_VERSION, bytes),
     };
+    let v1 = v3.v1;
     Ok(OutMessage {
-        phone: v3.phone,
-        body: v3.body,
-        secret: v3.secret,
-        attempts: v3.attempts,
-        next_try: v3.next_try,
-        created_at: v3.created_at,
-        last_error: v3.last_error,
+        phone: v1.phone,
+        body: v1.body,
+        secret: v1.secret,
+        attempts: v1.attempts,
+        next_try: v1.next_try,
+        created_at: v1.created_at,
+        last_error: v1.last_error,
         follow_up: v3.follow_up,
         code_expires_at: v3.code_expires_at,
         uncertain: 0,

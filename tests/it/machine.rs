@@ -1979,19 +1979,24 @@ fn the_other_code_a_number_was_sent_texted_after_it_verified_is_not_taken_as_an_
 
 /// A number whose question at step `k` of sequence `name` ran out at `t0`.
 fn question_ran_out(f: &Flows, name: &str, k: usize) -> Subscriber {
+    question_ran_out_at(f, name, k, t0())
+}
+
+/// A number whose question at step `k` of sequence `name` ran out at `at`.
+fn question_ran_out_at(f: &Flows, name: &str, k: usize, at: DateTime<Utc>) -> Subscriber {
     let mut sub = subscriber(State::InSequence {
         name: name.into(),
         step: k,
         waiting: true,
     });
     let timer = smsflow::machine::Timer {
-        at: t0(),
+        at,
         kind: smsflow::machine::TimerKind::AskTimeout,
         epoch: 1,
     };
     sub.timer = Some(timer);
     let rng = &mut StdRng::seed_from_u64(0);
-    step(sub, &Event::TimerDue(timer), f, t0(), rng).subscriber
+    step(sub, &Event::TimerDue(timer), f, at, rng).subscriber
 }
 
 /// A number whose quiz question (timeout 1d) ran out at `t0`, with the sequence moved on.
@@ -2140,19 +2145,7 @@ fn a_late_answer_is_taken_while_quiet_hours_hold_the_next_step() {
     // The question runs out at 21:30 in New York; the next step is due at 22:00, in quiet
     // hours, and held until 08:00 (13:00 UTC).
     let ran_out: DateTime<Utc> = "2026-01-06T02:30:00Z".parse().unwrap();
-    let mut sub = subscriber(State::InSequence {
-        name: "quiz".into(),
-        step: 1,
-        waiting: true,
-    });
-    let timer = smsflow::machine::Timer {
-        at: ran_out,
-        kind: smsflow::machine::TimerKind::AskTimeout,
-        epoch: 1,
-    };
-    sub.timer = Some(timer);
-    let rng = &mut StdRng::seed_from_u64(0);
-    let late = step(sub, &Event::TimerDue(timer), &f, ran_out, rng).subscriber;
+    let late = question_ran_out_at(&f, "quiz", 1, ran_out);
     let eight: DateTime<Utc> = "2026-01-06T13:00:00Z".parse().unwrap();
     assert_eq!(late.timer.map(|t| t.at), Some(eight));
     let answer = |at: DateTime<Utc>| {
@@ -2193,25 +2186,7 @@ fn a_step_due_as_the_late_window_ends_does_not_stretch_it() {
     quiz.steps[2].after = TimeDelta::days(1);
     // 10:00 in New York, and a fraction of a millisecond.
     let ran_out = t0() + TimeDelta::nanoseconds(123_456);
-    let mut sub = subscriber(State::InSequence {
-        name: "quiz".into(),
-        step: 1,
-        waiting: true,
-    });
-    let timer = smsflow::machine::Timer {
-        at: ran_out,
-        kind: smsflow::machine::TimerKind::AskTimeout,
-        epoch: 1,
-    };
-    sub.timer = Some(timer);
-    let late = step(
-        sub,
-        &Event::TimerDue(timer),
-        &f,
-        ran_out,
-        &mut StdRng::seed_from_u64(0),
-    )
-    .subscriber;
+    let late = question_ran_out_at(&f, "quiz", 1, ran_out);
     assert_eq!(
         late.late.map(|l| l.until),
         Some(ran_out + TimeDelta::days(1))
