@@ -754,7 +754,9 @@ async fn status(
     if code == Some(UNSUBSCRIBED) {
         // The number of the message's record, unless the record has a 21610 already: a
         // repeat (Twilio may send one twice; a captured one could be replayed, or with
-        // another failed status) opts nothing out, as the number may have texted START since. For a message smsflow has no record
+        // another failed status) opts nothing out, as the number may have texted START since;
+        // nor does a first one that comes after the number opted out and back in since the
+        // message was queued (START lifted the block it met). For a message smsflow has no record
         // of, the number it went to: a `To` given must be a phone number, and one is needed.
         // (One smsflow does not know, erased since the send or never met, is not brought
         // back: the event creates no record.) The opt-out first: should it fail, the report
@@ -763,8 +765,11 @@ async fn status(
             .is_some_and(|t| !t.trim().is_empty())
             .then(|| form.phone("To"))
             .transpose()?;
-        let number = match state.engine.store.delivery_by_sid(sid) {
-            Ok(Some((_, d))) => (d.error_code != Some(UNSUBSCRIBED)).then_some(d.phone),
+        let store = &state.engine.store;
+        let number = match store.delivery_by_sid(sid) {
+            Ok(Some((id, d))) => (d.error_code != Some(UNSUBSCRIBED)
+                && !store.opted_back_in_since(&d.phone, id)?)
+            .then_some(d.phone),
             _ => Some(to.map_or_else(|| form.phone("To"), Ok)?),
         };
         if let Some(phone) = number {

@@ -1044,27 +1044,56 @@ impl Store {
         self.recorded_since(phone, id, |r| matches!(r, Record::SequenceEnded { .. }))
     }
 
+    /// Whether `phone` opted out and then back in after outbox message `id` was queued
+    /// (a STOP, then a START): a provider's refusal of that message as unsubscribed (21610)
+    /// came from the block that START lifted. An entry that cannot be read counts as
+    /// neither (the refusal then opts the number out: nothing is sent on a guess).
+    pub fn opted_back_in_since(&self, phone: &Phone, id: u64) -> anyhow::Result<bool> {
+        let mut out = false;
+        for record in self.history_since(phone, id) {
+            match record? {
+                Some(Record::OptedOut { .. }) => out = true,
+                Some(Record::OptedIn { .. }) if out => return Ok(true),
+                _ => {}
+            }
+        }
+        Ok(false)
+    }
+
     fn recorded_since(
         &self,
         phone: &Phone,
         id: u64,
         wanted: impl Fn(&Record) -> bool,
     ) -> anyhow::Result<bool> {
-        let Some(from) = id.checked_add(1) else {
-            return Ok(false);
-        };
-        for entry in self
-            .history
-            .range(history_key(phone, from)..=history_key(phone, u64::MAX))
-            .values()
-        {
+        for record in self.history_since(phone, id) {
             // One that cannot be read might have been it: nothing is sent on a guess.
-            match codec::decode::<HistoryEntry>(HISTORY_VERSION, &entry?) {
-                Ok(h) if !wanted(&h.record) => {}
+            match record? {
+                Some(r) if !wanted(&r) => {}
                 _ => return Ok(true),
             }
         }
         Ok(false)
+    }
+
+    /// `phone`'s history after id `id`, oldest first (`None`: an entry that cannot be read).
+    fn history_since(
+        &self,
+        phone: &Phone,
+        id: u64,
+    ) -> impl Iterator<Item = anyhow::Result<Option<Record>>> + '_ {
+        let range = id
+            .checked_add(1)
+            .map(|from| history_key(phone, from)..=history_key(phone, u64::MAX));
+        range
+            .into_iter()
+            .flat_map(|r| self.history.range(r).values())
+            .map(|entry| {
+                let entry = entry?;
+                Ok(codec::decode::<HistoryEntry>(HISTORY_VERSION, &entry)
+                    .ok()
+                    .map(|h| h.record))
+            })
     }
 
     /// Messages waiting in the outbox (kept as they change, not counted per call).

@@ -1014,6 +1014,40 @@ async fn a_repeated_21610_report_does_not_opt_out_a_number_that_opted_back_in() 
     }
 }
 
+/// A first 21610 report of a message sent before the number texted STOP and then START
+/// comes from the block START lifted: it leaves the number opted in. One of a message sent
+/// after the START opts it out.
+#[tokio::test]
+async fn a_late_21610_report_of_a_message_from_before_stop_and_start_leaves_the_number_in() {
+    let app = TestApp::spawn(FLOWS).await;
+    app.sms(ANN, "JOIN").await;
+    // The fake numbers its messages: the code's is the first.
+    let sid = |n: u32| format!("SM{n:032}");
+    app.twilio.wait_delivered(1).await;
+    app.sms(ANN, "STOP").await;
+    app.sms(ANN, "START").await;
+    app.twilio.wait_delivered(2).await;
+    eventually("the new code's delivery record", async || {
+        matches!(app.engine.store.delivery_by_sid(&sid(2)), Ok(Some(_)))
+    })
+    .await;
+    let report = async |sid: &str| {
+        let form = [
+            ("MessageSid", sid),
+            ("MessageStatus", "undelivered"),
+            ("ErrorCode", "21610"),
+        ];
+        app.post_form("/twilio/status", &form)
+            .await
+            .status()
+            .as_u16()
+    };
+    assert_eq!(report(&sid(1)).await, 204);
+    assert_eq!(app.state_of(ANN).as_deref(), Some("awaiting_code"));
+    assert_eq!(report(&sid(2)).await, 204);
+    assert_eq!(app.state_of(ANN).as_deref(), Some("opted_out"));
+}
+
 /// The request we send matches Twilio's own OpenAPI description of `Messages.json`
 /// (tests/fixtures/twilio_messages_api.json, a copy of ../shared/twilio/messages_api.json).
 #[tokio::test]
