@@ -1692,7 +1692,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 step: k,
                 waiting: false,
             };
-            let due = self.now.checked_add_signed(step.after).unwrap_or(self.now);
+            let due = quiet::step_due(&flows.bot, self.now, step.after);
             // A reply to the user's own text is never held back; anything else is a
             // follow-up, and waits out quiet hours even when it is due at once.
             let quiet = if self.reply && step.after <= chrono::TimeDelta::zero() {

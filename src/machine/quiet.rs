@@ -12,6 +12,28 @@ pub fn quiet_end(bot: &Bot, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
     Some(quiet_stretch_end(bot, end).unwrap_or(end))
 }
 
+/// When a step `after` a delay from `now` is due: a whole number of days (`1d`, `1w`) is that
+/// many calendar days in the bot's timezone, at the same wall time, as "tomorrow at this
+/// time" is meant (23 or 25 hours across a DST change, so a daily step does not drift into
+/// quiet hours); any other delay is exact.
+pub fn step_due(bot: &Bot, now: DateTime<Utc>, after: TimeDelta) -> DateTime<Utc> {
+    let exact = now.checked_add_signed(after).unwrap_or(now);
+    const DAY: i64 = 86_400;
+    let secs = after.num_seconds();
+    if secs <= 0 || after.subsec_nanos() != 0 || secs % DAY != 0 {
+        return exact;
+    }
+    let days = Days::new((secs / DAY).unsigned_abs());
+    let offset = bot
+        .timezone
+        .offset_from_utc_datetime(&now.naive_utc())
+        .fix();
+    (now.naive_utc().checked_add_offset(offset))
+        .and_then(|local| local.checked_add_days(days))
+        .and_then(|target| first_instant_at_or_after(bot, target, now))
+        .unwrap_or(exact)
+}
+
 /// The end of the quiet stretch `at` falls in, if any.
 fn quiet_stretch_end(bot: &Bot, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let q = bot.quiet_hours?;
@@ -70,6 +92,58 @@ mod tests {
     use super::*;
     use crate::flows::QuietHours;
     use chrono::NaiveTime;
+
+    /// A step a whole number of days later is due at the same wall time in the bot's
+    /// timezone, across a DST change too; other delays are exact.
+    #[test]
+    fn a_step_days_later_keeps_its_wall_time_across_a_dst_change() {
+        let b = bot(chrono_tz::America::New_York, "21:00", "08:00");
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        for (now, after, due) in [
+            // 20:30 EST, then 20:30 EDT: 23 hours.
+            (
+                "2026-03-08T01:30:00Z",
+                TimeDelta::days(1),
+                "2026-03-09T00:30:00Z",
+            ),
+            // 20:30 EDT, then 20:30 EST: 25 hours.
+            (
+                "2026-11-01T00:30:00Z",
+                TimeDelta::days(1),
+                "2026-11-02T01:30:00Z",
+            ),
+            (
+                "2026-11-01T00:30:00Z",
+                TimeDelta::weeks(1),
+                "2026-11-08T01:30:00Z",
+            ),
+            // 02:30 does not exist on the day clocks spring forward: just after the gap.
+            (
+                "2026-03-07T07:30:00Z",
+                TimeDelta::days(1),
+                "2026-03-08T07:00:00Z",
+            ),
+            // Not whole days: exact.
+            (
+                "2026-03-08T01:30:00Z",
+                TimeDelta::hours(25),
+                "2026-03-09T02:30:00Z",
+            ),
+            (
+                "2026-03-08T01:30:00Z",
+                TimeDelta::zero(),
+                "2026-03-08T01:30:00Z",
+            ),
+            // No change of offset: 24 hours.
+            (
+                "2026-01-05T15:00:00Z",
+                TimeDelta::days(2),
+                "2026-01-07T15:00:00Z",
+            ),
+        ] {
+            assert_eq!(step_due(&b, at(now), after), at(due), "{now} + {after}");
+        }
+    }
 
     fn bot(tz: chrono_tz::Tz, from: &str, to: &str) -> Bot {
         let t = |s| NaiveTime::parse_from_str(s, "%H:%M").unwrap();

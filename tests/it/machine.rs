@@ -2177,6 +2177,35 @@ fn a_late_answer_is_taken_while_quiet_hours_hold_the_next_step() {
     assert_eq!(saved, None);
 }
 
+/// A daily step keeps its wall time in the bot's timezone across a DST change (23 hours
+/// here), rather than drifting an hour into quiet hours.
+#[test]
+fn a_step_a_day_later_comes_at_the_same_wall_time_across_a_dst_change() {
+    let f = flows();
+    // 20:30 in New York, the evening before clocks spring forward.
+    let now: DateTime<Utc> = "2026-03-08T01:30:00Z".parse().unwrap();
+    let mut sub = subscriber(State::InSequence {
+        name: "quiz".into(),
+        step: 0,
+        waiting: false,
+    });
+    let timer = smsflow::machine::Timer {
+        at: now,
+        kind: smsflow::machine::TimerKind::Step,
+        epoch: 1,
+    };
+    sub.timer = Some(timer);
+    let t = step(
+        sub,
+        &Event::TimerDue(timer),
+        &f,
+        now,
+        &mut StdRng::seed_from_u64(0),
+    );
+    let next: DateTime<Utc> = "2026-03-09T00:30:00Z".parse().unwrap();
+    assert_eq!(t.subscriber.timer.map(|t| t.at), Some(next));
+}
+
 /// A step due just as the late window ends, quiet hours aside, leaves the window as long as
 /// the question's timeout, though timers are kept to the millisecond and the clock is not.
 #[test]
