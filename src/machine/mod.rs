@@ -1823,7 +1823,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
     fn hold_late_window_for_quiet_hours(&mut self, name: &str, next: usize) {
         let due = (self.flows.sequence(name))
             .and_then(|s| s.steps.get(next))
-            .and_then(|s| self.now.checked_add_signed(s.after));
+            .map(|s| quiet::step_due(&self.flows.bot, self.now, s.after));
         let held = match (&self.sub.state, self.sub.timer) {
             (State::InSequence { step, .. }, Some(t))
                 if *step == next && t.kind == TimerKind::Step =>
