@@ -1602,7 +1602,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         {
             let timeout = self.flows.question(&name, step).and_then(|q| q.timeout);
             if let Some(t) = timeout {
-                let at = self.now.checked_add_signed(t).unwrap_or(self.now);
+                let at = quiet::step_due(&self.flows.bot, self.now, t);
                 self.set_timer(at, TimerKind::AskTimeout);
             }
         }
@@ -1742,7 +1742,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 };
                 match q.timeout {
                     Some(t) => {
-                        let at = self.now.checked_add_signed(t).unwrap_or(self.now);
+                        let at = quiet::step_due(&self.flows.bot, self.now, t);
                         self.set_timer(at, TimerKind::AskTimeout)
                     }
                     None => self.clear_timer(),
@@ -1923,7 +1923,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                             sequence: name.clone(),
                             step,
                             field: field.clone(),
-                            until: self.now.checked_add_signed(timeout).unwrap_or(self.now),
+                            until: quiet::step_due(&flows.bot, self.now, timeout),
                         });
                 self.schedule_step(&name, step + 1);
                 self.hold_late_window_for_quiet_hours(&name, step + 1);

@@ -12,10 +12,11 @@ pub fn quiet_end(bot: &Bot, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
     Some(quiet_stretch_end(bot, end).unwrap_or(end))
 }
 
-/// When a step `after` a delay from `now` is due: a whole number of days (`1d`, `1w`) is that
-/// many calendar days in the bot's timezone, at the same wall time, as "tomorrow at this
-/// time" is meant (23 or 25 hours across a DST change, so a daily step does not drift into
-/// quiet hours); any other delay is exact.
+/// When a step `after` a delay from `now` is due (or a question's `timeout` runs out): a
+/// whole number of days, however written (`1d`, `24h`, `1w`), is that many calendar days in
+/// the bot's timezone, at the same wall time, as "tomorrow at this time" is meant (23 or 25
+/// hours across a DST change, so a daily step does not drift into quiet hours); a wall time
+/// the change skips (or a skipped day) is whole days of 24 hours; any other delay is exact.
 pub fn step_due(bot: &Bot, now: DateTime<Utc>, after: TimeDelta) -> DateTime<Utc> {
     let exact = now.checked_add_signed(after).unwrap_or(now);
     const DAY: i64 = 86_400;
@@ -28,10 +29,14 @@ pub fn step_due(bot: &Bot, now: DateTime<Utc>, after: TimeDelta) -> DateTime<Utc
         .timezone
         .offset_from_utc_datetime(&now.naive_utc())
         .fix();
-    (now.naive_utc().checked_add_offset(offset))
-        .and_then(|local| local.checked_add_days(days))
-        .and_then(|target| first_instant_at_or_after(bot, target, now))
-        .unwrap_or(exact)
+    let target =
+        (now.naive_utc().checked_add_offset(offset)).and_then(|local| local.checked_add_days(days));
+    match target.map(|t| bot.timezone.from_local_datetime(&t)) {
+        Some(LocalResult::Single(t)) => t.with_timezone(&Utc),
+        // The first of a wall time a clock change repeats (whole days ahead, it is to come).
+        Some(LocalResult::Ambiguous(early, _)) => early.with_timezone(&Utc).max(now),
+        Some(LocalResult::None) | None => exact,
+    }
 }
 
 /// The end of the quiet stretch `at` falls in, if any.
@@ -94,7 +99,8 @@ mod tests {
     use chrono::NaiveTime;
 
     /// A step a whole number of days later is due at the same wall time in the bot's
-    /// timezone, across a DST change too; other delays are exact.
+    /// timezone, across a DST change too; other delays are exact. (Samoa's skipped day: see
+    /// `a_skipped_day_gives_a_step_whole_days_of_24_hours`.)
     #[test]
     fn a_step_days_later_keeps_its_wall_time_across_a_dst_change() {
         let b = bot(chrono_tz::America::New_York, "21:00", "08:00");
@@ -117,11 +123,29 @@ mod tests {
                 TimeDelta::weeks(1),
                 "2026-11-08T01:30:00Z",
             ),
-            // 02:30 does not exist on the day clocks spring forward: just after the gap.
+            // 02:15 and 02:30 do not exist on the day clocks spring forward: 24 hours, in
+            // order.
+            (
+                "2026-03-07T07:15:00Z",
+                TimeDelta::days(1),
+                "2026-03-08T07:15:00Z",
+            ),
             (
                 "2026-03-07T07:30:00Z",
                 TimeDelta::days(1),
-                "2026-03-08T07:00:00Z",
+                "2026-03-08T07:30:00Z",
+            ),
+            // 01:30 comes twice when clocks fall back: the first.
+            (
+                "2026-10-31T05:30:00Z",
+                TimeDelta::days(1),
+                "2026-11-01T05:30:00Z",
+            ),
+            // However written.
+            (
+                "2026-03-08T01:30:00Z",
+                TimeDelta::hours(24),
+                "2026-03-09T00:30:00Z",
             ),
             // Not whole days: exact.
             (
@@ -143,6 +167,17 @@ mod tests {
         ] {
             assert_eq!(step_due(&b, at(now), after), at(due), "{now} + {after}");
         }
+    }
+
+    #[test]
+    fn a_skipped_day_gives_a_step_whole_days_of_24_hours() {
+        let b = bot(chrono_tz::Pacific::Apia, "21:00", "08:00");
+        // 23:30 on 29 December 2011 in Samoa; the 30th did not happen there.
+        let now: DateTime<Utc> = "2011-12-30T09:30:00Z".parse().unwrap();
+        assert_eq!(
+            step_due(&b, now, TimeDelta::days(1)),
+            now + TimeDelta::days(1)
+        );
     }
 
     fn bot(tz: chrono_tz::Tz, from: &str, to: &str) -> Bot {
