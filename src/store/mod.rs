@@ -682,13 +682,7 @@ impl Store {
     /// with nothing new to write returns at once), so each write's error is looked at.
     /// Damage met while reading (`Corruption`) is not this: it fails only what touches it.
     fn broken(&self, e: sled::Error) -> sled::Error {
-        self.failed.send_if_modified(|kept| {
-            let first = kept.is_none();
-            if first {
-                *kept = Some(io_text(&e));
-            }
-            first
-        });
+        self.fail(io_text(&e));
         e
     }
 

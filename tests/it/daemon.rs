@@ -988,17 +988,7 @@ async fn a_repeated_21610_report_does_not_opt_out_a_number_that_opted_back_in() 
         matches!(app.engine.store.delivery_by_sid(&sid), Ok(Some(_)))
     })
     .await;
-    let report = async |status: &str| {
-        let form = [
-            ("MessageSid", sid.as_str()),
-            ("MessageStatus", status),
-            ("ErrorCode", "21610"),
-        ];
-        app.post_form("/twilio/status", &form)
-            .await
-            .status()
-            .as_u16()
-    };
+    let report = async |status: &str| report_21610(&app, &sid, status).await;
     assert_eq!(report("undelivered").await, 204);
     assert_eq!(app.state_of(ANN).as_deref(), Some("opted_out"));
     app.sms(ANN, "START").await;
@@ -1012,6 +1002,20 @@ async fn a_repeated_21610_report_does_not_opt_out_a_number_that_opted_back_in() 
             "{status}"
         );
     }
+}
+
+/// Twilio's delivery report of message `sid` with `status` and error 21610 (unsubscribed):
+/// the answer's status.
+async fn report_21610(app: &TestApp, sid: &str, status: &str) -> u16 {
+    let form = [
+        ("MessageSid", sid),
+        ("MessageStatus", status),
+        ("ErrorCode", "21610"),
+    ];
+    app.post_form("/twilio/status", &form)
+        .await
+        .status()
+        .as_u16()
 }
 
 /// A first 21610 report of a message sent before the number texted STOP and then START
@@ -1031,17 +1035,7 @@ async fn a_late_21610_report_of_a_message_from_before_stop_and_start_leaves_the_
         matches!(app.engine.store.delivery_by_sid(&sid(2)), Ok(Some(_)))
     })
     .await;
-    let report = async |sid: &str| {
-        let form = [
-            ("MessageSid", sid),
-            ("MessageStatus", "undelivered"),
-            ("ErrorCode", "21610"),
-        ];
-        app.post_form("/twilio/status", &form)
-            .await
-            .status()
-            .as_u16()
-    };
+    let report = async |sid: &str| report_21610(&app, sid, "undelivered").await;
     assert_eq!(report(&sid(1)).await, 204);
     assert_eq!(app.state_of(ANN).as_deref(), Some("awaiting_code"));
     assert_eq!(report(&sid(2)).await, 204);

@@ -2401,13 +2401,7 @@ fn the_daemon_wide_hour_refuses_codes_until_its_oldest_code_is_an_hour_old() {
     let sub = subscriber(State::Unverified);
     let join = Event::Inbound("JOIN".into());
     let t = smsflow::machine::step_within(sub.clone(), &join, &f, t0(), &mut rng, limits);
-    assert_eq!(
-        t.outcome,
-        Outcome::RateLimited {
-            retry_at: until,
-            everyone: true
-        }
-    );
+    assert_eq!(t.outcome, refused_for_everyone(until));
     assert_eq!(t.subscriber.state, State::Unverified);
     assert!(t.subscriber.codes.is_empty());
     assert_eq!(messages(&t.effects), [f.verify.busy.render(|_| None)]);
@@ -2419,17 +2413,19 @@ fn the_daemon_wide_hour_refuses_codes_until_its_oldest_code_is_an_hour_old() {
         &mut rng,
         limits,
     );
-    assert_eq!(
-        t.outcome,
-        Outcome::RateLimited {
-            retry_at: until,
-            everyone: true
-        }
-    );
+    assert_eq!(t.outcome, refused_for_everyone(until));
     assert!(messages(&t.effects).is_empty(), "{:?}", t.effects);
     // Once past it, codes go again.
     let t = smsflow::machine::step_within(sub, &join, &f, until, &mut rng, limits);
     assert_eq!(t.outcome, Outcome::CodeSent);
+}
+
+/// The outcome of a code refused while everyone's codes for the hour are spent, until `until`.
+fn refused_for_everyone(until: DateTime<Utc>) -> Outcome {
+    Outcome::RateLimited {
+        retry_at: until,
+        everyone: true,
+    }
 }
 
 /// START is the number's own word that it is back (Twilio lifts its block on it): refused a
@@ -2453,13 +2449,7 @@ fn start_while_the_hours_codes_are_spent_lifts_the_opt_out_and_says_to_try_later
         &mut rng,
         limits,
     );
-    assert_eq!(
-        t.outcome,
-        Outcome::RateLimited {
-            retry_at: until,
-            everyone: true
-        }
-    );
+    assert_eq!(t.outcome, refused_for_everyone(until));
     assert_eq!(t.subscriber.state, State::Unverified);
     assert!(t.subscriber.codes.is_empty());
     assert_eq!(messages(&t.effects), [f.verify.busy.render(|_| None)]);
