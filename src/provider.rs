@@ -337,7 +337,9 @@ impl Twilio {
         let message = err
             .and_then(|e| e.message)
             .unwrap_or_else(|| format!("HTTP {status}"));
-        if status.as_u16() == 429 || status.is_server_error() {
+        // 21611: the sender's queue at Twilio holds more than 10 hours of messages; it
+        // drains by itself, so the message waits and is tried again.
+        if status.as_u16() == 429 || status.is_server_error() || code == Some(QUEUE_FULL) {
             Err(SendError::Temporary {
                 message: format!("Twilio answered {status}: {message}"),
                 retry_after,
@@ -376,6 +378,10 @@ impl Twilio {
 /// suspended or closed account): a fault of the account, not of a message, so the outbox
 /// keeps retrying (for hours, backing off) instead of failing every queued message.
 const ACCOUNT_CODES: [u32; 3] = [20003, 20403, 10001];
+
+/// Twilio's code for a sender whose queue is full (more than 10 hours of messages at its
+/// rate): temporary, though answered 400.
+const QUEUE_FULL: u32 = 21611;
 
 /// reqwest errors print the URL, which holds the account SID; keep only the kind.
 fn without_url(e: &reqwest::Error) -> String {

@@ -317,8 +317,8 @@ async fn deliver(
 }
 
 /// Twilio's codes for a `To` that no text can reach: 21211, not a valid phone number;
-/// 21614, not a mobile number (a landline).
-const NOT_TEXTABLE: [u32; 2] = [21211, 21614];
+/// 21612, not reachable by SMS; 21614, not a mobile number (a landline).
+const NOT_TEXTABLE: [u32; 3] = [21211, 21612, 21614];
 
 /// A provider's error said as the outbox says it (numbers and the code hidden, should the
 /// provider quote them), with the code hidden as a call spells it out too, also as the

@@ -26,7 +26,7 @@ pub fn sign(token: &str, url: &str, params: &[(String, String)]) -> String {
 }
 
 /// True when `signature` is valid for `url` (also tried with and without the default port,
-/// as Twilio has signed both) in constant time.
+/// as Twilio has signed both, and without any other port it has) in constant time.
 pub fn verify(token: &str, url: &str, params: &[(String, String)], signature: &str) -> bool {
     let Ok(given) = base64::engine::general_purpose::STANDARD.decode(signature.trim()) else {
         return false;
@@ -62,6 +62,12 @@ fn url_variants(url: &str) -> Vec<String> {
         out.push(format!("{prefix}:{port}{rest}"));
     }
     out.push(without);
+    // Any other port too: over HTTPS Twilio drops it before signing ("Twilio will drop the
+    // username, password and port (if any)"), and its SDKs try the URL without it.
+    let mut portless = parsed;
+    if portless.port().is_some() && portless.set_port(None).is_ok() {
+        out.push(portless.to_string());
+    }
     out
 }
 
@@ -130,6 +136,25 @@ mod tests {
             &vector(),
         );
         assert!(verify("12345", with_port, &vector(), &sig));
+    }
+
+    #[test]
+    fn a_signature_made_without_another_port_is_accepted_as_twilio_signs_over_https() {
+        let url = "https://example.ngrok.app:8443/twilio/sms";
+        let sig = sign("12345", "https://example.ngrok.app/twilio/sms", &vector());
+        assert!(verify("12345", url, &vector(), &sig));
+        assert!(verify(
+            "12345",
+            url,
+            &vector(),
+            &sign("12345", url, &vector())
+        ));
+        let elsewhere = sign(
+            "12345",
+            "https://example.ngrok.app:9443/twilio/sms",
+            &vector(),
+        );
+        assert!(!verify("12345", url, &vector(), &elsewhere));
     }
 
     #[test]

@@ -890,6 +890,19 @@ async fn after_an_outage_every_queued_message_is_delivered_once_in_order_per_num
     }
 }
 
+/// Twilio's 21611 (the sender's queue there holds more than 10 hours of messages) drains
+/// by itself: the message is tried again, not failed (nor its code withdrawn).
+#[tokio::test]
+async fn a_message_twilio_refuses_for_a_full_sender_queue_is_tried_again() {
+    let app = TestApp::spawn(FLOWS).await;
+    app.twilio.refuse_next(21611);
+    app.sms(ANN, "JOIN").await;
+    let sent = app.twilio.wait_delivered(1).await;
+    assert_eq!(app.twilio.attempts(), 2, "refused once, then taken");
+    let (_, twiml) = app.sms(ANN, &code_in(&sent[0].body)).await;
+    assert!(twiml.contains("Verified!"), "{twiml}");
+}
+
 #[tokio::test]
 async fn messages_queued_before_a_stop_are_not_sent_after_the_number_opts_back_in() {
     let app = TestApp::spawn(FLOWS).await;

@@ -594,12 +594,12 @@ async fn codes_the_provider_refused_do_not_count_against_the_hours_cap() {
     assert_failure(&got, 429, 3, "this hour");
 }
 
-/// A number Twilio says no text can reach (21211 no such number, 21614 a landline) is the
-/// app's input: 400 exit 2, not an outage's 500.
+/// A number Twilio says no text can reach (21211 no such number, 21612 not reachable by
+/// SMS, 21614 a landline) is the app's input: 400 exit 2, not an outage's 500.
 #[tokio::test]
 async fn a_phone_twilio_cannot_text_is_a_bad_request() {
     let app = TestApp::spawn(FLOWS).await;
-    for code in [21211, 21614] {
+    for code in [21211, 21612, 21614] {
         app.twilio.refuse_next(code);
         let got = app.otp("get_otp", json!({ "phone": PHONE }), None).await;
         assert_failure(&got, 400, 2, "cannot text this phone");
