@@ -868,7 +868,12 @@ pub fn export(
     // After the data dir: run where there is neither, the one to name is the data.
     let flows = match flows_or_problems(flows_dir) {
         Ok(f) => f,
-        Err(code) => return code,
+        Err(code) => {
+            errln!(
+                "smsflow export: the form's columns and answer labels come from the flows the                  daemon runs; give their directory (--flows DIR, SMSFLOW_FLOWS or `flows` in                  smsflow.toml)"
+            );
+            return code;
+        }
     };
     // A small page cache: the export reads every record once, memory must stay flat.
     let store = match crate::store::Store::open_with_cache(data, 8 << 20) {

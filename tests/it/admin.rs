@@ -607,6 +607,21 @@ async fn the_export_has_a_row_per_phone_with_category_columns() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(left, ["notes.txt"], "nothing written there");
+
+    // A store, but no flows where it runs: the flows to give, and how, are said.
+    let data = tempfile::tempdir().unwrap();
+    drop(smsflow::store::Store::open(data.path()).expect("a new store"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+        .current_dir(empty.path())
+        .env_remove("SMSFLOW_DATA")
+        .env_remove("SMSFLOW_FLOWS")
+        .args(["export", "--data"])
+        .arg(data.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--flows DIR, SMSFLOW_FLOWS"), "{stderr}");
 }
 
 /// An export that cannot be written (a full disk: `/dev/full`) names where it was going and
