@@ -61,7 +61,30 @@ pub struct Outbox {
     /// The flows the last look ran under: when others go live, follow-ups held for the old
     /// quiet hours are looked at again.
     flows_seen: Arc<crate::flows::Flows>,
+    /// Until when no send starts at all: Twilio answered a `Retry-After` (see [`Hold`]).
+    hold: Hold,
     stop: watch::Receiver<bool>,
+}
+
+/// A time before which the outbox starts no send, whoever it is for. A 429 (Twilio's 20429:
+/// too many requests at once for the account) or a 5xx with a `Retry-After` speaks of
+/// Twilio or the account, not of the message refused: the others would only meet it too.
+#[derive(Clone, Default)]
+struct Hold(Arc<std::sync::Mutex<Option<Instant>>>);
+
+impl Hold {
+    /// No send starts for `wait` from now (or until a later time already set).
+    fn at_least(&self, wait: Duration) {
+        let until = Instant::now() + wait;
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *held = Some(held.map_or(until, |at| at.max(until)));
+    }
+
+    /// Until when, if that is still to come.
+    fn until(&self) -> Option<Instant> {
+        let held = *self.0.lock().unwrap_or_else(|e| e.into_inner());
+        held.filter(|at| *at > Instant::now())
+    }
 }
 
 /// How many sends may be in flight at once, each to a different number: with one at a time,
@@ -74,6 +97,7 @@ struct Flight {
     engine: Arc<Engine>,
     provider: Arc<Provider>,
     retry_base: Duration,
+    hold: Hold,
 }
 
 /// What one unit of work did.
@@ -129,6 +153,7 @@ impl Outbox {
             flying: HashMap::new(),
             sends: JoinSet::new(),
             task_of: HashMap::new(),
+            hold: Hold::default(),
             stop,
         }
     }
@@ -225,6 +250,13 @@ impl Outbox {
                 self.land(landed);
             }
             return Ok(Worked::One);
+        }
+        // Twilio asked to wait: nothing starts until then (a newly queued message too).
+        if let Some(until) = self.hold.until() {
+            return Ok(Worked::Idle {
+                retry: None,
+                turn: Some(until),
+            });
         }
         let now = self.engine.clock().now();
         let erasures = self.engine.store.erasures();
@@ -525,6 +557,7 @@ impl Outbox {
             engine: self.engine.clone(),
             provider: self.provider.clone(),
             retry_base: self.retry_base,
+            hold: self.hold.clone(),
         };
         // How a message that will not be sent ends: its status, why, and the code it carried,
         // to withdraw.
@@ -677,6 +710,10 @@ impl Flight {
                     msg.attempts = msg.attempts.min(ACCOUNT_ATTEMPTS);
                 }
                 let wait = retry_wait(self.backoff(msg.attempts), retry_after);
+                // Twilio's own wait holds every send, not this one alone.
+                if let Some(asked) = retry_after.filter(|_| !account) {
+                    self.hold.at_least(retry_wait(Duration::ZERO, Some(asked)));
+                }
                 if account {
                     tracing::debug!(
                         phone = %msg.phone.masked(), retry_in = ?wait,

@@ -890,6 +890,28 @@ async fn after_an_outage_every_queued_message_is_delivered_once_in_order_per_num
     }
 }
 
+/// A 429 with a Retry-After is Twilio saying the account sends too much at once, not that
+/// one message is wrong: no send starts, for anyone, until the time it gave has passed.
+#[tokio::test]
+async fn a_retry_after_from_twilio_holds_every_send_not_only_the_refused_one() {
+    let app = TestApp::spawn(FLOWS).await;
+    app.twilio.busy_next(2);
+    app.sms(ANN, "JOIN").await;
+    eventually("Twilio to answer 429", async || app.twilio.attempts() == 1).await;
+    let busy_at = std::time::Instant::now();
+    app.sms(BOB, "JOIN").await;
+    let first = app.twilio.wait_delivered(1).await;
+    assert!(
+        busy_at.elapsed() >= Duration::from_millis(1500),
+        "{:?} after the 429: {first:#?}",
+        busy_at.elapsed()
+    );
+    let both = app.twilio.wait_delivered(2).await;
+    let mut to: Vec<&str> = both.iter().map(|r| r.to.as_str()).collect();
+    to.sort();
+    assert_eq!(to, [ANN, BOB]);
+}
+
 /// Twilio's 21611 (the sender's queue there holds more than 10 hours of messages) drains
 /// by itself: the message is tried again, not failed (nor its code withdrawn).
 #[tokio::test]
