@@ -166,12 +166,19 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
     let mut unread = Vec::new();
     for i in 0..cx.sources.len() {
         // An empty file is a mistake or a file caught mid-write (an editor truncates, then
-        // writes): taken as a flow set, it would end every number's sequence.
-        if cx.sources[i].1.trim().is_empty() {
+        // writes): taken as a flow set, it would end every number's sequence. So is one of
+        // comments alone (its header comment written, the rest not yet).
+        let blank = |l: &str| l.trim().is_empty() || l.trim_start().starts_with('#');
+        if cx.sources[i].1.lines().all(blank) {
+            let what = if cx.sources[i].1.trim().is_empty() {
+                "empty flow file"
+            } else {
+                "empty flow file (comments only)"
+            };
             cx.err(
                 i,
                 0..0,
-                "empty flow file (if it is being written, this passes once it is saved)",
+                format!("{what} (if it is being written, this passes once it is saved)"),
             );
             continue;
         }
@@ -221,7 +228,8 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
                         };
                     }
                     // `[form.extra_fields]` is a list of names, not of tables: the advice to
-                    // write two brackets would not help.
+                    // write two brackets would not help. (`steps` and `field` are lists of
+                    // tables, whose header is named with its two brackets.)
                     if msg.contains("a table given where a list of them is expected") {
                         let at = text.get(span.start..).unwrap_or_default();
                         let header = at.lines().next().unwrap_or_default().trim();
@@ -230,12 +238,17 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
                             .and_then(|h| h.split(']').next())
                             .map(str::trim);
                         if let Some((table, key)) = name.and_then(|n| n.rsplit_once('.')) {
-                            if !matches!(name, Some("form.field")) {
-                                msg = format!(
+                            msg = if matches!(name, Some("form.field" | "sequence.steps")) {
+                                format!(
+                                    "[{table}.{key}] is one table, but {key} is a list of them: \
+                                     write [[{table}.{key}]] (two brackets) before each"
+                                )
+                            } else {
+                                format!(
                                     "[{table}.{key}] is a table, but {key} is a list of values: \
                                      under [{table}], write {key} = [\"…\", \"…\"]"
-                                );
-                            }
+                                )
+                            };
                         }
                     }
                     let unknown = msg.starts_with("unknown field");

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, OriginalUri, Request, State};
-use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -88,7 +88,13 @@ pub fn bearer(
                 .filter(|s| s.eq_ignore_ascii_case("bearer "))
                 .map(|_| &v[7..])
         })
-        .ok_or_else(|| "missing Authorization: Bearer token".to_string())?;
+        .ok_or_else(|| match header {
+            None => "missing Authorization: Bearer token".to_string(),
+            // (What it holds is not said back: it may be the token, without its scheme.)
+            Some(_) => "the Authorization header does not use the Bearer scheme: give \
+                        `Authorization: Bearer <token>`"
+                .to_string(),
+        })?;
     if signature::same_token(given.trim(), token.expose()) {
         Ok(())
     } else {
@@ -108,6 +114,22 @@ pub fn bearer(
         Err("wrong bearer token".to_string())
     }
 }
+
+/// The routes of [`router`] whose path is fixed.
+const FIXED_ROUTES: [&str; 12] = [
+    "/twilio/sms",
+    "/twilio/status",
+    "/twilio/voice",
+    "/twilio/voice/gather",
+    "/authenticate/get_otp",
+    "/authenticate/validate_otp",
+    "/admin/subscribers",
+    "/admin/reload",
+    "/admin/export.csv",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+];
 
 /// The routes. (The time a request body may take is kept by `app::serve`, which wraps it.)
 pub fn router(state: Arc<AppState>) -> Router {
@@ -368,7 +390,8 @@ fn loopback_name(host: &str) -> bool {
 }
 
 /// Counts the answers of the webhook, OTP and admin routes by status, and records the
-/// latency of every Twilio webhook.
+/// latency of every Twilio webhook. A 401 (the OTP API, the admin API and `/metrics`, which
+/// take a bearer token) says which scheme it wants, as HTTP asks (`WWW-Authenticate`).
 async fn count_and_time(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let path = req.uri().path();
     let (route, webhook) = match path {
@@ -382,7 +405,12 @@ async fn count_and_time(req: axum::extract::Request, next: axum::middleware::Nex
         _ => (None, false),
     };
     let started = std::time::Instant::now();
-    let response = next.run(req).await;
+    let mut response = next.run(req).await;
+    if response.status() == StatusCode::UNAUTHORIZED {
+        (response.headers_mut())
+            .entry(header::WWW_AUTHENTICATE)
+            .or_insert(HeaderValue::from_static("Bearer"));
+    }
     if let Some(route) = route {
         if webhook {
             crate::metrics::webhook_seconds(route, started.elapsed().as_secs_f64());
@@ -462,7 +490,14 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resp
 
 /// An unknown route, answered in the shape of the API its path is under.
 async fn not_found(method: Method, uri: Uri) -> Response {
-    let says = format!("no route for {method} {}", crate::clip(uri.path()));
+    let mut says = format!("no route for {method} {}", crate::clip(uri.path()));
+    // A URL pasted with a slash at its end (into Twilio's console, say) names the route meant.
+    let meant = uri.path().trim_end_matches('/');
+    if meant.len() < uri.path().len() && FIXED_ROUTES.contains(&meant) {
+        says.push_str(&format!(
+            "; the route is {meant}, without the slash at the end"
+        ));
+    }
     if uri.path().starts_with("/authenticate/") {
         otp::OtpError::Refused(StatusCode::NOT_FOUND, says).into_response()
     } else if uri.path().starts_with("/admin") {

@@ -456,6 +456,9 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), OtpError> {
 
 fn json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, OtpError> {
     super::content_type_is(headers, "application/json").map_err(OtpError::BadRequest)?;
+    // A byte-order mark some tools write first is no part of the JSON (RFC 8259 lets a
+    // reader ignore it).
+    let body = body.strip_prefix("\u{feff}".as_bytes()).unwrap_or(body);
     // JSON is UTF-8 throughout (serde_json checks only the strings it keeps).
     if let Err(e) = std::str::from_utf8(body) {
         return Err(OtpError::BadRequest(format!(

@@ -884,7 +884,12 @@ fn a_shape_mistake_says_what_to_write_instead() {
         (
             "[bot]\nname = \"X\"\n\n[form.field]\nkey = \"a\"\nask = \"A?\"\n",
             "a.toml:4:1:",
-            "write [[…]] (two brackets)",
+            "[form.field] is one table, but field is a list of them: write [[form.field]] (two brackets) before each",
+        ),
+        (
+            "[[sequence]]\nname = \"s\"\n[sequence.steps]\nsay = \"hi\"\n",
+            "a.toml:3:1:",
+            "[sequence.steps] is one table, but steps is a list of them: write [[sequence.steps]] (two brackets) before each",
         ),
         (
             "[bot]\nname = \"X\"\n[keywords]\nopt_out = \"STOP2\"\n",
@@ -1027,10 +1032,16 @@ fn an_empty_flow_file_is_a_problem_not_an_empty_flow_set() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a.toml", "[bot]\nname = \"Bot\"\n");
     write(dir.path(), "b.toml", " \n");
+    // Comments alone (a file caught with its header written, the rest not yet) are empty too.
+    write(dir.path(), "c.toml", "# the follow-ups\n\n  # more soon\n");
     let out = smsflow().arg("check").arg(dir.path()).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("b.toml:1:1: empty flow file"), "{stderr}");
+    assert!(
+        stderr.contains("c.toml:1:1: empty flow file (comments only)"),
+        "{stderr}"
+    );
 }
 
 /// A file saved in another encoding is located at its first byte that is not UTF-8.

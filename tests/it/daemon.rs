@@ -382,6 +382,11 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
 
     let r = app.get("/no/such/route").await;
     assert_eq!(r.status().as_u16(), 404);
+    // A webhook URL pasted with a slash at its end: the one meant is named.
+    let r = app.post_form("/twilio/sms/", &[("From", ANN)]).await;
+    assert_eq!(r.status().as_u16(), 404);
+    let said = r.text().await.unwrap();
+    assert!(said.contains("the route is /twilio/sms, without"), "{said}");
     let r = app.get("/healthz").await;
     assert_eq!(r.status().as_u16(), 200);
 

@@ -274,6 +274,8 @@ async fn malformed_requests_are_exit_2() {
     );
     assert_eq!(app.state_of(PHONE), None, "nothing changed");
     assert_eq!(app.twilio.attempts(), 0);
+    // A byte-order mark before the JSON (some Windows tools write one) is no mistake.
+    assert_success(&raw("\u{feff}{\"phone\":\"+15550004444\"}", "application/json").await);
 }
 
 /// A request with no Authorization header at all.
@@ -309,6 +311,24 @@ async fn a_missing_or_wrong_token_is_exit_4() {
     .await;
     let got = anonymous(&app, "get_otp", json!({ "phone": PHONE }), &[]).await;
     assert_failure(&got, 401, 4, "missing Authorization");
+    // The token under another scheme: the scheme is named, the token not said back.
+    let got = anonymous(
+        &app,
+        "get_otp",
+        json!({ "phone": PHONE }),
+        &[("authorization", "Basic s3cret")],
+    )
+    .await;
+    assert_failure(&got, 401, 4, "does not use the Bearer scheme");
+    assert!(!got.3.contains("s3cret"), "{}", got.3);
+    // Which scheme it wants, as HTTP asks of a 401.
+    let r = (app.http.post(format!("{}/authenticate/get_otp", app.base)))
+        .json(&json!({ "phone": PHONE }))
+        .send()
+        .await
+        .unwrap();
+    let challenge = r.headers().get("www-authenticate");
+    assert_eq!(challenge.and_then(|v| v.to_str().ok()), Some("Bearer"));
     let got = app
         .otp("get_otp", json!({ "phone": PHONE }), Some("guess"))
         .await;
