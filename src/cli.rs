@@ -9,7 +9,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::flows;
-use crate::machine::{Event, Outcome};
+use crate::http::otp::OtpError;
+use crate::machine::Event;
 use crate::phone::Phone;
 use crate::sim::{default_start, Sandbox, Sent};
 use crate::transcript;
@@ -340,11 +341,13 @@ impl Repl {
                 self.call = None;
                 "[you hung up]\n".to_string()
             }
+            // Answered as the daemon's OTP API answers: status, exit code and error.
             "otp" => {
                 let (outcome, sent) = self.sandbox.event(&self.phone, Event::OtpRequested);
+                let answer = crate::http::otp::requested(outcome, self.sandbox.now);
                 format!(
                     "[otp api: {}]\n{}",
-                    outcome_name(outcome),
+                    api_answer(answer),
                     show(&sent, &self.phone)
                 )
             }
@@ -352,12 +355,17 @@ impl Repl {
                 let length = self.sandbox.flows.verify.code_length;
                 // Refused as the daemon refuses it (400), before the state machine sees it.
                 let Some(code) = self.sandbox.flows.verify.api_code(arg, &[]) else {
-                    return Some(format!("[otp api: 400, otp must be {length} digits]\n"));
+                    let refused = OtpError::BadRequest(format!("otp must be {length} digits"));
+                    return Some(format!("[otp api: {}]\n", refused.summary()));
                 };
+                let now = self.sandbox.now;
+                let used = (self.sandbox.subscriber(&self.phone))
+                    .is_some_and(|s| crate::http::otp::used_before(s, &code, now));
                 let (outcome, sent) = self.sandbox.event(&self.phone, Event::OtpSubmitted(code));
+                let answer = crate::http::otp::submitted(outcome, used, now);
                 format!(
                     "[otp api: {}]\n{}",
-                    outcome_name(outcome),
+                    api_answer(answer),
                     show(&sent, &self.phone)
                 )
             }
@@ -481,20 +489,9 @@ fn show(sent: &[Sent], to: &Phone) -> String {
         .collect()
 }
 
-fn outcome_name(o: Outcome) -> String {
-    match o {
-        Outcome::RateLimited { retry_at, .. } => format!("rate limited until {retry_at}"),
-        // CodeSent → code_sent, as in the metrics' outcome labels.
-        other => format!("{other:?}")
-            .chars()
-            .enumerate()
-            .flat_map(|(i, c)| {
-                let sep = (i > 0 && c.is_ascii_uppercase()).then_some('_');
-                sep.into_iter()
-                    .chain(std::iter::once(c.to_ascii_lowercase()))
-            })
-            .collect(),
-    }
+/// The OTP API's answer in brief (see [`OtpError::summary`]).
+fn api_answer(answer: Result<(), OtpError>) -> String {
+    answer.map_or_else(|e| e.summary(), |()| "200, exit 0: success".to_string())
 }
 
 /// Resolves the configuration layers for `serve`.

@@ -57,6 +57,12 @@ struct FailureBody<'a> {
 }
 
 impl OtpError {
+    /// The answer in brief, as `smsflow simulate` prints it: status, exit code and error.
+    pub fn summary(&self) -> String {
+        let (exit_code, status) = self.codes();
+        format!("{}, exit {exit_code}: {self}", status.as_u16())
+    }
+
     fn codes(&self) -> (u8, StatusCode) {
         match self {
             OtpError::Rejected(_) => (1, StatusCode::FORBIDDEN),
@@ -160,27 +166,7 @@ pub async fn get_otp(
         }
     };
     let applied = apply(&state, &phone, Event::OtpRequested).await?;
-    match applied.outcome {
-        Outcome::CodeSent => {}
-        Outcome::OptedOut => return Err(opted_out()),
-        Outcome::RateLimited { retry_at, everyone } => {
-            return Err(OtpError::TooMany {
-                message: if everyone {
-                    "too many codes sent to all numbers this hour (verify.max_codes_per_hour); \
-                     try again later"
-                } else {
-                    "too many codes requested for this phone; try again later"
-                }
-                .into(),
-                retry_after: seconds_until(retry_at, state.engine.clock().now()),
-            })
-        }
-        other => {
-            return Err(OtpError::Unexpected(anyhow::anyhow!(
-                "get_otp ended as {other:?}"
-            )))
-        }
-    }
+    requested(applied.outcome, state.engine.clock().now())?;
     let Some((text, code)) = applied.codes.into_iter().next() else {
         return Err(OtpError::Unexpected(anyhow::anyhow!("no code was issued")));
     };
@@ -366,12 +352,43 @@ pub async fn validate_otp(
         None => return Err(OtpError::BadRequest("missing field otp".into())),
     };
     let applied = apply(&state, &phone, Event::OtpSubmitted(otp.clone())).await?;
-    match applied.outcome {
-        Outcome::Verified => Ok(success()),
+    let now = state.engine.clock().now();
+    let record = state.engine.store.subscriber(&phone);
+    let used = matches!(&record, Ok(Some(s)) if used_before(s, &otp, now));
+    submitted(applied.outcome, used, now).map(|()| success())
+}
+
+/// What get_otp answers for the state machine's `outcome` (before the code is sent):
+/// `Ok` when a code was issued.
+pub fn requested(outcome: Outcome, now: chrono::DateTime<Utc>) -> Result<(), OtpError> {
+    match outcome {
+        Outcome::CodeSent => Ok(()),
+        Outcome::OptedOut => Err(opted_out()),
+        Outcome::RateLimited { retry_at, everyone } => Err(OtpError::TooMany {
+            message: if everyone {
+                "too many codes sent to all numbers this hour (verify.max_codes_per_hour); \
+                 try again later"
+            } else {
+                "too many codes requested for this phone; try again later"
+            }
+            .into(),
+            retry_after: seconds_until(retry_at, now),
+        }),
+        other => Err(OtpError::Unexpected(anyhow::anyhow!(
+            "get_otp ended as {other:?}"
+        ))),
+    }
+}
+
+/// What validate_otp answers for the state machine's `outcome`; `used`: the code given is
+/// one the number verified with (see [`used_before`]).
+pub fn submitted(outcome: Outcome, used: bool, now: chrono::DateTime<Utc>) -> Result<(), OtpError> {
+    match outcome {
+        Outcome::Verified => Ok(()),
         // A code the number verified with, or one it held then, again (a double click, a
         // retried request): said so, as the app may take it for a wrong one. One use all
         // the same.
-        Outcome::WrongCode if used_before(&state, &phone, &otp) => Err(OtpError::Rejected(
+        Outcome::WrongCode if used => Err(OtpError::Rejected(
             "this OTP was already used: it, or a code sent with it, verified the number, and \
              each code validates once (request a new one)"
                 .into(),
@@ -384,7 +401,7 @@ pub async fn validate_otp(
         // Guessing again cannot help; the wait is until a new code may be requested.
         Outcome::Locked { new_code_at } => Err(OtpError::TooMany {
             message: "too many wrong guesses on this code; request a new one".into(),
-            retry_after: seconds_until(new_code_at, state.engine.clock().now()),
+            retry_after: seconds_until(new_code_at, now),
         }),
         other => Err(OtpError::Unexpected(anyhow::anyhow!(
             "validate_otp ended as {other:?}"
@@ -392,14 +409,16 @@ pub async fn validate_otp(
     }
 }
 
-/// Whether `otp` is a code the number held when it verified, not yet expired (see
+/// Whether `otp` is a code the number `s` held when it verified, not yet expired (see
 /// `Subscriber::used_codes`).
-fn used_before(state: &AppState, phone: &Phone, otp: &str) -> bool {
-    let now = state.engine.clock().now();
-    matches!(state.engine.store.subscriber(phone), Ok(Some(s))
-    if s.used_codes.iter().any(|c| {
-        c.expires_at > now && bool::from(subtle::ConstantTimeEq::ct_eq(c.code.as_bytes(), otp.as_bytes()))
-    }))
+pub fn used_before(s: &crate::machine::Subscriber, otp: &str, now: chrono::DateTime<Utc>) -> bool {
+    s.used_codes.iter().any(|c| {
+        c.expires_at > now
+            && bool::from(subtle::ConstantTimeEq::ct_eq(
+                c.code.as_bytes(),
+                otp.as_bytes(),
+            ))
+    })
 }
 
 /// Why an issued code may not be sent to the number whose record is `s` now: it opted out

@@ -502,13 +502,44 @@ fn simulate_validate_refuses_what_the_otp_api_refuses_and_counts_no_attempt() {
     let stdout = simulate(b"/otp\n/validate 12345\n/validate 123-456\n/validate abc\n/state\n");
     assert_eq!(
         stdout
-            .matches("[otp api: 400, otp must be 6 digits]")
+            .matches("[otp api: 400, exit 2: otp must be 6 digits]")
             .count(),
         3,
         "{stdout}"
     );
-    assert!(!stdout.contains("wrong_code"), "{stdout}");
+    assert!(!stdout.contains("invalid OTP"), "{stdout}");
     assert!(stdout.contains("+15550001111: awaiting_code"), "{stdout}");
+}
+
+/// `/otp` and `/validate` answer as the daemon's OTP API does (status, exit code, error): a
+/// code used twice is "already used", as validate_otp says, not a wrong guess.
+#[test]
+fn simulate_answers_otp_requests_as_the_otp_api_does() {
+    let first = simulate(b"/otp\n");
+    let code = (first.lines())
+        .find(|l| l.contains("your code is"))
+        .and_then(|l| {
+            l.split(|c: char| !c.is_ascii_digit())
+                .find(|d| d.len() == 6)
+        })
+        .expect(&first)
+        .to_string();
+    let script = format!("/otp\n/validate {code}\n/validate {code}\n/validate 000000\n");
+    let stdout = simulate(script.as_bytes());
+    let answers: Vec<&str> = (stdout.lines())
+        .filter_map(|l| l.strip_prefix("[otp api: "))
+        .collect();
+    assert_eq!(answers.len(), 4, "{stdout}");
+    assert_eq!(answers[0], "200, exit 0: success]");
+    assert_eq!(answers[1], "200, exit 0: success]");
+    assert!(
+        answers[2].starts_with("403, exit 1: this OTP was already used"),
+        "{stdout}"
+    );
+    assert!(
+        answers[3].starts_with("403, exit 1: invalid OTP"),
+        "{stdout}"
+    );
 }
 
 /// `/call unattested` is a caller ID its carrier did not vouch for: with the shipped flows
