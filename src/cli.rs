@@ -866,9 +866,19 @@ pub fn export(
     let flows = match flows_or_problems(flows_dir) {
         Ok(f) => f,
         Err(code) => {
-            errln!(
-                "smsflow export: the form's columns and answer labels come from the flows the                  daemon runs; give their directory (--flows DIR, SMSFLOW_FLOWS or `flows` in                  smsflow.toml)"
-            );
+            // (Not for flows that are there but have problems: those are listed above.)
+            let no_flows = std::fs::read_dir(flows_dir).map_or(true, |entries| {
+                !entries
+                    .flatten()
+                    .any(|e| e.path().extension().is_some_and(|x| x == "toml"))
+            });
+            if no_flows {
+                errln!(
+                    "smsflow export: the form's columns and answer labels come from the flows \
+                     the daemon runs; give their directory (--flows DIR, SMSFLOW_FLOWS or \
+                     `flows` in smsflow.toml)"
+                );
+            }
             return code;
         }
     };

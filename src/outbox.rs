@@ -21,19 +21,24 @@ use crate::provider::{Provider, SendError};
 use crate::store::codec;
 use crate::store::{Delivery, OutMessage};
 
-/// After this many temporary failures a message is recorded as failed (not for a refused
-/// account: see [`SendError::Temporary`]).
+/// After this many temporary failures a message is recorded as failed (not for a failure
+/// that is no fault of the message, such as a refused account: see [`SendError::Temporary`]).
 const MAX_ATTEMPTS: u32 = 30;
 /// Tries that may have reached Twilio (no answer came: see [`SendError::Temporary`]) a
 /// message has at most: a Twilio slow to answer but sending would otherwise send it up to
 /// `MAX_ATTEMPTS` times. (Tries Twilio surely did not take, such as a 503 or a refused
 /// connection, do not count.)
 const MAYBE_SENT_ATTEMPTS: u32 = 2;
-/// The tries a refused account's message counts at most (see [`SendError::Temporary`]).
+/// The tries a message counts at most for failures that are no fault of its own (see
+/// [`SendError::Temporary`]).
 const ACCOUNT_ATTEMPTS: u32 = MAX_ATTEMPTS / 2;
 const MAX_BACKOFF: Duration = Duration::from_secs(600);
 /// The longest wait a provider's `Retry-After` is obeyed for; asking longer is read as this.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// The longest a `Retry-After` holds every send (see [`Hold`]); the refused message itself
+/// waits up to [`MAX_RETRY_AFTER`]. One answer must not hold the codes numbers ask for
+/// meanwhile until they expire.
+const MAX_HOLD: Duration = Duration::from_secs(120);
 /// Twilio: "Attempt to send to unsubscribed recipient".
 pub const UNSUBSCRIBED: u32 = 21610;
 
@@ -694,30 +699,32 @@ impl Flight {
                 }
             }
             // A refused account is retried for as long as it takes: fixed (and the
-            // daemon restarted), it sends what waited. Its tries stop counting half
+            // daemon restarted), it sends what waited; so is a message whose sender's
+            // queue at Twilio is full, until it drains. Its tries stop counting half
             // way (the backoff is at its cap by then), so an ordinary failure after
             // the fix still has its share of tries; the provider logs the refusal.
             Err(SendError::Temporary {
                 message,
                 retry_after,
-                account,
+                not_the_message,
                 maybe_sent,
-            }) if account
+            }) if not_the_message
                 || (msg.attempts < MAX_ATTEMPTS
                     && !(maybe_sent && msg.uncertain >= MAYBE_SENT_ATTEMPTS)) =>
             {
-                if account {
+                if not_the_message {
                     msg.attempts = msg.attempts.min(ACCOUNT_ATTEMPTS);
                 }
                 let wait = retry_wait(self.backoff(msg.attempts), retry_after);
-                // Twilio's own wait holds every send, not this one alone.
-                if let Some(asked) = retry_after.filter(|_| !account) {
-                    self.hold.at_least(retry_wait(Duration::ZERO, Some(asked)));
+                // Twilio's own wait holds every send, not this one alone (for a while).
+                if let Some(asked) = retry_after.filter(|_| !not_the_message) {
+                    self.hold.at_least(asked.min(MAX_HOLD));
                 }
-                if account {
+                if not_the_message {
                     tracing::debug!(
                         phone = %msg.phone.masked(), retry_in = ?wait,
-                        "outbox: the account was refused; waiting"
+                        "outbox: no fault of the message (a refused account, or a full queue \
+                         at Twilio); waiting"
                     );
                 } else {
                     tracing::warn!(

@@ -24,13 +24,14 @@ pub struct Accepted {
 /// Why a send failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
-    /// Worth retrying: 429, 5xx, network trouble; or the account was refused (`account`),
-    /// which is no fault of the message: it waits, however long, for the account's fix.
+    /// Worth retrying: 429, 5xx, network trouble. Or no fault of the message
+    /// (`not_the_message`): the account was refused, or the sender's queue at Twilio is full
+    /// (21611); it waits, however long, for the account's fix or the queue to drain.
     #[error("temporary failure: {message}")]
     Temporary {
         message: String,
         retry_after: Option<Duration>,
-        account: bool,
+        not_the_message: bool,
         /// The request may have reached Twilio and been carried out: the connection was
         /// made, but no answer came (a timeout, a connection dropped).
         maybe_sent: bool,
@@ -42,6 +43,12 @@ pub enum SendError {
 
 /// Whether a refused account is worth logging now: the first time, then once a minute.
 fn account_refusal_is_news() -> bool {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    once_a_minute(&LAST)
+}
+
+/// Whether a full sender queue at Twilio (21611) is worth logging now (as above).
+fn queue_full_is_news() -> bool {
     static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
     once_a_minute(&LAST)
 }
@@ -312,7 +319,7 @@ impl Twilio {
                     format!("no answer from Twilio: {}", without_url(&e))
                 },
                 retry_after: None,
-                account: false,
+                not_the_message: false,
                 maybe_sent: !e.is_connect(),
             })?;
         let status = response.status();
@@ -337,13 +344,29 @@ impl Twilio {
         let message = err
             .and_then(|e| e.message)
             .unwrap_or_else(|| format!("HTTP {status}"));
-        // 21611: the sender's queue at Twilio holds more than 10 hours of messages; it
-        // drains by itself, so the message waits and is tried again.
-        if status.as_u16() == 429 || status.is_server_error() || code == Some(QUEUE_FULL) {
+        if code == Some(QUEUE_FULL) {
+            // It drains by itself: every message for that sender waits, however long it takes
+            // (as for a refused account), rather than spending its tries and failing.
+            if queue_full_is_news() {
+                tracing::warn!(
+                    "Twilio's queue for a sender of ours is full (error 21611: more than 10 \
+                     hours of messages at its rate); queued messages wait and are retried. \
+                     Twilio counts each segment of a long text (160 characters, or 70 with \
+                     characters outside GSM-7): lower SMSFLOW_SEND_RATE if this comes back"
+                );
+            }
+            return Err(SendError::Temporary {
+                message: format!("Twilio answered {status}: {message}"),
+                retry_after,
+                not_the_message: true,
+                maybe_sent: false,
+            });
+        }
+        if status.as_u16() == 429 || status.is_server_error() {
             Err(SendError::Temporary {
                 message: format!("Twilio answered {status}: {message}"),
                 retry_after,
-                account: false,
+                not_the_message: false,
                 maybe_sent: false,
             })
         } else if status.as_u16() == 401 || code.is_some_and(|c| ACCOUNT_CODES.contains(&c)) {
@@ -362,7 +385,7 @@ impl Twilio {
             Err(SendError::Temporary {
                 message: format!("Twilio refused the account ({status}): {message}"),
                 retry_after,
-                account: true,
+                not_the_message: true,
                 maybe_sent: false,
             })
         } else {

@@ -178,7 +178,10 @@ pub fn load_sources(sources: Vec<(PathBuf, String)>) -> Result<Flows, Problems> 
             cx.err(
                 i,
                 0..0,
-                format!("{what} (if it is being written, this passes once it is saved)"),
+                format!(
+                    "{what} (if it is being written, this passes once it is saved; to leave a \
+                     file out, rename it so that its name does not end in .toml)"
+                ),
             );
             continue;
         }

@@ -80,21 +80,27 @@ pub fn bearer(
     if header.is_some_and(|v| v.to_str().is_err()) {
         return Err("the Authorization header is not printable ASCII".to_string());
     }
-    let given = header
-        .and_then(|v| v.to_str().ok())
-        // The scheme is case-insensitive (RFC 7235).
-        .and_then(|v| {
-            v.get(..7)
-                .filter(|s| s.eq_ignore_ascii_case("bearer "))
-                .map(|_| &v[7..])
-        })
-        .ok_or_else(|| match header {
-            None => "missing Authorization: Bearer token".to_string(),
-            // (What it holds is not said back: it may be the token, without its scheme.)
-            Some(_) => "the Authorization header does not use the Bearer scheme: give \
-                        `Authorization: Bearer <token>`"
+    let Some(value) = header.and_then(|v| v.to_str().ok()) else {
+        return Err("missing Authorization: Bearer token".to_string());
+    };
+    let value = value.trim();
+    let (scheme, given) = value.split_once([' ', '\t']).unwrap_or((value, ""));
+    // The scheme is case-insensitive (RFC 7235). (What the header holds is not said back:
+    // it may be the token, without its scheme.)
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(
+            "the Authorization header does not use the Bearer scheme: give \
+                    `Authorization: Bearer <token>`"
                 .to_string(),
-        })?;
+        );
+    }
+    if given.trim().is_empty() {
+        return Err(
+            "the Authorization header's Bearer token is empty (is the variable \
+                    that should hold it set?)"
+                .to_string(),
+        );
+    }
     if signature::same_token(given.trim(), token.expose()) {
         Ok(())
     } else {

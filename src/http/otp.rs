@@ -290,7 +290,7 @@ async fn deliver(
             Err(match e {
                 SendError::Temporary {
                     retry_after: Some(wait),
-                    account: false,
+                    not_the_message: false,
                     ..
                 } => OtpError::ProviderBusy {
                     message,

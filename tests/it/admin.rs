@@ -621,7 +621,9 @@ async fn the_export_has_a_row_per_phone_with_category_columns() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--flows DIR, SMSFLOW_FLOWS"), "{stderr}");
+    let hint = "the form's columns and answer labels come from the flows the daemon runs; give \
+                their directory (--flows DIR, SMSFLOW_FLOWS or `flows` in smsflow.toml)";
+    assert!(stderr.contains(hint), "{stderr}");
 }
 
 /// An export that cannot be written (a full disk: `/dev/full`) names where it was going and

@@ -902,7 +902,11 @@ async fn a_retry_after_from_twilio_holds_every_send_not_only_the_refused_one() {
     let app = TestApp::spawn(FLOWS).await;
     app.twilio.busy_next(2);
     app.sms(ANN, "JOIN").await;
-    eventually("Twilio to answer 429", async || app.twilio.attempts() == 1).await;
+    // The 429 is answered, and recorded: the hold is set by then.
+    eventually("the 429 to be recorded", async || {
+        (app.engine.store.outbox()).any(|m| m.is_ok_and(|(_, m)| m.last_error.is_some()))
+    })
+    .await;
     let busy_at = std::time::Instant::now();
     app.sms(BOB, "JOIN").await;
     let first = app.twilio.wait_delivered(1).await;

@@ -321,6 +321,17 @@ async fn a_missing_or_wrong_token_is_exit_4() {
     .await;
     assert_failure(&got, 401, 4, "does not use the Bearer scheme");
     assert!(!got.3.contains("s3cret"), "{}", got.3);
+    // `Authorization: Bearer $TOKEN` with the variable unset.
+    for empty in ["Bearer", "Bearer  "] {
+        let got = anonymous(
+            &app,
+            "get_otp",
+            json!({ "phone": PHONE }),
+            &[("authorization", empty)],
+        )
+        .await;
+        assert_failure(&got, 401, 4, "Bearer token is empty");
+    }
     // Which scheme it wants, as HTTP asks of a 401.
     let r = (app.http.post(format!("{}/authenticate/get_otp", app.base)))
         .json(&json!({ "phone": PHONE }))
