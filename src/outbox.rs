@@ -506,19 +506,8 @@ impl Outbox {
     /// ends it unsent.
     async fn deliver(&mut self, id: u64, mut msg: OutMessage) -> anyhow::Result<bool> {
         let store = &self.engine.store;
-        // A follow-up due before quiet hours but reached only in them (a backlog behind the
-        // rate limit, an outage's retries) waits until they end, as its timer would have:
-        // no attempt counted, no send slot taken. The number's later messages wait behind it.
-        // Unless a code waits behind it: the number's owner is awake and asking, and the
-        // code must not wait for the morning (it would expire).
-        if msg.follow_up {
-            let quiet =
-                crate::machine::quiet_end(&self.engine.flows().bot, self.engine.clock().now());
-            if let Some(end) = quiet.filter(|_| !code_behind(store, &msg.phone, id)) {
-                tracing::info!(phone = %msg.phone.masked(), until = %end, "outbox: holding a follow-up until quiet hours end");
-                msg.next_try = end;
-                return store.outbox_update(id, &msg).map(|()| false);
-            }
+        if self.held_for_quiet(id, &mut msg)? {
+            return Ok(false);
         }
         // The send rate, per sender (the number of ours the message goes from); a shutdown
         // does not wait for the slot. A message that will not be sent (its number opted
@@ -557,6 +546,16 @@ impl Outbox {
         // after the restart: nothing goes (the daemon is stopping).
         if let Some(why) = store.failure() {
             anyhow::bail!("not sending: the store failed ({why})");
+        }
+        // While it waited for its sender's turn, Twilio asked to wait, or quiet hours began:
+        // it is looked at again then (the turn it took goes unused).
+        if waited.is_some() && matches!(record, Ok(Some(_))) && stale.is_none() {
+            if self.hold.until().is_some() {
+                return Ok(false);
+            }
+            if self.held_for_quiet(id, &mut msg)? {
+                return Ok(false);
+            }
         }
         let flight = Flight {
             engine: self.engine.clone(),
@@ -610,6 +609,27 @@ impl Outbox {
         };
         flight.finish(id, &msg, ending, withdraw).await?;
         Ok(false)
+    }
+
+    /// Holds follow-up `id` until quiet hours end if they hold now (`true`, on disk by the
+    /// next flush). A follow-up due before quiet hours but reached only in them (a backlog
+    /// behind the rate limit, an outage's retries) waits until they end, as its timer would
+    /// have: no attempt counted, no send slot taken. The number's later messages wait behind
+    /// it. Unless a code waits behind it: the number's owner is awake and asking, and the
+    /// code must not wait for the morning (it would expire).
+    fn held_for_quiet(&self, id: u64, msg: &mut OutMessage) -> anyhow::Result<bool> {
+        if !msg.follow_up {
+            return Ok(false);
+        }
+        let store = &self.engine.store;
+        let quiet = crate::machine::quiet_end(&self.engine.flows().bot, self.engine.clock().now());
+        let Some(end) = quiet.filter(|_| !code_behind(store, &msg.phone, id)) else {
+            return Ok(false);
+        };
+        tracing::info!(phone = %msg.phone.masked(), until = %end, "outbox: holding a follow-up until quiet hours end");
+        msg.next_try = end;
+        store.outbox_update(id, msg)?;
+        Ok(true)
     }
 
     /// Why queued message `id` is not to be sent after all, if it is not (its number may be
