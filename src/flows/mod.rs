@@ -340,6 +340,12 @@ fn number_in_words(answer: &str, top: i64) -> Option<i64> {
     Some(if negative { -n } else { n })
 }
 
+/// What is written for a minus besides `-`: the minus sign, hyphens and dashes (up to the en
+/// dash), and the small and full-width hyphen-minus.
+const MINUS_LOOKALIKES: [char; 7] = [
+    '\u{2212}', '\u{2010}', '\u{2011}', '\u{2012}', '\u{2013}', '\u{FE63}', '\u{FF0D}',
+];
+
 impl Expect {
     /// The value to store for `answer`, or `None` when the answer does not fit.
     pub fn accept(&self, answer: &str) -> Option<String> {
@@ -380,7 +386,12 @@ impl Expect {
                     .or_else(|| choice_in_words(choices, answer))
             }
             Expect::Range(lo, hi) => {
-                let answer = crate::ascii_digits(answer);
+                let mut answer = crate::ascii_digits(answer);
+                // A minus as keyboards and word processors also write it: the minus sign
+                // (U+2212), a dash or hyphen, full-width or small.
+                if let Some(rest) = answer.strip_prefix(MINUS_LOOKALIKES) {
+                    answer = format!("-{rest}").into();
+                }
                 let n = match answer.trim_end_matches(['.', '!']).parse::<i64>() {
                     Ok(n) => n,
                     Err(_) => number_in_words(&answer, *hi)?,

@@ -1324,6 +1324,14 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             (Outcome::Expired, "expired")
         } else if codes.is_empty() {
             (Outcome::WrongCode, "no code issued")
+        } else if codes.iter().any(usable)
+            && codes
+                .iter()
+                .any(|c| c.expires_at > now && !usable(c) && matches(c))
+        {
+            // The code it was sent, locked by wrong guesses since, while a newer one still
+            // counts: pointed to the latest, with no guess counted against that one.
+            (Outcome::WrongCode, "a code locked by wrong guesses")
         } else if !codes.iter().any(usable) {
             if codes.iter().any(|c| c.expires_at > now) {
                 (Outcome::Locked { new_code_at: now }, "locked")

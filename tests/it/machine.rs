@@ -500,6 +500,44 @@ fn a_locked_code_says_a_new_one_may_be_asked_for_at_once_or_when_the_send_limit_
     );
 }
 
+/// The code a number was sent, typed once wrong guesses have locked it while a newer code
+/// still counts: pointed to the latest code (`verify.wrong`), with no guess counted
+/// against that one.
+#[test]
+fn a_locked_code_typed_while_a_newer_one_counts_costs_the_newer_one_no_guess() {
+    let f = flows();
+    let mut rng = StdRng::seed_from_u64(5);
+    let text = |sub: Subscriber, body: &str, rng: &mut StdRng| {
+        step(sub, &Event::Inbound(body.into()), &f, t0(), rng)
+    };
+    let mut sub = text(subscriber(State::Unverified), "JOIN", &mut rng).subscriber;
+    let old = sub.codes[0].code.clone();
+    let wrong = (0..10)
+        .map(|d| d.to_string().repeat(6))
+        .find(|w| *w != old)
+        .unwrap();
+    for _ in 1..f.verify.max_attempts {
+        sub = text(sub, &wrong, &mut rng).subscriber;
+    }
+    sub = text(sub, "JOIN", &mut rng).subscriber;
+    let new = sub.codes.last().unwrap().code.clone();
+    let wrong = (0..10)
+        .map(|d| d.to_string().repeat(6))
+        .find(|w| *w != old && *w != new)
+        .unwrap();
+    // The old code's last guess: it is locked, the new one has one wrong guess.
+    sub = text(sub, &wrong, &mut rng).subscriber;
+    let out = text(sub, &old, &mut rng);
+    assert_eq!(out.outcome, Outcome::WrongCode);
+    assert_eq!(messages(&out.effects), [f.verify.wrong.render(|_| None)]);
+    let newest = out.subscriber.codes.last().unwrap();
+    assert_eq!((newest.code.as_str(), newest.wrong), (new.as_str(), 1));
+    assert_eq!(
+        text(out.subscriber, &new, &mut rng).outcome,
+        Outcome::Verified
+    );
+}
+
 /// Three codes sent, then a reload lowers `max_sends` to 1: another may be asked for once
 /// the newest of them has left the window (not the oldest, which leaves two still counted).
 #[test]
@@ -1886,6 +1924,10 @@ fn an_answer_with_words_around_it_is_read_when_it_can_only_mean_one_thing() {
     let signed = smsflow::flows::Expect::Range(-5, 5);
     for (said, meant) in [
         ("-3", Some("-3")),
+        // The minus sign, an en dash, a full-width hyphen-minus.
+        ("\u{2212}3", Some("-3")),
+        ("\u{2013}3 please", Some("-3")),
+        ("\u{FF0D}3", Some("-3")),
         ("-3 please", Some("-3")),
         ("-3, thanks", Some("-3")),
         ("-3 - cold", Some("-3")),
