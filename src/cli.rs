@@ -1,7 +1,7 @@
 //! The command line: `serve`, `bench`, `export`, `check`, `test`, `simulate`.
 
 use std::io::{BufRead, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -903,13 +903,21 @@ pub fn export(
     let opened_kib = crate::export::peak_rss_kib();
     let written = match out {
         // A new file is its owner's alone, as the data dir is: it holds every number and
-        // answer.
+        // answer. So is one that was there, if others could read it (a regular file only: a
+        // device or a pipe is left as it is).
         Some(path) => std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
             .open(path)
+            .and_then(|f| {
+                let meta = f.metadata()?;
+                if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+                    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+                }
+                Ok(f)
+            })
             .with_context(|| format!("creating {}", path.display()))
             .and_then(|f| {
                 crate::export::write_csv(&store, &flows, one_hot, std::io::BufWriter::new(f))

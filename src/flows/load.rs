@@ -2079,6 +2079,8 @@ impl Cx {
             HIDDEN_CALLER,
             plain,
         );
+        // Left to its default, "any": said where a menu reads codes (below).
+        let mut callers_unsaid = r.read_code_callers.is_none();
         let read_code_callers = self.choice(
             f,
             r.read_code_callers,
@@ -2132,6 +2134,18 @@ impl Cx {
                         press.insert(digit.clone(), IvrAction::Say(text));
                     }
                     Ok(action) => {
+                        if action == IvrAction::ReadCode && callers_unsaid {
+                            callers_unsaid = false;
+                            self.warn(
+                                f,
+                                target.span(),
+                                "read_code reads a code to any caller, as \
+                                 ivr.read_code_callers is not set (\"any\"): caller ID can be \
+                                 spoofed, and whoever hears a number's code can verify it. \
+                                 In the US, set read_code_callers = \"attested\"; set \"any\" \
+                                 to keep it so",
+                            );
+                        }
                         press.insert(digit.clone(), action);
                     }
                     Err(e) => self.err(

@@ -663,23 +663,29 @@ fn an_export_that_cannot_be_written_says_where_and_leaves_a_device_alone() {
     );
 }
 
-/// The file `export --out` makes is its owner's alone, as the data dir is.
+/// The file `export --out` makes is its owner's alone, as the data dir is; so becomes one
+/// that was there for others to read.
 #[test]
 fn an_export_file_only_its_owner_may_read() {
     use std::os::unix::fs::PermissionsExt;
     let data = tempfile::tempdir().unwrap();
     drop(smsflow::store::Store::open(data.path()).expect("a new store"));
-    let file = data.path().join("export.csv");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
-        .args(["export", "--flows", "flows", "--data"])
-        .arg(data.path())
-        .arg("--out")
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "{mode:o}");
+    let made = data.path().join("export.csv");
+    let there = data.path().join("there.csv");
+    std::fs::write(&there, "old").unwrap();
+    std::fs::set_permissions(&there, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for file in [made, there] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .args(["export", "--flows", "flows", "--data"])
+            .arg(data.path())
+            .arg("--out")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{file:?}: {mode:o}");
+    }
 }
 
 #[tokio::test]

@@ -1474,3 +1474,33 @@ fn a_range_holding_a_keyword_number_is_refused() {
         "{problems}"
     );
 }
+
+/// A voice menu that reads codes with `read_code_callers` left to its default ("any") is
+/// warned of: caller ID can be spoofed. Said either way, it is no warning.
+#[test]
+fn a_menu_reading_codes_to_any_caller_by_default_is_warned_of() {
+    let shipped = std::fs::read_to_string("flows/bot.toml").unwrap();
+    let unsaid: String = (shipped.lines())
+        .filter(|l| !l.trim_start().starts_with("read_code_callers"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    for (text, warned) in [
+        (unsaid.clone(), true),
+        (shipped.clone(), false),
+        (
+            unsaid.replace("[ivr]\n", "[ivr]\nread_code_callers = \"any\"\n"),
+            false,
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "bot.toml", &text);
+        let out = smsflow().arg("check").arg(dir.path()).output().unwrap();
+        assert!(out.status.success());
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(
+            stderr.contains("warning: read_code reads a code to any caller"),
+            warned,
+            "{stderr}"
+        );
+    }
+}
