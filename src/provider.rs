@@ -47,6 +47,12 @@ fn account_refusal_is_news() -> bool {
     once_a_minute(&LAST)
 }
 
+/// Whether a sender Twilio refused is worth logging now (as above).
+fn sender_refusal_is_news() -> bool {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    once_a_minute(&LAST)
+}
+
 /// Whether a full sender queue at Twilio (21611) is worth logging now (as above).
 fn queue_full_is_news() -> bool {
     static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
@@ -362,6 +368,24 @@ impl Twilio {
                 maybe_sent: false,
             });
         }
+        if let Some(c) = code.filter(|c| SENDER_CODES.contains(c)) {
+            // Our sender as configured, not the message: every message from it would be
+            // refused alike. They wait, as for a refused account, for the fix and a restart.
+            if sender_refusal_is_news() {
+                tracing::error!(
+                    "Twilio refused a sender of ours (error {c}: not a number of this account \
+                     that may send, or not a valid sender): check TWILIO_FROM and \
+                     TWILIO_MESSAGING_SERVICE_SID; queued messages wait and are retried until \
+                     it is fixed and smsflow restarted"
+                );
+            }
+            return Err(SendError::Temporary {
+                message: format!("Twilio refused the sender ({status}): {message}"),
+                retry_after,
+                not_the_message: true,
+                maybe_sent: false,
+            });
+        }
         if status.as_u16() == 429 || status.is_server_error() {
             Err(SendError::Temporary {
                 message: format!("Twilio answered {status}: {message}"),
@@ -401,6 +425,11 @@ impl Twilio {
 /// suspended or closed account): a fault of the account, not of a message, so the outbox
 /// keeps retrying (for hours, backing off) instead of failing every queued message.
 const ACCOUNT_CODES: [u32; 3] = [20003, 20403, 10001];
+
+/// Twilio's codes for a sender of ours it will not send from: 21212, not a valid sender
+/// (an invalid number, a sender ID on a do-not-originate list); 21601, not a number of the
+/// account that can send; 21210, a caller ID the account has not verified (calls).
+const SENDER_CODES: [u32; 3] = [21212, 21601, 21210];
 
 /// Twilio's code for a sender whose queue is full (more than 10 hours of messages at its
 /// rate): temporary, though answered 400.

@@ -922,16 +922,23 @@ async fn a_retry_after_from_twilio_holds_every_send_not_only_the_refused_one() {
 }
 
 /// Twilio's 21611 (the sender's queue there holds more than 10 hours of messages) drains
-/// by itself: the message is tried again, not failed (nor its code withdrawn).
+/// by itself, and a refused sender of ours (21212, 21601) is its configuration's fault: the
+/// message is tried again, not failed (nor its code withdrawn).
 #[tokio::test]
-async fn a_message_twilio_refuses_for_a_full_sender_queue_is_tried_again() {
-    let app = TestApp::spawn(FLOWS).await;
-    app.twilio.refuse_next(21611);
-    app.sms(ANN, "JOIN").await;
-    let sent = app.twilio.wait_delivered(1).await;
-    assert_eq!(app.twilio.attempts(), 2, "refused once, then taken");
-    let (_, twiml) = app.sms(ANN, &code_in(&sent[0].body)).await;
-    assert!(twiml.contains("Verified!"), "{twiml}");
+async fn a_message_twilio_refuses_for_its_sender_not_itself_is_tried_again() {
+    for refusal in [21611, 21212, 21601] {
+        let app = TestApp::spawn(FLOWS).await;
+        app.twilio.refuse_next(refusal);
+        app.sms(ANN, "JOIN").await;
+        let sent = app.twilio.wait_delivered(1).await;
+        assert_eq!(
+            app.twilio.attempts(),
+            2,
+            "{refusal}: refused once, then taken"
+        );
+        let (_, twiml) = app.sms(ANN, &code_in(&sent[0].body)).await;
+        assert!(twiml.contains("Verified!"), "{refusal}: {twiml}");
+    }
 }
 
 #[tokio::test]
