@@ -143,43 +143,23 @@ pub fn parse_flow_duration(text: &str) -> Result<std::time::Duration, String> {
 mod tests {
     #[test]
     fn a_duration_error_names_the_character_at_fault() {
-        assert_eq!(
-            super::parse_duration(" 10 minutes! "),
-            Err("unexpected '!'".to_string())
-        );
-        assert_eq!(
-            super::parse_duration("1."),
-            Err("unexpected '.'".to_string())
-        );
-        assert_eq!(
-            super::parse_duration("10m  x"),
-            Err("a number is needed before 'x'".to_string())
-        );
-        assert_eq!(
-            super::parse_duration("m"),
-            Err("a number is needed before 'm'".to_string())
-        );
-        assert_eq!(
-            super::parse_duration("1h 30m"),
-            Ok(std::time::Duration::from_secs(5400))
-        );
-        // Not 130 minutes, as humantime would read it.
-        assert_eq!(
-            super::parse_duration("1 30m"),
-            Err("a unit is needed after 1".to_string())
-        );
-        assert_eq!(
-            super::parse_duration("1 2h"),
-            Err("a unit is needed after 1".to_string())
-        );
-        assert_eq!(
-            super::parse_duration("1D"),
-            Err("unknown unit \"D\"".to_string())
-        );
-        assert_eq!(
-            super::parse_duration("30"),
-            Err("a unit is needed after 30".to_string())
-        );
+        for (text, read) in [
+            (" 10 minutes! ", Err("unexpected '!'")),
+            ("1.", Err("unexpected '.'")),
+            ("10m  x", Err("a number is needed before 'x'")),
+            ("m", Err("a number is needed before 'm'")),
+            ("1h 30m", Ok(5400)),
+            // Not 130 minutes, as humantime would read it.
+            ("1 30m", Err("a unit is needed after 1")),
+            ("1 2h", Err("a unit is needed after 1")),
+            ("1D", Err("unknown unit \"D\"")),
+            ("30", Err("a unit is needed after 30")),
+        ] {
+            let read = read
+                .map(std::time::Duration::from_secs)
+                .map_err(str::to_string);
+            assert_eq!(super::parse_duration(text), read, "{text:?}");
+        }
         assert!(super::parse_duration("1.333h")
             .unwrap_err()
             .starts_with("a number too large, or too fine"));

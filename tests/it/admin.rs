@@ -1342,11 +1342,7 @@ async fn steps_queued_when_a_reload_removes_their_sequence_are_not_sent() {
         .map(|r| r.body.clone())
         .collect();
     assert!(sent.is_empty(), "sent after the sequence ended: {sent:?}");
-    let why: Vec<String> = (app.engine.store.deliveries())
-        .map(|d| d.unwrap().1)
-        .filter(|d| d.status == "suppressed")
-        .map(|d| d.error.unwrap_or_default())
-        .collect();
+    let why = app.suppressed_reasons();
     assert_eq!(why.len(), 2, "{why:?}");
     assert!(why.iter().all(|w| w.contains("sequence ended")), "{why:?}");
 }

@@ -2733,11 +2733,7 @@ async fn a_queued_code_displaced_by_newer_ones_is_not_sent() {
         .collect();
     assert_eq!(bodies.len(), 2, "{bodies:?}");
     assert!(bodies[0].contains(&codes[1]) && bodies[1].contains(&codes[2]));
-    let suppressed: Vec<_> = (app.engine.store.deliveries())
-        .map(|d| d.unwrap().1)
-        .filter(|d| d.status == "suppressed")
-        .map(|d| d.error.unwrap_or_default())
-        .collect();
+    let suppressed = app.suppressed_reasons();
     assert_eq!(suppressed.len(), 1, "{suppressed:?}");
     assert!(suppressed[0].contains("newer codes"), "{suppressed:?}");
     app.stop().await;

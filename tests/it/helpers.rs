@@ -507,6 +507,15 @@ impl TestApp {
         .await;
     }
 
+    /// Why each message the outbox ended unsent (`suppressed`) was not sent.
+    pub fn suppressed_reasons(&self) -> Vec<String> {
+        (self.engine.store.deliveries())
+            .map(|d| d.unwrap().1)
+            .filter(|d| d.status == "suppressed")
+            .map(|d| d.error.unwrap_or_default())
+            .collect()
+    }
+
     /// POSTs a signed Twilio form to `path`.
     pub async fn post_form(&self, path: &str, params: &[(&str, &str)]) -> reqwest::Response {
         post_signed(&self.http, &self.base, path, params).await
