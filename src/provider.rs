@@ -41,32 +41,20 @@ pub enum SendError {
     Permanent { code: Option<u32>, message: String },
 }
 
-/// Whether a refused account is worth logging now: the first time, then once a minute.
-fn account_refusal_is_news() -> bool {
-    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
-    once_a_minute(&LAST)
-}
-
-/// Whether a sender Twilio refused is worth logging now (as above).
-fn sender_refusal_is_news() -> bool {
-    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
-    once_a_minute(&LAST)
-}
-
-/// Whether a full sender queue at Twilio (21611) is worth logging now (as above).
-fn queue_full_is_news() -> bool {
-    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
-    once_a_minute(&LAST)
-}
-
-/// Whether a text or call to a number not in `TWILIO_FROM` is worth logging now (as above).
-fn unknown_to_is_news() -> bool {
-    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
-    once_a_minute(&LAST)
-}
+/// When each kind of refusal that every queued message would meet alike was last logged:
+/// each is logged the first time, then once a minute at most (see [`once_a_minute`]).
+type LastLogged = std::sync::Mutex<Option<std::time::Instant>>;
+/// A refused account.
+static ACCOUNT_REFUSED: LastLogged = LastLogged::new(None);
+/// A sender of ours Twilio refused.
+static SENDER_REFUSED: LastLogged = LastLogged::new(None);
+/// A full sender queue at Twilio (21611).
+static QUEUE_FULL_LOGGED: LastLogged = LastLogged::new(None);
+/// A text or call to a number not in `TWILIO_FROM`.
+static UNKNOWN_TO: LastLogged = LastLogged::new(None);
 
 /// True the first time, then at most once a minute, for one `last` time.
-fn once_a_minute(last: &std::sync::Mutex<Option<std::time::Instant>>) -> bool {
+fn once_a_minute(last: &LastLogged) -> bool {
     let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
     let now = std::time::Instant::now();
     if last.is_some_and(|at| now.duration_since(at) < Duration::from_secs(60)) {
@@ -253,7 +241,7 @@ impl Twilio {
         };
         let to = to.trim();
         if self.listed(to).is_none() {
-            if numbers.len() > 1 && unknown_to_is_news() {
+            if numbers.len() > 1 && once_a_minute(&UNKNOWN_TO) {
                 // `To` should be ours, but a misrouted call or a local request may carry
                 // anyone's: masked, as every number in the log.
                 let shown = Phone::parse(to)
@@ -353,7 +341,7 @@ impl Twilio {
         if code == Some(QUEUE_FULL) {
             // It drains by itself: every message for that sender waits, however long it takes
             // (as for a refused account), rather than spending its tries and failing.
-            if queue_full_is_news() {
+            if once_a_minute(&QUEUE_FULL_LOGGED) {
                 tracing::warn!(
                     "Twilio's queue for a sender of ours is full (error 21611: more than 10 \
                      hours of messages at its rate); queued messages wait and are retried. \
@@ -371,7 +359,7 @@ impl Twilio {
         if let Some(c) = code.filter(|c| SENDER_CODES.contains(c)) {
             // Our sender as configured, not the message: every message from it would be
             // refused alike. They wait, as for a refused account, for the fix and a restart.
-            if sender_refusal_is_news() {
+            if once_a_minute(&SENDER_REFUSED) {
                 tracing::error!(
                     "Twilio refused a sender of ours (error {c}: not a number of this account \
                      that may send, or not a valid sender): check TWILIO_FROM and \
@@ -398,7 +386,7 @@ impl Twilio {
             // fixed (and the daemon restarted with the new credentials). The log gives the
             // status and code only: Twilio's text may quote the number.
             // Once a minute at most: every queued message is refused alike.
-            if account_refusal_is_news() {
+            if once_a_minute(&ACCOUNT_REFUSED) {
                 tracing::error!(
                     "Twilio refused the account ({status}, error {}): check TWILIO_ACCOUNT_SID, \
                      TWILIO_AUTH_TOKEN and the account's status; queued messages wait and are \
