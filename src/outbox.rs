@@ -719,8 +719,8 @@ impl Flight {
                 }
             }
             // A refused account is retried for as long as it takes: fixed (and the
-            // daemon restarted), it sends what waited; so is a message whose sender's
-            // queue at Twilio is full, until it drains. Its tries stop counting half
+            // daemon restarted), it sends what waited; so is a message from a sender
+            // Twilio refused, and one whose sender's queue at Twilio is full, until it drains. Its tries stop counting half
             // way (the backoff is at its cap by then), so an ordinary failure after
             // the fix still has its share of tries; the provider logs the refusal.
             Err(SendError::Temporary {
@@ -743,8 +743,8 @@ impl Flight {
                 if not_the_message {
                     tracing::debug!(
                         phone = %msg.phone.masked(), retry_in = ?wait,
-                        "outbox: no fault of the message (a refused account, or a full queue \
-                         at Twilio); waiting"
+                        "outbox: no fault of the message (a refused account or sender, or a \
+                         full queue at Twilio); waiting"
                     );
                 } else {
                     tracing::warn!(

@@ -25,8 +25,8 @@ pub struct Accepted {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
     /// Worth retrying: 429, 5xx, network trouble. Or no fault of the message
-    /// (`not_the_message`): the account was refused, or the sender's queue at Twilio is full
-    /// (21611); it waits, however long, for the account's fix or the queue to drain.
+    /// (`not_the_message`): the account or the sender was refused, or the sender's queue at
+    /// Twilio is full (21611); it waits, however long, for the fix or the queue to drain.
     #[error("temporary failure: {message}")]
     Temporary {
         message: String,
