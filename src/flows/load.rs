@@ -111,6 +111,9 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Problems> {
         return Err(whole_dir("no *.toml flow files here".into()));
     }
     let mut sources = Vec::new();
+    // Every file that cannot be read is told at once (the rest are looked at once they can
+    // all be read: without one, the others' cross-references would mislead).
+    let mut unreadable = Vec::new();
     for path in paths {
         match std::fs::read(&path).map(String::from_utf8) {
             Ok(Ok(text)) => sources.push((path, text)),
@@ -120,7 +123,7 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Problems> {
                 let good = e.utf8_error().valid_up_to();
                 let before = String::from_utf8_lossy(&bytes[..good]);
                 let (line, col) = crate::line_col(&before, good);
-                return Err(Problems(vec![Problem {
+                unreadable.push(Problem {
                     file: path,
                     line,
                     col,
@@ -128,7 +131,7 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Problems> {
                         Some(b) => format!("byte 0x{b:02X} is not UTF-8: save the file as UTF-8"),
                         None => "the file is not UTF-8: save it as UTF-8".into(),
                     },
-                }]));
+                });
             }
             Err(e) => {
                 // A link whose target is not there says where it points.
@@ -139,14 +142,17 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Problems> {
                     ),
                     _ => format!("cannot read: {e}"),
                 };
-                return Err(Problems(vec![Problem {
+                unreadable.push(Problem {
                     file: path,
                     line: 1,
                     col: 1,
                     message,
-                }]));
+                });
             }
         }
+    }
+    if !unreadable.is_empty() {
+        return Err(Problems(unreadable));
     }
     Ok(sources)
 }

@@ -1062,6 +1062,28 @@ fn a_flow_file_that_is_not_utf8_is_located_at_its_first_bad_byte() {
     );
 }
 
+/// Every file that cannot be read is told in one run, not only the first: a fix for one does
+/// not meet the next at the next check.
+#[cfg(unix)]
+#[test]
+fn every_flow_file_that_cannot_be_read_is_told_in_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.toml"), b"[bot]\nname = \"Caf\xE9\"\n").unwrap();
+    std::os::unix::fs::symlink(dir.path().join("gone.toml"), dir.path().join("b.toml")).unwrap();
+    std::fs::write(dir.path().join("c.toml"), b"# only \xFF\n").unwrap();
+    write(dir.path(), "d.toml", "[bot]\nname = \"Bot\"\n");
+    let out = smsflow().arg("check").arg(dir.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    for told in [
+        "a.toml:2:12: byte 0xE9 is not UTF-8",
+        "b.toml:1:1: cannot read: it is a link to ",
+        "c.toml:1:8: byte 0xFF is not UTF-8",
+    ] {
+        assert!(stderr.contains(told), "{told:?} not in {stderr}");
+    }
+}
+
 #[cfg(unix)]
 #[test]
 fn a_flow_file_link_to_nothing_cannot_be_read_but_hidden_files_and_lock_links_are_ignored() {
