@@ -85,14 +85,30 @@ pub fn bearer(
     };
     let value = value.trim();
     let (scheme, given) = value.split_once([' ', '\t']).unwrap_or((value, ""));
-    // The scheme is case-insensitive (RFC 7235). (What the header holds is not said back:
-    // it may be the token, without its scheme.)
+    // The scheme is case-insensitive (RFC 7235). What the header holds is said back only
+    // when it is a scheme HTTP knows: anything else may be the token, without its scheme.
     if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(
-            "the Authorization header does not use the Bearer scheme: give \
-                    `Authorization: Bearer <token>`"
+        const KNOWN: [&str; 9] = [
+            "Basic",
+            "Digest",
+            "Negotiate",
+            "NTLM",
+            "OAuth",
+            "Token",
+            "HOBA",
+            "Mutual",
+            "AWS4-HMAC-SHA256",
+        ];
+        let named = KNOWN.iter().find(|k| k.eq_ignore_ascii_case(scheme));
+        return Err(match named {
+            Some(k) => format!(
+                "the Authorization header uses the {k} scheme, not Bearer: give \
+                 `Authorization: Bearer <token>`"
+            ),
+            None => "the Authorization header does not start with `Bearer ` (what it holds is \
+                     not shown: it may be the token itself): give `Authorization: Bearer <token>`"
                 .to_string(),
-        );
+        });
     }
     if given.trim().is_empty() {
         return Err(

@@ -319,7 +319,17 @@ async fn a_missing_or_wrong_token_is_exit_4() {
         &[("authorization", "Basic s3cret")],
     )
     .await;
-    assert_failure(&got, 401, 4, "does not use the Bearer scheme");
+    assert_failure(&got, 401, 4, "uses the Basic scheme, not Bearer");
+    assert!(!got.3.contains("s3cret"), "{}", got.3);
+    // The token alone, without a scheme: not said back, since it may be the token.
+    let got = anonymous(
+        &app,
+        "get_otp",
+        json!({ "phone": PHONE }),
+        &[("authorization", "s3cret")],
+    )
+    .await;
+    assert_failure(&got, 401, 4, "does not start with `Bearer `");
     assert!(!got.3.contains("s3cret"), "{}", got.3);
     // `Authorization: Bearer $TOKEN` with the variable unset.
     for empty in ["Bearer", "Bearer  "] {
