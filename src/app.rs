@@ -269,11 +269,10 @@ impl Application {
             c.retention.map_or(
                 "everything is kept (set SMSFLOW_RETENTION to delete old history)".to_string(),
                 |d| {
-                    let age = match d.as_secs() {
-                        s if s % 86_400 == 0 => format!("{} days", s / 86_400),
-                        _ => humantime::format_duration(d).to_string(),
-                    };
-                    format!("history and delivery records older than {age} are deleted daily")
+                    format!(
+                        "history and delivery records older than {} are deleted daily",
+                        retention_age(d)
+                    )
                 }
             )
         );
@@ -701,6 +700,19 @@ fn several_numbers(c: &Config) -> bool {
     )
 }
 
+/// A retention as the banner says it: in days from a day up (humantime writes a year or a
+/// month with no space, "1year", and as 365d 6h).
+fn retention_age(d: Duration) -> String {
+    match d.as_secs() {
+        s if s % 86_400 == 0 => format!("{} days", s / 86_400),
+        s if s > 86_400 => {
+            let days = format!("{:.2}", s as f64 / 86_400.0);
+            format!("{} days", days.trim_end_matches('0'))
+        }
+        _ => humantime::format_duration(d).to_string(),
+    }
+}
+
 /// With a retention set: deletes history entries and delivery records older than it, at the
 /// start and then once a day, on a blocking thread, stopping early on shutdown.
 async fn prune_daily(engine: Arc<Engine>, keep: Duration, mut stop: watch::Receiver<bool>) {
@@ -764,5 +776,20 @@ mod tests {
         }));
         assert!(worker.await.is_err(), "the worker panicked");
         assert!(!health.outbox.load(Relaxed));
+    }
+
+    #[test]
+    fn the_banner_says_a_retention_in_days_from_a_day_up() {
+        let said = |text: &str| retention_age(crate::parse_duration(text).unwrap());
+        for (given, told) in [
+            ("180d", "180 days"),
+            ("1w", "7 days"),
+            ("1y", "365.25 days"),
+            ("1M", "30.44 days"),
+            ("36h", "1.5 days"),
+            ("1h", "1h"),
+        ] {
+            assert_eq!(said(given), told, "{given}");
+        }
     }
 }
