@@ -270,7 +270,8 @@ impl Application {
                 "everything is kept (set SMSFLOW_RETENTION to delete old history)".to_string(),
                 |d| {
                     format!(
-                        "history and delivery records older than {} are deleted daily",
+                        "history and delivery records older than {}, and numbers that never \
+                         verified nor answered silent as long, are deleted daily",
                         retention_age(d)
                     )
                 }
@@ -713,13 +714,16 @@ fn retention_age(d: Duration) -> String {
     }
 }
 
-/// With a retention set: deletes history entries and delivery records older than it, at the
-/// start and then once a day, on a blocking thread, stopping early on shutdown.
+/// With a retention set: deletes history entries and delivery records older than it, and
+/// forgets numbers that never got anywhere and have been silent as long (and for the flows'
+/// `send_window`, whose count of codes sent goes with the record), at the start and then once
+/// a day, on blocking threads and through the writer, stopping early on shutdown.
 async fn prune_daily(engine: Arc<Engine>, keep: Duration, mut stop: watch::Receiver<bool>) {
     loop {
+        let now = engine.clock().now();
         let before = chrono::TimeDelta::from_std(keep)
             .ok()
-            .and_then(|d| engine.clock().now().checked_sub_signed(d));
+            .and_then(|d| now.checked_sub_signed(d));
         if let Some(before) = before {
             let store = engine.store.clone();
             let stopping = stop.clone();
@@ -736,12 +740,49 @@ async fn prune_daily(engine: Arc<Engine>, keep: Duration, mut stop: watch::Recei
                 Ok(Err(e)) => tracing::error!("applying the retention: {e:#}"),
                 Err(e) => tracing::error!("applying the retention: {e}"),
             }
+            let window = engine.flows().verify.send_window;
+            let silent_since = now
+                .checked_sub_signed(window)
+                .map_or(before, |w| w.min(before));
+            match forget_silent(&engine, silent_since, &stop).await {
+                Ok(0) => {}
+                Ok(numbers) => tracing::info!(
+                    numbers,
+                    "forgot numbers that never verified nor answered, silent for the retention"
+                ),
+                Err(e) => tracing::error!("applying the retention to silent numbers: {e:#}"),
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(86_400)) => {}
             _ = stop.changed() => return,
         }
     }
+}
+
+/// Forgets every number [`crate::machine::Subscriber::forgettable`] since `before`, a chunk
+/// at a time (listed on a blocking thread, erased by the writer); how many.
+async fn forget_silent(
+    engine: &Arc<Engine>,
+    before: chrono::DateTime<chrono::Utc>,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<u64> {
+    let mut forgotten = 0;
+    let mut after = None;
+    while !*stop.borrow() {
+        let store = engine.store.clone();
+        let (phones, next) =
+            tokio::task::spawn_blocking(move || store.forgettable_after(after, before, 256))
+                .await??;
+        if !phones.is_empty() {
+            forgotten += engine.forget(phones, before).await?;
+        }
+        match next {
+            Some(key) => after = Some(key),
+            None => break,
+        }
+    }
+    Ok(forgotten)
 }
 
 /// Runs a worker with its health flag up while it runs. The flag goes down however the

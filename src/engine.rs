@@ -145,6 +145,13 @@ enum Job {
     Flush(oneshot::Sender<anyhow::Result<Applied>>),
     /// Erase a number and everything about it (a privacy request).
     Erase(Phone, oneshot::Sender<anyhow::Result<bool>>),
+    /// Forget the numbers of these a retention may forget, silent since the time given (see
+    /// [`Engine::forget`]).
+    Forget(
+        Vec<Phone>,
+        DateTime<Utc>,
+        oneshot::Sender<anyhow::Result<u64>>,
+    ),
 }
 
 impl Engine {
@@ -275,6 +282,18 @@ impl Engine {
             .map_err(|_| anyhow::anyhow!("the writer thread stopped"))?
     }
 
+    /// Erases those of `phones` that a retention may forget ([`Subscriber::forgettable`]:
+    /// silent since `before`) and have no message queued, as looked at again by the writer,
+    /// where nothing changes them meanwhile (one may have texted since it was listed); how
+    /// many were erased, durably.
+    pub async fn forget(&self, phones: Vec<Phone>, before: DateTime<Utc>) -> anyhow::Result<u64> {
+        let (done, answer) = oneshot::channel();
+        self.send(Job::Forget(phones, before, done))?;
+        answer
+            .await
+            .map_err(|_| anyhow::anyhow!("the writer thread stopped"))?
+    }
+
     /// Subscribers per state, in [`crate::machine::State::NAMES`] order.
     pub fn state_counts(&self) -> [i64; 5] {
         self.store.state_counts()
@@ -378,6 +397,10 @@ impl Writer {
                         self.commit_and_finish(std::mem::take(&mut segment));
                         let _ = done.send(self.erase(&phone));
                     }
+                    Job::Forget(phones, before, done) => {
+                        self.commit_and_finish(std::mem::take(&mut segment));
+                        let _ = done.send(self.forget(&phones, before));
+                    }
                     other => segment.push(other),
                 }
             }
@@ -407,6 +430,30 @@ impl Writer {
         self.flush()?;
         if gone {
             // A commit that carries no event.
+            self.work.record(0, flushing - started, flushing.elapsed());
+        }
+        Ok(gone)
+    }
+
+    /// See [`Engine::forget`].
+    fn forget(&self, phones: &[Phone], before: DateTime<Utc>) -> anyhow::Result<u64> {
+        let started = Instant::now();
+        let mut gone = 0;
+        for phone in phones {
+            let still = match self.store.record(phone) {
+                Ok(Some((sub, _))) => sub.forgettable(before) && !self.store.has_queued(phone)?,
+                Ok(None) => false,
+                // Left for an operator, as the listing leaves it.
+                Err(e) if crate::store::codec::is_unreadable(&e) => false,
+                Err(e) => return Err(e),
+            };
+            if still && self.store.erase(phone)? {
+                gone += 1;
+            }
+        }
+        let flushing = Instant::now();
+        self.flush()?;
+        if gone > 0 {
             self.work.record(0, flushing - started, flushing.elapsed());
         }
         Ok(gone)
@@ -458,6 +505,10 @@ impl Writer {
                 Job::Erase(_, done) => {
                     // `run` takes erases out of batches; never reached.
                     let _ = done.send(Err(anyhow::anyhow!("erase inside a batch")));
+                    continue;
+                }
+                Job::Forget(_, _, done) => {
+                    let _ = done.send(Err(anyhow::anyhow!("forget inside a batch")));
                     continue;
                 }
                 Job::Apply {

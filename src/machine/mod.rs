@@ -442,6 +442,28 @@ impl Subscriber {
         }
     }
 
+    /// The latest of its creation, its last text or call, and its last code.
+    pub fn last_active(&self) -> DateTime<Utc> {
+        let codes = self.codes.iter().map(|c| c.issued_at);
+        (codes.chain(self.code_sends.iter().copied()))
+            .chain(self.last_inbound_at)
+            .fold(self.created_at, DateTime::max)
+    }
+
+    /// A number that never got anywhere and has been silent since `before`: never verified,
+    /// nothing answered, no sequence, nothing pending, and not opted out (an opt-out is kept
+    /// for ever: it is what stops a message). A retention forgets it.
+    pub fn forgettable(&self, before: DateTime<Utc>) -> bool {
+        matches!(self.state, State::Unverified | State::AwaitingCode)
+            && self.verified_at.is_none()
+            && self.fields.is_empty()
+            && self.sequence.is_none()
+            && self.form.is_none()
+            && self.timer.is_none()
+            && self.late.is_none()
+            && self.last_active() < before
+    }
+
     /// Opted in and not opted out since.
     pub fn opted_in(&self) -> bool {
         matches!(
@@ -1944,6 +1966,102 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 #[cfg(test)]
 mod tests {
     use super::{asks_to_stop, fit, normalize, shortened, Record, MAX_BODY};
+
+    #[test]
+    fn a_retention_may_forget_only_a_number_that_never_got_anywhere_and_went_silent() {
+        use super::{FormCursor, IssuedCode, State, Subscriber};
+        use chrono::{Duration, TimeZone, Utc};
+        let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap();
+        let before = t0 + Duration::days(30);
+        let phone = crate::phone::Phone::parse("+15550000001").unwrap();
+        let silent = Subscriber::new(phone, t0);
+        let code = |at| IssuedCode {
+            code: "123456".into(),
+            issued_at: at,
+            expires_at: at + Duration::minutes(10),
+            wrong: 0,
+            by_app: false,
+        };
+        let with = |f: &dyn Fn(&mut Subscriber)| {
+            let mut s = silent.clone();
+            f(&mut s);
+            s
+        };
+        let cases: Vec<(&str, Subscriber, bool)> = vec![
+            ("silent since it was made", silent.clone(), true),
+            (
+                "sent a code long ago",
+                with(&|s| {
+                    s.state = State::AwaitingCode;
+                    s.codes.push(code(t0));
+                    s.code_sends.push(t0);
+                }),
+                true,
+            ),
+            (
+                "made since",
+                Subscriber::new(silent.phone.clone(), before),
+                false,
+            ),
+            (
+                "texted since",
+                with(&|s| s.last_inbound_at = Some(before)),
+                false,
+            ),
+            (
+                "sent a code since",
+                with(&|s| {
+                    s.state = State::AwaitingCode;
+                    s.codes.push(code(before + Duration::seconds(1)));
+                }),
+                false,
+            ),
+            (
+                "a send counted since",
+                with(&|s| s.code_sends.push(before)),
+                false,
+            ),
+            ("opted out", with(&|s| s.state = State::OptedOut), false),
+            ("verified once", with(&|s| s.verified_at = Some(t0)), false),
+            (
+                "answered",
+                with(&|s| {
+                    s.fields.insert("name".into(), "Ann".into());
+                }),
+                false,
+            ),
+            (
+                "given a sequence",
+                with(&|s| s.sequence = Some("main".into())),
+                false,
+            ),
+            (
+                "a timer pending",
+                with(&|s| {
+                    s.timer = Some(super::Timer {
+                        at: before,
+                        kind: super::TimerKind::Step,
+                        epoch: 1,
+                    })
+                }),
+                false,
+            ),
+            (
+                "asked a question",
+                with(&|s| {
+                    s.form = Some(FormCursor {
+                        index: 0,
+                        editing: false,
+                        key: None,
+                    })
+                }),
+                false,
+            ),
+        ];
+        for (what, sub, forgettable) in cases {
+            assert_eq!(sub.forgettable(before), forgettable, "{what}");
+        }
+    }
 
     #[test]
     fn a_text_past_twilios_limit_is_cut_on_a_whole_character_and_ends_in_an_ellipsis() {

@@ -755,41 +755,52 @@ impl Store {
         &self,
         after: Option<&str>,
     ) -> impl Iterator<Item = anyhow::Result<Listed>> + '_ {
-        // A walk by `get_gt`, not one `sled::Iter`: an iterator reads each leaf page once, and
-        // sled only counts a page against its cache after 64 reads land in the page's cache
-        // shard, so a long scan kept ~16k pages resident (98 MiB at a million numbers).
-        // Looking up each key counts every read, and the cache stays within its capacity.
-        let mut last: Option<Vec<u8>> = after.map(|a| a.as_bytes().to_vec());
-        let mut done = false;
-        std::iter::from_fn(move || {
-            if done {
-                return None;
-            }
-            let next = match &last {
-                Some(key) => self.subscribers.get_gt(key),
-                None => self.subscribers.first(),
-            };
-            match next {
-                Ok(Some((k, v))) => {
-                    last = Some(k.to_vec());
-                    Some(Ok(match codec::decode_subscriber(&v) {
-                        Ok(s) => Listed::Readable(s),
-                        Err(error) => Listed::Unreadable {
-                            key: String::from_utf8_lossy(&k).into_owned(),
-                            error,
-                        },
-                    }))
-                }
-                Ok(None) => {
-                    done = true;
-                    None
-                }
-                Err(e) => {
-                    done = true;
-                    Some(Err(e.into()))
-                }
-            }
+        walk(&self.subscribers, after.map(|a| a.as_bytes().to_vec())).map(|kv| {
+            let (k, v) = kv?;
+            Ok(match codec::decode_subscriber(&v) {
+                Ok(s) => Listed::Readable(s),
+                Err(error) => Listed::Unreadable {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    error,
+                },
+            })
         })
+    }
+
+    /// Numbers a retention may forget ([`Subscriber::forgettable`]: silent since `before`)
+    /// that have no message queued, in phone order after `after`, at most `limit` of them;
+    /// with the key to go on after (`None`: the walk is done). A record that cannot be read
+    /// is left for an operator.
+    pub fn forgettable_after(
+        &self,
+        after: Option<Vec<u8>>,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> anyhow::Result<(Vec<Phone>, Option<Vec<u8>>)> {
+        let mut found = Vec::new();
+        for kv in walk(&self.subscribers, after) {
+            let (k, v) = kv?;
+            if let Ok(sub) = codec::decode_subscriber(&v) {
+                if sub.forgettable(before) && !self.has_queued(&sub.phone)? {
+                    found.push(sub.phone);
+                }
+            }
+            if found.len() >= limit {
+                return Ok((found, Some(k.to_vec())));
+            }
+        }
+        Ok((found, None))
+    }
+
+    /// Whether a message to `phone` waits in the outbox.
+    pub fn has_queued(&self, phone: &Phone) -> sled::Result<bool> {
+        let prefix = prefixed(phone, &[OUTBOX_TAG]);
+        Ok(self
+            .by_phone
+            .scan_prefix(prefix)
+            .next()
+            .transpose()?
+            .is_some())
     }
 
     /// A subscriber with its recent webhook replies.
@@ -1505,7 +1516,7 @@ impl Store {
         // A number with messages still queued keeps its history until they are gone: the
         // send-time check reads it (`opted_out_since`). One look per number.
         let mut queued: Option<(Vec<u8>, bool)> = None;
-        for (scanned, kv) in self.history.iter().enumerate() {
+        for (scanned, kv) in walk(&self.history, None).enumerate() {
             if scanned % 1024 == 1023 && stop() {
                 drop_history(&mut old)?;
                 return Ok((history, 0));
@@ -1541,7 +1552,7 @@ impl Store {
 
         let mut deliveries = 0u64;
         let mut ids: Vec<u64> = Vec::new();
-        for (scanned, kv) in self.deliveries.iter().enumerate() {
+        for (scanned, kv) in walk(&self.deliveries, None).enumerate() {
             if scanned % 1024 == 1023 && stop() {
                 deliveries += self.drop_deliveries(&ids, before)?;
                 return Ok((history, deliveries));
@@ -1798,6 +1809,42 @@ fn keep_counts(
 
 /// The meta key saying the phone index covers every message.
 const PHONE_INDEX_BUILT: &str = "by_phone_built";
+
+/// A tree's entries in key order after `after` (from the first when `None`), by `get_gt`, not
+/// one `sled::Iter`: an iterator reads each leaf page once, and sled only counts a page against
+/// its cache after 64 reads land in the page's cache shard, so a long scan kept ~16k pages
+/// resident (98 MiB at a million numbers). Looking up each key counts every read, and the
+/// cache stays within its capacity. A storage error ends the walk.
+fn walk(
+    tree: &sled::Tree,
+    after: Option<Vec<u8>>,
+) -> impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + '_ {
+    let mut last = after;
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        let next = match &last {
+            Some(key) => tree.get_gt(key),
+            None => tree.first(),
+        };
+        match next {
+            Ok(Some((k, v))) => {
+                last = Some(k.to_vec());
+                Some(Ok((k, v)))
+            }
+            Ok(None) => {
+                done = true;
+                None
+            }
+            Err(e) => {
+                done = true;
+                Some(Err(e))
+            }
+        }
+    })
+}
 
 fn phone_index_key(phone: &Phone, tag: u8, id: u64) -> Vec<u8> {
     let mut rest = vec![tag];

@@ -1374,8 +1374,11 @@ async fn a_daemon_with_a_retention_deletes_old_history_at_start() {
             at,
             record: Record::OptedIn { via: via.into() },
         };
+        // It texted today (or a retention would forget it: see the next test).
+        let mut sub = Subscriber::new(Phone::parse(A).unwrap(), long_ago);
+        sub.last_inbound_at = Some(now);
         let commit = Commit {
-            subscriber: Some(Subscriber::new(Phone::parse(A).unwrap(), long_ago)),
+            subscriber: Some(sub),
             history: vec![entry(long_ago, "long ago"), entry(now, "today")],
             ..Commit::default()
         };
@@ -1412,6 +1415,96 @@ async fn a_daemon_with_a_retention_deletes_old_history_at_start() {
     }
     assert_eq!(vias.len(), 1, "{vias:?}");
     assert!(vias[0].contains("today"), "{vias:?}");
+    app.stop().await;
+}
+
+/// With a retention, a start also forgets numbers that never got anywhere and have been silent
+/// as long (a text once, a code never entered): they leave the list, the counts and the export.
+/// A number that opted out, verified, answered, or texted lately stays.
+#[tokio::test]
+async fn a_retention_forgets_numbers_that_never_got_anywhere_and_keeps_the_rest() {
+    use smsflow::machine::{State, Subscriber};
+    use smsflow::phone::Phone;
+    use smsflow::store::{Commit, Store};
+
+    let data = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let flows = tempfile::tempdir().unwrap();
+    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
+    let now = chrono::Utc::now();
+    let long_ago = now - chrono::Duration::days(90);
+    let number = |n: u32| Phone::parse(&format!("+1555000{n:04}")).unwrap();
+    let made = |n: u32, change: &dyn Fn(&mut Subscriber)| {
+        let mut s = Subscriber::new(number(n), long_ago);
+        change(&mut s);
+        Commit {
+            subscriber: Some(s),
+            ..Commit::default()
+        }
+    };
+    {
+        let store = Store::open(data.path()).unwrap();
+        let commits = [
+            made(1, &|_| {}),
+            made(2, &|s| {
+                s.state = State::AwaitingCode;
+                s.code_sends.push(long_ago);
+            }),
+            made(3, &|s| s.state = State::OptedOut),
+            made(4, &|s| s.last_inbound_at = Some(now)),
+            made(5, &|s| {
+                s.state = State::Verified;
+                s.verified_at = Some(long_ago);
+            }),
+            made(6, &|s| {
+                s.fields.insert("first_name".into(), "Ann".into());
+            }),
+        ];
+        store.commit_many(&commits, now).unwrap();
+        store.flush().unwrap();
+    }
+    let options = smsflow::app::Options {
+        retry_base: Duration::from_millis(10),
+        quiet_console: true,
+        ..smsflow::app::Options::default()
+    };
+    let app = TestApp::start(
+        FakeTwilio::start().await,
+        data,
+        std::sync::Arc::new(flows),
+        options,
+        |c| c.retention = Some(Duration::from_secs(30 * 86_400)),
+    )
+    .await;
+    let listed = || async {
+        let (status, list) = get(&app, "/admin/subscribers", None).await;
+        assert_eq!(status, 200);
+        let phones: Vec<String> = list["subscribers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["phone"].as_str().unwrap().to_string())
+            .collect();
+        phones
+    };
+    let mut phones = listed().await;
+    for _ in 0..100 {
+        if phones.len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        phones = listed().await;
+    }
+    let kept = [3, 4, 5, 6].map(|n| number(n).as_str().to_string());
+    assert_eq!(phones, kept, "{phones:?}");
+    for gone in [1, 2] {
+        let path = format!("/admin/subscribers/%2B1555000{gone:04}");
+        assert_eq!(get(&app, &path, None).await.0, 404);
+    }
+    let metrics = text(&app, "/metrics").await;
+    for (state, n) in [("unverified", 2), ("awaiting_code", 0), ("opted_out", 1)] {
+        let line = format!("smsflow_subscribers{{state=\"{state}\"}} {n}");
+        assert!(metrics.contains(&line), "{line} not in {metrics}");
+    }
     app.stop().await;
 }
 

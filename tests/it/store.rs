@@ -638,6 +638,13 @@ fn the_retention_deletes_old_records_but_keeps_queued_messages_and_the_history_t
     assert!(store.delivery_by_sid("SMold").expect("lookup").is_none());
     // The old message still queued stays: only what is finished is deleted.
     assert_eq!(messages_of(&store, &phone), (1, 1));
+    // Nor may a retention forget the number, silent as it has been (see the admin tests).
+    let forgettable = |store: &Store| {
+        store
+            .forgettable_after(None, now - Duration::days(180), 10)
+            .expect("walk")
+    };
+    assert_eq!(forgettable(&store), (vec![], None));
     // Once it has gone, the old entry goes too.
     store
         .outbox_finish(queued[2], &sent(&phone, "SMlast"))
@@ -656,6 +663,7 @@ fn the_retention_deletes_old_records_but_keeps_queued_messages_and_the_history_t
     assert!(store.delivery_by_sid("SMnew").expect("lookup").is_some());
     assert_eq!(messages_of(&store, &phone), (0, 2));
     assert!(store.subscriber(&phone).expect("read").is_some());
+    assert_eq!(forgettable(&store), (vec![phone.clone()], None));
     // Nothing more is old enough the second time.
     assert_eq!(
         store
