@@ -488,6 +488,8 @@ impl Writer {
         // lost, so their later events here are refused rather than stepped from a stale one.
         let mut failed: Vec<Phone> = Vec::new();
         let mut prepared = Vec::new();
+        // Whether each number's last history entry is a refused code, as this batch left it.
+        let mut last_refused: HashMap<Phone, bool> = HashMap::new();
         let mut committed = Committed {
             events: 0,
             answers: Vec::new(),
@@ -631,6 +633,26 @@ impl Writer {
             committed.timers |= !commit.schedule.is_empty();
             committed.outbox |= !commit.outgoing.is_empty();
             (committed.recorded).extend(commit.history.iter().map(|h| h.record.name()));
+            // A refused code right after a refused code adds nothing to the number's history
+            // (an app or a texter asking again and again would fill it); the metric counts
+            // every one.
+            let refusal = |h: &HistoryEntry| matches!(h.record, machine::Record::CodeRateLimited);
+            if commit.history.iter().any(refusal) {
+                let again = match last_refused.get(&phone) {
+                    Some(again) => *again,
+                    None => self
+                        .store
+                        .last_history(&phone)
+                        .is_ok_and(|h| h.is_some_and(|h| refusal(&h))),
+                };
+                if again {
+                    commit.history.retain(|h| !refusal(h));
+                    last_refused.insert(phone.clone(), true);
+                }
+            }
+            if let Some(last) = commit.history.last() {
+                last_refused.insert(phone.clone(), refusal(last));
+            }
             prepared.push(Prepared::new(&commit, now));
             if let Some(s) = commit.subscriber.take() {
                 latest.insert(phone, (s, commit.replies));

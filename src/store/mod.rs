@@ -1611,6 +1611,11 @@ impl Store {
 
     // ---- history -----------------------------------------------------------
 
+    /// The number's latest history entry, if any (and readable).
+    pub fn last_history(&self, phone: &Phone) -> anyhow::Result<Option<HistoryEntry>> {
+        Ok(self.history(phone, 1)?.pop().and_then(Result::ok))
+    }
+
     /// The last `n` history entries of a number, oldest first; an entry that cannot be read
     /// is its error, in its place. A storage error is an error.
     pub fn history(

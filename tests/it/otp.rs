@@ -140,6 +140,15 @@ async fn too_many_codes_requested_is_exit_3_with_retry_after() {
     assert_eq!(app.engine.store.outbox_len(), 0, "nothing queued");
     app.outbox_settles().await;
     assert_eq!(app.twilio.all_requests().len(), 5);
+    // Four refusals in a row are one entry in the number's history, not four: an app asking
+    // again and again does not fill it.
+    let phone = smsflow::phone::Phone::parse(PHONE).unwrap();
+    let kinds: Vec<&str> = (app.engine.store.history(&phone, 50).unwrap().iter())
+        .map(|h| h.as_ref().unwrap().record.name())
+        .collect();
+    let refusals = kinds.iter().filter(|k| **k == "code_rate_limited").count();
+    assert_eq!(refusals, 1, "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"code_rate_limited"), "{kinds:?}");
 }
 
 #[tokio::test]
