@@ -706,8 +706,10 @@ impl Flight {
         {
             msg.uncertain = msg.uncertain.saturating_add(1);
         }
-        // What a provider's error may quote of a code's message is hidden from the log.
+        // What a provider's error may quote of the number or of a code's message is hidden,
+        // from the log and from the record the admin API shows.
         let code_text = msg.secret.then_some(msg.body.as_str());
+        let result = result.map_err(|e| e.map_message(|m| redact(m, code_text)));
         let ending = match result {
             Ok(accepted) => {
                 tracing::info!(phone = %msg.phone.masked(), sid = accepted.sid.as_deref().unwrap_or("none"), "outbox: sent");
@@ -749,7 +751,7 @@ impl Flight {
                 } else {
                     tracing::warn!(
                         phone = %msg.phone.masked(), attempt = msg.attempts, retry_in = ?wait,
-                        "outbox: temporary failure: {}", redact(&message, code_text)
+                        "outbox: temporary failure: {message}"
                     );
                 }
                 crate::metrics::outbound("retried");
@@ -766,7 +768,7 @@ impl Flight {
                 maybe_sent,
                 ..
             }) => {
-                tracing::error!(phone = %msg.phone.masked(), "outbox: giving up after {} attempts: {}", msg.attempts, redact(&message, code_text));
+                tracing::error!(phone = %msg.phone.masked(), "outbox: giving up after {} attempts: {message}", msg.attempts);
                 let message = if maybe_sent && msg.attempts < MAX_ATTEMPTS {
                     format!(
                         "{message}, to {} tries that reached it, each of which may have \
@@ -787,7 +789,7 @@ impl Flight {
             // expired is (the OTP API withdraws its own the same way). An unsubscribed
             // number is opted out instead, which ends everything it waited for.
             Err(SendError::Permanent { code, message }) => {
-                tracing::warn!(phone = %msg.phone.masked(), code, "outbox: refused: {}", redact(&message, code_text));
+                tracing::warn!(phone = %msg.phone.masked(), code, "outbox: refused: {message}");
                 if code != Some(UNSUBSCRIBED) {
                     withdraw = queued_code(&s, &msg);
                 }
@@ -1144,6 +1146,24 @@ fn delivery(
 /// code (`sent`: its text), any run of 4 or more that the text holds (its code; Twilio's own
 /// error code stays).
 pub fn redact(text: &str, sent: Option<&str>) -> String {
+    // A number written with separators, as `(415) 555-0304` or `+1 415.555.0304`: seven
+    // digits or more in groups parted by at most two of ` .-()`.
+    static SPACED: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"\+?\(?\d(?:[ .\-()]{0,2}\d)*").expect("a valid pattern")
+    });
+    let text = SPACED.replace_all(text, |m: &regex::Captures| {
+        let found = &m[0];
+        let digits = found.chars().filter(char::is_ascii_digit).count();
+        // A date (Twilio's API version, `2010-04-01`, is in its paths) is no number.
+        let date = found.len() == 10
+            && (found.char_indices()).all(|(i, c)| (c == '-') == (i == 4 || i == 7));
+        // Unspaced runs are left to the walk below, which also knows a code's digits.
+        if digits >= 7 && !date && found.contains([' ', '.', '-', '(', ')']) {
+            "[number]".to_string()
+        } else {
+            found.to_string()
+        }
+    });
     let mut out = String::with_capacity(text.len());
     let mut digits = String::new();
     let flush = |digits: &mut String, out: &mut String| {
@@ -1208,6 +1228,20 @@ mod tests {
             ),
             "Body was: your code is +[digits]. (HTTP 400, code 21211)"
         );
+        // A number written with separators, however it is written; short numbers with them
+        // stay (Twilio's own words have some: a status, a date is rare).
+        for (quoted, hidden) in [
+            (
+                "'To' number (415) 555-0304 is not",
+                "'To' number [number] is not",
+            ),
+            ("to +1 415.555.0304.", "to [number]."),
+            ("to +44 20-7946-0958 failed", "to [number] failed"),
+            ("HTTP 400 (code 21614)", "HTTP 400 (code 21614)"),
+            ("version 2010-04-01", "version 2010-04-01"),
+        ] {
+            assert_eq!(redact(quoted, None), hidden, "{quoted}");
+        }
     }
 
     #[test]

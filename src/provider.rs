@@ -41,6 +41,29 @@ pub enum SendError {
     Permanent { code: Option<u32>, message: String },
 }
 
+impl SendError {
+    /// The same error with its words put through `f` (to hide what they may quote).
+    pub fn map_message(self, f: impl FnOnce(&str) -> String) -> SendError {
+        match self {
+            SendError::Temporary {
+                message,
+                retry_after,
+                not_the_message,
+                maybe_sent,
+            } => SendError::Temporary {
+                message: f(&message),
+                retry_after,
+                not_the_message,
+                maybe_sent,
+            },
+            SendError::Permanent { code, message } => SendError::Permanent {
+                code,
+                message: f(&message),
+            },
+        }
+    }
+}
+
 /// When each kind of refusal that every queued message would meet alike was last logged:
 /// each is logged the first time, then once a minute at most (see [`once_a_minute`]).
 type LastLogged = std::sync::Mutex<Option<std::time::Instant>>;
@@ -244,8 +267,11 @@ impl Twilio {
             if numbers.len() > 1 && once_a_minute(&UNKNOWN_TO) {
                 // `To` should be ours, but a misrouted call or a local request may carry
                 // anyone's: masked, as every number in the log.
-                let shown = Phone::parse(to)
-                    .map_or_else(|_| format!("{:?}", crate::clip(to)), |p| p.masked());
+                // (`whatsapp:+1…` is no phone number, but holds one.)
+                let shown = Phone::parse(to).map_or_else(
+                    |_| format!("{:?}", crate::outbox::redact(&crate::clip(to), None)),
+                    |p| p.masked(),
+                );
                 tracing::warn!(
                     "a text or call came to {shown}, which is not in TWILIO_FROM: what is sent \
                      to its sender goes from the listed number it last wrote to, else from the \
@@ -337,6 +363,7 @@ impl Twilio {
         let code = err.as_ref().and_then(|e| e.code);
         let message = err
             .and_then(|e| e.message)
+            .map(|m| self.scrubbed(m, form))
             .unwrap_or_else(|| format!("HTTP {status}"));
         if code == Some(QUEUE_FULL) {
             // It drains by itself: every message for that sender waits, however long it takes
@@ -406,6 +433,36 @@ impl Twilio {
                 message: format!("Twilio answered {status}: {message}"),
             })
         }
+    }
+}
+
+impl Twilio {
+    /// Twilio's words as smsflow passes them on (the log, the admin API, the OTP API's
+    /// answer), with what they may quote of the request hidden: the text or call as sent,
+    /// the numbers as written in it, and the credentials in any form. (Digits quoted
+    /// otherwise are hidden by [`crate::outbox::redact`].)
+    fn scrubbed(&self, mut text: String, form: &[(&str, String)]) -> String {
+        use base64::Engine as _;
+        let token = self.config.auth_token.expose();
+        let basic = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{token}", self.config.account_sid));
+        for secret in [basic.as_str(), token] {
+            if !secret.is_empty() {
+                text = text.replace(secret, "[hidden]");
+            }
+        }
+        for (name, value) in form {
+            let stand_in = match *name {
+                "Body" | "Twiml" => "[the message]",
+                "To" | "From" => "[number]",
+                _ => continue,
+            };
+            // Too short a text would hide ordinary words of Twilio's.
+            if value.chars().count() >= 4 {
+                text = text.replace(value.as_str(), stand_in);
+            }
+        }
+        text
     }
 }
 

@@ -1356,6 +1356,36 @@ async fn ended_sequence_of_a(app: &TestApp) -> serde_json::Value {
     last
 }
 
+/// What a provider's error quotes of the request (the text with its code, the number however
+/// written, the credentials) is hidden in the record the admin API shows, as in the log.
+#[tokio::test]
+async fn a_providers_error_that_quotes_the_request_is_shown_without_it() {
+    use base64::Engine as _;
+    let app = TestApp::spawn(FLOWS).await;
+    app.twilio.chatty();
+    app.twilio.fail_next(&[400]);
+    app.sms(B, "JOIN").await;
+    eventually("the refused code to end", async || {
+        app.engine.store.outbox_len() == 0
+    })
+    .await;
+    let (_, s) = get(&app, "/admin/subscribers/%2B15550000002", None).await;
+    let error = s["messages"][0]["error"].as_str().unwrap().to_string();
+    assert!(
+        error.starts_with("Twilio answered 400 Bad Request: scripted failure for"),
+        "{error}"
+    );
+    for stand_in in ["\"[the message]\"", "to [number]", "with Basic [hidden]"] {
+        assert!(error.contains(stand_in), "{stand_in} not in {error}");
+    }
+    let sent = &app.twilio.all_requests()[0].body;
+    let basic =
+        base64::engine::general_purpose::STANDARD.encode(format!("{ACCOUNT_SID}:{AUTH_TOKEN}"));
+    for quoted in [sent.as_str(), &code_in(sent), "555", &basic] {
+        assert!(!error.contains(quoted), "{quoted} in {error}");
+    }
+}
+
 /// With `retention = 30d`, a start deletes history older than that; the subscriber stays.
 #[tokio::test]
 async fn a_daemon_with_a_retention_deletes_old_history_at_start() {

@@ -57,6 +57,8 @@ struct FakeState {
     held: usize,
     /// Bytes of padding in every accepted message's answer (an oversized answer).
     padding: usize,
+    /// Scripted failures quote the request (see [`FakeTwilio::chatty`]).
+    chatty: bool,
 }
 
 #[derive(Clone)]
@@ -112,6 +114,12 @@ impl FakeTwilio {
     pub fn fail_next(&self, statuses: &[u16]) {
         let failures = statuses.iter().map(|s| (*s, 20500, None));
         self.state.lock().unwrap().script.extend(failures);
+    }
+
+    /// Scripted message failures from now on quote the request, as a chatty proxy in front of
+    /// Twilio might: the text, the `To` written with separators, and the Authorization header.
+    pub fn chatty(&self) {
+        self.state.lock().unwrap().chatty = true;
     }
 
     /// The next request is answered 400 with Twilio's error `code`.
@@ -223,9 +231,23 @@ async fn fake_messages(
         )
     } else if let Some((status, code, after)) = s.script.pop_front() {
         retry_after = after;
+        let message = if s.chatty {
+            let spaced = match to.get(2..) {
+                Some(n) if n.len() == 10 => format!("({}) {}-{}", &n[..3], &n[3..6], &n[6..]),
+                _ => to.clone(),
+            };
+            let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
+            format!(
+                "scripted failure for {:?} to {spaced} with {}",
+                get("Body").unwrap_or_default(),
+                auth.unwrap_or_default()
+            )
+        } else {
+            "scripted failure".into()
+        };
         (
             status,
-            serde_json::json!({"code": code, "message": "scripted failure", "status": status}),
+            serde_json::json!({"code": code, "message": message, "status": status}),
         )
     } else {
         s.next_sid += 1;
