@@ -728,9 +728,11 @@ fn base_url(given: &str, what: &str) -> anyhow::Result<String> {
             && parsed.host_str().is_some_and(|h| !h.is_empty()),
         "{what} {given:?} must start with https:// (or http://) and a host name"
     );
+    // (Not said back whole: a query may hold a key.)
+    let base = given.split(['?', '#']).next().unwrap_or_default();
     anyhow::ensure!(
         parsed.query().is_none() && parsed.fragment().is_none(),
-        "{what} {given:?} must be a plain base URL: no ?query or #fragment"
+        "{what} {base:?} must be a plain base URL: no ?query or #fragment (not shown)"
     );
     Ok(given.trim_end_matches('/').to_string())
 }
@@ -966,6 +968,12 @@ mod tests {
             let err = public(bad).unwrap_err().to_string();
             assert!(err.contains("public_url"), "{bad}: {err}");
         }
+        // A query may hold a key: not said back.
+        let err = public("https://abc.ngrok.app/?key=s3cret#s3cret")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"https://abc.ngrok.app/\""), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
         // A host alone says what it lacks; a webhook's URL pasted whole says what to give.
         assert_eq!(public("https://twilio/sms").unwrap(), "https://twilio/sms");
         let err = public("abc.ngrok.app").unwrap_err().to_string();
