@@ -799,8 +799,20 @@ async fn status(
         .filter(|c| !c.is_empty())
     {
         None => None,
+        // Digits alone, as Twilio writes its codes (`+21610` or `021610` is none).
+        Some(c)
+            if !c.bytes().all(|b| b.is_ascii_digit()) || (c.len() > 1 && c.starts_with('0')) =>
+        {
+            return Err(WebhookError::BadRequest(format!(
+                "ErrorCode {:?} is not a number",
+                crate::clip(c)
+            )))
+        }
         Some(c) => Some(c.parse::<u32>().map_err(|_| {
-            WebhookError::BadRequest(format!("ErrorCode {:?} is not a number", crate::clip(c)))
+            WebhookError::BadRequest(format!(
+                "ErrorCode {:?} is out of range for a Twilio error code",
+                crate::clip(c)
+            ))
         })?),
     };
     let report = crate::store::Report {

@@ -492,6 +492,34 @@ async fn forms_that_decode_badly_or_give_a_field_twice_are_refused_and_change_no
             ],
             "form field To is given twice",
         ),
+        // Twilio writes its codes in digits alone: a sign or a word is no code (`+21610`
+        // must not opt anyone out), and one too large for any code is said so.
+        (
+            vec![
+                ("MessageSid", "SMx"),
+                ("MessageStatus", "undelivered"),
+                ("ErrorCode", "+21610"),
+                ("To", ANN),
+            ],
+            "ErrorCode \"+21610\" is not a number",
+        ),
+        (
+            vec![
+                ("MessageSid", "SMx"),
+                ("MessageStatus", "undelivered"),
+                ("ErrorCode", "021610"),
+                ("To", ANN),
+            ],
+            "ErrorCode \"021610\" is not a number",
+        ),
+        (
+            vec![
+                ("MessageSid", "SMx"),
+                ("MessageStatus", "failed"),
+                ("ErrorCode", "4294967296"),
+            ],
+            "ErrorCode \"4294967296\" is out of range",
+        ),
     ] {
         let r = app.post_form("/twilio/status", &params).await;
         assert_eq!(r.status().as_u16(), 400, "{params:?}");
