@@ -74,6 +74,58 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     )
 }
 
+/// Reads a file of text the user wrote (a flow file, a transcript): a regular file (a link is
+/// followed) in UTF-8. Else what is wrong, with where: `(line, col, message)`. A FIFO or a
+/// device is not opened (reading one would wait, or never end).
+pub fn read_text_file(path: &std::path::Path) -> Result<String, (usize, usize, String)> {
+    let meta = std::fs::metadata(path).map_err(|e| {
+        // A link whose target is not there says where it points.
+        let message = match std::fs::read_link(path) {
+            Ok(to) if !path.exists() => format!(
+                "cannot read: it is a link to {}, which is not there ({e})",
+                to.display()
+            ),
+            _ => format!("cannot read: {e}"),
+        };
+        (1, 1, message)
+    })?;
+    if !meta.is_file() {
+        use std::os::unix::fs::FileTypeExt;
+        let kind = meta.file_type();
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a named pipe"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "a device"
+        };
+        return Err((
+            1,
+            1,
+            format!(
+                "cannot read: it is {what}, not a file (rename it so that its name does not \
+                 end in .{} to leave it out)",
+                path.extension().unwrap_or_default().to_string_lossy()
+            ),
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| (1, 1, format!("cannot read: {e}")))?;
+    String::from_utf8(bytes).map_err(|e| {
+        // Where the first byte that is not UTF-8 is (an editor saved it as Latin-1).
+        let bytes = e.as_bytes();
+        let good = e.utf8_error().valid_up_to();
+        let before = String::from_utf8_lossy(&bytes[..good]);
+        let (line, col) = line_col(&before, good);
+        let message = match bytes.get(good) {
+            Some(b) => format!("byte 0x{b:02X} is not UTF-8: save the file as UTF-8"),
+            None => "the file is not UTF-8: save it as UTF-8".into(),
+        };
+        (line, col, message)
+    })
+}
+
 /// A duration as flows and transcripts write it (`30s`, `10m`, `1h 30m`), read by humantime,
 /// with its complaint in words that name the character at fault rather than its 0-based
 /// offset (which would read as a column beside a file's 1-based line:col).

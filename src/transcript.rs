@@ -59,12 +59,10 @@ pub fn run_dir(flows: &Flows, dir: &Path) -> Result<Report, String> {
     let mut report = Report::default();
     for path in paths {
         // One file that cannot be read (not UTF-8, say) fails itself, not the whole run.
-        let text = match std::fs::read_to_string(&path) {
+        let text = match crate::read_text_file(&path) {
             Ok(t) => t,
-            Err(e) => {
-                report
-                    .failures
-                    .push(fail(&path, 0, format!("cannot read the transcript: {e}")));
+            Err((line, _, message)) => {
+                report.failures.push(fail(&path, line, message));
                 continue;
             }
         };

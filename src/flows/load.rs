@@ -97,14 +97,12 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Problems> {
         p.file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with('.'))
     };
-    // A link to a flow file that is not there (yet) is read like any file, and fails as one
-    // that cannot be read: skipping it would load the set without it.
-    let dangling = |p: &Path| p.is_symlink() && !p.exists();
+    // A link to a flow file that is not there (yet), or a name that is no file (a FIFO, a
+    // directory), is read like any file, and fails as one that cannot be read: skipping it
+    // would load the set without it.
     let mut paths: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension().is_some_and(|x| x == "toml") && !hidden(p) && (p.is_file() || dangling(p))
-        })
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && !hidden(p))
         .collect();
     paths.sort();
     if paths.is_empty() {
@@ -115,40 +113,14 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Problems> {
     // all be read: without one, the others' cross-references would mislead).
     let mut unreadable = Vec::new();
     for path in paths {
-        match std::fs::read(&path).map(String::from_utf8) {
-            Ok(Ok(text)) => sources.push((path, text)),
-            // Where the first byte that is not UTF-8 is (an editor saved it as Latin-1).
-            Ok(Err(e)) => {
-                let bytes = e.as_bytes();
-                let good = e.utf8_error().valid_up_to();
-                let before = String::from_utf8_lossy(&bytes[..good]);
-                let (line, col) = crate::line_col(&before, good);
-                unreadable.push(Problem {
-                    file: path,
-                    line,
-                    col,
-                    message: match bytes.get(good) {
-                        Some(b) => format!("byte 0x{b:02X} is not UTF-8: save the file as UTF-8"),
-                        None => "the file is not UTF-8: save it as UTF-8".into(),
-                    },
-                });
-            }
-            Err(e) => {
-                // A link whose target is not there says where it points.
-                let message = match std::fs::read_link(&path) {
-                    Ok(to) if !path.exists() => format!(
-                        "cannot read: it is a link to {}, which is not there ({e})",
-                        to.display()
-                    ),
-                    _ => format!("cannot read: {e}"),
-                };
-                unreadable.push(Problem {
-                    file: path,
-                    line: 1,
-                    col: 1,
-                    message,
-                });
-            }
+        match crate::read_text_file(&path) {
+            Ok(text) => sources.push((path, text)),
+            Err((line, col, message)) => unreadable.push(Problem {
+                file: path,
+                line,
+                col,
+                message,
+            }),
         }
     }
     if !unreadable.is_empty() {

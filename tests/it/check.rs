@@ -1072,6 +1072,14 @@ fn every_flow_file_that_cannot_be_read_is_told_in_one_run() {
     std::os::unix::fs::symlink(dir.path().join("gone.toml"), dir.path().join("b.toml")).unwrap();
     std::fs::write(dir.path().join("c.toml"), b"# only \xFF\n").unwrap();
     write(dir.path(), "d.toml", "[bot]\nname = \"Bot\"\n");
+    // Names that are no file: not skipped (the set would load without them), nor opened (a
+    // named pipe would be waited on for ever).
+    let made = Command::new("mkfifo")
+        .arg(dir.path().join("e.toml"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    std::fs::create_dir(dir.path().join("f.toml")).unwrap();
     let out = smsflow().arg("check").arg(dir.path()).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8(out.stderr).unwrap();
@@ -1079,6 +1087,8 @@ fn every_flow_file_that_cannot_be_read_is_told_in_one_run() {
         "a.toml:2:12: byte 0xE9 is not UTF-8",
         "b.toml:1:1: cannot read: it is a link to ",
         "c.toml:1:8: byte 0xFF is not UTF-8",
+        "e.toml:1:1: cannot read: it is a named pipe, not a file",
+        "f.toml:1:1: cannot read: it is a directory, not a file",
     ] {
         assert!(stderr.contains(told), "{told:?} not in {stderr}");
     }

@@ -58,6 +58,34 @@ fn a_wrong_expectation_fails_with_file_line_expected_and_actual() {
     );
 }
 
+/// A transcript that is no file (a named pipe would be waited on for ever) or not UTF-8 fails
+/// itself, located, and the run goes on.
+#[test]
+fn a_transcript_that_is_no_file_or_not_utf8_fails_itself_located() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("tests")).unwrap();
+    std::fs::write(dir.path().join("bot.toml"), "[bot]\nname = \"Quiet\"\n").unwrap();
+    let fifo = dir.path().join("tests/pipe.txt");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    std::fs::write(dir.path().join("tests/latin.txt"), b"> HELP\n< caf\xE9\n").unwrap();
+    std::fs::write(
+        dir.path().join("tests/real.txt"),
+        "> HELP\n< Quiet: reply JOIN to subscribe, STOP to opt out.\n",
+    )
+    .unwrap();
+    let out = smsflow_test(dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    for said in [
+        "latin.txt:2: byte 0xE9 is not UTF-8",
+        "pipe.txt:1: cannot read: it is a named pipe, not a file",
+        "1 passed, 2 failed",
+    ] {
+        assert!(stdout.contains(said), "{said:?} not in {stdout}");
+    }
+}
+
 /// A transcript with nothing in it but comments (or directives: a seed, a wait) passed as
 /// `ok`, vouching for nothing.
 #[test]
@@ -303,7 +331,9 @@ fn a_transcript_that_cannot_be_read_fails_alone() {
     assert_eq!(report.passed.len(), 1);
     assert_eq!(report.failures.len(), 1);
     assert!(
-        report.failures[0].message.contains("cannot read"),
+        report.failures[0]
+            .message
+            .contains("byte 0xFF is not UTF-8"),
         "{}",
         report.failures[0]
     );
