@@ -176,6 +176,13 @@ pub fn render(engine: &Engine, reloads: (u64, u64)) -> String {
             engine.store.outbox_len().to_string(),
         ),
         (
+            "smsflow_early_reports",
+            "gauge",
+            "Delivery reports kept for a message whose send is not yet recorded (dropped once \
+             ten minutes old).",
+            engine.store.early_report_count().to_string(),
+        ),
+        (
             "smsflow_store_commits_total",
             "counter",
             "Commits the writer made durable (a batch that carried events, or an erase).",

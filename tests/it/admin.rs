@@ -1169,6 +1169,7 @@ async fn metrics_parse_as_prometheus_text_and_readyz_says_ready_with_no_reload_y
         "smsflow_subscribers",
         "smsflow_pending_timers",
         "smsflow_outbox_depth",
+        "smsflow_early_reports",
         "smsflow_store_commits_total",
         "smsflow_webhook_duration_seconds",
     ] {
