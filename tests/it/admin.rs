@@ -1387,6 +1387,14 @@ async fn a_providers_error_that_quotes_the_request_is_shown_without_it() {
     }
 }
 
+/// A daemon with `retention = 30d` on `data` (which a test filled beforehand), and `FLOWS`.
+async fn with_a_retention_of_30_days(data: std::sync::Arc<tempfile::TempDir>) -> TestApp {
+    TestApp::spawn_on(data, FLOWS, |c| {
+        c.retention = Some(Duration::from_secs(30 * 86_400))
+    })
+    .await
+}
+
 /// With `retention = 30d`, a start deletes history older than that; the subscriber stays.
 #[tokio::test]
 async fn a_daemon_with_a_retention_deletes_old_history_at_start() {
@@ -1395,8 +1403,6 @@ async fn a_daemon_with_a_retention_deletes_old_history_at_start() {
     use smsflow::store::{Commit, HistoryEntry, Store};
 
     let data = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let flows = tempfile::tempdir().unwrap();
-    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
     {
         let store = Store::open(data.path()).unwrap();
         let now = chrono::Utc::now();
@@ -1416,19 +1422,7 @@ async fn a_daemon_with_a_retention_deletes_old_history_at_start() {
         store.commit_many(&[commit], now).unwrap();
         store.flush().unwrap();
     }
-    let options = smsflow::app::Options {
-        retry_base: Duration::from_millis(10),
-        quiet_console: true,
-        ..smsflow::app::Options::default()
-    };
-    let app = TestApp::start(
-        FakeTwilio::start().await,
-        data,
-        std::sync::Arc::new(flows),
-        options,
-        |c| c.retention = Some(Duration::from_secs(30 * 86_400)),
-    )
-    .await;
+    let app = with_a_retention_of_30_days(data).await;
     let mut vias = Vec::new();
     for _ in 0..100 {
         let (status, s) = get(&app, "/admin/subscribers/%2B15550000001", None).await;
@@ -1459,8 +1453,6 @@ async fn a_retention_forgets_numbers_that_never_got_anywhere_and_keeps_the_rest(
     use smsflow::store::{Commit, Store};
 
     let data = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let flows = tempfile::tempdir().unwrap();
-    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
     let now = chrono::Utc::now();
     let long_ago = now - chrono::Duration::days(90);
     let number = |n: u32| Phone::parse(&format!("+1555000{n:04}")).unwrap();
@@ -1493,19 +1485,7 @@ async fn a_retention_forgets_numbers_that_never_got_anywhere_and_keeps_the_rest(
         store.commit_many(&commits, now).unwrap();
         store.flush().unwrap();
     }
-    let options = smsflow::app::Options {
-        retry_base: Duration::from_millis(10),
-        quiet_console: true,
-        ..smsflow::app::Options::default()
-    };
-    let app = TestApp::start(
-        FakeTwilio::start().await,
-        data,
-        std::sync::Arc::new(flows),
-        options,
-        |c| c.retention = Some(Duration::from_secs(30 * 86_400)),
-    )
-    .await;
+    let app = with_a_retention_of_30_days(data).await;
     let listed = || async {
         let (status, list) = get(&app, "/admin/subscribers", None).await;
         assert_eq!(status, 200);

@@ -2844,8 +2844,6 @@ async fn start_with_queued(
     use smsflow::machine::Subscriber;
     use smsflow::store::{Commit, Store};
 
-    let flows_dir = tempfile::tempdir().unwrap();
-    std::fs::write(flows_dir.path().join("flows.toml"), flows).unwrap();
     let data = Arc::new(tempfile::tempdir().unwrap());
     {
         let store = Store::open(data.path()).unwrap();
@@ -2865,19 +2863,7 @@ async fn start_with_queued(
         store.commit_many(&commits, now).unwrap();
         store.flush().unwrap();
     }
-    let options = smsflow::app::Options {
-        retry_base: Duration::from_millis(10),
-        quiet_console: true,
-        ..smsflow::app::Options::default()
-    };
-    TestApp::start(
-        FakeTwilio::start().await,
-        data,
-        Arc::new(flows_dir),
-        options,
-        tweak,
-    )
-    .await
+    TestApp::spawn_on(data, flows, tweak).await
 }
 
 /// A follow-up whose timer fired before quiet hours but which the outbox reaches only in them

@@ -390,6 +390,25 @@ impl TestApp {
         tweak: impl FnOnce(&mut Config),
         adjust: impl FnOnce(&mut Options),
     ) -> TestApp {
+        let data = Arc::new(tempfile::tempdir().unwrap());
+        Self::spawn_in(data, flows, tweak, adjust).await
+    }
+
+    /// A daemon on `data`, a data dir the test filled beforehand.
+    pub async fn spawn_on(
+        data: Arc<TempDir>,
+        flows: &str,
+        tweak: impl FnOnce(&mut Config),
+    ) -> TestApp {
+        Self::spawn_in(data, flows, tweak, |_| {}).await
+    }
+
+    async fn spawn_in(
+        data: Arc<TempDir>,
+        flows: &str,
+        tweak: impl FnOnce(&mut Config),
+        adjust: impl FnOnce(&mut Options),
+    ) -> TestApp {
         let flows_dir = tempfile::tempdir().unwrap();
         std::fs::write(flows_dir.path().join("flows.toml"), flows).unwrap();
         let mut options = Options {
@@ -400,7 +419,7 @@ impl TestApp {
         adjust(&mut options);
         Self::start(
             FakeTwilio::start().await,
-            Arc::new(tempfile::tempdir().unwrap()),
+            data,
             Arc::new(flows_dir),
             options,
             tweak,

@@ -58,22 +58,28 @@ fn a_wrong_expectation_fails_with_file_line_expected_and_actual() {
     );
 }
 
-/// A transcript that is no file (a named pipe would be waited on for ever) or not UTF-8 fails
-/// itself, located, and the run goes on.
-#[test]
-fn a_transcript_that_is_no_file_or_not_utf8_fails_itself_located() {
+/// A flow dir with a bot of its own and one passing transcript, `tests/real.txt`.
+fn quiet_bot() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("tests")).unwrap();
     std::fs::write(dir.path().join("bot.toml"), "[bot]\nname = \"Quiet\"\n").unwrap();
-    let fifo = dir.path().join("tests/pipe.txt");
-    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
-    assert!(made.success());
-    std::fs::write(dir.path().join("tests/latin.txt"), b"> HELP\n< caf\xE9\n").unwrap();
     std::fs::write(
         dir.path().join("tests/real.txt"),
         "> HELP\n< Quiet: reply JOIN to subscribe, STOP to opt out.\n",
     )
     .unwrap();
+    dir
+}
+
+/// A transcript that is no file (a named pipe would be waited on for ever) or not UTF-8 fails
+/// itself, located, and the run goes on.
+#[test]
+fn a_transcript_that_is_no_file_or_not_utf8_fails_itself_located() {
+    let dir = quiet_bot();
+    let fifo = dir.path().join("tests/pipe.txt");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    std::fs::write(dir.path().join("tests/latin.txt"), b"> HELP\n< caf\xE9\n").unwrap();
     let out = smsflow_test(dir.path());
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8(out.stdout).unwrap();
@@ -90,17 +96,10 @@ fn a_transcript_that_is_no_file_or_not_utf8_fails_itself_located() {
 /// `ok`, vouching for nothing.
 #[test]
 fn an_empty_transcript_fails_as_one_that_tests_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("tests")).unwrap();
-    std::fs::write(dir.path().join("bot.toml"), "[bot]\nname = \"Quiet\"\n").unwrap();
+    let dir = quiet_bot();
     std::fs::write(dir.path().join("tests/empty.txt"), "").unwrap();
     std::fs::write(dir.path().join("tests/notes.txt"), "# to do\n\n").unwrap();
     std::fs::write(dir.path().join("tests/setup.txt"), "! seed 1\n~ 1d\n").unwrap();
-    std::fs::write(
-        dir.path().join("tests/real.txt"),
-        "> HELP\n< Quiet: reply JOIN to subscribe, STOP to opt out.\n",
-    )
-    .unwrap();
     let out = smsflow_test(dir.path());
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8(out.stdout).unwrap();
