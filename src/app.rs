@@ -182,7 +182,7 @@ impl Application {
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
-        let store = Store::open(&config.data_dir)?;
+        let store = Store::open_with_cache(&config.data_dir, config.cache_bytes)?;
         let port = listener.local_addr()?.port();
         // Where this daemon answers on this machine, for `export`'s hint when it finds the data
         // dir held (a flag or env the export does not share may have set the address).

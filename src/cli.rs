@@ -142,6 +142,10 @@ pub struct ServeArgs {
     /// [env SMSFLOW_RETENTION; default: keep everything].
     #[arg(long)]
     pub retention: Option<String>,
+    /// sled's page cache, such as 128MiB (the daemon's memory grows with the store up to it)
+    /// [env SMSFLOW_CACHE; default 512MiB].
+    #[arg(long)]
+    pub cache: Option<String>,
     /// Log format.
     #[arg(long, value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
@@ -511,6 +515,7 @@ pub fn serve_config(args: &ServeArgs) -> anyhow::Result<crate::config::Config> {
         region: args.region.clone(),
         send_rate: args.send_rate,
         retention: args.retention.clone(),
+        cache: args.cache.clone(),
         ..Layer::default()
     };
     // A bad value is named by where it came from: the file's place, the variable, the flag.

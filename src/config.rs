@@ -85,6 +85,8 @@ pub struct Config {
     /// History entries and delivery records older than this are deleted (daily). `None`:
     /// everything is kept.
     pub retention: Option<std::time::Duration>,
+    /// sled's page cache, in bytes.
+    pub cache_bytes: u64,
 }
 impl Config {
     /// Reachable from this machine only: a loopback listen address and no public URL. Then
@@ -153,6 +155,9 @@ pub struct Layer {
     pub admin_token: Option<Secret>,
     /// A duration such as `180d` (humantime).
     pub retention: Option<String>,
+    /// A size such as `128MiB` (a bare number is MiB), or a number.
+    #[serde(default, deserialize_with = "text_or_number")]
+    pub cache: Option<String>,
     #[serde(default)]
     pub twilio: TwilioLayer,
     /// Values given that could not even be read (a variable's send rate that is no number),
@@ -195,6 +200,24 @@ fn number_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>,
             ))
         }),
     }
+}
+
+/// A string, or a number as its text (`cache = 256`).
+fn text_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Integer(u64),
+        Number(f64),
+        Text(String),
+    }
+    let read = Option::<Raw>::deserialize(d)
+        .map_err(|_| serde::de::Error::custom("expected a size, such as \"256MiB\""))?;
+    Ok(read.map(|r| match r {
+        Raw::Integer(n) => n.to_string(),
+        Raw::Number(n) => n.to_string(),
+        Raw::Text(t) => t,
+    }))
 }
 
 /// A string, or an array of strings joined with commas (`from = ["+1…", "+1…"]`).
@@ -251,6 +274,7 @@ impl Layer {
             "region" => set(&self.region),
             "send_rate" => self.send_rate.is_some(),
             "retention" => set(&self.retention),
+            "cache" => set(&self.cache),
             "twilio.from" => self.twilio.from.is_some(),
             "twilio.api_base" => self.twilio.api_base.is_some(),
             "api_token" => token_set(&self.api_token),
@@ -262,7 +286,7 @@ impl Layer {
     /// Each value this layer sets that cannot be used, by its key in the file.
     fn value_problems(&self) -> Vec<(&'static str, anyhow::Error)> {
         let given = |v: &Option<String>| v.clone().filter(|v| !v.trim().is_empty());
-        let checks: [(&'static str, Option<anyhow::Result<()>>); 9] = [
+        let checks: [(&'static str, Option<anyhow::Result<()>>); 10] = [
             (
                 "listen",
                 given(&self.listen).map(|l| parse_listen(&l).map(drop)),
@@ -284,6 +308,10 @@ impl Layer {
                 self.retention
                     .as_deref()
                     .map(|r| parse_retention(r).map(drop)),
+            ),
+            (
+                "cache",
+                given(&self.cache).map(|c| parse_cache(&c).map(drop)),
             ),
             (
                 "twilio.api_base",
@@ -333,6 +361,7 @@ impl Layer {
             api_token: get("SMSFLOW_API_TOKEN").map(Secret),
             admin_token: get("SMSFLOW_ADMIN_TOKEN").map(Secret),
             retention: get("SMSFLOW_RETENTION"),
+            cache: get("SMSFLOW_CACHE"),
             twilio: TwilioLayer {
                 account_sid: get("TWILIO_ACCOUNT_SID"),
                 auth_token: get("TWILIO_AUTH_TOKEN").map(Secret),
@@ -409,6 +438,7 @@ impl Layer {
             api_token: self.api_token.or(lower.api_token),
             admin_token: self.admin_token.or(lower.admin_token),
             retention: non_blank(self.retention).or(lower.retention),
+            cache: non_blank(self.cache).or(lower.cache),
             twilio: TwilioLayer {
                 account_sid: self.twilio.account_sid.or(lower.twilio.account_sid),
                 auth_token: self.twilio.auth_token.or(lower.twilio.auth_token),
@@ -443,6 +473,7 @@ impl Layer {
             .map(parse_retention)
             .transpose()?
             .flatten();
+        let cache_bytes = parse_cache(given(self.cache).as_deref().unwrap_or(DEFAULT_CACHE))?;
         let t = self.twilio;
         // Checked whenever it is given, used or not (the console provider never reads it): a
         // typo shows at once, not only once credentials are added.
@@ -496,6 +527,7 @@ impl Layer {
             api_token: self.api_token,
             admin_token: self.admin_token,
             retention,
+            cache_bytes,
         })
     }
 }
@@ -570,6 +602,7 @@ struct FileSpans {
     region: Option<toml::Spanned<toml::Value>>,
     send_rate: Option<toml::Spanned<toml::Value>>,
     retention: Option<toml::Spanned<toml::Value>>,
+    cache: Option<toml::Spanned<toml::Value>>,
     api_token: Option<toml::Spanned<toml::Value>>,
     admin_token: Option<toml::Spanned<toml::Value>>,
     #[serde(default)]
@@ -591,6 +624,7 @@ impl FileSpans {
             "region" => &self.region,
             "send_rate" => &self.send_rate,
             "retention" => &self.retention,
+            "cache" => &self.cache,
             "twilio.from" => &self.twilio.from,
             "twilio.api_base" => &self.twilio.api_base,
             "api_token" => &self.api_token,
@@ -658,6 +692,25 @@ fn parse_retention(given: &str) -> anyhow::Result<Option<std::time::Duration>> {
         "retention {r:?} is shorter than an hour; history is deleted after it"
     );
     Ok(Some(d))
+}
+
+/// sled's page cache unless configured.
+const DEFAULT_CACHE: &str = "512MiB";
+
+/// The size of sled's page cache: binary units (`256M` and `256MB` are `256MiB`), a bare
+/// number in MiB; from 16 MiB (less leaves sled reading pages back all the time) to 1 TiB.
+fn parse_cache(given: &str) -> anyhow::Result<u64> {
+    let c = given.trim();
+    let bytes = parse_size::Config::new()
+        .with_binary()
+        .with_default_factor(1 << 20)
+        .parse_size(c)
+        .map_err(|e| anyhow::anyhow!("cache {c:?} is not a size such as 256MiB or 1GiB ({e})"))?;
+    anyhow::ensure!(
+        (16 << 20..=1 << 40).contains(&bytes),
+        "cache {c:?} is out of range: give 16MiB to 1TiB (sled's page cache; 512MiB unless set)"
+    );
+    Ok(bytes)
 }
 
 /// One or more senders, comma-separated; the first is the default. Phone numbers are kept in
@@ -1182,6 +1235,54 @@ mod tests {
             let err = with(bad).unwrap_err().to_string();
             assert!(err.contains("send_rate"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_cache_is_a_size_in_binary_units_from_16_mib_written_as_text_or_a_number() {
+        let mib = |n: u64| n << 20;
+        for (given, bytes) in [
+            ("256MiB", mib(256)),
+            ("256M", mib(256)),
+            ("256 MB", mib(256)),
+            ("256", mib(256)),
+            ("1GiB", mib(1024)),
+            ("16MiB", mib(16)),
+        ] {
+            assert_eq!(parse_cache(given).unwrap(), bytes, "{given}");
+        }
+        for bad in ["8MiB", "lots", "-1", "2TiB"] {
+            let err = parse_cache(bad).unwrap_err().to_string();
+            assert!(err.contains(&format!("cache {bad:?}")), "{err}");
+        }
+        assert_eq!(Layer::default().resolve().unwrap().cache_bytes, mib(512));
+        // In the file, a number or text; a variable over the file; a flag over both.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("smsflow.toml");
+        std::fs::write(&path, "cache = 128\n").unwrap();
+        let file = Layer::from_file(&path, true).unwrap();
+        assert_eq!(file.clone().resolve().unwrap().cache_bytes, mib(128));
+        let env = Layer::from_env(|k| (k == "SMSFLOW_CACHE").then(|| "64MiB".into())).unwrap();
+        assert_eq!(
+            env.clone()
+                .over(file.clone())
+                .resolve()
+                .unwrap()
+                .cache_bytes,
+            mib(64)
+        );
+        let flag = Layer {
+            cache: Some("32M".into()),
+            ..Layer::default()
+        };
+        let all = flag.over(env.over(file));
+        assert_eq!(all.resolve().unwrap().cache_bytes, mib(32));
+        // A bad one in the file is located.
+        std::fs::write(&path, "cache = \"tiny\"\n").unwrap();
+        let file = Layer::from_file(&path, true).unwrap();
+        let err = check_layers(&file, &path, &Layer::default(), &Layer::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("smsflow.toml:1:9: cache \"tiny\""), "{err}");
     }
 
     #[test]

@@ -305,8 +305,19 @@ fn serve_names_each_bad_setting_by_where_it_came_from() {
         "{stderr}"
     );
     // The file's listen address overridden by the flag is not looked at.
-    let stderr = serve(&["--retention", "5m", "--listen", "127.0.0.1:0"]);
+    let stderr = serve(&[
+        "--retention",
+        "5m",
+        "--listen",
+        "127.0.0.1:0",
+        "--cache",
+        "8MiB",
+    ]);
     assert!(!stderr.contains("smsflow.toml:1:"), "{stderr}");
+    assert!(
+        stderr.contains("--cache: cache \"8MiB\" is out of range"),
+        "{stderr}"
+    );
     assert!(
         stderr.contains("SMSFLOW_SEND_RATE: send_rate must be"),
         "{stderr}"

@@ -3904,6 +3904,7 @@ async fn the_banner_names_every_sender() {
             api_token: None,
             admin_token: None,
             retention: None,
+            cache_bytes: 64 << 20,
         };
         async move {
             let options = smsflow::app::Options {

@@ -453,6 +453,7 @@ impl TestApp {
             api_token: Some(Secret::new(API_TOKEN)),
             admin_token: Some(Secret::new(ADMIN_TOKEN)),
             retention: None,
+            cache_bytes: 64 << 20,
         };
         tweak(&mut config);
         let api_token = config.api_token.as_ref().map(|t| t.expose().to_string());
