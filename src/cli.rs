@@ -89,6 +89,16 @@ pub enum Command {
         #[arg(long)]
         one_hot: bool,
     },
+    /// Rewrite the store into a fresh, smaller one (the daemon stopped); the old one is kept
+    /// beside it.
+    Compact {
+        /// Config file, as `serve --config` takes (default: ./smsflow.toml when it exists).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data directory [default: SMSFLOW_DATA, else `data` in smsflow.toml, else ./data].
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
     /// Check a flow directory and report every problem as file:line:col: message.
     Check {
         /// The flow directory.
@@ -820,6 +830,50 @@ fn export_dirs(
     // As `serve` reads them (a blank variable is no value), and layered the same way.
     let env = Layer::dirs_from_env(|k| std::env::var(k).ok());
     Ok(flags.over(env).over(file).dirs())
+}
+
+/// `smsflow compact`: see [`crate::store::compact::compact`].
+pub fn compact(config: Option<&Path>, data: Option<PathBuf>) -> ExitCode {
+    let data = match export_dirs(config, data, None) {
+        Ok((data, _)) => data,
+        Err(e) => {
+            errln!("smsflow compact: {e:#}");
+            return ExitCode::from(EXIT_PROBLEMS);
+        }
+    };
+    // No store there: nothing to compact (and opening would make one).
+    if !data.join("db").is_file() {
+        errln!(
+            "smsflow compact: {} holds no smsflow data (no store in it); give the data dir the \
+             daemon uses (--data, SMSFLOW_DATA or `data` in smsflow.toml)",
+            data.display()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    match crate::store::compact::compact(&data) {
+        Ok(done) => {
+            let mib = |b: u64| b as f64 / f64::from(1 << 20);
+            let report = format!(
+                "compacted {}: {} keys, {:.1} MiB before, {:.1} MiB now. The old store is kept at \
+                 {}: remove it once the daemon runs well on this one.\n",
+                data.display(),
+                done.keys,
+                mib(done.before),
+                mib(done.after),
+                done.old.display()
+            );
+            say(&mut std::io::stdout(), &report);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            if e.downcast_ref::<crate::store::DataDirInUse>().is_some() {
+                errln!("smsflow compact: {e}: stop the daemon first (SIGTERM), then compact");
+            } else {
+                errln!("smsflow compact: {e:#}");
+            }
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
 }
 
 pub fn export(

@@ -23,6 +23,7 @@ fn main() -> ExitCode {
             out,
             one_hot,
         } => cli::export(config.as_deref(), data, flows, out.as_deref(), one_hot),
+        Command::Compact { config, data } => cli::compact(config.as_deref(), data),
         Command::Check { dir } => cli::check(&dir),
         Command::Test { dir } => cli::test(&dir),
         Command::Simulate { flows, phone, seed } => cli::simulate(&flows, &phone, seed),

@@ -5,6 +5,7 @@
 //! durable with one flush per batch (group commit).
 
 pub mod codec;
+pub mod compact;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};

@@ -1228,3 +1228,111 @@ fn a_record_large_enough_for_a_blob_file_is_flushed_and_read_back() {
     store.flush().unwrap();
     assert_eq!(store.subscriber(&phone).unwrap(), Some(sub));
 }
+
+/// A store's trees by name, each with its keys and values in order.
+type Trees = std::collections::BTreeMap<Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>>;
+
+/// Every tree of a store at `dir`, key by key (the store closed again).
+fn every_key(dir: &std::path::Path) -> Trees {
+    let db = sled::Config::new().path(dir).open().expect("open");
+    let trees = (db.tree_names().into_iter()).map(|name| {
+        let tree = db.open_tree(&name).expect("tree");
+        let kvs = (tree.iter())
+            .map(|kv| kv.expect("read"))
+            .map(|(k, v)| (k.to_vec(), v.to_vec()));
+        (name.to_vec(), kvs.collect())
+    });
+    trees.collect()
+}
+
+fn bytes_under(dir: &std::path::Path) -> u64 {
+    (std::fs::read_dir(dir).expect("list").flatten())
+        .map(|e| match e.metadata().expect("stat") {
+            m if m.is_dir() => bytes_under(&e.path()),
+            m => m.len(),
+        })
+        .sum()
+}
+
+/// `smsflow compact` rewrites a store that erasures left mostly garbage into a smaller one
+/// holding every key, swaps it in, and keeps the old one beside it; message ids go on past the
+/// old ones. It refuses while the old one is still there, and while a daemon holds the dir.
+#[test]
+fn compacting_keeps_every_key_and_message_id_and_the_old_store_beside_it() {
+    let parent = tempfile::tempdir().expect("temp dir");
+    let dir = parent.path().join("data");
+    let now = Utc::now();
+    let phone = |i: u32| Phone::parse(&format!("+1415555{i:04}")).expect("phone");
+    let old_ids: Vec<u64> = {
+        let store = Store::open(&dir).expect("open");
+        let entry = |i: u32| smsflow::store::HistoryEntry {
+            at: now,
+            record: smsflow::machine::Record::SequenceAssigned {
+                name: format!("sequence {i} {}", "x".repeat(200)),
+            },
+        };
+        for chunk in (0..3000).collect::<Vec<u32>>().chunks(500) {
+            let commits: Vec<Commit> = (chunk.iter())
+                .map(|&i| Commit {
+                    subscriber: Some(Subscriber::new(phone(i), now)),
+                    history: (0..5).map(entry).collect(),
+                    outgoing: vec![(format!("hello {i}"), false)],
+                    ..Commit::default()
+                })
+                .collect();
+            store.commit_many(&commits, now).expect("commit");
+        }
+        for i in 100..3000 {
+            store.erase(&phone(i)).expect("erase");
+        }
+        store.flush().expect("flush");
+        store.outbox().map(|m| m.expect("readable").0).collect()
+    };
+    assert_eq!(old_ids.len(), 100);
+    let (keys, size) = (every_key(&dir), bytes_under(&dir));
+    let compact = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .arg("compact")
+            .arg("--data")
+            .arg(&dir)
+            .output()
+            .expect("run");
+        let said = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), said)
+    };
+    let (code, said) = compact();
+    assert_eq!(code, Some(0), "{said}");
+    let old = parent.path().join("data.before-compact");
+    assert!(
+        said.contains("compacted") && said.contains("data.before-compact"),
+        "{said}"
+    );
+    assert_eq!(every_key(&dir), keys, "every key of every tree, as it was");
+    assert_eq!(every_key(&old), keys, "the old store kept as it was");
+    let now_size = bytes_under(&dir);
+    assert!(now_size < size, "{now_size} bytes, not less than {size}");
+    // A message queued now takes an id past every one the old store gave.
+    let store = Store::open(&dir).expect("open the compacted store");
+    let commit = Commit {
+        subscriber: Some(Subscriber::new(phone(1), now)),
+        outgoing: vec![("after".into(), false)],
+        ..Commit::default()
+    };
+    store.commit_many(&[commit], now).expect("commit");
+    let newest = store.outbox().map(|m| m.expect("readable").0).max();
+    assert!(newest > old_ids.iter().copied().max(), "{newest:?}");
+    // Held by a daemon (here, this test): refused, and nothing moved.
+    std::fs::remove_dir_all(&old).expect("remove the old store");
+    let (code, said) = compact();
+    assert_eq!(code, Some(3), "{said}");
+    assert!(said.contains("stop the daemon first"), "{said}");
+    assert!(!old.exists() && !parent.path().join("data.compacting").exists());
+    drop(store);
+    // Again, once free; and then not while the store it kept is still beside it.
+    let (code, said) = compact();
+    assert_eq!(code, Some(0), "{said}");
+    let (code, said) = compact();
+    assert_eq!(code, Some(3), "{said}");
+    assert!(said.contains("data.before-compact is there"), "{said}");
+}
