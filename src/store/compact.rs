@@ -22,6 +22,9 @@ pub struct Compacted {
     pub old: PathBuf,
 }
 
+/// sled's page cache for each of the two stores: every page is read or written once.
+const CACHE: u64 = 32 << 20;
+
 /// How many keys a batch of the copy carries.
 const BATCH: usize = 4096;
 
@@ -56,7 +59,7 @@ pub fn compact(dir: &Path) -> anyhow::Result<Compacted> {
             path.display()
         );
     }
-    let store = Store::open(dir)?;
+    let store = Store::open_with_cache(dir, CACHE)?;
     let before = size_of(dir)?;
     let copied = copy(&store, &copy_dir);
     drop(store);
@@ -103,6 +106,7 @@ fn copy(from: &Store, to: &Path) -> anyhow::Result<u64> {
     }
     let fresh = sled::Config::new()
         .path(to)
+        .cache_capacity(CACHE)
         .open()
         .with_context(|| format!("opening a fresh store at {}", to.display()))?;
     let mut keys = 0u64;
@@ -133,7 +137,7 @@ fn copy(from: &Store, to: &Path) -> anyhow::Result<u64> {
     drop(fresh);
     // Opened as the daemon opens it, which makes it durable as a flush does (`fdatasync` of
     // the log and any blob), and read back: the same keys in every tree.
-    let copy = Store::open(to)?;
+    let copy = Store::open_with_cache(to, CACHE)?;
     copy.flush()?;
     for (name, n) in counts {
         let found = walk(&copy.db.open_tree(&name)?, None).count() as u64;
