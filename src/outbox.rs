@@ -1146,19 +1146,22 @@ fn delivery(
 /// code (`sent`: its text), any run of 4 or more that the text holds (its code; Twilio's own
 /// error code stays).
 pub fn redact(text: &str, sent: Option<&str>) -> String {
-    // A number written with separators, as `(415) 555-0304` or `+1 415.555.0304`: seven
-    // digits or more in groups parted by at most two of ` .-()`.
+    // A number written with separators, as `(415) 555-0304`, `+1 415.555.0304` or
+    // `+1/415/555/0116`: seven digits or more in groups parted by at most three of them.
+    const SEPARATORS: [char; 8] = [' ', '.', '-', '(', ')', '/', '\u{a0}', '\u{2013}'];
     static SPACED: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
-        regex::Regex::new(r"\+?\(?\d(?:[ .\-()]{0,2}\d)*").expect("a valid pattern")
+        regex::Regex::new(r"\+?\(?\d(?:[ .\-()/\u{a0}\u{2013}]{0,3}\d)*").expect("a valid pattern")
+    });
+    // What is no number: a date (Twilio's API version, `2010-04-01`, is in its paths; a time
+    // may follow it), an IP address.
+    static NO_NUMBER: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"\d{4}-\d{2}-\d{2}|^\d{1,3}(?:\.\d{1,3}){3}$").expect("a valid pattern")
     });
     let text = SPACED.replace_all(text, |m: &regex::Captures| {
         let found = &m[0];
         let digits = found.chars().filter(char::is_ascii_digit).count();
-        // A date (Twilio's API version, `2010-04-01`, is in its paths) is no number.
-        let date = found.len() == 10
-            && (found.char_indices()).all(|(i, c)| (c == '-') == (i == 4 || i == 7));
         // Unspaced runs are left to the walk below, which also knows a code's digits.
-        if digits >= 7 && !date && found.contains([' ', '.', '-', '(', ')']) {
+        if digits >= 7 && !NO_NUMBER.is_match(found) && found.contains(SEPARATORS) {
             "[number]".to_string()
         } else {
             found.to_string()
@@ -1239,6 +1242,14 @@ mod tests {
             ("to +44 20-7946-0958 failed", "to [number] failed"),
             ("HTTP 400 (code 21614)", "HTTP 400 (code 21614)"),
             ("version 2010-04-01", "version 2010-04-01"),
+            ("to +1/415/555/0116 x", "to [number] x"),
+            ("to 415\u{a0}555\u{2013}0116 x", "to [number] x"),
+            ("to 415 - 555 - 0116 x", "to [number] x"),
+            ("at 2026-11-24 10:15:30", "at 2026-11-24 10:15:30"),
+            (
+                "upstream 10.20.30.40 timed out",
+                "upstream 10.20.30.40 timed out",
+            ),
         ] {
             assert_eq!(redact(quoted, None), hidden, "{quoted}");
         }

@@ -453,13 +453,21 @@ impl Twilio {
         }
         for (name, value) in form {
             let stand_in = match *name {
-                "Body" | "Twiml" => "[the message]",
-                "To" | "From" => "[number]",
+                "Body" | "Twiml" => "[the message]".to_string(),
+                "To" => "[number]".to_string(),
+                // Our own sender, which an error may be about (with several, which one):
+                // masked, as numbers are in the log.
+                "From" => Phone::parse(value).map_or_else(|_| value.clone(), |p| p.masked()),
                 _ => continue,
             };
             // Too short a text would hide ordinary words of Twilio's.
-            if value.chars().count() >= 4 {
-                text = text.replace(value.as_str(), stand_in);
+            if value.chars().count() < 4 {
+                continue;
+            }
+            // As sent, and as a form encodes it (`+` or `%20` for a space).
+            let encoded: String = form_urlencoded::byte_serialize(value.as_bytes()).collect();
+            for quoted in [value.clone(), encoded.replace('+', "%20"), encoded] {
+                text = text.replace(&quoted, &stand_in);
             }
         }
         text

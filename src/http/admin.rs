@@ -157,13 +157,18 @@ const MESSAGES_SHOWN: usize = 20;
 /// one message (never its text, which may be a code). Times as everywhere on the page.
 fn message_json(id: u64, sent: &crate::store::Sent) -> serde_json::Value {
     use crate::store::Sent;
+    // Twilio's words as kept: hidden again, for records kept raw before they were hidden
+    // when written (a queued code's digits, too, with its text at hand).
+    let hidden = |e: &Option<String>, text: Option<&str>| {
+        e.as_deref().map(|e| crate::outbox::redact(e, text))
+    };
     match sent {
         Sent::Queued(m) => serde_json::json!({
             "id": id,
             "status": "queued",
             "attempts": m.attempts,
             "next_try": m.next_try.to_rfc3339(),
-            "last_error": m.last_error,
+            "last_error": hidden(&m.last_error, m.secret.then_some(m.body.as_str())),
             "queued_at": m.created_at.to_rfc3339(),
         }),
         Sent::Ended(d) => serde_json::json!({
@@ -171,7 +176,7 @@ fn message_json(id: u64, sent: &crate::store::Sent) -> serde_json::Value {
             "status": d.status,
             "attempts": d.attempts,
             "error_code": d.error_code,
-            "error": d.error,
+            "error": hidden(&d.error, None),
             "provider_sid": d.provider_sid,
             "updated_at": d.updated_at.to_rfc3339(),
         }),

@@ -1376,8 +1376,13 @@ async fn a_providers_error_that_quotes_the_request_is_shown_without_it() {
         error.starts_with("Twilio answered 400 Bad Request: scripted failure for"),
         "{error}"
     );
-    for stand_in in ["\"[the message]\"", "to [number]", "with Basic [hidden]"] {
-        assert!(error.contains(stand_in), "{stand_in} not in {error}");
+    let from = smsflow::phone::Phone::parse(FROM).unwrap().masked();
+    let stand_ins = [
+        "\"[the message]\" (Body=[the message])".to_string(),
+        format!("to [number] from {from} with Basic [hidden]"),
+    ];
+    for stand_in in stand_ins {
+        assert!(error.contains(&stand_in), "{stand_in} not in {error}");
     }
     let sent = &app.twilio.all_requests()[0].body;
     let basic =
@@ -1385,6 +1390,45 @@ async fn a_providers_error_that_quotes_the_request_is_shown_without_it() {
     for quoted in [sent.as_str(), &code_in(sent), "555", &basic] {
         assert!(!error.contains(quoted), "{quoted} in {error}");
     }
+}
+
+/// A record kept before Twilio's words were hidden as they are written (an older smsflow's)
+/// shows them hidden all the same.
+#[tokio::test]
+async fn a_providers_error_kept_raw_by_an_older_smsflow_is_shown_hidden() {
+    use smsflow::machine::Subscriber;
+    use smsflow::phone::Phone;
+    use smsflow::store::{Commit, Delivery, Store};
+    let data = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    {
+        let store = Store::open(data.path()).unwrap();
+        let now = chrono::Utc::now();
+        let phone = Phone::parse(A).unwrap();
+        let commit = Commit {
+            subscriber: Some(Subscriber::new(phone.clone(), now)),
+            outgoing: vec![("Hello".into(), false)],
+            ..Commit::default()
+        };
+        store.commit_many(&[commit], now).unwrap();
+        let id = store.outbox().next().unwrap().unwrap().0;
+        let failed = Delivery {
+            phone,
+            status: "failed".into(),
+            provider_sid: None,
+            error_code: Some(21211),
+            error: Some("The 'To' number +15550000001 is not valid".into()),
+            attempts: 1,
+            updated_at: now,
+        };
+        store.outbox_finish(id, &failed).unwrap();
+        store.flush().unwrap();
+    }
+    let app = TestApp::spawn_on(data, FLOWS, |_| {}).await;
+    let (_, s) = get(&app, "/admin/subscribers/%2B15550000001", None).await;
+    assert_eq!(
+        s["messages"][0]["error"], "The 'To' number [number] is not valid",
+        "{s}"
+    );
 }
 
 /// A daemon with `retention = 30d` on `data` (which a test filled beforehand), and `FLOWS`.

@@ -237,9 +237,11 @@ async fn fake_messages(
                 _ => to.clone(),
             };
             let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
+            let body = get("Body").unwrap_or_default();
+            let encoded: String = form_urlencoded::byte_serialize(body.as_bytes()).collect();
             format!(
-                "scripted failure for {:?} to {spaced} with {}",
-                get("Body").unwrap_or_default(),
+                "scripted failure for {body:?} (Body={encoded}) to {spaced} from {} with {}",
+                get("From").unwrap_or_default(),
                 auth.unwrap_or_default()
             )
         } else {
