@@ -81,6 +81,9 @@ pub fn read_text_file(path: &std::path::Path) -> Result<String, (usize, usize, S
     let meta = std::fs::metadata(path).map_err(|e| {
         // A link whose target is not there says where it points.
         let message = match std::fs::read_link(path) {
+            _ if e.raw_os_error() == Some(libc::ELOOP) => {
+                "cannot read: it is a link in a loop of links (each names another)".to_string()
+            }
             Ok(to) if !path.exists() => format!(
                 "cannot read: it is a link to {}, which is not there ({e})",
                 to.display()

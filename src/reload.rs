@@ -252,7 +252,10 @@ impl Reloader {
                 };
             }
         }
-        let unreadable = read.is_err();
+        let unreadable = read
+            .as_ref()
+            .err()
+            .is_some_and(|p| p.0.iter().any(may_heal));
         let done = self.apply(why, read.and_then(flows::load_sources));
         Look {
             done: Some(done),
@@ -648,4 +651,46 @@ pub fn end_lost_places(
             remember_places(&engine, &swept, true);
         }
     }))
+}
+
+/// Whether a flow file that could not be read may become readable with no event in the
+/// directory, so that the watcher looks again: a link whose target is not there yet, a file
+/// being replaced, a directory that could not be listed. Not a `*.toml` name that is no file
+/// (a directory, a pipe), nor a file that is not UTF-8: what fixes them is an event.
+fn may_heal(problem: &flows::Problem) -> bool {
+    match std::fs::metadata(&problem.file) {
+        Err(_) => true,
+        Ok(m) if m.is_dir() => problem.line == 0,
+        Ok(m) => m.is_file() && problem.message.starts_with("cannot read"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_heal;
+
+    #[test]
+    fn only_a_flow_file_that_may_become_readable_by_itself_is_looked_at_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| dir.path().join(name);
+        std::os::unix::fs::symlink(at("gone.toml"), at("link.toml")).unwrap();
+        std::fs::create_dir(at("dir.toml")).unwrap();
+        std::fs::write(at("latin.toml"), b"name = \"caf\xE9\"\n").unwrap();
+        std::fs::write(at("ok.toml"), "[bot]\n").unwrap();
+        let problems = crate::flows::read_dir(dir.path()).unwrap_err().0;
+        let heals: Vec<(String, bool)> = (problems.iter())
+            .map(|p| {
+                (
+                    p.file.file_name().unwrap().to_string_lossy().into(),
+                    may_heal(p),
+                )
+            })
+            .collect();
+        let expected = [
+            ("dir.toml", false),
+            ("latin.toml", false),
+            ("link.toml", true),
+        ];
+        assert_eq!(heals, expected.map(|(n, h)| (n.to_string(), h)));
+    }
 }

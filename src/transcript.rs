@@ -33,7 +33,8 @@ pub struct Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.line {
-            // The file as a whole (it could not be read).
+            // The file as a whole (nothing to run in it). (One that could not be read is told
+            // at its line 1, as a flow file is, or at its first byte that is not UTF-8.)
             0 => write!(f, "{}: {}", self.file.display(), self.message),
             line => write!(f, "{}:{line}: {}", self.file.display(), self.message),
         }
@@ -54,6 +55,8 @@ pub fn run_dir(flows: &Flows, dir: &Path) -> Result<Report, String> {
     let mut paths: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+        // A hidden file is no transcript: an editor's lock (`.#name.txt`), macOS's `._name.txt`.
+        .filter(|p| (p.file_name()).is_some_and(|n| !n.to_string_lossy().starts_with('.')))
         .collect();
     paths.sort();
     let mut report = Report::default();

@@ -80,13 +80,20 @@ fn a_transcript_that_is_no_file_or_not_utf8_fails_itself_located() {
     let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
     assert!(made.success());
     std::fs::write(dir.path().join("tests/latin.txt"), b"> HELP\n< caf\xE9\n").unwrap();
+    // Links that name each other; and hidden files, which are no transcripts (an editor's
+    // lock, macOS's copy of a file's attributes): left out.
+    std::os::unix::fs::symlink("loop2.txt", dir.path().join("tests/loop1.txt")).unwrap();
+    std::os::unix::fs::symlink("loop1.txt", dir.path().join("tests/loop2.txt")).unwrap();
+    std::os::unix::fs::symlink("user@host.1", dir.path().join("tests/.#real.txt")).unwrap();
+    std::fs::write(dir.path().join("tests/._real.txt"), b"\0\x05\x16\x07").unwrap();
     let out = smsflow_test(dir.path());
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8(out.stdout).unwrap();
     for said in [
         "latin.txt:2: byte 0xE9 is not UTF-8",
         "pipe.txt:1: cannot read: it is a named pipe, not a file",
-        "1 passed, 2 failed",
+        "loop1.txt:1: cannot read: it is a link in a loop of links",
+        "1 passed, 4 failed",
     ] {
         assert!(stdout.contains(said), "{said:?} not in {stdout}");
     }
