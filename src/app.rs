@@ -271,7 +271,7 @@ impl Application {
                 |d| {
                     format!(
                         "history and delivery records older than {}, and numbers that never \
-                         verified nor answered silent as long, are deleted daily",
+                         verified nor answered silent as long (and for the flows' send window), are deleted daily",
                         retention_age(d)
                     )
                 }
@@ -701,16 +701,23 @@ fn several_numbers(c: &Config) -> bool {
     )
 }
 
-/// A retention as the banner says it: in days from a day up (humantime writes a year or a
-/// month with no space, "1year", and as 365d 6h).
+/// A retention as the banner says it: in days when it is whole days, else as humantime
+/// writes it, with a space before each unit (humantime writes "1year 6h").
 fn retention_age(d: Duration) -> String {
     match d.as_secs() {
         s if s % 86_400 == 0 => format!("{} days", s / 86_400),
-        s if s > 86_400 => {
-            let days = format!("{:.2}", s as f64 / 86_400.0);
-            format!("{} days", days.trim_end_matches('0'))
+        _ => {
+            let mut out = String::new();
+            let mut last_digit = false;
+            for c in humantime::format_duration(d).to_string().chars() {
+                if last_digit && c.is_alphabetic() {
+                    out.push(' ');
+                }
+                last_digit = c.is_ascii_digit();
+                out.push(c);
+            }
+            out
         }
-        _ => humantime::format_duration(d).to_string(),
     }
 }
 
@@ -761,7 +768,8 @@ async fn prune_daily(engine: Arc<Engine>, keep: Duration, mut stop: watch::Recei
 }
 
 /// Forgets every number [`crate::machine::Subscriber::forgettable`] since `before`, a chunk
-/// at a time (listed on a blocking thread, erased by the writer); how many.
+/// at a time (listed on a blocking thread, erased by the writer: small chunks, so that the
+/// webhooks between them wait little); how many.
 async fn forget_silent(
     engine: &Arc<Engine>,
     before: chrono::DateTime<chrono::Utc>,
@@ -772,7 +780,7 @@ async fn forget_silent(
     while !*stop.borrow() {
         let store = engine.store.clone();
         let (phones, next) =
-            tokio::task::spawn_blocking(move || store.forgettable_after(after, before, 256))
+            tokio::task::spawn_blocking(move || store.forgettable_after(after, before, 64, 4096))
                 .await??;
         if !phones.is_empty() {
             forgotten += engine.forget(phones, before).await?;
@@ -820,15 +828,16 @@ mod tests {
     }
 
     #[test]
-    fn the_banner_says_a_retention_in_days_from_a_day_up() {
+    fn the_banner_says_a_retention_in_days_or_units_spaced_apart() {
         let said = |text: &str| retention_age(crate::parse_duration(text).unwrap());
         for (given, told) in [
             ("180d", "180 days"),
             ("1w", "7 days"),
-            ("1y", "365.25 days"),
-            ("1M", "30.44 days"),
-            ("36h", "1.5 days"),
-            ("1h", "1h"),
+            ("1y", "1 year"),
+            ("1M", "1 month"),
+            ("36h", "1 day 12 h"),
+            ("2d 1m", "2 days 1 m"),
+            ("1h", "1 h"),
         ] {
             assert_eq!(said(given), told, "{given}");
         }

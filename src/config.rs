@@ -758,9 +758,13 @@ fn public_base_url(given: &str) -> anyhow::Result<String> {
 /// URL exactly as it was typed into its console, so it is not rewritten.
 fn base_url(given: &str, what: &str) -> anyhow::Result<String> {
     let given = given.trim();
-    // Not repeated when it may carry a password (`user:password@host`).
+    // Not repeated when it may carry a password (`user:password@host`), nor its query or
+    // fragment, which may hold a key.
+    let base = given.split(['?', '#']).next().unwrap_or_default();
     let shown = if given.contains('@') {
         "(not repeated: it may hold a password)".to_string()
+    } else if base.len() < given.len() {
+        format!("{base:?} (its ?query or #fragment not shown)")
     } else {
         format!("{given:?}")
     };
@@ -779,13 +783,11 @@ fn base_url(given: &str, what: &str) -> anyhow::Result<String> {
     anyhow::ensure!(
         (lower.starts_with("https://") || lower.starts_with("http://"))
             && parsed.host_str().is_some_and(|h| !h.is_empty()),
-        "{what} {given:?} must start with https:// (or http://) and a host name"
+        "{what} {shown} must start with https:// (or http://) and a host name"
     );
-    // (Not said back whole: a query may hold a key.)
-    let base = given.split(['?', '#']).next().unwrap_or_default();
     anyhow::ensure!(
         parsed.query().is_none() && parsed.fragment().is_none(),
-        "{what} {base:?} must be a plain base URL: no ?query or #fragment (not shown)"
+        "{what} {shown} must be a plain base URL: no ?query or #fragment"
     );
     Ok(given.trim_end_matches('/').to_string())
 }
@@ -1021,12 +1023,17 @@ mod tests {
             let err = public(bad).unwrap_err().to_string();
             assert!(err.contains("public_url"), "{bad}: {err}");
         }
-        // A query may hold a key: not said back.
-        let err = public("https://abc.ngrok.app/?key=s3cret#s3cret")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("\"https://abc.ngrok.app/\""), "{err}");
-        assert!(!err.contains("s3cret"), "{err}");
+        // A query may hold a key: not said back, whatever else is wrong.
+        for given in [
+            "https://abc.ngrok.app/?key=s3cret#s3cret",
+            "ftp://host/?key=s3cret",
+            "abc.ngrok.app/?key=s3cret",
+            "https://exa mple.com/?key=s3cret",
+        ] {
+            let err = public(given).unwrap_err().to_string();
+            assert!(err.contains("?query or #fragment"), "{err}");
+            assert!(!err.contains("s3cret"), "{err}");
+        }
         // A host alone says what it lacks; a webhook's URL pasted whole says what to give.
         assert_eq!(public("https://twilio/sms").unwrap(), "https://twilio/sms");
         let err = public("abc.ngrok.app").unwrap_err().to_string();

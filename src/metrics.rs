@@ -178,8 +178,8 @@ pub fn render(engine: &Engine, reloads: (u64, u64)) -> String {
         (
             "smsflow_early_reports",
             "gauge",
-            "Delivery reports kept for a message whose send is not yet recorded (dropped once \
-             ten minutes old).",
+            "Delivery reports kept for a message whose send is not yet recorded (one ten \
+             minutes old is dropped when another is kept, or at a start).",
             engine.store.early_report_count().to_string(),
         ),
         (

@@ -804,7 +804,8 @@ async fn status(
             if !c.bytes().all(|b| b.is_ascii_digit()) || (c.len() > 1 && c.starts_with('0')) =>
         {
             return Err(WebhookError::BadRequest(format!(
-                "ErrorCode {:?} is not a number",
+                "ErrorCode {:?} is not a number as Twilio writes its codes (digits alone: no \
+                 sign, no leading zero)",
                 crate::clip(c)
             )))
         }

@@ -442,9 +442,11 @@ impl Subscriber {
         }
     }
 
-    /// The latest of its creation, its last text or call, and its last code.
+    /// The latest of its creation, its last text, its last code sent, and the expiry of the
+    /// codes it holds (one still valid may yet be entered). (A call is no event of its own:
+    /// only what its menu does, such as sending a code.)
     pub fn last_active(&self) -> DateTime<Utc> {
-        let codes = self.codes.iter().map(|c| c.issued_at);
+        let codes = (self.codes.iter()).flat_map(|c| [c.issued_at, c.expires_at]);
         (codes.chain(self.code_sends.iter().copied()))
             .chain(self.last_inbound_at)
             .fold(self.created_at, DateTime::max)
@@ -2013,6 +2015,16 @@ mod tests {
                 with(&|s| {
                     s.state = State::AwaitingCode;
                     s.codes.push(code(before + Duration::seconds(1)));
+                }),
+                false,
+            ),
+            (
+                "holds a code sent before that is valid still",
+                with(&|s| {
+                    s.state = State::AwaitingCode;
+                    let mut long_lived = code(before - Duration::hours(2));
+                    long_lived.expires_at = before + Duration::hours(1);
+                    s.codes.push(long_lived);
                 }),
                 false,
             ),

@@ -769,7 +769,8 @@ impl Store {
     }
 
     /// Numbers a retention may forget ([`Subscriber::forgettable`]: silent since `before`)
-    /// that have no message queued, in phone order after `after`, at most `limit` of them;
+    /// that have no message queued, in phone order after `after`: at most `limit` of them,
+    /// among at most `scan` records looked at (so that a caller can stop between calls);
     /// with the key to go on after (`None`: the walk is done). A record that cannot be read
     /// is left for an operator.
     pub fn forgettable_after(
@@ -777,16 +778,17 @@ impl Store {
         after: Option<Vec<u8>>,
         before: DateTime<Utc>,
         limit: usize,
+        scan: usize,
     ) -> anyhow::Result<(Vec<Phone>, Option<Vec<u8>>)> {
         let mut found = Vec::new();
-        for kv in walk(&self.subscribers, after) {
+        for (looked, kv) in walk(&self.subscribers, after).enumerate() {
             let (k, v) = kv?;
             if let Ok(sub) = codec::decode_subscriber(&v) {
                 if sub.forgettable(before) && !self.has_queued(&sub.phone)? {
                     found.push(sub.phone);
                 }
             }
-            if found.len() >= limit {
+            if found.len() >= limit || looked + 1 >= scan {
                 return Ok((found, Some(k.to_vec())));
             }
         }

@@ -641,7 +641,7 @@ fn the_retention_deletes_old_records_but_keeps_queued_messages_and_the_history_t
     // Nor may a retention forget the number, silent as it has been (see the admin tests).
     let forgettable = |store: &Store| {
         store
-            .forgettable_after(None, now - Duration::days(180), 10)
+            .forgettable_after(None, now - Duration::days(180), 10, 100)
             .expect("walk")
     };
     assert_eq!(forgettable(&store), (vec![], None));
