@@ -1146,22 +1146,33 @@ fn delivery(
 /// code (`sent`: its text), any run of 4 or more that the text holds (its code; Twilio's own
 /// error code stays).
 pub fn redact(text: &str, sent: Option<&str>) -> String {
-    // A number written with separators, as `(415) 555-0304`, `+1 415.555.0304` or
-    // `+1/415/555/0116`: seven digits or more in groups parted by at most three of them.
-    const SEPARATORS: [char; 8] = [' ', '.', '-', '(', ')', '/', '\u{a0}', '\u{2013}'];
-    static SPACED: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
-        regex::Regex::new(r"\+?\(?\d(?:[ .\-()/\u{a0}\u{2013}]{0,3}\d)*").expect("a valid pattern")
-    });
-    // What is no number: a date (Twilio's API version, `2010-04-01`, is in its paths; a time
-    // may follow it), an IP address.
+    // What is no number is set aside first, whatever is written beside it: a date (Twilio's
+    // API version, `2010-04-01`, is in its paths) with its time, a US date, an IP address.
     static NO_NUMBER: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
-        regex::Regex::new(r"\d{4}-\d{2}-\d{2}|^\d{1,3}(?:\.\d{1,3}){3}$").expect("a valid pattern")
+        regex::Regex::new(concat!(
+            r"\b\d{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])(?:[T ]\d{2}:\d{2}(?::\d{2})?)?\b",
+            r"|\b\d{1,2}/\d{1,2}/\d{4}\b",
+            r"|\b\d{1,3}(?:\.\d{1,3}){3}\b",
+        ))
+        .expect("a valid pattern")
     });
-    let text = SPACED.replace_all(text, |m: &regex::Captures| {
+    // A number written with separators, as `(415) 555-0304`, `+1 415.555.0304`,
+    // `+1/415/555/0116` or `415 - 555 - 0116`: seven digits or more in groups parted by one
+    // separator, or by a dash or a parenthesis with spaces.
+    static SPACED: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"\+?\(?\d(?:(?:\) | \(| - | \u{2013} |[ .\-/()\u{a0}\u{2013}])?\d)*")
+            .expect("a valid pattern")
+    });
+    // (A private-use character, which Twilio's words do not hold; dropped should they.)
+    const SET_ASIDE: char = '\u{e000}';
+    let text = text.replace(SET_ASIDE, "");
+    let set_aside: Vec<&str> = NO_NUMBER.find_iter(&text).map(|m| m.as_str()).collect();
+    let text = NO_NUMBER.replace_all(&text, SET_ASIDE.to_string().as_str());
+    let text = SPACED.replace_all(&text, |m: &regex::Captures| {
         let found = &m[0];
         let digits = found.chars().filter(char::is_ascii_digit).count();
         // Unspaced runs are left to the walk below, which also knows a code's digits.
-        if digits >= 7 && !NO_NUMBER.is_match(found) && found.contains(SEPARATORS) {
+        if digits >= 7 && found.contains([' ', '.', '-', '(', ')', '/', '\u{a0}', '\u{2013}']) {
             "[number]".to_string()
         } else {
             found.to_string()
@@ -1190,7 +1201,14 @@ pub fn redact(text: &str, sent: Option<&str>) -> String {
         }
     }
     flush(&mut digits, &mut out);
-    out
+    // What was set aside, back in its place.
+    let mut kept = set_aside.into_iter();
+    out.chars()
+        .map(|c| match c {
+            SET_ASIDE => kept.next().unwrap_or_default().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -1250,6 +1268,14 @@ mod tests {
                 "upstream 10.20.30.40 timed out",
                 "upstream 10.20.30.40 timed out",
             ),
+            ("upstream 10.20.30.40 - 502", "upstream 10.20.30.40 - 502"),
+            ("on 11/24/2026 10:15", "on 11/24/2026 10:15"),
+            ("length 1700 / 1600", "length 1700 / 1600"),
+            // Beside a date, or shaped a little like one, a number is still one.
+            ("number 0467-23-1234 is", "number [number] is"),
+            ("0612-34-56-78", "[number]"),
+            ("2026-11-24 (415) 555-0116", "2026-11-24 [number]"),
+            ("415 555 0116 2026-11-24", "[number] 2026-11-24"),
         ] {
             assert_eq!(redact(quoted, None), hidden, "{quoted}");
         }
