@@ -853,16 +853,30 @@ pub fn compact(config: Option<&Path>, data: Option<PathBuf>) -> ExitCode {
     match crate::store::compact::compact(&data) {
         Ok(done) => {
             let mib = |b: u64| b as f64 / f64::from(1 << 20);
-            let report = format!(
-                "compacted {}: {} keys, {:.1} MiB before, {:.1} MiB now. The old store is kept at \
-                 {}: remove it once the daemon runs well on this one.\n",
-                data.display(),
-                done.keys,
-                mib(done.before),
-                mib(done.after),
-                done.old.display()
-            );
+            let shown = std::fs::canonicalize(&data).unwrap_or(data);
+            let report = match &done.old {
+                Some(old) => format!(
+                    "compacted {}: {} keys, {:.1} MiB before, {:.1} MiB now. The old store is \
+                     kept at {}: remove it once the daemon runs well on this one.\n",
+                    shown.display(),
+                    done.keys,
+                    mib(done.before),
+                    mib(done.after),
+                    old.display()
+                ),
+                None => format!(
+                    "not compacted {}: a copy of its {} keys came to {:.1} MiB, not less than \
+                     its {:.1} MiB; the store is as it was, and the copy is gone.\n",
+                    shown.display(),
+                    done.keys,
+                    mib(done.after),
+                    mib(done.before)
+                ),
+            };
             say(&mut std::io::stdout(), &report);
+            for note in &done.notes {
+                errln!("smsflow compact: but {note}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

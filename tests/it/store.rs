@@ -1290,17 +1290,19 @@ fn compacting_keeps_every_key_and_message_id_and_the_old_store_beside_it() {
     };
     assert_eq!(old_ids.len(), 100);
     let (keys, size) = (every_key(&dir), bytes_under(&dir));
-    let compact = || {
+    let compact_in = |cwd: &std::path::Path, data: &std::path::Path| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow"))
+            .current_dir(cwd)
             .arg("compact")
             .arg("--data")
-            .arg(&dir)
+            .arg(data)
             .output()
             .expect("run");
         let said = String::from_utf8_lossy(&out.stdout).to_string()
             + &String::from_utf8_lossy(&out.stderr);
         (out.status.code(), said)
     };
+    let compact = || compact_in(parent.path(), &dir);
     let (code, said) = compact();
     assert_eq!(code, Some(0), "{said}");
     let old = parent.path().join("data.before-compact");
@@ -1310,6 +1312,10 @@ fn compacting_keeps_every_key_and_message_id_and_the_old_store_beside_it() {
     );
     assert_eq!(every_key(&dir), keys, "every key of every tree, as it was");
     assert_eq!(every_key(&old), keys, "the old store kept as it was");
+    assert!(
+        !dir.join(".smsflow-compacted-copy").exists(),
+        "its mark removed"
+    );
     let now_size = bytes_under(&dir);
     assert!(now_size < size, "{now_size} bytes, not less than {size}");
     // A message queued now takes an id past every one the old store gave.
@@ -1329,9 +1335,35 @@ fn compacting_keeps_every_key_and_message_id_and_the_old_store_beside_it() {
     assert!(said.contains("stop the daemon first"), "{said}");
     assert!(!old.exists() && !parent.path().join("data.compacting").exists());
     drop(store);
-    // Again, once free; and then not while the store it kept is still beside it.
+    // From inside the data dir: refused (the swap would leave the shell in the old store).
+    let (code, said) = compact_in(&dir, std::path::Path::new("."));
+    assert_eq!(code, Some(3), "{said}");
+    assert!(
+        said.contains("the working directory is in the data dir"),
+        "{said}"
+    );
+    // A copy a crash left unfinished is removed, and the compaction goes on (the copy of a
+    // store just compacted may be no smaller: then it is not swapped in, and says so).
+    let copying = parent.path().join("data.compacting");
+    std::fs::create_dir(&copying).expect("an unfinished copy");
     let (code, said) = compact();
     assert_eq!(code, Some(0), "{said}");
+    assert!(!copying.exists(), "{said}");
+    assert_eq!(every_key(&dir).len(), keys.len());
+    // One left after the swap holds the old store: named, not touched.
+    let _ = std::fs::remove_dir_all(&old);
+    std::fs::create_dir(&copying).expect("the old store, left");
+    std::fs::write(dir.join(".smsflow-compacted-copy"), "").expect("the swapped copy's mark");
+    let (code, said) = compact();
+    assert_eq!(code, Some(3), "{said}");
+    assert!(
+        said.contains("data.compacting holds the old store"),
+        "{said}"
+    );
+    assert!(copying.exists());
+    // And not while the store an earlier compaction kept is still beside it.
+    std::fs::remove_dir(&copying).expect("remove");
+    std::fs::create_dir(&old).expect("a kept store");
     let (code, said) = compact();
     assert_eq!(code, Some(3), "{said}");
     assert!(said.contains("data.before-compact is there"), "{said}");
