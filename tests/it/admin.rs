@@ -219,13 +219,7 @@ async fn one_subscriber_shows_its_state_timer_history_and_what_became_of_its_mes
         "{s}"
     );
     // A send Twilio refuses for good shows as failed, with Twilio's code and words.
-    app.twilio.fail_next(&[400]);
-    app.sms(B, "JOIN").await;
-    eventually("the refused code to end", async || {
-        app.engine.store.outbox_len() == 0
-    })
-    .await;
-    let (_, s) = get(&app, "/admin/subscribers/%2B15550000002", None).await;
+    let s = join_refused_by_twilio(&app).await;
     let failed = &s["messages"][0];
     assert_eq!(
         (&failed["status"], &failed["error_code"], &failed["error"]),
@@ -1359,18 +1353,24 @@ async fn ended_sequence_of_a(app: &TestApp) -> serde_json::Value {
 
 /// What a provider's error quotes of the request (the text with its code, the number however
 /// written, the credentials) is hidden in the record the admin API shows, as in the log.
-#[tokio::test]
-async fn a_providers_error_that_quotes_the_request_is_shown_without_it() {
-    use base64::Engine as _;
-    let app = TestApp::spawn(FLOWS).await;
-    app.twilio.chatty();
+/// `B` texts JOIN, Twilio refuses its code for good (400), and the admin API's page of `B`
+/// once the outbox is done with it.
+async fn join_refused_by_twilio(app: &TestApp) -> serde_json::Value {
     app.twilio.fail_next(&[400]);
     app.sms(B, "JOIN").await;
     eventually("the refused code to end", async || {
         app.engine.store.outbox_len() == 0
     })
     .await;
-    let (_, s) = get(&app, "/admin/subscribers/%2B15550000002", None).await;
+    get(app, "/admin/subscribers/%2B15550000002", None).await.1
+}
+
+#[tokio::test]
+async fn a_providers_error_that_quotes_the_request_is_shown_without_it() {
+    use base64::Engine as _;
+    let app = TestApp::spawn(FLOWS).await;
+    app.twilio.chatty();
+    let s = join_refused_by_twilio(&app).await;
     let error = s["messages"][0]["error"].as_str().unwrap().to_string();
     assert!(
         error.starts_with("Twilio answered 400 Bad Request: scripted failure for"),
