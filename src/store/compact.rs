@@ -79,11 +79,18 @@ pub fn compact(dir: &Path) -> anyhow::Result<Compacted> {
         dir.display(),
         meta.uid()
     );
+    let mounted = std::fs::metadata(parent)?.dev() != meta.dev()
+        || matches!((mount_id(dir), mount_id(parent)), (Some(a), Some(b)) if a != b);
     anyhow::ensure!(
-        std::fs::metadata(parent)?.dev() == meta.dev(),
-        "the data dir {} is a mount point (another filesystem than {}): a copy beside it could \
-         not be swapped in; keep the store in a directory inside the volume",
+        !mounted,
+        "the data dir {} is a mount point (another filesystem or mount than {}): a copy \
+         beside it could not be swapped in; keep the store in a directory inside the volume",
         dir.display(),
+        parent.display()
+    );
+    anyhow::ensure!(
+        writable(parent),
+        "{} is not writable by this user: the copy is made beside the data dir, in it",
         parent.display()
     );
     let swapped_before = dir.join(CHECKED).exists();
@@ -141,21 +148,20 @@ pub fn compact(dir: &Path) -> anyhow::Result<Compacted> {
     // The data dir is compacted: what fails from here is said, and stands.
     let mut notes = Vec::new();
     let kept = match std::fs::rename(&copy_dir, &old) {
-        Ok(()) => old,
+        Ok(()) => {
+            // (Kept otherwise: it tells the next run that `.compacting` is the old store.)
+            if let Err(e) = std::fs::remove_file(dir.join(CHECKED)) {
+                let marker = dir.join(CHECKED);
+                notes.push(format!("{} could not be removed: {e}", marker.display()));
+            }
+            old
+        }
         Err(e) => {
-            notes.push(format!(
-                "the old store could not be renamed {}: {e}",
-                old.display()
-            ));
+            let told = format!("the old store could not be renamed {}: {e}", old.display());
+            notes.push(told);
             copy_dir
         }
     };
-    if let Err(e) = std::fs::remove_file(dir.join(CHECKED)) {
-        notes.push(format!(
-            "{} could not be removed: {e}",
-            dir.join(CHECKED).display()
-        ));
-    }
     if let Err(e) = std::fs::File::open(parent).and_then(|d| d.sync_all()) {
         notes.push(format!("{} could not be synced: {e}", parent.display()));
     }
@@ -168,8 +174,27 @@ pub fn compact(dir: &Path) -> anyhow::Result<Compacted> {
     })
 }
 
+/// The id of the mount `path` is on (`statx`), to tell a bind mount from its parent; `None`
+/// where the kernel does not say.
+fn mount_id(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a valid NUL-terminated path, and a buffer of the type the call fills.
+    let mut buf: libc::statx = unsafe { std::mem::zeroed() };
+    let done = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), 0, libc::STATX_MNT_ID, &mut buf) };
+    (done == 0 && buf.stx_mask & libc::STATX_MNT_ID != 0).then_some(buf.stx_mnt_id)
+}
+
+/// Whether this user may create entries in `dir`.
+fn writable(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(dir.as_os_str().as_bytes())
+        // SAFETY: a valid NUL-terminated path.
+        .is_ok_and(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0)
+}
+
 /// Takes sled's lock on a store's log file (a `flock`), held while the file stays open.
-fn lock(log: &Path) -> anyhow::Result<std::fs::File> {
+pub(super) fn lock(log: &Path) -> anyhow::Result<std::fs::File> {
     use std::os::fd::AsRawFd;
     let file = std::fs::File::open(log)?;
     // SAFETY: a valid open descriptor.

@@ -455,6 +455,15 @@ impl Store {
         })?;
         let log_file = std::fs::File::open(dir.join("db"))
             .with_context(|| format!("opening data dir {}: its log file", dir.display()))?;
+        // sled locks its log file after opening it by name: should `smsflow compact` have
+        // swapped the directory in between, the lock is on the old store's file, and the log
+        // at the name is free. Then this is not the store at the name: refused.
+        anyhow::ensure!(
+            compact::lock(&dir.join("db")).is_err(),
+            "data dir {} changed while it was being opened (a compaction swapped it in); start \
+             again",
+            dir.display()
+        );
         // The files sled made, such as `db` itself, are named in the directory: that too
         // must survive a power cut. (Some filesystems cannot sync a directory: said, not
         // fatal.)
