@@ -126,7 +126,7 @@ pub fn compact(dir: &Path) -> anyhow::Result<Compacted> {
         let _ = std::fs::remove_dir_all(&copy_dir);
         Err(e.context("the data dir is as it was"))
     };
-    let (keys, _held) = match (copied, held) {
+    let (keys, held_lock) = match (copied, held) {
         (Ok(keys), Ok(file)) => (keys, file),
         (Err(e), _) => return give_up(e),
         (_, Err(e)) => return give_up(anyhow::anyhow!("another process took the data dir: {e}")),
@@ -165,6 +165,11 @@ pub fn compact(dir: &Path) -> anyhow::Result<Compacted> {
     if let Err(e) = std::fs::File::open(parent).and_then(|d| d.sync_all()) {
         notes.push(format!("{} could not be synced: {e}", parent.display()));
     }
+    // A daemon that opened the old store's log just before the swap takes its lock within
+    // moments: held a second more, it finds it taken and stops, before sled writes anything
+    // by name into the new store. (One slower still is refused by `Store::open`.)
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    drop(held_lock);
     Ok(Compacted {
         keys,
         before,
