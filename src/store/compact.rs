@@ -121,7 +121,16 @@ pub fn compact(dir: &Path) -> anyhow::Result<Compacted> {
     drop(store);
     // The data dir held again at once, through the swap, with sled's own lock (a flock of
     // its log file): a daemon started meanwhile would write into what becomes the old store.
-    let held = lock(&dir.join("db"));
+    // (sled lets go of its lock when its deferred cleanup runs, which can lag a moment behind
+    // the drop: a little patience before taking a refusal for another process.)
+    let mut held = lock(&dir.join("db"));
+    for _ in 0..40 {
+        if held.is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        held = lock(&dir.join("db"));
+    }
     let give_up = |e: anyhow::Error| {
         let _ = std::fs::remove_dir_all(&copy_dir);
         Err(e.context("the data dir is as it was"))
