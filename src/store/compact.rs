@@ -121,16 +121,7 @@ pub fn compact(dir: &Path) -> anyhow::Result<Compacted> {
     drop(store);
     // The data dir held again at once, through the swap, with sled's own lock (a flock of
     // its log file): a daemon started meanwhile would write into what becomes the old store.
-    // (sled lets go of its lock when its deferred cleanup runs, which can lag a moment behind
-    // the drop: a little patience before taking a refusal for another process.)
-    let mut held = lock(&dir.join("db"));
-    for _ in 0..40 {
-        if held.is_ok() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        held = lock(&dir.join("db"));
-    }
+    let held = patiently(|| lock(&dir.join("db")), |_| true);
     let give_up = |e: anyhow::Error| {
         let _ = std::fs::remove_dir_all(&copy_dir);
         Err(e.context("the data dir is as it was"))
@@ -186,6 +177,26 @@ pub fn compact(dir: &Path) -> anyhow::Result<Compacted> {
         old: Some(kept),
         notes,
     })
+}
+
+/// `attempt` again, for up to 2 s, while it fails as `passing` says may pass: sled lets go of
+/// a store's lock when its deferred cleanup runs, which can lag a moment behind the drop, and
+/// this process drops a store and takes its lock (or opens it) again.
+fn patiently<T>(
+    mut attempt: impl FnMut() -> anyhow::Result<T>,
+    passing: impl Fn(&anyhow::Error) -> bool,
+) -> anyhow::Result<T> {
+    let mut got = attempt();
+    for _ in 0..40 {
+        match &got {
+            Err(e) if passing(e) => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                got = attempt();
+            }
+            _ => break,
+        }
+    }
+    got
 }
 
 /// The id of the mount `path` is on (`statx`), to tell a bind mount from its parent; `None`
@@ -270,7 +281,10 @@ fn copy_into(from: &Store, to: &Path) -> anyhow::Result<u64> {
     drop(fresh);
     // Opened as the daemon opens it, which makes it durable as a flush does (`fdatasync` of
     // the log and any blob), and read back: the same keys in every tree.
-    let copy = Store::open_with_cache(to, CACHE)?;
+    let copy = patiently(
+        || Store::open_with_cache(to, CACHE),
+        |e| e.downcast_ref::<super::DataDirInUse>().is_some(),
+    )?;
     copy.flush()?;
     for (name, n) in counts {
         let found = walk(&copy.db.open_tree(&name)?, None).count() as u64;
