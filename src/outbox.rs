@@ -1168,7 +1168,8 @@ pub fn redact(text: &str, sent: Option<&str>) -> String {
         let found = &m[0];
         let digits = found.chars().filter(char::is_ascii_digit).count();
         // Unspaced runs are left to the walk below, which also knows a code's digits.
-        let spaced = found.contains([' ', '.', '-', '(', ')', '/', '\u{a0}', '\u{2013}']);
+        // (What is not a digit in it, but for a leading `+`, is a separator.)
+        let spaced = (found.trim_start_matches('+').chars()).any(|c| !c.is_ascii_digit());
         if digits >= 7 && spaced && !NO_NUMBER.is_match(found) {
             "[number]".to_string()
         } else {

@@ -434,9 +434,7 @@ impl Twilio {
             })
         }
     }
-}
 
-impl Twilio {
     /// Twilio's words as smsflow passes them on (the log, the admin API, the OTP API's
     /// answer), with what they may quote of the request hidden: the text or call as sent,
     /// the numbers as written in it, and the credentials in any form. (Digits quoted

@@ -806,13 +806,15 @@ impl Store {
 
     /// Whether a message to `phone` waits in the outbox.
     pub fn has_queued(&self, phone: &Phone) -> sled::Result<bool> {
-        let prefix = prefixed(phone, &[OUTBOX_TAG]);
-        Ok(self
-            .by_phone
-            .scan_prefix(prefix)
-            .next()
-            .transpose()?
-            .is_some())
+        self.queued_under(&prefixed(phone, &[]))
+    }
+
+    /// [`Store::has_queued`] for a number's key prefix (`phone ++ 0`).
+    fn queued_under(&self, number: &[u8]) -> sled::Result<bool> {
+        let mut prefix = number.to_vec();
+        prefix.push(OUTBOX_TAG);
+        let first = self.by_phone.scan_prefix(prefix).next().transpose()?;
+        Ok(first.is_some())
     }
 
     /// A subscriber with its recent webhook replies.
@@ -1543,9 +1545,8 @@ impl Store {
             let waiting = match &queued {
                 Some((n, waiting)) if n.as_slice() == number => *waiting,
                 _ => {
-                    let mut prefix = number.to_vec();
-                    prefix.push(OUTBOX_TAG);
-                    let waiting = self.by_phone.scan_prefix(&prefix).next().is_some();
+                    // (A storage error here keeps the history, as a queued message would.)
+                    let waiting = self.queued_under(number).unwrap_or(true);
                     queued = Some((number.to_vec(), waiting));
                     waiting
                 }
