@@ -1056,11 +1056,16 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 } else if opt_in {
                     self.say_t(&self.flows.replies.already_joined);
                     self.ask_open_again();
-                } else if self.has_live_code(&guess) || self.echoes_used_code(&guess) {
+                } else if (self.holds_live_code() && self.reads_as_code(text))
+                    || self.echoes_used_code(&guess)
+                {
                     // An app asked for a code for a number already verified, and it was texted
                     // back: not an answer (it would be recorded), and still the app's to
                     // validate. Or the code it verified with, texted again. An open question
-                    // (the form's, or a sequence's) is asked again.
+                    // (the form's, or a sequence's) is asked again. Any text that reads as a
+                    // code gets that while the app's code lives, whether it is the code or
+                    // not: were only the code kept out, the answer would tell a guess right
+                    // (texting is no guess counted against it, see `text_while_app_code`).
                     if !self.ask_open_again() {
                         self.outcome = Outcome::Ignored;
                     }
@@ -1255,9 +1260,25 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             .any(|c| c.expires_at > self.now && c.is(guess))
     }
 
-    /// Whether a guess (read by [`code_guess`]) is one of the latest codes, still usable.
-    fn has_live_code(&self, guess: &str) -> bool {
-        self.live_code(guess).is_some()
+    /// Whether the number holds one of the latest codes, still usable (whatever its digits).
+    fn holds_live_code(&self) -> bool {
+        let max = self.flows.verify.max_attempts;
+        self.sub.codes[self.first_counted()..]
+            .iter()
+            .any(|c| c.usable(self.now, max))
+    }
+
+    /// Whether a text reads as a code: digits of the length codes have now, or of the length of
+    /// a code the number holds (sent before a reload changed `code_length`). Only lengths are
+    /// looked at, never a code's digits, so what follows from it tells nothing of them.
+    fn reads_as_code(&self, text: &str) -> bool {
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        let length = usize::from(self.flows.verify.code_length);
+        let plain = crate::ascii_digits(text);
+        let plain = plain.trim();
+        let guess = code_guess(text, length);
+        (digits(&guess) && guess.len() == length)
+            || (digits(plain) && (self.sub.codes.iter()).any(|c| c.code.len() == plain.len()))
     }
 
     /// The latest code, still usable, that a guess is.
@@ -1282,15 +1303,12 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 
     /// A text from a number that awaits only an app's codes ([`Self::awaits_only_app_codes`]):
     /// no guess, so texting can neither use up the app's code (the app's check would then
-    /// fail) nor try codes against it. One of those codes gets `verify.api_code_texted`;
-    /// anything else `replies.not_joined`, since the conversation by text starts with JOIN.
+    /// fail) nor try codes against it. A text that reads as a code ([`Self::reads_as_code`])
+    /// gets `verify.api_code_texted`, whether it is the code or not (were only the code told
+    /// so, texting would be a guess with no limit); anything else `replies.not_joined`, since
+    /// the conversation by text starts with JOIN.
     fn text_while_app_code(&mut self, text: &str) {
-        let plain = crate::ascii_digits(text);
-        let guess = code_guess(text, usize::from(self.flows.verify.code_length));
-        let held = (self.sub.codes.iter())
-            .filter(|c| c.by_app)
-            .any(|c| c.is(plain.trim()) || c.is(&guess));
-        self.say_t(if held {
+        self.say_t(if self.reads_as_code(text) {
             &self.flows.verify.api_code_texted
         } else {
             &self.flows.replies.not_joined

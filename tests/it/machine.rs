@@ -973,6 +973,29 @@ fn a_code_texted_back_by_a_verified_number_is_not_taken_as_an_answer_and_stays_t
         "{:?}",
         later.subscriber.fields
     );
+    // Any other text that reads as a code gets the same while the app's code is valid, or
+    // the answer would tell a guess right; once it expired, it is an answer.
+    let wrong = step(
+        s.clone(),
+        &Event::Inbound("654321".into()),
+        &f,
+        t0(),
+        &mut StdRng::seed_from_u64(1),
+    );
+    assert!(
+        wrong.subscriber.fields.is_empty(),
+        "{:?}",
+        wrong.subscriber.fields
+    );
+    assert_eq!(messages(&wrong.effects), ["What's your first name?"]);
+    let later = step(
+        s.clone(),
+        &Event::Inbound("654321".into()),
+        &f,
+        t0() + TimeDelta::minutes(11),
+        &mut StdRng::seed_from_u64(1),
+    );
+    assert_eq!(later.subscriber.fields["first_name"], "654321");
     // Other text is an answer as before.
     let t = step(
         s,
@@ -1342,8 +1365,8 @@ fn an_answer_in_time_is_never_met_with_silence() {
 }
 
 /// A number awaiting only an app's code, whose text says to enter it in the app: what it
-/// texts is no guess. The code itself is pointed back to the app and stays usable there; a
-/// wrong code costs no attempt. Without `api_send`, the code's text says to reply with it,
+/// texts is no guess. The code itself, and any text that reads as a code, is pointed back to
+/// the app, and the code stays usable there; a wrong code costs no attempt. Without `api_send`, the code's text says to reply with it,
 /// and a reply verifies.
 #[test]
 fn texts_while_only_an_apps_code_is_awaited_are_no_guesses() {
@@ -1372,14 +1395,18 @@ fn texts_while_only_an_apps_code_is_awaited_are_no_guesses() {
         ["Please enter that code in the app that asked for it."]
     );
     assert_eq!(t.subscriber, asked_at_now(&asked, &t.subscriber));
+    // A wrong code is answered as the code is (the answer tells no guess right); other
+    // text, as a number that never joined.
     let wrong = if code == "000000" { "111111" } else { "000000" };
-    for said in ["hi", wrong] {
+    for (said, answer) in [
+        ("hi", "Acme Contest: reply JOIN to enter the contest."),
+        (
+            wrong,
+            "Please enter that code in the app that asked for it.",
+        ),
+    ] {
         let t = text(&f, said);
-        assert_eq!(
-            messages(&t.effects),
-            ["Acme Contest: reply JOIN to enter the contest."],
-            "{said:?}"
-        );
+        assert_eq!(messages(&t.effects), [answer], "{said:?}");
         assert_eq!(t.subscriber.codes[0].wrong, 0, "{said:?}");
     }
     // The app checks it as ever.

@@ -556,7 +556,9 @@ async fn a_failed_calls_error_does_not_give_away_the_code_it_spelled_out() {
 }
 
 /// An app's code whose text says to enter it in the app (`api_send`): texting it back does
-/// not use it up, so the app's check still passes, and other texts are no guesses.
+/// not use it up, so the app's check still passes, and other texts are no guesses. Nor can
+/// texting tell a guess right: every text that reads as a code gets the answer the code
+/// gets, as often as it is sent.
 #[tokio::test]
 async fn an_apps_code_texted_back_stays_the_apps_to_validate() {
     let flows = FLOWS.replace(
@@ -567,8 +569,16 @@ async fn an_apps_code_texted_back_stays_the_apps_to_validate() {
     let c = code(&app, 1).await;
     let (_, twiml) = app.sms(PHONE, "what is this?").await;
     assert!(twiml.contains("reply JOIN to subscribe"), "{twiml}");
-    let (_, twiml) = app.sms(PHONE, &c).await;
-    assert!(twiml.contains("enter that code in the app"), "{twiml}");
+    let (_, right) = app.sms(PHONE, &c).await;
+    assert!(right.contains("enter that code in the app"), "{right}");
+    for n in 0..8u32 {
+        let wrong = format!("{:06}", (c.parse::<u32>().unwrap() + 1 + n) % 1_000_000);
+        let (_, twiml) = app.sms(PHONE, &wrong).await;
+        assert_eq!(
+            twiml, right,
+            "the wrong code {n} is answered as the right one"
+        );
+    }
     assert_eq!(app.state_of(PHONE).as_deref(), Some("awaiting_code"));
     assert_success(&validate(&app, &c).await);
     assert_eq!(app.state_of(PHONE).as_deref(), Some("verified"));
