@@ -488,8 +488,8 @@ impl Writer {
         // lost, so their later events here are refused rather than stepped from a stale one.
         let mut failed: Vec<Phone> = Vec::new();
         let mut prepared = Vec::new();
-        // Whether each number's last history entry is a refused code, as this batch left it.
-        let mut last_refused: HashMap<Phone, bool> = HashMap::new();
+        // Each number's last history entry as this batch left it, once looked up.
+        let mut last_entry: HashMap<Phone, Option<machine::Record>> = HashMap::new();
         let mut committed = Committed {
             events: 0,
             answers: Vec::new(),
@@ -633,25 +633,25 @@ impl Writer {
             committed.timers |= !commit.schedule.is_empty();
             committed.outbox |= !commit.outgoing.is_empty();
             (committed.recorded).extend(commit.history.iter().map(|h| h.record.name()));
-            // A refused code right after a refused code adds nothing to the number's history
-            // (an app or a texter asking again and again would fill it); the metric counts
-            // every one.
-            let refusal = |h: &HistoryEntry| matches!(h.record, machine::Record::CodeRateLimited);
-            if commit.history.iter().any(refusal) {
-                let again = match last_refused.get(&phone) {
-                    Some(again) => *again,
-                    None => self
-                        .store
-                        .last_history(&phone)
-                        .is_ok_and(|h| h.is_some_and(|h| refusal(&h))),
-                };
-                if again {
-                    commit.history.retain(|h| !refusal(h));
-                    last_refused.insert(phone.clone(), true);
+            // A refusal right after the same refusal adds nothing to the number's history (an
+            // app or a texter asking again and again, or trying a locked code, would fill it);
+            // the metric counts every one.
+            let known = match last_entry.remove(&phone) {
+                Some(last) => Some(last),
+                None if commit.history.iter().any(|h| repeats(&h.record)) => {
+                    Some((self.store.last_history(&phone).ok().flatten()).map(|h| h.record))
                 }
-            }
-            if let Some(last) = commit.history.last() {
-                last_refused.insert(phone.clone(), refusal(last));
+                None => None,
+            };
+            let mut last = known.clone().flatten();
+            commit.history.retain(|h| {
+                let again = repeats(&h.record) && last.as_ref() == Some(&h.record);
+                last = Some(h.record.clone());
+                !again
+            });
+            // (Not looked up, and nothing added: still unknown.)
+            if known.is_some() || last.is_some() {
+                last_entry.insert(phone.clone(), last);
             }
             prepared.push(Prepared::new(&commit, now));
             if let Some(s) = commit.subscriber.take() {
@@ -712,6 +712,17 @@ impl Writer {
                 Err(e) => Err(anyhow::anyhow!("flushing: {e}")),
             });
         }
+    }
+}
+
+/// A refusal kept once in a row: the same one again says nothing new. (A wrong guess is
+/// always kept: each counts against its code.)
+fn repeats(record: &machine::Record) -> bool {
+    use machine::Record::*;
+    match record {
+        CodeRateLimited => true,
+        CodeRejected { reason } => reason != "wrong",
+        _ => false,
     }
 }
 

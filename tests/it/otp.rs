@@ -116,6 +116,24 @@ async fn too_many_wrong_guesses_is_exit_3_with_retry_after() {
     assert_eq!(got.1.as_deref(), Some("1"), "Retry-After");
     let got = validate(&app, &c).await;
     assert_failure(&got, 429, 3, "too many wrong guesses");
+    // Trying the locked code again and again fills no history: each wrong guess is an
+    // entry, the refusals of a locked code are one.
+    for _ in 0..20 {
+        assert_failure(
+            &validate(&app, &wrong).await,
+            429,
+            3,
+            "too many wrong guesses",
+        );
+    }
+    let phone = smsflow::phone::Phone::parse(PHONE).unwrap();
+    let reasons: Vec<String> = (app.engine.store.history(&phone, 50).unwrap().iter())
+        .filter_map(|h| match &h.as_ref().unwrap().record {
+            smsflow::machine::Record::CodeRejected { reason } => Some(reason.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reasons, ["wrong", "wrong", "wrong", "wrong", "locked"]);
     assert_success(&app.otp("get_otp", json!({ "phone": PHONE }), None).await);
 }
 
