@@ -783,6 +783,9 @@ pub fn step<R: Rng + ?Sized>(
     step_within(subscriber, event, flows, now, rng, Limits::default())
 }
 
+/// The most messages one reply (TwiML) carries: Twilio's limit.
+pub const MAX_REPLIES: usize = 10;
+
 /// [`step`], within the daemon's limits of the moment.
 pub fn step_within<R: Rng + ?Sized>(
     subscriber: Subscriber,
@@ -958,7 +961,12 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         if text.is_empty() {
             return;
         }
-        self.effects.push(if self.reply {
+        let replies = (self.effects.iter())
+            .filter(|e| matches!(e, Effect::Reply(_)))
+            .count();
+        // Twilio sends at most 10 of a reply's messages (warning 14109) and drops the rest
+        // unsaid: those go through the outbox, after them.
+        self.effects.push(if self.reply && replies < MAX_REPLIES {
             Effect::Reply(text)
         } else {
             Effect::Send(text)

@@ -52,6 +52,36 @@ async fn join_verify_form_and_sequence_steps_arrive_through_the_twilio_api() {
     );
 }
 
+/// Twilio sends at most 10 messages of a reply (warning 14109) and drops the rest: a turn
+/// with more to say answers with 10, and the rest go through the REST API, in order.
+#[tokio::test]
+async fn a_reply_of_more_than_ten_messages_sends_the_rest_through_the_api() {
+    let steps: Vec<String> = (1..=12)
+        .map(|n| format!("  {{ after = \"0s\", say = \"Step {n}\" }},"))
+        .collect();
+    let flows = FLOWS.replace(
+        "  { after = \"0s\", say = \"Welcome {field.first_name}\" },\n  { after = \"1s\", say = \"Step one\" },\n  { after = \"1s\", say = \"Step two\" },\n  { after = \"1s\", say = \"Step three\" },",
+        &steps.join("\n"),
+    );
+    assert!(flows.contains("Step 12"));
+    let app = TestApp::spawn(&flows).await;
+    app.sms(ANN, "JOIN").await;
+    let code = code_in(&app.twilio.last_to(ANN, 1).await);
+    app.sms(ANN, &code).await;
+    let (_, twiml) = app.sms(ANN, "Ann").await;
+    let said: Vec<&str> = twiml
+        .split("<Message>")
+        .skip(1)
+        .map(|m| m.split("</Message>").next().unwrap())
+        .collect();
+    let expected: Vec<String> = (1..=10).map(|n| format!("Step {n}")).collect();
+    assert_eq!(said, expected, "{twiml}");
+    let sent = app.twilio.wait_delivered(3).await;
+    let bodies: Vec<&str> = sent.iter().map(|r| r.body.as_str()).collect();
+    assert!(bodies[0].starts_with("Code: "), "{bodies:?}");
+    assert_eq!(&bodies[1..], ["Step 11", "Step 12"]);
+}
+
 #[tokio::test]
 async fn stop_mid_sequence_means_nothing_more_arrives() {
     let app = TestApp::spawn_on_manual_clock(FLOWS).await;
