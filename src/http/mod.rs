@@ -17,7 +17,7 @@ use axum::Router;
 
 use crate::config::Secret;
 use crate::engine::{Engine, Input};
-use crate::machine::Event;
+use crate::machine::{Event, OptOutType};
 use crate::outbox::UNSUBSCRIBED;
 use crate::phone::{Phone, Region};
 
@@ -548,10 +548,11 @@ fn content_type_is(headers: &HeaderMap, expected: &str) -> Result<(), String> {
 }
 
 /// The form fields the `/twilio/*` routes read: each must come at most once.
-const READ: [&str; 9] = [
+const READ: [&str; 10] = [
     "From",
     "To",
     "Body",
+    "OptOutType",
     "MessageSid",
     "SmsSid",
     "MessageStatus",
@@ -755,7 +756,10 @@ async fn sms(
         .engine
         .apply(Input {
             phone: &phone,
-            event: Event::Inbound(text.to_string()),
+            event: match form.get("OptOutType").and_then(OptOutType::parse) {
+                Some(kind) => Event::InboundKeyword(text.to_string(), kind),
+                None => Event::Inbound(text.to_string()),
+            },
             inbound_sid: Some(sid),
             fired: None,
             inline_codes: false,

@@ -200,6 +200,9 @@ impl TimerKind {
 pub enum Event {
     /// A text from the number.
     Inbound(String),
+    /// A text from the number that Twilio's Advanced Opt-Out took for one of its keywords
+    /// (its `OptOutType`), which may be one the flows do not know (`PARAR`, say).
+    InboundKeyword(String, OptOutType),
     /// A timer came due.
     TimerDue(Timer),
     /// An app asked for a code through the OTP API.
@@ -230,6 +233,10 @@ impl fmt::Debug for Event {
         };
         match self {
             Event::Inbound(t) => hidden(f, "Inbound", t),
+            Event::InboundKeyword(t, k) => {
+                hidden(f, "InboundKeyword", t)?;
+                write!(f, " {k:?}")
+            }
             Event::OtpSubmitted(c) => hidden(f, "OtpSubmitted", c),
             Event::CodeUndeliverable(c) => hidden(f, "CodeUndeliverable", c),
             Event::TimerDue(t) => f.debug_tuple("TimerDue").field(t).finish(),
@@ -252,11 +259,36 @@ impl Event {
         matches!(
             self,
             Event::Inbound(_)
+                | Event::InboundKeyword(..)
                 | Event::OtpRequested
                 | Event::VoiceCodeRequested
                 | Event::VoiceOptIn
                 | Event::VoiceOptOut
         )
+    }
+}
+
+/// What Twilio's Advanced Opt-Out took a text for (the inbound webhook's `OptOutType`): it
+/// has acted on it already (on `Stop`, it blocks the number), with keywords the operator may
+/// have set in Twilio's console, in any language. `Stop` and `Help` count as the flows' own
+/// keywords in every state; `Start` only for a number opted out (Twilio takes `YES` for
+/// one, and elsewhere a `YES` is an answer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptOutType {
+    Stop,
+    Start,
+    Help,
+}
+
+impl OptOutType {
+    /// Twilio's word for it (`STOP`, `START`, `HELP`); any other is none of these.
+    pub fn parse(word: &str) -> Option<OptOutType> {
+        match word.trim().to_ascii_uppercase().as_str() {
+            "STOP" => Some(OptOutType::Stop),
+            "START" => Some(OptOutType::Start),
+            "HELP" => Some(OptOutType::Help),
+            _ => None,
+        }
     }
 }
 
@@ -795,7 +827,7 @@ pub fn step_within<R: Rng + ?Sized>(
     rng: &mut R,
     limits: Limits,
 ) -> Transition {
-    let reply = matches!(event, Event::Inbound(_));
+    let reply = matches!(event, Event::Inbound(_) | Event::InboundKeyword(..));
     let mut m = Run {
         sub: subscriber,
         flows,
@@ -839,7 +871,8 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             self.sub.late = None;
         }
         match event {
-            Event::Inbound(text) => self.inbound(text),
+            Event::Inbound(text) => self.inbound(text, None),
+            Event::InboundKeyword(text, kind) => self.inbound(text, Some(*kind)),
             Event::TimerDue(t) => self.timer_due(*t),
             Event::OtpRequested => self.unless_opted_out(|r| r.issue_code("otp_api")),
             Event::VoiceCodeRequested => self.unless_opted_out(|r| r.issue_code("voice")),
@@ -984,13 +1017,14 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 
     // ---- inbound texts -----------------------------------------------------
 
-    fn inbound(&mut self, text: &str) {
+    /// A text; `twilio`: the keyword Twilio took it for, if any (see [`OptOutType`]).
+    fn inbound(&mut self, text: &str, twilio: Option<OptOutType>) {
         self.sub.last_inbound_at = Some(self.now);
         let word = normalize(text);
         let kw = &self.flows.keywords;
         let is = |list: &[String]| list.contains(&word);
         // Global keywords first, whatever the state.
-        if is(&kw.opt_out) {
+        if is(&kw.opt_out) || twilio == Some(OptOutType::Stop) {
             if self.sub.state == State::OptedOut {
                 self.outcome = Outcome::Ignored;
             } else {
@@ -998,7 +1032,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             }
             return;
         }
-        if is(&kw.help) {
+        if is(&kw.help) || twilio == Some(OptOutType::Help) {
             self.say_t(&self.flows.replies.help);
             // Then the question still open, which the next text answers: help is no answer.
             self.ask_open_again();
@@ -1018,7 +1052,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 // Twilio lifts its own block on YES as on START (no question is open to
                 // take it as an answer): staying opted out would leave the number told by
                 // Twilio that it is back, and never sent a code.
-                if opt_in || word == "YES" {
+                if opt_in || word == "YES" || twilio == Some(OptOutType::Start) {
                     self.issue_code("sms");
                     if self.sub.state == State::OptedOut {
                         // Refused a code (the hour's are spent), yet back in by its own

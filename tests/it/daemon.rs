@@ -82,6 +82,48 @@ async fn a_reply_of_more_than_ten_messages_sends_the_rest_through_the_api() {
     assert_eq!(&bodies[1..], ["Step 11", "Step 12"]);
 }
 
+/// A keyword Twilio's Advanced Opt-Out knows and the flows do not (its `OptOutType`):
+/// Twilio has blocked the number on `PARAR`, so it is opted out, not saved as an answer; a
+/// `START` keyword of Twilio's brings it back; a `YES` marked `START` mid-form is an answer.
+#[tokio::test]
+async fn twilio_opt_out_keywords_the_flows_do_not_know_are_taken_as_twilio_took_them() {
+    let app = TestApp::spawn(FLOWS).await;
+    let texts = |body: &'static str, kind: &'static str| {
+        let sid = format!("SM{}", uuid_like());
+        let app = &app;
+        async move {
+            let params = [
+                ("From", ANN),
+                ("To", FROM),
+                ("Body", body),
+                ("MessageSid", sid.as_str()),
+                ("OptOutType", kind),
+            ];
+            let r = app.post_form("/twilio/sms", &params).await;
+            assert_eq!(r.status(), 200);
+            r.text().await.unwrap()
+        }
+    };
+    app.sms(ANN, "JOIN").await;
+    let code = code_in(&app.twilio.last_to(ANN, 1).await);
+    let (_, twiml) = app.sms(ANN, &code).await;
+    assert!(twiml.contains("Name?"), "{twiml}");
+    // Twilio takes YES for START; here it answers the question.
+    texts("Yes", "START").await;
+    let phone = smsflow::phone::Phone::parse(ANN).unwrap();
+    let (sub, _) = app.engine.store.record(&phone).unwrap().unwrap();
+    assert_eq!(sub.fields["first_name"], "Yes");
+    assert_eq!(app.state_of(ANN).as_deref(), Some("in_sequence"));
+    let twiml = texts("PARAR", "STOP").await;
+    assert!(twiml.contains("unsubscribed"), "{twiml}");
+    assert_eq!(app.state_of(ANN).as_deref(), Some("opted_out"));
+    texts("ALTA", "START").await;
+    assert_eq!(app.state_of(ANN).as_deref(), Some("awaiting_code"));
+    let twiml = texts("AYUDA", "HELP").await;
+    assert!(!twiml.ends_with("<Response/>"), "help is answered: {twiml}");
+    assert_eq!(app.state_of(ANN).as_deref(), Some("awaiting_code"));
+}
+
 #[tokio::test]
 async fn stop_mid_sequence_means_nothing_more_arrives() {
     let app = TestApp::spawn_on_manual_clock(FLOWS).await;
