@@ -695,16 +695,41 @@ impl Flight {
         let _in_flight = store.send_in_flight();
         // A code that will not arrive, to withdraw.
         let mut withdraw = None;
+        // Tries cut off by crashes (each counted below) may each have sent it: no more.
+        if msg.uncertain >= MAYBE_SENT_ATTEMPTS {
+            tracing::error!(phone = %msg.phone.masked(), "outbox: not trying again: {} tries may have sent it", msg.uncertain);
+            let ending = Ending {
+                status: "failed",
+                sid: None,
+                code: None,
+                error: Some(format!(
+                    "{} tries were cut off (by a restart, or with no answer from Twilio), each                      of which may have sent it; not tried again, so as not to send it many times",
+                    msg.uncertain
+                )),
+            };
+            return self.finish(id, &msg, ending, None).await;
+        }
         msg.attempts = msg.attempts.saturating_add(1);
+        // Counted on disk before it is made, as a try that may reach Twilio: should the
+        // daemon die while it is under way, the try counts all the same, so a daemon that
+        // crashes again and again does not send the message again at each start. A try
+        // Twilio surely did not take (an answer, a 503, a refused connection) is uncounted
+        // once its answer is in.
+        msg.uncertain = msg.uncertain.saturating_add(1);
+        store.outbox_update(id, &msg)?;
+        self.engine.durable().await?;
         let result = self
             .provider
             .send(&msg.phone, &msg.body, s.via.as_ref())
             .await;
-        if let Err(SendError::Temporary {
-            maybe_sent: true, ..
-        }) = &result
-        {
-            msg.uncertain = msg.uncertain.saturating_add(1);
+        if !matches!(
+            &result,
+            Err(SendError::Temporary {
+                maybe_sent: true,
+                ..
+            })
+        ) {
+            msg.uncertain = msg.uncertain.saturating_sub(1);
         }
         // What a provider's error may quote of the number or of a code's message is hidden,
         // from the log and from the record the admin API shows.

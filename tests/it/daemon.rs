@@ -719,6 +719,42 @@ async fn serve_on_twilio(
     (child, base)
 }
 
+/// A send cut off by a crash (Twilio may have taken it) counts as a try that may have sent
+/// the message, on disk before it is made: a daemon that crashes again and again while Twilio
+/// is slow to answer sends a message at most twice, not once per start.
+#[tokio::test]
+async fn a_daemon_that_crashes_mid_send_again_and_again_sends_a_message_at_most_twice() {
+    let twilio = FakeTwilio::start().await;
+    twilio.hold();
+    let (data, flows) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(flows.path().join("flows.toml"), FLOWS).unwrap();
+    let (mut child, mut base) = serve_on_twilio(&twilio, data.path(), flows.path()).await;
+    signed_sms(&base, ANN, "JOIN").await;
+    for tries in 1..=2 {
+        eventually("the code's send to reach Twilio", async || {
+            twilio.held() == tries
+        })
+        .await;
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+        (child, base) = serve_on_twilio(&twilio, data.path(), flows.path()).await;
+    }
+    // The message ends (failed, saying why) without a third try.
+    let metrics = format!("{base}/metrics");
+    eventually("the message to end", async || {
+        let scrape = reqwest::Client::new()
+            .get(&metrics)
+            .bearer_auth(ADMIN_TOKEN);
+        let text = scrape.send().await.unwrap().text().await.unwrap();
+        text.lines().any(|l| l == "smsflow_outbox_depth 0")
+    })
+    .await;
+    quiet_for(Duration::from_millis(500)).await;
+    assert_eq!(twilio.held(), 2, "no third try");
+    twilio.release();
+    drop(child);
+}
+
 /// An app's `get_otp` for `phone`, with the API token.
 async fn app_asks_a_code(base: &str, phone: &str) -> reqwest::Response {
     reqwest::Client::new()
