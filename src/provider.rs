@@ -389,7 +389,7 @@ impl Twilio {
             if once_a_minute(&SENDER_REFUSED) {
                 tracing::error!(
                     "Twilio refused a sender of ours (error {c}: not a number of this account \
-                     that may send, or not a valid sender): check TWILIO_FROM and \
+                     that may send, not a valid sender, or a Messaging Service it has not): check TWILIO_FROM and \
                      TWILIO_MESSAGING_SERVICE_SID; queued messages wait and are retried until \
                      it is fixed and smsflow restarted"
                 );
@@ -479,8 +479,11 @@ const ACCOUNT_CODES: [u32; 3] = [20003, 20403, 10001];
 
 /// Twilio's codes for a sender of ours it will not send from: 21212, not a valid sender
 /// (an invalid number, a sender ID on a do-not-originate list); 21601, not a number of the
-/// account that can send; 21210, a caller ID the account has not verified (calls).
-const SENDER_CODES: [u32; 3] = [21212, 21601, 21210];
+/// account that can send; 21661, a number of ours not able to text; 21701 and 21705, a
+/// Messaging Service that does not exist (or is another account's) or is not valid; 21210,
+/// a caller ID the account has not verified (calls). (Not 21606, which may be the
+/// destination's: a short code texting another country.)
+const SENDER_CODES: [u32; 6] = [21212, 21601, 21661, 21701, 21705, 21210];
 
 /// Twilio's code for a sender whose queue is full (more than 10 hours of messages at its
 /// rate): temporary, though answered 400.

@@ -1058,11 +1058,11 @@ async fn a_retry_after_from_twilio_holds_every_send_not_only_the_refused_one() {
 }
 
 /// Twilio's 21611 (the sender's queue there holds more than 10 hours of messages) drains
-/// by itself, and a refused sender of ours (21212, 21601) is its configuration's fault: the
-/// message is tried again, not failed (nor its code withdrawn).
+/// by itself, and a refused sender of ours (21212, 21601, 21661, 21701, 21705) is its
+/// configuration's fault: the message is tried again, not failed (nor its code withdrawn).
 #[tokio::test]
 async fn a_message_twilio_refuses_for_its_sender_not_itself_is_tried_again() {
-    for refusal in [21611, 21212, 21601] {
+    for refusal in [21611, 21212, 21601, 21661, 21701, 21705] {
         let app = TestApp::spawn(FLOWS).await;
         app.twilio.refuse_next(refusal);
         app.sms(ANN, "JOIN").await;
