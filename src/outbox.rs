@@ -716,11 +716,15 @@ impl Flight {
         // Twilio surely did not take (an answer, a 503, a refused connection) is uncounted
         // once its answer is in.
         msg.uncertain = msg.uncertain.saturating_add(1);
+        // A code goes with its life left: Twilio drops it rather than deliver it expired.
+        let now = self.engine.clock().now();
+        let valid_for = (msg.code_expires_at.filter(|_| msg.secret))
+            .map(|expires| crate::provider::life_left(expires, now).unwrap_or_default());
         store.outbox_update(id, &msg)?;
         self.engine.durable().await?;
         let result = self
             .provider
-            .send(&msg.phone, &msg.body, s.via.as_ref())
+            .send(&msg.phone, &msg.body, s.via.as_ref(), valid_for)
             .await;
         if !matches!(
             &result,

@@ -98,14 +98,19 @@ impl Provider {
     /// Sends one SMS, from `via` when that is one of the configured numbers (the number of
     /// ours the recipient wrote to), otherwise from the first. (The console prints it whole,
     /// codes included: it stands in for the phone. Logs never carry a body.)
+    ///
+    /// `valid_for`: how long the text is any use (a code's life left); Twilio drops it
+    /// unsent should it wait longer in its queue (`ValidityPeriod`), rather than deliver a
+    /// code already expired.
     pub async fn send(
         &self,
         to: &Phone,
         body: &str,
         via: Option<&Phone>,
+        valid_for: Option<std::time::Duration>,
     ) -> Result<Accepted, SendError> {
         match self {
-            Provider::Twilio(t) => t.send(to, body, via).await,
+            Provider::Twilio(t) => t.send(to, body, via, valid_for).await,
             Provider::Console(c) => Ok(c.print("sms", to, body)),
         }
     }
@@ -293,6 +298,7 @@ impl Twilio {
         to: &Phone,
         body: &str,
         via: Option<&Phone>,
+        valid_for: Option<std::time::Duration>,
     ) -> Result<Accepted, SendError> {
         let mut form = vec![
             ("To", to.as_str().to_string()),
@@ -301,6 +307,9 @@ impl Twilio {
         ];
         if let Some(cb) = &self.status_callback {
             form.push(("StatusCallback", cb.clone()));
+        }
+        if let Some(valid) = valid_for {
+            form.push(("ValidityPeriod", validity_period(valid).to_string()));
         }
         self.post("Messages", &form).await
     }
@@ -472,6 +481,21 @@ impl Twilio {
     }
 }
 
+/// Twilio's `ValidityPeriod` for a text of use for `valid`: whole seconds, rounded up, within
+/// the 1 to 36,000 Twilio takes (its default is the longest).
+pub fn validity_period(valid: std::time::Duration) -> u64 {
+    let secs = valid.as_secs() + u64::from(valid.subsec_nanos() > 0);
+    secs.clamp(1, 36_000)
+}
+
+/// How long a code expiring at `expires_at` is still of use at `now` (none once expired).
+pub fn life_left(
+    expires_at: chrono::DateTime<chrono::Utc>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<std::time::Duration> {
+    (expires_at - now).to_std().ok()
+}
+
 /// Twilio's codes for an account that cannot send at all (wrong or revoked credentials, a
 /// suspended or closed account): a fault of the account, not of a message, so the outbox
 /// keeps retrying (for hours, backing off) instead of failing every queued message.
@@ -534,8 +558,18 @@ fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
-    use super::{retry_after, Console};
+    use super::{retry_after, validity_period, Console};
     use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn a_validity_period_is_whole_seconds_rounded_up_within_twilios_range() {
+        let ms = Duration::from_millis;
+        assert_eq!(validity_period(ms(599_001)), 600);
+        assert_eq!(validity_period(ms(600_000)), 600);
+        assert_eq!(validity_period(ms(0)), 1);
+        assert_eq!(validity_period(ms(200)), 1);
+        assert_eq!(validity_period(ms(86_400_000)), 36_000);
+    }
 
     /// A Twilio provider sending as `sender` (no request is made).
     fn twilio(sender: crate::config::Sender) -> super::Twilio {

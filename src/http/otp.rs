@@ -187,6 +187,7 @@ async fn deliver(
 ) -> Result<Response, OtpError> {
     // The number of ours it last texted or called, which its text comes from.
     let mut via = None;
+    let mut valid_for = None;
     // Asked again at send time, as the outbox asks: the code must still be one the record
     // holds. A STOP, an operator or the voice menu may have opted the number out since (which
     // dropped its codes), newer codes asked for at once may have displaced it, or an operator
@@ -197,6 +198,11 @@ async fn deliver(
         Ok(Some(s)) => match unsendable(&s, &code, valid_codes) {
             None => {
                 via = s.via;
+                // Its life left: Twilio drops it rather than deliver it expired.
+                let now = state.engine.clock().now();
+                valid_for = (s.codes.iter().rev())
+                    .find(|c| c.code == code)
+                    .and_then(|c| crate::provider::life_left(c.expires_at, now));
                 None
             }
             refusal => refusal,
@@ -224,7 +230,10 @@ async fn deliver(
             .call(&phone, &crate::twiml::read_twice(&spoken))
             .await
     } else {
-        state.provider.send(&phone, &text, via.as_ref()).await
+        state
+            .provider
+            .send(&phone, &text, via.as_ref(), valid_for)
+            .await
     };
     match sent {
         Ok(accepted) => {

@@ -1284,6 +1284,18 @@ async fn what_we_send_to_twilio_matches_its_openapi_spec() {
     assert!(params.iter().any(|p| p == "Body"));
     let e164 = regex::Regex::new(r"^\+[1-9]\d{7,14}$").unwrap();
     assert!(e164.is_match(&sent[0].to) && e164.is_match(&sent[0].from));
+    // A code goes with its life left (10 minutes), which Twilio takes as whole seconds from
+    // 1 to 36,000: it drops the code rather than deliver it expired.
+    assert_eq!(schema["properties"]["ValidityPeriod"]["type"], "integer");
+    let validity: u64 = sent[0].validity.as_deref().unwrap().parse().unwrap();
+    assert!((590..=600).contains(&validity), "{validity}");
+    // A step of a sequence has no such end.
+    let (_, twiml) = app.sms(ANN, &code_in(&sent[0].body)).await;
+    assert!(twiml.contains("Verified!"), "{twiml}");
+    app.sms(ANN, "Ann").await;
+    let sent = app.twilio.wait_delivered(2).await;
+    assert_eq!(sent[1].body, "Step one");
+    assert_eq!(sent[1].validity, None);
 }
 
 /// A connection to `base` that sends half a request head, then nothing.
@@ -2178,7 +2190,7 @@ async fn a_send_twilio_accepts_with_an_unreadable_answer_is_accepted_without_an_
     .expect("client");
     let to = smsflow::phone::Phone::parse("+14155550101").expect("phone");
     let accepted = Provider::Twilio(twilio)
-        .send(&to, "hello", None)
+        .send(&to, "hello", None, None)
         .await
         .expect("accepted");
     assert_eq!(accepted.sid, None);

@@ -31,6 +31,8 @@ pub struct Received {
     pub from: String,
     pub body: String,
     pub status_callback: Option<String>,
+    /// `ValidityPeriod`, if sent.
+    pub validity: Option<String>,
     pub authorized: bool,
     /// The HTTP status the fake answered.
     pub answered: u16,
@@ -267,6 +269,7 @@ async fn fake_messages(
         from: get("From").unwrap_or_default(),
         body: get("Body").unwrap_or_default(),
         status_callback: get("StatusCallback"),
+        validity: get("ValidityPeriod"),
         authorized,
         answered: status,
         params: form.iter().map(|(k, _)| k.clone()).collect(),

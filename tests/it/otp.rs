@@ -62,6 +62,10 @@ async fn the_right_code_validates_and_the_phone_becomes_verified() {
     let app = TestApp::spawn(FLOWS).await;
     let c = code(&app, 1).await;
     assert_eq!(app.state_of(PHONE).as_deref(), Some("awaiting_code"));
+    // Sent with its life left, for Twilio to drop rather than deliver expired.
+    let validity = app.twilio.delivered()[0].validity.clone();
+    let validity: u64 = validity.as_deref().unwrap().parse().unwrap();
+    assert!((590..=600).contains(&validity), "{validity}");
     assert_success(&validate(&app, &c).await);
     assert_eq!(app.state_of(PHONE).as_deref(), Some("verified"));
     // Once: the same code again (a double click) is refused, and says why.
