@@ -740,8 +740,17 @@ async fn a_daemon_that_crashes_mid_send_again_and_again_sends_a_message_at_most_
         (child, base) = serve_on_twilio(&twilio, data.path(), flows.path()).await;
     }
     // The message ends (failed, saying why) without a third try.
+    outbox_empties(&base, "the message to end").await;
+    quiet_for(Duration::from_millis(500)).await;
+    assert_eq!(twilio.held(), 2, "no third try");
+    twilio.release();
+    drop(child);
+}
+
+/// Waits until the daemon at `base` has nothing queued to send (`/metrics`' outbox depth).
+async fn outbox_empties(base: &str, what: &str) {
     let metrics = format!("{base}/metrics");
-    eventually("the message to end", async || {
+    eventually(what, async || {
         let scrape = reqwest::Client::new()
             .get(&metrics)
             .bearer_auth(ADMIN_TOKEN);
@@ -749,10 +758,6 @@ async fn a_daemon_that_crashes_mid_send_again_and_again_sends_a_message_at_most_
         text.lines().any(|l| l == "smsflow_outbox_depth 0")
     })
     .await;
-    quiet_for(Duration::from_millis(500)).await;
-    assert_eq!(twilio.held(), 2, "no third try");
-    twilio.release();
-    drop(child);
 }
 
 /// An app's `get_otp` for `phone`, with the API token.
@@ -960,15 +965,7 @@ async fn after_a_crash_mid_sequence_the_remaining_steps_arrive_exactly_once() {
     // due, two seconds after it; and after Step one's send is on record (a crash before that
     // sends it again: delivery is at least once). Its outbox entry is gone once recorded, and
     // a webhook's answer waits for a flush of everything before it.
-    let metrics = format!("{base}/metrics");
-    eventually("Step one's send to be recorded", async || {
-        let scrape = reqwest::Client::new()
-            .get(&metrics)
-            .bearer_auth(ADMIN_TOKEN);
-        let text = scrape.send().await.unwrap().text().await.unwrap();
-        text.lines().any(|l| l == "smsflow_outbox_depth 0")
-    })
-    .await;
+    outbox_empties(&base, "Step one's send to be recorded").await;
     signed_sms(&base, BOB, "HELP").await;
     child.start_kill().unwrap();
     child.wait().await.unwrap();
