@@ -1098,16 +1098,19 @@ impl<R: Rng + ?Sized> Run<'_, R> {
                 } else if opt_in {
                     self.say_t(&self.flows.replies.already_joined);
                     self.ask_open_again();
-                } else if (self.holds_live_code() && self.reads_as_code(text))
-                    || self.echoes_used_code(&guess)
-                {
+                } else if self.holds_live_code() && self.reads_as_code(text) {
                     // An app asked for a code for a number already verified, and it was texted
                     // back: not an answer (it would be recorded), and still the app's to
-                    // validate. Or the code it verified with, texted again. An open question
-                    // (the form's, or a sequence's) is asked again. Any text that reads as a
-                    // code gets that while the app's code lives, whether it is the code or
-                    // not: were only the code kept out, the answer would tell a guess right
-                    // (texting is no guess counted against it, see `text_while_app_code`).
+                    // validate. Any text that reads as a code gets the same while the app's
+                    // code lives, whether it is the code or not (were only the code kept out,
+                    // the answer would tell a guess right; texting is no guess counted against
+                    // it, see `text_while_app_code`), and is told why; then an open question
+                    // (the form's, or a sequence's) is asked again.
+                    self.say_t(&self.flows.verify.api_code_texted);
+                    self.ask_open_again();
+                } else if self.echoes_used_code(&guess) {
+                    // The code it verified with, texted again: an open question is asked
+                    // again.
                     if !self.ask_open_again() {
                         self.outcome = Outcome::Ignored;
                     }

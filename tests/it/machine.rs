@@ -889,8 +889,9 @@ fn a_code_a_number_or_a_choice_typed_in_another_scripts_digits_is_read_as_those_
 }
 
 /// An app asked for a code for a number already verified and mid-form (the first question
-/// takes any text), and the code is texted back: it is not saved as the answer, the question
-/// is asked again, and the code stays the app's to validate.
+/// takes any text), and the code is texted back: it is not saved as the answer, the number is
+/// told to enter it in the app and asked the question again, and the code stays the app's to
+/// validate.
 #[test]
 fn a_code_texted_back_by_a_verified_number_is_not_taken_as_an_answer_and_stays_the_apps() {
     let mut s = subscriber(State::Verified);
@@ -921,7 +922,11 @@ fn a_code_texted_back_by_a_verified_number_is_not_taken_as_an_answer_and_stays_t
         "the code is nowhere in the effects (history included): {:?}",
         t.effects
     );
-    assert_eq!(messages(&t.effects), ["What's your first name?"]);
+    let told = [
+        "Please enter that code in the app that asked for it.",
+        "What's your first name?",
+    ];
+    assert_eq!(messages(&t.effects), told);
     let validated = step(
         t.subscriber,
         &Event::OtpSubmitted("123456".into()),
@@ -987,7 +992,7 @@ fn a_code_texted_back_by_a_verified_number_is_not_taken_as_an_answer_and_stays_t
         "{:?}",
         wrong.subscriber.fields
     );
-    assert_eq!(messages(&wrong.effects), ["What's your first name?"]);
+    assert_eq!(messages(&wrong.effects), told);
     let later = step(
         s.clone(),
         &Event::Inbound("654321".into()),
