@@ -591,11 +591,9 @@ impl Outbox {
                 // expiry it carries, and its text.)
                 ("suppressed", Some(why.to_string()), queued_code(&s, &msg))
             }
-            Ok(Some(s)) => {
+            Ok(Some(_)) => {
                 let phone = msg.phone.clone();
-                let send = self
-                    .sends
-                    .spawn(async move { flight.send(id, msg, s).await });
+                let send = self.sends.spawn(async move { flight.send(id, msg).await });
                 self.task_of.insert(send.id(), id);
                 self.flying.insert(id, phone);
                 return Ok(true);
@@ -677,14 +675,9 @@ struct Ending {
 }
 
 impl Flight {
-    /// Sends message `id` to `s`'s number and records how it went (sent, retried later, or
-    /// failed), on disk before it returns.
-    async fn send(
-        &self,
-        id: u64,
-        mut msg: OutMessage,
-        s: crate::machine::Subscriber,
-    ) -> anyhow::Result<()> {
+    /// Sends message `id` to its number (if it may still be texted) and records how it went
+    /// (sent, retried later, or failed), on disk before it returns.
+    async fn send(&self, id: u64, mut msg: OutMessage) -> anyhow::Result<()> {
         let store = &self.engine.store;
         // What is sent once the store failed could not be recorded (another send may have met
         // the failure since this one was started).
@@ -703,7 +696,8 @@ impl Flight {
                 sid: None,
                 code: None,
                 error: Some(format!(
-                    "{} tries were cut off (by a restart, or with no answer from Twilio), each                      of which may have sent it; not tried again, so as not to send it many times",
+                    "{} tries were cut off (by a restart, or with no answer from Twilio), each \
+                     of which may have sent it; not tried again, so as not to send it many times",
                     msg.uncertain
                 )),
             };
@@ -722,6 +716,11 @@ impl Flight {
             .map(|expires| crate::provider::life_left(expires, now).unwrap_or_default());
         store.outbox_update(id, &msg)?;
         self.engine.durable().await?;
+        // Asked again after that flush: a STOP or an erase committed meanwhile stops it, as
+        // one before would have (the next look at it ends it, suppressed).
+        let Some(s) = sendable(store, &msg, id)? else {
+            return Ok(());
+        };
         let result = self
             .provider
             .send(&msg.phone, &msg.body, s.via.as_ref(), valid_for)

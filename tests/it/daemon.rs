@@ -745,6 +745,15 @@ async fn a_daemon_that_crashes_mid_send_again_and_again_sends_a_message_at_most_
     outbox_empties(&base, "the message to end").await;
     quiet_for(Duration::from_millis(500)).await;
     assert_eq!(twilio.held(), 2, "no third try");
+    let record = reqwest::Client::new()
+        .get(format!("{base}/admin/subscribers/%2B15550001111"))
+        .bearer_auth(ADMIN_TOKEN);
+    let record: serde_json::Value = record.send().await.unwrap().json().await.unwrap();
+    let message = &record["messages"][0];
+    assert_eq!(message["status"], "failed", "{record}");
+    let error = message["error"].as_str().unwrap();
+    assert!(error.starts_with("2 tries were cut off"), "{error}");
+    assert!(!error.contains("  "), "{error}");
     twilio.release();
     drop(child);
 }
