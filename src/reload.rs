@@ -21,6 +21,11 @@ use crate::store::Listed;
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 
+/// How long flow files that would end sequences must stay as they are before the watcher
+/// makes them live: a file caught half-written may parse (a prefix that stops before a
+/// `[[sequence]]`), and ending a number's sequence cannot be undone.
+const SETTLE: Duration = Duration::from_secs(3);
+
 /// Sleeps until `at`, or for ever when there is none.
 async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     match at {
@@ -159,6 +164,9 @@ pub struct Reloader {
     /// watcher loads only when what it reads differs from them and from the live flows' own
     /// files (it hears every change in the directory, editors' swap files included).
     last_read: std::sync::Mutex<Option<Sources>>,
+    /// Flow files the watcher read that would end sequences (see [`SETTLE`]), and since when
+    /// they have been as they are.
+    unsettled: std::sync::Mutex<Option<(Sources, tokio::time::Instant)>>,
     /// How the last reload went, for `/readyz`.
     last_reload: std::sync::Mutex<Option<LastReload>>,
     /// Reloads that made a new set live, and reloads refused, for `/metrics`: this daemon's
@@ -194,6 +202,8 @@ struct Look {
     done: Option<Result<String, Problems>>,
     /// The files could not be read (worth looking again: see [`Reloader::watch`]).
     unreadable: bool,
+    /// They would end sequences, and are looked at again then (see [`SETTLE`]).
+    settle_at: Option<tokio::time::Instant>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -210,6 +220,7 @@ impl Reloader {
             serial: std::sync::Mutex::new(()),
             stop,
             last_read: std::sync::Mutex::new(Some(live)),
+            unsettled: std::sync::Mutex::new(None),
             last_reload: std::sync::Mutex::new(None),
             swapped: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -240,6 +251,10 @@ impl Reloader {
                 Err(_) => (false, false),
             };
             *last_read = read.as_ref().ok().cloned();
+            if seen || live {
+                // Back to settled files: what was waiting to settle is no more.
+                *self.unsettled.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
             if when == Load::IfChanged && (seen || live) {
                 if live && !seen {
                     // Back to what is live (an edit undone, a file caught mid-write saved).
@@ -249,6 +264,7 @@ impl Reloader {
                 return Look {
                     done: None,
                     unreadable: false,
+                    settle_at: None,
                 };
             }
         }
@@ -256,10 +272,44 @@ impl Reloader {
             .as_ref()
             .err()
             .is_some_and(|p| p.0.iter().any(may_heal));
-        let done = self.apply(why, read.and_then(flows::load_sources));
+        let sources = read.as_ref().ok().cloned();
+        let loaded = read.and_then(flows::load_sources);
+        // The watcher's look at files that would end sequences waits until they have stayed
+        // as they are for a while (an operator's reload does not: they asked for these).
+        if let (Load::IfChanged, Ok(f), Some(sources)) = (when, &loaded, sources) {
+            if f.removed_places_of(&self.engine.flows().places()) {
+                let mut unsettled = self.unsettled.lock().unwrap_or_else(|e| e.into_inner());
+                let now = tokio::time::Instant::now();
+                let since = match unsettled.take() {
+                    Some((read, since)) if read == sources => since,
+                    _ => now,
+                };
+                if now < since + SETTLE {
+                    if since == now {
+                        tracing::info!(
+                            trigger = why,
+                            "the flow files would end sequences numbers are in; they go live if \
+                             they stay as they are for {} (a file may be half-written)",
+                            humantime::format_duration(SETTLE)
+                        );
+                    }
+                    *unsettled = Some((sources, since));
+                    // Read afresh next time, not passed over as seen.
+                    *self.last_read.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    return Look {
+                        done: None,
+                        unreadable: false,
+                        settle_at: Some(since + SETTLE),
+                    };
+                }
+            }
+        }
+        *self.unsettled.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let done = self.apply(why, loaded);
         Look {
             done: Some(done),
             unreadable,
+            settle_at: None,
         }
     }
 
@@ -375,6 +425,7 @@ impl Reloader {
                 Look {
                     done: Some(Ok(self.engine.flows().summary())),
                     unreadable: false,
+                    settle_at: None,
                 }
             }
             Err(e) => {
@@ -388,6 +439,7 @@ impl Reloader {
                         message: format!("the reload stopped: {e}"),
                     }]))),
                     unreadable: false,
+                    settle_at: None,
                 }
             }
         }
@@ -407,6 +459,7 @@ impl Reloader {
         // fix may come with no event in this directory (a link's target lives elsewhere).
         let mut backoff = RETRY_FIRST;
         let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut settle_at: Option<tokio::time::Instant> = None;
         let mut path_check =
             tokio::time::interval_at(tokio::time::Instant::now() + path_check, path_check);
         path_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -432,18 +485,23 @@ impl Reloader {
                     "file change"
                 }
                 _ = sleep_until_some(retry_at) => "retry after a read error",
-                // A link further up the path switched: no event says so.
+                _ = sleep_until_some(settle_at) => "file change (settled)",
+                // A link further up the path switched, or a linked flow file's target was
+                // edited (it lives elsewhere): no event here says so. A look finds out.
                 _ = path_check.tick() => {
-                    if !watches.stale() {
-                        continue;
+                    if watches.stale() {
+                        "the flow directory's path leads elsewhere"
+                    } else {
+                        "a periodic look (a linked file may have changed)"
                     }
-                    "the flow directory's path leads elsewhere"
                 }
                 _ = stop.changed() => return,
             };
             // Before the look: a change made while the watch is set again is read by it.
             watches.follow_the_name();
-            if self.load_blocking(why, Load::IfChanged).await.unreadable {
+            let look = self.load_blocking(why, Load::IfChanged).await;
+            settle_at = look.settle_at;
+            if look.unreadable {
                 tracing::warn!(
                     "could not read the flow files in {}; looking again in {}",
                     self.dir.display(),

@@ -1116,6 +1116,62 @@ async fn a_release_switched_by_a_link_further_up_the_path_is_followed() {
     an_edit_goes_live(&app, &flows).await;
 }
 
+/// A flow file that is a link to one elsewhere: an edit there makes no event in the flow
+/// directory, and the periodic look finds it.
+#[cfg(unix)]
+#[tokio::test]
+async fn an_edit_to_the_target_of_a_linked_flow_file_goes_live() {
+    let elsewhere = tempfile::tempdir().unwrap();
+    let target = elsewhere.path().join("flows.toml");
+    std::fs::write(&target, CHOICES).unwrap();
+    let app =
+        TestApp::spawn_with_options(CHOICES, |o| o.flow_path_check = Duration::from_millis(200))
+            .await;
+    let file = app.flows.path().join("flows.toml");
+    std::fs::remove_file(&file).unwrap();
+    std::os::unix::fs::symlink(&target, &file).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    std::fs::write(&target, CHOICES.replace("Help v1", "Help v2")).unwrap();
+    eventually("the linked file's new help text", async || {
+        app.sms(A, "HELP").await.1.contains("Help v2")
+    })
+    .await;
+    assert_eq!(
+        last_reload(&app).await["trigger"],
+        "a periodic look (a linked file may have changed)"
+    );
+}
+
+/// A flow file caught half-written may parse, the sequences after the cut missing: files
+/// that would end sequences go live only once they stay as they are for a while, so a number
+/// in one keeps its place when the rest is written; left as they are, they go live.
+#[tokio::test]
+async fn a_half_written_flow_file_ends_no_sequence_and_a_settled_one_does() {
+    let app = TestApp::spawn(CHOICES).await;
+    enrol(&app, A, "Ann", "g", 0).await;
+    assert_eq!(app.state_of(A).as_deref(), Some("in_sequence"));
+    let file = app.flows.path().join("flows.toml");
+    let cut = CHOICES.find("[[sequence]]").unwrap();
+    let half = CHOICES[..cut].replace("Help v1", "Help v2");
+    std::fs::write(&file, &half).unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    std::fs::write(&file, CHOICES.replace("Help v1", "Help v3")).unwrap();
+    eventually("the whole file live", async || {
+        app.sms(A, "HELP").await.1.contains("Help v3")
+    })
+    .await;
+    quiet_for(Duration::from_secs(4)).await;
+    assert_eq!(app.state_of(A).as_deref(), Some("in_sequence"));
+    assert_eq!(app.engine.flow_swaps(), 1, "the half file never went live");
+    // Left as they are, files that end a sequence go live.
+    std::fs::write(&file, &half).unwrap();
+    eventually("the sequence to end", async || {
+        app.state_of(A).as_deref() == Some("verified")
+    })
+    .await;
+    assert_eq!(last_reload(&app).await["trigger"], "file change (settled)");
+}
+
 #[tokio::test]
 async fn a_removed_sequence_ends_cleanly_for_numbers_in_it() {
     let app = TestApp::spawn(CHOICES).await;
