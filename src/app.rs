@@ -216,6 +216,23 @@ impl Application {
     }
 
     /// What an operator needs to see at start-up, including the URLs to paste into Twilio.
+    /// The start in one line, for the log: version, address, provider, webhook signatures.
+    pub fn started_line(&self) -> String {
+        let c = &self.config;
+        let signatures = match (&c.auth_token, c.local_only()) {
+            (Some(_), _) => "checked",
+            (None, true) => "not checked (local requests only)",
+            (None, false) => "none: /twilio routes refuse every request",
+        };
+        format!(
+            "smsflow {} started on {}; provider {}; webhook signatures {signatures}; flows: {}",
+            env!("CARGO_PKG_VERSION"),
+            std::net::SocketAddr::new(c.listen.ip(), self.port),
+            self.provider.name(),
+            self.engine.flows().summary()
+        )
+    }
+
     pub fn banner(&self) -> String {
         let c = &self.config;
         let flows = self.engine.flows();

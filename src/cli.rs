@@ -715,6 +715,9 @@ pub fn serve(args: &ServeArgs) -> ExitCode {
         };
         // Not `print!`: a closed stdout must not stop the daemon from serving.
         say(&mut std::io::stdout(), &app.banner());
+        // And a line in the log, which an operator may keep where stdout (the console
+        // provider's messages) is not: a start, or a restart after a crash, shows there.
+        tracing::info!("{}", app.started_line());
         if let Some((old, new)) = app.engine().store.upgraded_from() {
             let data = data_dir.display();
             let said = format!("data dir {data} upgraded from schema {old} to {new}: an older smsflow now refuses it");

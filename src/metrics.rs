@@ -63,7 +63,9 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
                 .set_buckets_for_metric(
                     Matcher::Full(WEBHOOK_SECONDS.to_string()),
                     &[
-                        0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        // Up to Twilio's 15 s timeout (a body trickling in may take 10).
+                        0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                        15.0,
                     ],
                 )
                 .ok()?;
@@ -86,7 +88,7 @@ fn describe() {
     );
     describe_counter!(
         OUTBOUND,
-        "Sends to the provider (texts, and the OTP API's calls) by result: sent, retried, failed, or suppressed (opted out)."
+        "Sends to the provider (texts, and the OTP API's calls) by result: sent, retried, failed, or suppressed (not sent after all: the number opted out or was erased, a code expired or was displaced, a sequence ended)."
     );
     describe_counter!(
         HISTORY,

@@ -434,7 +434,9 @@ async fn count_and_time(req: axum::extract::Request, next: axum::middleware::Nex
             .or_insert(HeaderValue::from_static("Bearer"));
     }
     if let Some(route) = route {
-        if webhook {
+        // Webhooks answered (2xx): refusals (a forged signature, a wrong method), quick as
+        // they are, would make the quantiles look healthy under a flood of them.
+        if webhook && response.status().is_success() {
             crate::metrics::webhook_seconds(route, started.elapsed().as_secs_f64());
         }
         crate::metrics::http_response(route, response.status());

@@ -2051,6 +2051,13 @@ async fn serve_with_json_logs_writes_only_json_lines_to_stderr() {
         "{lines:?}"
     );
     assert!(messages.iter().any(|m| m == "stopped cleanly"), "{lines:?}");
+    // The start is in the log too, not only in the banner on stdout.
+    assert!(
+        messages.iter().any(|m| m.starts_with("smsflow ")
+            && m.contains(" started on 127.0.0.1:")
+            && m.contains("provider console; webhook signatures not checked")),
+        "{lines:?}"
+    );
 
     // A failed start says why, whatever the filter: even one that shows nothing else.
     for filter in ["", "off", "notify=error"] {
