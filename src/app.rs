@@ -215,7 +215,6 @@ impl Application {
         self.engine.clone()
     }
 
-    /// What an operator needs to see at start-up, including the URLs to paste into Twilio.
     /// The start in one line, for the log: version, address, provider, webhook signatures.
     pub fn started_line(&self) -> String {
         let c = &self.config;
@@ -233,6 +232,7 @@ impl Application {
         )
     }
 
+    /// What an operator needs to see at start-up, including the URLs to paste into Twilio.
     pub fn banner(&self) -> String {
         let c = &self.config;
         let flows = self.engine.flows();

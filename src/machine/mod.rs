@@ -998,7 +998,7 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             .filter(|e| matches!(e, Effect::Reply(_)))
             .count();
         // Twilio sends at most 10 of a reply's messages (warning 14109) and drops the rest
-        // unsaid: those go through the outbox, after them.
+        // unsaid: those go through the outbox.
         self.effects.push(if self.reply && replies < MAX_REPLIES {
             Effect::Reply(text)
         } else {
