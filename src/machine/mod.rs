@@ -1321,9 +1321,13 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         let length = usize::from(self.flows.verify.code_length);
         let plain = crate::ascii_digits(text);
         let plain = plain.trim();
-        let guess = code_guess(text, length);
-        (digits(&guess) && guess.len() == length)
+        let reads_at = |l: usize| {
+            let guess = code_guess(text, l);
+            digits(&guess) && guess.len() == l
+        };
+        reads_at(length)
             || (digits(plain) && (self.sub.codes.iter()).any(|c| c.code.len() == plain.len()))
+            || (self.sub.codes.iter()).any(|c| reads_at(c.code.len()))
     }
 
     /// The latest code, still usable, that a guess is.
@@ -1366,11 +1370,25 @@ impl<R: Rng + ?Sized> Run<'_, R> {
         // new length, `12341234` would be two 4-digit codes.
         let plain = crate::ascii_digits(guess);
         let plain = plain.trim();
+        let length = usize::from(self.flows.verify.code_length);
         let guess = if plain.bytes().all(|b| b.is_ascii_digit()) && self.live_code(plain).is_some()
         {
             plain.to_string()
         } else {
-            code_guess(guess, usize::from(self.flows.verify.code_length))
+            // Read at the length codes have now, or at a held one's (in words too: `my code
+            // is 1234`): the reading that is a live code, else the first that is a code's
+            // length of digits; still one guess.
+            let readings: Vec<String> = std::iter::once(length)
+                .chain(self.sub.codes.iter().map(|c| c.code.len()))
+                .map(|l| (l, code_guess(guess, l)))
+                .filter(|(l, g)| g.len() == *l && g.bytes().all(|b| b.is_ascii_digit()))
+                .map(|(_, g)| g)
+                .collect();
+            (readings.iter())
+                .find(|g| self.live_code(g).is_some())
+                .or(readings.first())
+                .cloned()
+                .unwrap_or_else(|| code_guess(guess, length))
         };
         if self.live_code(&guess).is_some() {
             // Kept for a text that repeats one (see `used_codes`): every code the number

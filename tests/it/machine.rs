@@ -796,6 +796,24 @@ fn a_code_of_the_length_before_a_reload_is_taken_as_sent() {
         );
         assert_eq!(t.subscriber.state, State::Verified, "{event:?}");
     }
+    // In words too; and a wrong one in words is one wrong guess.
+    let t = step(
+        awaiting("12341234"),
+        &Event::Inbound("my code is 12341234".into()),
+        &f,
+        t0(),
+        &mut StdRng::seed_from_u64(1),
+    );
+    assert_eq!(t.subscriber.state, State::Verified);
+    let t = step(
+        awaiting("12341234"),
+        &Event::Inbound("my code is 12341235".into()),
+        &f,
+        t0(),
+        &mut StdRng::seed_from_u64(1),
+    );
+    assert_eq!(t.subscriber.state, State::AwaitingCode);
+    assert_eq!(t.subscriber.codes[0].wrong, 1);
 }
 
 #[test]
