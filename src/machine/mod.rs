@@ -1307,35 +1307,39 @@ impl<R: Rng + ?Sized> Run<'_, R> {
 
     /// Whether the number holds one of the latest codes, still usable (whatever its digits).
     fn holds_live_code(&self) -> bool {
+        self.live_codes().next().is_some()
+    }
+
+    /// Whether a text reads as a code ([`Self::code_readings`]). Only lengths are looked at,
+    /// never a code's digits, so what follows from it tells nothing of them.
+    fn reads_as_code(&self, text: &str) -> bool {
+        !self.code_readings(text).is_empty()
+    }
+
+    /// The readings of a text as a code (by [`code_guess`]): at the length codes have now,
+    /// then at each held code's (sent before a reload changed `code_length`), those that are
+    /// that many digits.
+    fn code_readings(&self, text: &str) -> Vec<String> {
+        let length = usize::from(self.flows.verify.code_length);
+        std::iter::once(length)
+            .chain(self.sub.codes.iter().map(|c| c.code.len()))
+            .map(|l| (l, code_guess(text, l)))
+            .filter(|(l, g)| g.len() == *l && g.bytes().all(|b| b.is_ascii_digit()))
+            .map(|(_, g)| g)
+            .collect()
+    }
+
+    /// The latest codes, still usable.
+    fn live_codes(&self) -> impl Iterator<Item = &IssuedCode> {
         let max = self.flows.verify.max_attempts;
         self.sub.codes[self.first_counted()..]
             .iter()
-            .any(|c| c.usable(self.now, max))
-    }
-
-    /// Whether a text reads as a code: digits of the length codes have now, or of the length of
-    /// a code the number holds (sent before a reload changed `code_length`). Only lengths are
-    /// looked at, never a code's digits, so what follows from it tells nothing of them.
-    fn reads_as_code(&self, text: &str) -> bool {
-        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-        let length = usize::from(self.flows.verify.code_length);
-        let plain = crate::ascii_digits(text);
-        let plain = plain.trim();
-        let reads_at = |l: usize| {
-            let guess = code_guess(text, l);
-            digits(&guess) && guess.len() == l
-        };
-        reads_at(length)
-            || (digits(plain) && (self.sub.codes.iter()).any(|c| c.code.len() == plain.len()))
-            || (self.sub.codes.iter()).any(|c| reads_at(c.code.len()))
+            .filter(move |c| c.usable(self.now, max))
     }
 
     /// The latest code, still usable, that a guess is.
     fn live_code(&self, guess: &str) -> Option<&IssuedCode> {
-        let max = self.flows.verify.max_attempts;
-        self.sub.codes[self.first_counted()..]
-            .iter()
-            .find(|c| c.usable(self.now, max) && c.is(guess))
+        self.live_codes().find(|c| c.is(guess))
     }
 
     /// Where the codes still counted start: only the latest `valid_codes` are.
@@ -1376,14 +1380,8 @@ impl<R: Rng + ?Sized> Run<'_, R> {
             plain.to_string()
         } else {
             // Read at the length codes have now, or at a held one's (in words too: `my code
-            // is 1234`): the reading that is a live code, else the first that is a code's
-            // length of digits; still one guess.
-            let readings: Vec<String> = std::iter::once(length)
-                .chain(self.sub.codes.iter().map(|c| c.code.len()))
-                .map(|l| (l, code_guess(guess, l)))
-                .filter(|(l, g)| g.len() == *l && g.bytes().all(|b| b.is_ascii_digit()))
-                .map(|(_, g)| g)
-                .collect();
+            // is 1234`): the reading that is a live code, else the first; still one guess.
+            let readings = self.code_readings(guess);
             (readings.iter())
                 .find(|g| self.live_code(g).is_some())
                 .or(readings.first())
